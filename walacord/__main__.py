@@ -1,0 +1,3 @@
+from walacord.cli import main
+
+raise SystemExit(main())
