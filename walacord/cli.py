@@ -1,0 +1,79 @@
+"""The `walacord` command: run the daemon, check config, run the sandbox and tools.
+
+Each subcommand lives in the module that owns it; this file only parses arguments
+and imports that module when the subcommand runs, so `walacord --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from walacord import __version__
+
+DEFAULT_CONFIG = "/etc/walacord/walacord.toml"
+
+# subcommand name -> "module:function"; the function takes the parsed namespace and
+# returns the exit code.
+COMMANDS = {
+    "run": "walacord.supervisor:command",
+    "check-config": "walacord.config:command",
+}
+# Modules that own a subcommand define `add_arguments(parser)` and `command(args)`, and
+# add their line above: "emulator" -> walacord.emulator.cli, "dev" -> walacord.dev,
+# "setup-database" -> walacord.db.setup, "migrate" -> walacord.db.migrate.
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("WALACORD_CONFIG", DEFAULT_CONFIG),
+        metavar="PATH",
+        help="configuration file (env WALACORD_CONFIG; default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="walacord",
+        description="Supervisor for a Walacor-backed financial integrity service.",
+    )
+    parser.add_argument("--version", action="version", version=f"walacord {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (systemd runs this)")
+    add_config_option(run)
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    add_config_option(check)
+    check.add_argument("path", nargs="?", help="file to check (overrides --config)")
+
+    for name, module in COMMANDS.items():
+        if name in ("run", "check-config"):
+            continue
+        target = importlib.import_module(module.split(":")[0])
+        register = getattr(target, "add_arguments", None)
+        help_text = (target.__doc__ or "").strip().splitlines()[0] if target.__doc__ else None
+        child = sub.add_parser(name, help=help_text)
+        if register is not None:
+            register(child)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, function_name = COMMANDS[args.command].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return int(function(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
