@@ -1,0 +1,304 @@
+"""walacord's configuration: the TOML schema, environment overrides and `check-config`.
+
+Values come from, in rising precedence: defaults, the TOML file, systemd credentials in
+`$CREDENTIALS_DIRECTORY`, and the environment. The whole result is validated once, at
+load; a `ConfigError` lists every problem with the file, key, value and fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from walacord.errors import ConfigError, ConfigProblem
+from walacord.settings import Decoder, Duration, setting
+
+# NOTE: 9877 was chosen from the 9100-9999 exporter range; check it against the
+# Prometheus wiki's default port allocations page before registering it there.
+DEFAULT_HTTP_PORT = 9877
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = setting("postgresql://walacord@localhost:5432/walacor_integrity", secret=True,
+                       help="libpq URL or key=value string; multi-host URLs work")
+    password: str = setting("", secret=True, help="used when the URL carries no password")
+    pool_min_size: int = setting(10, min=0, max=1000)
+    pool_max_size: int = setting(30, min=1, max=1000)
+    connect_timeout: Duration = setting(5.0, min=1, max=300)
+    checkout_timeout: Duration = setting(2.0, min=0.05, max=300)
+    statement_timeout: Duration = setting(30.0, min=0.1, max=86400)
+    lock_timeout: Duration = setting(5.0, min=0.1, max=86400)
+    idle_in_transaction_session_timeout: Duration = setting(60.0, min=1, max=86400)
+    tcp_user_timeout: Duration = setting(10.0, min=1, max=3600)
+    keepalives_idle: Duration = setting(10.0, min=1, max=3600)
+    keepalives_interval: Duration = setting(5.0, min=1, max=3600)
+    keepalives_count: int = setting(3, min=1, max=100)
+    application_name: str = "walacord"
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.pool_min_size > self.pool_max_size:
+            problems.append(("pool_min_size", f"{self.pool_min_size} is larger than "
+                             f"pool_max_size {self.pool_max_size}; lower it or raise the max"))
+        try:
+            conninfo_to_dict(self.url)
+        except Exception as exc:  # psycopg raises ProgrammingError with the parse error
+            problems.append(("url", f"invalid libpq connection string: "
+                             f"{redact_dsn_error(str(exc))}; use postgresql://USER@HOST:PORT/DB"))
+        return problems
+
+    def conninfo(self) -> str:
+        """Return the libpq string with the password and client-side timeouts merged in."""
+        params = conninfo_to_dict(self.url)
+        if self.password and "password" not in params:
+            params["password"] = self.password
+        params.setdefault("connect_timeout", str(max(1, int(self.connect_timeout))))
+        params.setdefault("application_name", self.application_name)
+        params.setdefault("keepalives", "1")
+        params.setdefault("keepalives_idle", str(int(self.keepalives_idle)))
+        params.setdefault("keepalives_interval", str(int(self.keepalives_interval)))
+        params.setdefault("keepalives_count", str(self.keepalives_count))
+        params.setdefault("tcp_user_timeout", str(int(self.tcp_user_timeout * 1000)))
+        options = (
+            f"-c statement_timeout={int(self.statement_timeout * 1000)} "
+            f"-c lock_timeout={int(self.lock_timeout * 1000)} "
+            f"-c idle_in_transaction_session_timeout="
+            f"{int(self.idle_in_transaction_session_timeout * 1000)}"
+        )
+        params["options"] = (params.get("options", "") + " " + options).strip()
+        return make_conninfo("", **params)
+
+    def dsn_password(self) -> str:
+        return str(conninfo_to_dict(self.url).get("password") or self.password or "")
+
+
+@dataclass(frozen=True)
+class WalacorConfig:
+    url: str = setting("", help="base URL, with or without the trailing /api; empty disables")
+    username: str = ""
+    password: str = setting("", secret=True)
+    ca_bundle: str = setting("", help="PEM file of CAs to trust instead of the system store")
+    connect_timeout: Duration = setting(5.0, min=0.05, max=300)
+    read_timeout: Duration = setting(10.0, min=0.05, max=3600)
+    request_timeout: Duration = setting(30.0, min=0.1, max=3600)
+    key_field: str = setting("walacord_key", help="record field holding the idempotency key")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.url and not self.url.startswith(("http://", "https://")):
+            problems.append(("url", f"invalid URL {self.url!r}: it must start with "
+                             "http:// or https://"))
+        if self.request_timeout < self.connect_timeout:
+            problems.append(("request_timeout", f"{self.request_timeout:g}s is shorter than "
+                             f"connect_timeout {self.connect_timeout:g}s; raise it"))
+        if self.ca_bundle and not Path(self.ca_bundle).is_file():
+            problems.append(("ca_bundle", f"file {self.ca_bundle!r} not found"))
+        return problems
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = setting(f"127.0.0.1:{DEFAULT_HTTP_PORT}",
+                          help="HOST:PORT for /metrics and /api/health; empty disables")
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.listen:
+            return []
+        try:
+            split_listen(self.listen)
+        except ValueError as exc:
+            return [("listen", str(exc))]
+        return []
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = "/run/walacord/control.sock"
+    group: str = setting("walacord", help="group allowed to use the socket besides root")
+    max_request_bytes: int = setting(1024 * 1024, min=1024, max=64 * 1024 * 1024)
+    idle_timeout: Duration = setting(60.0, min=0.1, max=86400)
+    max_connections: int = setting(64, min=1, max=10000)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str = "/var/lib/walacord"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    dir: str = setting("/var/log/walacord", help="directory for the log files; empty disables")
+    level: str = setting("info", choices=LOG_LEVELS)
+    queue_size: int = setting(10000, min=100, max=10_000_000)
+    repeat_window: Duration = setting(60.0, min=1, max=86400,
+                                      help="identical failures are summarised once per window")
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    drain_timeout: Duration = setting(10.0, min=0.1, max=3600,
+                                      help="how long SIGTERM waits for work to finish")
+    start_timeout: Duration = setting(60.0, min=1, max=3600)
+    component_stall: Duration = setting(30.0, min=1, max=3600,
+                                        help="a component silent this long stops the watchdog")
+
+
+@dataclass(frozen=True)
+class Config:
+    environment: str = setting("production", help="free text shown in status and logs")
+    database: DatabaseConfig = dataclasses.field(default_factory=DatabaseConfig)
+    walacor: WalacorConfig = dataclasses.field(default_factory=WalacorConfig)
+    http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
+    control: ControlConfig = dataclasses.field(default_factory=ControlConfig)
+    state: StateConfig = dataclasses.field(default_factory=StateConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    lifecycle: LifecycleConfig = dataclasses.field(default_factory=LifecycleConfig)
+
+    source: str = dataclasses.field(default="(defaults)", compare=False, metadata={"internal": True})
+
+    def secrets(self) -> list[str]:
+        """Return every secret value, so logs and endpoints can redact them."""
+        values = [self.database.password, self.walacor.password]
+        try:
+            values.append(self.database.dsn_password())
+        except Exception:  # an unparsable URL was already reported by check()
+            pass
+        return [v for v in values if v]
+
+
+# --- loading --------------------------------------------------------------------
+
+ENV_OVERRIDES = {
+    "DATABASE_URL": ("database", "url"),
+    "WALACOR_HOST": ("walacor", "url"),
+    "WALACOR_USERNAME": ("walacor", "username"),
+    "WALACOR_PASSWORD": ("walacor", "password"),
+    "LOG_LEVEL": ("logging", "level"),
+    "ENVIRONMENT": (None, "environment"),
+}
+CREDENTIALS = {
+    "database-password": ("database", "password"),
+    "database-url": ("database", "url"),
+    "walacor-password": ("walacor", "password"),
+}
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
+    """Read, merge and validate the configuration; raise ConfigError with every problem."""
+    environ = dict(os.environ if environ is None else environ)
+    source = str(path) if path else "(defaults)"
+    document: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                document = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError([ConfigProblem(source, "(file)",
+                "file not found; pass --config PATH or set WALACORD_CONFIG")]) from None
+        except PermissionError:
+            raise ConfigError([ConfigProblem(source, "(file)",
+                "permission denied; make it readable by walacord's user")]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([ConfigProblem(source, "(syntax)", f"invalid TOML: {exc}")]) from None
+
+    decoder = Decoder(source)
+    _apply_credentials(document, environ, decoder)
+    _apply_environment(document, environ, decoder)
+    config = decoder.decode(Config, document)
+    config = dataclasses.replace(config, source=source)
+    _cross_check(config, decoder)
+    if decoder.problems:
+        raise ConfigError(decoder.problems)
+    return config
+
+
+def _set(document: dict[str, Any], section: str | None, key: str, value: object) -> None:
+    table = document if section is None else document.setdefault(section, {})
+    if isinstance(table, dict):
+        table.pop(f"{key}_file", None)
+        table[key] = value
+
+
+def _apply_credentials(document: dict[str, Any], environ: dict[str, str],
+                       decoder: Decoder) -> None:
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return
+    for name, (section, key) in CREDENTIALS.items():
+        path = Path(directory) / name
+        if path.exists():
+            try:
+                _set(document, section, key, path.read_text().strip())
+            except OSError as exc:
+                decoder.problem(f"{section}.{key}", f"cannot read credential {path}: "
+                                f"{exc.strerror}")
+
+
+def _apply_environment(document: dict[str, Any], environ: dict[str, str],
+                       decoder: Decoder) -> None:
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        file_variable = f"{variable}_FILE"
+        if environ.get(file_variable):
+            try:
+                _set(document, section, key, Path(environ[file_variable]).read_text().strip())
+            except OSError as exc:
+                decoder.problem(file_variable, f"cannot read {environ[file_variable]!r}: "
+                                f"{exc.strerror}")
+        elif environ.get(variable):
+            value = environ[variable]
+            _set(document, section, key, value.lower() if variable == "LOG_LEVEL" else value)
+
+    if environ.get("DEBUG", "").lower() in TRUE_WORDS:
+        _set(document, "logging", "level", "debug")
+
+
+def _cross_check(config: Config, decoder: Decoder) -> None:
+    for field in dataclasses.fields(config):
+        section = getattr(config, field.name)
+        check = getattr(section, "check", None)
+        if check is None:
+            continue
+        for key, message in check():
+            decoder.problem(f"{field.name}.{key}", message)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split "HOST:PORT" (or "[v6]:PORT"); raise ValueError naming the value."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid address {listen!r}: write HOST:PORT, e.g. "
+                         f"127.0.0.1:{DEFAULT_HTTP_PORT}")
+    return host.strip("[]"), int(port)
+
+
+def redact_dsn_error(message: str) -> str:
+    """Drop anything after 'password=' in a libpq parse error."""
+    marker = message.find("password")
+    return message if marker < 0 else message[:marker] + "password=***"
+
+
+# --- `walacord check-config` --------------------------------------------------------
+
+
+def command(args: argparse.Namespace) -> int:
+    path = args.path or args.config
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        print(f"walacord: configuration {path} is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    print(f"{config.source}: valid")
+    return 0

@@ -1,0 +1,41 @@
+"""Every Prometheus metric walacord exports, declared in one place.
+
+`Metrics(registry)` registers them on the registry it is given, so each test and each
+daemon instance gets its own. Names follow Prometheus conventions: the `walacord_`
+prefix, base units, `_total` on counters and labels with a bounded set of values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from walacord import __version__
+
+PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The daemon's metrics, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+        # --- process and lifecycle ----------------------------------------------
+        self.build_info = Gauge(
+            "walacord_build_info", "Always 1; the label carries the walacord version.",
+            ["version"], registry=registry)
+        self.build_info.labels(version=__version__).set(1)
+        self.up = Gauge("walacord_up", "1 while every component has started.", registry=registry)
+        self.log_lines_dropped = Counter(
+            "walacord_log_lines_dropped_total",
+            "Log lines dropped because the writer queue was full.", registry=registry)
+        self.config_reloads = Counter(
+            "walacord_config_reloads_total", "Configuration reloads by result.",
+            ["result"], registry=registry)
+        self.watchdog_stalls = Counter(
+            "walacord_watchdog_stalls_total",
+            "Times a component missed its progress deadline and held back the watchdog.",
+            ["component"], registry=registry)
+
+
+__all__ = ["PROBE_BUCKETS", "Counter", "Gauge", "Histogram", "Info", "Metrics"]

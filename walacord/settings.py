@@ -1,0 +1,223 @@
+"""Typed TOML decoding: turns a TOML table into a frozen dataclass, collecting problems.
+
+Each field's annotation is its type. `field(metadata=...)` built with `setting()` adds a
+range, a set of allowed values, a help text and whether the value is a secret. Secret
+keys also accept `KEY_file`, a path whose content (stripped) is the value.
+Every invalid value becomes one `ConfigProblem` naming the key, the value and the fix,
+so an operator sees all mistakes in one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NewType, TypeVar
+
+from walacord.errors import ConfigProblem
+
+# Seconds, written in TOML as a number or a string with a unit: "500ms", "30s", "5m", "1h", "7d".
+Duration = NewType("Duration", float)
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+T = TypeVar("T")
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Callable[[], Any] | None = None,
+    min: float | None = None,  # noqa: A002 - reads naturally at call sites
+    max: float | None = None,  # noqa: A002
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    help: str = "",  # noqa: A002
+) -> Any:
+    """Declare a config field with its range, allowed values and help text."""
+    metadata = {"min": min, "max": max, "choices": choices, "secret": secret, "help": help}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def parse_duration(value: object) -> float:
+    """Return seconds for a number or a string such as "30s"; raise ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like \"30s\"")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError("a duration is a number of seconds or a string like \"500ms\", \"30s\", "
+                     "\"5m\", \"1h\"")
+
+
+class Decoder:
+    """Decode one TOML document into dataclasses, collecting every problem."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[ConfigProblem] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(ConfigProblem(self.source, key, message))
+
+    def decode(self, cls: type[T], table: object, prefix: str = "") -> T:
+        """Build `cls` from `table`; invalid fields keep their default and add a problem."""
+        if not isinstance(table, dict):
+            self.problem(prefix or "(top level)",
+                         f"expected a table, got {_describe(table)}; write it as [{prefix}]")
+            table = {}
+
+        fields = {f.name: f for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                  if not f.metadata.get("internal")}
+        hints = typing.get_type_hints(cls)
+        known = set(fields)
+        known |= {f"{name}_file" for name, f in fields.items() if f.metadata.get("secret")}
+
+        for key in table:
+            if key not in known:
+                self._unknown_key(key, known, prefix)
+
+        values: dict[str, Any] = {}
+        for name, spec in fields.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if spec.metadata.get("secret") and f"{name}_file" in table:
+                if name in table:
+                    self.problem(key, f"set either {name} or {name}_file, not both")
+                    continue
+                secret = self._read_secret_file(f"{key}_file", table[f"{name}_file"])
+                if secret is not None:
+                    values[name] = secret
+                continue
+            if name not in table:
+                continue
+            converted = self._convert(key, hints[name], table[name], spec.metadata)
+            if converted is not _INVALID:
+                values[name] = converted
+
+        return cls(**values)
+
+    def _unknown_key(self, key: str, known: set[str], prefix: str) -> None:
+        full = f"{prefix}.{key}" if prefix else key
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        valid = ", ".join(sorted(known))
+        self.problem(full, f"unknown key{hint} (valid keys here: {valid})")
+
+    def _read_secret_file(self, key: str, path: object) -> str | None:
+        if not isinstance(path, str) or not path:
+            self.problem(key, f"expected a file path string, got {_describe(path)}")
+            return None
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            self.problem(key, f"cannot read secret file {path!r}: {exc.strerror}; "
+                              "check the path and that walacord's user can read it")
+            return None
+
+    def _convert(self, key: str, hint: Any, value: object, meta: typing.Mapping[str, Any]) -> Any:
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+
+        if origin in (types.UnionType, typing.Union):
+            non_none = [a for a in args if a is not type(None)]
+            if len(non_none) == 1:
+                return self._convert(key, non_none[0], value, meta)
+
+        if hint is Duration:
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                self.problem(key, f"invalid value {value!r}: {exc}")
+                return _INVALID
+            return self._check_range(key, seconds, meta, unit="s")
+
+        if dataclasses.is_dataclass(hint):
+            return self.decode(hint, value, key)  # type: ignore[arg-type]
+
+        if origin is list:
+            if not isinstance(value, list):
+                self.problem(key, f"expected a list, got {_describe(value)}")
+                return _INVALID
+            items = [self._convert(f"{key}[{i}]", args[0], item, {})
+                     for i, item in enumerate(value)]
+            return _INVALID if any(i is _INVALID for i in items) else items
+
+        if origin is dict:
+            if not isinstance(value, dict):
+                self.problem(key, f"expected a table, got {_describe(value)}")
+                return _INVALID
+            result = {name: self._convert(f"{key}.{name}", args[1], item, {})
+                      for name, item in value.items()}
+            return _INVALID if any(v is _INVALID for v in result.values()) else result
+
+        return self._convert_scalar(key, hint, value, meta)
+
+    def _convert_scalar(self, key: str, hint: Any, value: object,
+                        meta: typing.Mapping[str, Any]) -> Any:
+        if hint is bool:
+            if not isinstance(value, bool):
+                self.problem(key, f"expected true or false, got {_describe(value)}")
+                return _INVALID
+            return value
+
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.problem(key, f"expected an integer, got {_describe(value)}")
+                return _INVALID
+            return self._check_range(key, value, meta)
+
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                self.problem(key, f"expected a number, got {_describe(value)}")
+                return _INVALID
+            return self._check_range(key, float(value), meta)
+
+        if hint is str:
+            if not isinstance(value, str):
+                self.problem(key, f"expected a string, got {_describe(value)}")
+                return _INVALID
+            choices = meta.get("choices")
+            if choices and value not in choices:
+                close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+                hint_text = f"; did you mean {close[0]!r}?" if close else ""
+                self.problem(key, f"invalid value {value!r}{hint_text} "
+                                  f"(one of: {', '.join(choices)})")
+                return _INVALID
+            return value
+
+        raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+    def _check_range(self, key: str, value: float, meta: typing.Mapping[str, Any],
+                     unit: str = "") -> Any:
+        low, high = meta.get("min"), meta.get("max")
+        if low is not None and value < low:
+            self.problem(key, f"value {value:g}{unit} is below the minimum {low:g}{unit}; "
+                              f"set it to {low:g}{unit} or more")
+            return _INVALID
+        if high is not None and value > high:
+            self.problem(key, f"value {value:g}{unit} is above the maximum {high:g}{unit}; "
+                              f"set it to {high:g}{unit} or less")
+            return _INVALID
+        return value
+
+
+_INVALID = object()
+
+
+def _describe(value: object) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{kind} {shown}"
