@@ -75,7 +75,7 @@ class DatabaseConfig:
             f"-c idle_in_transaction_session_timeout="
             f"{int(self.idle_in_transaction_session_timeout * 1000)}"
         )
-        params["options"] = (params.get("options", "") + " " + options).strip()
+        params["options"] = f"{params.get('options') or ''} {options}".strip()
         return make_conninfo("", **params)
 
     def dsn_password(self) -> str:
@@ -164,7 +164,8 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     lifecycle: LifecycleConfig = dataclasses.field(default_factory=LifecycleConfig)
 
-    source: str = dataclasses.field(default="(defaults)", compare=False, metadata={"internal": True})
+    source: str = dataclasses.field(default="(defaults)", compare=False,
+                                    metadata={"internal": True})
 
     def secrets(self) -> list[str]:
         """Return every secret value, so logs and endpoints can redact them."""

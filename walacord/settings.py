@@ -33,11 +33,11 @@ def setting(
     default: Any = dataclasses.MISSING,
     *,
     default_factory: Callable[[], Any] | None = None,
-    min: float | None = None,  # noqa: A002 - reads naturally at call sites
-    max: float | None = None,  # noqa: A002
+    min: float | None = None,
+    max: float | None = None,
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
-    help: str = "",  # noqa: A002
+    help: str = "",
 ) -> Any:
     """Declare a config field with its range, allowed values and help text."""
     metadata = {"min": min, "max": max, "choices": choices, "secret": secret, "help": help}

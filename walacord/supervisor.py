@@ -1,0 +1,244 @@
+"""The daemon: one root task group that starts every component and stops them in order.
+
+Start-up: load config, install logging, start each component and wait until it reports
+started, then send READY=1. Signals only set events; the reload and stop steps run as
+ordinary tasks. Shutdown on SIGTERM or SIGINT:
+
+1. send STOPPING=1 and stop accepting work (drain hooks);
+2. wait up to `[lifecycle] drain_timeout` for in-flight work to finish;
+3. cancel what is left and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import anyio
+from anyio.abc import TaskGroup
+from prometheus_client import CollectorRegistry
+
+from walacord import __version__, logs
+from walacord import config as config_module
+from walacord.config import Config
+from walacord.errors import ConfigError, WalacordError
+from walacord.metrics import Metrics
+from walacord.runtime import Component, Runtime
+from walacord.systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+ComponentFactory = Callable[[Runtime], Sequence[Component]]
+
+
+def default_components(runtime: Runtime) -> list[Component]:
+    """Build the daemon's components in start order.
+
+    Extension point: each capability adds its component here. Components that others
+    depend on start first; they stop in reverse order.
+    """
+    from walacord.web import WebServer
+
+    components: list[Component] = []
+    if runtime.config.http.listen:
+        components.append(WebServer(runtime))
+    return components
+
+
+class Supervisor:
+    """Owns the root task group, the systemd conversation and the signal handling."""
+
+    def __init__(self, config: Config, config_path: str | None, *,
+                 components: ComponentFactory = default_components,
+                 registry: CollectorRegistry | None = None,
+                 notifier: Notifier | None = None) -> None:
+        registry = registry or CollectorRegistry()
+        self.runtime = Runtime(
+            config=config, config_path=config_path, registry=registry,
+            metrics=Metrics(registry), notifier=notifier or Notifier(),
+            logs=logs._current,
+        )
+        self._component_factory = components
+        self._reload_requested = anyio.Event()
+
+    async def run(self) -> None:
+        runtime = self.runtime
+        cfg = runtime.config
+        log.info("daemon.starting", extra={"fields": {
+            "version": __version__, "config": cfg.source, "environment": cfg.environment}})
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._handle_signals)
+
+            # Step 1: start components in order, each bounded by the start timeout.
+            components = list(self._component_factory(runtime))
+            for component in components:
+                runtime.components[component.name] = component
+                runtime.notifier.extend_timeout(cfg.lifecycle.start_timeout + 5)
+                began = time.monotonic()
+                with anyio.fail_after(cfg.lifecycle.start_timeout):
+                    await tg.start(self._run_component, component)
+                log.info("component.started", extra={"fields": {
+                    "component": component.name,
+                    "duration_seconds": round(time.monotonic() - began, 3)}})
+
+            # Step 2: announce readiness and keep the watchdog fed.
+            runtime.ready.set()
+            runtime.metrics.up.set(1)
+            runtime.notifier.ready(runtime.status_line())
+            log.info("daemon.ready", extra={"fields": {"components": list(runtime.components)}})
+            tg.start_soon(self._watchdog)
+            tg.start_soon(self._status_loop)
+            tg.start_soon(self._reload_loop)
+
+            # Step 3: wait for SIGTERM/SIGINT, then drain and cancel.
+            await runtime.stop_requested.wait()
+            await self._shutdown(tg)
+
+        log.info("daemon.stopped")
+
+    async def _run_component(self, component: Component, *,
+                             task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            await component.run(task_status=task_status)
+        except Exception:
+            # A component that dies takes the daemon down, so systemd restarts it whole
+            # instead of leaving a half-working supervisor.
+            log.critical("component.crashed", exc_info=True,
+                         extra={"fields": {"component": component.name}})
+            self.runtime.request_stop()
+            raise
+
+    async def _shutdown(self, tg: TaskGroup) -> None:
+        runtime = self.runtime
+        bound = runtime.config.lifecycle.drain_timeout
+        runtime.stopping = True
+        runtime.metrics.up.set(0)
+        runtime.notifier.stopping()
+        log.info("shutdown.started", extra={"fields": {"drain_timeout_seconds": bound}})
+
+        began = time.monotonic()
+        with anyio.move_on_after(bound) as scope:
+            async with anyio.create_task_group() as drains:
+                for hook in reversed(runtime.drain_hooks):
+                    drains.start_soon(hook)
+        if scope.cancelled_caught:
+            log.warning("shutdown.drain_timed_out", extra={"fields": {
+                "drain_timeout_seconds": bound}})
+        else:
+            log.info("shutdown.drained", extra={"fields": {
+                "duration_seconds": round(time.monotonic() - began, 3)}})
+
+        log.info("shutdown.cancelling")
+        tg.cancel_scope.cancel()
+
+    async def _handle_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        with anyio.open_signal_receiver(*wanted) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                log.info("signal.received", extra={"fields": {"signal": name}})
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.runtime.request_stop()
+                elif signum == signal.SIGHUP:
+                    self._reload_requested.set()
+                elif signum == signal.SIGUSR1 and self.runtime.logs is not None:
+                    self.runtime.logs.reopen()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested = anyio.Event()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Load and apply the config file again; keep the old one when the new is invalid."""
+        runtime = self.runtime
+        runtime.notifier.reloading()
+        try:
+            new = await anyio.to_thread.run_sync(config_module.load, runtime.config_path)
+        except ConfigError as exc:
+            runtime.metrics.config_reloads.labels(result="rejected").inc()
+            log.error("config.reload_rejected", extra={"fields": {
+                "config": runtime.config_path,
+                "problems": [str(p) for p in exc.problems]}})
+            runtime.notifier.reloaded(runtime.status_line())
+            return False
+
+        for hook in runtime.reload_hooks:
+            await hook(new)
+        runtime.config = new
+        logs.redact.set_secrets(new.secrets())
+        if runtime.logs is not None:
+            runtime.logs.set_level(new.logging.level)
+        runtime.metrics.config_reloads.labels(result="applied").inc()
+        log.info("config.reloaded", extra={"fields": {"config": new.source}})
+        runtime.notifier.reloaded(runtime.status_line())
+        return True
+
+    async def _watchdog(self) -> None:
+        """Send WATCHDOG=1 while every component beats within its own deadline."""
+        runtime = self.runtime
+        interval = runtime.notifier.watchdog_interval
+        if interval is None:
+            return
+        reported: set[str] = set()
+        while True:
+            stalled = runtime.progress.stalled()
+            if stalled:
+                for name in stalled.keys() - reported:
+                    runtime.metrics.watchdog_stalls.labels(component=name).inc()
+                    log.error("watchdog.withheld", extra={"fields": {
+                        "component": name, "silent_seconds": round(stalled[name], 1)}})
+                reported = set(stalled)
+            else:
+                if reported:
+                    log.info("watchdog.resumed")
+                reported = set()
+                runtime.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        while True:
+            self.runtime.update_status()
+            await anyio.sleep(1)
+
+
+# --- `walacord run` -----------------------------------------------------------------
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_module.load(args.config)
+    except ConfigError as exc:
+        print(f"walacord: configuration {args.config} is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+
+    try:
+        logs.setup(cfg.logging.level, cfg.logging.dir or None,
+                   queue_size=cfg.logging.queue_size, repeat_window=cfg.logging.repeat_window,
+                   secrets=cfg.secrets())
+    except OSError as exc:
+        print(f"walacord: cannot open log directory {cfg.logging.dir!r}: {exc.strerror}; "
+              "create it or set [logging] dir", file=sys.stderr)
+        return 1
+
+    supervisor = Supervisor(cfg, args.config)
+    try:
+        anyio.run(supervisor.run, backend="asyncio")
+    except WalacordError as exc:
+        log.critical("daemon.failed", extra={"fields": {"error": str(exc)}})
+        return 1
+    except Exception:
+        log.critical("daemon.crashed", exc_info=True)
+        return 1
+    finally:
+        logs.shutdown()
+    return 0
