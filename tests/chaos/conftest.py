@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos.results import ResultsFile, default_path
 from walacord.pgcluster import PgCluster
 
 
@@ -33,3 +34,9 @@ def own_pg_cluster() -> Iterator[PgCluster]:
     finally:
         cluster.destroy()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def chaos_results(tmp_path_factory: pytest.TempPathFactory) -> ResultsFile:
+    """The session's results file; `record()` writes a scenario and checks its bounds."""
+    return ResultsFile(default_path(tmp_path_factory.getbasetemp()))
