@@ -180,10 +180,16 @@ def started_cluster(base: Path) -> Iterator[object]:
 @contextmanager
 def process(argv: Sequence[str], *, env: dict[str, str] | None = None,
             log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `argv` for the body of a `with` block; terminate it, then kill it, after."""
+    """Run `argv` for the body of a `with` block; terminate it, then kill it, after.
+
+    It runs in the log's directory (or /tmp), never in the checkout, so that
+    `python -m walacord` imports the installed package rather than a source tree that
+    happens to be the current directory.
+    """
     output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    cwd = log.parent if log else Path(tempfile.gettempdir())
     child = subprocess.Popen(list(argv), env=env, stdout=output, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             cwd=cwd, start_new_session=True)
     try:
         yield child
     finally:

@@ -38,7 +38,7 @@ OVERRIDING_ENV = ("DATABASE_URL", "DATABASE_URL_FILE", "WALACOR_HOST", "WALACOR_
 
 
 def toml_value(value: Any) -> str:
-    """Render a str, bool, number or list as a TOML value."""
+    """Render a str, bool, number, list or dict (as an inline table) as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -48,6 +48,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} {value!r} as a TOML value")
 
 
