@@ -7,6 +7,7 @@ With a state file, each submit is written and committed before it is answered.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +80,9 @@ class Store:
         # etid -> field -> index key -> UIDs (a dict used as an ordered set)
         self._indexes: dict[int, dict[str, dict[Any, dict[str, None]]]] = {}
         self._db: aiosqlite.Connection | None = None
+        # One write transaction at a time: aiosqlite shares one connection, and the
+        # in-memory state must change in the same order as the file.
+        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         if self.state_path is None:
@@ -139,12 +143,14 @@ class Store:
 
         entry = {**schema, "ETId": etid, "SV": sv}
         eid, uid = str(uuid.uuid4()), str(uuid.uuid4())
-        if self._db is not None:
-            await self._db.execute(
-                "INSERT OR REPLACE INTO schemas VALUES (?, ?, ?)", (etid, sv, orjson.dumps(entry))
-            )
-            await self._db.commit()
-        self.schemas[etid] = entry
+        async with self._write_lock:
+            if self._db is not None:
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO schemas VALUES (?, ?, ?)",
+                    (etid, sv, orjson.dumps(entry)),
+                )
+                await self._db.commit()
+            self.schemas[etid] = entry
         return eid, uid
 
     async def submit(
@@ -156,21 +162,21 @@ class Store:
             raise StoreError(
                 400, "validation", f"no schema for ETId {etid}: create one with POST /api/schemas/"
             )
-        now = int(time.time() * 1000)
-        eid = str(uuid.uuid4())
-        version = sv if sv is not None else schema["SV"]
-        versions = [
-            self._new_version(etid, schema, record, eid, now, version) for record in records
-        ]
-
-        if self._db is not None:
-            await self._db.executemany(
-                "INSERT INTO row_versions (etid, body) VALUES (?, ?)",
-                [(etid, orjson.dumps(v)) for v in versions],
-            )
-            await self._db.commit()
-        for version_row in versions:
-            self._apply_version(etid, version_row)
+        async with self._write_lock:
+            now = int(time.time() * 1000)
+            eid = str(uuid.uuid4())
+            version = sv if sv is not None else schema["SV"]
+            versions = [
+                self._new_version(etid, schema, record, eid, now, version) for record in records
+            ]
+            if self._db is not None:
+                await self._db.executemany(
+                    "INSERT INTO row_versions (etid, body) VALUES (?, ?)",
+                    [(etid, orjson.dumps(v)) for v in versions],
+                )
+                await self._db.commit()
+            for version_row in versions:
+                self._apply_version(etid, version_row)
         return eid, [v["UID"] for v in versions]
 
     def _new_version(
