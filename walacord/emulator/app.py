@@ -242,7 +242,13 @@ class Emulator:
             raise StoreError(401, "unauthorized", "invalid user name or password")
         token = "Bearer " + secrets.token_urlsafe(32)
         ttl = self.token_ttl
-        self._tokens[token] = time.monotonic() + ttl if ttl else None
+        now = time.monotonic()
+        expired = [
+            t for t, expires in self._tokens.items() if expires is not None and expires <= now
+        ]
+        for old_token in expired:
+            del self._tokens[old_token]
+        self._tokens[token] = now + ttl if ttl else None
         self.logins += 1
         return json_response({"api_token": token})
 
@@ -369,7 +375,7 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
 
 
 async def _wait_for_disconnect(request: web.Request) -> web.StreamResponse:
-    """Never answer; aiohttp cancels this wait when the connection closes.
+    """Wait without responding until aiohttp cancels the handler.
 
     The runner is created with handler_cancellation=True, so a client disconnect
     or a server shutdown cancels the handler.

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="address to listen on (default %(default)s; port 0 picks a free port)",
     )
+
     parser.add_argument(
         "--user",
         action="append",
@@ -45,8 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="token lifetime in seconds; 0 means tokens never expire (default %(default)s)",
     )
+
     faults = parser.add_argument_group("faults set at start (PUT /_emulator/faults changes them)")
-    faults.add_argument("--fault-status", type=int, metavar="CODE", help="answer with this status")
+    faults.add_argument(
+        "--fault-status", type=int, metavar="CODE", help="respond with this HTTP status"
+    )
     faults.add_argument(
         "--fault-ratio",
         type=float,
@@ -55,12 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of requests affected, 0 to 1 (default %(default)s)",
     )
     faults.add_argument(
-        "--fault-latency-ms", type=float, default=0.0, metavar="MS", help="delay in milliseconds"
+        "--fault-latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay before each affected request",
     )
     faults.add_argument(
-        "--fault-retry-after", metavar="SECONDS", help="Retry-After value (implies status 429)"
+        "--fault-retry-after",
+        metavar="VALUE",
+        help="Retry-After in seconds or an HTTP-date (alone it implies status 429)",
     )
-    faults.add_argument("--fault-mode", choices=MODES, help="failure mode")
+    faults.add_argument("--fault-mode", choices=MODES, help="how affected requests fail")
     faults.add_argument(
         "--fault-path", metavar="PREFIX", help="affect only paths starting with PREFIX"
     )
@@ -126,9 +136,21 @@ async def serve(emulator: Emulator, host: str, port: int) -> None:
         tg.cancel_scope.cancel()
 
 
+def _default_fields(record: logging.LogRecord) -> bool:
+    """Give records logged without `extra={"fields": ...}` an empty `fields` value."""
+    if not hasattr(record, "fields"):
+        record.fields = {}
+    return True
+
+
 def command(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        handler = logging.StreamHandler()
+        handler.addFilter(_default_fields)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s %(fields)s")
+        )
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         host, port = parse_listen(args.listen)
         users = parse_users(args.user)

@@ -22,7 +22,7 @@ class FaultSpec:
     """One fault setting; all fields are optional and combine.
 
     `latency_ms` delays each affected request before anything else happens. `status`
-    answers with that HTTP status and a documented error body instead of running
+    responds with that HTTP status and a documented error body instead of running
     the request; `retry_after` alone implies status 429. `mode` picks one of MODES.
     `path` limits the fault to request paths starting with it, `ratio` to a random
     share of requests, and `count` to the next N affected requests.
