@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 
+from walacord import logs
 from walacord.emulator.app import Emulator
 from walacord.emulator.faults import MODES, FaultSpec
 
@@ -136,21 +137,7 @@ async def serve(emulator: Emulator, host: str, port: int) -> None:
         tg.cancel_scope.cancel()
 
 
-def _default_fields(record: logging.LogRecord) -> bool:
-    """Give records logged without `extra={"fields": ...}` an empty `fields` value."""
-    if not hasattr(record, "fields"):
-        record.fields = {}
-    return True
-
-
 def command(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.addFilter(_default_fields)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s %(fields)s")
-        )
-        logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         host, port = parse_listen(args.listen)
         users = parse_users(args.user)
@@ -167,9 +154,12 @@ def command(args: argparse.Namespace) -> int:
     emulator = Emulator(
         users=users, state_path=args.state, token_ttl=args.token_ttl or None, faults=faults
     )
+    logs.setup("info", secrets=list(users.values()))
     try:
         anyio.run(serve, emulator, host, port)
     except OSError as exc:
         print(f"walacord emulator: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logs.shutdown()
     return 0
