@@ -20,7 +20,14 @@ import anyio
 import orjson
 from aiohttp import web
 
-from walacord.emulator.faults import FaultSpec, FaultState, error_body, reset_connection
+from walacord.emulator.faults import (
+    FaultSpec,
+    FaultState,
+    error_body,
+    reset_connection,
+    trickle,
+    wait_for_disconnect,
+)
 from walacord.emulator.store import ENVELOPE_STATUS, SCHEMA_ETID, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -208,16 +215,16 @@ class Emulator:
             return json_response(body)
         if mode == "reset":
             reset_connection(request)
-            return await _wait_for_disconnect(request)
+            return await wait_for_disconnect(request)
         if mode == "hang":
-            return await _wait_for_disconnect(request)
+            return await wait_for_disconnect(request)
 
         # The remaining modes run the request, so a submit is committed.
         response = await self._run_handler(request, handler)
         if mode == "drop_after_commit":
             reset_connection(request)
-            return await _wait_for_disconnect(request)
-        return await _trickle(request, response, spec.trickle_interval_ms / 1000)
+            return await wait_for_disconnect(request)
+        return await trickle(request, response, spec.trickle_interval_ms / 1000)
 
     # --- authentication ---------------------------------------------------------
 
@@ -372,38 +379,6 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise StoreError(400, "validation", f"{name} must be an integer") from None
-
-
-async def _wait_for_disconnect(request: web.Request) -> web.StreamResponse:
-    """Wait without responding until aiohttp cancels the handler.
-
-    The runner is created with handler_cancellation=True, so a client disconnect
-    or a server shutdown cancels the handler.
-    """
-    await asyncio.Event().wait()
-    raise AssertionError("unreachable: the wait above ends only by cancellation")
-
-
-async def _trickle(
-    request: web.Request, response: web.StreamResponse, interval: float
-) -> web.StreamResponse:
-    """Send the response body one byte per `interval` seconds."""
-    body = response.body if isinstance(response, web.Response) else b""
-    payload = body if isinstance(body, bytes) else b""
-    stream = web.StreamResponse(
-        status=response.status, headers={"Content-Type": "application/json"}
-    )
-    stream.content_length = len(payload)
-    await stream.prepare(request)
-    for index in range(len(payload)):
-        if request.transport is None or request.transport.is_closing():
-            break
-        try:
-            await stream.write(payload[index : index + 1])
-        except ConnectionError:
-            break
-        await asyncio.sleep(interval)
-    return stream
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ decides for each API request whether the fault applies (path prefix, ratio, coun
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import struct
@@ -144,3 +145,35 @@ def reset_connection(request: web.Request) -> None:
         # SO_LINGER on with a zero timeout makes close() send RST and drop unsent data.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+async def wait_for_disconnect(request: web.Request) -> web.StreamResponse:
+    """Wait without responding until aiohttp cancels the handler.
+
+    The runner is created with handler_cancellation=True, so a client disconnect
+    or a server shutdown cancels the handler.
+    """
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable: the wait above ends only by cancellation")
+
+
+async def trickle(
+    request: web.Request, response: web.StreamResponse, interval: float
+) -> web.StreamResponse:
+    """Send the response body one byte per `interval` seconds."""
+    body = response.body if isinstance(response, web.Response) else b""
+    payload = body if isinstance(body, bytes) else b""
+    stream = web.StreamResponse(
+        status=response.status, headers={"Content-Type": "application/json"}
+    )
+    stream.content_length = len(payload)
+    await stream.prepare(request)
+    for index in range(len(payload)):
+        if request.transport is None or request.transport.is_closing():
+            break
+        try:
+            await stream.write(payload[index : index + 1])
+        except ConnectionError:
+            break
+        await asyncio.sleep(interval)
+    return stream
