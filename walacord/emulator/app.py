@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -55,12 +56,14 @@ class Emulator:
         token_ttl: float | None = 3600.0,
         faults: FaultSpec | None = None,
         seed: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.users = dict(users) if users else dict(DEFAULT_USERS)
         self.default_users = not users
         self.token_ttl = token_ttl
         self.store = Store(state_path)
         self.faults = FaultState(faults, seed=seed)
+        self.ssl_context = ssl_context
         self.url = ""
         self.logins = 0
         self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -112,11 +115,12 @@ class Emulator:
             self.app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        site = web.TCPSite(self._runner, host, port, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
         bound = self._runner.addresses[0]
         bound_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.url = f"http://{bound_host}:{bound[1]}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://{bound_host}:{bound[1]}"
         if self.default_users:
             log.warning(
                 "emulator.default_user",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="token lifetime in seconds; 0 means tokens never expire (default %(default)s)",
     )
+
+    parser.add_argument("--tls-cert", metavar="PATH", help="PEM certificate chain; serves https")
+    parser.add_argument("--tls-key", metavar="PATH", help="PEM private key for --tls-cert")
 
     faults = parser.add_argument_group("faults set at start (PUT /_emulator/faults changes them)")
     faults.add_argument(
@@ -101,6 +105,17 @@ def parse_users(values: list[str]) -> dict[str, str]:
     return users
 
 
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """Return a server TLS context for the certificate and key, or None for plain HTTP."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def fault_from_args(args: argparse.Namespace) -> FaultSpec | None:
     settings: dict[str, Any] = {}
     if args.fault_status is not None:
@@ -142,7 +157,8 @@ def command(args: argparse.Namespace) -> int:
         host, port = parse_listen(args.listen)
         users = parse_users(args.user)
         faults = fault_from_args(args)
-    except ValueError as exc:
+        ssl_context = tls_context(args.tls_cert, args.tls_key)
+    except (ValueError, OSError, ssl.SSLError) as exc:
         print(f"walacord emulator: {exc}", file=sys.stderr)
         return 2
 
@@ -152,7 +168,11 @@ def command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     emulator = Emulator(
-        users=users, state_path=args.state, token_ttl=args.token_ttl or None, faults=faults
+        users=users,
+        state_path=args.state,
+        token_ttl=args.token_ttl or None,
+        faults=faults,
+        ssl_context=ssl_context,
     )
     logs.setup("info", secrets=list(users.values()))
     try:
