@@ -52,7 +52,7 @@ class Emulator:
         users: Mapping[str, str] | None = None,
         state_path: str | None = None,
         token_ttl: float | None = 3600.0,
-        faults: FaultSpec | None = None,
+        faults: FaultSpec | list[FaultSpec] | None = None,
         seed: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:

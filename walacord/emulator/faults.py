@@ -93,7 +93,9 @@ class FaultState:
     whose count is not used up and whose ratio draw succeeds applies.
     """
 
-    def __init__(self, spec: FaultSpec | None = None, *, seed: int | None = None) -> None:
+    def __init__(
+        self, spec: FaultSpec | list[FaultSpec] | None = None, *, seed: int | None = None
+    ) -> None:
         self._random = random.Random(seed)
         self.rules: list[FaultSpec] = []
         self._remaining: list[int | None] = []

@@ -142,8 +142,8 @@ async def submit_many_once(
             try:
                 found = await find_keys(client, etid, list(pending))
             except WalacorError as exc:
-                # The submit before this lookup may still have been stored, whatever
-                # the lookup's own failure says, so the caller must look up again.
+                # The submit before this lookup may have been stored, whatever error
+                # the lookup itself raised, so the caller must look up again.
                 exc.maybe_committed = True
                 raise
             for key, row in found.items():
