@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -358,3 +359,17 @@ async def test_fault_rules_apply_in_order(http: httpx.AsyncClient) -> None:
     assert first.status_code == 503
     assert second.status_code == 429
     assert query.status_code == 200
+
+
+async def test_run_reports_url_and_stops_on_cancel(tmp_path: Path) -> None:
+    emulator = Emulator(state_path=str(tmp_path / "state.sqlite"))
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(emulator.run)
+        async with httpx.AsyncClient(base_url=url) as http:
+            token = await login(http)
+        tg.cancel_scope.cancel()
+
+    assert token.startswith("Bearer ")
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(base_url=url) as http:
+            await http.post("/api/auth/login", json={"userName": "admin", "password": "admin"})
