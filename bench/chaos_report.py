@@ -26,6 +26,10 @@ def seconds(value: float | None, bound: float | None) -> str:
     return measured if bound is None else f"{measured} (<= {bound:g} s)"
 
 
+def count(value: int | None) -> str:
+    return "not counted" if value is None else str(value)
+
+
 def render(document: dict[str, Any], command: str) -> str:
     scenarios = document.get("scenarios", {})
     lines = [
@@ -55,7 +59,7 @@ def render(document: dict[str, Any], command: str) -> str:
             f"| {name} | {path} | "
             f"{seconds(record.get('detection_s'), record.get('detection_bound_s'))} | "
             f"{seconds(record.get('recovery_s'), record.get('recovery_bound_s'))} | "
-            f"{record.get('lost', 0)} | {record.get('duplicated', 0)} | {verdict} |")
+            f"{count(record.get('lost'))} | {count(record.get('duplicated'))} | {verdict} |")
     lines += ["", f"{len(scenarios) - failed} of {len(scenarios)} scenarios within bounds."]
     described = [(name, scenarios[name].get("description")) for name in sorted(scenarios)]
     described = [(name, text) for name, text in described if text]

@@ -8,7 +8,9 @@ target. Its mode can be switched at run time from any thread:
 - ``blackhole``: forward nothing and keep every socket open. Bytes that arrive are
   held, not dropped, so a connection carries on intact when the mode goes back to
   pass, as after a healed network partition. New connections are accepted by the
-  kernel but never reach the target while the blackhole lasts;
+  kernel but never reach the target while the blackhole lasts. `arm_blackhole()`
+  starts one right after the next chunk reaches the target, so a request gets through
+  and its response is held: a blackhole in the middle of a query;
 - ``reset``: abort every connection with an RST on both sides (``SO_LINGER`` 0), and
   reset each new connection at once for as long as the mode lasts;
 - ``bandwidth``: forward at most ``bytes_per_second`` in each direction of each
@@ -105,6 +107,7 @@ class FaultProxy:
         # Set while the mode lets bytes flow; pipes wait on it before forwarding.
         self._flowing: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
+        self._armed = False
 
     # --- control, callable from any thread ------------------------------------------
 
@@ -137,6 +140,11 @@ class FaultProxy:
 
     def reset(self) -> None:
         self.set_mode("reset")
+
+    def arm_blackhole(self) -> None:
+        """Blackhole right after the next chunk sent toward the target is forwarded."""
+        loop = self._require_loop()
+        loop.call_soon_threadsafe(setattr, self, "_armed", True)
 
     def bandwidth(self, bytes_per_second: int) -> None:
         self.set_mode("bandwidth", bytes_per_second=bytes_per_second)
@@ -269,14 +277,17 @@ class FaultProxy:
             return
         connection.upstream = upstream_writer
 
-        to_target = asyncio.create_task(self._pipe(client_reader, upstream_writer))
-        to_client = asyncio.create_task(self._pipe(upstream_reader, client_writer))
+        to_target = asyncio.create_task(
+            self._pipe(client_reader, upstream_writer, toward_target=True))
+        to_client = asyncio.create_task(
+            self._pipe(upstream_reader, client_writer, toward_target=False))
         connection.tasks = [to_target, to_client]
         await asyncio.wait(connection.tasks, return_when=asyncio.FIRST_COMPLETED)
         # One side closed: close the other as well, as a plain TCP relay would.
         self._close(connection, rst=False)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                    toward_target: bool) -> None:
         assert self._flowing is not None
         while True:
             await self._flowing.wait()
@@ -300,6 +311,9 @@ class FaultProxy:
             except ConnectionError:
                 return
             self.stats.bytes_forwarded += len(chunk)
+            if toward_target and self._armed:
+                self._armed = False
+                self._apply_mode(Mode("blackhole"))
 
     async def _write_throttled(self, writer: asyncio.StreamWriter, chunk: bytes) -> None:
         assert self._flowing is not None

@@ -38,8 +38,9 @@ class ScenarioResult:
     recovery_bound_s: float | None = None
     mode_path: list[str] = field(default_factory=list)
     expected_path: list[str] = field(default_factory=list)
-    lost: int = 0
-    duplicated: int = 0
+    # None means the scenario did not count operations.
+    lost: int | None = None
+    duplicated: int | None = None
     notes: str = ""
     recorded_at: str = ""
     failures: list[str] = field(default_factory=list)
@@ -115,7 +116,8 @@ class ResultsFile:
                detection_s: float | None = None, detection_bound_s: float | None = None,
                recovery_s: float | None = None, recovery_bound_s: float | None = None,
                mode_path: Sequence[str] = (), expected_path: Sequence[str] = (),
-               lost: int = 0, duplicated: int = 0, notes: str = "") -> ScenarioResult:
+               lost: int | None = None, duplicated: int | None = None,
+               notes: str = "") -> ScenarioResult:
         """Write the scenario's figures, then raise AssertionError if a bound is broken."""
         result = ScenarioResult(
             scenario=scenario, description=description,

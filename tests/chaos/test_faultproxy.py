@@ -62,6 +62,29 @@ def test_proxy_blackhole_holds_query_until_pass(pg_cluster: PgCluster,
         conn.close()
 
 
+def test_proxy_armed_blackhole_holds_response(pg_cluster: PgCluster,
+                                              proxy: FaultProxy) -> None:
+    conn = psycopg.connect(proxied_url(pg_cluster, proxy), autocommit=True)
+    try:
+        proxy.arm_blackhole()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                lambda: conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone())
+            with pytest.raises(FutureTimeout):
+                pending.result(timeout=1.0)
+            assert proxy.mode.name == "blackhole"
+            # The request reached the server: the query ran and only its answer is held.
+            assert "count(*) FROM pg_stat_activity" in pg_cluster.psql(
+                "SELECT string_agg(query, ';') FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend'")
+
+            proxy.passthrough()
+            row = pending.result(timeout=5.0)
+            assert row is not None
+    finally:
+        conn.close()
+
+
 def test_proxy_blackhole_times_out_new_connection(pg_cluster: PgCluster,
                                                   proxy: FaultProxy) -> None:
     proxy.blackhole()

@@ -25,7 +25,7 @@ def test_record_writes_passing_scenario(tmp_path: Path) -> None:
     assert stored["detection_s"] == 0.2123
     assert stored["recovery_bound_s"] == 3.0
     assert stored["failures"] == []
-    assert stored["lost"] == 0
+    assert stored["lost"] is None
 
 
 def test_record_fails_and_keeps_broken_bound(tmp_path: Path) -> None:
