@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.chaos.daemon import ModeWatcher, WalacordDaemon, merge_sections
 from tests.chaos.results import ResultsFile, default_path
+from tests.chaos.scenario import Scenario
 from walacord.pgcluster import PgCluster
+
+# Settings every scenario daemon gets. Other test runs share CI's two cores, so the
+# load average says nothing about the fault under test: its warning is turned off.
+SCENARIO_SETTINGS: dict[str, dict[str, Any]] = {
+    "probes.host": {"load_warning_per_cpu": 1000.0},
+}
+# A command line that runs another walacord build, e.g. "/opt/walacord/bin/walacord".
+COMMAND_ENV = "WALACORD_CHAOS_COMMAND"
 
 
 def cluster_base(prefix: str) -> Path:
@@ -40,3 +53,38 @@ def own_pg_cluster() -> Iterator[PgCluster]:
 def chaos_results(tmp_path_factory: pytest.TempPathFactory) -> ResultsFile:
     """The session's results file; `record()` writes a scenario and checks its bounds."""
     return ResultsFile(default_path(tmp_path_factory.getbasetemp()))
+
+
+def walacord_command() -> list[str] | None:
+    """Return the command that runs walacord: $WALACORD_CHAOS_COMMAND, else this Python."""
+    configured = os.environ.get(COMMAND_ENV, "").strip()
+    return shlex.split(configured) if configured else None
+
+
+@pytest.fixture
+def start_walacord() -> Iterator[Callable[..., Scenario]]:
+    """Start the real daemon against a database URL; stop it when the test ends.
+
+    Call it as `start_walacord(url, settings={"probes.database": {...}})`; it returns a
+    `Scenario` once the daemon is ready and its mode watcher runs.
+    """
+    started: list[tuple[WalacordDaemon, ModeWatcher, Path]] = []
+
+    def start(database_url: str, *, settings: dict[str, dict[str, Any]] | None = None,
+              walacor_url: str = "") -> Scenario:
+        workdir = cluster_base("walacord-chaos-daemon-")
+        daemon = WalacordDaemon(workdir, database_url, walacor_url=walacor_url,
+                                settings=merge_sections(SCENARIO_SETTINGS, settings),
+                                command=walacord_command())
+        started.append((daemon, ModeWatcher(daemon.http_port), workdir))
+        daemon.start()
+        watcher = started[-1][1].start()
+        return Scenario(daemon, watcher)
+
+    try:
+        yield start
+    finally:
+        for daemon, watcher, workdir in reversed(started):
+            watcher.stop()
+            daemon.stop()
+            shutil.rmtree(workdir, ignore_errors=True)

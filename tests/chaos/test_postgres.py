@@ -1,0 +1,375 @@
+"""PostgreSQL fault scenarios against the real daemon, each with its bounds and mode path.
+
+Each test starts walacord against a cluster of its own, waits for mode normal, injects
+one fault, and records when the mode left normal (detection), when it was normal again
+after the fault was removed (recovery), and the modes in between. The figures go to the
+results file before the bounds are checked.
+
+The database probe runs at its defaults (interval 2 s, deadline 1.5 s) unless a test
+says otherwise. Bounds leave about twice the expected time, because CI runs the suite
+on two shared cores.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from tests.chaos import faults
+from tests.chaos.conftest import cluster_base
+from tests.chaos.faultproxy import FaultProxy
+from tests.chaos.results import ResultsFile
+from tests.chaos.scenario import Scenario
+from walacord.pgcluster import ClusterError, PgCluster
+
+pytestmark = pytest.mark.chaos
+
+StartWalacord = Callable[..., Scenario]
+
+# A crash closes walacord's held connection, which it sees at once; the issue's target
+# is a median under 0.5 s, so one run on a shared CI machine gets 1 s.
+CRASH_DETECTION_S = 1.0
+# From `pg_ctl start` returning to mode normal, with the default hysteresis.
+RESTART_RECOVERY_S = 3.0
+# A fault that only a timed-out probe run can see: the run's deadline (1.5 s) plus the
+# interval (2 s), plus a second failed run at the fast interval, with margin.
+TIMEOUT_DETECTION_S = 5.0
+# After the fault is removed: up to one interval until the next run, two good runs
+# (successes_to_up), the probe's and the mode's minimum dwell of 1 s, with margin.
+FAULT_RECOVERY_S = 6.0
+# Settings that make every probe run also try a brand-new connection, for faults that
+# only new connections can see (the pool's open sessions keep working).
+FRESH_EVERY_RUN = {"probes.database": {"fresh_connection_every": 2.0}}
+
+
+@pytest.fixture
+def cluster(own_pg_cluster: PgCluster) -> PgCluster:
+    return own_pg_cluster
+
+
+def restart_after_kill(cluster: PgCluster, timeout: float = 20.0) -> None:
+    """Start the cluster after a SIGKILL, once the orphaned backends have exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cluster.start(timeout=timeout)
+            return
+        except ClusterError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_postgres_immediate_stop(cluster: PgCluster, start_walacord: StartWalacord,
+                                 chaos_results: ResultsFile) -> None:
+    scenario = start_walacord(cluster.url())
+    scenario.wait_normal()
+
+    stopped = scenario.mark()
+    cluster.stop("immediate")
+    detection = scenario.detect(stopped, timeout=10)
+    status, _ = scenario.daemon.health()
+
+    cluster.start()
+    started = scenario.mark()
+    recovery = scenario.recover(started, timeout=15)
+
+    assert status == 503
+    chaos_results.record(
+        "postgres_immediate_stop",
+        description="pg_ctl stop -m immediate, then pg_ctl start",
+        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
+        mode_path=scenario.path(stopped), expected_path=["normal", "emergency", "normal"])
+
+
+def test_postgres_fast_restart(cluster: PgCluster, start_walacord: StartWalacord,
+                               chaos_results: ResultsFile) -> None:
+    scenario = start_walacord(cluster.url())
+    scenario.wait_normal()
+
+    stopped = scenario.mark()
+    cluster.stop("fast")
+    detection = scenario.detect(stopped, timeout=10)
+    cluster.start()
+    started = scenario.mark()
+    recovery = scenario.recover(started, timeout=15)
+
+    chaos_results.record(
+        "postgres_fast_restart",
+        description="pg_ctl stop -m fast then start, as `pg_ctl restart` does",
+        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
+        mode_path=scenario.path(stopped), expected_path=["normal", "emergency", "normal"])
+
+
+def test_postgres_postmaster_killed(cluster: PgCluster, start_walacord: StartWalacord,
+                                   chaos_results: ResultsFile) -> None:
+    scenario = start_walacord(cluster.url())
+    scenario.wait_normal()
+
+    killed = scenario.mark()
+    pid = faults.kill_postmaster(cluster)
+    detection = scenario.detect(killed, timeout=10)
+    faults.wait_until_gone(pid)
+    restart_after_kill(cluster)
+    started = scenario.mark()
+    recovery = scenario.recover(started, timeout=15)
+
+    chaos_results.record(
+        "postgres_postmaster_killed",
+        description="kill -9 of the postmaster; the orphaned backends exit on their own",
+        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
+        mode_path=scenario.path(killed), expected_path=["normal", "emergency", "normal"])
+
+
+def test_postgres_postmaster_frozen(cluster: PgCluster, start_walacord: StartWalacord,
+                                   chaos_results: ResultsFile) -> None:
+    scenario = start_walacord(cluster.url(), settings=FRESH_EVERY_RUN)
+    scenario.wait_normal()
+    host_before = scenario.probe("host").get("last_run")
+
+    with faults.postmaster_frozen(cluster):
+        frozen = scenario.mark()
+        detection = scenario.detect(frozen, timeout=15)
+        # The daemon keeps answering and its other probes keep running meanwhile.
+        scenario.hold(3.0)
+        host_during = scenario.probe("host").get("last_run")
+        thawed = scenario.mark()
+    recovery = scenario.recover(thawed, timeout=20)
+
+    assert host_during != host_before
+    assert max(scenario.metrics_latencies) < 0.1
+    chaos_results.record(
+        "postgres_postmaster_frozen",
+        description="SIGSTOP on the postmaster: open sessions work, new connections hang",
+        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
+        mode_path=scenario.path(frozen), expected_path=["normal", "degraded", "normal"],
+        notes=f"/metrics max {max(scenario.metrics_latencies) * 1000:.1f} ms while frozen")
+
+
+def test_postgres_walacord_backends_frozen(cluster: PgCluster, start_walacord: StartWalacord,
+                                          chaos_results: ResultsFile) -> None:
+    scenario = start_walacord(cluster.url())
+    scenario.wait_normal()
+    pids = faults.wait_for_backends(cluster, "walacord")
+    host_before = scenario.probe("host").get("last_run")
+
+    with faults.frozen(pids):
+        frozen = scenario.mark()
+        detection = scenario.detect(frozen, timeout=15)
+        scenario.hold(3.0)
+        host_during = scenario.probe("host").get("last_run")
+        thawed = scenario.mark()
+    recovery = scenario.recover(thawed, timeout=20)
+
+    assert host_during != host_before
+    assert max(scenario.metrics_latencies) < 0.1
+    chaos_results.record(
+        "postgres_walacord_backends_frozen",
+        description=f"SIGSTOP on walacord's {len(pids)} backends; new connections work",
+        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
+        mode_path=scenario.path(frozen), expected_path=["normal", "degraded", "normal"],
+        notes=f"/metrics max {max(scenario.metrics_latencies) * 1000:.1f} ms while frozen")
+
+
+@pytest.fixture
+def proxy(cluster: PgCluster) -> Iterator[FaultProxy]:
+    with FaultProxy("127.0.0.1", cluster.port) as running:
+        yield running
+
+
+@pytest.mark.parametrize("moment", ["idle", "mid_query"])
+def test_postgres_port_blackholed(moment: str, cluster: PgCluster, proxy: FaultProxy,
+                                  start_walacord: StartWalacord,
+                                  chaos_results: ResultsFile) -> None:
+    url = make_conninfo(cluster.url(), port=str(proxy.port))
+    scenario = start_walacord(url)
+    scenario.wait_normal()
+
+    if moment == "idle":
+        proxy.blackhole()
+    else:
+        proxy.arm_blackhole()
+    began = scenario.mark()
+    detection = scenario.detect(began, timeout=15)
+    scenario.hold(2.0)
+    proxy.passthrough()
+    healed = scenario.mark()
+    recovery = scenario.recover(healed, timeout=20)
+
+    assert max(scenario.metrics_latencies) < 0.1
+    chaos_results.record(
+        f"postgres_port_blackholed_{moment}",
+        description=f"the proxy stops forwarding ({moment.replace('_', '-')}) and keeps "
+                    "every socket open",
+        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
+        mode_path=scenario.path(began), expected_path=["normal", "emergency", "normal"])
+
+
+def test_postgres_read_only_toggled(cluster: PgCluster, start_walacord: StartWalacord,
+                                   chaos_results: ResultsFile) -> None:
+    scenario = start_walacord(cluster.url())
+    scenario.wait_normal()
+    recycles_before = scenario.metrics_value("walacord_db_pool_recycles_total")
+
+    cluster.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+    cluster.reload()
+    began = scenario.mark()
+    detection = scenario.detect(began, timeout=15)
+    database = scenario.probe("database")
+    recycles_after = scenario.metrics_value("walacord_db_pool_recycles_total")
+
+    cluster.psql("ALTER SYSTEM RESET default_transaction_read_only")
+    cluster.reload()
+    restored = scenario.mark()
+    recovery = scenario.recover(restored, timeout=20)
+
+    # SELECT 1 still passes: the probe reaches the server and only the write fails.
+    assert database.get("details", {}).get("reachable") is True
+    assert database.get("details", {}).get("writable") is False
+    assert recycles_after > recycles_before
+    chaos_results.record(
+        "postgres_read_only_toggled",
+        description="default_transaction_read_only = on with a reload, then reset",
+        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
+        mode_path=scenario.path(began), expected_path=["normal", "emergency", "normal"],
+        notes=f"pool recycles {recycles_before:g} -> {recycles_after:g}")
+
+
+def test_postgres_max_connections_exhausted(start_walacord: StartWalacord,
+                                           chaos_results: ResultsFile) -> None:
+    base = cluster_base("walacord-chaos-pg-small-")
+    small = PgCluster(base, settings={"max_connections": "30",
+                                      "superuser_reserved_connections": "0"})
+    small.init()
+    small.start()
+    hogs: list[psycopg.Connection] = []
+    try:
+        scenario = start_walacord(small.url(), settings={
+            **FRESH_EVERY_RUN, "database": {"pool_min_size": 5, "pool_max_size": 10}})
+        scenario.wait_normal()
+
+        began = scenario.mark()
+        while True:
+            try:
+                hogs.append(psycopg.connect(small.url(), connect_timeout=5))
+            except psycopg.OperationalError as exc:
+                assert "too many clients" in str(exc)
+                break
+        detection = scenario.detect(began, timeout=15)
+        scenario.hold(1.0)
+
+        for conn in hogs:
+            conn.close()
+        released = scenario.mark()
+        recovery = scenario.recover(released, timeout=20)
+    finally:
+        for conn in hogs:
+            conn.close()
+        small.destroy()
+
+    chaos_results.record(
+        "postgres_max_connections_exhausted",
+        description=f"another client holds every free slot ({len(hogs)} connections)",
+        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
+        mode_path=scenario.path(began), expected_path=["normal", "degraded", "normal"])
+
+
+def test_postgres_table_lock_held(cluster: PgCluster, start_walacord: StartWalacord,
+                                 chaos_results: ResultsFile) -> None:
+    # Lock waits count as a lockup after 2 s here, not the default 60 s, to stay short.
+    scenario = start_walacord(cluster.url(), settings={"probes.database": {
+        "lock_wait_warning": 1.0, "lock_wait_critical": 2.0}})
+    scenario.wait_normal()
+    cluster.psql("CREATE TABLE ledger (id int PRIMARY KEY)")
+
+    holder = psycopg.connect(cluster.url())
+    waiter = psycopg.connect(cluster.url(), autocommit=True)
+    blocked = threading.Thread(target=lambda: waiter.execute("SELECT count(*) FROM ledger"))
+    try:
+        holder.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        blocked.start()
+        began = scenario.mark()
+        detection = scenario.detect(began, timeout=20)
+        holder.rollback()
+        released = scenario.mark()
+        blocked.join(10)
+        recovery = scenario.recover(released, timeout=20)
+    finally:
+        holder.close()
+        blocked.join(10)
+        waiter.close()
+
+    # The lock only counts from when the waiter queued, so allow the lockup threshold.
+    chaos_results.record(
+        "postgres_table_lock_held",
+        description="one session holds ACCESS EXCLUSIVE on a table another session reads",
+        detection_s=detection, detection_bound_s=2.0 + TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
+        mode_path=scenario.path(began), expected_path=["normal", "degraded", "normal"])
+
+
+def test_postgres_smart_shutdown(cluster: PgCluster, start_walacord: StartWalacord,
+                                chaos_results: ResultsFile) -> None:
+    scenario = start_walacord(cluster.url(), settings=FRESH_EVERY_RUN)
+    scenario.wait_normal()
+
+    # A smart shutdown waits for every session to end, so it completes only once
+    # walacord has seen "shutting down" (SQLSTATE 57P03) and closed its pool.
+    began = scenario.mark()
+    cluster.stop("smart", timeout=30)
+    shutdown_s = scenario.mark() - began
+    detection = scenario.detect(began, timeout=5)
+    cluster.start()
+    started = scenario.mark()
+    recovery = scenario.recover(started, timeout=15)
+
+    # Detection is when the server is down and walacord has left normal, whichever is
+    # later: a walacord that kept its pool open would hold the shutdown until timeout.
+    done = None if detection is None else max(shutdown_s, detection)
+    chaos_results.record(
+        "postgres_smart_shutdown",
+        description="pg_ctl stop -m smart, which waits for walacord to close its pool",
+        detection_s=done, detection_bound_s=TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
+        mode_path=scenario.path(began), expected_path=["normal", "emergency", "normal"],
+        notes=f"the smart shutdown took {shutdown_s:.2f} s")
+
+
+def test_postgres_replica_promoted(cluster: PgCluster, start_walacord: StartWalacord,
+                                  chaos_results: ResultsFile) -> None:
+    replica = faults.make_replica(cluster, cluster_base("walacord-chaos-replica-"))
+    try:
+        scenario = start_walacord(faults.multi_host_url([cluster, replica]))
+        scenario.wait_normal()
+
+        stopped = scenario.mark()
+        cluster.stop("immediate")
+        detection = scenario.detect(stopped, timeout=10)
+        faults.promote(replica)
+        promoted = scenario.mark()
+        recovery = scenario.recover(promoted, timeout=20)
+        path = scenario.path(stopped)
+        assert replica.psql("SELECT count(*) FROM walacord.heartbeat") != "0"
+    finally:
+        replica.destroy()
+
+    chaos_results.record(
+        "postgres_replica_promoted",
+        description="primary stopped, standby promoted; the URL lists both with "
+                    "target_session_attrs=read-write",
+        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
+        mode_path=path, expected_path=["normal", "emergency", "normal"])
