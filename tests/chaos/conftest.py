@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.chaos.daemon import ModeWatcher, WalacordDaemon, merge_sections
+from tests.chaos.emulator import EmulatorProcess
 from tests.chaos.results import ResultsFile, default_path
 from tests.chaos.scenario import Scenario
 from walacord.pgcluster import PgCluster
@@ -88,3 +90,16 @@ def start_walacord() -> Iterator[Callable[..., Scenario]]:
             watcher.stop()
             daemon.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorProcess]:
+    """The Walacor emulator in a process of its own, run by the same walacord command."""
+    workdir = cluster_base("walacord-chaos-emulator-")
+    process = EmulatorProcess(walacord_command() or [sys.executable, "-m", "walacord"],
+                              workdir).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
