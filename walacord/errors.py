@@ -85,3 +85,10 @@ class OutboxError(WalacordError):
 
 class BackupError(WalacordError):
     """A backup, verification or restore failed."""
+
+
+# --- database setup (walacord setup-database) -----------------------------------
+
+
+class DatabaseSetupError(DatabaseError):
+    """setup-database could not create or grant what walacord's role needs."""
