@@ -168,12 +168,14 @@ def test_migrate_command_env_overrides_config(
     assert "migration 0001_heartbeat: applied" in capsys.readouterr().out
 
 
-def test_migrate_command_missing_url_fails(
+def test_migrate_command_invalid_config_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     config = tmp_path / "walacord.toml"
-    config.write_text("[database]\n")
+    config.write_text("[database]\npool_min_size = 50\npool_max_size = 10\n")
 
     assert main(["migrate", "--config", str(config)]) == 1
-    assert "[database] url is missing" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "walacord migrate: invalid configuration:" in error
+    assert "database.pool_min_size" in error

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import sys
-import tomllib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +22,8 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from walacord.errors import MigrationError
+from walacord import config
+from walacord.errors import ConfigError, MigrationError
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="PATH",
         default=os.environ.get("WALACORD_CONFIG", "/etc/walacord/walacord.toml"),
-        help="read [database] url from this file (env WALACORD_CONFIG; default %(default)s)",
+        help="configuration file to read [database] from (env WALACORD_CONFIG; "
+        "default %(default)s)",
     )
     parser.add_argument(
         "--timeout",
@@ -243,30 +244,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def database_url_from(args: argparse.Namespace) -> str:
-    """Pick the URL: --database-url, then env DATABASE_URL, then [database] url in --config."""
+    """Pick the URL: --database-url, else the configuration file's [database] settings.
+
+    The configuration applies env DATABASE_URL and the systemd credentials
+    database-url and database-password the same way `walacord run` does.
+    """
     if args.database_url:
         return str(args.database_url)
-    from_env = os.environ.get("DATABASE_URL")
-    if from_env:
-        return from_env
-
-    # NOTE: this reads only [database] url and ignores database.password_file and the
-    # systemd credential. Put the password in the URL, PGPASSWORD or ~/.pgpass instead.
-    path = Path(args.config)
     try:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-    except FileNotFoundError:
-        raise MigrationError(
-            f"configuration file {path} not found: pass --database-url or set DATABASE_URL"
-        ) from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise MigrationError(f"cannot read configuration file {path}: {exc}") from None
-
-    url = document.get("database", {}).get("url")
-    if not isinstance(url, str) or not url:
-        raise MigrationError(f"{path}: [database] url is missing")
-    return url
+        return config.load(args.config).database.conninfo()
+    except ConfigError as exc:
+        problems = "; ".join(str(problem) for problem in exc.problems)
+        raise MigrationError(f"invalid configuration: {problems}") from None
 
 
 def command(args: argparse.Namespace) -> int:

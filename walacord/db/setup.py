@@ -22,7 +22,8 @@ from walacord.db.passwords import read_password, verifier_matches
 from walacord.errors import DatabaseSetupError, MigrationError
 
 DEFAULT_ROLE = "walacord"
-DEFAULT_DATABASE = "walacord"
+# The database named by the default [database] url in walacord's configuration.
+DEFAULT_DATABASE = "walacor_integrity"
 DEFAULT_TIMEOUT_SECONDS = 60.0
 CONNECT_TIMEOUT_SECONDS = 10
 
