@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -179,3 +181,20 @@ def test_migrate_command_invalid_config_fails(
     error = capsys.readouterr().err
     assert "walacord migrate: invalid configuration:" in error
     assert "database.pool_min_size" in error
+
+
+def test_migrate_command_two_processes_at_once(pg_db: str) -> None:
+    # Two `walacord migrate` processes stand for two hosts starting together.
+    argv = [sys.executable, "-m", "walacord", "migrate", "--database-url", pg_db]
+    processes = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=60) for process in processes]
+
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    stdout = sorted(out for out, _ in outputs)
+    assert stdout == [
+        "migration 0001_heartbeat: applied\n",
+        "migrations: unchanged, schema is current\n",
+    ]

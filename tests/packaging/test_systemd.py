@@ -1,7 +1,7 @@
 """The shipped systemd unit, sysusers.d and tmpfiles.d files, checked by systemd's tools.
 
 `systemd-analyze verify` checks that ExecStart= exists, so the unit is verified inside
-a throwaway root that holds stand-in executables at the unit's paths and copies of
+a throwaway root that contains stand-in executables at the unit's paths and copies of
 the host's own unit files; the shipped unit is checked as it is, unedited.
 """
 
@@ -80,16 +80,28 @@ def test_unit_verify_catches_broken_unit(tmp_path: Path) -> None:
     assert "Unknown key 'ProtectHomee'" in result.stderr
 
 
-@needs_systemd_analyze
-def test_unit_security_exposure_at_most_two() -> None:
+def exposure(unit: Path) -> float:
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
         capture_output=True, text=True, timeout=60,
     )
-
     match = re.search(r"Overall exposure level for walacord\.service: (\d+\.\d+)", result.stdout)
     assert match is not None, result.stdout + result.stderr
-    assert float(match[1]) <= MAX_EXPOSURE, result.stdout
+    return float(match[1])
+
+
+@needs_systemd_analyze
+def test_unit_security_exposure_at_most_two() -> None:
+    assert exposure(UNIT) <= MAX_EXPOSURE
+
+
+@needs_systemd_analyze
+def test_unit_security_rates_bare_unit_exposed(tmp_path: Path) -> None:
+    # Proves the rating is parsed: a unit without hardening scores far above 2.0.
+    bare = tmp_path / "walacord.service"
+    bare.write_text("[Service]\nExecStart=/usr/bin/walacord run\n")
+
+    assert exposure(bare) > MAX_EXPOSURE
 
 
 def test_unit_keeps_required_settings() -> None:
