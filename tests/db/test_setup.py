@@ -132,6 +132,26 @@ def test_setup_createrole_admin_without_superuser(
     assert "setup-database: nothing changed" in capsys.readouterr().out
 
 
+def test_setup_createrole_admin_after_superuser_run(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = ["--password-file", str(password_file)]
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 0
+    admin = f"{names.role}_admin"
+    names.extra_roles.append(admin)
+    pg_cluster.psql(f"CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD 'admin-pw'")
+    capsys.readouterr()
+
+    assert main(run_setup(pg_cluster.url(user=admin, password="admin-pw"), names, *password)) == 0
+
+    changed = {s: o for s, o in outcomes(capsys.readouterr().out).items() if o != "unchanged"}
+    assert changed == {
+        f"membership of {admin} in {names.role}": "granted",
+        "setup-database": "1 change",
+    }
+
+
 def test_setup_unreachable_url_names_server(
     names: Names, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -152,6 +152,10 @@ async def setup_database(options: SetupOptions, report: Report) -> int:
     try:
         with anyio.fail_after(options.timeout):
             return await _setup(options, report)
+    except psycopg.Error as exc:
+        # A failure the steps do not name themselves, e.g. a dropped connection.
+        message = redact(str(exc).strip(), options.admin_url)
+        raise DatabaseSetupError(f"database error: {message}") from None
     except TimeoutError:
         raise DatabaseSetupError(
             f"setup-database did not finish within {options.timeout:g} s"
@@ -196,10 +200,21 @@ async def _setup(options: SetupOptions, report: Report) -> int:
             f"CONNECT on database {options.database} for {options.role}",
             await ensure_connect(app, options),
         )
-        step(f"schema {SCHEMA} owned by {options.role}", await ensure_schema(app, rights, options))
+        if not rights.superuser:
+            # Creating the role's schema and applying migrations as the role require
+            # membership in it. Before PostgreSQL 16 a CREATEROLE admin is not a member
+            # of the roles it creates, so it grants itself membership.
+            step(
+                f"membership of {rights.name} in {options.role}",
+                await ensure_admin_is_member(app, rights, options.role),
+            )
+        step(f"schema {SCHEMA} owned by {options.role}", await ensure_schema(app, options))
 
         # Migrations run as the role so that it owns every table it creates.
-        await app.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(options.role)))
+        await execute(
+            app, sql.SQL("SET ROLE {}").format(sql.Identifier(options.role)),
+            f"switch to role {options.role!r} to apply migrations",
+        )
         try:
             applied = await apply_migrations(app, timeout=options.timeout)
         except MigrationError as exc:
@@ -347,19 +362,13 @@ async def ensure_connect(conn: psycopg.AsyncConnection, options: SetupOptions) -
     return "granted"
 
 
-async def ensure_schema(
-    conn: psycopg.AsyncConnection, rights: AdminRights, options: SetupOptions
-) -> str:
+async def ensure_schema(conn: psycopg.AsyncConnection, options: SetupOptions) -> str:
     row = await fetch_one(
         conn, "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = %s", SCHEMA
     )
     if row is not None and row[0] == options.role:
         return "unchanged"
 
-    # Creating a schema for another role, or handing one over, requires membership in
-    # that role. Before PostgreSQL 16 a CREATEROLE admin is not a member of the roles it
-    # creates, so it grants itself membership first.
-    await ensure_admin_is_member(conn, rights, options.role)
     if row is None:
         action = f"create schema {SCHEMA!r} owned by {options.role!r}"
         statement = sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}")
@@ -376,16 +385,17 @@ async def ensure_schema(
 
 async def ensure_admin_is_member(
     conn: psycopg.AsyncConnection, rights: AdminRights, role: str
-) -> None:
+) -> str:
     row = await fetch_one(conn, "SELECT pg_has_role(current_user, %s, 'MEMBER')", role)
     if row is not None and row[0]:
-        return
+        return "unchanged"
     action = f"grant role {role!r} to admin role {rights.name!r}"
     require(rights.createrole, rights, "CREATEROLE", action)
     await execute(
         conn, sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(rights.name)),
         action,
     )
+    return "granted"
 
 
 # --- `walacord setup-database` ----------------------------------------------------
@@ -454,5 +464,5 @@ def command(args: argparse.Namespace) -> int:
     if changes == 0:
         print("setup-database: nothing changed")
     else:
-        print(f"setup-database: {changes} changes")
+        print(f"setup-database: {changes} {'change' if changes == 1 else 'changes'}")
     return 0
