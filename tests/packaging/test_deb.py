@@ -13,14 +13,14 @@ from walacord.pgcluster import PgCluster
 
 REPO = Path(__file__).resolve().parents[2]
 CHECK_DEB = REPO / "packaging" / "check-deb"
-TOOLS = ("dpkg-deb", "fakeroot", "lintian", "unshare", "/usr/bin/python3.11")
+TOOLS = ("dpkg-deb", "lintian", "unshare", "/usr/bin/python3.11")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="check-deb mounts an overlay and needs root")
 @pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in TOOLS),
-    reason=f"check-deb needs {', '.join(TOOLS)} (Debian: dpkg-dev fakeroot lintian python3.11)",
+    reason=f"check-deb needs {', '.join(TOOLS)} (Debian: dpkg lintian util-linux python3.11)",
 )
 def test_check_deb_installs_and_runs(pg_cluster: PgCluster) -> None:
     env = {**os.environ, "CHECK_DEB_ADMIN_URL": pg_cluster.url()}
