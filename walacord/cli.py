@@ -21,6 +21,7 @@ DEFAULT_CONFIG = "/etc/walacord/walacord.toml"
 COMMANDS = {
     "run": "walacord.supervisor:command",
     "check-config": "walacord.config:command",
+    "emulator": "walacord.emulator.cli:command",
     "setup-database": "walacord.db.setup:command",
     "migrate": "walacord.db.migrate:command",
 }
