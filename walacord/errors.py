@@ -85,3 +85,14 @@ class OutboxError(WalacordError):
 
 class BackupError(WalacordError):
     """A backup, verification or restore failed."""
+
+
+# --- alerts ---------------------------------------------------------------------
+
+
+class AlertDeliveryError(WalacordError):
+    """A sink did not accept an alert notification; `permanent` means retrying is futile."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
