@@ -146,7 +146,8 @@ class AlertEngine:
             held_by = self._hold_reason(alert, wall)
             if alert.paged:
                 alert.held_by = held_by
-                if held_by is None and now - (alert.last_sent or now) >= config.repeat_interval:
+                last_sent = now if alert.last_sent is None else alert.last_sent
+                if held_by is None and now - last_sent >= config.repeat_interval:
                     if self._bucket.take(now):
                         alert.last_sent = now
                         repeated.append(alert)
