@@ -32,7 +32,7 @@ def test_parse_matchers_valid(text: str, expected: list[Matcher]) -> None:
 
 @pytest.mark.parametrize("text", ["", "{}", "probe", "=x", 'probe=~"("'])
 def test_parse_matchers_invalid(text: str) -> None:
-    with pytest.raises(ValueError, match="invalid|empty"):
+    with pytest.raises(ValueError, match=r"invalid|empty"):
         parse_matchers(text)
 
 

@@ -23,9 +23,12 @@ FAST = {"evaluation_interval": 0.05, "probe_down_for": 0.0, "retry_initial": 0.0
         "retry_max": 0.2}
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
+async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail the test after `within` seconds."""
+    with anyio.fail_after(within):
+        while True:
+            if predicate():
+                return
             await anyio.sleep(0.02)
 
 
