@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from walacord import logs
 from walacord.config import AlertsConfig, Config, StateConfig
 from walacord.metrics import Metrics
-from walacord.pgcluster import free_port
+from walacord.pgcluster import PgCluster, free_port
 from walacord.runtime import Runtime
 from walacord.systemd import Notifier
 
@@ -91,3 +93,22 @@ def read_alert_log(directory: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [orjson.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[PgCluster]:
+    """A cluster of the test's own, for tests that stop and restart the server.
+
+    NOTE: this replaces the shared fixture of the same name, whose directory under
+    pytest's 0700 /tmp/pytest-of-root cannot be entered by the unprivileged user that
+    runs PostgreSQL when the tests run as root. mkdtemp directly under /tmp can.
+    """
+    base = Path(tempfile.mkdtemp(prefix="walacord-pg-"))
+    cluster = PgCluster(base)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+        shutil.rmtree(base, ignore_errors=True)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -280,7 +279,6 @@ alertmanager_url = {json.dumps(alertmanager_url)}
 """)
     daemon = Process([sys.executable, "-m", "walacord", "run", "--config", str(config)],
                      state / "daemon.log")
-    env_backup = dict(os.environ)
     daemon.start()
     try:
         await anyio.to_thread.run_sync(wait_http, f"http://127.0.0.1:{http_port}/readyz", daemon)
@@ -296,8 +294,6 @@ alertmanager_url = {json.dumps(alertmanager_url)}
         yield failures
     finally:
         await anyio.to_thread.run_sync(daemon.stop)
-        os.environ.clear()
-        os.environ.update(env_backup)
 
 
 # --- the test -----------------------------------------------------------------------------
@@ -324,11 +320,6 @@ async def wait_until(predicate: Callable[[], Any], within: float, what: str) -> 
         if time.monotonic() - began > within:
             pytest.fail(f"{what} not seen within {within}s")
         await anyio.sleep(0.2)
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[tuple[Path, Webhook]]:
-    yield tmp_path, Webhook()
 
 
 async def test_e2e_database_alert_reaches_alertmanager(
