@@ -167,7 +167,7 @@ class AlertsConfig:
     repeat_interval: Duration = setting(3600.0, min=1, max=7 * 86400,
                                         help="a firing alert is sent again after this long")
     rate_limit: int = setting(30, min=1, max=100_000,
-                              help="most firing notifications sent per rate_limit_window")
+                              help="max firing notifications sent per rate_limit_window")
     rate_limit_window: Duration = setting(60.0, min=1, max=86400)
     store_timeout: Duration = setting(5.0, min=0.1, max=300,
                                       help="deadline of one read or write of alerts.db")

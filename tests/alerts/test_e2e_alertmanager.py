@@ -1,9 +1,11 @@
 """End to end: PostgreSQL stops, walacord's alert reaches a real Alertmanager, then resolves.
 
-Everything runs on loopback with free ports and temporary directories: a private
-PostgreSQL cluster, Alertmanager (Debian `prometheus-alertmanager`) with a webhook
-receiver owned by the test, Prometheus (Debian `prometheus`) scraping walacord's
-/metrics with the shipped rules, and walacord with its Alertmanager sink.
+Everything runs on loopback with free ports and temporary directories:
+
+- a private PostgreSQL cluster;
+- Alertmanager (Debian `prometheus-alertmanager`) with a webhook receiver the test owns;
+- Prometheus (Debian `prometheus`) scraping walacord's /metrics with the shipped rules;
+- walacord with its Alertmanager sink.
 
 When `walacord.probes` exists, walacord runs as the real daemon (`walacord run`) and
 its own database probe feeds the alert. Until then, walacord's HTTP server and alerts
@@ -46,9 +48,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 RULES = Path(__file__).resolve().parents[2] / "packaging" / "prometheus" / "walacord-rules.yml"
 HAVE_PROBES = importlib.util.find_spec("walacord.probes") is not None
 
-# The connectivity check runs every CHECK_INTERVAL with a CONNECT_TIMEOUT; the alert
-# fires after PROBE_DOWN_FOR. FIRING_BOUND adds evaluation, delivery and Alertmanager's
-# own processing on top of those, with room for a loaded 2-core CI machine.
+# The connectivity check runs every CHECK_INTERVAL with a CONNECT_TIMEOUT, and the
+# alert fires after PROBE_DOWN_FOR. FIRING_BOUND adds evaluation, delivery and
+# Alertmanager's own processing on top of those, with room for a loaded CI machine.
 CHECK_INTERVAL = 0.3
 CONNECT_TIMEOUT = 2
 PROBE_DOWN_FOR = 1.0
@@ -349,7 +351,7 @@ async def test_e2e_database_alert_reaches_alertmanager(
                                     alertmanager.url) as delivery_failures:
                 await anyio.to_thread.run_sync(prometheus.start)
                 try:
-                    # Step 1: Prometheus scrapes walacord and sees the database up.
+                    # Step 1: Prometheus scrapes walacord and reads the database probe as up.
                     await wait_until(lambda: prometheus.query(
                         'walacord_probe_success{job="walacord",probe="database"} == 1'),
                         30, "Prometheus scraping walacord with the database up")

@@ -33,11 +33,12 @@ NotificationKind = Literal["firing", "resolved", "repeated", "paged"]
 ConditionSource = Callable[[], Iterable[Condition]]
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+RATE_LIMIT = "rate limit"
 
 
 @dataclass(frozen=True)
 class Notification:
-    """One event to record: `page` says whether it also goes to Alertmanager and hooks."""
+    """One event for alerts.log; `page` is true when it also goes to Alertmanager and hooks."""
 
     kind: NotificationKind
     alert: dict[str, Any]
@@ -83,6 +84,8 @@ class AlertEngine:
         self.sources: list[ConditionSource] = []
         self.alerts: dict[str, Alert] = {}
         self.silences: list[Silence] = []
+        # NOTE: resolved alerts are kept in memory only, so the list starts empty after
+        # a restart. Silences and undelivered notifications are in alerts.db.
         self.recent: deque[Alert] = deque(maxlen=config().recent_limit)
         self.rate_limited = 0
         self.source_errors = 0
@@ -95,7 +98,10 @@ class AlertEngine:
         self.sources.append(source)
 
     def observe(self, condition: Condition, *, now: float, hold: float | None = None) -> None:
-        """Record a pushed condition; it stays until observed inactive or `hold` passes."""
+        """Record a pushed condition; it stays until observed inactive or `hold` passes.
+
+        Call it from the event loop's thread: the engine takes no lock.
+        """
         if not condition.active:
             self._pushed.pop(condition.fingerprint, None)
             return
@@ -155,8 +161,9 @@ class AlertEngine:
                         self.rate_limited += 1
                 continue
             if held_by is None and not self._bucket.take(now):
-                held_by = "rate limit"
-                self.rate_limited += 1
+                held_by = RATE_LIMIT
+                if alert.held_by != RATE_LIMIT:
+                    self.rate_limited += 1
             alert.held_by = held_by
             if held_by is None:
                 alert.paged = True

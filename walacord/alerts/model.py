@@ -78,8 +78,9 @@ class Alert:
     state: AlertState = "pending"
     value: float | None = None
     ends_at: float | None = None
-    # A firing alert is paged once it reached Alertmanager and the hooks; until then it
-    # is only in alerts.log, and `held_by` says why (silence, dependency, rate cap).
+    # A firing alert is paged once it is queued for Alertmanager and the hooks. Until
+    # then it is only in alerts.log, and `held_by` names the reason: a silence, a
+    # dependency or the rate cap.
     paged: bool = False
     held_by: str | None = None
     last_sent: float | None = None

@@ -65,13 +65,13 @@ def slow_probe(probe: str, latency: float, config: AlertsConfig) -> Condition:
 def host_resource(resource: str, level: str, value: float | None,
                   config: AlertsConfig) -> list[Condition]:
     """Return one condition per severity, so warning and critical are separate alerts."""
-    shown = "" if value is None else f" ({value:g})"
+    reading = "" if value is None else f" ({value:g})"
     return [
         Condition(
             HOST_RESOURCE, active=level == severity, severity=severity,
             labels={"resource": resource},
             summary=f"host {resource} is at {severity} level",
-            description=f"The host's {resource} reached the {severity} level{shown}.",
+            description=f"The host's {resource} reached the {severity} level{reading}.",
             value=value, for_seconds=config.host_resources_for)
         for severity in ("warning", "critical")
     ]
@@ -172,7 +172,7 @@ DEPENDENCIES: tuple[Dependency, ...] = (
     # The outbox grows whenever a sink is unreachable; the probe alert names the cause.
     Dependency(OUTBOX_PENDING_TOO_OLD, PROBE_DOWN, DATABASE_DOWN),
     Dependency(OUTBOX_PENDING_TOO_OLD, PROBE_DOWN, WALACOR_DOWN),
-    # Any failing probe changes the mode; the probe alert is the one that says why.
+    # Any failing probe changes the mode, and the probe alert names the cause.
     Dependency(MODE_NOT_NORMAL, PROBE_DOWN),
     # A probe that fails is not separately slow.
     Dependency(SLOW_PROBE, PROBE_DOWN, same=("probe",)),
@@ -203,6 +203,10 @@ class MetricsSource:
     is absent, because its component is not configured, produces no condition.
     Probe latency is read from a gauge, or from a histogram as the mean over the last
     evaluation interval.
+
+    NOTE: host resources, the conservation check and the recycle budget export no
+    metric with an agreed name, so their components must push conditions with
+    `AlertService.observe(rules.host_resource(...))` and the like.
     """
 
     def __init__(self, registry: CollectorRegistry, config: Callable[[], AlertsConfig],

@@ -51,7 +51,8 @@ class CriticalLogHandler(logging.Handler):
         self.records: deque[tuple[str, str]] = deque(maxlen=100)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith((ALERT_LOGGER, __name__.rpartition(".")[0])):
+        # The alert subsystem's own critical lines would feed back into it.
+        if record.name.startswith(ALERT_LOGGER):
             return
         message = record.getMessage()
         event = message if " " not in message and "." in message else record.name
@@ -125,17 +126,17 @@ class AlertService:
 
     async def _build_sinks(self, config: Config) -> None:
         alerts = config.alerts
-        wanted: dict[str, Sink] = {}
+        configured: dict[str, Sink] = {}
         if alerts.alertmanager_url:
-            wanted["alertmanager"] = AlertmanagerSink(
+            configured["alertmanager"] = AlertmanagerSink(
                 alerts.alertmanager_url, alerts.alertmanager_timeout, alerts.repeat_interval)
         for index, argv in enumerate(alerts.hooks):
             hook = HookSink(index, argv, alerts.hook_timeout)
-            wanted[hook.name] = hook
+            configured[hook.name] = hook
         await self._close_sinks()
-        self.sinks = wanted
+        self.sinks = configured
         assert self.store is not None
-        dropped = await self.store.drop_other_sinks(wanted)
+        dropped = await self.store.drop_other_sinks(configured)
         if dropped:
             self.runtime.metrics.alert_deliveries_dropped.labels(reason="sink_removed").inc(dropped)
             log.warning("alerts.queue_dropped", extra={"fields": {

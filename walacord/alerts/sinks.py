@@ -2,8 +2,8 @@
 
 alerts.log is written directly for every notification. Alertmanager and hooks receive
 only paged notifications, from the durable queue in alerts.db. Their `deliver` raises
-`AlertDeliveryError` when the receiver did not accept a batch; `permanent=True` means
-that the same request would be rejected again, so the rows are dropped, not retried.
+`AlertDeliveryError` when the receiver did not accept a batch. With `permanent=True`
+the same request would be rejected again, so the rows are dropped instead of retried.
 """
 
 from __future__ import annotations
