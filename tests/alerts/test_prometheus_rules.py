@@ -54,3 +54,31 @@ def test_prometheus_rules_share_engine_alert_names() -> None:
               rules.BACKUP_FAILED}
 
     assert shared <= defined
+
+
+ALERTMANAGER_CONFIG = RULES_DIR / "alertmanager-walacord.yml"
+
+
+def test_alertmanager_example_passes_amtool() -> None:
+    binary = shutil.which("amtool")
+    if binary is None:
+        pytest.fail("amtool not found: install the Debian package prometheus-alertmanager")
+
+    result = subprocess.run([binary, "check-config", str(ALERTMANAGER_CONFIG)],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alertmanager_inhibits_mirror_dependencies() -> None:
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    inhibits = [(" ".join(rule["target_matchers"]), " ".join(rule["source_matchers"]))
+                for rule in config["inhibit_rules"]]
+
+    for dependency in rules.DEPENDENCIES:
+        covered = [
+            (target, source) for target, source in inhibits
+            if dependency.dependent in target and dependency.cause in source
+            and all(value in source for value in dependency.cause_labels.values())
+        ]
+        assert covered, f"no inhibit rule for {dependency}"
