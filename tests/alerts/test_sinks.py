@@ -93,6 +93,21 @@ async def test_hook_sink_passes_json_on_stdin_and_env(tmp_path: Path) -> None:
     assert orjson.loads(env_line) == orjson.loads(stdin_line)
 
 
+async def test_hook_sink_withholds_walacord_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "env.json"
+    monkeypatch.setenv("DATABASE_URL", "postgresql://walacord:hunter2@db/app")
+    script = f"import json, os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    sink = HookSink(0, [sys.executable, "-c", script], timeout=10.0)
+
+    await sink.deliver([delivery(FIRING)])
+
+    env = orjson.loads(out.read_text())
+    assert "DATABASE_URL" not in env
+    assert env["PATH"]
+    assert env["WALACORD_ALERT_KIND"] == "firing"
+
+
 async def test_hook_sink_nonzero_exit_fails(tmp_path: Path) -> None:
     sink = HookSink(0, [sys.executable, "-c", "import sys; sys.exit('pager down')"], 10.0)
 

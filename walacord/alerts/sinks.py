@@ -27,6 +27,10 @@ from walacord.logs import ALERT_LOGGER
 alert_log = logging.getLogger(ALERT_LOGGER)
 
 ALERTMANAGER = "alertmanager"
+# The only variables a hook inherits from walacord: its environment may carry
+# credentials such as DATABASE_URL or WALACOR_PASSWORD.
+HOOK_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # A firing alert sent to Alertmanager ends by itself after this many repeat intervals
 # without another send, so a walacord that died does not leave it open forever.
 ALERTMANAGER_ENDS_AFTER_REPEATS = 3
@@ -76,7 +80,9 @@ class AlertmanagerSink:
         self.url = url.rstrip("/") + "/api/v2/alerts"
         self.timeout = timeout
         self.repeat_interval = repeat_interval
-        self.client = httpx.AsyncClient(timeout=timeout)
+        # Proxy variables in walacord's environment are meant for other clients, and
+        # Alertmanager is normally reached directly.
+        self.client = httpx.AsyncClient(timeout=timeout, trust_env=False)
 
     def body(self, batch: Sequence[Delivery], now: float) -> list[dict[str, Any]]:
         alerts = []
@@ -116,7 +122,10 @@ class AlertmanagerSink:
 
 
 class HookSink:
-    """Run a command per notification: argv without a shell, JSON on stdin and in env."""
+    """Run a command per notification: argv without a shell, JSON on stdin and in env.
+
+    The command gets only `HOOK_INHERITED_ENV` from walacord's environment.
+    """
 
     kind = "hook"
     batch_size = 1
@@ -129,8 +138,10 @@ class HookSink:
     async def deliver(self, batch: Sequence[Delivery]) -> None:
         for delivery in batch:
             document = orjson.dumps({"kind": delivery.kind, **delivery.payload})
-            env = {**os.environ, "WALACORD_ALERT": document.decode(),
-                   "WALACORD_ALERT_KIND": delivery.kind}
+            env = {name: os.environ[name] for name in HOOK_INHERITED_ENV if name in os.environ}
+            env.setdefault("PATH", DEFAULT_PATH)
+            env["WALACORD_ALERT"] = document.decode()
+            env["WALACORD_ALERT_KIND"] = delivery.kind
             try:
                 with anyio.fail_after(self.timeout):
                     result = await anyio.run_process(self.argv, input=document, env=env,
