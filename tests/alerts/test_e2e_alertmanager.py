@@ -33,6 +33,7 @@ import httpx
 import orjson
 import psycopg
 import pytest
+import yaml
 from aiohttp import web
 from prometheus_client import Gauge
 
@@ -171,6 +172,12 @@ class Prometheus:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def alerting_rules(self) -> list[str]:
+        response = httpx.get(f"{self.url}/api/v1/rules", params={"type": "alert"}, timeout=5.0)
+        response.raise_for_status()
+        return [rule["name"] for group in response.json()["data"]["groups"]
+                for rule in group["rules"]]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=5.0)
@@ -355,6 +362,10 @@ async def test_e2e_database_alert_reaches_alertmanager(
                     await wait_until(lambda: prometheus.query(
                         'walacord_probe_success{job="walacord",probe="database"} == 1'),
                         30, "Prometheus scraping walacord with the database up")
+                    loaded = await anyio.to_thread.run_sync(prometheus.alerting_rules)
+                    shipped = [rule["alert"] for group in yaml.safe_load(RULES.read_text())
+                               ["groups"] for rule in group["rules"]]
+                    assert sorted(loaded) == sorted(shipped)
 
                     # Step 2: stop PostgreSQL; the alert fires in Alertmanager once.
                     await anyio.to_thread.run_sync(own_pg_cluster.stop, "immediate")
