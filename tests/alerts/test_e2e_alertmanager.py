@@ -189,7 +189,7 @@ class Prometheus:
 
 
 class Webhook:
-    """Records the notifications Alertmanager sends, as (status, alertname, probe)."""
+    """A loopback webhook recording Alertmanager's notifications: (status, alertname, probe)."""
 
     def __init__(self) -> None:
         self.port = free_port()

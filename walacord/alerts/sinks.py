@@ -1,4 +1,4 @@
-"""Where alert notifications go: alerts.log, Alertmanager's v2 API and command hooks.
+"""Alert sinks: alerts.log, Alertmanager's v2 API and command hooks.
 
 alerts.log is written directly for every notification. Alertmanager and hooks receive
 only paged notifications, from the durable queue in alerts.db. Their `deliver` raises
@@ -33,6 +33,8 @@ HOOK_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # A firing alert sent to Alertmanager ends by itself after this many repeat intervals
 # without another send, so a walacord that died does not leave it open forever.
+# NOTE: alert state lives in memory, so an alert whose problem clears while walacord is
+# stopped gets no resolve message and stays open in Alertmanager until that time.
 ALERTMANAGER_ENDS_AFTER_REPEATS = 3
 
 
