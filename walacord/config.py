@@ -177,6 +177,10 @@ class AlertsConfig:
                                       help="first delay after a failed delivery; doubles per "
                                            "failure, with jitter")
     retry_max: Duration = setting(60.0, min=0.1, max=86400)
+    restore_grace: Duration = setting(60.0, min=0, max=86400,
+                                      help="after a restart, how long an alert that was "
+                                           "firing waits for its condition before it "
+                                           "resolves")
     recent_limit: int = setting(100, min=1, max=100_000,
                                 help="resolved alerts kept for `walacorctl alerts`")
     hooks: list[list[str]] = setting(default_factory=list,

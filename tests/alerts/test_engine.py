@@ -247,3 +247,39 @@ def test_engine_host_resource_levels(level: str, firing: list[str]) -> None:
     out = engine.evaluate(0.0, WALL)
 
     assert [n.alert["labels"]["severity"] for n in out] == firing
+
+
+def restored_engine(grace: float) -> tuple[AlertEngine, Feed, AlertsConfig, Condition]:
+    """Fire an alert in one engine and restore it into a fresh one at time 100."""
+    first, feed, config = make_engine(probe_down_for=0.0)
+    down = rules.probe_down("database", False, config)
+    feed.active = [down]
+    first.evaluate(0.0, WALL)
+    documents = first.firing_documents()
+
+    engine, feed, config = make_engine(probe_down_for=5.0)
+    engine.restore(documents, now=100.0, grace=grace)
+    return engine, feed, config, down
+
+
+def test_engine_restored_alert_resolves_after_grace() -> None:
+    engine, _feed, _config, down = restored_engine(grace=10.0)
+
+    quiet = run(engine, 100, 109)
+    resolved = engine.evaluate(110.0, WALL + 110)
+
+    assert quiet == []
+    assert kinds(resolved) == [("resolved", rules.PROBE_DOWN, True)]
+    assert resolved[0].fingerprint == down.fingerprint
+    assert resolved[0].alert["startsAt"] == "2027-01-15T08:00:00.000Z"
+
+
+def test_engine_restored_alert_not_fired_again() -> None:
+    engine, feed, _config, down = restored_engine(grace=10.0)
+    feed.active = [down]
+
+    out = run(engine, 100, 200)
+
+    assert out == []
+    assert engine.alerts[down.fingerprint].state == "firing"
+    assert engine.alerts[down.fingerprint].restored_until is None

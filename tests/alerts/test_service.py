@@ -135,3 +135,30 @@ async def test_service_runs_hook_with_alert(tmp_path: Path, alert_log_dir: Path)
 
     assert out.read_text().count("\n") == 1
     assert '"alertname":"WalacordOutboxDeadOperations"' in out.read_text()
+
+
+async def test_service_resolves_restored_alert_after_restart(
+        tmp_path: Path, receiver: Receiver, alert_log_dir: Path) -> None:
+    await receiver.start()
+    settings = {**FAST, "restore_grace": 0.5}
+    runtime = make_runtime(tmp_path, alertmanager_url=receiver.url, **settings)
+    service = AlertService(runtime)
+    down = rules.probe_down("database", False, runtime.config.alerts)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        service.observe(down)
+        await wait_for(lambda: len(receiver.alerts()) == 1)
+        tg.cancel_scope.cancel()
+
+    # The problem clears while walacord is stopped: the restarted service resolves it.
+    restarted = AlertService(make_runtime(tmp_path, alertmanager_url=receiver.url, **settings))
+    async with anyio.create_task_group() as tg:
+        await tg.start(restarted.run)
+        await wait_for(lambda: len(receiver.alerts()) == 2)
+        tg.cancel_scope.cancel()
+
+    firing, resolved = receiver.alerts()
+    assert firing["endsAt"] != resolved["endsAt"]
+    assert resolved["startsAt"] == firing["startsAt"]
+    assert events(alert_log_dir, down.fingerprint) == ["alert.firing", "alert.resolved"]

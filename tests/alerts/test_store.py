@@ -109,3 +109,19 @@ async def test_store_file_passes_integrity_check(tmp_path: Path) -> None:
 
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_store_replace_firing_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.db"
+    store = await AlertStore.open(path, 5.0)
+    await store.replace_firing([{"fingerprint": "a", "n": 1}, {"fingerprint": "b", "n": 2}])
+    await store.replace_firing([{"fingerprint": "b", "n": 3}])
+    await store.close()
+
+    reopened = await AlertStore.open(path, 5.0)
+    try:
+        firing = await reopened.firing()
+    finally:
+        await reopened.close()
+
+    assert firing == [{"fingerprint": "b", "n": 3}]

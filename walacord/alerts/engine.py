@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from walacord.alerts.model import Alert, Condition, Silence
+from walacord.alerts.model import Alert, Condition, Silence, parse_rfc3339
 from walacord.alerts.rules import DEPENDENCIES, Dependency, cause_of
 from walacord.config import AlertsConfig
 
@@ -85,7 +85,8 @@ class AlertEngine:
         self.alerts: dict[str, Alert] = {}
         self.silences: list[Silence] = []
         # NOTE: resolved alerts are kept in memory only, so the list starts empty after
-        # a restart. Silences and undelivered notifications are in alerts.db.
+        # a restart. Firing alerts, silences and undelivered notifications are in
+        # alerts.db.
         self.recent: deque[Alert] = deque(maxlen=config().recent_limit)
         self.rate_limited = 0
         self.source_errors = 0
@@ -108,6 +109,26 @@ class AlertEngine:
         expires_at = None if hold is None else now + hold
         self._pushed[condition.fingerprint] = _Pushed(condition, expires_at)
 
+    def restore(self, documents: Iterable[dict[str, Any]], now: float, grace: float) -> None:
+        """Load alerts that were firing when walacord stopped, from `Alert.document()` data.
+
+        A restored alert does not fire again when its condition returns. If the condition
+        is still absent `grace` seconds from now, the alert resolves, so Alertmanager
+        closes it instead of waiting for its endsAt.
+        """
+        for document in documents:
+            fp = str(document["fingerprint"])
+            alert = Alert(fp, dict(document["labels"]), dict(document["annotations"]),
+                          for_seconds=0.0, active_since=now,
+                          starts_at=parse_rfc3339(document["startsAt"]), state="firing",
+                          value=document.get("value"), paged=bool(document.get("paged")),
+                          last_sent=now, restored_until=now + grace)
+            self.alerts.setdefault(fp, alert)
+
+    def firing_documents(self) -> list[dict[str, Any]]:
+        """Return the firing alerts as documents, for alerts.db to restore after a restart."""
+        return [a.document() for a in self.alerts.values() if a.state == "firing"]
+
     def evaluate(self, now: float, wall: float) -> list[Notification]:
         """Advance every alert to `now` (monotonic) and return what to log and page."""
         config = self.config()
@@ -124,6 +145,7 @@ class AlertEngine:
                 alert = Alert(fp, condition.full_labels(), {}, condition.for_seconds,
                               active_since=now, starts_at=wall)
                 self.alerts[fp] = alert
+            alert.restored_until = None
             alert.annotations = {"summary": condition.summary,
                                  "description": condition.description}
             alert.value = condition.value
@@ -135,7 +157,10 @@ class AlertEngine:
         # Step 3: resolve firing alerts whose conditions are gone; forget pending ones.
         resolved: list[Alert] = []
         for fp in [fp for fp in self.alerts if fp not in active]:
-            alert = self.alerts.pop(fp)
+            alert = self.alerts[fp]
+            if alert.restored_until is not None and now < alert.restored_until:
+                continue
+            del self.alerts[fp]
             if alert.state == "firing":
                 alert.state = "resolved"
                 alert.ends_at = wall

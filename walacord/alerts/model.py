@@ -32,6 +32,11 @@ def fingerprint(labels: Mapping[str, str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def parse_rfc3339(text: str) -> float:
+    """Return the Unix timestamp of an RFC 3339 string such as 2027-01-15T08:00:00.000Z."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def rfc3339(wall: float | None) -> str | None:
     """Format a Unix timestamp as RFC 3339 in UTC, as Alertmanager expects."""
     if wall is None:
@@ -84,6 +89,9 @@ class Alert:
     paged: bool = False
     held_by: str | None = None
     last_sent: float | None = None
+    # A firing alert loaded from alerts.db at start-up is kept until this monotonic
+    # time even without a condition, so the sources have time to report it again.
+    restored_until: float | None = None
 
     @property
     def alertname(self) -> str:

@@ -80,6 +80,7 @@ class AlertService:
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._wake = anyio.Event()
+        self._firing_changed = False
 
     def _config(self) -> AlertsConfig:
         return self.runtime.config.alerts
@@ -100,6 +101,8 @@ class AlertService:
         root = logging.getLogger()
         try:
             self.engine.silences = await self.store.silences(time.time())
+            self.engine.restore(await self.store.firing(), time.monotonic(),
+                                config.restore_grace)
             await self._build_sinks(runtime.config)
             root.addHandler(self.critical_handler)
             runtime.reload_hooks.append(self._on_reload)
@@ -175,6 +178,8 @@ class AlertService:
         for state, count in self.engine.counts().items():
             metrics.alerts.labels(state=state).set(count)
 
+        if notifications:
+            self._firing_changed = True
         for notification in notifications:
             write_alert_log(notification)
             metrics.alert_notifications.labels(kind=notification.kind).inc()
@@ -183,7 +188,18 @@ class AlertService:
                     (sink, notification.fingerprint, notification.kind, notification.alert)
                     for sink in self.sinks)
         await self._save_unsaved(config)
+        await self._save_firing()
         return notifications
+
+    async def _save_firing(self) -> None:
+        if not self._firing_changed or self.store is None:
+            return
+        try:
+            await self.store.replace_firing(self.engine.firing_documents())
+        except STORE_ERRORS as exc:
+            log.error("alerts.state_write_failed", extra={"fields": {"error": repr(exc)}})
+            return
+        self._firing_changed = False
 
     async def _save_unsaved(self, config: AlertsConfig) -> None:
         if not self._unsaved or self.store is None:

@@ -32,9 +32,8 @@ ALERTMANAGER = "alertmanager"
 HOOK_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # A firing alert sent to Alertmanager ends by itself after this many repeat intervals
-# without another send, so a walacord that died does not leave it open forever.
-# NOTE: alert state lives in memory, so an alert whose problem clears while walacord is
-# stopped gets no resolve message and stays open in Alertmanager until that time.
+# without another send, so a walacord that stopped for good does not leave it open.
+# A walacord that restarts resolves it itself (see `[alerts] restore_grace`).
 ALERTMANAGER_ENDS_AFTER_REPEATS = 3
 
 

@@ -32,6 +32,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error  TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_sink ON deliveries (sink, id);
+CREATE TABLE IF NOT EXISTS firing (
+    fingerprint TEXT PRIMARY KEY,
+    document    BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS silences (
     id         TEXT PRIMARY KEY,
     matchers   TEXT NOT NULL,
@@ -140,6 +144,23 @@ class AlertStore:
                 f"DELETE FROM deliveries WHERE sink NOT IN ({marks})", names)
             await self.db.commit()
         return max(cursor.rowcount, 0)
+
+    # --- firing alerts, restored after a restart -----------------------------------
+
+    async def replace_firing(self, documents: Iterable[dict[str, object]]) -> None:
+        """Store exactly `documents` as the firing alerts, in one transaction."""
+        with anyio.fail_after(self.timeout):
+            await self.db.execute("DELETE FROM firing")
+            await self.db.executemany(
+                "INSERT INTO firing (fingerprint, document) VALUES (?, ?)",
+                [(str(d["fingerprint"]), orjson.dumps(d)) for d in documents])
+            await self.db.commit()
+
+    async def firing(self) -> list[dict[str, object]]:
+        with anyio.fail_after(self.timeout):
+            cursor = await self.db.execute("SELECT document FROM firing")
+            rows = await cursor.fetchall()
+        return [orjson.loads(row[0]) for row in rows]
 
     # --- silences ---------------------------------------------------------------------
 
