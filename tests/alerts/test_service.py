@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,3 +163,15 @@ async def test_service_resolves_restored_alert_after_restart(
     assert firing["endsAt"] != resolved["endsAt"]
     assert resolved["startsAt"] == firing["startsAt"]
     assert events(alert_log_dir, down.fingerprint) == ["alert.firing", "alert.resolved"]
+
+
+def test_service_backoff_doubles_with_jitter(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, retry_initial=1.0, retry_max=8.0)
+    service = AlertService(runtime)
+    config = runtime.config.alerts
+
+    delays = [service._backoff("alertmanager", config) for _ in range(6)]
+
+    for delay, base in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert base / 2 <= delay <= base
+    assert service._retry_at["alertmanager"] > time.monotonic()
