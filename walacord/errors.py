@@ -174,6 +174,13 @@ class BackupError(WalacordError):
     """A backup, verification or restore failed."""
 
 
+# --- database setup (walacord setup-database) -----------------------------------
+
+
+class DatabaseSetupError(DatabaseError):
+    """setup-database could not create or grant what walacord's role needs."""
+
+
 # --- alerts ---------------------------------------------------------------------
 
 
