@@ -172,3 +172,21 @@ class OutboxError(WalacordError):
 
 class BackupError(WalacordError):
     """A backup, verification or restore failed."""
+
+
+# --- database setup (walacord setup-database) -----------------------------------
+
+
+class DatabaseSetupError(DatabaseError):
+    """setup-database could not create or grant what walacord's role needs."""
+
+
+# --- alerts ---------------------------------------------------------------------
+
+
+class AlertDeliveryError(WalacordError):
+    """A sink did not accept an alert notification; `permanent` means retrying is futile."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -41,11 +41,13 @@ def default_components(runtime: Runtime) -> list[Component]:
     Extension point: each capability adds its component here. Components that others
     depend on start first; they stop in reverse order.
     """
+    from walacord.alerts.service import AlertService
     from walacord.web import WebServer
 
     components: list[Component] = []
     if runtime.config.http.listen:
         components.append(WebServer(runtime))
+    components.append(AlertService(runtime))
     return components
 
 
