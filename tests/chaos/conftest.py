@@ -1,4 +1,4 @@
-"""Fixtures for fault-injection scenarios: private clusters and the results recorder."""
+"""Fixtures for fault-injection scenarios: the daemon, the emulator and the results file."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from tests.chaos.daemon import ModeWatcher, WalacordDaemon, merge_sections
 from tests.chaos.emulator import EmulatorProcess
 from tests.chaos.results import ResultsFile, default_path
 from tests.chaos.scenario import Scenario
-from walacord.pgcluster import PgCluster
 
 # Settings every scenario daemon gets. Other test runs share CI's two cores, so the
 # load average says nothing about the fault under test: its warning is turned off.
@@ -35,20 +34,6 @@ def cluster_base(prefix: str) -> Path:
     user that runs PostgreSQL under root cannot traverse, so clusters live in /tmp.
     """
     return Path(tempfile.mkdtemp(prefix=prefix))
-
-
-@pytest.fixture
-def own_pg_cluster() -> Iterator[PgCluster]:
-    """A cluster of the test's own, for tests that stop, kill or freeze the server."""
-    base = cluster_base("walacord-chaos-pg-")
-    cluster = PgCluster(base)
-    cluster.init()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
