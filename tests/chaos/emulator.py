@@ -30,7 +30,7 @@ class EmulatorProcess:
                      "--user", ":".join(USER), "--token-ttl", str(token_ttl)]
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> EmulatorProcess:
+    def start(self, timeout: float = 30.0) -> EmulatorProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "emulator.log", "ab") as log:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
@@ -42,7 +42,12 @@ class EmulatorProcess:
                 return self
             except OSError:
                 time.sleep(0.05)
-        raise TimeoutError(f"the emulator did not listen on port {self.port} in {timeout}s")
+        try:
+            log_tail = (self.workdir / "emulator.log").read_text()[-2000:]
+        except FileNotFoundError:
+            log_tail = "(no log)"
+        raise TimeoutError(f"the emulator did not listen on port {self.port} in {timeout}s; "
+                           f"its log:\n{log_tail}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

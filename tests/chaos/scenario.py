@@ -99,6 +99,16 @@ class Scenario:
                     total += sample.value
         return total
 
+    def wait_for_counter(self, name: str, above: float, *, since: float, timeout: float,
+                         **labels: str) -> float | None:
+        """Return seconds from `since` until the counter rises above `above`, or None."""
+        deadline = since + timeout
+        while time.monotonic() < deadline:
+            if self.metrics_value(name, **labels) > above:
+                return time.monotonic() - since
+            time.sleep(0.02)
+        return None
+
     def hold(self, seconds: float, every: float = 0.25) -> None:
         """Keep the fault for `seconds` while scraping /metrics every `every` seconds."""
         deadline = time.monotonic() + seconds

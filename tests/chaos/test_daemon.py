@@ -24,17 +24,6 @@ DRAIN_TIMEOUT_S = 2.0
 EXIT_BOUND_S = DRAIN_TIMEOUT_S + 3.0
 
 
-def wait_for_counter(scenario: Scenario, name: str, labels: dict[str, str], above: float,
-                     since: float, timeout: float) -> float | None:
-    """Return seconds from `since` until the counter rises above `above`, or None."""
-    deadline = since + timeout
-    while time.monotonic() < deadline:
-        if scenario.metrics_value(name, **labels) > above:
-            return time.monotonic() - since
-        time.sleep(0.02)
-    return None
-
-
 def test_daemon_sighup_with_invalid_config(pg_db: str, start_walacord: StartWalacord,
                                            chaos_results: ResultsFile) -> None:
     scenario = start_walacord(pg_db)
@@ -47,16 +36,16 @@ def test_daemon_sighup_with_invalid_config(pg_db: str, start_walacord: StartWala
     began = scenario.mark()
     daemon.config_path.write_text(good + "\n[database\nurl = \n")
     daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-    detection = wait_for_counter(scenario, "walacord_config_reloads_total",
-                                 {"result": "rejected"}, rejected, began, timeout=10)
+    detection = scenario.wait_for_counter("walacord_config_reloads_total", rejected,
+                                          since=began, timeout=10, result="rejected")
     scenario.hold(1.0)
     status, document = daemon.health()
 
     daemon.config_path.write_text(good)
     restored = scenario.mark()
     daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-    recovery = wait_for_counter(scenario, "walacord_config_reloads_total",
-                                {"result": "applied"}, applied, restored, timeout=10)
+    recovery = scenario.wait_for_counter("walacord_config_reloads_total", applied,
+                                         since=restored, timeout=10, result="applied")
 
     chaos_results.record(
         "daemon_sighup_invalid_config",
