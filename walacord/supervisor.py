@@ -41,9 +41,13 @@ def default_components(runtime: Runtime) -> list[Component]:
     Extension point: each capability adds its component here. Components that others
     depend on start first; they stop in reverse order.
     """
+    from walacord.control.server import ControlServer
     from walacord.web import WebServer
 
     components: list[Component] = []
+    # The control socket starts first, so an operator can ask what a slow start waits for.
+    if runtime.config.control.socket:
+        components.append(ControlServer(runtime))
     if runtime.config.http.listen:
         components.append(WebServer(runtime))
     return components
@@ -62,6 +66,7 @@ class Supervisor:
             metrics=Metrics(registry), notifier=notifier or Notifier(),
             logs=logs._current,
         )
+        self.runtime.reload_config = self.reload
         self._component_factory = components
         self._reload_requested = anyio.Event()
 
