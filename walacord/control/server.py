@@ -8,9 +8,10 @@ that are not allowed get one error line and are closed.
 from __future__ import annotations
 
 import logging
+import socket
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import SocketStream, TaskStatus
 
 from walacord.control.auth import AccessPolicy, peer_credentials, resolve_policy
 from walacord.control.connection import Connection
@@ -26,6 +27,7 @@ SETUP_TIMEOUT = 10.0  # binding the socket and resolving the group, both local a
 AUTH_TIMEOUT = 5.0  # reading /proc/PID/status, or NSS when /proc is unreadable
 REJECT_TIMEOUT = 1.0  # time to deliver the error line to a rejected connection
 LISTEN_BACKLOG = 128
+ACCEPT_BACKOFF = 0.1  # pause after accept() fails for lack of file descriptors
 
 
 class ControlServer:
@@ -53,7 +55,6 @@ class ControlServer:
             self.bound = await anyio.to_thread.run_sync(
                 bind_control_socket, config.socket, self.policy.group_gid, LISTEN_BACKLOG)
 
-        listener = await SocketListener.from_socket(self.bound.sock)
         try:
             log.info("control.listening", extra={"fields": {
                 "path": config.socket, "group": config.group if self.bound.group_applied
@@ -61,33 +62,50 @@ class ControlServer:
             task_status.started()
             async with anyio.create_task_group() as tg:
                 while True:
-                    stream = await listener.accept()
-                    self._dispatch(tg, stream)
+                    connection = await self._accept(self.bound.sock)
+                    self._dispatch(tg, connection)
         finally:
-            with anyio.CancelScope(shield=True):
-                await listener.aclose()
-                self.bound.remove()
-                self.runtime.metrics.control_connections.set(0)
-                log.info("control.closed", extra={"fields": {"path": config.socket}})
+            self.bound.remove()
+            self.runtime.metrics.control_connections.set(0)
+            log.info("control.closed", extra={"fields": {"path": config.socket}})
 
-    def _dispatch(self, tg: anyio.abc.TaskGroup, stream: SocketStream) -> None:
+    async def _accept(self, listening: socket.socket) -> socket.socket:
+        # NOTE: anyio 4.16's UNIXSocketStream can raise InvalidStateError inside the event
+        # loop when a receive is cancelled just as data arrives, so connections are
+        # accepted here and wrapped in the transport-based SocketStream instead.
+        while True:
+            await anyio.wait_readable(listening)
+            try:
+                connection, _ = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                # EMFILE and ENFILE: out of descriptors. Back off instead of spinning.
+                log.error("control.accept_failed", extra={"fields": {"error": str(exc)}})
+                await anyio.sleep(ACCEPT_BACKOFF)
+                continue
+            connection.setblocking(False)
+            return connection
+
+    def _dispatch(self, tg: anyio.abc.TaskGroup, connection: socket.socket) -> None:
         limit = self.runtime.config.control.max_connections
         if self._active < limit:
             self._active += 1
             self.runtime.metrics.control_connections.set(self._active)
-            tg.start_soon(self._serve, stream)
+            tg.start_soon(self._serve, connection)
         elif self._rejecting < limit:
             self._rejecting += 1
-            tg.start_soon(self._reject_busy, stream, limit)
+            tg.start_soon(self._reject_busy, connection, limit)
         else:
             # Under a flood even the error line is not worth a task: just close.
             self.runtime.metrics.control_connections_rejected.labels(reason="busy").inc()
-            stream.extra(SocketAttribute.raw_socket).close()
+            connection.close()
 
-    async def _serve(self, stream: SocketStream) -> None:
+    async def _serve(self, connection: socket.socket) -> None:
         try:
+            peer = peer_credentials(connection)
+            stream = await SocketStream.from_socket(connection)
             async with stream:
-                peer = peer_credentials(stream.extra(SocketAttribute.raw_socket))
                 if not await self._authorise(peer):
                     await self._reject_permission(stream, peer)
                     return
@@ -97,6 +115,7 @@ class ControlServer:
             # One broken connection must never stop the server; log it and go on.
             log.error("control.connection_failed", exc_info=True)
         finally:
+            connection.close()
             self._active -= 1
             self.runtime.metrics.control_connections.set(self._active)
 
@@ -123,16 +142,20 @@ class ControlServer:
         await _send_and_close(stream, encode_error(
             None, ErrorCode.PERMISSION_DENIED, message, {"uid": peer.uid, "group": group}))
 
-    async def _reject_busy(self, stream: SocketStream, limit: int) -> None:
+    async def _reject_busy(self, connection: socket.socket, limit: int) -> None:
         self.runtime.metrics.control_connections_rejected.labels(reason="busy").inc()
         log.warning("control.busy", extra={"fields": {"max_connections": limit}})
         try:
+            stream = await SocketStream.from_socket(connection)
             async with stream:
                 await _send_and_close(stream, encode_error(
                     None, ErrorCode.BUSY,
                     f"too many control connections (max {limit}); retry in a moment",
                     {"max_connections": limit}))
+        except OSError:
+            pass  # the client has gone already; nothing to tell it
         finally:
+            connection.close()
             self._rejecting -= 1
 
 
