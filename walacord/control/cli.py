@@ -1,7 +1,8 @@
 """`walacorctl`: steer a running walacord through its control socket.
 
 Exit codes: 0 success; 1 the daemon returned an error; 2 invalid command line;
-3 the daemon could not be reached or understood. `check` uses the Nagios plugin codes
+3 the daemon could not be reached, refused this user, was busy or speaks another
+protocol version. `check` uses the Nagios plugin codes
 instead: 0 normal, 1 degraded, 2 emergency or offline, 3 unknown or unreachable.
 """
 
@@ -19,7 +20,7 @@ import orjson
 
 from walacord import __version__
 from walacord.control.client import ControlClient, ProgressCallback
-from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE
+from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE, ErrorCode
 from walacord.control.render import ProgressBar
 from walacord.errors import ControlClientError, ControlError
 
@@ -28,6 +29,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 DEFAULT_TIMEOUT = 10.0
+# Errors that mean walacorctl may not or cannot talk to this daemon at all.
+CONNECTION_ERRORS = (ErrorCode.PERMISSION_DENIED, ErrorCode.VERSION_MISMATCH, ErrorCode.BUSY)
 
 # Modules that add a family of commands; each defines `add_commands(subparsers)`, whose
 # parsers set `handler=function(context, args) -> exit code`. The outbox, sync, backup
@@ -115,7 +118,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             return EXIT_UNREACHABLE
         except ControlError as exc:
             report_error(context, exc)
-            return EXIT_FAILED
+            return EXIT_UNREACHABLE if exc.code in CONNECTION_ERRORS else EXIT_FAILED
         except KeyboardInterrupt:
             return 130
 
