@@ -89,9 +89,9 @@ class LineClient:
                     "version": PROTOCOL_VERSION, **fields}
         await self.send(orjson.dumps(document) + b"\n")
 
-    async def receive(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Return the next message; raise EOFError when the server closed the connection."""
-        with anyio.fail_after(timeout):
+    async def receive(self, wait: float = 5.0) -> dict[str, Any]:
+        """Return the next message within `wait` seconds; raise EOFError on a closed stream."""
+        with anyio.fail_after(wait):
             while b"\n" not in self.buffer:
                 try:
                     chunk = await self.stream.receive()
@@ -108,9 +108,9 @@ class LineClient:
         await self.request(method, params)
         return await self.receive()
 
-    async def is_closed(self, timeout: float = 5.0) -> bool:
-        """Return True once the server has closed its side (EOF)."""
-        with anyio.fail_after(timeout):
+    async def is_closed(self, wait: float = 5.0) -> bool:
+        """Return True once the server has closed its side (EOF), within `wait` seconds."""
+        with anyio.fail_after(wait):
             try:
                 chunk = await self.stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError):

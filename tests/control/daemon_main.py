@@ -12,13 +12,13 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from standins import StandInMonitor, StandInPool, register_test_methods  # noqa: E402
+from standins import StandInMonitor, StandInPool, register_test_methods
 
-from walacord import config as config_module  # noqa: E402
-from walacord import logs  # noqa: E402
-from walacord.control.server import ControlServer  # noqa: E402
-from walacord.runtime import Component, Runtime  # noqa: E402
-from walacord.supervisor import Supervisor  # noqa: E402
+from walacord import config as config_module
+from walacord import logs
+from walacord.control.server import ControlServer
+from walacord.runtime import Component, Runtime
+from walacord.supervisor import Supervisor
 
 
 def components(runtime: Runtime) -> list[Component]:

@@ -88,7 +88,7 @@ async def test_idle_connection_closed_with_error(socket_dir: Path) -> None:
     config = make_config(socket_dir / "c.sock", idle_timeout=0.3)
     async with running_server(config), connect(socket_dir / "c.sock") as client:
         began = time.monotonic()
-        response = await client.receive(timeout=3)
+        response = await client.receive(wait=3)
         closed = await client.is_closed()
     assert response["id"] is None
     assert response["error"]["code"] == ErrorCode.IDLE_TIMEOUT
