@@ -17,6 +17,7 @@ from walacord.control.cli import Context
 from walacord.control.client import ControlClient, _control_error
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, encode_request
 from walacord.control.render import ProgressBar, format_table
+from walacord.errors import ControlClientError
 
 
 def test_status_json_shape(daemon: DaemonProcess) -> None:
@@ -199,9 +200,9 @@ def test_version_mismatch_message(daemon: DaemonProcess) -> None:
 
 
 def test_client_timeout_names_deadline(daemon: DaemonProcess) -> None:
-    with ControlClient(str(daemon.socket), timeout=0.3) as client:
-        with pytest.raises(Exception, match=r"no response to test.sleep within 0.3s"):
-            client.call("test.sleep", {"seconds": 0.9})
+    with ControlClient(str(daemon.socket), timeout=0.3) as client, \
+            pytest.raises(ControlClientError, match=r"no response to test.sleep within 0.3s"):
+        client.call("test.sleep", {"seconds": 0.9})
 
 
 def test_progress_bar_draws_fraction() -> None:
