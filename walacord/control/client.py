@@ -98,7 +98,12 @@ class ControlClient:
             raise ControlClientError(f"sending {method} to {self.path} timed out after "
                                      f"{self.timeout:g}s; raise --timeout") from None
         except OSError as exc:
+            # A daemon that rejects the connection (permission, busy) writes an error line
+            # and closes, possibly before this request went out; show that error if it came.
+            rejection = self._read_rejection(method)
             self.close()
+            if rejection is not None:
+                raise rejection from None
             raise ControlClientError(f"sending {method} to {self.path} failed: "
                                      f"{exc.strerror or exc}; is the daemon still running?"
                                      ) from None
@@ -117,6 +122,14 @@ class ControlClient:
                 raise ControlClientError(f"the daemon answered request {message.get('id')!r} "
                                          f"while walacorctl waited for {request_id}")
             return message.get("result")
+
+    def _read_rejection(self, method: str) -> ControlError | None:
+        try:
+            message = self._read_message(method)
+        except ControlClientError:
+            return None
+        error = message.get("error")
+        return _control_error(error) if isinstance(error, dict) else None
 
     def _read_message(self, method: str) -> dict[str, Any]:
         line = self._read_line(method)

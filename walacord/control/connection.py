@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 64 * 1024
+OUTPUT_FLUSH_BYTES = 64 * 1024
 INVALID_METHOD_LABEL = "(invalid)"
 
 
@@ -98,6 +99,10 @@ class LineReader:
             if event is not None:
                 return event
 
+    def has_line(self) -> bool:
+        """Return whether a complete line is already buffered, so reading will not wait."""
+        return self._buffer.find(b"\n", self._start + self._scanned) >= 0
+
     def _pending(self) -> int:
         return len(self._buffer) - self._start
 
@@ -146,11 +151,15 @@ class Connection:
         self.server = server
         self.stream = stream
         self.peer = peer
-        self._send_lock = anyio.Lock()
+        # Responses wait here while more request lines are already buffered, so a client
+        # that pipelines many requests gets their responses in few writes.
+        self._output: list[bytes] = []
+        self._output_bytes = 0
 
     async def serve(self) -> None:
         try:
             await self._serve_requests()
+            await self._flush()
         except ConnectionClosedError:
             log.debug("control.client_gone", extra={"fields": {"peer": self.peer.describe()}})
 
@@ -158,6 +167,8 @@ class Connection:
         config = self.server.runtime.config.control
         reader = LineReader(self.stream, config.max_request_bytes)
         while True:
+            if self._output and not reader.has_line():
+                await self._flush()
             outcome = await reader.read_line(config.idle_timeout, config.request_timeout)
             if isinstance(outcome, bytes):
                 await self._serve_line(outcome)
@@ -258,9 +269,8 @@ class Connection:
 
     async def _send_protocol_error(self, request_id: RequestId, code: int, message: str,
                                    data: object = None) -> None:
-        metrics = self.server.runtime.metrics
-        metrics.control_requests.labels(method=INVALID_METHOD_LABEL, outcome="error").inc()
-        metrics.control_protocol_errors.labels(error=_error_name(code)).inc()
+        for counter in self.server.protocol_error_counters(code):
+            counter.inc()
         log.debug("control.request_rejected", extra={"fields": {
             "code": code, "error": message, "uid": self.peer.uid}})
         await self._send(encode_error(request_id, code, message, data))
@@ -268,23 +278,28 @@ class Connection:
     async def _send_progress(self, request_id: RequestId, done: float, total: float | None,
                              message: str) -> None:
         await self._send(encode_progress(request_id, done, total, message))
+        await self._flush()
 
     async def _send(self, data: bytes) -> None:
+        """Queue a response line; it is written before the next read or when much is queued."""
+        self._output.append(data)
+        self._output_bytes += len(data)
+        if self._output_bytes >= OUTPUT_FLUSH_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._output:
+            return
+        data = b"".join(self._output)
+        self._output.clear()
+        self._output_bytes = 0
         timeout = self.server.runtime.config.control.write_timeout
-        async with self._send_lock:
-            try:
-                with anyio.fail_after(timeout):
-                    await self.stream.send(data)
-            except TimeoutError:
-                log.info("control.write_timed_out", extra={"fields": {
-                    "peer": self.peer.describe(), "write_timeout_seconds": timeout}})
-                raise ConnectionClosedError from None
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                raise ConnectionClosedError from None
-
-
-def _error_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name.lower()
-    except ValueError:
-        return "other"
+        try:
+            with anyio.fail_after(timeout):
+                await self.stream.send(data)
+        except TimeoutError:
+            log.info("control.write_timed_out", extra={"fields": {
+                "peer": self.peer.describe(), "write_timeout_seconds": timeout}})
+            raise ConnectionClosedError from None
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise ConnectionClosedError from None

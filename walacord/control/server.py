@@ -12,9 +12,10 @@ import socket
 
 import anyio
 from anyio.abc import SocketStream, TaskStatus
+from prometheus_client import Counter
 
 from walacord.control.auth import AccessPolicy, peer_credentials, resolve_policy
-from walacord.control.connection import Connection
+from walacord.control.connection import INVALID_METHOD_LABEL, Connection
 from walacord.control.methods import register_core_methods
 from walacord.control.protocol import ErrorCode, encode_error
 from walacord.control.registry import Peer
@@ -42,6 +43,7 @@ class ControlServer:
         self.bound: BoundSocket | None = None
         self._active = 0
         self._rejecting = 0
+        self._error_counters: dict[int, tuple[Counter, Counter]] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.runtime.config.control
@@ -86,6 +88,21 @@ class ControlServer:
                 continue
             connection.setblocking(False)
             return connection
+
+    def protocol_error_counters(self, code: int) -> tuple[Counter, Counter]:
+        """Return the counters a protocol error increments, cached: bad lines come in floods."""
+        counters = self._error_counters.get(code)
+        if counters is None:
+            metrics = self.runtime.metrics
+            try:
+                name = ErrorCode(code).name.lower()
+            except ValueError:
+                name = "other"
+            counters = (
+                metrics.control_requests.labels(method=INVALID_METHOD_LABEL, outcome="error"),
+                metrics.control_protocol_errors.labels(error=name))
+            self._error_counters[code] = counters
+        return counters
 
     def _dispatch(self, tg: anyio.abc.TaskGroup, connection: socket.socket) -> None:
         limit = self.runtime.config.control.max_connections
