@@ -226,3 +226,22 @@ def test_progress_hidden_in_json_mode(daemon: DaemonProcess) -> None:
 def test_format_table_aligns_columns() -> None:
     table = format_table(["name", "value"], [["a", 1], ["longer", None]])
     assert table.splitlines() == ["NAME    VALUE", "a       1", "longer  -"]
+
+
+def test_health_lists_components(daemon: DaemonProcess) -> None:
+    result = walacorctl("--json", "health", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    health = orjson.loads(result.stdout)
+    assert health["state"] == "ready"
+    assert health["components"] == ["control", "monitor", "pool"]
+    assert health["stalled_components"] == {}
+    assert health["mode"]["mode"] == "normal"
+    table = walacorctl("health", socket=daemon.socket)
+    lines = [line.split(None, 1) for line in table.stdout.splitlines() if line]
+    assert ["components:", "control, monitor, pool"] in lines
+
+
+def test_log_level_change_to_quieter_is_logged(daemon: DaemonProcess) -> None:
+    result = walacorctl("log-level", "error", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    assert daemon.log_events("log.level_changed")[0]["to"] == "error"

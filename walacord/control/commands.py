@@ -11,7 +11,13 @@ import orjson
 
 from walacord.config import LOG_LEVELS
 from walacord.control.interfaces import MODES
-from walacord.control.render import format_mode, format_pairs, format_probes, format_status
+from walacord.control.render import (
+    format_mode,
+    format_pairs,
+    format_probes,
+    format_seconds,
+    format_status,
+)
 from walacord.errors import ControlClientError, ControlError
 from walacord.settings import parse_duration
 
@@ -28,6 +34,10 @@ WATCH_CLEAR = "\x1b[H\x1b[2J"
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser("status", help="show the mode, its reason and every probe")
     status.set_defaults(handler=status_command)
+
+    health = commands.add_parser(
+        "health", help="show the daemon's own state: components, stalls, mode and probes")
+    health.set_defaults(handler=health_command)
 
     check = commands.add_parser(
         "check", help="Nagios plugin: one line with perfdata; exit 0 normal, 1 degraded, "
@@ -98,6 +108,28 @@ def status_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(status)
     else:
         context.print(format_status(status))
+    return 0
+
+
+def health_command(context: Context, args: argparse.Namespace) -> int:
+    health = context.call("health")
+    if context.json:
+        context.print_json(health)
+        return 0
+    stalled = health.get("stalled_components") or {}
+    mode = health.get("mode") or {}
+    context.print(format_pairs([
+        ("state", health.get("state")),
+        ("version", health.get("version")),
+        ("environment", health.get("environment")),
+        ("uptime", format_seconds(health.get("uptime_seconds"))),
+        ("components", ", ".join(health.get("components") or []) or "none"),
+        ("stalled", ", ".join(f"{name} ({seconds:g}s)" for name, seconds in stalled.items())
+         or "none"),
+        ("mode", mode.get("mode") if mode else "no mode machine configured"),
+    ]))
+    if health.get("probes") is not None:
+        context.print("\n" + format_probes(health["probes"]))
     return 0
 
 

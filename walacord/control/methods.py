@@ -250,10 +250,17 @@ class CoreMethods:
         setup = self.runtime.logs
         if setup is None:
             raise ControlError(ErrorCode.UNAVAILABLE, "no log pipeline installed in this process")
-        previous = logging.getLevelName(logging.getLogger().level).lower()
-        setup.set_level(params.level)
-        log.info("log.level_changed", extra={"fields": {
-            "from": previous, "to": params.level, "uid": call.peer.uid if call.peer else None}})
+        root = logging.getLogger()
+        previous = logging.getLevelName(root.level).lower()
+        fields = {"from": previous, "to": params.level,
+                  "uid": call.peer.uid if call.peer else None}
+        # Log under whichever of the two levels lets an info line through.
+        if logging.getLevelName(params.level.upper()) <= root.level:
+            setup.set_level(params.level)
+            log.info("log.level_changed", extra={"fields": fields})
+        else:
+            log.info("log.level_changed", extra={"fields": fields})
+            setup.set_level(params.level)
         return {"level": params.level, "previous": previous,
                 "note": "lasts until the next reload or restart, which apply [logging] level"}
 
