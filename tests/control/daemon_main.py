@@ -10,10 +10,9 @@ from pathlib import Path
 
 import anyio
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[2]))
 
-from standins import StandInMonitor, StandInPool, register_test_methods
-
+from tests.control.standins import StandInMonitor, StandInPool, register_test_methods
 from walacord import config as config_module
 from walacord import logs
 from walacord.control.server import ControlServer

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import make_config, running_server, walacorctl
-from standins import StandInMonitor
 
+from tests.control.harness import make_config, running_server, walacorctl
+from tests.control.standins import StandInMonitor
 from walacord.control.auth import AccessPolicy, peer_credentials, supplementary_groups
 from walacord.control.registry import Peer
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import WALACORCTL, DaemonProcess, walacorctl
 
+from tests.control.harness import WALACORCTL, DaemonProcess, walacorctl
 from walacord.control.cli import Context
 from walacord.control.client import ControlClient, _control_error
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, encode_request

@@ -21,10 +21,10 @@ import anyio
 import psutil
 import pytest
 from anyio.abc import SocketStream
-from conftest import DaemonProcess, connect, open_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.control.harness import DaemonProcess, connect, open_stream
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, decode_request
 
 SEED = 20261204

@@ -8,8 +8,8 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
-from conftest import connect, make_config, running_server
 
+from tests.control.harness import connect, make_config, running_server
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode
 
 pytestmark = pytest.mark.anyio

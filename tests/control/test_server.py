@@ -9,9 +9,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import connect, make_config, running_server
-from standins import StandInMonitor, StandInPool
 
+from tests.control.harness import connect, make_config, running_server
+from tests.control.standins import StandInMonitor, StandInPool
 from walacord.control.protocol import ErrorCode
 
 pytestmark = pytest.mark.anyio
