@@ -60,7 +60,7 @@ async def test_outsider_refused_by_peer_credentials(socket_dir: Path,
     path = socket_dir / "c.sock"
     caplog.set_level(logging.INFO, logger="walacord")
     async with running_server(make_config(path, group=DAEMON_GROUP[0]), [StandInMonitor()]):
-        # Loosen the file mode by hand, so only the SO_PEERCRED check stands in the way.
+        # Loosen the file mode by hand, so only the SO_PEERCRED check can reject the client.
         path.chmod(0o666)
         result = await anyio.to_thread.run_sync(
             lambda: walacorctl("status", socket=path, user=AS_NOBODY))

@@ -1,7 +1,9 @@
-"""The server's answers to bad lines and its limits: size, idle time, request time, connections."""
+"""Error responses to bad lines, and the limits on size, idle time, request time, connections."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 from tests.control.harness import connect, make_config, running_server
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode
+from walacord.control.stream import SocketByteStream
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +56,7 @@ async def test_version_mismatch_names_supported_versions(socket_dir: Path) -> No
 async def test_oversized_line_rejected_then_served(socket_dir: Path) -> None:
     config = make_config(socket_dir / "c.sock", max_request_bytes=4096)
     async with running_server(config), connect(socket_dir / "c.sock") as client:
-        # 1 MiB without a newline first, then its end; the server must answer once.
+        # 1 MiB without a newline first, then its end. The server must respond once.
         await client.send(b"x" * (1024 * 1024))
         response = await client.receive()
         await client.send(b"y" * 5000 + b"\n")
@@ -143,18 +146,49 @@ async def test_extra_connection_rejected_busy(socket_dir: Path) -> None:
     assert served["result"]["value"] == 4
 
 
-async def test_client_that_never_reads_is_dropped(socket_dir: Path) -> None:
+async def test_client_that_never_reads_is_dropped(socket_dir: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     config = make_config(socket_dir / "c.sock", write_timeout=0.3)
-    async with running_server(config), connect(socket_dir / "c.sock") as hog, \
-            connect(socket_dir / "c.sock") as other:
-        # Ask for large responses without reading, until the socket buffers fill.
+    caplog.set_level(logging.INFO, logger="walacord")
+    async with running_server(config) as runtime, connect(socket_dir / "c.sock") as other:
+        # Ask for large responses and never read them, until the socket buffers fill.
+        # SocketByteStream reads only when asked; anyio's transport stream would read.
+        hog_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hog_socket.connect(str(socket_dir / "c.sock"))
+        hog = SocketByteStream(hog_socket)
         value = "v" * 60000
         request = orjson.dumps({"id": 1, "method": "test.echo", "version": 1,
                                 "params": {"value": value}}) + b"\n"
         with anyio.move_on_after(3):
-            for _ in range(2000):
-                await hog.send(request)
+            try:
+                for _ in range(2000):
+                    await hog.send(request)
+            except anyio.BrokenResourceError:
+                pass  # the server has dropped the hog
         began = time.monotonic()
         served = await other.call("test.echo", {"value": "fine"})
         assert time.monotonic() - began < 1
+        open_connections = runtime.metrics.control_connections._value.get()
+        await hog.aclose()
     assert served["result"]["value"] == "fine"
+    assert any(r.getMessage() == "control.write_timed_out" for r in caplog.records)
+    assert open_connections == 1
+
+
+async def test_pipelined_data_waits_in_kernel_during_call(socket_dir: Path) -> None:
+    async with running_server(make_config(socket_dir / "c.sock")):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(socket_dir / "c.sock"))
+        client = SocketByteStream(sock)
+        await client.send(orjson.dumps({"id": 1, "method": "test.sleep", "version": 1,
+                                        "params": {"seconds": 0.8}}) + b"\n")
+        # While the call runs the server reads nothing, so these sends must stall once
+        # the kernel's socket buffers are full instead of filling the daemon's memory.
+        sent = 0
+        chunk = b"x" * 65536
+        with anyio.move_on_after(0.5):
+            while sent < 64 * 1024 * 1024:
+                await client.send(chunk)
+                sent += len(chunk)
+        await client.aclose()
+    assert sent < 8 * 1024 * 1024

@@ -59,7 +59,7 @@ def test_bind_refuses_second_daemon(socket_dir: Path) -> None:
     path = socket_dir / "c.sock"
     first = bind_control_socket(str(path), None, 8)
     try:
-        with pytest.raises(ControlSocketError, match="another walacord holds"):
+        with pytest.raises(ControlSocketError, match="another walacord has locked"):
             bind_control_socket(str(path), None, 8)
         client = socket.socket(socket.AF_UNIX)
         client.connect(str(path))  # the first daemon's socket is untouched

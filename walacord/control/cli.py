@@ -42,7 +42,7 @@ Handler = Callable[["Context", argparse.Namespace], int]
 
 @dataclass
 class Context:
-    """What a command needs: the client, the output mode and the output streams."""
+    """The client, output mode and output streams that a command uses."""
 
     client: ControlClient
     json: bool

@@ -3,10 +3,10 @@
     with ControlClient("/run/walacord/control.sock", timeout=10) as client:
         status = client.call("status")
 
-Every read waits at most `timeout` seconds; a method that reports progress restarts
-that wait with each progress line. Failures to reach or read the daemon raise
-`ControlClientError` with what failed and what to do; an error object from the daemon
-raises `ControlError` with its code, message and data.
+Every read waits at most `timeout` seconds, and each progress line starts a new wait.
+A failure to reach or read the daemon raises `ControlClientError`, whose message says
+what failed and what to do. An error object from the daemon raises `ControlError` with
+its code, message and data.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class ControlClient:
                                      f"{self.timeout:g}s; raise --timeout") from None
         except OSError as exc:
             # A daemon that rejects the connection (permission, busy) writes an error line
-            # and closes, possibly before this request went out; show that error if it came.
+            # and closes, maybe before this request went out. Show that error if it came.
             rejection = self._read_rejection(method)
             self.close()
             if rejection is not None:
@@ -119,8 +119,9 @@ class ControlClient:
                 raise _control_error(error)
             if message.get("id") != request_id:
                 self.close()
-                raise ControlClientError(f"the daemon answered request {message.get('id')!r} "
-                                         f"while walacorctl waited for {request_id}")
+                raise ControlClientError(
+                    f"the daemon sent a response for request {message.get('id')!r} while "
+                    f"walacorctl waited for {request_id}")
             return message.get("result")
 
     def _read_rejection(self, method: str) -> ControlError | None:

@@ -4,9 +4,9 @@ Requests on one connection are served in order, one at a time; a client that wan
 several calls in progress opens several connections. Every read has a deadline: the
 first byte of a request must come within `idle_timeout` of the previous response, and
 the rest of the line within `request_timeout` of its first byte. Every write has
-`write_timeout`. A line longer than `max_request_bytes` is answered with an error and
-its remaining bytes are discarded as they arrive, so memory per connection stays below
-`max_request_bytes` plus one read chunk.
+`write_timeout`. A line longer than `max_request_bytes` gets one error response, and
+its remaining bytes are discarded as they arrive. Memory per connection therefore stays
+below `max_request_bytes` plus one read chunk.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ INVALID_METHOD_LABEL = "(invalid)"
 
 
 class ReadEvent(enum.Enum):
-    """What ended a read other than a complete line."""
+    """A reason a read ended without a complete line."""
 
     END_OF_STREAM = "end of stream"
     TRUNCATED = "truncated"
@@ -60,7 +60,7 @@ class LineReader:
         self._buffer = bytearray()
         self._start = 0  # first unconsumed byte in _buffer
         self._scanned = 0  # bytes from _start known to hold no newline
-        self._discarding = False  # inside an oversized line that was already answered
+        self._discarding = False  # inside an oversized line that already got its error
         self._request_began: float | None = None
         self._closed = False
 
@@ -81,7 +81,7 @@ class LineReader:
                     return ReadEvent.TOO_LARGE
                 return line
 
-            # Step 2: answer an oversized line once, then drop its bytes as they come.
+            # Step 2: report an oversized line once, then drop its bytes as they come.
             self._scanned = self._pending()
             if self._discarding:
                 self._drop_pending()

@@ -1,4 +1,4 @@
-"""What the control channel needs from the probes, the mode machine and the database pool.
+"""Protocols the control channel needs from the probes, the mode machine and the database pool.
 
 The `status`, `health`, `probes.*`, `mode.*` and `pool.recycle` methods look for a
 component in `runtime.components` that implements one of these protocols. A component
@@ -52,14 +52,15 @@ class ModeControl(Protocol):
     """The mode machine: reports the mode and takes manual overrides with a TTL."""
 
     def mode_state(self) -> ModeState:
-        """Return the current mode; never blocks."""
+        """Return the current mode from memory; it must not block, as handlers run on the loop."""
 
     async def set_override(self, mode: str, ttl_seconds: float, reason: str,
                            actor: str) -> ModeState:
         """Force `mode` for `ttl_seconds`; after that the computed mode returns by itself.
 
         The transition is logged as `mode.changed` with `reason`, and `actor` names who
-        asked (for example "uid=1000 pid=4242"). Returns the state after the change.
+        made the request (for example "uid=1000 pid=4242"). Returns the state after the
+        change.
         """
 
     async def clear_override(self, actor: str) -> ModeState:
@@ -71,12 +72,12 @@ class ProbeControl(Protocol):
     """The probe scheduler: reports probe states and runs probes on request."""
 
     def probe_states(self) -> dict[str, ProbeState]:
-        """Return every probe's latest state, keyed by probe name; never blocks."""
+        """Return every probe's latest state by name, from memory; it must not block."""
 
     async def run_probes(self, names: Sequence[str]) -> dict[str, ProbeState]:
         """Run the named probes now (each under its own deadline) and return their results.
 
-        `names` is never empty and holds only names that `probe_states()` returned.
+        `names` is never empty and contains only names that `probe_states()` returned.
         """
 
 

@@ -2,7 +2,7 @@
 
 Status, probe, mode and pool methods delegate to the component that implements the
 matching protocol in `walacord.control.interfaces`; without one they return an
-UNAVAILABLE error that says what is missing.
+UNAVAILABLE error that names what is missing.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ A handler is `async def handler(params, call) -> result`: `params` is the valida
 parameters (an instance of the `params` dataclass, or None when the method takes none)
 and `call` is a `Call` with the peer's identity and a `progress()` function. The result
 must be encodable by orjson. A handler raises `ControlError` for an error the client
-should see verbatim and `WalacordError` for a failed operation; anything else is
-reported as an internal error and logged with its traceback.
+should see verbatim, and `WalacordError` for a failed operation. Any other exception
+becomes an internal error for the client and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Peer:
 
 @dataclass
 class Call:
-    """What a handler knows about the request it serves."""
+    """The request a handler serves: method, id, peer and a progress sender."""
 
     method: str
     request_id: RequestId

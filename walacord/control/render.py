@@ -1,4 +1,4 @@
-"""How `walacorctl` shows results to people: aligned tables, the status view, progress bars."""
+"""Human-readable `walacorctl` output: aligned tables, the status view, progress bars."""
 
 from __future__ import annotations
 

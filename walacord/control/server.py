@@ -1,7 +1,7 @@
 """The control server component: accept connections on the Unix socket and authorise them.
 
 Each connection is its own task in the server's task group, so a slow or hostile client
-only ever holds its own task. Connections past `[control] max_connections` and peers
+can delay only its own task. Connections past `[control] max_connections` and peers
 that are not allowed get one error line and are closed.
 """
 
@@ -11,7 +11,7 @@ import logging
 import socket
 
 import anyio
-from anyio.abc import SocketStream, TaskStatus
+from anyio.abc import ByteStream, TaskStatus
 from prometheus_client import Counter
 
 from walacord.control.auth import AccessPolicy, peer_credentials, resolve_policy
@@ -20,6 +20,7 @@ from walacord.control.methods import register_core_methods
 from walacord.control.protocol import ErrorCode, encode_error
 from walacord.control.registry import Peer
 from walacord.control.socketfile import BoundSocket, bind_control_socket
+from walacord.control.stream import SocketByteStream
 from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,8 @@ class ControlServer:
             log.info("control.closed", extra={"fields": {"path": config.socket}})
 
     async def _accept(self, listening: socket.socket) -> socket.socket:
-        # NOTE: anyio 4.16's UNIXSocketStream can raise InvalidStateError inside the event
-        # loop when a receive is cancelled just as data arrives, so connections are
-        # accepted here and wrapped in the transport-based SocketStream instead.
+        # Accept here instead of through an anyio listener, whose UNIXSocketStream has a
+        # cancellation race (see walacord.control.stream).
         while True:
             await anyio.wait_readable(listening)
             try:
@@ -121,7 +121,7 @@ class ControlServer:
     async def _serve(self, connection: socket.socket) -> None:
         try:
             peer = peer_credentials(connection)
-            stream = await SocketStream.from_socket(connection)
+            stream = SocketByteStream(connection)
             async with stream:
                 if not await self._authorise(peer):
                     await self._reject_permission(stream, peer)
@@ -144,7 +144,7 @@ class ControlServer:
         with anyio.fail_after(AUTH_TIMEOUT):
             return await anyio.to_thread.run_sync(self.policy.allows, peer)
 
-    async def _reject_permission(self, stream: SocketStream, peer: Peer) -> None:
+    async def _reject_permission(self, stream: ByteStream, peer: Peer) -> None:
         assert self.policy is not None
         group = self.policy.group_name
         self.runtime.metrics.control_connections_rejected.labels(reason="permission").inc()
@@ -163,7 +163,7 @@ class ControlServer:
         self.runtime.metrics.control_connections_rejected.labels(reason="busy").inc()
         log.warning("control.busy", extra={"fields": {"max_connections": limit}})
         try:
-            stream = await SocketStream.from_socket(connection)
+            stream = SocketByteStream(connection)
             async with stream:
                 await _send_and_close(stream, encode_error(
                     None, ErrorCode.BUSY,
@@ -176,7 +176,7 @@ class ControlServer:
             self._rejecting -= 1
 
 
-async def _send_and_close(stream: SocketStream, data: bytes) -> None:
+async def _send_and_close(stream: ByteStream, data: bytes) -> None:
     with anyio.move_on_after(REJECT_TIMEOUT):
         try:
             await stream.send(data)

@@ -6,9 +6,9 @@ thread under a deadline.
 Steps of `bind_control_socket`:
 1. take an exclusive `flock` on PATH.lock, held for the daemon's lifetime, so two daemons
    never race for the same path;
-2. when PATH exists, test it: a socket that accepts a connection belongs to a live
-   process and is left alone; a socket that refuses is stale and removed; anything that
-   is not a socket is never removed;
+2. when PATH exists, test it. A socket that accepts a connection belongs to a live
+   process and is left alone. A socket that refuses connections is stale and removed.
+   Anything that is not a socket is never removed;
 3. bind a temporary name in the same directory, set mode and group on it, and rename it
    over PATH, so PATH never shows a socket with the wrong permissions.
 """
@@ -28,7 +28,7 @@ from walacord.errors import ControlSocketError
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
-# Linux's sun_path holds 108 bytes including the terminating NUL.
+# Linux's sun_path has room for 108 bytes including the terminating NUL.
 MAX_PATH_BYTES = 107
 STALE_TEST_TIMEOUT = 1.0
 
@@ -110,7 +110,7 @@ def _take_lock(target: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise ControlSocketError(
-            f"another walacord holds {str(lock_path)!r}, so it owns the control socket "
+            f"another walacord has locked {str(lock_path)!r}, so it owns the control socket "
             f"{str(target)!r}; stop that daemon or set [control] socket to another path"
         ) from None
     return fd
