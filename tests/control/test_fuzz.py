@@ -10,7 +10,6 @@ hypothesis test checks the request decoder on its own.
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import statistics
@@ -257,8 +256,7 @@ async def test_fuzz_daemon_survives_hostile_clients(socket_dir: Path, lines: int
     assert "Traceback" not in log
     print(f"fuzz: {lines} lines in {duration:.1f}s, median latency "
           f"{statistics.median(tally.latencies) * 1000:.1f} ms, worst "
-          f"{max(tally.latencies) * 1000:.1f} ms, {tally.busy} busy rejections, "
-          f"pid {os.getpid()}")
+          f"{max(tally.latencies) * 1000:.1f} ms, {tally.busy} busy rejections")
 
 
 @settings(max_examples=300, deadline=None)
