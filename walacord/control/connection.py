@@ -1,12 +1,15 @@
 """One control connection: read request lines under deadlines, call methods, write responses.
 
 Requests on one connection are served in order, one at a time; a client that wants
-several calls in progress opens several connections. Every read has a deadline: the
-first byte of a request must come within `idle_timeout` of the previous response, and
-the rest of the line within `request_timeout` of its first byte. Every write has
-`write_timeout`. A line longer than `max_request_bytes` gets one error response, and
-its remaining bytes are discarded as they arrive. Memory per connection therefore stays
-below `max_request_bytes` plus one read chunk.
+several calls in progress opens several connections. Responses to pipelined requests
+are written together once no complete request line is buffered or 64 KiB of responses
+are queued, so a quick response can wait behind a slow call pipelined after it.
+
+Every read has a deadline: the first byte of a request must come within `idle_timeout`
+of the previous response, and the rest of the line within `request_timeout` of its
+first byte. Every write has `write_timeout`. A line longer than `max_request_bytes` gets
+one error response, and its remaining bytes are discarded as they arrive. Memory per
+connection therefore stays below `max_request_bytes` plus one read chunk.
 """
 
 from __future__ import annotations
