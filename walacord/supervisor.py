@@ -42,9 +42,13 @@ def default_components(runtime: Runtime) -> list[Component]:
     depend on start first; they stop in reverse order.
     """
     from walacord.alerts.service import AlertService
+    from walacord.control.server import ControlServer
     from walacord.web import WebServer
 
     components: list[Component] = []
+    # The control socket starts first, so an operator can ask what a slow start waits for.
+    if runtime.config.control.socket:
+        components.append(ControlServer(runtime))
     if runtime.config.http.listen:
         components.append(WebServer(runtime))
     components.append(AlertService(runtime))
@@ -64,6 +68,7 @@ class Supervisor:
             metrics=Metrics(registry), notifier=notifier or Notifier(),
             logs=logs._current,
         )
+        self.runtime.reload_config = self.reload
         self._component_factory = components
         self._reload_requested = anyio.Event()
 
