@@ -41,6 +41,7 @@ def default_components(runtime: Runtime) -> list[Component]:
     Extension point: each capability adds its component here. Components that others
     depend on start first; they stop in reverse order.
     """
+    from walacord.alerts.control import handlers as alert_methods
     from walacord.alerts.service import AlertService
     from walacord.control.server import ControlServer
     from walacord.web import WebServer
@@ -51,7 +52,10 @@ def default_components(runtime: Runtime) -> list[Component]:
         components.append(ControlServer(runtime))
     if runtime.config.http.listen:
         components.append(WebServer(runtime))
-    components.append(AlertService(runtime))
+    alerts = AlertService(runtime)
+    components.append(alerts)
+    runtime.methods.register_plain(alert_methods(alerts),
+                                   mutating={"alerts.silence", "alerts.unsilence"})
     return components
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +54,14 @@ class Call:
 
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
+PlainHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+def _adapt(handler: PlainHandler) -> Handler:
+    async def call_plain(params: Any, call: Call) -> Any:
+        return await handler(params or {})
+
+    return call_plain
 
 
 @dataclass(frozen=True)
@@ -86,12 +94,19 @@ class MethodRegistry:
         """
         if name in self._methods:
             raise ValueError(f"control method {name!r} is already registered")
-        if params is not None and not dataclasses.is_dataclass(params):
+        if params is not None and params is not dict and not dataclasses.is_dataclass(params):
             raise ValueError(f"params of {name!r} must be a dataclass, got {params!r}")
-        if params is not None:
+        if params is not None and params is not dict:
             _type_hints(params)  # resolve the annotations now, so a typo fails at start-up
         self._methods[name] = Method(name, handler, params, mutating,
                                      mutating if audit is None else audit, timeout)
+
+    def register_plain(self, handlers: Mapping[str, PlainHandler], *, mutating: Set[str],
+                       timeouts: Mapping[str, float] | None = None) -> None:
+        """Register handlers that take the params dict alone and validate it themselves."""
+        for name, handler in handlers.items():
+            self.register(name, _adapt(handler), dict, mutating=name in mutating,
+                          timeout=(timeouts or {}).get(name))
 
     def get(self, name: str) -> Method | None:
         return self._methods.get(name)
@@ -107,7 +122,13 @@ class MethodRegistry:
 
 
 def parse_params(method: str, model: type[Any] | None, params: dict[str, Any]) -> Any:
-    """Build the `model` dataclass from request params; raise ControlError INVALID_PARAMS."""
+    """Build the `model` dataclass from request params; raise ControlError INVALID_PARAMS.
+
+    `model` dict passes the params through unchanged, for handlers that validate them
+    field by field themselves.
+    """
+    if model is dict:
+        return params
     if model is None:
         if params:
             raise _invalid(method, f"{method} takes no params, got {_names(params)}")
