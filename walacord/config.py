@@ -123,11 +123,20 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = "/run/walacord/control.sock"
+    socket: str = setting("/run/walacord/control.sock", help="Unix socket path; empty disables")
     group: str = setting("walacord", help="group allowed to use the socket besides root")
     max_request_bytes: int = setting(1024 * 1024, min=1024, max=64 * 1024 * 1024)
-    idle_timeout: Duration = setting(60.0, min=0.1, max=86400)
+    idle_timeout: Duration = setting(60.0, min=0.1, max=86400,
+                                     help="a connection with no request for this long is closed")
     max_connections: int = setting(64, min=1, max=10000)
+    request_timeout: Duration = setting(10.0, min=0.1, max=3600,
+                                        help="time from a request's first byte to its newline")
+    write_timeout: Duration = setting(10.0, min=0.1, max=3600,
+                                      help="a client that reads no response for this long is "
+                                           "disconnected")
+    call_timeout: Duration = setting(30.0, min=0.1, max=86400,
+                                     help="default deadline of one method call; long methods "
+                                          "such as backups set their own")
 
 
 @dataclass(frozen=True)

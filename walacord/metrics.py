@@ -64,6 +64,27 @@ class Metrics:
             "walacord_alert_source_errors_total",
             "Alert condition sources that raised instead of returning conditions.",
             registry=registry)
+        # --- control channel ------------------------------------------------------
+        self.control_connections = Gauge(
+            "walacord_control_connections", "Open control-socket connections.",
+            registry=registry)
+        self.control_connections_rejected = Counter(
+            "walacord_control_connections_rejected_total",
+            "Control connections closed at once, by reason (busy, permission).",
+            ["reason"], registry=registry)
+        self.control_requests = Counter(
+            "walacord_control_requests_total",
+            "Control requests by method and outcome (ok, error). Requests that name no "
+            "registered method count under method=\"(invalid)\".",
+            ["method", "outcome"], registry=registry)
+        self.control_request_duration = Histogram(
+            "walacord_control_request_duration_seconds",
+            "Time to serve one control request, by method.",
+            ["method"], buckets=PROBE_BUCKETS, registry=registry)
+        self.control_protocol_errors = Counter(
+            "walacord_control_protocol_errors_total",
+            "Control lines answered with a protocol error, by error name.",
+            ["error"], registry=registry)
 
 
 __all__ = ["PROBE_BUCKETS", "Counter", "Gauge", "Histogram", "Info", "Metrics"]

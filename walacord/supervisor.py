@@ -41,13 +41,21 @@ def default_components(runtime: Runtime) -> list[Component]:
     Extension point: each capability adds its component here. Components that others
     depend on start first; they stop in reverse order.
     """
+    from walacord.alerts.control import handlers as alert_methods
     from walacord.alerts.service import AlertService
+    from walacord.control.server import ControlServer
     from walacord.web import WebServer
 
     components: list[Component] = []
+    # The control socket starts first, so an operator can ask what a slow start waits for.
+    if runtime.config.control.socket:
+        components.append(ControlServer(runtime))
     if runtime.config.http.listen:
         components.append(WebServer(runtime))
-    components.append(AlertService(runtime))
+    alerts = AlertService(runtime)
+    components.append(alerts)
+    runtime.methods.register_plain(alert_methods(alerts),
+                                   mutating={"alerts.silence", "alerts.unsilence"})
     return components
 
 
@@ -64,6 +72,7 @@ class Supervisor:
             metrics=Metrics(registry), notifier=notifier or Notifier(),
             logs=logs._current,
         )
+        self.runtime.reload_config = self.reload
         self._component_factory = components
         self._reload_requested = anyio.Event()
 
