@@ -1,12 +1,15 @@
-"""Faults aimed at the daemon itself: a bad config on SIGHUP, SIGTERM with work hanging."""
+"""Faults aimed at the daemon itself: a bad config on SIGHUP, SIGTERM with work hanging,
+and a flood of control-socket connections."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.chaos.emulator import USER, EmulatorProcess
@@ -87,3 +90,73 @@ def test_daemon_sigterm_while_walacor_hangs(pg_db: str, emulator: EmulatorProces
         notes=f"exit status {code}; detection is the time from SIGTERM to exit")
     assert code == 0
     assert daemon.events("daemon.stopped")
+
+
+def control_call(path: str, method: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one control request on a new connection and return the decoded response."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        client.connect(path)
+        client.sendall(orjson.dumps({"id": 1, "method": method, "version": 1}) + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return dict(orjson.loads(data.splitlines()[-1]))
+
+
+def test_daemon_control_connection_flood(pg_db: str, start_walacord: StartWalacord,
+                                         chaos_results: ResultsFile) -> None:
+    limit = 16
+    scenario = start_walacord(pg_db, settings={"control": {"max_connections": limit}})
+    scenario.wait_normal()
+    path = scenario.daemon.sections["control"]["socket"]
+    rejected_before = scenario.metrics_value("walacord_control_connections_rejected_total",
+                                             reason="busy")
+
+    # Four times the limit: idle connections, half of them sending a line of garbage.
+    began = scenario.mark()
+    flood: list[socket.socket] = []
+    try:
+        for index in range(limit * 4):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(5)
+            client.connect(path)
+            if index % 2:
+                client.sendall(b"{not json\n")
+            flood.append(client)
+        detection = scenario.wait_for_counter(
+            "walacord_control_connections_rejected_total", rejected_before, since=began,
+            timeout=10, reason="busy")
+        scenario.hold(2.0)
+        status, _ = scenario.daemon.health()
+    finally:
+        for client in flood:
+            client.close()
+
+    closed = scenario.mark()
+    recovery = None
+    deadline = closed + 10
+    while scenario.mark() < deadline:
+        try:
+            response = control_call(path, "status", timeout=2)
+        except OSError:
+            response = {}
+        if "result" in response:
+            recovery = scenario.mark() - closed
+            break
+        time.sleep(0.05)
+
+    chaos_results.record(
+        "daemon_control_connection_flood",
+        description=f"{limit * 4} control connections against a limit of {limit}",
+        detection_s=detection, detection_bound_s=RELOAD_S,
+        recovery_s=recovery, recovery_bound_s=2.0,
+        mode_path=scenario.path(began), expected_path=["normal"],
+        notes="detection is the first busy rejection, recovery the first answered status "
+              f"call after the flood; /metrics max "
+              f"{max(scenario.metrics_latencies) * 1000:.1f} ms during it")
+    assert status == 200
+    assert max(scenario.metrics_latencies) < 0.1
