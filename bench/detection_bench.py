@@ -19,6 +19,7 @@ Monit (Debian package `monit`) runs with `set daemon 1`, its shortest cycle, and
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shlex
 import shutil
@@ -319,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="stop/start cycles (default 10)")
     parser.add_argument("--wait", type=float, default=10.0,
                         help="seconds to wait for each detection or recovery (default 10)")
-    parser.add_argument("--walacord", default="",
-                        help="command that runs walacord (default: this Python -m walacord)")
+    parser.add_argument("--walacord", default=os.environ.get(benchdoc.COMMAND_ENV, ""),
+                        help="command that runs walacord (env WALACORD_BENCH_COMMAND; "
+                             "default: this Python -m walacord)")
     parser.add_argument("--no-walacord", action="store_true", help="measure Monit only")
     parser.add_argument("--no-monit", action="store_true", help="measure walacord only")
     parser.add_argument("--no-doc", action="store_true",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import shlex
 import shutil
 import statistics
@@ -315,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between RSS samples (default 5)")
     parser.add_argument("--settle", type=float, default=10.0,
                         help="seconds after start-up before measuring (default 10)")
-    parser.add_argument("--walacord", default="",
-                        help="command that runs walacord (default: this Python -m walacord)")
+    parser.add_argument("--walacord", default=os.environ.get(benchdoc.COMMAND_ENV, ""),
+                        help="command that runs walacord (env WALACORD_BENCH_COMMAND; "
+                             "default: this Python -m walacord)")
     parser.add_argument("--no-doc", action="store_true",
                         help="print the section instead of writing docs/benchmarks.md")
     args = parser.parse_args(argv)

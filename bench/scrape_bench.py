@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 800)")
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds to let the probes run before measuring (default 5)")
-    parser.add_argument("--walacord", default="",
-                        help="command that runs walacord (default: this Python -m walacord)")
+    parser.add_argument("--walacord", default=os.environ.get(benchdoc.COMMAND_ENV, ""),
+                        help="command that runs walacord (env WALACORD_BENCH_COMMAND; "
+                             "default: this Python -m walacord)")
     parser.add_argument("--no-doc", action="store_true",
                         help="print the section instead of writing docs/benchmarks.md")
     args = parser.parse_args(argv)
