@@ -32,6 +32,7 @@ def count(value: int | None) -> str:
 
 def render(document: dict[str, Any], command: str) -> str:
     scenarios = document.get("scenarios", {})
+
     lines = [
         "## Fault-injection suite",
         "",
@@ -42,6 +43,7 @@ def render(document: dict[str, Any], command: str) -> str:
     ]
     if not scenarios:
         return "\n".join([*lines, "No scenario results were recorded."])
+
     lines += [
         "| scenario | mode path (expected) | detection | recovery | lost | duplicated | result |",
         "|---|---|---|---|---|---|---|",
@@ -60,6 +62,7 @@ def render(document: dict[str, Any], command: str) -> str:
             f"{seconds(record.get('detection_s'), record.get('detection_bound_s'))} | "
             f"{seconds(record.get('recovery_s'), record.get('recovery_bound_s'))} | "
             f"{count(record.get('lost'))} | {count(record.get('duplicated'))} | {verdict} |")
+
     lines += ["", f"{len(scenarios) - failed} of {len(scenarios)} scenarios within bounds."]
     described = [(name, scenarios[name].get("description")) for name in sorted(scenarios)]
     described = [(name, text) for name, text in described if text]

@@ -6,7 +6,7 @@ Each run:
 1. waits until walacord reports mode normal and Monit's last event is "up";
 2. sleeps a random 0.2-1.2 s, so the stop falls at a random point of each tool's cycle;
 3. runs `pg_ctl stop -m immediate`. Detection is measured from just before pg_ctl is
-   launched: for walacord to the first /api/health answer whose mode is not normal
+   launched: for walacord to the first /api/health response whose mode is not normal
    (polled every 5 ms) and, separately, to the `ts` of the `mode.changed` event in its
    log; for Monit to the timestamp its `exec` action writes on failure;
 4. runs `pg_ctl start -w`. Recovery is measured from the moment pg_ctl returns, when

@@ -1,9 +1,10 @@
 """Footprint: walacord's RSS and CPU with every probe at 1 s, beside the exporter stack
 that covers the same checks (postgres_exporter, node_exporter and blackbox_exporter).
 
-Both sides watch the same things: a private PostgreSQL cluster, the Walacor emulator
-(walacord's Walacor probe; blackbox's tcp_connect), an HTTP endpoint standing in for
-the application's API (walacord's API probe; blackbox's http_2xx), and the host. A
+Both sides watch the same things. PostgreSQL is a private cluster. Walacor is the
+emulator, checked by walacord's Walacor probe and by blackbox's tcp_connect. An
+emulator URL plays the application's API, checked by walacord's API probe and by
+blackbox's http_2xx. Last comes the host. A
 scraper thread fetches every side's metrics once a second, as Prometheus would with a
 1 s scrape interval, so the exporters also do their work every second.
 

@@ -41,7 +41,7 @@ def scrape(connection: http.client.HTTPConnection, path: str = "/metrics") -> tu
     body = response.read()
     elapsed = time.perf_counter() - began
     if response.status != 200:
-        raise RuntimeError(f"GET {path} answered {response.status}: {body[:200]!r}")
+        raise RuntimeError(f"GET {path} returned status {response.status}: {body[:200]!r}")
     return elapsed, len(body)
 
 

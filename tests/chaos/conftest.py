@@ -19,7 +19,7 @@ from tests.chaos.results import ResultsFile, default_path
 from tests.chaos.scenario import Scenario
 
 # Settings every scenario daemon gets. Other test runs share CI's two cores, so the
-# load average says nothing about the fault under test: its warning is turned off.
+# load average tells nothing about the fault under test, and its warning is turned off.
 SCENARIO_SETTINGS: dict[str, dict[str, Any]] = {
     "probes.host": {"load_warning_per_cpu": 1000.0},
 }

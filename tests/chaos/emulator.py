@@ -1,7 +1,7 @@
 """The Walacor emulator as a separate process, with its faults driven over HTTP.
 
 Scenarios run it with the same command as the daemon (`walacord emulator`) and change
-its faults through `PUT /_emulator/faults`, so the daemon sees them over real sockets.
+its faults through `PUT /_emulator/faults`, so the daemon meets them over real sockets.
 """
 
 from __future__ import annotations

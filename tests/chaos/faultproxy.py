@@ -22,7 +22,7 @@ as a process: it prints ``listening PORT`` and then reads one command a line on 
 such as ``latency 50``, ``bandwidth 2048``, ``blackhole``, ``reset`` or ``pass``.
 
 On loopback the proxy acknowledges every byte itself, so a blackhole looks to the
-client like a peer that stopped answering, not like lost packets: TCP keepalives and
+client like a peer that stopped responding, not like lost packets: TCP keepalives and
 ``tcp_user_timeout`` do not fire, and only application-level deadlines do.
 """
 
@@ -269,7 +269,7 @@ class FaultProxy:
             upstream_reader, upstream_writer = await asyncio.wait_for(
                 asyncio.open_connection(*self.target), CONNECT_TIMEOUT)
         except (OSError, TimeoutError):
-            # The target refused or did not answer: pass that on as a reset.
+            # The target refused the connection or timed out: pass that on as a reset.
             self._close(connection, rst=True)
             return
         if connection not in self._connections:

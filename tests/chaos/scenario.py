@@ -1,8 +1,8 @@
 """A running walacord daemon under test, with the clocks and probes a scenario measures.
 
-A scenario injects a fault, then asks this object when the daemon's mode left normal
-(detection), when it came back (recovery) and which modes it went through. Times are
-monotonic seconds from the moment the scenario marks with `mark()`.
+A scenario injects a fault, then queries this object for when the daemon's mode left
+normal (detection), when it came back (recovery) and which modes it went through.
+Times are monotonic seconds from the moment the scenario took with `mark()`.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_proxy_armed_blackhole_holds_response(pg_cluster: PgCluster,
             with pytest.raises(FutureTimeout):
                 pending.result(timeout=1.0)
             assert proxy.mode.name == "blackhole"
-            # The request reached the server: the query ran and only its answer is held.
+            # The request reached the server: the query ran and only its result is held.
             assert "count(*) FROM pg_stat_activity" in pg_cluster.psql(
                 "SELECT string_agg(query, ';') FROM pg_stat_activity "
                 "WHERE backend_type = 'client backend'")

@@ -1,8 +1,8 @@
 """PostgreSQL fault scenarios against the real daemon, each with its bounds and mode path.
 
-Each test starts walacord against a cluster of its own, waits for mode normal, injects
-one fault, and records when the mode left normal (detection), when it was normal again
-after the fault was removed (recovery), and the modes in between. The figures go to the
+Each test starts walacord against a cluster of its own, waits for mode normal and
+injects one fault. It records when the mode left normal (detection), when it was normal
+again after the fault was removed (recovery), and the modes in between. The figures go to the
 results file before the bounds are checked.
 
 The database probe runs at its defaults (interval 2 s, deadline 1.5 s) unless a test
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.chaos
 
 StartWalacord = Callable[..., Scenario]
 
-# A crash closes walacord's held connection, which it sees at once; the issue's target
-# is a median under 0.5 s, so one run on a shared CI machine gets 1 s.
+# A crash closes walacord's held connection, which it notices at once. The target is a
+# median under 0.5 s over 10 runs, so one run on a shared CI machine gets 1 s.
 CRASH_DETECTION_S = 1.0
 # From `pg_ctl start` returning to mode normal, with the default hysteresis.
 RESTART_RECOVERY_S = 3.0
@@ -140,7 +140,7 @@ def test_postgres_postmaster_frozen(cluster: PgCluster, start_walacord: StartWal
     with faults.postmaster_frozen(cluster):
         frozen = scenario.mark()
         detection = scenario.detect(frozen, timeout=15)
-        # The daemon keeps answering and its other probes keep running meanwhile.
+        # Meanwhile /metrics keeps responding and the host probe keeps running.
         scenario.hold(3.0)
         host_during = scenario.probe("host").get("last_run")
         thawed = scenario.mark()
