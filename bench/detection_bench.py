@@ -162,7 +162,10 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[RunResult], l
         daemon = None
         watcher = None
         if not args.no_walacord:
+            # Identical warnings are written once per repeat_window, and every run logs
+            # the same normal -> emergency change, so the window is cut to 1 s.
             daemon = WalacordDaemon(workdir / "walacord", cluster.url(),  # type: ignore[attr-defined]
+                                    settings={"logging": {"repeat_window": 1.0}},
                                     command=shlex.split(args.walacord) if args.walacord else None)
             daemon.start()
             watcher = ModeWatcher(daemon.http_port, interval=0.005).start()

@@ -265,6 +265,11 @@ def render(figures: dict[str, Any], notes: list[str], plot: Path | None,
             f"| {label} | {mib(statistics.median(values))} | {mib(max(values))} | "
             f"{cpu.get(key, float('nan')):.2f} | {mib(first)} -> {mib(last)} |")
     rss_max = max(sample["walacord"] for sample in window_samples)
+    stack_rss = statistics.median(sample["stack"] for sample in window_samples)
+    walacord_rss = statistics.median(sample["walacord"] for sample in window_samples)
+    if stack_rss and walacord_rss and cpu.get("walacord"):
+        lines += ["", f"The exporter stack's median RSS is {stack_rss / walacord_rss:.2f} times "
+                      f"walacord's, and its CPU {cpu['stack'] / cpu['walacord']:.2f} times."]
     lines += ["", f"walacord within target: RSS {'yes' if rss_max <= TARGET_RSS_BYTES else 'no'}"
                   f", CPU {'yes' if cpu.get('walacord', 100) <= TARGET_CPU_PERCENT else 'no'}."]
     if figures["total_s"] < 3600:
