@@ -36,6 +36,12 @@ def seeded_db(pg_db: str) -> str:
 
 
 @pytest.fixture
+def seed_rows() -> dict[str, int]:
+    """Row counts of every table in `seeded_db`, keyed "schema.table"."""
+    return dict(SEED_ROWS)
+
+
+@pytest.fixture
 def alerts() -> list[BackupAlert]:
     return []
 

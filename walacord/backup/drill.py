@@ -83,7 +83,13 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
     admin = Admin(manager.maintenance_conninfo(avoid=scratch), config.query_timeout)
     started = time.monotonic()
     log.info("backup.drill_started", extra={"fields": {"id": manifest.id, "scratch": scratch}})
-    await admin.create(scratch)
+    try:
+        await admin.create(scratch)
+    except (psycopg.Error, TimeoutError) as exc:
+        error = BackupError(f"cannot create the drill's scratch database {scratch}: {exc}; "
+                            "walacord's database role needs CREATEDB")
+        await manager.record_failure("drill", manifest.id, error)
+        raise error from exc
 
     problems: list[str] = []
     figures = DrillFigures(table_count=0, row_counts={})

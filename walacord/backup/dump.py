@@ -28,9 +28,12 @@ ProgressCallback = Callable[[int, int, str], Any]
 """Called as progress(done, total, message); `total` is 0 when unknown."""
 
 # Tables pg_dump dumps by default: ordinary and partitioned tables outside the system
-# schemas and outside any extension.
+# schemas and outside any extension. Size order uses relpages, the page count stored
+# by the last VACUUM or ANALYZE: reading it takes no table lock, unlike
+# pg_relation_size(), so listing never queues behind DDL. NOTE: a large table that
+# was never vacuumed or analyzed has relpages 0 and may miss the largest-tables set.
 USER_TABLES_SQL = """
-SELECT n.nspname, c.relname, pg_relation_size(c.oid) AS bytes
+SELECT n.nspname, c.relname, c.relpages AS pages
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
@@ -39,10 +42,12 @@ WHERE c.relkind IN ('r', 'p')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                     AND d.deptype = 'e')
-ORDER BY bytes DESC, n.nspname, c.relname
+ORDER BY pages DESC, n.nspname, c.relname
 """
 DUMP_ERROR_PREFIXES = ("pg_dump: error:", "pg_dump: detail:", "pg_dump: hint:")
-LOCK_TIMEOUT_MARKERS = ("could not obtain lock", "canceling statement due to lock timeout")
+# pg_dump 15 enforces --lock-wait-timeout with statement_timeout around LOCK TABLE.
+LOCK_TIMEOUT_MARKERS = ("could not obtain lock", "canceling statement due to lock timeout",
+                        "canceling statement due to statement timeout")
 
 
 @dataclass
@@ -81,11 +86,13 @@ class SnapshotSession:
 
     The transaction turns off statement and idle-in-transaction timeouts for itself
     because it must stay open while pg_dump starts; the caller's deadline bounds it.
+    Its lock_timeout is pg_dump's lock wait timeout.
     """
 
-    def __init__(self, conninfo: str, connect_timeout: float) -> None:
+    def __init__(self, conninfo: str, connect_timeout: float, lock_wait_timeout: float) -> None:
         self.conninfo = conninfo
         self.connect_timeout = connect_timeout
+        self.lock_wait_timeout = lock_wait_timeout
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.snapshot = ""
 
@@ -96,6 +103,9 @@ class SnapshotSession:
                 "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             await self.conn.execute("SET LOCAL statement_timeout = 0")
             await self.conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+            # The row counts must not queue behind DDL either.
+            await self.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+                sql.Literal(f"{int(self.lock_wait_timeout * 1000)}ms")))
             cursor = await self.conn.execute("SELECT pg_export_snapshot()")
             row = await cursor.fetchone()
         assert row is not None
@@ -108,8 +118,19 @@ class SnapshotSession:
                 await self.conn.close()
 
     async def table_stats(self, tables: list[tuple[str, str]], limit: int) -> TableStats:
+        """Count rows of the `limit` largest tables inside a savepoint.
+
+        An error, such as a table the role may not read, rolls back to the savepoint
+        only: aborting the whole transaction would withdraw the exported snapshot
+        before pg_dump has imported it, hiding pg_dump's own, clearer error.
+        """
         assert self.conn is not None
-        counts = await count_rows(self.conn, tables[:limit])
+        await self.conn.execute("SAVEPOINT walacord_count")
+        try:
+            counts = await count_rows(self.conn, tables[:limit])
+        except psycopg.Error:
+            await self.conn.execute("ROLLBACK TO SAVEPOINT walacord_count")
+            raise
         return TableStats(table_count=len(tables), row_counts=counts)
 
 
@@ -195,7 +216,7 @@ class DumpFailed(BackupError):
     @property
     def lock_timed_out(self) -> bool:
         text = "\n".join(c.stderr_text() for c in self.commands)
-        return any(marker in text for marker in LOCK_TIMEOUT_MARKERS)
+        return "LOCK TABLE" in text and any(marker in text for marker in LOCK_TIMEOUT_MARKERS)
 
 
 def summarize_stderr(command: Command, max_lines: int = 20) -> str:

@@ -206,12 +206,13 @@ class BackupManager:
             stderr = ""
             if isinstance(exc, DumpFailed):
                 stderr = "\n".join(summarize_stderr(c) for c in exc.commands)
-                if exc.lock_timed_out:
-                    log.warning("backup.lock_wait_timed_out", extra={"fields": {
-                        "database": self.database,
-                        "lock_wait_timeout_seconds": self.config.lock_wait_timeout,
-                        "reason": "a table lock (DDL in progress?) was not granted in time; "
-                                  "pg_dump gave up instead of queueing behind it"}})
+            if ((isinstance(exc, DumpFailed) and exc.lock_timed_out)
+                    or isinstance(exc, psycopg.errors.LockNotAvailable)):
+                log.warning("backup.lock_wait_timed_out", extra={"fields": {
+                    "database": self.database,
+                    "lock_wait_timeout_seconds": self.config.lock_wait_timeout,
+                    "reason": "a table lock (DDL in progress?) was not granted in time; "
+                              "the backup gave up instead of queueing behind it"}})
             await self.record_failure("dump", None, exc, stderr)
             if isinstance(exc, BackupError):
                 raise

@@ -167,6 +167,21 @@ def client_environment(password: str) -> Iterator[dict[str, str]]:
 # --- running programs ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def unwrap_single_error() -> Iterator[None]:
+    """Re-raise the only exception of an anyio task group's ExceptionGroup by itself.
+
+    Callers then catch BackupError or TimeoutError directly; a group holding several
+    exceptions passes through unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
 @dataclass
 class Command:
     """One program of a pipeline, with its stderr lines as they arrive."""
@@ -220,7 +235,7 @@ async def run_pipeline(commands: Sequence[Command], *, env: dict[str, str], time
             processes.append(process)
             previous_read = read_end
 
-        with anyio.fail_after(time_limit):
+        with anyio.fail_after(time_limit), unwrap_single_error():
             async with anyio.create_task_group() as group:
                 for command, process in zip(commands, processes, strict=True):
                     group.start_soon(_wait_with_stderr, command, process)

@@ -44,7 +44,12 @@ from walacord.backup.manifest import (
     utc_now,
     write_manifest,
 )
-from walacord.backup.pgclient import check_client_version, client_environment, client_version
+from walacord.backup.pgclient import (
+    check_client_version,
+    client_environment,
+    client_version,
+    unwrap_single_error,
+)
 from walacord.backup.verify import checksum_check, hash_and_check_plain, list_archive
 from walacord.errors import BackupError
 
@@ -71,27 +76,27 @@ async def take_backup(manager: BackupManager, *, progress: ProgressCallback | No
     started_clock = time.monotonic()
     await anyio.to_thread.run_sync(_make_directory, manager.directory)
 
-    # 1. pg_dump must not be older than the server.
+    # 1. Find pg_dump; its version is checked against the server's below.
     bindir = manager.bindir
     dump_major, dump_version = await client_version(bindir, "pg_dump", config.query_timeout)
 
-    async with SnapshotSession(manager.conninfo, config.query_timeout) as snapshot:
+    # 2. Name the files, export the snapshot and list the tables in it.
+    backup = manager.unique_id(backup_id(manager.database, manager.server_host, started))
+    partial = partial_path(manager.directory, backup, config.format)
+    log.info("backup.started", extra={"fields": {
+        "id": backup, "database": manager.database, "server": manager.server_host,
+        "format": config.format, "lock_wait_timeout_seconds": config.lock_wait_timeout,
+        "note": "pg_dump gives up when a table lock is not granted within "
+                "lock_wait_timeout instead of queueing behind DDL"}})
+
+    async with SnapshotSession(manager.conninfo, config.query_timeout,
+                               config.lock_wait_timeout) as snapshot:
         assert snapshot.conn is not None
         with anyio.fail_after(config.query_timeout):
             version_num, version = await server_version(snapshot.conn)
+            check_client_version("pg_dump", dump_major, version_num // 10000)
             tables = await list_user_tables(snapshot.conn)
-        check_client_version("pg_dump", dump_major, version_num // 10000)
-
-        # 2. Name the files.
-        backup = manager.unique_id(backup_id(manager.database, manager.server_host, started))
-        partial = partial_path(manager.directory, backup, config.format)
         cleanup.append(partial)
-        log.info("backup.started", extra={"fields": {
-            "id": backup, "database": manager.database, "server": manager.server_host,
-            "format": config.format, "tables": len(tables),
-            "lock_wait_timeout_seconds": config.lock_wait_timeout,
-            "note": "pg_dump gives up when a table lock is not granted within "
-                    "lock_wait_timeout instead of queueing behind DDL"}})
 
         # 3. Dump and count in the same snapshot.
         stats: TableStats | None = None
@@ -112,9 +117,10 @@ async def take_backup(manager: BackupManager, *, progress: ProgressCallback | No
                 lock_wait_timeout=config.lock_wait_timeout, timeout=config.dump_timeout,
                 target=partial, snapshot=snapshot.snapshot, table_total=len(tables),
                 progress=progress)
-            async with anyio.create_task_group() as group:
-                group.start_soon(count_in_snapshot)
-                await run_pg_dump(request)
+            with unwrap_single_error():
+                async with anyio.create_task_group() as group:
+                    group.start_soon(count_in_snapshot)
+                    await run_pg_dump(request)
 
     if stats is None:
         raise BackupError(f"counting rows in the dump's snapshot failed: {count_error}")
@@ -171,9 +177,10 @@ async def _hash_and_list(manager: BackupManager, path: Path,
         with client_environment("") as env:
             result, _ = await list_archive(bindir, path, env, manager.config.verify_timeout)
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(hash_file)
-        group.start_soon(list_file)
+    with unwrap_single_error():
+        async with anyio.create_task_group() as group:
+            group.start_soon(hash_file)
+            group.start_soon(list_file)
     return digest, result
 
 
