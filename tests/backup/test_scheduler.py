@@ -1,0 +1,148 @@
+"""The backup schedule: daily start times, missed runs, drills and age alerts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+
+from walacord.backup import BackupAlert, BackupManager
+from walacord.backup.alerts import BACKUP_STALE
+from walacord.backup.scheduler import (
+    BackupScheduler,
+    backup_missed,
+    jitter_seconds,
+    next_daily_run,
+)
+
+ManagerFactory = Callable[..., BackupManager]
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+def test_next_daily_run_later_today() -> None:
+    start = next_daily_run(NOW, "14:30", 0, "db")
+
+    assert start == datetime(2026, 12, 4, 14, 30, tzinfo=UTC)
+
+
+def test_next_daily_run_tomorrow_when_passed() -> None:
+    start = next_daily_run(NOW, "02:30", 0, "db")
+
+    assert start == datetime(2026, 12, 5, 2, 30, tzinfo=UTC)
+
+
+def test_next_daily_run_adds_bounded_jitter() -> None:
+    start = next_daily_run(NOW, "14:30", 1800, "db")
+    base = datetime(2026, 12, 4, 14, 30, tzinfo=UTC)
+
+    assert base <= start < base + timedelta(seconds=1800)
+    assert start == base + timedelta(seconds=jitter_seconds("db", NOW.replace(hour=0), 1800))
+
+
+def test_jitter_same_for_every_host() -> None:
+    day = NOW.replace(hour=0)
+
+    assert jitter_seconds("pg1/ledger", day, 3600) == jitter_seconds("pg1/ledger", day, 3600)
+    assert jitter_seconds("pg1/ledger", day, 3600) != jitter_seconds("pg1/other", day, 3600)
+    assert jitter_seconds("pg1/ledger", day, 0) == 0
+
+
+def test_backup_missed_cases() -> None:
+    assert backup_missed(None, NOW, 86400)
+    assert backup_missed(NOW - timedelta(hours=25), NOW, 86400)
+    assert not backup_missed(NOW - timedelta(hours=23), NOW, 86400)
+
+
+@pytest.mark.anyio
+async def test_scheduler_runs_missed_backup_at_startup(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    scheduler = BackupScheduler(manager)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            await group.start(scheduler.run)
+            while not await manager.list():
+                await anyio.sleep(0.05)
+            while manager.metrics.backup_last_drill._value.get() == 0:
+                await anyio.sleep(0.05)
+            group.cancel_scope.cancel()
+
+    manifests = await manager.list()
+    assert len(manifests) == 1
+    assert manifests[0].drill is not None and manifests[0].drill.ok
+
+
+@pytest.mark.anyio
+async def test_scheduler_skips_startup_run_after_recent_backup(
+        make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    assert await manager.take() is not None
+    hour_ahead = (datetime.now(UTC) + timedelta(hours=1)).strftime("%H:%M")
+    scheduler = BackupScheduler(make_manager(daily_at=hour_ahead, jitter=0))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            await group.start(scheduler.run)
+            await anyio.sleep(1.0)
+            group.cancel_scope.cancel()
+
+    assert len(await manager.list()) == 1
+
+
+@pytest.mark.anyio
+async def test_scheduler_removes_partial_files(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    manager.directory.mkdir(parents=True)
+    leftover = manager.directory / ".db__host__20260101T000000Z.dump.partial"
+    leftover.write_bytes(b"PGDMP half")
+    hour_ahead = (datetime.now(UTC) + timedelta(hours=1)).strftime("%H:%M")
+    scheduler = BackupScheduler(make_manager(daily_at=hour_ahead))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            await group.start(scheduler.run)
+            group.cancel_scope.cancel()
+
+    assert not leftover.exists()
+
+
+@pytest.mark.anyio
+async def test_staleness_alert_fires_and_resolves(make_manager: ManagerFactory,
+                                                  alerts: list[BackupAlert]) -> None:
+    manager = make_manager(max_age=3600)
+    assert await manager.take() is not None
+    assert not await manager.check_staleness()
+    assert manager.last_success is not None
+
+    manager.last_success -= timedelta(hours=2)
+    assert await manager.check_staleness()
+    assert await manager.check_staleness()
+    assert await manager.take() is not None
+    assert not await manager.check_staleness()
+
+    stale = [a for a in alerts if a.name == BACKUP_STALE]
+    assert [a.firing for a in stale] == [True, False]
+    assert stale[0].fields["age_seconds"] > 7000
+
+
+@pytest.mark.anyio
+async def test_staleness_counts_peer_backup(make_manager: ManagerFactory, seeded_db: str,
+                                            alerts: list[BackupAlert]) -> None:
+    """A host that lost the lock to a peer does not report the database stale."""
+    import psycopg
+
+    from walacord.backup.manager import BACKUP_LOCK_KEY
+
+    manager = make_manager(max_age=3600)
+    assert await manager.take() is not None
+    assert manager.last_success is not None
+    manager.last_success -= timedelta(hours=2)
+    with psycopg.connect(seeded_db, autocommit=True) as peer:
+        peer.execute("SELECT pg_advisory_lock(%s)", (BACKUP_LOCK_KEY,))
+        assert await manager.take() is None
+
+    assert not await manager.check_staleness()
+    assert alerts == []
