@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,12 +18,17 @@ from walacord.backup.control import (
     backup_restore,
     backup_verify,
 )
+from walacord.backup.manifest import sha256_file
 from walacord.errors import ControlError
 from walacord.pgcluster import PgCluster
 
 pytestmark = pytest.mark.anyio
 
 ManagerFactory = Callable[..., BackupManager]
+
+
+def file_size(path: str) -> int:
+    return Path(path).stat().st_size
 
 
 @pytest.fixture
@@ -45,9 +49,8 @@ async def test_now_returns_id_and_path(make_manager: ManagerFactory) -> None:
 
     assert result["status"] == "completed"
     path = Path(result["path"])
-    assert path.exists()
     assert result["id"] in path.name
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == result["sha256"]
+    assert sha256_file(path) == result["sha256"]
     assert result["verified"] is True
 
 
@@ -64,7 +67,7 @@ async def test_list_entries_have_stable_keys(make_manager: ManagerFactory) -> No
         for key in ("id", "path", "size_bytes", "sha256", "verified", "age_seconds",
                     "created_at"):
             assert key in entry
-        assert entry["size_bytes"] == Path(entry["path"]).stat().st_size
+        assert entry["size_bytes"] == file_size(entry["path"])
         assert entry["age_seconds"] >= 0
 
 

@@ -107,9 +107,12 @@ def test_pg_dump_argv_has_no_password(tmp_path: Path) -> None:
 async def test_run_pipeline_sees_failure_before_pipe(tmp_path: Path) -> None:
     first = Command(["sh", "-c", "echo partial; echo 'boom' >&2; exit 3"])
     second = Command(["gzip", "-c"])
-    with open(tmp_path / "out.gz", "wb") as output:
+    output = os.open(tmp_path / "out.gz", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
         await run_pipeline([first, second], env=dict(os.environ), time_limit=10,
                            stdin=subprocess.DEVNULL, stdout=output)
+    finally:
+        os.close(output)
 
     assert first.returncode == 3
     assert second.returncode == 0

@@ -22,6 +22,13 @@ ManagerFactory = Callable[..., BackupManager]
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
 
+async def poll_until(condition: Callable[[], bool]) -> None:
+    while True:
+        if condition():
+            return
+        await anyio.sleep(0.05)
+
+
 def test_next_daily_run_later_today() -> None:
     start = next_daily_run(NOW, "14:30", 0, "db")
 
@@ -64,10 +71,7 @@ async def test_scheduler_runs_missed_backup_at_startup(make_manager: ManagerFact
     with anyio.fail_after(30):
         async with anyio.create_task_group() as group:
             await group.start(scheduler.run)
-            while not await manager.list():
-                await anyio.sleep(0.05)
-            while manager.metrics.backup_last_drill._value.get() == 0:
-                await anyio.sleep(0.05)
+            await poll_until(lambda: manager.metrics.backup_last_drill._value.get() > 0)
             group.cancel_scope.cancel()
 
     manifests = await manager.list()

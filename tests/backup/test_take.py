@@ -7,8 +7,7 @@ import hashlib
 import logging
 import os
 import stat
-import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -58,10 +57,10 @@ async def test_take_writes_dump_and_manifest(make_manager: ManagerFactory,
     assert manifest.pg_dump_version.startswith("15")
     assert manifest.verified
 
-    listing = subprocess.run([str(find_client_bindir() / "pg_restore"), "--list", str(path)],
-                             capture_output=True, text=True, check=False)
+    listing = await anyio.run_process(
+        [str(find_client_bindir() / "pg_restore"), "--list", str(path)], check=False)
     assert listing.returncode == 0, listing.stderr
-    assert "TABLE DATA public ledger" in listing.stdout
+    assert b"TABLE DATA public ledger" in listing.stdout
     assert not [name for name in backup_files(manager.directory) if name.startswith(".")]
 
 
@@ -105,7 +104,7 @@ async def test_take_twice_gives_distinct_ids(make_manager: ManagerFactory) -> No
 
 
 @pytest.fixture
-def dump_role(pg_cluster: PgCluster, seeded_db: str) -> str:
+def dump_role(pg_cluster: PgCluster, seeded_db: str) -> Iterator[str]:
     """A login role that may read every table except public.ledger; yields its URL."""
     dbname = seeded_db.rsplit("/", 1)[1]
     role = f"dumper_{dbname}"[:60]
@@ -117,7 +116,8 @@ def dump_role(pg_cluster: PgCluster, seeded_db: str) -> str:
         conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public, audit TO "{role}"')
         conn.execute(f'GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
         conn.execute(f'REVOKE SELECT ON public.ledger FROM "{role}"')
-    yield f"host=127.0.0.1 port={pg_cluster.port} dbname={dbname} user={role} password='{password.replace(chr(92), chr(92) * 2)}'"
+    quoted = password.replace("\\", "\\\\")  # libpq key=value strings escape backslashes
+    yield f"host=127.0.0.1 port={pg_cluster.port} dbname={dbname} user={role} password='{quoted}'"
     pg_cluster.psql(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
     pg_cluster.psql(f'DROP ROLE IF EXISTS "{role}"')
 
