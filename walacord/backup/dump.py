@@ -97,12 +97,23 @@ class SnapshotSession:
         self.snapshot = ""
 
     async def __aenter__(self) -> SnapshotSession:
+        try:
+            await self._begin()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _begin(self) -> None:
         with anyio.fail_after(self.connect_timeout):
             self.conn = await psycopg.AsyncConnection.connect(self.conninfo)
             await self.conn.execute(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             await self.conn.execute("SET LOCAL statement_timeout = 0")
             await self.conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+            # Counting runs next to pg_dump; parallel workers would take the cores
+            # pg_dump and its server backend need.
+            await self.conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
             # The row counts must not queue behind DDL either.
             await self.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
                 sql.Literal(f"{int(self.lock_wait_timeout * 1000)}ms")))
@@ -110,7 +121,6 @@ class SnapshotSession:
             row = await cursor.fetchone()
         assert row is not None
         self.snapshot = str(row[0])
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self.conn is not None:
@@ -209,7 +219,7 @@ class DumpFailed(BackupError):
         for command in commands:
             if command.returncode == 0:
                 continue
-            parts.append(f"{command.name} exited with {command.returncode}: "
+            parts.append(f"{describe_exit(command)}: "
                          f"{summarize_stderr(command) or '(no error output)'}")
         super().__init__("; ".join(parts))
 
@@ -217,6 +227,13 @@ class DumpFailed(BackupError):
     def lock_timed_out(self) -> bool:
         text = "\n".join(c.stderr_text() for c in self.commands)
         return "LOCK TABLE" in text and any(marker in text for marker in LOCK_TIMEOUT_MARKERS)
+
+
+def describe_exit(command: Command) -> str:
+    """Return "NAME exited with N" or, for a negative status, "NAME was killed by signal N"."""
+    if command.returncode is not None and command.returncode < 0:
+        return f"{command.name} was killed by signal {-command.returncode}"
+    return f"{command.name} exited with {command.returncode}"
 
 
 def summarize_stderr(command: Command, max_lines: int = 20) -> str:

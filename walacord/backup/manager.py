@@ -40,7 +40,7 @@ from walacord.backup.manifest import (
     write_manifest,
 )
 from walacord.backup.pgclient import find_client_bindir, split_conninfo
-from walacord.backup.restore import RestoreResult, restore_backup
+from walacord.backup.restore import RestoreResult, describe_error, restore_backup
 from walacord.backup.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
 from walacord.backup.take import take_backup
 from walacord.backup.verify import verify_backup
@@ -164,14 +164,15 @@ class BackupManager:
         """Count, log and alert on a failed backup operation."""
         self.metrics.backup_failures.labels(operation=operation).inc()
         fields: dict[str, Any] = {"operation": operation, "database": self.database,
-                                  "id": backup, "error": str(error)}
+                                  "id": backup, "error": describe_error(error)}
         if stderr:
             fields["stderr"] = stderr
         log.error(f"backup.{operation}_failed", extra={"fields": fields})
         self._failure_firing = True
         await send_alert(self.alert, BackupAlert(
             BACKUP_FAILED, True,
-            f"backup {operation} of database {self.database} failed: {error}", fields),
+            f"backup {operation} of database {self.database} failed: "
+            f"{describe_error(error)}", fields),
             self.config.query_timeout)
 
     async def record_recovery(self) -> None:
@@ -216,7 +217,8 @@ class BackupManager:
             await self.record_failure("dump", None, exc, stderr)
             if isinstance(exc, BackupError):
                 raise
-            raise BackupError(f"backup of database {self.database} failed: {exc}") from exc
+            raise BackupError(f"backup of database {self.database} failed: "
+                              f"{describe_error(exc)}") from exc
         except BaseException:
             _remove_quietly(cleanup)
             log.warning("backup.cancelled", extra={"fields": {"database": self.database}})

@@ -21,7 +21,7 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from walacord.backup.dump import ProgressCallback, summarize_stderr
+from walacord.backup.dump import ProgressCallback, describe_exit, summarize_stderr
 from walacord.backup.manifest import Manifest
 from walacord.backup.pgclient import Command, client_environment, run_pipeline, with_dbname
 from walacord.backup.verify import count_archive_entries, list_archive
@@ -79,6 +79,13 @@ class Admin:
     async def rename(self, old: str, new: str) -> None:
         await self._execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
             sql.Identifier(old), sql.Identifier(new)))
+
+
+def describe_error(exc: BaseException) -> str:
+    """Return the exception's message, or its kind when the message is empty."""
+    if isinstance(exc, TimeoutError):
+        return "timed out; raise the matching *_timeout in [backup] if the database is large"
+    return str(exc) or type(exc).__name__
 
 
 def scratch_name(prefix: str) -> str:
@@ -149,7 +156,7 @@ async def load_archive(request: RestoreRequest) -> None:
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     failed = [c for c in commands if c.returncode != 0]
     if failed:
-        details = "; ".join(f"{c.name} exited with {c.returncode}: "
+        details = "; ".join(f"{describe_exit(c)}: "
                             f"{summarize_stderr(c) or '(no error output)'}" for c in failed)
         raise BackupError(f"restore of {request.path.name} failed: {details}")
     if request.progress is not None:
@@ -181,7 +188,11 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
                           "`walacorctl backup list`")
 
     admin = Admin(manager.maintenance_conninfo(avoid=target_db), config.query_timeout)
-    replacing = await admin.exists(target_db)
+    try:
+        replacing = await admin.exists(target_db)
+    except (psycopg.Error, TimeoutError) as exc:
+        raise BackupError(f"cannot check whether database {target_db!r} exists: "
+                          f"{describe_error(exc)}") from exc
     if replacing and not force:
         raise DatabaseExists(target_db)
 
@@ -196,7 +207,13 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
     log.info("backup.restore_started", extra={"fields": {
         "id": manifest.id, "target_db": target_db, "temporary_db": temporary,
         "replacing": replacing}})
-    await admin.create(temporary)
+    try:
+        await admin.create(temporary)
+    except (psycopg.Error, TimeoutError) as exc:
+        error = BackupError(f"cannot create database {temporary}: {describe_error(exc)}; "
+                            "the restoring role needs CREATEDB")
+        await manager.record_failure("restore", manifest.id, error)
+        raise error from exc
     try:
         with client_environment(manager.password) as env:
             await load_archive(RestoreRequest(
@@ -220,7 +237,7 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
             await manager.record_failure("restore", manifest.id, exc)
             if not isinstance(exc, BackupError):
                 raise BackupError(f"restore of {manifest.id} into {target_db} failed: "
-                                  f"{exc}") from exc
+                                  f"{describe_error(exc)}") from exc
         raise
 
     duration = round(time.monotonic() - started, 3)

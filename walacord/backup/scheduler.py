@@ -72,6 +72,10 @@ class BackupScheduler:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the schedule; report started once state is read from the backup dir."""
         manager = self.manager
+        if not self.config.enabled:
+            log.info("backup.disabled", extra={"fields": {"database": manager.database}})
+            task_status.started()
+            await anyio.sleep_forever()
         with anyio.fail_after(self.config.query_timeout):
             await anyio.to_thread.run_sync(_prepare_directory, manager)
         manifests = await manager.list()
