@@ -73,9 +73,9 @@ async def test_list_entries_have_stable_keys(make_manager: ManagerFactory) -> No
 
 async def test_verify_with_drill(make_manager: ManagerFactory) -> None:
     manager = make_manager()
-    taken = await backup_now(manager, {})
+    backup = await backup_now(manager, {})
 
-    result = await backup_verify(manager, {"id": taken["id"], "drill": True})
+    result = await backup_verify(manager, {"id": backup["id"], "drill": True})
 
     assert result["verified"] is True
     assert result["checksum"]["ok"] is True
@@ -104,12 +104,12 @@ async def test_restore_names_database_to_replace(make_manager: ManagerFactory,
                                                  pg_cluster: PgCluster,
                                                  target_db: str) -> None:
     manager = make_manager()
-    taken = await backup_now(manager, {})
-    created = await backup_restore(manager, {"id": taken["id"], "target_db": target_db})
+    backup = await backup_now(manager, {})
+    created = await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
 
     with pytest.raises(ControlError) as refused:
-        await backup_restore(manager, {"id": taken["id"], "target_db": target_db})
-    replaced = await backup_restore(manager, {"id": taken["id"], "target_db": target_db,
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
+    replaced = await backup_restore(manager, {"id": backup["id"], "target_db": target_db,
                                               "force": True})
 
     assert created["replaced"] is False

@@ -37,11 +37,11 @@ def restoring_databases(cluster: PgCluster) -> list[str]:
 async def test_restore_into_new_database(make_manager: ManagerFactory, pg_cluster: PgCluster,
                                          target_db: str, fmt: str) -> None:
     manager = make_manager(format=fmt)
-    taken = await manager.take()
-    assert taken is not None
+    backup = await manager.take()
+    assert backup is not None
     steps: list[tuple[int, int, str]] = []
 
-    result = await manager.restore(taken.id, target_db,
+    result = await manager.restore(backup.id, target_db,
                                    progress=lambda done, total, text: steps.append(
                                        (done, total, text)))
 
@@ -58,13 +58,13 @@ async def test_restore_refuses_existing_without_force(make_manager: ManagerFacto
                                                       pg_cluster: PgCluster,
                                                       target_db: str) -> None:
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
+    backup = await manager.take()
+    assert backup is not None
     pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
     pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
 
     with pytest.raises(DatabaseExists) as raised:
-        await manager.restore(taken.id, target_db)
+        await manager.restore(backup.id, target_db)
 
     assert f"'{target_db}' already exists" in str(raised.value)
     assert "--force" in str(raised.value)
@@ -75,12 +75,12 @@ async def test_restore_refuses_existing_without_force(make_manager: ManagerFacto
 async def test_restore_force_replaces_existing(make_manager: ManagerFactory,
                                                pg_cluster: PgCluster, target_db: str) -> None:
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
+    backup = await manager.take()
+    assert backup is not None
     pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
     pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
 
-    result = await manager.restore(taken.id, target_db, force=True)
+    result = await manager.restore(backup.id, target_db, force=True)
 
     assert result.replaced
     assert ledger_rows(pg_cluster, target_db) == 3000
@@ -91,15 +91,15 @@ async def test_restore_failure_keeps_existing_database(make_manager: ManagerFact
                                                        pg_cluster: PgCluster,
                                                        target_db: str) -> None:
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
-    path = manager.path_of(taken)
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
     path.write_bytes(path.read_bytes()[:600])
     pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
     pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
 
     with pytest.raises(BackupError, match="restore"):
-        await manager.restore(taken.id, target_db, force=True)
+        await manager.restore(backup.id, target_db, force=True)
 
     assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "0"
     assert restoring_databases(pg_cluster) == []
@@ -110,13 +110,13 @@ async def test_restore_over_source_database(make_manager: ManagerFactory,
                                             pg_cluster: PgCluster, seeded_db: str) -> None:
     """Replacing the backed-up database itself works from the maintenance database."""
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
+    backup = await manager.take()
+    assert backup is not None
     with psycopg.connect(seeded_db, autocommit=True) as conn:
         conn.execute("DELETE FROM ledger")
     source = seeded_db.rsplit("/", 1)[1]
 
-    result = await manager.restore(taken.id, source, force=True)
+    result = await manager.restore(backup.id, source, force=True)
 
     assert result.replaced
     assert ledger_rows(pg_cluster, source) == 3000

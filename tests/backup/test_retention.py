@@ -115,12 +115,12 @@ async def test_apply_retention_deletes_backdated(make_manager: ManagerFactory, t
 
     plan = await manager.apply_retention()
 
-    kept = {m.id for m in await manager.list()}
-    assert kept == {m.id for m in recent} | {verified_old.id}
+    remaining_ids = {m.id for m in await manager.list()}
+    assert remaining_ids == {m.id for m in recent} | {verified_old.id}
     assert plan.keep[verified_old.id] == "newest verified backup"
-    for gone in [*expired, older_verified]:
-        assert not (directory / gone.file).exists()
-        assert not (directory / f"{gone.id}.json").exists()
+    for deleted_manifest in [*expired, older_verified]:
+        assert not (directory / deleted_manifest.file).exists()
+        assert not (directory / f"{deleted_manifest.id}.json").exists()
     deleted = [r for r in caplog.records if r.getMessage() == "backup.deleted"]
     assert sorted(r.fields["id"] for r in deleted) == sorted(  # type: ignore[attr-defined]
         m.id for m in [*expired, older_verified])

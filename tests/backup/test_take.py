@@ -146,7 +146,7 @@ async def test_take_revoked_table_fails_cleanly(make_manager: ManagerFactory, du
 
 async def test_take_with_dump_role_and_password(make_manager: ManagerFactory, dump_role: str,
                                                 pg_cluster: PgCluster, seeded_db: str) -> None:
-    """The password, which holds ':' and '\\', reaches pg_dump through the passfile."""
+    """The password, which contains ':' and '\\', reaches pg_dump through the passfile."""
     with psycopg.connect(seeded_db, autocommit=True) as conn:
         conn.execute("DROP TABLE ledger")
     manager = make_manager(url=dump_role)
@@ -267,8 +267,8 @@ async def test_two_managers_take_one_backup(make_manager: ManagerFactory, tmp_pa
         group.start_soon(take, first)
         group.start_soon(take, second)
 
-    taken = [r for r in results if r is not None]
+    backup = [r for r in results if r is not None]
     assert len(results) == 2
-    assert len(taken) == 1
+    assert len(backup) == 1
     files = backup_files(tmp_path / "host-a") + backup_files(tmp_path / "host-b")
     assert len([f for f in files if f.endswith(".dump")]) == 1

@@ -25,15 +25,15 @@ def drill_databases(cluster: PgCluster) -> list[str]:
 
 async def test_verify_accepts_intact_backup(make_manager: ManagerFactory) -> None:
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
+    backup = await manager.take()
+    assert backup is not None
 
-    checked = await manager.verify(taken.id)
+    checked = await manager.verify(backup.id)
 
     assert checked.verified
     assert checked.checksum_check is not None and checked.checksum_check.ok
     assert checked.list_check is not None and checked.list_check.detail["entries"] > 4
-    stored = await manager.read(taken.id)
+    stored = await manager.read(backup.id)
     assert stored.checksum_check == checked.checksum_check
 
 
@@ -41,9 +41,9 @@ async def test_verify_accepts_intact_backup(make_manager: ManagerFactory) -> Non
 async def test_verify_detects_changed_file(make_manager: ManagerFactory,
                                            alerts: list[BackupAlert], fmt: str) -> None:
     manager = make_manager(format=fmt)
-    taken = await manager.take()
-    assert taken is not None
-    path = manager.path_of(taken)
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -56,15 +56,15 @@ async def test_verify_detects_changed_file(make_manager: ManagerFactory,
     assert "changed after it was written" in (checked.checksum_check.error or "")
     assert manager.metrics.backup_failures.labels(operation="verify")._value.get() == 1
     assert [a.name for a in alerts] == [BACKUP_FAILED]
-    assert not (await manager.read(taken.id)).verified
+    assert not (await manager.read(backup.id)).verified
 
 
 async def test_verify_detects_truncated_plain_dump(make_manager: ManagerFactory) -> None:
     manager = make_manager(format="plain-gzip")
-    taken = await manager.take()
-    assert taken is not None
-    path = manager.path_of(taken)
-    path.write_bytes(path.read_bytes()[: taken.size_bytes // 2])
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+    path.write_bytes(path.read_bytes()[: backup.size_bytes // 2])
 
     checked = await manager.verify()
 
@@ -75,12 +75,12 @@ async def test_verify_detects_truncated_plain_dump(make_manager: ManagerFactory)
 
 async def test_verify_missing_file_raises(make_manager: ManagerFactory) -> None:
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
-    manager.path_of(taken).unlink()
+    backup = await manager.take()
+    assert backup is not None
+    manager.path_of(backup).unlink()
 
     with pytest.raises(BackupError, match="missing"):
-        await manager.verify(taken.id)
+        await manager.verify(backup.id)
 
 
 async def test_verify_unknown_id_raises(make_manager: ManagerFactory) -> None:
@@ -97,17 +97,17 @@ async def test_drill_restores_and_counts_match(make_manager: ManagerFactory,
                                                pg_cluster: PgCluster,
                                                seed_rows: dict[str, int], fmt: str) -> None:
     manager = make_manager(format=fmt)
-    taken = await manager.take()
-    assert taken is not None
+    backup = await manager.take()
+    assert backup is not None
 
-    drilled = await manager.drill(taken.id)
+    drilled = await manager.drill(backup.id)
 
     assert drilled.drill is not None
     assert drilled.drill.ok, drilled.drill.error
     assert drilled.drill.detail["row_counts"] == seed_rows
     assert drilled.drill.detail["table_count"] == 4
     assert drilled.verified
-    assert (await manager.read(taken.id)).drill == drilled.drill
+    assert (await manager.read(backup.id)).drill == drilled.drill
     assert drill_databases(pg_cluster) == []
     assert manager.metrics.backup_last_drill._value.get() > 0
 
@@ -116,12 +116,12 @@ async def test_drill_reports_count_mismatch(make_manager: ManagerFactory,
                                             pg_cluster: PgCluster,
                                             alerts: list[BackupAlert]) -> None:
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
-    taken.row_counts["public.ledger"] += 1
-    write_manifest(manager.directory, taken)
+    backup = await manager.take()
+    assert backup is not None
+    backup.row_counts["public.ledger"] += 1
+    write_manifest(manager.directory, backup)
 
-    drilled = await manager.drill(taken.id)
+    drilled = await manager.drill(backup.id)
 
     assert drilled.drill is not None
     assert not drilled.drill.ok
@@ -136,8 +136,8 @@ async def test_drill_uses_dump_time_snapshot(make_manager: ManagerFactory, seede
                                              seed_rows: dict[str, int]) -> None:
     """Rows written after the backup change neither the manifest nor the drill."""
     manager = make_manager()
-    taken = await manager.take()
-    assert taken is not None
+    backup = await manager.take()
+    assert backup is not None
     with psycopg.connect(seeded_db, autocommit=True) as conn:
         conn.execute("INSERT INTO accounts VALUES (1000, 'late')")
 

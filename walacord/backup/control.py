@@ -71,7 +71,7 @@ def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
 
 async def backup_now(manager: BackupManager, params: Mapping[str, Any] | None, *,
                      progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Take a backup now and return its entry, or say that a peer is taking one."""
+    """Take a backup now and return its entry, or report that a peer is taking one."""
     _check_params(params, {})
     try:
         manifest = await manager.take(progress=progress)

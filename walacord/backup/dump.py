@@ -198,7 +198,7 @@ async def run_pg_dump(request: DumpRequest) -> None:
     if request.fmt == "plain-gzip":
         commands.append(Command(["gzip", "-c", f"-{max(1, request.compression_level)}"]))
 
-    # The partial file is created here, mode 0600, because a dump holds every row.
+    # The partial file is created here, mode 0600, because a dump contains every row.
     fd = os.open(request.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as output:
         stdout = output if request.fmt == "plain-gzip" else subprocess.DEVNULL

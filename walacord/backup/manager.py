@@ -1,9 +1,9 @@
 """BackupManager: takes, verifies, drills, restores, lists and prunes backups of one
 database, and keeps the backup metrics and alerts up to date.
 
-Several walacord hosts may watch the same database. Only the one holding the
-session-level advisory lock `BACKUP_LOCK_KEY` in that database takes a backup; the
-others skip their run and log that a peer is busy.
+Several walacord hosts may watch the same database. A backup runs only while its
+session holds the advisory lock `BACKUP_LOCK_KEY` in that database. The other hosts
+skip their run and log that a peer is busy.
 """
 
 from __future__ import annotations
@@ -187,8 +187,8 @@ class BackupManager:
     async def take(self, *, progress: ProgressCallback | None = None) -> Manifest | None:
         """Take one backup and verify it; return None when a peer holds the backup lock.
 
-        Raises BackupError when pg_dump or the verification fails; by then the partial
-        file is gone, the failure is counted and the alert hook has been called.
+        Raises BackupError when pg_dump or the verification fails. Before it raises,
+        the partial file is deleted, the failure is counted and the alert hook is called.
         """
         lock_conn = await self._try_lock()
         if lock_conn is None:

@@ -1,10 +1,11 @@
 """Restoring a backup file into a database, and the CREATE/DROP/RENAME DATABASE steps
 around it.
 
-A restore always goes into a fresh database under a temporary name first. Only when
-pg_restore (or psql, for plain SQL) has finished without error is that database
-renamed to the target, so a failed restore never leaves a half-filled database under
-the name an application uses, and with `force` the old database survives until then.
+A restore always goes into a fresh database under a temporary name first. That
+database is renamed to the target only after pg_restore (or psql, for plain SQL) has
+finished without error. A failed restore therefore never leaves a half-filled
+database under the name an application uses. With `force`, the old database
+survives until the rename.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def scratch_name(prefix: str) -> str:
 
 @dataclass
 class RestoreResult:
-    """What a finished restore did."""
+    """Outcome of a finished restore."""
 
     id: str
     target_db: str
