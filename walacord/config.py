@@ -172,6 +172,8 @@ class BackupConfig:
                                help="the daily start moves up to this much later")
     drill_interval: Duration = setting(7 * 86400.0, min=3600, max=365 * 86400,
                                        help="how often a restore drill runs")
+    retry_interval: Duration = setting(3600.0, min=1, max=86400,
+                                       help="wait before retrying a failed scheduled backup")
     max_age: Duration = setting(26 * 3600.0, min=3600, max=365 * 86400,
                                 help="alert when the last good backup is older than this")
     keep_days: int = setting(30, min=1, max=3650, help="keep every backup this many days")

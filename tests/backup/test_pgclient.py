@@ -143,3 +143,17 @@ async def test_run_pipeline_kills_on_cancel() -> None:
 
     names = [p.name() for p in psutil.Process().children(recursive=True)]
     assert "sleep" not in names
+
+
+@pytest.mark.anyio
+async def test_run_pipeline_missing_program_closes_pipes() -> None:
+    open_before = len(os.listdir("/proc/self/fd"))
+    commands = [Command(["sleep", "30"]), Command(["/nonexistent/walacord-test"])]
+
+    with pytest.raises(FileNotFoundError):
+        await run_pipeline(commands, env=dict(os.environ), time_limit=10,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert "sleep" not in names

@@ -150,3 +150,29 @@ async def test_staleness_counts_peer_backup(make_manager: ManagerFactory, seeded
 
     assert not await manager.check_staleness()
     assert alerts == []
+
+
+@pytest.mark.anyio
+async def test_scheduler_retries_failed_backup(make_manager: ManagerFactory, seeded_db: str,
+                                               alerts: list[BackupAlert]) -> None:
+    import psycopg
+
+    hour_ahead = (datetime.now(UTC) + timedelta(hours=1)).strftime("%H:%M")
+    manager = make_manager(daily_at=hour_ahead, jitter=0, retry_interval=1.0,
+                           lock_wait_timeout=0.2)
+    failures = manager.metrics.backup_failures.labels(operation="dump")
+    scheduler = BackupScheduler(manager)
+
+    with psycopg.connect(seeded_db) as holder:
+        holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                await group.start(scheduler.run)
+                await poll_until(lambda: failures._value.get() >= 2)
+                holder.rollback()
+                await poll_until(lambda: manager.last_success is not None)
+                group.cancel_scope.cancel()
+
+    assert failures._value.get() == 2
+    assert len(await manager.list()) == 1
+    assert [a.firing for a in alerts if a.name == "backup_failed"][-1] is False

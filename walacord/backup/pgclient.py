@@ -219,17 +219,22 @@ async def run_pipeline(commands: Sequence[Command], *, env: dict[str, str], time
         for index, command in enumerate(commands):
             last = index == len(commands) - 1
             read_end, write_end = (None, None) if last else os.pipe()
+            child_stdin = previous_read if previous_read is not None else stdin
             try:
                 process = await anyio.open_process(
-                    list(command.argv),
-                    stdin=previous_read if previous_read is not None else stdin,
+                    list(command.argv), stdin=child_stdin,
                     stdout=stdout if last else write_end,
                     stderr=subprocess.PIPE, env=env, start_new_session=True)
+            except BaseException:
+                if read_end is not None:
+                    os.close(read_end)
+                raise
             finally:
                 # The children hold their own copies of the pipe ends; closing ours lets
                 # a reader see end-of-file when its writer exits.
                 if previous_read is not None:
                     os.close(previous_read)
+                    previous_read = None
                 if write_end is not None:
                     os.close(write_end)
             processes.append(process)

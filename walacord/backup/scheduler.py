@@ -96,31 +96,37 @@ class BackupScheduler:
 
         async with anyio.create_task_group() as group:
             group.start_soon(self._watch_age)
-            if missed:
-                await self.run_cycle("missed run at start-up")
+            succeeded = await self.run_cycle("missed run at start-up") if missed else True
             while True:
-                await self._sleep_until_next_run()
-                await self.run_cycle("daily schedule")
+                succeeded = await self._sleep_until_next_run(retry=not succeeded)
 
-    async def _sleep_until_next_run(self) -> None:
+    async def _sleep_until_next_run(self, *, retry: bool) -> bool:
+        """Sleep until the next daily start, or a retry when that comes first; run it."""
         now = datetime.now(UTC)
         start = next_daily_run(now, self.config.daily_at, self.config.jitter,
                                f"{self.manager.server_host}/{self.manager.database}")
         delay = (start - now).total_seconds()
+        reason = "daily schedule"
+        if retry and self.config.retry_interval < delay:
+            delay, reason = self.config.retry_interval, "retry after a failed backup"
         log.info("backup.next_run", extra={"fields": {
-            "at": start.isoformat(timespec="seconds"), "in_seconds": round(delay)}})
+            "in_seconds": round(delay), "reason": reason}})
         await anyio.sleep(delay)
+        return await self.run_cycle(reason)
 
-    async def run_cycle(self, reason: str) -> None:
-        """Back up, then prune and drill when due; log failures and keep the schedule."""
+    async def run_cycle(self, reason: str) -> bool:
+        """Back up, then prune and drill when due; return False when the backup failed.
+
+        A run skipped because a peer holds the lock counts as done.
+        """
         manager = self.manager
         log.info("backup.cycle_started", extra={"fields": {"reason": reason}})
         try:
             manifest = await manager.take()
         except BackupError:
-            return  # the manager has logged, counted and alerted on it
+            return False  # the manager has logged, counted and alerted on it
         if manifest is None:
-            return  # a peer host holds the lock and takes this run's backup
+            return True
 
         try:
             await manager.apply_retention()
@@ -133,6 +139,7 @@ class BackupScheduler:
             except (BackupError, OSError, TimeoutError, psycopg.Error) as exc:
                 log.error("backup.drill_not_run", extra={"fields": {"error": str(exc)}})
             self._drill_due_at = time.monotonic() + self.config.drill_interval
+        return True
 
     async def _watch_age(self) -> None:
         while True:

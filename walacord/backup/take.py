@@ -74,7 +74,9 @@ async def take_backup(manager: BackupManager, *, progress: ProgressCallback | No
     config = manager.config
     started = utc_now()
     started_clock = time.monotonic()
-    await anyio.to_thread.run_sync(_make_directory, manager.directory)
+    with anyio.fail_after(config.query_timeout):
+        await anyio.to_thread.run_sync(_make_directory, manager.directory,
+                                       abandon_on_cancel=True)
 
     # 1. Find pg_dump; its version is checked against the server's below.
     bindir = manager.bindir
