@@ -272,3 +272,17 @@ async def test_two_managers_take_one_backup(make_manager: ManagerFactory, tmp_pa
     assert len(backup) == 1
     files = backup_files(tmp_path / "host-a") + backup_files(tmp_path / "host-b")
     assert len([f for f in files if f.endswith(".dump")]) == 1
+
+
+async def test_take_unreachable_server_fails_cleanly(make_manager: ManagerFactory,
+                                                     alerts: list[BackupAlert]) -> None:
+    from walacord.pgcluster import free_port
+
+    manager = make_manager(url=f"postgresql://postgres:pw@127.0.0.1:{free_port()}/nowhere")
+
+    with pytest.raises(BackupError, match="cannot take the backup lock in database nowhere"):
+        await manager.take()
+
+    assert failures(manager.metrics, "dump") == 1
+    assert [a.name for a in alerts] == [BACKUP_FAILED]
+    assert backup_files(manager.directory) == []

@@ -67,7 +67,9 @@ class BackupManager:
         self.alert = alert
         self._conninfo = conninfo
         params, self._password = split_conninfo(conninfo)
-        self._client_conninfo = make_conninfo("", **params)
+        # A distinct name lets a DBA tell the backup's sessions from the daemon's.
+        self._client_conninfo = make_conninfo(
+            "", **{**params, "application_name": "walacord-backup"})
         self.database = params.get("dbname") or params.get("user") or "postgres"
         host = (params.get("host") or params.get("hostaddr") or "local").split(",")[0]
         self.server_host = "local" if host.startswith("/") else host
@@ -190,7 +192,13 @@ class BackupManager:
         Raises BackupError when pg_dump or the verification fails. Before it raises,
         the partial file is deleted, the failure is counted and the alert hook is called.
         """
-        lock_conn = await self._try_lock()
+        try:
+            lock_conn = await self._try_lock()
+        except (psycopg.Error, TimeoutError) as exc:
+            error = BackupError(f"cannot take the backup lock in database {self.database}: "
+                                f"{describe_error(exc)}")
+            await self.record_failure("dump", None, error)
+            raise error from exc
         if lock_conn is None:
             self.metrics.backup_skipped.inc()
             self._peer_seen_at = time.monotonic()

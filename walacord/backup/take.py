@@ -148,7 +148,7 @@ async def take_backup(manager: BackupManager, *, progress: ProgressCallback | No
         sha256=sha256, table_count=stats.table_count, row_counts=stats.row_counts,
         lock_wait_timeout_seconds=config.lock_wait_timeout, list_check=list_result,
         checksum_check=checksum_check(sha256, sha256))
-    cleanup.append(manifest_path(manager.directory, backup))
+    cleanup += [manifest_path(manager.directory, backup), final]
     with anyio.fail_after(config.query_timeout):
         await anyio.to_thread.run_sync(_publish, manager.directory, manifest, partial, final,
                                        abandon_on_cancel=True)
