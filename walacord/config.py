@@ -166,10 +166,10 @@ class BackupConfig:
                        help="libpq URL of the database to back up; empty uses [database] url")
     format: str = setting("custom", choices=BACKUP_FORMATS,
                           help="custom: pg_dump -Fc; plain-gzip: plain SQL piped through gzip")
-    compression_level: int = setting(6, min=0, max=9, help="pg_dump -Z or gzip level")
+    compression_level: int = setting(6, min=0, max=9, help="0-9, passed to pg_dump -Z or gzip")
     daily_at: str = setting("02:30", help="UTC time of day HH:MM for the daily backup")
     jitter: Duration = setting(1800.0, min=0, max=43200,
-                               help="the daily start moves up to this much later")
+                               help="maximum delay after daily_at; every host picks the same one")
     drill_interval: Duration = setting(7 * 86400.0, min=3600, max=365 * 86400,
                                        help="how often a restore drill runs")
     retry_interval: Duration = setting(3600.0, min=1, max=86400,
