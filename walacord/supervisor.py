@@ -41,11 +41,13 @@ def default_components(runtime: Runtime) -> list[Component]:
     Extension point: each capability adds its component here. Components that others
     depend on start first; they stop in reverse order.
     """
+    from walacord.alerts.service import AlertService
     from walacord.web import WebServer
 
     components: list[Component] = []
     if runtime.config.http.listen:
         components.append(WebServer(runtime))
+    components.append(AlertService(runtime))
     return components
 
 
@@ -69,7 +71,9 @@ class Supervisor:
         runtime = self.runtime
         cfg = runtime.config
         log.info("daemon.starting", extra={"fields": {
-            "version": __version__, "config": cfg.source, "environment": cfg.environment}})
+            "version": __version__, "config": cfg.source, "environment": cfg.environment,
+            "database": cfg.database.url, "walacor": cfg.walacor.url,
+            "http": cfg.http.listen, "control": cfg.control.socket}})
 
         async with anyio.create_task_group() as tg:
             await tg.start(self._handle_signals)
