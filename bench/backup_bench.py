@@ -52,6 +52,8 @@ class Timings:
     walacord: list[float]
     plain_size: int
     walacord_size: int
+    load_before: float = 0.0
+    load_after: float = 0.0
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> str:
@@ -105,7 +107,7 @@ def time_walacord(cluster: PgCluster, directory: Path) -> tuple[float, int]:
 
 
 def measure(cluster: PgCluster, work: Path, runs: int) -> Timings:
-    timings = Timings([], [], 0, 0)
+    timings = Timings([], [], 0, 0, load_before=os.getloadavg()[0])
     for round_number in range(runs):
         # Alternate who goes first so page-cache warmth does not favour one side.
         order = ["plain", "walacord"] if round_number % 2 == 0 else ["walacord", "plain"]
@@ -117,6 +119,7 @@ def measure(cluster: PgCluster, work: Path, runs: int) -> Timings:
                 seconds, timings.walacord_size = time_walacord(cluster, work / "walacord")
                 timings.walacord.append(seconds)
             print(f"round {round_number + 1}: {contender} {seconds:.2f} s", flush=True)
+    timings.load_after = os.getloadavg()[0]
     return timings
 
 
@@ -167,8 +170,9 @@ def report(args: argparse.Namespace, timings: Timings, db_size: int, load_second
         f"{plain:.2f} x {1 + RELATIVE_MARGIN:.2f} + {FIXED_MARGIN_SECONDS:.0f} s = "
         f"{limit:.2f} s: **{verdict}**.",
         "",
-        "The rounds alternate which contender goes first. The machine's 2 CPUs are shared "
-        "with other work, so single rounds vary; compare medians.",
+        "The rounds alternate which contender goes first. Other work shared the CPUs "
+        f"(1-minute load average {timings.load_before:.1f} before the rounds and "
+        f"{timings.load_after:.1f} after), so single rounds vary; compare the medians.",
         END_MARKER,
     ])
 
