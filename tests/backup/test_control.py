@@ -11,12 +11,12 @@ from walacord.backup import BackupManager
 from walacord.backup.control import (
     BACKUP_FAILED,
     INVALID_PARAMS,
-    METHODS,
     TARGET_EXISTS,
     backup_list,
     backup_now,
     backup_restore,
     backup_verify,
+    handlers,
 )
 from walacord.backup.manifest import sha256_file
 from walacord.errors import ControlError
@@ -38,8 +38,11 @@ def target_db(pg_cluster: PgCluster, seeded_db: str) -> Iterator[str]:
     pg_cluster.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def test_methods_cover_backup_family() -> None:
-    assert sorted(METHODS) == ["backup.list", "backup.now", "backup.restore", "backup.verify"]
+async def test_handlers_bind_manager(make_manager: ManagerFactory) -> None:
+    bound = handlers(make_manager())
+
+    assert sorted(bound) == ["backup.list", "backup.now", "backup.restore", "backup.verify"]
+    assert await bound["backup.list"]({}) == {"backups": []}
 
 
 async def test_now_returns_id_and_path(make_manager: ManagerFactory) -> None:

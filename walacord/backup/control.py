@@ -3,13 +3,14 @@
 
 Each handler takes the manager and the request's params dict and returns a JSON-able
 dict. Invalid params and failed operations raise ControlError with a JSON-RPC style
-code; `METHODS` maps method names to handlers for the control server to register.
-Long operations accept an optional `progress(done, total, message)` callback.
+code. `handlers(manager)` binds them to a manager for the control server's method
+registry. Long operations accept an optional `progress(done, total, message)` callback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 from walacord.backup.dump import ProgressCallback
@@ -22,7 +23,7 @@ INVALID_PARAMS = -32602  # JSON-RPC 2.0: invalid method parameters
 BACKUP_FAILED = -32000  # JSON-RPC 2.0 leaves -32000..-32099 to the server
 TARGET_EXISTS = -32001
 
-Handler = Callable[..., Awaitable[dict[str, Any]]]
+Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def _check_params(params: Mapping[str, Any] | None, allowed: dict[str, type]) -> dict[str, Any]:
@@ -127,9 +128,11 @@ async def backup_restore(manager: BackupManager, params: Mapping[str, Any] | Non
             "duration_seconds": result.duration_seconds}
 
 
-METHODS: dict[str, Handler] = {
-    "backup.now": backup_now,
-    "backup.list": backup_list,
-    "backup.verify": backup_verify,
-    "backup.restore": backup_restore,
-}
+def handlers(manager: BackupManager) -> dict[str, Handler]:
+    """Return the backup methods bound to `manager`, keyed by method name."""
+    return {
+        "backup.now": partial(backup_now, manager),
+        "backup.list": partial(backup_list, manager),
+        "backup.verify": partial(backup_verify, manager),
+        "backup.restore": partial(backup_restore, manager),
+    }
