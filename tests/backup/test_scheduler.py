@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import anyio
 import pytest
@@ -176,3 +177,25 @@ async def test_scheduler_retries_failed_backup(make_manager: ManagerFactory, see
     assert failures._value.get() == 2
     assert len(await manager.list()) == 1
     assert [a.firing for a in alerts if a.name == "backup_failed"][-1] is False
+
+
+def test_scheduler_for_runtime_uses_registry(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from walacord.config import BackupConfig, Config
+    from walacord.metrics import Metrics
+    from walacord.runtime import Runtime
+    from walacord.systemd import Notifier
+
+    registry = CollectorRegistry()
+    config = Config(backup=BackupConfig(dir=str(tmp_path)))
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier())
+
+    scheduler = BackupScheduler.for_runtime(runtime)
+
+    assert scheduler.name == "backup"
+    assert scheduler.manager.metrics is runtime.metrics
+    assert scheduler.manager.directory == tmp_path
+    assert registry.get_sample_value("walacord_backup_failures_total",
+                                     {"operation": "dump"}) == 0

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import anyio
 import psycopg
@@ -23,6 +24,9 @@ from anyio.abc import TaskStatus
 from walacord.backup.manager import BackupManager
 from walacord.config import BackupConfig, parse_daily_at
 from walacord.errors import BackupError
+
+if TYPE_CHECKING:
+    from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,16 @@ class BackupScheduler:
         self.manager = manager
         self.period = period
         self._drill_due_at = 0.0  # monotonic; set from the last drill at start-up
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> BackupScheduler:
+        """Build the daemon's scheduler, with metrics on the runtime's registry.
+
+        No alert hook is passed because the alert engine raises its backup alerts
+        from these metrics. NOTE: the manager keeps the [backup] section it was built
+        with, so a config reload takes effect only after a restart.
+        """
+        return cls(BackupManager.from_config(runtime.config, metrics=runtime.metrics))
 
     @property
     def config(self) -> BackupConfig:
