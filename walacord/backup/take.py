@@ -32,6 +32,7 @@ from walacord.backup.dump import (
     run_pg_dump,
 )
 from walacord.backup.manifest import (
+    CheckResult,
     Manifest,
     backup_id,
     dump_path,
@@ -161,14 +162,14 @@ async def take_backup(manager: BackupManager, *, progress: ProgressCallback | No
 
 
 async def _hash_and_list(manager: BackupManager, path: Path,
-                         bindir: Path) -> tuple[str, Any]:
+                         bindir: Path) -> tuple[str, CheckResult]:
     """Hash the file and check it with pg_restore --list, both at once."""
     if manager.config.format == "plain-gzip":
         return await anyio.to_thread.run_sync(hash_and_check_plain, path,
                                               abandon_on_cancel=True)
 
     digest = ""
-    result: Any = None
+    result: CheckResult | None = None
 
     async def hash_file() -> None:
         nonlocal digest
@@ -183,6 +184,7 @@ async def _hash_and_list(manager: BackupManager, path: Path,
         async with anyio.create_task_group() as group:
             group.start_soon(hash_file)
             group.start_soon(list_file)
+    assert result is not None
     return digest, result
 
 
