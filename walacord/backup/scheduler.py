@@ -1,8 +1,11 @@
 """BackupScheduler: the daily backup, the periodic drill and the backup-age alert.
 
-Wall-clock time is used for one thing only: choosing the next daily start (UTC
-`daily_at`). The wait until then, the drill interval and the alert check interval
-are measured on the monotonic clock, so a clock step does not make runs bunch up.
+Wall-clock time chooses the next daily start (UTC `daily_at`) and, at start-up, turns
+the manifests' timestamps into the age of the last backup and drill. The wait until
+the start, the retry and drill intervals and the alert check interval are measured
+on the monotonic clock, so a clock step does not make runs bunch up. The age behind
+the stale alert also compares manifest timestamps with the wall clock, because it
+must survive restarts.
 
 Jitter is derived from the database identity and the date, not drawn at random, so
 every host watching one database picks the same start. The host that wins the
