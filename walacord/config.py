@@ -170,7 +170,8 @@ BACKUP_FORMATS = ("custom", "plain-gzip")
 @dataclass(frozen=True)
 class BackupConfig:
     enabled: bool = setting(True, help="take scheduled backups and drills")
-    dir: str = setting("/var/lib/walacord/backups", help="directory for dumps and manifests")
+    dir: str = setting("", help="directory for dumps and manifests; empty means "
+                            "<[state] dir>/backups")
     url: str = setting("", secret=True,
                        help="libpq URL of the database to back up; empty uses [database] url")
     format: str = setting("custom", choices=BACKUP_FORMATS,

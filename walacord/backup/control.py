@@ -17,11 +17,12 @@ from walacord.backup.dump import ProgressCallback
 from walacord.backup.manager import BackupManager
 from walacord.backup.manifest import CheckResult, Manifest, utc_now
 from walacord.backup.restore import DatabaseExists
+from walacord.control.protocol import ErrorCode
 from walacord.errors import BackupError, ControlError
 
-INVALID_PARAMS = -32602  # JSON-RPC 2.0: invalid method parameters
-BACKUP_FAILED = -32000  # JSON-RPC 2.0 leaves -32000..-32099 to the server
-TARGET_EXISTS = -32001
+INVALID_PARAMS = ErrorCode.INVALID_PARAMS
+BACKUP_FAILED = ErrorCode.OPERATION_FAILED
+TARGET_EXISTS = ErrorCode.TARGET_EXISTS
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 

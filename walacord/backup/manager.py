@@ -9,6 +9,7 @@ skip their run and log that a peer is busy.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import hashlib
 import logging
 import time
@@ -92,7 +93,10 @@ class BackupManager:
             conninfo = make_conninfo("", **params)
         else:
             conninfo = config.database.conninfo()
-        return cls(config.backup, conninfo=conninfo, metrics=metrics, alert=alert)
+        section = config.backup
+        if not section.dir:
+            section = dataclasses.replace(section, dir=str(Path(config.state.dir) / "backups"))
+        return cls(section, conninfo=conninfo, metrics=metrics, alert=alert)
 
     # --- shared pieces ---------------------------------------------------------------
 
