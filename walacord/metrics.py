@@ -37,6 +37,42 @@ class Metrics:
             "Times a component missed its progress deadline and held back the watchdog.",
             ["component"], registry=registry)
 
+        # --- backups --------------------------------------------------------------
+        self.backup_last_success = Gauge(
+            "walacord_backup_last_success_timestamp_seconds",
+            "Unix time the last backup finished and passed its list and checksum checks.",
+            registry=registry)
+        self.backup_last_verified = Gauge(
+            "walacord_backup_last_verified_timestamp_seconds",
+            "Unix time a backup last passed verification (list and checksum, or a drill).",
+            registry=registry)
+        self.backup_duration = Gauge(
+            "walacord_backup_duration_seconds",
+            "Wall time of the last successful backup, pg_dump through verification.",
+            registry=registry)
+        self.backup_size = Gauge(
+            "walacord_backup_size_bytes", "Size of the last successful backup file.",
+            registry=registry)
+        self.backup_failures = Counter(
+            "walacord_backup_failures_total",
+            "Failed backup operations by operation: dump, verify, drill, restore.",
+            ["operation"], registry=registry)
+        for operation in ("dump", "verify", "drill", "restore", "retention"):
+            # Exported as 0 from the start, so a first failure shows as an increase.
+            self.backup_failures.labels(operation=operation)
+        self.backup_last_drill = Gauge(
+            "walacord_backup_last_drill_timestamp_seconds",
+            "Unix time the last restore drill passed.", registry=registry)
+        self.backup_skipped = Counter(
+            "walacord_backup_skipped_total",
+            "Backups skipped because another instance held the database's backup lock.",
+            registry=registry)
+        self.backup_deleted = Counter(
+            "walacord_backup_deleted_total", "Backups deleted by the retention policy.",
+            registry=registry)
+        self.backup_count = Gauge(
+            "walacord_backup_count", "Backups in the backup directory.", registry=registry)
+
         # --- alerts -------------------------------------------------------------
         self.alerts = Gauge(
             "walacord_alerts",

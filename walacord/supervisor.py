@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from walacord import __version__, logs
 from walacord import config as config_module
+from walacord.components import default_components
 from walacord.config import Config
 from walacord.errors import ConfigError, WalacordError
 from walacord.metrics import Metrics
@@ -33,30 +34,6 @@ from walacord.systemd import Notifier
 log = logging.getLogger(__name__)
 
 ComponentFactory = Callable[[Runtime], Sequence[Component]]
-
-
-def default_components(runtime: Runtime) -> list[Component]:
-    """Build the daemon's components in start order.
-
-    Extension point: each capability adds its component here. Components that others
-    depend on start first; they stop in reverse order.
-    """
-    from walacord.alerts.control import handlers as alert_methods
-    from walacord.alerts.service import AlertService
-    from walacord.control.server import ControlServer
-    from walacord.web import WebServer
-
-    components: list[Component] = []
-    # The control socket starts first, so an operator can ask what a slow start waits for.
-    if runtime.config.control.socket:
-        components.append(ControlServer(runtime))
-    if runtime.config.http.listen:
-        components.append(WebServer(runtime))
-    alerts = AlertService(runtime)
-    components.append(alerts)
-    runtime.methods.register_plain(alert_methods(alerts),
-                                   mutating={"alerts.silence", "alerts.unsilence"})
-    return components
 
 
 class Supervisor:

@@ -76,7 +76,11 @@ def test_register_rejects_duplicate_name() -> None:
 
 def test_register_rejects_non_dataclass_params() -> None:
     with pytest.raises(ValueError, match="must be a dataclass"):
-        MethodRegistry().register("a.b", handler, dict, mutating=False)
+        MethodRegistry().register("a.b", handler, list, mutating=False)
+
+
+def test_dict_params_pass_through_unchanged() -> None:
+    assert parse_params("a.b", dict, {"x": [1], "y": None}) == {"x": [1], "y": None}
 
 
 def test_register_audits_mutating_by_default() -> None:

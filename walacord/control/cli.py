@@ -35,7 +35,11 @@ CONNECTION_ERRORS = (ErrorCode.PERMISSION_DENIED, ErrorCode.VERSION_MISMATCH, Er
 # Modules that add a family of commands; each defines `add_commands(subparsers)`, whose
 # parsers set `handler=function(context, args) -> exit code`. The outbox, sync, backup
 # and alerts families add their module here.
-FAMILIES = ("walacord.control.commands", "walacord.alerts.commands")
+FAMILIES = (
+    "walacord.control.commands",
+    "walacord.alerts.commands",
+    "walacord.backup.commands",
+)
 
 Handler = Callable[["Context", argparse.Namespace], int]
 

@@ -50,6 +50,7 @@ class ErrorCode(IntEnum):
     CALL_TIMEOUT = -32008
     OPERATION_FAILED = -32009
     STOPPING = -32010
+    TARGET_EXISTS = -32011
 
 
 @dataclass(frozen=True)

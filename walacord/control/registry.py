@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
+
 from walacord.control.protocol import ErrorCode, RequestId
 from walacord.errors import ControlError
 
@@ -55,6 +57,45 @@ class Call:
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
 PlainHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+ProgressHandler = Callable[..., Awaitable[Any]]
+PROGRESS_INTERVAL = 0.25
+
+
+def _adapt_progress(handler: ProgressHandler) -> Handler:
+    """Wrap `handler(params, progress=callback)`; send the latest progress every 0.25 s."""
+
+    async def call_with_progress(params: Any, call: Call) -> Any:
+        latest: list[tuple[float, float | None, str]] = []
+
+        def progress(done: float, total: float | None = None, message: str = "") -> None:
+            latest[:] = [(done, total, message)]
+
+        async def pump() -> None:
+            sent = None
+            while True:
+                await anyio.sleep(PROGRESS_INTERVAL)
+                if latest and latest[0] != sent:
+                    sent = latest[0]
+                    await call.progress(*sent)
+
+        outcome: list[Any] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            try:
+                outcome.append(await handler(params or {}, progress=progress))
+            except Exception as exc:
+                # Raised outside the task group, so the caller sees the handler's own
+                # exception and not an ExceptionGroup around it.
+                outcome.append(exc)
+            finally:
+                tg.cancel_scope.cancel()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    return call_with_progress
 
 
 def _adapt(handler: PlainHandler) -> Handler:
@@ -107,6 +148,11 @@ class MethodRegistry:
         for name, handler in handlers.items():
             self.register(name, _adapt(handler), dict, mutating=name in mutating,
                           timeout=(timeouts or {}).get(name))
+
+    def register_with_progress(self, name: str, handler: ProgressHandler, *, mutating: bool,
+                               timeout: float | None = None) -> None:
+        """Register a plain handler that reports progress through a sync callback."""
+        self.register(name, _adapt_progress(handler), dict, mutating=mutating, timeout=timeout)
 
     def get(self, name: str) -> Method | None:
         return self._methods.get(name)
