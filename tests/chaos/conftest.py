@@ -58,11 +58,13 @@ def start_walacord() -> Iterator[Callable[..., Scenario]]:
     started: list[tuple[WalacordDaemon, ModeWatcher, Path]] = []
 
     def start(database_url: str, *, settings: dict[str, dict[str, Any]] | None = None,
-              walacor_url: str = "") -> Scenario:
+              walacor_url: str = "", notify_socket: Path | None = None,
+              watchdog_usec: int = 400_000) -> Scenario:
         workdir = cluster_base("walacord-chaos-daemon-")
         daemon = WalacordDaemon(workdir, database_url, walacor_url=walacor_url,
                                 settings=merge_sections(SCENARIO_SETTINGS, settings),
-                                command=walacord_command())
+                                command=walacord_command(), notify_socket=notify_socket,
+                                watchdog_usec=watchdog_usec)
         started.append((daemon, ModeWatcher(daemon.http_port), workdir))
         daemon.start()
         watcher = started[-1][1].start()

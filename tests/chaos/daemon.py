@@ -76,8 +76,12 @@ class WalacordDaemon:
 
     def __init__(self, workdir: Path, database_url: str, *, walacor_url: str = "",
                  settings: dict[str, dict[str, Any]] | None = None,
-                 command: Sequence[str] | None = None) -> None:
+                 command: Sequence[str] | None = None,
+                 notify_socket: Path | None = None, watchdog_usec: int = 400_000) -> None:
         self.workdir = Path(workdir)
+        # With a notify socket the daemon talks to it as to systemd, watchdog included.
+        self.notify_socket = notify_socket
+        self.watchdog_usec = watchdog_usec
         self.http_port = free_port()
         self.config_path = self.workdir / "walacord.toml"
         self.log_dir = self.workdir / "logs"
@@ -106,6 +110,9 @@ class WalacordDaemon:
         """Start the daemon and wait until /readyz answers 200."""
         self.write_config()
         env = {key: value for key, value in os.environ.items() if key not in OVERRIDING_ENV}
+        if self.notify_socket is not None:
+            env["NOTIFY_SOCKET"] = str(self.notify_socket)
+            env["WATCHDOG_USEC"] = str(self.watchdog_usec)
         with open(self.stderr_path, "ab") as stderr:
             self.process = subprocess.Popen(
                 [*self.command, "run", "--config", str(self.config_path)],

@@ -12,6 +12,7 @@ on two shared cores.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from tests.chaos.conftest import cluster_base
 from tests.chaos.faultproxy import FaultProxy
 from tests.chaos.results import ResultsFile
 from tests.chaos.scenario import Scenario
+from tests.conftest import NotifyRecorder
 from walacord.pgcluster import ClusterError, PgCluster
 
 pytestmark = pytest.mark.chaos
@@ -42,9 +44,6 @@ TIMEOUT_DETECTION_S = 5.0
 # After the fault is removed: up to one interval until the next run, two good runs
 # (successes_to_up), the probe's and the mode's minimum dwell of 1 s, with margin.
 FAULT_RECOVERY_S = 6.0
-# Settings that make every probe run (every 2 s) also try a brand-new connection, for
-# faults that only new connections can see while the pool's open sessions keep working.
-FRESH_EVERY_RUN = {"probes.database": {"fresh_connection_every": 1.0}}
 
 
 @pytest.fixture
@@ -129,21 +128,56 @@ def test_postgres_postmaster_killed(cluster: PgCluster, start_walacord: StartWal
         mode_path=scenario.path(killed), expected_path=["normal", "emergency", "normal"])
 
 
+# The scenario daemons run with WATCHDOG_USEC=2000000, so systemd would kill one that
+# sent no WATCHDOG=1 for 2 s; walacord pings at half of that.
+WATCHDOG_TIMEOUT_S = 2.0
+
+
+class WatchdogListener:
+    """Read the notify socket every 20 ms from a thread, so arrival times are exact."""
+
+    def __init__(self, recorder: NotifyRecorder) -> None:
+        self.recorder = recorder
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog-listener",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.recorder.poll()
+
+    def __enter__(self) -> WatchdogListener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def pings(self, since: float) -> list[float]:
+        """Return the arrival times of WATCHDOG=1 messages at or after `since`."""
+        return [at for at, message in self.recorder.poll()
+                if at >= since and "WATCHDOG=1" in message.splitlines()]
+
+
 def test_postgres_postmaster_frozen(cluster: PgCluster, start_walacord: StartWalacord,
+                                   notify_socket: NotifyRecorder,
                                    chaos_results: ResultsFile) -> None:
-    scenario = start_walacord(cluster.url(), settings=FRESH_EVERY_RUN)
+    scenario = start_walacord(cluster.url(), notify_socket=notify_socket.path,
+                              watchdog_usec=int(WATCHDOG_TIMEOUT_S * 1e6))
     scenario.wait_normal()
     host_before = scenario.probe("host").get("last_run")
 
     # The database probe must report down within its deadline plus its interval: the
     # application cannot open a connection, even though walacord's pool still works.
-    with faults.postmaster_frozen(cluster):
+    with WatchdogListener(notify_socket) as watchdog, faults.postmaster_frozen(cluster):
         frozen = scenario.mark()
         detection = scenario.detect(frozen, timeout=15)
         # Meanwhile /metrics keeps responding and the host probe keeps running.
         scenario.hold(3.0)
         host_during = scenario.probe("host").get("last_run")
         thawed = scenario.mark()
+        pings = watchdog.pings(frozen)
     recovery = scenario.recover(thawed, timeout=20)
 
     chaos_results.record(
@@ -155,11 +189,23 @@ def test_postgres_postmaster_frozen(cluster: PgCluster, start_walacord: StartWal
         notes=f"/metrics max {max(scenario.metrics_latencies) * 1000:.1f} ms while frozen")
     assert host_during != host_before
     assert max(scenario.metrics_latencies) < 0.1
+    assert_watchdog_kept_pinging(pings, frozen, thawed)
+
+
+def assert_watchdog_kept_pinging(pings: list[float], began: float, ended: float) -> None:
+    """Check WATCHDOG=1 kept arriving while the fault lasted, never the timeout apart."""
+    during = [at for at in pings if began <= at <= ended]
+    assert during, "no WATCHDOG=1 while the fault lasted"
+    edges = [began, *during, ended]
+    longest = max(later - earlier for earlier, later in itertools.pairwise(edges))
+    assert longest < WATCHDOG_TIMEOUT_S, f"the watchdog went quiet for {longest:.2f} s"
 
 
 def test_postgres_walacord_backends_frozen(cluster: PgCluster, start_walacord: StartWalacord,
+                                          notify_socket: NotifyRecorder,
                                           chaos_results: ResultsFile) -> None:
-    scenario = start_walacord(cluster.url())
+    scenario = start_walacord(cluster.url(), notify_socket=notify_socket.path,
+                              watchdog_usec=int(WATCHDOG_TIMEOUT_S * 1e6))
     scenario.wait_normal()
     pids = faults.wait_for_backends(cluster, "walacord")
     host_before = scenario.probe("host").get("last_run")
@@ -168,7 +214,7 @@ def test_postgres_walacord_backends_frozen(cluster: PgCluster, start_walacord: S
     # Only walacord's sessions hang: the probe must report down within its deadline
     # plus its interval, then recycle the pool onto fresh backends, which new
     # connections reach, so the daemon may be normal again before the thaw.
-    with faults.frozen(pids):
+    with WatchdogListener(notify_socket) as watchdog, faults.frozen(pids):
         frozen = scenario.mark()
         detection = scenario.detect(frozen, timeout=15)
         recycled = scenario.wait_for_counter("walacord_db_pool_recycles_total",
@@ -176,6 +222,7 @@ def test_postgres_walacord_backends_frozen(cluster: PgCluster, start_walacord: S
         scenario.hold(2.0)
         host_during = scenario.probe("host").get("last_run")
         thawed = scenario.mark()
+        pings = watchdog.pings(frozen)
     recovery = scenario.recover(thawed, timeout=20)
 
     chaos_results.record(
@@ -190,6 +237,7 @@ def test_postgres_walacord_backends_frozen(cluster: PgCluster, start_walacord: S
     assert recycled is not None
     assert host_during != host_before
     assert max(scenario.metrics_latencies) < 0.1
+    assert_watchdog_kept_pinging(pings, frozen, thawed)
 
 
 @pytest.fixture
@@ -270,9 +318,11 @@ def test_postgres_max_connections_exhausted(start_walacord: StartWalacord,
     hogs: list[psycopg.Connection] = []
     try:
         scenario = start_walacord(small.url(), settings={
-            **FRESH_EVERY_RUN, "database": {"pool_min_size": 5, "pool_max_size": 10}})
+            "database": {"pool_min_size": 5, "pool_max_size": 10}})
         scenario.wait_normal()
 
+        # No new session can start, so the application cannot write: like a frozen
+        # postmaster, that is emergency even though walacord's own pool still works.
         began = scenario.mark()
         while True:
             try:
@@ -298,7 +348,7 @@ def test_postgres_max_connections_exhausted(start_walacord: StartWalacord,
         description=f"another client holds every free slot ({len(hogs)} connections)",
         detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
         recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=path, expected_path=["normal", "degraded", "normal"])
+        mode_path=path, expected_path=["normal", "emergency", "normal"])
 
 
 def test_postgres_table_lock_held(cluster: PgCluster, start_walacord: StartWalacord,
@@ -337,7 +387,7 @@ def test_postgres_table_lock_held(cluster: PgCluster, start_walacord: StartWalac
 
 def test_postgres_smart_shutdown(cluster: PgCluster, start_walacord: StartWalacord,
                                 chaos_results: ResultsFile) -> None:
-    scenario = start_walacord(cluster.url(), settings=FRESH_EVERY_RUN)
+    scenario = start_walacord(cluster.url())
     scenario.wait_normal()
 
     # A smart shutdown waits for every session to end, so it completes only once
