@@ -1,0 +1,190 @@
+"""Outbox scenarios: nothing acknowledged is lost and nothing reaches Walacor twice.
+
+Operations go in through the control socket (`outbox.enqueue`), as an application
+would send them, and the emulator is then asked how many rows each key has. An
+operation counts as acknowledged once `outbox.enqueue` returned it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from tests.chaos.emulator import USER, EmulatorProcess
+from tests.chaos.results import ResultsFile
+from tests.chaos.scenario import Scenario
+
+pytest.importorskip("walacord.outbox", reason="the outbox is not part of this build")
+
+from walacord.walacor.client import WalacorClient
+
+pytestmark = pytest.mark.chaos
+
+StartWalacord = Callable[..., Scenario]
+
+ETID = 10001
+FIELDS = [
+    {"FieldName": "walacord_key", "DataType": "TEXT", "Required": False, "MaxLength": 128},
+    {"FieldName": "amount", "DataType": "INTEGER", "Required": False},
+]
+OPERATIONS = 200
+# Draining 200 operations after the restart, with the sync pass every 0.2 s, takes a
+# few seconds; the bound leaves room for CI.
+DRAIN_S = 20.0
+
+
+def control(path: str, method: str, params: dict[str, Any] | None = None,
+            timeout: float = 30.0) -> Any:
+    """Call one control method and return its result; raise on an error response."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        client.connect(path)
+        request = {"id": 1, "method": method, "version": 1, "params": params or {}}
+        client.sendall(orjson.dumps(request) + b"\n")
+        data = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            lines = [line for line in data.split(b"\n") if line]
+            if lines and b'"progress"' not in lines[-1] and data.endswith(b"\n"):
+                break
+    response = orjson.loads(data.splitlines()[-1])
+    if "error" in response:
+        raise AssertionError(f"{method} failed: {response['error']}")
+    return response["result"]
+
+
+async def create_schema(url: str) -> None:
+    async with WalacorClient(url, username=USER[0], password=USER[1]) as client:
+        await client.create_schema(ETID, "chaos_payments", FIELDS)
+
+
+async def rows_per_key(url: str) -> Counter[str]:
+    async with WalacorClient(url, username=USER[0], password=USER[1]) as client:
+        result = await client.query(ETID, {}, page_no=0, page_size=0)
+    return Counter(str(row.get("walacord_key")) for row in result.rows)
+
+
+def outbox_settings(url: str) -> dict[str, dict[str, Any]]:
+    return {
+        "walacor": {"url": url, "username": USER[0], "password": USER[1]},
+        "probes.walacor": {"interval": 1.0, "timeout": 0.8, "fast_interval": 0.2},
+        "outbox": {"sync_interval": 0.2, "retry_initial": 0.1, "retry_max": 1.0,
+                   "sync_batch_min": 5, "sync_batch_max": 20},
+        "lifecycle": {"drain_timeout": 2.0},
+    }
+
+
+def enqueue(path: str, keys: list[str]) -> set[str]:
+    """Enqueue one Walacor operation per key in batches; return the acknowledged keys."""
+    acked: set[str] = set()
+    for start in range(0, len(keys), 50):
+        batch = [{"sink": "walacor", "etid": ETID, "key": key,
+                  "data": {"walacord_key": key, "amount": index}}
+                 for index, key in enumerate(keys[start:start + 50], start)]
+        result = control(path, "outbox.enqueue", {"operations": batch})
+        acked.update(item["key"] for item in result["results"])
+    return acked
+
+
+def wait_drained(path: str, timeout: float) -> tuple[float | None, dict[str, Any]]:
+    """Wait until nothing is pending or in flight; return (seconds, last stats)."""
+    began = time.monotonic()
+    stats: dict[str, Any] = {}
+    while time.monotonic() - began < timeout:
+        try:
+            stats = control(path, "outbox.stats", timeout=5)
+        except OSError:
+            time.sleep(0.1)
+            continue
+        if stats["pending"] == 0 and stats["in_flight"] == 0:
+            return time.monotonic() - began, stats
+        time.sleep(0.1)
+    return None, stats
+
+
+def count_losses(acked: set[str], rows: Counter[str]) -> tuple[int, int]:
+    lost = sum(1 for key in acked if rows[key] == 0)
+    duplicated = sum(1 for key in acked if rows[key] > 1)
+    return lost, duplicated
+
+
+def test_outbox_sigterm_during_sync(pg_db: str, emulator: EmulatorProcess,
+                                    start_walacord: StartWalacord,
+                                    chaos_results: ResultsFile) -> None:
+    anyio.run(create_schema, emulator.url)
+    scenario = start_walacord(pg_db, settings=outbox_settings(emulator.url))
+    scenario.wait_normal()
+    path = scenario.daemon.sections["control"]["socket"]
+
+    # Walacor answers slowly, so a sync pass is in flight when SIGTERM arrives.
+    emulator.set_faults({"latency_ms": 300, "path": "/api/envelopes/submit"})
+    acked = enqueue(path, [f"sigterm-{index}" for index in range(OPERATIONS)])
+    time.sleep(0.5)
+    before = control(path, "outbox.stats")
+    began = scenario.mark()
+    exit_code = scenario.daemon.stop(timeout=30)
+    exit_s = scenario.mark() - began
+    stderr = scenario.daemon.stderr_tail()
+
+    emulator.clear_faults()
+    scenario.daemon.start()
+    drained_s, stats = wait_drained(path, timeout=60)
+    rows = anyio.run(rows_per_key, emulator.url)
+    lost, duplicated = count_losses(acked, rows)
+
+    chaos_results.record(
+        "outbox_sigterm_during_sync",
+        description=f"SIGTERM while {OPERATIONS} operations sync to a slow Walacor; "
+                    "restart and drain",
+        detection_s=exit_s, detection_bound_s=2.0 + 3.0,
+        recovery_s=drained_s, recovery_bound_s=DRAIN_S,
+        lost=lost, duplicated=duplicated,
+        notes=f"exit status {exit_code}; detection is SIGTERM to exit, recovery the "
+              f"drain after the restart; {before['done']} of {OPERATIONS} done at SIGTERM")
+    assert before["done"] < OPERATIONS, "the sync finished before SIGTERM; slow it down"
+    assert exit_code == 0, stderr
+    assert len(acked) == OPERATIONS
+    assert stats["conserved"] is True
+
+
+def test_outbox_commit_then_drop(pg_db: str, emulator: EmulatorProcess,
+                                 start_walacord: StartWalacord,
+                                 chaos_results: ResultsFile) -> None:
+    anyio.run(create_schema, emulator.url)
+    scenario = start_walacord(pg_db, settings=outbox_settings(emulator.url))
+    scenario.wait_normal()
+    path = scenario.daemon.sections["control"]["socket"]
+
+    # A third of the submits are stored and then the connection drops before the
+    # answer, so the outbox must find the record by key instead of sending it again.
+    emulator.set_faults({"mode": "drop_after_commit", "ratio": 0.3,
+                         "path": "/api/envelopes/submit"})
+    began = scenario.mark()
+    acked = enqueue(path, [f"drop-{index}" for index in range(OPERATIONS)])
+    drained_s, stats = wait_drained(path, timeout=60)
+    emulator.clear_faults()
+    submits = emulator.stats()
+    rows = anyio.run(rows_per_key, emulator.url)
+    lost, duplicated = count_losses(acked, rows)
+
+    chaos_results.record(
+        "walacor_commit_then_drop",
+        description=f"{OPERATIONS} operations while 30 % of Walacor submits commit and "
+                    "then drop the connection",
+        recovery_s=drained_s, recovery_bound_s=DRAIN_S,
+        lost=lost, duplicated=duplicated,
+        notes=f"recovery is enqueue to drained, {scenario.mark() - began:.1f} s in all; "
+              f"emulator stats {submits}")
+    assert len(acked) == OPERATIONS
+    assert stats["conserved"] is True
+    assert submits["requests"]["/api/envelopes/submit"].get("drop_after_commit", 0) >= 1
