@@ -126,7 +126,7 @@ def test_outbox_sigterm_during_sync(pg_db: str, emulator: EmulatorProcess,
     scenario.wait_normal()
     path = scenario.daemon.sections["control"]["socket"]
 
-    # Walacor answers slowly, so a sync pass is in flight when SIGTERM arrives.
+    # Walacor responds slowly, so a sync pass is in flight when SIGTERM arrives.
     emulator.set_faults({"latency_ms": 300, "path": "/api/envelopes/submit"})
     acked = enqueue(path, [f"sigterm-{index}" for index in range(OPERATIONS)])
     time.sleep(0.5)
@@ -166,7 +166,7 @@ def test_outbox_commit_then_drop(pg_db: str, emulator: EmulatorProcess,
     path = scenario.daemon.sections["control"]["socket"]
 
     # A third of the submits are stored and then the connection drops before the
-    # answer, so the outbox must find the record by key instead of sending it again.
+    # response, so the outbox must find the record by key instead of sending it again.
     emulator.set_faults({"mode": "drop_after_commit", "ratio": 0.3,
                          "path": "/api/envelopes/submit"})
     began = scenario.mark()
