@@ -301,9 +301,11 @@ def draw(results: Sequence[RunResult], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    plotted = [(label.replace("`", ""), name) for label, name, _ in ROWS
+               if name != "walacord_detection_log_s"]
     series = [(label, [getattr(run, name) * 1000 for run in results
                        if getattr(run, name) is not None])
-              for label, name, _ in ROWS if name != "walacord_detection_log_s"]
+              for label, name in plotted]
     series = [(label, values) for label, values in series if values]
     if not series:
         return None
