@@ -52,8 +52,10 @@ def render(document: dict[str, Any], command: str) -> str:
     for name in sorted(scenarios):
         record = scenarios[name]
         observed = " -> ".join(record.get("mode_path") or []) or "-"
-        expected = " -> ".join(record.get("expected_path") or [])
-        path = observed if not expected or expected == observed else f"{observed} ({expected})"
+        accepted = [record.get("expected_path") or [], *(record.get("also_accepted") or [])]
+        expected = " or ".join(" -> ".join(path) for path in accepted if path)
+        matched = any(" -> ".join(path) == observed for path in accepted)
+        path = observed if not expected or matched else f"{observed} ({expected})"
         failures = record.get("failures") or []
         failed += bool(failures)
         verdict = "pass" if not failures else "FAIL: " + "; ".join(failures)

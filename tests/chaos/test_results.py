@@ -50,6 +50,18 @@ def test_record_fails_on_wrong_mode_path(tmp_path: Path) -> None:
                        expected_path=["normal", "emergency"])
 
 
+def test_record_accepts_alternative_path(tmp_path: Path) -> None:
+    results = ResultsFile(tmp_path / "results.json")
+    results.record("stepped", mode_path=["normal", "emergency", "degraded", "normal"],
+                   expected_path=["normal", "emergency", "normal"],
+                   also_accepted=[["normal", "emergency", "degraded", "normal"]])
+
+    with pytest.raises(AssertionError, match="or normal -> emergency -> degraded -> normal"):
+        results.record("other", mode_path=["normal", "offline", "normal"],
+                       expected_path=["normal", "emergency", "normal"],
+                       also_accepted=[["normal", "emergency", "degraded", "normal"]])
+
+
 def test_record_fails_on_lost_and_duplicated(tmp_path: Path) -> None:
     results = ResultsFile(tmp_path / "results.json")
     with pytest.raises(AssertionError) as raised:
