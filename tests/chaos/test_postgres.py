@@ -275,6 +275,34 @@ def test_postgres_port_blackholed(moment: str, cluster: PgCluster, proxy: FaultP
     assert max(scenario.metrics_latencies) < 0.1
 
 
+def test_postgres_port_slow(cluster: PgCluster, proxy: FaultProxy,
+                            start_walacord: StartWalacord,
+                            chaos_results: ResultsFile) -> None:
+    # A run makes about ten round trips (the pooled query, the write check, the server
+    # figures and a fresh connection's handshake) within its 1.5 s deadline, so a delay
+    # that makes one query slower than the default slow_after of 0.5 s makes the whole
+    # run time out. Here slow_after is 0.08 s and each chunk waits 50 ms, so SELECT 1
+    # takes about 0.1 s: slow, while the run still ends within its deadline.
+    url = make_conninfo(cluster.url(), port=str(proxy.port))
+    scenario = start_walacord(url, settings={"probes.database": {"slow_after": 0.08}})
+    scenario.wait_normal()
+
+    proxy.latency(50)
+    began = scenario.mark()
+    detection = scenario.detect(began, timeout=15)
+    scenario.hold(2.0)
+    proxy.passthrough()
+    healed = scenario.mark()
+    recovery = scenario.recover(healed, timeout=20)
+
+    chaos_results.record(
+        "postgres_port_slow",
+        description="the proxy delays every chunk by 50 ms; slow_after is 0.08 s",
+        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
+        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
+        mode_path=scenario.path(began), expected_path=["normal", "degraded", "normal"])
+
+
 def test_postgres_read_only_toggled(cluster: PgCluster, start_walacord: StartWalacord,
                                    chaos_results: ResultsFile) -> None:
     scenario = start_walacord(cluster.url())
