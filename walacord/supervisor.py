@@ -41,11 +41,18 @@ def default_components(runtime: Runtime) -> list[Component]:
     Extension point: each capability adds its component here. Components that others
     depend on start first; they stop in reverse order.
     """
+    from walacord import health
+    from walacord.monitor import Monitor
     from walacord.web import WebServer
 
     components: list[Component] = []
+    monitor = Monitor(runtime)
     if runtime.config.http.listen:
-        components.append(WebServer(runtime))
+        # The web server starts first, so /livez and /metrics answer while probes warm up.
+        server = WebServer(runtime)
+        health.mount(server.app, monitor)
+        components.append(server)
+    components.append(monitor)
     return components
 
 
