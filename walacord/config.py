@@ -171,7 +171,7 @@ class ProbeSettings:
     successes_to_up: int = setting(2, min=1, max=100,
                                    help="consecutive good runs before the probe is up")
     min_dwell: Duration = setting(1.0, min=0, max=3600,
-                                  help="minimum time in a state before it changes again")
+                                  help="minimum time down before the probe can be up again")
     fast_interval: Duration = setting(0.1, min=0.01, max=600,
                                       help="interval while a change of state is suspected "
                                            "or just happened")

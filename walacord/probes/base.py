@@ -136,14 +136,16 @@ def advance(state: ProbeState, result: ProbeResult, now: float,
                     changes=changes, flapping=flapping,
                     last_failure=state.last_failure if result.healthy else result)
 
-    # Step 2: decide whether the streak is long enough to change the state.
-    dwelt = now - state.since >= policy.min_dwell
+    # Step 2: decide whether the streak is long enough to change the state. Going down
+    # needs only the failure streak, so an outage is reported fast; coming back up also
+    # needs `min_dwell` in the down state, so a server that bounces is not called healthy.
     if state.health is Health.UNKNOWN:
         # The first result settles the state at once: there is nothing to be stable against.
         health = Health.UP if result.healthy else Health.DOWN
         return replace(state, health=health, since=now)
-    if state.health is Health.UP and failures >= policy.failures_to_down and dwelt:
+    if state.health is Health.UP and failures >= policy.failures_to_down:
         return replace(state, health=Health.DOWN, since=now, changes=(*changes, now))
+    dwelt = now - state.since >= policy.min_dwell
     if state.health is Health.DOWN and successes >= policy.successes_to_up and dwelt:
         if flapping and successes * _interval_floor(policy) < policy.flap_hold:
             return state
