@@ -22,6 +22,7 @@ COMMANDS = {
     "run": "walacord.supervisor:command",
     "check-config": "walacord.config:command",
     "emulator": "walacord.emulator.cli:command",
+    "dev": "walacord.dev:command",
 }
 # Modules that own a subcommand define `add_arguments(parser)` and `command(args)`, and
 # add their line above: "emulator" -> walacord.emulator.cli, "dev" -> walacord.dev,
