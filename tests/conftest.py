@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
-from walacord.pgcluster import PgCluster
+from walacord.config import (
+    Config,
+    ControlConfig,
+    DatabaseConfig,
+    HttpConfig,
+    LoggingConfig,
+    StateConfig,
+    WalacorConfig,
+)
+from walacord.emulator import Emulator, running_emulator
+from walacord.pgcluster import PgCluster, free_port
+from walacord.supervisor import Supervisor
+from walacord.systemd import Notifier
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +58,11 @@ def pg_db(pg_cluster: PgCluster, request: pytest.FixtureRequest) -> Iterator[str
 
 
 @pytest.fixture
-def own_pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+def own_pg_cluster() -> Iterator[PgCluster]:
     """A cluster of the test's own, for tests that stop, kill or freeze the server."""
-    base = tmp_path_factory.mktemp("pg")
+    # mkdtemp, like pg_cluster: pytest's tmp_path parents are mode 0700, which the
+    # unprivileged user the server runs as under root cannot traverse.
+    base = Path(tempfile.mkdtemp(prefix="walacord-own-pg-"))
     cluster = PgCluster(base)
     cluster.init()
     cluster.start()
@@ -52,3 +70,42 @@ def own_pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgClust
         yield cluster
     finally:
         cluster.destroy()
+
+
+# --- the daemon against real PostgreSQL and the emulator ---------------------------
+
+
+@pytest.fixture
+async def walacor_emulator() -> AsyncIterator[Emulator]:
+    """The project's Walacor emulator on a free loopback port, user admin:admin."""
+    async with running_emulator(seed=3) as emulator:
+        yield emulator
+
+
+def daemon_config(tmp_path: Path, database_url: str, walacor_url: str = "", **sections: Any
+                  ) -> Config:
+    """Return a Config for a test daemon: loopback HTTP on a free port, no log files."""
+    base = Config(
+        database=DatabaseConfig(url=database_url, pool_min_size=2, pool_max_size=10),
+        walacor=WalacorConfig(url=walacor_url, username="admin", password="admin"),
+        http=HttpConfig(listen=f"127.0.0.1:{free_port()}"),
+        state=StateConfig(dir=str(tmp_path)),
+        logging=LoggingConfig(dir=""),
+        control=ControlConfig(socket=str(tmp_path / "control.sock")),
+    )
+    return dataclasses.replace(base, **sections)
+
+
+@asynccontextmanager
+async def running_daemon(config: Config, notifier: Notifier | None = None
+                         ) -> AsyncIterator[Supervisor]:
+    """Run a Supervisor with the default components until the block ends."""
+    supervisor = Supervisor(config, None, notifier=notifier)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        with anyio.fail_after(30):
+            await supervisor.runtime.ready.wait()
+        try:
+            yield supervisor
+        finally:
+            supervisor.runtime.request_stop()
