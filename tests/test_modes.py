@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import wait_until
 from prometheus_client import CollectorRegistry
 
 from walacord.config import ModesConfig
@@ -155,9 +156,7 @@ async def test_machine_transition_side_effects(tmp_path: Path) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(machine.run_hooks)
         decision = machine.evaluate(world(database=probe("database", "down", "refused")))
-        with anyio.fail_after(10):
-            while not out.exists() or not out.read_text():
-                await anyio.sleep(0.05)
+        await wait_until(lambda: out.exists() and out.read_text(), 10)
         tg.cancel_scope.cancel()
 
     assert decision.mode is Mode.EMERGENCY

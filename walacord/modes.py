@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import subprocess
 import time
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 # as opposed to "reached it and it said no".
 UNREACHABLE = frozenset({
     "refused", "timeout", "connect_timeout", "dns", "reset", "connection_lost", "tls",
-    "shutting_down", "unreachable",
+    "shutting_down", "starting_up", "unreachable",
 })
 
 
@@ -171,6 +172,7 @@ class ModeMachine:
         self.reason = "Starting: no probe has reported yet."
         self.evidence: dict[str, str] = {}
         self.override: Override | None = None
+        self._override_ended = False
         self.transitions = 0
         self._hooks: list[tuple[list[str], dict[str, str]]] = []
         self._hook_wake = anyio.Event()
@@ -188,7 +190,13 @@ class ModeMachine:
             log.info("mode.override_expired", extra={"fields": {
                 "mode": self.override.mode.value, "reason": self.override.reason}})
             self.override = None
-        decision = decide(self.current, observations, now, policy=self.config,
+            self._override_ended = True
+        current = self.current
+        if self._override_ended:
+            # The operator chose the last mode, so leaving it needs no dwell.
+            current = Current(current.mode, -math.inf)
+            self._override_ended = False
+        decision = decide(current, observations, now, policy=self.config,
                           override=self.override)
         self.reason = decision.reason
         self.evidence = decision.evidence
@@ -213,9 +221,10 @@ class ModeMachine:
     def clear_override(self) -> bool:
         """Drop the override; return whether there was one."""
         had = self.override is not None
-        if had:
+        if self.override is not None:
             log.info("mode.override_cleared", extra={"fields": {
-                "mode": self.override.mode.value if self.override else None}})
+                "mode": self.override.mode.value}})
+            self._override_ended = True
         self.override = None
         return had
 

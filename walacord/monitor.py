@@ -68,7 +68,8 @@ class Monitor:
         self._repairing: set[str] = set()
         self._skipped_seen: dict[str, int] = {}
         self._abandoned_seen: dict[str, int] = {}
-        self._released = False
+        self._want_released = False
+        self._pool_wake = anyio.Event()
         runtime.status_parts.append(self.modes.status_part)
         runtime.reload_hooks.append(self._reload)
 
@@ -113,6 +114,7 @@ class Monitor:
                 if self.config.probes.database.crash_watch:
                     await tg.start(self.watcher.run)
                 tg.start_soon(self.modes.run_hooks)
+                tg.start_soon(self._keep_pool)
 
                 # Ready once every probe has a first result, so the mode means something.
                 bound = max(p.probe.settings().timeout for p in self.runners.values()) + 1
@@ -168,12 +170,12 @@ class Monitor:
 
     def _on_database_result(self, result: ProbeResult) -> None:
         details = result.details
-        if details.get("release") and not self._released:
-            self._released = True
-            self._spawn(self._release)
-        elif self._released and details.get("fresh_connection") == "ok":
-            self._released = False
-            self._spawn(self.pool.reopen)
+        if details.get("release"):
+            self._want_released = True
+            self._pool_wake.set()
+        elif details.get("fresh_connection") == "ok":
+            self._want_released = False
+            self._pool_wake.set()
         trigger = details.get("recycle")
         if trigger:
             self._spawn_repair(trigger)
@@ -220,11 +222,25 @@ class Monitor:
 
         self._spawn(work)
 
-    async def _release(self) -> None:
-        before = await self.pool.release()
-        self.metrics.db_pool_recycles.labels(reason="shutting_down").inc()
-        log.warning("pool.released", extra={"fields": {
-            "reason": "the server is shutting down (SQLSTATE 57P03)", "pool_before": before}})
+    async def _keep_pool(self) -> None:
+        """Release the pool while the server shuts down, and reopen it once it is back.
+
+        One task does both, in order, so a release and a reopen never race.
+        """
+        while True:
+            await self._pool_wake.wait()
+            self._pool_wake = anyio.Event()
+            if self._want_released and not self.pool.pool.closed:
+                self.watcher.release()
+                before = await self.pool.release()
+                self.metrics.db_pool_recycles.labels(reason="shutting_down").inc()
+                log.warning("pool.released", extra={"fields": {
+                    "reason": "the server is shutting down (SQLSTATE 57P03)",
+                    "pool_before": before}})
+            elif not self._want_released and self.pool.pool.closed:
+                await self.pool.reopen()
+                log.info("pool.reopened")
+                self.runners["database"].trigger()
 
     async def _prove_fresh(self) -> tuple[bool, str]:
         """Open a new connection and run SELECT 1, within the database probe's deadline."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import pytest
+from conftest import wait_until
 
 from walacord.config import ProbeSettings
 from walacord.probes.base import (
@@ -128,7 +129,8 @@ class ScriptedProbe:
     delay: float = 0.0
     stubborn: bool = False
     result: ProbeResult = OK
-    policy: ProbeSettings = ProbeSettings(interval=0.5, timeout=0.2, fast_interval=0.05)
+    policy: ProbeSettings = field(default_factory=lambda: ProbeSettings(
+        interval=0.5, timeout=0.2, fast_interval=0.05))
     calls: int = 0
 
     def settings(self) -> ProbeSettings:
@@ -208,9 +210,7 @@ async def test_runner_trigger_runs_now() -> None:
         await runner.first_result()
         assert probe.calls == 1
         runner.trigger()
-        with anyio.fail_after(2):
-            while probe.calls < 2:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: probe.calls >= 2, 2)
         tg.cancel_scope.cancel()
 
 

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 import psycopg
 import pytest
+from conftest import wait_until
 from psycopg.conninfo import conninfo_to_dict
 
 from walacord.config import DatabaseConfig, DatabaseProbeConfig
@@ -80,7 +81,7 @@ async def test_database_probe_idle_in_transaction(pg_db: str) -> None:
                                    idle_in_transaction_critical=600)
     with psycopg.connect(pg_db) as other:
         other.execute("SELECT 1")  # psycopg opens a transaction and leaves it idle
-        time.sleep(0.3)
+        await anyio.sleep(0.3)
         async with running_probe(pg_db, settings) as probe:
             result = await probe.check()
     assert result.status is Status.WARNING
@@ -121,18 +122,12 @@ async def test_crash_watcher_sees_immediate_stop(own_pg_cluster: PgCluster) -> N
                            lambda: 2.0)
     async with anyio.create_task_group() as tg:
         await tg.start(watcher.run)
-        with anyio.fail_after(5):
-            while not watcher.connected:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: watcher.connected, 5)
         await anyio.to_thread.run_sync(lambda: own_pg_cluster.stop("immediate"))
         stopped = time.monotonic()
-        with anyio.fail_after(5):
-            while not events:
-                await anyio.sleep(0.005)
+        await wait_until(lambda: events, 5, step=0.002)
         await anyio.to_thread.run_sync(own_pg_cluster.start)
-        with anyio.fail_after(10):
-            while len(events) < 2:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: len(events) >= 2, 10)
         tg.cancel_scope.cancel()
     assert events[0][0] == "connection_dropped"
     # pg_ctl returns after the server is gone, so the drop is seen before that.
@@ -144,7 +139,7 @@ CLASSES = [
     (psycopg.errors.ReadOnlySqlTransaction("x"), "read_only"),
     (psycopg.errors.LockNotAvailable("x"), "lock_timeout"),
     (psycopg.errors.DiskFull("x"), "disk_full"),
-    (psycopg.errors.CannotConnectNow("x"), "shutting_down"),
+    (psycopg.errors.CannotConnectNow("the database system is shutting down"), "shutting_down"),
     (psycopg.OperationalError("connection failed: Connection refused"), "refused"),
     (psycopg.OperationalError("consuming input failed: server closed the connection "
                               "unexpectedly"), "connection_lost"),
@@ -155,3 +150,8 @@ CLASSES = [
 @pytest.mark.parametrize(("error", "reason"), CLASSES, ids=[r for _, r in CLASSES])
 def test_classify_errors(error: BaseException, reason: str) -> None:
     assert classify(error) == reason
+
+
+def test_classify_starting_up_is_not_shutdown() -> None:
+    error = psycopg.errors.CannotConnectNow("FATAL:  the database system is starting up")
+    assert classify(error) == "starting_up"

@@ -92,10 +92,14 @@ def classify(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, psycopg.Error):
         sqlstate = getattr(exc, "sqlstate", None)
-        if sqlstate in SQLSTATE_REASONS:
-            return SQLSTATE_REASONS[sqlstate]
         text = str(exc).lower()
+        # 57P03 also means "starting up" and "not yet accepting connections"; only a
+        # shutdown is a reason to let go of the pool.
+        if sqlstate in SQLSTATE_REASONS and not (sqlstate == "57P03" and "shutting" not in text):
+            return SQLSTATE_REASONS[sqlstate]
         for needle, reason in (
+            ("starting up", "starting_up"),
+            ("not yet accepting connections", "starting_up"),
             ("connection refused", "refused"),
             ("no such file or directory", "refused"),
             ("timeout expired", "timeout"),
@@ -227,7 +231,13 @@ class DatabaseProbe:
                 await conn.execute(HEARTBEAT_DDL)
             self._schema_ready_generation = self.pool.generation
         host = settings.heartbeat_host or socket.gethostname()
-        await conn.execute(HEARTBEAT_WRITE, (host,))
+        try:
+            await conn.execute(HEARTBEAT_WRITE, (host,))
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+            # Dropped, or lost in crash recovery when the server runs without
+            # synchronous_commit: create it again and write once more.
+            await conn.execute(HEARTBEAT_DDL)
+            await conn.execute(HEARTBEAT_WRITE, (host,))
 
     async def _figures(self, conn: AsyncConnection[Any],
                        settings: DatabaseProbeConfig) -> dict[str, Any]:
@@ -360,6 +370,12 @@ class CrashWatcher:
         self.connect_timeout = connect_timeout
         self.connected = False
         self.drops = 0
+        self._held: anyio.CancelScope | None = None
+
+    def release(self) -> None:
+        """Close the held connection now; the watcher then reconnects with backoff."""
+        if self._held is not None:
+            self._held.cancel()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -379,8 +395,12 @@ class CrashWatcher:
                 self.on_change("server_back")
             self.connected = True
             try:
-                async for _ in conn.notifies():
-                    pass
+                with anyio.CancelScope() as self._held:
+                    async for _ in conn.notifies():
+                        pass
+                if self._held.cancel_called:
+                    self.connected = False
+                    self.drops += 1
             except psycopg.Error as exc:
                 self.connected = False
                 self.drops += 1
@@ -388,5 +408,6 @@ class CrashWatcher:
                     "reason": classify(exc), "error": describe(exc)}})
                 self.on_change("connection_dropped")
             finally:
+                self._held = None
                 with anyio.CancelScope(shield=True):
                     await conn.close()
