@@ -69,6 +69,7 @@ class Monitor:
         self._skipped_seen: dict[str, int] = {}
         self._abandoned_seen: dict[str, int] = {}
         self._want_released = False
+        self._recycled_for: str | None = None
         self._pool_wake = anyio.Event()
         runtime.status_parts.append(self.modes.status_part)
         runtime.reload_hooks.append(self._reload)
@@ -176,8 +177,15 @@ class Monitor:
         elif details.get("fresh_connection") == "ok":
             self._want_released = False
             self._pool_wake.set()
+        # Recycle only once the failure is confirmed (the probe is down), and once per
+        # trigger while it stays down, so one slow query or a lasting read-only primary
+        # does not spend the hourly budget.
+        state = self.runners["database"].state
         trigger = details.get("recycle")
-        if trigger:
+        if state.up:
+            self._recycled_for = None
+        elif trigger and state.down and trigger != self._recycled_for:
+            self._recycled_for = trigger
             self._spawn_repair(trigger)
 
     def _on_state(self, old: ProbeState, new: ProbeState) -> None:

@@ -36,7 +36,8 @@ async def running_probe(url: str, probe_config: DatabaseProbeConfig | None = Non
 
 
 async def test_database_probe_healthy(pg_db: str) -> None:
-    async with running_probe(pg_db) as probe:
+    settings = DatabaseProbeConfig(heartbeat_host="test-host", fresh_connection_every=60)
+    async with running_probe(pg_db, settings) as probe:
         first = await probe.check()
         second = await probe.check()
     assert first.status is Status.OK, first.message

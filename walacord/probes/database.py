@@ -184,6 +184,11 @@ class DatabaseProbe:
         return self._verdict(pooled, fresh, settings)
 
     async def _step(self, function: Callable[[], Any], deadline: float) -> StepOutcome:
+        limit = self.settings().max_abandoned
+        if self.abandoner.outstanding >= limit:
+            # Calls on a frozen server pile up; stop adding to them until they unwind.
+            return StepOutcome("timeout", f"{self.abandoner.outstanding} earlier calls are "
+                               "still blocked past their deadline")
         began = time.monotonic()
         try:
             outcome: StepOutcome = await self.abandoner.call(function, deadline)
@@ -299,9 +304,11 @@ class DatabaseProbe:
                 details["release"] = True
                 return ProbeResult(Status.CRITICAL, "shutting_down",
                                    f"the server is shutting down ({fresh.error})", details=details)
-            return ProbeResult(Status.WARNING, f"fresh_{fresh.failure}",
-                               f"the pool works but a new connection fails ({fresh.error})",
-                               details=details)
+            # The pool's sessions still work, but nobody can open a new one: a frozen or
+            # overloaded postmaster, or max_connections reached. Clients need new sessions.
+            return ProbeResult(Status.CRITICAL, fresh.failure,
+                               f"a new connection fails ({fresh.failure}: {fresh.error}) "
+                               "while pooled connections work", details=details)
         return self._figures_verdict(pooled.figures, details, settings)
 
     def _figures_verdict(self, figures: dict[str, Any], details: dict[str, Any],
@@ -335,13 +342,11 @@ class DatabaseProbe:
             warning.append(("pool_saturated", f"the pool is saturated ({pool['used']} used, "
                             f"{pool['waiting']} waiting)"))
 
-        # A lockup is reported as a warning: PostgreSQL still takes writes, but the pool
-        # is recycled in case walacord's own sessions are part of it.
+        # Past a critical threshold is still a warning here: PostgreSQL takes writes, and
+        # the write check fails on its own (lock_timeout) when walacord is stuck behind
+        # the lockup, which is what recycles the pool.
         if critical:
-            reason = critical[0][0]
-            if reason == "lockup":
-                details["recycle"] = "lockup"
-            return ProbeResult(Status.WARNING, reason,
+            return ProbeResult(Status.WARNING, critical[0][0],
                                "; ".join(text for _, text in critical + warning),
                                details=details)
         if warning:
