@@ -78,10 +78,13 @@ def own_pg_cluster() -> Iterator[PgCluster]:
 # --- the daemon against real PostgreSQL and the emulator ---------------------------
 
 
+WALACOR_USER = ("walacord-test", "walacor-test-secret")
+
+
 @pytest.fixture
 async def walacor_emulator() -> AsyncIterator[Emulator]:
-    """The project's Walacor emulator on a free loopback port, user admin:admin."""
-    async with running_emulator(seed=3) as emulator:
+    """The project's Walacor emulator on a free loopback port, with WALACOR_USER."""
+    async with running_emulator(seed=3, users=dict([WALACOR_USER])) as emulator:
         yield emulator
 
 
@@ -96,7 +99,8 @@ def daemon_config(tmp_path: Path, database_url: str, walacor_url: str = "", **se
     base = Config(
         probes=probes,
         database=DatabaseConfig(url=database_url, pool_min_size=2, pool_max_size=10),
-        walacor=WalacorConfig(url=walacor_url, username="admin", password="admin"),
+        walacor=WalacorConfig(url=walacor_url, username=WALACOR_USER[0],
+                              password=WALACOR_USER[1]),
         http=HttpConfig(listen=f"127.0.0.1:{free_port()}"),
         state=StateConfig(dir=str(tmp_path)),
         logging=LoggingConfig(dir=""),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import psycopg
 import pytest
 from conftest import daemon_config, running_daemon, wait_until
 
-from walacord.config import RepairConfig
+from walacord.config import HttpCheckConfig, RepairConfig
 from walacord.emulator import Emulator
 from walacord.monitor import Monitor
-from walacord.pgcluster import PgCluster
+from walacord.pgcluster import PgCluster, free_port
 from walacord.supervisor import Supervisor
 
 pytestmark = pytest.mark.anyio
@@ -193,3 +194,22 @@ async def test_monitor_pooled_connection_killed(pg_db: str, tmp_path: Path) -> N
         await wait_for_mode(monitor, "normal", 10)
     assert monitor.recycler.last is not None
     assert monitor.recycler.last["reason"] == "broken_connections"
+
+
+async def test_monitor_restarts_app_within_budget(pg_db: str, tmp_path: Path) -> None:
+    marker = tmp_path / "restarts.txt"
+    command = [sys.executable, "-c", "import sys; open(sys.argv[1], 'a').write('x\\n')",
+               str(marker)]
+    config = daemon_config(tmp_path, pg_db, repair=RepairConfig(
+        restart_command=command, restart_after=0.3, restart_budget=2, restart_window=3600))
+    api = dataclasses.replace(config.probes.api, interval=0.5, timeout=0.3, fast_interval=0.1,
+                              checks=[HttpCheckConfig(url=f"http://127.0.0.1:{free_port()}/")])
+    config = dataclasses.replace(config, probes=dataclasses.replace(config.probes, api=api))
+    async with running_daemon(config) as supervisor, httpx.AsyncClient() as http:
+        monitor = monitor_of(supervisor)
+        await wait_until(lambda: monitor.restarter.snapshot()["budget_exhausted"], 10)
+        document = (await http.get(f"{base_url(supervisor)}/api/health")).json()
+    assert len(marker.read_text().splitlines()) == 2
+    assert document["mode"] == "degraded"
+    assert document["repair"]["restart"]["budget_exhausted"] is True
+    assert document["repair"]["restart"]["restarts"] == 2

@@ -70,6 +70,7 @@ class Monitor:
         self._abandoned_seen: dict[str, int] = {}
         self._want_released = False
         self._recycled_for: str | None = None
+        self._last_restart_at = -float("inf")
         self._pool_wake = anyio.Event()
         runtime.status_parts.append(self.modes.status_part)
         runtime.reload_hooks.append(self._reload)
@@ -269,22 +270,20 @@ class Monitor:
         return True, "a new connection answers SELECT 1"
 
     async def _check_restart(self) -> None:
+        # While the API probe stays down, restart every `restart_after` seconds; the
+        # restarter's budget ends a loop of restarts that do not help.
         state = self.runners["api"].state
         if not state.down or "restart" in self._repairing:
             return
-        if not self.restarter.due(time.monotonic() - state.since):
+        now = time.monotonic()
+        if not self.restarter.due(min(now - state.since, now - self._last_restart_at)):
             return
-        if self.restarter.last and self.restarter.last.get("since") == state.since:
-            return
+        self._last_restart_at = now
         self._repairing.add("restart")
 
         async def work() -> None:
             try:
-                result = await self.restarter.restart(f"API probe down: {state.message}")
-                if self.restarter.last is not None:
-                    self.restarter.last["since"] = state.since
-                elif not result.get("restarted"):
-                    self.restarter.last = {**result, "since": state.since}
+                await self.restarter.restart(f"API probe down: {state.message}")
             finally:
                 self._repairing.discard("restart")
 

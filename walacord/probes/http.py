@@ -69,7 +69,7 @@ class ApiProbe:
         try:
             response = await self._client.get(item.url, timeout=deadline)
         except httpx.ConnectError as exc:
-            reason = "refused" if "refused" in str(exc).lower() else "unreachable"
+            reason = "refused" if _refused(exc) else "unreachable"
             return ProbeResult(Status.CRITICAL, reason, f"GET {item.url} failed: {exc}",
                                latency=time.monotonic() - began)
         except httpx.TimeoutException:
@@ -93,3 +93,20 @@ class ApiProbe:
                                latency=latency)
         return ProbeResult(Status.OK, "ok", f"GET {item.url} returned "
                            f"{response.status_code}", latency=latency)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Return whether a ConnectionRefusedError is anywhere in the exception's chain."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ConnectionRefusedError) or "refused" in str(item).lower():
+            return True
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        pending.extend((item.__cause__, item.__context__))
+    return False
