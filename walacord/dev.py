@@ -118,6 +118,16 @@ def command(args: argparse.Namespace) -> int:
         print(f"walacord dev: cannot create {directory}: {exc.strerror}; choose another "
               "--dir", file=sys.stderr)
         return 1
+    if os.geteuid() == 0:
+        # initdb refuses root, so PostgreSQL runs as an unprivileged user, which must be
+        # able to enter every directory above its data directory.
+        directory.chmod(0o755)
+        blocked = [p for p in directory.parents if not p.stat().st_mode & 0o001]
+        if blocked:
+            print(f"walacord dev: running as root, PostgreSQL runs as user nobody, which "
+                  f"cannot enter {blocked[0]}; use a --dir under /tmp or run walacord dev "
+                  "as a normal user", file=sys.stderr)
+            return 1
 
     try:
         with open(os.devnull, "w") as devnull:

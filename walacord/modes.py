@@ -31,6 +31,8 @@ UNREACHABLE = frozenset({
     "refused", "timeout", "connect_timeout", "dns", "reset", "connection_lost", "tls",
     "shutting_down", "starting_up", "unreachable",
 })
+# Walacor answering 5xx cannot store anything either, so it counts as unreachable.
+WALACOR_UNAVAILABLE = UNREACHABLE | {"server_error"}
 
 
 class Mode(enum.Enum):
@@ -110,7 +112,7 @@ def _rules(probes: Mapping[str, ProbeState], policy: ModesConfig) -> tuple[Mode,
     walacor_down = walacor is not None and walacor.down
 
     if (db_down and walacor_down and database is not None and walacor is not None
-            and database.reason in UNREACHABLE and walacor.reason in UNREACHABLE):
+            and database.reason in UNREACHABLE and walacor.reason in WALACOR_UNAVAILABLE):
         return Mode.OFFLINE, (f"PostgreSQL ({database.reason}) and Walacor "
                               f"({walacor.reason}) are both unreachable.")
     remote_down = [p.name for p in (database, walacor, api) if p is not None and p.down]

@@ -207,7 +207,10 @@ class Monitor:
             self.runners["host"].trigger()
 
     def _evaluate(self) -> None:
+        transitions = self.modes.transitions
         self.modes.evaluate(self.observations())
+        if self.modes.transitions != transitions:
+            self.runtime.update_status()
 
     def observations(self) -> dict[str, ProbeState]:
         return {name: runner.state for name, runner in self.runners.items()
