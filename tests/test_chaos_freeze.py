@@ -14,8 +14,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from conftest import daemon_config, running_daemon, wait_until
 
+from tests.conftest import daemon_config, running_daemon, wait_until
 from walacord.monitor import Monitor
 from walacord.pgcluster import PgCluster
 from walacord.systemd import Notifier
@@ -27,7 +27,7 @@ WATCHDOG_USEC = 2_000_000  # the supervisor pings every 1 s
 
 
 @pytest.fixture
-def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+def watchdog_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
     """A datagram socket standing in for systemd's notify socket."""
     directory = tempfile.mkdtemp(prefix="wd-")
     path = os.path.join(directory, "notify")
@@ -137,14 +137,14 @@ def check(figures: dict[str, float]) -> None:
 
 
 async def test_freeze_postmaster(own_pg_cluster: PgCluster, tmp_path: Path,
-                                 notify_socket: socket.socket) -> None:
-    figures = await freeze_scenario(own_pg_cluster, tmp_path, notify_socket,
+                                 watchdog_socket: socket.socket) -> None:
+    figures = await freeze_scenario(own_pg_cluster, tmp_path, watchdog_socket,
                                     lambda: [own_pg_cluster.postmaster_pid()])
     check(figures)
 
 
 async def test_freeze_walacord_backends(own_pg_cluster: PgCluster, tmp_path: Path,
-                                        notify_socket: socket.socket) -> None:
-    figures = await freeze_scenario(own_pg_cluster, tmp_path, notify_socket,
+                                        watchdog_socket: socket.socket) -> None:
+    figures = await freeze_scenario(own_pg_cluster, tmp_path, watchdog_socket,
                                     lambda: walacord_backend_pids(own_pg_cluster))
     check(figures)

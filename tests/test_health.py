@@ -6,8 +6,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import WALACOR_USER, daemon_config, running_daemon
 
+from tests.conftest import WALACOR_USER, daemon_config, running_daemon
 from walacord.emulator import Emulator
 from walacord.pgcluster import PgCluster
 

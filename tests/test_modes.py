@@ -7,9 +7,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import wait_until
 from prometheus_client import CollectorRegistry
 
+from tests.conftest import wait_until
 from walacord.config import ModesConfig
 from walacord.metrics import Metrics
 from walacord.modes import Current, Mode, ModeMachine, Override, decide, run_command

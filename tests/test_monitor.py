@@ -12,8 +12,8 @@ import anyio
 import httpx
 import psycopg
 import pytest
-from conftest import daemon_config, running_daemon, wait_until
 
+from tests.conftest import daemon_config, running_daemon, wait_until
 from walacord.config import HttpCheckConfig, RepairConfig
 from walacord.emulator import Emulator
 from walacord.monitor import Monitor

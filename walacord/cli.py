@@ -23,6 +23,8 @@ COMMANDS = {
     "check-config": "walacord.config:command",
     "emulator": "walacord.emulator.cli:command",
     "dev": "walacord.dev:command",
+    "setup-database": "walacord.db.setup:command",
+    "migrate": "walacord.db.migrate:command",
 }
 # Modules that own a subcommand define `add_arguments(parser)` and `command(args)`, and
 # add their line above: "emulator" -> walacord.emulator.cli, "dev" -> walacord.dev,

@@ -373,6 +373,81 @@ class RepairConfig:
     restart_window: Duration = setting(3600.0, min=1, max=7 * 86400)
 
 
+# --- alerts ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    alertmanager_url: str = setting("", help="Alertmanager base URL, e.g. http://127.0.0.1:9093; "
+                                    "empty disables the Alertmanager sink")
+    alertmanager_timeout: Duration = setting(5.0, min=0.1, max=300,
+                                             help="deadline of one POST /api/v2/alerts")
+    evaluation_interval: Duration = setting(1.0, min=0.1, max=3600,
+                                            help="how often the alert rules are evaluated")
+    repeat_interval: Duration = setting(3600.0, min=1, max=7 * 86400,
+                                        help="a firing alert is sent again after this long")
+    rate_limit: int = setting(30, min=1, max=100_000,
+                              help="max firing notifications sent per rate_limit_window")
+    rate_limit_window: Duration = setting(60.0, min=1, max=86400)
+    store_timeout: Duration = setting(5.0, min=0.1, max=300,
+                                      help="deadline of one read or write of alerts.db")
+    queue_max_rows: int = setting(10_000, min=100, max=10_000_000,
+                                  help="undelivered notifications kept; the oldest go first")
+    retry_initial: Duration = setting(1.0, min=0.01, max=3600,
+                                      help="first delay after a failed delivery; doubles per "
+                                           "failure, with jitter")
+    retry_max: Duration = setting(60.0, min=0.1, max=86400)
+    restore_grace: Duration = setting(60.0, min=0, max=86400,
+                                      help="after a restart, how long an alert that was "
+                                           "firing waits for its condition before it "
+                                           "resolves")
+    recent_limit: int = setting(100, min=1, max=100_000,
+                                help="resolved alerts kept for `walacorctl alerts`")
+    hooks: list[list[str]] = setting(default_factory=list,
+                                     help="commands run per notification, each an argv list; "
+                                          "no shell. The alert JSON is on stdin and in "
+                                          "$WALACORD_ALERT")
+    hook_timeout: Duration = setting(10.0, min=0.1, max=3600)
+
+    # Built-in rules: each has a threshold (where it needs one) and a `for` duration the
+    # condition must hold before the alert fires.
+    probe_down_for: Duration = setting(5.0, min=0, max=86400)
+    mode_not_normal_for: Duration = setting(30.0, min=0, max=86400)
+    slow_probe_seconds: Duration = setting(1.0, min=0.001, max=3600,
+                                           help="probe latency above which it counts as slow")
+    slow_probe_for: Duration = setting(60.0, min=0, max=86400)
+    host_resources_for: Duration = setting(60.0, min=0, max=86400)
+    outbox_pending_age_seconds: Duration = setting(300.0, min=1, max=30 * 86400,
+                                                   help="age of the oldest pending outbox "
+                                                        "operation that raises an alert")
+    outbox_pending_age_for: Duration = setting(0.0, min=0, max=86400)
+    dead_operations_for: Duration = setting(0.0, min=0, max=86400)
+    conservation_failure_for: Duration = setting(0.0, min=0, max=86400)
+    backup_max_age: Duration = setting(26 * 3600.0, min=60, max=365 * 86400,
+                                       help="time since the last successful backup that "
+                                            "raises an alert")
+    backup_for: Duration = setting(0.0, min=0, max=86400)
+    recycle_budget_for: Duration = setting(0.0, min=0, max=86400)
+    critical_error_resolve_after: Duration = setting(900.0, min=1, max=7 * 86400,
+                                                     help="a critical-error alert resolves "
+                                                          "after this long without another")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.alertmanager_url and not self.alertmanager_url.startswith(
+                ("http://", "https://")):
+            problems.append(("alertmanager_url", f"invalid URL {self.alertmanager_url!r}: it "
+                             "must start with http:// or https://"))
+        if self.retry_max < self.retry_initial:
+            problems.append(("retry_max", f"{self.retry_max:g}s is shorter than retry_initial "
+                             f"{self.retry_initial:g}s; raise it"))
+        for index, argv in enumerate(self.hooks):
+            if not argv or not argv[0]:
+                problems.append((f"hooks[{index}]", "empty command; write an argv list such "
+                                 "as [\"/usr/local/bin/page\", \"--team\", \"db\"]"))
+        return problems
+
+
 @dataclass(frozen=True)
 class Config:
     environment: str = setting("production", help="free text shown in status and logs")
@@ -386,6 +461,7 @@ class Config:
     probes: ProbesConfig = dataclasses.field(default_factory=ProbesConfig)
     modes: ModesConfig = dataclasses.field(default_factory=ModesConfig)
     repair: RepairConfig = dataclasses.field(default_factory=RepairConfig)
+    alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
 
     source: str = dataclasses.field(default="(defaults)", compare=False,
                                     metadata={"internal": True})

@@ -92,7 +92,7 @@ class WalacorTLSError(WalacorError):
 
 
 class WalacorTimeoutError(WalacorError):
-    """Walacor did not answer within the read timeout or the whole-request deadline."""
+    """Walacor sent no response within the read timeout or the whole-request deadline."""
 
     reason = "timeout"
     maybe_committed = True
@@ -106,7 +106,7 @@ class WalacorConnectionResetError(WalacorError):
 
 
 class WalacorAuthError(WalacorError):
-    """Walacor answered 401: the credentials or the token were rejected."""
+    """Walacor returned 401 because it rejected the credentials or the token."""
 
     reason = "auth"
 
@@ -118,7 +118,7 @@ class WalacorValidationError(WalacorError):
 
 
 class WalacorRateLimitedError(WalacorError):
-    """Walacor answered 429; `retry_after` is the requested wait in seconds, or None."""
+    """Walacor returned 429; `retry_after` is the requested wait in seconds, or None."""
 
     reason = "rate_limited"
 
@@ -128,20 +128,20 @@ class WalacorRateLimitedError(WalacorError):
 
 
 class WalacorServerError(WalacorError):
-    """Walacor answered 5xx; a proxy may send this after the service applied the write."""
+    """Walacor returned 5xx, which a proxy may send after the service applied the write."""
 
     reason = "server_error"
     maybe_committed = True
 
 
 class WalacorSuccessFalseError(WalacorError):
-    """Walacor answered 200 with `"success": false` in the body."""
+    """Walacor returned 200 with `"success": false` in the body."""
 
     reason = "success_false"
 
 
 class WalacorBadResponseError(WalacorError):
-    """Walacor answered 2xx with a body that is not the expected JSON shape."""
+    """Walacor returned 2xx with a body that is not the expected JSON shape."""
 
     reason = "bad_response"
     maybe_committed = True
@@ -172,3 +172,21 @@ class OutboxError(WalacordError):
 
 class BackupError(WalacordError):
     """A backup, verification or restore failed."""
+
+
+# --- database setup (walacord setup-database) -----------------------------------
+
+
+class DatabaseSetupError(DatabaseError):
+    """setup-database could not create or grant what walacord's role needs."""
+
+
+# --- alerts ---------------------------------------------------------------------
+
+
+class AlertDeliveryError(WalacordError):
+    """A sink did not accept an alert notification; `permanent` means retrying is futile."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -90,5 +90,33 @@ class Metrics:
             "walacord_walacor_tls_cert_expiry_days",
             "Days until the Walacor server's TLS certificate expires.", registry=registry)
 
+        # --- alerts -------------------------------------------------------------
+        self.alerts = Gauge(
+            "walacord_alerts",
+            "Alerts tracked by walacord's alert engine, by state (pending, firing, "
+            "suppressed, silenced).", ["state"], registry=registry)
+        self.alert_notifications = Counter(
+            "walacord_alert_notifications_total",
+            "Alert notifications raised, by kind (firing, resolved, repeated).",
+            ["kind"], registry=registry)
+        self.alert_notifications_rate_limited = Counter(
+            "walacord_alert_notifications_rate_limited_total",
+            "Firing notifications held back by the global rate cap.", registry=registry)
+        self.alert_deliveries = Counter(
+            "walacord_alert_deliveries_total",
+            "Delivery attempts of alert notifications, by sink and result.",
+            ["sink", "result"], registry=registry)
+        self.alert_delivery_queue = Gauge(
+            "walacord_alert_delivery_queue_length",
+            "Alert notifications waiting in alerts.db for delivery.", registry=registry)
+        self.alert_deliveries_dropped = Counter(
+            "walacord_alert_deliveries_dropped_total",
+            "Queued alert notifications discarded undelivered, by reason.",
+            ["reason"], registry=registry)
+        self.alert_source_errors = Counter(
+            "walacord_alert_source_errors_total",
+            "Alert condition sources that raised instead of returning conditions.",
+            registry=registry)
+
 
 __all__ = ["PROBE_BUCKETS", "Counter", "Gauge", "Histogram", "Info", "Metrics"]

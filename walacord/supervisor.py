@@ -42,6 +42,7 @@ def default_components(runtime: Runtime) -> list[Component]:
     depend on start first; they stop in reverse order.
     """
     from walacord import health
+    from walacord.alerts.service import AlertService
     from walacord.monitor import Monitor
     from walacord.web import WebServer
 
@@ -52,6 +53,7 @@ def default_components(runtime: Runtime) -> list[Component]:
         server = WebServer(runtime)
         health.mount(server.app, monitor)
         components.append(server)
+    components.append(AlertService(runtime))
     components.append(monitor)
     return components
 
@@ -76,7 +78,9 @@ class Supervisor:
         runtime = self.runtime
         cfg = runtime.config
         log.info("daemon.starting", extra={"fields": {
-            "version": __version__, "config": cfg.source, "environment": cfg.environment}})
+            "version": __version__, "config": cfg.source, "environment": cfg.environment,
+            "database": cfg.database.url, "walacor": cfg.walacor.url,
+            "http": cfg.http.listen, "control": cfg.control.socket}})
 
         async with anyio.create_task_group() as tg:
             await tg.start(self._handle_signals)

@@ -51,8 +51,10 @@ def start_emulator(*flags: str) -> tuple[subprocess.Popen[str], str]:
     raise AssertionError("emulator did not listen within 15 s")
 
 
-def stop_emulator(process: subprocess.Popen[str]) -> tuple[int, str]:
-    process.send_signal(signal.SIGTERM)
+def stop_emulator(
+    process: subprocess.Popen[str], signum: signal.Signals = signal.SIGTERM
+) -> tuple[int, str]:
+    process.send_signal(signum)
     try:
         _, stderr = process.communicate(timeout=10)
     except subprocess.TimeoutExpired:
@@ -99,9 +101,10 @@ def test_cli_login_submit_and_query(emulator_process: str) -> None:
     assert found.json()["data"][0]["UID"] == uids[1]
 
 
-def test_cli_sigterm_exits_cleanly() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cli_signal_exits_cleanly(signum: signal.Signals) -> None:
     process, _ = start_emulator()
-    returncode, stderr = stop_emulator(process)
+    returncode, stderr = stop_emulator(process, signum)
     assert returncode == 0
     assert "for local use only" in stderr
 

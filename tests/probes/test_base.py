@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import anyio
 import pytest
-from conftest import wait_until
 
+from tests.conftest import wait_until
 from walacord.config import ProbeSettings
 from walacord.probes.base import (
     Abandoner,

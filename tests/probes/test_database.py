@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 import anyio
 import psycopg
 import pytest
-from conftest import wait_until
 from psycopg.conninfo import conninfo_to_dict
 
+from tests.conftest import wait_until
 from walacord.config import DatabaseConfig, DatabaseProbeConfig
 from walacord.dbpool import DatabasePool
 from walacord.pgcluster import PgCluster, free_port

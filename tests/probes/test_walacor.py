@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from conftest import WALACOR_USER
 
+from tests.conftest import WALACOR_USER
 from walacord.config import WalacorConfig, WalacorProbeConfig
 from walacord.emulator import Emulator
 from walacord.probes.base import Status

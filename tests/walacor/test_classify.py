@@ -9,15 +9,17 @@ from __future__ import annotations
 import email.utils
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from walacord.emulator import Emulator
+from walacord.emulator import Emulator, running_emulator
 from walacord.errors import (
     WalacorConnectionResetError,
     WalacorConnectRefusedError,
@@ -243,3 +245,47 @@ async def test_latency_beyond_read_timeout_is_timeout(emulator: Emulator) -> Non
     async with client_for(emulator.url, read_timeout=0.5) as client:
         error, _ = await expect_error(client, 0.5)
     assert isinstance(error, WalacorTimeoutError)
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with openssl(1)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl(1)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    command += ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    command += ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        command,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(cert), str(key)
+
+
+async def test_ca_bundle_trusts_private_ca(self_signed: tuple[str, str]) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*self_signed)
+    async with (
+        running_emulator(ssl_context=context) as emulator,
+        WalacorClient(
+            emulator.url, username="admin", password="admin", ca_bundle=self_signed[0]
+        ) as client,
+    ):
+        types = await client.envelope_types()
+    assert emulator.url.startswith("https://")
+    assert types[0]["ETId"] == 50
+
+
+async def test_untrusted_certificate_is_tls(self_signed: tuple[str, str]) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*self_signed)
+    async with (
+        running_emulator(ssl_context=context) as emulator,
+        client_for(emulator.url) as client,
+    ):
+        error, _ = await expect_error(client, 1.0)
+    assert isinstance(error, WalacorTLSError)
+    assert "certificate" in str(error).lower()

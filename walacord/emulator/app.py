@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -17,24 +18,29 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import orjson
 from aiohttp import web
 
-from walacord.emulator.faults import FaultSpec, FaultState, error_body, reset_connection
+from walacord.emulator.faults import (
+    FaultSpec,
+    FaultState,
+    error_body,
+    reset_connection,
+    trickle,
+    wait_for_disconnect,
+)
+from walacord.emulator.parsing import (
+    etid_header,
+    int_header,
+    int_param,
+    json_body,
+    json_response,
+)
 from walacord.emulator.store import ENVELOPE_STATUS, SCHEMA_ETID, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USERS = {"admin": "admin"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(
-    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
 
 
 class Emulator:
@@ -46,14 +52,16 @@ class Emulator:
         users: Mapping[str, str] | None = None,
         state_path: str | None = None,
         token_ttl: float | None = 3600.0,
-        faults: FaultSpec | None = None,
+        faults: FaultSpec | list[FaultSpec] | None = None,
         seed: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.users = dict(users) if users else dict(DEFAULT_USERS)
         self.default_users = not users
         self.token_ttl = token_ttl
         self.store = Store(state_path)
         self.faults = FaultState(faults, seed=seed)
+        self.ssl_context = ssl_context
         self.url = ""
         self.logins = 0
         self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -64,14 +72,16 @@ class Emulator:
 
     # --- direct control, also used by the /_emulator endpoints ---------------------
 
-    def set_faults(self, spec: FaultSpec | None = None, **settings: Any) -> None:
-        """Replace the active fault with `spec`, or with one built from keyword settings."""
+    def set_faults(self, spec: FaultSpec | list[FaultSpec] | None = None, **settings: Any) -> None:
+        """Replace the active faults with `spec` (one rule or a list tried in order),
+        or with one rule built from keyword settings."""
         if spec is None:
             spec = FaultSpec.from_json(settings)
-        else:
-            spec.validate()
-        self.faults.set(spec)
-        log.info("emulator.faults.set", extra={"fields": spec.to_json()})
+        rules = [spec] if isinstance(spec, FaultSpec) else list(spec)
+        for rule in rules:
+            rule.validate()
+        self.faults.set(rules)
+        log.info("emulator.faults.set", extra={"fields": {"rules": [r.to_json() for r in rules]}})
 
     def clear_faults(self) -> None:
         self.faults.set(None)
@@ -105,11 +115,12 @@ class Emulator:
             self.app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        site = web.TCPSite(self._runner, host, port, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
         bound = self._runner.addresses[0]
         bound_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.url = f"http://{bound_host}:{bound[1]}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://{bound_host}:{bound[1]}"
         if self.default_users:
             log.warning(
                 "emulator.default_user",
@@ -208,16 +219,16 @@ class Emulator:
             return json_response(body)
         if mode == "reset":
             reset_connection(request)
-            return await _wait_for_disconnect(request)
+            return await wait_for_disconnect(request)
         if mode == "hang":
-            return await _wait_for_disconnect(request)
+            return await wait_for_disconnect(request)
 
         # The remaining modes run the request, so a submit is committed.
         response = await self._run_handler(request, handler)
         if mode == "drop_after_commit":
             reset_connection(request)
-            return await _wait_for_disconnect(request)
-        return await _trickle(request, response, spec.trickle_interval_ms / 1000)
+            return await wait_for_disconnect(request)
+        return await trickle(request, response, spec.trickle_interval_ms / 1000)
 
     # --- authentication ---------------------------------------------------------
 
@@ -231,7 +242,7 @@ class Emulator:
             raise StoreError(401, "unauthorized", "token is invalid or expired: log in again")
 
     async def _login(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         if not isinstance(body, dict):
             raise StoreError(400, "validation", "body must be {userName, password}")
         user, password = body.get("userName"), body.get("password")
@@ -242,7 +253,13 @@ class Emulator:
             raise StoreError(401, "unauthorized", "invalid user name or password")
         token = "Bearer " + secrets.token_urlsafe(32)
         ttl = self.token_ttl
-        self._tokens[token] = time.monotonic() + ttl if ttl else None
+        now = time.monotonic()
+        expired = [
+            t for t, expires in self._tokens.items() if expires is not None and expires <= now
+        ]
+        for old_token in expired:
+            del self._tokens[old_token]
+        self._tokens[token] = now + ttl if ttl else None
         self.logins += 1
         return json_response({"api_token": token})
 
@@ -254,7 +271,7 @@ class Emulator:
 
     async def _create_schema(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         if not isinstance(body, dict) or body.get("ETId") != SCHEMA_ETID:
             raise StoreError(400, "validation", f"body must be {{ETId: {SCHEMA_ETID}, SV, Schema}}")
         eid, uid = await self.store.create_schema(body.get("SV", 1), body.get("Schema"))
@@ -263,9 +280,9 @@ class Emulator:
 
     async def _submit(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        etid = _etid_header(request)
-        sv = _int_header(request, "SV")
-        body = await _json_body(request)
+        etid = etid_header(request)
+        sv = int_header(request, "SV")
+        body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("Data"), list):
             raise StoreError(400, "validation", 'body must be {"Data": [record, ...]}')
         if not body["Data"]:
@@ -276,12 +293,12 @@ class Emulator:
 
     async def _query_get(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        etid = _etid_header(request)
-        page_no = _int_param(request, "pageNo", 0)
-        page_size = _int_param(request, "pageSize", 0)
+        etid = etid_header(request)
+        page_no = int_param(request, "pageNo", 0)
+        page_size = int_param(request, "pageSize", 0)
         from_summary = request.query.get("fromSummary", "false").lower() == "true"
         total_req = request.query.get("totalReq", "false").lower() == "true"
-        condition = await _json_body(request, default={})
+        condition = await json_body(request, default={})
         if not isinstance(condition, dict):
             raise StoreError(400, "validation", "body must be an equality filter object")
 
@@ -297,8 +314,8 @@ class Emulator:
 
     async def _query_complex(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        etid = _etid_header(request)
-        pipeline = await _json_body(request)
+        etid = etid_header(request)
+        pipeline = await json_body(request)
         if not isinstance(pipeline, list):
             raise StoreError(400, "validation", "body must be an aggregation pipeline (array)")
         rows, total = self.store.aggregate(etid, pipeline)
@@ -307,16 +324,26 @@ class Emulator:
     # --- control handlers -------------------------------------------------------
 
     async def _put_faults(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
         try:
-            spec = FaultSpec.from_json(await _json_body(request))
+            if isinstance(body, list):
+                rules = [FaultSpec.from_json(item) for item in body]
+            else:
+                rules = [FaultSpec.from_json(body)]
         except (TypeError, ValueError) as exc:
             raise StoreError(400, "validation", str(exc)) from None
-        self.set_faults(spec)
-        return json_response({"faults": spec.to_json()})
+        self.set_faults(rules)
+        return json_response(self._faults_document())
 
     async def _get_faults(self, request: web.Request) -> web.Response:
-        spec = self.faults.spec
-        return json_response({"faults": spec.to_json() if spec else None})
+        return json_response(self._faults_document())
+
+    def _faults_document(self) -> dict[str, Any]:
+        """Return `{"faults": rule}` for one rule, or a list of rules for several."""
+        rules = [rule.to_json() for rule in self.faults.rules]
+        if not rules:
+            return {"faults": None}
+        return {"faults": rules[0] if len(rules) == 1 else rules}
 
     async def _delete_faults(self, request: web.Request) -> web.Response:
         self.clear_faults()
@@ -327,77 +354,6 @@ class Emulator:
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return json_response(self.stats())
-
-
-async def _json_body(request: web.Request, default: Any = None) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        if default is not None:
-            return default
-        raise StoreError(400, "validation", "request body is missing")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise StoreError(400, "validation", f"request body is not valid JSON: {exc}") from None
-
-
-def _etid_header(request: web.Request) -> int:
-    etid = _int_header(request, "ETId")
-    if etid is None:
-        raise StoreError(400, "validation", "ETId header is required")
-    return etid
-
-
-def _int_header(request: web.Request, name: str) -> int | None:
-    value = request.headers.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise StoreError(400, "validation", f"{name} header must be an integer") from None
-
-
-def _int_param(request: web.Request, name: str, default: int) -> int:
-    value = request.query.get(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise StoreError(400, "validation", f"{name} must be an integer") from None
-
-
-async def _wait_for_disconnect(request: web.Request) -> web.StreamResponse:
-    """Never answer; aiohttp cancels this wait when the connection closes.
-
-    The runner is created with handler_cancellation=True, so a client disconnect
-    or a server shutdown cancels the handler.
-    """
-    await asyncio.Event().wait()
-    raise AssertionError("unreachable: the wait above ends only by cancellation")
-
-
-async def _trickle(
-    request: web.Request, response: web.StreamResponse, interval: float
-) -> web.StreamResponse:
-    """Send the response body one byte per `interval` seconds."""
-    body = response.body if isinstance(response, web.Response) else b""
-    payload = body if isinstance(body, bytes) else b""
-    stream = web.StreamResponse(
-        status=response.status, headers={"Content-Type": "application/json"}
-    )
-    stream.content_length = len(payload)
-    await stream.prepare(request)
-    for index in range(len(payload)):
-        if request.transport is None or request.transport.is_closing():
-            break
-        try:
-            await stream.write(payload[index : index + 1])
-        except ConnectionError:
-            break
-        await asyncio.sleep(interval)
-    return stream
 
 
 @asynccontextmanager

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 from typing import Any
 
 import anyio
 
+from walacord import logs
 from walacord.emulator.app import Emulator
 from walacord.emulator.faults import MODES, FaultSpec
 
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="address to listen on (default %(default)s; port 0 picks a free port)",
     )
+
     parser.add_argument(
         "--user",
         action="append",
@@ -45,8 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="token lifetime in seconds; 0 means tokens never expire (default %(default)s)",
     )
+
+    parser.add_argument("--tls-cert", metavar="PATH", help="PEM certificate chain; serves https")
+    parser.add_argument("--tls-key", metavar="PATH", help="PEM private key for --tls-cert")
+
     faults = parser.add_argument_group("faults set at start (PUT /_emulator/faults changes them)")
-    faults.add_argument("--fault-status", type=int, metavar="CODE", help="answer with this status")
+    faults.add_argument(
+        "--fault-status", type=int, metavar="CODE", help="respond with this HTTP status"
+    )
     faults.add_argument(
         "--fault-ratio",
         type=float,
@@ -55,12 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of requests affected, 0 to 1 (default %(default)s)",
     )
     faults.add_argument(
-        "--fault-latency-ms", type=float, default=0.0, metavar="MS", help="delay in milliseconds"
+        "--fault-latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay before each affected request",
     )
     faults.add_argument(
-        "--fault-retry-after", metavar="SECONDS", help="Retry-After value (implies status 429)"
+        "--fault-retry-after",
+        metavar="VALUE",
+        help="Retry-After in seconds or an HTTP-date (alone it implies status 429)",
     )
-    faults.add_argument("--fault-mode", choices=MODES, help="failure mode")
+    faults.add_argument("--fault-mode", choices=MODES, help="how affected requests fail")
     faults.add_argument(
         "--fault-path", metavar="PREFIX", help="affect only paths starting with PREFIX"
     )
@@ -88,6 +103,17 @@ def parse_users(values: list[str]) -> dict[str, str]:
             raise ValueError(f"invalid --user {value!r}: expected NAME:PASSWORD")
         users[name] = password
     return users
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """Return a server TLS context for the certificate and key, or None for plain HTTP."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def fault_from_args(args: argparse.Namespace) -> FaultSpec | None:
@@ -127,13 +153,12 @@ async def serve(emulator: Emulator, host: str, port: int) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         host, port = parse_listen(args.listen)
         users = parse_users(args.user)
         faults = fault_from_args(args)
-    except ValueError as exc:
+        ssl_context = tls_context(args.tls_cert, args.tls_key)
+    except (ValueError, OSError, ssl.SSLError) as exc:
         print(f"walacord emulator: {exc}", file=sys.stderr)
         return 2
 
@@ -143,11 +168,18 @@ def command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     emulator = Emulator(
-        users=users, state_path=args.state, token_ttl=args.token_ttl or None, faults=faults
+        users=users,
+        state_path=args.state,
+        token_ttl=args.token_ttl or None,
+        faults=faults,
+        ssl_context=ssl_context,
     )
+    logs.setup("info", secrets=list(users.values()))
     try:
         anyio.run(serve, emulator, host, port)
     except OSError as exc:
         print(f"walacord emulator: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logs.shutdown()
     return 0

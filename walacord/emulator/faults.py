@@ -6,6 +6,7 @@ decides for each API request whether the fault applies (path prefix, ratio, coun
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import struct
@@ -22,7 +23,7 @@ class FaultSpec:
     """One fault setting; all fields are optional and combine.
 
     `latency_ms` delays each affected request before anything else happens. `status`
-    answers with that HTTP status and a documented error body instead of running
+    responds with that HTTP status and a documented error body instead of running
     the request; `retry_after` alone implies status 429. `mode` picks one of MODES.
     `path` limits the fault to request paths starting with it, `ratio` to a random
     share of requests, and `count` to the next N affected requests.
@@ -86,31 +87,47 @@ class FaultSpec:
 
 
 class FaultState:
-    """The active fault, if any, and the random source that applies its ratio."""
+    """The active fault rules and the random source that applies their ratios.
 
-    def __init__(self, spec: FaultSpec | None = None, *, seed: int | None = None) -> None:
+    Rules are tried in order for each request. The first rule whose path matches,
+    whose count is not used up and whose ratio draw succeeds applies.
+    """
+
+    def __init__(
+        self, spec: FaultSpec | list[FaultSpec] | None = None, *, seed: int | None = None
+    ) -> None:
         self._random = random.Random(seed)
-        self.spec = spec
-        self._remaining = spec.count if spec is not None else None
+        self.rules: list[FaultSpec] = []
+        self._remaining: list[int | None] = []
+        self.set(spec)
 
-    def set(self, spec: FaultSpec | None) -> None:
-        self.spec = spec
-        self._remaining = spec.count if spec is not None else None
+    @property
+    def spec(self) -> FaultSpec | None:
+        """The first rule, or None when no fault is set."""
+        return self.rules[0] if self.rules else None
+
+    def set(self, rules: FaultSpec | list[FaultSpec] | None) -> None:
+        if rules is None:
+            rules = []
+        elif isinstance(rules, FaultSpec):
+            rules = [rules]
+        self.rules = list(rules)
+        self._remaining = [rule.count for rule in self.rules]
 
     def decide(self, path: str) -> FaultSpec | None:
-        """Return the spec when the fault applies to this request, else None."""
-        spec = self.spec
-        if spec is None:
-            return None
-        if spec.path is not None and not path.startswith(spec.path):
-            return None
-        if self._remaining is not None and self._remaining <= 0:
-            return None
-        if spec.ratio < 1.0 and self._random.random() >= spec.ratio:
-            return None
-        if self._remaining is not None:
-            self._remaining -= 1
-        return spec
+        """Return the rule that applies to a request for `path`, else None."""
+        for index, rule in enumerate(self.rules):
+            if rule.path is not None and not path.startswith(rule.path):
+                continue
+            remaining = self._remaining[index]
+            if remaining is not None and remaining <= 0:
+                continue
+            if rule.ratio < 1.0 and self._random.random() >= rule.ratio:
+                continue
+            if remaining is not None:
+                self._remaining[index] = remaining - 1
+            return rule
+        return None
 
 
 def error_body(status: int, message: str, reason: str | None = None) -> dict[str, Any]:
@@ -144,3 +161,35 @@ def reset_connection(request: web.Request) -> None:
         # SO_LINGER on with a zero timeout makes close() send RST and drop unsent data.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+async def wait_for_disconnect(request: web.Request) -> web.StreamResponse:
+    """Wait without responding until aiohttp cancels the handler.
+
+    The runner is created with handler_cancellation=True, so a client disconnect
+    or a server shutdown cancels the handler.
+    """
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable: the wait above ends only by cancellation")
+
+
+async def trickle(
+    request: web.Request, response: web.StreamResponse, interval: float
+) -> web.StreamResponse:
+    """Send the response body one byte per `interval` seconds."""
+    body = response.body if isinstance(response, web.Response) else b""
+    payload = body if isinstance(body, bytes) else b""
+    stream = web.StreamResponse(
+        status=response.status, headers={"Content-Type": "application/json"}
+    )
+    stream.content_length = len(payload)
+    await stream.prepare(request)
+    for index in range(len(payload)):
+        if request.transport is None or request.transport.is_closing():
+            break
+        try:
+            await stream.write(payload[index : index + 1])
+        except ConnectionError:
+            break
+        await asyncio.sleep(interval)
+    return stream

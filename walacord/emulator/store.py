@@ -2,7 +2,7 @@
 
 Every row version is kept. `fromSummary` queries read the latest version of each
 row through lazily built equality indexes, so key lookups stay fast with many rows.
-With a state file, each submit is written and committed before it is answered.
+With a state file, each submit is written and committed before the response is sent.
 """
 
 from __future__ import annotations

@@ -35,10 +35,10 @@ from walacord.errors import (
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Return the wait in seconds that a `Retry-After` header asks for, or None.
+    """Return the wait in seconds that a `Retry-After` header requests, or None.
 
-    The header holds either delta-seconds ("120") or an HTTP-date; a date in the
-    past gives 0. `now` is the wall-clock time in seconds since the epoch.
+    The header contains either delta-seconds ("120") or an HTTP-date. A date in
+    the past gives 0. `now` is the wall-clock time in seconds since the epoch.
     """
     if value is None:
         return None
@@ -75,49 +75,52 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             stack.append(item.__context__)
 
 
-def classify_transport_error(exc: httpx.TransportError, what: str, scheme: str) -> WalacorError:
-    """Turn an httpx transport failure of the call `what` into a WalacorError."""
+def classify_transport_error(
+    exc: httpx.TransportError, operation: str, scheme: str
+) -> WalacorError:
+    """Turn an httpx transport failure of `operation` into a WalacorError."""
     if isinstance(exc, httpx.ConnectTimeout):
-        return WalacorConnectTimeoutError(f"{what}: connect timed out")
+        return WalacorConnectTimeoutError(f"{operation}: connect timed out")
     if isinstance(exc, httpx.PoolTimeout):
         return WalacorTimeoutError(
-            f"{what}: timed out waiting for a free connection in the pool", maybe_committed=False
+            f"{operation}: timed out waiting for a free connection in the pool",
+            maybe_committed=False,
         )
     if isinstance(exc, httpx.TimeoutException):
-        return WalacorTimeoutError(f"{what}: timed out waiting for the response ({exc!r})")
+        return WalacorTimeoutError(f"{operation}: timed out waiting for the response ({exc!r})")
     if isinstance(exc, httpx.ConnectError):
-        return _classify_connect_error(exc, what, scheme)
+        return _classify_connect_error(exc, operation, scheme)
     if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError):
         return WalacorConnectionResetError(
-            f"{what}: connection broke after the request was sent ({exc!r})"
+            f"{operation}: connection broke after the request was sent ({exc!r})"
         )
-    return WalacorError(f"{what}: request failed ({exc!r})", maybe_committed=True)
+    return WalacorError(f"{operation}: request failed ({exc!r})", maybe_committed=True)
 
 
-def _classify_connect_error(exc: httpx.ConnectError, what: str, scheme: str) -> WalacorError:
+def _classify_connect_error(exc: httpx.ConnectError, operation: str, scheme: str) -> WalacorError:
     causes = list(_chain(exc))
     for cause in causes:
         if isinstance(cause, socket.gaierror):
-            return WalacorDNSError(f"{what}: host name did not resolve ({cause})")
+            return WalacorDNSError(f"{operation}: host name did not resolve ({cause})")
     for cause in causes:
         if isinstance(cause, ssl.SSLError | ssl.CertificateError):
-            return WalacorTLSError(f"{what}: TLS handshake failed ({cause})")
+            return WalacorTLSError(f"{operation}: TLS handshake failed ({cause})")
     for cause in causes:
         if isinstance(cause, ConnectionRefusedError):
-            return WalacorConnectRefusedError(f"{what}: connection refused")
+            return WalacorConnectRefusedError(f"{operation}: connection refused")
     for cause in causes:
         if isinstance(cause, TimeoutError):
-            return WalacorConnectTimeoutError(f"{what}: connect timed out")
+            return WalacorConnectTimeoutError(f"{operation}: connect timed out")
     stream_closed = any(
         isinstance(c, anyio.EndOfStream | anyio.BrokenResourceError) for c in causes
     )
     if scheme == "https" and stream_closed:
         # httpcore maps these to ConnectError only while starting TLS: the TCP
         # connection opened, then the peer closed it during the handshake.
-        return WalacorTLSError(f"{what}: connection closed during the TLS handshake")
+        return WalacorTLSError(f"{operation}: connection closed during the TLS handshake")
     # NOTE: other connect failures (network or host unreachable) share the "refused"
     # class, because to a caller they mean the same: nothing reached the server.
-    return WalacorConnectRefusedError(f"{what}: connect failed ({exc!r})")
+    return WalacorConnectRefusedError(f"{operation}: connect failed ({exc!r})")
 
 
 def error_message(content: bytes) -> str:
@@ -151,31 +154,31 @@ def _message_from(body: Any) -> str:
     return ""
 
 
-def parse_response(response: httpx.Response, what: str) -> dict[str, Any]:
+def parse_response(response: httpx.Response, operation: str) -> dict[str, Any]:
     """Return the JSON object of a successful response, or raise its WalacorError."""
     status = response.status_code
     if status >= 300:
-        raise _status_error(response, what)
+        raise _status_error(response, operation)
 
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError as exc:
         raise WalacorBadResponseError(
-            f"{what}: response {status} is not JSON ({exc})", status=status
+            f"{operation}: response {status} is not JSON ({exc})", status=status
         ) from None
     if not isinstance(body, dict):
         raise WalacorBadResponseError(
-            f"{what}: response {status} is not a JSON object", status=status
+            f"{operation}: response {status} is not a JSON object", status=status
         )
     if body.get("success") is False:
         message = _message_from(body) or "no error detail"
-        raise WalacorSuccessFalseError(f"{what}: success false ({message})", status=status)
+        raise WalacorSuccessFalseError(f"{operation}: success false ({message})", status=status)
     return body
 
 
-def _status_error(response: httpx.Response, what: str) -> WalacorError:
+def _status_error(response: httpx.Response, operation: str) -> WalacorError:
     status = response.status_code
-    message = f"{what}: HTTP {status}: {error_message(response.content)}"
+    message = f"{operation}: HTTP {status}: {error_message(response.content)}"
     if status == 401:
         return WalacorAuthError(message, status=status)
     if status == 429:
@@ -188,4 +191,4 @@ def _status_error(response: httpx.Response, what: str) -> WalacorError:
         return WalacorValidationError(message, status=status)
     if status >= 500:
         return WalacorServerError(message, status=status)
-    return WalacorBadResponseError(f"{what}: unexpected HTTP {status}", status=status)
+    return WalacorBadResponseError(f"{operation}: unexpected HTTP {status}", status=status)

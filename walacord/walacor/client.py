@@ -1,7 +1,7 @@
 """Async client for the Walacor HTTP API.
 
 Every call has a connect timeout, a read timeout and a whole-request deadline, so a
-server that trickles its answer is still cut. Failures raise the WalacorError
+server that trickles its response is still cut. Failures raise the WalacorError
 classes from `walacord.errors`; `classify.py` decides which one.
 """
 
@@ -62,6 +62,7 @@ class WalacorClient:
         request_timeout: float = 30.0,
         key_field: str = "walacord_key",
         max_connections: int = 20,
+        trust_env: bool = False,
     ) -> None:
         self.api = api_root(base_url)
         self.scheme = urlsplit(self.api).scheme
@@ -85,7 +86,9 @@ class WalacorClient:
             ),
             limits=httpx.Limits(max_connections=max_connections),
             follow_redirects=False,
-            trust_env=False,
+            # Off by default so HTTP(S)_PROXY and SSL_CERT_FILE from the environment
+            # cannot silently route or re-trust calls; pass trust_env=True to use them.
+            trust_env=trust_env,
         )
 
     @classmethod
@@ -149,8 +152,8 @@ class WalacorClient:
             return self._token
 
     async def _refresh_token(self, stale: str) -> str:
-        # Callers that saw a 401 with the same stale token queue here; only the first
-        # logs in, the others find a new token and reuse it.
+        # Callers that saw a 401 with the same stale token queue here. Only the first
+        # logs in, and the others find the new token and reuse it.
         async with self._token_lock:
             if self._token is None or self._token == stale:
                 return await self.login()
@@ -185,7 +188,7 @@ class WalacorClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        what = f"{method} {path}"
+        operation = f"{method} {path}"
         headers = {"Accept": "application/json"}
         if token is not None:
             headers["Authorization"] = token
@@ -206,12 +209,12 @@ class WalacorClient:
                 )
         except TimeoutError:
             raise WalacorTimeoutError(
-                f"{what}: no complete response within the whole-request deadline"
+                f"{operation}: no complete response within the whole-request deadline"
                 f" of {self.request_timeout} s"
             ) from None
         except httpx.TransportError as exc:
-            raise classify_transport_error(exc, what, self.scheme) from exc
-        return parse_response(response, what)
+            raise classify_transport_error(exc, operation, self.scheme) from exc
+        return parse_response(response, operation)
 
     # --- API calls --------------------------------------------------------------
 
@@ -233,7 +236,7 @@ class WalacorClient:
     ) -> SubmitReceipt:
         """Create schema version `sv` of envelope type `etid` (10000 and up).
 
-        `fields` holds Walacor field definitions: FieldName, DataType, Required and
+        `fields` contains Walacor field definitions: FieldName, DataType, Required and
         MaxLength.
         """
         schema = {
@@ -312,10 +315,10 @@ class WalacorClient:
         return await exactly_once.find_keys(self, etid, keys)
 
 
-def _data_list(body: dict[str, Any], what: str) -> list[dict[str, Any]]:
+def _data_list(body: dict[str, Any], operation: str) -> list[dict[str, Any]]:
     data = body.get("data")
     if not isinstance(data, list):
-        raise WalacorBadResponseError(f"{what}: response data is not a list")
+        raise WalacorBadResponseError(f"{operation}: response data is not a list")
     return data
 
 
@@ -324,21 +327,21 @@ def _total(body: dict[str, Any]) -> int | None:
     return total if isinstance(total, int) else None
 
 
-def _receipt(body: dict[str, Any], what: str, *, expected: int) -> SubmitReceipt:
+def _receipt(body: dict[str, Any], operation: str, *, expected: int) -> SubmitReceipt:
     data = body.get("data")
     if not isinstance(data, dict):
-        raise WalacorBadResponseError(f"{what}: response data is not an object")
+        raise WalacorBadResponseError(f"{operation}: response data is not an object")
     uids = data.get("UID")
     if isinstance(uids, str):
         uids = [uids]
     if not isinstance(uids, list) or len(uids) != expected:
         raise WalacorBadResponseError(
-            f"{what}: expected {expected} UIDs in the response, got {uids!r:.200}"
+            f"{operation}: expected {expected} UIDs in the response, got {uids!r:.200}"
         )
     try:
         etid = int(data["ETId"])
     except (KeyError, TypeError, ValueError):
-        raise WalacorBadResponseError(f"{what}: response has no integer ETId") from None
+        raise WalacorBadResponseError(f"{operation}: response has no integer ETId") from None
     es = data.get("ES")
     return SubmitReceipt(
         eid=str(data.get("EId")),

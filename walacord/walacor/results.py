@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class SubmitReceipt:
-    """What Walacor returns for one submitted envelope: one UID per record, in order."""
+    """Receipt for one submitted envelope, with one UID per record in submit order."""
 
     eid: str
     etid: int
@@ -26,7 +26,7 @@ class QueryResult:
 
 @dataclass(frozen=True)
 class StoredRecord:
-    """Where one keyed record is stored; `adopted` is True when an earlier attempt stored it."""
+    """Storage location of one keyed record; `adopted` is True when an earlier attempt stored it."""
 
     key: str
     uid: str
