@@ -56,3 +56,12 @@ def test_probe_sections_reject(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_text(tmp_path, text)
     assert any(p.key == key for p in caught.value.problems), caught.value.problems
+
+
+def test_example_config_shows_defaults() -> None:
+    example = Path(__file__).resolve().parent.parent / "etc" / "walacord.toml"
+    loaded = config.load(example, environ={})
+    assert loaded.probes == config.ProbesConfig()
+    assert loaded.modes == config.ModesConfig()
+    assert loaded.repair == config.RepairConfig()
+    assert "http://localhost:8000/api/health" in example.read_text()

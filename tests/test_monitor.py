@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from tests.conftest import daemon_config, running_daemon, wait_until
+from walacord.alerts.rules import RECYCLE_BUDGET_EXHAUSTED
 from walacord.config import HttpCheckConfig, RepairConfig
 from walacord.emulator import Emulator
 from walacord.monitor import Monitor
@@ -162,12 +163,15 @@ async def test_monitor_recycle_budget(pg_db: str, tmp_path: Path) -> None:
         first = await monitor.recycle_pool("manual")
         second = await monitor.recycle_pool("manual")
         registry = supervisor.runtime.registry
+        engine = supervisor.runtime.components["alerts"].engine
+        active = engine._active_conditions(time.monotonic()).values()
     assert first["recycled"] is True
     assert second["recycled"] is False
     assert "budget" in second["error"]
     assert monitor.recycler.snapshot()["budget_exhausted"] is True
     assert registry.get_sample_value("walacord_db_pool_recycles_refused_total",
                                      {"reason": "manual"}) == 1
+    assert any(c.alertname == RECYCLE_BUDGET_EXHAUSTED for c in active)
 
 
 async def test_monitor_override_and_clear(pg_db: str, tmp_path: Path) -> None:

@@ -169,6 +169,25 @@ class Monitor:
             seen[name] = value
         if name == "database":
             self._on_database_result(result)
+        elif name == "host":
+            self._on_host_result(result)
+        elif name == "walacor" and result.details.get("tls_days_left") is not None:
+            metrics.walacor_tls_expiry_days.set(result.details["tls_days_left"])
+
+    def _on_host_result(self, result: ProbeResult) -> None:
+        details = result.details
+        for directory, disk in details.get("disks", {}).items():
+            self.metrics.host_disk_free_ratio.labels(dir=directory).set(disk["free_ratio"])
+        if "memory_used_percent" in details:
+            self.metrics.host_memory_used_ratio.set(details["memory_used_percent"] / 100)
+        alerts = self.runtime.components.get("alerts")
+        if alerts is None or "levels" not in details:
+            return
+        from walacord.alerts import rules
+
+        for resource, level in details["levels"].items():
+            for condition in rules.host_resource(resource, level, None, self.config.alerts):
+                alerts.observe(condition)
 
     def _on_database_result(self, result: ProbeResult) -> None:
         details = result.details
@@ -230,6 +249,7 @@ class Monitor:
                 await self.recycler.recycle(reason)
             finally:
                 self._repairing.discard("recycle")
+            self._report_recycle_budget()
             self.runners["database"].trigger()
 
         self._spawn(work)
@@ -400,9 +420,22 @@ class Monitor:
         return {"cleared": cleared, **self.modes.snapshot()}
 
     async def recycle_pool(self, reason: str = "manual") -> dict[str, Any]:
+        """Recycle the pool now (within the hourly budget) and return what was done."""
         result = await self.recycler.recycle(reason)
+        self._report_recycle_budget()
         self.runners["database"].trigger()
         return result
+
+    def _report_recycle_budget(self) -> None:
+        alerts = self.runtime.components.get("alerts")
+        if alerts is None:
+            return
+        from walacord.alerts import rules
+
+        snapshot = self.recycler.snapshot()
+        detail = f"{snapshot['used_this_hour']} of {snapshot['budget_per_hour']} used this hour"
+        alerts.observe(rules.recycle_budget_exhausted(self.recycler.exhausted,
+                                                       self.config.alerts, detail))
 
 
 def _round(value: float | None) -> float | None:

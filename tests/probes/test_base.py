@@ -227,3 +227,15 @@ async def test_abandoner_passes_exceptions() -> None:
             await abandoner.call(fail, 1.0)
         tg.cancel_scope.cancel()
     assert abandoner.abandoned_total == 0
+
+
+@pytest.mark.anyio
+async def test_runner_disabled_probe_not_configured() -> None:
+    probe = ScriptedProbe(policy=ProbeSettings(enabled=False))
+    runner = ProbeRunner(probe)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.abandoner.run)
+        state = await runner.run_once()
+        tg.cancel_scope.cancel()
+    assert state.health is Health.NOT_CONFIGURED
+    assert probe.calls == 0

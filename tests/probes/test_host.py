@@ -38,6 +38,8 @@ async def test_host_probe_disk_warning(tmp_path: Path) -> None:
     assert result.status is Status.WARNING
     assert result.reason == "disk_low"
     assert str(tmp_path) in result.message
+    assert result.details["levels"]["disk"] == "warning"
+    assert result.details["levels"]["memory"] == "ok"
 
 
 async def test_host_probe_disk_critical(tmp_path: Path) -> None:

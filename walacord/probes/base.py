@@ -334,9 +334,9 @@ class ProbeRunner:
     async def _timed_check(self) -> ProbeResult:
         probe = self.probe
         settings = probe.settings()
-        if not probe.configured():
-            return ProbeResult(Status.OK, "not_configured", "not configured",
-                               at=time.monotonic())
+        if not settings.enabled or not probe.configured():
+            message = "disabled in the config" if not settings.enabled else "not configured"
+            return ProbeResult(Status.OK, "not_configured", message, at=time.monotonic())
 
         began = time.monotonic()
         try:

@@ -24,6 +24,11 @@ from walacord.probes.base import ProbeResult, Status
 
 # Free space at or below this fraction counts as a full disk for "is it me?".
 DISK_FULL_RATIO = 0.01
+# Reason class of a threshold breach -> the resource it concerns.
+RESOURCE_OF = {"disk_full": "disk", "disk_low": "disk", "memory": "memory", "swap": "swap",
+               "fd_exhausted": "open_files", "fd_high": "open_files", "load": "load",
+               "clock_jump": "clock"}
+RESOURCES = tuple(dict.fromkeys(RESOURCE_OF.values()))
 
 
 @dataclass
@@ -143,6 +148,13 @@ class HostProbe:
         if abs(figures["clock_jump_seconds"]) > settings.clock_jump:
             warning.append(("clock_jump", f"the wall clock jumped "
                             f"{figures['clock_jump_seconds']:+.1f}s"))
+
+        # Per-resource level, for alerts that page on one resource at a time.
+        levels = dict.fromkeys(RESOURCES, "ok")
+        for reasons, level in ((warning, "warning"), (critical, "critical")):
+            for reason, _ in reasons:
+                levels[RESOURCE_OF[reason]] = level
+        figures["levels"] = levels
 
         if critical:
             return ProbeResult(Status.CRITICAL, critical[0][0],
