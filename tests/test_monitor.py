@@ -17,6 +17,7 @@ from tests.conftest import daemon_config, running_daemon, wait_until
 from walacord.alerts.rules import RECYCLE_BUDGET_EXHAUSTED
 from walacord.config import HttpCheckConfig, RepairConfig
 from walacord.emulator import Emulator
+from walacord.errors import PoolRecycleError
 from walacord.monitor import Monitor
 from walacord.pgcluster import PgCluster, free_port
 from walacord.supervisor import Supervisor
@@ -161,13 +162,13 @@ async def test_monitor_recycle_budget(pg_db: str, tmp_path: Path) -> None:
     async with running_daemon(config) as supervisor:
         monitor = monitor_of(supervisor)
         first = await monitor.recycle_pool("manual")
-        second = await monitor.recycle_pool("manual")
+        with pytest.raises(PoolRecycleError, match="budget") as refused:
+            await monitor.recycle_pool("manual")
         registry = supervisor.runtime.registry
         engine = supervisor.runtime.components["alerts"].engine
         active = engine._active_conditions(time.monotonic()).values()
     assert first["recycled"] is True
-    assert second["recycled"] is False
-    assert "budget" in second["error"]
+    assert "not recycled" in str(refused.value)
     assert monitor.recycler.snapshot()["budget_exhausted"] is True
     assert registry.get_sample_value("walacord_db_pool_recycles_refused_total",
                                      {"reason": "manual"}) == 1
@@ -184,6 +185,24 @@ async def test_monitor_override_and_clear(pg_db: str, tmp_path: Path) -> None:
     assert set_result["override"]["reason"] == "database maintenance"
     assert "mode offline" in during
     assert cleared["cleared"] is True
+    assert cleared["mode"] == "normal"
+
+
+async def test_monitor_control_protocols(pg_db: str, tmp_path: Path) -> None:
+    async with running_daemon(daemon_config(tmp_path, pg_db)) as supervisor:
+        monitor = monitor_of(supervisor)
+        states = monitor.probe_states()
+        ran = await monitor.run_probes(["database", "host"])
+        forced = await monitor.set_override("degraded", 60, "load test", "uid=0 pid=1")
+        cleared = await monitor.clear_override("uid=0 pid=1")
+    assert states["database"]["healthy"] is True
+    assert states["api"]["healthy"] is True
+    assert states["api"]["reason"] == "not_configured"
+    assert set(ran) == {"database", "host"}
+    assert forced["mode"] == "degraded"
+    assert forced["override"]["set_by"] == "uid=0 pid=1"
+    assert 0 < forced["override"]["remaining_seconds"] <= 60
+    assert cleared["override"] is None
     assert cleared["mode"] == "normal"
 
 

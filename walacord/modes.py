@@ -56,6 +56,7 @@ class Override:
     reason: str
     until: float
     set_at: float
+    set_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class ModeMachine:
         return decision
 
     def set_override(self, mode: Mode, reason: str, ttl: float,
-                     now: float | None = None) -> Override:
+                     now: float | None = None, set_by: str = "") -> Override:
         """Force `mode` for `ttl` seconds (capped at `override_max_ttl`)."""
         if not reason.strip():
             raise ValueError("an override needs a reason, e.g. \"database maintenance\"")
@@ -215,9 +216,9 @@ class ModeMachine:
             raise ValueError(f"invalid TTL {ttl:g}s: it must be positive")
         now = time.monotonic() if now is None else now
         ttl = min(ttl, self.config.override_max_ttl)
-        self.override = Override(mode, reason.strip(), now + ttl, now)
+        self.override = Override(mode, reason.strip(), now + ttl, now, set_by)
         log.info("mode.override_set", extra={"fields": {
-            "mode": mode.value, "reason": reason, "ttl_seconds": ttl}})
+            "mode": mode.value, "reason": reason, "ttl_seconds": ttl, "set_by": set_by}})
         return self.override
 
     def clear_override(self) -> bool:
@@ -265,7 +266,8 @@ class ModeMachine:
         override = None
         if self.override is not None:
             override = {"mode": self.override.mode.value, "reason": self.override.reason,
-                        "expires_in_seconds": round(max(0.0, self.override.until - now), 1),
+                        "set_by": self.override.set_by,
+                        "remaining_seconds": round(max(0.0, self.override.until - now), 1),
                         "expires_at": wall_time(self.override.until, now)}
         return {"mode": self.current.mode.value, "reason": self.reason,
                 "since": wall_time(self.current.since, now),

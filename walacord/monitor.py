@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from walacord.config import PROBE_NAMES, Config
 from walacord.dbpool import DatabasePool
+from walacord.errors import PoolRecycleError
 from walacord.modes import Mode, ModeMachine, wall_time
 from walacord.probes.base import Health, Probe, ProbeResult, ProbeRunner, ProbeState
 from walacord.probes.database import CrashWatcher, DatabaseProbe, classify, describe
@@ -403,14 +405,14 @@ class Monitor:
     def get_mode(self) -> dict[str, Any]:
         return self.modes.snapshot()
 
-    def set_mode(self, mode: str, reason: str, ttl: float) -> dict[str, Any]:
+    def set_mode(self, mode: str, reason: str, ttl: float, actor: str = "") -> dict[str, Any]:
         """Force `mode` for `ttl` seconds; raise ValueError on an invalid mode or TTL."""
         try:
             chosen = Mode(mode)
         except ValueError:
             raise ValueError(f"invalid mode {mode!r}; use one of "
                              f"{', '.join(m.value for m in Mode)}") from None
-        self.modes.set_override(chosen, reason, ttl)
+        self.modes.set_override(chosen, reason, ttl, set_by=actor)
         self._evaluate()
         return self.modes.snapshot()
 
@@ -420,10 +422,18 @@ class Monitor:
         return {"cleared": cleared, **self.modes.snapshot()}
 
     async def recycle_pool(self, reason: str = "manual") -> dict[str, Any]:
-        """Recycle the pool now (within the hourly budget) and return what was done."""
+        """Recycle the pool now and return what was done.
+
+        Raises PoolRecycleError when the hourly budget is spent or a new connection
+        fails afterwards, with a message for the operator.
+        """
         result = await self.recycler.recycle(reason)
         self._report_recycle_budget()
         self.runners["database"].trigger()
+        if not result["recycled"]:
+            raise PoolRecycleError(f"pool not recycled: {result['error']}")
+        if not result["healthy_after"]:
+            raise PoolRecycleError(f"pool recycled, but {result['proof']}")
         return result
 
     def _report_recycle_budget(self) -> None:
@@ -436,6 +446,45 @@ class Monitor:
         detail = f"{snapshot['used_this_hour']} of {snapshot['budget_per_hour']} used this hour"
         alerts.observe(rules.recycle_budget_exhausted(self.recycler.exhausted,
                                                        self.config.alerts, detail))
+
+    # --- the control channel's protocols (ModeControl, ProbeControl, PoolControl) ---
+
+    def mode_state(self) -> dict[str, Any]:
+        """Return mode, reason, since and override, without blocking."""
+        snapshot = self.modes.snapshot()
+        return {key: snapshot[key] for key in ("mode", "reason", "since", "override")}
+
+    async def set_override(self, mode: str, ttl_seconds: float, reason: str,
+                           actor: str) -> dict[str, Any]:
+        self.set_mode(mode, reason, ttl_seconds, actor)
+        return self.mode_state()
+
+    async def clear_override(self, actor: str) -> dict[str, Any]:
+        if self.modes.override is not None:
+            log.info("mode.override_clear_requested", extra={"fields": {"actor": actor}})
+        self.clear_mode()
+        return self.mode_state()
+
+    def probe_states(self) -> dict[str, dict[str, Any]]:
+        """Return each probe as `walacorctl status` shows it: healthy, reason, latency."""
+        states = {}
+        for name in self.runners:
+            report = self.probe_report(name)
+            states[name] = {
+                # A probe with nothing to check does not count against the mode.
+                "healthy": report["healthy"] if report["healthy"] is not None
+                else report["state"] == Health.NOT_CONFIGURED.value,
+                "reason": report["reason"], "latency_seconds": report["latency_seconds"],
+                "since": report["since"] or "", "details": report["details"]}
+        return states
+
+    async def run_probes(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Run the named probes now, side by side, and return their states."""
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(self.run_probe, name)
+        states = self.probe_states()
+        return {name: states[name] for name in names}
 
 
 def _round(value: float | None) -> float | None:
