@@ -31,7 +31,7 @@ UNREACHABLE = frozenset({
     "refused", "timeout", "connect_timeout", "dns", "reset", "connection_lost", "tls",
     "shutting_down", "starting_up", "unreachable",
 })
-# Walacor answering 5xx cannot store anything either, so it counts as unreachable.
+# Walacor returning 5xx cannot store anything either, so it counts as unreachable.
 WALACOR_UNAVAILABLE = UNREACHABLE | {"server_error"}
 
 
@@ -78,12 +78,18 @@ def decide(current: Current, observations: Mapping[str, ProbeState], now: float,
            policy: ModesConfig | None = None, override: Override | None = None) -> Decision:
     """Return the next mode and a one-sentence reason.
 
-    Rules, first match wins: an unexpired override; offline when PostgreSQL and
-    Walacor are both unreachable, or the host probe is down while a remote probe is
-    down too; emergency when PostgreSQL cannot take writes; degraded when Walacor or
-    the API is down or slow, the database is slow or saturated, or the host warns;
-    normal otherwise. A better mode replaces a worse one only after the worse one has
-    lasted `min_dwell`; a worse mode applies at once.
+    The rules, first match wins:
+
+    1. an unexpired override sets its mode;
+    2. offline: PostgreSQL and Walacor are both unreachable, or the host probe is down
+       while a remote probe is down too;
+    3. emergency: PostgreSQL cannot take writes;
+    4. degraded: Walacor or the API is down or slow, the database is slow or
+       saturated, or the host warns;
+    5. normal otherwise.
+
+    A worse mode applies at once. A better mode replaces a worse one only after the
+    worse one has lasted `min_dwell`.
     """
     policy = policy or ModesConfig()
     if override is not None and now < override.until:

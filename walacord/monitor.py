@@ -46,6 +46,8 @@ class Monitor:
         self.runtime = runtime
         cfg = runtime.config
         self.metrics = runtime.metrics
+
+        # The probes, each reading its settings from the current config on every run.
         self.pool = DatabasePool(cfg.database)
         self.database = DatabaseProbe(self.pool, lambda: self.config.probes.database)
         self.host = HostProbe(lambda: self.config.probes.host, self._watched_dirs,
@@ -53,18 +55,23 @@ class Monitor:
         self.api = ApiProbe(lambda: self.config.probes.api)
         self.walacor = WalacorProbe(lambda: self.config.probes.walacor,
                                     lambda: self.config.walacor)
+
+        # What acts on the probe states: the mode, the repairs and the crash watcher.
         self.modes = ModeMachine(cfg.modes, self.metrics)
         self.recycler = Recycler(lambda: self.config.repair, self.pool, self._prove_fresh,
                                  self.metrics)
         self.restarter = Restarter(lambda: self.config.repair, self.metrics)
         self.watcher = CrashWatcher(self.pool, self._on_server_event,
                                     lambda: self.config.database.connect_timeout)
+
+        # One runner per probe, each checked by the watchdog.
         probes: list[Probe] = [self.database, self.walacor, self.api, self.host]
         self.runners: dict[str, ProbeRunner] = {}
         for probe in probes:
             beat = runtime.progress.register(f"probe.{probe.name}", self._stall_after(probe))
             self.runners[probe.name] = ProbeRunner(
                 probe, on_state=self._on_state, on_result=self._on_result, beat=beat)
+
         self._tg: TaskGroup | None = None
         self._changed = anyio.Event()
         self._repairing: set[str] = set()

@@ -74,7 +74,7 @@ class Health(enum.Enum):
 
 @dataclass(frozen=True)
 class ProbeState:
-    """What the mode decision sees of one probe: its state and the latest evidence."""
+    """One probe as the mode decision reads it: its state and the latest evidence."""
 
     name: str
     health: Health = Health.UNKNOWN
@@ -137,7 +137,7 @@ def advance(state: ProbeState, result: ProbeResult, now: float,
                     last_failure=state.last_failure if result.healthy else result)
 
     # Step 2: decide whether the streak is long enough to change the state. Going down
-    # needs only the failure streak, so an outage is reported fast; coming back up also
+    # needs only the failure streak, so an outage is reported fast. Coming back up also
     # needs `min_dwell` in the down state, so a server that bounces is not called healthy.
     if state.health is Health.UNKNOWN:
         # The first result settles the state at once: there is nothing to be stable against.
@@ -169,7 +169,8 @@ def next_delay(state: ProbeState, now: float, policy: ProbeSettings,
 
 
 class Probe(Protocol):
-    """One kind of check; `check()` must return a result, never raise for a failure."""
+    """One kind of check. `check()` returns a failed result for a failure; the runner
+    reports an exception it raises as a failed run with reason "error"."""
 
     name: str
 

@@ -1,6 +1,6 @@
 """The host probe: CPU, load, memory, swap, file descriptors, disk space and inodes.
 
-psutil calls block, so each run happens in a worker thread. `local_causes()` answers
+psutil calls block, so each run happens in a worker thread. `local_causes()` checks
 "is it me?": when every remote probe fails at once, it looks for a local reason
 (disk full, file descriptors exhausted, clock jump, name resolution) first.
 """
@@ -122,8 +122,8 @@ class HostProbe:
 
         for directory, disk in figures["disks"].items():
             lowest = min(disk["free_ratio"], disk["inodes_free_ratio"]) * 100
-            what = "space" if disk["free_ratio"] <= disk["inodes_free_ratio"] else "inodes"
-            text = f"{directory} has {lowest:.1f}% {what} free"
+            scarce = "space" if disk["free_ratio"] <= disk["inodes_free_ratio"] else "inodes"
+            text = f"{directory} has {lowest:.1f}% {scarce} free"
             if lowest < settings.disk_critical_percent:
                 critical.append(("disk_full", text))
             elif lowest < settings.disk_warning_percent:
