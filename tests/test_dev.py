@@ -67,3 +67,22 @@ def test_dev_sandbox_starts_and_stops() -> None:
     cluster = PgCluster(directory / "pg", port=int((directory / "pg.port").read_text()))
     assert not cluster.is_running()
     shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_dev_outage_scenario_timeline() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="walacord-dev-"))
+    parent.chmod(0o755)
+    directory = parent / "sandbox"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "walacord", "dev", "--dir", str(directory),
+             "--scenario", "outage"],
+            capture_output=True, text=True, timeout=180,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    timeline = [line for line in result.stdout.splitlines() if line.startswith("  +")]
+    reached = [re.search(r"mode (\w+) after", line) for line in timeline]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [m.group(1) for m in reached if m] == ["normal", "emergency", "offline", "normal"]
+    assert "done: every step reached its mode" in timeline[-1]

@@ -13,8 +13,6 @@ import logging
 import os
 import shutil
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -45,25 +43,24 @@ class Sandbox:
     emulator: Emulator
     supervisor: Supervisor
     out: TextIO
+    # Steps of a scenario that did not reach their expected mode.
+    failures: int = 0
 
     @property
     def monitor(self) -> Any:
         return self.supervisor.runtime.components.get("monitor")
 
 
-# Scripted stories run against a started sandbox, selected with --scenario NAME.
-# Each takes the sandbox and returns when the story is over; the sandbox then stops.
-SCENARIOS: dict[str, Callable[[Sandbox], Awaitable[None]]] = {}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from walacord.scenarios import SCENARIOS
+
     parser.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
                         help="sandbox directory, reused across runs (default %(default)s)")
     parser.add_argument("--http", default="", metavar="HOST:PORT",
                         help="HTTP listen address (default: a free port on 127.0.0.1)")
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS) or None, metavar="NAME",
-                        help="run a scripted story, then stop"
-                        + (f" (one of: {', '.join(sorted(SCENARIOS))})" if SCENARIOS else ""))
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), metavar="NAME",
+                        help="run a scripted story, print its timeline, then stop "
+                             f"(one of: {', '.join(sorted(SCENARIOS))})")
 
 
 def write_config(directory: Path, cluster: PgCluster, emulator_url: str, listen: str) -> Path:
@@ -149,6 +146,7 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
         print(f"walacord dev: {exc}", file=sys.stderr)
         return 1
 
+    sandbox: Sandbox | None = None
     try:
         async with anyio.create_task_group() as tg:
             # Step 2: the emulator, in this process.
@@ -187,6 +185,8 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
 
             tg.start_soon(_status_line, sandbox)
             if args.scenario:
+                from walacord.scenarios import SCENARIOS
+
                 await SCENARIOS[args.scenario](sandbox)
                 supervisor.runtime.request_stop()
             await done.wait()
@@ -199,7 +199,7 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
             logs.shutdown()
     print("sandbox stopped; run `walacord dev` again to resume where you left off",
           file=out)
-    return 0
+    return 1 if sandbox is not None and sandbox.failures else 0
 
 
 def _cluster(directory: Path, bindir: Path) -> tuple[PgCluster, bool]:
@@ -269,24 +269,25 @@ def status_line(monitor: Any, latency: bool = True) -> str:
 async def _status_line(sandbox: Sandbox) -> None:
     out = sandbox.out
     tty = out.isatty()
-    last_mode = ""
+    erase = "\r\x1b[K" if tty else ""
+    seen = 0
     last_line = ""
     while True:
         monitor = sandbox.monitor
         if monitor is not None:
-            mode = monitor.modes.mode.value
-            if mode != last_mode and last_mode:
-                stamp = time.strftime("%H:%M:%S")
-                print(f"\r\x1b[K{stamp} mode {last_mode} -> {mode}: {monitor.modes.reason}"
-                      if tty else f"{stamp} mode {last_mode} -> {mode}: {monitor.modes.reason}",
-                      file=out, flush=True)
-            last_mode = mode
+            # Each transition on its own line, with the reason it had at that moment.
+            history = list(monitor.modes.history)
+            total = monitor.modes.transitions
+            for change in history[len(history) - min(len(history), total - seen):]:
+                print(f"{erase}{change['at'][11:19]} mode {change['from']} -> {change['to']}: "
+                      f"{change['reason']}", file=out, flush=True)
+            seen = total
+
             # A terminal line is redrawn in place; a pipe gets a line per change of state.
             line = status_line(monitor, latency=tty)
             if tty:
-                print(f"\r\x1b[K{line}", end="", file=out, flush=True)
+                print(f"{erase}{line}", end="", file=out, flush=True)
             elif line != last_line:
                 print(line, file=out, flush=True)
             last_line = line
         await anyio.sleep(STATUS_EVERY)
-

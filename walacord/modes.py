@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +25,9 @@ from walacord.config import ModesConfig
 from walacord.probes.base import Health, ProbeState
 
 log = logging.getLogger(__name__)
+
+# Transitions kept in `ModeMachine.history`.
+HISTORY = 50
 
 # Reason classes of a database or Walacor failure that mean "cannot reach the server",
 # as opposed to "reached it and it said no".
@@ -185,6 +189,9 @@ class ModeMachine:
         self.transitions = 0
         self._hooks: list[tuple[list[str], dict[str, str]]] = []
         self._hook_wake = anyio.Event()
+        self._changed = anyio.Event()
+        # The latest transitions, oldest first, for status output.
+        self.history: deque[dict[str, str]] = deque(maxlen=HISTORY)
         self._publish()
 
     @property
@@ -237,10 +244,18 @@ class ModeMachine:
         self.override = None
         return had
 
+    async def wait_changed(self) -> None:
+        """Wait for the next transition."""
+        await self._changed.wait()
+
     def _transition(self, decision: Decision, now: float) -> None:
         old = self.current.mode
         self.current = Current(decision.mode, now)
         self.transitions += 1
+        self._changed.set()
+        self._changed = anyio.Event()
+        self.history.append({"from": old.value, "to": decision.mode.value,
+                             "reason": decision.reason, "at": wall_time(now)})
         level = logging.INFO if decision.mode.rank <= Mode.DEGRADED.rank else logging.WARNING
         log.log(level, "mode.changed", extra={"fields": {
             "from": old.value, "to": decision.mode.value, "reason": decision.reason,
