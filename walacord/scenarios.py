@@ -16,12 +16,12 @@ import anyio
 if TYPE_CHECKING:
     from walacord.dev import Sandbox
 
-# Longest wait for each expected mode.
+# Maximum wait for each expected mode, in seconds.
 STEP_LIMIT = 30.0
 
 
 class Timeline:
-    """Prints each step with the seconds since the story began."""
+    """Steps printed with the seconds since the story began."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
@@ -49,7 +49,7 @@ class Timeline:
 
 
 async def outage(sandbox: Sandbox) -> None:
-    """Normal, PostgreSQL stops, Walacor fails too, both recover."""
+    """Run the outage story: normal, PostgreSQL stops, Walacor fails too, both recover."""
     timeline = Timeline(sandbox)
     monitor = sandbox.monitor
     print("\noutage scenario", file=sandbox.out, flush=True)
@@ -67,7 +67,7 @@ async def outage(sandbox: Sandbox) -> None:
     # NOTE: this build has no outbox, so no operations are enqueued or drained.
     timeline.say("operations would queue now (no outbox in this build)")
 
-    # Step 4: Walacor answers 503 as well.
+    # Step 4: Walacor returns 503 as well.
     timeline.say("Walacor emulator now returns 503 to every request")
     sandbox.emulator.set_faults(status=503)
     monitor.runners["walacor"].trigger()
