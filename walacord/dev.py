@@ -15,17 +15,16 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 import orjson
 
-from walacord import config as config_module
-from walacord import logs
-from walacord.emulator import Emulator
-from walacord.errors import ConfigError
 from walacord.pgcluster import ClusterError, PgCluster, find_pg_bindir, free_port
-from walacord.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from walacord.emulator import Emulator
+    from walacord.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +134,13 @@ def command(args: argparse.Namespace) -> int:
 
 async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
                        devnull: TextIO) -> int:
+    # Imported here so `walacord --help` does not load the daemon and the emulator.
+    from walacord import config as config_module
+    from walacord import logs
+    from walacord.emulator import Emulator
+    from walacord.errors import ConfigError
+    from walacord.supervisor import Supervisor
+
     out = sys.stdout
 
     # Step 1: PostgreSQL, created on the first run and reused after.

@@ -1,8 +1,8 @@
 """Scripted stories for `walacord dev --scenario NAME`, printed as a timeline.
 
 Each story drives the sandbox's own PostgreSQL and emulator and waits, with a bound,
-for the mode the daemon should reach. A bound that passes is printed as a failure
-and the story goes on, so one run shows every step.
+for the mode the daemon should reach. A step that runs out of time is printed as a
+failure and the story goes on, so one run shows every step.
 """
 
 from __future__ import annotations
