@@ -55,12 +55,13 @@ async def collect_watchdog(sock: socket.socket, pings: list[float]) -> None:
                 pings.append(time.monotonic())
 
 
-async def scrape_metrics(url: str, latencies: list[float]) -> None:
+async def scrape_metrics(url: str, latencies: list[tuple[float, float]]) -> None:
+    """Scrape every 0.2 s, recording (start time, latency) of each scrape."""
     async with httpx.AsyncClient() as http:
         while True:
             began = time.monotonic()
             response = await http.get(url, timeout=5)
-            latencies.append(time.monotonic() - began)
+            latencies.append((began, time.monotonic() - began))
             assert response.status_code == 200
             await anyio.sleep(0.2)
 
@@ -76,7 +77,7 @@ async def freeze_scenario(cluster: PgCluster, tmp_path: Path, notify: socket.soc
     config = daemon_config(tmp_path, cluster.url())
     settings = config.probes.database
     pings: list[float] = []
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []
     async with running_daemon(config, notifier=Notifier()) as supervisor:
         monitor = supervisor.runtime.components["monitor"]
         assert isinstance(monitor, Monitor)
@@ -88,7 +89,8 @@ async def freeze_scenario(cluster: PgCluster, tmp_path: Path, notify: socket.soc
             await wait_until(lambda: len(pings) >= 2, 5)
 
             # Step 1: freeze and time the database probe going down.
-            targets = pick()
+            # pick() may run psql, so it runs off the loop that serves the scrapes.
+            targets = await anyio.to_thread.run_sync(pick)
             assert targets
             host_runs = host.stats.runs
             frozen_at = time.monotonic()
@@ -107,7 +109,8 @@ async def freeze_scenario(cluster: PgCluster, tmp_path: Path, notify: socket.soc
             host_runs_during = host.stats.runs - host_runs
             during = [t for t in pings if frozen_at <= t <= thawed_at]
             gaps = [b - a for a, b in itertools.pairwise(during)]
-            scrapes = len(latencies)
+            scrapes = [latency for began, latency in latencies
+                       if frozen_at <= began <= thawed_at]
 
             # Step 2: after SIGCONT the daemon recovers.
             recovery = await wait_until(lambda: monitor.modes.mode.value == "normal", 30)
@@ -117,8 +120,8 @@ async def freeze_scenario(cluster: PgCluster, tmp_path: Path, notify: socket.soc
         "detection_seconds": detection,
         # Deadline plus interval, the interval stretched by its jitter.
         "bound_seconds": settings.timeout + settings.interval * (1 + settings.jitter),
-        "metrics_max_seconds": max(latencies[:scrapes]),
-        "metrics_scrapes": scrapes,
+        "metrics_max_seconds": max(scrapes),
+        "metrics_scrapes": len(scrapes),
         "host_runs": host_runs_during,
         "watchdog_pings": len(during),
         "watchdog_max_gap_seconds": max(gaps),
