@@ -123,11 +123,20 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = "/run/walacord/control.sock"
+    socket: str = setting("/run/walacord/control.sock", help="Unix socket path; empty disables")
     group: str = setting("walacord", help="group allowed to use the socket besides root")
     max_request_bytes: int = setting(1024 * 1024, min=1024, max=64 * 1024 * 1024)
-    idle_timeout: Duration = setting(60.0, min=0.1, max=86400)
+    idle_timeout: Duration = setting(60.0, min=0.1, max=86400,
+                                     help="a connection with no request for this long is closed")
     max_connections: int = setting(64, min=1, max=10000)
+    request_timeout: Duration = setting(10.0, min=0.1, max=3600,
+                                        help="time from a request's first byte to its newline")
+    write_timeout: Duration = setting(10.0, min=0.1, max=3600,
+                                      help="a client that reads no response for this long is "
+                                           "disconnected")
+    call_timeout: Duration = setting(30.0, min=0.1, max=86400,
+                                     help="default deadline of one method call; long methods "
+                                          "such as backups set their own")
 
 
 @dataclass(frozen=True)
@@ -371,6 +380,70 @@ class RepairConfig:
     restart_budget: int = setting(3, min=0, max=1000,
                                   help="restarts allowed within restart_window")
     restart_window: Duration = setting(3600.0, min=1, max=7 * 86400)
+# --- backups -------------------------------------------------------------------------
+
+BACKUP_FORMATS = ("custom", "plain-gzip")
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    enabled: bool = setting(True, help="take scheduled backups and drills")
+    dir: str = setting("", help="directory for dumps and manifests; empty means "
+                            "<[state] dir>/backups")
+    url: str = setting("", secret=True,
+                       help="libpq URL of the database to back up; empty uses [database] url")
+    format: str = setting("custom", choices=BACKUP_FORMATS,
+                          help="custom: pg_dump -Fc; plain-gzip: plain SQL piped through gzip")
+    compression_level: int = setting(6, min=0, max=9, help="0-9, passed to pg_dump -Z or gzip")
+    daily_at: str = setting("02:30", help="UTC time of day HH:MM for the daily backup")
+    jitter: Duration = setting(1800.0, min=0, max=43200,
+                               help="maximum delay after daily_at; every host picks the same one")
+    drill_interval: Duration = setting(7 * 86400.0, min=3600, max=365 * 86400,
+                                       help="how often a restore drill runs")
+    retry_interval: Duration = setting(3600.0, min=1, max=86400,
+                                       help="wait before retrying a failed scheduled backup")
+    max_age: Duration = setting(26 * 3600.0, min=3600, max=365 * 86400,
+                                help="alert when the last good backup is older than this")
+    keep_days: int = setting(30, min=1, max=3650, help="keep every backup this many days")
+    keep_weekly: int = setting(0, min=0, max=520,
+                               help="also keep the newest backup of each of this many weeks")
+    keep_monthly: int = setting(0, min=0, max=240,
+                                help="also keep the newest backup of each of this many months")
+    drill_tables: int = setting(10, min=1, max=1000,
+                                help="largest tables whose row counts a drill compares")
+    lock_wait_timeout: Duration = setting(30.0, min=0.1, max=86400,
+                                          help="pg_dump gives up when a table lock takes longer")
+    dump_timeout: Duration = setting(6 * 3600.0, min=1, max=7 * 86400)
+    verify_timeout: Duration = setting(3600.0, min=1, max=7 * 86400)
+    drill_timeout: Duration = setting(6 * 3600.0, min=1, max=7 * 86400)
+    restore_timeout: Duration = setting(12 * 3600.0, min=1, max=7 * 86400)
+    query_timeout: Duration = setting(30.0, min=0.1, max=3600)
+    check_interval: Duration = setting(300.0, min=1, max=86400,
+                                       help="how often the backup age is checked for alerts")
+    pg_bindir: str = setting("", help="directory with pg_dump and pg_restore; empty finds one")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        try:
+            parse_daily_at(self.daily_at)
+        except ValueError as exc:
+            problems.append(("daily_at", str(exc)))
+        if self.url:
+            try:
+                conninfo_to_dict(self.url)
+            except Exception as exc:  # psycopg raises ProgrammingError with the parse error
+                problems.append(("url", f"invalid libpq connection string: "
+                                 f"{redact_dsn_error(str(exc))}"))
+        return problems
+
+
+def parse_daily_at(text: str) -> tuple[int, int]:
+    """Return (hour, minute) from "HH:MM"; raise ValueError naming the value."""
+    hour, sep, minute = text.partition(":")
+    if (sep and hour.isdigit() and minute.isdigit() and len(minute) == 2
+            and 0 <= int(hour) < 24 and 0 <= int(minute) < 60):
+        return int(hour), int(minute)
+    raise ValueError(f"invalid time {text!r}: write HH:MM in UTC, e.g. \"02:30\"")
 
 
 # --- alerts ---------------------------------------------------------------------
@@ -461,6 +534,7 @@ class Config:
     probes: ProbesConfig = dataclasses.field(default_factory=ProbesConfig)
     modes: ModesConfig = dataclasses.field(default_factory=ModesConfig)
     repair: RepairConfig = dataclasses.field(default_factory=RepairConfig)
+    backup: BackupConfig = dataclasses.field(default_factory=BackupConfig)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
 
     source: str = dataclasses.field(default="(defaults)", compare=False,
@@ -471,6 +545,8 @@ class Config:
         values = [self.database.password, self.walacor.password]
         try:
             values.append(self.database.dsn_password())
+            if self.backup.url:
+                values.append(str(conninfo_to_dict(self.backup.url).get("password") or ""))
         except Exception:  # an unparsable URL was already reported by check()
             pass
         return [v for v in values if v]

@@ -164,6 +164,14 @@ class ControlError(WalacordError):
         self.data = data
 
 
+class ControlSocketError(WalacordError):
+    """The control socket could not be created, or another daemon is listening on it."""
+
+
+class ControlClientError(WalacordError):
+    """walacorctl could not reach the daemon or could not read its response."""
+
+
 # --- outbox ---------------------------------------------------------------------
 
 

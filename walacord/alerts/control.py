@@ -12,11 +12,11 @@ from functools import partial
 from typing import Any
 
 from walacord.alerts.service import AlertService
+from walacord.control.protocol import ErrorCode
 from walacord.errors import ControlError
 from walacord.settings import parse_duration
 
-# JSON-RPC's "invalid params" code.
-INVALID_PARAMS = -32602
+INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 MAX_SILENCE_SECONDS = 366 * 86400
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
