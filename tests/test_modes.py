@@ -203,3 +203,17 @@ def test_machine_override_rejects_empty_reason() -> None:
     machine = ModeMachine(ModesConfig(), None)
     with pytest.raises(ValueError, match="needs a reason"):
         machine.set_override(Mode.OFFLINE, " ", 60)
+
+
+@pytest.mark.anyio
+async def test_run_command_passes_no_credentials(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WALACOR_PASSWORD", "hook-must-not-see")
+    out = tmp_path / "env.txt"
+    argv = [sys.executable, "-c",
+            "import os, sys; open(sys.argv[1], 'w').write(repr(sorted(os.environ)))", str(out)]
+    code = await run_command(argv, 10, {"WALACORD_MODE_TO": "offline"}, event="mode.hook")
+    names = out.read_text()
+    assert code == 0
+    assert "WALACOR_PASSWORD" not in names
+    assert "WALACORD_MODE_TO" in names

@@ -26,6 +26,9 @@ from walacord.probes.base import Health, ProbeState
 
 log = logging.getLogger(__name__)
 
+# Variables hook and restart commands inherit from walacord's environment.
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
+
 # Transitions kept in `ModeMachine.history`.
 HISTORY = 50
 
@@ -310,9 +313,11 @@ async def run_command(argv: list[str], time_limit: float, extra_env: Mapping[str
                       *, event: str) -> int | None:
     """Run `argv` without a shell, killed after `time_limit` seconds; return its exit code.
 
-    Returns None when the command could not start or ran out of time.
+    Returns None when the command could not start or ran out of time. The command gets
+    only INHERITED_ENV from walacord's environment, never its credentials.
     """
-    env = {**os.environ, **extra_env}
+    env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
+    env.update(extra_env)
     began = time.monotonic()
     try:
         with anyio.fail_after(time_limit):
