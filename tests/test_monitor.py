@@ -236,3 +236,19 @@ async def test_monitor_restarts_app_within_budget(pg_db: str, tmp_path: Path) ->
     assert document["mode"] == "degraded"
     assert document["repair"]["restart"]["budget_exhausted"] is True
     assert document["repair"]["restart"]["restarts"] == 2
+
+
+async def test_monitor_all_remote_down_checks_host(tmp_path: Path) -> None:
+    # Nothing listens on either port, so every remote probe fails at once.
+    dead_database = f"postgresql://nobody:pw@127.0.0.1:{free_port()}/postgres"
+    dead_walacor = f"http://127.0.0.1:{free_port()}"
+    config = daemon_config(tmp_path, dead_database, dead_walacor)
+    async with running_daemon(config) as supervisor:
+        monitor = monitor_of(supervisor)
+        await wait_for_mode(monitor, "offline", 10)
+        await wait_until(lambda: "local_causes" in monitor.probe_report("host")["details"], 10)
+        host = monitor.probe_report("host")
+    assert monitor.modes.reason.startswith("PostgreSQL (refused) and Walacor")
+    # No local cause on this host, so the host probe stays up and says so.
+    assert host["details"]["local_causes"] == []
+    assert host["state"] == "up"

@@ -184,6 +184,10 @@ class Probe(Protocol):
         """Run the checks once and return the outcome."""
 
 
+class CallAbandoned(TimeoutError):
+    """`Abandoner.call` gave up waiting at the deadline; the call still unwinds."""
+
+
 class Abandoner:
     """Runs calls in tasks its caller can stop waiting for.
 
@@ -209,7 +213,7 @@ class Abandoner:
                 self._tg = None
 
     async def call(self, function: Callable[[], Awaitable[T]], deadline: float) -> T:
-        """Return `function()`'s result, or raise TimeoutError after `deadline` seconds."""
+        """Return `function()`'s result, or raise CallAbandoned after `deadline` seconds."""
         if self._tg is None:
             raise RuntimeError("Abandoner.call before Abandoner.run started")
         done = anyio.Event()
@@ -234,7 +238,7 @@ class Abandoner:
         if not outcome:
             self.abandoned_total += 1
             scope.cancel()
-            raise TimeoutError(f"no result within {deadline:g}s")
+            raise CallAbandoned(f"no result within {deadline:g}s")
         ok, value = outcome[0]
         if ok:
             return value
@@ -342,10 +346,13 @@ class ProbeRunner:
         began = time.monotonic()
         try:
             result = await self.abandoner.call(probe.check, settings.timeout)
-        except TimeoutError:
+        except CallAbandoned:
             self.stats.timeouts += 1
             result = ProbeResult.failed("timeout", f"no result within the "
                                         f"{settings.timeout:g}s deadline")
+        except TimeoutError as exc:
+            # A deadline inside the check itself, such as a client's own timeout.
+            result = ProbeResult.failed("timeout", f"timed out: {exc or 'no detail'}")
         except Exception as exc:
             # A probe bug must not stop monitoring, so it is reported as a failed run.
             log.error("probe.crashed", exc_info=exc, extra={"fields": {"probe": self.name}})
