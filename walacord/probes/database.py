@@ -367,6 +367,7 @@ class CrashWatcher:
     name = "database-watch"
     BACKOFF_MIN = 0.05
     BACKOFF_MAX = 0.5
+    BACKOFF_REJECTED = 30.0
 
     def __init__(self, pool: DatabasePool, on_change: Callable[[str], None],
                  connect_timeout: Callable[[], float]) -> None:
@@ -390,8 +391,11 @@ class CrashWatcher:
                 with anyio.fail_after(self.connect_timeout()):
                     conn = await self.pool.connect()
                     await conn.execute("LISTEN walacord_watch")
-            except (psycopg.Error, TimeoutError, OSError):
-                await anyio.sleep(backoff)
+            except (psycopg.Error, TimeoutError, OSError) as exc:
+                # A server that is down comes back soon, so retry fast; a rejected login
+                # or a missing database needs a person, so do not flood the server log.
+                rejected = classify(exc) in ("auth", "config", "privilege")
+                await anyio.sleep(self.BACKOFF_REJECTED if rejected else backoff)
                 backoff = min(self.BACKOFF_MAX, backoff * 2)
                 continue
 
