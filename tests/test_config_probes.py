@@ -19,9 +19,9 @@ def load_text(tmp_path: Path, text: str) -> config.Config:
 def test_probe_timeout_must_be_below_interval(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_text(tmp_path, '[probes.walacor]\ninterval = "5s"\ntimeout = "5s"\n')
-    messages = [str(p) for p in caught.value.problems]
-    assert any("probes.walacor.timeout" in m and "not shorter than interval" in m
-               for m in messages)
+    problems = {p.key: p.message for p in caught.value.problems}
+    assert "probes.walacor.timeout" in problems
+    assert "not shorter than interval" in problems["probes.walacor.timeout"]
 
 
 def test_probe_sections_parse(tmp_path: Path) -> None:

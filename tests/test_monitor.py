@@ -88,7 +88,7 @@ async def test_monitor_detection_median_ten_runs(own_pg_cluster: PgCluster,
                                                  walacor_emulator: Emulator,
                                                  tmp_path: Path) -> None:
     # Ten outages in a row would mark the probe as flapping and spend the recycle
-    # budget; both are tested on their own, so they are lifted here.
+    # budget. Both are tested on their own, so they are lifted here.
     config = daemon_config(tmp_path, own_pg_cluster.url(), walacor_emulator.url,
                            repair=RepairConfig(recycle_budget_per_hour=100))
     probes = dataclasses.replace(config.probes, database=dataclasses.replace(
@@ -249,6 +249,6 @@ async def test_monitor_all_remote_down_checks_host(tmp_path: Path) -> None:
         await wait_until(lambda: "local_causes" in monitor.probe_report("host")["details"], 10)
         host = monitor.probe_report("host")
     assert monitor.modes.reason.startswith("PostgreSQL (refused) and Walacor")
-    # No local cause on this host, so the host probe stays up and says so.
+    # This host has no local cause, so the host probe stays up with an empty list.
     assert host["details"]["local_causes"] == []
     assert host["state"] == "up"

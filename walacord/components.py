@@ -31,8 +31,8 @@ def default_components(runtime: Runtime) -> list[Component]:
     # The control socket starts first, so an operator can ask what a slow start waits for.
     if config.control.socket:
         components.append(ControlServer(runtime))
-    # The monitor is built first so the web server can route health requests to it, but
-    # starts after the web server, so /livez and /metrics answer while probes warm up.
+    # The monitor is built first so the web server can route health requests to it.
+    # It starts after the web server, so /livez and /metrics respond while probes warm up.
     monitor = Monitor(runtime)
     if config.http.listen:
         server = WebServer(runtime)
