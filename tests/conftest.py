@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
-from walacord.pgcluster import PgCluster
+from walacord.config import (
+    Config,
+    ControlConfig,
+    DatabaseConfig,
+    HostProbeConfig,
+    HttpConfig,
+    LoggingConfig,
+    ProbesConfig,
+    StateConfig,
+    WalacorConfig,
+)
+from walacord.emulator import Emulator, running_emulator
+from walacord.pgcluster import PgCluster, free_port
+from walacord.supervisor import Supervisor
+from walacord.systemd import Notifier
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +129,62 @@ def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
         yield recorder
     finally:
         recorder.close()
+
+
+# --- the daemon against real PostgreSQL and the emulator ---------------------------
+
+
+WALACOR_USER = ("walacord-test", "walacor-test-secret")
+
+
+@pytest.fixture
+async def walacor_emulator() -> AsyncIterator[Emulator]:
+    """The project's Walacor emulator on a free loopback port, with WALACOR_USER."""
+    async with running_emulator(seed=3, users=dict([WALACOR_USER])) as emulator:
+        yield emulator
+
+
+def daemon_config(tmp_path: Path, database_url: str, walacor_url: str = "", **sections: Any
+                  ) -> Config:
+    """Return a Config for a test daemon: loopback HTTP on a free port, no log files.
+
+    The load threshold is lifted because the test machine's load is shared with
+    other jobs; the other host thresholds keep their defaults.
+    """
+    probes = ProbesConfig(host=HostProbeConfig(load_warning_per_cpu=1000))
+    base = Config(
+        probes=probes,
+        database=DatabaseConfig(url=database_url, pool_min_size=2, pool_max_size=10),
+        walacor=WalacorConfig(url=walacor_url, username=WALACOR_USER[0],
+                              password=WALACOR_USER[1]),
+        http=HttpConfig(listen=f"127.0.0.1:{free_port()}"),
+        state=StateConfig(dir=str(tmp_path)),
+        logging=LoggingConfig(dir=""),
+        control=ControlConfig(socket=str(tmp_path / "control.sock")),
+    )
+    return dataclasses.replace(base, **sections)
+
+
+@asynccontextmanager
+async def running_daemon(config: Config, notifier: Notifier | None = None
+                         ) -> AsyncIterator[Supervisor]:
+    """Run a Supervisor with the default components until the block ends."""
+    supervisor = Supervisor(config, None, notifier=notifier)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        with anyio.fail_after(30):
+            await supervisor.runtime.ready.wait()
+        try:
+            yield supervisor
+        finally:
+            supervisor.runtime.request_stop()
+
+
+async def wait_until(predicate: Callable[[], object], limit: float, step: float = 0.01) -> float:
+    """Poll `predicate` until it is true; return the seconds it took, or raise TimeoutError."""
+    began = time.monotonic()
+    with anyio.fail_after(limit):
+        # Polling: the tests watch state that changes without an event to wait on.
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(step)
+    return time.monotonic() - began

@@ -22,6 +22,7 @@ COMMANDS = {
     "run": "walacord.supervisor:command",
     "check-config": "walacord.config:command",
     "emulator": "walacord.emulator.cli:command",
+    "dev": "walacord.dev:command",
     "setup-database": "walacord.db.setup:command",
     "migrate": "walacord.db.migrate:command",
 }

@@ -15,11 +15,13 @@ BACKUP_MUTATING = {"backup.now", "backup.verify", "backup.restore"}
 
 
 def default_components(runtime: Runtime) -> list[Component]:
+    from walacord import health
     from walacord.alerts.control import handlers as alert_methods
     from walacord.alerts.service import AlertService
     from walacord.backup import control as backup_control
     from walacord.backup.scheduler import BackupScheduler
     from walacord.control.server import ControlServer
+    from walacord.monitor import Monitor
     from walacord.web import WebServer
 
     config = runtime.config
@@ -29,11 +31,17 @@ def default_components(runtime: Runtime) -> list[Component]:
     # The control socket starts first, so an operator can ask what a slow start waits for.
     if config.control.socket:
         components.append(ControlServer(runtime))
+    # The monitor is built first so the web server can route health requests to it.
+    # It starts after the web server, so /livez and /metrics respond while probes warm up.
+    monitor = Monitor(runtime)
     if config.http.listen:
-        components.append(WebServer(runtime))
+        server = WebServer(runtime)
+        health.mount(server.app, monitor)
+        components.append(server)
 
     alerts = AlertService(runtime)
     components.append(alerts)
+    components.append(monitor)
     methods.register_plain(alert_methods(alerts),
                            mutating={"alerts.silence", "alerts.unsilence"})
 

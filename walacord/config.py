@@ -162,6 +162,224 @@ class LifecycleConfig:
                                         help="a component silent this long stops the watchdog")
 
 
+# --- probes, modes and repair ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Schedule and hysteresis shared by every probe."""
+
+    enabled: bool = True
+    interval: Duration = setting(5.0, min=0.05, max=3600, help="time between runs")
+    timeout: Duration = setting(2.0, min=0.01, max=600,
+                                help="hard deadline of one run; must be below interval")
+    jitter: float = setting(0.1, min=0, max=0.5,
+                            help="each wait is interval * (1 +- jitter), as a fraction")
+    failures_to_down: int = setting(2, min=1, max=100,
+                                    help="consecutive failed runs before the probe is down")
+    successes_to_up: int = setting(2, min=1, max=100,
+                                   help="consecutive good runs before the probe is up")
+    min_dwell: Duration = setting(1.0, min=0, max=3600,
+                                  help="minimum time down before the probe can be up again")
+    fast_interval: Duration = setting(0.1, min=0.01, max=600,
+                                      help="interval while a change of state is suspected "
+                                           "or just happened")
+    fast_window: Duration = setting(10.0, min=0, max=3600,
+                                    help="how long fast re-probing lasts after a change")
+    flap_window: Duration = setting(300.0, min=1, max=86400)
+    flap_threshold: int = setting(6, min=2, max=1000,
+                                  help="changes of state within flap_window that mark "
+                                       "the probe as flapping")
+    flap_hold: Duration = setting(60.0, min=0, max=86400,
+                                  help="a flapping probe needs this long of good runs to be up")
+    slow_after: Duration = setting(1.0, min=0.001, max=600,
+                                   help="a run slower than this is a warning")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.timeout >= self.interval:
+            problems.append(("timeout", f"{self.timeout:g}s is not shorter than interval "
+                             f"{self.interval:g}s; lower the timeout or raise the interval"))
+        if self.fast_interval > self.interval:
+            problems.append(("fast_interval", f"{self.fast_interval:g}s is longer than "
+                             f"interval {self.interval:g}s; lower it"))
+        return problems
+
+
+@dataclass(frozen=True)
+class DatabaseProbeConfig(ProbeSettings):
+    interval: Duration = setting(2.0, min=0.05, max=3600)
+    timeout: Duration = setting(1.5, min=0.01, max=600)
+    slow_after: Duration = setting(0.5, min=0.001, max=600)
+    fresh_connection_every: Duration = setting(
+        0.0, min=0, max=86400,
+        help="how often a run also opens a brand-new connection; 0 means every run, "
+             "which is what detects a frozen postmaster within one interval")
+    crash_watch: bool = setting(True, help="hold a LISTEN connection that sees a server "
+                                           "close at once")
+    heartbeat_host: str = setting("", help="row key of the write check; empty uses the "
+                                           "host name")
+    connections_warning: float = setting(0.8, min=0, max=1,
+                                         help="fraction of max_connections in use")
+    connections_critical: float = setting(0.95, min=0, max=1)
+    idle_in_transaction_warning: Duration = setting(60.0, min=0, max=86400)
+    idle_in_transaction_critical: Duration = setting(600.0, min=0, max=86400)
+    lock_wait_warning: Duration = setting(10.0, min=0, max=86400)
+    lock_wait_critical: Duration = setting(60.0, min=0, max=86400,
+                                           help="a lock wait this long counts as a lockup")
+    long_query_warning: Duration = setting(300.0, min=0, max=86400)
+    long_query_critical: Duration = setting(3600.0, min=0, max=86400)
+    max_abandoned: int = setting(4, min=1, max=100,
+                                 help="timed-out calls still unwinding before runs "
+                                      "stop starting new ones")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = super().check()
+        pairs = (("connections", self.connections_warning, self.connections_critical),
+                 ("idle_in_transaction", self.idle_in_transaction_warning,
+                  self.idle_in_transaction_critical),
+                 ("lock_wait", self.lock_wait_warning, self.lock_wait_critical),
+                 ("long_query", self.long_query_warning, self.long_query_critical))
+        for name, warning, critical in pairs:
+            if warning > critical:
+                problems.append((f"{name}_warning", f"{warning:g} is above "
+                                 f"{name}_critical {critical:g}; lower it"))
+        return problems
+
+
+@dataclass(frozen=True)
+class WalacorProbeConfig(ProbeSettings):
+    interval: Duration = setting(15.0, min=0.05, max=3600)
+    timeout: Duration = setting(10.0, min=0.01, max=600)
+    slow_after: Duration = setting(2.0, min=0.001, max=600)
+    fast_interval: Duration = setting(1.0, min=0.01, max=600)
+    tls_expiry_warning_days: int = setting(14, min=0, max=3650)
+
+
+@dataclass(frozen=True)
+class HttpCheckConfig:
+    url: str = setting("", help="http:// or https:// URL to GET")
+    expect_status: int = setting(200, min=100, max=599)
+    body_contains: str = setting("", help="text the response body must contain; "
+                                          "empty skips the check")
+    slow_after: Duration = setting(1.0, min=0.001, max=600)
+
+
+@dataclass(frozen=True)
+class ApiProbeConfig(ProbeSettings):
+    interval: Duration = setting(10.0, min=0.05, max=3600)
+    timeout: Duration = setting(5.0, min=0.01, max=600)
+    fast_interval: Duration = setting(1.0, min=0.01, max=600)
+    checks: list[HttpCheckConfig] = setting(
+        default_factory=list,
+        help="HTTP checks of the application; empty means not configured")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = super().check()
+        for index, item in enumerate(self.checks):
+            if not item.url.startswith(("http://", "https://")):
+                problems.append((f"checks[{index}].url", f"invalid URL {item.url!r}: it must "
+                                 "start with http:// or https://"))
+        return problems
+
+
+@dataclass(frozen=True)
+class HostProbeConfig(ProbeSettings):
+    interval: Duration = setting(10.0, min=0.05, max=3600)
+    timeout: Duration = setting(5.0, min=0.01, max=600)
+    fast_interval: Duration = setting(1.0, min=0.01, max=600)
+    disk_warning_percent: float = setting(20.0, min=0, max=100,
+                                          help="free space or inodes below this is a warning")
+    disk_critical_percent: float = setting(10.0, min=0, max=100)
+    memory_warning_percent: float = setting(80.0, min=0, max=100,
+                                            help="memory used above this is a warning")
+    memory_critical_percent: float = setting(90.0, min=0, max=100)
+    swap_warning_percent: float = setting(50.0, min=0, max=100)
+    fd_warning_percent: float = setting(80.0, min=0, max=100,
+                                        help="walacord's open files against its limit")
+    fd_critical_percent: float = setting(95.0, min=0, max=100)
+    load_warning_per_cpu: float = setting(2.0, min=0, max=1000)
+    clock_jump: Duration = setting(5.0, min=0.1, max=86400,
+                                   help="wall clock moving this much against the monotonic "
+                                        "clock is a clock jump")
+    dirs: list[str] = setting(default_factory=list,
+                              help="more directories to watch besides state and log dirs")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = super().check()
+        if self.disk_critical_percent > self.disk_warning_percent:
+            problems.append(("disk_critical_percent", "is above disk_warning_percent; "
+                             "critical means less free space than warning"))
+        if self.memory_warning_percent > self.memory_critical_percent:
+            problems.append(("memory_warning_percent", "is above memory_critical_percent; "
+                             "lower it"))
+        if self.fd_warning_percent > self.fd_critical_percent:
+            problems.append(("fd_warning_percent", "is above fd_critical_percent; lower it"))
+        return problems
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    database: DatabaseProbeConfig = dataclasses.field(default_factory=DatabaseProbeConfig)
+    walacor: WalacorProbeConfig = dataclasses.field(default_factory=WalacorProbeConfig)
+    api: ApiProbeConfig = dataclasses.field(default_factory=ApiProbeConfig)
+    host: HostProbeConfig = dataclasses.field(default_factory=HostProbeConfig)
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        for field in dataclasses.fields(self):
+            for key, message in getattr(self, field.name).check():
+                problems.append((f"{field.name}.{key}", message))
+        return problems
+
+
+MODE_NAMES = ("normal", "degraded", "emergency", "offline")
+PROBE_NAMES = ("database", "walacor", "api", "host")
+
+
+@dataclass(frozen=True)
+class ModesConfig:
+    min_dwell: Duration = setting(1.0, min=0, max=3600,
+                                  help="a mode lasts at least this long before a better "
+                                       "one replaces it")
+    walacor_down: str = setting("degraded", choices=("degraded", "emergency"),
+                                help="mode when Walacor is down and PostgreSQL is fine")
+    ignore_probes: list[str] = setting(default_factory=list,
+                                       help="probes whose state never changes the mode")
+    hooks: list[list[str]] = setting(
+        default_factory=list,
+        help="argv lists run on every mode change, with WALACORD_MODE_FROM, "
+             "WALACORD_MODE_TO and WALACORD_MODE_REASON in the environment")
+    hook_timeout: Duration = setting(10.0, min=0.1, max=3600)
+    override_max_ttl: Duration = setting(86400.0, min=1, max=30 * 86400)
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        for name in self.ignore_probes:
+            if name not in PROBE_NAMES:
+                problems.append(("ignore_probes", f"unknown probe {name!r}; "
+                                 f"use one of {', '.join(PROBE_NAMES)}"))
+        for index, argv in enumerate(self.hooks):
+            if not argv:
+                problems.append((f"hooks[{index}]", "empty command; write an argv list "
+                                 "such as [\"/usr/local/bin/notify\", \"mode\"]"))
+        return problems
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    recycle_budget_per_hour: int = setting(6, min=0, max=1000,
+                                           help="pool recycles allowed in any hour")
+    restart_command: list[str] = setting(
+        default_factory=list,
+        help="argv run when the application API stays down, e.g. "
+             "[\"systemctl\", \"restart\", \"walacor-integrity\"]; empty disables")
+    restart_after: Duration = setting(30.0, min=0, max=86400,
+                                      help="how long the API probe stays down first")
+    restart_timeout: Duration = setting(60.0, min=0.1, max=3600)
+    restart_budget: int = setting(3, min=0, max=1000,
+                                  help="restarts allowed within restart_window")
+    restart_window: Duration = setting(3600.0, min=1, max=7 * 86400)
 # --- backups -------------------------------------------------------------------------
 
 BACKUP_FORMATS = ("custom", "plain-gzip")
@@ -313,6 +531,9 @@ class Config:
     state: StateConfig = dataclasses.field(default_factory=StateConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     lifecycle: LifecycleConfig = dataclasses.field(default_factory=LifecycleConfig)
+    probes: ProbesConfig = dataclasses.field(default_factory=ProbesConfig)
+    modes: ModesConfig = dataclasses.field(default_factory=ModesConfig)
+    repair: RepairConfig = dataclasses.field(default_factory=RepairConfig)
     backup: BackupConfig = dataclasses.field(default_factory=BackupConfig)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
 

@@ -47,6 +47,10 @@ class MigrationError(DatabaseError):
     """A schema migration could not be applied."""
 
 
+class PoolRecycleError(DatabaseError):
+    """The pool was not recycled (budget spent), or a new connection failed afterwards."""
+
+
 # --- Walacor API ----------------------------------------------------------------
 
 

@@ -37,6 +37,59 @@ class Metrics:
             "Times a component missed its progress deadline and held back the watchdog.",
             ["component"], registry=registry)
 
+        # --- probes, modes and repair ---------------------------------------------
+        self.mode = Gauge(
+            "walacord_mode", "1 for the current operating mode, 0 for the others.",
+            ["mode"], registry=registry)
+        self.mode_transitions = Counter(
+            "walacord_mode_transitions_total", "Mode changes by old and new mode.",
+            ["from", "to"], registry=registry)
+        self.probe_success = Gauge(
+            "walacord_probe_success", "1 when the probe's last run succeeded, else 0.",
+            ["probe"], registry=registry)
+        self.probe_up = Gauge(
+            "walacord_probe_up", "1 when the probe is up after hysteresis, else 0.",
+            ["probe"], registry=registry)
+        self.probe_duration = Histogram(
+            "walacord_probe_duration_seconds", "Duration of each probe run.",
+            ["probe"], buckets=PROBE_BUCKETS, registry=registry)
+        self.probe_failures = Counter(
+            "walacord_probe_failures_total", "Failed probe runs by reason class.",
+            ["probe", "reason"], registry=registry)
+        self.probe_skipped = Counter(
+            "walacord_probe_skipped_runs_total",
+            "Runs not started because the previous run was still in flight.",
+            ["probe"], registry=registry)
+        self.probe_abandoned = Counter(
+            "walacord_probe_abandoned_calls_total",
+            "Probe runs given up at their deadline and left to unwind on their own.",
+            ["probe"], registry=registry)
+        self.db_pool_connections = Gauge(
+            "walacord_db_pool_connections", "Connections of walacord's pool by state.",
+            ["state"], registry=registry)
+        self.db_pool_requests_waiting = Gauge(
+            "walacord_db_pool_requests_waiting", "Requests waiting for a pool connection.",
+            registry=registry)
+        self.db_pool_recycles = Counter(
+            "walacord_db_pool_recycles_total", "Pool recycles by trigger.",
+            ["reason"], registry=registry)
+        self.db_pool_recycles_refused = Counter(
+            "walacord_db_pool_recycles_refused_total",
+            "Recycles not done because the hourly budget was spent.",
+            ["reason"], registry=registry)
+        self.app_restarts = Counter(
+            "walacord_app_restarts_total", "Application restart commands run, by result.",
+            ["result"], registry=registry)
+        self.host_disk_free_ratio = Gauge(
+            "walacord_host_disk_free_ratio", "Free fraction of a watched directory's disk.",
+            ["dir"], registry=registry)
+        self.host_memory_used_ratio = Gauge(
+            "walacord_host_memory_used_ratio", "Used fraction of the host's memory.",
+            registry=registry)
+        self.walacor_tls_expiry_days = Gauge(
+            "walacord_walacor_tls_cert_expiry_days",
+            "Days until the Walacor server's TLS certificate expires.", registry=registry)
+
         # --- backups --------------------------------------------------------------
         self.backup_last_success = Gauge(
             "walacord_backup_last_success_timestamp_seconds",

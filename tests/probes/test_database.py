@@ -1,0 +1,158 @@
+"""The database probe against a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from tests.conftest import wait_until
+from walacord.config import DatabaseConfig, DatabaseProbeConfig
+from walacord.dbpool import DatabasePool
+from walacord.pgcluster import PgCluster, free_port
+from walacord.probes.base import Status
+from walacord.probes.database import CrashWatcher, DatabaseProbe, classify
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def running_probe(url: str, probe_config: DatabaseProbeConfig | None = None,
+                        **database: object) -> AsyncIterator[DatabaseProbe]:
+    config = DatabaseConfig(url=url, pool_min_size=1, pool_max_size=4, **database)  # type: ignore[arg-type]
+    pool = DatabasePool(config)
+    settings = probe_config or DatabaseProbeConfig(heartbeat_host="test-host")
+    probe = DatabaseProbe(pool, lambda: settings)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        await tg.start(probe.run)
+        yield probe
+        tg.cancel_scope.cancel()
+
+
+async def test_database_probe_healthy(pg_db: str) -> None:
+    settings = DatabaseProbeConfig(heartbeat_host="test-host", fresh_connection_every=60)
+    async with running_probe(pg_db, settings) as probe:
+        first = await probe.check()
+        second = await probe.check()
+    assert first.status is Status.OK, first.message
+    assert first.details["writable"] is True
+    assert first.details["fresh_connection"] == "ok"
+    assert "fresh_connection" not in second.details
+    assert first.details["max_connections"] == 100
+    with psycopg.connect(pg_db) as conn:
+        row = conn.execute("SELECT counter FROM walacord.heartbeat WHERE host = 'test-host'"
+                           ).fetchone()
+    assert row == (2,)
+
+
+async def test_database_probe_refused() -> None:
+    url = f"postgresql://nobody:pw@127.0.0.1:{free_port()}/postgres"
+    async with running_probe(url) as probe:
+        result = await probe.check()
+    assert result.status is Status.CRITICAL
+    assert result.reason == "refused"
+    assert "pw" not in result.message
+
+
+async def test_database_probe_wrong_password(pg_cluster: PgCluster) -> None:
+    async with running_probe(pg_cluster.url(password="wrong-pw")) as probe:
+        result = await probe.check()
+    assert result.reason == "auth"
+    assert "wrong-pw" not in result.message
+
+
+async def test_database_probe_multi_host_read_write(pg_cluster: PgCluster, pg_db: str) -> None:
+    params = conninfo_to_dict(pg_db)
+    dead = free_port()
+    url = (f"postgresql://{params['user']}:{params['password']}@127.0.0.1:{dead},"
+           f"127.0.0.1:{pg_cluster.port}/{params['dbname']}?target_session_attrs=read-write")
+    async with running_probe(url) as probe:
+        result = await probe.check()
+    assert result.status is Status.OK, result.message
+
+
+async def test_database_probe_idle_in_transaction(pg_db: str) -> None:
+    settings = DatabaseProbeConfig(idle_in_transaction_warning=0.2,
+                                   idle_in_transaction_critical=600)
+    with psycopg.connect(pg_db) as other:
+        other.execute("SELECT 1")  # psycopg opens a transaction and leaves it idle
+        await anyio.sleep(0.3)
+        async with running_probe(pg_db, settings) as probe:
+            result = await probe.check()
+    assert result.status is Status.WARNING
+    assert result.reason == "idle_in_transaction"
+    assert result.details["idle_in_transaction_seconds"] >= 0.2
+
+
+async def test_database_probe_lock_timeout(pg_db: str) -> None:
+    async with running_probe(pg_db, lock_timeout=0.2) as probe:
+        await probe.check()  # creates the heartbeat table
+        with psycopg.connect(pg_db) as other:
+            other.execute("LOCK TABLE walacord.heartbeat IN ACCESS EXCLUSIVE MODE")
+            result = await probe.check()
+    assert result.status is Status.CRITICAL
+    assert result.reason == "lock_timeout"
+    assert result.details["recycle"] == "lockup"
+    assert result.details["writable"] is False
+
+
+async def test_database_probe_read_only(own_pg_cluster: PgCluster) -> None:
+    async with running_probe(own_pg_cluster.url()) as probe:
+        before = await probe.check()
+        own_pg_cluster.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+        own_pg_cluster.reload()
+        await anyio.sleep(0.3)
+        after = await probe.check()
+    assert before.status is Status.OK
+    assert after.status is Status.CRITICAL
+    assert after.reason == "read_only"
+    assert "SELECT 1 passes" in after.message
+    assert after.details["recycle"] == "read_only"
+
+
+async def test_crash_watcher_sees_immediate_stop(own_pg_cluster: PgCluster) -> None:
+    pool = DatabasePool(DatabaseConfig(url=own_pg_cluster.url()))
+    events: list[tuple[str, float]] = []
+    watcher = CrashWatcher(pool, lambda event: events.append((event, time.monotonic())),
+                           lambda: 2.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watcher.run)
+        await wait_until(lambda: watcher.connected, 5)
+        await anyio.to_thread.run_sync(lambda: own_pg_cluster.stop("immediate"))
+        stopped = time.monotonic()
+        await wait_until(lambda: events, 5, step=0.002)
+        await anyio.to_thread.run_sync(own_pg_cluster.start)
+        await wait_until(lambda: len(events) >= 2, 10)
+        tg.cancel_scope.cancel()
+    assert events[0][0] == "connection_dropped"
+    # pg_ctl returns after the server is gone, so the drop is seen before that.
+    assert events[0][1] - stopped < 0.1
+    assert events[1][0] == "server_back"
+
+
+CLASSES = [
+    (psycopg.errors.ReadOnlySqlTransaction("x"), "read_only"),
+    (psycopg.errors.LockNotAvailable("x"), "lock_timeout"),
+    (psycopg.errors.DiskFull("x"), "disk_full"),
+    (psycopg.errors.CannotConnectNow("the database system is shutting down"), "shutting_down"),
+    (psycopg.OperationalError("connection failed: Connection refused"), "refused"),
+    (psycopg.OperationalError("consuming input failed: server closed the connection "
+                              "unexpectedly"), "connection_lost"),
+    (TimeoutError(), "timeout"),
+]
+
+
+@pytest.mark.parametrize(("error", "reason"), CLASSES, ids=[r for _, r in CLASSES])
+def test_classify_errors(error: BaseException, reason: str) -> None:
+    assert classify(error) == reason
+
+
+def test_classify_starting_up_is_not_shutdown() -> None:
+    error = psycopg.errors.CannotConnectNow("FATAL:  the database system is starting up")
+    assert classify(error) == "starting_up"

@@ -1,0 +1,219 @@
+"""The mode decision, table-driven, and the machine's side effects on a change."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import wait_until
+from walacord.config import ModesConfig
+from walacord.metrics import Metrics
+from walacord.modes import Current, Mode, ModeMachine, Override, decide, run_command
+from walacord.probes.base import Health, ProbeResult, ProbeState, Status
+
+NOW = 1000.0
+
+
+def probe(name: str, health: str = "up", reason: str = "ok", warning: bool = False,
+          message: str = "") -> ProbeState:
+    """Return a probe state; `health` is up, down or unknown."""
+    status = Status.WARNING if warning else Status.OK
+    result = ProbeResult(status, reason if warning else "ok", message or f"{name} {reason}")
+    failure = ProbeResult(Status.CRITICAL, reason, message or f"{name} {reason}")
+    if health == "down":
+        return ProbeState(name, Health.DOWN, since=NOW - 5, last=failure, last_failure=failure)
+    if health == "unknown":
+        return ProbeState(name)
+    return ProbeState(name, Health.UP, since=NOW - 100, last=result)
+
+
+def world(**overrides: ProbeState) -> dict[str, ProbeState]:
+    states = {name: probe(name) for name in ("database", "walacor", "api", "host")}
+    states.update(overrides)
+    return states
+
+
+LONG_AGO = Current(Mode.NORMAL, NOW - 3600)
+
+# (case, current, observations, expected mode, text the reason must contain)
+RULES = [
+    ("all healthy", LONG_AGO, world(), Mode.NORMAL, "Every critical probe is healthy"),
+    ("database refused", LONG_AGO, world(database=probe("database", "down", "refused")),
+     Mode.EMERGENCY, "PostgreSQL cannot take writes"),
+    ("database read only", LONG_AGO, world(database=probe("database", "down", "read_only")),
+     Mode.EMERGENCY, "cannot take writes"),
+    ("walacor down", LONG_AGO, world(walacor=probe("walacor", "down", "server_error")),
+     Mode.DEGRADED, "Walacor is down"),
+    ("walacor slow", LONG_AGO, world(walacor=probe("walacor", reason="slow", warning=True)),
+     Mode.DEGRADED, "Walacor is slow"),
+    ("api down", LONG_AGO, world(api=probe("api", "down", "status_500")),
+     Mode.DEGRADED, "application API is down"),
+    ("api slow", LONG_AGO, world(api=probe("api", reason="slow", warning=True)),
+     Mode.DEGRADED, "application API is slow"),
+    ("database slow", LONG_AGO, world(database=probe("database", reason="slow", warning=True)),
+     Mode.DEGRADED, "database warns"),
+    ("pool saturated", LONG_AGO,
+     world(database=probe("database", reason="pool_saturated", warning=True)),
+     Mode.DEGRADED, "database warns"),
+    ("host warning", LONG_AGO, world(host=probe("host", reason="disk_low", warning=True)),
+     Mode.DEGRADED, "host warns"),
+    ("host critical alone", LONG_AGO, world(host=probe("host", "down", "memory")),
+     Mode.DEGRADED, "host warns"),
+    ("both unreachable", LONG_AGO,
+     world(database=probe("database", "down", "refused"),
+           walacor=probe("walacor", "down", "connect_timeout")),
+     Mode.OFFLINE, "both unreachable"),
+    ("database unreachable walacor 5xx", LONG_AGO,
+     world(database=probe("database", "down", "refused"),
+           walacor=probe("walacor", "down", "server_error")),
+     Mode.OFFLINE, "both unreachable"),
+    ("database read only walacor unreachable", LONG_AGO,
+     world(database=probe("database", "down", "read_only"),
+           walacor=probe("walacor", "down", "refused")),
+     Mode.EMERGENCY, "cannot take writes"),
+    ("database unreachable walacor rejects", LONG_AGO,
+     world(database=probe("database", "down", "refused"), walacor=probe("walacor", "down", "auth")),
+     Mode.EMERGENCY, "cannot take writes"),
+    ("host is the cause", LONG_AGO,
+     world(host=probe("host", "down", "local_cause", message="local cause: disk full at /var"),
+           walacor=probe("walacor", "down", "timeout")),
+     Mode.OFFLINE, "disk full at /var"),
+    ("unknown probe ignored", LONG_AGO, world(walacor=probe("walacor", "unknown")),
+     Mode.NORMAL, "waiting for walacor"),
+]
+
+
+@pytest.mark.parametrize(("case", "current", "observations", "expected", "text"), RULES,
+                         ids=[row[0] for row in RULES])
+def test_decide_rules(case: str, current: Current, observations: dict[str, ProbeState],
+                      expected: Mode, text: str) -> None:
+    decision = decide(current, observations, NOW)
+    assert decision.mode is expected
+    assert text in decision.reason
+    assert decision.reason.endswith(".")
+
+
+# (case, current, observations, now offset since current began, min_dwell, expected)
+DWELL = [
+    ("worse applies at once", Mode.NORMAL, world(database=probe("database", "down", "refused")),
+     0.01, 5.0, Mode.EMERGENCY),
+    ("better waits for dwell", Mode.EMERGENCY, world(), 1.0, 5.0, Mode.EMERGENCY),
+    ("better after dwell", Mode.EMERGENCY, world(), 5.0, 5.0, Mode.NORMAL),
+    ("offline to emergency waits", Mode.OFFLINE,
+     world(database=probe("database", "down", "refused")), 0.5, 2.0, Mode.OFFLINE),
+    ("degraded to offline at once", Mode.DEGRADED,
+     world(database=probe("database", "down", "refused"),
+           walacor=probe("walacor", "down", "refused")), 0.0, 60.0, Mode.OFFLINE),
+]
+
+
+@pytest.mark.parametrize(("case", "mode", "observations", "elapsed", "dwell", "expected"),
+                         DWELL, ids=[row[0] for row in DWELL])
+def test_decide_hysteresis(case: str, mode: Mode, observations: dict[str, ProbeState],
+                           elapsed: float, dwell: float, expected: Mode) -> None:
+    current = Current(mode, NOW - elapsed)
+    decision = decide(current, observations, NOW, policy=ModesConfig(min_dwell=dwell))
+    assert decision.mode is expected
+    if expected is mode and mode.rank > Mode.NORMAL.rank and elapsed < dwell:
+        assert "Staying" in decision.reason
+
+
+def test_decide_override_until_expiry() -> None:
+    override = Override(Mode.OFFLINE, "database maintenance", until=NOW + 60, set_at=NOW)
+    during = decide(LONG_AGO, world(), NOW, override=override)
+    after = decide(LONG_AGO, world(), NOW + 61, override=override)
+    assert during.mode is Mode.OFFLINE
+    assert "database maintenance" in during.reason
+    assert after.mode is Mode.NORMAL
+
+
+def test_decide_ignored_probe() -> None:
+    observations = world(walacor=probe("walacor", "down", "server_error"))
+    decision = decide(LONG_AGO, observations, NOW,
+                      policy=ModesConfig(ignore_probes=["walacor"]))
+    assert decision.mode is Mode.NORMAL
+
+
+def test_decide_walacor_down_as_emergency() -> None:
+    observations = world(walacor=probe("walacor", "down", "server_error"))
+    decision = decide(LONG_AGO, observations, NOW,
+                      policy=ModesConfig(walacor_down="emergency"))
+    assert decision.mode is Mode.EMERGENCY
+
+
+def test_decide_evidence_names_probes() -> None:
+    decision = decide(LONG_AGO, world(database=probe("database", "down", "refused")), NOW)
+    assert decision.evidence["database"].startswith("down:")
+    assert set(decision.evidence) == {"database", "walacor", "api", "host"}
+
+
+@pytest.mark.anyio
+async def test_machine_transition_side_effects(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    out = tmp_path / "hook.txt"
+    hook = [sys.executable, "-c",
+            "import os, sys; open(sys.argv[1], 'w').write("
+            "os.environ['WALACORD_MODE_FROM'] + ' ' + os.environ['WALACORD_MODE_TO'] + ' ' "
+            "+ os.environ['WALACORD_MODE_REASON'])", str(out)]
+    machine = ModeMachine(ModesConfig(hooks=[hook], min_dwell=0), Metrics(registry))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(machine.run_hooks)
+        decision = machine.evaluate(world(database=probe("database", "down", "refused")))
+        await wait_until(lambda: out.exists() and out.read_text(), 10)
+        tg.cancel_scope.cancel()
+
+    assert decision.mode is Mode.EMERGENCY
+    assert out.read_text().startswith("normal emergency PostgreSQL cannot take writes")
+    assert registry.get_sample_value(
+        "walacord_mode_transitions_total", {"from": "normal", "to": "emergency"}) == 1
+    assert registry.get_sample_value("walacord_mode", {"mode": "emergency"}) == 1
+    assert registry.get_sample_value("walacord_mode", {"mode": "normal"}) == 0
+    assert machine.status_part().startswith("mode emergency: ")
+
+
+@pytest.mark.anyio
+async def test_run_command_timeout_kills() -> None:
+    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    with anyio.fail_after(5):
+        code = await run_command(argv, 0.3, {}, event="mode.hook")
+    assert code is None
+
+
+@pytest.mark.anyio
+async def test_run_command_missing_program() -> None:
+    code = await run_command(["/nonexistent/walacord-hook"], 5, {}, event="mode.hook")
+    assert code is None
+
+
+def test_machine_override_ttl_capped() -> None:
+    machine = ModeMachine(ModesConfig(override_max_ttl=60), None)
+    override = machine.set_override(Mode.DEGRADED, "maintenance", 3600, now=NOW)
+    assert override.until == NOW + 60
+    assert machine.evaluate(world(), now=NOW + 1).mode is Mode.DEGRADED
+    assert machine.evaluate(world(), now=NOW + 61).mode is Mode.NORMAL
+    assert machine.override is None
+
+
+def test_machine_override_rejects_empty_reason() -> None:
+    machine = ModeMachine(ModesConfig(), None)
+    with pytest.raises(ValueError, match="needs a reason"):
+        machine.set_override(Mode.OFFLINE, " ", 60)
+
+
+@pytest.mark.anyio
+async def test_run_command_passes_no_credentials(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WALACOR_PASSWORD", "hook-must-not-see")
+    out = tmp_path / "env.txt"
+    argv = [sys.executable, "-c",
+            "import os, sys; open(sys.argv[1], 'w').write(repr(sorted(os.environ)))", str(out)]
+    code = await run_command(argv, 10, {"WALACORD_MODE_TO": "offline"}, event="mode.hook")
+    names = out.read_text()
+    assert code == 0
+    assert "WALACOR_PASSWORD" not in names
+    assert "WALACORD_MODE_TO" in names

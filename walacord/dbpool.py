@@ -1,0 +1,121 @@
+"""walacord's PostgreSQL connection pool, which can be replaced whole ("recycled").
+
+Every connection gets its client settings from `DatabaseConfig.conninfo()`: connect
+timeout, TCP keepalives, tcp_user_timeout, and statement, lock and idle-in-transaction
+timeouts as a server-side backstop. Connections are in autocommit, so walacord never
+leaves a session idle in a transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from walacord.config import DatabaseConfig
+
+log = logging.getLogger(__name__)
+
+# How long closing a replaced pool may take before walacord stops waiting for it.
+CLOSE_TIMEOUT = 5.0
+# The pool retries a failed connection attempt, with backoff, for this long.
+RECONNECT_TIMEOUT = 3600.0
+
+
+class DatabasePool:
+    """Owns the current `AsyncConnectionPool` and replaces it on `recycle()`."""
+
+    def __init__(self, config: DatabaseConfig) -> None:
+        self.config = config
+        self.generation = 0
+        self.pool = self._new_pool()
+        self._tg: TaskGroup | None = None
+        self.closing: set[AsyncConnectionPool[Any]] = set()
+
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        self.generation += 1
+        cfg = self.config
+        return AsyncConnectionPool(
+            cfg.conninfo(), min_size=cfg.pool_min_size, max_size=cfg.pool_max_size,
+            timeout=cfg.checkout_timeout, kwargs={"autocommit": True},
+            reconnect_timeout=RECONNECT_TIMEOUT, name=f"walacord-{self.generation}",
+            open=False)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Open the pool without waiting for the server, and close pools on the way out."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.pool.open(wait=False)
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                    await self.pool.close(timeout=CLOSE_TIMEOUT)
+
+    def stats(self) -> dict[str, int]:
+        """Return the pool's counters (psycopg_pool's names) without resetting them."""
+        return dict(self.pool.get_stats())
+
+    def connections(self) -> dict[str, int]:
+        """Return connection counts by state: idle, used and the size of the pool."""
+        stats = self.pool.get_stats()
+        size = stats.get("pool_size", 0)
+        idle = stats.get("pool_available", 0)
+        return {"idle": idle, "used": max(0, size - idle), "size": size,
+                "waiting": stats.get("requests_waiting", 0)}
+
+    async def recycle(self) -> dict[str, int]:
+        """Replace every connection with a new pool; return the old pool's stats.
+
+        The old pool is closed in the background: its idle connections close at once,
+        and connections still checked out close when they come back.
+        """
+        old = self.pool
+        before = dict(old.get_stats())
+        self.pool = self._new_pool()
+        await self.pool.open(wait=False)
+        self.closing.add(old)
+        if self._tg is not None:
+            self._tg.start_soon(self._close_old, old)
+        return before
+
+    async def _close_old(self, old: AsyncConnectionPool[Any]) -> None:
+        began = time.monotonic()
+        with anyio.move_on_after(CLOSE_TIMEOUT) as scope:
+            await old.close(timeout=CLOSE_TIMEOUT)
+        self.closing.discard(old)
+        if scope.cancelled_caught:
+            log.warning("pool.close_timed_out", extra={"fields": {
+                "pool": old.name, "timeout_seconds": CLOSE_TIMEOUT}})
+        else:
+            log.debug("pool.closed", extra={"fields": {
+                "pool": old.name, "duration_seconds": round(time.monotonic() - began, 3)}})
+
+    async def release(self) -> dict[str, int]:
+        """Close every pooled connection and keep the pool closed until `reopen()`.
+
+        Used when the server is shutting down (SQLSTATE 57P03): a smart shutdown waits
+        for every session, so walacord must not hold any.
+        """
+        before = dict(self.pool.get_stats())
+        old = self.pool
+        self.pool = self._new_pool()
+        self.closing.add(old)
+        await self._close_old(old)
+        return before
+
+    async def reopen(self) -> None:
+        if self.pool.closed:
+            await self.pool.open(wait=False)
+
+    async def connect(self) -> AsyncConnection[Any]:
+        """Open a brand-new connection outside the pool, with the same settings."""
+        return await AsyncConnection.connect(self.config.conninfo(), autocommit=True)

@@ -1,0 +1,385 @@
+"""The probe framework: results, hysteresis, and the runner that schedules one probe.
+
+A probe's `check()` returns a `ProbeResult`; a failed check is a result, not an
+exception. `advance()` folds results into a `ProbeState` with hysteresis, as a pure
+function so tests can drive it from tables. `ProbeRunner` runs one probe on its own
+interval with jitter and a hard deadline per run.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from walacord.config import ProbeSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Status(enum.Enum):
+    """Outcome of one run: ok, ok but past a warning threshold, or failed."""
+
+    OK = "ok"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One run of one probe: status, reason class, a sentence, latency and details."""
+
+    status: Status
+    reason: str
+    message: str
+    latency: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+    at: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.status is not Status.CRITICAL
+
+    @classmethod
+    def ok(cls, message: str, **details: Any) -> ProbeResult:
+        return cls(Status.OK, "ok", message, details=details)
+
+    @classmethod
+    def warning(cls, reason: str, message: str, **details: Any) -> ProbeResult:
+        return cls(Status.WARNING, reason, message, details=details)
+
+    @classmethod
+    def failed(cls, reason: str, message: str, **details: Any) -> ProbeResult:
+        return cls(Status.CRITICAL, reason, message, details=details)
+
+
+class Health(enum.Enum):
+    """A probe's state after hysteresis."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+    NOT_CONFIGURED = "not_configured"
+
+
+@dataclass(frozen=True)
+class ProbeState:
+    """One probe as the mode decision reads it: its state and the latest evidence."""
+
+    name: str
+    health: Health = Health.UNKNOWN
+    since: float = 0.0
+    last: ProbeResult | None = None
+    last_failure: ProbeResult | None = None
+    failures: int = 0
+    successes: int = 0
+    changes: tuple[float, ...] = ()
+    flapping: bool = False
+
+    @property
+    def up(self) -> bool:
+        return self.health is Health.UP
+
+    @property
+    def down(self) -> bool:
+        return self.health is Health.DOWN
+
+    @property
+    def warning(self) -> bool:
+        return self.up and self.last is not None and self.last.status is Status.WARNING
+
+    @property
+    def reason(self) -> str:
+        if self.health is Health.DOWN and self.last_failure is not None:
+            return self.last_failure.reason
+        if self.last is not None:
+            return self.last.reason
+        return self.health.value
+
+    @property
+    def message(self) -> str:
+        if self.health is Health.DOWN and self.last_failure is not None:
+            return self.last_failure.message
+        if self.last is not None:
+            return self.last.message
+        return "no result yet"
+
+    @property
+    def suspect(self) -> bool:
+        """True when the latest result disagrees with the state, so a change may follow."""
+        if self.last is None:
+            return True
+        return self.last.healthy != self.up
+
+
+def advance(state: ProbeState, result: ProbeResult, now: float,
+            policy: ProbeSettings) -> ProbeState:
+    """Fold one result into the state: count streaks, apply dwell and flap damping."""
+    # Step 1: count the streak this result extends.
+    if result.healthy:
+        successes, failures = state.successes + 1, 0
+    else:
+        successes, failures = 0, state.failures + 1
+    changes = tuple(t for t in state.changes if now - t <= policy.flap_window)
+    flapping = len(changes) >= policy.flap_threshold
+    state = replace(state, last=result, successes=successes, failures=failures,
+                    changes=changes, flapping=flapping,
+                    last_failure=state.last_failure if result.healthy else result)
+
+    # Step 2: decide whether the streak is long enough to change the state. Going down
+    # needs only the failure streak, so an outage is reported fast. Coming back up also
+    # needs `min_dwell` in the down state, so a server that bounces is not called healthy.
+    if state.health is Health.UNKNOWN:
+        # The first result settles the state at once: there is nothing to be stable against.
+        health = Health.UP if result.healthy else Health.DOWN
+        return replace(state, health=health, since=now)
+    if state.health is Health.UP and failures >= policy.failures_to_down:
+        return replace(state, health=Health.DOWN, since=now, changes=(*changes, now))
+    dwelt = now - state.since >= policy.min_dwell
+    if state.health is Health.DOWN and successes >= policy.successes_to_up and dwelt:
+        if flapping and successes * _interval_floor(policy) < policy.flap_hold:
+            return state
+        return replace(state, health=Health.UP, since=now, changes=(*changes, now))
+    return state
+
+
+def _interval_floor(policy: ProbeSettings) -> float:
+    # The smallest time one good run can stand for, so a streak converts to seconds.
+    return max(policy.fast_interval, 1e-3)
+
+
+def next_delay(state: ProbeState, now: float, policy: ProbeSettings,
+               rng: random.Random | None = None) -> float:
+    """Return the wait before the next run: fast while a change is suspected or recent."""
+    base = policy.interval
+    if state.suspect or now - state.since < policy.fast_window:
+        base = policy.fast_interval
+    spread = (rng or random).uniform(-policy.jitter, policy.jitter)
+    return max(0.0, base * (1 + spread))
+
+
+class Probe(Protocol):
+    """One kind of check. `check()` returns a failed result for a failure; the runner
+    reports an exception it raises as a failed run with reason "error"."""
+
+    name: str
+
+    def settings(self) -> ProbeSettings:
+        """Return the probe's current settings (read each run, so reloads apply)."""
+
+    def configured(self) -> bool:
+        """Return False when there is nothing to check, so the probe is not counted."""
+
+    async def check(self) -> ProbeResult:
+        """Run the checks once and return the outcome."""
+
+
+class CallAbandoned(TimeoutError):
+    """`Abandoner.call` gave up waiting at the deadline; the call still unwinds."""
+
+
+class Abandoner:
+    """Runs calls in tasks its caller can stop waiting for.
+
+    A driver call on a frozen server may ignore cancellation for a long time (psycopg
+    sends a cancel request, then waits for the server). `call()` runs such work in a
+    task of this object's own task group and waits only until the deadline. The task
+    is then cancelled but not awaited, so it unwinds on its own while the caller moves
+    on. `outstanding` counts tasks still unwinding, so callers can stop starting more.
+    """
+
+    def __init__(self) -> None:
+        self._tg: TaskGroup | None = None
+        self.outstanding = 0
+        self.abandoned_total = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
+
+    async def call(self, function: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """Return `function()`'s result, or raise CallAbandoned after `deadline` seconds."""
+        if self._tg is None:
+            raise RuntimeError("Abandoner.call before Abandoner.run started")
+        done = anyio.Event()
+        outcome: list[Any] = []
+        scope = anyio.CancelScope()
+
+        async def work() -> None:
+            self.outstanding += 1
+            try:
+                with scope:
+                    try:
+                        outcome.append((True, await function()))
+                    except Exception as exc:
+                        outcome.append((False, exc))
+            finally:
+                self.outstanding -= 1
+                done.set()
+
+        self._tg.start_soon(work)
+        with anyio.move_on_after(deadline):
+            await done.wait()
+        if not outcome:
+            self.abandoned_total += 1
+            scope.cancel()
+            raise CallAbandoned(f"no result within {deadline:g}s")
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
+
+
+@dataclass
+class RunStats:
+    """Counters the metrics and the health output read."""
+
+    runs: int = 0
+    skipped: int = 0
+    timeouts: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def record(self, latency: float, keep: int = 1000) -> None:
+        self.runs += 1
+        self.latencies.append(latency)
+        if len(self.latencies) > keep:
+            del self.latencies[: len(self.latencies) - keep]
+
+    def percentile(self, fraction: float) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
+        return ordered[index]
+
+
+StateListener = Callable[[ProbeState, ProbeState], None]
+
+
+class ProbeRunner:
+    """Runs one probe on its interval in its own task group, each run with a deadline.
+
+    Each run executes through an `Abandoner`, so a check stuck in a driver call is
+    given up at the deadline and reported as a timeout. While that abandoned run is
+    still unwinding, no new run starts: the skipped run is counted and reported as a
+    failure, because a check that cannot finish is evidence of a fault.
+    """
+
+    def __init__(self, probe: Probe, *, on_state: StateListener | None = None,
+                 on_result: Callable[[str, ProbeResult], None] | None = None,
+                 beat: Callable[[], None] | None = None) -> None:
+        self.probe = probe
+        self.name = probe.name
+        self.state = ProbeState(probe.name)
+        self.stats = RunStats()
+        self.abandoner = Abandoner()
+        self._on_state = on_state
+        self._on_result = on_result
+        self._beat = beat or (lambda: None)
+        self._wake = anyio.Event()
+        self._in_flight = False
+        self._first = anyio.Event()
+
+    def trigger(self) -> None:
+        """Run the probe now instead of waiting for the rest of the interval."""
+        self._wake.set()
+
+    async def first_result(self) -> None:
+        await self._first.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.abandoner.run)
+            task_status.started()
+            while True:
+                self._beat()
+                await self.run_once()
+                delay = next_delay(self.state, time.monotonic(), self.probe.settings())
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    async def run_once(self) -> ProbeState:
+        """Run the probe once and fold the result into the state."""
+        if self._in_flight:
+            # A second caller (run-now from the control socket) while a run is going.
+            self.stats.skipped += 1
+            await self._first.wait()
+            return self.state
+        if self.abandoner.outstanding:
+            self.stats.skipped += 1
+            result = ProbeResult.failed("timeout", "the previous run is still blocked past "
+                                        "its deadline", skipped=True)
+            self._apply(replace(result, at=time.monotonic()))
+            return self.state
+
+        self._in_flight = True
+        try:
+            result = await self._timed_check()
+        finally:
+            self._in_flight = False
+        self._apply(result)
+        return self.state
+
+    async def _timed_check(self) -> ProbeResult:
+        probe = self.probe
+        settings = probe.settings()
+        if not settings.enabled or not probe.configured():
+            message = "disabled in the config" if not settings.enabled else "not configured"
+            return ProbeResult(Status.OK, "not_configured", message, at=time.monotonic())
+
+        began = time.monotonic()
+        try:
+            result = await self.abandoner.call(probe.check, settings.timeout)
+        except CallAbandoned:
+            self.stats.timeouts += 1
+            result = ProbeResult.failed("timeout", f"no result within the "
+                                        f"{settings.timeout:g}s deadline")
+        except TimeoutError as exc:
+            # A deadline inside the check itself, such as a client's own timeout.
+            result = ProbeResult.failed("timeout", f"timed out: {exc or 'no detail'}")
+        except Exception as exc:
+            # A probe bug must not stop monitoring, so it is reported as a failed run.
+            log.error("probe.crashed", exc_info=exc, extra={"fields": {"probe": self.name}})
+            result = ProbeResult.failed("error", f"probe raised {type(exc).__name__}: {exc}")
+        latency = time.monotonic() - began
+
+        if result.status is Status.OK and latency > settings.slow_after:
+            result = replace(result, status=Status.WARNING, reason="slow",
+                             message=f"{result.message}, but slow ({latency:.3f}s)")
+        self.stats.record(latency)
+        return replace(result, latency=latency, at=time.monotonic())
+
+    def _apply(self, result: ProbeResult) -> None:
+        old = self.state
+        if result.reason == "not_configured":
+            new = ProbeState(self.name, Health.NOT_CONFIGURED, since=old.since or result.at,
+                             last=result)
+        else:
+            new = advance(old, result, result.at, self.probe.settings())
+        self.state = new
+        self._first.set()
+        if self._on_result is not None:
+            self._on_result(self.name, result)
+        if new.health is not old.health:
+            level = logging.WARNING if new.health is Health.DOWN else logging.INFO
+            log.log(level, "probe.state_changed", extra={"fields": {
+                "probe": self.name, "from": old.health.value, "to": new.health.value,
+                "reason": new.reason, "message": new.message}})
+        if self._on_state is not None:
+            self._on_state(old, new)

@@ -1,0 +1,422 @@
+"""The database probe: pooled and fresh-connection checks, a write check, server figures,
+and a held connection that sees a server close at once.
+
+Each step runs through an `Abandoner` with its own share of the run's deadline, so a
+pooled connection stuck on a frozen backend cannot hide whether a brand-new
+connection works. A connection whose step was abandoned is closed, never put back.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+from psycopg import AsyncConnection
+from psycopg_pool import PoolClosed, PoolTimeout
+
+from walacord.config import DatabaseProbeConfig
+from walacord.dbpool import DatabasePool
+from walacord.probes.base import Abandoner, ProbeResult, Status
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_DDL = """
+CREATE SCHEMA IF NOT EXISTS walacord;
+CREATE TABLE IF NOT EXISTS walacord.heartbeat (
+    host text PRIMARY KEY,
+    beat_at timestamptz NOT NULL,
+    counter bigint NOT NULL DEFAULT 0
+)
+"""
+HEARTBEAT_WRITE = """
+INSERT INTO walacord.heartbeat (host, beat_at, counter) VALUES (%s, now(), 1)
+ON CONFLICT (host) DO UPDATE SET beat_at = now(), counter = walacord.heartbeat.counter + 1
+"""
+# One round trip for every server figure; pg_locks.waitstart needs PostgreSQL 14.
+FIGURES = """
+SELECT
+  current_setting('max_connections')::int,
+  (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
+  (SELECT coalesce(extract(epoch FROM max(now() - state_change)), 0)
+     FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'),
+  (SELECT coalesce(extract(epoch FROM max(now() - query_start)), 0)
+     FROM pg_stat_activity
+     WHERE state = 'active' AND backend_type = 'client backend' AND pid <> pg_backend_pid()),
+  (SELECT coalesce(extract(epoch FROM max(now() - waitstart)), 0)
+     FROM pg_locks WHERE NOT granted),
+  (SELECT coalesce(array_agg(DISTINCT b), '{}') FROM pg_locks l,
+          unnest(pg_blocking_pids(l.pid)) AS b
+     WHERE NOT l.granted AND now() - l.waitstart > make_interval(secs => %s))
+"""
+
+# SQLSTATE -> reason class.
+SQLSTATE_REASONS = {
+    "25006": "read_only",          # read_only_sql_transaction
+    "53100": "disk_full",
+    "55P03": "lock_timeout",       # lock_not_available
+    "57014": "statement_timeout",  # query_canceled
+    "57P01": "connection_lost",    # admin_shutdown
+    "57P02": "connection_lost",    # crash_shutdown
+    "57P03": "shutting_down",      # cannot_connect_now
+    "53300": "too_many_connections",
+    "28P01": "auth",
+    "28000": "auth",
+    "3D000": "config",             # invalid_catalog_name: the database does not exist
+    "42501": "privilege",
+}
+# Failure reasons that a new pool can fix, mapped to the recycle trigger they name.
+RECYCLE_TRIGGERS = {
+    "checkout_timeout": "checkout_timeout",
+    "connection_lost": "broken_connections",
+    "read_only": "read_only",
+    "lock_timeout": "lockup",
+    "lockup": "lockup",
+    "timeout": "checkout_timeout",
+}
+
+
+def classify(exc: BaseException) -> str:
+    """Return the reason class of a psycopg or pool error."""
+    if isinstance(exc, PoolTimeout):
+        return "checkout_timeout"
+    if isinstance(exc, PoolClosed):
+        return "pool_closed"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, psycopg.Error):
+        sqlstate = getattr(exc, "sqlstate", None)
+        text = str(exc).lower()
+        # 57P03 also means "starting up" and "not yet accepting connections"; only a
+        # shutdown is a reason to let go of the pool.
+        if sqlstate in SQLSTATE_REASONS and not (sqlstate == "57P03" and "shutting" not in text):
+            return SQLSTATE_REASONS[sqlstate]
+        for needle, reason in (
+            ("starting up", "starting_up"),
+            ("not yet accepting connections", "starting_up"),
+            ("connection refused", "refused"),
+            ("no such file or directory", "refused"),
+            ("timeout expired", "timeout"),
+            ("could not translate host name", "dns"),
+            ("name or service not known", "dns"),
+            ("password authentication failed", "auth"),
+            ("shutting down", "shutting_down"),
+            ("read-only", "read_only"),
+            ("hot standby", "read_only"),
+            ("the connection is closed", "connection_lost"),
+            ("server closed the connection", "connection_lost"),
+            ("consuming input failed", "connection_lost"),
+            ("connection lost", "connection_lost"),
+            ("terminating connection", "connection_lost"),
+            ("no connection to the server", "connection_lost"),
+        ):
+            if needle in text:
+                return reason
+        if isinstance(exc, psycopg.OperationalError):
+            return "connection_lost"
+        return "error"
+    return "error"
+
+
+def describe(exc: BaseException) -> str:
+    """Return the first line of an error, which never contains the connection string."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+@dataclass
+class StepOutcome:
+    """What one step found: the reason class of its failure (None when it passed)."""
+
+    failure: str | None = None
+    error: str = ""
+    latency: float = 0.0
+    write_failure: str | None = None
+    write_error: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+class DatabaseProbe:
+    """Checks PostgreSQL through the pool and on fresh connections."""
+
+    name = "database"
+
+    def __init__(self, pool: DatabasePool, settings: Callable[[], DatabaseProbeConfig]) -> None:
+        self.pool = pool
+        self._settings = settings
+        self.abandoner = Abandoner()
+        self._last_fresh = -float("inf")
+        self._schema_ready_generation = 0
+        self._checkout_timeout = 1.0
+
+    def settings(self) -> DatabaseProbeConfig:
+        return self._settings()
+
+    def configured(self) -> bool:
+        return True
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.abandoner.run(task_status=task_status)
+
+    # --- one run ----------------------------------------------------------------
+
+    async def check(self) -> ProbeResult:
+        settings = self.settings()
+        step_deadline = settings.timeout * 0.45
+
+        # Step 1: SELECT 1, the write check and the figures on a pooled connection.
+        self._checkout_timeout = min(self.pool.config.checkout_timeout, step_deadline * 0.8)
+        pooled = await self._step(self._pooled_step, step_deadline)
+
+        # Step 2: a brand-new connection, when due or when the pooled step failed.
+        fresh: StepOutcome | None = None
+        now = time.monotonic()
+        if pooled.failure is not None or now - self._last_fresh >= settings.fresh_connection_every:
+            self._last_fresh = now
+            fresh = await self._step(self._fresh_step, step_deadline)
+
+        return self._verdict(pooled, fresh, settings)
+
+    async def _step(self, function: Callable[[], Any], deadline: float) -> StepOutcome:
+        limit = self.settings().max_abandoned
+        if self.abandoner.outstanding >= limit:
+            # Calls on a frozen server pile up; stop adding to them until they unwind.
+            return StepOutcome("timeout", f"{self.abandoner.outstanding} earlier calls are "
+                               "still blocked past their deadline")
+        began = time.monotonic()
+        try:
+            outcome: StepOutcome = await self.abandoner.call(function, deadline)
+        except TimeoutError:
+            return StepOutcome("timeout", f"no answer within {deadline:.3g}s",
+                               time.monotonic() - began)
+        except Exception as exc:
+            return StepOutcome(classify(exc), describe(exc), time.monotonic() - began)
+        outcome.latency = time.monotonic() - began
+        return outcome
+
+    async def _pooled_step(self) -> StepOutcome:
+        pool = self.pool.pool
+        if pool.closed:
+            return StepOutcome("pool_closed", "the pool is closed while the server shuts down")
+        settings = self.settings()
+        conn = await pool.getconn(timeout=self._checkout_timeout)
+        discard = True
+        try:
+            await conn.execute("SELECT 1")
+            outcome = StepOutcome()
+            try:
+                await self._write_heartbeat(conn, settings)
+            except psycopg.Error as exc:
+                if classify(exc) == "connection_lost":
+                    raise
+                outcome.write_failure = classify(exc)
+                outcome.write_error = describe(exc)
+            outcome.figures = await self._figures(conn, settings)
+            discard = conn.broken
+            return outcome
+        finally:
+            # Shielded: a cancelled step must still hand the connection back, closed.
+            with anyio.CancelScope(shield=True):
+                if discard:
+                    await conn.close()
+                await pool.putconn(conn)
+
+    async def _write_heartbeat(self, conn: AsyncConnection[Any],
+                               settings: DatabaseProbeConfig) -> None:
+        if self._schema_ready_generation != self.pool.generation:
+            cursor = await conn.execute("SELECT to_regclass('walacord.heartbeat')")
+            row = await cursor.fetchone()
+            if row is None or row[0] is None:
+                await conn.execute(HEARTBEAT_DDL)
+            self._schema_ready_generation = self.pool.generation
+        host = settings.heartbeat_host or socket.gethostname()
+        try:
+            await conn.execute(HEARTBEAT_WRITE, (host,))
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+            # Dropped, or lost in crash recovery when the server runs without
+            # synchronous_commit: create it again and write once more.
+            await conn.execute(HEARTBEAT_DDL)
+            await conn.execute(HEARTBEAT_WRITE, (host,))
+
+    async def _figures(self, conn: AsyncConnection[Any],
+                       settings: DatabaseProbeConfig) -> dict[str, Any]:
+        cursor = await conn.execute(FIGURES, (settings.lock_wait_critical,))
+        row = await cursor.fetchone()
+        assert row is not None
+        return {"max_connections": int(row[0]), "connections": int(row[1]),
+                "idle_in_transaction_seconds": float(row[2]),
+                "longest_query_seconds": float(row[3]),
+                "lock_wait_seconds": float(row[4]), "blocking_pids": list(row[5])}
+
+    async def _fresh_step(self) -> StepOutcome:
+        conn = await self.pool.connect()
+        try:
+            await conn.execute("SELECT 1")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+        return StepOutcome()
+
+    # --- verdict ----------------------------------------------------------------
+
+    def _verdict(self, pooled: StepOutcome, fresh: StepOutcome | None,
+                 settings: DatabaseProbeConfig) -> ProbeResult:
+        details: dict[str, Any] = {
+            "pool": self.pool.connections(),
+            "select_latency_seconds": round(pooled.latency, 6),
+            "writable": pooled.failure is None and pooled.write_failure is None,
+            "reachable": pooled.failure is None or (fresh is not None and fresh.failure is None),
+            **pooled.figures,
+        }
+        if fresh is not None:
+            details["fresh_connection"] = (
+                "ok" if fresh.failure is None else f"{fresh.failure}: {fresh.error}")
+            details["fresh_latency_seconds"] = round(fresh.latency, 6)
+
+        # Failures, most telling first.
+        if pooled.failure is not None:
+            fresh_ok = fresh is not None and fresh.failure is None
+            if fresh_ok:
+                reason = pooled.failure
+                message = (f"the pooled connection failed ({pooled.failure}: {pooled.error}) "
+                           "while a new connection works")
+                details["recycle"] = RECYCLE_TRIGGERS.get(pooled.failure)
+            else:
+                assert fresh is not None
+                reason = fresh.failure or pooled.failure
+                message = f"cannot connect ({reason}: {fresh.error or pooled.error})"
+            if reason == "shutting_down" or pooled.failure == "pool_closed":
+                details["release"] = reason == "shutting_down"
+            return ProbeResult(Status.CRITICAL, reason, message, details=details)
+        if pooled.write_failure is not None:
+            details["recycle"] = RECYCLE_TRIGGERS.get(pooled.write_failure)
+            return ProbeResult(Status.CRITICAL, pooled.write_failure,
+                               f"the write check failed ({pooled.write_error}) while "
+                               "SELECT 1 passes", details=details)
+        if fresh is not None and fresh.failure is not None:
+            if fresh.failure == "shutting_down":
+                details["release"] = True
+                return ProbeResult(Status.CRITICAL, "shutting_down",
+                                   f"the server is shutting down ({fresh.error})", details=details)
+            # The pool's sessions still work, but nobody can open a new one: a frozen or
+            # overloaded postmaster, or max_connections reached. Clients need new sessions.
+            return ProbeResult(Status.CRITICAL, fresh.failure,
+                               f"a new connection fails ({fresh.failure}: {fresh.error}) "
+                               "while pooled connections work", details=details)
+        return self._figures_verdict(pooled.figures, details, settings)
+
+    def _figures_verdict(self, figures: dict[str, Any], details: dict[str, Any],
+                         settings: DatabaseProbeConfig) -> ProbeResult:
+        critical: list[tuple[str, str]] = []
+        warning: list[tuple[str, str]] = []
+        used = figures["connections"] / max(1, figures["max_connections"])
+        checks = (
+            ("connections", used, settings.connections_warning, settings.connections_critical,
+             f"{figures['connections']} of {figures['max_connections']} connections in use"),
+            ("idle_in_transaction", figures["idle_in_transaction_seconds"],
+             settings.idle_in_transaction_warning, settings.idle_in_transaction_critical,
+             f"a session idle in transaction for {figures['idle_in_transaction_seconds']:.0f}s"),
+            ("lockup", figures["lock_wait_seconds"], settings.lock_wait_warning,
+             settings.lock_wait_critical,
+             f"a lock wait of {figures['lock_wait_seconds']:.0f}s, blocked by pids "
+             f"{figures['blocking_pids']}"),
+            ("long_query", figures["longest_query_seconds"], settings.long_query_warning,
+             settings.long_query_critical,
+             f"a query running for {figures['longest_query_seconds']:.0f}s"),
+        )
+        for reason, value, warn_at, critical_at, text in checks:
+            if value >= critical_at:
+                critical.append((reason, text))
+            elif value >= warn_at:
+                warning.append((reason, text))
+
+        pool = details["pool"]
+        if pool["waiting"] > 0 or (pool["size"] >= self.pool.config.pool_max_size
+                                   and pool["idle"] == 0):
+            warning.append(("pool_saturated", f"the pool is saturated ({pool['used']} used, "
+                            f"{pool['waiting']} waiting)"))
+
+        # Past a critical threshold is still a warning here: PostgreSQL takes writes, and
+        # the write check fails on its own (lock_timeout) when walacord is stuck behind
+        # the lockup, which is what recycles the pool.
+        if critical:
+            return ProbeResult(Status.WARNING, critical[0][0],
+                               "; ".join(text for _, text in critical + warning),
+                               details=details)
+        if warning:
+            return ProbeResult(Status.WARNING, warning[0][0],
+                               "; ".join(text for _, text in warning), details=details)
+        return ProbeResult(Status.OK, "ok", "SELECT 1 and the write check pass",
+                           details=details)
+
+
+class CrashWatcher:
+    """Holds one LISTEN connection and calls `on_change` the moment the server drops it.
+
+    The connection waits for notifications on its socket, so a server that exits,
+    restarts or kills the session makes the socket readable at once. The watcher then
+    reconnects with a short backoff and calls `on_change` again when the server is back.
+    """
+
+    name = "database-watch"
+    BACKOFF_MIN = 0.05
+    BACKOFF_MAX = 0.5
+    BACKOFF_REJECTED = 30.0
+
+    def __init__(self, pool: DatabasePool, on_change: Callable[[str], None],
+                 connect_timeout: Callable[[], float]) -> None:
+        self.pool = pool
+        self.on_change = on_change
+        self.connect_timeout = connect_timeout
+        self.connected = False
+        self.drops = 0
+        self._held: anyio.CancelScope | None = None
+
+    def release(self) -> None:
+        """Close the held connection now; the watcher then reconnects with backoff."""
+        if self._held is not None:
+            self._held.cancel()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        backoff = self.BACKOFF_MIN
+        while True:
+            try:
+                with anyio.fail_after(self.connect_timeout()):
+                    conn = await self.pool.connect()
+                    await conn.execute("LISTEN walacord_watch")
+            except (psycopg.Error, TimeoutError, OSError) as exc:
+                # A server that is down comes back soon, so retry fast; a rejected login
+                # or a missing database needs a person, so do not flood the server log.
+                rejected = classify(exc) in ("auth", "config", "privilege")
+                await anyio.sleep(self.BACKOFF_REJECTED if rejected else backoff)
+                backoff = min(self.BACKOFF_MAX, backoff * 2)
+                continue
+
+            backoff = self.BACKOFF_MIN
+            if not self.connected and self.drops:
+                self.on_change("server_back")
+            self.connected = True
+            try:
+                with anyio.CancelScope() as self._held:
+                    async for _ in conn.notifies():
+                        pass
+                if self._held.cancel_called:
+                    self.connected = False
+                    self.drops += 1
+            except psycopg.Error as exc:
+                self.connected = False
+                self.drops += 1
+                log.info("database.connection_dropped", extra={"fields": {
+                    "reason": classify(exc), "error": describe(exc)}})
+                self.on_change("connection_dropped")
+            finally:
+                self._held = None
+                with anyio.CancelScope(shield=True):
+                    await conn.close()

@@ -1,0 +1,112 @@
+"""The application API probe: a configured list of HTTP checks.
+
+Each check has an expected status, an optional text the body must contain and a
+latency threshold. With no checks configured the probe reports "not configured" and
+does not count towards the mode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+import httpx
+
+from walacord.config import ApiProbeConfig, HttpCheckConfig
+from walacord.probes.base import ProbeResult, Status
+
+
+class ApiProbe:
+    """GETs every configured URL and compares the answer with what is expected."""
+
+    name = "api"
+
+    def __init__(self, settings: Callable[[], ApiProbeConfig]) -> None:
+        self._settings = settings
+        self._client: httpx.AsyncClient | None = None
+
+    def settings(self) -> ApiProbeConfig:
+        return self._settings()
+
+    def configured(self) -> bool:
+        return bool(self.settings().checks)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def check(self) -> ProbeResult:
+        settings = self.settings()
+        if self._client is None:
+            self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+        results: list[ProbeResult] = [ProbeResult.failed("error", "not run")] * len(settings.checks)
+
+        async def one(index: int, item: HttpCheckConfig) -> None:
+            results[index] = await self._one(item, settings.timeout)
+
+        async with anyio.create_task_group() as tg:
+            for index, item in enumerate(settings.checks):
+                tg.start_soon(one, index, item)
+        details = {"checks": [{"url": item.url, "status": r.status.value, "reason": r.reason,
+                               "message": r.message, "latency_seconds": round(r.latency, 6)}
+                              for item, r in zip(settings.checks, results, strict=True)]}
+        failed = [r for r in results if r.status is Status.CRITICAL]
+        slow = [r for r in results if r.status is Status.WARNING]
+        if failed:
+            return ProbeResult(Status.CRITICAL, failed[0].reason,
+                               "; ".join(r.message for r in failed), details=details)
+        if slow:
+            return ProbeResult(Status.WARNING, "slow", "; ".join(r.message for r in slow),
+                               details=details)
+        return ProbeResult(Status.OK, "ok", f"{len(results)} HTTP check(s) pass",
+                           details=details)
+
+    async def _one(self, item: HttpCheckConfig, deadline: float) -> ProbeResult:
+        assert self._client is not None
+        began = time.monotonic()
+        try:
+            response = await self._client.get(item.url, timeout=deadline)
+        except httpx.ConnectError as exc:
+            reason = "refused" if _refused(exc) else "unreachable"
+            return ProbeResult(Status.CRITICAL, reason, f"GET {item.url} failed: {exc}",
+                               latency=time.monotonic() - began)
+        except httpx.TimeoutException:
+            return ProbeResult(Status.CRITICAL, "timeout", f"GET {item.url} timed out after "
+                               f"{deadline:g}s", latency=time.monotonic() - began)
+        except httpx.HTTPError as exc:
+            return ProbeResult(Status.CRITICAL, "error", f"GET {item.url} failed: "
+                               f"{type(exc).__name__}: {exc}", latency=time.monotonic() - began)
+        latency = time.monotonic() - began
+
+        if response.status_code != item.expect_status:
+            return ProbeResult(Status.CRITICAL, f"status_{response.status_code}",
+                               f"GET {item.url} returned {response.status_code}, expected "
+                               f"{item.expect_status}", latency=latency)
+        if item.body_contains and item.body_contains not in response.text:
+            return ProbeResult(Status.CRITICAL, "body_mismatch",
+                               f"GET {item.url} body does not contain "
+                               f"{item.body_contains!r}", latency=latency)
+        if latency > item.slow_after:
+            return ProbeResult(Status.WARNING, "slow", f"GET {item.url} took {latency:.3f}s",
+                               latency=latency)
+        return ProbeResult(Status.OK, "ok", f"GET {item.url} returned "
+                           f"{response.status_code}", latency=latency)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Return whether a ConnectionRefusedError is anywhere in the exception's chain."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ConnectionRefusedError) or "refused" in str(item).lower():
+            return True
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        pending.extend((item.__cause__, item.__context__))
+    return False
