@@ -401,19 +401,19 @@ def test_postgres_max_connections_exhausted(start_walacord: StartWalacord,
 
 def test_postgres_table_lock_held(cluster: PgCluster, start_walacord: StartWalacord,
                                  chaos_results: ResultsFile) -> None:
-    # Lock waits count as a lockup after 2 s here, not the default 60 s, to stay short.
-    scenario = start_walacord(cluster.url(), settings={"probes.database": {
-        "lock_wait_warning": 1.0, "lock_wait_critical": 2.0}})
-    scenario.wait_normal()
     cluster.psql("CREATE TABLE ledger (id int PRIMARY KEY)")
-
     holder = psycopg.connect(cluster.url())
     waiter = psycopg.connect(cluster.url(), autocommit=True)
     blocked = threading.Thread(target=lambda: waiter.execute("SELECT count(*) FROM ledger"))
+
     try:
+        # Lock waits count as a lockup after 2 s here, not the default 60 s, to stay short.
+        scenario = start_walacord(cluster.url(), settings={"probes.database": {
+            "lock_wait_warning": 1.0, "lock_wait_critical": 2.0}})
+        scenario.wait_normal()
+        began = scenario.mark()
         holder.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
         blocked.start()
-        began = scenario.mark()
         detection = scenario.detect(began, timeout=20)
         holder.rollback()
         released = scenario.mark()
@@ -421,7 +421,8 @@ def test_postgres_table_lock_held(cluster: PgCluster, start_walacord: StartWalac
         recovery = scenario.recover(released, timeout=20)
     finally:
         holder.close()
-        blocked.join(10)
+        if blocked.ident is not None:
+            blocked.join(10)
         waiter.close()
 
     # The lock only counts from when the waiter queued, so allow the lockup threshold.
