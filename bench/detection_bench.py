@@ -25,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,8 @@ from typing import Any
 
 import benchdoc
 import orjson
+
+from tests.chaos.faults import backend_pids
 
 SECTION = "detection"
 PLOT = "detection.png"
@@ -116,10 +119,36 @@ class MonitAnchor:
 # --- the runs -------------------------------------------------------------------------
 
 
+class ProcessExitWatch:
+    """Poll a pid every half millisecond from a thread and note when it is gone."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.gone_at: float | None = None
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                self.gone_at = time.monotonic()
+                return
+            time.sleep(0.0005)
+
+    def wait(self, since: float, timeout: float) -> float | None:
+        """Return seconds from `since` until the process was gone, or None."""
+        self._thread.join(timeout)
+        return None if self.gone_at is None else self.gone_at - since
+
+
 @dataclass
 class RunResult:
     """One stop-and-start cycle; times in seconds, None when not seen within the wait."""
 
+    backend_exit_s: float | None = None
     walacord_detection_s: float | None = None
     walacord_detection_log_s: float | None = None
     walacord_recovery_s: float | None = None
@@ -204,10 +233,17 @@ def one_run(cluster: Any, daemon: Any, watcher: Any, monit: MonitAnchor | None,
     # Step 2: a random phase against both tools' cycles.
     time.sleep(random.uniform(0.2, 1.2))
 
-    # Step 3: stop and measure detection.
+    # Step 3: stop and measure detection. The exit of one of walacord's backends shows
+    # how much of the detection time pg_ctl and the server's shutdown take.
+    exit_watch = None
+    if daemon is not None:
+        pids = backend_pids(cluster, "walacord")
+        exit_watch = ProcessExitWatch(pids[0]) if pids else None
     stop_wall = time.time()
     stop_mono = time.monotonic()
     cluster.stop("immediate")
+    if exit_watch is not None:
+        result.backend_exit_s = exit_watch.wait(stop_mono, timeout=wait)
     if watcher is not None:
         seen = watcher.wait_for(lambda mode: mode != "normal", since=stop_mono, timeout=wait)
         result.walacord_detection_s = None if seen is None else seen.monotonic - stop_mono
@@ -245,6 +281,7 @@ def figures(results: Sequence[RunResult], name: str) -> dict[str, float] | None:
 
 
 ROWS = (
+    ("a walacord backend gone (part of walacord's detection)", "backend_exit_s", "-"),
     ("walacord detection (/api/health poll)", "walacord_detection_s", "median <= 0.1 s"),
     ("walacord detection (log `mode.changed` ts)", "walacord_detection_log_s",
      "median <= 0.1 s"),
@@ -302,7 +339,7 @@ def draw(results: Sequence[RunResult], path: Path) -> Path | None:
     except ImportError:
         return None
     plotted = [(label.replace("`", ""), name) for label, name, _ in ROWS
-               if name != "walacord_detection_log_s"]
+               if name not in ("walacord_detection_log_s", "backend_exit_s")]
     series = [(label, [getattr(run, name) * 1000 for run in results
                        if getattr(run, name) is not None])
               for label, name in plotted]
