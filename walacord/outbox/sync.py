@@ -122,6 +122,10 @@ class SyncEngine:
         if name in self.sinks:
             self.healthy[name] = False
 
+    def wake(self) -> None:
+        """Start a pass soon without waiting for it."""
+        self._wake.set()
+
     async def sync_now(self) -> PassReport:
         """Start a pass over every sink, healthy or not, and return its report.
 

@@ -1,0 +1,203 @@
+"""Control-channel methods of the outbox, as plain async functions.
+
+Each handler takes the running `Outbox` and the request's `params` object and returns
+a JSON-ready result, or raises ControlError with a code and a message naming the bad
+field. `HANDLERS` maps method names to handlers for the control server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from walacord.errors import (
+    ControlError,
+    OutboxDiskFull,
+    OutboxError,
+    OutboxFull,
+    OutboxInvalidOperation,
+    OutboxNotFound,
+)
+from walacord.outbox.model import NewOperation, State, parse_operation
+from walacord.outbox.service import Outbox
+
+log = logging.getLogger(__name__)
+
+# NOTE: these codes follow JSON-RPC 2.0 for invalid params; the 1000 range is this
+# module's choice and must match the control protocol's table once it exists.
+INVALID_PARAMS = -32602
+OUTBOX_ERROR = 1000
+OUTBOX_FULL = 1001
+OUTBOX_DISK_FULL = 1002
+NOT_FOUND = 1004
+MAX_BATCH = 10_000
+MAX_PAGE = 10_000
+
+Handler = Callable[[Outbox, dict[str, Any]], Awaitable[Any]]
+
+
+def _control_error(exc: OutboxError) -> ControlError:
+    if isinstance(exc, OutboxInvalidOperation):
+        return ControlError(INVALID_PARAMS, str(exc), {"field": exc.field})
+    if isinstance(exc, OutboxFull):
+        return ControlError(OUTBOX_FULL, str(exc))
+    if isinstance(exc, OutboxDiskFull):
+        return ControlError(OUTBOX_DISK_FULL, str(exc))
+    if isinstance(exc, OutboxNotFound):
+        return ControlError(NOT_FOUND, str(exc))
+    return ControlError(OUTBOX_ERROR, str(exc))
+
+
+def _int_param(params: dict[str, Any], name: str, default: int | None = None, *,
+               minimum: int = 0, maximum: int | None = None) -> int:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(INVALID_PARAMS, f"{name}: expected an integer, got {value!r}",
+                           {"field": name})
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ControlError(INVALID_PARAMS, f"{name}: {value} is outside {minimum}.."
+                           f"{maximum if maximum is not None else ''}", {"field": name})
+    return value
+
+
+def _states(params: dict[str, Any]) -> list[State]:
+    raw = params.get("state")
+    names = [raw] if isinstance(raw, str) else (raw or [])
+    try:
+        return [State(name) for name in names]
+    except ValueError:
+        raise ControlError(INVALID_PARAMS, f"state: unknown state in {raw!r}; use "
+                           f"{', '.join(s.value for s in State)}", {"field": "state"}) from None
+
+
+# --- handlers -------------------------------------------------------------------
+
+
+async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Enqueue one operation (params are the operation) or a batch (`operations`)."""
+    batch = "operations" in params
+    raw = params["operations"] if batch else [params]
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_BATCH:
+        raise ControlError(INVALID_PARAMS, f"operations: expected a list of 1 to {MAX_BATCH} "
+                           "operations", {"field": "operations"})
+
+    parsed: list[NewOperation] = []
+    statements = outbox.config.statements
+    for index, item in enumerate(raw):
+        try:
+            parsed.append(parse_operation(item, statements=statements,
+                                          max_bytes=outbox.config.max_operation_bytes))
+        except OutboxInvalidOperation as exc:
+            field = f"operations[{index}].{exc.field}" if batch else exc.field
+            raise ControlError(INVALID_PARAMS, f"{field}: {str(exc).split(': ', 1)[1]}",
+                               {"field": field}) from None
+
+    try:
+        results = await outbox.store.enqueue(parsed)
+    except OutboxError as exc:
+        raise _control_error(exc) from None
+
+    shown = [{"id": r.operation.id, "key": r.operation.key, "state": r.operation.state.value,
+              "created": r.created} for r in results]
+    return {"results": shown} if batch else shown[0]
+
+
+async def outbox_stats(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    stats = await outbox.store.check_conservation()
+    result = stats.to_json(time.time())
+    result["full"] = outbox.store.full
+    result["disk_full"] = outbox.store.disk_full
+    return result
+
+
+async def outbox_list(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """List operations without payloads, `limit` at a time after `after_id`."""
+    limit = _int_param(params, "limit", 100, minimum=1, maximum=MAX_PAGE)
+    after_id = _int_param(params, "after_id", 0)
+    operations = await outbox.store.list(states=_states(params), after_id=after_id,
+                                         limit=limit)
+    return {"operations": [op.to_json(with_payload=False) for op in operations],
+            "next_after_id": operations[-1].id if len(operations) == limit else None}
+
+
+async def outbox_show(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        operation = await outbox.store.get(_int_param(params, "id"))
+    except OutboxError as exc:
+        raise _control_error(exc) from None
+    return operation.to_json()
+
+
+async def outbox_retry(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Return one operation (`id`) or every dead one (`all_dead`) to pending."""
+    if params.get("all_dead") is True:
+        count = await outbox.store.retry(all_dead=True)
+    elif "id" in params:
+        count = await outbox.store.retry([_int_param(params, "id")])
+        if count == 0:
+            raise ControlError(NOT_FOUND, f"no dead or pending operation has id {params['id']}")
+    else:
+        raise ControlError(INVALID_PARAMS, "pass id or all_dead=true", {"field": "id"})
+    log.info("outbox.retried", extra={"fields": {"count": count}})
+    outbox.engine.wake()
+    return {"retried": count}
+
+
+async def outbox_drop(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Delete a pending or dead operation; needs `confirm: true` (walacorctl --yes)."""
+    op_id = _int_param(params, "id")
+    if params.get("confirm") is not True:
+        raise ControlError(INVALID_PARAMS, "dropping an operation loses it for good; pass "
+                           "confirm=true (walacorctl: --yes)", {"field": "confirm"})
+    reason = str(params.get("reason") or "dropped by an operator")
+    try:
+        operation = await outbox.store.drop(op_id, reason=reason)
+    except OutboxError as exc:
+        raise _control_error(exc) from None
+    return {"dropped": operation.to_json(with_payload=False)}
+
+
+async def outbox_export(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Return operations with payloads, `limit` at a time; callers page on next_after_id."""
+    limit = _int_param(params, "limit", 1000, minimum=1, maximum=MAX_PAGE)
+    after_id = _int_param(params, "after_id", 0)
+    operations = await outbox.store.list(states=_states(params), after_id=after_id,
+                                         limit=limit)
+    return {"operations": [op.to_json() for op in operations],
+            "next_after_id": operations[-1].id if len(operations) == limit else None}
+
+
+async def sync_run(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Run a sync pass over every sink now; with `wait` (default) return its report."""
+    if params.get("wait", True) is False:
+        outbox.engine.wake()
+        return {"started": True}
+    timeout = params.get("timeout", 3600)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ControlError(INVALID_PARAMS, "timeout: expected a positive number of seconds",
+                           {"field": "timeout"})
+    try:
+        with anyio.fail_after(timeout):
+            report = await outbox.engine.sync_now()
+    except TimeoutError:
+        raise ControlError(OUTBOX_ERROR, f"sync pass still running after {timeout}s; it "
+                           "goes on in the background") from None
+    result = report.to_json()
+    result["stats"] = await outbox_stats(outbox, {})
+    return result
+
+
+HANDLERS: dict[str, Handler] = {
+    "outbox.enqueue": outbox_enqueue,
+    "outbox.stats": outbox_stats,
+    "outbox.list": outbox_list,
+    "outbox.show": outbox_show,
+    "outbox.retry": outbox_retry,
+    "outbox.drop": outbox_drop,
+    "outbox.export": outbox_export,
+    "sync.run": sync_run,
+}

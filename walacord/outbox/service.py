@@ -1,0 +1,35 @@
+"""The outbox component: the store and the sync engine, started in order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from walacord.config import Config
+from walacord.metrics import Metrics
+from walacord.outbox.sinks import Sink
+from walacord.outbox.store import AlertCallback, OutboxStore
+from walacord.outbox.sync import SyncEngine
+
+
+class Outbox:
+    """The store at `<state dir>/outbox.db` and the engine that drains it into `sinks`."""
+
+    def __init__(self, config: Config, sinks: Mapping[str, Sink], *,
+                 metrics: Metrics | None = None, on_alert: AlertCallback | None = None,
+                 extend_start_timeout: Callable[[float], None] | None = None) -> None:
+        self.config = config.outbox
+        self.store = OutboxStore(Path(config.state.dir) / "outbox.db", config.outbox,
+                                 metrics=metrics, on_alert=on_alert,
+                                 extend_start_timeout=extend_start_timeout)
+        self.engine = SyncEngine(self.store, sinks, config.outbox, metrics=metrics)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(self.store.run)
+            await tasks.start(self.engine.run)
+            task_status.started()
