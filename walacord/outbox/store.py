@@ -64,10 +64,11 @@ class OutboxStore(OutboxQueries):
         self.path = Path(path)
         self.config = config
         self.metrics = metrics
-        self.on_alert = on_alert or (lambda name, message: None)
+        self.on_alert = on_alert if on_alert is not None else (lambda name, message: None)
         self.extend_start_timeout = extend_start_timeout
         self.moved_aside: Path | None = None
         self.disk_full = False
+        self.commits = 0  # group-commit transactions, for tests and the benchmark
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._last_id = 0
@@ -112,15 +113,20 @@ class OutboxStore(OutboxQueries):
 
         # 3. Open, migrate and recover.
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._configure(self._db)
-        before, after = await migrate(self._db)
-        if before != after:
-            log.info("outbox.migrated", extra={"fields": {"from": before, "to": after}})
-        recovered = await self._reset_in_flight()
-        await self._load_counters()
-        self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
-                                               isolation_level=None)
-        await self._reader.execute("PRAGMA query_only = ON")
+        try:
+            await self._configure(self._db)
+            before, after = await migrate(self._db)
+            if before != after:
+                log.info("outbox.migrated", extra={"fields": {"from": before, "to": after}})
+            recovered = await self._reset_in_flight()
+            await self._load_counters()
+            self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
+                                                   isolation_level=None)
+            await self._reader.execute("PRAGMA query_only = ON")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+            raise
         log.info("outbox.opened", extra={"fields": {
             "path": str(self.path), "undelivered": self._undelivered,
             "recovered_in_flight": recovered}})
@@ -196,7 +202,7 @@ class OutboxStore(OutboxQueries):
     def full(self) -> bool:
         """True while new operations are rejected for capacity or a full disk; the mode
         machine reads it to go to emergency."""
-        return self.disk_full or self._over_capacity(0, 0)
+        return self.disk_full or self._over_capacity(1, 1)
 
     def _over_capacity(self, count: int, size: int) -> bool:
         return (self._undelivered + count > self.config.max_operations
@@ -281,6 +287,7 @@ class OutboxStore(OutboxQueries):
                 request.error, request.results = error, []
             return
 
+        self.commits += 1
         if self.disk_full:
             self.disk_full = False
             log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
@@ -288,8 +295,6 @@ class OutboxStore(OutboxQueries):
         self._undelivered_bytes += sum(len(row[4]) for row in rows)
         if self.metrics is not None:
             self.metrics.outbox_enqueued.inc(len(rows))
-        if self._full_alerted and not self._over_capacity(0, 0):
-            self._full_alerted = False
 
     def _plan(self, request: _Request, known: dict[str, Operation], now: float,
               added_count: int, added_bytes: int) -> list[tuple[Any, ...]]:
@@ -383,6 +388,10 @@ class OutboxStore(OutboxQueries):
         """Record that operations left the undelivered set (done or dropped)."""
         self._undelivered -= count
         self._undelivered_bytes -= size
+        if self._full_alerted and not self.full:
+            self._full_alerted = False
+            log.info("outbox.space_available", extra={"fields": {
+                "undelivered": self._undelivered, "bytes": self._undelivered_bytes}})
 
     def _retention(self) -> float:
         return self.config.retention
