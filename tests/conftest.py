@@ -52,3 +52,59 @@ def own_pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgClust
         yield cluster
     finally:
         cluster.destroy()
+
+
+class NotifyRecorder:
+    """Plays systemd's side of sd_notify: a datagram socket that records each message."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.received: list[tuple[float, str]] = []
+
+    def poll(self) -> list[tuple[float, str]]:
+        """Read every waiting datagram; return all messages so far with arrival times."""
+        import time
+
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return self.received
+            self.received.append((time.monotonic(), data.decode()))
+
+    def lines(self) -> list[str]:
+        return [line for _, message in self.poll() for line in message.splitlines()]
+
+    def wait_for(self, prefix: str, timeout: float, after: int = 0) -> float:
+        """Wait until a message line starting with `prefix` arrives; return its time."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, (at, message) in enumerate(self.poll()):
+                if index >= after and any(
+                        line.startswith(prefix) for line in message.splitlines()):
+                    return at
+            time.sleep(0.02)
+        raise AssertionError(f"no {prefix!r} within {timeout}s; got {self.lines()}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyRecorder]:
+    """A fake systemd notify socket; NOTIFY_SOCKET and WATCHDOG_USEC point at it."""
+    recorder = NotifyRecorder(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(recorder.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    try:
+        yield recorder
+    finally:
+        recorder.close()

@@ -21,6 +21,7 @@ DEFAULT_CONFIG = "/etc/walacord/walacord.toml"
 COMMANDS = {
     "run": "walacord.supervisor:command",
     "check-config": "walacord.config:command",
+    "emulator": "walacord.emulator.cli:command",
 }
 # Modules that own a subcommand define `add_arguments(parser)` and `command(args)`, and
 # add their line above: "emulator" -> walacord.emulator.cli, "dev" -> walacord.dev,

@@ -54,10 +54,97 @@ class WalacorError(WalacordError):
     """A call to the Walacor API failed; `reason` is a short stable class name."""
 
     reason = "error"
+    # True when the request may have reached the server and been applied, so a retry
+    # of a write must first look up whether the write is already stored.
+    maybe_committed = False
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, maybe_committed: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        if maybe_committed is not None:
+            self.maybe_committed = maybe_committed
+
+
+class WalacorDNSError(WalacorError):
+    """The Walacor host name did not resolve."""
+
+    reason = "dns"
+
+
+class WalacorConnectRefusedError(WalacorError):
+    """The Walacor host rejected the TCP connection."""
+
+    reason = "refused"
+
+
+class WalacorConnectTimeoutError(WalacorError):
+    """The TCP connection to Walacor was not established within the connect timeout."""
+
+    reason = "connect_timeout"
+
+
+class WalacorTLSError(WalacorError):
+    """The TLS handshake with Walacor failed (certificate, CA bundle or protocol)."""
+
+    reason = "tls"
+
+
+class WalacorTimeoutError(WalacorError):
+    """Walacor sent no response within the read timeout or the whole-request deadline."""
+
+    reason = "timeout"
+    maybe_committed = True
+
+
+class WalacorConnectionResetError(WalacorError):
+    """The connection broke after the request was sent, so its outcome is unknown."""
+
+    reason = "reset"
+    maybe_committed = True
+
+
+class WalacorAuthError(WalacorError):
+    """Walacor returned 401 because it rejected the credentials or the token."""
+
+    reason = "auth"
+
+
+class WalacorValidationError(WalacorError):
+    """Walacor rejected the request with a 4xx status other than 401 and 429."""
+
+    reason = "validation"
+
+
+class WalacorRateLimitedError(WalacorError):
+    """Walacor returned 429; `retry_after` is the requested wait in seconds, or None."""
+
+    reason = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, status=429)
+        self.retry_after = retry_after
+
+
+class WalacorServerError(WalacorError):
+    """Walacor returned 5xx, which a proxy may send after the service applied the write."""
+
+    reason = "server_error"
+    maybe_committed = True
+
+
+class WalacorSuccessFalseError(WalacorError):
+    """Walacor returned 200 with `"success": false` in the body."""
+
+    reason = "success_false"
+
+
+class WalacorBadResponseError(WalacorError):
+    """Walacor returned 2xx with a body that is not the expected JSON shape."""
+
+    reason = "bad_response"
+    maybe_committed = True
 
 
 # --- control channel ------------------------------------------------------------

@@ -280,8 +280,10 @@ class LogSetup:
         self.listener.start()
 
     def stop(self) -> None:
-        """Flush what is queued and stop the writer thread."""
+        """Flush what is queued and stop the writer thread; a second call does nothing."""
         logging.getLogger().removeHandler(self.queue_handler)
+        if self.listener._thread is None:
+            return
         self.listener.stop()
         for handler in self.listener.handlers:
             handler.flush()

@@ -69,7 +69,9 @@ class Supervisor:
         runtime = self.runtime
         cfg = runtime.config
         log.info("daemon.starting", extra={"fields": {
-            "version": __version__, "config": cfg.source, "environment": cfg.environment}})
+            "version": __version__, "config": cfg.source, "environment": cfg.environment,
+            "database": cfg.database.url, "walacor": cfg.walacor.url,
+            "http": cfg.http.listen, "control": cfg.control.socket}})
 
         async with anyio.create_task_group() as tg:
             await tg.start(self._handle_signals)

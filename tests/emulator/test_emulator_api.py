@@ -1,0 +1,342 @@
+"""The emulator's API surface over real HTTP, checked with a plain httpx client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from walacord.emulator import Emulator, running_emulator
+
+pytestmark = pytest.mark.anyio
+
+ETID = 10001
+SCHEMA = {
+    "ETId": 50,
+    "SV": 1,
+    "Schema": {
+        "ETId": ETID,
+        "TableName": "payments",
+        "Family": "payments",
+        "DoSummary": True,
+        "Fields": [
+            {"FieldName": "walacord_key", "DataType": "TEXT", "Required": True, "MaxLength": 64},
+            {"FieldName": "amount", "DataType": "INTEGER", "Required": False},
+        ],
+        "Indexes": [],
+    },
+}
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with running_emulator(seed=3) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def http(emulator: Emulator) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=emulator.url, timeout=5.0) as http:
+        yield http
+
+
+async def login(http: httpx.AsyncClient, user: str = "admin", password: str = "admin") -> str:
+    response = await http.post("/api/auth/login", json={"userName": user, "password": password})
+    assert response.status_code == 200, response.text
+    return str(response.json()["api_token"])
+
+
+async def ready(http: httpx.AsyncClient) -> dict[str, str]:
+    """Log in, create the payments schema and return headers for ETId 10001."""
+    token = await login(http)
+    response = await http.post("/api/schemas/", json=SCHEMA, headers={"Authorization": token})
+    assert response.status_code == 200, response.text
+    return {"Authorization": token, "ETId": str(ETID)}
+
+
+async def submit(http: httpx.AsyncClient, headers: dict[str, str], *records: Any) -> Any:
+    response = await http.post(
+        "/api/envelopes/submit", json={"Data": list(records)}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+async def test_login_token_has_bearer_prefix(http: httpx.AsyncClient) -> None:
+    token = await login(http)
+    assert token.startswith("Bearer ")
+    assert len(token) > len("Bearer ") + 16
+
+
+async def test_login_bad_password_is_401(http: httpx.AsyncClient) -> None:
+    response = await http.post("/api/auth/login", json={"userName": "admin", "password": "x"})
+    assert response.status_code == 401
+    assert response.json()["errors"][0]["reason"] == "unauthorized"
+
+
+@pytest.mark.parametrize("token", [None, "Bearer not-issued", "not-a-bearer"])
+async def test_request_without_valid_token_is_401(
+    http: httpx.AsyncClient, token: str | None
+) -> None:
+    headers = {"Authorization": token} if token else {}
+    response = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    assert response.status_code == 401
+    body = response.json()
+    assert body["code"] == 401
+    assert body["errors"][0]["message"]
+
+
+async def test_token_without_bearer_prefix_is_401(http: httpx.AsyncClient) -> None:
+    token = await login(http)
+    bare = token.removeprefix("Bearer ")
+    response = await http.get("/api/schemas/envelopeTypes", headers={"Authorization": bare})
+    assert response.status_code == 401
+
+
+async def test_submit_requires_etid_header(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    del headers["ETId"]
+    response = await http.post("/api/envelopes/submit", json={"Data": [{}]}, headers=headers)
+    assert response.status_code == 400
+    assert "ETId" in response.json()["errors"][0]["message"]
+
+
+async def test_query_requires_etid_header(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    del headers["ETId"]
+    response = await http.post("/api/query/get", json={}, headers=headers)
+    assert response.status_code == 400
+
+
+async def test_submit_returns_uid_per_record(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    data = await submit(http, headers, {"walacord_key": "a"}, {"walacord_key": "b"})
+
+    assert set(data) == {"EId", "ETId", "ES", "UID"}
+    assert data["ETId"] == ETID
+    assert isinstance(data["ES"], int)
+    assert isinstance(data["UID"], list)
+    assert len(data["UID"]) == 2
+    assert len(set(data["UID"])) == 2
+
+
+async def test_submit_unknown_etid_is_400(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    headers["ETId"] = "10999"
+    response = await http.post("/api/envelopes/submit", json={"Data": [{}]}, headers=headers)
+    assert response.status_code == 400
+    assert "no schema" in response.json()["errors"][0]["message"]
+
+
+async def test_schema_below_10000_is_400(http: httpx.AsyncClient) -> None:
+    token = await login(http)
+    body = {"ETId": 50, "SV": 1, "Schema": {**SCHEMA["Schema"], "ETId": 99}}  # type: ignore[dict-item]
+    response = await http.post("/api/schemas/", json=body, headers={"Authorization": token})
+    assert response.status_code == 400
+
+
+async def test_envelope_types_lists_created_schema(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    response = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    assert response.status_code == 200
+    types = response.json()["data"]
+    assert {"ETId": ETID, "TableName": "payments", "SV": 1} in types
+
+
+async def test_query_rows_carry_system_fields(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    data = await submit(http, headers, {"walacord_key": "a", "amount": 3})
+    response = await http.post(
+        "/api/query/get",
+        params={"pageNo": 1, "pageSize": 10, "fromSummary": "true", "totalReq": "true"},
+        json={"walacord_key": "a"},
+        headers=headers,
+    )
+    body = response.json()
+    row = body["data"][0]
+
+    assert body["success"] is True
+    assert body["total"] == 1
+    assert row["UID"] == data["UID"][0]
+    assert row["EId"] == data["EId"]
+    assert row["IsDeleted"] is False
+    assert row["SV"] == 1
+    assert isinstance(row["CreatedAt"], int)
+    assert row["UpdatedAt"] >= row["CreatedAt"]
+    assert row["amount"] == 3
+
+
+async def test_query_total_only_when_requested(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await submit(http, headers, {"walacord_key": "a"})
+    response = await http.post("/api/query/get", json={}, headers=headers)
+    assert "total" not in response.json()
+
+
+async def test_query_filter_distinguishes_true_from_one(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await submit(
+        http, headers, {"walacord_key": "a", "flag": True}, {"walacord_key": "b", "flag": 1}
+    )
+    response = await http.post("/api/query/get", json={"flag": True}, headers=headers)
+    assert [r["walacord_key"] for r in response.json()["data"]] == ["a"]
+
+
+async def test_getcomplex_matches_in_list(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await submit(http, headers, *({"walacord_key": k, "amount": i} for i, k in enumerate("abcd")))
+    pipeline = [
+        {"$match": {"walacord_key": {"$in": ["b", "d", "z"]}}},
+        {"$sort": {"amount": -1}},
+        {"$limit": 1},
+    ]
+    response = await http.post("/api/query/getcomplex", json=pipeline, headers=headers)
+    body = response.json()
+    assert [r["walacord_key"] for r in body["data"]] == ["d"]
+    assert body["total"] == 2
+
+
+async def test_getcomplex_unknown_stage_is_400(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    response = await http.post("/api/query/getcomplex", json=[{"$group": {}}], headers=headers)
+    assert response.status_code == 400
+    assert "$group" in response.json()["errors"][0]["message"]
+
+
+async def test_state_file_survives_restart(tmp_path: Path) -> None:
+    state = str(tmp_path / "walacor.sqlite")
+    async with (
+        running_emulator(state_path=state) as emulator,
+        httpx.AsyncClient(base_url=emulator.url) as http,
+    ):
+        headers = await ready(http)
+        data = await submit(http, headers, {"walacord_key": "kept"})
+        await submit(http, headers, {"UID": data["UID"][0], "amount": 9})
+
+    async with (
+        running_emulator(state_path=state) as emulator,
+        httpx.AsyncClient(base_url=emulator.url) as http,
+    ):
+        headers = {"Authorization": await login(http), "ETId": str(ETID)}
+        latest = await http.post(
+            "/api/query/get", params={"fromSummary": "true"}, json={}, headers=headers
+        )
+        history = await http.post(
+            "/api/query/get", params={"fromSummary": "false"}, json={}, headers=headers
+        )
+
+    assert [(r["walacord_key"], r["amount"]) for r in latest.json()["data"]] == [("kept", 9)]
+    assert len(history.json()["data"]) == 2
+
+
+async def test_fault_endpoint_rejects_unknown_mode(http: httpx.AsyncClient) -> None:
+    response = await http.put("/_emulator/faults", json={"mode": "explode"})
+    assert response.status_code == 400
+    assert "mode" in response.json()["errors"][0]["message"]
+
+
+async def test_fault_count_and_path_limit_scope(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    fault = {"status": 500, "path": "/api/envelopes/submit", "count": 2}
+    assert (await http.put("/_emulator/faults", json=fault)).status_code == 200
+
+    statuses = []
+    for _ in range(3):
+        response = await http.post(
+            "/api/envelopes/submit", json={"Data": [{"walacord_key": "x"}]}, headers=headers
+        )
+        statuses.append(response.status_code)
+    envelope_types = await http.get("/api/schemas/envelopeTypes", headers=headers)
+
+    assert statuses == [500, 500, 200]
+    assert envelope_types.status_code == 200
+    stats = (await http.get("/_emulator/stats")).json()
+    assert stats["requests"]["/api/envelopes/submit"] == {"500": 2, "200": 1}
+
+
+async def test_fault_ratio_affects_a_share(emulator: Emulator, http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    emulator.set_faults(status=503, ratio=0.5)
+    statuses = [
+        (await http.get("/api/schemas/envelopeTypes", headers=headers)).status_code
+        for _ in range(200)
+    ]
+    assert 60 < statuses.count(503) < 140
+    assert statuses.count(200) + statuses.count(503) == 200
+
+
+async def test_server_error_body_has_error_text(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await http.put("/_emulator/faults", json={"status": 502})
+    response = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    assert response.status_code == 502
+    assert response.json() == {"error": "injected fault"}
+
+
+async def test_retry_after_alone_means_429(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await http.put("/_emulator/faults", json={"retry_after": 4})
+    response = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "4"
+
+
+async def test_delete_faults_restores_service(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await http.put("/_emulator/faults", json={"status": 500})
+    assert (await http.delete("/_emulator/faults")).status_code == 200
+    response = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    assert response.status_code == 200
+    assert (await http.get("/_emulator/faults")).json() == {"faults": None}
+
+
+async def test_drop_after_commit_stores_then_resets(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await http.put(
+        "/_emulator/faults", json={"mode": "drop_after_commit", "path": "/api/envelopes"}
+    )
+    with pytest.raises(httpx.TransportError):
+        await http.post(
+            "/api/envelopes/submit", json={"Data": [{"walacord_key": "d"}]}, headers=headers
+        )
+    await http.delete("/_emulator/faults")
+
+    response = await http.post("/api/query/get", json={"walacord_key": "d"}, headers=headers)
+    assert len(response.json()["data"]) == 1
+
+
+async def test_success_false_answers_200(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await http.put("/_emulator/faults", json={"mode": "success_false", "path": "/api/envelopes"})
+    response = await http.post(
+        "/api/envelopes/submit", json={"Data": [{"walacord_key": "s"}]}, headers=headers
+    )
+    await http.delete("/_emulator/faults")
+    rows = await http.post("/api/query/get", json={}, headers=headers)
+
+    assert response.status_code == 200
+    assert response.json()["success"] is False
+    assert rows.json()["data"] == []
+
+
+async def test_expire_tokens_rejects_old_token(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    response = await http.post("/_emulator/tokens/expire")
+    assert response.json() == {"expired": 1}
+    rejected = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    assert rejected.status_code == 401
+
+
+async def test_stats_count_requests_and_logins(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    await http.get("/api/schemas/envelopeTypes", headers=headers)
+    await http.get("/api/schemas/envelopeTypes")
+    stats = (await http.get("/_emulator/stats")).json()
+
+    assert stats["logins"] == 1
+    assert stats["requests"]["/api/schemas/envelopeTypes"] == {"200": 1, "401": 1}
+    assert stats["requests"]["/api/auth/login"] == {"200": 1}
+    assert "/_emulator/stats" not in stats["requests"]

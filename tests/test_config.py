@@ -1,0 +1,195 @@
+"""Loading, validation and overrides of walacord's TOML configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from walacord import config
+from walacord.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "walacord.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, environ or {})
+    return [str(p) for p in caught.value.problems]
+
+
+def test_example_config_is_valid() -> None:
+    loaded = config.load(ROOT / "etc" / "walacord.toml", {})
+    assert loaded.database.pool_min_size == 10
+    assert loaded.database.pool_max_size == 30
+    assert loaded.http.listen == "127.0.0.1:9877"
+    assert loaded.control.socket == "/run/walacord/control.sock"
+    assert loaded.state.dir == "/var/lib/walacord"
+    assert loaded.logging.dir == "/var/log/walacord"
+
+
+def test_defaults_without_file() -> None:
+    loaded = config.load(None, {})
+    assert loaded.database.pool_min_size == 10
+    assert loaded.logging.level == "info"
+
+
+def test_unknown_key_suggests_close_name(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[database]\npool_max_sise = 3\n"))
+    assert len(found) == 1
+    assert "database.pool_max_sise" in found[0]
+    assert "did you mean 'pool_max_size'" in found[0]
+
+
+def test_unknown_section_suggests_close_name(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[databse]\nurl = 'x'\n"))
+    assert "did you mean 'database'" in found[0]
+
+
+def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[database]\npool_min_size = \"ten\"\n"))
+    assert "database.pool_min_size" in found[0]
+    assert "'ten'" in found[0]
+    assert "expected an integer" in found[0]
+
+
+def test_range_violation_gives_fix(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[database]\npool_max_size = 0\n"))
+    assert "database.pool_max_size" in found[0]
+    assert "set it to 1 or more" in found[0]
+
+
+def test_every_problem_reported_at_once(tmp_path: Path) -> None:
+    text = "[database]\npool_min_size = 'a'\n[logging]\nlevel = 'loud'\n[http]\nlisten = 'x'\n"
+    found = problems(write(tmp_path, text))
+    assert len(found) == 3
+
+
+def test_choice_suggests_close_value(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[logging]\nlevel = 'warn'\n"))
+    assert "did you mean 'warning'" in found[0]
+
+
+def test_cross_field_pool_sizes(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[database]\npool_min_size = 40\npool_max_size = 30\n"))
+    assert "database.pool_min_size" in found[0]
+
+
+def test_cross_field_walacor_timeouts(tmp_path: Path) -> None:
+    text = "[walacor]\nconnect_timeout = '10s'\nrequest_timeout = '5s'\n"
+    found = problems(write(tmp_path, text))
+    assert "walacor.request_timeout" in found[0]
+
+
+def test_durations_accept_units(tmp_path: Path) -> None:
+    text = "[database]\nconnect_timeout = '1m'\ncheckout_timeout = '250ms'\n"
+    loaded = config.load(write(tmp_path, text), {})
+    assert loaded.database.connect_timeout == 60.0
+    assert loaded.database.checkout_timeout == 0.25
+
+
+def test_invalid_toml_names_file(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[database\n"))
+    assert str(tmp_path / "walacord.toml") in found[0]
+    assert "invalid TOML" in found[0]
+
+
+def test_missing_file_says_how_to_choose(tmp_path: Path) -> None:
+    found = problems(tmp_path / "absent.toml")
+    assert "--config" in found[0]
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[database]\nurl = 'postgresql://a@h/db'\n")
+    loaded = config.load(path, {
+        "DATABASE_URL": "postgresql://b@h2/db2",
+        "WALACOR_HOST": "https://walacor.example",
+        "WALACOR_USERNAME": "svc",
+        "WALACOR_PASSWORD": "pw-from-env",
+        "LOG_LEVEL": "WARNING",
+        "ENVIRONMENT": "staging",
+    })
+    assert loaded.database.url == "postgresql://b@h2/db2"
+    assert loaded.walacor.url == "https://walacor.example"
+    assert loaded.walacor.username == "svc"
+    assert loaded.walacor.password == "pw-from-env"
+    assert loaded.logging.level == "warning"
+    assert loaded.environment == "staging"
+
+
+def test_debug_sets_level(tmp_path: Path) -> None:
+    loaded = config.load(None, {"DEBUG": "true"})
+    assert loaded.logging.level == "debug"
+
+
+def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"LOG_LEVEL": "chatty"})
+    assert "logging.level" in str(caught.value)
+
+
+def test_secret_file_key(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    loaded = config.load(write(tmp_path, f"[walacor]\npassword_file = '{secret}'\n"), {})
+    assert loaded.walacor.password == "from-file"
+
+
+def test_secret_file_missing(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[walacor]\npassword_file = '/nonexistent/pw'\n"))
+    assert "walacor.password_file" in found[0]
+    assert "/nonexistent/pw" in found[0]
+
+
+def test_secret_and_file_both_set(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, "[walacor]\npassword = 'a'\npassword_file = '/x'\n"))
+    assert "not both" in found[0]
+
+
+def test_env_file_variant(tmp_path: Path) -> None:
+    secret = tmp_path / "url"
+    secret.write_text("postgresql://u:pw@h/db\n")
+    loaded = config.load(None, {"DATABASE_URL_FILE": str(secret)})
+    assert loaded.database.url == "postgresql://u:pw@h/db"
+
+
+def test_systemd_credentials(tmp_path: Path) -> None:
+    (tmp_path / "database-password").write_text("cred-db\n")
+    (tmp_path / "walacor-password").write_text("cred-walacor\n")
+    loaded = config.load(None, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert loaded.database.password == "cred-db"
+    assert loaded.walacor.password == "cred-walacor"
+    assert "cred-db" in loaded.secrets()
+
+
+def test_conninfo_merges_password_and_timeouts() -> None:
+    loaded = config.load(None, {"DATABASE_URL": "postgresql://u@h:5433/db"})
+    database = config.DatabaseConfig(url=loaded.database.url, password="p w")
+    info = database.conninfo()
+    assert "password='p w'" in info
+    assert "connect_timeout=5" in info
+    assert "tcp_user_timeout=10000" in info
+    assert "statement_timeout=30000" in info
+
+
+def test_check_config_command_exit_codes(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "walacord", "check-config", str(ROOT / "etc" / "walacord.toml")],
+        capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stderr
+
+    bad_path = write(tmp_path, "[database]\npool_min_size = 'x'\nbogus = 1\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "walacord", "check-config", "--config", str(bad_path)],
+        capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "database.pool_min_size" in bad.stderr
+    assert "database.bogus" in bad.stderr

@@ -1,0 +1,149 @@
+"""JSON log pipeline: format, sinks, redaction, repeat collapse and rotation."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from walacord import logs
+
+SECRET = "s3cr3t-pw"
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "log"
+    logs.setup("debug", str(directory), repeat_window=60, secrets=["configured-secret-value"],
+               stream=io.StringIO())
+    try:
+        yield directory
+    finally:
+        logs.shutdown()
+
+
+def read_lines(path: Path) -> list[dict[str, object]]:
+    logs.shutdown()  # flushes the writer thread
+    return [orjson.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def test_line_has_required_fields(log_dir: Path) -> None:
+    logging.getLogger("walacord.test").info("mode.changed", extra={"fields": {"to": "normal"}})
+    [line] = read_lines(log_dir / logs.MAIN_FILE)
+    assert line["event"] == "mode.changed"
+    assert line["level"] == "info"
+    assert line["logger"] == "walacord.test"
+    assert line["to"] == "normal"
+    assert str(line["ts"]).endswith("Z")
+
+
+def test_library_prose_keeps_message(log_dir: Path) -> None:
+    logging.getLogger("psycopg.pool").warning("connection lost: %s", "boom")
+    [line] = read_lines(log_dir / logs.MAIN_FILE)
+    assert line["event"] == "psycopg.pool.message"
+    assert line["message"] == "connection lost: boom"
+
+
+def test_errors_file_gets_only_errors(log_dir: Path) -> None:
+    log = logging.getLogger("walacord.test")
+    log.info("a.info")
+    log.error("a.error")
+    lines = read_lines(log_dir / logs.ERROR_FILE)
+    assert [line["event"] for line in lines] == ["a.error"]
+
+
+def test_alert_and_performance_files(log_dir: Path) -> None:
+    logging.getLogger(logs.ALERT_LOGGER).info("alert.firing", extra={"fields": {"a": 1}})
+    logging.getLogger(logs.PERFORMANCE_LOGGER).info("probe.timing")
+    logging.getLogger("walacord.other").info("other.event")
+    logs.shutdown()
+    alerts = (log_dir / logs.ALERT_FILE).read_text()
+    performance = (log_dir / logs.PERFORMANCE_FILE).read_text()
+    assert "alert.firing" in alerts
+    assert "other.event" not in alerts
+    assert "probe.timing" in performance
+    assert "other.event" not in performance
+
+
+@pytest.mark.parametrize("text", [
+    f"postgresql://walacord:{SECRET}@db:5432/app",
+    f"postgres://walacord:{SECRET}@db1:5432,db2:5432/app?target_session_attrs=read-write",
+    f"host=db user=walacord password={SECRET} dbname=app",
+    f"host=db password='{SECRET}' dbname=app",
+    f"host=db PASSWORD = {SECRET}",
+    f"Authorization: Bearer {SECRET}",
+    f'{{"api_token": "Bearer {SECRET}"}}',
+    f'{{"password": "{SECRET}"}}',
+    f"token Bearer {SECRET}",
+])
+def test_redactor_removes_secret(text: str) -> None:
+    assert SECRET not in logs.redact(text)
+
+
+def test_redactor_removes_configured_value(log_dir: Path) -> None:
+    logging.getLogger("walacord.test").error("x.failed", extra={"fields": {
+        "detail": "the value configured-secret-value leaked"}})
+    [line] = read_lines(log_dir / logs.MAIN_FILE)
+    assert "configured-secret-value" not in orjson.dumps(line).decode()
+
+
+def test_redaction_applies_to_exceptions(log_dir: Path) -> None:
+    try:
+        raise RuntimeError(f"cannot connect to postgresql://u:{SECRET}@h/db")
+    except RuntimeError:
+        logging.getLogger("walacord.test").exception("db.failed")
+    logs.shutdown()
+    assert SECRET not in (log_dir / logs.MAIN_FILE).read_text()
+
+
+def test_repeats_are_collapsed(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    setup = logs.setup("info", str(directory), repeat_window=0.3, stream=io.StringIO())
+    log = logging.getLogger("walacord.test")
+    for _ in range(50):
+        log.warning("probe.failed", extra={"fields": {"probe": "database", "latency_seconds": 1}})
+    import time
+    time.sleep(0.35)
+    log.warning("probe.failed", extra={"fields": {"probe": "database"}})
+    setup.stop()
+    lines = [orjson.loads(x) for x in (directory / logs.MAIN_FILE).read_text().splitlines()]
+    assert len(lines) == 2
+    assert lines[1]["repeated"] == 49
+
+
+def test_distinct_failures_not_collapsed(log_dir: Path) -> None:
+    log = logging.getLogger("walacord.test")
+    log.warning("probe.failed", extra={"fields": {"probe": "database"}})
+    log.warning("probe.failed", extra={"fields": {"probe": "walacor"}})
+    assert len(read_lines(log_dir / logs.MAIN_FILE)) == 2
+
+
+def test_full_queue_drops_without_blocking(tmp_path: Path) -> None:
+    setup = logs.LogSetup("info", None, queue_size=100, repeat_window=60, stream=io.StringIO())
+    # The listener is not started, so nothing drains the queue.
+    logging.getLogger().addHandler(setup.queue_handler)
+    try:
+        for index in range(150):
+            logging.getLogger("walacord.test").info("x.y", extra={"fields": {"i": index}})
+    finally:
+        logging.getLogger().removeHandler(setup.queue_handler)
+    assert setup.queue_handler.dropped == 50
+
+
+def test_reopen_after_rotation(log_dir: Path) -> None:
+    log = logging.getLogger("walacord.test")
+    log.info("before.rotate")
+    import time
+    time.sleep(0.2)
+    os.rename(log_dir / logs.MAIN_FILE, log_dir / (logs.MAIN_FILE + ".1"))
+    assert logs._current is not None
+    logs._current.reopen()
+    log.info("after.rotate")
+    logs.shutdown()
+    assert "after.rotate" in (log_dir / logs.MAIN_FILE).read_text()
+    assert "before.rotate" in (log_dir / (logs.MAIN_FILE + ".1")).read_text()

@@ -1,0 +1,183 @@
+"""Daemon lifecycle against a fake systemd notify socket: READY, WATCHDOG, reload, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from anyio.abc import TaskStatus
+
+from tests.conftest import NotifyRecorder
+from walacord import config
+from walacord.pgcluster import free_port
+from walacord.runtime import Runtime
+from walacord.supervisor import Supervisor
+from walacord.systemd import Notifier
+
+SECRET = "s3cr3t-pw"
+
+
+class StallableComponent:
+    """A component that reports progress until told to stall, then again when resumed."""
+
+    name = "stallable"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.beat = runtime.progress.register(self.name, stall_after=0.5)
+        self.stalled = False
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self.stalled:
+                self.beat()
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_watchdog_withheld_while_component_stalls(notify_socket: NotifyRecorder) -> None:
+    cfg = config.load(None, {})
+    holder: list[StallableComponent] = []
+
+    def components(runtime: Runtime) -> list[StallableComponent]:
+        holder.append(StallableComponent(runtime))
+        return holder
+
+    supervisor = Supervisor(cfg, None, components=components, notifier=Notifier())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await anyio.sleep(1.0)
+        fed = sum(1 for line in notify_socket.lines() if line == "WATCHDOG=1")
+        assert fed >= 3
+
+        holder[0].stalled = True
+        await anyio.sleep(0.8)  # past the 0.5 s deadline
+        before = sum(1 for line in notify_socket.lines() if line == "WATCHDOG=1")
+        await anyio.sleep(1.0)
+        after = sum(1 for line in notify_socket.lines() if line == "WATCHDOG=1")
+        assert after == before
+
+        holder[0].stalled = False
+        await anyio.sleep(0.6)
+        resumed = sum(1 for line in notify_socket.lines() if line == "WATCHDOG=1")
+        assert resumed > after
+        assert supervisor.runtime.metrics.watchdog_stalls.labels(
+            component="stallable")._value.get() == 1
+        supervisor.runtime.request_stop()
+
+
+@pytest.mark.anyio
+async def test_reload_keeps_old_config_when_invalid(tmp_path: Path,
+                                                    notify_socket: NotifyRecorder) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text("[logging]\nlevel = 'info'\ndir = ''\n[http]\nlisten = ''\n")
+    supervisor = Supervisor(config.load(path, {}), str(path), notifier=Notifier())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await supervisor.runtime.ready.wait()
+
+        path.write_text("[logging]\nlevel = 'loud'\n")
+        assert await supervisor.reload() is False
+        assert supervisor.runtime.config.logging.level == "info"
+
+        path.write_text("[logging]\nlevel = 'warning'\ndir = ''\n[http]\nlisten = ''\n")
+        assert await supervisor.reload() is True
+        assert supervisor.runtime.config.logging.level == "warning"
+        supervisor.runtime.request_stop()
+
+    lines = notify_socket.lines()
+    assert lines.count("RELOADING=1") == 2
+    assert sum(1 for line in lines if line.startswith("MONOTONIC_USEC=")) == 2
+
+
+def start_daemon(tmp_path: Path, notify: NotifyRecorder | None,
+                 port: int) -> subprocess.Popen[str]:
+    path = tmp_path / "walacord.toml"
+    path.write_text(
+        f"[http]\nlisten = '127.0.0.1:{port}'\n"
+        f"[logging]\ndir = '{tmp_path / 'log'}'\nlevel = 'debug'\n"
+        f"[lifecycle]\ndrain_timeout = '3s'\n"
+        f"[control]\nsocket = '{tmp_path / 'control.sock'}'\n"
+        f"[state]\ndir = '{tmp_path / 'state'}'\n"
+    )
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"postgresql://walacord:{SECRET}@127.0.0.1:1/walacor_integrity"
+    env.pop("NOTIFY_SOCKET", None)
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = str(notify.path)
+        env["WATCHDOG_USEC"] = "1000000"
+    return subprocess.Popen(
+        [sys.executable, "-m", "walacord", "run", "--config", str(path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_daemon_lifecycle_over_notify_socket(tmp_path: Path,
+                                             notify_socket: NotifyRecorder) -> None:
+    port = free_port()
+    process = start_daemon(tmp_path, notify_socket, port)
+    try:
+        # READY=1 within 10 s, with a STATUS= line.
+        started = time.monotonic()
+        notify_socket.wait_for("READY=1", timeout=10)
+        assert any(line.startswith("STATUS=") for line in notify_socket.lines())
+        assert time.monotonic() - started < 10
+
+        response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        assert response.status_code == 200
+
+        # WATCHDOG=1 at half of WATCHDOG_USEC: about 2 per second.
+        count_before = notify_socket.lines().count("WATCHDOG=1")
+        time.sleep(2.0)
+        fed = notify_socket.lines().count("WATCHDOG=1") - count_before
+        assert 3 <= fed <= 5
+
+        # SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 again.
+        mark = len(notify_socket.poll())
+        process.send_signal(signal.SIGHUP)
+        notify_socket.wait_for("RELOADING=1", timeout=5, after=mark)
+        notify_socket.wait_for("READY=1", timeout=5, after=mark)
+
+        # SIGTERM: STOPPING=1 and exit 0 within the drain bound plus start-up slack.
+        stop_sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+        assert process.returncode == 0, stderr
+        assert time.monotonic() - stop_sent < 3 + 2
+        assert "STOPPING=1" in notify_socket.lines()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert "shutdown.started" in stderr
+    assert "shutdown.cancelling" in stderr
+    assert SECRET not in stderr
+    assert "walacord:***@127.0.0.1" in stderr
+    for log_file in (tmp_path / "log").iterdir():
+        assert SECRET not in log_file.read_text(), log_file
+
+
+def test_daemon_without_notify_socket_runs(tmp_path: Path) -> None:
+    port = free_port()
+    process = start_daemon(tmp_path, None, port)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
