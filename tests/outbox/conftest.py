@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,9 +16,11 @@ from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from walacord.config import OutboxConfig, OutboxStatement
+from walacord.emulator import Emulator, running_emulator
 from walacord.metrics import Metrics
 from walacord.outbox.model import NewOperation
 from walacord.outbox.store import OutboxStore
+from walacord.walacor import WalacorClient
 
 INSERT_ROW = OutboxStatement(
     sql="INSERT INTO ledger (key, amount) VALUES (%(key)s, %(amount)s) "
@@ -108,3 +111,33 @@ async def ledger_rows(pool: AsyncConnectionPool[Any]) -> list[tuple[Any, ...]]:
     async with pool.connection() as conn:
         cursor = await conn.execute("SELECT key, amount FROM ledger ORDER BY applied_at, key")
         return await cursor.fetchall()
+
+
+ETID = 10001
+WALACOR_FIELDS = [
+    {"FieldName": "walacord_key", "DataType": "TEXT", "Required": False, "MaxLength": 128},
+    {"FieldName": "amount", "DataType": "INTEGER", "Required": False},
+    {"FieldName": "pad", "DataType": "TEXT", "Required": False},
+]
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with running_emulator(seed=11) as emulator:
+        await emulator.store.create_schema(
+            1, {"ETId": ETID, "TableName": "payments", "Fields": WALACOR_FIELDS})
+        yield emulator
+
+
+@pytest.fixture
+async def walacor_client(emulator: Emulator) -> AsyncIterator[WalacorClient]:
+    async with WalacorClient(emulator.url, username="admin", password="admin",
+                             connect_timeout=1.0, read_timeout=2.0,
+                             request_timeout=4.0) as client:
+        yield client
+
+
+async def walacor_rows_per_key(client: WalacorClient) -> Counter[str]:
+    """Count stored rows per walacord_key over the whole table, unpaged."""
+    result = await client.query(ETID, {}, page_no=0, page_size=0)
+    return Counter(str(row.get("walacord_key")) for row in result.rows)

@@ -128,17 +128,17 @@ async def test_open_moves_damaged_database_aside(open_store: StoreOpener, db_pat
                                                  alerts: Alerts) -> None:
     async with open_store() as store:
         await store.enqueue([walacor_op(f"k{i}", size=500) for i in range(200)])
-    original = db_path.read_bytes()
+    original = await anyio.Path(db_path).read_bytes()
     damaged = bytearray(original)
     damaged[4096 * 2:4096 * 4] = os.urandom(4096 * 2)
-    db_path.write_bytes(bytes(damaged))
+    await anyio.Path(db_path).write_bytes(bytes(damaged))
 
     async with open_store() as store:
         stats = await store.stats()
         moved = store.moved_aside
 
     assert moved is not None
-    assert moved.read_bytes() == bytes(damaged)
+    assert await anyio.Path(moved).read_bytes() == bytes(damaged)
     assert stats.accepted == 0
     assert alerts.names() == ["outbox_corrupt"]
     assert str(moved) in alerts[0][1]
@@ -146,8 +146,8 @@ async def test_open_moves_damaged_database_aside(open_store: StoreOpener, db_pat
 
 async def test_open_moves_non_database_aside(open_store: StoreOpener, db_path: Path,
                                             alerts: Alerts) -> None:
-    db_path.parent.mkdir(parents=True)
-    db_path.write_bytes(b"this is not an SQLite file" * 200)
+    await anyio.Path(db_path.parent).mkdir(parents=True)
+    await anyio.Path(db_path).write_bytes(b"this is not an SQLite file" * 200)
     async with open_store() as store:
         moved = store.moved_aside
         await store.enqueue([walacor_op("fresh")])

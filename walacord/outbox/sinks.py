@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from walacord.config import OutboxStatement
 from walacord.errors import WalacorError
 from walacord.outbox.model import Operation
+from walacord.walacor.results import StoredRecord
 
 # Walacor error reasons that repeat however often the same record is sent.
 PERMANENT_WALACOR_REASONS = frozenset({"validation"})
@@ -46,6 +47,11 @@ class Failure:
         return f"{self.reason}: {self.message}"
 
 
+# Per operation of a batch: its receipt, the error that failed it, or None when the
+# batch failed as a whole and the operation must be applied on its own.
+BatchResult = dict[str, Any] | Exception | None
+
+
 class Sink(Protocol):
     """A backend that operations are applied to."""
 
@@ -59,26 +65,66 @@ class Sink(Protocol):
 
 
 class WalacorClientLike(Protocol):
-    async def submit_once(self, etid: int, record: dict[str, Any], key: str) -> Any: ...
+    key_field: str
+
+    async def submit_once(self, etid: int, record: Mapping[str, Any], key: str, *,
+                          check_first: bool = False) -> StoredRecord: ...
+
+    async def submit_many_once(self, etid: int, items: Sequence[tuple[str, Mapping[str, Any]]],
+                               *, check_first: bool = False) -> list[StoredRecord]: ...
+
+
+def _receipt(stored: StoredRecord) -> dict[str, Any]:
+    return {"uid": stored.uid, "eid": stored.eid, "adopted": stored.adopted}
 
 
 class WalacorSink:
-    """Submits each operation as one record of its ETId through `submit_once`."""
+    """Submits each operation as one record of its ETId through the exactly-once client.
+
+    The client puts the key into the record's key field. An operation tried before
+    (attempts > 0, which includes one found in flight after a crash) is looked up by
+    key first, so an earlier submit whose answer was lost is adopted, not repeated.
+    """
 
     name = "walacor"
 
-    def __init__(self, client: WalacorClientLike, *, key_field: str, timeout: float) -> None:
+    def __init__(self, client: WalacorClientLike, *, timeout: float) -> None:
         self.client = client
-        self.key_field = key_field
         self.timeout = timeout
 
     async def apply(self, operation: Operation) -> dict[str, Any]:
-        record = operation.data()
-        record[self.key_field] = operation.key
         with anyio.fail_after(self.timeout):
-            receipt = await self.client.submit_once(int(operation.target), record,
-                                                    operation.key)
-        return {"eid": receipt.eid, "uids": list(receipt.uids)}
+            stored = await self.client.submit_once(
+                int(operation.target), operation.data(), operation.key,
+                check_first=operation.attempts > 0)
+        return _receipt(stored)
+
+    async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
+        """Submit operations as one envelope per ETId.
+
+        A group whose envelope was rejected as invalid stored nothing, so its
+        operations get None and the caller applies them one by one to find the bad one.
+        A group that failed otherwise may have been stored: its operations get the
+        error and are retried later with a key lookup first.
+        """
+        groups: dict[str, list[Operation]] = {}
+        for operation in operations:
+            groups.setdefault(operation.target, []).append(operation)
+
+        results: dict[int, BatchResult] = {}
+        with anyio.fail_after(self.timeout):
+            for etid, group in groups.items():
+                try:
+                    stored = await self.client.submit_many_once(
+                        int(etid), [(op.key, op.data()) for op in group],
+                        check_first=any(op.attempts > 0 for op in group))
+                except WalacorError as exc:
+                    one_by_one = self.classify(exc).permanent and not exc.maybe_committed
+                    results.update((op.id, None if one_by_one else exc) for op in group)
+                    continue
+                for op, record in zip(group, stored, strict=True):
+                    results[op.id] = _receipt(record)
+        return [results[op.id] for op in operations]
 
     def classify(self, exc: Exception) -> Failure:
         if isinstance(exc, WalacorError):
@@ -115,22 +161,29 @@ class PostgresSink:
                 cursor = await conn.execute(sql, operation.data())
                 return {"rowcount": cursor.rowcount}
 
-    async def apply_batch(self, operations: Sequence[Operation]) -> list[dict[str, Any]]:
+    async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
         """Apply operations in one transaction, one executemany per statement, all or none.
 
-        The caller falls back to `apply()` one by one when this raises, so one bad
-        operation does not hold back the rest.
+        When the transaction fails for a permanent reason, every operation gets None
+        so the caller applies them one by one and only the bad one fails. A transient
+        failure is returned for every operation.
         """
         groups: dict[str, list[Operation]] = {}
         for operation in operations:
             groups.setdefault(operation.target, []).append(operation)
 
-        with anyio.fail_after(self.timeout):
-            async with self.pool.connection(timeout=self.timeout) as conn, conn.transaction():
-                for group in groups.values():
-                    async with conn.cursor() as cursor:
-                        await cursor.executemany(self._sql(group[0]),
-                                                 [op.data() for op in group])
+        try:
+            with anyio.fail_after(self.timeout):
+                async with (self.pool.connection(timeout=self.timeout) as conn,
+                            conn.transaction()):
+                    for group in groups.values():
+                        async with conn.cursor() as cursor:
+                            await cursor.executemany(self._sql(group[0]),
+                                                     [op.data() for op in group])
+        except (psycopg.Error, LookupError, TimeoutError, PoolTimeout) as exc:
+            if self.classify(exc).permanent:
+                return [None for _ in operations]
+            return [exc for _ in operations]
         return [{"batch": len(operations)} for _ in operations]
 
     def classify(self, exc: Exception) -> Failure:

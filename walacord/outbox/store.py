@@ -170,12 +170,16 @@ class OutboxStore(OutboxQueries):
         await db.execute(f"PRAGMA busy_timeout = {int(self.config.write_timeout * 1000)}")
 
     async def _reset_in_flight(self) -> int:
-        """Return operations left in flight by a crash to pending; they replay exactly once
-        because every sink write is idempotent per key."""
+        """Return operations left in flight by a crash to pending.
+
+        They count as attempted, so the walacor sink looks their key up before it
+        submits again; postgres statements are idempotent, so a replay changes nothing.
+        """
         db = self._writer()
         cursor = await db.execute(
-            "UPDATE operations SET state = 'pending', updated_at = ? WHERE state = 'in_flight'",
-            (time.time(),))
+            "UPDATE operations SET state = 'pending', attempts = attempts + 1, "
+            "last_error = 'interrupted: in flight when walacord stopped', updated_at = ? "
+            "WHERE state = 'in_flight'", (time.time(),))
         return cursor.rowcount
 
     async def _load_counters(self) -> None:

@@ -78,11 +78,11 @@ class PassReport:
 
 def retry_delay(attempt: int, config: OutboxConfig, retry_after: float | None) -> float:
     """Return the jittered exponential delay before attempt `attempt + 1`, in seconds."""
-    wait = tenacity.wait_exponential_jitter(initial=config.retry_initial, max=config.retry_max,
-                                            jitter=config.retry_initial)
+    wait = (tenacity.wait_exponential(multiplier=config.retry_initial, max=config.retry_max)
+            + tenacity.wait_random(0, config.retry_initial))
     state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
     state.attempt_number = attempt
-    delay = float(wait(state))
+    delay = min(float(wait(state)), config.retry_max)
     if retry_after is not None:
         delay = max(delay, min(retry_after, config.retry_max))
     return delay
@@ -233,14 +233,24 @@ class SyncEngine:
                          outcomes: list[Outcome]) -> list[Operation]:
         """Apply all in one call; return the operations left to apply one by one."""
         try:
-            receipts = await sink.apply_batch(operations)  # type: ignore[attr-defined]
+            results = await sink.apply_batch(operations)  # type: ignore[attr-defined]
         except Exception as exc:
-            log.info("outbox.batch_failed", extra={"fields": {
-                "sink": sink.name, "size": len(operations), "error": str(sink.classify(exc))}})
-            return operations
-        outcomes.extend(Outcome(op, State.DONE, receipt=receipt)
-                        for op, receipt in zip(operations, receipts, strict=True))
-        return []
+            # Part of the batch may be stored: every operation counts as attempted,
+            # so its retry looks its key up first.
+            results = [exc for _ in operations]
+
+        left: list[Operation] = []
+        for operation, result in zip(operations, results, strict=True):
+            if result is None:
+                left.append(operation)
+            elif isinstance(result, Exception):
+                outcomes.append(self._failed(sink, operation, result))
+            else:
+                outcomes.append(Outcome(operation, State.DONE, receipt=result))
+        if left:
+            log.info("outbox.batch_split", extra={"fields": {
+                "sink": sink.name, "size": len(operations), "one_by_one": len(left)}})
+        return left
 
     async def _apply_chain(self, sink: Sink, chain: list[Operation],
                            limiter: anyio.CapacityLimiter, outcomes: list[Outcome]) -> None:
