@@ -36,10 +36,9 @@ class Worker:
         assert process.stdout is not None
         self._stream = TextReceiveStream(process.stdout)
 
-    async def read_until(self, predicate: Any, timeout: float) -> None:
-        with anyio.fail_after(timeout):
-            while not any(predicate(line) for line in self.lines):
-                await self._read_some()
+    async def read_until(self, predicate: Any) -> None:
+        while not any(predicate(line) for line in self.lines):
+            await self._read_some()
 
     async def _read_some(self) -> bool:
         try:
@@ -71,7 +70,8 @@ async def start_worker(*args: str) -> Worker:
 
 async def test_enqueue_acked_survives_sigkill(db_path: Path) -> None:
     worker = await start_worker("--db", str(db_path), "--clients", "8")
-    await worker.read_until(lambda line: line.startswith("ack ") and line.endswith("-30"), 30)
+    with anyio.fail_after(30):
+        await worker.read_until(lambda line: line.startswith("ack ") and line.endswith("-30"))
     await worker.kill()
     acked = worker.acked()
 
@@ -95,7 +95,8 @@ async def test_sigkill_loop_delivers_exactly_once(
 
     for cycle in range(CRASH_CYCLES):
         worker = await start_worker("--db", str(db_path), *sinks, "--prefix", f"c{cycle}")
-        await worker.read_until(lambda line: line.startswith("start "), 30)
+        with anyio.fail_after(30):
+            await worker.read_until(lambda line: line.startswith("start "))
         await anyio.sleep(rng.uniform(0.05, 0.6))
         await worker.kill()
         acked |= worker.acked()
@@ -103,7 +104,8 @@ async def test_sigkill_loop_delivers_exactly_once(
 
     emulator.clear_faults()
     final = await start_worker("--db", str(db_path), *sinks, "--count", "0", "--drain")
-    await final.read_until(lambda line: line.startswith("drained"), 120)
+    with anyio.fail_after(120):
+        await final.read_until(lambda line: line.startswith("drained"))
     await final.kill()
     starts += [line for line in final.lines if line.startswith("start ")]
 
