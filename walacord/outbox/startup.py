@@ -78,11 +78,16 @@ def is_disk_full(exc: sqlite3.Error, directory: Path) -> bool:
         return False
     # A failed write(2) with ENOSPC reaches Python as a generic I/O error; free space
     # tells the two apart.
+    return 0 <= free_bytes(directory) < 64 * 1024
+
+
+def free_bytes(directory: Path) -> int:
+    """Return the bytes available to walacord in `directory`'s file system, or -1."""
     try:
         stats = os.statvfs(directory)
     except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize < 64 * 1024
+        return -1
+    return stats.f_bavail * stats.f_frsize
 
 
 def move_aside(path: Path) -> Path:

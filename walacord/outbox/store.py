@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # (alert name, message); the alert engine delivers it.
 AlertCallback = Callable[[str, str], None]
 SQL_KEYS_PER_QUERY = 500
+# A small enqueue can still fit in the last free pages of a full file system; the
+# disk-full state (and its alert) ends only once this much space is free again.
+DISK_FREE_TO_CLEAR = 1024 * 1024
 
 
 @dataclass
@@ -292,7 +295,7 @@ class OutboxStore(OutboxQueries):
             return
 
         self.commits += 1
-        if self.disk_full:
+        if self.disk_full and startup.free_bytes(self.path.parent) >= DISK_FREE_TO_CLEAR:
             self.disk_full = False
             log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
         self._undelivered += len(rows)
