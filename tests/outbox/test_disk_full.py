@@ -6,6 +6,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.outbox.conftest import Alerts, StoreOpener, walacor_op
@@ -47,7 +48,7 @@ async def test_enqueue_disk_full_then_resumes(open_store: StoreOpener, small_tmp
         rejected = f"single-{len([k for k in acked if k.startswith('single-')])}"
         full_flag = store.full
 
-        subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True)
+        await anyio.run_process(["mount", "-o", "remount,size=8m", str(small_tmpfs)])
         await store.enqueue([walacor_op("after-space", size=2000)])
         resumed_flag = store.full
         stats = await store.check_conservation()
