@@ -51,13 +51,25 @@ def _encode(request_id: int, method: str, params: dict[str, Any]) -> bytes:
                          "version": PROTOCOL_VERSION}) + b"\n"
 
 
-def _decode(line: bytes, request_id: int) -> Any:
+def _parse(line: bytes) -> dict[str, Any]:
     try:
         response = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise WalacordError(f"invalid response from walacord: {exc}") from None
-    if not isinstance(response, dict) or response.get("id") != request_id:
-        raise WalacordError(f"response does not match request {request_id}: {line[:200]!r}")
+    if not isinstance(response, dict):
+        raise WalacordError(f"invalid response from walacord: {line[:200]!r}")
+    return response
+
+
+def _is_progress(response: dict[str, Any]) -> bool:
+    """Tell a progress line, which a long call sends before its response, from the rest."""
+    return "progress" in response and "result" not in response and "error" not in response
+
+
+def _result(response: dict[str, Any], request_id: int) -> Any:
+    if response.get("id") != request_id:
+        raise WalacordError(f"response does not match request {request_id}: "
+                            f"{str(response)[:200]}")
     error = response.get("error")
     if error is not None:
         raise ControlError(int(error.get("code", 0)), str(error.get("message", "")),
@@ -97,8 +109,11 @@ class AsyncOutboxClient:
             request_id = self._next_id
             with anyio.fail_after(self.timeout):
                 await self._stream.send(_encode(request_id, method, params or {}))
-                line = await self._reader.receive_until(b"\n", MAX_RESPONSE_BYTES)
-        return _decode(line, request_id)
+                response = _parse(await self._reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
+                while _is_progress(response):
+                    response = _parse(await self._reader.receive_until(b"\n",
+                                                                       MAX_RESPONSE_BYTES))
+        return _result(response, request_id)
 
     async def enqueue(self, operation: dict[str, Any]) -> dict[str, Any]:
         """Enqueue one operation; return its id, key, state and whether it was new."""
@@ -152,6 +167,10 @@ class OutboxClient:
             raise WalacordError("client is not connected; use it as `with`")
         self._next_id += 1
         self._sock.sendall(_encode(self._next_id, method, params or {}))
+        return self._receive(self._next_id)
+
+    def _receive(self, request_id: int) -> Any:
+        assert self._sock is not None
         while b"\n" not in self._buffer:
             chunk = self._sock.recv(65536)
             if not chunk:
@@ -161,7 +180,10 @@ class OutboxClient:
                 raise WalacordError("response from walacord is larger than "
                                     f"{MAX_RESPONSE_BYTES} bytes")
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return _decode(line, self._next_id)
+        response = _parse(line)
+        if _is_progress(response):
+            return self._receive(request_id)
+        return _result(response, request_id)
 
     def enqueue(self, operation: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.call("outbox.enqueue", operation)

@@ -24,32 +24,31 @@ from walacord.errors import (
 )
 from walacord.outbox.model import NewOperation, State, parse_operation
 from walacord.outbox.service import Outbox
+from walacord.outbox.sync import PassReport
 
 log = logging.getLogger(__name__)
 
-# NOTE: these codes follow JSON-RPC 2.0 for invalid params; the 1000 range is this
-# module's choice and must match the control protocol's table once it exists.
+# The control protocol's error codes (walacord.control.protocol.ErrorCode): JSON-RPC's
+# invalid params, and its "operation failed" for outbox errors, whose `data.reason`
+# tells them apart.
 INVALID_PARAMS = -32602
-OUTBOX_ERROR = 1000
-OUTBOX_FULL = 1001
-OUTBOX_DISK_FULL = 1002
-NOT_FOUND = 1004
+OPERATION_FAILED = -32009
 MAX_BATCH = 10_000
 MAX_PAGE = 10_000
 
+PROGRESS_INTERVAL = 0.5
+
 Handler = Callable[[Outbox, dict[str, Any]], Awaitable[Any]]
+# (done, total, message), as the control server's progress lines carry them.
+Progress = Callable[[float, float | None, str], Awaitable[None]]
 
 
 def _control_error(exc: OutboxError) -> ControlError:
     if isinstance(exc, OutboxInvalidOperation):
         return ControlError(INVALID_PARAMS, str(exc), {"field": exc.field})
-    if isinstance(exc, OutboxFull):
-        return ControlError(OUTBOX_FULL, str(exc))
-    if isinstance(exc, OutboxDiskFull):
-        return ControlError(OUTBOX_DISK_FULL, str(exc))
-    if isinstance(exc, OutboxNotFound):
-        return ControlError(NOT_FOUND, str(exc))
-    return ControlError(OUTBOX_ERROR, str(exc))
+    reason = {OutboxFull: "outbox_full", OutboxDiskFull: "disk_full",
+              OutboxNotFound: "not_found"}.get(type(exc), "outbox_error")
+    return ControlError(OPERATION_FAILED, str(exc), {"reason": reason})
 
 
 def _int_param(params: dict[str, Any], name: str, default: int | None = None, *,
@@ -139,7 +138,8 @@ async def outbox_retry(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]
     elif "id" in params:
         count = await outbox.store.retry([_int_param(params, "id")])
         if count == 0:
-            raise ControlError(NOT_FOUND, f"no dead or pending operation has id {params['id']}")
+            raise ControlError(OPERATION_FAILED, f"no dead or pending operation has id "
+                               f"{params['id']}", {"reason": "not_found"})
     else:
         raise ControlError(INVALID_PARAMS, "pass id or all_dead=true", {"field": "id"})
     log.info("outbox.retried", extra={"fields": {"count": count}})
@@ -171,7 +171,31 @@ async def outbox_export(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any
             "next_after_id": operations[-1].id if len(operations) == limit else None}
 
 
-async def sync_run(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> PassReport:
+    """Run `sync_now()`, sending (done, total, message) twice a second while it runs."""
+    if progress is None:
+        return await outbox.engine.sync_now()
+
+    start = await outbox.store.stats()
+    total = start.pending + start.in_flight
+    result: list[PassReport] = []
+
+    async def run_pass() -> None:
+        result.append(await outbox.engine.sync_now())
+        tasks.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run_pass)
+        while True:
+            now = await outbox.store.stats()
+            left = now.pending + now.in_flight
+            await progress(max(0, total - left), total, f"{left} operations left")
+            await anyio.sleep(PROGRESS_INTERVAL)
+    return result[0]
+
+
+async def sync_run(outbox: Outbox, params: dict[str, Any], *,
+                   progress: Progress | None = None) -> dict[str, Any]:
     """Run a sync pass over every sink now; with `wait` (default) return its report."""
     if params.get("wait", True) is False:
         outbox.engine.wake()
@@ -182,10 +206,10 @@ async def sync_run(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
                            {"field": "timeout"})
     try:
         with anyio.fail_after(timeout):
-            report = await outbox.engine.sync_now()
+            report = await _sync_with_progress(outbox, progress)
     except TimeoutError:
-        raise ControlError(OUTBOX_ERROR, f"sync pass still running after {timeout}s; it "
-                           "goes on in the background") from None
+        raise ControlError(OPERATION_FAILED, f"sync pass still running after {timeout}s; it "
+                           "goes on in the background", {"reason": "timeout"}) from None
     result = report.to_json()
     result["stats"] = await outbox_stats(outbox, {})
     return result

@@ -86,6 +86,7 @@ class OutboxQueries:
 
     def __init__(self) -> None:
         self.write_lock = anyio.Lock()
+        self.read_lock = anyio.Lock()
 
     def _writer(self) -> aiosqlite.Connection:
         raise NotImplementedError
@@ -187,6 +188,13 @@ class OutboxQueries:
     async def stats(self) -> Stats:
         db = self._read()
         # One read transaction, so the counters and the counts come from one snapshot.
+        # The lock keeps concurrent callers from nesting BEGINs on the shared reader,
+        # and the shield makes sure a cancelled caller still ends the transaction.
+        async with self.read_lock:
+            with anyio.CancelScope(shield=True):
+                return await self._stats_snapshot(db)
+
+    async def _stats_snapshot(self, db: aiosqlite.Connection) -> Stats:
         await db.execute("BEGIN")
         try:
             counters = {str(row[0]): int(row[1]) for row in
