@@ -192,7 +192,8 @@ class OutboxQueries:
         # and the shield makes sure a cancelled caller still ends the transaction.
         async with self.read_lock:
             with anyio.CancelScope(shield=True):
-                return await self._stats_snapshot(db)
+                stats = await self._stats_snapshot(db)
+        return stats
 
     async def _stats_snapshot(self, db: aiosqlite.Connection) -> Stats:
         await db.execute("BEGIN")
