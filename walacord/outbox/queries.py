@@ -1,6 +1,6 @@
 """Reads and state changes on stored operations: sync claims, results, operator actions.
 
-`OutboxStore` inherits these. Every write takes `write_lock`, so no two transactions
+`OutboxStore` inherits these. Every write goes through `writing()`, so no two transactions
 interleave on the shared writer connection. Reads use the read-only connection and
 see committed data only.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,14 @@ class OutboxQueries:
     def _writer(self) -> aiosqlite.Connection:
         raise NotImplementedError
 
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Hold the write lock, shielded so that a cancelled caller still ends its
+        transaction and restores synchronous=FULL."""
+        async with self.write_lock:
+            with anyio.CancelScope(shield=True):
+                yield self._writer()
+
     def _read(self) -> aiosqlite.Connection:
         raise NotImplementedError
 
@@ -105,8 +114,7 @@ class OutboxQueries:
         An operation with an ordering key is claimed only when every earlier operation
         with that key is done, or is claimed in this same call before it.
         """
-        async with self.write_lock:
-            db = self._writer()
+        async with self.writing() as db:
             await db.execute("BEGIN IMMEDIATE")
             try:
                 rows = await db.execute_fetchall(
@@ -153,8 +161,11 @@ class OutboxQueries:
         if not outcomes:
             return
         now = time.time()
-        async with self.write_lock:
-            db = self._writer()
+        async with self.writing() as db:
+            # Without an fsync: if a crash loses this commit, the operations come back
+            # as in flight and replay through the sinks' exactly-once paths. In WAL
+            # mode a process crash loses nothing; only a power loss can.
+            await db.execute("PRAGMA synchronous = NORMAL")
             await db.execute("BEGIN IMMEDIATE")
             try:
                 await db.executemany(
@@ -168,6 +179,8 @@ class OutboxQueries:
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
+            finally:
+                await db.execute("PRAGMA synchronous = FULL")
 
         done = [o for o in outcomes if o.state is State.DONE]
         self.released(len(done), sum(len(o.operation.payload) for o in done))
@@ -262,8 +275,7 @@ class OutboxQueries:
 
     async def retry(self, ids: Sequence[int] = (), *, all_dead: bool = False) -> int:
         """Return dead operations to pending with a fresh attempt count; return how many."""
-        async with self.write_lock:
-            db = self._writer()
+        async with self.writing() as db:
             if all_dead:
                 cursor = await db.execute(
                     "UPDATE operations SET state = 'pending', attempts = 0, "
@@ -282,8 +294,7 @@ class OutboxQueries:
 
     async def drop(self, op_id: int, *, reason: str) -> Operation:
         """Delete an operation that is not done or in flight; count it as dropped."""
-        async with self.write_lock:
-            db = self._writer()
+        async with self.writing() as db:
             await db.execute("BEGIN IMMEDIATE")
             try:
                 rows = await db.execute_fetchall(
@@ -312,8 +323,7 @@ class OutboxQueries:
         cutoff = (time.time() if now is None else now) - self._retention()
         total = 0
         while True:
-            async with self.write_lock:
-                db = self._writer()
+            async with self.writing() as db:
                 await db.execute("BEGIN IMMEDIATE")
                 cursor = await db.execute(
                     "DELETE FROM operations WHERE id IN (SELECT id FROM operations "
@@ -326,8 +336,8 @@ class OutboxQueries:
             if deleted < COMPACT_CHUNK:
                 break
 
-        async with self.write_lock:
-            await self._writer().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        async with self.writing() as db:
+            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if total:
             log.info("outbox.compacted", extra={"fields": {"deleted": total}})
         return total

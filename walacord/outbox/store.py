@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 import anyio
@@ -36,6 +35,9 @@ log = logging.getLogger(__name__)
 # (alert name, message); the alert engine delivers it.
 AlertCallback = Callable[[str, str], None]
 SQL_KEYS_PER_QUERY = 500
+# Rows per multi-row INSERT: 9 parameters each stays under SQLite's default limit of
+# 32766 host parameters (SQLite 3.32 and later).
+INSERT_CHUNK = 1000
 # A small enqueue can still fit in the last free pages of a full file system; the
 # disk-full state (and its alert) ends only once this much space is free again.
 DISK_FREE_TO_CLEAR = 1024 * 1024
@@ -258,34 +260,46 @@ class OutboxStore(OutboxQueries):
                 count += len(request.operations)
 
             try:
-                async with self.write_lock:
+                async with self.writing():
                     await self._commit(batch)
             finally:
                 for request in batch:
                     request.done.set()
 
     async def _commit(self, batch: list[_Request]) -> None:
+        """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
+
+        Keys are assumed new. The INSERT skips keys already stored and RETURNING tells
+        which rows it added; only then are the skipped keys read back. So the common
+        case costs four calls into SQLite's thread, whatever the batch size.
+        """
         db = self._writer()
         now = time.time()
-        rows: list[tuple[Any, ...]] = []
+        planned: dict[str, Operation] = {}
         accepted: list[_Request] = []
         try:
             await db.execute("BEGIN IMMEDIATE")
-            known = await self._existing(db, {op.key for r in batch for op in r.operations})
-            added_count = added_bytes = 0
             for request in batch:
-                new = self._plan(request, known, now, added_count, added_bytes)
-                if request.error is None:
+                if await self._plan(db, request, planned, now):
                     accepted.append(request)
-                    rows.extend(new)
-                    added_count += len(new)
-                    added_bytes += sum(len(row[4]) for row in new)
 
-            await db.executemany(
-                "INSERT INTO operations (id, key, sink, target, payload, size, ordering_key, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            await db.execute("UPDATE counters SET value = value + ? WHERE name = 'accepted'",
-                             (len(rows),))
+            rows = [(op.id, op.key, op.sink, op.target, op.payload, len(op.payload),
+                     op.ordering_key, now, now) for op in planned.values()]
+            inserted: set[str] = set()
+            for start in range(0, len(rows), INSERT_CHUNK):
+                chunk = rows[start:start + INSERT_CHUNK]
+                values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                returned = await db.execute_fetchall(
+                    "INSERT INTO operations (id, key, sink, target, payload, size, "
+                    f"ordering_key, created_at, updated_at) VALUES {values} "
+                    "ON CONFLICT (key) DO NOTHING RETURNING key",
+                    [value for row in chunk for value in row])
+                inserted.update(row[0] for row in returned)
+            skipped = [key for key in planned if key not in inserted]
+            existing = await self._existing(db, skipped) if skipped else {}
+            if inserted:
+                await db.execute("UPDATE counters SET value = value + ? WHERE name = "
+                                 "'accepted'", (len(inserted),))
             await db.execute("COMMIT")
         except sqlite3.Error as exc:
             await self._rollback(db)
@@ -294,48 +308,66 @@ class OutboxStore(OutboxQueries):
                 request.error, request.results = error, []
             return
 
+        # Keys that were stored before this batch resolve to the stored operation.
+        for request in accepted:
+            request.results = [
+                EnqueueResult(existing[r.operation.key], created=False)
+                if r.operation.key in existing else r for r in request.results]
+        added = [planned[key] for key in inserted]
         self.commits += 1
         if self.disk_full and startup.free_bytes(self.path.parent) >= DISK_FREE_TO_CLEAR:
             self.disk_full = False
             log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
-        self._undelivered += len(rows)
-        self._undelivered_bytes += sum(len(row[4]) for row in rows)
+        self._undelivered += len(added)
+        self._undelivered_bytes += sum(len(op.payload) for op in added)
         if self.metrics is not None:
-            self.metrics.outbox_enqueued.inc(len(rows))
+            self.metrics.outbox_enqueued.inc(len(added))
 
-    def _plan(self, request: _Request, known: dict[str, Operation], now: float,
-              added_count: int, added_bytes: int) -> list[tuple[Any, ...]]:
-        """Resolve one request against the stored keys; return the rows it adds."""
-        rows: list[tuple[Any, ...]] = []
-        planned: dict[str, Operation] = {}
+    async def _plan(self, db: aiosqlite.Connection, request: _Request,
+                    planned: dict[str, Operation], now: float) -> bool:
+        """Give the request's new keys ids in `planned`; return False when it is rejected.
+
+        Keys already planned by an earlier request of the batch resolve to that
+        operation. A request that does not fit is checked against the stored keys
+        before it is rejected, so re-enqueueing a stored key works while full.
+        """
+        own: dict[str, Operation] = {}
+        results: list[EnqueueResult] = []
         for new in request.operations:
-            existing = known.get(new.key) or planned.get(new.key)
-            if existing is not None:
-                request.results.append(EnqueueResult(existing, created=False))
+            earlier = planned.get(new.key) or own.get(new.key)
+            if earlier is not None:
+                results.append(EnqueueResult(earlier, created=False))
                 continue
             operation = Operation(
                 id=self._next_id(now), key=new.key, sink=new.sink, target=new.target,
                 payload=new.payload, ordering_key=new.ordering_key, created_at=now,
                 attempts=0, next_attempt_at=0.0, last_error=None, state=State.PENDING,
                 receipt=None, updated_at=now)
-            planned[new.key] = operation
-            request.results.append(EnqueueResult(operation, created=True))
-            rows.append((operation.id, new.key, new.sink, new.target, new.payload,
-                         len(new.payload), new.ordering_key, now, now))
+            own[new.key] = operation
+            results.append(EnqueueResult(operation, created=True))
 
-        size = sum(len(row[4]) for row in rows)
-        if rows and self._over_capacity(added_count + len(rows), added_bytes + size):
-            request.error = OutboxFull(
-                f"outbox is full ({self._undelivered + added_count} undelivered operations, "
-                f"{self._undelivered_bytes + added_bytes} bytes; limits "
-                f"{self.config.max_operations} and {self.config.max_bytes}); nothing was "
-                "accepted. Restore the sinks so the backlog drains, or raise "
-                "outbox.max_operations / outbox.max_bytes")
-            request.results = []
-            self._alert_full(request.error)
-            return []
-        known.update(planned)
-        return rows
+        count = len(planned) + len(own)
+        size = sum(len(op.payload) for op in (*planned.values(), *own.values()))
+        if own and self._over_capacity(count, size):
+            stored = await self._existing(db, list(own))
+            fresh = {key: op for key, op in own.items() if key not in stored}
+            size -= sum(len(op.payload) for key, op in own.items() if key in stored)
+            if fresh and self._over_capacity(len(planned) + len(fresh), size):
+                request.error = OutboxFull(
+                    f"outbox is full ({self._undelivered + len(planned)} undelivered "
+                    f"operations, {self._undelivered_bytes} bytes; limits "
+                    f"{self.config.max_operations} and {self.config.max_bytes}); nothing "
+                    "was accepted. Restore the sinks so the backlog drains, or raise "
+                    "outbox.max_operations / outbox.max_bytes")
+                self._alert_full(request.error)
+                return False
+            results = [EnqueueResult(stored[r.operation.key], created=False)
+                       if r.operation.key in stored else r for r in results]
+            own = fresh
+
+        planned.update(own)
+        request.results = results
+        return True
 
     def _alert_full(self, error: OutboxError) -> None:
         if not self._full_alerted:

@@ -176,25 +176,52 @@ class SyncEngine:
         """Apply due operations of each sink until none is due or the sink fails."""
         report = PassReport()
         for name, sink in self.sinks.items():
-            if not forced and not self.healthy[name]:
-                continue
-            while True:
-                operations = await self.store.claim(name, self.ramps[name].size, time.time())
-                if not operations:
-                    break
-                outcomes = await self._apply_round(sink, operations)
-                await self.store.record(outcomes)
-                applied = sum(1 for o in outcomes if o.state is State.DONE)
-                failed = sum(1 for o in outcomes if o.attempted and o.state is not State.DONE)
-                self._count(report, name, outcomes)
-                self.ramps[name].update(applied, failed)
-                if self.metrics is not None:
-                    self.metrics.outbox_batch_size.labels(sink=name).set(self.ramps[name].size)
-                if applied == 0:
-                    break  # the sink is failing; backoff decides when to try again
+            if forced or self.healthy[name]:
+                await self._drain_sink(name, sink, report)
         if report.applied or report.dead:
             log.info("outbox.synced", extra={"fields": report.to_json()})
         return report
+
+    async def _drain_sink(self, name: str, sink: Sink, report: PassReport) -> None:
+        """Claim and apply rounds until none is due or a round applies nothing.
+
+        While the batch size is still ramping, one round runs at a time so that each
+        result steers the next size. At full size, the next round is claimed while
+        the previous one is applied, so SQLite's commits overlap the sink's work.
+        """
+        ramp = self.ramps[name]
+        rounds = anyio.CapacityLimiter(1)
+        failing = False
+
+        async def apply_and_record(operations: list[Operation], token: object) -> None:
+            nonlocal failing
+            try:
+                outcomes = await self._apply_round(sink, operations)
+                await self.store.record(outcomes)
+            finally:
+                rounds.release_on_behalf_of(token)
+            applied = sum(1 for o in outcomes if o.state is State.DONE)
+            failed = sum(1 for o in outcomes if o.attempted and o.state is not State.DONE)
+            self._count(report, name, outcomes)
+            ramp.update(applied, failed)
+            rounds.total_tokens = 2 if ramp.size >= ramp.maximum else 1
+            if self.metrics is not None:
+                self.metrics.outbox_batch_size.labels(sink=name).set(ramp.size)
+            if applied == 0:
+                failing = True  # the sink is failing; backoff decides when to try again
+
+        async with anyio.create_task_group() as tasks:
+            while not failing:
+                token = object()
+                await rounds.acquire_on_behalf_of(token)
+                if failing:
+                    rounds.release_on_behalf_of(token)
+                    break
+                operations = await self.store.claim(name, ramp.size, time.time())
+                if not operations:
+                    rounds.release_on_behalf_of(token)
+                    break
+                tasks.start_soon(apply_and_record, operations, token)
 
     def _count(self, report: PassReport, name: str, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
