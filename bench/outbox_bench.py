@@ -46,6 +46,7 @@ START, END = "<!-- outbox:start -->", "<!-- outbox:end -->"
 ETID = 10001
 STATEMENT = OutboxStatement(sql="INSERT INTO ledger (key, amount) VALUES (%(key)s, "
                                 "%(amount)s) ON CONFLICT (key) DO NOTHING")
+BATCH = int(os.environ.get("OUTBOX_BENCH_BATCH", "500"))
 PAYLOAD = b'{"amount":125,"currency":"EUR","account":"DE89370400440532013000"}'
 
 
@@ -135,6 +136,7 @@ async def drain(directory: Path, sink_name: str, sink: Sink,
         await fill(store, operations)
         engine = SyncEngine(store, {sink_name: sink}, config)
         started = time.perf_counter()
+        cpu_started = time.process_time()
         while True:
             report = await engine.run_pass(forced=True)
             stats = await store.stats()
@@ -143,6 +145,8 @@ async def drain(directory: Path, sink_name: str, sink: Sink,
             if report.applied == 0:
                 await anyio.sleep(0.05)
         elapsed = time.perf_counter() - started
+        print(f"drain into {sink_name}: {elapsed:.2f}s wall, "
+              f"{time.process_time() - cpu_started:.2f}s CPU of this process", file=sys.stderr)
         tasks.cancel_scope.cancel()
     if stats.done != len(operations) or stats.dead:
         raise RuntimeError(f"drain into {sink_name} incomplete: {stats}")
@@ -150,7 +154,7 @@ async def drain(directory: Path, sink_name: str, sink: Sink,
 
 
 async def outbox_into_postgres(directory: Path, url: str, count: int) -> float:
-    config = OutboxConfig(statements={"insert_row": STATEMENT}, sync_batch_max=500)
+    config = OutboxConfig(statements={"insert_row": STATEMENT}, sync_batch_max=BATCH)
     operations = [NewOperation(f"row-{i}", "postgres", "insert_row",
                                f'{{"key":"row-{i}","amount":{i}}}'.encode())
                   for i in range(count)]

@@ -122,9 +122,10 @@ class OutboxQueries:
                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?", (sink, now, limit))
                 candidates = [row_to_operation(row) for row in rows]
                 claimed = await self._in_order(db, candidates)
-                await db.executemany(
-                    "UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id = ?",
-                    [(now, op.id) for op in claimed])
+                await db.execute(
+                    "UPDATE operations SET state = 'in_flight', updated_at = ? "
+                    "WHERE id IN (SELECT value FROM json_each(?))",
+                    (now, orjson.dumps([op.id for op in claimed]).decode()))
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")
@@ -168,13 +169,20 @@ class OutboxQueries:
             await db.execute("PRAGMA synchronous = NORMAL")
             await db.execute("BEGIN IMMEDIATE")
             try:
-                await db.executemany(
-                    "UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
-                    "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
-                    "WHERE id = ? AND state = 'in_flight'",
-                    [(o.state.value, orjson.dumps(o.receipt).decode() if o.receipt else None,
-                      o.error, int(o.attempted), o.next_attempt_at, now, o.operation.id)
-                     for o in outcomes])
+                # Outcomes that set the same values share one set-based UPDATE, which
+                # costs about half of one UPDATE per row in SQLite.
+                groups: dict[tuple[Any, ...], list[int]] = {}
+                for o in outcomes:
+                    values = (o.state.value,
+                              orjson.dumps(o.receipt).decode() if o.receipt else None,
+                              o.error, int(o.attempted), o.next_attempt_at)
+                    groups.setdefault(values, []).append(o.operation.id)
+                for values, ids in groups.items():
+                    await db.execute(
+                        "UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
+                        "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
+                        "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
+                        (*values, now, orjson.dumps(ids).decode()))
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")

@@ -271,7 +271,7 @@ class OutboxStore(OutboxQueries):
 
         Keys are assumed new. The INSERT skips keys already stored and RETURNING tells
         which rows it added; only then are the skipped keys read back. So the common
-        case costs four calls into SQLite's thread, whatever the batch size.
+        case costs three calls into SQLite's thread, whatever the batch size.
         """
         db = self._writer()
         now = time.time()
@@ -297,9 +297,6 @@ class OutboxStore(OutboxQueries):
                 inserted.update(row[0] for row in returned)
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
-            if inserted:
-                await db.execute("UPDATE counters SET value = value + ? WHERE name = "
-                                 "'accepted'", (len(inserted),))
             await db.execute("COMMIT")
         except sqlite3.Error as exc:
             await self._rollback(db)
