@@ -10,8 +10,8 @@
     python bench/outbox_bench.py               # full sizes, writes docs/benchmarks.md
     python bench/outbox_bench.py --quick --no-write
 
-NOTE: enqueue is measured through the store API, not the control socket, because
-the control server is built on another branch; the socket adds a round trip per call.
+NOTE: enqueue is measured through the store API, not the control socket, because the
+control server is not part of this branch yet. The socket adds a round trip per call.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def bench_postgres(base: Path, count: int) -> dict[str, Any]:
         with psycopg.connect(url) as conn:
             stored = conn.execute("SELECT count(*) FROM ledger").fetchone()
         if not stored or stored[0] != count:
-            raise RuntimeError(f"ledger holds {stored} rows, expected {count}")
+            raise RuntimeError(f"ledger contains {stored} rows; expected {count}")
         return {"raw": raw, "outbox": outbox, "count": count,
                 "server": cluster.bindir.parent.name}
     finally:

@@ -1,8 +1,8 @@
 """A small client for applications that hand operations to walacord's outbox.
 
 It speaks the control protocol: a Unix socket carrying newline-delimited JSON, one
-request `{"id": N, "method": M, "params": {...}, "version": 1}` answered by
-`{"id": N, "result": ...}` or `{"id": N, "error": {"code", "message", "data"}}`.
+request `{"id": N, "method": M, "params": {...}, "version": 1}` per line, and one
+response `{"id": N, "result": ...}` or `{"id": N, "error": {"code", "message", "data"}}`.
 `AsyncOutboxClient` runs on anyio; `OutboxClient` blocks and suits plain scripts.
 An enqueue returns only after walacord stored the operation durably.
 

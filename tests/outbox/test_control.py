@@ -137,7 +137,7 @@ async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
         page = await client.call("outbox.list", {"limit": 2})
         rest = await client.call("outbox.list", {"limit": 10,
                                                  "after_id": page["next_after_id"]})
-        shown = await client.call("outbox.show", {"id": ids[0]})
+        first_operation = await client.call("outbox.show", {"id": ids[0]})
         exported = await client.call("outbox.export", {"state": "pending"})
         with pytest.raises(ControlError) as unconfirmed:
             await client.call("outbox.drop", {"id": ids[1]})
@@ -150,7 +150,7 @@ async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
     assert "payload" not in page["operations"][0]
     assert [op["key"] for op in rest["operations"]] == ["op-2", "op-3", "op-4"]
     assert rest["next_after_id"] is None
-    assert shown["payload"] == {"i": 0}
+    assert first_operation["payload"] == {"i": 0}
     assert len(exported["operations"]) == 5
     assert unconfirmed.value.data == {"field": "confirm"}
     assert dropped["dropped"]["key"] == "op-1"

@@ -54,7 +54,8 @@ async def test_enqueue_disk_full_then_resumes(open_store: StoreOpener, small_tmp
         stats = await store.check_conservation()
         stored = {op.key for op in await store.list(limit=100_000)}
 
-    assert "file system" in str(caught.value) and "is full" in str(caught.value)
+    assert "file system" in str(caught.value)
+    assert "is full" in str(caught.value)
     assert len(acked) > 50
     assert full_flag is True
     assert resumed_flag is False

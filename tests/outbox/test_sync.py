@@ -156,11 +156,11 @@ def test_retry_delay_grows_and_honours_retry_after() -> None:
     first = retry_delay(1, config, None)
     fourth = retry_delay(4, config, None)
     capped = retry_delay(30, config, None)
-    told = retry_delay(1, config, 30.0)
+    requested = retry_delay(1, config, 30.0)
     assert 1.0 <= first <= 2.0
     assert 8.0 <= fourth <= 9.0
     assert capped == 60.0
-    assert 30.0 <= told <= 31.0
+    assert 30.0 <= requested <= 31.0
 
 
 async def test_walacor_sink_syncs_after_503(

@@ -1,7 +1,7 @@
 """A process that enqueues and syncs outbox operations until a test kills it.
 
-It prints one line per event on stdout, flushed at once, so the killing test knows
-what was acknowledged before the SIGKILL:
+It prints one line per event on stdout, flushed at once, so the test that kills it
+reads which keys were acknowledged before the SIGKILL:
 
     start conserved=1 accepted=N
     ack KEY

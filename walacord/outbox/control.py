@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # The control protocol's error codes (walacord.control.protocol.ErrorCode): JSON-RPC's
 # invalid params, and its "operation failed" for outbox errors, whose `data.reason`
-# tells them apart.
+# distinguishes them.
 INVALID_PARAMS = -32602
 OPERATION_FAILED = -32009
 MAX_BATCH = 10_000
@@ -100,9 +100,9 @@ async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, An
     except OutboxError as exc:
         raise _control_error(exc) from None
 
-    shown = [{"id": r.operation.id, "key": r.operation.key, "state": r.operation.state.value,
-              "created": r.created} for r in results]
-    return {"results": shown} if batch else shown[0]
+    replies = [{"id": r.operation.id, "key": r.operation.key,
+                "state": r.operation.state.value, "created": r.created} for r in results]
+    return {"results": replies} if batch else replies[0]
 
 
 async def outbox_stats(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import aiosqlite
 from walacord.errors import OutboxError
 
 # MIGRATIONS[n] brings a database from version n to version n + 1. Append, never edit.
-# Statements are separated by a line holding only "--".
+# A line containing only "--" separates two statements.
 MIGRATIONS = [
     """
     CREATE TABLE operations (

@@ -5,9 +5,9 @@
 - postgres: only statements named in config run, and each must be idempotent (an
   INSERT ... ON CONFLICT or a MERGE), so a replay after a crash changes nothing.
 
-`classify()` turns an exception into a `Failure`: permanent failures (a 4xx validation
-error, an SQL error in the statement or its data) go dead after the configured number
-of attempts; transient ones are retried with backoff.
+`classify()` turns an exception into a `Failure`. Permanent failures, such as a 4xx
+validation error or an SQL error in the statement or its data, go dead after the
+configured number of attempts. Transient ones are retried with backoff.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})
 
 @dataclass(frozen=True)
 class Failure:
-    """Why an apply failed, and whether a retry can succeed."""
+    """The reason an apply failed, and whether a retry can succeed."""
 
     reason: str
     message: str
@@ -83,7 +83,7 @@ class WalacorSink:
 
     The client puts the key into the record's key field. An operation tried before
     (attempts > 0, which includes one found in flight after a crash) is looked up by
-    key first, so an earlier submit whose answer was lost is adopted, not repeated.
+    key first, so an earlier submit whose response was lost is adopted, not repeated.
     """
 
     name = "walacor"

@@ -77,7 +77,7 @@ def is_disk_full(exc: sqlite3.Error, directory: Path) -> bool:
     if code != SQLITE_IOERR:
         return False
     # A failed write(2) with ENOSPC reaches Python as a generic I/O error; free space
-    # tells the two apart.
+    # distinguishes the two.
     return 0 <= free_bytes(directory) < 64 * 1024
 
 

@@ -5,7 +5,7 @@ commit ran and writes them in one transaction, so concurrent callers share one f
 A caller's enqueue returns only after its transaction committed, which with
 synchronous=FULL means the WAL frame is on disk. Other writers (sync, compaction,
 operator actions) take the same lock and use the same connection; reads go through a
-second, read-only connection that sees committed data only.
+second, read-only connection that reads committed data only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ SQL_KEYS_PER_QUERY = 500
 # Rows per multi-row INSERT: 9 parameters each stays under SQLite's default limit of
 # 32766 host parameters (SQLite 3.32 and later).
 INSERT_CHUNK = 1000
-# A small enqueue can still fit in the last free pages of a full file system; the
-# disk-full state (and its alert) ends only once this much space is free again.
+# A small enqueue can still fit in the last free pages of a full file system. So the
+# disk-full state, and its alert, ends only once this much space is free again.
 DISK_FREE_TO_CLEAR = 1024 * 1024
 
 
@@ -269,8 +269,8 @@ class OutboxStore(OutboxQueries):
     async def _commit(self, batch: list[_Request]) -> None:
         """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
 
-        Keys are assumed new. The INSERT skips keys already stored and RETURNING tells
-        which rows it added; only then are the skipped keys read back. So the common
+        Keys are assumed new. The INSERT skips keys already stored and RETURNING lists
+        the rows it added; only then are the skipped keys read back. So the common
         case costs three calls into SQLite's thread, whatever the batch size.
         """
         db = self._writer()

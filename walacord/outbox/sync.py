@@ -1,6 +1,6 @@
 """The sync engine replays pending operations into their sinks.
 
-Three things start a pass: `sink_healthy()` when the mode machine sees a sink recover,
+Three things start a pass: `sink_healthy()` when the mode machine detects that a sink recovered,
 `sync_now()` from `walacorctl sync`, and a periodic timer (which also wakes for the
 earliest retry that falls due). A pass claims batches per sink until nothing is due
 or the sink keeps failing. Operations with the same ordering key are applied one
@@ -64,7 +64,7 @@ class Ramp:
 
 @dataclass
 class PassReport:
-    """What one sync pass did."""
+    """Counts of what one sync pass applied, retried and dead-lettered."""
 
     applied: int = 0
     retried: int = 0
