@@ -35,7 +35,26 @@ from walacord.outbox.sinks import PostgresSink
 pytestmark = pytest.mark.anyio
 
 
+OPEN_CONNECTIONS: set[SocketStream] = set()
+
+
+async def wait_connections_closed() -> None:
+    """Wait until the server has seen every client hang up, so that no read is cancelled
+    mid-wait (anyio's Unix stream then reports an InvalidStateError)."""
+    with anyio.fail_after(10):
+        while OPEN_CONNECTIONS:
+            await anyio.sleep(0.01)
+
+
 async def serve_connection(outbox: Outbox, stream: SocketStream) -> None:
+    OPEN_CONNECTIONS.add(stream)
+    try:
+        await _serve(outbox, stream)
+    finally:
+        OPEN_CONNECTIONS.discard(stream)
+
+
+async def _serve(outbox: Outbox, stream: SocketStream) -> None:
     reader = BufferedByteReceiveStream(stream)
     async with stream:
         while True:
@@ -78,6 +97,7 @@ async def control_socket(tmp_path: Path, outbox_config: OutboxConfig,
         listener = await anyio.create_unix_listener(path)
         tasks.start_soon(listener.serve, lambda stream: serve_connection(outbox, stream))
         yield path, outbox
+        await wait_connections_closed()
         tasks.cancel_scope.cancel()
 
 
