@@ -36,14 +36,16 @@ pytestmark = pytest.mark.anyio
 
 
 OPEN_CONNECTIONS: set[SocketStream] = set()
+ALL_CLOSED: list[anyio.Event] = []
 
 
 async def wait_connections_closed() -> None:
     """Wait until the server has seen every client hang up, so that no read is cancelled
     mid-wait (anyio's Unix stream then reports an InvalidStateError)."""
-    with anyio.fail_after(10):
-        while OPEN_CONNECTIONS:
-            await anyio.sleep(0.01)
+    if OPEN_CONNECTIONS:
+        ALL_CLOSED.append(anyio.Event())
+        with anyio.fail_after(10):
+            await ALL_CLOSED[-1].wait()
 
 
 async def serve_connection(outbox: Outbox, stream: SocketStream) -> None:
@@ -52,6 +54,9 @@ async def serve_connection(outbox: Outbox, stream: SocketStream) -> None:
         await _serve(outbox, stream)
     finally:
         OPEN_CONNECTIONS.discard(stream)
+        if not OPEN_CONNECTIONS:
+            while ALL_CLOSED:
+                ALL_CLOSED.pop().set()
 
 
 async def _serve(outbox: Outbox, stream: SocketStream) -> None:
