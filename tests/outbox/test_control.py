@@ -19,7 +19,7 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from psycopg_pool import AsyncConnectionPool
 
-from tests.outbox.conftest import INSERT_ROW, ledger_rows
+from tests.outbox.conftest import ledger_rows
 from walacord.client import (
     AsyncOutboxClient,
     OutboxClient,
@@ -29,8 +29,7 @@ from walacord.client import (
 from walacord.config import Config, OutboxConfig, StateConfig
 from walacord.errors import ControlError
 from walacord.outbox.control import HANDLERS, INVALID_PARAMS, OPERATION_FAILED, sync_run
-from walacord.outbox.service import Outbox
-from walacord.outbox.sinks import PostgresSink
+from walacord.outbox.service import Outbox, build_sinks
 
 pytestmark = pytest.mark.anyio
 
@@ -94,8 +93,7 @@ async def control_socket(tmp_path: Path, outbox_config: OutboxConfig,
     config = Config(state=StateConfig(dir=str(tmp_path / "state")),
                     outbox=dataclasses.replace(outbox_config, max_operations=50,
                                                sync_interval=3600.0))
-    sinks = {"postgres": PostgresSink(ledger_pool, {"insert_row": INSERT_ROW}, timeout=10)}
-    outbox = Outbox(config, sinks)
+    outbox = Outbox(config, build_sinks(config, pool=ledger_pool))
     path = str(tmp_path / "control.sock")
     async with anyio.create_task_group() as tasks:
         await tasks.start(outbox.run)

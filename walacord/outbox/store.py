@@ -230,7 +230,8 @@ class OutboxStore(OutboxQueries):
 
         A key already stored returns the existing operation with created=False.
         Raise OutboxFull, OutboxDiskFull or OutboxError, in which case nothing of this
-        call was stored.
+        call was stored. After TimeoutError the commit may still complete, so the
+        caller enqueues the same keys again to learn their state.
         """
         if self._send is None:
             raise OutboxError("the outbox store is not running")
