@@ -22,6 +22,7 @@ from tests.outbox.conftest import (
 )
 from walacord.config import OutboxConfig
 from walacord.emulator import Emulator
+from walacord.metrics import Metrics
 from walacord.outbox.model import Operation, State
 from walacord.outbox.queries import Outcome
 from walacord.outbox.sinks import PostgresSink, Sink, WalacorSink
@@ -237,7 +238,7 @@ async def test_walacor_validation_error_goes_dead(
     assert operation.last_error is not None and operation.last_error.startswith("validation")
 
 
-async def test_sync_now_runs_pass(open_store: StoreOpener,
+async def test_sync_now_runs_pass(open_store: StoreOpener, metrics: Metrics,
                                   ledger_pool: AsyncConnectionPool[Any]) -> None:
     async with open_store(sync_interval=3600.0) as store:
         engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, store.config)
@@ -249,3 +250,8 @@ async def test_sync_now_runs_pass(open_store: StoreOpener,
             tasks.cancel_scope.cancel()
     assert report.applied == 7
     assert report.by_sink == {"postgres": 7}
+    assert metrics.outbox_enqueued._value.get() == 7
+    assert metrics.outbox_synced.labels(sink="postgres")._value.get() == 7
+    assert metrics.outbox_pending._value.get() == 0
+    assert metrics.outbox_accepted._value.get() == 7
+    assert metrics.outbox_conservation_ok._value.get() == 1

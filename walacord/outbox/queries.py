@@ -112,7 +112,8 @@ class OutboxQueries:
         """Mark up to `limit` due operations of `sink` in flight and return them in id order.
 
         An operation with an ordering key is claimed only when every earlier operation
-        with that key is done, or is claimed in this same call before it.
+        with that key is done, or is claimed in this same call before it. So a dead
+        operation holds back later ones with its key until it is retried or dropped.
         """
         async with self.writing() as db:
             await db.execute("BEGIN IMMEDIATE")

@@ -156,12 +156,12 @@ class SyncEngine:
             self._in_pass = True
             try:
                 report = await self.run_pass(forced=forced)
+                await self.store.check_conservation()
             finally:
                 self._in_pass = False
             self.last_report = report
             done, self._pass_done = self._pass_done, anyio.Event()
             done.set()
-            await self.store.check_conservation()
 
     async def _sleep_for(self) -> float:
         """Return seconds until the timer or the earliest due retry, whichever is first."""
