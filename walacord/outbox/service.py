@@ -32,6 +32,8 @@ def build_sinks(config: Config, *, walacor: WalacorClientLike | None = None,
 class Outbox:
     """The store at `<state dir>/outbox.db` and the engine that drains it into `sinks`."""
 
+    name = "outbox"
+
     def __init__(self, config: Config, sinks: Mapping[str, Sink], *,
                  metrics: Metrics | None = None, on_alert: AlertCallback | None = None,
                  extend_start_timeout: Callable[[float], None] | None = None) -> None:
