@@ -240,3 +240,19 @@ async def test_claim_keeps_ordering_key_order(open_store: StoreOpener) -> None:
     assert [op.key for op in first] == ["x1"]
     assert [op.key for op in blocked] == ["free"]
     assert [op.key for op in both] == ["x1", "x2"]
+
+
+async def test_compact_truncates_wal(open_store: StoreOpener, db_path: Path) -> None:
+    wal = anyio.Path(f"{db_path}-wal")
+    async with open_store(retention=0) as store:
+        for batch in range(20):
+            await store.enqueue([walacor_op(f"w{batch}-{i}", size=1000) for i in range(50)])
+        grown = (await wal.stat()).st_size
+        claimed = await store.claim("walacor", 1000, time.time())
+        await store.record([Outcome(op, State.DONE, receipt={"eid": "e"}) for op in claimed])
+        await store.compact(now=time.time() + 1)
+        after = (await wal.stat()).st_size
+        stats = await store.check_conservation()
+    assert grown > 1_000_000
+    assert after == 0
+    assert (stats.accepted, stats.done) == (1000, 1000)

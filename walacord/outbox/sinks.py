@@ -61,6 +61,10 @@ class Sink(Protocol):
         """Apply one operation and return its receipt; raise on failure."""
         ...
 
+    async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
+        """Apply several operations in one call; return one BatchResult per operation."""
+        ...
+
     def classify(self, exc: Exception) -> Failure: ...
 
 

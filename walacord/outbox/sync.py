@@ -245,7 +245,7 @@ class SyncEngine:
                 singles.append(operation)
 
         outcomes: list[Outcome] = []
-        if len(singles) > 1 and hasattr(sink, "apply_batch"):
+        if len(singles) > 1:
             singles = await self._try_batch(sink, singles, outcomes)
 
         limiter = anyio.CapacityLimiter(self.config.sync_concurrency)
@@ -260,7 +260,7 @@ class SyncEngine:
                          outcomes: list[Outcome]) -> list[Operation]:
         """Apply all in one call; return the operations left to apply one by one."""
         try:
-            results = await sink.apply_batch(operations)  # type: ignore[attr-defined]
+            results = await sink.apply_batch(operations)
         except Exception as exc:
             # Part of the batch may be stored: every operation counts as attempted,
             # so its retry looks its key up first.
