@@ -8,6 +8,7 @@ see committed data only.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -79,6 +80,31 @@ def row_to_operation(row: Sequence[Any]) -> Operation:
         receipt=orjson.loads(row[11]) if row[11] else None, updated_at=row[12])
 
 
+async def execute_in_order(db: aiosqlite.Connection,
+                           statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+    """Queue `statements` on the connection's thread at once and return their rows.
+
+    aiosqlite runs calls in the order they are queued, and each task queues its call
+    before its first suspension, so starting the tasks in order keeps SQL order while
+    the thread runs them back to back. Raise the first statement's error, if any.
+    """
+    results: list[list[Any]] = [[] for _ in statements]
+    errors: list[tuple[int, sqlite3.Error]] = []
+
+    async def run(index: int, sql: str, parameters: Sequence[Any]) -> None:
+        try:
+            results[index] = list(await db.execute_fetchall(sql, parameters))
+        except sqlite3.Error as exc:
+            errors.append((index, exc))
+
+    async with anyio.create_task_group() as tasks:
+        for index, (sql, parameters) in enumerate(statements):
+            tasks.start_soon(run, index, sql, parameters)
+    if errors:
+        raise min(errors, key=lambda item: item[0])[1]
+    return results
+
+
 class OutboxQueries:
     """Queries and state changes; needs `_writer()`, `_read()` and `released()`."""
 
@@ -106,6 +132,15 @@ class OutboxQueries:
     def released(self, count: int, size: int) -> None:
         raise NotImplementedError
 
+    async def _rollback_quietly(self, db: aiosqlite.Connection) -> None:
+        """Queue a ROLLBACK; a COMMIT queued before it may already have ended the
+        transaction, so "no transaction" errors are expected and ignored."""
+        try:
+            await db.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if "no transaction" not in str(exc):
+                log.warning("outbox.rollback_failed", extra={"fields": {"error": str(exc)}})
+
     # --- sync ---------------------------------------------------------------------
 
     async def claim(self, sink: str, limit: int, now: float) -> list[Operation]:
@@ -116,20 +151,20 @@ class OutboxQueries:
         operation holds back later ones with its key until it is retried or dropped.
         """
         async with self.writing() as db:
-            await db.execute("BEGIN IMMEDIATE")
             try:
-                rows = await db.execute_fetchall(
-                    f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' AND sink = ? "
-                    "AND next_attempt_at <= ? ORDER BY id LIMIT ?", (sink, now, limit))
+                _, rows = await execute_in_order(db, [
+                    ("BEGIN IMMEDIATE", ()),
+                    (f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' AND sink = ? "
+                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?", (sink, now, limit))])
                 candidates = [row_to_operation(row) for row in rows]
                 claimed = await self._in_order(db, candidates)
-                await db.execute(
-                    "UPDATE operations SET state = 'in_flight', updated_at = ? "
-                    "WHERE id IN (SELECT value FROM json_each(?))",
-                    (now, orjson.dumps([op.id for op in claimed]).decode()))
-                await db.execute("COMMIT")
+                await execute_in_order(db, [
+                    ("UPDATE operations SET state = 'in_flight', updated_at = ? "
+                     "WHERE id IN (SELECT value FROM json_each(?))",
+                     (now, orjson.dumps([op.id for op in claimed]).decode())),
+                    ("COMMIT", ())])
             except BaseException:
-                await db.execute("ROLLBACK")
+                await self._rollback_quietly(db)
                 raise
         return claimed
 
@@ -163,33 +198,30 @@ class OutboxQueries:
         if not outcomes:
             return
         now = time.time()
+        # Outcomes that set the same values share one set-based UPDATE, which costs
+        # about half of one UPDATE per row in SQLite.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for o in outcomes:
+            values = (o.state.value, orjson.dumps(o.receipt).decode() if o.receipt else None,
+                      o.error, int(o.attempted), o.next_attempt_at)
+            groups.setdefault(values, []).append(o.operation.id)
+        updates = [("UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
+                    "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
+                    "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
+                    (*values, now, orjson.dumps(ids).decode())) for values, ids in groups.items()]
+
         async with self.writing() as db:
             # Without an fsync: if a crash loses this commit, the operations come back
             # as in flight and replay through the sinks' exactly-once paths. In WAL
-            # mode a process crash loses nothing; only a power loss can.
-            await db.execute("PRAGMA synchronous = NORMAL")
-            await db.execute("BEGIN IMMEDIATE")
+            # mode a process crash loses nothing; only a power loss can. The last
+            # statement restores FULL even when an earlier one fails.
             try:
-                # Outcomes that set the same values share one set-based UPDATE, which
-                # costs about half of one UPDATE per row in SQLite.
-                groups: dict[tuple[Any, ...], list[int]] = {}
-                for o in outcomes:
-                    values = (o.state.value,
-                              orjson.dumps(o.receipt).decode() if o.receipt else None,
-                              o.error, int(o.attempted), o.next_attempt_at)
-                    groups.setdefault(values, []).append(o.operation.id)
-                for values, ids in groups.items():
-                    await db.execute(
-                        "UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
-                        "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
-                        "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
-                        (*values, now, orjson.dumps(ids).decode()))
-                await db.execute("COMMIT")
+                await execute_in_order(db, [("PRAGMA synchronous = NORMAL", ()),
+                                            ("BEGIN IMMEDIATE", ()), *updates, ("COMMIT", ()),
+                                            ("PRAGMA synchronous = FULL", ())])
             except BaseException:
-                await db.execute("ROLLBACK")
+                await self._rollback_quietly(db)
                 raise
-            finally:
-                await db.execute("PRAGMA synchronous = FULL")
 
         done = [o for o in outcomes if o.state is State.DONE]
         self.released(len(done), sum(len(o.operation.payload) for o in done))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import anyio
@@ -27,7 +28,12 @@ from walacord.errors import OutboxCorrupt, OutboxDiskFull, OutboxError, OutboxFu
 from walacord.metrics import Metrics
 from walacord.outbox import startup
 from walacord.outbox.model import NewOperation, Operation, State
-from walacord.outbox.queries import COLUMNS, OutboxQueries, row_to_operation
+from walacord.outbox.queries import (
+    COLUMNS,
+    OutboxQueries,
+    execute_in_order,
+    row_to_operation,
+)
 from walacord.outbox.schema import migrate
 
 log = logging.getLogger(__name__)
@@ -271,36 +277,40 @@ class OutboxStore(OutboxQueries):
         """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
 
         Keys are assumed new. The INSERT skips keys already stored and RETURNING lists
-        the rows it added; only then are the skipped keys read back. So the common
-        case costs three calls into SQLite's thread, whatever the batch size.
+        the rows it added; only then are the skipped keys read back. The statements
+        are queued on SQLite's thread together, so the common case waits for that
+        thread once, whatever the batch size.
         """
         db = self._writer()
         now = time.time()
         planned: dict[str, Operation] = {}
         accepted: list[_Request] = []
         try:
-            await db.execute("BEGIN IMMEDIATE")
             for request in batch:
                 if await self._plan(db, request, planned, now):
                     accepted.append(request)
+            if not planned:
+                return
 
             rows = [(op.id, op.key, op.sink, op.target, op.payload, len(op.payload),
                      op.ordering_key, now, now) for op in planned.values()]
-            inserted: set[str] = set()
-            for start in range(0, len(rows), INSERT_CHUNK):
-                chunk = rows[start:start + INSERT_CHUNK]
-                values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-                returned = await db.execute_fetchall(
-                    "INSERT INTO operations (id, key, sink, target, payload, size, "
-                    f"ordering_key, created_at, updated_at) VALUES {values} "
-                    "ON CONFLICT (key) DO NOTHING RETURNING key",
-                    [value for row in chunk for value in row])
-                inserted.update(row[0] for row in returned)
+            inserts = [self._insert_statement(rows[start:start + INSERT_CHUNK])
+                       for start in range(0, len(rows), INSERT_CHUNK)]
+            # With one INSERT, COMMIT can go in the same queue: a failed INSERT is
+            # rolled back by SQLite, so that COMMIT stores nothing. With several, an
+            # earlier chunk could be committed after a later one failed.
+            one_chunk = len(inserts) == 1
+            statements = [("BEGIN IMMEDIATE", ()), *inserts]
+            if one_chunk:
+                statements.append(("COMMIT", ()))
+            results = await execute_in_order(db, statements)
+            inserted = {row[0] for result in results[1:1 + len(inserts)] for row in result}
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
-            await db.execute("COMMIT")
+            if not one_chunk:
+                await db.execute("COMMIT")
         except sqlite3.Error as exc:
-            await self._rollback(db)
+            await self._rollback_quietly(db)
             error = self._write_error(exc)
             for request in accepted:
                 request.error, request.results = error, []
@@ -367,6 +377,13 @@ class OutboxStore(OutboxQueries):
         request.results = results
         return True
 
+    @staticmethod
+    def _insert_statement(rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+        values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+        return ("INSERT INTO operations (id, key, sink, target, payload, size, ordering_key, "
+                f"created_at, updated_at) VALUES {values} ON CONFLICT (key) DO NOTHING "
+                "RETURNING key", [value for row in rows for value in row])
+
     def _alert_full(self, error: OutboxError) -> None:
         if not self._full_alerted:
             self._full_alerted = True
@@ -390,13 +407,6 @@ class OutboxStore(OutboxQueries):
                                  "walacord to move it aside")
         log.error("outbox.write_failed", extra={"fields": {"error": str(exc)}})
         return OutboxError(f"cannot store the operation in {self.path}: {exc}")
-
-    async def _rollback(self, db: aiosqlite.Connection) -> None:
-        if db.in_transaction:
-            try:
-                await db.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                log.warning("outbox.rollback_failed", extra={"fields": {"error": str(exc)}})
 
     async def _existing(self, db: aiosqlite.Connection, keys: Iterable[str]
                         ) -> dict[str, Operation]:
