@@ -30,7 +30,8 @@ def build_sinks(config: Config, *, walacor: WalacorClientLike | None = None,
 
 
 class Outbox:
-    """The store at `<state dir>/outbox.db` and the engine that drains it into `sinks`."""
+    """Component that runs the store at `<state dir>/outbox.db` and the engine that drains
+    it into `sinks`."""
 
     name = "outbox"
 

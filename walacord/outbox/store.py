@@ -4,8 +4,8 @@ One writer task owns every enqueue. It takes all requests queued while the previ
 commit ran and writes them in one transaction, so concurrent callers share one fsync.
 A caller's enqueue returns only after its transaction committed, which with
 synchronous=FULL means the WAL frame is on disk. Other writers (sync, compaction,
-operator actions) take the same lock and use the same connection; reads go through a
-second, read-only connection that reads committed data only.
+operator actions) take the same lock and use the same connection. Reads go through a
+second, read-only connection, which sees committed data only.
 """
 
 from __future__ import annotations

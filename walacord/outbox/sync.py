@@ -1,14 +1,15 @@
 """The sync engine replays pending operations into their sinks.
 
-Three things start a pass: `sink_healthy()` when the mode machine detects that a sink recovered,
-`sync_now()` from `walacorctl sync`, and a periodic timer (which also wakes for the
-earliest retry that falls due). A pass claims batches per sink until nothing is due
+Three things start a pass: `sink_healthy()` when the mode machine detects that a sink
+recovered, `sync_now()` from `walacorctl sync`, and a periodic timer, which also wakes
+for the earliest retry that falls due. A pass claims batches per sink until nothing is due
 or the sink keeps failing. Operations with the same ordering key are applied one
 after another in id order; the others run concurrently up to a limit.
 
-Batch size follows additive-increase, multiplicative-decrease: it starts small after an
-outage or a start, doubles while the failed share stays at or below the threshold up
-to a ceiling, then grows by the minimum; a batch with more failures halves it.
+Batch size follows additive-increase, multiplicative-decrease. It starts small after an
+outage or a start and doubles while the failed share stays at or below the threshold.
+Past the threshold it grows by the minimum, up to the maximum. A batch with more
+failures halves it.
 """
 
 from __future__ import annotations
