@@ -182,7 +182,10 @@ def bench_postgres(base: Path, count: int) -> dict[str, Any]:
         rows = [{"key": f"row-{i}", "amount": i} for i in range(count)]
         raw = raw_executemany(url, rows)
         directory = Path(tempfile.mkdtemp(dir=base))
-        outbox = anyio.run(outbox_into_postgres, directory, url, count)
+        try:
+            outbox = anyio.run(outbox_into_postgres, directory, url, count)
+        finally:
+            shutil.rmtree(directory)
         with psycopg.connect(url) as conn:
             stored = conn.execute("SELECT count(*) FROM ledger").fetchone()
         if not stored or stored[0] != count:
@@ -217,8 +220,11 @@ def bench_emulator(base: Path, count: int) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         anyio.run(_wait_and_create_schema, url)
         directory = Path(tempfile.mkdtemp(dir=base))
-        return {"outbox": anyio.run(outbox_into_emulator, directory, url, count),
-                "count": count}
+        try:
+            return {"outbox": anyio.run(outbox_into_emulator, directory, url, count),
+                    "count": count}
+        finally:
+            shutil.rmtree(directory)
     finally:
         process.terminate()
         process.wait(timeout=10)
