@@ -42,9 +42,11 @@ def pg_db(pg_cluster: PgCluster, request: pytest.FixtureRequest) -> Iterator[str
 
 
 @pytest.fixture
-def own_pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+def own_pg_cluster() -> Iterator[PgCluster]:
     """A cluster of the test's own, for tests that stop, kill or freeze the server."""
-    base = tmp_path_factory.mktemp("pg")
+    # Not under pytest's tmp_path: that is mode 0700 for root, and the server runs as
+    # nobody when the tests run as root.
+    base = Path(tempfile.mkdtemp(prefix="walacord-pg-own-"))
     cluster = PgCluster(base)
     cluster.init()
     cluster.start()

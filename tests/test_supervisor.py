@@ -77,7 +77,8 @@ async def test_watchdog_withheld_while_component_stalls(notify_socket: NotifyRec
 async def test_reload_keeps_old_config_when_invalid(tmp_path: Path,
                                                     notify_socket: NotifyRecorder) -> None:
     path = tmp_path / "walacord.toml"
-    path.write_text("[logging]\nlevel = 'info'\ndir = ''\n[http]\nlisten = ''\n")
+    state = f"[state]\ndir = '{tmp_path / 'state'}'\n"
+    path.write_text("[logging]\nlevel = 'info'\ndir = ''\n[http]\nlisten = ''\n" + state)
     supervisor = Supervisor(config.load(path, {}), str(path), notifier=Notifier())
     async with anyio.create_task_group() as tg:
         tg.start_soon(supervisor.run)
@@ -87,7 +88,8 @@ async def test_reload_keeps_old_config_when_invalid(tmp_path: Path,
         assert await supervisor.reload() is False
         assert supervisor.runtime.config.logging.level == "info"
 
-        path.write_text("[logging]\nlevel = 'warning'\ndir = ''\n[http]\nlisten = ''\n")
+        path.write_text("[logging]\nlevel = 'warning'\ndir = ''\n[http]\nlisten = ''\n"
+                        + state)
         assert await supervisor.reload() is True
         assert supervisor.runtime.config.logging.level == "warning"
         supervisor.runtime.request_stop()

@@ -22,6 +22,8 @@ COMMANDS = {
     "run": "walacord.supervisor:command",
     "check-config": "walacord.config:command",
     "emulator": "walacord.emulator.cli:command",
+    "setup-database": "walacord.db.setup:command",
+    "migrate": "walacord.db.migrate:command",
 }
 # Modules that own a subcommand define `add_arguments(parser)` and `command(args)`, and
 # add their line above: "emulator" -> walacord.emulator.cli, "dev" -> walacord.dev,

@@ -124,11 +124,20 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = "/run/walacord/control.sock"
+    socket: str = setting("/run/walacord/control.sock", help="Unix socket path; empty disables")
     group: str = setting("walacord", help="group allowed to use the socket besides root")
     max_request_bytes: int = setting(1024 * 1024, min=1024, max=64 * 1024 * 1024)
-    idle_timeout: Duration = setting(60.0, min=0.1, max=86400)
+    idle_timeout: Duration = setting(60.0, min=0.1, max=86400,
+                                     help="a connection with no request for this long is closed")
     max_connections: int = setting(64, min=1, max=10000)
+    request_timeout: Duration = setting(10.0, min=0.1, max=3600,
+                                        help="time from a request's first byte to its newline")
+    write_timeout: Duration = setting(10.0, min=0.1, max=3600,
+                                      help="a client that reads no response for this long is "
+                                           "disconnected")
+    call_timeout: Duration = setting(30.0, min=0.1, max=86400,
+                                     help="default deadline of one method call; long methods "
+                                          "such as backups set their own")
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,147 @@ class OutboxConfig:
         return problems
 
 
+# --- backups -------------------------------------------------------------------------
+
+BACKUP_FORMATS = ("custom", "plain-gzip")
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    enabled: bool = setting(True, help="take scheduled backups and drills")
+    dir: str = setting("", help="directory for dumps and manifests; empty means "
+                            "<[state] dir>/backups")
+    url: str = setting("", secret=True,
+                       help="libpq URL of the database to back up; empty uses [database] url")
+    format: str = setting("custom", choices=BACKUP_FORMATS,
+                          help="custom: pg_dump -Fc; plain-gzip: plain SQL piped through gzip")
+    compression_level: int = setting(6, min=0, max=9, help="0-9, passed to pg_dump -Z or gzip")
+    daily_at: str = setting("02:30", help="UTC time of day HH:MM for the daily backup")
+    jitter: Duration = setting(1800.0, min=0, max=43200,
+                               help="maximum delay after daily_at; every host picks the same one")
+    drill_interval: Duration = setting(7 * 86400.0, min=3600, max=365 * 86400,
+                                       help="how often a restore drill runs")
+    retry_interval: Duration = setting(3600.0, min=1, max=86400,
+                                       help="wait before retrying a failed scheduled backup")
+    max_age: Duration = setting(26 * 3600.0, min=3600, max=365 * 86400,
+                                help="alert when the last good backup is older than this")
+    keep_days: int = setting(30, min=1, max=3650, help="keep every backup this many days")
+    keep_weekly: int = setting(0, min=0, max=520,
+                               help="also keep the newest backup of each of this many weeks")
+    keep_monthly: int = setting(0, min=0, max=240,
+                                help="also keep the newest backup of each of this many months")
+    drill_tables: int = setting(10, min=1, max=1000,
+                                help="largest tables whose row counts a drill compares")
+    lock_wait_timeout: Duration = setting(30.0, min=0.1, max=86400,
+                                          help="pg_dump gives up when a table lock takes longer")
+    dump_timeout: Duration = setting(6 * 3600.0, min=1, max=7 * 86400)
+    verify_timeout: Duration = setting(3600.0, min=1, max=7 * 86400)
+    drill_timeout: Duration = setting(6 * 3600.0, min=1, max=7 * 86400)
+    restore_timeout: Duration = setting(12 * 3600.0, min=1, max=7 * 86400)
+    query_timeout: Duration = setting(30.0, min=0.1, max=3600)
+    check_interval: Duration = setting(300.0, min=1, max=86400,
+                                       help="how often the backup age is checked for alerts")
+    pg_bindir: str = setting("", help="directory with pg_dump and pg_restore; empty finds one")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        try:
+            parse_daily_at(self.daily_at)
+        except ValueError as exc:
+            problems.append(("daily_at", str(exc)))
+        if self.url:
+            try:
+                conninfo_to_dict(self.url)
+            except Exception as exc:  # psycopg raises ProgrammingError with the parse error
+                problems.append(("url", f"invalid libpq connection string: "
+                                 f"{redact_dsn_error(str(exc))}"))
+        return problems
+
+
+def parse_daily_at(text: str) -> tuple[int, int]:
+    """Return (hour, minute) from "HH:MM"; raise ValueError naming the value."""
+    hour, sep, minute = text.partition(":")
+    if (sep and hour.isdigit() and minute.isdigit() and len(minute) == 2
+            and 0 <= int(hour) < 24 and 0 <= int(minute) < 60):
+        return int(hour), int(minute)
+    raise ValueError(f"invalid time {text!r}: write HH:MM in UTC, e.g. \"02:30\"")
+
+
+# --- alerts ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    alertmanager_url: str = setting("", help="Alertmanager base URL, e.g. http://127.0.0.1:9093; "
+                                    "empty disables the Alertmanager sink")
+    alertmanager_timeout: Duration = setting(5.0, min=0.1, max=300,
+                                             help="deadline of one POST /api/v2/alerts")
+    evaluation_interval: Duration = setting(1.0, min=0.1, max=3600,
+                                            help="how often the alert rules are evaluated")
+    repeat_interval: Duration = setting(3600.0, min=1, max=7 * 86400,
+                                        help="a firing alert is sent again after this long")
+    rate_limit: int = setting(30, min=1, max=100_000,
+                              help="max firing notifications sent per rate_limit_window")
+    rate_limit_window: Duration = setting(60.0, min=1, max=86400)
+    store_timeout: Duration = setting(5.0, min=0.1, max=300,
+                                      help="deadline of one read or write of alerts.db")
+    queue_max_rows: int = setting(10_000, min=100, max=10_000_000,
+                                  help="undelivered notifications kept; the oldest go first")
+    retry_initial: Duration = setting(1.0, min=0.01, max=3600,
+                                      help="first delay after a failed delivery; doubles per "
+                                           "failure, with jitter")
+    retry_max: Duration = setting(60.0, min=0.1, max=86400)
+    restore_grace: Duration = setting(60.0, min=0, max=86400,
+                                      help="after a restart, how long an alert that was "
+                                           "firing waits for its condition before it "
+                                           "resolves")
+    recent_limit: int = setting(100, min=1, max=100_000,
+                                help="resolved alerts kept for `walacorctl alerts`")
+    hooks: list[list[str]] = setting(default_factory=list,
+                                     help="commands run per notification, each an argv list; "
+                                          "no shell. The alert JSON is on stdin and in "
+                                          "$WALACORD_ALERT")
+    hook_timeout: Duration = setting(10.0, min=0.1, max=3600)
+
+    # Built-in rules: each has a threshold (where it needs one) and a `for` duration the
+    # condition must hold before the alert fires.
+    probe_down_for: Duration = setting(5.0, min=0, max=86400)
+    mode_not_normal_for: Duration = setting(30.0, min=0, max=86400)
+    slow_probe_seconds: Duration = setting(1.0, min=0.001, max=3600,
+                                           help="probe latency above which it counts as slow")
+    slow_probe_for: Duration = setting(60.0, min=0, max=86400)
+    host_resources_for: Duration = setting(60.0, min=0, max=86400)
+    outbox_pending_age_seconds: Duration = setting(300.0, min=1, max=30 * 86400,
+                                                   help="age of the oldest pending outbox "
+                                                        "operation that raises an alert")
+    outbox_pending_age_for: Duration = setting(0.0, min=0, max=86400)
+    dead_operations_for: Duration = setting(0.0, min=0, max=86400)
+    conservation_failure_for: Duration = setting(0.0, min=0, max=86400)
+    backup_max_age: Duration = setting(26 * 3600.0, min=60, max=365 * 86400,
+                                       help="time since the last successful backup that "
+                                            "raises an alert")
+    backup_for: Duration = setting(0.0, min=0, max=86400)
+    recycle_budget_for: Duration = setting(0.0, min=0, max=86400)
+    critical_error_resolve_after: Duration = setting(900.0, min=1, max=7 * 86400,
+                                                     help="a critical-error alert resolves "
+                                                          "after this long without another")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.alertmanager_url and not self.alertmanager_url.startswith(
+                ("http://", "https://")):
+            problems.append(("alertmanager_url", f"invalid URL {self.alertmanager_url!r}: it "
+                             "must start with http:// or https://"))
+        if self.retry_max < self.retry_initial:
+            problems.append(("retry_max", f"{self.retry_max:g}s is shorter than retry_initial "
+                             f"{self.retry_initial:g}s; raise it"))
+        for index, argv in enumerate(self.hooks):
+            if not argv or not argv[0]:
+                problems.append((f"hooks[{index}]", "empty command; write an argv list such "
+                                 "as [\"/usr/local/bin/page\", \"--team\", \"db\"]"))
+        return problems
+
+
 @dataclass(frozen=True)
 class Config:
     environment: str = setting("production", help="free text shown in status and logs")
@@ -233,6 +383,8 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     lifecycle: LifecycleConfig = dataclasses.field(default_factory=LifecycleConfig)
     outbox: OutboxConfig = dataclasses.field(default_factory=OutboxConfig)
+    backup: BackupConfig = dataclasses.field(default_factory=BackupConfig)
+    alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
 
     source: str = dataclasses.field(default="(defaults)", compare=False,
                                     metadata={"internal": True})
@@ -242,6 +394,8 @@ class Config:
         values = [self.database.password, self.walacor.password]
         try:
             values.append(self.database.dsn_password())
+            if self.backup.url:
+                values.append(str(conninfo_to_dict(self.backup.url).get("password") or ""))
         except Exception:  # an unparsable URL was already reported by check()
             pass
         return [v for v in values if v]

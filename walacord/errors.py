@@ -160,6 +160,14 @@ class ControlError(WalacordError):
         self.data = data
 
 
+class ControlSocketError(WalacordError):
+    """The control socket could not be created, or another daemon is listening on it."""
+
+
+class ControlClientError(WalacordError):
+    """walacorctl could not reach the daemon or could not read its response."""
+
+
 # --- outbox ---------------------------------------------------------------------
 
 
@@ -196,3 +204,21 @@ class OutboxNotFound(OutboxError):
 
 class BackupError(WalacordError):
     """A backup, verification or restore failed."""
+
+
+# --- database setup (walacord setup-database) -----------------------------------
+
+
+class DatabaseSetupError(DatabaseError):
+    """setup-database could not create or grant what walacord's role needs."""
+
+
+# --- alerts ---------------------------------------------------------------------
+
+
+class AlertDeliveryError(WalacordError):
+    """A sink did not accept an alert notification; `permanent` means retrying is futile."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -79,5 +79,90 @@ class Metrics:
             "walacord_outbox_sync_batch_size", "Current sync batch size, by sink.",
             ["sink"], registry=registry)
 
+        # --- backups --------------------------------------------------------------
+        self.backup_last_success = Gauge(
+            "walacord_backup_last_success_timestamp_seconds",
+            "Unix time the last backup finished and passed its list and checksum checks.",
+            registry=registry)
+        self.backup_last_verified = Gauge(
+            "walacord_backup_last_verified_timestamp_seconds",
+            "Unix time a backup last passed verification (list and checksum, or a drill).",
+            registry=registry)
+        self.backup_duration = Gauge(
+            "walacord_backup_duration_seconds",
+            "Wall time of the last successful backup, pg_dump through verification.",
+            registry=registry)
+        self.backup_size = Gauge(
+            "walacord_backup_size_bytes", "Size of the last successful backup file.",
+            registry=registry)
+        self.backup_failures = Counter(
+            "walacord_backup_failures_total",
+            "Failed backup operations by operation: dump, verify, drill, restore.",
+            ["operation"], registry=registry)
+        for operation in ("dump", "verify", "drill", "restore", "retention"):
+            # Exported as 0 from the start, so a first failure shows as an increase.
+            self.backup_failures.labels(operation=operation)
+        self.backup_last_drill = Gauge(
+            "walacord_backup_last_drill_timestamp_seconds",
+            "Unix time the last restore drill passed.", registry=registry)
+        self.backup_skipped = Counter(
+            "walacord_backup_skipped_total",
+            "Backups skipped because another instance held the database's backup lock.",
+            registry=registry)
+        self.backup_deleted = Counter(
+            "walacord_backup_deleted_total", "Backups deleted by the retention policy.",
+            registry=registry)
+        self.backup_count = Gauge(
+            "walacord_backup_count", "Backups in the backup directory.", registry=registry)
+
+        # --- alerts -------------------------------------------------------------
+        self.alerts = Gauge(
+            "walacord_alerts",
+            "Alerts tracked by walacord's alert engine, by state (pending, firing, "
+            "suppressed, silenced).", ["state"], registry=registry)
+        self.alert_notifications = Counter(
+            "walacord_alert_notifications_total",
+            "Alert notifications raised, by kind (firing, resolved, repeated).",
+            ["kind"], registry=registry)
+        self.alert_notifications_rate_limited = Counter(
+            "walacord_alert_notifications_rate_limited_total",
+            "Firing notifications held back by the global rate cap.", registry=registry)
+        self.alert_deliveries = Counter(
+            "walacord_alert_deliveries_total",
+            "Delivery attempts of alert notifications, by sink and result.",
+            ["sink", "result"], registry=registry)
+        self.alert_delivery_queue = Gauge(
+            "walacord_alert_delivery_queue_length",
+            "Alert notifications waiting in alerts.db for delivery.", registry=registry)
+        self.alert_deliveries_dropped = Counter(
+            "walacord_alert_deliveries_dropped_total",
+            "Queued alert notifications discarded undelivered, by reason.",
+            ["reason"], registry=registry)
+        self.alert_source_errors = Counter(
+            "walacord_alert_source_errors_total",
+            "Alert condition sources that raised instead of returning conditions.",
+            registry=registry)
+        # --- control channel ------------------------------------------------------
+        self.control_connections = Gauge(
+            "walacord_control_connections", "Open control-socket connections.",
+            registry=registry)
+        self.control_connections_rejected = Counter(
+            "walacord_control_connections_rejected_total",
+            "Control connections closed at once, by reason (busy, permission).",
+            ["reason"], registry=registry)
+        self.control_requests = Counter(
+            "walacord_control_requests_total",
+            "Control requests by method and outcome (ok, error). Requests that name no "
+            "registered method count under method=\"(invalid)\".",
+            ["method", "outcome"], registry=registry)
+        self.control_request_duration = Histogram(
+            "walacord_control_request_duration_seconds",
+            "Time to serve one control request, by method.",
+            ["method"], buckets=PROBE_BUCKETS, registry=registry)
+        self.control_protocol_errors = Counter(
+            "walacord_control_protocol_errors_total",
+            "Control lines answered with a protocol error, by error name.",
+            ["error"], registry=registry)
+
 
 __all__ = ["PROBE_BUCKETS", "Counter", "Gauge", "Histogram", "Info", "Metrics"]

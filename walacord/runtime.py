@@ -16,6 +16,7 @@ from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
 from walacord.config import Config
+from walacord.control.registry import MethodRegistry
 from walacord.logs import LogSetup
 from walacord.metrics import Metrics
 from walacord.systemd import Notifier
@@ -82,6 +83,11 @@ class Runtime:
     reload_hooks: list[Callable[[Config], Coroutine[Any, Any, None]]] = field(default_factory=list)
     # Coroutines run on SIGTERM before cancellation: stop accepting work and finish it.
     drain_hooks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Control methods; each capability registers its own when it is constructed.
+    methods: MethodRegistry = field(default_factory=MethodRegistry)
+    # Reloads the config file like SIGHUP and returns whether the new one was applied;
+    # the supervisor sets it.
+    reload_config: Callable[[], Coroutine[Any, Any, bool]] | None = None
     stopping: bool = False
 
     def status_line(self) -> str:

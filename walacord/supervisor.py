@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from walacord import __version__, logs
 from walacord import config as config_module
+from walacord.components import default_components
 from walacord.config import Config
 from walacord.errors import ConfigError, WalacordError
 from walacord.metrics import Metrics
@@ -33,20 +34,6 @@ from walacord.systemd import Notifier
 log = logging.getLogger(__name__)
 
 ComponentFactory = Callable[[Runtime], Sequence[Component]]
-
-
-def default_components(runtime: Runtime) -> list[Component]:
-    """Build the daemon's components in start order.
-
-    Extension point: each capability adds its component here. Components that others
-    depend on start first; they stop in reverse order.
-    """
-    from walacord.web import WebServer
-
-    components: list[Component] = []
-    if runtime.config.http.listen:
-        components.append(WebServer(runtime))
-    return components
 
 
 class Supervisor:
@@ -62,6 +49,7 @@ class Supervisor:
             metrics=Metrics(registry), notifier=notifier or Notifier(),
             logs=logs._current,
         )
+        self.runtime.reload_config = self.reload
         self._component_factory = components
         self._reload_requested = anyio.Event()
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -340,3 +341,35 @@ async def test_stats_count_requests_and_logins(http: httpx.AsyncClient) -> None:
     assert stats["requests"]["/api/schemas/envelopeTypes"] == {"200": 1, "401": 1}
     assert stats["requests"]["/api/auth/login"] == {"200": 1}
     assert "/_emulator/stats" not in stats["requests"]
+
+
+async def test_fault_rules_apply_in_order(http: httpx.AsyncClient) -> None:
+    headers = await ready(http)
+    rules = [
+        {"status": 503, "path": "/api/schemas", "count": 1},
+        {"status": 429, "retry_after": 1, "path": "/api/schemas"},
+    ]
+    put = await http.put("/_emulator/faults", json=rules)
+    first = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    second = await http.get("/api/schemas/envelopeTypes", headers=headers)
+    query = await http.post("/api/query/get", json={}, headers=headers)
+
+    assert put.status_code == 200
+    assert [rule["status"] for rule in put.json()["faults"]] == [503, 429]
+    assert first.status_code == 503
+    assert second.status_code == 429
+    assert query.status_code == 200
+
+
+async def test_run_reports_url_and_stops_on_cancel(tmp_path: Path) -> None:
+    emulator = Emulator(state_path=str(tmp_path / "state.sqlite"))
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(emulator.run)
+        async with httpx.AsyncClient(base_url=url) as http:
+            token = await login(http)
+        tg.cancel_scope.cancel()
+
+    assert token.startswith("Bearer ")
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(base_url=url) as http:
+            await http.post("/api/auth/login", json={"userName": "admin", "password": "admin"})

@@ -6,8 +6,12 @@ from collections import Counter
 
 import pytest
 
-from walacord.emulator import Emulator
-from walacord.errors import WalacorServerError, WalacorValidationError
+from walacord.emulator import Emulator, FaultSpec
+from walacord.errors import (
+    WalacorRateLimitedError,
+    WalacorServerError,
+    WalacorValidationError,
+)
 from walacord.walacor import StoredRecord, WalacorClient
 
 pytestmark = pytest.mark.anyio
@@ -129,3 +133,22 @@ async def test_batched_submits_after_random_drops(
     counts = await rows_per_key(client, etid, keys)
     assert sorted(k for k, n in counts.items() if n != 1) == []
     assert (await client.query(etid, {}, page_no=0, page_size=0)).total == 1000
+
+
+async def test_failed_lookup_keeps_maybe_committed(
+    emulator: Emulator, client: WalacorClient, etid: int
+) -> None:
+    emulator.set_faults(
+        [
+            FaultSpec(mode="drop_after_commit", path=SUBMIT, count=1),
+            FaultSpec(status=429, retry_after=2, path="/api/query"),
+        ]
+    )
+    with pytest.raises(WalacorRateLimitedError) as caught:
+        await client.submit_once(etid, {"amount": 5}, "op-6")
+    emulator.clear_faults()
+
+    assert caught.value.maybe_committed is True
+    again = await client.submit_once(etid, {"amount": 5}, "op-6", check_first=True)
+    assert again.adopted is True
+    assert await rows_per_key(client, etid, ["op-6"]) == {"op-6": 1}

@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import orjson
 from aiohttp import web
 
 from walacord.emulator.faults import (
@@ -29,20 +28,19 @@ from walacord.emulator.faults import (
     trickle,
     wait_for_disconnect,
 )
+from walacord.emulator.parsing import (
+    etid_header,
+    int_header,
+    int_param,
+    json_body,
+    json_response,
+)
 from walacord.emulator.store import ENVELOPE_STATUS, SCHEMA_ETID, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USERS = {"admin": "admin"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(
-    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
 
 
 class Emulator:
@@ -54,7 +52,7 @@ class Emulator:
         users: Mapping[str, str] | None = None,
         state_path: str | None = None,
         token_ttl: float | None = 3600.0,
-        faults: FaultSpec | None = None,
+        faults: FaultSpec | list[FaultSpec] | None = None,
         seed: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -74,14 +72,16 @@ class Emulator:
 
     # --- direct control, also used by the /_emulator endpoints ---------------------
 
-    def set_faults(self, spec: FaultSpec | None = None, **settings: Any) -> None:
-        """Replace the active fault with `spec`, or with one built from keyword settings."""
+    def set_faults(self, spec: FaultSpec | list[FaultSpec] | None = None, **settings: Any) -> None:
+        """Replace the active faults with `spec` (one rule or a list tried in order),
+        or with one rule built from keyword settings."""
         if spec is None:
             spec = FaultSpec.from_json(settings)
-        else:
-            spec.validate()
-        self.faults.set(spec)
-        log.info("emulator.faults.set", extra={"fields": spec.to_json()})
+        rules = [spec] if isinstance(spec, FaultSpec) else list(spec)
+        for rule in rules:
+            rule.validate()
+        self.faults.set(rules)
+        log.info("emulator.faults.set", extra={"fields": {"rules": [r.to_json() for r in rules]}})
 
     def clear_faults(self) -> None:
         self.faults.set(None)
@@ -242,7 +242,7 @@ class Emulator:
             raise StoreError(401, "unauthorized", "token is invalid or expired: log in again")
 
     async def _login(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         if not isinstance(body, dict):
             raise StoreError(400, "validation", "body must be {userName, password}")
         user, password = body.get("userName"), body.get("password")
@@ -271,7 +271,7 @@ class Emulator:
 
     async def _create_schema(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         if not isinstance(body, dict) or body.get("ETId") != SCHEMA_ETID:
             raise StoreError(400, "validation", f"body must be {{ETId: {SCHEMA_ETID}, SV, Schema}}")
         eid, uid = await self.store.create_schema(body.get("SV", 1), body.get("Schema"))
@@ -280,9 +280,9 @@ class Emulator:
 
     async def _submit(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        etid = _etid_header(request)
-        sv = _int_header(request, "SV")
-        body = await _json_body(request)
+        etid = etid_header(request)
+        sv = int_header(request, "SV")
+        body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("Data"), list):
             raise StoreError(400, "validation", 'body must be {"Data": [record, ...]}')
         if not body["Data"]:
@@ -293,12 +293,12 @@ class Emulator:
 
     async def _query_get(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        etid = _etid_header(request)
-        page_no = _int_param(request, "pageNo", 0)
-        page_size = _int_param(request, "pageSize", 0)
+        etid = etid_header(request)
+        page_no = int_param(request, "pageNo", 0)
+        page_size = int_param(request, "pageSize", 0)
         from_summary = request.query.get("fromSummary", "false").lower() == "true"
         total_req = request.query.get("totalReq", "false").lower() == "true"
-        condition = await _json_body(request, default={})
+        condition = await json_body(request, default={})
         if not isinstance(condition, dict):
             raise StoreError(400, "validation", "body must be an equality filter object")
 
@@ -314,8 +314,8 @@ class Emulator:
 
     async def _query_complex(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        etid = _etid_header(request)
-        pipeline = await _json_body(request)
+        etid = etid_header(request)
+        pipeline = await json_body(request)
         if not isinstance(pipeline, list):
             raise StoreError(400, "validation", "body must be an aggregation pipeline (array)")
         rows, total = self.store.aggregate(etid, pipeline)
@@ -324,16 +324,26 @@ class Emulator:
     # --- control handlers -------------------------------------------------------
 
     async def _put_faults(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
         try:
-            spec = FaultSpec.from_json(await _json_body(request))
+            if isinstance(body, list):
+                rules = [FaultSpec.from_json(item) for item in body]
+            else:
+                rules = [FaultSpec.from_json(body)]
         except (TypeError, ValueError) as exc:
             raise StoreError(400, "validation", str(exc)) from None
-        self.set_faults(spec)
-        return json_response({"faults": spec.to_json()})
+        self.set_faults(rules)
+        return json_response(self._faults_document())
 
     async def _get_faults(self, request: web.Request) -> web.Response:
-        spec = self.faults.spec
-        return json_response({"faults": spec.to_json() if spec else None})
+        return json_response(self._faults_document())
+
+    def _faults_document(self) -> dict[str, Any]:
+        """Return `{"faults": rule}` for one rule, or a list of rules for several."""
+        rules = [rule.to_json() for rule in self.faults.rules]
+        if not rules:
+            return {"faults": None}
+        return {"faults": rules[0] if len(rules) == 1 else rules}
 
     async def _delete_faults(self, request: web.Request) -> web.Response:
         self.clear_faults()
@@ -344,45 +354,6 @@ class Emulator:
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return json_response(self.stats())
-
-
-async def _json_body(request: web.Request, default: Any = None) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        if default is not None:
-            return default
-        raise StoreError(400, "validation", "request body is missing")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise StoreError(400, "validation", f"request body is not valid JSON: {exc}") from None
-
-
-def _etid_header(request: web.Request) -> int:
-    etid = _int_header(request, "ETId")
-    if etid is None:
-        raise StoreError(400, "validation", "ETId header is required")
-    return etid
-
-
-def _int_header(request: web.Request, name: str) -> int | None:
-    value = request.headers.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise StoreError(400, "validation", f"{name} header must be an integer") from None
-
-
-def _int_param(request: web.Request, name: str, default: int) -> int:
-    value = request.query.get(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise StoreError(400, "validation", f"{name} must be an integer") from None
 
 
 @asynccontextmanager

@@ -138,18 +138,20 @@ def fault_from_args(args: argparse.Namespace) -> FaultSpec | None:
 
 async def serve(emulator: Emulator, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM, then stop the listener and close the state file."""
-    async with anyio.create_task_group() as tg:
-        url = await tg.start(
-            lambda task_status: emulator.run(host=host, port=port, task_status=task_status)
-        )
-        print(f"walacord emulator listening on {url}/api", flush=True)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # The receiver opens before the listener, so a signal sent as soon as the port
+    # answers is not lost to Python's default handler.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            url = await tg.start(
+                lambda task_status: emulator.run(host=host, port=port, task_status=task_status)
+            )
+            print(f"walacord emulator listening on {url}/api", flush=True)
             async for signum in signals:
                 log.info(
                     "emulator.signal", extra={"fields": {"signal": signal.Signals(signum).name}}
                 )
                 break
-        tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
 
 
 def command(args: argparse.Namespace) -> int:

@@ -87,31 +87,47 @@ class FaultSpec:
 
 
 class FaultState:
-    """The active fault, if any, and the random source that applies its ratio."""
+    """The active fault rules and the random source that applies their ratios.
 
-    def __init__(self, spec: FaultSpec | None = None, *, seed: int | None = None) -> None:
+    Rules are tried in order for each request. The first rule whose path matches,
+    whose count is not used up and whose ratio draw succeeds applies.
+    """
+
+    def __init__(
+        self, spec: FaultSpec | list[FaultSpec] | None = None, *, seed: int | None = None
+    ) -> None:
         self._random = random.Random(seed)
-        self.spec = spec
-        self._remaining = spec.count if spec is not None else None
+        self.rules: list[FaultSpec] = []
+        self._remaining: list[int | None] = []
+        self.set(spec)
 
-    def set(self, spec: FaultSpec | None) -> None:
-        self.spec = spec
-        self._remaining = spec.count if spec is not None else None
+    @property
+    def spec(self) -> FaultSpec | None:
+        """The first rule, or None when no fault is set."""
+        return self.rules[0] if self.rules else None
+
+    def set(self, rules: FaultSpec | list[FaultSpec] | None) -> None:
+        if rules is None:
+            rules = []
+        elif isinstance(rules, FaultSpec):
+            rules = [rules]
+        self.rules = list(rules)
+        self._remaining = [rule.count for rule in self.rules]
 
     def decide(self, path: str) -> FaultSpec | None:
-        """Return the spec when the fault applies to this request, else None."""
-        spec = self.spec
-        if spec is None:
-            return None
-        if spec.path is not None and not path.startswith(spec.path):
-            return None
-        if self._remaining is not None and self._remaining <= 0:
-            return None
-        if spec.ratio < 1.0 and self._random.random() >= spec.ratio:
-            return None
-        if self._remaining is not None:
-            self._remaining -= 1
-        return spec
+        """Return the rule that applies to a request for `path`, else None."""
+        for index, rule in enumerate(self.rules):
+            if rule.path is not None and not path.startswith(rule.path):
+                continue
+            remaining = self._remaining[index]
+            if remaining is not None and remaining <= 0:
+                continue
+            if rule.ratio < 1.0 and self._random.random() >= rule.ratio:
+                continue
+            if remaining is not None:
+                self._remaining[index] = remaining - 1
+            return rule
+        return None
 
 
 def error_body(status: int, message: str, reason: str | None = None) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class WalacorClient:
         request_timeout: float = 30.0,
         key_field: str = "walacord_key",
         max_connections: int = 20,
+        trust_env: bool = False,
     ) -> None:
         self.api = api_root(base_url)
         self.scheme = urlsplit(self.api).scheme
@@ -85,7 +86,9 @@ class WalacorClient:
             ),
             limits=httpx.Limits(max_connections=max_connections),
             follow_redirects=False,
-            trust_env=False,
+            # Off by default so HTTP(S)_PROXY and SSL_CERT_FILE from the environment
+            # cannot silently route or re-trust calls; pass trust_env=True to use them.
+            trust_env=trust_env,
         )
 
     @classmethod

@@ -139,7 +139,13 @@ async def submit_many_once(
     for attempt in range(1, MAX_SUBMIT_ATTEMPTS + 2):
         # Step 1: after an unknown outcome, adopt every key that is already stored.
         if outcome_unknown:
-            found = await find_keys(client, etid, list(pending))
+            try:
+                found = await find_keys(client, etid, list(pending))
+            except WalacorError as exc:
+                # The submit before this lookup may have been stored, whatever error
+                # the lookup itself raised, so the caller must look up again.
+                exc.maybe_committed = True
+                raise
             for key, row in found.items():
                 results[key] = _adopted(key, row, etid)
                 del pending[key]

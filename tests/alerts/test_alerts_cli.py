@@ -1,0 +1,71 @@
+"""`walacorctl alerts` against a real `walacord run` daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Path]:
+    socket = tmp_path / "control.sock"
+    config = tmp_path / "walacord.toml"
+    config.write_text(
+        f'[http]\nlisten = ""\n[logging]\ndir = ""\n'
+        f'[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[control]\nsocket = "{socket}"\ngroup = ""\n')
+    process = subprocess.Popen([sys.executable, "-m", "walacord", "run", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not socket.exists():
+        assert process.poll() is None, "walacord run exited during start-up"
+        assert time.monotonic() < deadline, "control socket did not appear within 20 s"
+        time.sleep(0.05)
+    try:
+        yield socket
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+
+
+def ctl(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([WALACORCTL, "--socket", str(socket), *args], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ), check=False)
+
+
+def test_alerts_silence_list_unsilence(daemon: Path) -> None:
+    created = ctl(daemon, "--json", "alerts", "silence", 'probe="database"', "--for", "2h",
+                  "--reason", "planned maintenance")
+    assert created.returncode == 0, created.stderr
+    silence_id = orjson.loads(created.stdout)["silence"]["id"]
+
+    listing = ctl(daemon, "--json", "alerts")
+    assert listing.returncode == 0, listing.stderr
+    silences = orjson.loads(listing.stdout)["silences"]
+    assert [s["id"] for s in silences] == [silence_id]
+    assert silences[0]["reason"] == "planned maintenance"
+
+    table = ctl(daemon, "alerts")
+    assert "planned maintenance" in table.stdout
+
+    ended = ctl(daemon, "alerts", "unsilence", silence_id)
+    assert ended.returncode == 0, ended.stderr
+    after = orjson.loads(ctl(daemon, "--json", "alerts").stdout)
+    assert after["silences"] == []
+
+
+def test_alerts_silence_rejects_bad_duration(daemon: Path) -> None:
+    result = ctl(daemon, "alerts", "silence", 'probe="database"', "--for", "soon",
+                 "--reason", "x")
+    assert result.returncode == 1
+    assert "invalid duration 'soon'" in result.stderr

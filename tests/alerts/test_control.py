@@ -1,0 +1,94 @@
+"""The `alerts.*` control handlers against a running alerts component."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from walacord.alerts import rules
+from walacord.alerts.control import handlers
+from walacord.alerts.service import AlertService
+from walacord.alerts.store import AlertStore
+from walacord.errors import ControlError
+
+from .conftest import make_runtime
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[AlertService]:
+    runtime = make_runtime(tmp_path, evaluation_interval=0.05, probe_down_for=0.0)
+    alert_service = AlertService(runtime)
+    async with anyio.create_task_group() as tg:
+        await tg.start(alert_service.run)
+        yield alert_service
+        tg.cancel_scope.cancel()
+
+
+async def settle(service: AlertService) -> None:
+    await service.evaluate_once()
+
+
+async def test_control_silence_moves_alert_to_silenced(service: AlertService,
+                                                       tmp_path: Path) -> None:
+    methods = handlers(service)
+    config = service.runtime.config.alerts
+    service.observe(rules.probe_down("walacor", False, config))
+    service.observe(rules.probe_down("database", False, config))
+
+    created = await methods["alerts.silence"]({
+        "matcher": 'probe="walacor"', "duration": "2h", "reason": "vendor maintenance"})
+    await settle(service)
+    listing = await methods["alerts.list"]({})
+
+    silence = created["silence"]
+    assert silence["matchers"] == ['probe="walacor"']
+    assert silence["reason"] == "vendor maintenance"
+    assert [a["labels"]["probe"] for a in listing["silenced"]] == ["walacor"]
+    assert [a["labels"]["probe"] for a in listing["active"]] == ["database"]
+    assert [s["id"] for s in listing["silences"]] == [silence["id"]]
+    store = await AlertStore.open(tmp_path / "alerts.db", 5.0)
+    try:
+        assert [s.id for s in await store.silences(0)] == [silence["id"]]
+    finally:
+        await store.close()
+
+
+async def test_control_unsilence_ends_silence(service: AlertService) -> None:
+    methods = handlers(service)
+    service.observe(rules.probe_down("walacor", False, service.runtime.config.alerts))
+    created = await methods["alerts.silence"]({
+        "matcher": "alertname=WalacordProbeDown", "duration": 600, "reason": "testing"})
+
+    result = await methods["alerts.unsilence"]({"id": created["silence"]["id"]})
+    await settle(service)
+    listing = await methods["alerts.list"]({})
+
+    assert result == {"expired": created["silence"]["id"]}
+    assert listing["silenced"] == []
+    assert listing["silences"] == []
+    assert [a["labels"]["probe"] for a in listing["active"]] == ["walacor"]
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"duration": "1h", "reason": "r"}, "missing or empty 'matcher'"),
+    ({"matcher": "probe=x", "duration": "1h"}, "missing or empty 'reason'"),
+    ({"matcher": "probe=x", "duration": "soon", "reason": "r"}, "invalid duration"),
+    ({"matcher": "probe=x", "duration": 0, "reason": "r"}, "invalid duration 0s"),
+    ({"matcher": "probe", "duration": "1h", "reason": "r"}, "invalid matcher"),
+])
+async def test_control_silence_rejects_invalid_params(
+        service: AlertService, params: dict[str, object], message: str) -> None:
+    with pytest.raises(ControlError, match=message) as caught:
+        await handlers(service)["alerts.silence"](params)
+
+    assert caught.value.code == -32602
+
+
+async def test_control_unsilence_unknown_id(service: AlertService) -> None:
+    with pytest.raises(ControlError, match="not found"):
+        await handlers(service)["alerts.unsilence"]({"id": "nope"})

@@ -1,0 +1,64 @@
+"""Fixtures for backup tests: a seeded database and a manager factory."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from walacord.backup import BackupAlert, BackupManager
+from walacord.config import BackupConfig
+
+SEED_SQL = """
+CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL);
+CREATE TABLE ledger (id bigserial PRIMARY KEY, account int REFERENCES accounts, amount numeric);
+CREATE TABLE empty_table (x int);
+CREATE SCHEMA audit;
+CREATE TABLE audit.events (id int, note text);
+INSERT INTO accounts SELECT g, 'owner ' || g FROM generate_series(1, 200) g;
+INSERT INTO ledger (account, amount) SELECT 1 + g % 200, g * 1.5 FROM generate_series(1, 3000) g;
+INSERT INTO audit.events SELECT g, md5(g::text) FROM generate_series(1, 50) g;
+"""
+SEED_ROWS = {"public.accounts": 200, "public.ledger": 3000, "public.empty_table": 0,
+             "audit.events": 50}
+
+
+@pytest.fixture
+def seeded_db(pg_db: str) -> str:
+    """A fresh database with four tables in two schemas; yields its superuser URL."""
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute(SEED_SQL)
+    return pg_db
+
+
+@pytest.fixture
+def seed_rows() -> dict[str, int]:
+    """Row counts of every table in `seeded_db`, keyed "schema.table"."""
+    return dict(SEED_ROWS)
+
+
+@pytest.fixture
+def alerts() -> list[BackupAlert]:
+    return []
+
+
+ManagerFactory = Callable[..., BackupManager]
+
+
+@pytest.fixture
+def make_manager(tmp_path: Path, seeded_db: str, alerts: list[BackupAlert]) -> ManagerFactory:
+    """Build a manager on `seeded_db` with short deadlines; keywords override config."""
+
+    def build(url: str = seeded_db, directory: Path | None = None,
+              **settings: Any) -> BackupManager:
+        base = BackupConfig(dir=str(directory or tmp_path / "backups"), query_timeout=15.0,
+                            dump_timeout=60.0, verify_timeout=60.0, drill_timeout=60.0,
+                            restore_timeout=60.0, lock_wait_timeout=10.0)
+        config = dataclasses.replace(base, **settings)
+        return BackupManager(config, conninfo=url, alert=alerts.append)
+
+    return build

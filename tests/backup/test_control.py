@@ -1,0 +1,133 @@
+"""Control-channel methods for backups, called as the control server calls them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from walacord.backup import BackupManager
+from walacord.backup.control import (
+    BACKUP_FAILED,
+    INVALID_PARAMS,
+    TARGET_EXISTS,
+    backup_list,
+    backup_now,
+    backup_restore,
+    backup_verify,
+    handlers,
+)
+from walacord.backup.manifest import sha256_file
+from walacord.errors import ControlError
+from walacord.pgcluster import PgCluster
+
+pytestmark = pytest.mark.anyio
+
+ManagerFactory = Callable[..., BackupManager]
+
+
+def file_size(path: str) -> int:
+    return Path(path).stat().st_size
+
+
+@pytest.fixture
+def target_db(pg_cluster: PgCluster, seeded_db: str) -> Iterator[str]:
+    name = seeded_db.rsplit("/", 1)[1][:40] + "_ctl"
+    yield name
+    pg_cluster.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_handlers_bind_manager(make_manager: ManagerFactory) -> None:
+    bound = handlers(make_manager())
+
+    assert sorted(bound) == ["backup.list", "backup.now", "backup.restore", "backup.verify"]
+    assert await bound["backup.list"]({}) == {"backups": []}
+
+
+async def test_now_returns_id_and_path(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+
+    result = await backup_now(manager, {})
+
+    assert result["status"] == "completed"
+    path = Path(result["path"])
+    assert result["id"] in path.name
+    assert sha256_file(path) == result["sha256"]
+    assert result["verified"] is True
+
+
+async def test_list_entries_have_stable_keys(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    first = await backup_now(manager, {})
+    second = await backup_now(manager, None)
+
+    result = await backup_list(manager, {})
+
+    entries = result["backups"]
+    assert [e["id"] for e in entries] == [second["id"], first["id"]]
+    for entry in entries:
+        for key in ("id", "path", "size_bytes", "sha256", "verified", "age_seconds",
+                    "created_at"):
+            assert key in entry
+        assert entry["size_bytes"] == file_size(entry["path"])
+        assert entry["age_seconds"] >= 0
+
+
+async def test_verify_with_drill(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+
+    result = await backup_verify(manager, {"id": backup["id"], "drill": True})
+
+    assert result["verified"] is True
+    assert result["checksum"]["ok"] is True
+    assert result["drill"]["ok"] is True
+    assert result["drill"]["row_counts"]["public.ledger"] == 3000
+
+
+async def test_verify_rejects_bad_params(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+
+    with pytest.raises(ControlError) as unknown:
+        await backup_verify(manager, {"idd": "x"})
+    with pytest.raises(ControlError) as wrong_type:
+        await backup_verify(manager, {"drill": "yes"})
+    with pytest.raises(ControlError) as no_backups:
+        await backup_verify(manager, {})
+
+    assert unknown.value.code == INVALID_PARAMS
+    assert "unknown parameter 'idd'" in unknown.value.message
+    assert wrong_type.value.code == INVALID_PARAMS
+    assert no_backups.value.code == BACKUP_FAILED
+    assert "no backups" in no_backups.value.message
+
+
+async def test_restore_names_database_to_replace(make_manager: ManagerFactory,
+                                                 pg_cluster: PgCluster,
+                                                 target_db: str) -> None:
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    created = await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
+
+    with pytest.raises(ControlError) as refused:
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
+    replaced = await backup_restore(manager, {"id": backup["id"], "target_db": target_db,
+                                              "force": True})
+
+    assert created["replaced"] is False
+    assert refused.value.code == TARGET_EXISTS
+    assert target_db in refused.value.message
+    assert refused.value.data == {"database": target_db}
+    assert replaced["replaced"] is True
+    assert pg_cluster.psql("SELECT count(*) FROM accounts", dbname=target_db) == "200"
+
+
+async def test_restore_requires_id_and_target(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+
+    with pytest.raises(ControlError) as raised:
+        await backup_restore(manager, {"id": "x"})
+
+    assert raised.value.code == INVALID_PARAMS
+    assert "target_db" in raised.value.message

@@ -1,0 +1,159 @@
+"""Client program plumbing: versions, credentials and pipelines under a deadline."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from walacord.backup.dump import DumpRequest, pg_dump_argv
+from walacord.backup.pgclient import (
+    Command,
+    PipelineTimeout,
+    check_client_version,
+    client_environment,
+    find_client_bindir,
+    parse_client_version,
+    passfile_line,
+    run_pipeline,
+    split_conninfo,
+)
+from walacord.errors import BackupError
+
+
+def test_parse_client_version_debian_build() -> None:
+    output = "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"
+
+    assert parse_client_version(output) == (15, "15.18")
+
+
+def test_parse_client_version_rejects_garbage() -> None:
+    with pytest.raises(BackupError, match="cannot read a version"):
+        parse_client_version("command not found")
+
+
+def test_check_client_version_names_package() -> None:
+    check_client_version("pg_dump", 16, 15)
+    check_client_version("pg_dump", 15, 15)
+
+    with pytest.raises(BackupError) as raised:
+        check_client_version("pg_dump", 15, 17)
+
+    assert "postgresql-client-17" in str(raised.value)
+    assert "backup.pg_bindir" in str(raised.value)
+
+
+def test_find_client_bindir_has_programs() -> None:
+    bindir = find_client_bindir()
+
+    for name in ("pg_dump", "pg_restore", "psql"):
+        assert (bindir / name).exists()
+
+
+def test_find_client_bindir_rejects_bad_setting(tmp_path: Path) -> None:
+    with pytest.raises(BackupError, match="lacks pg_dump"):
+        find_client_bindir(str(tmp_path))
+
+
+def test_passfile_line_escapes_separators() -> None:
+    assert passfile_line("a:b\\c") == "*:*:*:*:a\\:b\\\\c\n"
+
+
+def test_split_conninfo_drops_password_and_options() -> None:
+    params, password = split_conninfo(
+        "host=db port=5432 dbname=app user=w password=s3cret options='-c statement_timeout=5'")
+
+    assert password == "s3cret"
+    assert params == {"host": "db", "port": "5432", "dbname": "app", "user": "w"}
+
+
+def test_client_environment_uses_private_passfile() -> None:
+    os.environ["PGPASSWORD"] = "leaked"
+    try:
+        with client_environment("s3cret") as env:
+            path = Path(env["PGPASSFILE"])
+            assert path.read_text() == "*:*:*:*:s3cret\n"
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert "PGPASSWORD" not in env
+    finally:
+        del os.environ["PGPASSWORD"]
+
+    assert not path.exists()
+
+
+def test_pg_dump_argv_has_no_password(tmp_path: Path) -> None:
+    params, password = split_conninfo("postgresql://u:s3cret@127.0.0.1:5432/app")
+    request = DumpRequest(
+        bindir=Path("/usr/bin"), conninfo=" ".join(f"{k}={v}" for k, v in params.items()),
+        env={}, fmt="custom", compression_level=6, lock_wait_timeout=30.0, timeout=60.0,
+        target=tmp_path / "x", snapshot="00000003-00000002-1", table_total=1)
+
+    argv = pg_dump_argv(request)
+
+    assert password == "s3cret"
+    assert not any("s3cret" in arg for arg in argv)
+    assert "--lock-wait-timeout=30000" in argv
+    assert "--snapshot=00000003-00000002-1" in argv
+
+
+@pytest.mark.anyio
+async def test_run_pipeline_sees_failure_before_pipe(tmp_path: Path) -> None:
+    first = Command(["sh", "-c", "echo partial; echo 'boom' >&2; exit 3"])
+    second = Command(["gzip", "-c"])
+    output = os.open(tmp_path / "out.gz", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        await run_pipeline([first, second], env=dict(os.environ), time_limit=10,
+                           stdin=subprocess.DEVNULL, stdout=output)
+    finally:
+        os.close(output)
+
+    assert first.returncode == 3
+    assert second.returncode == 0
+    assert first.stderr_text() == "boom"
+
+
+@pytest.mark.anyio
+async def test_run_pipeline_kills_on_deadline() -> None:
+    commands = [Command(["sleep", "30"]), Command(["cat"])]
+    started = time.monotonic()
+
+    with pytest.raises(PipelineTimeout, match=re.escape("sleep | cat ran longer than 0.5s")):
+        await run_pipeline(commands, env=dict(os.environ), time_limit=0.5,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    assert time.monotonic() - started < 5
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert "sleep" not in names
+
+
+@pytest.mark.anyio
+async def test_run_pipeline_kills_on_cancel() -> None:
+    commands = [Command(["sleep", "30"])]
+
+    with anyio.move_on_after(0.3):
+        await run_pipeline(commands, env=dict(os.environ), time_limit=60,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert "sleep" not in names
+
+
+@pytest.mark.anyio
+async def test_run_pipeline_missing_program_closes_pipes() -> None:
+    open_before = len(os.listdir("/proc/self/fd"))
+    commands = [Command(["sleep", "30"]), Command(["/nonexistent/walacord-test"])]
+
+    with pytest.raises(FileNotFoundError):
+        await run_pipeline(commands, env=dict(os.environ), time_limit=10,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert "sleep" not in names

@@ -1,0 +1,122 @@
+"""Restoring backups into new and existing databases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+
+from walacord.backup import BackupManager
+from walacord.backup.restore import DatabaseExists
+from walacord.errors import BackupError
+from walacord.pgcluster import PgCluster
+
+pytestmark = pytest.mark.anyio
+
+ManagerFactory = Callable[..., BackupManager]
+
+
+@pytest.fixture
+def target_db(pg_cluster: PgCluster, seeded_db: str) -> Iterator[str]:
+    name = seeded_db.rsplit("/", 1)[1][:40] + "_restored"
+    yield name
+    pg_cluster.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def ledger_rows(cluster: PgCluster, dbname: str) -> int:
+    return int(cluster.psql("SELECT count(*) FROM ledger", dbname=dbname))
+
+
+def restoring_databases(cluster: PgCluster) -> list[str]:
+    output = cluster.psql("SELECT datname FROM pg_database WHERE datname LIKE '%_restoring_%'")
+    return [line for line in output.splitlines() if line]
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_restore_into_new_database(make_manager: ManagerFactory, pg_cluster: PgCluster,
+                                         target_db: str, fmt: str) -> None:
+    manager = make_manager(format=fmt)
+    backup = await manager.take()
+    assert backup is not None
+    steps: list[tuple[int, int, str]] = []
+
+    result = await manager.restore(backup.id, target_db,
+                                   progress=lambda done, total, text: steps.append(
+                                       (done, total, text)))
+
+    assert result.target_db == target_db
+    assert not result.replaced
+    assert ledger_rows(pg_cluster, target_db) == 3000
+    assert pg_cluster.psql("SELECT count(*) FROM audit.events", dbname=target_db) == "50"
+    assert steps
+    assert steps[-1][0] == steps[-1][1]
+    assert restoring_databases(pg_cluster) == []
+
+
+async def test_restore_refuses_existing_without_force(make_manager: ManagerFactory,
+                                                      pg_cluster: PgCluster,
+                                                      target_db: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
+    pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
+
+    with pytest.raises(DatabaseExists) as raised:
+        await manager.restore(backup.id, target_db)
+
+    assert f"'{target_db}' already exists" in str(raised.value)
+    assert "--force" in str(raised.value)
+    assert raised.value.database == target_db
+    assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "0"
+
+
+async def test_restore_force_replaces_existing(make_manager: ManagerFactory,
+                                               pg_cluster: PgCluster, target_db: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
+    pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
+
+    result = await manager.restore(backup.id, target_db, force=True)
+
+    assert result.replaced
+    assert ledger_rows(pg_cluster, target_db) == 3000
+    assert pg_cluster.psql("SELECT to_regclass('keep_me') IS NULL", dbname=target_db) == "t"
+
+
+async def test_restore_failure_keeps_existing_database(make_manager: ManagerFactory,
+                                                       pg_cluster: PgCluster,
+                                                       target_db: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+    path.write_bytes(path.read_bytes()[:600])
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
+    pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
+
+    with pytest.raises(BackupError, match="restore"):
+        await manager.restore(backup.id, target_db, force=True)
+
+    assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "0"
+    assert restoring_databases(pg_cluster) == []
+    assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1
+
+
+async def test_restore_over_source_database(make_manager: ManagerFactory,
+                                            pg_cluster: PgCluster, seeded_db: str) -> None:
+    """Replacing the backed-up database itself works from the maintenance database."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        conn.execute("DELETE FROM ledger")
+    source = seeded_db.rsplit("/", 1)[1]
+
+    result = await manager.restore(backup.id, source, force=True)
+
+    assert result.replaced
+    assert ledger_rows(pg_cluster, source) == 3000

@@ -1,0 +1,201 @@
+"""The backup schedule: daily start times, missed runs, drills and age alerts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from walacord.backup import BackupAlert, BackupManager
+from walacord.backup.alerts import BACKUP_STALE
+from walacord.backup.scheduler import (
+    BackupScheduler,
+    backup_missed,
+    jitter_seconds,
+    next_daily_run,
+)
+
+ManagerFactory = Callable[..., BackupManager]
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+async def poll_until(condition: Callable[[], bool]) -> None:
+    while True:
+        if condition():
+            return
+        await anyio.sleep(0.05)
+
+
+def test_next_daily_run_later_today() -> None:
+    start = next_daily_run(NOW, "14:30", 0, "db")
+
+    assert start == datetime(2026, 12, 4, 14, 30, tzinfo=UTC)
+
+
+def test_next_daily_run_tomorrow_when_passed() -> None:
+    start = next_daily_run(NOW, "02:30", 0, "db")
+
+    assert start == datetime(2026, 12, 5, 2, 30, tzinfo=UTC)
+
+
+def test_next_daily_run_adds_bounded_jitter() -> None:
+    start = next_daily_run(NOW, "14:30", 1800, "db")
+    base = datetime(2026, 12, 4, 14, 30, tzinfo=UTC)
+
+    assert base <= start < base + timedelta(seconds=1800)
+    assert start == base + timedelta(seconds=jitter_seconds("db", NOW.replace(hour=0), 1800))
+
+
+def test_jitter_same_for_every_host() -> None:
+    day = NOW.replace(hour=0)
+
+    assert jitter_seconds("pg1/ledger", day, 3600) == jitter_seconds("pg1/ledger", day, 3600)
+    assert jitter_seconds("pg1/ledger", day, 3600) != jitter_seconds("pg1/other", day, 3600)
+    assert jitter_seconds("pg1/ledger", day, 0) == 0
+
+
+def test_backup_missed_cases() -> None:
+    assert backup_missed(None, NOW, 86400)
+    assert backup_missed(NOW - timedelta(hours=25), NOW, 86400)
+    assert not backup_missed(NOW - timedelta(hours=23), NOW, 86400)
+
+
+@pytest.mark.anyio
+async def test_scheduler_runs_missed_backup_at_startup(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    scheduler = BackupScheduler(manager)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            await group.start(scheduler.run)
+            await poll_until(lambda: manager.metrics.backup_last_drill._value.get() > 0)
+            group.cancel_scope.cancel()
+
+    manifests = await manager.list()
+    assert len(manifests) == 1
+    assert manifests[0].drill is not None and manifests[0].drill.ok
+
+
+@pytest.mark.anyio
+async def test_scheduler_skips_startup_run_after_recent_backup(
+        make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    assert await manager.take() is not None
+    hour_ahead = (datetime.now(UTC) + timedelta(hours=1)).strftime("%H:%M")
+    scheduler = BackupScheduler(make_manager(daily_at=hour_ahead, jitter=0))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            await group.start(scheduler.run)
+            await anyio.sleep(1.0)
+            group.cancel_scope.cancel()
+
+    assert len(await manager.list()) == 1
+
+
+@pytest.mark.anyio
+async def test_scheduler_removes_partial_files(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    manager.directory.mkdir(parents=True)
+    leftover = manager.directory / ".db__host__20260101T000000Z.dump.partial"
+    leftover.write_bytes(b"PGDMP half")
+    hour_ahead = (datetime.now(UTC) + timedelta(hours=1)).strftime("%H:%M")
+    scheduler = BackupScheduler(make_manager(daily_at=hour_ahead))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            await group.start(scheduler.run)
+            group.cancel_scope.cancel()
+
+    assert not leftover.exists()
+
+
+@pytest.mark.anyio
+async def test_staleness_alert_fires_and_resolves(make_manager: ManagerFactory,
+                                                  alerts: list[BackupAlert]) -> None:
+    manager = make_manager(max_age=3600)
+    assert await manager.take() is not None
+    assert not await manager.check_staleness()
+    assert manager.last_success is not None
+
+    manager.last_success -= timedelta(hours=2)
+    assert await manager.check_staleness()
+    assert await manager.check_staleness()
+    assert await manager.take() is not None
+    assert not await manager.check_staleness()
+
+    stale = [a for a in alerts if a.name == BACKUP_STALE]
+    assert [a.firing for a in stale] == [True, False]
+    assert stale[0].fields["age_seconds"] > 7000
+
+
+@pytest.mark.anyio
+async def test_staleness_counts_peer_backup(make_manager: ManagerFactory, seeded_db: str,
+                                            alerts: list[BackupAlert]) -> None:
+    """A host that lost the lock to a peer does not report the database stale."""
+    import psycopg
+
+    from walacord.backup.manager import BACKUP_LOCK_KEY
+
+    manager = make_manager(max_age=3600)
+    assert await manager.take() is not None
+    assert manager.last_success is not None
+    manager.last_success -= timedelta(hours=2)
+    with psycopg.connect(seeded_db, autocommit=True) as peer:
+        peer.execute("SELECT pg_advisory_lock(%s)", (BACKUP_LOCK_KEY,))
+        assert await manager.take() is None
+
+    assert not await manager.check_staleness()
+    assert alerts == []
+
+
+@pytest.mark.anyio
+async def test_scheduler_retries_failed_backup(make_manager: ManagerFactory, seeded_db: str,
+                                               alerts: list[BackupAlert]) -> None:
+    import psycopg
+
+    hour_ahead = (datetime.now(UTC) + timedelta(hours=1)).strftime("%H:%M")
+    manager = make_manager(daily_at=hour_ahead, jitter=0, retry_interval=1.0,
+                           lock_wait_timeout=0.2)
+    failures = manager.metrics.backup_failures.labels(operation="dump")
+    scheduler = BackupScheduler(manager)
+
+    with psycopg.connect(seeded_db) as holder:
+        holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                await group.start(scheduler.run)
+                await poll_until(lambda: failures._value.get() >= 2)
+                holder.rollback()
+                await poll_until(lambda: manager.last_success is not None)
+                group.cancel_scope.cancel()
+
+    assert failures._value.get() == 2
+    assert len(await manager.list()) == 1
+    assert [a.firing for a in alerts if a.name == "backup_failed"][-1] is False
+
+
+def test_scheduler_for_runtime_uses_registry(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from walacord.config import BackupConfig, Config
+    from walacord.metrics import Metrics
+    from walacord.runtime import Runtime
+    from walacord.systemd import Notifier
+
+    registry = CollectorRegistry()
+    config = Config(backup=BackupConfig(dir=str(tmp_path)))
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier())
+
+    scheduler = BackupScheduler.for_runtime(runtime)
+
+    assert scheduler.name == "backup"
+    assert scheduler.manager.metrics is runtime.metrics
+    assert scheduler.manager.directory == tmp_path
+    assert registry.get_sample_value("walacord_backup_failures_total",
+                                     {"operation": "dump"}) == 0

@@ -1,0 +1,147 @@
+"""Verification and restore drills of stored backups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from walacord.backup import BackupAlert, BackupManager
+from walacord.backup.alerts import BACKUP_FAILED
+from walacord.backup.manifest import write_manifest
+from walacord.errors import BackupError
+from walacord.pgcluster import PgCluster
+
+pytestmark = pytest.mark.anyio
+
+ManagerFactory = Callable[..., BackupManager]
+
+
+def drill_databases(cluster: PgCluster) -> list[str]:
+    output = cluster.psql("SELECT datname FROM pg_database WHERE datname LIKE 'walacord_drill%'")
+    return [line for line in output.splitlines() if line]
+
+
+async def test_verify_accepts_intact_backup(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+
+    checked = await manager.verify(backup.id)
+
+    assert checked.verified
+    assert checked.checksum_check is not None and checked.checksum_check.ok
+    assert checked.list_check is not None and checked.list_check.detail["entries"] > 4
+    stored = await manager.read(backup.id)
+    assert stored.checksum_check == checked.checksum_check
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_verify_detects_changed_file(make_manager: ManagerFactory,
+                                           alerts: list[BackupAlert], fmt: str) -> None:
+    manager = make_manager(format=fmt)
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    checked = await manager.verify()
+
+    assert not checked.verified
+    assert checked.checksum_check is not None
+    assert not checked.checksum_check.ok
+    assert "changed after it was written" in (checked.checksum_check.error or "")
+    assert manager.metrics.backup_failures.labels(operation="verify")._value.get() == 1
+    assert [a.name for a in alerts] == [BACKUP_FAILED]
+    assert not (await manager.read(backup.id)).verified
+
+
+async def test_verify_detects_truncated_plain_dump(make_manager: ManagerFactory) -> None:
+    manager = make_manager(format="plain-gzip")
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+    path.write_bytes(path.read_bytes()[: backup.size_bytes // 2])
+
+    checked = await manager.verify()
+
+    assert checked.list_check is not None
+    assert not checked.list_check.ok
+    assert "truncated" in (checked.list_check.error or "")
+
+
+async def test_verify_missing_file_raises(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    manager.path_of(backup).unlink()
+
+    with pytest.raises(BackupError, match="missing"):
+        await manager.verify(backup.id)
+
+
+async def test_verify_unknown_id_raises(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+
+    with pytest.raises(BackupError, match="not found"):
+        await manager.verify("nope__host__20260101T000000Z")
+    with pytest.raises(BackupError, match="invalid backup id"):
+        await manager.verify("../etc/passwd")
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_drill_restores_and_counts_match(make_manager: ManagerFactory,
+                                               pg_cluster: PgCluster,
+                                               seed_rows: dict[str, int], fmt: str) -> None:
+    manager = make_manager(format=fmt)
+    backup = await manager.take()
+    assert backup is not None
+
+    drilled = await manager.drill(backup.id)
+
+    assert drilled.drill is not None
+    assert drilled.drill.ok, drilled.drill.error
+    assert drilled.drill.detail["row_counts"] == seed_rows
+    assert drilled.drill.detail["table_count"] == 4
+    assert drilled.verified
+    assert (await manager.read(backup.id)).drill == drilled.drill
+    assert drill_databases(pg_cluster) == []
+    assert manager.metrics.backup_last_drill._value.get() > 0
+
+
+async def test_drill_reports_count_mismatch(make_manager: ManagerFactory,
+                                            pg_cluster: PgCluster,
+                                            alerts: list[BackupAlert]) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    backup.row_counts["public.ledger"] += 1
+    write_manifest(manager.directory, backup)
+
+    drilled = await manager.drill(backup.id)
+
+    assert drilled.drill is not None
+    assert not drilled.drill.ok
+    assert drilled.drill.error == "table public.ledger has 3000 rows, the dump had 3001"
+    assert not drilled.verified
+    assert manager.metrics.backup_failures.labels(operation="drill")._value.get() == 1
+    assert [a.name for a in alerts] == [BACKUP_FAILED]
+    assert drill_databases(pg_cluster) == []
+
+
+async def test_drill_uses_dump_time_snapshot(make_manager: ManagerFactory, seeded_db: str,
+                                             seed_rows: dict[str, int]) -> None:
+    """Rows written after the backup change neither the manifest nor the drill."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO accounts VALUES (1000, 'late')")
+
+    drilled = await manager.drill()
+
+    assert drilled.drill is not None and drilled.drill.ok
+    assert drilled.row_counts == seed_rows

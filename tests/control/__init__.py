@@ -1,0 +1,1 @@
+"""Tests of the control socket server and walacorctl."""

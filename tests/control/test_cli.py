@@ -1,0 +1,247 @@
+"""walacorctl against a daemon process running the real supervisor and control server."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.control.harness import WALACORCTL, DaemonProcess, walacorctl
+from walacord.control.cli import Context
+from walacord.control.client import ControlClient, _control_error
+from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, encode_request
+from walacord.control.render import ProgressBar, format_table
+from walacord.errors import ControlClientError
+
+
+def test_status_json_shape(daemon: DaemonProcess) -> None:
+    result = walacorctl("--json", "status", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    status = orjson.loads(result.stdout)
+    assert status["mode"] == "normal"
+    assert status["reason"] == "every critical probe is healthy"
+    assert status["since"].endswith("Z")
+    assert set(status["probes"]) == {"database", "walacor"}
+    for probe in status["probes"].values():
+        assert set(probe) == {"healthy", "reason", "latency_seconds"}
+        assert probe["healthy"] is True
+
+
+def test_status_table_for_people(daemon: DaemonProcess) -> None:
+    result = walacorctl("status", socket=daemon.socket)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stderr
+    assert lines[0].split() == ["mode:", "normal"]
+    assert lines[2].startswith("reason:    every critical probe is healthy")
+    header = next(line for line in lines if line.startswith("PROBE"))
+    assert header.split() == ["PROBE", "STATE", "LATENCY", "SINCE", "REASON"]
+    database = next(line for line in lines if line.startswith("database"))
+    assert database.index("up") == header.index("STATE")
+    assert "2.1 ms" in database
+
+
+def test_socket_from_environment(daemon: DaemonProcess) -> None:
+    result = walacorctl("--json", "mode", env={"WALACORD_CONTROL_SOCKET": str(daemon.socket)})
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["mode"] == "normal"
+
+
+def test_check_exit_code_follows_mode(daemon: DaemonProcess) -> None:
+    first = walacorctl("check", socket=daemon.socket)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("WALACORD OK - mode normal: every critical probe is healthy |")
+    assert "probes_healthy=2;;;0;2" in first.stdout
+    assert "database_latency=0.002100s;;;0" in first.stdout
+    assert first.stdout.count("\n") == 1
+
+    expected = {"degraded": (1, "WARNING"), "emergency": (2, "CRITICAL"),
+                "offline": (2, "CRITICAL"), "normal": (0, "OK")}
+    for mode, (code, word) in expected.items():
+        forced = walacorctl("mode", "set", mode, "--ttl", "60", "--reason", f"test {mode}",
+                            socket=daemon.socket)
+        assert forced.returncode == 0, forced.stderr
+        check = walacorctl("check", socket=daemon.socket)
+        assert check.returncode == code, check.stdout
+        assert check.stdout.startswith(f"WALACORD {word} - mode {mode}: manual override")
+        assert f"test {mode}" in check.stdout
+
+    cleared = walacorctl("--json", "mode", "clear", socket=daemon.socket)
+    assert orjson.loads(cleared.stdout)["override"] is None
+
+
+def test_check_without_daemon_exits_3(socket_dir: Path) -> None:
+    result = walacorctl("check", socket=socket_dir / "missing.sock")
+    assert result.returncode == 3
+    assert result.stdout.startswith("WALACORD UNKNOWN - control socket ")
+    assert "is walacord running?" in result.stdout
+
+
+def test_status_without_daemon_exits_3(socket_dir: Path) -> None:
+    missing = walacorctl("status", socket=socket_dir / "missing.sock")
+    assert missing.returncode == 3
+    assert f"control socket {socket_dir / 'missing.sock'} not found" in missing.stderr
+
+    stale = socket_dir / "stale.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(stale))
+    sock.close()
+    refused = walacorctl("status", socket=stale)
+    assert refused.returncode == 3
+    assert f"nothing is listening on {stale}" in refused.stderr
+
+
+def test_mode_override_expires_and_logs_reason(daemon: DaemonProcess) -> None:
+    forced = walacorctl("--json", "mode", "set", "emergency", "--ttl", "1",
+                        "--reason", "maintenance window", socket=daemon.socket)
+    state = orjson.loads(forced.stdout)
+    assert state["mode"] == "emergency"
+    assert state["override"]["reason"] == "maintenance window"
+    assert 0 < state["override"]["remaining_seconds"] <= 1
+
+    time.sleep(1.5)
+    after = orjson.loads(walacorctl("--json", "mode", socket=daemon.socket).stdout)
+    assert after["mode"] == "normal"
+    assert after["override"] is None
+    changes = daemon.log_events("mode.changed")
+    assert changes[0]["to"] == "emergency"
+    assert "maintenance window" in changes[0]["reason"]
+    assert changes[1]["to"] == "normal"
+    audit = daemon.log_events("control.call")
+    assert audit[0]["method"] == "mode.set"
+    assert audit[0]["params"]["reason"] == "maintenance window"
+
+
+def test_mode_set_rejects_bad_ttl(daemon: DaemonProcess) -> None:
+    result = walacorctl("mode", "set", "emergency", "--ttl", "soon", "--reason", "x",
+                        socket=daemon.socket)
+    assert result.returncode == 2
+    assert "invalid duration 'soon'" in result.stderr
+
+
+def test_log_level_changes_daemon_level(daemon: DaemonProcess) -> None:
+    result = walacorctl("log-level", "debug", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("log level info -> debug")
+    assert daemon.log_events("log.level_changed")[0]["to"] == "debug"
+    walacorctl("status", socket=daemon.socket)
+    assert daemon.log_events("control.connected")  # debug events now reach the log
+
+
+def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
+    daemon.config_path.write_text(daemon.config_path.read_text() +
+                                  "max_connections = 0\n")
+    rejected = walacorctl("reload", socket=daemon.socket)
+    assert rejected.returncode == 1
+    assert "is invalid, so the daemon keeps the old one" in rejected.stderr
+    assert "control.max_connections" in rejected.stderr
+
+    daemon.write_config(idle_timeout=30)
+    applied = walacorctl("--json", "reload", socket=daemon.socket)
+    assert applied.returncode == 0, applied.stderr
+    assert orjson.loads(applied.stdout) == {"applied": True, "config": str(daemon.config_path)}
+    assert daemon.alive()
+
+
+def test_pool_recycle_error_exits_1(daemon: DaemonProcess) -> None:
+    for _ in range(2):
+        assert walacorctl("pool", "recycle", socket=daemon.socket).returncode == 0
+    failed = walacorctl("--json", "pool", "recycle", socket=daemon.socket)
+    assert failed.returncode == 1
+    error = orjson.loads(failed.stdout)["error"]
+    assert error["code"] == ErrorCode.OPERATION_FAILED
+    assert "budget" in error["message"]
+
+
+def test_probes_list_and_run(daemon: DaemonProcess) -> None:
+    listed = walacorctl("probes", socket=daemon.socket)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[0].split()[0] == "PROBE"
+    ran = walacorctl("--json", "probes", "run", "walacor", socket=daemon.socket)
+    assert set(orjson.loads(ran.stdout)["probes"]) == {"walacor"}
+    unknown = walacorctl("probes", "run", "nosuch", socket=daemon.socket)
+    assert unknown.returncode == 1
+    assert "unknown probe(s) nosuch; known: database, walacor" in unknown.stderr
+
+
+def test_watch_redraws_until_interrupted(daemon: DaemonProcess) -> None:
+    process = subprocess.Popen([WALACORCTL, "--socket", str(daemon.socket), "watch",
+                                "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert output.count("walacorctl watch: every 0.2s") >= 3
+    assert output.count("mode:      normal") >= 3
+
+
+def test_daemon_stop_removes_socket(daemon: DaemonProcess) -> None:
+    assert daemon.socket.exists()
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists()
+    assert daemon.log_events("control.closed")
+
+
+def test_version_mismatch_message(daemon: DaemonProcess) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(daemon.socket))
+        sock.sendall(encode_request(1, "status", version=PROTOCOL_VERSION + 1))
+        response = orjson.loads(sock.makefile("rb").readline())
+    error = _control_error(response["error"])
+    assert error.code == ErrorCode.VERSION_MISMATCH
+    assert "the daemon supports [1]" in error.message
+    assert "from the same release" in error.message
+
+
+def test_client_timeout_names_deadline(daemon: DaemonProcess) -> None:
+    with ControlClient(str(daemon.socket), timeout=0.3) as client, \
+            pytest.raises(ControlClientError, match=r"no response to test.sleep within 0.3s"):
+        client.call("test.sleep", {"seconds": 0.9})
+
+
+def test_progress_bar_draws_fraction() -> None:
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar({"done": 5, "total": 10, "message": "copying"})
+    bar.finish()
+    drawn = stream.getvalue()
+    assert drawn.startswith("\r[###############...............]  50.0% 5/10 copying")
+    assert drawn.endswith("\n")
+
+
+def test_progress_hidden_in_json_mode(daemon: DaemonProcess) -> None:
+    with ControlClient(str(daemon.socket), timeout=5) as client:
+        context = Context(client, json=True, stdout=io.StringIO(), stderr=io.StringIO())
+        result = context.call("test.progress", {"steps": 3}, progress=True)
+    assert result == {"steps": 3}
+    assert context.stderr.getvalue() == ""
+
+
+def test_format_table_aligns_columns() -> None:
+    table = format_table(["name", "value"], [["a", 1], ["longer", None]])
+    assert table.splitlines() == ["NAME    VALUE", "a       1", "longer  -"]
+
+
+def test_health_lists_components(daemon: DaemonProcess) -> None:
+    result = walacorctl("--json", "health", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    health = orjson.loads(result.stdout)
+    assert health["state"] == "ready"
+    assert health["components"] == ["control", "monitor", "pool"]
+    assert health["stalled_components"] == {}
+    assert health["mode"]["mode"] == "normal"
+    table = walacorctl("health", socket=daemon.socket)
+    lines = [line.split(None, 1) for line in table.stdout.splitlines() if line]
+    assert ["components:", "control, monitor, pool"] in lines
+
+
+def test_log_level_change_to_quieter_is_logged(daemon: DaemonProcess) -> None:
+    result = walacorctl("log-level", "error", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    assert daemon.log_events("log.level_changed")[0]["to"] == "error"

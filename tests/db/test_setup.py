@@ -1,0 +1,217 @@
+"""`walacord setup-database` against the real session cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from db_names import Names
+
+from walacord.cli import main
+from walacord.pgcluster import PgCluster, free_port
+
+ROLE_PASSWORD = "s3cret-Role-pw"
+
+
+def run_setup(admin_url: str, names: Names, *extra: str) -> list[str]:
+    return [
+        "setup-database", "--admin-url", admin_url,
+        "--role", names.role, "--database", names.database, *extra,
+    ]
+
+
+def outcomes(output: str) -> dict[str, str]:
+    lines = [line.rsplit(": ", 1) for line in output.splitlines() if ": " in line]
+    return {subject: outcome for subject, outcome in lines}
+
+
+def test_setup_database_twice_creates_then_unchanged(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = run_setup(pg_cluster.url(), names, "--password-file", str(password_file))
+
+    assert main(argv) == 0
+    first = outcomes(capsys.readouterr().out)
+    assert first[f"role {names.role}"] == "created"
+    assert first[f"membership of {names.role} in pg_monitor"] == "granted"
+    assert first[f"database {names.database}"] == "created"
+    assert first[f"schema walacord owned by {names.role}"] == "created"
+    assert first["migration 0001_heartbeat"] == "applied"
+
+    assert main(argv) == 0
+    second_output = capsys.readouterr().out
+    second = outcomes(second_output)
+    changed = {subject: o for subject, o in second.items() if o != "unchanged"}
+    assert changed == {"setup-database": "nothing changed"}
+    assert second[f"password of role {names.role}"] == "unchanged"
+    assert ROLE_PASSWORD not in second_output
+
+
+def test_setup_role_writes_heartbeat_not_createdb(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(run_setup(pg_cluster.url(), names, "--password-file", str(password_file))) == 0
+    role_url = pg_cluster.url(names.database, user=names.role, password=ROLE_PASSWORD)
+
+    with psycopg.connect(role_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO walacord.heartbeat (host, beat_at, counter) VALUES ('h1', now(), 1) "
+            "ON CONFLICT (host) DO UPDATE SET beat_at = now(), counter = heartbeat.counter + 1"
+        )
+        row = conn.execute("SELECT counter FROM walacord.heartbeat WHERE host = 'h1'").fetchone()
+        assert row == (1,)
+        monitor = conn.execute("SELECT pg_has_role('pg_monitor', 'MEMBER')").fetchone()
+        assert monitor == (True,)
+
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f'CREATE DATABASE "{names.database}_other"')
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE SCHEMA other_schema")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE ROLE other_role")
+
+    owners = pg_cluster.psql(
+        "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class "
+        "WHERE relnamespace = 'walacord'::regnamespace",
+        dbname=names.database,
+    )
+    assert owners == names.role
+
+
+def test_setup_password_change_reported_updated(
+    pg_cluster: PgCluster, names: Names, password_file: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(run_setup(pg_cluster.url(), names, "--password-file", str(password_file))) == 0
+    capsys.readouterr()
+
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "database-password").write_text("new-Role-pw")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    assert main(run_setup(pg_cluster.url(), names)) == 0
+
+    assert outcomes(capsys.readouterr().out)[f"password of role {names.role}"] == "updated"
+    role_url = pg_cluster.url(names.database, user=names.role, password="new-Role-pw")
+    with psycopg.connect(role_url) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (names.role,)
+
+
+def test_setup_read_all_data_is_opt_in(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = run_setup(pg_cluster.url(), names, "--password-file", str(password_file))
+    assert main(base) == 0
+    member = f"SELECT pg_has_role('{names.role}', 'pg_read_all_data', 'MEMBER')"
+    assert pg_cluster.psql(member) == "f"
+
+    assert main([*base, "--grant-read-all-data"]) == 0
+    assert outcomes(capsys.readouterr().out)[
+        f"membership of {names.role} in pg_read_all_data"
+    ] == "granted"
+    assert pg_cluster.psql(member) == "t"
+
+
+def test_setup_createrole_admin_without_superuser(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    admin = f"{names.role}_admin"
+    names.extra_roles.append(admin)
+    pg_cluster.psql(f"CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD 'admin-pw'")
+    admin_url = pg_cluster.url(user=admin, password="admin-pw")
+    argv = run_setup(admin_url, names, "--password-file", str(password_file))
+
+    assert main(argv) == 0
+    assert outcomes(capsys.readouterr().out)["migration 0001_heartbeat"] == "applied"
+    assert main(argv) == 0
+    assert "setup-database: nothing changed" in capsys.readouterr().out
+
+
+def test_setup_createrole_admin_after_superuser_run(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = ["--password-file", str(password_file)]
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 0
+    admin = f"{names.role}_admin"
+    names.extra_roles.append(admin)
+    pg_cluster.psql(f"CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD 'admin-pw'")
+    capsys.readouterr()
+
+    assert main(run_setup(pg_cluster.url(user=admin, password="admin-pw"), names, *password)) == 0
+
+    changed = {s: o for s, o in outcomes(capsys.readouterr().out).items() if o != "unchanged"}
+    assert changed == {
+        f"membership of {admin} in {names.role}": "granted",
+        "setup-database": "1 change",
+    }
+
+
+def test_setup_unreachable_url_names_server(
+    names: Names, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    url = f"postgresql://admin:hidden-pw@127.0.0.1:{port}/postgres"
+
+    assert main(run_setup(url, names)) == 1
+    error = capsys.readouterr().err
+    assert f"cannot connect to admin@127.0.0.1:{port}/postgres" in error
+    assert "Connection refused" in error
+    assert "hidden-pw" not in error
+
+
+def test_setup_wrong_password_hides_password(
+    pg_cluster: PgCluster, names: Names, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = pg_cluster.url(password="Wrong-Secret-42")
+
+    assert main(run_setup(url, names)) == 1
+    error = capsys.readouterr().err
+    assert "password authentication failed" in error
+    assert "check the user name and password" in error
+    assert "Wrong-Secret-42" not in error
+
+
+def test_setup_invalid_url_hides_password(
+    names: Names, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "postgresql://admin:Odd-Secret-7@127.0.0.1:notaport/postgres"
+
+    assert main(run_setup(url, names)) == 1
+    error = capsys.readouterr().err
+    assert "walacord setup-database:" in error
+    assert "Odd-Secret-7" not in error
+
+
+@pytest.mark.parametrize(
+    ("attributes", "missing"),
+    [("CREATEDB", "CREATEROLE"), ("CREATEROLE", "CREATEDB")],
+)
+def test_setup_admin_without_privilege_names_it(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    attributes: str, missing: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    admin = f"{names.role}_limited"
+    names.extra_roles.append(admin)
+    pg_cluster.psql(f"CREATE ROLE {admin} LOGIN {attributes} PASSWORD 'limited-pw'")
+    url = pg_cluster.url(user=admin, password="limited-pw")
+
+    assert main(run_setup(url, names, "--password-file", str(password_file))) == 1
+    error = capsys.readouterr().err
+    assert f"lacks the {missing} privilege" in error
+    assert f"ALTER ROLE {admin} {missing}" in error
+
+
+def test_setup_missing_password_file_fails(
+    pg_cluster: PgCluster, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "absent"
+
+    assert main(run_setup(pg_cluster.url(), names, "--password-file", str(missing))) == 1
+    assert f"cannot read password file {missing}" in capsys.readouterr().err
+    assert pg_cluster.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{names.role}'") == ""

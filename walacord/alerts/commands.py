@@ -1,0 +1,85 @@
+"""`walacorctl alerts`: list alerts and silences, add and end silences."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from walacord.control.render import format_table
+
+if TYPE_CHECKING:
+    from walacord.control.cli import Context
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    alerts = commands.add_parser(
+        "alerts", help="list active, silenced and recent alerts; `alerts silence` mutes some")
+    alerts.set_defaults(handler=list_command, action=None)
+    actions = alerts.add_subparsers(dest="action", metavar="ACTION")
+
+    silence = actions.add_parser("silence", help="mute alerts that match for a while")
+    silence.add_argument("matcher", help='label matchers, e.g. \'alertname="WalacordProbeDown",'
+                                         'probe="database"\'')
+    silence.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                         help="how long: seconds, or 30m, 2h, 1d")
+    silence.add_argument("--reason", required=True, help="why; stored with the silence")
+    silence.set_defaults(handler=silence_command)
+
+    unsilence = actions.add_parser("unsilence", help="end a silence now")
+    unsilence.add_argument("id", help="silence id from `walacorctl alerts`")
+    unsilence.set_defaults(handler=unsilence_command)
+
+
+def _alert_rows(alerts: list[dict[str, Any]], state: str) -> list[list[object]]:
+    rows = []
+    for alert in alerts:
+        labels = alert.get("labels", {})
+        rows.append([
+            state, labels.get("alertname"), labels.get("severity"), labels.get("probe", ""),
+            alert.get("startsAt"), alert.get("annotations", {}).get("summary", ""),
+        ])
+    return rows
+
+
+def list_command(context: Context, args: argparse.Namespace) -> int:
+    listing = context.call("alerts.list")
+    if context.json:
+        context.print_json(listing)
+        return 0
+
+    rows = (_alert_rows(listing.get("active", []), "active")
+            + _alert_rows(listing.get("silenced", []), "silenced")
+            + _alert_rows(listing.get("recent", []), "resolved"))
+    if rows:
+        context.print(format_table(
+            ["state", "alertname", "severity", "probe", "since", "summary"], rows))
+    else:
+        context.print("no alerts")
+
+    silences = listing.get("silences", [])
+    if silences:
+        context.print("")
+        context.print(format_table(
+            ["silence", "matchers", "until", "reason"],
+            [[s["id"], ",".join(s["matchers"]), s["endsAt"], s["reason"]] for s in silences]))
+    return 0
+
+
+def silence_command(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("alerts.silence", {
+        "matcher": args.matcher, "duration": args.duration, "reason": args.reason})
+    if context.json:
+        context.print_json(result)
+    else:
+        silence = result["silence"]
+        context.print(f"silence {silence['id']} until {silence['endsAt']}")
+    return 0
+
+
+def unsilence_command(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("alerts.unsilence", {"id": args.id})
+    if context.json:
+        context.print_json(result)
+    else:
+        context.print(f"silence {result['expired']} ended")
+    return 0

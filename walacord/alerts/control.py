@@ -1,0 +1,72 @@
+"""Control-channel handlers for `walacorctl alerts`: list, silence and unsilence.
+
+Each handler is a plain async function from request params to a JSON-able dict.
+`handlers(service)` binds them to the running alerts component, for the control
+server's method registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any
+
+from walacord.alerts.service import AlertService
+from walacord.control.protocol import ErrorCode
+from walacord.errors import ControlError
+from walacord.settings import parse_duration
+
+INVALID_PARAMS = ErrorCode.INVALID_PARAMS
+MAX_SILENCE_SECONDS = 366 * 86400
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def alerts_list(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Return active, silenced and recently resolved alerts, and the active silences."""
+    return service.listing()
+
+
+async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Create a silence from `matcher`, `duration` ("2h" or seconds) and `reason`."""
+    matcher = _required_text(params, "matcher")
+    reason = _required_text(params, "reason")
+    try:
+        duration = parse_duration(params.get("duration"))
+    except ValueError as exc:
+        raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}: "
+                           f"{exc}") from None
+    if not 0 < duration <= MAX_SILENCE_SECONDS:
+        raise ControlError(INVALID_PARAMS, f"invalid duration {duration:g}s: it must be "
+                           f"above 0 and at most {MAX_SILENCE_SECONDS // 86400} days")
+    created_by = str(params.get("created_by") or "")
+    try:
+        silence = await service.silence(matcher, duration, reason, created_by)
+    except ValueError as exc:
+        raise ControlError(INVALID_PARAMS, str(exc)) from None
+    return {"silence": silence.document()}
+
+
+async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
+    """End the silence with `id` now."""
+    silence_id = _required_text(params, "id")
+    if not await service.unsilence(silence_id):
+        raise ControlError(INVALID_PARAMS, f"silence {silence_id!r} not found or already "
+                           "ended; list silences with `walacorctl alerts`")
+    return {"expired": silence_id}
+
+
+def handlers(service: AlertService) -> dict[str, Handler]:
+    """Return the alert methods bound to `service`, keyed by control method name."""
+    return {
+        "alerts.list": partial(alerts_list, service),
+        "alerts.silence": partial(alerts_silence, service),
+        "alerts.unsilence": partial(alerts_unsilence, service),
+    }
+
+
+def _required_text(params: Mapping[str, Any], key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ControlError(INVALID_PARAMS, f"missing or empty {key!r}: pass it as a string")
+    return value.strip()

@@ -1,0 +1,114 @@
+"""`walacorctl backup`: take, list, verify and restore backups."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from walacord.control.render import format_seconds, format_table
+
+if TYPE_CHECKING:
+    from walacord.control.cli import Context
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    backup = commands.add_parser("backup", help="take, list, verify and restore backups")
+    actions = backup.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    now = actions.add_parser("now", help="take a backup now and wait for it")
+    now.set_defaults(handler=now_command)
+
+    listing = actions.add_parser("list", help="show backups, newest first")
+    listing.set_defaults(handler=list_command)
+
+    verify = actions.add_parser("verify", help="check a backup's checksum and pg_restore --list")
+    verify.add_argument("id", nargs="?", help="backup id (default: the newest)")
+    verify.add_argument("--drill", action="store_true",
+                        help="also restore it into a scratch database and compare row counts")
+    verify.set_defaults(handler=verify_command)
+
+    restore = actions.add_parser("restore", help="restore a backup into a database")
+    restore.add_argument("id", help="backup id from `walacorctl backup list`")
+    restore.add_argument("--target-db", required=True, metavar="NAME",
+                         help="database to create; it must not exist unless --force")
+    restore.add_argument("--force", action="store_true",
+                         help="replace the target database if it exists")
+    restore.set_defaults(handler=restore_command)
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    return f"{int(seconds // 86400)}d{int(seconds % 86400 // 3600):02d}h"
+
+
+def now_command(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("backup.now", progress=True)
+    if context.json:
+        context.print_json(result)
+        return 0
+    if result.get("status") == "skipped":
+        context.print(f"skipped: {result['reason']}")
+        return 0
+    context.print(f"backup {result['id']} written to {result['path']} "
+                  f"({_size(result.get('size_bytes'))}, verified: {result['verified']})")
+    return 0
+
+
+def list_command(context: Context, args: argparse.Namespace) -> int:
+    backups: list[dict[str, Any]] = context.call("backup.list")["backups"]
+    if context.json:
+        context.print_json(backups)
+        return 0
+    if not backups:
+        context.print("no backups yet; take one with `walacorctl backup now`")
+        return 0
+    rows = [[b["id"], _age(b.get("age_seconds")), _size(b.get("size_bytes")),
+             "yes" if b["verified"] else "no",
+             "yes" if (b.get("drill") or {}).get("ok") else "no",
+             (b.get("sha256") or "")[:16]] for b in backups]
+    context.print(format_table(["id", "age", "size", "verified", "drilled", "sha256"], rows))
+    return 0
+
+
+def verify_command(context: Context, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"drill": args.drill}
+    if args.id:
+        params["id"] = args.id
+    result = context.call("backup.verify", params, progress=True)
+    if context.json:
+        context.print_json(result)
+        return 0 if result["verified"] else 1
+    drill = result.get("drill")
+    line = f"backup {result['id']}: verified {'yes' if result['verified'] else 'NO'}"
+    if drill is not None:
+        line += f", drill {'passed' if drill.get('ok') else 'FAILED: ' + str(drill.get('error'))}"
+    context.print(line)
+    return 0 if result["verified"] and (drill is None or drill.get("ok")) else 1
+
+
+def restore_command(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("backup.restore", {
+        "id": args.id, "target_db": args.target_db, "force": args.force}, progress=True)
+    if context.json:
+        context.print_json(result)
+        return 0
+    verb = "replaced" if result["replaced"] else "created"
+    context.print(f"restored backup {result['id']} into {result['target_db']} ({verb}, "
+                  f"{format_seconds(result['duration_seconds'])})")
+    return 0

@@ -1,0 +1,139 @@
+"""Control-channel methods for backups: `backup.now`, `backup.list`, `backup.verify` and
+`backup.restore`.
+
+Each handler takes the manager and the request's params dict and returns a JSON-able
+dict. Invalid params and failed operations raise ControlError with a JSON-RPC style
+code. `handlers(manager)` binds them to a manager for the control server's method
+registry. Long operations accept an optional `progress(done, total, message)` callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any
+
+from walacord.backup.dump import ProgressCallback
+from walacord.backup.manager import BackupManager
+from walacord.backup.manifest import CheckResult, Manifest, utc_now
+from walacord.backup.restore import DatabaseExists
+from walacord.control.protocol import ErrorCode
+from walacord.errors import BackupError, ControlError
+
+INVALID_PARAMS = ErrorCode.INVALID_PARAMS
+BACKUP_FAILED = ErrorCode.OPERATION_FAILED
+TARGET_EXISTS = ErrorCode.TARGET_EXISTS
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _check_params(params: Mapping[str, Any] | None, allowed: dict[str, type]) -> dict[str, Any]:
+    """Return `params` after checking names and types; raise ControlError otherwise."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ControlError(INVALID_PARAMS, f"unknown parameter {unknown[0]!r}; valid: "
+                           f"{', '.join(sorted(allowed)) or '(none)'}")
+    for name, expected in allowed.items():
+        value = params.get(name)
+        if value is not None and not isinstance(value, expected):
+            raise ControlError(INVALID_PARAMS, f"invalid {name} {value!r}: expected "
+                               f"{expected.__name__}")
+    return params
+
+
+def _check_dict(check: CheckResult | None) -> dict[str, Any] | None:
+    if check is None:
+        return None
+    return {"ok": check.ok, "at": check.at, "error": check.error, **check.detail}
+
+
+def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
+    """Return the JSON shape of one backup, as `backup.list` shows it."""
+    path = manager.path_of(manifest)
+    return {
+        "id": manifest.id,
+        "path": str(path),
+        "size_bytes": manifest.size_bytes,
+        "sha256": manifest.sha256,
+        "verified": manifest.verified and path.exists(),
+        "file_present": path.exists(),
+        "created_at": manifest.finished_at,
+        "age_seconds": round((utc_now() - manifest.created).total_seconds(), 1),
+        "database": manifest.database,
+        "server_host": manifest.server_host,
+        "server_version": manifest.server_version,
+        "format": manifest.format,
+        "duration_seconds": manifest.duration_seconds,
+        "checksum": _check_dict(manifest.checksum_check),
+        "list": _check_dict(manifest.list_check),
+        "drill": _check_dict(manifest.drill),
+    }
+
+
+async def backup_now(manager: BackupManager, params: Mapping[str, Any] | None, *,
+                     progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Take a backup now and return its entry, or report that a peer is taking one."""
+    _check_params(params, {})
+    try:
+        manifest = await manager.take(progress=progress)
+    except BackupError as exc:
+        raise ControlError(BACKUP_FAILED, f"backup failed: {exc}") from exc
+    if manifest is None:
+        return {"status": "skipped",
+                "reason": f"another walacord instance is backing up database "
+                          f"{manager.database} right now (it holds the advisory lock)"}
+    return {"status": "completed", **backup_entry(manager, manifest)}
+
+
+async def backup_list(manager: BackupManager,
+                      params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return every backup, newest first."""
+    _check_params(params, {})
+    manifests = await manager.list()
+    return {"backups": [backup_entry(manager, m) for m in reversed(manifests)]}
+
+
+async def backup_verify(manager: BackupManager, params: Mapping[str, Any] | None, *,
+                        progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Verify a backup (the newest by default) and, with `drill`, restore-test it."""
+    checked = _check_params(params, {"id": str, "drill": bool})
+    try:
+        manifest = await manager.verify(checked.get("id"))
+        if checked.get("drill"):
+            if progress is not None:
+                progress(0, 1, f"restore drill of {manifest.id}")
+            manifest = await manager.drill(manifest.id)
+    except BackupError as exc:
+        raise ControlError(BACKUP_FAILED, f"verification failed: {exc}") from exc
+    return backup_entry(manager, manifest)
+
+
+async def backup_restore(manager: BackupManager, params: Mapping[str, Any] | None, *,
+                         progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Restore a backup into `target_db`; replacing an existing one needs `force`."""
+    checked = _check_params(params, {"id": str, "target_db": str, "force": bool,
+                                     "no_owner": bool})
+    for required in ("id", "target_db"):
+        if not checked.get(required):
+            raise ControlError(INVALID_PARAMS, f"missing parameter {required!r}")
+    try:
+        result = await manager.restore(
+            checked["id"], checked["target_db"], force=bool(checked.get("force")),
+            no_owner=bool(checked.get("no_owner")), progress=progress)
+    except DatabaseExists as exc:
+        raise ControlError(TARGET_EXISTS, str(exc), {"database": exc.database}) from exc
+    except BackupError as exc:
+        raise ControlError(BACKUP_FAILED, f"restore failed: {exc}") from exc
+    return {"id": result.id, "target_db": result.target_db, "replaced": result.replaced,
+            "duration_seconds": result.duration_seconds}
+
+
+def handlers(manager: BackupManager) -> dict[str, Handler]:
+    """Return the backup methods bound to `manager`, keyed by method name."""
+    return {
+        "backup.now": partial(backup_now, manager),
+        "backup.list": partial(backup_list, manager),
+        "backup.verify": partial(backup_verify, manager),
+        "backup.restore": partial(backup_restore, manager),
+    }

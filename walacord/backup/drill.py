@@ -1,0 +1,132 @@
+"""Restore drills: prove a backup restores by loading it into a scratch database.
+
+Steps: create the scratch database, restore into it without owners or privileges,
+count its tables and the rows of the tables the manifest recorded at dump time,
+compare, and drop the scratch database whatever happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import psycopg
+
+from walacord.backup.dump import count_rows, list_user_tables
+from walacord.backup.manifest import Manifest, safe_name_part, utc_now
+from walacord.backup.pgclient import client_environment, with_dbname
+from walacord.backup.restore import Admin, RestoreRequest, load_archive, scratch_name
+from walacord.backup.verify import check_result
+from walacord.errors import BackupError
+
+if TYPE_CHECKING:
+    from walacord.backup.manager import BackupManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DrillFigures:
+    """What the sanity queries found in the scratch database."""
+
+    table_count: int
+    row_counts: dict[str, int]
+
+
+async def collect_figures(conninfo: str, tables: list[str], time_limit: float) -> DrillFigures:
+    """Count the tables of a restored database and the rows of `tables` in it."""
+    with anyio.fail_after(time_limit):
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        try:
+            await conn.execute("SET statement_timeout = 0")
+            present = await list_user_tables(conn)
+            names = set(tables)
+            wanted = [pair for pair in present if f"{pair[0]}.{pair[1]}" in names]
+            counts = await count_rows(conn, wanted)
+        finally:
+            await conn.close()
+    return DrillFigures(table_count=len(present), row_counts=counts)
+
+
+def compare_figures(expected_tables: int, expected_rows: dict[str, int],
+                    found: DrillFigures) -> list[str]:
+    """Return one sentence per difference between dump-time figures and the drill's."""
+    problems = []
+    if found.table_count != expected_tables:
+        problems.append(f"table count is {found.table_count}, the dump had {expected_tables}")
+    for name, expected in sorted(expected_rows.items()):
+        actual = found.row_counts.get(name)
+        if actual is None:
+            problems.append(f"table {name} is missing")
+        elif actual != expected:
+            problems.append(f"table {name} has {actual} rows, the dump had {expected}")
+    return problems
+
+
+async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
+    """Run a restore drill of `manifest`'s backup and store the result in its manifest.
+
+    A failed drill is counted, alerted on and recorded; it raises only when the file
+    is missing or the scratch database cannot be created.
+    """
+    config = manager.config
+    path = manager.path_of(manifest)
+    if not path.exists():
+        error = BackupError(f"backup file {path} is missing; its manifest remains")
+        await manager.record_failure("drill", manifest.id, error)
+        raise error
+
+    scratch = scratch_name(f"walacord_drill_{safe_name_part(manager.database)}")
+    admin = Admin(manager.maintenance_conninfo(avoid=scratch), config.query_timeout)
+    started = time.monotonic()
+    log.info("backup.drill_started", extra={"fields": {"id": manifest.id, "scratch": scratch}})
+    try:
+        await admin.create(scratch)
+    except (psycopg.Error, TimeoutError) as exc:
+        error = BackupError(f"cannot create the drill's scratch database {scratch}: {exc}; "
+                            "walacord's database role needs CREATEDB")
+        await manager.record_failure("drill", manifest.id, error)
+        raise error from exc
+
+    problems: list[str] = []
+    figures = DrillFigures(table_count=0, row_counts={})
+    try:
+        with client_environment(manager.password) as env:
+            await load_archive(RestoreRequest(
+                bindir=manager.bindir, conninfo=with_dbname(manager.client_conninfo, scratch),
+                env=env, fmt=manifest.format, path=path, timeout=config.drill_timeout,
+                no_owner=True))
+        figures = await collect_figures(with_dbname(manager.conninfo, scratch),
+                                        list(manifest.row_counts), config.drill_timeout)
+        problems = compare_figures(manifest.table_count, manifest.row_counts, figures)
+    except (BackupError, psycopg.Error, TimeoutError) as exc:
+        problems = [f"restore into {scratch} failed: {exc}"]
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await admin.drop(scratch)
+            except (psycopg.Error, TimeoutError) as exc:
+                log.error("backup.drill_cleanup_failed", extra={"fields": {
+                    "scratch": scratch, "error": str(exc),
+                    "action": f"drop database {scratch} by hand"}})
+
+    duration = round(time.monotonic() - started, 3)
+    manifest.drill = check_result(
+        not problems, "; ".join(problems) or None, scratch=scratch,
+        table_count=figures.table_count, row_counts=figures.row_counts,
+        duration_seconds=duration)
+    await manager.save(manifest)
+
+    if problems:
+        await manager.record_failure("drill", manifest.id, BackupError("; ".join(problems)))
+    else:
+        now = utc_now().timestamp()
+        manager.metrics.backup_last_drill.set(now)
+        manager.metrics.backup_last_verified.set(now)
+        log.info("backup.drill_passed", extra={"fields": {
+            "id": manifest.id, "tables": figures.table_count,
+            "row_counts": figures.row_counts, "duration_seconds": duration}})
+    return manifest

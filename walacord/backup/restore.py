@@ -1,0 +1,249 @@
+"""Restoring a backup file into a database, and the CREATE/DROP/RENAME DATABASE steps
+around it.
+
+A restore always goes into a fresh database under a temporary name first. That
+database is renamed to the target only after pg_restore (or psql, for plain SQL) has
+finished without error. A failed restore therefore never leaves a half-filled
+database under the name an application uses. With `force`, the old database
+survives until the rename.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import psycopg
+from psycopg import sql
+
+from walacord.backup.dump import ProgressCallback, describe_exit, summarize_stderr
+from walacord.backup.manifest import Manifest
+from walacord.backup.pgclient import Command, client_environment, run_pipeline, with_dbname
+from walacord.backup.verify import count_archive_entries, list_archive
+from walacord.errors import BackupError
+
+if TYPE_CHECKING:
+    from walacord.backup.manager import BackupManager
+
+log = logging.getLogger(__name__)
+
+MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
+
+
+class DatabaseExists(BackupError):
+    """The restore target exists and the caller did not pass force."""
+
+    def __init__(self, database: str) -> None:
+        super().__init__(
+            f"database {database!r} already exists; restoring would drop and replace "
+            f"{database!r}. Pass --force to replace {database!r}, or choose a new "
+            "--target-db name")
+        self.database = database
+
+
+@dataclass
+class Admin:
+    """Runs CREATE, DROP and ALTER DATABASE over short autocommit connections."""
+
+    conninfo: str  # a database other than the ones created or dropped
+    timeout: float
+
+    async def _execute(self, query: sql.Composed | str,
+                       params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with anyio.fail_after(self.timeout):
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            try:
+                cursor = await conn.execute(query, params or None)
+                return await cursor.fetchall() if cursor.description else []
+            finally:
+                await conn.close()
+
+    async def exists(self, name: str) -> bool:
+        rows = await self._execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        return bool(rows)
+
+    async def create(self, name: str) -> None:
+        await self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
+            sql.Identifier(name)))
+
+    async def drop(self, name: str) -> None:
+        # WITH (FORCE) ends other sessions on the database (PostgreSQL 13 and newer).
+        await self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+    async def rename(self, old: str, new: str) -> None:
+        await self._execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+            sql.Identifier(old), sql.Identifier(new)))
+
+
+def describe_error(exc: BaseException) -> str:
+    """Return the exception's message, or its kind when the message is empty."""
+    if isinstance(exc, TimeoutError):
+        return "timed out; raise the matching *_timeout in [backup] if the database is large"
+    return str(exc) or type(exc).__name__
+
+
+def scratch_name(prefix: str) -> str:
+    """Return a fresh database name `<prefix>_<random hex>` within PostgreSQL's limit."""
+    suffix = secrets.token_hex(4)
+    return f"{prefix[:MAX_IDENTIFIER_BYTES - len(suffix) - 1]}_{suffix}"
+
+
+@dataclass
+class RestoreResult:
+    """Outcome of a finished restore."""
+
+    id: str
+    target_db: str
+    replaced: bool
+    duration_seconds: float
+
+
+@dataclass
+class RestoreRequest:
+    """Everything one restore of an archive into an existing, empty database needs."""
+
+    bindir: Path
+    conninfo: str  # pointing at the database to fill, without password
+    env: dict[str, str]
+    fmt: str
+    path: Path
+    timeout: float
+    no_owner: bool = False
+    entry_total: int = 0
+    progress: ProgressCallback | None = None
+
+
+def restore_commands(request: RestoreRequest) -> list[Command]:
+    """Return the pipeline that loads the archive; progress comes from verbose stderr."""
+    done = 0
+
+    def on_restore_line(line: str) -> None:
+        nonlocal done
+        if request.progress is None:
+            return
+        if line.startswith(("pg_restore: creating ", "pg_restore: processing data")):
+            done += 1
+            request.progress(min(done, request.entry_total), request.entry_total,
+                             line.removeprefix("pg_restore: "))
+
+    if request.fmt == "custom":
+        argv = [str(request.bindir / "pg_restore"), "--verbose", "--exit-on-error",
+                f"--dbname={request.conninfo}"]
+        if request.no_owner:
+            argv += ["--no-owner", "--no-privileges"]
+        argv.append(str(request.path))
+        return [Command(argv, on_stderr_line=on_restore_line)]
+
+    # NOTE: a plain SQL dump carries its ALTER OWNER and GRANT statements, so no_owner
+    # has no effect here and a non-superuser restore of another role's objects fails.
+    return [
+        Command(["gzip", "-dc", str(request.path)]),
+        Command([str(request.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                 f"--dbname={request.conninfo}"]),
+    ]
+
+
+async def load_archive(request: RestoreRequest) -> None:
+    """Load the archive into the database; raise BackupError with the program's stderr."""
+    commands = restore_commands(request)
+    await run_pipeline(commands, env=request.env, time_limit=request.timeout,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    failed = [c for c in commands if c.returncode != 0]
+    if failed:
+        details = "; ".join(f"{describe_exit(c)}: "
+                            f"{summarize_stderr(c) or '(no error output)'}" for c in failed)
+        raise BackupError(f"restore of {request.path.name} failed: {details}")
+    if request.progress is not None:
+        request.progress(request.entry_total, request.entry_total, "done")
+
+
+# --- restoring a stored backup ---------------------------------------------------------
+
+
+def check_target_name(target_db: str) -> None:
+    if not target_db or len(target_db.encode()) > MAX_IDENTIFIER_BYTES:
+        raise BackupError(f"invalid target database name {target_db!r}: give 1 to "
+                          f"{MAX_IDENTIFIER_BYTES} bytes")
+
+
+async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: str, *,
+                         force: bool, no_owner: bool,
+                         progress: ProgressCallback | None) -> RestoreResult:
+    """Restore into a temporary database, then rename it to `target_db`.
+
+    With `force`, an existing `target_db` is dropped just before the rename, after the
+    restore has succeeded.
+    """
+    check_target_name(target_db)
+    config = manager.config
+    path = manager.path_of(manifest)
+    if not path.exists():
+        raise BackupError(f"backup file {path} is missing; choose another id from "
+                          "`walacorctl backup list`")
+
+    admin = Admin(manager.maintenance_conninfo(avoid=target_db), config.query_timeout)
+    try:
+        replacing = await admin.exists(target_db)
+    except (psycopg.Error, TimeoutError) as exc:
+        raise BackupError(f"cannot check whether database {target_db!r} exists: "
+                          f"{describe_error(exc)}") from exc
+    if replacing and not force:
+        raise DatabaseExists(target_db)
+
+    entry_total = 0
+    if manifest.format == "custom":
+        with client_environment("") as env:
+            _, listing = await list_archive(manager.bindir, path, env, config.verify_timeout)
+        entry_total = count_archive_entries(listing)
+
+    temporary = scratch_name(f"{target_db}_restoring")
+    started = time.monotonic()
+    log.info("backup.restore_started", extra={"fields": {
+        "id": manifest.id, "target_db": target_db, "temporary_db": temporary,
+        "replacing": replacing}})
+    try:
+        await admin.create(temporary)
+    except (psycopg.Error, TimeoutError) as exc:
+        error = BackupError(f"cannot create database {temporary}: {describe_error(exc)}; "
+                            "the restoring role needs CREATEDB")
+        await manager.record_failure("restore", manifest.id, error)
+        raise error from exc
+    try:
+        with client_environment(manager.password) as env:
+            await load_archive(RestoreRequest(
+                bindir=manager.bindir, conninfo=with_dbname(manager.client_conninfo, temporary),
+                env=env, fmt=manifest.format, path=path, timeout=config.restore_timeout,
+                no_owner=no_owner, entry_total=entry_total, progress=progress))
+        if replacing:
+            log.warning("backup.restore_replacing", extra={"fields": {
+                "target_db": target_db, "id": manifest.id}})
+            await admin.drop(target_db)
+        await admin.rename(temporary, target_db)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            try:
+                await admin.drop(temporary)
+            except (psycopg.Error, TimeoutError) as drop_error:
+                log.error("backup.restore_cleanup_failed", extra={"fields": {
+                    "temporary_db": temporary, "error": str(drop_error),
+                    "action": f"drop database {temporary} by hand"}})
+        if isinstance(exc, Exception):
+            await manager.record_failure("restore", manifest.id, exc)
+            if not isinstance(exc, BackupError):
+                raise BackupError(f"restore of {manifest.id} into {target_db} failed: "
+                                  f"{describe_error(exc)}") from exc
+        raise
+
+    duration = round(time.monotonic() - started, 3)
+    log.info("backup.restore_finished", extra={"fields": {
+        "id": manifest.id, "target_db": target_db, "replaced": replacing,
+        "duration_seconds": duration}})
+    return RestoreResult(id=manifest.id, target_db=target_db, replaced=replacing,
+                         duration_seconds=duration)

@@ -1,0 +1,138 @@
+"""Checking a backup file: its checksum, and that pg_restore or gzip can read it.
+
+For custom-format dumps the readability check is `pg_restore --list`, which parses the
+archive's table of contents. Plain SQL dumps have no table of contents, so the check
+decompresses the whole file and requires pg_dump's closing line, which it writes only
+after the last object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from walacord.backup.dump import summarize_stderr
+from walacord.backup.manifest import (
+    HASH_CHUNK_BYTES,
+    CheckResult,
+    Manifest,
+    format_time,
+    sha256_file,
+    utc_now,
+)
+from walacord.backup.pgclient import Command, client_environment
+from walacord.errors import BackupError
+
+if TYPE_CHECKING:
+    from walacord.backup.manager import BackupManager
+
+log = logging.getLogger(__name__)
+
+PLAIN_DUMP_TRAILER = b"-- PostgreSQL database dump complete"
+TRAILER_WINDOW_BYTES = 4096
+
+
+def count_archive_entries(listing: str) -> int:
+    """Return the number of TOC entries in `pg_restore --list` output."""
+    return sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
+
+
+def check_result(ok: bool, error: str | None = None, **detail: Any) -> CheckResult:
+    return CheckResult(ok=ok, at=format_time(utc_now()), detail=detail, error=error)
+
+
+def checksum_check(expected: str, actual: str) -> CheckResult:
+    if expected == actual:
+        return check_result(True, sha256=actual)
+    return check_result(False, f"sha256 is {actual}, the manifest records {expected}; the "
+                               "file changed after it was written", sha256=actual)
+
+
+async def list_archive(bindir: Path, path: Path, env: dict[str, str],
+                       time_limit: float) -> tuple[CheckResult, str]:
+    """Run `pg_restore --list` on a custom-format archive; return the check and listing."""
+    command = Command([str(bindir / "pg_restore"), "--list", str(path)])
+    with anyio.fail_after(time_limit):
+        result = await anyio.run_process(command.argv, check=False, env=env,
+                                          stdin=subprocess.DEVNULL)
+    listing = result.stdout.decode(errors="replace")
+    entries = count_archive_entries(listing)
+    if result.returncode != 0:
+        command.stderr_tail.extend(result.stderr.decode(errors="replace").splitlines())
+        return check_result(False, f"pg_restore --list exited with {result.returncode}: "
+                                   f"{summarize_stderr(command)}"), listing
+    if entries == 0:
+        return check_result(False, "pg_restore --list found no entries"), listing
+    return check_result(True, entries=entries), listing
+
+
+def hash_and_check_plain(path: Path) -> tuple[str, CheckResult]:
+    """Hash a gzip'd plain dump and check it decompresses to a complete dump, in one pass."""
+    digest = hashlib.sha256()
+    decompressor = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+    tail = b""
+    total = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+                data = decompressor.decompress(chunk)
+                # gzip allows several members back to back; decompress each in turn.
+                while decompressor.eof and decompressor.unused_data:
+                    rest = decompressor.unused_data
+                    decompressor = zlib.decompressobj(wbits=31)
+                    data += decompressor.decompress(rest)
+                total += len(data)
+                tail = (tail + data)[-TRAILER_WINDOW_BYTES:]
+    except zlib.error as exc:
+        return digest.hexdigest(), check_result(False, f"gzip data is corrupt: {exc}")
+    if not decompressor.eof:
+        return digest.hexdigest(), check_result(False, "gzip stream is truncated")
+    if PLAIN_DUMP_TRAILER not in tail:
+        return digest.hexdigest(), check_result(
+            False, "the SQL does not end with pg_dump's completion line; the dump stopped early")
+    return digest.hexdigest(), check_result(True, uncompressed_bytes=total)
+
+
+# --- verifying a stored backup -------------------------------------------------------
+
+
+async def verify_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
+    """Recompute the checksum and re-run the archive check; store both in the manifest.
+
+    A failed check is counted and alerted on, and the manifest records it; only a
+    missing file raises.
+    """
+    path = manager.path_of(manifest)
+    if not path.exists():
+        error = BackupError(f"backup file {path} is missing; its manifest remains")
+        await manager.record_failure("verify", manifest.id, error)
+        raise error
+
+    with anyio.fail_after(manager.config.verify_timeout):
+        if manifest.format == "plain-gzip":
+            digest, list_result = await anyio.to_thread.run_sync(
+                hash_and_check_plain, path, abandon_on_cancel=True)
+        else:
+            digest = await anyio.to_thread.run_sync(sha256_file, path, abandon_on_cancel=True)
+            with client_environment("") as env:
+                list_result, _ = await list_archive(manager.bindir, path, env,
+                                                    manager.config.verify_timeout)
+    manifest.checksum_check = checksum_check(manifest.sha256, digest)
+    manifest.list_check = list_result
+    await manager.save(manifest)
+
+    if manifest.checksum_check.ok and list_result.ok:
+        manager.metrics.backup_last_verified.set(utc_now().timestamp())
+        log.info("backup.verified", extra={"fields": {
+            "id": manifest.id, "sha256": digest, "entries": list_result.detail.get("entries")}})
+    else:
+        errors = "; ".join(e for e in (manifest.checksum_check.error, list_result.error) if e)
+        await manager.record_failure("verify", manifest.id, BackupError(errors))
+    return manifest

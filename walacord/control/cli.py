@@ -1,0 +1,143 @@
+"""`walacorctl`: steer a running walacord through its control socket.
+
+Exit codes: 0 success; 1 the daemon returned an error; 2 invalid command line;
+3 the daemon could not be reached, refused this user, was busy or speaks another
+protocol version. `check` uses the Nagios plugin codes
+instead: 0 normal, 1 degraded, 2 emergency or offline, 3 unknown or unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import orjson
+
+from walacord import __version__
+from walacord.control.client import ControlClient, ProgressCallback
+from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE, ErrorCode
+from walacord.control.render import ProgressBar
+from walacord.errors import ControlClientError, ControlError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+DEFAULT_TIMEOUT = 10.0
+# Errors that mean walacorctl may not or cannot talk to this daemon at all.
+CONNECTION_ERRORS = (ErrorCode.PERMISSION_DENIED, ErrorCode.VERSION_MISMATCH, ErrorCode.BUSY)
+
+# Modules that add a family of commands; each defines `add_commands(subparsers)`, whose
+# parsers set `handler=function(context, args) -> exit code`. The outbox, sync, backup
+# and alerts families add their module here.
+FAMILIES = (
+    "walacord.control.commands",
+    "walacord.alerts.commands",
+    "walacord.backup.commands",
+)
+
+Handler = Callable[["Context", argparse.Namespace], int]
+
+
+@dataclass
+class Context:
+    """The client, output mode and output streams that a command uses."""
+
+    client: ControlClient
+    json: bool
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *,
+             progress: bool = False) -> Any:
+        """Call `method`; with `progress`, draw a bar on a terminal unless --json is set."""
+        bar = ProgressBar(self.stderr) if progress and self.shows_progress() else None
+        callback: ProgressCallback | None = bar
+        try:
+            return self.client.call(method, params, on_progress=callback)
+        finally:
+            if bar is not None:
+                bar.finish()
+
+    def shows_progress(self) -> bool:
+        return not self.json and self.stderr.isatty()
+
+    def print_json(self, document: Any) -> None:
+        self.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2
+                                       | orjson.OPT_SORT_KEYS).decode() + "\n")
+
+    def print(self, text: str) -> None:
+        self.stdout.write(text + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="walacorctl",
+        description="Query and steer a running walacord daemon through its control socket.",
+        epilog="Exit codes: 0 ok, 1 the daemon returned an error, 2 usage error, "
+               "3 daemon unreachable. `check` follows the Nagios plugin codes.")
+    parser.add_argument("--version", action="version", version=f"walacorctl {__version__}")
+    parser.add_argument(
+        "--socket", metavar="PATH",
+        default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE) or DEFAULT_SOCKET,
+        help=f"control socket (env {SOCKET_ENVIRONMENT_VARIABLE}; default %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print machine-readable JSON with a stable shape")
+    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="seconds to wait for each read from the daemon (default %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in FAMILIES:
+        importlib.import_module(module).add_commands(commands)
+    return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 seconds, got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    handler: Handler = args.handler
+    with ControlClient(args.socket, args.timeout) as client:
+        context = Context(client, args.json, out, err)
+        try:
+            return handler(context, args)
+        except ControlClientError as exc:
+            err.write(f"walacorctl: {exc}\n")
+            return EXIT_UNREACHABLE
+        except ControlError as exc:
+            report_error(context, exc)
+            return EXIT_UNREACHABLE if exc.code in CONNECTION_ERRORS else EXIT_FAILED
+        except KeyboardInterrupt:
+            return 130
+
+
+def report_error(context: Context, error: ControlError) -> None:
+    """Print a daemon error: JSON on stdout with --json, a sentence on stderr otherwise."""
+    if context.json:
+        context.print_json({"error": {"code": error.code, "message": error.message,
+                                      "data": error.data}})
+        return
+    context.stderr.write(f"walacorctl: {error.message}\n")
+    problems = error.data.get("problems") if isinstance(error.data, dict) else None
+    for problem in problems or []:
+        context.stderr.write(f"  {problem}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

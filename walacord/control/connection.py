@@ -1,0 +1,308 @@
+"""One control connection: read request lines under deadlines, call methods, write responses.
+
+Requests on one connection are served in order, one at a time; a client that wants
+several calls in progress opens several connections. Responses to pipelined requests
+are written together once no complete request line is buffered or 64 KiB of responses
+are queued, so a quick response can wait behind a slow call pipelined after it.
+
+Every read has a deadline: the first byte of a request must come within `idle_timeout`
+of the previous response, and the rest of the line within `request_timeout` of its
+first byte. Every write has `write_timeout`. A line longer than `max_request_bytes` gets
+one error response, and its remaining bytes are discarded as they arrive. Memory per
+connection therefore stays below `max_request_bytes` plus one read chunk.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import ByteStream
+
+from walacord.control.protocol import (
+    ErrorCode,
+    Request,
+    RequestId,
+    decode_request,
+    encode_error,
+    encode_progress,
+    encode_result,
+)
+from walacord.control.registry import Call, Method, Peer, parse_params
+from walacord.errors import ControlError, WalacordError
+
+if TYPE_CHECKING:
+    from walacord.control.server import ControlServer
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 64 * 1024
+OUTPUT_FLUSH_BYTES = 64 * 1024
+INVALID_METHOD_LABEL = "(invalid)"
+
+
+class ReadEvent(enum.Enum):
+    """A reason a read ended without a complete line."""
+
+    END_OF_STREAM = "end of stream"
+    TRUNCATED = "truncated"
+    TOO_LARGE = "too large"
+    IDLE_TIMEOUT = "idle timeout"
+    REQUEST_TIMEOUT = "request timeout"
+
+
+class LineReader:
+    """Split a byte stream into lines without ever holding more than `max_line` bytes of one."""
+
+    def __init__(self, stream: ByteStream, max_line: int) -> None:
+        self._stream = stream
+        self._max_line = max_line
+        self._buffer = bytearray()
+        self._start = 0  # first unconsumed byte in _buffer
+        self._scanned = 0  # bytes from _start known to hold no newline
+        self._discarding = False  # inside an oversized line that already got its error
+        self._request_began: float | None = None
+        self._closed = False
+
+    async def read_line(self, idle_timeout: float, request_timeout: float) -> bytes | ReadEvent:
+        """Return the next line without its newline, or the ReadEvent that ended the read."""
+        while True:
+            # Step 1: return a complete line already in the buffer.
+            newline = self._buffer.find(b"\n", self._start + self._scanned)
+            if newline >= 0:
+                line = bytes(self._buffer[self._start:newline])
+                self._start = newline + 1
+                self._scanned = 0
+                self._request_began = anyio.current_time() if self._pending() else None
+                if self._discarding:
+                    self._discarding = False
+                    continue
+                if len(line) > self._max_line:
+                    return ReadEvent.TOO_LARGE
+                return line
+
+            # Step 2: report an oversized line once, then drop its bytes as they come.
+            self._scanned = self._pending()
+            if self._discarding:
+                self._drop_pending()
+            elif self._pending() > self._max_line:
+                self._drop_pending()
+                self._discarding = True
+                return ReadEvent.TOO_LARGE
+
+            # Step 3: wait for more bytes, under the idle or the request deadline.
+            if self._closed:
+                partial = self._pending() > 0 and not self._discarding
+                self._drop_pending()
+                return ReadEvent.TRUNCATED if partial else ReadEvent.END_OF_STREAM
+            event = await self._receive(idle_timeout, request_timeout)
+            if event is not None:
+                return event
+
+    def has_line(self) -> bool:
+        """Return whether a complete line is already buffered, so reading will not wait."""
+        return self._buffer.find(b"\n", self._start + self._scanned) >= 0
+
+    def _pending(self) -> int:
+        return len(self._buffer) - self._start
+
+    def _drop_pending(self) -> None:
+        self._buffer.clear()
+        self._start = 0
+        self._scanned = 0
+
+    async def _receive(self, idle_timeout: float, request_timeout: float) -> ReadEvent | None:
+        waiting_for_request = self._request_began is None
+        if waiting_for_request:
+            deadline = anyio.current_time() + idle_timeout
+        else:
+            assert self._request_began is not None
+            deadline = self._request_began + request_timeout
+        try:
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                chunk = await self._stream.receive(READ_CHUNK_BYTES)
+        except TimeoutError:
+            return ReadEvent.IDLE_TIMEOUT if waiting_for_request else ReadEvent.REQUEST_TIMEOUT
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._closed = True
+            return None
+
+        if self._start and self._start == len(self._buffer):
+            self._drop_pending()
+        elif self._start > READ_CHUNK_BYTES:
+            # Compact now and then instead of on every line, so many short lines in one
+            # chunk cost linear time.
+            del self._buffer[:self._start]
+            self._start = 0
+        if self._request_began is None:
+            self._request_began = anyio.current_time()
+        self._buffer += chunk
+        return None
+
+
+class ConnectionClosedError(Exception):
+    """The peer stopped reading or closed the socket; internal to this module."""
+
+
+class Connection:
+    """Serve requests on one accepted, authorised connection until it closes."""
+
+    def __init__(self, server: ControlServer, stream: ByteStream, peer: Peer) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        # Responses wait here while more request lines are already buffered, so a client
+        # that pipelines many requests gets their responses in few writes.
+        self._output: list[bytes] = []
+        self._output_bytes = 0
+
+    async def serve(self) -> None:
+        try:
+            await self._serve_requests()
+            await self._flush()
+        except ConnectionClosedError:
+            log.debug("control.client_gone", extra={"fields": {"peer": self.peer.describe()}})
+
+    async def _serve_requests(self) -> None:
+        config = self.server.runtime.config.control
+        reader = LineReader(self.stream, config.max_request_bytes)
+        while True:
+            if self._output and not reader.has_line():
+                await self._flush()
+            outcome = await reader.read_line(config.idle_timeout, config.request_timeout)
+            if isinstance(outcome, bytes):
+                await self._serve_line(outcome)
+                continue
+
+            if outcome is ReadEvent.END_OF_STREAM:
+                return
+            if outcome is ReadEvent.TOO_LARGE:
+                await self._send_protocol_error(
+                    None, ErrorCode.REQUEST_TOO_LARGE,
+                    f"request longer than {config.max_request_bytes} bytes; the rest of the "
+                    "line is discarded. Split it into smaller requests",
+                    {"max_request_bytes": config.max_request_bytes})
+                continue
+            if outcome is ReadEvent.TRUNCATED:
+                await self._send_protocol_error(
+                    None, ErrorCode.PARSE_ERROR,
+                    "incomplete request: the connection closed before its newline")
+                return
+            if outcome is ReadEvent.IDLE_TIMEOUT:
+                await self._send_protocol_error(
+                    None, ErrorCode.IDLE_TIMEOUT,
+                    f"no request for {config.idle_timeout:g}s; closing the connection. "
+                    "Reconnect to send more requests",
+                    {"idle_timeout_seconds": config.idle_timeout})
+                return
+            await self._send_protocol_error(
+                None, ErrorCode.REQUEST_TIMEOUT,
+                f"request not completed within {config.request_timeout:g}s of its first byte; "
+                "closing the connection. Send each request as one line at once",
+                {"request_timeout_seconds": config.request_timeout})
+            return
+
+    async def _serve_line(self, line: bytes) -> None:
+        request = decode_request(line)
+        if request.error is not None:
+            await self._send_protocol_error(request.id, request.error.code,
+                                            request.error.message, request.error.data)
+            return
+
+        method = self.server.runtime.methods.get(request.method)
+        if method is None:
+            await self._send_protocol_error(
+                request.id, ErrorCode.METHOD_NOT_FOUND,
+                f"unknown method {request.method[:80]!r}; this daemon provides: "
+                f"{', '.join(self.server.runtime.methods.names())}")
+            return
+
+        began = time.monotonic()
+        response = await self._call(method, request)
+        metrics = self.server.runtime.metrics
+        metrics.control_request_duration.labels(method=method.name).observe(
+            time.monotonic() - began)
+        await self._send(response)
+
+    async def _call(self, method: Method, request: Request) -> bytes:
+        """Run the handler under its deadline and return the encoded response line."""
+        runtime = self.server.runtime
+        outcome = "error"
+        try:
+            if method.mutating and runtime.stopping:
+                raise ControlError(ErrorCode.STOPPING,
+                                   f"the daemon is shutting down; {method.name} was not run")
+            params = parse_params(method.name, method.params, request.params)
+            if method.audit:
+                log.info("control.call", extra={"fields": {
+                    "method": method.name, "params": request.params,
+                    "uid": self.peer.uid, "pid": self.peer.pid}})
+            call = Call(method.name, request.id, self.peer,
+                        lambda done, total, message: self._send_progress(
+                            request.id, done, total, message))
+            timeout = method.timeout or runtime.config.control.call_timeout
+            try:
+                with anyio.fail_after(timeout):
+                    result = await method.handler(params, call)
+            except TimeoutError:
+                raise ControlError(ErrorCode.CALL_TIMEOUT,
+                                   f"{method.name} did not finish within {timeout:g}s",
+                                   {"timeout_seconds": timeout}) from None
+            response = encode_result(request.id, result)
+            outcome = "ok"
+        except ControlError as exc:
+            response = encode_error(request.id, exc.code, exc.message, exc.data)
+        except WalacordError as exc:
+            log.warning("control.call_failed", extra={"fields": {
+                "method": method.name, "error": str(exc), "uid": self.peer.uid}})
+            response = encode_error(request.id, ErrorCode.OPERATION_FAILED,
+                                    f"{method.name} failed: {exc}")
+        except Exception:
+            log.error("control.handler_crashed", exc_info=True,
+                      extra={"fields": {"method": method.name}})
+            response = encode_error(
+                request.id, ErrorCode.INTERNAL_ERROR,
+                f"internal error in {method.name}; the daemon log has the traceback "
+                "(event control.handler_crashed)")
+        runtime.metrics.control_requests.labels(method=method.name, outcome=outcome).inc()
+        return response
+
+    async def _send_protocol_error(self, request_id: RequestId, code: int, message: str,
+                                   data: object = None) -> None:
+        for counter in self.server.protocol_error_counters(code):
+            counter.inc()
+        log.debug("control.request_rejected", extra={"fields": {
+            "code": code, "error": message, "uid": self.peer.uid}})
+        await self._send(encode_error(request_id, code, message, data))
+
+    async def _send_progress(self, request_id: RequestId, done: float, total: float | None,
+                             message: str) -> None:
+        await self._send(encode_progress(request_id, done, total, message))
+        await self._flush()
+
+    async def _send(self, data: bytes) -> None:
+        """Queue a response line; it is written before the next read or when much is queued."""
+        self._output.append(data)
+        self._output_bytes += len(data)
+        if self._output_bytes >= OUTPUT_FLUSH_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._output:
+            return
+        data = b"".join(self._output)
+        self._output.clear()
+        self._output_bytes = 0
+        timeout = self.server.runtime.config.control.write_timeout
+        try:
+            with anyio.fail_after(timeout):
+                await self.stream.send(data)
+        except TimeoutError:
+            log.info("control.write_timed_out", extra={"fields": {
+                "peer": self.peer.describe(), "write_timeout_seconds": timeout}})
+            raise ConnectionClosedError from None
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise ConnectionClosedError from None

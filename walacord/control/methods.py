@@ -1,0 +1,270 @@
+"""The control methods the daemon always has: status, health, probes, mode, pool, config, logs.
+
+Status, probe, mode and pool methods delegate to the component that implements the
+matching protocol in `walacord.control.interfaces`; without one they return an
+UNAVAILABLE error that names what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, get_args
+
+import anyio
+
+from walacord import __version__
+from walacord import config as config_module
+from walacord.config import LOG_LEVELS
+from walacord.control.interfaces import MODES, ModeControl, PoolControl, ProbeControl
+from walacord.control.protocol import ErrorCode
+from walacord.control.registry import Call
+from walacord.errors import ConfigError, ControlError
+from walacord.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MAX_OVERRIDE_SECONDS = 7 * 86400
+MAX_REASON_CHARS = 500
+CONFIG_READ_TIMEOUT = 10.0
+
+ModeName = Literal["normal", "degraded", "emergency", "offline"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+assert set(MODES) == set(get_args(ModeName))
+assert set(LOG_LEVELS) == set(get_args(LogLevel))
+
+T = TypeVar("T")
+
+
+# --- parameters -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbesRunParams:
+    probes: list[str] | None = None  # None runs every probe
+
+
+@dataclass(frozen=True)
+class ModeSetParams:
+    mode: ModeName
+    ttl_seconds: float
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ttl_seconds <= MAX_OVERRIDE_SECONDS:
+            raise ValueError(f"ttl_seconds must be above 0 and at most {MAX_OVERRIDE_SECONDS} "
+                             f"(7 days), got {self.ttl_seconds:g}")
+        if not self.reason.strip():
+            raise ValueError("reason must not be empty: say why the mode is forced")
+        if len(self.reason) > MAX_REASON_CHARS:
+            raise ValueError(f"reason is longer than {MAX_REASON_CHARS} characters")
+
+
+@dataclass(frozen=True)
+class PoolRecycleParams:
+    reason: str = "manual"
+
+    def __post_init__(self) -> None:
+        if not self.reason.strip() or len(self.reason) > MAX_REASON_CHARS:
+            raise ValueError(f"reason must be 1 to {MAX_REASON_CHARS} characters")
+
+
+@dataclass(frozen=True)
+class LogLevelParams:
+    level: LogLevel
+
+
+# --- registration ---------------------------------------------------------------
+
+
+def register_core_methods(runtime: Runtime) -> None:
+    """Register the methods below on `runtime.methods`."""
+    methods = CoreMethods(runtime)
+    register = runtime.methods.register
+    register("status", methods.status, mutating=False)
+    register("health", methods.health, mutating=False)
+    register("probes.list", methods.probes_list, mutating=False)
+    register("probes.run", methods.probes_run, ProbesRunParams, mutating=False)
+    register("mode.get", methods.mode_get, mutating=False)
+    register("mode.set", methods.mode_set, ModeSetParams, mutating=True)
+    register("mode.clear", methods.mode_clear, mutating=True)
+    register("pool.recycle", methods.pool_recycle, PoolRecycleParams, mutating=True)
+    register("config.reload", methods.config_reload, mutating=True)
+    register("log.set_level", methods.log_set_level, LogLevelParams, mutating=True)
+
+
+def find_mode_control(runtime: Runtime) -> ModeControl | None:
+    """Return the first component that implements ModeControl, or None."""
+    for component in list(runtime.components.values()):
+        if isinstance(component, ModeControl):
+            return component
+    return None
+
+
+def find_probe_control(runtime: Runtime) -> ProbeControl | None:
+    """Return the first component that implements ProbeControl, or None."""
+    for component in list(runtime.components.values()):
+        if isinstance(component, ProbeControl):
+            return component
+    return None
+
+
+def find_pool_control(runtime: Runtime) -> PoolControl | None:
+    """Return the first component that implements PoolControl, or None."""
+    for component in list(runtime.components.values()):
+        if isinstance(component, PoolControl):
+            return component
+    return None
+
+
+class CoreMethods:
+    """Handlers bound to one runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def _mode(self) -> ModeControl:
+        return self._require(find_mode_control(self.runtime), "mode machine", "ModeControl")
+
+    def _probes(self) -> ProbeControl:
+        return self._require(find_probe_control(self.runtime), "probes", "ProbeControl")
+
+    def _pool(self) -> PoolControl:
+        return self._require(find_pool_control(self.runtime), "database pool", "PoolControl")
+
+    def _require(self, component: T | None, what: str, protocol: str) -> T:
+        if component is None:
+            starting = "" if self.runtime.ready.is_set() else " yet (the daemon is starting)"
+            raise ControlError(ErrorCode.UNAVAILABLE, f"no {what} configured{starting}",
+                               {"missing": protocol})
+        return component
+
+    # --- status and health ------------------------------------------------------
+
+    async def status(self, params: None, call: Call) -> dict[str, Any]:
+        mode = self._mode().mode_state()
+        probes = find_probe_control(self.runtime)
+        return {
+            "mode": mode["mode"],
+            "reason": mode["reason"],
+            "since": mode["since"],
+            "override": mode["override"],
+            "probes": probes.probe_states() if probes is not None else {},
+            "daemon": self._daemon_facts(),
+        }
+
+    async def health(self, params: None, call: Call) -> dict[str, Any]:
+        runtime = self.runtime
+        mode = find_mode_control(runtime)
+        probes = find_probe_control(runtime)
+        stalled = runtime.progress.stalled()
+        return {
+            **self._daemon_facts(),
+            "components": sorted(runtime.components),
+            "stalled_components": {name: round(seconds, 1) for name, seconds in stalled.items()},
+            "mode": mode.mode_state() if mode is not None else None,
+            "probes": probes.probe_states() if probes is not None else None,
+        }
+
+    def _daemon_facts(self) -> dict[str, Any]:
+        runtime = self.runtime
+        if runtime.stopping:
+            state = "stopping"
+        elif runtime.ready.is_set():
+            state = "ready"
+        else:
+            state = "starting"
+        return {
+            "state": state,
+            "version": __version__,
+            "environment": runtime.config.environment,
+            "uptime_seconds": round(time.monotonic() - runtime.started_at, 3),
+        }
+
+    # --- probes ----------------------------------------------------------------
+
+    async def probes_list(self, params: None, call: Call) -> dict[str, Any]:
+        return {"probes": self._probes().probe_states()}
+
+    async def probes_run(self, params: ProbesRunParams, call: Call) -> dict[str, Any]:
+        probes = self._probes()
+        known = sorted(probes.probe_states())
+        names = known if params.probes is None else params.probes
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ControlError(ErrorCode.INVALID_PARAMS,
+                               f"unknown probe(s) {', '.join(unknown)}; known: {', '.join(known)}",
+                               {"known": known})
+        if not names:
+            raise ControlError(ErrorCode.INVALID_PARAMS, "no probes to run: the list is empty")
+        return {"probes": await probes.run_probes(names)}
+
+    # --- mode ------------------------------------------------------------------
+
+    async def mode_get(self, params: None, call: Call) -> dict[str, Any]:
+        return dict(self._mode().mode_state())
+
+    async def mode_set(self, params: ModeSetParams, call: Call) -> dict[str, Any]:
+        machine = self._mode()
+        state = await machine.set_override(params.mode, params.ttl_seconds, params.reason,
+                                           _actor(call))
+        return dict(state)
+
+    async def mode_clear(self, params: None, call: Call) -> dict[str, Any]:
+        machine = self._mode()
+        return dict(await machine.clear_override(_actor(call)))
+
+    # --- pool ------------------------------------------------------------------
+
+    async def pool_recycle(self, params: PoolRecycleParams, call: Call) -> dict[str, Any]:
+        pool = self._pool()
+        return await pool.recycle_pool(params.reason)
+
+    # --- configuration and logging ------------------------------------------------
+
+    async def config_reload(self, params: None, call: Call) -> dict[str, Any]:
+        runtime = self.runtime
+        if runtime.reload_config is None:
+            raise ControlError(ErrorCode.UNAVAILABLE,
+                               "no supervisor configured to reload the configuration")
+        if await runtime.reload_config():
+            return {"applied": True, "config": runtime.config.source}
+
+        # The supervisor logged the problems; read the file again to show them here too.
+        problems: list[str] = []
+        try:
+            with anyio.fail_after(CONFIG_READ_TIMEOUT):
+                await anyio.to_thread.run_sync(config_module.load, runtime.config_path)
+        except ConfigError as exc:
+            problems = [str(problem) for problem in exc.problems]
+        except TimeoutError:
+            problems = [f"reading {runtime.config_path} again timed out"]
+        raise ControlError(
+            ErrorCode.OPERATION_FAILED,
+            f"configuration {runtime.config_path} is invalid, so the daemon keeps the old "
+            f"one; fix it (walacord check-config {runtime.config_path}) and reload again",
+            {"applied": False, "problems": problems})
+
+    async def log_set_level(self, params: LogLevelParams, call: Call) -> dict[str, Any]:
+        setup = self.runtime.logs
+        if setup is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "no log pipeline installed in this process")
+        root = logging.getLogger()
+        previous = logging.getLevelName(root.level).lower()
+        fields = {"from": previous, "to": params.level,
+                  "uid": call.peer.uid if call.peer else None}
+        # Log under whichever of the two levels lets an info line through.
+        if logging.getLevelName(params.level.upper()) <= root.level:
+            setup.set_level(params.level)
+            log.info("log.level_changed", extra={"fields": fields})
+        else:
+            log.info("log.level_changed", extra={"fields": fields})
+            setup.set_level(params.level)
+        return {"level": params.level, "previous": previous,
+                "note": "lasts until the next reload or restart, which apply [logging] level"}
+
+
+def _actor(call: Call) -> str:
+    return call.peer.describe() if call.peer is not None else "unknown"
+

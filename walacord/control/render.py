@@ -1,0 +1,109 @@
+"""Human-readable `walacorctl` output: aligned tables, the status view, progress bars."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+MISSING = "-"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Return rows as left-aligned columns under upper-case headers."""
+    cells = [[str(h).upper() for h in headers]]
+    cells += [[MISSING if value is None else str(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+             .rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def format_pairs(pairs: Sequence[tuple[str, object]]) -> str:
+    """Return `key: value` lines with the values aligned."""
+    width = max((len(key) for key, _ in pairs), default=0) + 1
+    return "\n".join(f"{(key + ':').ljust(width)}  {MISSING if value is None else value}"
+                     for key, value in pairs)
+
+
+def format_seconds(value: object) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return MISSING
+    if value < 1:
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.2f} s"
+
+
+def format_override(override: dict[str, Any] | None) -> str:
+    if not override:
+        return "none"
+    remaining = override.get("remaining_seconds")
+    left = f", {remaining:.0f}s left" if isinstance(remaining, int | float) else ""
+    return (f"{override.get('mode')} until {override.get('expires_at')}{left} "
+            f"(by {override.get('set_by')}: {override.get('reason')})")
+
+
+def format_mode(state: dict[str, Any]) -> str:
+    return format_pairs([
+        ("mode", state.get("mode")),
+        ("since", state.get("since")),
+        ("reason", state.get("reason")),
+        ("override", format_override(state.get("override"))),
+    ])
+
+
+def format_probes(probes: dict[str, Any]) -> str:
+    if not probes:
+        return "no probes configured"
+    rows = []
+    for name in sorted(probes):
+        probe = probes[name] if isinstance(probes[name], dict) else {}
+        healthy = probe.get("healthy")
+        rows.append([name, "up" if healthy else "down", format_seconds(probe.get(
+            "latency_seconds")), probe.get("since"), probe.get("reason")])
+    return format_table(["probe", "state", "latency", "since", "reason"], rows)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    daemon = status.get("daemon") or {}
+    header = format_pairs([
+        ("mode", status.get("mode")),
+        ("since", status.get("since")),
+        ("reason", status.get("reason")),
+        ("override", format_override(status.get("override"))),
+        ("daemon", f"{daemon.get('state')}, version {daemon.get('version')}, "
+                   f"environment {daemon.get('environment')}, up "
+                   f"{format_seconds(daemon.get('uptime_seconds'))}"),
+    ])
+    return header + "\n\n" + format_probes(status.get("probes") or {})
+
+
+class ProgressBar:
+    """Draw `{"done", "total", "message"}` progress lines as one redrawn bar on a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.drawn = False
+
+    def __call__(self, progress: dict[str, Any]) -> None:
+        done = progress.get("done")
+        total = progress.get("total")
+        message = str(progress.get("message") or "")
+        columns = shutil.get_terminal_size((80, 20)).columns
+        if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
+            fraction = min(1.0, max(0.0, done / total))
+            width = 30
+            filled = int(fraction * width)
+            text = (f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% "
+                    f"{done:g}/{total:g} {message}")
+        else:
+            text = f"{done if done is not None else ''} {message}".strip()
+        self.stream.write("\r" + text[: columns - 1].ljust(columns - 1))
+        self.stream.flush()
+        self.drawn = True
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False

@@ -1,0 +1,1 @@
+"""walacord's own PostgreSQL schema: migrations and the one-time database setup."""
