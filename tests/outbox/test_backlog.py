@@ -9,11 +9,10 @@ import anyio
 import pytest
 
 from tests.outbox.conftest import walacor_rows_per_key
-from tests.outbox.test_control import serve_connection, wait_connections_closed
+from tests.outbox.test_control import serving_outbox
 from walacord.client import AsyncOutboxClient, walacor_operation
-from walacord.config import Config, OutboxConfig, StateConfig
+from walacord.config import OutboxConfig
 from walacord.emulator import Emulator
-from walacord.outbox.service import Outbox
 from walacord.outbox.sinks import WalacorSink
 from walacord.walacor import WalacorClient
 
@@ -24,21 +23,15 @@ COUNT = 10_000
 async def test_backlog_during_503_syncs_once(
         tmp_path: Path, outbox_config: OutboxConfig, emulator: Emulator,
         walacor_client: WalacorClient) -> None:
-    config = Config(state=StateConfig(dir=str(tmp_path / "state")),
-                    outbox=dataclasses.replace(outbox_config, sync_interval=3600.0))
-    outbox = Outbox(config, {"walacor": WalacorSink(walacor_client, timeout=30)})
-    path = str(tmp_path / "control.sock")
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = {"walacor": WalacorSink(walacor_client, timeout=30)}
     keys = [f"backlog-{i}" for i in range(COUNT)]
     emulator.set_faults(status=503, path="/api/envelopes/submit")
 
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(outbox.run)
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
         # As the mode machine would: timer passes leave the failing sink alone, and
         # only the explicit sync.run below tries it.
         outbox.engine.sink_unhealthy("walacor")
-        listener = await anyio.create_unix_listener(path)
-        tasks.start_soon(listener.serve, lambda stream: serve_connection(outbox, stream))
-
         async with AsyncOutboxClient(path, timeout=60) as client:
             for start in range(0, COUNT, 1000):
                 await client.enqueue_many([walacor_operation(10001, key=key,
@@ -53,8 +46,6 @@ async def test_backlog_during_503_syncs_once(
                 while (await client.stats())["pending"]:
                     await client.call("sync.run", {})
             after = await client.stats()
-        await wait_connections_closed()
-        tasks.cancel_scope.cancel()
 
     counts = await walacor_rows_per_key(walacor_client)
     assert failed["applied"] == 0

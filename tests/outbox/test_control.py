@@ -1,22 +1,16 @@
-"""Outbox control handlers, called through walacord.client over a real Unix socket.
-
-The server here is a minimal one of the test's own that speaks the control framing
-(newline-delimited JSON, progress lines before the response) and dispatches to
-`HANDLERS`, so the client and the handlers are tested end to end.
-"""
+"""Outbox control methods, called through walacord.client and the real control server."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 import pytest
-from anyio.abc import SocketStream
-from anyio.streams.buffered import BufferedByteReceiveStream
+from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from tests.outbox.conftest import ledger_rows
@@ -26,82 +20,49 @@ from walacord.client import (
     postgres_operation,
     walacor_operation,
 )
-from walacord.config import Config, OutboxConfig, StateConfig
+from walacord.config import Config, ControlConfig, OutboxConfig, StateConfig
+from walacord.control.server import ControlServer
 from walacord.errors import ControlError
-from walacord.outbox.control import HANDLERS, INVALID_PARAMS, OPERATION_FAILED, sync_run
+from walacord.metrics import Metrics
+from walacord.outbox.control import INVALID_PARAMS, OPERATION_FAILED, register_methods
 from walacord.outbox.service import Outbox, build_sinks
+from walacord.outbox.sinks import Sink
+from walacord.runtime import Runtime
+from walacord.systemd import Notifier
 
 pytestmark = pytest.mark.anyio
 
 
-OPEN_CONNECTIONS: set[SocketStream] = set()
-ALL_CLOSED: list[anyio.Event] = []
-
-
-async def wait_connections_closed() -> None:
-    """Wait until the server has seen every client hang up, so that no read is cancelled
-    mid-wait (anyio's Unix stream then reports an InvalidStateError)."""
-    if OPEN_CONNECTIONS:
-        ALL_CLOSED.append(anyio.Event())
-        with anyio.fail_after(10):
-            await ALL_CLOSED[-1].wait()
-
-
-async def serve_connection(outbox: Outbox, stream: SocketStream) -> None:
-    OPEN_CONNECTIONS.add(stream)
-    try:
-        await _serve(outbox, stream)
-    finally:
-        OPEN_CONNECTIONS.discard(stream)
-        if not OPEN_CONNECTIONS:
-            while ALL_CLOSED:
-                ALL_CLOSED.pop().set()
-
-
-async def _serve(outbox: Outbox, stream: SocketStream) -> None:
-    reader = BufferedByteReceiveStream(stream)
-    async with stream:
-        while True:
-            try:
-                line = await reader.receive_until(b"\n", 1024 * 1024)
-            except (anyio.EndOfStream, anyio.IncompleteRead):
-                return
-            request = orjson.loads(line)
-            request_id = request["id"]
-
-            async def progress(done: float, total: float | None, message: str,
-                               request_id: Any = request_id) -> None:
-                await stream.send(orjson.dumps({"id": request_id, "progress": {
-                    "done": done, "total": total, "message": message}}) + b"\n")
-
-            try:
-                if request["method"] == "sync.run":
-                    result = await sync_run(outbox, request["params"], progress=progress)
-                else:
-                    result = await HANDLERS[request["method"]](outbox, request["params"])
-                response = {"id": request_id, "result": result}
-            except ControlError as exc:
-                response = {"id": request_id, "error": {
-                    "code": exc.code, "message": exc.message, "data": exc.data}}
-            await stream.send(orjson.dumps(response) + b"\n")
+@asynccontextmanager
+async def serving_outbox(tmp_path: Path, outbox_config: OutboxConfig,
+                         sinks: dict[str, Sink]) -> AsyncIterator[tuple[str, Outbox]]:
+    """Run an Outbox and a ControlServer with the outbox methods until the block ends."""
+    path = str(tmp_path / "control.sock")
+    config = Config(state=StateConfig(dir=str(tmp_path / "state")),
+                    control=ControlConfig(socket=path, group=""), outbox=outbox_config)
+    registry = CollectorRegistry()
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier({}))
+    outbox = Outbox(config, sinks, metrics=runtime.metrics)
+    register_methods(runtime.methods, outbox)
+    server = ControlServer(runtime)
+    async with anyio.create_task_group() as tasks:
+        for component in (outbox, server):
+            runtime.components[component.name] = component
+            await tasks.start(component.run)
+        runtime.ready.set()
+        yield path, outbox
+        tasks.cancel_scope.cancel()
 
 
 @pytest.fixture
 async def control_socket(tmp_path: Path, outbox_config: OutboxConfig,
                          ledger_pool: AsyncConnectionPool[Any]
                          ) -> AsyncIterator[tuple[str, Outbox]]:
-    config = Config(state=StateConfig(dir=str(tmp_path / "state")),
-                    outbox=dataclasses.replace(outbox_config, max_operations=50,
-                                               sync_interval=3600.0))
-    outbox = Outbox(config, build_sinks(config, pool=ledger_pool))
-    path = str(tmp_path / "control.sock")
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(outbox.run)
-        listener = await anyio.create_unix_listener(path)
-        tasks.start_soon(listener.serve, lambda stream: serve_connection(outbox, stream))
-        yield path, outbox
-        await wait_connections_closed()
-        tasks.cancel_scope.cancel()
+    config = dataclasses.replace(outbox_config, max_operations=50, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    async with serving_outbox(tmp_path, config, sinks) as served:
+        yield served
 
 
 async def test_client_enqueue_and_duplicate(control_socket: tuple[str, Outbox]) -> None:

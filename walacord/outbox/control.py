@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
 
+from walacord.control.registry import Call, MethodRegistry
 from walacord.errors import (
     ControlError,
     OutboxDiskFull,
@@ -37,10 +39,15 @@ MAX_BATCH = 10_000
 MAX_PAGE = 10_000
 
 PROGRESS_INTERVAL = 0.5
+# Deadline of a sync.run call; its own `timeout` parameter, default 3600 s, is checked
+# inside it.
+SYNC_RUN_TIMEOUT = 3700.0
 
 Handler = Callable[[Outbox, dict[str, Any]], Awaitable[Any]]
-# (done, total, message), as the control server's progress lines carry them.
-Progress = Callable[[float, float | None, str], Awaitable[None]]
+# (done, total, message), as the control server's progress lines carry them. The
+# callback only records the latest figures, and the control server sends them.
+Progress = Callable[[float, float | None, str], None]
+MUTATING = frozenset({"outbox.enqueue", "outbox.retry", "outbox.drop", "sync.run"})
 
 
 def _control_error(exc: OutboxError) -> ControlError:
@@ -189,7 +196,7 @@ async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> Pass
         while True:
             now = await outbox.store.stats()
             left = now.pending + now.in_flight
-            await progress(max(0, total - left), total, f"{left} operations left")
+            progress(max(0, total - left), total, f"{left} operations left")
             await anyio.sleep(PROGRESS_INTERVAL)
     return result[0]
 
@@ -225,3 +232,22 @@ HANDLERS: dict[str, Handler] = {
     "outbox.export": outbox_export,
     "sync.run": sync_run,
 }
+
+
+def _bound(handler: Handler, outbox: Outbox) -> Callable[[Any, Call], Awaitable[Any]]:
+    async def call_handler(params: Any, call: Call) -> Any:
+        return await handler(outbox, dict(params or {}))
+
+    return call_handler
+
+
+def register_methods(methods: MethodRegistry, outbox: Outbox) -> None:
+    """Register the outbox methods on the control server's method table."""
+    # Enqueue is high-rate, so the server does not log each call; drop and retry log
+    # their own event with the ids.
+    for name, handler in HANDLERS.items():
+        if name != "sync.run":
+            methods.register(name, _bound(handler, outbox), dict, mutating=name in MUTATING,
+                             audit=False if name == "outbox.enqueue" else None)
+    methods.register_with_progress("sync.run", partial(sync_run, outbox), mutating=True,
+                                   timeout=SYNC_RUN_TIMEOUT)
