@@ -181,6 +181,7 @@ class OutboxInvalidOperation(OutboxError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
 
 
 class OutboxFull(OutboxError):

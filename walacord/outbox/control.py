@@ -99,7 +99,7 @@ async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, An
                                           max_bytes=outbox.config.max_operation_bytes))
         except OutboxInvalidOperation as exc:
             field = f"operations[{index}].{exc.field}" if batch else exc.field
-            raise ControlError(INVALID_PARAMS, f"{field}: {str(exc).split(': ', 1)[1]}",
+            raise ControlError(INVALID_PARAMS, f"{field}: {exc.detail}",
                                {"field": field}) from None
 
     try:
