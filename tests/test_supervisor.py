@@ -77,15 +77,19 @@ async def test_watchdog_withheld_while_component_stalls(notify_socket: NotifyRec
 async def test_reload_keeps_old_config_when_invalid(tmp_path: Path,
                                                     notify_socket: NotifyRecorder) -> None:
     path = tmp_path / "walacord.toml"
-    state = f"[state]\ndir = '{tmp_path / 'state'}'\n"
+    state = (f"[state]\ndir = '{tmp_path / 'state'}'\n[backup]\nenabled = false\n"
+             f"[control]\nsocket = '{tmp_path / 'control.sock'}'\n")
     path.write_text("[logging]\nlevel = 'info'\ndir = ''\n[http]\nlisten = ''\n" + state)
     supervisor = Supervisor(config.load(path, {}), str(path), notifier=Notifier())
     async with anyio.create_task_group() as tg:
         tg.start_soon(supervisor.run)
         await supervisor.runtime.ready.wait()
+        # The kernel queues only a few datagrams per socket, so read them as they come.
+        notify_socket.poll()
 
         path.write_text("[logging]\nlevel = 'loud'\n")
         assert await supervisor.reload() is False
+        notify_socket.poll()
         assert supervisor.runtime.config.logging.level == "info"
 
         path.write_text("[logging]\nlevel = 'warning'\ndir = ''\n[http]\nlisten = ''\n"

@@ -7,9 +7,19 @@ registered here, before the control server starts accepting connections.
 
 from __future__ import annotations
 
+import logging
 from functools import partial
+from typing import TYPE_CHECKING
 
+from walacord.alerts import rules
+from walacord.probes.base import ProbeState
 from walacord.runtime import Component, Runtime
+
+if TYPE_CHECKING:
+    from walacord.alerts.service import AlertService
+    from walacord.outbox.service import Outbox
+
+log = logging.getLogger(__name__)
 
 BACKUP_MUTATING = {"backup.now", "backup.verify", "backup.restore"}
 
@@ -22,6 +32,9 @@ def default_components(runtime: Runtime) -> list[Component]:
     from walacord.backup.scheduler import BackupScheduler
     from walacord.control.server import ControlServer
     from walacord.monitor import Monitor
+    from walacord.outbox.backends import OutboxBackends
+    from walacord.outbox.control import register_methods as register_outbox_methods
+    from walacord.outbox.service import Outbox, build_sinks
     from walacord.web import WebServer
 
     config = runtime.config
@@ -41,6 +54,17 @@ def default_components(runtime: Runtime) -> list[Component]:
 
     alerts = AlertService(runtime)
     components.append(alerts)
+
+    # The outbox starts before the monitor, so the first probe results can wake its sync.
+    backends = OutboxBackends(config)
+    outbox = Outbox(config, build_sinks(config, walacor=backends.walacor, pool=backends.pool),
+                    metrics=runtime.metrics, on_alert=partial(_outbox_alert, alerts),
+                    extend_start_timeout=runtime.notifier.extend_timeout)
+    components.extend([backends, outbox])
+    register_outbox_methods(methods, outbox)
+    monitor.outbox_full = lambda: outbox.store.full
+    monitor.state_listeners.append(partial(_tell_outbox, outbox))
+
     components.append(monitor)
     methods.register_plain(alert_methods(alerts),
                            mutating={"alerts.silence", "alerts.unsilence"})
@@ -62,3 +86,28 @@ def default_components(runtime: Runtime) -> list[Component]:
 
     return components
 
+
+
+# Which outbox sink each probe vouches for.
+SINK_OF_PROBE = {"database": "postgres", "walacor": "walacor"}
+
+
+def _tell_outbox(outbox: Outbox, state: ProbeState) -> None:
+    sink = SINK_OF_PROBE.get(state.name)
+    if sink is None:
+        return
+    if state.up:
+        outbox.engine.sink_healthy(sink)
+    elif state.down:
+        outbox.engine.sink_unhealthy(sink)
+
+
+def _outbox_alert(alerts: AlertService, kind: str, message: str) -> None:
+    """Turn an outbox problem (full, disk full, damaged file, conservation) into an alert."""
+    log.error("outbox.alert", extra={"fields": {"kind": kind, "message": message}})
+    config = alerts.runtime.config.alerts
+    if kind == "outbox_conservation":
+        alerts.observe(rules.conservation_failed(True, config, message))
+    else:
+        alerts.observe(rules.critical_error(f"outbox.{kind.removeprefix('outbox_')}", message,
+                                            config))

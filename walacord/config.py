@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -380,6 +381,74 @@ class RepairConfig:
     restart_budget: int = setting(3, min=0, max=1000,
                                   help="restarts allowed within restart_window")
     restart_window: Duration = setting(3600.0, min=1, max=7 * 86400)
+# --- outbox -------------------------------------------------------------------------
+
+# An outbox statement may run more than once for one operation (a crash between the
+# commit in PostgreSQL and the "done" mark in SQLite replays it), so it must be
+# idempotent. These patterns accept the usual idempotent forms.
+IDEMPOTENT_SQL = re.compile(r"\bON\s+CONFLICT\b|^\s*MERGE\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class OutboxStatement:
+    sql: str = setting("", help="SQL with %(name)s placeholders filled from the payload")
+    idempotent: bool = setting(False, help="set true to vouch for a statement that has no "
+                               "ON CONFLICT or MERGE but is idempotent, such as an "
+                               "UPDATE that sets absolute values")
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    max_operations: int = setting(1_000_000, min=1, max=1_000_000_000,
+                                  help="undelivered operations kept before enqueue is rejected")
+    max_bytes: int = setting(1024**3, min=1024, max=1024**4,
+                             help="payload bytes of undelivered operations before rejecting")
+    max_operation_bytes: int = setting(1024 * 1024, min=64, max=64 * 1024 * 1024)
+    max_batch: int = setting(2000, min=1, max=100_000,
+                             help="operations committed together in one transaction")
+    open_timeout: Duration = setting(600.0, min=1, max=86400,
+                                     help="deadline for the start-up integrity check")
+    write_timeout: Duration = setting(30.0, min=0.1, max=3600,
+                                      help="deadline for an enqueue to become durable")
+    retention: Duration = setting(7 * 86400.0, min=0, max=3650 * 86400,
+                                  help="how long done operations are kept before compaction")
+    compact_interval: Duration = setting(300.0, min=1, max=86400)
+    wal_max_bytes: int = setting(64 * 1024 * 1024, min=1024 * 1024, max=1024**4,
+                                 help="WAL size kept after a checkpoint")
+    sync_interval: Duration = setting(30.0, min=0.1, max=86400,
+                                      help="period of the timer that starts a sync pass")
+    sync_concurrency: int = setting(16, min=1, max=1000)
+    sync_batch_min: int = setting(10, min=1, max=100_000,
+                                  help="batch size right after an outage")
+    sync_batch_max: int = setting(500, min=1, max=100_000)
+    sync_error_ratio: float = setting(0.1, min=0, max=1,
+                                      help="failed share of a batch above which it shrinks")
+    apply_timeout: Duration = setting(30.0, min=0.1, max=3600,
+                                      help="deadline for one sink call")
+    retry_initial: Duration = setting(1.0, min=0.01, max=3600)
+    retry_max: Duration = setting(300.0, min=0.01, max=86400)
+    dead_after_attempts: int = setting(5, min=1, max=1000,
+                                       help="attempts a permanently failing operation gets")
+    statements: dict[str, OutboxStatement] = setting(default_factory=dict)
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.sync_batch_min > self.sync_batch_max:
+            problems.append(("sync_batch_min", f"{self.sync_batch_min} is larger than "
+                             f"sync_batch_max {self.sync_batch_max}; lower it"))
+        for name, statement in self.statements.items():
+            key = f"statements.{name}.sql"
+            if not statement.sql.strip():
+                problems.append((key, "missing SQL; write sql = \"INSERT ... ON CONFLICT "
+                                 "DO NOTHING\""))
+            elif not statement.idempotent and not IDEMPOTENT_SQL.search(statement.sql):
+                problems.append((key, "statement does not look idempotent: it has no ON "
+                                 "CONFLICT clause and is not a MERGE, so a replay after a "
+                                 "crash could apply it twice; add ON CONFLICT, or set "
+                                 "idempotent = true if it is idempotent by design"))
+        return problems
+
+
 # --- backups -------------------------------------------------------------------------
 
 BACKUP_FORMATS = ("custom", "plain-gzip")
@@ -534,6 +603,7 @@ class Config:
     probes: ProbesConfig = dataclasses.field(default_factory=ProbesConfig)
     modes: ModesConfig = dataclasses.field(default_factory=ModesConfig)
     repair: RepairConfig = dataclasses.field(default_factory=RepairConfig)
+    outbox: OutboxConfig = dataclasses.field(default_factory=OutboxConfig)
     backup: BackupConfig = dataclasses.field(default_factory=BackupConfig)
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
 

@@ -179,6 +179,31 @@ class OutboxError(WalacordError):
     """The durable outbox could not accept or apply an operation."""
 
 
+class OutboxInvalidOperation(OutboxError):
+    """An operation failed validation; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.detail = message
+
+
+class OutboxFull(OutboxError):
+    """The outbox reached its operation or byte limit and rejects new operations."""
+
+
+class OutboxDiskFull(OutboxError):
+    """The state directory's file system is full, so no enqueue can be made durable."""
+
+
+class OutboxCorrupt(OutboxError):
+    """The outbox database failed its integrity check and was moved aside."""
+
+
+class OutboxNotFound(OutboxError):
+    """No operation has the requested id."""
+
+
 # --- backups --------------------------------------------------------------------
 
 

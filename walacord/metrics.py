@@ -89,6 +89,47 @@ class Metrics:
         self.walacor_tls_expiry_days = Gauge(
             "walacord_walacor_tls_cert_expiry_days",
             "Days until the Walacor server's TLS certificate expires.", registry=registry)
+        # --- outbox ---------------------------------------------------------------
+        self.outbox_pending = Gauge(
+            "walacord_outbox_pending_operations",
+            "Operations accepted and not yet applied (pending or in flight).", registry=registry)
+        self.outbox_oldest_pending_age = Gauge(
+            "walacord_outbox_oldest_pending_age_seconds",
+            "Age of the oldest operation not yet applied; 0 when none.", registry=registry)
+        self.outbox_synced = Counter(
+            "walacord_outbox_synced_total", "Operations applied to their sink.",
+            ["sink"], registry=registry)
+        self.outbox_dead = Gauge(
+            "walacord_outbox_dead_operations",
+            "Operations that failed permanently and wait for an operator.", registry=registry)
+        self.outbox_enqueued = Counter(
+            "walacord_outbox_enqueued_total",
+            "Operations accepted into the outbox (duplicates of a known key not counted).",
+            registry=registry)
+        self.outbox_rejected = Counter(
+            "walacord_outbox_rejected_total", "Enqueues rejected, by reason.",
+            ["reason"], registry=registry)
+        self.outbox_accepted = Gauge(
+            "walacord_outbox_accepted_operations",
+            "Operations ever accepted, from the outbox's persistent counter.", registry=registry)
+        self.outbox_accounted = Gauge(
+            "walacord_outbox_accounted_operations",
+            "Sum of done, pending, in-flight, dead and dropped operations; equals accepted.",
+            registry=registry)
+        self.outbox_conservation_ok = Gauge(
+            "walacord_outbox_conservation_ok",
+            "1 when accepted equals the sum over states at the last check, else 0.",
+            registry=registry)
+        self.outbox_conservation_failures = Counter(
+            "walacord_outbox_conservation_failures_total",
+            "Conservation checks where accepted differed from the sum over states.",
+            registry=registry)
+        self.outbox_sync_errors = Counter(
+            "walacord_outbox_sync_errors_total", "Failed sink calls, by sink and reason.",
+            ["sink", "reason"], registry=registry)
+        self.outbox_batch_size = Gauge(
+            "walacord_outbox_sync_batch_size", "Current sync batch size, by sink.",
+            ["sink"], registry=registry)
 
         # --- backups --------------------------------------------------------------
         self.backup_last_success = Gauge(

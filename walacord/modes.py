@@ -82,7 +82,8 @@ class Decision:
 
 
 def decide(current: Current, observations: Mapping[str, ProbeState], now: float, *,
-           policy: ModesConfig | None = None, override: Override | None = None) -> Decision:
+           policy: ModesConfig | None = None, override: Override | None = None,
+           outbox_full: bool = False) -> Decision:
     """Return the next mode and a one-sentence reason.
 
     The rules, first match wins:
@@ -90,7 +91,8 @@ def decide(current: Current, observations: Mapping[str, ProbeState], now: float,
     1. an unexpired override sets its mode;
     2. offline: PostgreSQL and Walacor are both unreachable, or the host probe is down
        while a remote probe is down too;
-    3. emergency: PostgreSQL cannot take writes;
+    3. emergency: PostgreSQL cannot take writes, or the outbox is full and rejects new
+       operations;
     4. degraded: Walacor or the API is down or slow, the database is slow or
        saturated, or the host warns;
     5. normal otherwise.
@@ -109,6 +111,11 @@ def decide(current: Current, observations: Mapping[str, ProbeState], now: float,
     evidence = {name: f"{state.health.value}: {state.message}"
                 for name, state in probes.items()}
     proposed, reason = _rules(probes, policy)
+    if outbox_full and proposed.rank < Mode.EMERGENCY.rank:
+        proposed = Mode.EMERGENCY
+        reason = ("The outbox is full and rejects new operations until sync drains it or "
+                  "its capacity is raised.")
+        evidence["outbox"] = "full"
 
     if proposed.rank < current.mode.rank and now - current.since < policy.min_dwell:
         wait = policy.min_dwell - (now - current.since)
@@ -202,7 +209,7 @@ class ModeMachine:
         return self.current.mode
 
     def evaluate(self, observations: Mapping[str, ProbeState],
-                 now: float | None = None) -> Decision:
+                 now: float | None = None, *, outbox_full: bool = False) -> Decision:
         """Decide the mode from `observations` and apply it; return the decision."""
         now = time.monotonic() if now is None else now
         if self.override is not None and now >= self.override.until:
@@ -216,7 +223,7 @@ class ModeMachine:
             current = Current(current.mode, -math.inf)
             self._override_ended = False
         decision = decide(current, observations, now, policy=self.config,
-                          override=self.override)
+                          override=self.override, outbox_full=outbox_full)
         self.reason = decision.reason
         self.evidence = decision.evidence
         if decision.mode is not self.current.mode:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,6 +58,10 @@ class Monitor:
 
         # What acts on the probe states: the mode, the repairs and the crash watcher.
         self.modes = ModeMachine(cfg.modes, self.metrics)
+        # Set by the outbox when it is wired in: whether it rejects new operations, and
+        # who wants to hear about a probe going up or down.
+        self.outbox_full: Callable[[], bool] = lambda: False
+        self.state_listeners: list[Callable[[ProbeState], None]] = []
         self.recycler = Recycler(lambda: self.config.repair, self.pool, self._prove_fresh,
                                  self.metrics)
         self.restarter = Restarter(lambda: self.config.repair, self.metrics)
@@ -219,6 +223,9 @@ class Monitor:
 
     def _on_state(self, old: ProbeState, new: ProbeState) -> None:
         self.metrics.probe_up.labels(probe=new.name).set(1 if new.up else 0)
+        if old.health is not new.health:
+            for listener in self.state_listeners:
+                listener(new)
         if old.health is not new.health or old.last is None or new.last is None or (
                 old.last.status is not new.last.status):
             self._changed.set()
@@ -236,7 +243,7 @@ class Monitor:
 
     def _evaluate(self) -> None:
         transitions = self.modes.transitions
-        self.modes.evaluate(self.observations())
+        self.modes.evaluate(self.observations(), outbox_full=self.outbox_full())
         if self.modes.transitions != transitions:
             self.runtime.update_status()
 

@@ -68,9 +68,13 @@ class Supervisor:
             components = list(self._component_factory(runtime))
             for component in components:
                 runtime.components[component.name] = component
-                runtime.notifier.extend_timeout(cfg.lifecycle.start_timeout + 5)
+                # A component with a long start-up step (the outbox's integrity check)
+                # declares its own, longer bound.
+                bound = max(cfg.lifecycle.start_timeout,
+                            float(getattr(component, "start_timeout", 0.0)))
+                runtime.notifier.extend_timeout(bound + 5)
                 began = time.monotonic()
-                with anyio.fail_after(cfg.lifecycle.start_timeout):
+                with anyio.fail_after(bound):
                     await tg.start(self._run_component, component)
                 log.info("component.started", extra={"fields": {
                     "component": component.name,

@@ -39,6 +39,7 @@ FAMILIES = (
     "walacord.control.commands",
     "walacord.alerts.commands",
     "walacord.backup.commands",
+    "walacord.outbox.commands",
 )
 
 Handler = Callable[["Context", argparse.Namespace], int]

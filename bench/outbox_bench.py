@@ -1,0 +1,425 @@
+"""Measure the outbox beside its anchors, in one run, and record the figures.
+
+1. Durable enqueue through the store API (`OutboxStore.enqueue`) and through the
+   control socket with 1 and 16 concurrent clients, beside raw SQLite: one INSERT per
+   transaction, WAL, synchronous=FULL, in the same directory.
+2. Drain of a backlog into PostgreSQL beside psycopg `executemany` of the same rows,
+   500 per transaction, into a private cluster.
+3. Drain of a backlog into the Walacor emulator, run as a subprocess.
+
+    python bench/outbox_bench.py               # full sizes, writes docs/benchmarks.md
+    python bench/outbox_bench.py --quick --no-write
+
+NOTE: the control-socket clients run in the daemon's own event loop, so their CPU
+time counts against the daemon; separate client processes would fare better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from walacord.config import OutboxConfig, OutboxStatement
+from walacord.outbox.model import NewOperation
+from walacord.outbox.sinks import PostgresSink, Sink, WalacorSink
+from walacord.outbox.store import OutboxStore
+from walacord.outbox.sync import SyncEngine
+from walacord.pgcluster import PgCluster, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- outbox:start -->", "<!-- outbox:end -->"
+ETID = 10001
+STATEMENT = OutboxStatement(sql="INSERT INTO ledger (key, amount) VALUES (%(key)s, "
+                                "%(amount)s) ON CONFLICT (key) DO NOTHING")
+BATCH = int(os.environ.get("OUTBOX_BENCH_BATCH", "500"))
+PAYLOAD = b'{"amount":125,"currency":"EUR","account":"DE89370400440532013000"}'
+
+
+# --- 1. enqueue -----------------------------------------------------------------------
+
+
+def raw_sqlite_inserts(directory: Path, count: int) -> float:
+    """Return inserts per second, one synchronous=FULL WAL transaction each."""
+    conn = sqlite3.connect(directory / "raw.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE operations (id INTEGER PRIMARY KEY, key TEXT UNIQUE, "
+                 "payload BLOB)")
+    started = time.perf_counter()
+    for index in range(count):
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO operations (key, payload) VALUES (?, ?)",
+                     (f"raw-{index}", PAYLOAD))
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return count / elapsed
+
+
+async def store_enqueues(directory: Path, clients: int, per_client: int) -> dict[str, float]:
+    """Return acknowledged enqueues per second and operations per commit."""
+    store = OutboxStore(directory / "outbox.db", OutboxConfig())
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(store.run)
+        commits_before = store.commits
+
+        async def client(number: int) -> None:
+            for index in range(per_client):
+                await store.enqueue([NewOperation(f"c{number}-{index}", "walacor", str(ETID),
+                                                  PAYLOAD)])
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as clients_group:
+            for number in range(clients):
+                clients_group.start_soon(client, number)
+        elapsed = time.perf_counter() - started
+        commits = store.commits - commits_before
+        tasks.cancel_scope.cancel()
+    total = clients * per_client
+    return {"rate": total / elapsed, "per_commit": total / max(1, commits)}
+
+
+async def socket_enqueues(directory: Path, clients: int, per_client: int) -> dict[str, float]:
+    """Return enqueues per second through the control socket, clients in this process."""
+    from prometheus_client import CollectorRegistry
+
+    from walacord.client import AsyncOutboxClient
+    from walacord.config import Config, ControlConfig, StateConfig
+    from walacord.control.server import ControlServer
+    from walacord.metrics import Metrics
+    from walacord.outbox.control import register_methods
+    from walacord.outbox.service import Outbox
+    from walacord.runtime import Runtime
+    from walacord.systemd import Notifier
+
+    path = str(directory / "control.sock")
+    config = Config(state=StateConfig(dir=str(directory)),
+                    control=ControlConfig(socket=path, group="", max_connections=256))
+    registry = CollectorRegistry()
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier({}))
+    outbox = Outbox(config, {})
+    register_methods(runtime.methods, outbox)
+    server = ControlServer(runtime)
+    async with anyio.create_task_group() as tasks:
+        for component in (outbox, server):
+            runtime.components[component.name] = component
+            await tasks.start(component.run)
+        runtime.ready.set()
+        commits_before = outbox.store.commits
+
+        async def client(number: int) -> None:
+            async with AsyncOutboxClient(path, timeout=60) as connection:
+                for index in range(per_client):
+                    await connection.enqueue({"sink": "walacor", "etid": ETID,
+                                              "key": f"s{number}-{index}",
+                                              "data": {"amount": index}})
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as clients_group:
+            for number in range(clients):
+                clients_group.start_soon(client, number)
+        elapsed = time.perf_counter() - started
+        commits = outbox.store.commits - commits_before
+        tasks.cancel_scope.cancel()
+    total = clients * per_client
+    return {"rate": total / elapsed, "per_commit": total / max(1, commits)}
+
+
+def bench_enqueue(base: Path, quick: bool) -> dict[str, Any]:
+    count = 500 if quick else 3000
+    results: dict[str, Any] = {}
+    # Interleave the runs so that a change in disk load hits all of them alike.
+    for label, run in (("raw", lambda d: raw_sqlite_inserts(d, count)),
+                       ("one", lambda d: anyio.run(store_enqueues, d, 1, count)),
+                       ("sixteen", lambda d: anyio.run(store_enqueues, d, 16, count)),
+                       ("sixty_four", lambda d: anyio.run(store_enqueues, d, 64,
+                                                          count // 4)),
+                       ("socket_one", lambda d: anyio.run(socket_enqueues, d, 1, count)),
+                       ("socket_sixteen", lambda d: anyio.run(socket_enqueues, d, 16, count))):
+        directory = Path(tempfile.mkdtemp(dir=base))
+        try:
+            results[label] = run(directory)
+        finally:
+            shutil.rmtree(directory)
+    return results
+
+
+# --- 2. drain into PostgreSQL --------------------------------------------------------
+
+
+def raw_executemany(url: str, rows: list[dict[str, Any]]) -> float:
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        for start in range(0, len(rows), 500):
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(STATEMENT.sql.replace("ledger", "ledger_raw"),
+                                   rows[start:start + 500])
+        return len(rows) / (time.perf_counter() - started)
+
+
+async def fill(store: OutboxStore, operations: list[NewOperation]) -> None:
+    for start in range(0, len(operations), 1000):
+        await store.enqueue(operations[start:start + 1000])
+
+
+async def drain(directory: Path, sink_name: str, sink: Sink,
+                operations: list[NewOperation], config: OutboxConfig) -> float:
+    """Enqueue `operations`, then return operations per second of a drain into `sink`."""
+    store = OutboxStore(directory / "outbox.db", config)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(store.run)
+        await fill(store, operations)
+        engine = SyncEngine(store, {sink_name: sink}, config)
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        while True:
+            report = await engine.run_pass(forced=True)
+            stats = await store.stats()
+            if stats.pending == 0 and stats.in_flight == 0:
+                break
+            if report.applied == 0:
+                await anyio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        print(f"drain into {sink_name}: {elapsed:.2f}s wall, "
+              f"{time.process_time() - cpu_started:.2f}s CPU of this process", file=sys.stderr)
+        tasks.cancel_scope.cancel()
+    if stats.done != len(operations) or stats.dead:
+        raise RuntimeError(f"drain into {sink_name} incomplete: {stats}")
+    return len(operations) / elapsed
+
+
+async def outbox_into_postgres(directory: Path, url: str, count: int) -> float:
+    config = OutboxConfig(statements={"insert_row": STATEMENT}, sync_batch_max=BATCH)
+    operations = [NewOperation(f"row-{i}", "postgres", "insert_row",
+                               f'{{"key":"row-{i}","amount":{i}}}'.encode())
+                  for i in range(count)]
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(url, min_size=2, max_size=4,
+                                                         open=False)
+    await pool.open(wait=True, timeout=30)
+    try:
+        sink = PostgresSink(pool, config.statements, timeout=60)
+        return await drain(directory, "postgres", sink, operations, config)
+    finally:
+        await pool.close()
+
+
+def bench_postgres(base: Path, count: int) -> dict[str, Any]:
+    cluster = PgCluster(Path(tempfile.mkdtemp(dir=base)))
+    cluster.init()
+    cluster.start()
+    try:
+        url = cluster.url("postgres")
+        with psycopg.connect(url, autocommit=True) as conn:
+            for table in ("ledger", "ledger_raw"):
+                conn.execute(f"CREATE TABLE {table} (key text PRIMARY KEY, amount integer)")
+        rows = [{"key": f"row-{i}", "amount": i} for i in range(count)]
+        raw = raw_executemany(url, rows)
+        directory = Path(tempfile.mkdtemp(dir=base))
+        try:
+            outbox = anyio.run(outbox_into_postgres, directory, url, count)
+        finally:
+            shutil.rmtree(directory)
+        with psycopg.connect(url) as conn:
+            stored = conn.execute("SELECT count(*) FROM ledger").fetchone()
+        if not stored or stored[0] != count:
+            raise RuntimeError(f"ledger contains {stored} rows; expected {count}")
+        return {"raw": raw, "outbox": outbox, "count": count,
+                "server": cluster.bindir.parent.name}
+    finally:
+        cluster.destroy()
+
+
+# --- 3. drain into the emulator ------------------------------------------------------
+
+
+async def outbox_into_emulator(directory: Path, url: str, count: int) -> float:
+    from walacord.walacor import WalacorClient
+
+    async with WalacorClient(url, username="admin", password="admin",
+                             request_timeout=60.0, read_timeout=60.0) as client:
+        operations = [NewOperation(f"w-{i}", "walacor", str(ETID),
+                                   f'{{"amount":{i}}}'.encode()) for i in range(count)]
+        config = OutboxConfig(sync_batch_max=500)
+        return await drain(directory, "walacor", WalacorSink(client, timeout=60), operations,
+                           config)
+
+
+def bench_emulator(base: Path, count: int) -> dict[str, Any]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "walacord", "emulator", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        anyio.run(_wait_and_create_schema, url)
+        directory = Path(tempfile.mkdtemp(dir=base))
+        try:
+            return {"outbox": anyio.run(outbox_into_emulator, directory, url, count),
+                    "count": count}
+        finally:
+            shutil.rmtree(directory)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def _wait_and_create_schema(url: str) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url + "/api", timeout=10.0) as http:
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    login = await http.post("/auth/login",
+                                            json={"userName": "admin", "password": "admin"})
+                    break
+                except httpx.TransportError:
+                    await anyio.sleep(0.1)
+        token = login.json()["api_token"]
+        schema = {"ETId": 50, "SV": 1, "Schema": {"ETId": ETID, "TableName": "bench",
+                  "Fields": [{"FieldName": "walacord_key", "DataType": "TEXT"},
+                             {"FieldName": "amount", "DataType": "INTEGER"}]}}
+        response = await http.post("/schemas/", json=schema, headers={"Authorization": token})
+        response.raise_for_status()
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
+            f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}")
+
+
+def render(results: dict[str, Any], command: str) -> str:
+    enqueue, pg, emu = results["enqueue"], results.get("postgres"), results.get("emulator")
+    raw = enqueue["raw"]
+    lines = [
+        START,
+        "## Outbox",
+        "",
+        f"Machine: {machine()}. State directory on `{results['filesystem']}`.",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
+        "All figures of a table come from the same run. Other work shares this machine: "
+        "across runs on 2026-12-04, raw SQLite ranged from 1,400 to 6,500 inserts/s and "
+        "executemany from 32,000 to 67,000 rows/s, so compare ratios within one run.",
+        "",
+        "Durable enqueue, through the store API (`OutboxStore.enqueue`) and through the "
+        "control socket (`walacord.client.AsyncOutboxClient`, one connection per client, "
+        "clients in the daemon's process and event loop, so their CPU counts against it):",
+        "",
+        "| what | ops/s | vs raw SQLite | ops per fsync |",
+        "|---|---:|---:|---:|",
+        f"| raw SQLite, one synchronous=FULL WAL transaction per insert | {raw:,.0f} | 1.00 "
+        "| 1 |",
+    ]
+    for label, clients, via in (("one", 1, "store API"), ("sixteen", 16, "store API"),
+                                ("sixty_four", 64, "store API"),
+                                ("socket_one", 1, "control socket"),
+                                ("socket_sixteen", 16, "control socket")):
+        figures = enqueue[label]
+        lines.append(f"| outbox via {via}, {clients} client{'s' if clients > 1 else ''} | "
+                     f"{figures['rate']:,.0f} | {figures['rate'] / raw:.2f} | "
+                     f"{figures['per_commit']:.1f} |")
+    lines.append("")
+    lines.append("")
+    lines.append("Target: 20,000 acknowledged ops/s with 16 clients on a machine where raw "
+                 "SQLite reaches about 3,300/s (a ratio of about 6). Each client waits for "
+                 "its acknowledgement before it sends the next operation, so a commit "
+                 "carries at most one operation per client, and the rate is the number of "
+                 "clients divided by the time of one commit: the fsync, one round trip to "
+                 "aiosqlite's thread, and about 50 microseconds of Python per operation "
+                 "(estimated from the 64-client figure), which also caps the 64-client "
+                 "rate.")
+    if pg:
+        lines += [
+            "",
+            f"Drain of a {pg['count']:,}-operation backlog into PostgreSQL "
+            f"({pg['server']}, private cluster on loopback):",
+            "",
+            "| what | rows/s | vs executemany |",
+            "|---|---:|---:|",
+            f"| psycopg executemany, 500 rows per transaction | {pg['raw']:,.0f} | 1.00 |",
+            f"| outbox drain | {pg['outbox']:,.0f} | {pg['outbox'] / pg['raw']:.2f} |",
+            "",
+            "Target: the drain reaches at least 0.80 of executemany.",
+        ]
+    if emu:
+        lines += [
+            "",
+            f"Drain of a {emu['count']:,}-operation backlog into the Walacor emulator "
+            f"(subprocess on loopback): {emu['outbox']:,.0f} records/s. Target: 5,000.",
+        ]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_doc(block: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--dir", default=str(REPO / "bench" / "results"),
+                        help="directory for the SQLite files and the PostgreSQL cluster")
+    parser.add_argument("--backlog", type=int, default=100_000,
+                        help="operations in the PostgreSQL drain backlog")
+    parser.add_argument("--emulator-backlog", type=int, default=100_000)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    backlog = 5000 if args.quick else args.backlog
+    emulator_backlog = 2000 if args.quick else args.emulator_backlog
+    filesystem = subprocess.run(["df", "-T", str(base)], capture_output=True, text=True,
+                                check=False).stdout.splitlines()[-1].split()[1]
+    results: dict[str, Any] = {"filesystem": filesystem, "enqueue": bench_enqueue(base,
+                                                                                args.quick)}
+    results["postgres"] = bench_postgres(base, backlog)
+    results["emulator"] = bench_emulator(base, emulator_backlog)
+    print(json.dumps(results, indent=2))
+
+    command = "python bench/outbox_bench.py" + (" --quick" if args.quick else "")
+    block = render(results, command)
+    print(block)
+    if not args.no_write:
+        write_doc(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Outbox control methods, called through walacord.client and the real control server."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+from psycopg_pool import AsyncConnectionPool
+
+from tests.outbox.conftest import ledger_rows
+from walacord.client import (
+    AsyncOutboxClient,
+    OutboxClient,
+    postgres_operation,
+    walacor_operation,
+)
+from walacord.config import Config, ControlConfig, OutboxConfig, StateConfig
+from walacord.control.server import ControlServer
+from walacord.errors import ControlError
+from walacord.metrics import Metrics
+from walacord.outbox.control import INVALID_PARAMS, OPERATION_FAILED, register_methods
+from walacord.outbox.service import Outbox, build_sinks
+from walacord.outbox.sinks import Sink
+from walacord.runtime import Runtime
+from walacord.systemd import Notifier
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def serving_outbox(tmp_path: Path, outbox_config: OutboxConfig,
+                         sinks: dict[str, Sink]) -> AsyncIterator[tuple[str, Outbox]]:
+    """Run an Outbox and a ControlServer with the outbox methods until the block ends."""
+    path = str(tmp_path / "control.sock")
+    config = Config(state=StateConfig(dir=str(tmp_path / "state")),
+                    control=ControlConfig(socket=path, group=""), outbox=outbox_config)
+    registry = CollectorRegistry()
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier({}))
+    outbox = Outbox(config, sinks, metrics=runtime.metrics)
+    register_methods(runtime.methods, outbox)
+    server = ControlServer(runtime)
+    async with anyio.create_task_group() as tasks:
+        for component in (outbox, server):
+            runtime.components[component.name] = component
+            await tasks.start(component.run)
+        runtime.ready.set()
+        yield path, outbox
+        tasks.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def control_socket(tmp_path: Path, outbox_config: OutboxConfig,
+                         ledger_pool: AsyncConnectionPool[Any]
+                         ) -> AsyncIterator[tuple[str, Outbox]]:
+    config = dataclasses.replace(outbox_config, max_operations=50, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    async with serving_outbox(tmp_path, config, sinks) as served:
+        yield served
+
+
+async def test_client_enqueue_and_duplicate(control_socket: tuple[str, Outbox]) -> None:
+    path, _ = control_socket
+    async with AsyncOutboxClient(path, timeout=10) as client:
+        first = await client.enqueue_walacor(10001, key="inv-1", data={"amount": 3})
+        again = await client.enqueue_walacor(10001, key="inv-1", data={"amount": 4})
+        stats = await client.stats()
+    assert first["created"] is True
+    assert first["state"] == "pending"
+    assert again == {**first, "created": False}
+    for key in ("accepted", "pending", "in_flight", "done", "dead"):
+        assert isinstance(stats[key], int), key
+    assert (stats["accepted"], stats["pending"]) == (1, 1)
+
+
+async def test_client_batch_rejects_bad_field(control_socket: tuple[str, Outbox]) -> None:
+    path, _ = control_socket
+    good = postgres_operation("insert_row", key="row-1", params={"key": "row-1", "amount": 1})
+    bad = {"sink": "postgres", "statement": "insert_row", "params": {}}
+    async with AsyncOutboxClient(path, timeout=10) as client:
+        with pytest.raises(ControlError) as caught:
+            await client.enqueue_many([good, bad])
+        unknown = {**good, "statement": "drop_everything"}
+        with pytest.raises(ControlError) as unknown_caught:
+            await client.enqueue(unknown)
+        stats = await client.stats()
+    assert caught.value.code == INVALID_PARAMS
+    assert caught.value.data == {"field": "operations[1].key"}
+    assert "operations[1].key: missing idempotency key" in caught.value.message
+    assert unknown_caught.value.data == {"field": "statement"}
+    assert stats["accepted"] == 0
+
+
+async def test_client_full_outbox_error(control_socket: tuple[str, Outbox]) -> None:
+    path, outbox = control_socket
+    operations = [walacor_operation(10001, key=f"k{i}", data={"i": i}) for i in range(50)]
+    async with AsyncOutboxClient(path, timeout=10) as client:
+        results = await client.enqueue_many(operations)
+        with pytest.raises(ControlError) as caught:
+            await client.enqueue(walacor_operation(10001, key="one-more", data={}))
+        stats = await client.stats()
+    assert len(results) == 50
+    assert caught.value.code == OPERATION_FAILED
+    assert caught.value.data == {"reason": "outbox_full"}
+    assert stats["full"] is True
+    assert outbox.store.full
+
+
+async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
+    path, _ = control_socket
+    async with AsyncOutboxClient(path, timeout=10) as client:
+        created = await client.enqueue_many(
+            [walacor_operation(10001, key=f"op-{i}", data={"i": i}) for i in range(5)])
+        ids = [r["id"] for r in created]
+        page = await client.call("outbox.list", {"limit": 2})
+        rest = await client.call("outbox.list", {"limit": 10,
+                                                 "after_id": page["next_after_id"]})
+        first_operation = await client.call("outbox.show", {"id": ids[0]})
+        exported = await client.call("outbox.export", {"state": "pending"})
+        with pytest.raises(ControlError) as unconfirmed:
+            await client.call("outbox.drop", {"id": ids[1]})
+        dropped = await client.call("outbox.drop", {"id": ids[1], "confirm": True})
+        with pytest.raises(ControlError) as missing:
+            await client.call("outbox.show", {"id": ids[1]})
+        stats = await client.stats()
+
+    assert [op["key"] for op in page["operations"]] == ["op-0", "op-1"]
+    assert "payload" not in page["operations"][0]
+    assert [op["key"] for op in rest["operations"]] == ["op-2", "op-3", "op-4"]
+    assert rest["next_after_id"] is None
+    assert first_operation["payload"] == {"i": 0}
+    assert len(exported["operations"]) == 5
+    assert unconfirmed.value.data == {"field": "confirm"}
+    assert dropped["dropped"]["key"] == "op-1"
+    assert missing.value.data == {"reason": "not_found"}
+    assert (stats["accepted"], stats["pending"], stats["dropped"]) == (5, 4, 1)
+    assert stats["conserved"] is True
+
+
+async def test_blocking_client_sync_run(control_socket: tuple[str, Outbox],
+                                        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    path, _ = control_socket
+
+    def application() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        with OutboxClient(path, timeout=10) as client:
+            results = client.enqueue_many([
+                postgres_operation("insert_row", key=f"r{i}", params={"key": f"r{i}",
+                                                                       "amount": i})
+                for i in range(20)])
+            report = client.call("sync.run", {})
+        return results, report
+
+    with anyio.fail_after(30):
+        results, report = await anyio.to_thread.run_sync(application)
+    assert len(results) == 20
+    assert report["applied"] == 20
+    assert report["stats"]["done"] == 20
+    assert len(await ledger_rows(ledger_pool)) == 20

@@ -1,0 +1,55 @@
+"""Validation of operations as the control channel receives them."""
+
+from __future__ import annotations
+
+import pytest
+
+from walacord.errors import OutboxInvalidOperation
+from walacord.outbox.model import parse_operation
+
+STATEMENTS = {"insert_row": object()}
+
+
+def parse(raw: object, max_bytes: int = 1024) -> object:
+    return parse_operation(raw, statements=STATEMENTS, max_bytes=max_bytes)
+
+
+@pytest.mark.parametrize(("raw", "field", "words"), [
+    ([], "operation", "JSON object"),
+    ({"sink": "kafka", "key": "k"}, "sink", "unknown sink 'kafka'"),
+    ({"sink": "walacor", "etid": 10001, "data": {}}, "key", "missing idempotency key"),
+    ({"sink": "walacor", "key": "", "etid": 10001, "data": {}}, "key", "missing"),
+    ({"sink": "walacor", "key": "k" * 300, "etid": 1, "data": {}}, "key", "maximum is 256"),
+    ({"sink": "walacor", "key": "k", "etid": "x", "data": {}}, "etid", "positive integer"),
+    ({"sink": "walacor", "key": "k", "etid": 10001}, "data", "missing payload"),
+    ({"sink": "walacor", "key": "k", "etid": 10001, "data": "{not json"}, "data",
+     "not valid JSON"),
+    ({"sink": "walacor", "key": "k", "etid": 10001, "data": [1, 2]}, "data", "JSON object"),
+    ({"sink": "walacor", "key": "k", "etid": 10001, "data": {"x": "y" * 2000}}, "data",
+     "maximum is 1024"),
+    ({"sink": "postgres", "key": "k", "params": {}}, "statement", "missing statement"),
+    ({"sink": "postgres", "key": "k", "statement": "drop_all", "params": {}}, "statement",
+     "unknown statement 'drop_all'"),
+    ({"sink": "postgres", "key": "k", "statement": "insert_row", "params": {},
+      "ordering_key": 5}, "ordering_key", "non-empty string"),
+])
+def test_parse_operation_names_field(raw: object, field: str, words: str) -> None:
+    with pytest.raises(OutboxInvalidOperation) as caught:
+        parse(raw)
+    assert caught.value.field == field
+    assert words in str(caught.value)
+    assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_parse_operation_accepts_both_forms() -> None:
+    walacor = parse_operation({"sink": "walacor", "etid": 10001, "key": "a",
+                               "data": '{"amount": 5}', "ordering_key": "acct-1"},
+                              statements=STATEMENTS, max_bytes=1024)
+    postgres = parse_operation({"sink": "postgres", "statement": "insert_row", "key": "b",
+                                "params": {"key": "b", "amount": 2}},
+                               statements=STATEMENTS, max_bytes=1024)
+    assert (walacor.sink, walacor.target, walacor.payload) == ("walacor", "10001",
+                                                               b'{"amount":5}')
+    assert walacor.ordering_key == "acct-1"
+    assert (postgres.sink, postgres.target) == ("postgres", "insert_row")
+    assert postgres.payload == b'{"key":"b","amount":2}'

@@ -1,0 +1,258 @@
+"""OutboxStore against real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.outbox.conftest import Alerts, StoreOpener, walacor_op
+from walacord.config import OutboxConfig
+from walacord.errors import OutboxError, OutboxFull, OutboxNotFound
+from walacord.metrics import Metrics
+from walacord.outbox.model import State
+from walacord.outbox.queries import Outcome
+from walacord.outbox.store import OutboxStore
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_enqueue_survives_reopen(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        results = await store.enqueue([walacor_op("a"), walacor_op("b")])
+    assert [r.created for r in results] == [True, True]
+
+    async with open_store() as store:
+        stored = await store.list()
+        stats = await store.stats()
+    assert [op.key for op in stored] == ["a", "b"]
+    assert stored[0].id < stored[1].id
+    assert stats.accepted == 2
+    assert stats.pending == 2
+
+
+async def test_enqueue_uses_wal_and_full_sync(open_store: StoreOpener, db_path: Path) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op("a")])
+        db = store._writer()
+        journal = await db.execute_fetchall("PRAGMA journal_mode")
+        synchronous = await db.execute_fetchall("PRAGMA synchronous")
+    assert next(iter(journal))[0] == "wal"
+    assert next(iter(synchronous))[0] == 2  # FULL
+
+
+async def test_enqueue_duplicate_key_returns_existing(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        first = await store.enqueue([walacor_op("same")])
+        second = await store.enqueue([walacor_op("same", size=10)])
+        within = await store.enqueue([walacor_op("twice"), walacor_op("twice")])
+        stats = await store.stats()
+    assert second[0].created is False
+    assert second[0].operation.id == first[0].operation.id
+    assert second[0].operation.payload == first[0].operation.payload
+    assert [r.created for r in within] == [True, False]
+    assert within[0].operation.id == within[1].operation.id
+    assert stats.accepted == 2
+
+
+async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        commits_before = store.commits
+        results: list[int] = []
+
+        async def client(index: int) -> None:
+            for round_ in range(10):
+                done = await store.enqueue([walacor_op(f"c{index}-{round_}")])
+                results.append(done[0].operation.id)
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(32):
+                tasks.start_soon(client, index)
+        commits = store.commits - commits_before
+        stats = await store.stats()
+
+    assert len(set(results)) == 320
+    assert stats.accepted == 320
+    assert commits < 320 / 4, f"{commits} commits for 320 concurrent enqueues"
+
+
+async def test_enqueue_full_by_count_rejects(open_store: StoreOpener, alerts: Alerts,
+                                             metrics: Metrics) -> None:
+    async with open_store(max_operations=3) as store:
+        await store.enqueue([walacor_op("a"), walacor_op("b")])
+        with pytest.raises(OutboxFull, match="outbox is full"):
+            await store.enqueue([walacor_op("c"), walacor_op("d")])
+        full_before = store.full
+        await store.enqueue([walacor_op("c")])
+        full_after = store.full
+        duplicate = await store.enqueue([walacor_op("a")])
+        with pytest.raises(OutboxFull):
+            await store.enqueue([walacor_op("e")])
+        stats = await store.stats()
+
+    assert full_before is False
+    assert full_after is True
+    assert duplicate[0].created is False
+    assert stats.accepted == 3
+    assert alerts.names() == ["outbox_full"]
+    assert metrics.outbox_rejected.labels(reason="OutboxFull")._value.get() == 2
+
+
+async def test_enqueue_full_by_bytes_rejects(open_store: StoreOpener) -> None:
+    async with open_store(max_bytes=2048) as store:
+        await store.enqueue([walacor_op("a", size=1500)])
+        with pytest.raises(OutboxFull):
+            await store.enqueue([walacor_op("b", size=1000)])
+        await store.enqueue([walacor_op("c", size=100)])
+        keys = [op.key for op in await store.list()]
+    assert keys == ["a", "c"]
+
+
+async def test_full_store_accepts_again_after_sync(open_store: StoreOpener) -> None:
+    async with open_store(max_operations=2) as store:
+        await store.enqueue([walacor_op("a"), walacor_op("b")])
+        assert store.full
+        claimed = await store.claim("walacor", 10, time.time())
+        await store.record([Outcome(op, State.DONE, receipt={"eid": "e"}) for op in claimed])
+        assert not store.full
+        await store.enqueue([walacor_op("c")])
+        stats = await store.stats()
+    assert (stats.accepted, stats.done, stats.pending) == (3, 2, 1)
+
+
+async def test_open_moves_damaged_database_aside(open_store: StoreOpener, db_path: Path,
+                                                 alerts: Alerts) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op(f"k{i}", size=500) for i in range(200)])
+    original = await anyio.Path(db_path).read_bytes()
+    damaged = bytearray(original)
+    damaged[4096 * 2:4096 * 4] = os.urandom(4096 * 2)
+    await anyio.Path(db_path).write_bytes(bytes(damaged))
+
+    async with open_store() as store:
+        stats = await store.stats()
+        moved = store.moved_aside
+
+    assert moved is not None
+    assert await anyio.Path(moved).read_bytes() == bytes(damaged)
+    assert stats.accepted == 0
+    assert alerts.names() == ["outbox_corrupt"]
+    assert str(moved) in alerts[0][1]
+
+
+async def test_open_moves_non_database_aside(open_store: StoreOpener, db_path: Path,
+                                            alerts: Alerts) -> None:
+    await anyio.Path(db_path.parent).mkdir(parents=True)
+    await anyio.Path(db_path).write_bytes(b"this is not an SQLite file" * 200)
+    async with open_store() as store:
+        moved = store.moved_aside
+        await store.enqueue([walacor_op("fresh")])
+    assert moved is not None and moved.exists()
+    assert moved.name.startswith("outbox.db.damaged-")
+    assert alerts.names() == ["outbox_corrupt"]
+
+
+async def test_open_rejects_newer_schema(open_store: StoreOpener, db_path: Path,
+                                         outbox_config: OutboxConfig) -> None:
+    async with open_store():
+        pass
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    store = OutboxStore(db_path, outbox_config)
+    with pytest.raises(OutboxError, match="schema version 99 is newer"):
+        await store.open()
+    assert store._db is None
+
+
+async def test_open_resets_in_flight_to_pending(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op("a"), walacor_op("b")])
+        claimed = await store.claim("walacor", 1, time.time())
+    assert [op.key for op in claimed] == ["a"]
+
+    async with open_store() as store:
+        states = {op.key: op.state for op in await store.list()}
+        stats = await store.check_conservation()
+    assert states == {"a": State.PENDING, "b": State.PENDING}
+    assert stats.conserved
+
+
+async def test_compact_keeps_counts_conserved(open_store: StoreOpener, metrics: Metrics
+                                              ) -> None:
+    async with open_store(retention=0) as store:
+        await store.enqueue([walacor_op(f"k{i}") for i in range(10)])
+        claimed = await store.claim("walacor", 6, time.time())
+        await store.record([Outcome(op, State.DONE, receipt={"eid": "e"}) for op in claimed])
+        deleted = await store.compact(now=time.time() + 1)
+        stats = await store.check_conservation()
+        rows = await store.list()
+    assert deleted == 6
+    assert len(rows) == 4
+    assert (stats.accepted, stats.done, stats.pending) == (10, 6, 4)
+    assert metrics.outbox_conservation_ok._value.get() == 1
+
+
+async def test_conservation_detects_lost_row(open_store: StoreOpener, alerts: Alerts,
+                                             metrics: Metrics) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op("a"), walacor_op("b")])
+        await store._writer().execute("DELETE FROM operations WHERE key = 'a'")
+        stats = await store.check_conservation()
+    assert not stats.conserved
+    assert alerts.names() == ["outbox_conservation"]
+    assert metrics.outbox_conservation_ok._value.get() == 0
+    assert metrics.outbox_conservation_failures._value.get() == 1
+
+
+async def test_drop_and_retry(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        results = await store.enqueue([walacor_op("a"), walacor_op("b")])
+        first, second = (r.operation for r in results)
+        claimed = await store.claim("walacor", 1, time.time())
+        await store.record([Outcome(claimed[0], State.DEAD, error="validation: bad")])
+        assert (await store.get(first.id)).state is State.DEAD
+        assert await store.retry(all_dead=True) == 1
+        retried = await store.get(first.id)
+        dropped = await store.drop(second.id, reason="test")
+        with pytest.raises(OutboxNotFound):
+            await store.get(second.id)
+        stats = await store.check_conservation()
+    assert retried.state is State.PENDING
+    assert retried.attempts == 0
+    assert dropped.key == "b"
+    assert (stats.accepted, stats.pending, stats.dropped) == (2, 1, 1)
+    assert stats.conserved
+
+
+async def test_claim_keeps_ordering_key_order(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op("x1", ordering_key="x"), walacor_op("free"),
+                             walacor_op("x2", ordering_key="x")])
+        first = await store.claim("walacor", 1, time.time())
+        blocked = await store.claim("walacor", 10, time.time())
+        await store.record([Outcome(first[0], State.PENDING, error="down",
+                                    next_attempt_at=0.0)])
+        both = await store.claim("walacor", 10, time.time())
+    assert [op.key for op in first] == ["x1"]
+    assert [op.key for op in blocked] == ["free"]
+    assert [op.key for op in both] == ["x1", "x2"]
+
+
+async def test_compact_truncates_wal(open_store: StoreOpener, db_path: Path) -> None:
+    wal = anyio.Path(f"{db_path}-wal")
+    async with open_store(retention=0) as store:
+        for batch in range(20):
+            await store.enqueue([walacor_op(f"w{batch}-{i}", size=1000) for i in range(50)])
+        grown = (await wal.stat()).st_size
+        claimed = await store.claim("walacor", 1000, time.time())
+        await store.record([Outcome(op, State.DONE, receipt={"eid": "e"}) for op in claimed])
+        await store.compact(now=time.time() + 1)
+        after = (await wal.stat()).st_size
+        stats = await store.check_conservation()
+    assert grown > 1_000_000
+    assert after == 0
+    assert (stats.accepted, stats.done) == (1000, 1000)

@@ -1,0 +1,257 @@
+"""SyncEngine with the real PostgreSQL sink and the Walacor emulator."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from tests.outbox.conftest import (
+    INSERT_ROW,
+    StoreOpener,
+    ledger_op,
+    ledger_rows,
+    walacor_op,
+    walacor_rows_per_key,
+)
+from walacord.config import OutboxConfig
+from walacord.emulator import Emulator
+from walacord.metrics import Metrics
+from walacord.outbox.model import Operation, State
+from walacord.outbox.queries import Outcome
+from walacord.outbox.sinks import PostgresSink, Sink, WalacorSink
+from walacord.outbox.store import OutboxStore
+from walacord.outbox.sync import Ramp, SyncEngine, retry_delay
+from walacord.walacor import WalacorClient
+
+pytestmark = pytest.mark.anyio
+SUBMIT = "/api/envelopes/submit"
+
+
+def postgres_sink(pool: AsyncConnectionPool[Any]) -> PostgresSink:
+    return PostgresSink(pool, {"insert_row": INSERT_ROW}, timeout=10)
+
+
+class RecordingEngine(SyncEngine):
+    """SyncEngine that records the size of every round it applies."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds: list[int] = []
+
+    async def _apply_round(self, sink: Sink, operations: list[Operation]) -> list[Outcome]:
+        self.rounds.append(len(operations))
+        return await super()._apply_round(sink, operations)
+
+
+async def drain(engine: SyncEngine, store: OutboxStore, passes: int = 50) -> None:
+    """Run passes until nothing is pending, waiting for retries that fall due."""
+    for _ in range(passes):
+        await engine.run_pass(forced=True)
+        stats = await store.stats()
+        if stats.pending == 0 and stats.in_flight == 0:
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError(f"outbox did not drain: {await store.stats()}")
+
+
+async def test_postgres_sink_applies_exactly_once(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any],
+        outbox_config: OutboxConfig, db_path: Path) -> None:
+    keys = [f"row-{i}" for i in range(200)]
+    async with open_store() as store:
+        await store.enqueue([ledger_op(key, amount=i) for i, key in enumerate(keys)])
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, outbox_config)
+        await drain(engine, store)
+
+    # A crash after PostgreSQL committed but before SQLite marked the operations
+    # done leaves them in flight: they replay, and the idempotent statement holds.
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE operations SET state = 'in_flight' WHERE key LIKE 'row-1%'")
+    async with open_store() as store:
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, outbox_config)
+        await drain(engine, store)
+        stats = await store.check_conservation()
+
+    rows = await ledger_rows(ledger_pool)
+    assert sorted(key for key, _ in rows) == sorted(keys)
+    assert len(rows) == len(set(rows))
+    assert (stats.accepted, stats.done, stats.pending) == (200, 200, 0)
+    assert stats.conserved
+
+
+async def test_postgres_sink_keeps_ordering_key_order(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any],
+        outbox_config: OutboxConfig) -> None:
+    operations = []
+    for i in range(30):
+        operations.append(ledger_op(f"chain-{i:02}", ordering_key="account-7"))
+        operations.append(ledger_op(f"free-{i:02}"))
+    async with open_store(sync_batch_min=4) as store:
+        await store.enqueue(operations)
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)},
+                            store.config)
+        await drain(engine, store)
+
+    applied = [key for key, _ in await ledger_rows(ledger_pool) if key.startswith("chain")]
+    assert applied == [f"chain-{i:02}" for i in range(30)]
+
+
+async def test_permanent_error_goes_dead(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any]) -> None:
+    async with open_store(dead_after_attempts=2) as store:
+        good = [ledger_op(f"good-{i}") for i in range(9)]
+        await store.enqueue([*good[:4], ledger_op("negative", amount=-1), *good[4:]])
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, store.config)
+        await drain(engine, store)
+        dead = await store.list(states=[State.DEAD])
+        stats = await store.check_conservation()
+
+    assert [op.key for op in dead] == ["negative"]
+    assert dead[0].attempts == 2
+    assert dead[0].last_error is not None and "23514" in dead[0].last_error
+    assert len(await ledger_rows(ledger_pool)) == 9
+    assert (stats.done, stats.dead, stats.pending) == (9, 1, 0)
+
+
+async def test_engine_ramps_up_after_outage(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any]) -> None:
+    async with open_store(sync_batch_min=5, sync_batch_max=80) as store:
+        await store.enqueue([ledger_op(f"k{i}") for i in range(400)])
+        engine = RecordingEngine(store, {"postgres": postgres_sink(ledger_pool)},
+                                 store.config)
+        engine.sink_unhealthy("postgres")
+        skipped = await engine.run_pass()
+        engine.sink_healthy("postgres")
+        report = await engine.run_pass()
+
+    assert skipped.applied == 0
+    assert report.applied == 400
+    assert engine.rounds[:5] == [5, 10, 20, 40, 80]
+    assert max(engine.rounds) == 80
+
+
+@pytest.mark.parametrize(("outcomes", "size", "threshold"), [
+    ([(10, 0)], 20, 80),
+    ([(10, 0), (20, 0), (40, 0)], 80, 80),
+    ([(10, 0), (15, 5)], 10, 10),
+    ([(10, 0), (15, 5), (10, 0)], 20, 10),
+    ([(0, 10), (0, 10)], 10, 10),
+    ([(0, 0)], 10, 80),
+])
+def test_ramp_aimd(outcomes: list[tuple[int, int]], size: int, threshold: int) -> None:
+    ramp = Ramp(minimum=10, maximum=80, error_ratio=0.1)
+    for applied, failed in outcomes:
+        ramp.update(applied, failed)
+    assert (ramp.size, ramp.threshold) == (size, threshold)
+
+
+def test_retry_delay_grows_and_honours_retry_after() -> None:
+    config = OutboxConfig(retry_initial=1.0, retry_max=60.0)
+    first = retry_delay(1, config, None)
+    fourth = retry_delay(4, config, None)
+    capped = retry_delay(30, config, None)
+    requested = retry_delay(1, config, 30.0)
+    assert 1.0 <= first <= 2.0
+    assert 8.0 <= fourth <= 9.0
+    assert capped == 60.0
+    assert 30.0 <= requested <= 31.0
+
+
+async def test_walacor_sink_syncs_after_503(
+        open_store: StoreOpener, emulator: Emulator, walacor_client: WalacorClient) -> None:
+    keys = [f"pay-{i}" for i in range(300)]
+    emulator.set_faults(status=503, path=SUBMIT)
+    async with open_store() as store:
+        await store.enqueue([walacor_op(key) for key in keys])
+        engine = SyncEngine(store, {"walacor": WalacorSink(walacor_client, timeout=10)},
+                            store.config)
+        failed = await engine.run_pass()
+        during = await store.stats()
+
+        emulator.clear_faults()
+        engine.sink_healthy("walacor")
+        await drain(engine, store)
+        stats = await store.check_conservation()
+        operation = (await store.list(limit=1))[0]
+
+    assert failed.applied == 0
+    assert during.pending == 300
+    assert (stats.done, stats.pending, stats.dead) == (300, 0, 0)
+    assert stats.conserved
+    assert operation.receipt is not None and operation.receipt["uid"]
+    counts = await walacor_rows_per_key(walacor_client)
+    assert {key: counts[key] for key in keys} == dict.fromkeys(keys, 1)
+
+
+async def test_walacor_sink_no_duplicates_when_answers_drop(
+        open_store: StoreOpener, emulator: Emulator, walacor_client: WalacorClient) -> None:
+    keys = [f"drop-{i}" for i in range(60)]
+    emulator.set_faults(mode="drop_after_commit", path=SUBMIT, ratio=0.5)
+    async with open_store(sync_batch_min=3, sync_batch_max=12) as store:
+        await store.enqueue([walacor_op(key) for key in keys])
+        engine = SyncEngine(store, {"walacor": WalacorSink(walacor_client, timeout=10)},
+                            store.config)
+        await drain(engine, store, passes=200)
+        emulator.clear_faults()
+        stats = await store.check_conservation()
+
+    counts = await walacor_rows_per_key(walacor_client)
+    assert Counter({key: counts[key] for key in keys}) == Counter(dict.fromkeys(keys, 1))
+    assert stats.done == 60
+
+
+async def test_walacor_sink_honours_retry_after(
+        open_store: StoreOpener, emulator: Emulator, walacor_client: WalacorClient) -> None:
+    emulator.set_faults(status=429, retry_after=30, path=SUBMIT)
+    async with open_store(retry_max=300.0) as store:
+        await store.enqueue([walacor_op("slow-down")])
+        engine = SyncEngine(store, {"walacor": WalacorSink(walacor_client, timeout=10)},
+                            store.config)
+        before = time.time()
+        await engine.run_pass()
+        operation = (await store.list())[0]
+
+    assert operation.state is State.PENDING
+    assert operation.next_attempt_at >= before + 30
+    assert operation.last_error is not None and operation.last_error.startswith("rate_limited")
+
+
+async def test_walacor_validation_error_goes_dead(
+        open_store: StoreOpener, emulator: Emulator, walacor_client: WalacorClient) -> None:
+    emulator.set_faults(status=400, path=SUBMIT)
+    async with open_store(dead_after_attempts=3) as store:
+        await store.enqueue([walacor_op("rejected")])
+        engine = SyncEngine(store, {"walacor": WalacorSink(walacor_client, timeout=10)},
+                            store.config)
+        await drain(engine, store)
+        operation = (await store.list())[0]
+
+    assert operation.state is State.DEAD
+    assert operation.attempts == 3
+    assert operation.last_error is not None and operation.last_error.startswith("validation")
+
+
+async def test_sync_now_runs_pass(open_store: StoreOpener, metrics: Metrics,
+                                  ledger_pool: AsyncConnectionPool[Any]) -> None:
+    async with open_store(sync_interval=3600.0) as store:
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, store.config)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(engine.run)
+            await store.enqueue([ledger_op(f"now-{i}") for i in range(7)])
+            with anyio.fail_after(10):
+                report = await engine.sync_now()
+            tasks.cancel_scope.cancel()
+    assert report.applied == 7
+    assert report.by_sink == {"postgres": 7}
+    assert metrics.outbox_enqueued._value.get() == 7
+    assert metrics.outbox_synced.labels(sink="postgres")._value.get() == 7
+    assert metrics.outbox_pending._value.get() == 0
+    assert metrics.outbox_accepted._value.get() == 7
+    assert metrics.outbox_conservation_ok._value.get() == 1

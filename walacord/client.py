@@ -1,0 +1,197 @@
+"""A small client for applications that hand operations to walacord's outbox.
+
+It speaks the control protocol: a Unix socket carrying newline-delimited JSON, one
+request `{"id": N, "method": M, "params": {...}, "version": 1}` per line, and one
+response `{"id": N, "result": ...}` or `{"id": N, "error": {"code", "message", "data"}}`.
+`AsyncOutboxClient` runs on anyio; `OutboxClient` blocks and suits plain scripts.
+An enqueue returns only after walacord stored the operation durably.
+
+    async with AsyncOutboxClient("/run/walacord/control.sock") as client:
+        await client.enqueue_walacor(10001, key="invoice-42", data={"amount": 12})
+"""
+
+from __future__ import annotations
+
+import socket
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import orjson
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from walacord.errors import ControlError, WalacordError
+
+PROTOCOL_VERSION = 1
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+DEFAULT_SOCKET = "/run/walacord/control.sock"
+
+
+def walacor_operation(etid: int, *, key: str, data: dict[str, Any],
+                      ordering_key: str | None = None) -> dict[str, Any]:
+    """Build an operation that stores `data` as a Walacor record of `etid`."""
+    operation: dict[str, Any] = {"sink": "walacor", "etid": etid, "key": key, "data": data}
+    if ordering_key is not None:
+        operation["ordering_key"] = ordering_key
+    return operation
+
+
+def postgres_operation(statement: str, *, key: str, params: dict[str, Any],
+                       ordering_key: str | None = None) -> dict[str, Any]:
+    """Build an operation that runs the configured statement `statement` with `params`."""
+    operation: dict[str, Any] = {"sink": "postgres", "statement": statement, "key": key,
+                                 "params": params}
+    if ordering_key is not None:
+        operation["ordering_key"] = ordering_key
+    return operation
+
+
+def _encode(request_id: int, method: str, params: dict[str, Any]) -> bytes:
+    return orjson.dumps({"id": request_id, "method": method, "params": params,
+                         "version": PROTOCOL_VERSION}) + b"\n"
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        response = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise WalacordError(f"invalid response from walacord: {exc}") from None
+    if not isinstance(response, dict):
+        raise WalacordError(f"invalid response from walacord: {line[:200]!r}")
+    return response
+
+
+def _is_progress(response: dict[str, Any]) -> bool:
+    """Tell a progress line, which a long call sends before its response, from the rest."""
+    return "progress" in response and "result" not in response and "error" not in response
+
+
+def _result(response: dict[str, Any], request_id: int) -> Any:
+    if response.get("id") != request_id:
+        raise WalacordError(f"response does not match request {request_id}: "
+                            f"{str(response)[:200]}")
+    error = response.get("error")
+    if error is not None:
+        raise ControlError(int(error.get("code", 0)), str(error.get("message", "")),
+                           error.get("data"))
+    return response.get("result")
+
+
+class AsyncOutboxClient:
+    """One connection to the control socket; requests on it run one at a time."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._stream: anyio.abc.SocketStream | None = None
+        self._reader: BufferedByteReceiveStream | None = None
+        self._lock = anyio.Lock()
+        self._next_id = 0
+
+    async def __aenter__(self) -> Self:
+        with anyio.fail_after(self.timeout):
+            self._stream = await anyio.connect_unix(self.path)
+        self._reader = BufferedByteReceiveStream(self._stream)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+        self._stream = self._reader = None
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Send one request and return its result; raise ControlError on an error reply."""
+        if self._stream is None or self._reader is None:
+            raise WalacordError("client is not connected; use it as `async with`")
+        async with self._lock:
+            self._next_id += 1
+            request_id = self._next_id
+            with anyio.fail_after(self.timeout):
+                await self._stream.send(_encode(request_id, method, params or {}))
+                response = _parse(await self._reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
+                while _is_progress(response):
+                    response = _parse(await self._reader.receive_until(b"\n",
+                                                                       MAX_RESPONSE_BYTES))
+        return _result(response, request_id)
+
+    async def enqueue(self, operation: dict[str, Any]) -> dict[str, Any]:
+        """Enqueue one operation; return its id, key, state and whether it was new."""
+        result: dict[str, Any] = await self.call("outbox.enqueue", operation)
+        return result
+
+    async def enqueue_many(self, operations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Enqueue a batch in one durable transaction, all or none."""
+        result = await self.call("outbox.enqueue", {"operations": operations})
+        return list(result["results"])
+
+    async def enqueue_walacor(self, etid: int, *, key: str, data: dict[str, Any],
+                              ordering_key: str | None = None) -> dict[str, Any]:
+        return await self.enqueue(walacor_operation(etid, key=key, data=data,
+                                                    ordering_key=ordering_key))
+
+    async def enqueue_postgres(self, statement: str, *, key: str, params: dict[str, Any],
+                               ordering_key: str | None = None) -> dict[str, Any]:
+        return await self.enqueue(postgres_operation(statement, key=key, params=params,
+                                                     ordering_key=ordering_key))
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("outbox.stats")
+        return result
+
+
+class OutboxClient:
+    """The blocking twin of AsyncOutboxClient, for code without an event loop."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 0
+
+    def __enter__(self) -> Self:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(self.timeout)
+        self._sock.connect(self.path)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        if self._sock is None:
+            raise WalacordError("client is not connected; use it as `with`")
+        self._next_id += 1
+        self._sock.sendall(_encode(self._next_id, method, params or {}))
+        return self._receive(self._next_id)
+
+    def _receive(self, request_id: int) -> Any:
+        assert self._sock is not None
+        while b"\n" not in self._buffer:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise WalacordError("walacord closed the connection before answering")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_RESPONSE_BYTES:
+                raise WalacordError("response from walacord is larger than "
+                                    f"{MAX_RESPONSE_BYTES} bytes")
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        response = _parse(line)
+        if _is_progress(response):
+            return self._receive(request_id)
+        return _result(response, request_id)
+
+    def enqueue(self, operation: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("outbox.enqueue", operation)
+        return result
+
+    def enqueue_many(self, operations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(self.call("outbox.enqueue", {"operations": operations})["results"])
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("outbox.stats")
+        return result

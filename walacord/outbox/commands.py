@@ -1,0 +1,234 @@
+"""`walacorctl enqueue`, `walacorctl outbox ...` and `walacorctl sync`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from walacord.control.render import format_table
+
+if TYPE_CHECKING:
+    from walacord.control.cli import Context
+
+# Operations per outbox.enqueue request when reading --from-file; each request is one
+# durable transaction on the daemon.
+FILE_BATCH = 1000
+EXPORT_PAGE = 1000
+STATES = ("pending", "in_flight", "done", "dead")
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    enqueue = commands.add_parser(
+        "enqueue", help="hand one operation, or a JSON-lines file of them, to the outbox")
+    enqueue.add_argument("--sink", choices=("walacor", "postgres"), help="target backend")
+    enqueue.add_argument("--etid", type=int, help="Walacor envelope type id (sink walacor)")
+    enqueue.add_argument("--statement", help="configured statement name (sink postgres)")
+    enqueue.add_argument("--key", help="idempotency key; enqueueing it again changes nothing")
+    enqueue.add_argument("--data", help="the record (walacor) or parameters (postgres), as a "
+                                        "JSON object")
+    enqueue.add_argument("--ordering-key", help="operations sharing it are applied in order")
+    enqueue.add_argument("--from-file", type=Path, metavar="FILE",
+                         help="JSON lines, one operation each, e.g. {\"sink\": \"walacor\", "
+                              "\"etid\": 10001, \"key\": \"k1\", \"data\": {...}}")
+    enqueue.set_defaults(handler=enqueue_command)
+
+    outbox = commands.add_parser("outbox", help="inspect and act on outbox operations")
+    outbox.set_defaults(handler=stats_command, action=None)
+    actions = outbox.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("stats", help="counts by state (the default)").set_defaults(
+        handler=stats_command)
+
+    listing = actions.add_parser("list", help="operations without payloads, oldest first")
+    listing.add_argument("--state", choices=STATES, action="append",
+                         help="only this state; repeat for several")
+    listing.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
+    listing.add_argument("--after", type=int, default=0, metavar="ID",
+                         help="start after this operation id")
+    listing.set_defaults(handler=list_command)
+
+    show = actions.add_parser("show", help="one operation with its payload and receipt")
+    show.add_argument("id", type=int)
+    show.set_defaults(handler=show_command)
+
+    retry = actions.add_parser("retry", help="return a dead operation to pending")
+    retry.add_argument("id", type=int, nargs="?")
+    retry.add_argument("--all-dead", action="store_true", help="retry every dead operation")
+    retry.set_defaults(handler=retry_command)
+
+    drop = actions.add_parser("drop", help="delete a pending or dead operation for good")
+    drop.add_argument("id", type=int)
+    drop.add_argument("--yes", action="store_true", help="confirm; required")
+    drop.add_argument("--reason", default="", help="logged with the drop")
+    drop.set_defaults(handler=drop_command)
+
+    export = actions.add_parser("export", help="print operations with payloads as JSON lines")
+    export.add_argument("--state", choices=STATES, action="append")
+    export.set_defaults(handler=export_command)
+
+    sync = commands.add_parser("sync", help="replay pending operations now and wait")
+    sync.set_defaults(handler=sync_command)
+
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Invalid command-line input, reported as exit code 2."""
+
+
+def _usage(context: Context, error: UsageError) -> int:
+    context.stderr.write(f"walacorctl: {error}\n")
+    return EXIT_USAGE
+
+
+def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.sink or not args.key or args.data is None:
+        raise UsageError("enqueue needs --sink, --key and --data, or --from-file")
+    try:
+        payload = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"--data is not valid JSON: {exc}") from None
+    operation: dict[str, Any] = {"sink": args.sink, "key": args.key}
+    if args.sink == "walacor":
+        operation.update(etid=args.etid, data=payload)
+    else:
+        operation.update(statement=args.statement, params=payload)
+    if args.ordering_key:
+        operation["ordering_key"] = args.ordering_key
+    return operation
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    operations = []
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                operations.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{number}: invalid JSON: {exc}") from None
+    return operations
+
+
+def enqueue_command(context: Context, args: argparse.Namespace) -> int:
+    try:
+        if args.from_file is None:
+            return _enqueue_one(context, _operation_from_flags(args))
+        operations = _read_lines(args.from_file)
+    except UsageError as exc:
+        return _usage(context, exc)
+    except OSError as exc:
+        return _usage(context, UsageError(f"cannot read {args.from_file}: {exc.strerror}"))
+    return _enqueue_many(context, operations)
+
+
+def _enqueue_one(context: Context, operation: dict[str, Any]) -> int:
+    result = context.call("outbox.enqueue", operation)
+    if context.json:
+        context.print_json(result)
+    else:
+        state = "accepted" if result["created"] else "already known"
+        context.print(f"{state}: id {result['id']} key {result['key']} ({result['state']})")
+    return 0
+
+
+def _enqueue_many(context: Context, operations: list[dict[str, Any]]) -> int:
+    created = known = 0
+    for start in range(0, len(operations), FILE_BATCH):
+        results = context.call("outbox.enqueue",
+                               {"operations": operations[start:start + FILE_BATCH]})["results"]
+        created += sum(1 for r in results if r["created"])
+        known += sum(1 for r in results if not r["created"])
+    stats = context.call("outbox.stats")
+    summary = {"enqueued": created, "already_known": known, "pending": stats["pending"]}
+    if context.json:
+        context.print_json(summary)
+    else:
+        context.print(f"enqueued {created}, already known {known}; {stats['pending']} "
+                      "pending in the outbox")
+    return 0
+
+
+def stats_command(context: Context, args: argparse.Namespace) -> int:
+    stats = context.call("outbox.stats")
+    if context.json:
+        context.print_json(stats)
+        return 0
+    keys = ("accepted", "pending", "in_flight", "done", "dead", "dropped")
+    context.print(format_table(list(keys), [[stats[k] for k in keys]]))
+    context.print(f"oldest pending: {stats['oldest_pending_age_seconds']:.0f}s; conserved: "
+                  f"{'yes' if stats['conserved'] else 'NO'}; full: "
+                  f"{'yes' if stats['full'] else 'no'}")
+    return 0
+
+
+def list_command(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("outbox.list", {"state": args.state or [], "limit": args.limit,
+                                          "after_id": args.after})
+    if context.json:
+        context.print_json(result)
+        return 0
+    rows = [[op["id"], op["state"], op["sink"], op["target"], op["key"], op["attempts"],
+             op["last_error"] or ""] for op in result["operations"]]
+    context.print(format_table(["id", "state", "sink", "target", "key", "attempts",
+                                "last error"], rows) if rows else "no operations")
+    return 0
+
+
+def show_command(context: Context, args: argparse.Namespace) -> int:
+    context.print_json(context.call("outbox.show", {"id": args.id}))
+    return 0
+
+
+def retry_command(context: Context, args: argparse.Namespace) -> int:
+    if args.all_dead == (args.id is not None):
+        return _usage(context, UsageError("pass an operation id or --all-dead"))
+    params = {"all_dead": True} if args.all_dead else {"id": args.id}
+    result = context.call("outbox.retry", params)
+    if context.json:
+        context.print_json(result)
+    else:
+        context.print(f"returned {result['retried']} operations to pending")
+    return 0
+
+
+def drop_command(context: Context, args: argparse.Namespace) -> int:
+    if not args.yes:
+        return _usage(context, UsageError("dropping loses the operation for good; add --yes"))
+    params = {"id": args.id, "confirm": True}
+    if args.reason:
+        params["reason"] = args.reason
+    result = context.call("outbox.drop", params)
+    if context.json:
+        context.print_json(result)
+    else:
+        context.print(f"dropped operation {args.id} (key {result['dropped']['key']})")
+    return 0
+
+
+def export_command(context: Context, args: argparse.Namespace) -> int:
+    after = 0
+    while True:
+        page = context.call("outbox.export", {"state": args.state or [], "after_id": after,
+                                              "limit": EXPORT_PAGE})
+        for operation in page["operations"]:
+            context.stdout.write(orjson.dumps(operation).decode() + "\n")
+        if page["next_after_id"] is None:
+            return 0
+        after = page["next_after_id"]
+
+
+def sync_command(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("sync.run", {}, progress=True)
+    if context.json:
+        context.print_json(result)
+    else:
+        stats = result["stats"]
+        context.print(f"applied {result['applied']}, retrying {result['retried']}, dead "
+                      f"{result['dead']}; {stats['pending']} pending")
+    return 0
+

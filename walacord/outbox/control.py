@@ -1,0 +1,253 @@
+"""Control-channel methods of the outbox, as plain async functions.
+
+Each handler takes the running `Outbox` and the request's `params` object and returns
+a JSON-ready result, or raises ControlError with a code and a message naming the bad
+field. `HANDLERS` maps method names to handlers for the control server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import anyio
+
+from walacord.control.registry import Call, MethodRegistry
+from walacord.errors import (
+    ControlError,
+    OutboxDiskFull,
+    OutboxError,
+    OutboxFull,
+    OutboxInvalidOperation,
+    OutboxNotFound,
+)
+from walacord.outbox.model import NewOperation, State, parse_operation
+from walacord.outbox.service import Outbox
+from walacord.outbox.sync import PassReport
+
+log = logging.getLogger(__name__)
+
+# The control protocol's error codes (walacord.control.protocol.ErrorCode): JSON-RPC's
+# invalid params, and its "operation failed" for outbox errors, whose `data.reason`
+# distinguishes them.
+INVALID_PARAMS = -32602
+OPERATION_FAILED = -32009
+MAX_BATCH = 10_000
+MAX_PAGE = 10_000
+
+PROGRESS_INTERVAL = 0.5
+# Deadline of a sync.run call; its own `timeout` parameter, default 3600 s, is checked
+# inside it.
+SYNC_RUN_TIMEOUT = 3700.0
+
+Handler = Callable[[Outbox, dict[str, Any]], Awaitable[Any]]
+# (done, total, message), as the control server's progress lines carry them. The
+# callback only records the latest figures, and the control server sends them.
+Progress = Callable[[float, float | None, str], None]
+MUTATING = frozenset({"outbox.enqueue", "outbox.retry", "outbox.drop", "sync.run"})
+
+
+def _control_error(exc: OutboxError) -> ControlError:
+    if isinstance(exc, OutboxInvalidOperation):
+        return ControlError(INVALID_PARAMS, str(exc), {"field": exc.field})
+    reason = {OutboxFull: "outbox_full", OutboxDiskFull: "disk_full",
+              OutboxNotFound: "not_found"}.get(type(exc), "outbox_error")
+    return ControlError(OPERATION_FAILED, str(exc), {"reason": reason})
+
+
+def _int_param(params: dict[str, Any], name: str, default: int | None = None, *,
+               minimum: int = 0, maximum: int | None = None) -> int:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(INVALID_PARAMS, f"{name}: expected an integer, got {value!r}",
+                           {"field": name})
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ControlError(INVALID_PARAMS, f"{name}: {value} is outside {minimum}.."
+                           f"{maximum if maximum is not None else ''}", {"field": name})
+    return value
+
+
+def _states(params: dict[str, Any]) -> list[State]:
+    raw = params.get("state")
+    names = [raw] if isinstance(raw, str) else (raw or [])
+    try:
+        return [State(name) for name in names]
+    except ValueError:
+        raise ControlError(INVALID_PARAMS, f"state: unknown state in {raw!r}; use "
+                           f"{', '.join(s.value for s in State)}", {"field": "state"}) from None
+
+
+# --- handlers -------------------------------------------------------------------
+
+
+async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Enqueue one operation (params are the operation) or a batch (`operations`)."""
+    batch = "operations" in params
+    raw = params["operations"] if batch else [params]
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_BATCH:
+        raise ControlError(INVALID_PARAMS, f"operations: expected a list of 1 to {MAX_BATCH} "
+                           "operations", {"field": "operations"})
+
+    parsed: list[NewOperation] = []
+    statements = outbox.config.statements
+    for index, item in enumerate(raw):
+        try:
+            parsed.append(parse_operation(item, statements=statements,
+                                          max_bytes=outbox.config.max_operation_bytes))
+        except OutboxInvalidOperation as exc:
+            field = f"operations[{index}].{exc.field}" if batch else exc.field
+            raise ControlError(INVALID_PARAMS, f"{field}: {exc.detail}",
+                               {"field": field}) from None
+
+    try:
+        results = await outbox.store.enqueue(parsed)
+    except OutboxError as exc:
+        raise _control_error(exc) from None
+
+    replies = [{"id": r.operation.id, "key": r.operation.key,
+                "state": r.operation.state.value, "created": r.created} for r in results]
+    return {"results": replies} if batch else replies[0]
+
+
+async def outbox_stats(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    stats = await outbox.store.check_conservation()
+    result = stats.to_json(time.time())
+    result["full"] = outbox.store.full
+    result["disk_full"] = outbox.store.disk_full
+    return result
+
+
+async def outbox_list(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """List operations without payloads, `limit` at a time after `after_id`."""
+    limit = _int_param(params, "limit", 100, minimum=1, maximum=MAX_PAGE)
+    after_id = _int_param(params, "after_id", 0)
+    operations = await outbox.store.list(states=_states(params), after_id=after_id,
+                                         limit=limit)
+    return {"operations": [op.to_json(with_payload=False) for op in operations],
+            "next_after_id": operations[-1].id if len(operations) == limit else None}
+
+
+async def outbox_show(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        operation = await outbox.store.get(_int_param(params, "id"))
+    except OutboxError as exc:
+        raise _control_error(exc) from None
+    return operation.to_json()
+
+
+async def outbox_retry(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Return one operation (`id`) or every dead one (`all_dead`) to pending."""
+    if params.get("all_dead") is True:
+        count = await outbox.store.retry(all_dead=True)
+    elif "id" in params:
+        count = await outbox.store.retry([_int_param(params, "id")])
+        if count == 0:
+            raise ControlError(OPERATION_FAILED, f"no dead or pending operation has id "
+                               f"{params['id']}", {"reason": "not_found"})
+    else:
+        raise ControlError(INVALID_PARAMS, "pass id or all_dead=true", {"field": "id"})
+    log.info("outbox.retried", extra={"fields": {"count": count}})
+    outbox.engine.wake()
+    return {"retried": count}
+
+
+async def outbox_drop(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Delete a pending or dead operation; needs `confirm: true` (walacorctl --yes)."""
+    op_id = _int_param(params, "id")
+    if params.get("confirm") is not True:
+        raise ControlError(INVALID_PARAMS, "dropping an operation loses it for good; pass "
+                           "confirm=true (walacorctl: --yes)", {"field": "confirm"})
+    reason = str(params.get("reason") or "dropped by an operator")
+    try:
+        operation = await outbox.store.drop(op_id, reason=reason)
+    except OutboxError as exc:
+        raise _control_error(exc) from None
+    return {"dropped": operation.to_json(with_payload=False)}
+
+
+async def outbox_export(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Return operations with payloads, `limit` at a time; callers page on next_after_id."""
+    limit = _int_param(params, "limit", 1000, minimum=1, maximum=MAX_PAGE)
+    after_id = _int_param(params, "after_id", 0)
+    operations = await outbox.store.list(states=_states(params), after_id=after_id,
+                                         limit=limit)
+    return {"operations": [op.to_json() for op in operations],
+            "next_after_id": operations[-1].id if len(operations) == limit else None}
+
+
+async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> PassReport:
+    """Run `sync_now()`, sending (done, total, message) twice a second while it runs."""
+    if progress is None:
+        return await outbox.engine.sync_now()
+
+    start = await outbox.store.stats()
+    total = start.pending + start.in_flight
+    result: list[PassReport] = []
+
+    async def run_pass() -> None:
+        result.append(await outbox.engine.sync_now())
+        tasks.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run_pass)
+        while True:
+            now = await outbox.store.stats()
+            left = now.pending + now.in_flight
+            progress(max(0, total - left), total, f"{left} operations left")
+            await anyio.sleep(PROGRESS_INTERVAL)
+    return result[0]
+
+
+async def sync_run(outbox: Outbox, params: dict[str, Any], *,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Run a sync pass over every sink now; with `wait` (default) return its report."""
+    if params.get("wait", True) is False:
+        outbox.engine.wake()
+        return {"started": True}
+    timeout = params.get("timeout", 3600)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ControlError(INVALID_PARAMS, "timeout: expected a positive number of seconds",
+                           {"field": "timeout"})
+    try:
+        with anyio.fail_after(timeout):
+            report = await _sync_with_progress(outbox, progress)
+    except TimeoutError:
+        raise ControlError(OPERATION_FAILED, f"sync pass still running after {timeout}s; it "
+                           "goes on in the background", {"reason": "timeout"}) from None
+    result = report.to_json()
+    result["stats"] = await outbox_stats(outbox, {})
+    return result
+
+
+HANDLERS: dict[str, Handler] = {
+    "outbox.enqueue": outbox_enqueue,
+    "outbox.stats": outbox_stats,
+    "outbox.list": outbox_list,
+    "outbox.show": outbox_show,
+    "outbox.retry": outbox_retry,
+    "outbox.drop": outbox_drop,
+    "outbox.export": outbox_export,
+    "sync.run": sync_run,
+}
+
+
+def _bound(handler: Handler, outbox: Outbox) -> Callable[[Any, Call], Awaitable[Any]]:
+    async def call_handler(params: Any, call: Call) -> Any:
+        return await handler(outbox, dict(params or {}))
+
+    return call_handler
+
+
+def register_methods(methods: MethodRegistry, outbox: Outbox) -> None:
+    """Register the outbox methods on the control server's method table."""
+    # Enqueue is high-rate, so the server does not log each call; drop and retry log
+    # their own event with the ids.
+    for name, handler in HANDLERS.items():
+        if name != "sync.run":
+            methods.register(name, _bound(handler, outbox), dict, mutating=name in MUTATING,
+                             audit=False if name == "outbox.enqueue" else None)
+    methods.register_with_progress("sync.run", partial(sync_run, outbox), mutating=True,
+                                   timeout=SYNC_RUN_TIMEOUT)

@@ -1,0 +1,165 @@
+"""Outbox operations: their states, the stored row and validation of new operations.
+
+An operation is one write the application hands to walacord for a sink: a Walacor
+record of an ETId, or a named PostgreSQL statement with its parameters. The caller's
+idempotency key makes the enqueue and the sink write happen at most once per key.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from walacord.errors import OutboxInvalidOperation
+
+SINKS = ("walacor", "postgres")
+MAX_KEY_LENGTH = 256
+
+
+class State(enum.StrEnum):
+    """Operation state; the values are stored in SQLite and shown to operators."""
+
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class NewOperation:
+    """A validated operation before the store gives it an id."""
+
+    key: str
+    sink: str
+    target: str  # the ETId for walacor, the statement name for postgres
+    payload: bytes  # a JSON object, as orjson wrote it
+    ordering_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One stored operation."""
+
+    id: int
+    key: str
+    sink: str
+    target: str
+    payload: bytes
+    ordering_key: str | None
+    created_at: float  # Unix time
+    attempts: int
+    next_attempt_at: float  # Unix time, so that a backoff survives a restart
+    last_error: str | None
+    state: State
+    receipt: dict[str, Any] | None
+    updated_at: float
+
+    def data(self) -> dict[str, Any]:
+        value = orjson.loads(self.payload)
+        assert isinstance(value, dict)
+        return value
+
+    def to_json(self, *, with_payload: bool = True) -> dict[str, Any]:
+        """Return the operation as the control channel shows it."""
+        shown: dict[str, Any] = {
+            "id": self.id,
+            "key": self.key,
+            "sink": self.sink,
+            "target": self.target,
+            "ordering_key": self.ordering_key,
+            "created_at": self.created_at,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "last_error": self.last_error,
+            "state": self.state.value,
+            "receipt": self.receipt,
+            "updated_at": self.updated_at,
+        }
+        if with_payload:
+            shown["payload"] = self.data()
+        return shown
+
+
+def parse_operation(
+    raw: object, *, statements: Mapping[str, object], max_bytes: int
+) -> NewOperation:
+    """Validate one operation as the control channel receives it.
+
+    Two forms are accepted: `{"sink": "walacor", "etid": N, "key": K, "data": {...}}` and
+    `{"sink": "postgres", "statement": NAME, "key": K, "params": {...}}`, each with an
+    optional `ordering_key`. Raise OutboxInvalidOperation naming the field at fault.
+    """
+    if not isinstance(raw, dict):
+        raise OutboxInvalidOperation("operation", "expected a JSON object")
+
+    sink = raw.get("sink")
+    if sink not in SINKS:
+        raise OutboxInvalidOperation("sink", f"unknown sink {sink!r}; use one of: "
+                                     f"{', '.join(SINKS)}")
+
+    key = raw.get("key")
+    if not isinstance(key, str) or not key:
+        raise OutboxInvalidOperation("key", "missing idempotency key; pass a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise OutboxInvalidOperation("key", f"key is {len(key)} characters long; the "
+                                     f"maximum is {MAX_KEY_LENGTH}")
+
+    ordering_key = raw.get("ordering_key")
+    if ordering_key is not None and (not isinstance(ordering_key, str) or not ordering_key):
+        raise OutboxInvalidOperation("ordering_key", "expected a non-empty string or null")
+
+    if sink == "walacor":
+        target, payload_field = _walacor_target(raw), "data"
+    else:
+        target, payload_field = _postgres_target(raw, statements), "params"
+
+    payload = _payload(raw, payload_field, max_bytes)
+    return NewOperation(key=key, sink=str(sink), target=target, payload=payload,
+                        ordering_key=ordering_key)
+
+
+def _walacor_target(raw: dict[str, Any]) -> str:
+    etid = raw.get("etid")
+    if isinstance(etid, bool) or not isinstance(etid, int) or etid <= 0:
+        raise OutboxInvalidOperation("etid", f"expected a positive integer ETId, got {etid!r}")
+    return str(etid)
+
+
+def _postgres_target(raw: dict[str, Any], statements: Mapping[str, object]) -> str:
+    name = raw.get("statement")
+    if not isinstance(name, str) or not name:
+        raise OutboxInvalidOperation("statement", "missing statement name")
+    if name not in statements:
+        known = ", ".join(sorted(statements)) or "none configured"
+        raise OutboxInvalidOperation("statement", f"unknown statement {name!r} (configured: "
+                                     f"{known}); add it under [outbox.statements.{name}]")
+    return name
+
+
+def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> bytes:
+    if field not in raw:
+        raise OutboxInvalidOperation(field, "missing payload object")
+
+    value = raw[field]
+    if isinstance(value, str | bytes):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise OutboxInvalidOperation(field, f"payload is not valid JSON: {exc}") from None
+
+    if not isinstance(value, dict):
+        raise OutboxInvalidOperation(field, "payload must be a JSON object")
+
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:
+        raise OutboxInvalidOperation(field, f"payload cannot be encoded as JSON: {exc}") from None
+
+    if len(encoded) > max_bytes:
+        raise OutboxInvalidOperation(field, f"payload is {len(encoded)} bytes; the maximum is "
+                                     f"{max_bytes} (outbox.max_operation_bytes)")
+    return encoded

@@ -1,0 +1,387 @@
+"""Reads and state changes on stored operations: sync claims, results, operator actions.
+
+`OutboxStore` inherits these. Every write goes through `writing()`, so no two transactions
+interleave on the shared writer connection. Reads use the read-only connection and
+see committed data only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+import anyio
+import orjson
+
+from walacord.errors import OutboxError, OutboxNotFound
+from walacord.metrics import Metrics
+from walacord.outbox.model import Operation, State
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("id, key, sink, target, payload, ordering_key, created_at, attempts, "
+           "next_attempt_at, last_error, state, receipt, updated_at")
+COMPACT_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one apply: done with a receipt, retry at a time, or dead."""
+
+    operation: Operation
+    state: State
+    receipt: dict[str, Any] | None = None
+    error: str | None = None
+    next_attempt_at: float = 0.0
+    attempted: bool = True  # False for operations put back unapplied behind a failure
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Operation counts by state, from one consistent snapshot."""
+
+    accepted: int
+    pending: int
+    in_flight: int
+    done: int  # includes operations already compacted away
+    dead: int
+    dropped: int
+    oldest_pending_created_at: float | None
+
+    @property
+    def accounted(self) -> int:
+        return self.done + self.pending + self.in_flight + self.dead + self.dropped
+
+    @property
+    def conserved(self) -> bool:
+        return self.accepted == self.accounted
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        oldest = self.oldest_pending_created_at
+        return {
+            "accepted": self.accepted, "pending": self.pending, "in_flight": self.in_flight,
+            "done": self.done, "dead": self.dead, "dropped": self.dropped,
+            "oldest_pending_age_seconds": max(0.0, now - oldest) if oldest else 0.0,
+            "conserved": self.conserved,
+        }
+
+
+def row_to_operation(row: Sequence[Any]) -> Operation:
+    return Operation(
+        id=row[0], key=row[1], sink=row[2], target=row[3], payload=bytes(row[4]),
+        ordering_key=row[5], created_at=row[6], attempts=row[7], next_attempt_at=row[8],
+        last_error=row[9], state=State(row[10]),
+        receipt=orjson.loads(row[11]) if row[11] else None, updated_at=row[12])
+
+
+async def execute_in_order(db: aiosqlite.Connection,
+                           statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+    """Queue `statements` on the connection's thread at once and return their rows.
+
+    aiosqlite runs calls in the order they are queued, and each task queues its call
+    before its first suspension, so starting the tasks in order keeps SQL order while
+    the thread runs them back to back. Raise the first statement's error, if any.
+    """
+    results: list[list[Any]] = [[] for _ in statements]
+    errors: list[tuple[int, sqlite3.Error]] = []
+
+    async def run(index: int, sql: str, parameters: Sequence[Any]) -> None:
+        try:
+            results[index] = list(await db.execute_fetchall(sql, parameters))
+        except sqlite3.Error as exc:
+            errors.append((index, exc))
+
+    async with anyio.create_task_group() as tasks:
+        for index, (sql, parameters) in enumerate(statements):
+            tasks.start_soon(run, index, sql, parameters)
+    if errors:
+        raise min(errors, key=lambda item: item[0])[1]
+    return results
+
+
+class OutboxQueries:
+    """Queries and state changes; needs `_writer()`, `_read()` and `released()`."""
+
+    metrics: Metrics | None
+    on_alert: Callable[[str, str], None]
+
+    def __init__(self) -> None:
+        self.write_lock = anyio.Lock()
+        self.read_lock = anyio.Lock()
+
+    def _writer(self) -> aiosqlite.Connection:
+        raise NotImplementedError
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Hold the write lock, shielded so that a cancelled caller still ends its
+        transaction and restores synchronous=FULL."""
+        async with self.write_lock:
+            with anyio.CancelScope(shield=True):
+                yield self._writer()
+
+    def _read(self) -> aiosqlite.Connection:
+        raise NotImplementedError
+
+    def released(self, count: int, size: int) -> None:
+        raise NotImplementedError
+
+    async def _rollback_quietly(self, db: aiosqlite.Connection) -> None:
+        """Queue a ROLLBACK; a COMMIT queued before it may already have ended the
+        transaction, so "no transaction" errors are expected and ignored."""
+        try:
+            await db.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if "no transaction" not in str(exc):
+                log.warning("outbox.rollback_failed", extra={"fields": {"error": str(exc)}})
+
+    # --- sync ---------------------------------------------------------------------
+
+    async def claim(self, sink: str, limit: int, now: float) -> list[Operation]:
+        """Mark up to `limit` due operations of `sink` in flight and return them in id order.
+
+        An operation with an ordering key is claimed only when every earlier operation
+        with that key is done, or is claimed in this same call before it. So a dead
+        operation holds back later ones with its key until it is retried or dropped.
+        """
+        async with self.writing() as db:
+            try:
+                _, rows = await execute_in_order(db, [
+                    ("BEGIN IMMEDIATE", ()),
+                    (f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' AND sink = ? "
+                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?", (sink, now, limit))])
+                candidates = [row_to_operation(row) for row in rows]
+                claimed = await self._in_order(db, candidates)
+                await execute_in_order(db, [
+                    ("UPDATE operations SET state = 'in_flight', updated_at = ? "
+                     "WHERE id IN (SELECT value FROM json_each(?))",
+                     (now, orjson.dumps([op.id for op in claimed]).decode())),
+                    ("COMMIT", ())])
+            except BaseException:
+                await self._rollback_quietly(db)
+                raise
+        return claimed
+
+    async def _in_order(self, db: aiosqlite.Connection, candidates: list[Operation]
+                        ) -> list[Operation]:
+        keys = sorted({op.ordering_key for op in candidates if op.ordering_key})
+        if not keys:
+            return candidates
+
+        # For each ordering key, the claimable chain is the prefix of its undone ids
+        # that is also among the candidates: a gap means an earlier operation waits.
+        marks = ",".join("?" * len(keys))
+        last_id = candidates[-1].id
+        rows = await db.execute_fetchall(
+            f"SELECT ordering_key, id FROM operations WHERE ordering_key IN ({marks}) "
+            "AND state != 'done' AND id <= ? ORDER BY id", (*keys, last_id))
+        candidate_ids = {op.id for op in candidates}
+        allowed: set[int] = set()
+        broken: set[str] = set()
+        for ordering_key, op_id in rows:
+            if ordering_key in broken:
+                continue
+            if op_id in candidate_ids:
+                allowed.add(op_id)
+            else:
+                broken.add(ordering_key)
+        return [op for op in candidates if not op.ordering_key or op.id in allowed]
+
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Store the outcome of applied operations in one transaction."""
+        if not outcomes:
+            return
+        now = time.time()
+        # Outcomes that set the same values share one set-based UPDATE, which costs
+        # about half of one UPDATE per row in SQLite.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for o in outcomes:
+            values = (o.state.value, orjson.dumps(o.receipt).decode() if o.receipt else None,
+                      o.error, int(o.attempted), o.next_attempt_at)
+            groups.setdefault(values, []).append(o.operation.id)
+        updates = [("UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
+                    "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
+                    "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
+                    (*values, now, orjson.dumps(ids).decode())) for values, ids in groups.items()]
+
+        async with self.writing() as db:
+            # Without an fsync: if a crash loses this commit, the operations come back
+            # as in flight and replay through the sinks' exactly-once paths. In WAL
+            # mode a process crash loses nothing; only a power loss can. The last
+            # statement restores FULL even when an earlier one fails.
+            try:
+                await execute_in_order(db, [("PRAGMA synchronous = NORMAL", ()),
+                                            ("BEGIN IMMEDIATE", ()), *updates, ("COMMIT", ()),
+                                            ("PRAGMA synchronous = FULL", ())])
+            except BaseException:
+                await self._rollback_quietly(db)
+                raise
+
+        done = [o for o in outcomes if o.state is State.DONE]
+        self.released(len(done), sum(len(o.operation.payload) for o in done))
+        if self.metrics is not None:
+            for outcome in done:
+                self.metrics.outbox_synced.labels(sink=outcome.operation.sink).inc()
+
+    async def next_due(self, sink: str) -> float | None:
+        """Return the earliest next attempt time of a pending operation of `sink`."""
+        rows = await self._read().execute_fetchall(
+            "SELECT min(next_attempt_at) FROM operations WHERE state = 'pending' AND sink = ?",
+            (sink,))
+        value = next(iter(rows))[0]
+        return None if value is None else float(value)
+
+    # --- statistics and conservation ----------------------------------------------
+
+    async def stats(self) -> Stats:
+        db = self._read()
+        # One read transaction, so the counters and the counts come from one snapshot.
+        # The lock keeps concurrent callers from nesting BEGINs on the shared reader,
+        # and the shield makes sure a cancelled caller still ends the transaction.
+        async with self.read_lock:
+            with anyio.CancelScope(shield=True):
+                stats = await self._stats_snapshot(db)
+        return stats
+
+    async def _stats_snapshot(self, db: aiosqlite.Connection) -> Stats:
+        await db.execute("BEGIN")
+        try:
+            counters = {str(row[0]): int(row[1]) for row in
+                        await db.execute_fetchall("SELECT name, value FROM counters")}
+            by_state = {str(row[0]): int(row[1]) for row in await db.execute_fetchall(
+                "SELECT state, count(*) FROM operations GROUP BY state")}
+            oldest = await db.execute_fetchall(
+                "SELECT created_at FROM operations WHERE state IN ('pending', 'in_flight') "
+                "ORDER BY id LIMIT 1")
+        finally:
+            await db.execute("COMMIT")
+        oldest_row = next(iter(oldest), None)
+        return Stats(
+            accepted=int(counters["accepted"]), pending=int(by_state.get("pending", 0)),
+            in_flight=int(by_state.get("in_flight", 0)),
+            done=int(by_state.get("done", 0)) + int(counters["compacted"]),
+            dead=int(by_state.get("dead", 0)), dropped=int(counters["dropped"]),
+            oldest_pending_created_at=oldest_row[0] if oldest_row else None)
+
+    async def check_conservation(self) -> Stats:
+        """Compute the stats, export them, and alert when accepted != the sum of states."""
+        stats = await self.stats()
+        now = time.time()
+        if self.metrics is not None:
+            m = self.metrics
+            m.outbox_pending.set(stats.pending + stats.in_flight)
+            m.outbox_dead.set(stats.dead)
+            m.outbox_accepted.set(stats.accepted)
+            m.outbox_accounted.set(stats.accounted)
+            m.outbox_oldest_pending_age.set(stats.to_json(now)["oldest_pending_age_seconds"])
+            m.outbox_conservation_ok.set(1 if stats.conserved else 0)
+            if not stats.conserved:
+                m.outbox_conservation_failures.inc()
+        if not stats.conserved:
+            message = (f"outbox conservation check failed: accepted {stats.accepted} but "
+                       f"done {stats.done} + pending {stats.pending} + in flight "
+                       f"{stats.in_flight} + dead {stats.dead} + dropped {stats.dropped} = "
+                       f"{stats.accounted}")
+            log.error("outbox.conservation_failed", extra={"fields": stats.to_json(now)})
+            self.on_alert("outbox_conservation", message)
+        return stats
+
+    # --- operator actions ---------------------------------------------------------
+
+    async def get(self, op_id: int) -> Operation:
+        rows = await self._read().execute_fetchall(
+            f"SELECT {COLUMNS} FROM operations WHERE id = ?", (op_id,))
+        row = next(iter(rows), None)
+        if row is None:
+            raise OutboxNotFound(f"no outbox operation has id {op_id}")
+        return row_to_operation(row)
+
+    async def list(self, *, states: Sequence[State] = (), after_id: int = 0,
+                   limit: int = 100) -> list[Operation]:
+        """Return operations with id > `after_id` in id order, optionally by state."""
+        where, params = "id > ?", list[Any]([after_id])
+        if states:
+            where += f" AND state IN ({','.join('?' * len(states))})"
+            params += [s.value for s in states]
+        rows = await self._read().execute_fetchall(
+            f"SELECT {COLUMNS} FROM operations WHERE {where} ORDER BY id LIMIT ?",
+            (*params, limit))
+        return [row_to_operation(row) for row in rows]
+
+    async def retry(self, ids: Sequence[int] = (), *, all_dead: bool = False) -> int:
+        """Return dead operations to pending with a fresh attempt count; return how many."""
+        async with self.writing() as db:
+            if all_dead:
+                cursor = await db.execute(
+                    "UPDATE operations SET state = 'pending', attempts = 0, "
+                    "next_attempt_at = 0, updated_at = ? WHERE state = 'dead'", (time.time(),))
+                return cursor.rowcount
+            await db.execute("BEGIN IMMEDIATE")
+            count = 0
+            for op_id in ids:
+                cursor = await db.execute(
+                    "UPDATE operations SET state = 'pending', attempts = 0, "
+                    "next_attempt_at = 0, updated_at = ? WHERE id = ? AND state IN "
+                    "('dead', 'pending')", (time.time(), op_id))
+                count += cursor.rowcount
+            await db.execute("COMMIT")
+            return count
+
+    async def drop(self, op_id: int, *, reason: str) -> Operation:
+        """Delete an operation that is not done or in flight; count it as dropped."""
+        async with self.writing() as db:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = await db.execute_fetchall(
+                    f"SELECT {COLUMNS} FROM operations WHERE id = ?", (op_id,))
+                row = next(iter(rows), None)
+                if row is None:
+                    raise OutboxNotFound(f"no outbox operation has id {op_id}")
+                operation = row_to_operation(row)
+                if operation.state not in (State.PENDING, State.DEAD):
+                    raise OutboxError(f"operation {op_id} is {operation.state.value}; only "
+                                      "pending or dead operations can be dropped")
+                await db.execute("DELETE FROM operations WHERE id = ?", (op_id,))
+                await db.execute("UPDATE counters SET value = value + 1 WHERE name = 'dropped'")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        self.released(1, len(operation.payload))
+        log.warning("outbox.dropped", extra={"fields": {
+            "id": op_id, "key": operation.key, "sink": operation.sink,
+            "state": operation.state.value, "reason": reason}})
+        return operation
+
+    async def compact(self, now: float | None = None) -> int:
+        """Delete done operations older than the retention period, then checkpoint the WAL."""
+        cutoff = (time.time() if now is None else now) - self._retention()
+        total = 0
+        while True:
+            async with self.writing() as db:
+                await db.execute("BEGIN IMMEDIATE")
+                cursor = await db.execute(
+                    "DELETE FROM operations WHERE id IN (SELECT id FROM operations "
+                    "WHERE state = 'done' AND updated_at < ? LIMIT ?)", (cutoff, COMPACT_CHUNK))
+                deleted = cursor.rowcount
+                await db.execute("UPDATE counters SET value = value + ? WHERE name = "
+                                 "'compacted'", (deleted,))
+                await db.execute("COMMIT")
+            total += deleted
+            if deleted < COMPACT_CHUNK:
+                break
+
+        async with self.writing() as db:
+            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if total:
+            log.info("outbox.compacted", extra={"fields": {"deleted": total}})
+        return total
+
+    def _retention(self) -> float:
+        raise NotImplementedError

@@ -1,0 +1,209 @@
+"""Sinks apply an outbox operation to its backend, each through an exactly-once path.
+
+- walacor: the client's `submit_once` looks the idempotency key up before any retry
+  whose outcome is unknown, so a replay finds the record instead of adding a second.
+- postgres: only statements named in config run, and each must be idempotent (an
+  INSERT ... ON CONFLICT or a MERGE), so a replay after a crash changes nothing.
+
+`classify()` turns an exception into a `Failure`. Permanent failures, such as a 4xx
+validation error or an SQL error in the statement or its data, go dead after the
+configured number of attempts. Transient ones are retried with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from walacord.config import OutboxStatement
+from walacord.errors import WalacorError
+from walacord.outbox.model import Operation
+from walacord.walacor.results import StoredRecord
+
+# Walacor error reasons that repeat however often the same record is sent.
+PERMANENT_WALACOR_REASONS = frozenset({"validation"})
+# SQLSTATE classes that a retry may clear: connection, transaction rollback
+# (serialization failure, deadlock), insufficient resources, operator intervention
+# (shutdown, cancel), system error, and lock timeouts ("55P03" in class 55).
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58", "XX"})
+TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The reason an apply failed, and whether a retry can succeed."""
+
+    reason: str
+    message: str
+    permanent: bool
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+# Per operation of a batch: its receipt, the error that failed it, or None when the
+# batch failed as a whole and the operation must be applied on its own.
+BatchResult = dict[str, Any] | Exception | None
+
+
+class Sink(Protocol):
+    """A backend that operations are applied to."""
+
+    name: str
+
+    async def apply(self, operation: Operation) -> dict[str, Any]:
+        """Apply one operation and return its receipt; raise on failure."""
+        ...
+
+    async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
+        """Apply several operations in one call; return one BatchResult per operation."""
+        ...
+
+    def classify(self, exc: Exception) -> Failure: ...
+
+
+class WalacorClientLike(Protocol):
+    key_field: str
+
+    async def submit_once(self, etid: int, record: Mapping[str, Any], key: str, *,
+                          check_first: bool = False) -> StoredRecord: ...
+
+    async def submit_many_once(self, etid: int, items: Sequence[tuple[str, Mapping[str, Any]]],
+                               *, check_first: bool = False) -> list[StoredRecord]: ...
+
+
+def _receipt(stored: StoredRecord) -> dict[str, Any]:
+    return {"uid": stored.uid, "eid": stored.eid, "adopted": stored.adopted}
+
+
+class WalacorSink:
+    """Submits each operation as one record of its ETId through the exactly-once client.
+
+    The client puts the key into the record's key field. An operation tried before
+    (attempts > 0, which includes one found in flight after a crash) is looked up by
+    key first, so an earlier submit whose response was lost is adopted, not repeated.
+    """
+
+    name = "walacor"
+
+    def __init__(self, client: WalacorClientLike, *, timeout: float) -> None:
+        self.client = client
+        self.timeout = timeout
+
+    async def apply(self, operation: Operation) -> dict[str, Any]:
+        with anyio.fail_after(self.timeout):
+            stored = await self.client.submit_once(
+                int(operation.target), operation.data(), operation.key,
+                check_first=operation.attempts > 0)
+        return _receipt(stored)
+
+    async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
+        """Submit operations as one envelope per ETId.
+
+        A group whose envelope was rejected as invalid stored nothing, so its
+        operations get None and the caller applies them one by one to find the bad one.
+        A group that failed otherwise may have been stored: its operations get the
+        error and are retried later with a key lookup first.
+        """
+        groups: dict[str, list[Operation]] = {}
+        for operation in operations:
+            groups.setdefault(operation.target, []).append(operation)
+
+        results: dict[int, BatchResult] = {}
+        with anyio.fail_after(self.timeout):
+            for etid, group in groups.items():
+                try:
+                    stored = await self.client.submit_many_once(
+                        int(etid), [(op.key, op.data()) for op in group],
+                        check_first=any(op.attempts > 0 for op in group))
+                except WalacorError as exc:
+                    one_by_one = self.classify(exc).permanent and not exc.maybe_committed
+                    results.update((op.id, None if one_by_one else exc) for op in group)
+                    continue
+                for op, record in zip(group, stored, strict=True):
+                    results[op.id] = _receipt(record)
+        return [results[op.id] for op in operations]
+
+    def classify(self, exc: Exception) -> Failure:
+        if isinstance(exc, WalacorError):
+            reason = str(getattr(exc, "reason", "error"))
+            return Failure(reason, str(exc), permanent=reason in PERMANENT_WALACOR_REASONS,
+                           retry_after=getattr(exc, "retry_after", None))
+        if isinstance(exc, TimeoutError):
+            return Failure("timeout", f"no answer within {self.timeout:g}s", permanent=False)
+        return Failure(type(exc).__name__, str(exc), permanent=False)
+
+
+class PostgresSink:
+    """Runs the operation's named statement with its payload as parameters."""
+
+    name = "postgres"
+
+    def __init__(self, pool: AsyncConnectionPool[Any],
+                 statements: Mapping[str, OutboxStatement], *, timeout: float) -> None:
+        self.pool = pool
+        self.statements = statements
+        self.timeout = timeout
+
+    def _sql(self, operation: Operation) -> str:
+        statement = self.statements.get(operation.target)
+        if statement is None:
+            raise LookupError(f"statement {operation.target!r} is no longer in the "
+                              "configuration; add it back under [outbox.statements]")
+        return statement.sql
+
+    async def apply(self, operation: Operation) -> dict[str, Any]:
+        sql = self._sql(operation)
+        with anyio.fail_after(self.timeout):
+            async with self.pool.connection(timeout=self.timeout) as conn, conn.transaction():
+                cursor = await conn.execute(sql, operation.data())
+                return {"rowcount": cursor.rowcount}
+
+    async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
+        """Apply operations in one transaction, one executemany per statement, all or none.
+
+        When the transaction fails for a permanent reason, every operation gets None
+        so the caller applies them one by one and only the bad one fails. A transient
+        failure is returned for every operation.
+        """
+        groups: dict[str, list[Operation]] = {}
+        for operation in operations:
+            groups.setdefault(operation.target, []).append(operation)
+
+        try:
+            with anyio.fail_after(self.timeout):
+                async with (self.pool.connection(timeout=self.timeout) as conn,
+                            conn.transaction()):
+                    for group in groups.values():
+                        async with conn.cursor() as cursor:
+                            await cursor.executemany(self._sql(group[0]),
+                                                     [op.data() for op in group])
+        except (psycopg.Error, LookupError, TimeoutError, PoolTimeout) as exc:
+            if self.classify(exc).permanent:
+                return [None for _ in operations]
+            return [exc for _ in operations]
+        return [{"batch": len(operations)} for _ in operations]
+
+    def classify(self, exc: Exception) -> Failure:
+        if isinstance(exc, TimeoutError | PoolTimeout):
+            return Failure("timeout", f"no result within {self.timeout:g}s", permanent=False)
+        if isinstance(exc, LookupError):
+            return Failure("statement", str(exc), permanent=True)
+        if isinstance(exc, psycopg.Error):
+            sqlstate = exc.sqlstate or ""
+            if not sqlstate:
+                # No SQLSTATE: a connection failure is transient, a parameter that the
+                # payload lacks (ProgrammingError) is not.
+                permanent = isinstance(exc, psycopg.ProgrammingError)
+                return Failure("statement" if permanent else "connection", str(exc).strip(),
+                               permanent=permanent)
+            transient = (sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+                         or sqlstate in TRANSIENT_SQLSTATES)
+            return Failure(f"sqlstate {sqlstate}", str(exc).strip(), permanent=not transient)
+        return Failure(type(exc).__name__, str(exc), permanent=False)

@@ -1,0 +1,444 @@
+"""The durable outbox store: SQLite in WAL mode with synchronous=FULL and group commit.
+
+One writer task owns every enqueue. It takes all requests queued while the previous
+commit ran and writes them in one transaction, so concurrent callers share one fsync.
+A caller's enqueue returns only after its transaction committed, which with
+synchronous=FULL means the WAL frame is on disk. Other writers (sync, compaction,
+operator actions) take the same lock and use the same connection. Reads go through a
+second, read-only connection, which sees committed data only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from walacord.config import OutboxConfig
+from walacord.errors import OutboxCorrupt, OutboxDiskFull, OutboxError, OutboxFull
+from walacord.metrics import Metrics
+from walacord.outbox import startup
+from walacord.outbox.model import NewOperation, Operation, State
+from walacord.outbox.queries import (
+    COLUMNS,
+    OutboxQueries,
+    execute_in_order,
+    row_to_operation,
+)
+from walacord.outbox.schema import migrate
+
+log = logging.getLogger(__name__)
+
+# (alert name, message); the alert engine delivers it.
+AlertCallback = Callable[[str, str], None]
+SQL_KEYS_PER_QUERY = 500
+# Rows per multi-row INSERT: 9 parameters each stays under SQLite's default limit of
+# 32766 host parameters (SQLite 3.32 and later).
+INSERT_CHUNK = 1000
+# A small enqueue can still fit in the last free pages of a full file system. So the
+# disk-full state, and its alert, ends only once this much space is free again.
+DISK_FREE_TO_CLEAR = 1024 * 1024
+
+
+@dataclass
+class EnqueueResult:
+    """The stored operation for one enqueued key, and whether this call created it."""
+
+    operation: Operation
+    created: bool
+
+
+@dataclass
+class _Request:
+    operations: Sequence[NewOperation]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    results: list[EnqueueResult] = field(default_factory=list)
+    error: OutboxError | None = None
+
+
+class OutboxStore(OutboxQueries):
+    """Operations in `<state dir>/outbox.db`; `run()` opens it and runs the writer."""
+
+    def __init__(self, path: Path, config: OutboxConfig, *, metrics: Metrics | None = None,
+                 on_alert: AlertCallback | None = None,
+                 extend_start_timeout: Callable[[float], None] | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.config = config
+        self.metrics = metrics
+        self.on_alert = on_alert if on_alert is not None else (lambda name, message: None)
+        self.extend_start_timeout = extend_start_timeout
+        self.moved_aside: Path | None = None
+        self.disk_full = False
+        self.commits = 0  # group-commit transactions, for tests and the benchmark
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._last_id = 0
+        self._undelivered = 0
+        self._undelivered_bytes = 0
+        self._full_alerted = False
+        self._send: MemoryObjectSendStream[_Request] | None = None
+        self._receive: MemoryObjectReceiveStream[_Request] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Open the store, then run the group-commit writer and compaction until cancelled."""
+        await self.open()
+        try:
+            self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._write_loop)
+                tasks.start_soon(self._maintenance_loop)
+                task_status.started()
+        finally:
+            self._send = None
+            with anyio.CancelScope(shield=True):
+                await self.close()
+
+    async def open(self) -> None:
+        """Check the directory and database, migrate, and recover in-flight operations."""
+        # 1. The directory must make writes durable before anything is accepted.
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with anyio.fail_after(self.config.open_timeout):
+            seconds = await anyio.to_thread.run_sync(startup.fsync_self_test, self.path.parent)
+        log.info("outbox.fsync_checked", extra={"fields": {"seconds": round(seconds, 4)}})
+
+        # 2. A damaged database is renamed, never deleted, and a new one starts.
+        async with anyio.create_task_group() as tasks:
+            if self.extend_start_timeout is not None:
+                tasks.start_soon(self._extend_while_checking)
+            with anyio.fail_after(self.config.open_timeout):
+                await self._check_or_move_aside()
+            tasks.cancel_scope.cancel()
+
+        # 3. Open, migrate and recover.
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await self._configure(self._db)
+            before, after = await migrate(self._db)
+            if before != after:
+                log.info("outbox.migrated", extra={"fields": {"from": before, "to": after}})
+            recovered = await self._reset_in_flight()
+            await self._load_counters()
+            self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
+                                                   isolation_level=None)
+            await self._reader.execute("PRAGMA query_only = ON")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+            raise
+        log.info("outbox.opened", extra={"fields": {
+            "path": str(self.path), "undelivered": self._undelivered,
+            "recovered_in_flight": recovered}})
+
+    async def close(self) -> None:
+        for connection in (self._reader, self._db):
+            if connection is not None:
+                await connection.close()
+        self._reader = self._db = None
+
+    async def _extend_while_checking(self) -> None:
+        assert self.extend_start_timeout is not None
+        while True:
+            self.extend_start_timeout(30.0)
+            await anyio.sleep(10)
+
+    async def _check_or_move_aside(self) -> None:
+        if not self.path.exists():
+            return
+        problem = await startup.check_integrity(self.path)
+        if problem is None:
+            return
+
+        target = await anyio.to_thread.run_sync(startup.move_aside, self.path)
+        self.moved_aside = target
+        message = (f"outbox database {self.path} failed its integrity check ({problem}); "
+                   f"moved it aside to {target} and started an empty one. Operations in "
+                   "the old file are not replayed; recover them from it by hand")
+        log.error("outbox.corrupt", extra={"fields": {
+            "path": str(self.path), "moved_to": str(target), "problem": problem}})
+        self.on_alert("outbox_corrupt", message)
+
+    async def _configure(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA journal_mode = WAL") as cursor:
+            row = await cursor.fetchone()
+        if not row or str(row[0]).lower() != "wal":
+            raise OutboxError(f"cannot switch {self.path} to WAL mode (got {row!r}); the "
+                              "state directory must be on a local file system")
+        await db.execute("PRAGMA synchronous = FULL")
+        await db.execute(f"PRAGMA journal_size_limit = {int(self.config.wal_max_bytes)}")
+        await db.execute(f"PRAGMA busy_timeout = {int(self.config.write_timeout * 1000)}")
+
+    async def _reset_in_flight(self) -> int:
+        """Return operations left in flight by a crash to pending.
+
+        They count as attempted, so the walacor sink looks their key up before it
+        submits again; postgres statements are idempotent, so a replay changes nothing.
+        """
+        db = self._writer()
+        cursor = await db.execute(
+            "UPDATE operations SET state = 'pending', attempts = attempts + 1, "
+            "last_error = 'interrupted: in flight when walacord stopped', updated_at = ? "
+            "WHERE state = 'in_flight'", (time.time(),))
+        return cursor.rowcount
+
+    async def _load_counters(self) -> None:
+        db = self._writer()
+        rows = await db.execute_fetchall(
+            "SELECT count(*), coalesce(sum(size), 0) FROM operations WHERE state != 'done'")
+        self._undelivered, self._undelivered_bytes = next(iter(rows))
+        rows = await db.execute_fetchall("SELECT coalesce(max(id), 0) FROM operations")
+        self._last_id = next(iter(rows))[0]
+
+    def _writer(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise OutboxError("the outbox store is not open")
+        return self._db
+
+    def _read(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise OutboxError("the outbox store is not open")
+        return self._reader
+
+    # --- capacity -----------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        """True while new operations are rejected for capacity or a full disk; the mode
+        machine reads it to go to emergency."""
+        return self.disk_full or self._over_capacity(1, 1)
+
+    def _over_capacity(self, count: int, size: int) -> bool:
+        return (self._undelivered + count > self.config.max_operations
+                or self._undelivered_bytes + size > self.config.max_bytes)
+
+    def _next_id(self, now: float) -> int:
+        # Milliseconds since the epoch in the high bits keep ids in time order; the
+        # max() keeps them strictly increasing when the clock steps back.
+        self._last_id = max(int(now * 1000) << 20, self._last_id + 1)
+        return self._last_id
+
+    # --- enqueue (group commit) ---------------------------------------------------
+
+    async def enqueue(self, operations: Sequence[NewOperation]) -> list[EnqueueResult]:
+        """Store `operations` durably, all or none; return the stored operation per key.
+
+        A key already stored returns the existing operation with created=False.
+        Raise OutboxFull, OutboxDiskFull or OutboxError, in which case nothing of this
+        call was stored. After TimeoutError the commit may still complete, so the
+        caller enqueues the same keys again to learn their state.
+        """
+        if self._send is None:
+            raise OutboxError("the outbox store is not running")
+        if not operations:
+            return []
+
+        request = _Request(operations)
+        self._send.send_nowait(request)
+        with anyio.fail_after(self.config.write_timeout):
+            await request.done.wait()
+        if request.error is not None:
+            if self.metrics is not None:
+                self.metrics.outbox_rejected.labels(reason=type(request.error).__name__).inc()
+            raise request.error
+        return request.results
+
+    async def _write_loop(self) -> None:
+        assert self._receive is not None
+        async for first in self._receive:
+            batch, count = [first], len(first.operations)
+            while count < self.config.max_batch:
+                try:
+                    request = self._receive.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                batch.append(request)
+                count += len(request.operations)
+
+            try:
+                async with self.writing():
+                    await self._commit(batch)
+            finally:
+                for request in batch:
+                    request.done.set()
+
+    async def _commit(self, batch: list[_Request]) -> None:
+        """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
+
+        Keys are assumed new. The INSERT skips keys already stored and RETURNING lists
+        the rows it added; only then are the skipped keys read back. The statements
+        are queued on SQLite's thread together, so the common case waits for that
+        thread once, whatever the batch size.
+        """
+        db = self._writer()
+        now = time.time()
+        planned: dict[str, Operation] = {}
+        accepted: list[_Request] = []
+        try:
+            for request in batch:
+                if await self._plan(db, request, planned, now):
+                    accepted.append(request)
+            if not planned:
+                return
+
+            rows = [(op.id, op.key, op.sink, op.target, op.payload, len(op.payload),
+                     op.ordering_key, now, now) for op in planned.values()]
+            inserts = [self._insert_statement(rows[start:start + INSERT_CHUNK])
+                       for start in range(0, len(rows), INSERT_CHUNK)]
+            # With one INSERT, COMMIT can go in the same queue: a failed INSERT is
+            # rolled back by SQLite, so that COMMIT stores nothing. With several, an
+            # earlier chunk could be committed after a later one failed.
+            one_chunk = len(inserts) == 1
+            statements = [("BEGIN IMMEDIATE", ()), *inserts]
+            if one_chunk:
+                statements.append(("COMMIT", ()))
+            results = await execute_in_order(db, statements)
+            inserted = {row[0] for result in results[1:1 + len(inserts)] for row in result}
+            skipped = [key for key in planned if key not in inserted]
+            existing = await self._existing(db, skipped) if skipped else {}
+            if not one_chunk:
+                await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await self._rollback_quietly(db)
+            error = self._write_error(exc)
+            for request in accepted:
+                request.error, request.results = error, []
+            return
+
+        # Keys that were stored before this batch resolve to the stored operation.
+        for request in accepted:
+            request.results = [
+                EnqueueResult(existing[r.operation.key], created=False)
+                if r.operation.key in existing else r for r in request.results]
+        added = [planned[key] for key in inserted]
+        self.commits += 1
+        if self.disk_full and startup.free_bytes(self.path.parent) >= DISK_FREE_TO_CLEAR:
+            self.disk_full = False
+            log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
+        self._undelivered += len(added)
+        self._undelivered_bytes += sum(len(op.payload) for op in added)
+        if self.metrics is not None:
+            self.metrics.outbox_enqueued.inc(len(added))
+
+    async def _plan(self, db: aiosqlite.Connection, request: _Request,
+                    planned: dict[str, Operation], now: float) -> bool:
+        """Give the request's new keys ids in `planned`; return False when it is rejected.
+
+        Keys already planned by an earlier request of the batch resolve to that
+        operation. A request that does not fit is checked against the stored keys
+        before it is rejected, so re-enqueueing a stored key works while full.
+        """
+        own: dict[str, Operation] = {}
+        results: list[EnqueueResult] = []
+        for new in request.operations:
+            earlier = planned.get(new.key) or own.get(new.key)
+            if earlier is not None:
+                results.append(EnqueueResult(earlier, created=False))
+                continue
+            operation = Operation(
+                id=self._next_id(now), key=new.key, sink=new.sink, target=new.target,
+                payload=new.payload, ordering_key=new.ordering_key, created_at=now,
+                attempts=0, next_attempt_at=0.0, last_error=None, state=State.PENDING,
+                receipt=None, updated_at=now)
+            own[new.key] = operation
+            results.append(EnqueueResult(operation, created=True))
+
+        count = len(planned) + len(own)
+        size = sum(len(op.payload) for op in (*planned.values(), *own.values()))
+        if own and self._over_capacity(count, size):
+            stored = await self._existing(db, list(own))
+            fresh = {key: op for key, op in own.items() if key not in stored}
+            size -= sum(len(op.payload) for key, op in own.items() if key in stored)
+            if fresh and self._over_capacity(len(planned) + len(fresh), size):
+                request.error = OutboxFull(
+                    f"outbox is full ({self._undelivered + len(planned)} undelivered "
+                    f"operations, {self._undelivered_bytes} bytes; limits "
+                    f"{self.config.max_operations} and {self.config.max_bytes}); nothing "
+                    "was accepted. Restore the sinks so the backlog drains, or raise "
+                    "outbox.max_operations / outbox.max_bytes")
+                self._alert_full(request.error)
+                return False
+            results = [EnqueueResult(stored[r.operation.key], created=False)
+                       if r.operation.key in stored else r for r in results]
+            own = fresh
+
+        planned.update(own)
+        request.results = results
+        return True
+
+    @staticmethod
+    def _insert_statement(rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+        values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+        return ("INSERT INTO operations (id, key, sink, target, payload, size, ordering_key, "
+                f"created_at, updated_at) VALUES {values} ON CONFLICT (key) DO NOTHING "
+                "RETURNING key", [value for row in rows for value in row])
+
+    def _alert_full(self, error: OutboxError) -> None:
+        if not self._full_alerted:
+            self._full_alerted = True
+            log.error("outbox.full", extra={"fields": {
+                "undelivered": self._undelivered, "bytes": self._undelivered_bytes}})
+            self.on_alert("outbox_full", str(error))
+
+    def _write_error(self, exc: sqlite3.Error) -> OutboxError:
+        if startup.is_disk_full(exc, self.path.parent):
+            if not self.disk_full:
+                self.disk_full = True
+                log.error("outbox.disk_full", extra={"fields": {
+                    "path": str(self.path), "error": str(exc)}})
+                self.on_alert("outbox_disk_full", f"file system of {self.path.parent} is full")
+            return OutboxDiskFull(f"cannot store the operation: the file system of "
+                                  f"{self.path.parent} is full ({exc}); nothing was accepted. "
+                                  "Free space there; enqueueing resumes by itself")
+        if startup.is_corruption(exc):
+            self.on_alert("outbox_corrupt", f"outbox database {self.path}: {exc}")
+            return OutboxCorrupt(f"outbox database {self.path} is damaged: {exc}; restart "
+                                 "walacord to move it aside")
+        log.error("outbox.write_failed", extra={"fields": {"error": str(exc)}})
+        return OutboxError(f"cannot store the operation in {self.path}: {exc}")
+
+    async def _existing(self, db: aiosqlite.Connection, keys: Iterable[str]
+                        ) -> dict[str, Operation]:
+        found: dict[str, Operation] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), SQL_KEYS_PER_QUERY):
+            chunk = keys[start:start + SQL_KEYS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            rows = await db.execute_fetchall(
+                f"SELECT {COLUMNS} FROM operations WHERE key IN ({marks})", chunk)
+            for row in rows:
+                found[row[1]] = row_to_operation(row)
+        return found
+
+    # --- maintenance --------------------------------------------------------------
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.compact_interval)
+            try:
+                await self.compact()
+            except (OutboxError, sqlite3.Error) as exc:
+                log.warning("outbox.compact_failed", extra={"fields": {"error": str(exc)}})
+
+    def released(self, count: int, size: int) -> None:
+        """Record that operations left the undelivered set (done or dropped)."""
+        self._undelivered -= count
+        self._undelivered_bytes -= size
+        if self._full_alerted and not self.full:
+            self._full_alerted = False
+            log.info("outbox.space_available", extra={"fields": {
+                "undelivered": self._undelivered, "bytes": self._undelivered_bytes}})
+
+    def _retention(self) -> float:
+        return self.config.retention
