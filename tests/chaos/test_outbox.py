@@ -20,9 +20,6 @@ import pytest
 from tests.chaos.emulator import USER, EmulatorProcess
 from tests.chaos.results import ResultsFile
 from tests.chaos.scenario import Scenario
-
-pytest.importorskip("walacord.outbox", reason="the outbox is not part of this build")
-
 from walacord.walacor.client import WalacorClient
 
 pytestmark = pytest.mark.chaos
