@@ -58,6 +58,23 @@ async def test_apply_migrations_creates_heartbeat_and_version(pg_db: str) -> Non
 
 
 @pytest.mark.anyio
+async def test_apply_migrations_after_probe_made_heartbeat(pg_db: str) -> None:
+    from walacord.probes.database import HEARTBEAT_DDL
+
+    async with await psycopg.AsyncConnection.connect(pg_db, autocommit=True) as conn:
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS walacord")
+        await conn.execute(HEARTBEAT_DDL)
+        await conn.execute("INSERT INTO walacord.heartbeat VALUES ('h', now(), 1)")
+
+    applied = await apply_migrations(pg_db, timeout=30)
+
+    assert [m.version for m in applied] == [1]
+    async with await psycopg.AsyncConnection.connect(pg_db) as conn:
+        cursor = await conn.execute("SELECT host FROM walacord.heartbeat")
+        assert await cursor.fetchall() == [("h",)]
+
+
+@pytest.mark.anyio
 async def test_apply_migrations_second_call_applies_nothing(pg_db: str) -> None:
     await apply_migrations(pg_db, timeout=30)
 

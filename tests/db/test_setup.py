@@ -116,6 +116,24 @@ def test_setup_read_all_data_is_opt_in(
     assert pg_cluster.psql(member) == "t"
 
 
+def test_setup_createdb_is_opt_in(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = run_setup(pg_cluster.url(), names, "--password-file", str(password_file))
+    assert main(base) == 0
+    createdb = f"SELECT rolcreatedb FROM pg_roles WHERE rolname = '{names.role}'"
+    assert pg_cluster.psql(createdb) == "f"
+
+    capsys.readouterr()
+    assert main([*base, "--grant-createdb"]) == 0
+    assert outcomes(capsys.readouterr().out)[f"role {names.role}"] == "updated"
+    assert pg_cluster.psql(createdb) == "t"
+
+    assert main([*base, "--grant-createdb"]) == 0
+    assert outcomes(capsys.readouterr().out)[f"role {names.role}"] == "unchanged"
+
+
 def test_setup_createrole_admin_without_superuser(
     pg_cluster: PgCluster, names: Names, password_file: Path,
     capsys: pytest.CaptureFixture[str],

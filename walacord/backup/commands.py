@@ -94,7 +94,8 @@ def verify_command(context: Context, args: argparse.Namespace) -> int:
     if context.json:
         context.print_json(result)
         return 0 if result["verified"] else 1
-    drill = result.get("drill")
+    # The entry carries the last drill's result; show it only when this call ran one.
+    drill = result.get("drill") if args.drill else None
     line = f"backup {result['id']}: verified {'yes' if result['verified'] else 'NO'}"
     if drill is not None:
         line += f", drill {'passed' if drill.get('ok') else 'FAILED: ' + str(drill.get('error'))}"

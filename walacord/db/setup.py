@@ -49,6 +49,7 @@ class SetupOptions:
     database: str = DEFAULT_DATABASE
     password: str | None = None
     grant_read_all_data: bool = False
+    grant_createdb: bool = False
     timeout: float = DEFAULT_TIMEOUT_SECONDS
 
 
@@ -238,17 +239,27 @@ async def read_rights(conn: psycopg.AsyncConnection) -> AdminRights:
     return AdminRights(str(row[0]), bool(row[1]), bool(row[2]), bool(row[3]))
 
 
+def role_attributes(options: SetupOptions) -> dict[str, tuple[str, bool]]:
+    """Return pg_roles column -> (keyword, wanted value) for walacord's role."""
+    attributes = dict(ROLE_ATTRIBUTES)
+    if options.grant_createdb:
+        # Backup restore drills and `walacorctl backup restore` create databases.
+        attributes["rolcreatedb"] = ("CREATEDB", True)
+    return attributes
+
+
 async def ensure_role(
     conn: psycopg.AsyncConnection, rights: AdminRights, options: SetupOptions
 ) -> str:
-    columns = ", ".join(ROLE_ATTRIBUTES)
+    attributes = role_attributes(options)
+    columns = ", ".join(attributes)
     row = await fetch_one(conn, f"SELECT {columns} FROM pg_roles WHERE rolname = %s", options.role)
     role = sql.Identifier(options.role)
 
     if row is None:
         action = f"create role {options.role!r}"
         require(rights.superuser or rights.createrole, rights, "CREATEROLE", action)
-        keywords = [keyword for keyword, _ in ROLE_ATTRIBUTES.values()]
+        keywords = [keyword for keyword, _ in attributes.values()]
         statement = sql.SQL("CREATE ROLE {} {}").format(role, sql.SQL(" ".join(keywords)))
         if options.password is not None:
             verifier = encrypt_password(conn, options.role, options.password)
@@ -258,7 +269,7 @@ async def ensure_role(
 
     wrong = [
         keyword
-        for value, (keyword, wanted) in zip(row, ROLE_ATTRIBUTES.values(), strict=True)
+        for value, (keyword, wanted) in zip(row, attributes.values(), strict=True)
         if bool(value) != wanted
     ]
     if not wrong:
@@ -430,6 +441,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tables walacord does not own need",
     )
     parser.add_argument(
+        "--grant-createdb",
+        action="store_true",
+        help="also let the role create databases, which backup restore drills and "
+        "`walacorctl backup restore` need",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT_SECONDS,
@@ -454,6 +471,7 @@ def command(args: argparse.Namespace) -> int:
             database=args.database,
             password=password[0] if password else None,
             grant_read_all_data=args.grant_read_all_data,
+            grant_createdb=args.grant_createdb,
             timeout=args.timeout,
         )
         changes = anyio.run(setup_database, options, report)
