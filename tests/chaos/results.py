@@ -54,9 +54,9 @@ class ScenarioResult:
         failures += _check_time("recovery", self.recovery_s, self.recovery_bound_s)
         accepted = [self.expected_path, *self.also_accepted]
         if self.expected_path and self.mode_path not in accepted:
-            wanted = " or ".join(" -> ".join(path) for path in accepted)
+            expected = " or ".join(" -> ".join(path) for path in accepted)
             failures.append(f"mode path was {' -> '.join(self.mode_path) or '(none)'}, "
-                            f"expected {wanted}")
+                            f"expected {expected}")
         if self.lost:
             failures.append(f"{self.lost} acknowledged operations were lost")
         if self.duplicated:

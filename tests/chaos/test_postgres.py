@@ -6,7 +6,7 @@ again after the fault was removed (recovery), and the modes in between. The figu
 results file before the bounds are checked.
 
 The database probe runs at its defaults (interval 2 s, deadline 1.5 s) unless a test
-says otherwise. Bounds leave about twice the expected time, because CI runs the suite
+sets other values. Bounds leave about twice the expected time, because CI runs the suite
 on two shared cores.
 """
 
@@ -278,8 +278,8 @@ def test_postgres_port_blackholed(moment: str, cluster: PgCluster, proxy: FaultP
 def test_postgres_port_slow(cluster: PgCluster, proxy: FaultProxy,
                             start_walacord: StartWalacord,
                             chaos_results: ResultsFile) -> None:
-    # A run makes about ten round trips (the pooled query, the write check, the server
-    # figures and a fresh connection's handshake) within its 1.5 s deadline, so a delay
+    # A run makes about ten round trips within its 1.5 s deadline: the pooled query,
+    # the write check, the server figures and a fresh connection's handshake. So a delay
     # that makes one query slower than the default slow_after of 0.5 s makes the whole
     # run time out. Here slow_after is 0.08 s and each chunk waits 50 ms, so SELECT 1
     # takes about 0.1 s: slow, while the run still ends within its deadline.
