@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,11 +180,12 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[RunResult], l
 
     notes: list[str] = []
     results: list[RunResult] = []
-    with benchdoc.started_cluster(workdir) as cluster:
+    with benchdoc.started_cluster(workdir) as cluster, ExitStack() as cleanup:
         monit = None
         if not args.no_monit:
             if shutil.which("monit"):
                 monit = MonitAnchor(workdir, cluster.port)  # type: ignore[attr-defined]
+                cleanup.callback(monit.stop)
                 monit.start()
             else:
                 notes.append("Monit is not installed (apt-get install monit): no anchor.")
@@ -196,22 +198,16 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[RunResult], l
             daemon = WalacordDaemon(workdir / "walacord", cluster.url(),  # type: ignore[attr-defined]
                                     settings={"logging": {"repeat_window": 1.0}},
                                     command=shlex.split(args.walacord) if args.walacord else None)
+            cleanup.callback(daemon.stop)
             daemon.start()
             watcher = ModeWatcher(daemon.http_port, interval=0.005).start()
+            cleanup.callback(watcher.stop)
             daemon.wait_for_mode("normal", timeout=30)
 
-        try:
-            for index in range(args.runs):
-                result = one_run(cluster, daemon, watcher, monit, args.wait)
-                results.append(result)
-                print(f"run {index + 1}/{args.runs}: {result}", flush=True)
-        finally:
-            if watcher is not None:
-                watcher.stop()
-            if daemon is not None:
-                daemon.stop()
-            if monit is not None:
-                monit.stop()
+        for index in range(args.runs):
+            result = one_run(cluster, daemon, watcher, monit, args.wait)
+            results.append(result)
+            print(f"run {index + 1}/{args.runs}: {result}", flush=True)
     return results, notes
 
 

@@ -119,7 +119,12 @@ class WalacordDaemon:
                 stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=self.workdir,
                 start_new_session=True,
             )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            # A daemon that never became ready must not outlive the caller.
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
