@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -325,3 +326,29 @@ class ModeWatcher:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.002)
+
+
+def control(path: str, method: str, params: dict[str, Any] | None = None,
+            timeout: float = 30.0) -> Any:
+    """Call one control method and return its result; raise on an error response."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        client.connect(path)
+        request = {"id": 1, "method": method, "version": 1, "params": params or {}}
+        client.sendall(orjson.dumps(request) + b"\n")
+        data = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            lines = [line for line in data.split(b"\n") if line]
+            if lines and b'"progress"' not in lines[-1] and data.endswith(b"\n"):
+                break
+    lines = data.splitlines()
+    if not lines:
+        raise ConnectionError(f"{method}: the daemon closed the connection before responding")
+    response = orjson.loads(lines[-1])
+    if "error" in response:
+        raise AssertionError(f"{method} failed: {response['error']}")
+    return response["result"]

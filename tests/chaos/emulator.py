@@ -1,4 +1,5 @@
-"""The Walacor emulator as a separate process, with its faults driven over HTTP.
+"""The Walacor emulator as a separate process, with its faults driven over HTTP, and the
+envelope type that outbox scenarios write to and count rows in.
 
 Scenarios run it with the same command as the daemon (`walacord emulator`) and change
 its faults through `PUT /_emulator/faults`, so the daemon meets them over real sockets.
@@ -9,14 +10,33 @@ from __future__ import annotations
 import http.client
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from walacord.pgcluster import free_port
+from walacord.walacor.client import WalacorClient
 
 USER = ("chaos", "chaos-password")
+# The envelope type the outbox scenarios write to, keyed by walacord's idempotency field.
+ETID = 10001
+FIELDS = [
+    {"FieldName": "walacord_key", "DataType": "TEXT", "Required": False, "MaxLength": 128},
+    {"FieldName": "amount", "DataType": "INTEGER", "Required": False},
+]
+
+
+async def create_schema(url: str) -> None:
+    async with WalacorClient(url, username=USER[0], password=USER[1]) as client:
+        await client.create_schema(ETID, "chaos_payments", FIELDS)
+
+
+async def rows_per_key(url: str) -> Counter[str]:
+    async with WalacorClient(url, username=USER[0], password=USER[1]) as client:
+        result = await client.query(ETID, {}, page_no=0, page_size=0)
+    return Counter(str(row.get("walacord_key")) for row in result.rows)
 
 
 class EmulatorProcess:

@@ -7,68 +7,27 @@ operation counts as acknowledged once `outbox.enqueue` returned it.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import orjson
 import pytest
 
-from tests.chaos.emulator import USER, EmulatorProcess
+from tests.chaos.daemon import control
+from tests.chaos.emulator import ETID, USER, EmulatorProcess, create_schema, rows_per_key
 from tests.chaos.results import ResultsFile
 from tests.chaos.scenario import Scenario
-from walacord.walacor.client import WalacorClient
 
 pytestmark = pytest.mark.chaos
 
 StartWalacord = Callable[..., Scenario]
 
-ETID = 10001
-FIELDS = [
-    {"FieldName": "walacord_key", "DataType": "TEXT", "Required": False, "MaxLength": 128},
-    {"FieldName": "amount", "DataType": "INTEGER", "Required": False},
-]
 OPERATIONS = 200
 # Draining 200 operations after the restart, with the sync pass every 0.2 s, takes a
 # few seconds; the bound leaves room for CI.
 DRAIN_S = 20.0
-
-
-def control(path: str, method: str, params: dict[str, Any] | None = None,
-            timeout: float = 30.0) -> Any:
-    """Call one control method and return its result; raise on an error response."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.settimeout(timeout)
-        client.connect(path)
-        request = {"id": 1, "method": method, "version": 1, "params": params or {}}
-        client.sendall(orjson.dumps(request) + b"\n")
-        data = b""
-        while True:
-            chunk = client.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            lines = [line for line in data.split(b"\n") if line]
-            if lines and b'"progress"' not in lines[-1] and data.endswith(b"\n"):
-                break
-    response = orjson.loads(data.splitlines()[-1])
-    if "error" in response:
-        raise AssertionError(f"{method} failed: {response['error']}")
-    return response["result"]
-
-
-async def create_schema(url: str) -> None:
-    async with WalacorClient(url, username=USER[0], password=USER[1]) as client:
-        await client.create_schema(ETID, "chaos_payments", FIELDS)
-
-
-async def rows_per_key(url: str) -> Counter[str]:
-    async with WalacorClient(url, username=USER[0], password=USER[1]) as client:
-        result = await client.query(ETID, {}, page_no=0, page_size=0)
-    return Counter(str(row.get("walacord_key")) for row in result.rows)
 
 
 def outbox_settings(url: str) -> dict[str, dict[str, Any]]:
