@@ -142,7 +142,10 @@ class Supervisor:
                 elif signum == signal.SIGHUP:
                     self._reload_requested.set()
                 elif signum == signal.SIGUSR1 and self.runtime.logs is not None:
-                    self.runtime.logs.reopen()
+                    failures = self.runtime.logs.reopen()
+                    if failures:
+                        log.error("logs.reopen_failed", extra={"fields": {
+                            "files": failures}})
 
     async def _reload_loop(self) -> None:
         while True:
