@@ -2,8 +2,8 @@
 
 Runs `tests/chaos/crashloop.py`'s loop against a private PostgreSQL cluster and the
 emulator, then writes the crash-loop section of docs/benchmarks.md. Each cycle starts
-the daemon on the same state directory, lets three clients enqueue to Walacor (a fifth
-of submits answered 503) and PostgreSQL, and SIGKILLs it after 0.05-0.6 s. The checks:
+the daemon on the same state directory, lets three clients enqueue to Walacor (which
+returns 503 for a fifth of submits) and PostgreSQL, and SIGKILLs it after 0.05-0.6 s. The checks:
 every acknowledged operation at its sink exactly once, SQLite `integrity_check`, and the
 outbox's conservation at every start.
 """
@@ -33,7 +33,7 @@ def render(result: CrashLoopResult, walacord_command: list[str]) -> str:
         "## Crash loop",
         "",
         f"{result.cycles} cycles of start, enqueue from several clients, SIGKILL after a "
-        "random 0.05-0.6 s, with a fifth of Walacor submits answered 503; then a clean "
+        "random 0.05-0.6 s, while Walacor returns 503 for a fifth of submits; then a clean "
         "drain.",
         "",
         "| figure | value |",

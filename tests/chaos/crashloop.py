@@ -1,9 +1,9 @@
 """The crash loop: SIGKILL the daemon at random moments while clients enqueue and it syncs.
 
-Each cycle starts walacord on the same state directory, checks the outbox's
-conservation (accepted equals the sum over states), lets several client threads
+Each cycle starts walacord on the same state directory and checks the outbox's
+conservation (accepted equals the sum over states). Several client threads then
 enqueue operations for both sinks through the control socket while the outbox syncs to
-a flaky emulator and to PostgreSQL, and SIGKILLs the daemon after a random delay. After
+a flaky emulator and to PostgreSQL, and the daemon is SIGKILLed after a random delay. After
 the last cycle the daemon drains the outbox with Walacor healthy, and the loop checks:
 
 - every acknowledged operation is at its sink exactly once (Walacor rows and ledger
