@@ -3,9 +3,9 @@
 Runs `tests/chaos/crashloop.py`'s loop against a private PostgreSQL cluster and the
 emulator, then writes the crash-loop section of docs/benchmarks.md. Each cycle starts
 the daemon on the same state directory, lets three clients enqueue to Walacor (which
-returns 503 for a fifth of submits) and PostgreSQL, and SIGKILLs it after 0.05-0.6 s. The checks:
-every acknowledged operation at its sink exactly once, SQLite `integrity_check`, and the
-outbox's conservation at every start.
+returns 503 for a fifth of submits) and PostgreSQL, and SIGKILLs it after 0.05-0.6 s.
+The checks: every acknowledged operation at its sink exactly once, SQLite
+`integrity_check`, and the outbox's conservation at every start.
 """
 
 from __future__ import annotations
