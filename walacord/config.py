@@ -161,6 +161,9 @@ class LoggingConfig:
     queue_size: int = setting(10000, min=100, max=10_000_000)
     repeat_window: Duration = setting(60.0, min=1, max=86400,
                                       help="identical failures are summarised once per window")
+    performance_interval: Duration = setting(60.0, min=1, max=86400,
+                                             help="how often probe timings go to "
+                                                  "performance.log")
 
 
 @dataclass(frozen=True)
