@@ -15,6 +15,7 @@ from walacord.control.render import (
     format_mode,
     format_pairs,
     format_probes,
+    format_recycle,
     format_seconds,
     format_status,
 )
@@ -210,8 +211,7 @@ def pool_command(context: Context, args: argparse.Namespace) -> int:
     if context.json:
         context.print_json(result)
     else:
-        context.print(format_pairs([(str(key), value) for key, value in sorted(result.items())])
-                      if result else "pool recycled")
+        context.print(format_recycle(result) if result else "pool recycled")
     return 0
 
 
