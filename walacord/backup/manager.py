@@ -121,10 +121,16 @@ class BackupManager:
         return self._password
 
     def maintenance_conninfo(self, avoid: str) -> str:
-        """Return a connection string to run CREATE/DROP DATABASE from, not in `avoid`."""
+        """Return a connection string to run CREATE/DROP DATABASE from, not in `avoid`.
+
+        PostgreSQL cannot drop the database a session is connected to, so when the
+        configured database is `avoid`, this switches to "postgres", or to "template1"
+        when `avoid` is "postgres" itself. Restores create from template0, so a session
+        in template1 does not block them.
+        """
         params = conninfo_to_dict(self._conninfo)
         if params.get("dbname", self.database) == avoid:
-            params["dbname"] = "postgres"
+            params["dbname"] = "template1" if avoid == "postgres" else "postgres"
         return make_conninfo("", **params)
 
     def path_of(self, manifest: Manifest) -> Path:
