@@ -25,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from walacord.backup.alerts import (
     BACKUP_FAILED,
     BACKUP_STALE,
+    FAILED_ALERT_OPERATIONS,
     AlertHook,
     BackupAlert,
     send_alert,
@@ -173,13 +174,15 @@ class BackupManager:
 
     async def record_failure(self, operation: str, backup: str | None, error: BaseException,
                              stderr: str = "") -> None:
-        """Count, log and alert on a failed backup operation."""
+        """Count and log a failed backup operation; alert when it is in FAILED_ALERT_OPERATIONS."""
         self.metrics.backup_failures.labels(operation=operation).inc()
         fields: dict[str, Any] = {"operation": operation, "database": self.database,
                                   "id": backup, "error": describe_error(error)}
         if stderr:
             fields["stderr"] = stderr
         log.error(f"backup.{operation}_failed", extra={"fields": fields})
+        if operation not in FAILED_ALERT_OPERATIONS:
+            return
         self._failure_firing = True
         await send_alert(self.alert, BackupAlert(
             BACKUP_FAILED, True,
