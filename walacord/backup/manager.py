@@ -79,6 +79,8 @@ class BackupManager:
         self._files_lock = anyio.Lock()
         self._created_at = time.monotonic()
         self._peer_seen_at: float | None = None
+        # Set while this manager takes a backup; set() and cleared when it ends.
+        self._take_finished: anyio.Event | None = None
         self._failure_firing = False
         self._stale_firing = False
         self.last_success: datetime | None = None
@@ -214,12 +216,16 @@ class BackupManager:
             raise error from exc
         if lock_conn is None:
             self.metrics.backup_skipped.inc()
-            self._peer_seen_at = time.monotonic()
+            if self.backup_running:
+                reason = "a backup of this database is already running in this daemon"
+            else:
+                self._peer_seen_at = time.monotonic()
+                reason = "another walacord instance holds this database's backup lock"
             log.info("backup.skipped", extra={"fields": {
-                "database": self.database,
-                "reason": "another walacord instance holds this database's backup lock"}})
+                "database": self.database, "reason": reason}})
             return None
 
+        finished = self._take_finished = anyio.Event()
         cleanup: builtins.list[Path] = []
         try:
             manifest = await take_backup(self, progress=progress, cleanup=cleanup)
@@ -247,6 +253,8 @@ class BackupManager:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.query_timeout):
                 await lock_conn.close()
+            self._take_finished = None
+            finished.set()
 
         self.last_success = manifest.created
         self.metrics.backup_last_success.set(manifest.created.timestamp())
@@ -255,6 +263,17 @@ class BackupManager:
         self.metrics.backup_size.set(manifest.size_bytes)
         await self.record_recovery()
         return manifest
+
+    @property
+    def backup_running(self) -> bool:
+        """Whether this manager is taking a backup now; a peer host's backup does not count."""
+        return self._take_finished is not None
+
+    async def wait_for_backup(self) -> None:
+        """Wait until the backup this manager is taking, if any, has finished or failed."""
+        finished = self._take_finished
+        if finished is not None:
+            await finished.wait()
 
     async def _try_lock(self) -> psycopg.AsyncConnection[Any] | None:
         """Open a dedicated session and try the advisory lock; None when it is taken.
