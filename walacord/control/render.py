@@ -84,8 +84,9 @@ def format_probes(probes: dict[str, Any]) -> str:
     rows = []
     for name in sorted(probes):
         probe = probes[name] if isinstance(probes[name], dict) else {}
-        healthy = probe.get("healthy")
-        rows.append([name, "up" if healthy else "down", format_seconds(probe.get(
+        healthy = probe.get("healthy", False)
+        state = "not configured" if healthy is None else "up" if healthy else "down"
+        rows.append([name, state, format_seconds(probe.get(
             "latency_seconds")), probe.get("since"), probe.get("reason")])
     return format_table(["probe", "state", "latency", "since", "reason"], rows)
 
