@@ -9,6 +9,7 @@ import anyio
 import psycopg
 import pytest
 
+from tests.conftest import wait_until
 from walacord.backup import BackupManager
 from walacord.backup.control import (
     BACKUP_FAILED,
@@ -73,9 +74,7 @@ async def test_now_while_running_here(make_manager: ManagerFactory, seeded_db: s
         blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
         async with anyio.create_task_group() as group:
             group.start_soon(take)
-            with anyio.fail_after(10):
-                while not manager.backup_running:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: manager.backup_running, 10)
             second = await backup_now(manager, {})
             blocker.rollback()
 
