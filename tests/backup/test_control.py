@@ -69,7 +69,7 @@ async def test_now_while_running_here(make_manager: ManagerFactory, seeded_db: s
         results.append(await manager.take())
 
     # A table lock held by another session keeps pg_dump, and so the first backup,
-    # waiting until the second request has been answered.
+    # waiting until the second request has its reply.
     with psycopg.connect(seeded_db) as blocker:
         blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
         async with anyio.create_task_group() as group:

@@ -167,7 +167,8 @@ async def test_extra_connection_rejected_when_all_busy(socket_dir: Path) -> None
     assert rejected_serving["error"]["code"] == ErrorCode.BUSY
     assert rejected_recent["error"]["code"] == ErrorCode.BUSY
     assert "none has been idle for 0.3s or longer" in rejected_recent["error"]["message"]
-    assert "error" not in first_slept and "error" not in second_slept
+    assert "error" not in first_slept
+    assert "error" not in second_slept
     assert served["result"]["value"] == 5
     assert evicted["error"]["code"] == ErrorCode.EVICTED
     assert still_open["result"]["value"] == 2

@@ -170,7 +170,7 @@ class BackupScheduler:
     async def drain(self, drain_timeout: float) -> None:
         """Wait for the backup this daemon is taking to finish; return at once when none is.
 
-        The caller bounds the wait. `drain_timeout` is only logged, so the log says
+        The caller bounds the wait. `drain_timeout` is only logged, so the log shows
         how long the backup may still take before it is cancelled.
         """
         if not self.manager.backup_running:

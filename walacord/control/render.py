@@ -85,7 +85,9 @@ def format_probes(probes: dict[str, Any]) -> str:
     for name in sorted(probes):
         probe = probes[name] if isinstance(probes[name], dict) else {}
         healthy = probe.get("healthy", False)
-        state = "not configured" if healthy is None else "up" if healthy else "down"
+        state = "up" if healthy else "down"
+        if healthy is None:
+            state = "not configured"
         rows.append([name, state, format_seconds(probe.get(
             "latency_seconds")), probe.get("since"), probe.get("reason")])
     return format_table(["probe", "state", "latency", "since", "reason"], rows)
