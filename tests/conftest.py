@@ -6,7 +6,7 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +188,34 @@ async def wait_until(predicate: Callable[[], object], limit: float, step: float 
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(step)
     return time.monotonic() - began
+
+
+@contextmanager
+def walacord_run(tmp_path: Path, extra_toml: str = "") -> Iterator[Path]:
+    """Run `walacord run` as a subprocess with its own socket and state; yield the socket."""
+    import signal
+    import subprocess
+    import sys
+
+    socket = tmp_path / "control.sock"
+    config = tmp_path / "walacord.toml"
+    config.write_text(
+        f'[http]\nlisten = ""\n[logging]\ndir = ""\n'
+        f'[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[control]\nsocket = "{socket}"\ngroup = ""\n' + extra_toml)
+    process = subprocess.Popen([sys.executable, "-m", "walacord", "run", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket.exists():
+            assert process.poll() is None, "walacord run exited during start-up"
+            assert time.monotonic() < deadline, "control socket did not appear within 20 s"
+            time.sleep(0.05)
+        yield socket
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

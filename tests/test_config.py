@@ -193,3 +193,53 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "database.pool_min_size" in bad.stderr
     assert "database.bogus" in bad.stderr
+
+
+@pytest.mark.parametrize("text", [
+    "[probes.host]\ninterval = nan\n",
+    "[probes.walacor]\ntimeout = nan\n",
+    "[probes.host]\njitter = nan\n",
+    "[lifecycle]\ndrain_timeout = inf\n",
+])
+def test_non_finite_numbers_rejected(tmp_path: Path, text: str) -> None:
+    found = problems(write(tmp_path, text))
+    assert any("finite" in p for p in found), found
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://walacord:s3cr3t-pw%zz@h/db",
+    "postgresql://walacord:s3cr3t-pw@[::1",
+    "host=h password='s3cr3t-pw",
+])
+def test_invalid_dsn_error_hides_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"DATABASE_URL": url})
+    message = str(caught.value)
+    assert "database.url" in message
+    assert "s3cr3t-pw" not in message
+
+
+def test_problem_names_environment_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"LOG_LEVEL": "verbose"})
+    assert str(caught.value.problems[0]).startswith("environment LOG_LEVEL: logging.level")
+
+
+def test_directory_as_config_file(tmp_path: Path) -> None:
+    found = problems(tmp_path)
+    assert "cannot read it" in found[0]
+
+
+def test_non_utf8_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("environment = 'caf\xe9'\n".encode("latin-1"))
+    found = problems(path)
+    assert "not UTF-8" in found[0]
+
+
+def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("")
+    found = problems(write(tmp_path, f"[state]\ndir = '{blocker}'\n"))
+    assert "state.dir" in found[0]
+    assert "not a directory" in found[0]

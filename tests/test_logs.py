@@ -147,3 +147,18 @@ def test_reopen_after_rotation(log_dir: Path) -> None:
     logs.shutdown()
     assert "after.rotate" in (log_dir / logs.MAIN_FILE).read_text()
     assert "before.rotate" in (log_dir / (logs.MAIN_FILE + ".1")).read_text()
+
+
+def test_reopen_after_directory_removed(log_dir: Path) -> None:
+    import shutil
+
+    log = logging.getLogger("walacord.test")
+    log.info("before.remove")
+    assert logs._current is not None
+    import time
+    time.sleep(0.2)  # let the writer thread write it before the directory goes
+    shutil.rmtree(log_dir)
+    assert logs._current.reopen() == []
+    log.info("after.remove")
+    logs.shutdown()
+    assert "after.remove" in (log_dir / logs.MAIN_FILE).read_text()

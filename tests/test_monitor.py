@@ -61,6 +61,27 @@ async def test_monitor_normal_with_emulator(pg_db: str, walacor_emulator: Emulat
     assert document["probes"]["host"]["state"] == "up"
 
 
+async def test_monitor_writes_performance_log(pg_db: str, tmp_path: Path) -> None:
+    from walacord import logs
+    from walacord.config import LoggingConfig
+
+    log_dir = tmp_path / "log"
+    logs.setup("info", str(log_dir))
+    try:
+        config = daemon_config(tmp_path, pg_db, logging=LoggingConfig(
+            dir=str(log_dir), performance_interval=1.0))
+        async with running_daemon(config):
+            await anyio.sleep(2.5)
+    finally:
+        logs.shutdown()
+    lines = [orjson.loads(line) for line in (log_dir / logs.PERFORMANCE_FILE).read_text()
+             .splitlines()]
+    assert lines, "performance.log is empty"
+    assert {line["event"] for line in lines} == {"performance.summary"}
+    assert "p99" in lines[-1]["probes"]["database"]["latency_seconds"]
+
+
+@pytest.mark.anyio
 async def test_monitor_stop_and_start(own_pg_cluster: PgCluster, walacor_emulator: Emulator,
                                       tmp_path: Path) -> None:
     config = daemon_config(tmp_path, own_pg_cluster.url(), walacor_emulator.url)

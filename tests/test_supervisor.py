@@ -187,3 +187,12 @@ def test_daemon_without_notify_socket_runs(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_restart_required_lists_start_up_settings() -> None:
+    from walacord.supervisor import restart_required
+
+    old = config.load(None, {})
+    new = config.load(None, {"WALACOR_HOST": "https://walacor.example", "LOG_LEVEL": "debug"})
+    assert restart_required(old, new) == ["walacor"]
+    assert restart_required(old, old) == []

@@ -16,10 +16,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from walacord.errors import ConfigError, ConfigProblem
+from walacord.logs import redact
 from walacord.settings import Decoder, Duration, setting
 
 # NOTE: 9877 was chosen from the 9100-9999 exporter range; check it against the
@@ -55,7 +57,7 @@ class DatabaseConfig:
             conninfo_to_dict(self.url)
         except Exception as exc:  # psycopg raises ProgrammingError with the parse error
             problems.append(("url", f"invalid libpq connection string: "
-                             f"{redact_dsn_error(str(exc))}; use postgresql://USER@HOST:PORT/DB"))
+                             f"{redact_dsn_error(str(exc), self.url)}; use postgresql://USER@HOST:PORT/DB"))
         return problems
 
     def conninfo(self) -> str:
@@ -144,6 +146,13 @@ class ControlConfig:
 class StateConfig:
     dir: str = "/var/lib/walacord"
 
+    def check(self) -> list[tuple[str, str]]:
+        path = Path(self.dir)
+        if path.exists() and not path.is_dir():
+            return [("dir", f"{self.dir!r} exists but is not a directory; point it at a "
+                            "directory walacord's user can write")]
+        return []
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
@@ -152,6 +161,9 @@ class LoggingConfig:
     queue_size: int = setting(10000, min=100, max=10_000_000)
     repeat_window: Duration = setting(60.0, min=1, max=86400,
                                       help="identical failures are summarised once per window")
+    performance_interval: Duration = setting(60.0, min=1, max=86400,
+                                             help="how often probe timings go to "
+                                                  "performance.log")
 
 
 @dataclass(frozen=True)
@@ -502,7 +514,7 @@ class BackupConfig:
                 conninfo_to_dict(self.url)
             except Exception as exc:  # psycopg raises ProgrammingError with the parse error
                 problems.append(("url", f"invalid libpq connection string: "
-                                 f"{redact_dsn_error(str(exc))}"))
+                                 f"{redact_dsn_error(str(exc), self.url)}"))
         return problems
 
 
@@ -657,6 +669,12 @@ def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = N
                 "permission denied; make it readable by walacord's user")]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([ConfigProblem(source, "(syntax)", f"invalid TOML: {exc}")]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([ConfigProblem(source, "(file)",
+                f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8")]) from None
+        except OSError as exc:
+            raise ConfigError([ConfigProblem(source, "(file)",
+                f"cannot read it: {exc.strerror}; pass --config with a TOML file")]) from None
 
     decoder = Decoder(source)
     _apply_credentials(document, environ, decoder)
@@ -686,6 +704,7 @@ def _apply_credentials(document: dict[str, Any], environ: dict[str, str],
         if path.exists():
             try:
                 _set(document, section, key, path.read_text().strip())
+                decoder.origins[f"{section}.{key}"] = f"credential {path}"
             except OSError as exc:
                 decoder.problem(f"{section}.{key}", f"cannot read credential {path}: "
                                 f"{exc.strerror}")
@@ -704,9 +723,14 @@ def _apply_environment(document: dict[str, Any], environ: dict[str, str],
         elif environ.get(variable):
             value = environ[variable]
             _set(document, section, key, value.lower() if variable == "LOG_LEVEL" else value)
+        else:
+            continue
+        full_key = f"{section}.{key}" if section else key
+        decoder.origins[full_key] = f"environment {variable}"
 
     if environ.get("DEBUG", "").lower() in TRUE_WORDS:
         _set(document, "logging", "level", "debug")
+        decoder.origins["logging.level"] = "environment DEBUG"
 
 
 def _cross_check(config: Config, decoder: Decoder) -> None:
@@ -728,10 +752,27 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def redact_dsn_error(message: str) -> str:
-    """Drop anything after 'password=' in a libpq parse error."""
-    marker = message.find("password")
-    return message if marker < 0 else message[:marker] + "password=***"
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<userinfo>[^/?#]*)@")
+_KV_PASSWORD = re.compile(r"password\s*=\s*(?P<value>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact_dsn_error(message: str, dsn: str) -> str:
+    """Return libpq's parse error for `dsn` with every password candidate replaced.
+
+    The parser quotes the token it rejects, which may be the password itself or the
+    whole URL, so the password is cut out by its position in the DSN, not by name.
+    """
+    candidates: list[str] = []
+    match = _URL_USERINFO.match(dsn)
+    if match and ":" in match.group("userinfo"):
+        # Everything after the first colon up to the last @, because an invalid
+        # password may itself contain @ or %.
+        candidates.append(match.group("userinfo").split(":", 1)[1])
+    candidates += [m.group("value").strip("'") for m in _KV_PASSWORD.finditer(dsn)]
+    for candidate in sorted(filter(None, candidates), key=len, reverse=True):
+        message = message.replace(candidate, "***")
+        message = message.replace(unquote(candidate), "***")
+    return redact(" ".join(message.split()))
 
 
 # --- `walacord check-config` --------------------------------------------------------

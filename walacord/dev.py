@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import anyio
 import orjson
 
+from walacord.config import DEFAULT_HTTP_PORT
 from walacord.pgcluster import ClusterError, PgCluster, find_pg_bindir, free_port
 
 if TYPE_CHECKING:
@@ -56,10 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
                         help="sandbox directory, reused across runs (default %(default)s)")
     parser.add_argument("--http", default="", metavar="HOST:PORT",
-                        help="HTTP listen address (default: a free port on 127.0.0.1)")
+                        help=f"HTTP listen address (default: 127.0.0.1:{DEFAULT_HTTP_PORT}, "
+                             "or a free port when that one is taken)")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), metavar="NAME",
                         help="run a scripted story, print its timeline, then stop "
                              f"(one of: {', '.join(sorted(SCENARIOS))})")
+
+
+def _default_listen() -> str:
+    """Return walacord's usual address when it is free, so the README's URLs work as
+    written, else a free loopback port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", DEFAULT_HTTP_PORT))
+        except OSError:
+            return f"127.0.0.1:{free_port()}"
+    return f"127.0.0.1:{DEFAULT_HTTP_PORT}"
 
 
 def write_config(directory: Path, cluster: PgCluster, emulator_url: str, listen: str) -> Path:
@@ -161,7 +175,7 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
             emulator_url = await tg.start(_serve_emulator, emulator)
 
             # Step 3: the config, validated as the daemon would.
-            listen = args.http or f"127.0.0.1:{free_port()}"
+            listen = args.http or _default_listen()
             config_path = write_config(directory, cluster, emulator_url, listen)
             try:
                 cfg = config_module.load(config_path)
@@ -200,12 +214,20 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
     finally:
         # Step 5: stop PostgreSQL whatever happened above, so nothing is left running.
         with anyio.CancelScope(shield=True):
-            print("\nstopping PostgreSQL ...", file=out, flush=True)
+            _say(out, "\nstopping PostgreSQL ...")
             await anyio.to_thread.run_sync(_stop_cluster, cluster)
             logs.shutdown()
-    print("sandbox stopped; run `walacord dev` again to resume where you left off",
-          file=out)
+    _say(out, "sandbox stopped; run `walacord dev` again to resume where you left off")
     return 1 if sandbox is not None and sandbox.failures else 0
+
+
+def _say(out: TextIO, text: str) -> None:
+    """Print to the terminal; a closed pipe (`| tee` stopped by the same Ctrl-C) is ignored,
+    so it can never skip stopping PostgreSQL."""
+    try:
+        print(text, file=out, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        pass
 
 
 def _cluster(directory: Path, bindir: Path) -> tuple[PgCluster, bool]:

@@ -260,16 +260,34 @@ class LogSetup:
         # Alerts and timings are always written to their own files.
         logging.getLogger(ALERT_LOGGER).setLevel(logging.INFO)
 
-    def reopen(self) -> None:
-        """Reopen every log file, for logrotate's postrotate SIGUSR1."""
+    def reopen(self) -> list[str]:
+        """Reopen every log file, for logrotate's postrotate SIGUSR1; return the failures.
+
+        A file that cannot be opened now (its directory was removed, the disk is full)
+        is left closed: FileHandler opens it again on the next line it writes, so the
+        daemon keeps running and logging to stderr meanwhile.
+        """
+        failures = []
+        if self.directory is not None:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                failures.append(f"{self.directory}: {exc.strerror}")
         for handler in self.file_handlers:
             handler.acquire()
             try:
                 if handler.stream:
                     handler.stream.close()
-                handler.stream = handler._open()
+                # A closed stream must not stay attached: the writer thread would hit
+                # "I/O operation on closed file". None makes emit() reopen lazily.
+                handler.stream = None
+                try:
+                    handler.stream = handler._open()
+                except OSError as exc:
+                    failures.append(f"{handler.baseFilename}: {exc.strerror}")
             finally:
                 handler.release()
+        return failures
 
     def start(self) -> None:
         root = logging.getLogger()

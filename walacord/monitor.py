@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 from walacord.config import PROBE_NAMES, Config
 from walacord.dbpool import DatabasePool
 from walacord.errors import PoolRecycleError
+from walacord.logs import PERFORMANCE_LOGGER
 from walacord.modes import Mode, ModeMachine, wall_time
 from walacord.probes.base import Health, Probe, ProbeResult, ProbeRunner, ProbeState
 from walacord.probes.database import CrashWatcher, DatabaseProbe, classify, describe
@@ -32,6 +33,8 @@ from walacord.repair import Recycler, Restarter
 from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
+# Written to performance.log: probe latency percentiles and counts.
+perf_log = logging.getLogger(PERFORMANCE_LOGGER)
 
 # The mode is re-evaluated at least this often, so overrides expire and dwell ends.
 EVALUATE_EVERY = 0.25
@@ -140,10 +143,16 @@ class Monitor:
                 self._evaluate()
                 task_status.started()
 
+                performance_logged = time.monotonic()
                 while True:
                     beat()
                     self._publish_pool()
                     self._evaluate()
+                    every = self.config.logging.performance_interval
+                    if time.monotonic() - performance_logged >= every:
+                        performance_logged = time.monotonic()
+                        perf_log.info("performance.summary", extra={
+                            "fields": self.performance()})
                     await self._check_restart()
                     with anyio.move_on_after(EVALUATE_EVERY):
                         await self._changed.wait()

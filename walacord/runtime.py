@@ -88,6 +88,8 @@ class Runtime:
     # Reloads the config file like SIGHUP and returns whether the new one was applied;
     # the supervisor sets it.
     reload_config: Callable[[], Coroutine[Any, Any, bool]] | None = None
+    # Settings changed by the last reload that apply only after a restart.
+    restart_required: list[str] = field(default_factory=list)
     stopping: bool = False
 
     def status_line(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -51,6 +52,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like \"30s\"")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number of seconds")
         return float(value)
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
@@ -66,9 +69,11 @@ class Decoder:
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[ConfigProblem] = []
+        # key -> where its value came from when not the file, e.g. "environment LOG_LEVEL".
+        self.origins: dict[str, str] = {}
 
     def problem(self, key: str, message: str) -> None:
-        self.problems.append(ConfigProblem(self.source, key, message))
+        self.problems.append(ConfigProblem(self.origins.get(key, self.source), key, message))
 
     def decode(self, cls: type[T], table: object, prefix: str = "") -> T:
         """Build `cls` from `table`; invalid fields keep their default and add a problem."""
@@ -199,6 +204,9 @@ class Decoder:
 
     def _check_range(self, key: str, value: float, meta: typing.Mapping[str, Any],
                      unit: str = "") -> Any:
+        if not math.isfinite(value):
+            self.problem(key, f"invalid value {value!r}: it must be a finite number")
+            return _INVALID
         low, high = meta.get("min"), meta.get("max")
         if low is not None and value < low:
             self.problem(key, f"value {value:g}{unit} is below the minimum {low:g}{unit}; "

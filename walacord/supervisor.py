@@ -36,6 +36,24 @@ log = logging.getLogger(__name__)
 ComponentFactory = Callable[[Runtime], Sequence[Component]]
 
 
+# Settings read once at start-up; a reload stores them but they apply after a restart.
+RESTART_ONLY = ("http", "control.socket", "control.group", "state", "walacor", "outbox",
+                "backup", "logging.dir", "logging.queue_size")
+
+
+def restart_required(old: Config, new: Config) -> list[str]:
+    """Return the RESTART_ONLY settings that differ between `old` and `new`."""
+    changed = []
+    for name in RESTART_ONLY:
+        section, _, key = name.partition(".")
+        before, after = getattr(old, section), getattr(new, section)
+        if key:
+            before, after = getattr(before, key), getattr(after, key)
+        if before != after:
+            changed.append(name)
+    return changed
+
+
 class Supervisor:
     """Owns the root task group, the systemd conversation and the signal handling."""
 
@@ -142,7 +160,10 @@ class Supervisor:
                 elif signum == signal.SIGHUP:
                     self._reload_requested.set()
                 elif signum == signal.SIGUSR1 and self.runtime.logs is not None:
-                    self.runtime.logs.reopen()
+                    failures = self.runtime.logs.reopen()
+                    if failures:
+                        log.error("logs.reopen_failed", extra={"fields": {
+                            "files": failures}})
 
     async def _reload_loop(self) -> None:
         while True:
@@ -164,9 +185,15 @@ class Supervisor:
             runtime.notifier.reloaded(runtime.status_line())
             return False
 
+        pending = restart_required(runtime.config, new)
         for hook in runtime.reload_hooks:
             await hook(new)
         runtime.config = new
+        runtime.restart_required = pending
+        if pending:
+            log.warning("config.restart_required", extra={"fields": {
+                "settings": pending,
+                "hint": "these changes take effect after systemctl restart walacord"}})
         logs.redact.set_secrets(new.secrets())
         if runtime.logs is not None:
             runtime.logs.set_level(new.logging.level)

@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
+from tests.conftest import walacord_run
+
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Path]:
-    socket = tmp_path / "control.sock"
-    config = tmp_path / "walacord.toml"
-    config.write_text(
-        f'[http]\nlisten = ""\n[logging]\ndir = ""\n'
-        f'[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[control]\nsocket = "{socket}"\ngroup = ""\n')
-    process = subprocess.Popen([sys.executable, "-m", "walacord", "run", "--config", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not socket.exists():
-        assert process.poll() is None, "walacord run exited during start-up"
-        assert time.monotonic() < deadline, "control socket did not appear within 20 s"
-        time.sleep(0.05)
-    try:
+    with walacord_run(tmp_path) as socket:
         yield socket
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=15)
 
 
 def ctl(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import orjson
 import psycopg
 import pytest
 
+from tests.conftest import walacord_run
 from walacord.pgcluster import PgCluster
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
@@ -25,26 +24,9 @@ def daemon(tmp_path: Path, pg_db: str) -> Iterator[Path]:
     with psycopg.connect(pg_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)")
         conn.execute("INSERT INTO ledger SELECT g, g * 1.5 FROM generate_series(1, 500) g")
-    socket = tmp_path / "control.sock"
-    config = tmp_path / "walacord.toml"
-    config.write_text(
-        f'[http]\nlisten = ""\n[logging]\ndir = ""\n'
-        f'[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[database]\nurl = "{pg_db}"\n'
-        f'[backup]\nenabled = false\n'
-        f'[control]\nsocket = "{socket}"\ngroup = ""\n')
-    process = subprocess.Popen([sys.executable, "-m", "walacord", "run", "--config", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not socket.exists():
-        assert process.poll() is None, "walacord run exited during start-up"
-        assert time.monotonic() < deadline, "control socket did not appear within 20 s"
-        time.sleep(0.05)
-    try:
+    with walacord_run(tmp_path, f'[database]\nurl = "{pg_db}"\n[backup]\nenabled = false\n'
+                      ) as socket:
         yield socket
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=15)
 
 
 def ctl(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -144,7 +144,8 @@ def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
     daemon.write_config(idle_timeout=30)
     applied = walacorctl("--json", "reload", socket=daemon.socket)
     assert applied.returncode == 0, applied.stderr
-    assert orjson.loads(applied.stdout) == {"applied": True, "config": str(daemon.config_path)}
+    assert orjson.loads(applied.stdout) == {"applied": True, "config": str(daemon.config_path),
+                                            "restart_required": []}
     assert daemon.alive()
 
 

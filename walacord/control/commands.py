@@ -226,6 +226,10 @@ def reload_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(result)
     else:
         context.print(f"configuration {result.get('config')} reloaded")
+        pending = result.get("restart_required") or []
+        if pending:
+            context.print(f"changed settings that apply only after a restart: "
+                          f"{', '.join(pending)}; run systemctl restart walacord")
     return 0
 
 

@@ -229,7 +229,8 @@ class CoreMethods:
             raise ControlError(ErrorCode.UNAVAILABLE,
                                "no supervisor configured to reload the configuration")
         if await runtime.reload_config():
-            return {"applied": True, "config": runtime.config.source}
+            return {"applied": True, "config": runtime.config.source,
+                    "restart_required": list(runtime.restart_required)}
 
         # The supervisor logged the problems; read the file again to show them here too.
         problems: list[str] = []
