@@ -218,14 +218,47 @@ async def test_monitor_control_protocols(pg_db: str, tmp_path: Path) -> None:
         forced = await monitor.set_override("degraded", 60, "load test", "uid=0 pid=1")
         cleared = await monitor.clear_override("uid=0 pid=1")
     assert states["database"]["healthy"] is True
-    assert states["api"]["healthy"] is True
-    assert states["api"]["reason"] == "not_configured"
+    assert states["api"]["healthy"] is None
+    assert states["api"]["reason"] == "not configured"
     assert set(ran) == {"database", "host"}
     assert forced["mode"] == "degraded"
     assert forced["override"]["set_by"] == "uid=0 pid=1"
     assert 0 < forced["override"]["remaining_seconds"] <= 60
     assert cleared["override"] is None
     assert cleared["mode"] == "normal"
+
+
+async def test_monitor_unconfigured_probe_not_healthy(pg_db: str, walacor_emulator: Emulator,
+                                                      tmp_path: Path) -> None:
+    """The unconfigured api probe reads the same in status, check, /metrics and /api/health."""
+    from tests.control.harness import walacorctl
+
+    config = daemon_config(tmp_path, pg_db, walacor_emulator.url)
+    socket = Path(config.control.socket)
+    async with running_daemon(config) as supervisor, httpx.AsyncClient() as http:
+        await monitor_of(supervisor).run_probes(["api", "database", "walacor", "host"])
+        status = await anyio.to_thread.run_sync(
+            lambda: walacorctl("--json", "status", socket=socket))
+        check = await anyio.to_thread.run_sync(lambda: walacorctl("check", socket=socket))
+        table = await anyio.to_thread.run_sync(lambda: walacorctl("status", socket=socket))
+        metrics = (await http.get(f"{base_url(supervisor)}/metrics")).text
+        health = (await http.get(f"{base_url(supervisor)}/api/health")).json()
+
+    assert status.returncode == 0, status.stderr
+    api = orjson.loads(status.stdout)["probes"]["api"]
+    assert api["healthy"] is None
+    assert api["reason"] == "not configured"
+    assert api["latency_seconds"] is None
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "(not configured: api) |" in check.stdout
+    assert "probes_healthy=3;;;0;3" in check.stdout
+    assert "api_latency" not in check.stdout
+    api_row = next(line for line in table.stdout.splitlines() if line.startswith("api "))
+    assert api_row.split()[1:3] == ["not", "configured"]
+    assert 'walacord_probe_success{probe="api"}' not in metrics
+    assert 'walacord_probe_up{probe="api"}' not in metrics
+    assert 'walacord_probe_success{probe="database"} 1.0' in metrics
+    assert health["probes"]["api"]["healthy"] is None
 
 
 async def test_monitor_pooled_connection_killed(pg_db: str, tmp_path: Path) -> None:

@@ -131,7 +131,10 @@ class ControlConfig:
     max_request_bytes: int = setting(1024 * 1024, min=1024, max=64 * 1024 * 1024)
     idle_timeout: Duration = setting(60.0, min=0.1, max=86400,
                                      help="a connection with no request for this long is closed")
-    max_connections: int = setting(64, min=1, max=10000)
+    max_connections: int = setting(
+        64, min=1, max=10000,
+        help="open connections; at the limit the longest-idle one is closed to admit a new "
+             "client, and only when all are busy is the new client rejected")
     request_timeout: Duration = setting(10.0, min=0.1, max=3600,
                                         help="time from a request's first byte to its newline")
     write_timeout: Duration = setting(10.0, min=0.1, max=3600,

@@ -200,7 +200,8 @@ class Metrics:
             registry=registry)
         self.control_connections_rejected = Counter(
             "walacord_control_connections_rejected_total",
-            "Control connections closed at once, by reason (busy, permission).",
+            "Control connections closed at once, by reason (busy, permission), or closed "
+            "to admit a new one (evicted).",
             ["reason"], registry=registry)
         self.control_requests = Counter(
             "walacord_control_requests_total",

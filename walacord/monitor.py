@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from prometheus_client import Gauge
 from psycopg.conninfo import conninfo_to_dict
 
 from walacord.config import PROBE_NAMES, Config
@@ -175,8 +176,13 @@ class Monitor:
 
     def _on_result(self, name: str, result: ProbeResult) -> None:
         metrics = self.metrics
-        metrics.probe_success.labels(probe=name).set(1 if result.healthy else 0)
-        if result.reason != "not_configured":
+        if result.reason == "not_configured":
+            # A probe with nothing to check exports no sample, so it neither passes
+            # nor fails in dashboards and alert rules.
+            _remove_label(metrics.probe_success, name)
+            _remove_label(metrics.probe_up, name)
+        else:
+            metrics.probe_success.labels(probe=name).set(1 if result.healthy else 0)
             metrics.probe_duration.labels(probe=name).observe(result.latency)
         if not result.healthy:
             metrics.probe_failures.labels(probe=name, reason=result.reason).inc()
@@ -231,7 +237,8 @@ class Monitor:
             self._spawn_repair(trigger)
 
     def _on_state(self, old: ProbeState, new: ProbeState) -> None:
-        self.metrics.probe_up.labels(probe=new.name).set(1 if new.up else 0)
+        if new.health is not Health.NOT_CONFIGURED:
+            self.metrics.probe_up.labels(probe=new.name).set(1 if new.up else 0)
         if old.health is not new.health:
             for listener in self.state_listeners:
                 listener(new)
@@ -489,14 +496,22 @@ class Monitor:
         return self.mode_state()
 
     def probe_states(self) -> dict[str, dict[str, Any]]:
-        """Return each probe as `walacorctl status` shows it: healthy, reason, latency."""
+        """Return each probe as `walacorctl status` shows it: healthy, reason, latency.
+
+        `healthy` is None only for a probe that is not configured or disabled, with
+        the probe's message ("not configured" or "disabled in the config") as reason.
+        A probe with no result yet counts as not healthy.
+        """
         states = {}
         for name in self.runners:
             report = self.probe_report(name)
+            if report["state"] == Health.NOT_CONFIGURED.value:
+                states[name] = {"healthy": None, "reason": report["message"],
+                                "latency_seconds": None, "since": report["since"] or "",
+                                "details": {}}
+                continue
             states[name] = {
-                # A probe with nothing to check does not count against the mode.
-                "healthy": report["healthy"] if report["healthy"] is not None
-                else report["state"] == Health.NOT_CONFIGURED.value,
+                "healthy": bool(report["healthy"]),
                 "reason": report["reason"], "latency_seconds": report["latency_seconds"],
                 "since": report["since"] or "", "details": report["details"]}
         return states
@@ -508,6 +523,13 @@ class Monitor:
                 tg.start_soon(self.run_probe, name)
         states = self.probe_states()
         return {name: states[name] for name in names}
+
+
+def _remove_label(gauge: Gauge, probe: str) -> None:
+    try:
+        gauge.remove(probe)
+    except KeyError:
+        pass  # never exported for this probe
 
 
 def _round(value: float | None) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -141,13 +143,14 @@ def test_metrics_source_histogram_latency_per_interval() -> None:
 def test_metrics_source_backup_age_and_failure() -> None:
     registry = CollectorRegistry()
     last = Gauge("walacord_backup_last_success_timestamp_seconds", "", registry=registry)
-    failures = Counter("walacord_backup_failures", "", registry=registry)
+    failures = Counter("walacord_backup_failures", "", ["operation"], registry=registry)
+    failures.labels(operation="dump")
     clock = Clock(1_000_000.0)
     source = rules.MetricsSource(registry, lambda: CONFIG, clock=clock)
     last.set(clock.now - 3600)
 
     healthy = source()
-    failures.inc()
+    failures.labels(operation="dump").inc()
     failed = source()
     clock.now += CONFIG.backup_max_age
     stale = source()
@@ -158,6 +161,26 @@ def test_metrics_source_backup_age_and_failure() -> None:
     assert active_names(failed) == [("WalacordBackupFailed", "")]
     assert active_names(stale) == [("WalacordBackupFailed", ""), ("WalacordBackupTooOld", "")]
     assert active_names(recovered) == []
+
+
+def test_metrics_source_restore_failure_no_alert() -> None:
+    registry = CollectorRegistry()
+    Gauge("walacord_backup_last_success_timestamp_seconds", "", registry=registry).set(
+        time.time())
+    failures = Counter("walacord_backup_failures", "", ["operation"], registry=registry)
+    for operation in ("dump", "verify", "drill", "restore"):
+        failures.labels(operation=operation)
+    source = rules.MetricsSource(registry, lambda: CONFIG)
+    source()
+
+    failures.labels(operation="restore").inc()
+    failures.labels(operation="drill").inc()
+    after_restore = source()
+    failures.labels(operation="verify").inc()
+    after_verify = source()
+
+    assert active_names(after_restore) == []
+    assert active_names(after_verify) == [("WalacordBackupFailed", "")]
 
 
 def test_metrics_source_absent_metrics_raise_nothing() -> None:

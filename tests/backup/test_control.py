@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
+import psycopg
 import pytest
 
+from tests.conftest import wait_until
 from walacord.backup import BackupManager
 from walacord.backup.control import (
     BACKUP_FAILED,
@@ -18,6 +21,7 @@ from walacord.backup.control import (
     backup_verify,
     handlers,
 )
+from walacord.backup.manager import BACKUP_LOCK_KEY
 from walacord.backup.manifest import sha256_file
 from walacord.errors import ControlError
 from walacord.pgcluster import PgCluster
@@ -55,6 +59,43 @@ async def test_now_returns_id_and_path(make_manager: ManagerFactory) -> None:
     assert result["id"] in path.name
     assert sha256_file(path) == result["sha256"]
     assert result["verified"] is True
+
+
+async def test_now_while_running_here(make_manager: ManagerFactory, seeded_db: str) -> None:
+    manager = make_manager()
+    results = []
+
+    async def take() -> None:
+        results.append(await manager.take())
+
+    # A table lock held by another session keeps pg_dump, and so the first backup,
+    # waiting until the second request has its reply.
+    with psycopg.connect(seeded_db) as blocker:
+        blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        async with anyio.create_task_group() as group:
+            group.start_soon(take)
+            await wait_until(lambda: manager.backup_running, 10)
+            second = await backup_now(manager, {})
+            blocker.rollback()
+
+    assert second["status"] == "skipped"
+    assert second["reason"] == (
+        f"a backup of database {manager.database} is already running in this daemon; "
+        "no second backup was started")
+    assert results[0] is not None
+    assert not manager.backup_running
+
+
+async def test_now_while_peer_holds_lock(make_manager: ManagerFactory, seeded_db: str) -> None:
+    manager = make_manager()
+
+    with psycopg.connect(seeded_db, autocommit=True) as peer:
+        peer.execute("SELECT pg_advisory_lock(%s)", (BACKUP_LOCK_KEY,))
+        result = await backup_now(manager, {})
+
+    assert result["status"] == "skipped"
+    assert "already running on another walacord host" in result["reason"]
+    assert "another walacord instance" not in result["reason"]
 
 
 async def test_list_entries_have_stable_keys(make_manager: ManagerFactory) -> None:

@@ -120,3 +120,22 @@ async def test_restore_over_source_database(make_manager: ManagerFactory,
 
     assert result.replaced
     assert ledger_rows(pg_cluster, source) == 3000
+
+
+@pytest.mark.slow
+async def test_restore_over_postgres_database(make_manager: ManagerFactory,
+                                              own_pg_cluster: PgCluster) -> None:
+    """Replacing the database named postgres runs its DROP from template1."""
+    cluster = own_pg_cluster
+    cluster.psql("CREATE TABLE ledger (id int); INSERT INTO ledger SELECT generate_series(1, 5)")
+    manager = make_manager(url=cluster.url("postgres"))
+    backup = await manager.take()
+    assert backup is not None
+    cluster.psql("DELETE FROM ledger")
+
+    result = await manager.restore(backup.id, "postgres", force=True)
+
+    assert result.replaced
+    assert ledger_rows(cluster, "postgres") == 5
+    assert restoring_databases(cluster) == []
+    assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 0

@@ -199,3 +199,59 @@ def test_scheduler_for_runtime_uses_registry(tmp_path: Path) -> None:
     assert scheduler.manager.directory == tmp_path
     assert registry.get_sample_value("walacord_backup_failures_total",
                                      {"operation": "dump"}) == 0
+
+
+@pytest.mark.anyio
+async def test_drain_hook_waits_for_backup(tmp_path: Path, seeded_db: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import psycopg
+    from prometheus_client import CollectorRegistry
+
+    from walacord.config import BackupConfig, Config
+    from walacord.metrics import Metrics
+    from walacord.runtime import Runtime
+    from walacord.systemd import Notifier
+
+    caplog.set_level(logging.INFO)
+    registry = CollectorRegistry()
+    config = Config(backup=BackupConfig(dir=str(tmp_path), url=seeded_db,
+                                        lock_wait_timeout=20.0))
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier())
+    scheduler = BackupScheduler.for_runtime(runtime)
+    manager = scheduler.manager
+    assert len(runtime.drain_hooks) == 1
+    drained = anyio.Event()
+    results = []
+
+    async def take() -> None:
+        results.append(await manager.take())
+
+    async def drain() -> None:
+        await runtime.drain_hooks[0]()
+        drained.set()
+
+    with anyio.fail_after(30):
+        await drain()  # with no backup running the hook returns at once
+        drained = anyio.Event()
+
+        # A table lock held by another session keeps pg_dump waiting, so the backup
+        # is still running when the drain starts.
+        with psycopg.connect(seeded_db) as blocker:
+            blocker.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+            async with anyio.create_task_group() as group:
+                group.start_soon(take)
+                await poll_until(lambda: manager.backup_running)
+                group.start_soon(drain)
+                await anyio.sleep(0.5)
+                assert not drained.is_set(), "the drain did not wait for the backup"
+                blocker.rollback()
+                await drained.wait()
+
+    assert results[0] is not None, "the backup was not finished"
+    assert len(await manager.list()) == 1
+    events = [r.getMessage() for r in caplog.records]
+    assert events.count("backup.drain_waiting") == 1
+    assert "backup.drain_finished" in events

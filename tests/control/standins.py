@@ -120,7 +120,11 @@ class StandInPool:
         if len(self.recycles) >= self.budget:
             raise WalacordError(f"recycle budget of {self.budget} per hour is exhausted")
         self.recycles.append(reason)
-        return {"reason": reason, "recycled_connections": 3}
+        # The shape of PoolRecycler.recycle's result, with a nested dict and a Unix time.
+        return {"recycled": True, "reason": reason, "at": 1_780_000_000.5,
+                "pool_before": {"pool_size": 3, "pool_available": 2},
+                "healthy_after": True, "proof": "SELECT 1 on a new connection",
+                "duration_seconds": 0.0123}
 
 
 # --- test methods ----------------------------------------------------------------

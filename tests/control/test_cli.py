@@ -149,6 +149,20 @@ def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
     assert daemon.alive()
 
 
+def test_pool_recycle_human_output(daemon: DaemonProcess) -> None:
+    result = walacorctl("pool", "recycle", "--reason", "test", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    assert "{" not in result.stdout
+    pairs = [line.split(":", 1) for line in result.stdout.splitlines()]
+    values = {key: value.strip() for key, value in pairs}
+    assert values["at"] == "2026-05-28T20:26:40Z"
+    assert values["pool_before.pool_size"] == "3"
+    assert values["duration_seconds"] == "12.3 ms"
+    assert values["healthy_after"] == "yes"
+    value_columns = {len(key) + 1 + len(value) - len(value.lstrip()) for key, value in pairs}
+    assert len(value_columns) == 1, "values are not aligned"
+
+
 def test_pool_recycle_error_exits_1(daemon: DaemonProcess) -> None:
     for _ in range(2):
         assert walacorctl("pool", "recycle", socket=daemon.socket).returncode == 0

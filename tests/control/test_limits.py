@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -13,7 +14,9 @@ import pytest
 
 from tests.control.harness import connect, make_config, running_server
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode
+from walacord.control.server import EVICT_MIN_IDLE, ControlServer
 from walacord.control.stream import SocketByteStream
+from walacord.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -125,25 +128,100 @@ async def test_truncated_request_answered_before_close(socket_dir: Path) -> None
     assert "incomplete request" in response["error"]["message"]
 
 
-async def test_extra_connection_rejected_busy(socket_dir: Path) -> None:
+def shorten_evict_min_idle(runtime: Runtime, seconds: float) -> None:
+    server = runtime.components["control"]
+    assert isinstance(server, ControlServer)
+    server.evict_min_idle = seconds
+
+
+async def test_extra_connection_rejected_when_all_busy(socket_dir: Path) -> None:
     config = make_config(socket_dir / "c.sock", max_connections=2)
     async with running_server(config) as runtime, connect(socket_dir / "c.sock") as first, \
             connect(socket_dir / "c.sock") as second:
+        shorten_evict_min_idle(runtime, 0.3)
         assert (await first.call("test.echo"))["result"]["value"] is None
         assert (await second.call("test.echo"))["result"]["value"] is None
+        # Both connections are serving a request, so neither may be evicted.
+        await first.request("test.sleep", {"seconds": 0.5})
+        await second.request("test.sleep", {"seconds": 0.5})
+        await anyio.sleep(0.1)
         async with connect(socket_dir / "c.sock") as third:
-            rejected = await third.receive()
+            rejected_serving = await third.receive()
             assert await third.is_closed()
 
-        # Closing one makes room again.
-        await second.stream.aclose()
-        await anyio.sleep(0.1)
+        # Just after their responses the connections are idle, but not long enough.
+        first_slept = await first.receive()
+        second_slept = await second.receive()
         async with connect(socket_dir / "c.sock") as fourth:
-            served = await fourth.call("test.echo", {"value": 4})
-        rejections = runtime.metrics.control_connections_rejected.labels(reason="busy")
-        assert rejections._value.get() == 1
-    assert rejected["error"]["code"] == ErrorCode.BUSY
-    assert served["result"]["value"] == 4
+            rejected_recent = await fourth.receive()
+            assert await fourth.is_closed()
+
+        # Later a new client takes the place of the connection idle longest.
+        await anyio.sleep(0.3)
+        async with connect(socket_dir / "c.sock") as fifth:
+            served = await fifth.call("test.echo", {"value": 5})
+        evicted = await first.receive()
+        assert await first.is_closed()
+        still_open = await second.call("test.echo", {"value": 2})
+        rejections = runtime.metrics.control_connections_rejected
+    assert rejected_serving["error"]["code"] == ErrorCode.BUSY
+    assert rejected_recent["error"]["code"] == ErrorCode.BUSY
+    assert "none has been idle for 0.3s or longer" in rejected_recent["error"]["message"]
+    assert "error" not in first_slept
+    assert "error" not in second_slept
+    assert served["result"]["value"] == 5
+    assert evicted["error"]["code"] == ErrorCode.EVICTED
+    assert still_open["result"]["value"] == 2
+    assert rejections.labels(reason="busy")._value.get() == 2
+    assert rejections.labels(reason="evicted")._value.get() == 1
+
+
+async def test_idle_connections_evicted_oldest_first(socket_dir: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Idle connections up to the default limit do not lock out a new client."""
+    config = make_config(socket_dir / "c.sock")
+    limit = config.control.max_connections
+    caplog.set_level(logging.INFO, logger="walacord")
+    async with running_server(config) as runtime, AsyncExitStack() as stack:
+        idle = [await stack.enter_async_context(connect(socket_dir / "c.sock"))
+                for _ in range(limit)]
+        for client in idle:
+            assert "result" in await client.call("test.echo")
+        await anyio.sleep(EVICT_MIN_IDLE)
+        async with connect(socket_dir / "c.sock") as newcomer:
+            served = await newcomer.call("test.echo", {"value": "admitted"})
+            evicted = await idle[0].receive()
+            assert await idle[0].is_closed()
+            open_connections = runtime.metrics.control_connections._value.get()
+        second_oldest = await idle[1].call("test.echo", {"value": "kept"})
+    assert served["result"]["value"] == "admitted"
+    assert evicted["id"] is None
+    assert evicted["error"]["code"] == ErrorCode.EVICTED
+    assert "closed to admit a new client" in evicted["error"]["message"]
+    assert evicted["error"]["data"] == {"max_connections": limit}
+    assert second_oldest["result"]["value"] == "kept"
+    assert open_connections == limit
+    assert [r.getMessage() for r in caplog.records].count("control.evicted") == 1
+
+
+async def test_partial_request_not_evicted(socket_dir: Path) -> None:
+    config = make_config(socket_dir / "c.sock", max_connections=2, request_timeout=5)
+    async with running_server(config) as runtime, connect(socket_dir / "c.sock") as partial, \
+            connect(socket_dir / "c.sock") as idle:
+        shorten_evict_min_idle(runtime, 0.1)
+        assert "result" in await partial.call("test.echo")
+        assert "result" in await idle.call("test.echo")
+        # The older connection has sent half a request, so the newer idle one goes.
+        await partial.send(b'{"id": 9, "method": "test.echo", ')
+        await anyio.sleep(0.2)
+        async with connect(socket_dir / "c.sock") as newcomer:
+            served = await newcomer.call("test.echo", {"value": 3})
+        evicted = await idle.receive()
+        await partial.send(b'"params": {"value": 9}, "version": 1}\n')
+        completed = await partial.receive()
+    assert served["result"]["value"] == 3
+    assert evicted["error"]["code"] == ErrorCode.EVICTED
+    assert completed["result"]["value"] == 9
 
 
 async def test_client_that_never_reads_is_dropped(socket_dir: Path,

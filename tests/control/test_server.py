@@ -129,7 +129,8 @@ async def test_pool_recycle_failure_is_operation_failed(socket_dir: Path) -> Non
             connect(socket_dir / "c.sock") as client:
         first = await client.call("pool.recycle", {"reason": "test"})
         second = await client.call("pool.recycle")
-    assert first["result"] == {"reason": "test", "recycled_connections": 3}
+    assert first["result"]["reason"] == "test"
+    assert first["result"]["recycled"] is True
     assert second["error"]["code"] == ErrorCode.OPERATION_FAILED
     assert "budget" in second["error"]["message"]
 

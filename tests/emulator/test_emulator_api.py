@@ -207,6 +207,118 @@ async def test_getcomplex_unknown_stage_is_400(http: httpx.AsyncClient) -> None:
     assert "$group" in response.json()["errors"][0]["message"]
 
 
+TYPED_ETID = 10002
+TYPED_SCHEMA = {
+    "ETId": 50,
+    "SV": 1,
+    "Schema": {
+        "ETId": TYPED_ETID,
+        "TableName": "typed",
+        "Fields": [
+            {"FieldName": "key", "DataType": "TEXT", "Required": True, "MaxLength": 8},
+            {"FieldName": "amt", "DataType": "INTEGER"},
+            {"FieldName": "price", "DataType": "DECIMAL"},
+            {"FieldName": "flag", "DataType": "BOOLEAN"},
+            {"FieldName": "at", "DataType": "DATETIME(EPOCH)"},
+            {"FieldName": "tags", "DataType": "ARRAY"},
+        ],
+    },
+}
+
+
+async def typed_ready(http: httpx.AsyncClient) -> dict[str, str]:
+    token = await login(http)
+    response = await http.post("/api/schemas/", json=TYPED_SCHEMA,
+                               headers={"Authorization": token})
+    assert response.status_code == 200, response.text
+    return {"Authorization": token, "ETId": str(TYPED_ETID)}
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"key": "a", "amt": "notint"}, "field amt is INTEGER and expects an integer, got string"),
+    ({"key": "a", "amt": 1.5}, "field amt is INTEGER"),
+    ({"key": "a", "amt": True}, "field amt is INTEGER"),
+    ({"key": "a", "price": "9.99"}, "field price is DECIMAL and expects a number"),
+    ({"key": "a", "flag": 1}, "field flag is BOOLEAN and expects true or false"),
+    ({"key": "a", "at": "2026-12-04"}, "field at is DATETIME(EPOCH)"),
+    ({"key": "a", "tags": "x,y"}, "field tags is ARRAY and expects an array"),
+    ({"key": 7}, "field key is TEXT and expects a string, got integer 7"),
+    ({"key": "123456789"}, "field key is longer than its MaxLength 8"),
+    ({"amt": 1}, "required field key is missing"),
+    ({"key": None}, "required field key is null"),
+])
+async def test_submit_wrong_type_is_400(http: httpx.AsyncClient, record: dict[str, Any],
+                                        message: str) -> None:
+    headers = await typed_ready(http)
+    response = await http.post("/api/envelopes/submit", json={"Data": [record]},
+                               headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["reason"] == "validation"
+    assert message in error["message"]
+    stored = await http.post("/api/query/get", json={}, headers=headers)
+    assert stored.json()["data"] == []
+
+
+async def test_submit_typed_fields_accepted(http: httpx.AsyncClient) -> None:
+    headers = await typed_ready(http)
+    record = {"key": "a", "amt": -3, "price": 9.99, "flag": False, "at": 1_780_000_000_000,
+              "tags": ["x"], "extra": "undeclared"}
+    data = await submit(http, headers, record, {"key": "b", "amt": None, "price": 2})
+    update = await http.post("/api/envelopes/submit", headers=headers,
+                             json={"Data": [{"UID": data["UID"][0], "amt": "x"}]})
+    assert len(data["UID"]) == 2
+    assert update.status_code == 400
+    assert "field amt is INTEGER" in update.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("params", [{"pageNo": "-1", "pageSize": "1"},
+                                    {"pageNo": "1", "pageSize": "-1"}])
+async def test_query_negative_page_is_400(http: httpx.AsyncClient,
+                                          params: dict[str, str]) -> None:
+    headers = await ready(http)
+    await submit(http, headers, {"walacord_key": "a"}, {"walacord_key": "b"})
+    response = await http.post("/api/query/get", params=params, json={}, headers=headers)
+    assert response.status_code == 400
+    error = response.json()["errors"][0]
+    assert error["reason"] == "validation"
+    name = "pageNo" if params["pageNo"] == "-1" else "pageSize"
+    assert error["message"] == f"invalid {name} -1: must be an integer >= 0"
+
+
+@pytest.mark.parametrize(("condition", "operator"), [
+    ({"walacord_key": {"$regex": "^a"}}, "$regex"),
+    ({"walacord_key": {"$in": ["a"], "$ne": "b"}}, "$ne"),
+    ({"$or": [{"walacord_key": "a"}]}, "$or"),
+])
+async def test_getcomplex_unsupported_operator_is_400(http: httpx.AsyncClient,
+                                                      condition: dict[str, Any],
+                                                      operator: str) -> None:
+    headers = await ready(http)
+    await submit(http, headers, {"walacord_key": "a"})
+    pipeline = [{"$match": condition}]
+    complex_response = await http.post("/api/query/getcomplex", json=pipeline, headers=headers)
+    get_response = await http.post("/api/query/get", json=condition, headers=headers)
+    for response in (complex_response, get_response):
+        assert response.status_code == 400
+        message = response.json()["errors"][0]["message"]
+        assert message.startswith(f"unsupported query operator {operator}")
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ({"$limit": -1}, "invalid $limit -1: must be a positive integer"),
+    ({"$limit": 0}, "invalid $limit 0: must be a positive integer"),
+    ({"$limit": "5"}, "invalid $limit '5': must be a positive integer"),
+    ({"$skip": -2}, "invalid $skip -2: must be 0 or a positive integer"),
+])
+async def test_getcomplex_invalid_count_is_400(http: httpx.AsyncClient, stage: dict[str, Any],
+                                               message: str) -> None:
+    headers = await ready(http)
+    response = await http.post("/api/query/getcomplex", json=[stage], headers=headers)
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["message"] == message
+
+
 async def test_state_file_survives_restart(tmp_path: Path) -> None:
     state = str(tmp_path / "walacor.sqlite")
     async with (
@@ -237,6 +349,23 @@ async def test_fault_endpoint_rejects_unknown_mode(http: httpx.AsyncClient) -> N
     response = await http.put("/_emulator/faults", json={"mode": "explode"})
     assert response.status_code == 400
     assert "mode" in response.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("value", ["soon", "", -5, True, [1]])
+async def test_fault_endpoint_rejects_bad_retry_after(http: httpx.AsyncClient,
+                                                      value: object) -> None:
+    response = await http.put("/_emulator/faults", json={"retry_after": value})
+    assert response.status_code == 400
+    assert "retry_after must be seconds >= 0 or an HTTP-date" in (
+        response.json()["errors"][0]["message"])
+    assert (await http.get("/_emulator/faults")).json()["faults"] is None
+
+
+@pytest.mark.parametrize("value", [0, 2.5, "120", "Wed, 21 Oct 2026 07:28:00 GMT"])
+async def test_fault_endpoint_accepts_retry_after(http: httpx.AsyncClient,
+                                                  value: object) -> None:
+    response = await http.put("/_emulator/faults", json={"retry_after": value})
+    assert response.status_code == 200, response.text
 
 
 async def test_fault_count_and_path_limit_scope(http: httpx.AsyncClient) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from walacord.alerts.model import Alert, Condition
+from walacord.backup.alerts import FAILED_ALERT_OPERATIONS
 from walacord.config import AlertsConfig
 
 # Alert names, shared with packaging/prometheus/walacord-rules.yml where a rule exists
@@ -118,7 +119,7 @@ def backup_failed(failed: bool, config: AlertsConfig, detail: str = "") -> Condi
     return Condition(
         BACKUP_FAILED, active=failed, severity="warning",
         summary="the last backup failed",
-        description=f"The last backup attempt failed{': ' + detail if detail else ''}; "
+        description=f"The last backup or its verification failed{': ' + detail if detail else ''}; "
                     "the alert resolves after the next successful backup.",
         for_seconds=config.backup_for)
 
@@ -283,7 +284,8 @@ class MetricsSource:
             since = last_success if last_success > 0 else self.started_at
             conditions.append(backup_too_old(max(0.0, self.clock() - since), config))
 
-        failures = sum(v for _, v in samples.get("walacord_backup_failures_total", []))
+        failures = sum(v for labels, v in samples.get("walacord_backup_failures_total", [])
+                       if labels.get("operation") in FAILED_ALERT_OPERATIONS)
         if "walacord_backup_failures_total" in samples:
             if self._failures_seen is not None and failures > self._failures_seen:
                 self._backup_failed = True

@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 
 BACKUP_FAILED = "backup_failed"
 BACKUP_STALE = "backup_stale"
+# Failures of these operations mean the backups themselves are missing or damaged, so
+# they raise BACKUP_FAILED. A failed restore or drill is counted and logged, but it is
+# an operator's action or a test of an intact backup, and the next backup would not
+# clear it.
+FAILED_ALERT_OPERATIONS = frozenset({"dump", "verify"})
 
 
 @dataclass(frozen=True)

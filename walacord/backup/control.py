@@ -73,16 +73,20 @@ def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
 
 async def backup_now(manager: BackupManager, params: Mapping[str, Any] | None, *,
                      progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Take a backup now and return its entry, or report that a peer is taking one."""
+    """Take a backup now and return its entry, or report that one is running already."""
     _check_params(params, {})
     try:
         manifest = await manager.take(progress=progress)
     except BackupError as exc:
         raise ControlError(BACKUP_FAILED, f"backup failed: {exc}") from exc
     if manifest is None:
+        if manager.backup_running:
+            where = "in this daemon"
+        else:
+            where = "on another walacord host, which holds the database's backup lock"
         return {"status": "skipped",
-                "reason": f"another walacord instance is backing up database "
-                          f"{manager.database} right now (it holds the advisory lock)"}
+                "reason": f"a backup of database {manager.database} is already running "
+                          f"{where}; no second backup was started"}
     return {"status": "completed", **backup_entry(manager, manifest)}
 
 

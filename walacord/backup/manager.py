@@ -25,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from walacord.backup.alerts import (
     BACKUP_FAILED,
     BACKUP_STALE,
+    FAILED_ALERT_OPERATIONS,
     AlertHook,
     BackupAlert,
     send_alert,
@@ -78,6 +79,8 @@ class BackupManager:
         self._files_lock = anyio.Lock()
         self._created_at = time.monotonic()
         self._peer_seen_at: float | None = None
+        # Set while this manager takes a backup; set() and cleared when it ends.
+        self._take_finished: anyio.Event | None = None
         self._failure_firing = False
         self._stale_firing = False
         self.last_success: datetime | None = None
@@ -121,10 +124,16 @@ class BackupManager:
         return self._password
 
     def maintenance_conninfo(self, avoid: str) -> str:
-        """Return a connection string to run CREATE/DROP DATABASE from, not in `avoid`."""
+        """Return a connection string to run CREATE/DROP DATABASE from, not in `avoid`.
+
+        PostgreSQL cannot drop the database a session is connected to, so when the
+        configured database is `avoid`, this switches to "postgres", or to "template1"
+        when `avoid` is "postgres" itself. Restores create from template0, so a session
+        in template1 does not block them.
+        """
         params = conninfo_to_dict(self._conninfo)
         if params.get("dbname", self.database) == avoid:
-            params["dbname"] = "postgres"
+            params["dbname"] = "template1" if avoid == "postgres" else "postgres"
         return make_conninfo("", **params)
 
     def path_of(self, manifest: Manifest) -> Path:
@@ -167,13 +176,15 @@ class BackupManager:
 
     async def record_failure(self, operation: str, backup: str | None, error: BaseException,
                              stderr: str = "") -> None:
-        """Count, log and alert on a failed backup operation."""
+        """Count and log a failed backup operation; alert when it is in FAILED_ALERT_OPERATIONS."""
         self.metrics.backup_failures.labels(operation=operation).inc()
         fields: dict[str, Any] = {"operation": operation, "database": self.database,
                                   "id": backup, "error": describe_error(error)}
         if stderr:
             fields["stderr"] = stderr
         log.error(f"backup.{operation}_failed", extra={"fields": fields})
+        if operation not in FAILED_ALERT_OPERATIONS:
+            return
         self._failure_firing = True
         await send_alert(self.alert, BackupAlert(
             BACKUP_FAILED, True,
@@ -205,12 +216,16 @@ class BackupManager:
             raise error from exc
         if lock_conn is None:
             self.metrics.backup_skipped.inc()
-            self._peer_seen_at = time.monotonic()
+            if self.backup_running:
+                reason = "a backup of this database is already running in this daemon"
+            else:
+                self._peer_seen_at = time.monotonic()
+                reason = "another walacord instance holds this database's backup lock"
             log.info("backup.skipped", extra={"fields": {
-                "database": self.database,
-                "reason": "another walacord instance holds this database's backup lock"}})
+                "database": self.database, "reason": reason}})
             return None
 
+        finished = self._take_finished = anyio.Event()
         cleanup: builtins.list[Path] = []
         try:
             manifest = await take_backup(self, progress=progress, cleanup=cleanup)
@@ -238,6 +253,8 @@ class BackupManager:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.query_timeout):
                 await lock_conn.close()
+            self._take_finished = None
+            finished.set()
 
         self.last_success = manifest.created
         self.metrics.backup_last_success.set(manifest.created.timestamp())
@@ -246,6 +263,17 @@ class BackupManager:
         self.metrics.backup_size.set(manifest.size_bytes)
         await self.record_recovery()
         return manifest
+
+    @property
+    def backup_running(self) -> bool:
+        """Whether this manager is taking a backup now; a peer host's backup does not count."""
+        return self._take_finished is not None
+
+    async def wait_for_backup(self) -> None:
+        """Wait until the backup this manager is taking, if any, has finished or failed."""
+        finished = self._take_finished
+        if finished is not None:
+            await finished.wait()
 
     async def _try_lock(self) -> psycopg.AsyncConnection[Any] | None:
         """Open a dedicated session and try the advisory lock; None when it is taken.

@@ -79,8 +79,17 @@ class BackupScheduler:
         No alert hook is passed because the alert engine raises its backup alerts
         from these metrics. NOTE: the manager keeps the [backup] section it was built
         with, so a config reload takes effect only after a restart.
+
+        The scheduler registers a drain hook, so at shutdown the supervisor waits for
+        a backup in progress, up to `[lifecycle] drain_timeout`, before it cancels it.
         """
-        return cls(BackupManager.from_config(runtime.config, metrics=runtime.metrics))
+        scheduler = cls(BackupManager.from_config(runtime.config, metrics=runtime.metrics))
+
+        async def drain() -> None:
+            await scheduler.drain(runtime.config.lifecycle.drain_timeout)
+
+        runtime.drain_hooks.append(drain)
+        return scheduler
 
     @property
     def config(self) -> BackupConfig:
@@ -157,6 +166,22 @@ class BackupScheduler:
                 log.error("backup.drill_not_run", extra={"fields": {"error": str(exc)}})
             self._drill_due_at = time.monotonic() + self.config.drill_interval
         return True
+
+    async def drain(self, drain_timeout: float) -> None:
+        """Wait for the backup this daemon is taking to finish; return at once when none is.
+
+        The caller bounds the wait. `drain_timeout` is only logged, so the log shows
+        how long the backup may still take before it is cancelled.
+        """
+        if not self.manager.backup_running:
+            return
+        log.info("backup.drain_waiting", extra={"fields": {
+            "database": self.manager.database, "drain_timeout_seconds": drain_timeout}})
+        began = time.monotonic()
+        await self.manager.wait_for_backup()
+        log.info("backup.drain_finished", extra={"fields": {
+            "database": self.manager.database,
+            "waited_seconds": round(time.monotonic() - began, 3)}})
 
     async def _watch_age(self) -> None:
         while True:

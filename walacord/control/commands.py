@@ -15,6 +15,7 @@ from walacord.control.render import (
     format_mode,
     format_pairs,
     format_probes,
+    format_recycle,
     format_seconds,
     format_status,
 )
@@ -143,15 +144,20 @@ def check_command(context: Context, args: argparse.Namespace) -> int:
 
     mode = status.get("mode")
     code, word = NAGIOS.get(mode, NAGIOS_UNKNOWN)
-    probes = status.get("probes") or {}
-    healthy = sum(1 for probe in probes.values() if isinstance(probe, dict) and probe.get(
-        "healthy"))
-    perfdata = [f"probes_healthy={healthy};;;0;{len(probes)}"]
-    for name in sorted(probes):
-        latency = probes[name].get("latency_seconds") if isinstance(probes[name], dict) else None
+    probes = {name: probe for name, probe in (status.get("probes") or {}).items()
+              if isinstance(probe, dict)}
+    # healthy is None for a probe that is not configured: it is left out of the count.
+    unconfigured = sorted(name for name, probe in probes.items() if probe.get("healthy") is None)
+    configured = {name: probe for name, probe in probes.items() if name not in unconfigured}
+    healthy = sum(1 for probe in configured.values() if probe.get("healthy"))
+    perfdata = [f"probes_healthy={healthy};;;0;{len(configured)}"]
+    for name in sorted(configured):
+        latency = configured[name].get("latency_seconds")
         if isinstance(latency, int | float):
             perfdata.append(f"{_perf_label(name)}_latency={latency:.6f}s;;;0")
     reason = " ".join(str(status.get("reason") or "").split())
+    if unconfigured:
+        reason += f" (not configured: {', '.join(unconfigured)})"
     text = f"WALACORD {word} - mode {mode}: {reason} | {' '.join(perfdata)}"
     return _print_check(context, code, word, status, text)
 
@@ -210,8 +216,7 @@ def pool_command(context: Context, args: argparse.Namespace) -> int:
     if context.json:
         context.print_json(result)
     else:
-        context.print(format_pairs([(str(key), value) for key, value in sorted(result.items())])
-                      if result else "pool recycled")
+        context.print(format_recycle(result) if result else "pool recycled")
     return 0
 
 

@@ -102,6 +102,10 @@ class LineReader:
             if event is not None:
                 return event
 
+    def waiting_for_request(self) -> bool:
+        """Return whether no byte of a next request has arrived yet."""
+        return self._request_began is None
+
     def has_line(self) -> bool:
         """Return whether a complete line is already buffered, so reading will not wait."""
         return self._buffer.find(b"\n", self._start + self._scanned) >= 0
@@ -158,6 +162,26 @@ class Connection:
         # that pipelines many requests gets their responses in few writes.
         self._output: list[bytes] = []
         self._output_bytes = 0
+        self._reader: LineReader | None = None
+        self._read_scope: anyio.CancelScope | None = None
+        self._idle_since: float | None = None  # anyio.current_time() the last read began
+        self.evicted = False
+
+    def idle_since(self) -> float | None:
+        """Return when the connection began waiting for its next request, or None.
+
+        None means it is serving a request, or has received part of the next one.
+        """
+        reader = self._reader
+        if self._idle_since is None or reader is None or not reader.waiting_for_request():
+            return None
+        return self._idle_since
+
+    def evict(self) -> None:
+        """Close this idle connection to admit another; it gets an EVICTED error first."""
+        self.evicted = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
 
     async def serve(self) -> None:
         try:
@@ -168,11 +192,20 @@ class Connection:
 
     async def _serve_requests(self) -> None:
         config = self.server.runtime.config.control
-        reader = LineReader(self.stream, config.max_request_bytes)
+        reader = self._reader = LineReader(self.stream, config.max_request_bytes)
         while True:
             if self._output and not reader.has_line():
                 await self._flush()
-            outcome = await reader.read_line(config.idle_timeout, config.request_timeout)
+            outcome = await self._read_request(reader)
+            if self.evicted:
+                await self._send_protocol_error(
+                    None, ErrorCode.EVICTED,
+                    f"connection closed to admit a new client: all "
+                    f"{config.max_connections} control connections were open and this one "
+                    "was idle the longest. Reconnect to send more requests",
+                    {"max_connections": config.max_connections})
+                return
+            assert outcome is not None
             if isinstance(outcome, bytes):
                 await self._serve_line(outcome)
                 continue
@@ -204,6 +237,19 @@ class Connection:
                 "closing the connection. Send each request as one line at once",
                 {"request_timeout_seconds": config.request_timeout})
             return
+
+    async def _read_request(self, reader: LineReader) -> bytes | ReadEvent | None:
+        """Read the next line as read_line does; return None when evict() cancelled the read."""
+        config = self.server.runtime.config.control
+        with anyio.CancelScope() as scope:
+            self._read_scope = scope
+            self._idle_since = anyio.current_time()
+            try:
+                return await reader.read_line(config.idle_timeout, config.request_timeout)
+            finally:
+                self._read_scope = None
+                self._idle_since = None
+        return None
 
     async def _serve_line(self, line: bytes) -> None:
         request = decode_request(line)

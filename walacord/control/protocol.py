@@ -51,6 +51,7 @@ class ErrorCode(IntEnum):
     OPERATION_FAILED = -32009
     STOPPING = -32010
     TARGET_EXISTS = -32011
+    EVICTED = -32012
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import shutil
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -34,6 +35,31 @@ def format_seconds(value: object) -> str:
     return f"{value:.2f} s"
 
 
+def format_timestamp(value: object) -> str:
+    """Return a Unix time in seconds as ISO 8601 UTC, or the value unchanged."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return MISSING if value is None else str(value)
+    moment = datetime.datetime.fromtimestamp(value, datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def format_recycle(result: dict[str, Any]) -> str:
+    """Return a `pool.recycle` result as aligned lines, with nested figures as dotted keys."""
+    pairs: list[tuple[str, object]] = []
+    for key, value in sorted(result.items()):
+        if isinstance(value, dict):
+            pairs += [(f"{key}.{inner}", value[inner]) for inner in sorted(value)]
+        elif key == "at":
+            pairs.append((key, format_timestamp(value)))
+        elif key.endswith("_seconds"):
+            pairs.append((key, format_seconds(value)))
+        elif isinstance(value, bool):
+            pairs.append((key, "yes" if value else "no"))
+        else:
+            pairs.append((key, value))
+    return format_pairs(pairs)
+
+
 def format_override(override: dict[str, Any] | None) -> str:
     if not override:
         return "none"
@@ -58,8 +84,11 @@ def format_probes(probes: dict[str, Any]) -> str:
     rows = []
     for name in sorted(probes):
         probe = probes[name] if isinstance(probes[name], dict) else {}
-        healthy = probe.get("healthy")
-        rows.append([name, "up" if healthy else "down", format_seconds(probe.get(
+        healthy = probe.get("healthy", False)
+        state = "up" if healthy else "down"
+        if healthy is None:
+            state = "not configured"
+        rows.append([name, state, format_seconds(probe.get(
             "latency_seconds")), probe.get("since"), probe.get("reason")])
     return format_table(["probe", "state", "latency", "since", "reason"], rows)
 

@@ -1,8 +1,16 @@
 """The control server component: accept connections on the Unix socket and authorise them.
 
 Each connection is its own task in the server's task group, so a slow or hostile client
-can delay only its own task. Connections past `[control] max_connections` and peers
-that are not allowed get one error line and are closed.
+can delay only its own task. Peers that are not allowed get one error line and are
+closed.
+
+When `[control] max_connections` are open, a new connection takes the place of the
+connection that has waited longest for its next request, if that wait is at least
+EVICT_MIN_IDLE. That connection gets an EVICTED error line and is closed, so idle
+clients cannot lock others out for the idle timeout. A new connection is rejected as
+BUSY only when no open connection has been idle that long: each one is serving a
+request, has received part of one, is still being authorised, or sent its last
+request within EVICT_MIN_IDLE.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ AUTH_TIMEOUT = 5.0  # reading /proc/PID/status, or NSS when /proc is unreadable
 REJECT_TIMEOUT = 1.0  # time to deliver the error line to a rejected connection
 LISTEN_BACKLOG = 128
 ACCEPT_BACKOFF = 0.1  # pause after accept() fails for lack of file descriptors
+# Connections idle for less than this are never evicted. It protects a client between
+# two requests of one conversation, and a burst of new connections then gets BUSY
+# instead of closing each other.
+EVICT_MIN_IDLE = 1.0
 
 
 class ControlServer:
@@ -42,8 +54,10 @@ class ControlServer:
         register_core_methods(runtime)
         self.policy: AccessPolicy | None = None
         self.bound: BoundSocket | None = None
-        self._active = 0
+        self._active = 0  # connections being served, evicted ones excluded
         self._rejecting = 0
+        self._connections: set[Connection] = set()
+        self.evict_min_idle = EVICT_MIN_IDLE
         self._error_counters: dict[int, tuple[Counter, Counter]] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -106,6 +120,8 @@ class ControlServer:
 
     def _dispatch(self, tg: anyio.abc.TaskGroup, connection: socket.socket) -> None:
         limit = self.runtime.config.control.max_connections
+        if self._active >= limit:
+            self._evict_longest_idle(limit)
         if self._active < limit:
             self._active += 1
             self.runtime.metrics.control_connections.set(self._active)
@@ -118,7 +134,23 @@ class ControlServer:
             self.runtime.metrics.control_connections_rejected.labels(reason="busy").inc()
             connection.close()
 
+    def _evict_longest_idle(self, limit: int) -> None:
+        latest = anyio.current_time() - self.evict_min_idle
+        idle = [(since, served) for served in self._connections
+                if not served.evicted and (since := served.idle_since()) is not None
+                and since <= latest]
+        if not idle:
+            return
+        since, victim = min(idle, key=lambda pair: pair[0])
+        victim.evict()
+        self._active -= 1
+        self.runtime.metrics.control_connections_rejected.labels(reason="evicted").inc()
+        log.info("control.evicted", extra={"fields": {
+            "peer": victim.peer.describe(), "max_connections": limit,
+            "idle_seconds": round(anyio.current_time() - since, 3)}})
+
     async def _serve(self, connection: socket.socket) -> None:
+        served: Connection | None = None
         try:
             peer = peer_credentials(connection)
             stream = SocketByteStream(connection)
@@ -127,13 +159,19 @@ class ControlServer:
                     await self._reject_permission(stream, peer)
                     return
                 log.debug("control.connected", extra={"fields": {"peer": peer.describe()}})
-                await Connection(self, stream, peer).serve()
+                served = Connection(self, stream, peer)
+                self._connections.add(served)
+                await served.serve()
         except Exception:
             # One broken connection must never stop the server; log it and go on.
             log.error("control.connection_failed", exc_info=True)
         finally:
             connection.close()
-            self._active -= 1
+            if served is not None:
+                self._connections.discard(served)
+            if served is None or not served.evicted:
+                # An evicted connection gave up its place when it was evicted.
+                self._active -= 1
             self.runtime.metrics.control_connections.set(self._active)
 
     async def _authorise(self, peer: Peer) -> bool:
@@ -167,7 +205,8 @@ class ControlServer:
             async with stream:
                 await _send_and_close(stream, encode_error(
                     None, ErrorCode.BUSY,
-                    f"too many control connections (max {limit}); retry in a moment",
+                    f"too many control connections (max {limit}), and none has been idle "
+                    f"for {self.evict_min_idle:g}s or longer; retry in a moment",
                     {"max_connections": limit}))
         except OSError:
             pass  # the client has gone already; nothing to tell it

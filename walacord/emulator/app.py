@@ -294,8 +294,9 @@ class Emulator:
     async def _query_get(self, request: web.Request) -> web.Response:
         self._authorize(request)
         etid = etid_header(request)
-        page_no = int_param(request, "pageNo", 0)
-        page_size = int_param(request, "pageSize", 0)
+        # 0, like a missing parameter, returns every match; negative values are invalid.
+        page_no = int_param(request, "pageNo", 0, minimum=0)
+        page_size = int_param(request, "pageSize", 0, minimum=0)
         from_summary = request.query.get("fromSummary", "false").lower() == "true"
         total_req = request.query.get("totalReq", "false").lower() == "true"
         condition = await json_body(request, default={})

@@ -7,6 +7,8 @@ decides for each API request whether the fault applies (path prefix, ratio, coun
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import math
 import random
 import socket
 import struct
@@ -62,8 +64,9 @@ class FaultSpec:
             problems.append("ratio must be a number from 0 to 1")
         if not isinstance(self.latency_ms, int | float) or self.latency_ms < 0:
             problems.append("latency_ms must be a number >= 0")
-        if self.retry_after is not None and not isinstance(self.retry_after, int | float | str):
-            problems.append("retry_after must be seconds or an HTTP-date string")
+        if self.retry_after is not None and not _valid_retry_after(self.retry_after):
+            problems.append(f"retry_after must be seconds >= 0 or an HTTP-date string such as "
+                            f"'Wed, 21 Oct 2026 07:28:00 GMT', got {self.retry_after!r}")
         if self.mode is not None and self.mode not in MODES:
             problems.append(f"mode must be one of {list(MODES)}")
         if self.path is not None and not isinstance(self.path, str):
@@ -84,6 +87,23 @@ class FaultSpec:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _valid_retry_after(value: object) -> bool:
+    """Return whether `value` is a valid Retry-After: delay-seconds or an HTTP-date."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return math.isfinite(value) and value >= 0
+    if not isinstance(value, str):
+        return False
+    if value.isdigit():
+        return True
+    try:
+        email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class FaultState:

@@ -48,11 +48,16 @@ def int_header(request: web.Request, name: str) -> int | None:
         raise StoreError(400, "validation", f"{name} header must be an integer") from None
 
 
-def int_param(request: web.Request, name: str, default: int) -> int:
+def int_param(request: web.Request, name: str, default: int, minimum: int | None = None) -> int:
+    """Return query parameter `name` as an integer; raise a 400 StoreError when invalid."""
     value = request.query.get(name)
     if value is None:
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise StoreError(400, "validation", f"{name} must be an integer") from None
+        raise StoreError(400, "validation", f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise StoreError(400, "validation",
+                         f"invalid {name} {number}: must be an integer >= {minimum}")
+    return number

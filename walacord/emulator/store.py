@@ -16,6 +16,8 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from walacord.emulator.validation import condition_problem, record_problem
+
 # Envelope type that carries schema definitions; custom envelope types start here.
 SCHEMA_ETID = 50
 MIN_CUSTOM_ETID = 10000
@@ -54,19 +56,30 @@ def _same(actual: Any, expected: Any) -> bool:
     return bool(actual == expected)
 
 
+def _is_operators(expected: Any) -> bool:
+    return isinstance(expected, dict) and any(key.startswith("$") for key in expected)
+
+
 def _matches(row: Mapping[str, Any], condition: Mapping[str, Any]) -> bool:
+    """Evaluate a condition that passed `condition_problem`: equality, `$eq` and `$in`."""
     for field, expected in condition.items():
         actual = row.get(field)
-        if isinstance(expected, dict) and "$in" in expected:
-            options = expected["$in"]
-            if not isinstance(options, list) or not any(_same(actual, o) for o in options):
+        if not _is_operators(expected):
+            if not _same(actual, expected):
                 return False
-        elif isinstance(expected, dict) and "$eq" in expected:
-            if not _same(actual, expected["$eq"]):
+            continue
+        for operator, argument in expected.items():
+            if operator == "$eq" and not _same(actual, argument):
                 return False
-        elif not _same(actual, expected):
-            return False
+            if operator == "$in" and not any(_same(actual, o) for o in argument):
+                return False
     return True
+
+
+def _check_condition(condition: Mapping[str, Any]) -> None:
+    problem = condition_problem(condition)
+    if problem is not None:
+        raise StoreError(400, "validation", problem)
 
 
 class Store:
@@ -190,19 +203,9 @@ class Store:
             previous = self.latest.get(etid, {}).get(uid)
             if previous is None:
                 raise StoreError(404, "not_found", f"no row with UID {uid} in ETId {etid}")
-        else:
-            for field in schema.get("Fields", []):
-                if field.get("Required") and field["FieldName"] not in record:
-                    raise StoreError(
-                        400, "validation", f"required field {field['FieldName']} is missing"
-                    )
-        for field in schema.get("Fields", []):
-            value = record.get(field["FieldName"])
-            limit = field.get("MaxLength")
-            if isinstance(value, str) and isinstance(limit, int) and 0 < limit < len(value):
-                raise StoreError(
-                    400, "validation", f"field {field['FieldName']} is longer than {limit}"
-                )
+        problem = record_problem(schema, record, new_row=previous is None)
+        if problem is not None:
+            raise StoreError(400, "validation", problem)
 
         row = {**previous} if previous is not None else {}
         row.update(record)
@@ -235,6 +238,7 @@ class Store:
         self, etid: int, condition: Mapping[str, Any], *, from_summary: bool
     ) -> list[dict[str, Any]]:
         """Return rows matching an equality (or `$in`) condition, in insertion order."""
+        _check_condition(condition)
         if not from_summary:
             return [r for r in self.history.get(etid, []) if _matches(r, condition)]
 
@@ -250,9 +254,12 @@ class Store:
         return [r for r in latest.values() if _matches(r, condition)]
 
     def _candidates(self, etid: int, field: str, expected: Any) -> list[str] | None:
-        options = (
-            expected["$in"] if isinstance(expected, dict) and "$in" in expected else [expected]
-        )
+        if _is_operators(expected):
+            if set(expected) != {"$in"}:
+                return None  # filter with _matches instead of the index
+            options = expected["$in"]
+        else:
+            options = [expected]
         if not isinstance(options, list):
             return None
         keys = [_index_key(o) for o in options]
@@ -289,6 +296,7 @@ class Store:
                 if rows is None:
                     rows = self.query(etid, argument, from_summary=True)
                 else:
+                    _check_condition(argument)
                     rows = [r for r in rows if _matches(r, argument)]
                 continue
             if rows is None:
@@ -296,7 +304,8 @@ class Store:
             if name == "$sort" and isinstance(argument, dict):
                 for field, direction in reversed(list(argument.items())):
                     rows.sort(key=_field_sort_key(field), reverse=direction == -1)
-            elif name in ("$skip", "$limit") and isinstance(argument, int) and argument >= 0:
+            elif name in ("$skip", "$limit"):
+                _check_count_stage(name, argument)
                 if total is None:
                     total = len(rows)
                 rows = rows[argument:] if name == "$skip" else rows[:argument]
@@ -310,6 +319,15 @@ class Store:
         if rows is None:
             rows = list(self.latest.get(etid, {}).values())
         return rows, total if total is not None else len(rows)
+
+
+def _check_count_stage(name: str, argument: Any) -> None:
+    """Reject a `$skip` below 0 or a `$limit` below 1, as MongoDB does."""
+    minimum = 1 if name == "$limit" else 0
+    if isinstance(argument, int) and not isinstance(argument, bool) and argument >= minimum:
+        return
+    expected = "a positive integer" if minimum else "0 or a positive integer"
+    raise StoreError(400, "validation", f"invalid {name} {argument!r}: must be {expected}")
 
 
 def _field_sort_key(field: str) -> Callable[[Mapping[str, Any]], tuple[int, Any]]:
