@@ -15,6 +15,7 @@ from walacord.config import BackupConfig
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
 
+
 @pytest.mark.anyio
 async def test_mode_override_expires_by_itself(pg_db: str, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
