@@ -25,6 +25,8 @@ from walacord.probes.base import (
 OK = ProbeResult(Status.OK, "ok", "fine")
 BAD = ProbeResult(Status.CRITICAL, "refused", "connection refused")
 SLOW = ProbeResult(Status.WARNING, "slow", "slow")
+GONE = ProbeResult(Status.CRITICAL, "refused", "cannot connect",
+                   details={"definitive": True})
 POLICY = ProbeSettings(failures_to_down=2, successes_to_up=2, min_dwell=1.0,
                        flap_window=100.0, flap_threshold=4, flap_hold=10.0, fast_interval=0.5)
 
@@ -52,6 +54,9 @@ SEQUENCES = [
     ("dwell holds recovery", [(0, OK), (10, BAD), (10.1, BAD), (10.2, OK), (10.3, OK),
                               (11.2, OK)], [UP, UP, DOWN, DOWN, DOWN, UP]),
     ("failure streak resets", [(0, OK), (1, BAD), (2, OK), (3, BAD)], [UP, UP, UP, UP]),
+    ("definitive failure goes down at once", [(0, OK), (0.1, GONE)], [UP, DOWN]),
+    ("definitive failure still needs dwell to recover",
+     [(0, OK), (0.1, GONE), (0.2, OK), (0.3, OK), (1.2, OK)], [UP, DOWN, DOWN, DOWN, UP]),
 ]
 
 

@@ -143,7 +143,10 @@ def advance(state: ProbeState, result: ProbeResult, now: float,
         # The first result settles the state at once: there is nothing to be stable against.
         health = Health.UP if result.healthy else Health.DOWN
         return replace(state, health=health, since=now)
-    if state.health is Health.UP and failures >= policy.failures_to_down:
+    # A definitive failure (nothing listens on the server's port) needs no streak: it
+    # cannot be a passing blip, and waiting for a second run only delays the emergency.
+    definitive = not result.healthy and bool(result.details.get("definitive"))
+    if state.health is Health.UP and (failures >= policy.failures_to_down or definitive):
         return replace(state, health=Health.DOWN, since=now, changes=(*changes, now))
     dwelt = now - state.since >= policy.min_dwell
     if state.health is Health.DOWN and successes >= policy.successes_to_up and dwelt:

@@ -71,6 +71,8 @@ SQLSTATE_REASONS = {
     "3D000": "config",             # invalid_catalog_name: the database does not exist
     "42501": "privilege",
 }
+# New-connection failures that prove the server cannot serve right now.
+DEFINITIVE_FAILURES = frozenset({"refused", "shutting_down"})
 # Failure reasons that a new pool can fix, mapped to the recycle trigger they name.
 RECYCLE_TRIGGERS = {
     "checkout_timeout": "checkout_timeout",
@@ -291,6 +293,9 @@ class DatabaseProbe:
                 assert fresh is not None
                 reason = fresh.failure or pooled.failure
                 message = f"cannot connect ({reason}: {fresh.error or pooled.error})"
+                # Both the pooled and a new connection failed, and the new one was
+                # refused or told the server is going down: no streak is needed.
+                details["definitive"] = fresh.failure in DEFINITIVE_FAILURES
             if reason == "shutting_down" or pooled.failure == "pool_closed":
                 details["release"] = reason == "shutting_down"
             return ProbeResult(Status.CRITICAL, reason, message, details=details)
