@@ -1,7 +1,7 @@
 """The `walacord` command: run the daemon, check config, run the sandbox and tools.
 
-Each subcommand lives in the module that owns it; this file only parses arguments
-and imports that module when the subcommand runs, so `walacord --help` stays fast.
+Each subcommand lives in the module that owns it. This file only parses arguments and
+imports that module when the subcommand runs.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def default_components(runtime: Runtime) -> list[Component]:
 
 
 
-# Which outbox sink each probe vouches for.
+# The outbox sink that each probe vouches for.
 SINK_OF_PROBE = {"database": "postgres", "walacor": "walacor"}
 
 

@@ -31,7 +31,7 @@ class ClusterError(WalacordError):
 
 
 def find_pg_bindir() -> Path:
-    """Return the directory that holds initdb and pg_ctl, newest major version first."""
+    """Return the directory that contains initdb and pg_ctl, newest major version first."""
     on_path = shutil.which("pg_ctl")
     if on_path and shutil.which("initdb"):
         return Path(on_path).resolve().parent

@@ -1,6 +1,6 @@
 """The HTTP server: Prometheus /metrics, liveness, readiness and JSON health.
 
-Every handler answers from state the components already hold; a request never runs a
+Every handler reads state the components already keep in memory, and a request never runs a
 probe or waits on PostgreSQL or Walacor, so a frozen dependency cannot slow a scrape.
 """
 
@@ -59,8 +59,14 @@ class WebServer:
     async def readyz(self, request: web.Request) -> web.Response:
         runtime = self.runtime
         ready = runtime.ready.is_set() and not runtime.stopping
+        if ready:
+            status = "ready"
+        elif runtime.stopping:
+            status = "stopping"
+        else:
+            status = "starting"
         document = {
-            "status": "ready" if ready else ("stopping" if runtime.stopping else "starting"),
+            "status": status,
             "components": sorted(runtime.components),
         }
         return json_response(document, 200 if ready else 503)
