@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
 import anyio
 import pytest
 
 from tests.conftest import WALACOR_USER
 from walacord.config import WalacorConfig, WalacorProbeConfig
-from walacord.emulator import Emulator
+from walacord.emulator import Emulator, running_emulator
 from walacord.probes.base import Status
 from walacord.probes.walacor import WalacorProbe
 
@@ -77,3 +82,36 @@ async def test_walacor_probe_hang_times_out(walacor_emulator: Emulator) -> None:
 def test_walacor_probe_not_configured() -> None:
     probe = WalacorProbe(lambda: WalacorProbeConfig(), lambda: WalacorConfig(url=""))
     assert probe.configured() is False
+
+
+def make_certificate(directory: Path, days: int) -> tuple[str, str]:
+    """Return a self-signed certificate for 127.0.0.1 valid `days` days, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl(1)")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", str(days),
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize(("days", "expected"), [(3, Status.WARNING), (90, Status.OK)])
+async def test_walacor_probe_tls_expiry(tmp_path: Path, days: int, expected: Status) -> None:
+    cert, key = make_certificate(tmp_path, days)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    async with running_emulator(ssl_context=context, users=dict([WALACOR_USER])) as emulator:
+        walacor = WalacorConfig(url=emulator.url, username=WALACOR_USER[0],
+                                password=WALACOR_USER[1], ca_bundle=cert,
+                                connect_timeout=1, read_timeout=1, request_timeout=2)
+        probe = WalacorProbe(lambda: WalacorProbeConfig(), lambda: walacor)
+        try:
+            result = await probe.check()
+        finally:
+            await probe.aclose()
+    assert result.status is expected, result.message
+    assert days - 1 <= result.details["tls_days_left"] <= days
+    if expected is Status.WARNING:
+        assert result.reason == "tls_expiry"

@@ -95,7 +95,6 @@ class WalacorProbe:
         return ProbeResult(Status.OK, "ok", "login and GET schemas/envelopeTypes pass",
                            details=details)
 
-    # NOTE: no test covers this path, because the emulator serves plain http only.
     async def _check_tls(self, cfg: WalacorConfig, settings: WalacorProbeConfig) -> None:
         now = time.monotonic()
         if now - self._tls_checked_at < TLS_RECHECK_SECONDS:
