@@ -25,7 +25,7 @@ SECRET = "s3cr3t-pw"
 
 
 class StallableComponent:
-    """A component that reports progress until told to stall, then again when resumed."""
+    """A component that reports progress until `stalled` is set, then again once cleared."""
 
     name = "stallable"
 

@@ -66,7 +66,7 @@ class Redactor:
             if value and len(value) >= 3:
                 expanded.add(value)
                 expanded.add(orjson.dumps(value).decode()[1:-1])
-        # Longest first, so a secret that contains another is replaced whole.
+        # Sorted by length, descending, so a secret that contains another is replaced whole.
         self._values = tuple(sorted(expanded, key=len, reverse=True))
 
     def __call__(self, text: str) -> str:

@@ -1,4 +1,4 @@
-"""What the daemon's components share: config, metrics, systemd notifier and progress.
+"""State shared by the daemon's components: config, metrics, systemd notifier, progress.
 
 One `Runtime` exists per daemon. Components read `runtime.config` each time they need
 a value, so a reload takes effect without restarting them.

@@ -53,7 +53,7 @@ async def test_outage_backlog_syncs_exactly_once(tmp_path: Path, pg_db: str,
     socket = Path(config.control.socket)
     emulator.set_faults(status=503)
     async with running_daemon(config):
-        # Step 1: enqueue the whole file while every Walacor call answers 503.
+        # Step 1: enqueue the whole file while every Walacor call returns 503.
         result = await anyio.run_process(
             [WALACORCTL, "--socket", str(socket), "enqueue", "--from-file", str(operations)],
             check=False)

@@ -134,7 +134,7 @@ def describe(exc: BaseException) -> str:
 
 @dataclass
 class StepOutcome:
-    """What one step found: the reason class of its failure (None when it passed)."""
+    """Outcome of one step: the reason class of its failure (None when it passed)."""
 
     failure: str | None = None
     error: str = ""
@@ -294,7 +294,7 @@ class DatabaseProbe:
                 reason = fresh.failure or pooled.failure
                 message = f"cannot connect ({reason}: {fresh.error or pooled.error})"
                 # Both the pooled and a new connection failed, and the new one was
-                # refused or told the server is going down: no streak is needed.
+                # refused or rejected with "shutting down", so no streak is needed.
                 details["definitive"] = fresh.failure in DEFINITIVE_FAILURES
             if reason == "shutting_down" or pooled.failure == "pool_closed":
                 details["release"] = reason == "shutting_down"
@@ -309,8 +309,8 @@ class DatabaseProbe:
                 details["release"] = True
                 return ProbeResult(Status.CRITICAL, "shutting_down",
                                    f"the server is shutting down ({fresh.error})", details=details)
-            # The pool's sessions still work, but nobody can open a new one: a frozen or
-            # overloaded postmaster, or max_connections reached. Clients need new sessions.
+            # The pool's sessions still work, but no new session can start. The cause is a
+            # frozen or overloaded postmaster, or max_connections reached.
             return ProbeResult(Status.CRITICAL, fresh.failure,
                                f"a new connection fails ({fresh.failure}: {fresh.error}) "
                                "while pooled connections work", details=details)

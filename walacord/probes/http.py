@@ -18,7 +18,8 @@ from walacord.probes.base import ProbeResult, Status
 
 
 class ApiProbe:
-    """GETs every configured URL and compares the answer with what is expected."""
+    """GETs every configured URL and compares the response with the expected status,
+    body and latency."""
 
     name = "api"
 
