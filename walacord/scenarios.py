@@ -8,16 +8,32 @@ failure and the story goes on, so one run shows every step.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import psycopg
+
+from walacord.client import AsyncOutboxClient, postgres_operation, walacor_operation
+from walacord.dev import DEV_ETID, DEV_STATEMENT, DEV_TABLE, EMULATOR_USER
+from walacord.errors import WalacordError
 
 if TYPE_CHECKING:
     from walacord.dev import Sandbox
 
 # Maximum wait for each expected mode, in seconds.
 STEP_LIMIT = 30.0
+# Maximum wait for the outbox to apply every enqueued operation after recovery, in
+# seconds. A PostgreSQL operation that failed on the outbox pool's stale connection
+# waits for its first retry (retry_initial, 1 s by default, plus jitter).
+DRAIN_LIMIT = 60.0
+# Deadline of one control request and of each check at a sink, in seconds.
+REQUEST_LIMIT = 10.0
+DRAIN_POLL_INTERVAL = 0.2
+# Operations the story enqueues for each sink.
+OPERATIONS_PER_SINK = 20
 
 
 class Timeline:
@@ -33,6 +49,10 @@ class Timeline:
         print(f"{erase}  +{time.monotonic() - self.began:6.2f}s  {text}",
               file=self.sandbox.out, flush=True)
 
+    def fail(self, text: str) -> None:
+        self.failures += 1
+        self.say(f"FAILED: {text}")
+
     async def expect(self, mode: str, limit: float = STEP_LIMIT) -> None:
         monitor = self.sandbox.monitor
         began = time.monotonic()
@@ -43,13 +63,168 @@ class Timeline:
         if monitor.modes.mode.value == mode:
             self.say(f"mode {mode} after {took:.2f}s: {monitor.modes.reason}")
         else:
-            self.failures += 1
-            self.say(f"FAILED: mode still {monitor.modes.mode.value}, not {mode}, after "
-                     f"{limit:g}s: {monitor.modes.reason}")
+            self.fail(f"mode still {monitor.modes.mode.value}, not {mode}, after "
+                      f"{limit:g}s: {monitor.modes.reason}")
+
+
+@dataclass
+class Batch:
+    """Operations the story enqueued, and the outbox counts just before it did."""
+
+    walacor_keys: list[str] = field(default_factory=list)
+    postgres_keys: list[str] = field(default_factory=list)
+    done_before: int = 0
+    dead_before: int = 0
+
+    @property
+    def accepted(self) -> int:
+        return len(self.walacor_keys) + len(self.postgres_keys)
+
+
+def _socket(sandbox: Sandbox) -> str:
+    return str(sandbox.supervisor.runtime.config.control.socket)
+
+
+def _operations(run: str) -> list[dict[str, Any]]:
+    """Build payments for both sinks; keys carry `run` so a reused sandbox never
+    mistakes an earlier run's rows for this one's."""
+    operations = []
+    for index in range(OPERATIONS_PER_SINK):
+        amount = 100 + index
+        key = f"outage-{run}-walacor-{index:03d}"
+        operations.append(walacor_operation(DEV_ETID, key=key, data={"amount": amount}))
+        key = f"outage-{run}-postgres-{index:03d}"
+        operations.append(postgres_operation(DEV_STATEMENT, key=key,
+                                             params={"key": key, "amount": amount}))
+    return operations
+
+
+async def enqueue_operations(timeline: Timeline) -> Batch:
+    """Enqueue payments one at a time through the control socket, as an application
+    would, and print how many were accepted and how many are pending."""
+    batch = Batch()
+    operations = _operations(uuid.uuid4().hex[:8])
+    timeline.say(f"enqueuing {len(operations)} operations ({OPERATIONS_PER_SINK} Walacor "
+                 f"records of ETId {DEV_ETID}, {OPERATIONS_PER_SINK} PostgreSQL rows through "
+                 f"{DEV_STATEMENT}) over the control socket")
+    began = time.monotonic()
+    try:
+        async with AsyncOutboxClient(_socket(timeline.sandbox), timeout=REQUEST_LIMIT) as client:
+            before = await client.stats()
+            batch.done_before, batch.dead_before = before["done"], before["dead"]
+            for operation in operations:
+                await client.enqueue(operation)
+                keys = batch.walacor_keys if operation["sink"] == "walacor" else (
+                    batch.postgres_keys)
+                keys.append(operation["key"])
+            stats = await client.stats()
+    except (WalacordError, OSError, TimeoutError) as exc:
+        timeline.fail(f"enqueue stopped after {batch.accepted} of {len(operations)} "
+                      f"operations: {exc}")
+        return batch
+
+    took = time.monotonic() - began
+    timeline.say(f"outbox accepted {batch.accepted} operations in {took:.2f}s; "
+                 f"pending {stats['pending']}, in flight {stats['in_flight']}")
+    return batch
+
+
+async def wait_drained(timeline: Timeline, batch: Batch, limit: float = DRAIN_LIMIT) -> bool:
+    """Wait until nothing is pending or in flight and every enqueued operation is done.
+
+    Return whether the outbox drained within `limit` seconds.
+    """
+    timeline.say(f"waiting for the outbox to apply {batch.accepted} operations")
+    began = time.monotonic()
+    stats: dict[str, Any] = {}
+    try:
+        async with AsyncOutboxClient(_socket(timeline.sandbox), timeout=REQUEST_LIMIT) as client:
+            with anyio.move_on_after(limit):
+                while True:
+                    stats = await client.stats()
+                    if stats["pending"] == 0 and stats["in_flight"] == 0:
+                        break
+                    await anyio.sleep(DRAIN_POLL_INTERVAL)
+    except (WalacordError, OSError, TimeoutError) as exc:
+        timeline.fail(f"cannot read the outbox counts: {exc}")
+        return False
+
+    took = time.monotonic() - began
+    applied = stats.get("done", batch.done_before) - batch.done_before
+    dead = stats.get("dead", batch.dead_before) - batch.dead_before
+    counts = (f"applied {applied} of {batch.accepted}, pending {stats.get('pending')}, "
+              f"in flight {stats.get('in_flight')}, dead {dead}")
+    if stats.get("pending") != 0 or stats.get("in_flight") != 0:
+        timeline.fail(f"outbox not drained after {limit:g}s: {counts}")
+        return False
+    if applied != batch.accepted or dead:
+        timeline.fail(f"outbox drained in {took:.2f}s but {counts}; see "
+                      "`walacorctl outbox list --state dead`")
+        return False
+    timeline.say(f"outbox drained in {took:.2f}s: {counts}")
+    return True
+
+
+def _verdict(sink: str, rows: dict[str, int], took: float) -> tuple[bool, str]:
+    missing = sum(1 for count in rows.values() if count == 0)
+    duplicated = sum(1 for count in rows.values() if count > 1)
+    once = len(rows) - missing - duplicated
+    text = (f"{sink}: {once} of {len(rows)} keys stored exactly once ({missing} missing, "
+            f"{duplicated} duplicated), checked in {took:.2f}s")
+    return not missing and not duplicated, text
+
+
+async def check_walacor(timeline: Timeline, batch: Batch) -> None:
+    """Query the emulator by walacord_key for each Walacor key and count the records."""
+    from walacord.walacor.client import WalacorClient
+
+    began = time.monotonic()
+    rows: dict[str, int] = {}
+    try:
+        with anyio.fail_after(REQUEST_LIMIT):
+            async with WalacorClient(timeline.sandbox.emulator.url, username=EMULATOR_USER[0],
+                                     password=EMULATOR_USER[1]) as client:
+                for key in batch.walacor_keys:
+                    result = await client.query(DEV_ETID, {"walacord_key": key},
+                                                page_no=0, page_size=0)
+                    rows[key] = len(result.rows)
+    except (WalacordError, TimeoutError) as exc:
+        timeline.fail(f"cannot query Walacor records of ETId {DEV_ETID}: {exc}")
+        return
+
+    passed, text = _verdict(f"Walacor ETId {DEV_ETID}", rows, time.monotonic() - began)
+    if passed:
+        timeline.say(text)
+    else:
+        timeline.fail(text)
+
+
+async def check_postgres(timeline: Timeline, batch: Batch) -> None:
+    """Count the rows of each PostgreSQL key in the table that DEV_STATEMENT writes."""
+    began = time.monotonic()
+    url = timeline.sandbox.cluster.url("postgres")
+    query = f"SELECT key, count(*) FROM {DEV_TABLE} WHERE key = ANY(%s) GROUP BY key"
+    try:
+        with anyio.fail_after(REQUEST_LIMIT):
+            async with await psycopg.AsyncConnection.connect(
+                    url, connect_timeout=int(REQUEST_LIMIT)) as conn:
+                cursor = await conn.execute(query, (batch.postgres_keys,))
+                found: dict[str, int] = dict(await cursor.fetchall())
+    except (psycopg.Error, TimeoutError) as exc:
+        timeline.fail(f"cannot count rows in table {DEV_TABLE}: {exc}")
+        return
+
+    rows = {key: found.get(key, 0) for key in batch.postgres_keys}
+    passed, text = _verdict(f"PostgreSQL table {DEV_TABLE}", rows, time.monotonic() - began)
+    if passed:
+        timeline.say(text)
+    else:
+        timeline.fail(text)
 
 
 async def outage(sandbox: Sandbox) -> None:
-    """Run the outage story: normal, PostgreSQL stops, Walacor fails too, both recover."""
+    """Run the outage story: normal, PostgreSQL stops, operations queue, Walacor fails
+    too, both recover and the outbox drains into them."""
     timeline = Timeline(sandbox)
     monitor = sandbox.monitor
     print("\noutage scenario", file=sandbox.out, flush=True)
@@ -63,9 +238,8 @@ async def outage(sandbox: Sandbox) -> None:
         tg.start_soon(anyio.to_thread.run_sync, lambda: sandbox.cluster.stop("immediate"))
         await timeline.expect("emergency")
 
-    # Step 3: operations would queue in the outbox here.
-    # NOTE: this build has no outbox, so no operations are enqueued or drained.
-    timeline.say("operations would queue now (no outbox in this build)")
+    # Step 3: the application hands its writes to the outbox over the control socket.
+    batch = await enqueue_operations(timeline)
 
     # Step 4: Walacor returns 503 as well.
     timeline.say("Walacor emulator now returns 503 to every request")
@@ -73,15 +247,18 @@ async def outage(sandbox: Sandbox) -> None:
     monitor.runners["walacor"].trigger()
     await timeline.expect("offline")
 
-    # Step 5: both recover.
+    # Step 5: both recover, the outbox drains, and each sink holds every key once.
     timeline.say("starting PostgreSQL and clearing the Walacor fault")
     sandbox.emulator.clear_faults()
     await anyio.to_thread.run_sync(sandbox.cluster.start)
     monitor.runners["walacor"].trigger()
     await timeline.expect("normal")
+    if await wait_drained(timeline, batch):
+        await check_walacor(timeline, batch)
+        await check_postgres(timeline, batch)
 
-    verdict = "every step reached its mode" if not timeline.failures else (
-        f"{timeline.failures} step(s) missed their mode")
+    verdict = "every step passed" if not timeline.failures else (
+        f"{timeline.failures} step(s) FAILED")
     timeline.say(f"done: {verdict}")
     sandbox.failures = timeline.failures
 
