@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 import psycopg
@@ -37,24 +37,24 @@ OPERATIONS_PER_SINK = 20
 
 
 class Timeline:
-    """Steps printed with the seconds since the story began."""
+    """Steps printed to `out` with the seconds since the story began, and a count of
+    failed steps."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.sandbox = sandbox
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
         self.began = time.monotonic()
         self.failures = 0
 
     def say(self, text: str) -> None:
-        erase = "\r\x1b[K" if self.sandbox.out.isatty() else ""
+        erase = "\r\x1b[K" if self.out.isatty() else ""
         print(f"{erase}  +{time.monotonic() - self.began:6.2f}s  {text}",
-              file=self.sandbox.out, flush=True)
+              file=self.out, flush=True)
 
     def fail(self, text: str) -> None:
         self.failures += 1
         self.say(f"FAILED: {text}")
 
-    async def expect(self, mode: str, limit: float = STEP_LIMIT) -> None:
-        monitor = self.sandbox.monitor
+    async def expect(self, monitor: Any, mode: str, limit: float = STEP_LIMIT) -> None:
         began = time.monotonic()
         with anyio.move_on_after(limit):
             while monitor.modes.mode.value != mode:
@@ -81,10 +81,6 @@ class Batch:
         return len(self.walacor_keys) + len(self.postgres_keys)
 
 
-def _socket(sandbox: Sandbox) -> str:
-    return str(sandbox.supervisor.runtime.config.control.socket)
-
-
 def _operations(run: str) -> list[dict[str, Any]]:
     """Build payments for both sinks; keys carry `run` so a reused sandbox never
     mistakes an earlier run's rows for this one's."""
@@ -99,7 +95,7 @@ def _operations(run: str) -> list[dict[str, Any]]:
     return operations
 
 
-async def enqueue_operations(timeline: Timeline) -> Batch:
+async def enqueue_operations(timeline: Timeline, socket_path: str) -> Batch:
     """Enqueue payments one at a time through the control socket, as an application
     would, and print how many were accepted and how many are pending."""
     batch = Batch()
@@ -109,7 +105,7 @@ async def enqueue_operations(timeline: Timeline) -> Batch:
                  f"{DEV_STATEMENT}) over the control socket")
     began = time.monotonic()
     try:
-        async with AsyncOutboxClient(_socket(timeline.sandbox), timeout=REQUEST_LIMIT) as client:
+        async with AsyncOutboxClient(socket_path, timeout=REQUEST_LIMIT) as client:
             before = await client.stats()
             batch.done_before, batch.dead_before = before["done"], before["dead"]
             for operation in operations:
@@ -129,7 +125,8 @@ async def enqueue_operations(timeline: Timeline) -> Batch:
     return batch
 
 
-async def wait_drained(timeline: Timeline, batch: Batch, limit: float = DRAIN_LIMIT) -> bool:
+async def wait_drained(timeline: Timeline, socket_path: str, batch: Batch,
+                       limit: float = DRAIN_LIMIT) -> bool:
     """Wait until nothing is pending or in flight and every enqueued operation is done.
 
     Return whether the outbox drained within `limit` seconds.
@@ -138,7 +135,7 @@ async def wait_drained(timeline: Timeline, batch: Batch, limit: float = DRAIN_LI
     began = time.monotonic()
     stats: dict[str, Any] = {}
     try:
-        async with AsyncOutboxClient(_socket(timeline.sandbox), timeout=REQUEST_LIMIT) as client:
+        async with AsyncOutboxClient(socket_path, timeout=REQUEST_LIMIT) as client:
             with anyio.move_on_after(limit):
                 while True:
                     stats = await client.stats()
@@ -174,7 +171,7 @@ def _verdict(sink: str, rows: dict[str, int], took: float) -> tuple[bool, str]:
     return not missing and not duplicated, text
 
 
-async def check_walacor(timeline: Timeline, batch: Batch) -> None:
+async def check_walacor(timeline: Timeline, emulator_url: str, batch: Batch) -> None:
     """Query the emulator by walacord_key for each Walacor key and count the records."""
     from walacord.walacor.client import WalacorClient
 
@@ -182,7 +179,7 @@ async def check_walacor(timeline: Timeline, batch: Batch) -> None:
     rows: dict[str, int] = {}
     try:
         with anyio.fail_after(REQUEST_LIMIT):
-            async with WalacorClient(timeline.sandbox.emulator.url, username=EMULATOR_USER[0],
+            async with WalacorClient(emulator_url, username=EMULATOR_USER[0],
                                      password=EMULATOR_USER[1]) as client:
                 for key in batch.walacor_keys:
                     result = await client.query(DEV_ETID, {"walacord_key": key},
@@ -199,15 +196,14 @@ async def check_walacor(timeline: Timeline, batch: Batch) -> None:
         timeline.fail(text)
 
 
-async def check_postgres(timeline: Timeline, batch: Batch) -> None:
+async def check_postgres(timeline: Timeline, database_url: str, batch: Batch) -> None:
     """Count the rows of each PostgreSQL key in the table that DEV_STATEMENT writes."""
     began = time.monotonic()
-    url = timeline.sandbox.cluster.url("postgres")
     query = f"SELECT key, count(*) FROM {DEV_TABLE} WHERE key = ANY(%s) GROUP BY key"
     try:
         with anyio.fail_after(REQUEST_LIMIT):
             async with await psycopg.AsyncConnection.connect(
-                    url, connect_timeout=int(REQUEST_LIMIT)) as conn:
+                    database_url, connect_timeout=int(REQUEST_LIMIT)) as conn:
                 cursor = await conn.execute(query, (batch.postgres_keys,))
                 found: dict[str, int] = dict(await cursor.fetchall())
     except (psycopg.Error, TimeoutError) as exc:
@@ -225,37 +221,38 @@ async def check_postgres(timeline: Timeline, batch: Batch) -> None:
 async def outage(sandbox: Sandbox) -> None:
     """Run the outage story: normal, PostgreSQL stops, operations queue, Walacor fails
     too, both recover and the outbox drains into them."""
-    timeline = Timeline(sandbox)
+    timeline = Timeline(sandbox.out)
     monitor = sandbox.monitor
+    socket_path = str(sandbox.supervisor.runtime.config.control.socket)
     print("\noutage scenario", file=sandbox.out, flush=True)
 
     # Step 1: everything healthy.
-    await timeline.expect("normal")
+    await timeline.expect(monitor, "normal")
 
     # Step 2: PostgreSQL stops at once, as in a crash.
     timeline.say("stopping PostgreSQL (pg_ctl stop -m immediate)")
     async with anyio.create_task_group() as tg:
         tg.start_soon(anyio.to_thread.run_sync, lambda: sandbox.cluster.stop("immediate"))
-        await timeline.expect("emergency")
+        await timeline.expect(monitor, "emergency")
 
     # Step 3: the application hands its writes to the outbox over the control socket.
-    batch = await enqueue_operations(timeline)
+    batch = await enqueue_operations(timeline, socket_path)
 
     # Step 4: Walacor returns 503 as well.
     timeline.say("Walacor emulator now returns 503 to every request")
     sandbox.emulator.set_faults(status=503)
     monitor.runners["walacor"].trigger()
-    await timeline.expect("offline")
+    await timeline.expect(monitor, "offline")
 
     # Step 5: both recover, the outbox drains, and each sink holds every key once.
     timeline.say("starting PostgreSQL and clearing the Walacor fault")
     sandbox.emulator.clear_faults()
     await anyio.to_thread.run_sync(sandbox.cluster.start)
     monitor.runners["walacor"].trigger()
-    await timeline.expect("normal")
-    if await wait_drained(timeline, batch):
-        await check_walacor(timeline, batch)
-        await check_postgres(timeline, batch)
+    await timeline.expect(monitor, "normal")
+    if await wait_drained(timeline, socket_path, batch):
+        await check_walacor(timeline, sandbox.emulator.url, batch)
+        await check_postgres(timeline, sandbox.cluster.url("postgres"), batch)
 
     verdict = "every step passed" if not timeline.failures else (
         f"{timeline.failures} step(s) FAILED")
