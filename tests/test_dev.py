@@ -132,3 +132,23 @@ def test_dev_outage_scenario_timeline() -> None:
     assert set(postgres_rows.values()) == {1}, postgres_rows
     assert all("-walacor-" in key for key in walacor_rows)
     assert all("-postgres-" in key for key in postgres_rows)
+
+
+def test_dev_invalid_config_exits() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="walacord-dev-"))
+    parent.chmod(0o755)
+    directory = parent / "sandbox"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "walacord", "dev", "--dir", str(directory),
+             "--http", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=90)
+        cluster = PgCluster(directory / "pg", port=int((directory / "pg.port").read_text()))
+        still_running = cluster.is_running()
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "generated config is invalid" in result.stderr
+    assert "http.listen: invalid address '127.0.0.1:0'" in result.stderr
+    assert not still_running

@@ -200,6 +200,8 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
             except (ClusterError, WalacorError, TimeoutError) as exc:
                 print(f"walacord dev: cannot create the outbox's table and envelope type: "
                       f"{exc}", file=sys.stderr)
+                # Cancelled first, or the task group waits for the emulator forever.
+                tg.cancel_scope.cancel()
                 return 1
 
             # Step 3: the config, validated as the daemon would.
@@ -209,6 +211,7 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
                 cfg = config_module.load(config_path)
             except ConfigError as exc:
                 print(f"walacord dev: generated config is invalid:\n{exc}", file=sys.stderr)
+                tg.cancel_scope.cancel()
                 return 1
             # The terminal shows the status line; the JSON logs go to the files only.
             logs.setup(cfg.logging.level, cfg.logging.dir, queue_size=cfg.logging.queue_size,
