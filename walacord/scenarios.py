@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 
 # Maximum wait for each expected mode, in seconds.
 STEP_LIMIT = 30.0
-# Maximum wait for the outbox to apply every enqueued operation after recovery, in
-# seconds. A PostgreSQL operation that failed on the outbox pool's stale connection
-# waits for its first retry (retry_initial, 1 s by default, plus jitter).
+# Maximum wait for the outbox to apply every enqueued operation after both sinks
+# recover, in seconds.
 DRAIN_LIMIT = 60.0
 # Deadline of one control request and of each check at a sink, in seconds.
 REQUEST_LIMIT = 10.0
@@ -127,9 +126,10 @@ async def enqueue_operations(timeline: Timeline, socket_path: str) -> Batch:
 
 async def wait_drained(timeline: Timeline, socket_path: str, batch: Batch,
                        limit: float = DRAIN_LIMIT) -> bool:
-    """Wait until nothing is pending or in flight and every enqueued operation is done.
+    """Wait up to `limit` seconds until nothing is pending or in flight, then check that
+    every enqueued operation is done and none went dead.
 
-    Return whether the outbox drained within `limit` seconds.
+    Return whether both conditions are met.
     """
     timeline.say(f"waiting for the outbox to apply {batch.accepted} operations")
     began = time.monotonic()
@@ -244,7 +244,7 @@ async def outage(sandbox: Sandbox) -> None:
     monitor.runners["walacor"].trigger()
     await timeline.expect(monitor, "offline")
 
-    # Step 5: both recover, the outbox drains, and each sink holds every key once.
+    # Step 5: both recover, the outbox drains, and each sink stores every key once.
     timeline.say("starting PostgreSQL and clearing the Walacor fault")
     sandbox.emulator.clear_faults()
     await anyio.to_thread.run_sync(sandbox.cluster.start)
