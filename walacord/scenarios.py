@@ -125,11 +125,13 @@ async def enqueue_operations(timeline: Timeline, socket_path: str) -> Batch:
 
 
 async def wait_drained(timeline: Timeline, socket_path: str, batch: Batch,
-                       limit: float = DRAIN_LIMIT) -> bool:
+                       limit: float = DRAIN_LIMIT, *, recovered_at: float | None = None
+                       ) -> bool:
     """Wait up to `limit` seconds until nothing is pending or in flight, then check that
     every enqueued operation is done and none went dead.
 
-    Return whether both conditions are met.
+    Return whether both conditions are met. `recovered_at`, a time.monotonic() value,
+    adds the drain time counted from when the sinks came back.
     """
     timeline.say(f"waiting for the outbox to apply {batch.accepted} operations")
     began = time.monotonic()
@@ -158,7 +160,9 @@ async def wait_drained(timeline: Timeline, socket_path: str, batch: Batch,
         timeline.fail(f"outbox drained in {took:.2f}s but {counts}; see "
                       "`walacorctl outbox list --state dead`")
         return False
-    timeline.say(f"outbox drained in {took:.2f}s: {counts}")
+    since = "" if recovered_at is None else (
+        f" ({time.monotonic() - recovered_at:.2f}s after the sinks came back)")
+    timeline.say(f"outbox drained in {took:.2f}s{since}: {counts}")
     return True
 
 
@@ -246,11 +250,12 @@ async def outage(sandbox: Sandbox) -> None:
 
     # Step 5: both recover, the outbox drains, and each sink stores every key once.
     timeline.say("starting PostgreSQL and clearing the Walacor fault")
+    recovered_at = time.monotonic()
     sandbox.emulator.clear_faults()
     await anyio.to_thread.run_sync(sandbox.cluster.start)
     monitor.runners["walacor"].trigger()
     await timeline.expect(monitor, "normal")
-    if await wait_drained(timeline, socket_path, batch):
+    if await wait_drained(timeline, socket_path, batch, recovered_at=recovered_at):
         await check_walacor(timeline, sandbox.emulator.url, batch)
         await check_postgres(timeline, sandbox.cluster.url("postgres"), batch)
 
