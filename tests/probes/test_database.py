@@ -137,8 +137,7 @@ async def test_crash_watcher_sees_immediate_stop(own_pg_cluster: PgCluster) -> N
 
 
 
-async def watched_drop(probe: DatabaseProbe, url: str,
-                       drop_server: Callable[[], object]) -> ServerDrop:
+async def watched_drop(probe: DatabaseProbe, drop_server: Callable[[], object]) -> ServerDrop:
     """Hold a LISTEN connection, run `drop_server` in a thread, and return the drop seen."""
     events: list[str] = []
     watcher = CrashWatcher(probe.pool, events.append, lambda: 2.0)
@@ -153,11 +152,10 @@ async def watched_drop(probe: DatabaseProbe, url: str,
     return watcher.last_drop
 
 
-async def test_database_probe_immediate_stop_skips_fresh(own_pg_cluster: PgCluster) -> None:
+async def test_database_probe_immediate_stop(own_pg_cluster: PgCluster) -> None:
     async with running_probe(own_pg_cluster.url()) as probe:
         before = await probe.check()
-        drop = await watched_drop(probe, own_pg_cluster.url(),
-                                  lambda: own_pg_cluster.stop("immediate"))
+        drop = await watched_drop(probe, lambda: own_pg_cluster.stop("immediate"))
         probe.note_server_drop(drop)
         began = time.monotonic()
         result = await probe.check()
@@ -175,7 +173,7 @@ async def test_database_probe_immediate_stop_skips_fresh(own_pg_cluster: PgClust
     assert took < 0.1
 
 
-async def test_database_probe_terminated_backends_not_definitive(pg_db: str) -> None:
+async def test_database_probe_terminated_backends(pg_db: str) -> None:
     def terminate_walacord_backends() -> None:
         with psycopg.connect(pg_db, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -183,10 +181,10 @@ async def test_database_probe_terminated_backends_not_definitive(pg_db: str) -> 
 
     async with running_probe(pg_db) as probe:
         await probe.check()
-        drop = await watched_drop(probe, pg_db, terminate_walacord_backends)
+        drop = await watched_drop(probe, terminate_walacord_backends)
         probe.note_server_drop(drop)
         result = await probe.check()
-    # The server is up: a new connection works, so the pool is recycled instead.
+    # The server is up and a new connection works, so the probe asks for a pool recycle.
     assert drop.sqlstate == "57P01"
     assert drop.severity == "FATAL"
     assert not drop.server_stopping
@@ -198,7 +196,7 @@ async def test_database_probe_terminated_backends_not_definitive(pg_db: str) -> 
 
 
 DROPS = [
-    ("57P01", "WARNING", True),   # immediate stop, PostgreSQL 14 and later
+    ("57P01", "WARNING", True),   # immediate stop, measured on PostgreSQL 15
     ("57P02", "WARNING", True),   # crash of another server process
     ("57P03", "FATAL", True),     # cannot_connect_now
     ("57P01", "FATAL", False),    # pg_terminate_backend() or a fast shutdown

@@ -169,7 +169,7 @@ class DatabaseProbe:
         await self.abandoner.run(task_status=task_status)
 
     def note_server_drop(self, drop: ServerDrop | None) -> None:
-        """Store what the crash watcher saw, for the next run only; None clears it."""
+        """Store what the crash watcher saw, for the next run only. None clears it."""
         self._server_drop = drop
 
     # --- one run ----------------------------------------------------------------
@@ -183,10 +183,10 @@ class DatabaseProbe:
         drop, self._server_drop = self._server_drop, None
         pooled = await self._step(self._pooled_step, step_deadline)
 
-        # The server told the held connection that it is going down, and the pooled
-        # connection is gone too: that is proof enough, so skip the new connection.
-        # During an immediate stop it can fail with a bare close, which proves nothing,
-        # and waiting for a second run to confirm would cost another fast interval.
+        # The server sent the held connection a message that only a server going down
+        # sends, and the pooled connection is lost too, so skip the new connection.
+        # During an immediate stop a new connection often fails with a bare close,
+        # which is not definitive, and a second run to confirm costs a fast interval.
         if (pooled.failure == "connection_lost" and drop is not None and drop.server_stopping
                 and time.monotonic() - drop.at <= settings.timeout):
             return self._server_stopping_verdict(pooled, drop)
@@ -404,12 +404,12 @@ class ServerDrop:
     def server_stopping(self) -> bool:
         """True when only a server going down sends this message.
 
-        The idle LISTEN connection receives the server's last word as a notice. An
-        immediate stop sends 57P01 at WARNING since PostgreSQL 14, and 57P02 before
-        that or when another server process crashed. 57P03 means the server refuses
-        sessions. pg_terminate_backend() and a fast shutdown both send 57P01 at FATAL,
-        so that message, like a close with no message at all (an idle timeout in a
-        proxy), does not prove that the server is down.
+        The idle LISTEN connection receives the server's last message as a notice.
+        On PostgreSQL 15, an immediate stop sends 57P01 at WARNING, and the crash of
+        another server process sends 57P02. 57P03 means the server rejects sessions.
+        pg_terminate_backend() and a fast shutdown both send 57P01 at FATAL. So that
+        message does not prove that the server is down, and neither does a close with
+        no message at all, which an idle timeout in a proxy also causes.
         """
         if self.sqlstate in ("57P02", "57P03"):
             return True
