@@ -172,6 +172,9 @@ class Monitor:
     # --- reacting to probes -----------------------------------------------------
 
     def _on_server_event(self, event: str) -> None:
+        # The probe's next run weighs what the server sent before the drop.
+        self.database.note_server_drop(
+            self.watcher.last_drop if event == "connection_dropped" else None)
         self.runners["database"].trigger()
 
     def _on_result(self, name: str, result: ProbeResult) -> None:

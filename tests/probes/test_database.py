@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -16,7 +16,7 @@ from walacord.config import DatabaseConfig, DatabaseProbeConfig
 from walacord.dbpool import DatabasePool
 from walacord.pgcluster import PgCluster, free_port
 from walacord.probes.base import Status
-from walacord.probes.database import CrashWatcher, DatabaseProbe, classify
+from walacord.probes.database import CrashWatcher, DatabaseProbe, ServerDrop, classify
 
 pytestmark = pytest.mark.anyio
 
@@ -134,6 +134,81 @@ async def test_crash_watcher_sees_immediate_stop(own_pg_cluster: PgCluster) -> N
     # pg_ctl returns after the server is gone, so the drop is seen before that.
     assert events[0][1] - stopped < 0.1
     assert events[1][0] == "server_back"
+
+
+
+async def watched_drop(probe: DatabaseProbe, drop_server: Callable[[], object]) -> ServerDrop:
+    """Hold a LISTEN connection, run `drop_server` in a thread, and return the drop seen."""
+    events: list[str] = []
+    watcher = CrashWatcher(probe.pool, events.append, lambda: 2.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watcher.run)
+        await wait_until(lambda: watcher.connected, 5)
+        await anyio.to_thread.run_sync(drop_server)
+        await wait_until(lambda: events, 5, step=0.002)
+        tg.cancel_scope.cancel()
+    assert events[0] == "connection_dropped"
+    assert watcher.last_drop is not None
+    return watcher.last_drop
+
+
+async def test_database_probe_immediate_stop(own_pg_cluster: PgCluster) -> None:
+    async with running_probe(own_pg_cluster.url()) as probe:
+        before = await probe.check()
+        drop = await watched_drop(probe, lambda: own_pg_cluster.stop("immediate"))
+        probe.note_server_drop(drop)
+        began = time.monotonic()
+        result = await probe.check()
+        took = time.monotonic() - began
+        own_pg_cluster.start()
+    assert before.status is Status.OK
+    assert drop.sqlstate == "57P01"
+    assert drop.severity == "WARNING"
+    assert drop.server_stopping
+    assert result.status is Status.CRITICAL
+    assert result.reason == "connection_lost"
+    assert result.details["definitive"] is True
+    assert "fresh_connection" not in result.details
+    assert "57P01" in result.message
+    assert took < 0.1
+
+
+async def test_database_probe_terminated_backends(pg_db: str) -> None:
+    def terminate_walacord_backends() -> None:
+        with psycopg.connect(pg_db, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+    async with running_probe(pg_db) as probe:
+        await probe.check()
+        drop = await watched_drop(probe, terminate_walacord_backends)
+        probe.note_server_drop(drop)
+        result = await probe.check()
+    # The server is up and a new connection works, so the probe asks for a pool recycle.
+    assert drop.sqlstate == "57P01"
+    assert drop.severity == "FATAL"
+    assert not drop.server_stopping
+    assert result.status is Status.CRITICAL
+    assert result.reason == "connection_lost"
+    assert result.details["fresh_connection"] == "ok"
+    assert result.details["recycle"] == "broken_connections"
+    assert not result.details.get("definitive")
+
+
+DROPS = [
+    ("57P01", "WARNING", True),   # immediate stop, measured on PostgreSQL 15
+    ("57P02", "WARNING", True),   # crash of another server process
+    ("57P03", "FATAL", True),     # cannot_connect_now
+    ("57P01", "FATAL", False),    # pg_terminate_backend() or a fast shutdown
+    (None, None, False),          # closed with no message
+]
+
+
+@pytest.mark.parametrize(("sqlstate", "severity", "stopping"), DROPS)
+def test_server_drop_stopping(sqlstate: str | None, severity: str | None,
+                              stopping: bool) -> None:
+    drop = ServerDrop(0.0, sqlstate, severity, "x")
+    assert drop.server_stopping is stopping
 
 
 CLASSES = [

@@ -12,7 +12,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import anyio
@@ -156,6 +157,7 @@ class DatabaseProbe:
         self._last_fresh = -float("inf")
         self._schema_ready_generation = 0
         self._checkout_timeout = 1.0
+        self._server_drop: ServerDrop | None = None
 
     def settings(self) -> DatabaseProbeConfig:
         return self._settings()
@@ -166,6 +168,10 @@ class DatabaseProbe:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.abandoner.run(task_status=task_status)
 
+    def note_server_drop(self, drop: ServerDrop | None) -> None:
+        """Store what the crash watcher saw, for the next run only. None clears it."""
+        self._server_drop = drop
+
     # --- one run ----------------------------------------------------------------
 
     async def check(self) -> ProbeResult:
@@ -174,7 +180,16 @@ class DatabaseProbe:
 
         # Step 1: SELECT 1, the write check and the figures on a pooled connection.
         self._checkout_timeout = min(self.pool.config.checkout_timeout, step_deadline * 0.8)
+        drop, self._server_drop = self._server_drop, None
         pooled = await self._step(self._pooled_step, step_deadline)
+
+        # The server sent the held connection a message that only a server going down
+        # sends, and the pooled connection is lost too, so skip the new connection.
+        # During an immediate stop a new connection often fails with a bare close,
+        # which is not definitive, and a second run to confirm costs a fast interval.
+        if (pooled.failure == "connection_lost" and drop is not None and drop.server_stopping
+                and time.monotonic() - drop.at <= settings.timeout):
+            return self._server_stopping_verdict(pooled, drop)
 
         # Step 2: a brand-new connection, when due or when the pooled step failed.
         fresh: StepOutcome | None = None
@@ -316,6 +331,21 @@ class DatabaseProbe:
                                "while pooled connections work", details=details)
         return self._figures_verdict(pooled.figures, details, settings)
 
+    def _server_stopping_verdict(self, pooled: StepOutcome, drop: ServerDrop) -> ProbeResult:
+        details: dict[str, Any] = {
+            "pool": self.pool.connections(),
+            "select_latency_seconds": round(pooled.latency, 6),
+            "writable": False,
+            "reachable": False,
+            "server_message": f"{drop.sqlstate} {drop.severity}: {drop.message}",
+            "definitive": True,
+        }
+        return ProbeResult(
+            Status.CRITICAL, "connection_lost",
+            f"the server is going down: it closed the held connection with "
+            f"SQLSTATE {drop.sqlstate} ({drop.message}), and the pooled connection "
+            f"failed ({pooled.error})", details=details)
+
     def _figures_verdict(self, figures: dict[str, Any], details: dict[str, Any],
                          settings: DatabaseProbeConfig) -> ProbeResult:
         critical: list[tuple[str, str]] = []
@@ -361,12 +391,38 @@ class DatabaseProbe:
                            details=details)
 
 
+@dataclass(frozen=True)
+class ServerDrop:
+    """The server's last message on the held connection before it closed, if any."""
+
+    at: float  # time.monotonic()
+    sqlstate: str | None
+    severity: str | None  # not localized: "FATAL", "WARNING", ...
+    message: str
+
+    @property
+    def server_stopping(self) -> bool:
+        """True when only a server going down sends this message.
+
+        The idle LISTEN connection receives the server's last message as a notice.
+        On PostgreSQL 15, an immediate stop sends 57P01 at WARNING, and the crash of
+        another server process sends 57P02. 57P03 means the server rejects sessions.
+        pg_terminate_backend() and a fast shutdown both send 57P01 at FATAL. So that
+        message does not prove that the server is down, and neither does a close with
+        no message at all, which an idle timeout in a proxy also causes.
+        """
+        if self.sqlstate in ("57P02", "57P03"):
+            return True
+        return self.sqlstate == "57P01" and self.severity == "WARNING"
+
+
 class CrashWatcher:
     """Holds one LISTEN connection and calls `on_change` the moment the server drops it.
 
     The connection waits for notifications on its socket, so a server that exits,
     restarts or kills the session makes the socket readable at once. The watcher then
     reconnects with a short backoff and calls `on_change` again when the server is back.
+    `last_drop` stores what the server sent before the drop that `on_change` reports.
     """
 
     name = "database-watch"
@@ -381,6 +437,7 @@ class CrashWatcher:
         self.connect_timeout = connect_timeout
         self.connected = False
         self.drops = 0
+        self.last_drop: ServerDrop | None = None
         self._held: anyio.CancelScope | None = None
 
     def release(self) -> None:
@@ -408,6 +465,8 @@ class CrashWatcher:
             if not self.connected and self.drops:
                 self.on_change("server_back")
             self.connected = True
+            notices: list[ServerDrop] = []
+            conn.add_notice_handler(partial(_keep_notice, notices))
             try:
                 with anyio.CancelScope() as self._held:
                     async for _ in conn.notifies():
@@ -418,10 +477,35 @@ class CrashWatcher:
             except psycopg.Error as exc:
                 self.connected = False
                 self.drops += 1
+                self.last_drop = _last_word(exc, notices)
                 log.info("database.connection_dropped", extra={"fields": {
-                    "reason": classify(exc), "error": describe(exc)}})
+                    "reason": classify(exc), "error": describe(exc),
+                    "sqlstate": self.last_drop.sqlstate,
+                    "server_message": self.last_drop.message}})
                 self.on_change("connection_dropped")
             finally:
                 self._held = None
                 with anyio.CancelScope(shield=True):
                     await conn.close()
+
+
+def _server_drop(diag: psycopg.errors.Diagnostic) -> ServerDrop:
+    # Read the fields at once: a notice's Diagnostic is empty after its handler returns.
+    return ServerDrop(time.monotonic(), diag.sqlstate, diag.severity_nonlocalized,
+                      diag.message_primary or "")
+
+
+def _keep_notice(notices: list[ServerDrop], diag: psycopg.errors.Diagnostic) -> None:
+    # Only the latest notice matters, so the list never grows past one item.
+    notices[:] = [_server_drop(diag)]
+
+
+def _last_word(exc: psycopg.Error, notices: list[ServerDrop]) -> ServerDrop:
+    # An error in reply to a command carries the server's message itself. An idle
+    # connection gets it as a notice just before the socket closes, and psycopg then
+    # raises a bare "server closed the connection unexpectedly".
+    if exc.sqlstate:
+        return _server_drop(exc.diag)
+    if notices:
+        return replace(notices[-1], at=time.monotonic())
+    return ServerDrop(time.monotonic(), None, None, "")
