@@ -190,28 +190,27 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[RunResult], l
             else:
                 notes.append("Monit is not installed (apt-get install monit): no anchor.")
 
-        daemon = None
-        watcher = None
+        command = shlex.split(args.walacord) if args.walacord else None
         if not args.no_walacord:
-            # Identical warnings are written once per repeat_window, and every run logs
-            # the same normal -> emergency change, so the window is cut to 1 s. Each run
-            # changes the database probe's state twice, so from the fourth run on the
-            # default flap damping (6 changes in 300 s) would hold it down for 60 s and
-            # hide the recovery time. The streaks and min_dwell keep their defaults.
-            daemon = WalacordDaemon(workdir / "walacord", cluster.url(),  # type: ignore[attr-defined]
-                                    settings={"logging": {"repeat_window": 1.0},
-                                              "probes.database": {"flap_threshold": 1000}},
-                                    command=shlex.split(args.walacord) if args.walacord else None)
-            cleanup.callback(daemon.stop)
-            notes.append("walacord runs with probes.database.flap_threshold = 1000, so flap "
-                         "damping does not hold the probe down between runs.")
-            daemon.start()
-            watcher = ModeWatcher(daemon.http_port, interval=0.005).start()
-            cleanup.callback(watcher.stop)
-            daemon.wait_for_mode("normal", timeout=30)
-
+            notes.append("walacord runs with its default hysteresis and flap damping; a "
+                         "fresh daemon watches each run, because 20 outages a minute "
+                         "apart are flapping, which walacord's damping rightly holds down.")
         for index in range(args.runs):
-            result = one_run(cluster, daemon, watcher, monit, args.wait)
+            with ExitStack() as per_run:
+                daemon = None
+                watcher = None
+                if not args.no_walacord:
+                    # Identical warnings are written once per repeat_window, and every run
+                    # logs the same normal -> emergency change, so the window is 1 s.
+                    daemon = WalacordDaemon(
+                        workdir / "walacord", cluster.url(),  # type: ignore[attr-defined]
+                        settings={"logging": {"repeat_window": 1.0}}, command=command)
+                    per_run.callback(daemon.stop)
+                    daemon.start()
+                    watcher = ModeWatcher(daemon.http_port, interval=0.005).start()
+                    per_run.callback(watcher.stop)
+                    daemon.wait_for_mode("normal", timeout=30)
+                result = one_run(cluster, daemon, watcher, monit, args.wait)
             results.append(result)
             print(f"run {index + 1}/{args.runs}: {result}", flush=True)
     return results, notes
