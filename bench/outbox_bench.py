@@ -17,6 +17,7 @@ time counts against the daemon; separate client processes would fare better.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,6 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,8 @@ from walacord.outbox.store import OutboxStore
 from walacord.outbox.sync import SyncEngine
 from walacord.pgcluster import PgCluster, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- outbox:start -->", "<!-- outbox:end -->"
 ETID = 10001
@@ -94,11 +99,83 @@ async def store_enqueues(directory: Path, clients: int, per_client: int) -> dict
     return {"rate": total / elapsed, "per_commit": total / max(1, commits)}
 
 
-async def socket_enqueues(directory: Path, clients: int, per_client: int) -> dict[str, float]:
-    """Return enqueues per second through the control socket, clients in this process."""
+@dataclass(frozen=True)
+class SocketLoad:
+    """One way to drive enqueues through the control socket.
+
+    `clients` connections each keep `depth` requests in flight (pipelined on the
+    connection when above 1), and each request carries `batch` operations (a single
+    operation when 1, else an `operations` list).
+    """
+
+    label: str
+    clients: int
+    depth: int
+    batch: int
+    operations: int  # in total, over all clients
+
+    def describe(self) -> str:
+        clients = f"{self.clients} client{'s' if self.clients > 1 else ''}"
+        request = "single-op requests" if self.batch == 1 else f"{self.batch}-op batches"
+        pipelined = f", {self.depth} pipelined per connection" if self.depth > 1 else ""
+        return f"{clients}, {request}{pipelined}"
+
+
+SOCKET_LOADS = (
+    SocketLoad("single_one", clients=1, depth=1, batch=1, operations=3000),
+    SocketLoad("single_sixteen", clients=16, depth=1, batch=1, operations=32000),
+    SocketLoad("pipelined_sixteen", clients=16, depth=16, batch=1, operations=64000),
+    SocketLoad("batch_one", clients=1, depth=1, batch=100, operations=32000),
+    SocketLoad("batch_sixteen", clients=16, depth=1, batch=100, operations=64000),
+)
+
+
+async def client_load(path: str, load: SocketLoad, run: int) -> float:
+    """Drive `load` against the socket at `path`; return seconds from start to last ack.
+
+    Runs in its own process (see `--client-load`), as the application would, so the
+    clients' CPU time does not count against the daemon's event loop.
+    """
+    from walacord.client import AsyncOutboxClient
+
+    per_client = load.operations // load.clients
+    requests = per_client // load.batch
+
+    def operation(number: int, index: int) -> dict[str, Any]:
+        return {"sink": "walacor", "etid": ETID, "key": f"r{run}-c{number}-{index}",
+                "data": {"amount": index, "currency": "EUR",
+                         "account": "DE89370400440532013000"}}
+
+    async def requester(connection: AsyncOutboxClient, number: int, lane: int) -> None:
+        for request in range(lane, requests, load.depth):
+            first = request * load.batch
+            if load.batch == 1:
+                result = await connection.enqueue(operation(number, first))
+                assert result["created"], result
+            else:
+                results = await connection.enqueue_many(
+                    [operation(number, first + i) for i in range(load.batch)])
+                assert all(r["created"] for r in results), results[:3]
+
+    async with AsyncExitStack() as stack:
+        connections = [await stack.enter_async_context(AsyncOutboxClient(path, timeout=120))
+                       for _ in range(load.clients)]
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tasks:
+            for number, connection in enumerate(connections):
+                for lane in range(load.depth):
+                    tasks.start_soon(requester, connection, number, lane)
+        return time.perf_counter() - started
+
+
+async def socket_enqueues(directory: Path, loads: Sequence[SocketLoad]) -> dict[str, Any]:
+    """Serve the outbox on a control socket and drive each load from a client process.
+
+    Return, per load label, acknowledged operations per second, operations per commit
+    (per fsync) and the daemon process's CPU seconds per operation.
+    """
     from prometheus_client import CollectorRegistry
 
-    from walacord.client import AsyncOutboxClient
     from walacord.config import Config, ControlConfig, StateConfig
     from walacord.control.server import ControlServer
     from walacord.metrics import Metrics
@@ -116,33 +193,45 @@ async def socket_enqueues(directory: Path, clients: int, per_client: int) -> dic
     outbox = Outbox(config, {})
     register_methods(runtime.methods, outbox)
     server = ControlServer(runtime)
+    results: dict[str, Any] = {}
     async with anyio.create_task_group() as tasks:
         for component in (outbox, server):
             runtime.components[component.name] = component
             await tasks.start(component.run)
         runtime.ready.set()
-        commits_before = outbox.store.commits
-
-        async def client(number: int) -> None:
-            async with AsyncOutboxClient(path, timeout=60) as connection:
-                for index in range(per_client):
-                    await connection.enqueue({"sink": "walacor", "etid": ETID,
-                                              "key": f"s{number}-{index}",
-                                              "data": {"amount": index}})
-
-        started = time.perf_counter()
-        async with anyio.create_task_group() as clients_group:
-            for number in range(clients):
-                clients_group.start_soon(client, number)
-        elapsed = time.perf_counter() - started
-        commits = outbox.store.commits - commits_before
+        for run, load in enumerate(loads):
+            commits_before = outbox.store.commits
+            cpu_before = time.process_time()
+            process = await anyio.run_process(
+                [sys.executable, str(SCRIPT), "--client-load", path,
+                 json.dumps({**dataclasses.asdict(load), "run": run})],
+                check=True)
+            elapsed = float(process.stdout.decode().strip().splitlines()[-1])
+            cpu = time.process_time() - cpu_before
+            commits = outbox.store.commits - commits_before
+            results[load.label] = {"rate": load.operations / elapsed,
+                                   "per_commit": load.operations / max(1, commits),
+                                   "cpu_us_per_op": cpu / load.operations * 1e6}
+        stats = await outbox.store.stats()
         tasks.cancel_scope.cancel()
-    total = clients * per_client
-    return {"rate": total / elapsed, "per_commit": total / max(1, commits)}
+    expected = sum(load.operations for load in loads)
+    if stats.pending != expected:
+        raise RuntimeError(f"outbox holds {stats.pending} pending operations; expected "
+                           f"{expected}")
+    return results
+
+
+def run_client_load(path: str, spec: str) -> None:
+    fields = json.loads(spec)
+    run = fields.pop("run")
+    print(anyio.run(client_load, path, SocketLoad(**fields), run))
 
 
 def bench_enqueue(base: Path, quick: bool) -> dict[str, Any]:
     count = 500 if quick else 3000
+    scale = 8 if quick else 1
+    loads = [dataclasses.replace(load, operations=load.operations // scale)
+             for load in SOCKET_LOADS]
     results: dict[str, Any] = {}
     # Interleave the runs so that a change in disk load hits all of them alike.
     for label, run in (("raw", lambda d: raw_sqlite_inserts(d, count)),
@@ -150,13 +239,13 @@ def bench_enqueue(base: Path, quick: bool) -> dict[str, Any]:
                        ("sixteen", lambda d: anyio.run(store_enqueues, d, 16, count)),
                        ("sixty_four", lambda d: anyio.run(store_enqueues, d, 64,
                                                           count // 4)),
-                       ("socket_one", lambda d: anyio.run(socket_enqueues, d, 1, count)),
-                       ("socket_sixteen", lambda d: anyio.run(socket_enqueues, d, 16, count))):
+                       ("socket", lambda d: anyio.run(socket_enqueues, d, loads))):
         directory = Path(tempfile.mkdtemp(dir=base))
         try:
             results[label] = run(directory)
         finally:
             shutil.rmtree(directory)
+    results["socket_loads"] = [dataclasses.asdict(load) for load in loads]
     return results
 
 
@@ -399,7 +488,12 @@ def main() -> int:
                         help="operations in the PostgreSQL drain backlog")
     parser.add_argument("--emulator-backlog", type=int, default=100_000)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--client-load", nargs=2, metavar=("SOCKET", "LOAD"),
+                        help=argparse.SUPPRESS)  # the client process of the socket runs
     args = parser.parse_args()
+    if args.client_load:
+        run_client_load(*args.client_load)
+        return 0
 
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)

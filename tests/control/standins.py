@@ -167,5 +167,7 @@ async def crash(params: None, call: Call) -> Any:
 def register_test_methods(methods: MethodRegistry) -> None:
     methods.register("test.echo", echo, EchoParams, mutating=False)
     methods.register("test.sleep", sleep, SleepParams, mutating=False, timeout=1.0)
+    methods.register("test.concurrent_sleep", sleep, SleepParams, mutating=False, timeout=1.0,
+                     concurrent=True)
     methods.register("test.progress", progress, ProgressParams, mutating=False)
     methods.register("test.crash", crash, mutating=False)

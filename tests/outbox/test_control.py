@@ -162,3 +162,31 @@ async def test_blocking_client_sync_run(control_socket: tuple[str, Outbox],
     assert report["applied"] == 20
     assert report["stats"]["done"] == 20
     assert len(await ledger_rows(ledger_pool)) == 20
+
+
+async def test_client_pipelined_enqueues_share_commits(tmp_path: Path,
+                                                       outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    results: dict[int, dict[str, Any]] = {}
+    async with serving_outbox(tmp_path, config, {}) as (path, outbox):
+        commits_before = outbox.store.commits
+        async with AsyncOutboxClient(path, timeout=10) as client:
+
+            async def enqueue(index: int) -> None:
+                results[index] = await client.enqueue_walacor(10001, key=f"p{index}",
+                                                              data={"i": index})
+
+            async with anyio.create_task_group() as tasks:
+                for index in range(64):
+                    tasks.start_soon(enqueue, index)
+            duplicate = await client.enqueue_walacor(10001, key="p0", data={"i": 0})
+            stats = await client.stats()
+        commits = outbox.store.commits - commits_before
+
+    assert sorted(results) == list(range(64))
+    assert all(results[index]["key"] == f"p{index}" for index in results)
+    assert all(result["created"] for result in results.values())
+    assert duplicate == {**results[0], "created": False}
+    assert stats["pending"] == 64
+    # Pipelined requests run concurrently on the daemon, so they share commits.
+    assert commits < 64

@@ -1,7 +1,10 @@
 """One control connection: read request lines under deadlines, call methods, write responses.
 
-Requests on one connection are served in order, one at a time; a client that wants
-several calls in progress opens several connections. Responses to pipelined requests
+Requests on one connection are served in order, one at a time, with one exception:
+a request of a method registered as `concurrent` (such as `outbox.enqueue`) runs
+together with the concurrent requests already buffered behind it, up to
+PIPELINE_WINDOW of them, so a client that pipelines enqueues shares one group commit
+among them. Responses always follow request order. Responses to pipelined requests
 are written together once no complete request line is buffered or 64 KiB of responses
 are queued, so a quick response can wait behind a slow call pipelined after it.
 
@@ -41,6 +44,9 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 64 * 1024
 OUTPUT_FLUSH_BYTES = 64 * 1024
+# Buffered requests of concurrent methods that one connection runs at once. Memory stays
+# bounded because no more bytes are read while they run.
+PIPELINE_WINDOW = 64
 INVALID_METHOD_LABEL = "(invalid)"
 
 
@@ -109,6 +115,24 @@ class LineReader:
     def has_line(self) -> bool:
         """Return whether a complete line is already buffered, so reading will not wait."""
         return self._buffer.find(b"\n", self._start + self._scanned) >= 0
+
+    def peek_line(self) -> bytes | None:
+        """Return the next buffered line without consuming it, or None when there is no
+        complete line of valid length; `skip_line()` then consumes it."""
+        if self._discarding:
+            return None
+        newline = self._buffer.find(b"\n", self._start + self._scanned)
+        if newline < 0 or newline - self._start > self._max_line:
+            return None
+        return bytes(self._buffer[self._start:newline])
+
+    def skip_line(self) -> None:
+        """Consume the line that `peek_line()` returned."""
+        newline = self._buffer.find(b"\n", self._start + self._scanned)
+        assert newline >= 0, "skip_line() without a buffered line"
+        self._start = newline + 1
+        self._scanned = 0
+        self._request_began = anyio.current_time() if self._pending() else None
 
     def _pending(self) -> int:
         return len(self._buffer) - self._start
@@ -207,7 +231,7 @@ class Connection:
                 return
             assert outcome is not None
             if isinstance(outcome, bytes):
-                await self._serve_line(outcome)
+                await self._serve_line(outcome, reader)
                 continue
 
             if outcome is ReadEvent.END_OF_STREAM:
@@ -251,7 +275,7 @@ class Connection:
                 self._idle_since = None
         return None
 
-    async def _serve_line(self, line: bytes) -> None:
+    async def _serve_line(self, line: bytes, reader: LineReader) -> None:
         request = decode_request(line)
         if request.error is not None:
             await self._send_protocol_error(request.id, request.error.code,
@@ -266,12 +290,45 @@ class Connection:
                 f"{', '.join(self.server.runtime.methods.names())}")
             return
 
+        window = self._take_window(method, request, reader)
+        if len(window) == 1:
+            await self._send(await self._timed_call(method, request))
+            return
+
+        responses = [b""] * len(window)
+
+        async def serve(index: int, method: Method, request: Request) -> None:
+            responses[index] = await self._timed_call(method, request)
+
+        async with anyio.create_task_group() as tasks:
+            for index, (each_method, each_request) in enumerate(window):
+                tasks.start_soon(serve, index, each_method, each_request)
+        for response in responses:
+            await self._send(response)
+
+    def _take_window(self, method: Method, request: Request, reader: LineReader
+                     ) -> list[tuple[Method, Request]]:
+        """Return the request, and the concurrent requests buffered behind it when its
+        method is concurrent; the first line that does not qualify stays buffered."""
+        window = [(method, request)]
+        methods = self.server.runtime.methods
+        while method.concurrent and len(window) < PIPELINE_WINDOW:
+            line = reader.peek_line()
+            if line is None:
+                break
+            following = decode_request(line)
+            following_method = None if following.error else methods.get(following.method)
+            if following_method is None or not following_method.concurrent:
+                break
+            reader.skip_line()
+            window.append((following_method, following))
+        return window
+
+    async def _timed_call(self, method: Method, request: Request) -> bytes:
         began = time.monotonic()
         response = await self._call(method, request)
-        metrics = self.server.runtime.metrics
-        metrics.control_request_duration.labels(method=method.name).observe(
-            time.monotonic() - began)
-        await self._send(response)
+        self.server.request_metrics(method.name).duration.observe(time.monotonic() - began)
+        return response
 
     async def _call(self, method: Method, request: Request) -> bytes:
         """Run the handler under its deadline and return the encoded response line."""
@@ -313,7 +370,8 @@ class Connection:
                 request.id, ErrorCode.INTERNAL_ERROR,
                 f"internal error in {method.name}; the daemon log has the traceback "
                 "(event control.handler_crashed)")
-        runtime.metrics.control_requests.labels(method=method.name, outcome=outcome).inc()
+        counters = self.server.request_metrics(method.name)
+        (counters.ok if outcome == "ok" else counters.error).inc()
         return response
 
     async def _send_protocol_error(self, request_id: RequestId, code: int, message: str,

@@ -115,6 +115,7 @@ class Method:
     mutating: bool
     audit: bool
     timeout: float | None
+    concurrent: bool = False
 
 
 class MethodRegistry:
@@ -125,13 +126,16 @@ class MethodRegistry:
 
     def register(self, name: str, handler: Handler, params: type[Any] | None = None, *,
                  mutating: bool, audit: bool | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, concurrent: bool = False) -> None:
         """Add a method; raise ValueError when the name is taken.
 
         `params` is a dataclass whose fields are the accepted parameters. `mutating`
         methods change the daemon's behaviour: each call is logged with the peer
         (unless `audit=False`, for high-rate methods that log on their own) and they
         are rejected once shutdown has begun. `timeout` overrides `[control] call_timeout`.
+        A `concurrent` method runs at the same time as the concurrent requests that a
+        client pipelined behind it, so its handler must allow that and must not send
+        progress.
         """
         if name in self._methods:
             raise ValueError(f"control method {name!r} is already registered")
@@ -140,7 +144,8 @@ class MethodRegistry:
         if params is not None and params is not dict:
             _type_hints(params)  # resolve the annotations now, so a typo fails at start-up
         self._methods[name] = Method(name, handler, params, mutating,
-                                     mutating if audit is None else audit, timeout)
+                                     mutating if audit is None else audit, timeout,
+                                     concurrent)
 
     def register_plain(self, handlers: Mapping[str, PlainHandler], *, mutating: Set[str],
                        timeouts: Mapping[str, float] | None = None) -> None:

@@ -244,10 +244,12 @@ def _bound(handler: Handler, outbox: Outbox) -> Callable[[Any, Call], Awaitable[
 def register_methods(methods: MethodRegistry, outbox: Outbox) -> None:
     """Register the outbox methods on the control server's method table."""
     # Enqueue is high-rate, so the server does not log each call; drop and retry log
-    # their own event with the ids.
+    # their own event with the ids. Pipelined enqueues run concurrently, so they
+    # share the store's group commit.
     for name, handler in HANDLERS.items():
         if name != "sync.run":
             methods.register(name, _bound(handler, outbox), dict, mutating=name in MUTATING,
-                             audit=False if name == "outbox.enqueue" else None)
+                             audit=False if name == "outbox.enqueue" else None,
+                             concurrent=name == "outbox.enqueue")
     methods.register_with_progress("sync.run", partial(sync_run, outbox), mutating=True,
                                    timeout=SYNC_RUN_TIMEOUT)
