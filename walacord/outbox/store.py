@@ -58,6 +58,14 @@ class EnqueueResult:
 
 
 @dataclass
+class _Plan:
+    """The new operations of one group commit by key, and their payload bytes."""
+
+    operations: dict[str, Operation] = field(default_factory=dict)
+    size: int = 0
+
+
+@dataclass
 class _Request:
     operations: Sequence[NewOperation]
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -283,11 +291,12 @@ class OutboxStore(OutboxQueries):
         """
         db = self._writer()
         now = time.time()
-        planned: dict[str, Operation] = {}
+        plan = _Plan()
+        planned = plan.operations
         accepted: list[_Request] = []
         try:
             for request in batch:
-                if await self._plan(db, request, planned, now):
+                if await self._plan(db, request, plan, now):
                     accepted.append(request)
             if not planned:
                 return
@@ -327,19 +336,22 @@ class OutboxStore(OutboxQueries):
             self.disk_full = False
             log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
         self._undelivered += len(added)
-        self._undelivered_bytes += sum(len(op.payload) for op in added)
+        self._undelivered_bytes += (plan.size if len(added) == len(planned)
+                                    else sum(len(op.payload) for op in added))
         if self.metrics is not None:
             self.metrics.outbox_enqueued.inc(len(added))
 
-    async def _plan(self, db: aiosqlite.Connection, request: _Request,
-                    planned: dict[str, Operation], now: float) -> bool:
-        """Give the request's new keys ids in `planned`; return False when it is rejected.
+    async def _plan(self, db: aiosqlite.Connection, request: _Request, plan: _Plan,
+                    now: float) -> bool:
+        """Give the request's new keys ids in `plan`; return False when it is rejected.
 
         Keys already planned by an earlier request of the batch resolve to that
         operation. A request that does not fit is checked against the stored keys
         before it is rejected, so re-enqueueing a stored key works while full.
         """
+        planned = plan.operations
         own: dict[str, Operation] = {}
+        own_size = 0
         results: list[EnqueueResult] = []
         for new in request.operations:
             earlier = planned.get(new.key) or own.get(new.key)
@@ -352,10 +364,11 @@ class OutboxStore(OutboxQueries):
                 attempts=0, next_attempt_at=0.0, last_error=None, state=State.PENDING,
                 receipt=None, updated_at=now)
             own[new.key] = operation
+            own_size += len(new.payload)
             results.append(EnqueueResult(operation, created=True))
 
         count = len(planned) + len(own)
-        size = sum(len(op.payload) for op in (*planned.values(), *own.values()))
+        size = plan.size + own_size
         if own and self._over_capacity(count, size):
             stored = await self._existing(db, list(own))
             fresh = {key: op for key, op in own.items() if key not in stored}
@@ -372,8 +385,10 @@ class OutboxStore(OutboxQueries):
             results = [EnqueueResult(stored[r.operation.key], created=False)
                        if r.operation.key in stored else r for r in results]
             own = fresh
+            own_size = size - plan.size
 
         planned.update(own)
+        plan.size += own_size
         request.results = results
         return True
 
