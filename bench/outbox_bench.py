@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -204,16 +205,19 @@ async def socket_enqueues(directory: Path, loads: Sequence[SocketLoad]) -> dict[
         for run, load in enumerate(loads):
             commits_before = outbox.store.commits
             cpu_before = time.process_time()
+            client_cpu_before = _children_cpu()
             process = await anyio.run_process(
                 [sys.executable, str(SCRIPT), "--client-load", path,
                  json.dumps({**dataclasses.asdict(load), "run": run})],
                 check=True)
             elapsed = float(process.stdout.decode().strip().splitlines()[-1])
             cpu = time.process_time() - cpu_before
+            client_cpu = _children_cpu() - client_cpu_before
             commits = outbox.store.commits - commits_before
             results[load.label] = {"rate": load.operations / elapsed,
                                    "per_commit": load.operations / max(1, commits),
-                                   "cpu_us_per_op": cpu / load.operations * 1e6}
+                                   "cpu_us_per_op": cpu / load.operations * 1e6,
+                                   "client_cpu_us_per_op": client_cpu / load.operations * 1e6}
         stats = await outbox.store.stats()
         tasks.cancel_scope.cancel()
     expected = sum(load.operations for load in loads)
@@ -221,6 +225,12 @@ async def socket_enqueues(directory: Path, loads: Sequence[SocketLoad]) -> dict[
         raise RuntimeError(f"outbox holds {stats.pending} pending operations; expected "
                            f"{expected}")
     return results
+
+
+def _children_cpu() -> float:
+    """Return the CPU seconds of this process's finished child processes."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_client_load(path: str, spec: str) -> None:

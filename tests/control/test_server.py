@@ -210,3 +210,25 @@ async def test_pipelined_plain_calls_run_in_order(socket_dir: Path) -> None:
 
     assert [message["id"] for message in responses] == [1, 2, 3]
     assert seconds >= 0.6
+
+
+async def test_pipelined_batch_handler_answers_each(socket_dir: Path) -> None:
+    values = ["a", "bad", "b"]
+    async with running_server(make_config(socket_dir / "c.sock")), \
+            connect(socket_dir / "c.sock") as client:
+        await client.send(b"".join(
+            orjson.dumps({"id": number, "method": "test.echo_batch", "version": 1,
+                          "params": {"value": value}}) + b"\n"
+            for number, value in enumerate(values)))
+        responses = [await client.receive() for _ in values]
+        await client.send(b"".join(
+            orjson.dumps({"id": number, "method": "test.echo_batch", "version": 1,
+                          "params": {"value": value}}) + b"\n"
+            for number, value in enumerate(["c", "crash"])))
+        crashed = [await client.receive() for _ in range(2)]
+
+    assert [message["id"] for message in responses] == [0, 1, 2]
+    assert responses[0]["result"] == {"value": "a", "batch": 3}
+    assert responses[1]["error"]["code"] == ErrorCode.INVALID_PARAMS
+    assert responses[2]["result"] == {"value": "b", "batch": 3}
+    assert [message["error"]["code"] for message in crashed] == [ErrorCode.INTERNAL_ERROR] * 2

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ByteStream
 
+from walacord.control.calls import run_batch, run_call
 from walacord.control.protocol import (
     ErrorCode,
     Request,
@@ -32,10 +32,8 @@ from walacord.control.protocol import (
     decode_request,
     encode_error,
     encode_progress,
-    encode_result,
 )
-from walacord.control.registry import Call, Method, Peer, parse_params
-from walacord.errors import ControlError, WalacordError
+from walacord.control.registry import Method, Peer
 
 if TYPE_CHECKING:
     from walacord.control.server import ControlServer
@@ -294,6 +292,11 @@ class Connection:
         if len(window) == 1:
             await self._send(await self._timed_call(method, request))
             return
+        if method.batch_handler is not None and all(each is method for each, _ in window):
+            for response in await run_batch(self.server, self.peer, method,
+                                            [each for _, each in window]):
+                await self._send(response)
+            return
 
         responses = [b""] * len(window)
 
@@ -325,54 +328,9 @@ class Connection:
         return window
 
     async def _timed_call(self, method: Method, request: Request) -> bytes:
-        began = time.monotonic()
-        response = await self._call(method, request)
-        self.server.request_metrics(method.name).duration.observe(time.monotonic() - began)
-        return response
-
-    async def _call(self, method: Method, request: Request) -> bytes:
-        """Run the handler under its deadline and return the encoded response line."""
-        runtime = self.server.runtime
-        outcome = "error"
-        try:
-            if method.mutating and runtime.stopping:
-                raise ControlError(ErrorCode.STOPPING,
-                                   f"the daemon is shutting down; {method.name} was not run")
-            params = parse_params(method.name, method.params, request.params)
-            if method.audit:
-                log.info("control.call", extra={"fields": {
-                    "method": method.name, "params": request.params,
-                    "uid": self.peer.uid, "pid": self.peer.pid}})
-            call = Call(method.name, request.id, self.peer,
-                        lambda done, total, message: self._send_progress(
-                            request.id, done, total, message))
-            timeout = method.timeout or runtime.config.control.call_timeout
-            try:
-                with anyio.fail_after(timeout):
-                    result = await method.handler(params, call)
-            except TimeoutError:
-                raise ControlError(ErrorCode.CALL_TIMEOUT,
-                                   f"{method.name} did not finish within {timeout:g}s",
-                                   {"timeout_seconds": timeout}) from None
-            response = encode_result(request.id, result)
-            outcome = "ok"
-        except ControlError as exc:
-            response = encode_error(request.id, exc.code, exc.message, exc.data)
-        except WalacordError as exc:
-            log.warning("control.call_failed", extra={"fields": {
-                "method": method.name, "error": str(exc), "uid": self.peer.uid}})
-            response = encode_error(request.id, ErrorCode.OPERATION_FAILED,
-                                    f"{method.name} failed: {exc}")
-        except Exception:
-            log.error("control.handler_crashed", exc_info=True,
-                      extra={"fields": {"method": method.name}})
-            response = encode_error(
-                request.id, ErrorCode.INTERNAL_ERROR,
-                f"internal error in {method.name}; the daemon log has the traceback "
-                "(event control.handler_crashed)")
-        counters = self.server.request_metrics(method.name)
-        (counters.ok if outcome == "ok" else counters.error).inc()
-        return response
+        return await run_call(self.server, self.peer, method, request,
+                              lambda done, total, message: self._send_progress(
+                                  request.id, done, total, message))
 
     async def _send_protocol_error(self, request_id: RequestId, code: int, message: str,
                                    data: object = None) -> None:

@@ -247,20 +247,44 @@ class OutboxStore(OutboxQueries):
         call was stored. After TimeoutError the commit may still complete, so the
         caller enqueues the same keys again to learn their state.
         """
-        if self._send is None:
-            raise OutboxError("the outbox store is not running")
-        if not operations:
-            return []
+        (outcome,) = await self.enqueue_each([operations])
+        if isinstance(outcome, OutboxError):
+            raise outcome
+        return outcome
 
-        request = _Request(operations)
-        self._send.send_nowait(request)
+    async def enqueue_each(self, batches: Sequence[Sequence[NewOperation]]
+                           ) -> list[list[EnqueueResult] | OutboxError]:
+        """Enqueue each batch as `enqueue()` would, with one deadline for all of them.
+
+        Return per batch its results, or the OutboxError that rejected it. The
+        batches reach the writer together, so they usually share one commit, but each
+        is accepted or rejected on its own. Raise OutboxError when the store is not
+        running and TimeoutError as `enqueue()` does.
+        """
+        send = self._send
+        if send is None:
+            raise OutboxError("the outbox store is not running")
+        requests = [_Request(operations) if operations else None for operations in batches]
+        for request in requests:
+            if request is not None:
+                send.send_nowait(request)
         with anyio.fail_after(self.config.write_timeout):
-            await request.done.wait()
-        if request.error is not None:
-            if self.metrics is not None:
-                self.metrics.outbox_rejected.labels(reason=type(request.error).__name__).inc()
-            raise request.error
-        return request.results
+            for request in requests:
+                if request is not None:
+                    await request.done.wait()
+
+        outcomes: list[list[EnqueueResult] | OutboxError] = []
+        for request in requests:
+            if request is None:
+                outcomes.append([])
+            elif request.error is None:
+                outcomes.append(request.results)
+            else:
+                if self.metrics is not None:
+                    self.metrics.outbox_rejected.labels(
+                        reason=type(request.error).__name__).inc()
+                outcomes.append(request.error)
+        return outcomes
 
     async def _write_loop(self) -> None:
         assert self._receive is not None
