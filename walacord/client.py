@@ -80,8 +80,8 @@ def _result(response: dict[str, Any], request_id: int) -> Any:
 class AsyncOutboxClient:
     """One connection to the control socket.
 
-    Tasks may share it: their requests are pipelined, each sent as soon as the
-    previous one is written, and each task reads its own response in request order.
+    Tasks may share it: their requests are pipelined, written together when they
+    queue up during a write, and each task reads its own response in request order.
     walacord runs pipelined enqueues concurrently, so they share one durable commit.
     After a failed send or read the connection is out of step and every later call
     raises WalacordError; open a new client then.
@@ -92,7 +92,9 @@ class AsyncOutboxClient:
         self.timeout = timeout
         self._stream: anyio.abc.SocketStream | None = None
         self._reader: BufferedByteReceiveStream | None = None
-        self._send_lock = anyio.Lock()
+        # Encoded requests not yet written, and whether a task is writing them.
+        self._outgoing: list[bytes] = []
+        self._sending = False
         # Set once the previous request's response has been read: the next reader's turn.
         self._read_turn: anyio.Event | None = None
         self._broken: str | None = None
@@ -121,24 +123,19 @@ class AsyncOutboxClient:
         """
         if self._stream is None or self._reader is None or self._read_turn is None:
             raise WalacordError("client is not connected; use it as `async with`")
-        stream, reader = self._stream, self._reader
+        reader = self._reader
         with anyio.fail_after(self.timeout):
-            # Send, and take the next place in the reading order, under one lock so that
-            # the reading order is the sending order.
-            async with self._send_lock:
-                self._check_usable()
-                self._next_id += 1
-                request_id = self._next_id
-                previous, own_turn = self._read_turn, anyio.Event()
-                self._read_turn = own_turn
-                try:
-                    await stream.send(_encode(request_id, method, params or {}))
-                except BaseException as exc:
-                    self._broken = f"sending {method} failed: {exc!r}"
-                    own_turn.set()
-                    raise
-
+            self._check_usable()
+            # Queue the request and take the next place in the reading order with no
+            # await in between, so that the reading order is the sending order.
+            self._next_id += 1
+            request_id = self._next_id
+            previous, own_turn = self._read_turn, anyio.Event()
+            self._read_turn = own_turn
+            self._outgoing.append(_encode(request_id, method, params or {}))
             try:
+                if not self._sending:
+                    await self._send_outgoing(self._stream)
                 await previous.wait()
                 self._check_usable()
                 response = _parse(await reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
@@ -146,11 +143,26 @@ class AsyncOutboxClient:
                     response = _parse(await reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
             except BaseException as exc:
                 if self._broken is None:
-                    self._broken = f"reading the response to {method} failed: {exc!r}"
+                    self._broken = f"{method} failed: {exc!r}"
                 raise
             finally:
                 own_turn.set()
         return _result(response, request_id)
+
+    async def _send_outgoing(self, stream: anyio.abc.SocketStream) -> None:
+        """Write queued requests until none is left.
+
+        Requests that other tasks queue while a write is in progress go out together
+        in the next write, so pipelined calls cost few system calls.
+        """
+        self._sending = True
+        try:
+            while self._outgoing:
+                data = b"".join(self._outgoing)
+                self._outgoing.clear()
+                await stream.send(data)
+        finally:
+            self._sending = False
 
     def _check_usable(self) -> None:
         if self._broken is not None:

@@ -65,10 +65,23 @@ class _Plan:
     size: int = 0
 
 
+class _Completion:
+    """Wakes the caller once the writer has finished every request it submitted."""
+
+    def __init__(self, requests: int) -> None:
+        self.remaining = requests
+        self.event = anyio.Event()
+
+    def finish_one(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.event.set()
+
+
 @dataclass
 class _Request:
     operations: Sequence[NewOperation]
-    done: anyio.Event = field(default_factory=anyio.Event)
+    completion: _Completion
     results: list[EnqueueResult] = field(default_factory=list)
     error: OutboxError | None = None
 
@@ -264,14 +277,15 @@ class OutboxStore(OutboxQueries):
         send = self._send
         if send is None:
             raise OutboxError("the outbox store is not running")
-        requests = [_Request(operations) if operations else None for operations in batches]
+        completion = _Completion(sum(1 for operations in batches if operations))
+        requests = [_Request(operations, completion) if operations else None
+                    for operations in batches]
         for request in requests:
             if request is not None:
                 send.send_nowait(request)
-        with anyio.fail_after(self.config.write_timeout):
-            for request in requests:
-                if request is not None:
-                    await request.done.wait()
+        if completion.remaining:
+            with anyio.fail_after(self.config.write_timeout):
+                await completion.event.wait()
 
         outcomes: list[list[EnqueueResult] | OutboxError] = []
         for request in requests:
@@ -303,7 +317,7 @@ class OutboxStore(OutboxQueries):
                     await self._commit(batch)
             finally:
                 for request in batch:
-                    request.done.set()
+                    request.completion.finish_one()
 
     async def _commit(self, batch: list[_Request]) -> None:
         """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
