@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import shutil
 import sqlite3
 import subprocess
@@ -128,13 +127,15 @@ SOCKET_LOADS = (
     SocketLoad("single_one", clients=1, depth=1, batch=1, operations=3000),
     SocketLoad("single_sixteen", clients=16, depth=1, batch=1, operations=32000),
     SocketLoad("pipelined_sixteen", clients=16, depth=16, batch=1, operations=64000),
+    SocketLoad("deep_pipelined_sixteen", clients=16, depth=64, batch=1, operations=64000),
     SocketLoad("batch_one", clients=1, depth=1, batch=100, operations=32000),
     SocketLoad("batch_sixteen", clients=16, depth=1, batch=100, operations=64000),
 )
 
 
-async def client_load(path: str, load: SocketLoad, run: int) -> float:
-    """Drive `load` against the socket at `path`; return seconds from start to last ack.
+async def client_load(path: str, load: SocketLoad, run: int) -> tuple[float, float]:
+    """Drive `load` against the socket at `path`; return the seconds from start to last
+    acknowledgement and the CPU seconds this process spent meanwhile.
 
     Runs in its own process (see `--client-load`), as the application would, so the
     clients' CPU time does not count against the daemon's event loop.
@@ -163,12 +164,12 @@ async def client_load(path: str, load: SocketLoad, run: int) -> float:
     async with AsyncExitStack() as stack:
         connections = [await stack.enter_async_context(AsyncOutboxClient(path, timeout=120))
                        for _ in range(load.clients)]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         async with anyio.create_task_group() as tasks:
             for number, connection in enumerate(connections):
                 for lane in range(load.depth):
                     tasks.start_soon(requester, connection, number, lane)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 async def socket_enqueues(directory: Path, loads: Sequence[SocketLoad]) -> dict[str, Any]:
@@ -205,14 +206,12 @@ async def socket_enqueues(directory: Path, loads: Sequence[SocketLoad]) -> dict[
         for run, load in enumerate(loads):
             commits_before = outbox.store.commits
             cpu_before = time.process_time()
-            client_cpu_before = _children_cpu()
             process = await anyio.run_process(
                 [sys.executable, str(SCRIPT), "--client-load", path,
                  json.dumps({**dataclasses.asdict(load), "run": run})],
                 check=True)
-            elapsed = float(process.stdout.decode().strip().splitlines()[-1])
+            elapsed, client_cpu = json.loads(process.stdout.decode().strip().splitlines()[-1])
             cpu = time.process_time() - cpu_before
-            client_cpu = _children_cpu() - client_cpu_before
             commits = outbox.store.commits - commits_before
             results[load.label] = {"rate": load.operations / elapsed,
                                    "per_commit": load.operations / max(1, commits),
@@ -227,16 +226,10 @@ async def socket_enqueues(directory: Path, loads: Sequence[SocketLoad]) -> dict[
     return results
 
 
-def _children_cpu() -> float:
-    """Return the CPU seconds of this process's finished child processes."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_client_load(path: str, spec: str) -> None:
     fields = json.loads(spec)
     run = fields.pop("run")
-    print(anyio.run(client_load, path, SocketLoad(**fields), run))
+    print(json.dumps(anyio.run(client_load, path, SocketLoad(**fields), run)))
 
 
 def bench_enqueue(base: Path, quick: bool) -> dict[str, Any]:
