@@ -473,6 +473,7 @@ def render(results: dict[str, Any], command: str) -> str:
         "share it among their operations.",
     ]
     if pg:
+        busy = pg["outbox_cpu_us"] * pg["outbox"] / 1e6
         lines += [
             "",
             f"Drain of a {pg['count']:,}-operation backlog into PostgreSQL "
@@ -492,9 +493,9 @@ def render(results: dict[str, Any], command: str) -> str:
             "`executemany` per statement, and marks it done in one SQLite transaction. "
             "CPU per row is the CPU time of the benchmark's process (the PostgreSQL "
             "server runs apart) divided by the rows. In this run the drain's process was "
-            f"busy for {pg['outbox_cpu_us'] * pg['outbox'] / 1e6:.0%} of the drain's wall "
-            "time, so the CPU that claiming and recording add to psycopg's own sets its "
-            "rate.",
+            f"busy for {busy:.0%} of the drain's wall time"
+            + (", so the CPU that claiming and recording add to psycopg's own sets its "
+               "rate." if busy >= 0.8 else "."),
         ]
     if emu:
         lines += [
