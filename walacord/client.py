@@ -82,7 +82,7 @@ class AsyncOutboxClient:
 
     Tasks may share it: their requests are pipelined, written together when they
     queue up during a write, and each task reads its own response in request order.
-    walacord runs pipelined enqueues concurrently, so they share one durable commit.
+    walacord serves pipelined enqueues together, so they share one durable commit.
     After a failed send or read the connection is out of step and every later call
     raises WalacordError; open a new client then.
     """

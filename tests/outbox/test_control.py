@@ -189,7 +189,7 @@ async def test_client_pipelined_enqueues_share_commits(tmp_path: Path,
     assert all(result["created"] for result in results.values())
     assert duplicate == {**results[0], "created": False}
     assert stats["pending"] == 64
-    # Pipelined requests run concurrently on the daemon, so they share commits.
+    # The daemon serves pipelined requests together, so they share commits.
     assert commits < 64
 
 

@@ -1,4 +1,4 @@
-"""Running method calls for a connection: admission, deadline, and the response line.
+"""Method calls of a control connection: admission, deadline and the response line.
 
 `run_call` serves one request. `run_batch` serves several pipelined requests of one
 method through its batch handler in a single call, under one deadline, and returns

@@ -56,8 +56,8 @@ class Call:
 
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
-# Serves several pipelined calls of one method at once: takes their validated params
-# and calls, and returns one result or exception per call, in the same order.
+# A batch handler serves several pipelined calls of one method at once. It takes their
+# validated params and calls and returns one result or exception per call, in order.
 BatchHandler = Callable[[list[Any], list[Call]], Awaitable[Sequence[Any]]]
 PlainHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
