@@ -10,12 +10,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
+from walacord.dev import DEV_ETID, DEV_TABLE, EMULATOR_USER
+from walacord.emulator import running_emulator
 from walacord.pgcluster import PgCluster
+from walacord.scenarios import OPERATIONS_PER_SINK
+from walacord.walacor.client import WalacorClient
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +75,30 @@ def test_dev_sandbox_starts_and_stops() -> None:
     shutil.rmtree(parent, ignore_errors=True)
 
 
+async def walacor_rows_per_key(state_path: Path) -> Counter[str]:
+    """Count the sandbox's Walacor records per walacord_key, read back from the
+    emulator's state file by a fresh emulator."""
+    user, password = EMULATOR_USER
+    async with (
+        running_emulator(users={user: password}, state_path=str(state_path)) as emulator,
+        WalacorClient(emulator.url, username=user, password=password) as client,
+    ):
+        result = await client.query(DEV_ETID, {}, page_no=0, page_size=0)
+    return Counter(str(row.get("walacord_key")) for row in result.rows)
+
+
+def postgres_rows_per_key(directory: Path) -> Counter[str]:
+    """Start the sandbox's stopped cluster again and count the payments rows per key."""
+    cluster = PgCluster(directory / "pg", port=int((directory / "pg.port").read_text()))
+    cluster.start()
+    try:
+        output = cluster.psql(f"SELECT key, count(*) FROM {DEV_TABLE} GROUP BY key")
+    finally:
+        cluster.stop("fast")
+    return Counter({key: int(count) for key, count in
+                    (line.split("|") for line in output.splitlines() if line)})
+
+
 def test_dev_outage_scenario_timeline() -> None:
     parent = Path(tempfile.mkdtemp(prefix="walacord-dev-"))
     parent.chmod(0o755)
@@ -79,10 +109,46 @@ def test_dev_outage_scenario_timeline() -> None:
              "--scenario", "outage"],
             capture_output=True, text=True, timeout=180,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # Counted again here, apart from the scenario's own check, so a step that only
+        # prints its result cannot pass.
+        walacor_rows = anyio.run(walacor_rows_per_key, directory / "emulator.sqlite3")
+        postgres_rows = postgres_rows_per_key(directory)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     timeline = [line for line in result.stdout.splitlines() if line.startswith("  +")]
     reached = [re.search(r"mode (\w+) after", line) for line in timeline]
+    operations = 2 * OPERATIONS_PER_SINK
+
     assert result.returncode == 0, result.stdout + result.stderr
     assert [m.group(1) for m in reached if m] == ["normal", "emergency", "offline", "normal"]
-    assert "done: every step reached its mode" in timeline[-1]
+    assert any(f"outbox accepted {operations} operations" in line and
+               f"pending {operations}," in line for line in timeline), timeline
+    assert any(f"applied {operations} of {operations}, pending 0" in line
+               for line in timeline), timeline
+    assert "done: every step passed" in timeline[-1]
+    assert len(walacor_rows) == OPERATIONS_PER_SINK, walacor_rows
+    assert set(walacor_rows.values()) == {1}, walacor_rows
+    assert len(postgres_rows) == OPERATIONS_PER_SINK, postgres_rows
+    assert set(postgres_rows.values()) == {1}, postgres_rows
+    assert all("-walacor-" in key for key in walacor_rows)
+    assert all("-postgres-" in key for key in postgres_rows)
+
+
+def test_dev_invalid_config_exits() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="walacord-dev-"))
+    parent.chmod(0o755)
+    directory = parent / "sandbox"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "walacord", "dev", "--dir", str(directory),
+             "--http", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=90)
+        cluster = PgCluster(directory / "pg", port=int((directory / "pg.port").read_text()))
+        still_running = cluster.is_running()
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "generated config is invalid" in result.stderr
+    assert "http.listen: invalid address '127.0.0.1:0'" in result.stderr
+    assert not still_running

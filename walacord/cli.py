@@ -40,7 +40,12 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser; with `only`, import just that subcommand's module.
+
+    Importing a subcommand's module can be costly (the emulator and the sandbox pull
+    in test tooling), so `walacord run` skips the others and the daemon stays small.
+    """
     parser = argparse.ArgumentParser(
         prog="walacord",
         description="Supervisor for a Walacor-backed financial integrity service.",
@@ -58,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         if name in ("run", "check-config"):
             continue
+        if only is not None and name != only:
+            sub.add_parser(name)
+            continue
         target = importlib.import_module(module.split(":")[0])
         register = getattr(target, "add_arguments", None)
         help_text = (target.__doc__ or "").strip().splitlines()[0] if target.__doc__ else None
@@ -69,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((word for word in arguments if not word.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
+    args = parser.parse_args(arguments)
     module_name, function_name = COMMANDS[args.command].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     try:

@@ -34,6 +34,25 @@ DEFAULT_DIR = ".walacord-dev"
 EMULATOR_USER = ("dev", "dev-password")
 STATUS_EVERY = 0.5
 
+# The sandbox's outbox sinks, as in the README's outbox example: Walacor records of
+# envelope type DEV_ETID, and PostgreSQL rows written by the statement DEV_STATEMENT.
+DEV_ETID = 10001
+DEV_ETID_TABLE = "payments"
+DEV_ETID_FIELDS = [
+    {"FieldName": "walacord_key", "DataType": "TEXT", "Required": True, "MaxLength": 128},
+    {"FieldName": "amount", "DataType": "INTEGER", "Required": True},
+]
+DEV_TABLE = "payments"
+DEV_TABLE_SQL = f"""CREATE TABLE IF NOT EXISTS {DEV_TABLE} (
+    key text PRIMARY KEY,
+    amount integer NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now())"""
+DEV_STATEMENT = "record_payment"
+DEV_STATEMENT_SQL = (f"INSERT INTO {DEV_TABLE} (key, amount) VALUES (%(key)s, %(amount)s) "
+                     "ON CONFLICT (key) DO NOTHING")
+# Deadline for creating the sandbox's table and envelope type, in seconds.
+SETUP_TIMEOUT = 30.0
+
 
 @dataclass
 class Sandbox:
@@ -44,7 +63,7 @@ class Sandbox:
     emulator: Emulator
     supervisor: Supervisor
     out: TextIO
-    # Steps of a scenario that did not reach their expected mode.
+    # Steps of a scenario that failed: a mode not reached, or an outbox check missed.
     failures: int = 0
 
     @property
@@ -105,6 +124,9 @@ dir = {_toml(str(directory / "state"))}
 [logging]
 dir = {_toml(str(directory / "logs"))}
 level = "info"
+
+[outbox.statements.{DEV_STATEMENT}]
+sql = {_toml(DEV_STATEMENT_SQL)}
 """
     path.write_text(document)
     return path
@@ -152,7 +174,7 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
     from walacord import config as config_module
     from walacord import logs
     from walacord.emulator import Emulator
-    from walacord.errors import ConfigError
+    from walacord.errors import ConfigError, WalacorError
     from walacord.supervisor import Supervisor
 
     out = sys.stdout
@@ -173,6 +195,14 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
             emulator = Emulator(users={EMULATOR_USER[0]: EMULATOR_USER[1]},
                                 state_path=str(directory / "emulator.sqlite3"))
             emulator_url = await tg.start(_serve_emulator, emulator)
+            try:
+                await _create_sink_targets(cluster, emulator_url)
+            except (ClusterError, WalacorError, TimeoutError) as exc:
+                print(f"walacord dev: cannot create the outbox's table and envelope type: "
+                      f"{exc}", file=sys.stderr)
+                # Cancelled first, or the task group waits for the emulator forever.
+                tg.cancel_scope.cancel()
+                return 1
 
             # Step 3: the config, validated as the daemon would.
             listen = args.http or _default_listen()
@@ -181,6 +211,7 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
                 cfg = config_module.load(config_path)
             except ConfigError as exc:
                 print(f"walacord dev: generated config is invalid:\n{exc}", file=sys.stderr)
+                tg.cancel_scope.cancel()
                 return 1
             # The terminal shows the status line; the JSON logs go to the files only.
             logs.setup(cfg.logging.level, cfg.logging.dir, queue_size=cfg.logging.queue_size,
@@ -230,6 +261,21 @@ def _say(out: TextIO, text: str) -> None:
         pass
 
 
+async def _create_sink_targets(cluster: PgCluster, emulator_url: str) -> None:
+    """Create the table that DEV_STATEMENT writes to and the envelope type DEV_ETID.
+
+    Both steps are idempotent, so a reused sandbox keeps its rows and records.
+    """
+    from walacord.walacor.client import WalacorClient
+
+    with anyio.fail_after(SETUP_TIMEOUT):
+        await anyio.to_thread.run_sync(
+            lambda: cluster.psql(DEV_TABLE_SQL), abandon_on_cancel=True)
+        async with WalacorClient(emulator_url, username=EMULATOR_USER[0],
+                                 password=EMULATOR_USER[1]) as client:
+            await client.create_schema(DEV_ETID, DEV_ETID_TABLE, DEV_ETID_FIELDS)
+
+
 def _cluster(directory: Path, bindir: Path) -> tuple[PgCluster, bool]:
     """Return the sandbox's cluster and whether its data directory already exists."""
     base = directory / "pg"
@@ -276,6 +322,8 @@ def _print_banner(sandbox: Sandbox, listen: str, emulator_url: str, config_path:
         f"  logs       {cfg.logging.dir}",
         f"  postgres   {sandbox.cluster.url('postgres', password='')} (password in the config)",
         f"  walacor    {emulator_url} (emulator, user {EMULATOR_USER[0]})",
+        f"  outbox     walacor ETId {DEV_ETID}; postgres statement {DEV_STATEMENT} "
+        f"(table {DEV_TABLE})",
         "Press Ctrl-C to stop everything.",
         "",
     ]

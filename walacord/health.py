@@ -10,29 +10,29 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from walacord import __version__, logs
 from walacord.monitor import Monitor
+from walacord.web import Application, Request, Response
 
 # URL path segment -> probe name.
 COMPONENTS = {"database": "database", "api": "api", "walacor": "walacor", "system": "host"}
 
 
-def _response(document: Any, status: int) -> web.Response:
+def _response(document: Any, status: int) -> Response:
     body = logs.redact(orjson.dumps(document, default=str).decode())
-    return web.Response(text=body, status=status, content_type="application/json")
+    return Response(body.encode(), status)
 
 
-def mount(app: web.Application, monitor: Monitor) -> None:
+def mount(app: Application, monitor: Monitor) -> None:
     """Add the health routes to `app`."""
 
-    async def whole(request: web.Request) -> web.Response:
+    async def whole(request: Request) -> Response:
         code, document = monitor.health()
         document["version"] = __version__
         return _response(document, code)
 
-    async def component(request: web.Request) -> web.Response:
+    async def component(request: Request) -> Response:
         name = COMPONENTS.get(request.match_info["component"])
         if name is None:
             return _response({"error": f"unknown component; use one of "
@@ -40,7 +40,7 @@ def mount(app: web.Application, monitor: Monitor) -> None:
         code, document = monitor.health(name)
         return _response(document, code)
 
-    async def performance(request: web.Request) -> web.Response:
+    async def performance(request: Request) -> Response:
         return _response(monitor.performance(), 200)
 
     app.router.add_get("/api/health", whole)

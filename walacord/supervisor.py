@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 from prometheus_client import CollectorRegistry
 
-from walacord import __version__, logs
+from walacord import __version__, logs, memory
 from walacord import config as config_module
 from walacord.components import default_components
 from walacord.config import Config
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 ComponentFactory = Callable[[Runtime], Sequence[Component]]
 
+
+# Seconds between malloc_trim calls that return freed heap pages to the kernel.
+TRIM_INTERVAL = 60.0
 
 # Settings read once at start-up; a reload stores them but they apply after a restart.
 RESTART_ONLY = ("http", "control.socket", "control.group", "state", "walacor", "outbox",
@@ -106,6 +109,7 @@ class Supervisor:
             tg.start_soon(self._watchdog)
             tg.start_soon(self._status_loop)
             tg.start_soon(self._reload_loop)
+            tg.start_soon(self._trim_loop)
 
             # Step 3: wait for SIGTERM/SIGINT, then drain and cancel.
             await runtime.stop_requested.wait()
@@ -224,6 +228,13 @@ class Supervisor:
                 runtime.notifier.watchdog()
             await anyio.sleep(interval)
 
+    async def _trim_loop(self) -> None:
+        # Start-up frees much of what imports and config parsing allocated; hand those
+        # pages back now, then now and then, so RSS tracks what the daemon really holds.
+        while True:
+            await anyio.to_thread.run_sync(memory.trim)
+            await anyio.sleep(TRIM_INTERVAL)
+
     async def _status_loop(self) -> None:
         while True:
             self.runtime.update_status()
@@ -234,6 +245,7 @@ class Supervisor:
 
 
 def command(args: argparse.Namespace) -> int:
+    memory.limit_arenas()
     try:
         cfg = config_module.load(args.config)
     except ConfigError as exc:

@@ -2,18 +2,26 @@
 
 Every handler reads state the components already keep in memory, and a request never runs a
 probe or waits on PostgreSQL or Walacor, so a frozen dependency cannot slow a scrape.
+
+The server is uvicorn's HTTP/1.1 protocol (h11) on a socket walacord binds itself, driving a
+small ASGI application with exact and one-parameter routes. uvicorn is used as a library:
+walacord owns the socket, the signals and the shutdown, so no uvicorn code calls sys.exit or
+installs a signal handler.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import orjson
-from aiohttp import web
+import uvicorn
 from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,31 +32,133 @@ from walacord.runtime import Runtime
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 5.0
+# Seconds an idle keep-alive connection stays open; Prometheus scrapes far less often.
+KEEP_ALIVE_TIMEOUT = 75
+# Open connections at once; beyond this uvicorn answers 503 instead of queueing.
+MAX_CONNECTIONS = 256
+JSON = "application/json"
 
 
-def json_response(document: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(document), status=status,
-                        content_type="application/json")
+@dataclass
+class Request:
+    """What a handler sees: the path, its one route parameter and the query string."""
+
+    path: str
+    match_info: dict[str, str] = field(default_factory=dict)
+    query: bytes = b""
+
+
+@dataclass
+class Response:
+    body: bytes
+    status: int = 200
+    content_type: str = JSON
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(document: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(document), status)
+
+
+class Router:
+    """GET routes: exact paths, and "/prefix/{name}" paths with one trailing parameter."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, Handler] = {}
+        self.prefixed: dict[str, tuple[str, Handler]] = {}
+
+    def add_get(self, path: str, handler: Handler) -> None:
+        if path.endswith("}") and "/{" in path:
+            prefix, _, name = path.rpartition("/{")
+            self.prefixed[prefix + "/"] = (name[:-1], handler)
+        else:
+            self.exact[path] = handler
+
+    def resolve(self, path: str) -> tuple[Handler, dict[str, str]] | None:
+        handler = self.exact.get(path)
+        if handler is not None:
+            return handler, {}
+        prefix, _, last = path.rpartition("/")
+        route = self.prefixed.get(prefix + "/")
+        if route is not None and last:
+            return route[1], {route[0]: last}
+        return None
+
+
+class Application:
+    """The ASGI application: route, call the handler, send its response."""
+
+    def __init__(self) -> None:
+        self.router = Router()
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            return
+        response = await self.respond(scope)
+        headers = [(b"content-type", response.content_type.encode()),
+                   (b"content-length", str(len(response.body)).encode())]
+        if response.status == 405:
+            headers.append((b"allow", b"GET, HEAD"))
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": headers})
+        body = b"" if scope["method"] == "HEAD" else response.body
+        await send({"type": "http.response.body", "body": body})
+
+    async def respond(self, scope: dict[str, Any]) -> Response:
+        path = scope["path"]
+        found = self.router.resolve(path)
+        if found is None:
+            return json_response({"error": f"no such path {path!r}; try /metrics or "
+                                           "/api/health"}, 404)
+        if scope["method"] not in ("GET", "HEAD"):
+            return json_response({"error": f"method {scope['method']} is not allowed on "
+                                           f"{path}; use GET"}, 405)
+        handler, match_info = found
+        try:
+            return await handler(Request(path, match_info, scope.get("query_string", b"")))
+        except Exception:
+            log.exception("http.handler_failed", extra={"fields": {"path": path}})
+            return json_response({"error": "internal error; see the walacord log"}, 500)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind and listen on HOST:PORT, IPv4 or IPv6, with SO_REUSEADDR."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class WebServer:
-    """aiohttp server on `[http] listen`; other components add routes before it starts."""
+    """HTTP server on `[http] listen`; other components add routes before it starts."""
 
     name = "http"
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.app = web.Application()
+        self.app = Application()
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/livez", self.livez)
         self.app.router.add_get("/readyz", self.readyz)
         self.bound: tuple[str, int] | None = None
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.runtime.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.runtime.registry), content_type=CONTENT_TYPE_LATEST)
 
-    async def livez(self, request: web.Request) -> web.Response:
+    async def livez(self, request: Request) -> Response:
         # Reaching this handler proves the event loop is turning; measure how promptly.
         began = time.monotonic()
         await anyio.lowlevel.checkpoint()
@@ -56,7 +166,7 @@ class WebServer:
         return json_response({"status": "ok", "loop_lag_seconds": round(lag, 6),
                               "version": __version__})
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: Request) -> Response:
         runtime = self.runtime
         ready = runtime.ready.is_set() and not runtime.stopping
         if ready:
@@ -73,18 +183,32 @@ class WebServer:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         host, port = split_listen(self.runtime.config.http.listen)
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
-        await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+            sock = bind(host, port)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port} ([http] listen): "
+                                     f"{exc.strerror}; free the port or change the setting"
+                          ) from exc
+        config = uvicorn.Config(
+            self.app, http="h11", lifespan="off", log_config=None, access_log=False,
+            server_header=False, proxy_headers=False, interface="asgi3",
+            timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=MAX_CONNECTIONS)
+        server = uvicorn.Server(config)
+        try:
+            config.load()
+            server.lifespan = config.lifespan_class(config)
+            await server.startup(sockets=[sock])
+            self.bound = sock.getsockname()[:2]
             log.info("http.listening", extra={"fields": {
                 "address": f"{self.bound[0]}:{self.bound[1]}"}})
             task_status.started()
-            await anyio.sleep_forever()
+            while True:
+                # The Date header is refreshed here, as uvicorn's own loop would.
+                await server.on_tick(0)
+                await anyio.sleep(1.0)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_TIMEOUT):
-                await runner.cleanup()
+                server.force_exit = True
+                if getattr(server, "servers", None):
+                    await server.shutdown(sockets=[sock])
+            sock.close()

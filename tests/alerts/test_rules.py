@@ -187,3 +187,17 @@ def test_metrics_source_absent_metrics_raise_nothing() -> None:
     source = rules.MetricsSource(CollectorRegistry(), lambda: CONFIG)
 
     assert source() == []
+
+
+def test_metrics_source_samples_cover_every_name_the_rules_read() -> None:
+    # MetricsSource collects only SAMPLES; a rule that reads another name would see
+    # nothing and never fire.
+    import inspect
+    import re
+
+    from walacord.alerts.rules import MetricsSource
+
+    source = inspect.getsource(MetricsSource)
+    read = set(re.findall(r'samples\.get\("([a-z_]+)"', source))
+    assert read
+    assert read <= set(MetricsSource.SAMPLES)

@@ -96,6 +96,16 @@ def test_status_without_daemon_exits_3(socket_dir: Path) -> None:
     assert f"nothing is listening on {stale}" in refused.stderr
 
 
+def test_status_names_a_path_that_is_not_a_socket(socket_dir: Path) -> None:
+    regular = socket_dir / "walacord.toml"
+    regular.write_text("")
+    for path, kind in ((regular, "regular file"), (socket_dir, "directory")):
+        result = walacorctl("status", socket=path)
+        assert result.returncode == 3
+        assert f"{path} is a {kind}, not a socket" in result.stderr
+        assert "nothing is listening" not in result.stderr
+
+
 def test_mode_override_expires_and_logs_reason(daemon: DaemonProcess) -> None:
     forced = walacorctl("--json", "mode", "set", "emergency", "--ttl", "1",
                         "--reason", "maintenance window", socket=daemon.socket)

@@ -210,9 +210,17 @@ class MetricsSource:
     `AlertService.observe(rules.host_resource(...))` and the like.
     """
 
+    # Every sample name the rules read; evaluation collects only these, not the registry.
+    SAMPLES = ("walacord_probe_success", "walacord_probe_duration_seconds",
+               "walacord_probe_duration_seconds_sum", "walacord_probe_duration_seconds_count",
+               "walacord_mode", "walacord_outbox_oldest_pending_age_seconds",
+               "walacord_outbox_dead_operations", "walacord_backup_failures_total",
+               "walacord_backup_last_success_timestamp_seconds")
+
     def __init__(self, registry: CollectorRegistry, config: Callable[[], AlertsConfig],
                  clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
+        self._view = registry.restricted_registry(self.SAMPLES)
         self.config = config
         self.clock = clock
         self.started_at = clock()
@@ -248,9 +256,7 @@ class MetricsSource:
 
     def _samples(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in self.registry.collect():
-            if not family.name.startswith("walacord_"):
-                continue
+        for family in self._view.collect():
             for sample in family.samples:
                 samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
         return samples

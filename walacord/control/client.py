@@ -15,6 +15,7 @@ import grp
 import itertools
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ class ControlClient:
         self._buffer.clear()
 
     def connect(self) -> None:
+        """Connect to the socket; raise ControlClientError with what to do."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -66,6 +68,12 @@ class ControlClient:
                 "set WALACORD_CONTROL_SOCKET") from None
         except ConnectionRefusedError:
             sock.close()
+            kind = _file_kind(self.path)
+            if kind != "socket":
+                raise ControlClientError(
+                    f"{self.path} is a {kind}, not a socket: pass the daemon's control "
+                    "socket with --socket PATH or WALACORD_CONTROL_SOCKET (the default is "
+                    "[control] socket in walacord.toml)") from None
             raise ControlClientError(
                 f"nothing is listening on {self.path}: walacord is not running (the socket "
                 "file is left from an earlier run); start it with `systemctl start walacord`"
@@ -203,3 +211,16 @@ def _group_hint(path: str) -> str:
         return "run as root, or ask an administrator to set [control] group"
     return (f"join group {name!r} (e.g. `usermod -aG {name} $USER`, then log in again) "
             "or run as root")
+
+
+def _file_kind(path: str) -> str:
+    """Return "socket", "directory", "regular file" or "special file" for an existing path."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "socket"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "regular file" if stat.S_ISREG(mode) else "special file"

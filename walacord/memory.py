@@ -1,0 +1,47 @@
+"""Keep the daemon's resident memory small on glibc.
+
+glibc gives each thread that allocates its own malloc arena and keeps freed pages
+mapped. A daemon that runs for months with a few worker threads then holds memory it
+no longer uses. Two calls fix that: `mallopt(M_ARENA_MAX, 2)` before any thread starts,
+and `malloc_trim(0)` after start-up and now and then, which hands free pages back to
+the kernel. On a libc without these functions both are no-ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+log = logging.getLogger(__name__)
+
+M_ARENA_MAX = -8
+ARENA_MAX = 2
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None)
+except OSError:  # pragma: no cover - every Linux libc loads; other systems may not
+    _libc = None
+
+
+def _function(name: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    return getattr(_libc, name, None) if _libc is not None else None
+
+
+def limit_arenas() -> bool:
+    """Cap glibc's malloc arenas; call before threads start. Return whether it applied."""
+    mallopt = _function("mallopt")
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, ARENA_MAX))
+
+
+def trim() -> bool:
+    """Return free heap pages to the kernel. Return whether any were released."""
+    malloc_trim = _function("malloc_trim")
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))
