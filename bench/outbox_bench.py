@@ -1,8 +1,10 @@
 """Measure the outbox beside its anchors, in one run, and record the figures.
 
-1. Durable enqueue through the store API (`OutboxStore.enqueue`) and through the
-   control socket with 1 and 16 concurrent clients, beside raw SQLite: one INSERT per
-   transaction, WAL, synchronous=FULL, in the same directory.
+1. Durable enqueue through the store API (`OutboxStore.enqueue`) with 1, 16 and 64
+   concurrent callers, and through the control socket from a separate client process
+   with 1 and 16 clients sending single-op, pipelined and batched requests (see
+   SOCKET_LOADS), beside raw SQLite: one INSERT per transaction, WAL,
+   synchronous=FULL, in the same directory.
 2. Drain of a backlog into PostgreSQL beside psycopg `executemany` of the same rows,
    500 per transaction, into a private cluster.
 3. Drain of a backlog into the Walacor emulator, run as a subprocess.
@@ -10,13 +12,14 @@
     python bench/outbox_bench.py               # full sizes, writes docs/benchmarks.md
     python bench/outbox_bench.py --quick --no-write
 
-NOTE: the control-socket clients run in the daemon's own event loop, so their CPU
-time counts against the daemon; separate client processes would fare better.
+NOTE: the client process and the daemon share the machine's cores, so on a small
+machine the client's CPU time still lowers the socket figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,6 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +46,8 @@ from walacord.outbox.store import OutboxStore
 from walacord.outbox.sync import SyncEngine
 from walacord.pgcluster import PgCluster, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- outbox:start -->", "<!-- outbox:end -->"
 ETID = 10001
@@ -94,11 +101,85 @@ async def store_enqueues(directory: Path, clients: int, per_client: int) -> dict
     return {"rate": total / elapsed, "per_commit": total / max(1, commits)}
 
 
-async def socket_enqueues(directory: Path, clients: int, per_client: int) -> dict[str, float]:
-    """Return enqueues per second through the control socket, clients in this process."""
+@dataclass(frozen=True)
+class SocketLoad:
+    """One way to drive enqueues through the control socket.
+
+    `clients` connections each keep `depth` requests in flight (pipelined on the
+    connection when above 1), and each request carries `batch` operations (a single
+    operation when 1, else an `operations` list).
+    """
+
+    label: str
+    clients: int
+    depth: int
+    batch: int
+    operations: int  # in total, over all clients
+
+    def describe(self) -> str:
+        clients = f"{self.clients} client{'s' if self.clients > 1 else ''}"
+        request = "single-op requests" if self.batch == 1 else f"{self.batch}-op batches"
+        pipelined = f", {self.depth} pipelined per connection" if self.depth > 1 else ""
+        return f"{clients}, {request}{pipelined}"
+
+
+SOCKET_LOADS = (
+    SocketLoad("single_one", clients=1, depth=1, batch=1, operations=3000),
+    SocketLoad("single_sixteen", clients=16, depth=1, batch=1, operations=32000),
+    SocketLoad("pipelined_sixteen", clients=16, depth=16, batch=1, operations=64000),
+    SocketLoad("deep_pipelined_sixteen", clients=16, depth=64, batch=1, operations=64000),
+    SocketLoad("batch_one", clients=1, depth=1, batch=100, operations=32000),
+    SocketLoad("batch_sixteen", clients=16, depth=1, batch=100, operations=64000),
+)
+
+
+async def client_load(path: str, load: SocketLoad, run: int) -> tuple[float, float]:
+    """Drive `load` against the socket at `path`; return the seconds from start to last
+    acknowledgement and the CPU seconds this process spent meanwhile.
+
+    Runs in its own process (see `--client-load`), as the application would, so the
+    clients' CPU time does not count against the daemon's event loop.
+    """
+    from walacord.client import AsyncOutboxClient
+
+    per_client = load.operations // load.clients
+    requests = per_client // load.batch
+
+    def operation(number: int, index: int) -> dict[str, Any]:
+        return {"sink": "walacor", "etid": ETID, "key": f"r{run}-c{number}-{index}",
+                "data": {"amount": index, "currency": "EUR",
+                         "account": "DE89370400440532013000"}}
+
+    async def requester(connection: AsyncOutboxClient, number: int, lane: int) -> None:
+        for request in range(lane, requests, load.depth):
+            first = request * load.batch
+            if load.batch == 1:
+                result = await connection.enqueue(operation(number, first))
+                assert result["created"], result
+            else:
+                results = await connection.enqueue_many(
+                    [operation(number, first + i) for i in range(load.batch)])
+                assert all(r["created"] for r in results), results[:3]
+
+    async with AsyncExitStack() as stack:
+        connections = [await stack.enter_async_context(AsyncOutboxClient(path, timeout=120))
+                       for _ in range(load.clients)]
+        started, cpu_started = time.perf_counter(), time.process_time()
+        async with anyio.create_task_group() as tasks:
+            for number, connection in enumerate(connections):
+                for lane in range(load.depth):
+                    tasks.start_soon(requester, connection, number, lane)
+        return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+async def socket_enqueues(directory: Path, loads: Sequence[SocketLoad]) -> dict[str, Any]:
+    """Serve the outbox on a control socket and drive each load from a client process.
+
+    Return, per load label, acknowledged operations per second, operations per commit
+    (per fsync) and the daemon process's CPU seconds per operation.
+    """
     from prometheus_client import CollectorRegistry
 
-    from walacord.client import AsyncOutboxClient
     from walacord.config import Config, ControlConfig, StateConfig
     from walacord.control.server import ControlServer
     from walacord.metrics import Metrics
@@ -116,33 +197,46 @@ async def socket_enqueues(directory: Path, clients: int, per_client: int) -> dic
     outbox = Outbox(config, {})
     register_methods(runtime.methods, outbox)
     server = ControlServer(runtime)
+    results: dict[str, Any] = {}
     async with anyio.create_task_group() as tasks:
         for component in (outbox, server):
             runtime.components[component.name] = component
             await tasks.start(component.run)
         runtime.ready.set()
-        commits_before = outbox.store.commits
-
-        async def client(number: int) -> None:
-            async with AsyncOutboxClient(path, timeout=60) as connection:
-                for index in range(per_client):
-                    await connection.enqueue({"sink": "walacor", "etid": ETID,
-                                              "key": f"s{number}-{index}",
-                                              "data": {"amount": index}})
-
-        started = time.perf_counter()
-        async with anyio.create_task_group() as clients_group:
-            for number in range(clients):
-                clients_group.start_soon(client, number)
-        elapsed = time.perf_counter() - started
-        commits = outbox.store.commits - commits_before
+        for run, load in enumerate(loads):
+            commits_before = outbox.store.commits
+            cpu_before = time.process_time()
+            process = await anyio.run_process(
+                [sys.executable, str(SCRIPT), "--client-load", path,
+                 json.dumps({**dataclasses.asdict(load), "run": run})],
+                check=True)
+            elapsed, client_cpu = json.loads(process.stdout.decode().strip().splitlines()[-1])
+            cpu = time.process_time() - cpu_before
+            commits = outbox.store.commits - commits_before
+            results[load.label] = {"rate": load.operations / elapsed,
+                                   "per_commit": load.operations / max(1, commits),
+                                   "cpu_us_per_op": cpu / load.operations * 1e6,
+                                   "client_cpu_us_per_op": client_cpu / load.operations * 1e6}
+        stats = await outbox.store.stats()
         tasks.cancel_scope.cancel()
-    total = clients * per_client
-    return {"rate": total / elapsed, "per_commit": total / max(1, commits)}
+    expected = sum(load.operations for load in loads)
+    if stats.pending != expected:
+        raise RuntimeError(f"outbox contains {stats.pending} pending operations; expected "
+                           f"{expected}")
+    return results
+
+
+def run_client_load(path: str, spec: str) -> None:
+    fields = json.loads(spec)
+    run = fields.pop("run")
+    print(json.dumps(anyio.run(client_load, path, SocketLoad(**fields), run)))
 
 
 def bench_enqueue(base: Path, quick: bool) -> dict[str, Any]:
     count = 500 if quick else 3000
+    scale = 8 if quick else 1
+    loads = [dataclasses.replace(load, operations=load.operations // scale)
+             for load in SOCKET_LOADS]
     results: dict[str, Any] = {}
     # Interleave the runs so that a change in disk load hits all of them alike.
     for label, run in (("raw", lambda d: raw_sqlite_inserts(d, count)),
@@ -150,27 +244,29 @@ def bench_enqueue(base: Path, quick: bool) -> dict[str, Any]:
                        ("sixteen", lambda d: anyio.run(store_enqueues, d, 16, count)),
                        ("sixty_four", lambda d: anyio.run(store_enqueues, d, 64,
                                                           count // 4)),
-                       ("socket_one", lambda d: anyio.run(socket_enqueues, d, 1, count)),
-                       ("socket_sixteen", lambda d: anyio.run(socket_enqueues, d, 16, count))):
+                       ("socket", lambda d: anyio.run(socket_enqueues, d, loads))):
         directory = Path(tempfile.mkdtemp(dir=base))
         try:
             results[label] = run(directory)
         finally:
             shutil.rmtree(directory)
+    results["socket_loads"] = [dataclasses.asdict(load) for load in loads]
     return results
 
 
 # --- 2. drain into PostgreSQL --------------------------------------------------------
 
 
-def raw_executemany(url: str, rows: list[dict[str, Any]]) -> float:
+def raw_executemany(url: str, rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """Return rows per second and this process's CPU seconds per row."""
     with psycopg.connect(url) as conn:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for start in range(0, len(rows), 500):
             with conn.transaction(), conn.cursor() as cursor:
                 cursor.executemany(STATEMENT.sql.replace("ledger", "ledger_raw"),
                                    rows[start:start + 500])
-        return len(rows) / (time.perf_counter() - started)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return len(rows) / elapsed, cpu / len(rows)
 
 
 async def fill(store: OutboxStore, operations: list[NewOperation]) -> None:
@@ -179,8 +275,9 @@ async def fill(store: OutboxStore, operations: list[NewOperation]) -> None:
 
 
 async def drain(directory: Path, sink_name: str, sink: Sink,
-                operations: list[NewOperation], config: OutboxConfig) -> float:
-    """Enqueue `operations`, then return operations per second of a drain into `sink`."""
+                operations: list[NewOperation], config: OutboxConfig) -> tuple[float, float]:
+    """Enqueue `operations`, then drain them into `sink`; return operations per second
+    and this process's CPU seconds per operation during the drain."""
     store = OutboxStore(directory / "outbox.db", config)
     async with anyio.create_task_group() as tasks:
         await tasks.start(store.run)
@@ -195,16 +292,16 @@ async def drain(directory: Path, sink_name: str, sink: Sink,
                 break
             if report.applied == 0:
                 await anyio.sleep(0.05)
-        elapsed = time.perf_counter() - started
-        print(f"drain into {sink_name}: {elapsed:.2f}s wall, "
-              f"{time.process_time() - cpu_started:.2f}s CPU of this process", file=sys.stderr)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        print(f"drain into {sink_name}: {elapsed:.2f}s wall, {cpu:.2f}s CPU of this process",
+              file=sys.stderr)
         tasks.cancel_scope.cancel()
     if stats.done != len(operations) or stats.dead:
         raise RuntimeError(f"drain into {sink_name} incomplete: {stats}")
-    return len(operations) / elapsed
+    return len(operations) / elapsed, cpu / len(operations)
 
 
-async def outbox_into_postgres(directory: Path, url: str, count: int) -> float:
+async def outbox_into_postgres(directory: Path, url: str, count: int) -> tuple[float, float]:
     config = OutboxConfig(statements={"insert_row": STATEMENT}, sync_batch_max=BATCH)
     operations = [NewOperation(f"row-{i}", "postgres", "insert_row",
                                f'{{"key":"row-{i}","amount":{i}}}'.encode())
@@ -229,17 +326,18 @@ def bench_postgres(base: Path, count: int) -> dict[str, Any]:
             for table in ("ledger", "ledger_raw"):
                 conn.execute(f"CREATE TABLE {table} (key text PRIMARY KEY, amount integer)")
         rows = [{"key": f"row-{i}", "amount": i} for i in range(count)]
-        raw = raw_executemany(url, rows)
+        raw, raw_cpu = raw_executemany(url, rows)
         directory = Path(tempfile.mkdtemp(dir=base))
         try:
-            outbox = anyio.run(outbox_into_postgres, directory, url, count)
+            outbox, outbox_cpu = anyio.run(outbox_into_postgres, directory, url, count)
         finally:
             shutil.rmtree(directory)
         with psycopg.connect(url) as conn:
             stored = conn.execute("SELECT count(*) FROM ledger").fetchone()
         if not stored or stored[0] != count:
             raise RuntimeError(f"ledger contains {stored} rows; expected {count}")
-        return {"raw": raw, "outbox": outbox, "count": count,
+        return {"raw": raw, "outbox": outbox, "count": count, "raw_cpu_us": raw_cpu * 1e6,
+                "outbox_cpu_us": outbox_cpu * 1e6,
                 "server": cluster.bindir.parent.name}
     finally:
         cluster.destroy()
@@ -248,7 +346,7 @@ def bench_postgres(base: Path, count: int) -> dict[str, Any]:
 # --- 3. drain into the emulator ------------------------------------------------------
 
 
-async def outbox_into_emulator(directory: Path, url: str, count: int) -> float:
+async def outbox_into_emulator(directory: Path, url: str, count: int) -> tuple[float, float]:
     from walacord.walacor import WalacorClient
 
     async with WalacorClient(url, username="admin", password="admin",
@@ -270,8 +368,8 @@ def bench_emulator(base: Path, count: int) -> dict[str, Any]:
         anyio.run(_wait_and_create_schema, url)
         directory = Path(tempfile.mkdtemp(dir=base))
         try:
-            return {"outbox": anyio.run(outbox_into_emulator, directory, url, count),
-                    "count": count}
+            rate, _ = anyio.run(outbox_into_emulator, directory, url, count)
+            return {"outbox": rate, "count": count}
         finally:
             shutil.rmtree(directory)
     finally:
@@ -324,55 +422,89 @@ def render(results: dict[str, Any], command: str) -> str:
         "",
         f"Machine: {machine()}. State directory on `{results['filesystem']}`.",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
-        "All figures of a table come from the same run. Other work shares this machine: "
-        "across runs on 2026-12-04, raw SQLite ranged from 1,400 to 6,500 inserts/s and "
-        "executemany from 32,000 to 67,000 rows/s, so compare ratios within one run.",
+        "All figures come from the same run on a 2-core machine that other work shares, "
+        "so absolute rates vary from run to run. Across runs on 2026-12-04, raw SQLite "
+        "ranged from 1,400 to 6,500 inserts/s and executemany from 32,000 to 67,000 "
+        "rows/s. Compare ratios within one run.",
         "",
-        "Durable enqueue, through the store API (`OutboxStore.enqueue`) and through the "
-        "control socket (`walacord.client.AsyncOutboxClient`, one connection per client, "
-        "clients in the daemon's process and event loop, so their CPU counts against it):",
+        "Durable enqueue through the store API (`OutboxStore.enqueue`, callers in the "
+        "store's own event loop), beside raw SQLite in the same directory:",
         "",
         "| what | ops/s | vs raw SQLite | ops per fsync |",
         "|---|---:|---:|---:|",
         f"| raw SQLite, one synchronous=FULL WAL transaction per insert | {raw:,.0f} | 1.00 "
         "| 1 |",
     ]
-    for label, clients, via in (("one", 1, "store API"), ("sixteen", 16, "store API"),
-                                ("sixty_four", 64, "store API"),
-                                ("socket_one", 1, "control socket"),
-                                ("socket_sixteen", 16, "control socket")):
+    for label, clients in (("one", 1), ("sixteen", 16), ("sixty_four", 64)):
         figures = enqueue[label]
-        lines.append(f"| outbox via {via}, {clients} client{'s' if clients > 1 else ''} | "
+        lines.append(f"| outbox via store API, {clients} client{'s' if clients > 1 else ''} | "
                      f"{figures['rate']:,.0f} | {figures['rate'] / raw:.2f} | "
                      f"{figures['per_commit']:.1f} |")
-    lines.append("")
-    lines.append("")
-    lines.append("Target: 20,000 acknowledged ops/s with 16 clients on a machine where raw "
-                 "SQLite reaches about 3,300/s (a ratio of about 6). Each client waits for "
-                 "its acknowledgement before it sends the next operation, so a commit "
-                 "carries at most one operation per client, and the rate is the number of "
-                 "clients divided by the time of one commit: the fsync, one round trip to "
-                 "aiosqlite's thread, and about 50 microseconds of Python per operation "
-                 "(estimated from the 64-client figure), which also caps the 64-client "
-                 "rate.")
+    lines += [
+        "",
+        "Durable enqueue through the control socket: the outbox and the control server in "
+        "the benchmark's process, the clients (`walacord.client.AsyncOutboxClient`, one "
+        "connection each) in a separate process, as an application would be. An "
+        "operation counts once its acknowledgement arrived, and every acknowledgement "
+        "is sent after the commit (synchronous=FULL) that stored it. Target: 20,000 "
+        "acknowledged ops/s with 16 clients.",
+        "",
+        "| clients and requests | ops/s | vs raw SQLite | ops per fsync | daemon CPU per op "
+        "| client CPU per op | meets 20,000/s |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    loads = {load["label"]: load for load in enqueue["socket_loads"]}
+    for label, figures in enqueue["socket"].items():
+        load = SocketLoad(**loads[label])
+        verdict = "yes" if figures["rate"] >= 20_000 else "no"
+        if load.clients < 16:
+            verdict = "n/a"  # the target is set for 16 clients
+        lines.append(f"| {load.describe()} | {figures['rate']:,.0f} | "
+                     f"{figures['rate'] / raw:.2f} | {figures['per_commit']:.1f} | "
+                     f"{figures['cpu_us_per_op']:.0f} µs | "
+                     f"{figures['client_cpu_us_per_op']:.0f} µs | {verdict} |")
+    lines += [
+        "",
+        "Daemon CPU per op is the CPU time of the benchmark's process (event loop and "
+        "SQLite thread) divided by the operations, client CPU per op the same for the "
+        "client process; both share the machine's 2 cores. Without pipelining each "
+        "client has one request in flight, so a commit carries at most one operation "
+        "per client and every request pays a full round of system calls and event-loop "
+        "work. Pipelined enqueues on one connection are served together by one call to "
+        "the store, so they share a commit and most of that work, and batched requests "
+        "share it among their operations.",
+    ]
     if pg:
+        busy = pg["outbox_cpu_us"] * pg["outbox"] / 1e6
         lines += [
             "",
             f"Drain of a {pg['count']:,}-operation backlog into PostgreSQL "
             f"({pg['server']}, private cluster on loopback):",
             "",
-            "| what | rows/s | vs executemany |",
-            "|---|---:|---:|",
-            f"| psycopg executemany, 500 rows per transaction | {pg['raw']:,.0f} | 1.00 |",
-            f"| outbox drain | {pg['outbox']:,.0f} | {pg['outbox'] / pg['raw']:.2f} |",
+            "| what | rows/s | vs executemany | wall time per row | CPU per row |",
+            "|---|---:|---:|---:|---:|",
+            f"| psycopg executemany, 500 rows per transaction | {pg['raw']:,.0f} | 1.00 | "
+            f"{1e6 / pg['raw']:.0f} µs | {pg['raw_cpu_us']:.0f} µs |",
+            f"| outbox drain | {pg['outbox']:,.0f} | {pg['outbox'] / pg['raw']:.2f} | "
+            f"{1e6 / pg['outbox']:.0f} µs | {pg['outbox_cpu_us']:.0f} µs |",
             "",
-            "Target: the drain reaches at least 0.80 of executemany.",
+            "Target: the drain reaches at least 0.80 of executemany; this run "
+            f"{'meets' if pg['outbox'] >= 0.8 * pg['raw'] else 'does not meet'} it. The "
+            "drain claims each round of up to 500 operations from SQLite in one "
+            "transaction, applies it in one PostgreSQL transaction with one "
+            "`executemany` per statement, and marks it done in one SQLite transaction. "
+            "CPU per row is the CPU time of the benchmark's process (the PostgreSQL "
+            "server runs apart) divided by the rows. In this run the drain's process was "
+            f"busy for {busy:.0%} of the drain's wall time"
+            + (", so the CPU that claiming and recording add to psycopg's own sets its "
+               "rate." if busy >= 0.8 else "."),
         ]
     if emu:
         lines += [
             "",
             f"Drain of a {emu['count']:,}-operation backlog into the Walacor emulator "
-            f"(subprocess on loopback): {emu['outbox']:,.0f} records/s. Target: 5,000.",
+            f"(subprocess on loopback): {emu['outbox']:,.0f} records/s. Target: 5,000; "
+            f"this run {'meets' if emu['outbox'] >= 5000 else 'does not meet'} it.",
         ]
     lines.append(END)
     return "\n".join(lines)
@@ -399,7 +531,12 @@ def main() -> int:
                         help="operations in the PostgreSQL drain backlog")
     parser.add_argument("--emulator-backlog", type=int, default=100_000)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--client-load", nargs=2, metavar=("SOCKET", "LOAD"),
+                        help=argparse.SUPPRESS)  # internal: one socket client process
     args = parser.parse_args()
+    if args.client_load:
+        run_client_load(*args.client_load)
+        return 0
 
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)

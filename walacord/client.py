@@ -78,20 +78,34 @@ def _result(response: dict[str, Any], request_id: int) -> Any:
 
 
 class AsyncOutboxClient:
-    """One connection to the control socket; requests on it run one at a time."""
+    """One connection to the control socket.
+
+    Tasks may share it: their requests are pipelined, written together when they
+    queue up during a write, and each task reads its own response in request order.
+    walacord serves pipelined enqueues together, so they share one durable commit.
+    After a failed send or read the connection is out of step and every later call
+    raises WalacordError; open a new client then.
+    """
 
     def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
         self.path = path
         self.timeout = timeout
         self._stream: anyio.abc.SocketStream | None = None
         self._reader: BufferedByteReceiveStream | None = None
-        self._lock = anyio.Lock()
+        # Encoded requests not yet written, and whether a task is writing them.
+        self._outgoing: list[bytes] = []
+        self._sending = False
+        # Set once the previous request's response has been read: the next reader's turn.
+        self._read_turn: anyio.Event | None = None
+        self._broken: str | None = None
         self._next_id = 0
 
     async def __aenter__(self) -> Self:
         with anyio.fail_after(self.timeout):
             self._stream = await anyio.connect_unix(self.path)
         self._reader = BufferedByteReceiveStream(self._stream)
+        self._read_turn = anyio.Event()
+        self._read_turn.set()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -101,19 +115,59 @@ class AsyncOutboxClient:
         self._stream = self._reader = None
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and return its result; raise ControlError on an error reply."""
-        if self._stream is None or self._reader is None:
+        """Send one request and return its result; raise ControlError on an error reply.
+
+        Raise TimeoutError when the response takes longer than `timeout` seconds,
+        counted from when the call starts, including the wait for pipelined calls
+        sent before it.
+        """
+        if self._stream is None or self._reader is None or self._read_turn is None:
             raise WalacordError("client is not connected; use it as `async with`")
-        async with self._lock:
+        reader = self._reader
+        with anyio.fail_after(self.timeout):
+            self._check_usable()
+            # Queue the request and take the next place in the reading order with no
+            # await in between, so that the reading order is the sending order.
             self._next_id += 1
             request_id = self._next_id
-            with anyio.fail_after(self.timeout):
-                await self._stream.send(_encode(request_id, method, params or {}))
-                response = _parse(await self._reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
+            previous, own_turn = self._read_turn, anyio.Event()
+            self._read_turn = own_turn
+            self._outgoing.append(_encode(request_id, method, params or {}))
+            try:
+                if not self._sending:
+                    await self._send_outgoing(self._stream)
+                await previous.wait()
+                self._check_usable()
+                response = _parse(await reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
                 while _is_progress(response):
-                    response = _parse(await self._reader.receive_until(b"\n",
-                                                                       MAX_RESPONSE_BYTES))
+                    response = _parse(await reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
+            except BaseException as exc:
+                if self._broken is None:
+                    self._broken = f"{method} failed: {exc!r}"
+                raise
+            finally:
+                own_turn.set()
         return _result(response, request_id)
+
+    async def _send_outgoing(self, stream: anyio.abc.SocketStream) -> None:
+        """Write queued requests until none is left.
+
+        Requests that other tasks queue while a write is in progress go out together
+        in the next write, so pipelined calls cost few system calls.
+        """
+        self._sending = True
+        try:
+            while self._outgoing:
+                data = b"".join(self._outgoing)
+                self._outgoing.clear()
+                await stream.send(data)
+        finally:
+            self._sending = False
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise WalacordError(f"the connection to {self.path} is out of step because "
+                                f"{self._broken}; open a new client")
 
     async def enqueue(self, operation: dict[str, Any]) -> dict[str, Any]:
         """Enqueue one operation; return its id, key, state and whether it was new."""

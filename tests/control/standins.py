@@ -18,8 +18,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from walacord.control.interfaces import ModeState, OverrideState, ProbeState
+from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call, MethodRegistry
-from walacord.errors import WalacordError
+from walacord.errors import ControlError, WalacordError
 
 log = logging.getLogger("walacord.tests.standin")
 
@@ -164,8 +165,21 @@ async def crash(params: None, call: Call) -> Any:
     raise RuntimeError("handler bug")
 
 
+async def echo_batch(params: list[EchoParams], calls: list[Call]) -> list[Any]:
+    """Echo each value; "bad" fails its own call and "crash" fails the whole batch."""
+    values = [each.value for each in params]
+    if "crash" in values:
+        raise RuntimeError("batch handler bug")
+    return [ControlError(ErrorCode.INVALID_PARAMS, "bad value", {"field": "value"})
+            if value == "bad" else {"value": value, "batch": len(values)} for value in values]
+
+
 def register_test_methods(methods: MethodRegistry) -> None:
     methods.register("test.echo", echo, EchoParams, mutating=False)
     methods.register("test.sleep", sleep, SleepParams, mutating=False, timeout=1.0)
+    methods.register("test.concurrent_sleep", sleep, SleepParams, mutating=False, timeout=1.0,
+                     concurrent=True)
+    methods.register("test.echo_batch", echo, EchoParams, mutating=False,
+                     batch_handler=echo_batch)
     methods.register("test.progress", progress, ProgressParams, mutating=False)
     methods.register("test.crash", crash, mutating=False)

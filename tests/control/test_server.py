@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 
 from tests.control.harness import connect, make_config, running_server
@@ -173,3 +174,61 @@ async def test_progress_lines_precede_result(socket_dir: Path) -> None:
         messages = [await client.receive() for _ in range(4)]
     assert [m["progress"]["done"] for m in messages[:3]] == [1, 2, 3]
     assert messages[3]["result"] == {"steps": 3}
+
+
+async def test_pipelined_concurrent_calls_overlap(socket_dir: Path) -> None:
+    async with running_server(make_config(socket_dir / "c.sock")), \
+            connect(socket_dir / "c.sock") as client:
+        began = anyio.current_time()
+        # Sent in one write, so all four lines are buffered when the first is read.
+        await client.send(b"".join(
+            orjson.dumps({"id": number, "method": method, "version": 1,
+                          "params": {"seconds": 0.3}}) + b"\n"
+            for number, method in ((1, "test.concurrent_sleep"), (2, "test.concurrent_sleep"),
+                                   (3, "test.concurrent_sleep"), (4, "test.sleep"))))
+        concurrent = [await client.receive() for _ in range(3)]
+        sequential = await client.receive()
+        seconds = anyio.current_time() - began
+
+    assert [message["id"] for message in concurrent] == [1, 2, 3]
+    assert all(message["result"] == {"slept": 0.3} for message in concurrent)
+    assert sequential["id"] == 4
+    # 0.3 s for the three concurrent calls together, then 0.3 s for the plain one;
+    # one at a time they would take 1.2 s.
+    assert 0.6 <= seconds < 0.9
+
+
+async def test_pipelined_plain_calls_run_in_order(socket_dir: Path) -> None:
+    async with running_server(make_config(socket_dir / "c.sock")), \
+            connect(socket_dir / "c.sock") as client:
+        began = anyio.current_time()
+        await client.send(b"".join(
+            orjson.dumps({"id": number, "method": "test.sleep", "version": 1,
+                          "params": {"seconds": 0.2}}) + b"\n" for number in (1, 2, 3)))
+        responses = [await client.receive() for _ in range(3)]
+        seconds = anyio.current_time() - began
+
+    assert [message["id"] for message in responses] == [1, 2, 3]
+    assert seconds >= 0.6
+
+
+async def test_pipelined_batch_handler_answers_each(socket_dir: Path) -> None:
+    values = ["a", "bad", "b"]
+    async with running_server(make_config(socket_dir / "c.sock")), \
+            connect(socket_dir / "c.sock") as client:
+        await client.send(b"".join(
+            orjson.dumps({"id": number, "method": "test.echo_batch", "version": 1,
+                          "params": {"value": value}}) + b"\n"
+            for number, value in enumerate(values)))
+        responses = [await client.receive() for _ in values]
+        await client.send(b"".join(
+            orjson.dumps({"id": number, "method": "test.echo_batch", "version": 1,
+                          "params": {"value": value}}) + b"\n"
+            for number, value in enumerate(["c", "crash"])))
+        crashed = [await client.receive() for _ in range(2)]
+
+    assert [message["id"] for message in responses] == [0, 1, 2]
+    assert responses[0]["result"] == {"value": "a", "batch": 3}
+    assert responses[1]["error"]["code"] == ErrorCode.INVALID_PARAMS
+    assert responses[2]["result"] == {"value": "b", "batch": 3}
+    assert [message["error"]["code"] for message in crashed] == [ErrorCode.INTERNAL_ERROR] * 2

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
@@ -162,3 +163,68 @@ async def test_blocking_client_sync_run(control_socket: tuple[str, Outbox],
     assert report["applied"] == 20
     assert report["stats"]["done"] == 20
     assert len(await ledger_rows(ledger_pool)) == 20
+
+
+async def test_client_pipelined_enqueues_share_commits(tmp_path: Path,
+                                                       outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    results: dict[int, dict[str, Any]] = {}
+    async with serving_outbox(tmp_path, config, {}) as (path, outbox):
+        commits_before = outbox.store.commits
+        async with AsyncOutboxClient(path, timeout=10) as client:
+
+            async def enqueue(index: int) -> None:
+                results[index] = await client.enqueue_walacor(10001, key=f"p{index}",
+                                                              data={"i": index})
+
+            async with anyio.create_task_group() as tasks:
+                for index in range(64):
+                    tasks.start_soon(enqueue, index)
+            duplicate = await client.enqueue_walacor(10001, key="p0", data={"i": 0})
+            stats = await client.stats()
+        commits = outbox.store.commits - commits_before
+
+    assert sorted(results) == list(range(64))
+    assert all(results[index]["key"] == f"p{index}" for index in results)
+    assert all(result["created"] for result in results.values())
+    assert duplicate == {**results[0], "created": False}
+    assert stats["pending"] == 64
+    # The daemon serves pipelined requests together, so they share commits.
+    assert commits < 64
+
+
+async def test_pipelined_enqueue_errors_stay_per_request(tmp_path: Path,
+                                                        outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    requests = [
+        walacor_operation(10001, key="a", data={"i": 1}),
+        {"sink": "walacor", "etid": 10001, "data": {"i": 2}},  # no key
+        walacor_operation(10001, key="a", data={"i": 3}),  # same key as the first
+        {"operations": [walacor_operation(10001, key="b", data={}),
+                        walacor_operation(10001, key="c", data={})]},
+    ]
+    lines = b"".join(orjson.dumps({"id": number, "method": "outbox.enqueue", "version": 1,
+                                   "params": params}) + b"\n"
+                     for number, params in enumerate(requests))
+    async with serving_outbox(tmp_path, config, {}) as (path, outbox):
+        commits_before = outbox.store.commits
+        async with await anyio.connect_unix(path) as stream:
+            # One write, so the server finds all four requests buffered together.
+            await stream.send(lines)
+            received = b""
+            with anyio.fail_after(10):
+                while received.count(b"\n") < len(requests):
+                    received += await stream.receive()
+        commits = outbox.store.commits - commits_before
+        stats = await outbox.store.stats()
+
+    responses = [orjson.loads(line) for line in received.splitlines()]
+    assert [response["id"] for response in responses] == [0, 1, 2, 3]
+    first, missing_key, repeated, batch = responses
+    assert first["result"]["created"] is True
+    assert missing_key["error"]["code"] == INVALID_PARAMS
+    assert missing_key["error"]["data"] == {"field": "key"}
+    assert repeated["result"] == {**first["result"], "created": False}
+    assert [r["key"] for r in batch["result"]["results"]] == ["b", "c"]
+    assert commits == 1
+    assert stats.pending == 3

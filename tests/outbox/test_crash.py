@@ -83,6 +83,23 @@ async def test_enqueue_acked_survives_sigkill(db_path: Path) -> None:
     assert accepted[0] == len(stored)
 
 
+async def test_pipelined_socket_acks_survive_sigkill(db_path: Path) -> None:
+    socket_path = db_path.parent.parent / "control.sock"
+    worker = await start_worker("--db", str(db_path), "--socket", str(socket_path),
+                                "--clients", "4", "--depth", "8")
+    with anyio.fail_after(30):
+        await worker.read_until(lambda line: line.startswith("ack ") and line.endswith("-200"))
+    await worker.kill()
+    acked = worker.acked()
+
+    with sqlite3.connect(db_path) as conn:
+        stored = {row[0] for row in conn.execute("SELECT key FROM operations")}
+        accepted = conn.execute("SELECT value FROM counters WHERE name = 'accepted'").fetchone()
+    assert len(acked) >= 200
+    assert acked <= stored
+    assert accepted[0] == len(stored)
+
+
 @pytest.mark.chaos
 async def test_sigkill_loop_delivers_exactly_once(
         db_path: Path, pg_db: str, ledger_pool: AsyncConnectionPool[Any], emulator: Emulator,

@@ -8,22 +8,36 @@ reads which keys were acknowledged before the SIGKILL:
     drained
 
 Run: python -m tests.outbox.worker --db PATH [--pg URL] [--walacor URL] --prefix P
+
+With `--socket PATH` it serves the outbox on a control socket instead, and its clients
+pipeline single-op enqueues through `AsyncOutboxClient` connections. The database is
+then `outbox.db` in the directory of `--db`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import anyio
+from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
-from walacord.config import OutboxConfig, OutboxStatement
+from walacord.client import AsyncOutboxClient
+from walacord.config import Config, ControlConfig, OutboxConfig, OutboxStatement, StateConfig
+from walacord.control.server import ControlServer
+from walacord.metrics import Metrics
+from walacord.outbox.control import register_methods
 from walacord.outbox.model import NewOperation
+from walacord.outbox.service import Outbox
 from walacord.outbox.sinks import PostgresSink, Sink, WalacorSink
 from walacord.outbox.store import OutboxStore
 from walacord.outbox.sync import SyncEngine
+from walacord.runtime import Runtime
+from walacord.systemd import Notifier
 from walacord.walacor import WalacorClient
 
 ETID = 10001
@@ -54,7 +68,51 @@ async def enqueue_forever(store: OutboxStore, prefix: str, client: int, count: i
         say(f"ack {key}")
 
 
+async def pipeline_forever(connection: AsyncOutboxClient, prefix: str, client: int,
+                           lane: int, depth: int) -> None:
+    for index in range(lane, 1_000_000, depth):
+        key = f"{prefix}-{client}-{index}"
+        await connection.enqueue({"sink": "walacor", "etid": ETID, "key": key,
+                                  "data": {"amount": index}})
+        say(f"ack {key}")
+
+
+async def serve_socket(args: argparse.Namespace) -> None:
+    """Serve the outbox on `args.socket` and enqueue through it until killed."""
+    state = Path(args.db).parent
+    config = Config(state=StateConfig(dir=str(state)),
+                    control=ControlConfig(socket=args.socket, group=""),
+                    outbox=OutboxConfig(sync_interval=3600.0))
+    registry = CollectorRegistry()
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier({}))
+    outbox = Outbox(config, {}, metrics=runtime.metrics)
+    register_methods(runtime.methods, outbox)
+    server = ControlServer(runtime)
+    async with anyio.create_task_group() as tasks:
+        for component in (outbox, server):
+            runtime.components[component.name] = component
+            await tasks.start(component.run)
+        runtime.ready.set()
+        stats = await outbox.store.check_conservation()
+        say(f"start conserved={int(stats.conserved)} accepted={stats.accepted}")
+
+        async with AsyncExitStack() as stack:
+            connections = [
+                await stack.enter_async_context(AsyncOutboxClient(args.socket, timeout=30))
+                for _ in range(args.clients)]
+            async with anyio.create_task_group() as clients:
+                for number, connection in enumerate(connections):
+                    for lane in range(args.depth):
+                        clients.start_soon(pipeline_forever, connection, args.prefix, number,
+                                           lane, args.depth)
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.socket:
+        await serve_socket(args)
+        return
+
     config = OutboxConfig(sync_interval=0.05, retry_initial=0.02, retry_max=0.2,
                           sync_batch_min=4, sync_batch_max=64, statements=STATEMENTS)
     store = OutboxStore(args.db, config)
@@ -106,4 +164,7 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--drain", action="store_true")
+    parser.add_argument("--socket", default="", help="serve and enqueue through this socket")
+    parser.add_argument("--depth", type=int, default=8,
+                        help="pipelined requests per connection (with --socket)")
     anyio.run(main, parser.parse_args())

@@ -1,7 +1,10 @@
 """One control connection: read request lines under deadlines, call methods, write responses.
 
-Requests on one connection are served in order, one at a time; a client that wants
-several calls in progress opens several connections. Responses to pipelined requests
+Requests on one connection are served in order, one at a time, with one exception:
+a request of a method registered as `concurrent` (such as `outbox.enqueue`) runs
+together with the concurrent requests already buffered behind it, up to
+PIPELINE_WINDOW of them, so a client that pipelines enqueues shares one group commit
+among them. Responses always follow request order. Responses to pipelined requests
 are written together once no complete request line is buffered or 64 KiB of responses
 are queued, so a quick response can wait behind a slow call pipelined after it.
 
@@ -16,12 +19,12 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ByteStream
 
+from walacord.control.calls import run_batch, run_call
 from walacord.control.protocol import (
     ErrorCode,
     Request,
@@ -29,10 +32,8 @@ from walacord.control.protocol import (
     decode_request,
     encode_error,
     encode_progress,
-    encode_result,
 )
-from walacord.control.registry import Call, Method, Peer, parse_params
-from walacord.errors import ControlError, WalacordError
+from walacord.control.registry import Method, Peer
 
 if TYPE_CHECKING:
     from walacord.control.server import ControlServer
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 64 * 1024
 OUTPUT_FLUSH_BYTES = 64 * 1024
+# Buffered requests of concurrent methods that one connection runs at once. Memory stays
+# bounded because no more bytes are read while they run.
+PIPELINE_WINDOW = 64
 INVALID_METHOD_LABEL = "(invalid)"
 
 
@@ -109,6 +113,24 @@ class LineReader:
     def has_line(self) -> bool:
         """Return whether a complete line is already buffered, so reading will not wait."""
         return self._buffer.find(b"\n", self._start + self._scanned) >= 0
+
+    def peek_line(self) -> bytes | None:
+        """Return the next buffered line without consuming it, or None when there is no
+        complete line of valid length; `skip_line()` then consumes it."""
+        if self._discarding:
+            return None
+        newline = self._buffer.find(b"\n", self._start + self._scanned)
+        if newline < 0 or newline - self._start > self._max_line:
+            return None
+        return bytes(self._buffer[self._start:newline])
+
+    def skip_line(self) -> None:
+        """Consume the line that `peek_line()` returned."""
+        newline = self._buffer.find(b"\n", self._start + self._scanned)
+        assert newline >= 0, "skip_line() without a buffered line"
+        self._start = newline + 1
+        self._scanned = 0
+        self._request_began = anyio.current_time() if self._pending() else None
 
     def _pending(self) -> int:
         return len(self._buffer) - self._start
@@ -207,7 +229,7 @@ class Connection:
                 return
             assert outcome is not None
             if isinstance(outcome, bytes):
-                await self._serve_line(outcome)
+                await self._serve_line(outcome, reader)
                 continue
 
             if outcome is ReadEvent.END_OF_STREAM:
@@ -251,7 +273,7 @@ class Connection:
                 self._idle_since = None
         return None
 
-    async def _serve_line(self, line: bytes) -> None:
+    async def _serve_line(self, line: bytes, reader: LineReader) -> None:
         request = decode_request(line)
         if request.error is not None:
             await self._send_protocol_error(request.id, request.error.code,
@@ -266,55 +288,49 @@ class Connection:
                 f"{', '.join(self.server.runtime.methods.names())}")
             return
 
-        began = time.monotonic()
-        response = await self._call(method, request)
-        metrics = self.server.runtime.metrics
-        metrics.control_request_duration.labels(method=method.name).observe(
-            time.monotonic() - began)
-        await self._send(response)
+        window = self._take_window(method, request, reader)
+        if len(window) == 1:
+            await self._send(await self._timed_call(method, request))
+            return
+        if method.batch_handler is not None and all(each is method for each, _ in window):
+            for response in await run_batch(self.server, self.peer, method,
+                                            [each for _, each in window]):
+                await self._send(response)
+            return
 
-    async def _call(self, method: Method, request: Request) -> bytes:
-        """Run the handler under its deadline and return the encoded response line."""
-        runtime = self.server.runtime
-        outcome = "error"
-        try:
-            if method.mutating and runtime.stopping:
-                raise ControlError(ErrorCode.STOPPING,
-                                   f"the daemon is shutting down; {method.name} was not run")
-            params = parse_params(method.name, method.params, request.params)
-            if method.audit:
-                log.info("control.call", extra={"fields": {
-                    "method": method.name, "params": request.params,
-                    "uid": self.peer.uid, "pid": self.peer.pid}})
-            call = Call(method.name, request.id, self.peer,
-                        lambda done, total, message: self._send_progress(
-                            request.id, done, total, message))
-            timeout = method.timeout or runtime.config.control.call_timeout
-            try:
-                with anyio.fail_after(timeout):
-                    result = await method.handler(params, call)
-            except TimeoutError:
-                raise ControlError(ErrorCode.CALL_TIMEOUT,
-                                   f"{method.name} did not finish within {timeout:g}s",
-                                   {"timeout_seconds": timeout}) from None
-            response = encode_result(request.id, result)
-            outcome = "ok"
-        except ControlError as exc:
-            response = encode_error(request.id, exc.code, exc.message, exc.data)
-        except WalacordError as exc:
-            log.warning("control.call_failed", extra={"fields": {
-                "method": method.name, "error": str(exc), "uid": self.peer.uid}})
-            response = encode_error(request.id, ErrorCode.OPERATION_FAILED,
-                                    f"{method.name} failed: {exc}")
-        except Exception:
-            log.error("control.handler_crashed", exc_info=True,
-                      extra={"fields": {"method": method.name}})
-            response = encode_error(
-                request.id, ErrorCode.INTERNAL_ERROR,
-                f"internal error in {method.name}; the daemon log has the traceback "
-                "(event control.handler_crashed)")
-        runtime.metrics.control_requests.labels(method=method.name, outcome=outcome).inc()
-        return response
+        responses = [b""] * len(window)
+
+        async def serve(index: int, method: Method, request: Request) -> None:
+            responses[index] = await self._timed_call(method, request)
+
+        async with anyio.create_task_group() as tasks:
+            for index, (each_method, each_request) in enumerate(window):
+                tasks.start_soon(serve, index, each_method, each_request)
+        for response in responses:
+            await self._send(response)
+
+    def _take_window(self, method: Method, request: Request, reader: LineReader
+                     ) -> list[tuple[Method, Request]]:
+        """Return the request, and the concurrent requests buffered behind it when its
+        method is concurrent; the first line that does not qualify stays buffered."""
+        window = [(method, request)]
+        methods = self.server.runtime.methods
+        while method.concurrent and len(window) < PIPELINE_WINDOW:
+            line = reader.peek_line()
+            if line is None:
+                break
+            following = decode_request(line)
+            following_method = None if following.error else methods.get(following.method)
+            if following_method is None or not following_method.concurrent:
+                break
+            reader.skip_line()
+            window.append((following_method, following))
+        return window
+
+    async def _timed_call(self, method: Method, request: Request) -> bytes:
+        return await run_call(self.server, self.peer, method, request,
+                              lambda done, total, message: self._send_progress(
+                                  request.id, done, total, message))
 
     async def _send_protocol_error(self, request_id: RequestId, code: int, message: str,
                                    data: object = None) -> None:

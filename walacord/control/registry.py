@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Awaitable, Callable, Mapping, Set
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +56,9 @@ class Call:
 
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
+# A batch handler serves several pipelined calls of one method at once. It takes their
+# validated params and calls and returns one result or exception per call, in order.
+BatchHandler = Callable[[list[Any], list[Call]], Awaitable[Sequence[Any]]]
 PlainHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
@@ -115,6 +118,8 @@ class Method:
     mutating: bool
     audit: bool
     timeout: float | None
+    concurrent: bool = False
+    batch_handler: BatchHandler | None = None
 
 
 class MethodRegistry:
@@ -125,13 +130,18 @@ class MethodRegistry:
 
     def register(self, name: str, handler: Handler, params: type[Any] | None = None, *,
                  mutating: bool, audit: bool | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, concurrent: bool = False,
+                 batch_handler: BatchHandler | None = None) -> None:
         """Add a method; raise ValueError when the name is taken.
 
         `params` is a dataclass whose fields are the accepted parameters. `mutating`
         methods change the daemon's behaviour: each call is logged with the peer
         (unless `audit=False`, for high-rate methods that log on their own) and they
         are rejected once shutdown has begun. `timeout` overrides `[control] call_timeout`.
+        A `concurrent` method runs at the same time as the concurrent requests that a
+        client pipelined behind it, so its handler must allow that and must not send
+        progress. A `batch_handler` makes the method concurrent and serves such a run of
+        its own requests in one call.
         """
         if name in self._methods:
             raise ValueError(f"control method {name!r} is already registered")
@@ -140,7 +150,8 @@ class MethodRegistry:
         if params is not None and params is not dict:
             _type_hints(params)  # resolve the annotations now, so a typo fails at start-up
         self._methods[name] = Method(name, handler, params, mutating,
-                                     mutating if audit is None else audit, timeout)
+                                     mutating if audit is None else audit, timeout,
+                                     concurrent or batch_handler is not None, batch_handler)
 
     def register_plain(self, handlers: Mapping[str, PlainHandler], *, mutating: Set[str],
                        timeouts: Mapping[str, float] | None = None) -> None:

@@ -26,6 +26,7 @@ from walacord.errors import (
 )
 from walacord.outbox.model import NewOperation, State, parse_operation
 from walacord.outbox.service import Outbox
+from walacord.outbox.store import EnqueueResult
 from walacord.outbox.sync import PassReport
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ def _states(params: dict[str, Any]) -> list[State]:
 # --- handlers -------------------------------------------------------------------
 
 
-async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
-    """Enqueue one operation (params are the operation) or a batch (`operations`)."""
+def _parse_enqueue(outbox: Outbox, params: dict[str, Any]) -> list[NewOperation]:
+    """Validate the operations of one outbox.enqueue request; raise ControlError."""
     batch = "operations" in params
     raw = params["operations"] if batch else [params]
     if not isinstance(raw, list) or not raw or len(raw) > MAX_BATCH:
@@ -101,15 +102,49 @@ async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, An
             field = f"operations[{index}].{exc.field}" if batch else exc.field
             raise ControlError(INVALID_PARAMS, f"{field}: {exc.detail}",
                                {"field": field}) from None
+    return parsed
 
+
+def _enqueue_reply(params: dict[str, Any], results: list[EnqueueResult]) -> dict[str, Any]:
+    replies = [{"id": r.operation.id, "key": r.operation.key,
+                "state": r.operation.state.value, "created": r.created} for r in results]
+    return {"results": replies} if "operations" in params else replies[0]
+
+
+async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Enqueue one operation (params are the operation) or a batch (`operations`)."""
+    parsed = _parse_enqueue(outbox, params)
     try:
         results = await outbox.store.enqueue(parsed)
     except OutboxError as exc:
         raise _control_error(exc) from None
+    return _enqueue_reply(params, results)
 
-    replies = [{"id": r.operation.id, "key": r.operation.key,
-                "state": r.operation.state.value, "created": r.created} for r in results]
-    return {"results": replies} if batch else replies[0]
+
+async def outbox_enqueue_each(outbox: Outbox, params_list: list[dict[str, Any]]
+                              ) -> list[dict[str, Any] | ControlError]:
+    """Serve pipelined outbox.enqueue requests at once; one reply or error per request.
+
+    Each request is validated, accepted and rejected on its own, as `outbox_enqueue`
+    does, but all of them reach the store together and usually share one commit.
+    """
+    outcomes: list[dict[str, Any] | ControlError] = []
+    valid: list[tuple[int, list[NewOperation]]] = []
+    for index, params in enumerate(params_list):
+        try:
+            valid.append((index, _parse_enqueue(outbox, params)))
+        except ControlError as exc:
+            outcomes.append(exc)
+            continue
+        outcomes.append({})
+
+    stored = await outbox.store.enqueue_each([parsed for _, parsed in valid])
+    for (index, _), result in zip(valid, stored, strict=True):
+        if isinstance(result, OutboxError):
+            outcomes[index] = _control_error(result)
+        else:
+            outcomes[index] = _enqueue_reply(params_list[index], result)
+    return outcomes
 
 
 async def outbox_stats(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
@@ -234,6 +269,11 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+async def _enqueue_each_handler(outbox: Outbox, params: list[Any], calls: list[Call]
+                               ) -> list[dict[str, Any] | ControlError]:
+    return await outbox_enqueue_each(outbox, [dict(each or {}) for each in params])
+
+
 def _bound(handler: Handler, outbox: Outbox) -> Callable[[Any, Call], Awaitable[Any]]:
     async def call_handler(params: Any, call: Call) -> Any:
         return await handler(outbox, dict(params or {}))
@@ -244,10 +284,14 @@ def _bound(handler: Handler, outbox: Outbox) -> Callable[[Any, Call], Awaitable[
 def register_methods(methods: MethodRegistry, outbox: Outbox) -> None:
     """Register the outbox methods on the control server's method table."""
     # Enqueue is high-rate, so the server does not log each call; drop and retry log
-    # their own event with the ids.
+    # their own event with the ids. Pipelined enqueues are served together by one
+    # batch handler call, so they share the store's group commit.
     for name, handler in HANDLERS.items():
         if name != "sync.run":
+            enqueue = name == "outbox.enqueue"
             methods.register(name, _bound(handler, outbox), dict, mutating=name in MUTATING,
-                             audit=False if name == "outbox.enqueue" else None)
+                             audit=False if enqueue else None,
+                             batch_handler=partial(_enqueue_each_handler, outbox) if enqueue
+                             else None)
     methods.register_with_progress("sync.run", partial(sync_run, outbox), mutating=True,
                                    timeout=SYNC_RUN_TIMEOUT)

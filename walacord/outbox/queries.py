@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -72,11 +73,14 @@ class Stats:
         }
 
 
+_STATES = {state.value: state for state in State}
+
+
 def row_to_operation(row: Sequence[Any]) -> Operation:
     return Operation(
         id=row[0], key=row[1], sink=row[2], target=row[3], payload=bytes(row[4]),
         ordering_key=row[5], created_at=row[6], attempts=row[7], next_attempt_at=row[8],
-        last_error=row[9], state=State(row[10]),
+        last_error=row[9], state=_STATES[row[10]],
         receipt=orjson.loads(row[11]) if row[11] else None, updated_at=row[12])
 
 
@@ -201,9 +205,15 @@ class OutboxQueries:
         # Outcomes that set the same values share one set-based UPDATE, which costs
         # about half of one UPDATE per row in SQLite.
         groups: dict[tuple[Any, ...], list[int]] = {}
+        # A batch shares one receipt object among its operations; encode it once.
+        encoded: dict[int, str] = {}
         for o in outcomes:
-            values = (o.state.value, orjson.dumps(o.receipt).decode() if o.receipt else None,
-                      o.error, int(o.attempted), o.next_attempt_at)
+            receipt = None
+            if o.receipt:
+                receipt = encoded.get(id(o.receipt))
+                if receipt is None:
+                    receipt = encoded[id(o.receipt)] = orjson.dumps(o.receipt).decode()
+            values = (o.state.value, receipt, o.error, int(o.attempted), o.next_attempt_at)
             groups.setdefault(values, []).append(o.operation.id)
         updates = [("UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
                     "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
@@ -226,8 +236,9 @@ class OutboxQueries:
         done = [o for o in outcomes if o.state is State.DONE]
         self.released(len(done), sum(len(o.operation.payload) for o in done))
         if self.metrics is not None:
-            for outcome in done:
-                self.metrics.outbox_synced.labels(sink=outcome.operation.sink).inc()
+            by_sink = Counter(outcome.operation.sink for outcome in done)
+            for sink, count in by_sink.items():
+                self.metrics.outbox_synced.labels(sink=sink).inc(count)
 
     async def next_due(self, sink: str) -> float | None:
         """Return the earliest next attempt time of a pending operation of `sink`."""

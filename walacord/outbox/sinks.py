@@ -188,7 +188,8 @@ class PostgresSink:
             if self.classify(exc).permanent:
                 return [None for _ in operations]
             return [exc for _ in operations]
-        return [{"batch": len(operations)} for _ in operations]
+        receipt = {"batch": len(operations)}
+        return [receipt for _ in operations]
 
     def classify(self, exc: Exception) -> Failure:
         if isinstance(exc, TimeoutError | PoolTimeout):

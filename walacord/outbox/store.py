@@ -58,9 +58,30 @@ class EnqueueResult:
 
 
 @dataclass
+class _Plan:
+    """The new operations of one group commit by key, and their payload bytes."""
+
+    operations: dict[str, Operation] = field(default_factory=dict)
+    size: int = 0
+
+
+class _Completion:
+    """Wakes the caller once the writer has finished every request it submitted."""
+
+    def __init__(self, requests: int) -> None:
+        self.remaining = requests
+        self.event = anyio.Event()
+
+    def finish_one(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.event.set()
+
+
+@dataclass
 class _Request:
     operations: Sequence[NewOperation]
-    done: anyio.Event = field(default_factory=anyio.Event)
+    completion: _Completion
     results: list[EnqueueResult] = field(default_factory=list)
     error: OutboxError | None = None
 
@@ -239,20 +260,45 @@ class OutboxStore(OutboxQueries):
         call was stored. After TimeoutError the commit may still complete, so the
         caller enqueues the same keys again to learn their state.
         """
-        if self._send is None:
-            raise OutboxError("the outbox store is not running")
-        if not operations:
-            return []
+        (outcome,) = await self.enqueue_each([operations])
+        if isinstance(outcome, OutboxError):
+            raise outcome
+        return outcome
 
-        request = _Request(operations)
-        self._send.send_nowait(request)
-        with anyio.fail_after(self.config.write_timeout):
-            await request.done.wait()
-        if request.error is not None:
-            if self.metrics is not None:
-                self.metrics.outbox_rejected.labels(reason=type(request.error).__name__).inc()
-            raise request.error
-        return request.results
+    async def enqueue_each(self, batches: Sequence[Sequence[NewOperation]]
+                           ) -> list[list[EnqueueResult] | OutboxError]:
+        """Enqueue each batch as `enqueue()` would, with one deadline for all of them.
+
+        Return per batch its results, or the OutboxError that rejected it. The
+        batches reach the writer together, so they usually share one commit, but each
+        is accepted or rejected on its own. Raise OutboxError when the store is not
+        running and TimeoutError as `enqueue()` does.
+        """
+        send = self._send
+        if send is None:
+            raise OutboxError("the outbox store is not running")
+        completion = _Completion(sum(1 for operations in batches if operations))
+        requests = [_Request(operations, completion) if operations else None
+                    for operations in batches]
+        for request in requests:
+            if request is not None:
+                send.send_nowait(request)
+        if completion.remaining:
+            with anyio.fail_after(self.config.write_timeout):
+                await completion.event.wait()
+
+        outcomes: list[list[EnqueueResult] | OutboxError] = []
+        for request in requests:
+            if request is None:
+                outcomes.append([])
+            elif request.error is None:
+                outcomes.append(request.results)
+            else:
+                if self.metrics is not None:
+                    self.metrics.outbox_rejected.labels(
+                        reason=type(request.error).__name__).inc()
+                outcomes.append(request.error)
+        return outcomes
 
     async def _write_loop(self) -> None:
         assert self._receive is not None
@@ -271,7 +317,7 @@ class OutboxStore(OutboxQueries):
                     await self._commit(batch)
             finally:
                 for request in batch:
-                    request.done.set()
+                    request.completion.finish_one()
 
     async def _commit(self, batch: list[_Request]) -> None:
         """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
@@ -283,11 +329,12 @@ class OutboxStore(OutboxQueries):
         """
         db = self._writer()
         now = time.time()
-        planned: dict[str, Operation] = {}
+        plan = _Plan()
+        planned = plan.operations
         accepted: list[_Request] = []
         try:
             for request in batch:
-                if await self._plan(db, request, planned, now):
+                if await self._plan(db, request, plan, now):
                     accepted.append(request)
             if not planned:
                 return
@@ -327,19 +374,22 @@ class OutboxStore(OutboxQueries):
             self.disk_full = False
             log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
         self._undelivered += len(added)
-        self._undelivered_bytes += sum(len(op.payload) for op in added)
+        self._undelivered_bytes += (plan.size if len(added) == len(planned)
+                                    else sum(len(op.payload) for op in added))
         if self.metrics is not None:
             self.metrics.outbox_enqueued.inc(len(added))
 
-    async def _plan(self, db: aiosqlite.Connection, request: _Request,
-                    planned: dict[str, Operation], now: float) -> bool:
-        """Give the request's new keys ids in `planned`; return False when it is rejected.
+    async def _plan(self, db: aiosqlite.Connection, request: _Request, plan: _Plan,
+                    now: float) -> bool:
+        """Give the request's new keys ids in `plan`; return False when it is rejected.
 
         Keys already planned by an earlier request of the batch resolve to that
         operation. A request that does not fit is checked against the stored keys
         before it is rejected, so re-enqueueing a stored key works while full.
         """
+        planned = plan.operations
         own: dict[str, Operation] = {}
+        own_size = 0
         results: list[EnqueueResult] = []
         for new in request.operations:
             earlier = planned.get(new.key) or own.get(new.key)
@@ -352,10 +402,11 @@ class OutboxStore(OutboxQueries):
                 attempts=0, next_attempt_at=0.0, last_error=None, state=State.PENDING,
                 receipt=None, updated_at=now)
             own[new.key] = operation
+            own_size += len(new.payload)
             results.append(EnqueueResult(operation, created=True))
 
         count = len(planned) + len(own)
-        size = sum(len(op.payload) for op in (*planned.values(), *own.values()))
+        size = plan.size + own_size
         if own and self._over_capacity(count, size):
             stored = await self._existing(db, list(own))
             fresh = {key: op for key, op in own.items() if key not in stored}
@@ -372,8 +423,10 @@ class OutboxStore(OutboxQueries):
             results = [EnqueueResult(stored[r.operation.key], created=False)
                        if r.operation.key in stored else r for r in results]
             own = fresh
+            own_size = size - plan.size
 
         planned.update(own)
+        plan.size += own_size
         request.results = results
         return True
 
