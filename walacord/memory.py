@@ -1,18 +1,16 @@
 """Keep the daemon's resident memory small on glibc.
 
 glibc gives each thread that allocates its own malloc arena and keeps freed pages
-mapped. A daemon that runs for months with a few worker threads then holds memory it
-no longer uses. Two calls fix that: `mallopt(M_ARENA_MAX, 2)` before any thread starts,
-and `malloc_trim(0)` after start-up and now and then, which hands free pages back to
-the kernel. On a libc without these functions both are no-ops.
+mapped, so a daemon with a few worker threads can keep memory it no longer uses. Two
+calls limit that: `mallopt(M_ARENA_MAX, 2)` before any thread starts, and
+`malloc_trim(0)` after start-up and now and then, which returns free pages to the
+kernel. On a libc without these functions both are no-ops. With walacord's six threads
+the saving measured about 1 MiB; most of its RSS is imported code.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
-
-log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8
 ARENA_MAX = 2

@@ -34,14 +34,14 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0
 # Seconds an idle keep-alive connection stays open; Prometheus scrapes far less often.
 KEEP_ALIVE_TIMEOUT = 75
-# Open connections at once; beyond this uvicorn answers 503 instead of queueing.
+# Maximum open connections; beyond this uvicorn returns 503 instead of queueing.
 MAX_CONNECTIONS = 256
 JSON = "application/json"
 
 
 @dataclass
 class Request:
-    """What a handler sees: the path, its one route parameter and the query string."""
+    """Request data passed to a handler: the path, its route parameter and the query."""
 
     path: str
     match_info: dict[str, str] = field(default_factory=dict)
@@ -50,6 +50,8 @@ class Request:
 
 @dataclass
 class Response:
+    """Response a handler returns; HEAD requests get the same headers and no body."""
+
     body: bytes
     status: int = 200
     content_type: str = JSON
