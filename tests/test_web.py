@@ -1,0 +1,91 @@
+"""The HTTP server on a real socket: routing, methods, HEAD and a port already in use."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tests.conftest import daemon_config, running_daemon
+from walacord.config import HttpConfig
+from walacord.web import Router, bind
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_web_methods_and_unknown_paths(pg_db: str, tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, pg_db)
+    async with running_daemon(config), httpx.AsyncClient() as http:
+        base = f"http://{config.http.listen}"
+        post = await http.post(base + "/metrics", content=b"x")
+        head = await http.head(base + "/metrics")
+        get = await http.get(base + "/metrics")
+        missing = await http.get(base + "/nosuch")
+
+    assert post.status_code == 405
+    assert post.headers["allow"] == "GET, HEAD"
+    assert "method POST is not allowed" in post.json()["error"]
+    assert head.status_code == 200
+    assert head.content == b""
+    assert int(head.headers["content-length"]) > 0
+    assert get.headers["content-type"].startswith("text/plain")
+    assert "walacord_up 1.0" in get.text
+    assert missing.status_code == 404
+    assert "/nosuch" in missing.json()["error"]
+
+
+async def test_web_port_in_use_names_setting(pg_db: str, tmp_path: Path) -> None:
+    occupier = bind("127.0.0.1", 0)
+    port = occupier.getsockname()[1]
+    config = daemon_config(tmp_path, pg_db, http=HttpConfig(listen=f"127.0.0.1:{port}"))
+    try:
+        with pytest.raises(Exception) as caught, anyio.fail_after(30):
+            async with running_daemon(config):
+                pass
+    finally:
+        occupier.close()
+
+    messages = [str(error) for error in leaves(caught.value)]
+    expected = f"cannot listen on 127.0.0.1:{port} ([http] listen)"
+    assert any(expected in message for message in messages), messages
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """Return the exceptions inside nested exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
+def test_router_matches_exact_then_parameter() -> None:
+    router = Router()
+
+    async def whole(request: object) -> object:
+        return request
+
+    async def one(request: object) -> object:
+        return request
+
+    router.add_get("/api/health", whole)
+    router.add_get("/api/health/{component}", one)
+
+    assert router.resolve("/api/health") == (whole, {})
+    assert router.resolve("/api/health/database") == (one, {"component": "database"})
+    assert router.resolve("/api/health/") is None
+    assert router.resolve("/api/other") is None
+
+
+def test_bind_ipv6_loopback() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        sock = bind("::1", 0)
+    except OSError as exc:
+        pytest.skip(f"IPv6 loopback unavailable: {exc}")
+    try:
+        assert sock.family == socket.AF_INET6
+    finally:
+        sock.close()
