@@ -31,7 +31,7 @@ COLUMNS = ("id, key, sink, target, payload, ordering_key, created_at, attempts, 
 COMPACT_CHUNK = 5000
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """The result of one apply: done with a receipt, retry at a time, or dead."""
 
@@ -109,6 +109,10 @@ async def execute_in_order(db: aiosqlite.Connection,
     return results
 
 
+def _operation_id(operation: Operation) -> int:
+    return operation.id
+
+
 class OutboxQueries:
     """Queries and state changes; needs `_writer()`, `_read()` and `released()`."""
 
@@ -155,22 +159,50 @@ class OutboxQueries:
         operation holds back later ones with its key until it is retried or dropped.
         """
         async with self.writing() as db:
+            # One UPDATE ... RETURNING marks and reads the due rows, and the COMMIT
+            # (synchronous=FULL) is queued with it, so the common case costs one wait
+            # for SQLite's thread. The claim must be durable: a restart turns in-flight
+            # operations into attempted ones, which makes the walacor sink look their
+            # key up before it submits again.
             try:
-                _, rows = await execute_in_order(db, [
+                _, rows, _ = await execute_in_order(db, [
                     ("BEGIN IMMEDIATE", ()),
-                    (f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' AND sink = ? "
-                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?", (sink, now, limit))])
-                candidates = [row_to_operation(row) for row in rows]
-                claimed = await self._in_order(db, candidates)
-                await execute_in_order(db, [
-                    ("UPDATE operations SET state = 'in_flight', updated_at = ? "
-                     "WHERE id IN (SELECT value FROM json_each(?))",
-                     (now, orjson.dumps([op.id for op in claimed]).decode())),
+                    ("UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
+                     "(SELECT id FROM operations WHERE state = 'pending' AND sink = ? "
+                     f"AND next_attempt_at <= ? ORDER BY id LIMIT ?) RETURNING {COLUMNS}",
+                     (now, sink, now, limit)),
                     ("COMMIT", ())])
             except BaseException:
                 await self._rollback_quietly(db)
                 raise
+
+            # SQLite returns RETURNING rows in no defined order.
+            candidates = sorted(map(row_to_operation, rows), key=_operation_id)
+            claimed = await self._in_order(db, candidates)
+            if len(claimed) < len(candidates):
+                await self._unclaim(db, candidates, claimed)
         return claimed
+
+    async def _unclaim(self, db: aiosqlite.Connection, candidates: list[Operation],
+                       claimed: list[Operation]) -> None:
+        """Put back to pending the candidates that wait behind an earlier operation.
+
+        This runs after the claim's commit. A crash in between leaves them in flight,
+        so the restart counts them as attempted: that costs the walacor sink one key
+        lookup, and the order still holds because they are only claimable in order.
+        """
+        kept = {op.id for op in claimed}
+        waiting = [op.id for op in candidates if op.id not in kept]
+        try:
+            await execute_in_order(db, [
+                ("BEGIN IMMEDIATE", ()),
+                ("UPDATE operations SET state = 'pending' WHERE id IN "
+                 "(SELECT value FROM json_each(?)) AND state = 'in_flight'",
+                 (orjson.dumps(waiting).decode(),)),
+                ("COMMIT", ())])
+        except BaseException:
+            await self._rollback_quietly(db)
+            raise
 
     async def _in_order(self, db: aiosqlite.Connection, candidates: list[Operation]
                         ) -> list[Operation]:
