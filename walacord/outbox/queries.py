@@ -179,13 +179,14 @@ class OutboxQueries:
                     record: list[Outcome] | None = None) -> list[Operation]:
         """Mark up to `limit` due operations of `sink` in flight and return them in id order.
 
-        `record` holds outcomes of earlier rounds. They are stored first, in the same
-        transaction, as `record()` would store them, and removed from the list once
-        committed, so after an error the list holds exactly what is still unstored.
-        Outcomes appended while this runs stay in the list. An operation with an ordering key
-        is claimed only when every earlier operation with that key is done, or is
-        claimed in this same call before it. So a dead operation holds back later
-        ones with its key until it is retried or dropped.
+        `record` contains outcomes of earlier rounds. They are stored first, in the
+        same transaction, as `record()` would store them, and removed from the list
+        once committed, so after an error the list contains exactly the unstored
+        outcomes. Outcomes appended while this runs stay in the list.
+
+        An operation with an ordering key is claimed only when every earlier operation
+        with that key is done, or is claimed in this same call before it. So a dead
+        operation holds back later ones with its key until it is retried or dropped.
         """
         recording = list(record or ())
         updates = _record_updates(recording, now)
@@ -224,7 +225,7 @@ class OutboxQueries:
 
         This runs after the claim's commit. A crash in between leaves them in flight,
         so the restart counts them as attempted: that costs the walacor sink one key
-        lookup, and the order still holds because they are only claimable in order.
+        lookup, and order is kept because they are only claimable in order.
         """
         kept = {op.id for op in claimed}
         waiting = [op.id for op in candidates if op.id not in kept]
