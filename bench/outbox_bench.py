@@ -492,9 +492,10 @@ def render(results: dict[str, Any], command: str) -> str:
             "",
             "Target: the drain reaches at least 0.80 of executemany; this run "
             f"{'meets' if pg['outbox'] >= 0.8 * pg['raw'] else 'does not meet'} it. The "
-            "drain claims each round of up to 500 operations from SQLite in one "
-            "transaction, applies it in one PostgreSQL transaction with one "
-            "`executemany` per statement, and marks it done in one SQLite transaction. "
+            "drain claims each round of up to 500 operations from SQLite with one "
+            "`UPDATE ... RETURNING`, applies it in one PostgreSQL transaction with one "
+            "`executemany` per statement, and marks it done in the transaction of the "
+            "next claim. "
             "CPU per row is the CPU time of the benchmark's process (the PostgreSQL "
             "server runs apart) divided by the rows. In this run the drain's process was "
             f"busy for {busy:.0%} of the drain's wall time"
