@@ -11,6 +11,7 @@
 
     python bench/outbox_bench.py               # full sizes, writes docs/benchmarks.md
     python bench/outbox_bench.py --quick --no-write
+    python bench/outbox_bench.py --only postgres --backlog 20000   # one part, printed only
 
 NOTE: the client process and the daemon share the machine's cores, so on a small
 machine the client's CPU time still lowers the socket figures.
@@ -53,6 +54,7 @@ START, END = "<!-- outbox:start -->", "<!-- outbox:end -->"
 ETID = 10001
 STATEMENT = OutboxStatement(sql="INSERT INTO ledger (key, amount) VALUES (%(key)s, "
                                 "%(amount)s) ON CONFLICT (key) DO NOTHING")
+PARTS = ("enqueue", "postgres", "emulator")
 BATCH = int(os.environ.get("OUTBOX_BENCH_BATCH", "500"))
 PAYLOAD = b'{"amount":125,"currency":"EUR","account":"DE89370400440532013000"}'
 
@@ -490,9 +492,10 @@ def render(results: dict[str, Any], command: str) -> str:
             "",
             "Target: the drain reaches at least 0.80 of executemany; this run "
             f"{'meets' if pg['outbox'] >= 0.8 * pg['raw'] else 'does not meet'} it. The "
-            "drain claims each round of up to 500 operations from SQLite in one "
-            "transaction, applies it in one PostgreSQL transaction with one "
-            "`executemany` per statement, and marks it done in one SQLite transaction. "
+            "drain claims each round of up to 500 operations from SQLite with one "
+            "`UPDATE ... RETURNING`, applies it in one PostgreSQL transaction with one "
+            "`executemany` per statement, and marks it done in the transaction of the "
+            "next claim. "
             "CPU per row is the CPU time of the benchmark's process (the PostgreSQL "
             "server runs apart) divided by the rows. In this run the drain's process was "
             f"busy for {busy:.0%} of the drain's wall time"
@@ -531,6 +534,9 @@ def main() -> int:
                         help="operations in the PostgreSQL drain backlog")
     parser.add_argument("--emulator-backlog", type=int, default=100_000)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--only", choices=PARTS, action="append",
+                        help="run only this part (repeatable); implies --no-write, "
+                             "because the page needs every part")
     parser.add_argument("--client-load", nargs=2, metavar=("SOCKET", "LOAD"),
                         help=argparse.SUPPRESS)  # internal: one socket client process
     args = parser.parse_args()
@@ -544,11 +550,17 @@ def main() -> int:
     emulator_backlog = 2000 if args.quick else args.emulator_backlog
     filesystem = subprocess.run(["df", "-T", str(base)], capture_output=True, text=True,
                                 check=False).stdout.splitlines()[-1].split()[1]
-    results: dict[str, Any] = {"filesystem": filesystem, "enqueue": bench_enqueue(base,
-                                                                                args.quick)}
-    results["postgres"] = bench_postgres(base, backlog)
-    results["emulator"] = bench_emulator(base, emulator_backlog)
+    parts = args.only or PARTS
+    results: dict[str, Any] = {"filesystem": filesystem}
+    if "enqueue" in parts:
+        results["enqueue"] = bench_enqueue(base, args.quick)
+    if "postgres" in parts:
+        results["postgres"] = bench_postgres(base, backlog)
+    if "emulator" in parts:
+        results["emulator"] = bench_emulator(base, emulator_backlog)
     print(json.dumps(results, indent=2))
+    if args.only:
+        return 0
 
     command = "python bench/outbox_bench.py" + (" --quick" if args.quick else "")
     block = render(results, command)

@@ -242,6 +242,37 @@ async def test_claim_keeps_ordering_key_order(open_store: StoreOpener) -> None:
     assert [op.key for op in both] == ["x1", "x2"]
 
 
+async def test_claim_puts_waiting_operations_back(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op("x1", ordering_key="x"),
+                             walacor_op("x2", ordering_key="x")])
+        first = await store.claim("walacor", 1, time.time())
+        blocked = await store.claim("walacor", 10, time.time())
+        states = {op.key: op.state for op in await store.list()}
+        stats = await store.check_conservation()
+    assert [op.key for op in first] == ["x1"]
+    assert blocked == []
+    assert states == {"x1": State.IN_FLIGHT, "x2": State.PENDING}
+    assert stats.conserved
+
+
+async def test_claim_records_outcomes_first(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op("x1", ordering_key="x"),
+                             walacor_op("x2", ordering_key="x")])
+        first = await store.claim("walacor", 1, time.time())
+        outcomes = [Outcome(first[0], State.DONE, receipt={"eid": "e1"})]
+        second = await store.claim("walacor", 10, time.time(), record=outcomes)
+        stored = await store.get(first[0].id)
+        stats = await store.check_conservation()
+    assert [op.key for op in second] == ["x2"]
+    assert outcomes == []
+    assert stored.state is State.DONE
+    assert stored.receipt == {"eid": "e1"}
+    assert (stats.done, stats.in_flight, stats.pending) == (1, 1, 0)
+    assert stats.conserved
+
+
 async def test_compact_truncates_wal(open_store: StoreOpener, db_path: Path) -> None:
     wal = anyio.Path(f"{db_path}-wal")
     async with open_store(retention=0) as store:

@@ -31,7 +31,7 @@ COLUMNS = ("id, key, sink, target, payload, ordering_key, created_at, attempts, 
 COMPACT_CHUNK = 5000
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """The result of one apply: done with a receipt, retry at a time, or dead."""
 
@@ -109,6 +109,34 @@ async def execute_in_order(db: aiosqlite.Connection,
     return results
 
 
+def _record_updates(outcomes: Sequence[Outcome], now: float
+                    ) -> list[tuple[str, Sequence[Any]]]:
+    """Return the UPDATE statements that store `outcomes`.
+
+    Outcomes that set the same values share one set-based UPDATE, which costs about
+    half of one UPDATE per row in SQLite.
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    # A batch shares one receipt object among its operations; encode it once.
+    encoded: dict[int, str] = {}
+    for o in outcomes:
+        receipt = None
+        if o.receipt:
+            receipt = encoded.get(id(o.receipt))
+            if receipt is None:
+                receipt = encoded[id(o.receipt)] = orjson.dumps(o.receipt).decode()
+        values = (o.state.value, receipt, o.error, int(o.attempted), o.next_attempt_at)
+        groups.setdefault(values, []).append(o.operation.id)
+    return [("UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
+             "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
+             "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
+             (*values, now, orjson.dumps(ids).decode())) for values, ids in groups.items()]
+
+
+def _operation_id(operation: Operation) -> int:
+    return operation.id
+
+
 class OutboxQueries:
     """Queries and state changes; needs `_writer()`, `_read()` and `released()`."""
 
@@ -147,30 +175,70 @@ class OutboxQueries:
 
     # --- sync ---------------------------------------------------------------------
 
-    async def claim(self, sink: str, limit: int, now: float) -> list[Operation]:
+    async def claim(self, sink: str, limit: int, now: float,
+                    record: list[Outcome] | None = None) -> list[Operation]:
         """Mark up to `limit` due operations of `sink` in flight and return them in id order.
+
+        `record` contains outcomes of earlier rounds. They are stored first, in the
+        same transaction, as `record()` would store them, and removed from the list
+        once committed, so after an error the list contains exactly the unstored
+        outcomes. Outcomes appended while this runs stay in the list.
 
         An operation with an ordering key is claimed only when every earlier operation
         with that key is done, or is claimed in this same call before it. So a dead
         operation holds back later ones with its key until it is retried or dropped.
         """
+        recording = list(record or ())
+        updates = _record_updates(recording, now)
         async with self.writing() as db:
+            # One UPDATE ... RETURNING marks and reads the due rows, and the COMMIT
+            # (synchronous=FULL) is queued with it, so the common case costs one wait
+            # for SQLite's thread. The claim must be durable: a restart turns in-flight
+            # operations into attempted ones, which makes the walacor sink look their
+            # key up before it submits again.
             try:
-                _, rows = await execute_in_order(db, [
+                *_, rows, _ = await execute_in_order(db, [
                     ("BEGIN IMMEDIATE", ()),
-                    (f"SELECT {COLUMNS} FROM operations WHERE state = 'pending' AND sink = ? "
-                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?", (sink, now, limit))])
-                candidates = [row_to_operation(row) for row in rows]
-                claimed = await self._in_order(db, candidates)
-                await execute_in_order(db, [
-                    ("UPDATE operations SET state = 'in_flight', updated_at = ? "
-                     "WHERE id IN (SELECT value FROM json_each(?))",
-                     (now, orjson.dumps([op.id for op in claimed]).decode())),
+                    *updates,
+                    ("UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
+                     "(SELECT id FROM operations WHERE state = 'pending' AND sink = ? "
+                     f"AND next_attempt_at <= ? ORDER BY id LIMIT ?) RETURNING {COLUMNS}",
+                     (now, sink, now, limit)),
                     ("COMMIT", ())])
             except BaseException:
                 await self._rollback_quietly(db)
                 raise
+            if record:
+                del record[:len(recording)]
+            self._recorded(recording)
+
+            # SQLite returns RETURNING rows in no defined order.
+            candidates = sorted(map(row_to_operation, rows), key=_operation_id)
+            claimed = await self._in_order(db, candidates)
+            if len(claimed) < len(candidates):
+                await self._unclaim(db, candidates, claimed)
         return claimed
+
+    async def _unclaim(self, db: aiosqlite.Connection, candidates: list[Operation],
+                       claimed: list[Operation]) -> None:
+        """Put back to pending the candidates that wait behind an earlier operation.
+
+        This runs after the claim's commit. A crash in between leaves them in flight,
+        so the restart counts them as attempted: that costs the walacor sink one key
+        lookup, and order is kept because they are only claimable in order.
+        """
+        kept = {op.id for op in claimed}
+        waiting = [op.id for op in candidates if op.id not in kept]
+        try:
+            await execute_in_order(db, [
+                ("BEGIN IMMEDIATE", ()),
+                ("UPDATE operations SET state = 'pending' WHERE id IN "
+                 "(SELECT value FROM json_each(?)) AND state = 'in_flight'",
+                 (orjson.dumps(waiting).decode(),)),
+                ("COMMIT", ())])
+        except BaseException:
+            await self._rollback_quietly(db)
+            raise
 
     async def _in_order(self, db: aiosqlite.Connection, candidates: list[Operation]
                         ) -> list[Operation]:
@@ -201,25 +269,7 @@ class OutboxQueries:
         """Store the outcome of applied operations in one transaction."""
         if not outcomes:
             return
-        now = time.time()
-        # Outcomes that set the same values share one set-based UPDATE, which costs
-        # about half of one UPDATE per row in SQLite.
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        # A batch shares one receipt object among its operations; encode it once.
-        encoded: dict[int, str] = {}
-        for o in outcomes:
-            receipt = None
-            if o.receipt:
-                receipt = encoded.get(id(o.receipt))
-                if receipt is None:
-                    receipt = encoded[id(o.receipt)] = orjson.dumps(o.receipt).decode()
-            values = (o.state.value, receipt, o.error, int(o.attempted), o.next_attempt_at)
-            groups.setdefault(values, []).append(o.operation.id)
-        updates = [("UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
-                    "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
-                    "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
-                    (*values, now, orjson.dumps(ids).decode())) for values, ids in groups.items()]
-
+        updates = _record_updates(outcomes, time.time())
         async with self.writing() as db:
             # Without an fsync: if a crash loses this commit, the operations come back
             # as in flight and replay through the sinks' exactly-once paths. In WAL
@@ -232,8 +282,13 @@ class OutboxQueries:
             except BaseException:
                 await self._rollback_quietly(db)
                 raise
+        self._recorded(outcomes)
 
+    def _recorded(self, outcomes: Sequence[Outcome]) -> None:
+        """Release the capacity of the operations that `outcomes` marked done."""
         done = [o for o in outcomes if o.state is State.DONE]
+        if not done:
+            return
         self.released(len(done), sum(len(o.operation.payload) for o in done))
         if self.metrics is not None:
             by_sink = Counter(outcome.operation.sink for outcome in done)

@@ -189,16 +189,19 @@ class SyncEngine:
         While the batch size is still ramping, one round runs at a time so that each
         result steers the next size. At full size, the next round is claimed while
         the previous one is applied, so SQLite's commits overlap the sink's work.
+        The outcomes of a round are stored in the transaction of the next claim, and
+        those left when the loop ends are stored on their own before this returns.
         """
         ramp = self.ramps[name]
         rounds = anyio.CapacityLimiter(1)
         failing = False
+        unrecorded: list[Outcome] = []
 
-        async def apply_and_record(operations: list[Operation], token: object) -> None:
+        async def apply_round(operations: list[Operation], token: object) -> None:
             nonlocal failing
             try:
                 outcomes = await self._apply_round(sink, operations)
-                await self.store.record(outcomes)
+                unrecorded.extend(outcomes)
             finally:
                 rounds.release_on_behalf_of(token)
             applied = sum(1 for o in outcomes if o.state is State.DONE)
@@ -211,18 +214,29 @@ class SyncEngine:
             if applied == 0:
                 failing = True  # the sink is failing; backoff decides when to try again
 
-        async with anyio.create_task_group() as tasks:
-            while not failing:
-                token = object()
-                await rounds.acquire_on_behalf_of(token)
-                if failing:
-                    rounds.release_on_behalf_of(token)
-                    break
-                operations = await self.store.claim(name, ramp.size, time.time())
-                if not operations:
-                    rounds.release_on_behalf_of(token)
-                    break
-                tasks.start_soon(apply_and_record, operations, token)
+        try:
+            async with anyio.create_task_group() as tasks:
+                while not failing:
+                    token = object()
+                    await rounds.acquire_on_behalf_of(token)
+                    if failing:
+                        rounds.release_on_behalf_of(token)
+                        break
+                    try:
+                        operations = await self.store.claim(name, ramp.size, time.time(),
+                                                            record=unrecorded)
+                    except BaseException:
+                        rounds.release_on_behalf_of(token)
+                        raise
+                    if not operations:
+                        rounds.release_on_behalf_of(token)
+                        break
+                    tasks.start_soon(apply_round, operations, token)
+        finally:
+            # Shielded, so a cancelled pass still stores what its sink applied instead
+            # of leaving it in flight until a restart; bounded by the write deadline.
+            with anyio.move_on_after(self.config.write_timeout, shield=True):
+                await self.store.record(unrecorded)
 
     def _count(self, report: PassReport, name: str, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
