@@ -162,3 +162,18 @@ def test_reopen_after_directory_removed(log_dir: Path) -> None:
     log.info("after.remove")
     logs.shutdown()
     assert "after.remove" in (log_dir / logs.MAIN_FILE).read_text()
+
+
+def test_request_chatter_hidden_at_info(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    setup = logs.setup("info", str(directory), repeat_window=60, stream=io.StringIO())
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1/ \"HTTP/1.1 200 OK\"")
+    logging.getLogger("httpx").warning("connection pool is full")
+    setup.set_level("debug")
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1/debug")
+    setup.stop()
+
+    text = (directory / logs.MAIN_FILE).read_text()
+    assert "HTTP/1.1 200 OK" not in text
+    assert "connection pool is full" in text
+    assert "127.0.0.1/debug" in text

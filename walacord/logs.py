@@ -54,6 +54,10 @@ _HEADER_SECRET = re.compile(
     r"(?P<head>\bAuthorization\s*:\s*)(?P<secret>[^\s,\"']+(?:\s+[^\s,\"']+)?)", re.IGNORECASE)
 
 
+# Loggers of libraries that report routine traffic at INFO.
+QUIET_LIBRARIES = ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 class Redactor:
     """Replace secrets in text: configured values plus passwords and tokens by pattern."""
 
@@ -259,6 +263,11 @@ class LogSetup:
         logging.getLogger().setLevel(level.upper())
         # Alerts and timings are always written to their own files.
         logging.getLogger(ALERT_LOGGER).setLevel(logging.INFO)
+        # Libraries that log every request at INFO (httpx writes a line for each probe
+        # request) follow the chosen level only at DEBUG; otherwise only their warnings.
+        library_level = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(library_level)
 
     def reopen(self) -> list[str]:
         """Reopen every log file, for logrotate's postrotate SIGUSR1; return the failures.
