@@ -80,7 +80,22 @@ def machine_facts() -> dict[str, str]:
         "memory": f"{memory_kib / 1024 / 1024:.1f} GiB",
         "python": platform.python_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": source_commit(),
     }
+
+
+def source_commit() -> str:
+    """Return the measured tree's short commit, with "+changes" when it is modified."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no", "--", "walacord", "bench"],
+                               capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
 
 
 def tool_version(argv: Sequence[str]) -> str:
@@ -101,7 +116,7 @@ def facts_block(versions: dict[str, str], command: str, notes: Sequence[str] = (
                  "not the documented figures.", *notes]
     lines = [
         f"- Machine: `{facts['uname']}`, {facts['nproc']} cores, {facts['memory']} memory",
-        f"- Run at {facts['date']} with Python {facts['python']}",
+        f"- Run at {facts['date']} with Python {facts['python']}, commit {facts['commit']}",
         *(f"- {name}: {version}" for name, version in versions.items()),
         f"- Command: `{command}`",
         *(f"- {note}" for note in notes),
