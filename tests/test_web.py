@@ -89,3 +89,58 @@ def test_bind_ipv6_loopback() -> None:
         assert sock.family == socket.AF_INET6
     finally:
         sock.close()
+
+
+async def test_web_held_connections_do_not_block_scrapes(pg_db: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr("walacord.web.MAX_CONNECTIONS", 20)
+    config = daemon_config(tmp_path, pg_db)
+    host, port = config.http.listen.rsplit(":", 1)
+    async with running_daemon(config), httpx.AsyncClient() as http:
+        held = []
+        for index in range(40):
+            stream = await anyio.connect_tcp(host, int(port))
+            if index % 2:
+                await stream.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line
+            held.append(stream)
+        await anyio.sleep(0.2)
+        statuses = [(await http.get(f"http://{config.http.listen}/metrics")).status_code
+                    for _ in range(5)]
+        closed = 0
+        for stream in held:
+            with anyio.move_on_after(0.05):
+                try:
+                    await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    closed += 1
+            await stream.aclose()
+
+    assert statuses == [200] * 5
+    # 40 held plus the scraper's against a limit of 20: the longest-idle ones were closed.
+    assert closed >= 20
+
+
+async def test_web_closes_incomplete_headers(pg_db: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("walacord.web.HEADER_TIMEOUT", 0.5)
+    config = daemon_config(tmp_path, pg_db)
+    host, port = config.http.listen.rsplit(":", 1)
+    async with running_daemon(config):
+        silent = await anyio.connect_tcp(host, int(port))
+        trickle = await anyio.connect_tcp(host, int(port))
+        await trickle.send(b"GET /metrics HTTP/1.1\r\n")
+        with anyio.fail_after(5):
+            for _ in range(3):
+                await anyio.sleep(0.2)
+                await trickle.send(b"X-Slow: 1\r\n")
+            closed = []
+            for stream in (silent, trickle):
+                try:
+                    closed.append(await stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+                    closed.append(b"")
+        await silent.aclose()
+        await trickle.aclose()
+
+    assert closed == [b"", b""]

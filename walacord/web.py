@@ -11,6 +11,7 @@ installs a signal handler.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -24,6 +25,7 @@ import orjson
 import uvicorn
 from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from walacord import __version__
 from walacord.config import split_listen
@@ -32,9 +34,13 @@ from walacord.runtime import Runtime
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 5.0
-# Seconds an idle keep-alive connection stays open; Prometheus scrapes far less often.
+# Seconds an idle keep-alive connection stays open after a response.
 KEEP_ALIVE_TIMEOUT = 75
-# Maximum open connections; beyond this uvicorn returns 503 instead of queueing.
+# Seconds a connection may take to send a request's headers, from when it opens or from
+# its first byte after a response. A client that sends nothing or trickles is closed.
+HEADER_TIMEOUT = 10.0
+# Maximum open connections. At the limit the longest-idle connection is closed to admit
+# a new one, so idle or stalled clients cannot lock a scraper out.
 MAX_CONNECTIONS = 256
 JSON = "application/json"
 
@@ -126,6 +132,62 @@ class Application:
             return json_response({"error": "internal error; see the walacord log"}, 500)
 
 
+class Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a header deadline and idle-first eviction.
+
+    uvicorn closes a connection that stays idle after a response, but not one that never
+    completes its request headers, and its concurrency limit counts idle connections,
+    so a few hundred held sockets would turn every scrape into a 503.
+    """
+
+    _header_deadline: asyncio.TimerHandle | None = None
+    _last_active = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._last_active = time.monotonic()
+        self._arm_header_deadline()
+        if len(self.connections) > MAX_CONNECTIONS:
+            self._evict_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_active = time.monotonic()
+        super().data_received(data)
+        if self._in_request():
+            self._cancel_header_deadline()
+        else:
+            self._arm_header_deadline()
+
+    def _in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm_header_deadline(self) -> None:
+        # Armed once per request: more bytes do not extend it, so trickling does not help.
+        if self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(HEADER_TIMEOUT, self._header_expired)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _header_expired(self) -> None:
+        self._header_deadline = None
+        if not self._in_request() and not self.transport.is_closing():
+            self.transport.close()
+
+    def _evict_idle(self) -> None:
+        idle = [conn for conn in self.connections
+                if isinstance(conn, Protocol) and conn is not self and not conn._in_request()]
+        if idle:
+            oldest = min(idle, key=lambda conn: conn._last_active)
+            oldest.transport.close()
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind and listen on HOST:PORT, IPv4 or IPv6, with SO_REUSEADDR."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -192,9 +254,9 @@ class WebServer:
                                      f"{exc.strerror}; free the port or change the setting"
                           ) from exc
         config = uvicorn.Config(
-            self.app, http="h11", lifespan="off", log_config=None, access_log=False,
+            self.app, http=Protocol, lifespan="off", log_config=None, access_log=False,
             server_header=False, proxy_headers=False, interface="asgi3",
-            timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=MAX_CONNECTIONS)
+            timeout_keep_alive=KEEP_ALIVE_TIMEOUT)
         server = uvicorn.Server(config)
         try:
             config.load()
