@@ -196,3 +196,37 @@ def test_restart_required_lists_start_up_settings() -> None:
     new = config.load(None, {"WALACOR_HOST": "https://walacor.example", "LOG_LEVEL": "debug"})
     assert restart_required(old, new) == ["walacor"]
     assert restart_required(old, old) == []
+
+
+def test_start_failure_logs_the_error_itself(pg_db: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import orjson
+
+    from walacord.web import bind
+
+    occupier = bind("127.0.0.1", 0)
+    port = occupier.getsockname()[1]
+    config = tmp_path / "walacord.toml"
+    config.write_text(
+        f'[database]\nurl = "{pg_db}"\n'
+        f'[http]\nlisten = "127.0.0.1:{port}"\n'
+        f'[state]\ndir = "{tmp_path}"\n'
+        f'[control]\nsocket = "{tmp_path / "control.sock"}"\n'
+        '[logging]\ndir = ""\n'
+        '[backup]\nenabled = false\n')
+    try:
+        result = subprocess.run([sys.executable, "-m", "walacord", "run", "--config",
+                                 str(config)], capture_output=True, text=True, timeout=60,
+                                check=False)
+    finally:
+        occupier.close()
+
+    assert result.returncode == 1
+    events = [orjson.loads(line) for line in result.stderr.splitlines()
+              if line.startswith("{")]
+    failed = [event for event in events if event["event"] == "daemon.failed"]
+    assert len(failed) == 1
+    assert f"cannot listen on 127.0.0.1:{port} ([http] listen)" in failed[0]["error"]
+    assert "TaskGroup" not in failed[0]["error"]

@@ -121,11 +121,11 @@ class Supervisor:
                              task_status: anyio.abc.TaskStatus[None]) -> None:
         try:
             await component.run(task_status=task_status)
-        except Exception:
+        except Exception as exc:
             # A component that dies takes the daemon down, so systemd restarts it whole
             # instead of leaving a half-working supervisor.
-            log.critical("component.crashed", exc_info=True,
-                         extra={"fields": {"component": component.name}})
+            log.critical("component.crashed", exc_info=True, extra={"fields": {
+                "component": component.name, "error": "; ".join(failure_messages(exc))}})
             self.runtime.request_stop()
             raise
 
@@ -244,6 +244,24 @@ class Supervisor:
 # --- `walacord run` -----------------------------------------------------------------
 
 
+def failure_leaves(exc: BaseException) -> list[BaseException]:
+    """Return the exceptions inside nested exception groups, or `exc` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in failure_leaves(inner)]
+    return [exc]
+
+
+def failure_messages(exc: BaseException) -> list[str]:
+    """Return one "Type: message" line per distinct error inside `exc`."""
+    messages: list[str] = []
+    for leaf in failure_leaves(exc):
+        line = str(leaf) if isinstance(leaf, WalacordError) else (
+            f"{type(leaf).__name__}: {leaf}")
+        if line not in messages:
+            messages.append(line)
+    return messages
+
+
 def command(args: argparse.Namespace) -> int:
     memory.limit_arenas()
     try:
@@ -266,11 +284,14 @@ def command(args: argparse.Namespace) -> int:
     supervisor = Supervisor(cfg, args.config)
     try:
         anyio.run(supervisor.run, backend="asyncio")
-    except WalacordError as exc:
-        log.critical("daemon.failed", extra={"fields": {"error": str(exc)}})
-        return 1
-    except Exception:
-        log.critical("daemon.crashed", exc_info=True)
+    except Exception as exc:
+        # Components fail inside task groups, so the error arrives wrapped in exception
+        # groups; the log line names the errors themselves.
+        error = "; ".join(failure_messages(exc))
+        if all(isinstance(leaf, (WalacordError, OSError)) for leaf in failure_leaves(exc)):
+            log.critical("daemon.failed", extra={"fields": {"error": error}})
+        else:
+            log.critical("daemon.crashed", exc_info=True, extra={"fields": {"error": error}})
         return 1
     finally:
         logs.shutdown()
