@@ -199,9 +199,6 @@ def test_restart_required_lists_start_up_settings() -> None:
 
 
 def test_start_failure_logs_the_error_itself(pg_db: str, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     import orjson
 
     from walacord.web import bind
