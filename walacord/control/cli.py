@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,14 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             return EXIT_UNREACHABLE if exc.code in CONNECTION_ERRORS else EXIT_FAILED
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:
+            # The reader went away (`walacorctl outbox export | head`): stop quietly, as
+            # other Unix tools do, and keep Python from failing again when it flushes.
+            if out is sys.stdout:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            return 128 + signal.SIGPIPE
 
 
 def report_error(context: Context, error: ControlError) -> None:

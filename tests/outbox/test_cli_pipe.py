@@ -1,0 +1,53 @@
+"""walacorctl output into a pipe whose reader has gone, as in `outbox export | head`."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from tests.outbox.test_control import serving_outbox
+from walacord.config import Config, OutboxConfig
+from walacord.control.cli import main as walacorctl
+from walacord.outbox.service import build_sinks
+
+pytestmark = pytest.mark.anyio
+
+
+class ClosedAfter(io.StringIO):
+    """Text stream that raises BrokenPipeError once `limit` characters were written."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > self.limit:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+async def test_export_into_closed_pipe_exits_quietly(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    out, err = ClosedAfter(200), io.StringIO()
+    async with serving_outbox(tmp_path, config, sinks) as (path, _):
+        for index in range(20):
+            code = await anyio.to_thread.run_sync(lambda i=index: walacorctl(
+                ["--socket", path, "enqueue", "--sink", "postgres", "--statement",
+                 "insert_row", "--key", f"p{i}", "--data", f'{{"key": "p{i}", "amount": 1}}'],
+                stdout=io.StringIO(), stderr=io.StringIO()))
+            assert code == 0
+        exported = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "outbox", "export"], stdout=out, stderr=err))
+
+    assert exported == 141
+    assert err.getvalue() == ""
+    assert len(out.getvalue()) <= 200
