@@ -234,8 +234,11 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
             sandbox = Sandbox(directory, cluster, emulator, supervisor, out)
             _print_banner(sandbox, listen, emulator_url, config_path)
 
-            tg.start_soon(_status_line, sandbox)
-            if args.scenario:
+            if not args.scenario:
+                # A story prints its own timeline with every mode change; the live
+                # status line would interleave with it.
+                tg.start_soon(_status_line, sandbox)
+            else:
                 from walacord.scenarios import SCENARIOS
 
                 await SCENARIOS[args.scenario](sandbox)

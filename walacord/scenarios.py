@@ -60,7 +60,8 @@ class Timeline:
                 await monitor.modes.wait_changed()
         took = time.monotonic() - began
         if monitor.modes.mode.value == mode:
-            self.say(f"mode {mode} after {took:.2f}s: {monitor.modes.reason}")
+            self.say(f"mode {mode} after {took:.2f}s (bound {limit:g}s): "
+                     f"{monitor.modes.reason}")
         else:
             self.fail(f"mode still {monitor.modes.mode.value}, not {mode}, after "
                       f"{limit:g}s: {monitor.modes.reason}")
@@ -162,7 +163,7 @@ async def wait_drained(timeline: Timeline, socket_path: str, batch: Batch,
         return False
     since = "" if recovered_at is None else (
         f" ({time.monotonic() - recovered_at:.2f}s after the sinks came back)")
-    timeline.say(f"outbox drained in {took:.2f}s{since}: {counts}")
+    timeline.say(f"outbox drained in {took:.2f}s (bound {limit:g}s){since}: {counts}")
     return True
 
 
