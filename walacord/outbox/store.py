@@ -479,7 +479,7 @@ class OutboxStore(OutboxQueries):
         params = (orjson.dumps(sorted(keys)).decode(),)
         # NOTE: when the INSERT was already committed, a crash before this transaction
         # keeps the rejected request's new keys as accepted operations.
-        statements = [
+        statements: list[tuple[str, Sequence[Any]]] = [
             ("DELETE FROM operations WHERE key IN (SELECT value FROM json_each(?))", params),
             ("UPDATE counters SET value = value - ? WHERE name = 'accepted'", (len(keys),))]
         if committed:
