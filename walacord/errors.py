@@ -200,6 +200,10 @@ class OutboxCorrupt(OutboxError):
     """The outbox database failed its integrity check and was moved aside."""
 
 
+class OutboxConflict(OutboxError):
+    """An enqueue reused a stored key with a different sink, target or payload."""
+
+
 class OutboxNotFound(OutboxError):
     """No operation has the requested id."""
 

@@ -127,6 +127,10 @@ class Metrics:
         self.outbox_sync_errors = Counter(
             "walacord_outbox_sync_errors_total", "Failed sink calls, by sink and reason.",
             ["sink", "reason"], registry=registry)
+        self.outbox_store_errors = Counter(
+            "walacord_outbox_sync_store_errors_total",
+            "Sync passes ended early because the outbox store could not be written.",
+            registry=registry)
         self.outbox_batch_size = Gauge(
             "walacord_outbox_sync_batch_size", "Current sync batch size, by sink.",
             ["sink"], registry=registry)

@@ -70,8 +70,12 @@ async def test_client_enqueue_and_duplicate(control_socket: tuple[str, Outbox]) 
     path, _ = control_socket
     async with AsyncOutboxClient(path, timeout=10) as client:
         first = await client.enqueue_walacor(10001, key="inv-1", data={"amount": 3})
-        again = await client.enqueue_walacor(10001, key="inv-1", data={"amount": 4})
+        again = await client.enqueue_walacor(10001, key="inv-1", data={"amount": 3})
+        with pytest.raises(ControlError) as conflict:
+            await client.enqueue_walacor(10001, key="inv-1", data={"amount": 4})
         stats = await client.stats()
+    assert "key 'inv-1' is already stored" in str(conflict.value)
+    assert "different payload" in str(conflict.value)
     assert first["created"] is True
     assert first["state"] == "pending"
     assert again == {**first, "created": False}
@@ -199,7 +203,7 @@ async def test_pipelined_enqueue_errors_stay_per_request(tmp_path: Path,
     requests = [
         walacor_operation(10001, key="a", data={"i": 1}),
         {"sink": "walacor", "etid": 10001, "data": {"i": 2}},  # no key
-        walacor_operation(10001, key="a", data={"i": 3}),  # same key as the first
+        walacor_operation(10001, key="a", data={"i": 1}),  # same key and payload as the first
         {"operations": [walacor_operation(10001, key="b", data={}),
                         walacor_operation(10001, key="c", data={})]},
     ]

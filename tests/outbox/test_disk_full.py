@@ -1,16 +1,22 @@
-"""Enqueue on a full file system: a clear error, nothing lost, resumes with space."""
+"""A full file system: enqueue gets a clear error, sync keeps running, nothing is lost."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 
-from tests.outbox.conftest import Alerts, StoreOpener, walacor_op
+from tests.outbox.conftest import Alerts, StoreOpener, walacor_op, walacor_rows_per_key
 from walacord.errors import OutboxDiskFull
+from walacord.metrics import Metrics
+from walacord.outbox.model import Operation
+from walacord.outbox.sinks import BatchResult, WalacorSink
+from walacord.outbox.sync import SyncEngine
+from walacord.walacor import WalacorClient
 
 pytestmark = pytest.mark.anyio
 
@@ -65,3 +71,68 @@ async def test_enqueue_disk_full_then_resumes(open_store: StoreOpener, small_tmp
     assert stats.accepted == len(acked) + 1
     assert stats.conserved
     assert alerts.names() == ["outbox_disk_full"]
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file in `directory` until its file system has no byte left; return it."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for chunk in (64 * 1024, 4096, 1):
+            try:
+                while True:
+                    out.write(b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    return filler
+
+
+class DiskFillingSink(WalacorSink):
+    """A Walacor sink that fills the state directory's disk before its first batch."""
+
+    def __init__(self, *args: object, directory: Path, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.directory = directory
+        self.filler: Path | None = None
+
+    async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
+        if self.filler is None:
+            self.filler = fill_disk(self.directory)
+        return await super().apply_batch(operations)
+
+
+async def test_sync_disk_full_keeps_running(open_store: StoreOpener, small_tmpfs: Path,
+                                            walacor_client: WalacorClient,
+                                            metrics: Metrics) -> None:
+    keys = [f"pay-{i}" for i in range(40)]
+    sink = DiskFillingSink(walacor_client, timeout=10, directory=small_tmpfs)
+    async with open_store(small_tmpfs / "outbox.db", sync_interval=3600.0,
+                          sync_batch_min=40) as store:
+        await store.enqueue([walacor_op(key) for key in keys])
+        engine = SyncEngine(store, {"walacor": sink}, store.config, metrics=metrics)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(engine.run)
+            with anyio.fail_after(10):
+                failed = await engine.sync_now()
+            during = await store.stats()
+
+            # The engine retries on its own after a backoff once space returns.
+            assert sink.filler is not None, failed
+            sink.filler.unlink()
+            with anyio.fail_after(10):
+                # The store offers no event for "all done", so poll it.
+                while (await store.stats()).done < len(keys):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            with anyio.fail_after(10):
+                after = await engine.sync_now()
+            stats = await store.check_conservation()
+            tasks.cancel_scope.cancel()
+
+    assert failed.error is not None
+    assert "full" in failed.error
+    assert during.in_flight == len(keys)
+    assert after.error is None
+    assert (stats.done, stats.pending, stats.in_flight, stats.dead) == (40, 0, 0, 0)
+    assert stats.conserved
+    assert metrics.outbox_store_errors._value.get() >= 1
+    counts = await walacor_rows_per_key(walacor_client)
+    assert {key: counts[key] for key in keys} == dict.fromkeys(keys, 1)

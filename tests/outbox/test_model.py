@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.outbox.conftest import INSERT_ROW
 from walacord.errors import OutboxInvalidOperation
-from walacord.outbox.model import parse_operation
+from walacord.outbox.model import parse_operation, statement_parameters
 
-STATEMENTS = {"insert_row": object()}
+STATEMENTS = {"insert_row": INSERT_ROW}
 
 
 def parse(raw: object, max_bytes: int = 1024) -> object:
@@ -32,6 +33,11 @@ def parse(raw: object, max_bytes: int = 1024) -> object:
      "unknown statement 'drop_all'"),
     ({"sink": "postgres", "key": "k", "statement": "insert_row", "params": {},
       "ordering_key": 5}, "ordering_key", "non-empty string"),
+    ({"sink": "postgres", "key": "k", "statement": "insert_row", "params": {}}, "params",
+     "missing parameter(s) amount that statement 'insert_row' needs"),
+    ({"sink": "postgres", "key": "k", "statement": "insert_row",
+      "params": {"key": "other", "amount": 1}}, "params.key",
+     "params.key is 'other' but the operation's key is 'k'"),
 ])
 def test_parse_operation_names_field(raw: object, field: str, words: str) -> None:
     with pytest.raises(OutboxInvalidOperation) as caught:
@@ -53,3 +59,19 @@ def test_parse_operation_accepts_both_forms() -> None:
     assert walacor.ordering_key == "acct-1"
     assert (postgres.sink, postgres.target) == ("postgres", "insert_row")
     assert postgres.payload == b'{"key":"b","amount":2}'
+
+
+def test_parse_operation_key_fills_key_parameter() -> None:
+    operation = parse({"sink": "postgres", "statement": "insert_row", "key": "p1",
+                       "params": {"amount": 5}})
+    assert operation.payload == b'{"amount":5}'
+
+
+@pytest.mark.parametrize(("sql", "names"), [
+    ("INSERT INTO t VALUES (%(key)s, %(amount)s)", {"key", "amount"}),
+    ("SELECT %(raw)b, %(text)t, %(key)s, %(key)s", {"raw", "text", "key"}),
+    ("SELECT '100%%(x)s', %(y)s", {"y"}),
+    ("SELECT 1", set()),
+])
+def test_statement_parameters_finds_placeholders(sql: str, names: set[str]) -> None:
+    assert statement_parameters(sql) == names

@@ -10,9 +10,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.outbox.conftest import Alerts, StoreOpener, walacor_op
+from tests.outbox.conftest import Alerts, StoreOpener, ledger_op, walacor_op
 from walacord.config import OutboxConfig
-from walacord.errors import OutboxError, OutboxFull, OutboxNotFound
+from walacord.errors import OutboxConflict, OutboxError, OutboxFull, OutboxNotFound
 from walacord.metrics import Metrics
 from walacord.outbox.model import State
 from walacord.outbox.queries import Outcome
@@ -48,7 +48,7 @@ async def test_enqueue_uses_wal_and_full_sync(open_store: StoreOpener, db_path: 
 async def test_enqueue_duplicate_key_returns_existing(open_store: StoreOpener) -> None:
     async with open_store() as store:
         first = await store.enqueue([walacor_op("same")])
-        second = await store.enqueue([walacor_op("same", size=10)])
+        second = await store.enqueue([walacor_op("same")])
         within = await store.enqueue([walacor_op("twice"), walacor_op("twice")])
         stats = await store.stats()
     assert second[0].created is False
@@ -57,6 +57,32 @@ async def test_enqueue_duplicate_key_returns_existing(open_store: StoreOpener) -
     assert [r.created for r in within] == [True, False]
     assert within[0].operation.id == within[1].operation.id
     assert stats.accepted == 2
+
+
+async def test_enqueue_conflicting_key_rejects(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        await store.enqueue([walacor_op("stored")])
+        with pytest.raises(OutboxConflict) as payload:
+            await store.enqueue([walacor_op("fresh"), walacor_op("stored", size=10)])
+        with pytest.raises(OutboxConflict) as sink:
+            await store.enqueue([ledger_op("stored")])
+        with pytest.raises(OutboxConflict) as within:
+            await store.enqueue([walacor_op("twice"), walacor_op("twice", size=5)])
+        shared = await store.enqueue_each([[walacor_op("other-1")],
+                                           [walacor_op("stored", size=3),
+                                            walacor_op("other-2")]])
+        keys = [op.key for op in await store.list()]
+        stats = await store.check_conservation()
+
+    assert "key 'stored' is already stored" in str(payload.value)
+    assert "different payload" in str(payload.value)
+    assert "different sink, target, payload" in str(sink.value)
+    assert "key 'twice'" in str(within.value)
+    assert isinstance(shared[0], list)
+    assert isinstance(shared[1], OutboxConflict)
+    assert keys == ["stored", "other-1"]
+    assert stats.accepted == 2
+    assert stats.conserved
 
 
 async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> None:

@@ -23,7 +23,7 @@ from tests.outbox.conftest import (
 from walacord.config import OutboxConfig
 from walacord.emulator import Emulator
 from walacord.metrics import Metrics
-from walacord.outbox.model import Operation, State
+from walacord.outbox.model import NewOperation, Operation, State
 from walacord.outbox.queries import Outcome
 from walacord.outbox.sinks import PostgresSink, Sink, WalacorSink
 from walacord.outbox.store import OutboxStore
@@ -101,6 +101,20 @@ async def test_postgres_sink_keeps_ordering_key_order(
 
     applied = [key for key, _ in await ledger_rows(ledger_pool) if key.startswith("chain")]
     assert applied == [f"chain-{i:02}" for i in range(30)]
+
+
+async def test_postgres_sink_passes_operation_key(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any]) -> None:
+    without_key = NewOperation(key="p1", sink="postgres", target="insert_row",
+                               payload=b'{"amount":5}')
+    async with open_store() as store:
+        await store.enqueue([without_key, ledger_op("p2", amount=7)])
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, store.config)
+        await drain(engine, store)
+        stats = await store.check_conservation()
+
+    assert sorted(await ledger_rows(ledger_pool)) == [("p1", 5), ("p2", 7)]
+    assert (stats.done, stats.dead) == (2, 0)
 
 
 async def test_permanent_error_goes_dead(

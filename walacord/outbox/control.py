@@ -18,6 +18,7 @@ import anyio
 from walacord.control.registry import Call, MethodRegistry
 from walacord.errors import (
     ControlError,
+    OutboxConflict,
     OutboxDiskFull,
     OutboxError,
     OutboxFull,
@@ -55,7 +56,8 @@ def _control_error(exc: OutboxError) -> ControlError:
     if isinstance(exc, OutboxInvalidOperation):
         return ControlError(INVALID_PARAMS, str(exc), {"field": exc.field})
     reason = {OutboxFull: "outbox_full", OutboxDiskFull: "disk_full",
-              OutboxNotFound: "not_found"}.get(type(exc), "outbox_error")
+              OutboxNotFound: "not_found", OutboxConflict: "conflict",
+              }.get(type(exc), "outbox_error")
     return ControlError(OPERATION_FAILED, str(exc), {"reason": reason})
 
 

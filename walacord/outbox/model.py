@@ -8,6 +8,8 @@ idempotency key makes the enqueue and the sink write happen at most once per key
 from __future__ import annotations
 
 import enum
+import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,16 @@ from walacord.errors import OutboxInvalidOperation
 
 SINKS = ("walacor", "postgres")
 MAX_KEY_LENGTH = 256
+# psycopg's named placeholders %(name)s, %(name)b and %(name)t; "%%" is a literal percent.
+_PLACEHOLDER = re.compile(r"%%|%\((?P<name>[^)]+)\)[sbt]")
+# The parameter every postgres statement receives: the operation's idempotency key.
+KEY_PARAMETER = "key"
+
+
+@functools.cache
+def statement_parameters(sql: str) -> frozenset[str]:
+    """Return the names of the named placeholders in `sql`."""
+    return frozenset(match["name"] for match in _PLACEHOLDER.finditer(sql) if match["name"])
 
 
 class State(enum.StrEnum):
@@ -121,7 +133,9 @@ def parse_operation(
     else:
         target, payload_field = _postgres_target(raw, statements), "params"
 
-    payload = _payload(raw, payload_field, max_bytes)
+    value, payload = _payload(raw, payload_field, max_bytes)
+    if sink == "postgres":
+        _check_parameters(target, statements[target], value, key)
     return NewOperation(key=key, sink=str(sink), target=target, payload=payload,
                         ordering_key=ordering_key)
 
@@ -144,7 +158,28 @@ def _postgres_target(raw: dict[str, Any], statements: Mapping[str, object]) -> s
     return name
 
 
-def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> bytes:
+def _check_parameters(name: str, statement: object, params: dict[str, Any], key: str) -> None:
+    """Reject params that lack a placeholder of the statement or give another key.
+
+    The sink passes the operation's key as the parameter `key`, so params may omit it.
+    """
+    if KEY_PARAMETER in params and params[KEY_PARAMETER] != key:
+        raise OutboxInvalidOperation(
+            f"params.{KEY_PARAMETER}", f"params.key is {params[KEY_PARAMETER]!r} but the "
+            f"operation's key is {key!r}; statement {name!r} receives the operation's key "
+            "as the parameter key, so omit params.key or give the same value")
+
+    sql = getattr(statement, "sql", None)
+    if not isinstance(sql, str):
+        return
+    missing = sorted(statement_parameters(sql) - params.keys() - {KEY_PARAMETER})
+    if missing:
+        raise OutboxInvalidOperation(
+            "params", f"missing parameter(s) {', '.join(missing)} that statement {name!r} "
+            "needs; add them to params")
+
+
+def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     if field not in raw:
         raise OutboxInvalidOperation(field, "missing payload object")
 
@@ -166,4 +201,4 @@ def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> bytes:
     if len(encoded) > max_bytes:
         raise OutboxInvalidOperation(field, f"payload is {len(encoded)} bytes; the maximum is "
                                      f"{max_bytes} (outbox.max_operation_bytes)")
-    return encoded
+    return value, encoded

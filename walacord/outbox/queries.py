@@ -280,7 +280,10 @@ class OutboxQueries:
                                             ("BEGIN IMMEDIATE", ()), *updates, ("COMMIT", ()),
                                             ("PRAGMA synchronous = FULL", ())])
             except BaseException:
+                # A failed COMMIT (full disk) leaves the transaction open, and the
+                # PRAGMA above has no effect inside one, so restore FULL after it.
                 await self._rollback_quietly(db)
+                await db.execute("PRAGMA synchronous = FULL")
                 raise
         self._recorded(outcomes)
 
@@ -390,13 +393,17 @@ class OutboxQueries:
                 return cursor.rowcount
             await db.execute("BEGIN IMMEDIATE")
             count = 0
-            for op_id in ids:
-                cursor = await db.execute(
-                    "UPDATE operations SET state = 'pending', attempts = 0, "
-                    "next_attempt_at = 0, updated_at = ? WHERE id = ? AND state IN "
-                    "('dead', 'pending')", (time.time(), op_id))
-                count += cursor.rowcount
-            await db.execute("COMMIT")
+            try:
+                for op_id in ids:
+                    cursor = await db.execute(
+                        "UPDATE operations SET state = 'pending', attempts = 0, "
+                        "next_attempt_at = 0, updated_at = ? WHERE id = ? AND state IN "
+                        "('dead', 'pending')", (time.time(), op_id))
+                    count += cursor.rowcount
+                await db.execute("COMMIT")
+            except BaseException:
+                await self._rollback_quietly(db)
+                raise
             return count
 
     async def drop(self, op_id: int, *, reason: str) -> Operation:
@@ -417,7 +424,7 @@ class OutboxQueries:
                 await db.execute("UPDATE counters SET value = value + 1 WHERE name = 'dropped'")
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await self._rollback_quietly(db)
                 raise
         self.released(1, len(operation.payload))
         log.warning("outbox.dropped", extra={"fields": {
@@ -432,13 +439,20 @@ class OutboxQueries:
         while True:
             async with self.writing() as db:
                 await db.execute("BEGIN IMMEDIATE")
-                cursor = await db.execute(
-                    "DELETE FROM operations WHERE id IN (SELECT id FROM operations "
-                    "WHERE state = 'done' AND updated_at < ? LIMIT ?)", (cutoff, COMPACT_CHUNK))
-                deleted = cursor.rowcount
-                await db.execute("UPDATE counters SET value = value + ? WHERE name = "
-                                 "'compacted'", (deleted,))
-                await db.execute("COMMIT")
+                try:
+                    cursor = await db.execute(
+                        "DELETE FROM operations WHERE id IN (SELECT id FROM operations "
+                        "WHERE state = 'done' AND updated_at < ? LIMIT ?)",
+                        (cutoff, COMPACT_CHUNK))
+                    deleted = cursor.rowcount
+                    await db.execute("UPDATE counters SET value = value + ? WHERE name = "
+                                     "'compacted'", (deleted,))
+                    await db.execute("COMMIT")
+                except BaseException:
+                    # Without it a failed write (full disk) leaves the transaction open
+                    # and every later BEGIN on the shared writer connection fails.
+                    await self._rollback_quietly(db)
+                    raise
             total += deleted
             if deleted < COMPACT_CHUNK:
                 break

@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from walacord.config import OutboxStatement
 from walacord.errors import WalacorError
-from walacord.outbox.model import Operation
+from walacord.outbox.model import KEY_PARAMETER, Operation
 from walacord.walacor.results import StoredRecord
 
 # Walacor error reasons that repeat however often the same record is sent.
@@ -140,6 +140,14 @@ class WalacorSink:
         return Failure(type(exc).__name__, str(exc), permanent=False)
 
 
+def _parameters(operation: Operation) -> dict[str, Any]:
+    """Return the statement parameters: the params plus the operation's key as `key`."""
+    params = operation.data()
+    # Enqueue rejects a params.key that differs, so setdefault only fills a missing one.
+    params.setdefault(KEY_PARAMETER, operation.key)
+    return params
+
+
 class PostgresSink:
     """Runs the operation's named statement with its payload as parameters."""
 
@@ -162,7 +170,7 @@ class PostgresSink:
         sql = self._sql(operation)
         with anyio.fail_after(self.timeout):
             async with self.pool.connection(timeout=self.timeout) as conn, conn.transaction():
-                cursor = await conn.execute(sql, operation.data())
+                cursor = await conn.execute(sql, _parameters(operation))
                 return {"rowcount": cursor.rowcount}
 
     async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
@@ -183,7 +191,7 @@ class PostgresSink:
                     for group in groups.values():
                         async with conn.cursor() as cursor:
                             await cursor.executemany(self._sql(group[0]),
-                                                     [op.data() for op in group])
+                                                     [_parameters(op) for op in group])
         except (psycopg.Error, LookupError, TimeoutError, PoolTimeout) as exc:
             if self.classify(exc).permanent:
                 return [None for _ in operations]

@@ -21,10 +21,17 @@ from typing import Any
 
 import aiosqlite
 import anyio
+import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from walacord.config import OutboxConfig
-from walacord.errors import OutboxCorrupt, OutboxDiskFull, OutboxError, OutboxFull
+from walacord.errors import (
+    OutboxConflict,
+    OutboxCorrupt,
+    OutboxDiskFull,
+    OutboxError,
+    OutboxFull,
+)
 from walacord.metrics import Metrics
 from walacord.outbox import startup
 from walacord.outbox.model import NewOperation, Operation, State
@@ -354,6 +361,13 @@ class OutboxStore(OutboxQueries):
             inserted = {row[0] for result in results[1:1 + len(inserts)] for row in result}
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
+            rejected = self._conflicts(accepted, existing)
+            if rejected:
+                # Only the duplicate path gets here. A rejected request stores nothing,
+                # so its new rows from this commit are deleted again.
+                inserted -= await self._withdraw(db, rejected, inserted,
+                                                 committed=one_chunk)
+                accepted = [request for request in accepted if request not in rejected]
             if not one_chunk:
                 await db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -394,6 +408,8 @@ class OutboxStore(OutboxQueries):
         for new in request.operations:
             earlier = planned.get(new.key) or own.get(new.key)
             if earlier is not None:
+                if self._conflicts([request], {new.key: earlier}):
+                    return False
                 results.append(EnqueueResult(earlier, created=False))
                 continue
             operation = Operation(
@@ -409,6 +425,8 @@ class OutboxStore(OutboxQueries):
         size = plan.size + own_size
         if own and self._over_capacity(count, size):
             stored = await self._existing(db, list(own))
+            if self._conflicts([request], stored):
+                return False
             fresh = {key: op for key, op in own.items() if key not in stored}
             size -= sum(len(op.payload) for key, op in own.items() if key in stored)
             if fresh and self._over_capacity(len(planned) + len(fresh), size):
@@ -429,6 +447,45 @@ class OutboxStore(OutboxQueries):
         plan.size += own_size
         request.results = results
         return True
+
+    def _conflicts(self, accepted: list[_Request], existing: dict[str, Operation]
+                   ) -> list[_Request]:
+        """Set OutboxConflict on requests that reuse a stored key with other content."""
+        rejected: list[_Request] = []
+        for request in accepted:
+            for new in request.operations:
+                stored = existing.get(new.key)
+                if stored is None:
+                    continue
+                differs = [name for name, ours, theirs in (
+                    ("sink", new.sink, stored.sink), ("target", new.target, stored.target),
+                    ("payload", new.payload, stored.payload)) if ours != theirs]
+                if differs:
+                    request.error = OutboxConflict(
+                        f"key {new.key!r} is already stored (operation {stored.id}) with a "
+                        f"different {', '.join(differs)}; nothing of this request was "
+                        "accepted. Use a new key for a different operation")
+                    request.results = []
+                    rejected.append(request)
+                    break
+        return rejected
+
+    async def _withdraw(self, db: aiosqlite.Connection, rejected: list[_Request],
+                        inserted: set[str], *, committed: bool) -> set[str]:
+        """Delete the rows that rejected requests added in this commit; return their keys."""
+        keys = {new.key for request in rejected for new in request.operations} & inserted
+        if not keys:
+            return keys
+        params = (orjson.dumps(sorted(keys)).decode(),)
+        # NOTE: when the INSERT was already committed, a crash before this transaction
+        # keeps the rejected request's new keys as accepted operations.
+        statements: list[tuple[str, Sequence[Any]]] = [
+            ("DELETE FROM operations WHERE key IN (SELECT value FROM json_each(?))", params),
+            ("UPDATE counters SET value = value - ? WHERE name = 'accepted'", (len(keys),))]
+        if committed:
+            statements = [("BEGIN IMMEDIATE", ()), *statements, ("COMMIT", ())]
+        await execute_in_order(db, statements)
+        return keys
 
     @staticmethod
     def _insert_statement(rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:

@@ -15,6 +15,7 @@ failures halves it.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import anyio
 import tenacity
 
 from walacord.config import OutboxConfig
+from walacord.errors import OutboxError
 from walacord.metrics import Metrics
 from walacord.outbox.model import Operation, State
 from walacord.outbox.queries import Outcome
@@ -71,10 +73,11 @@ class PassReport:
     retried: int = 0
     dead: int = 0
     by_sink: dict[str, int] = field(default_factory=dict)
+    error: str | None = None  # the store error that ended the pass early, if any
 
     def to_json(self) -> dict[str, Any]:
         return {"applied": self.applied, "retried": self.retried, "dead": self.dead,
-                "by_sink": dict(self.by_sink)}
+                "by_sink": dict(self.by_sink), "error": self.error}
 
 
 def retry_delay(attempt: int, config: OutboxConfig, retry_after: float | None) -> float:
@@ -106,6 +109,10 @@ class SyncEngine:
         self._forced = False
         self._pass_done = anyio.Event()
         self._in_pass = False
+        # Outcomes applied at a sink whose state the store could not write yet (full
+        # disk, I/O error). The next pass stores them before it claims anything new.
+        self._unrecorded: dict[str, list[Outcome]] = {name: [] for name in self.sinks}
+        self._store_failures = 0  # consecutive passes that ended on a store error
 
     # --- triggers -----------------------------------------------------------------
 
@@ -157,18 +164,43 @@ class SyncEngine:
             self._in_pass = True
             try:
                 report = await self.run_pass(forced=forced)
-                await self.store.check_conservation()
+                if report.error is None:
+                    await self.store.check_conservation()
+            except (OutboxError, sqlite3.Error) as exc:
+                report = self._store_failed(PassReport(), exc)
             finally:
                 self._in_pass = False
             self.last_report = report
             done, self._pass_done = self._pass_done, anyio.Event()
             done.set()
 
+    def _store_failed(self, report: PassReport, exc: Exception) -> PassReport:
+        """Log and count a store error that ended a pass, so the next pass waits a backoff."""
+        self._store_failures += 1
+        report.error = f"outbox store write failed: {exc}"
+        if self.metrics is not None:
+            self.metrics.outbox_store_errors.inc()
+        log.error("outbox.sync_store_failed", extra={"fields": {
+            "error": str(exc), "consecutive": self._store_failures,
+            "unrecorded": sum(len(outcomes) for outcomes in self._unrecorded.values())}})
+        return report
+
     async def _sleep_for(self) -> float:
-        """Return seconds until the timer or the earliest due retry, whichever is first."""
+        """Return seconds until the timer or the earliest due retry, whichever is first.
+
+        After a pass that ended on a store error, wait the retry backoff instead, so a
+        full disk costs one log line per backoff step.
+        """
+        if self._store_failures:
+            return retry_delay(self._store_failures, self.config, None)
         delay: float = self.config.sync_interval
         for name in self.sinks:
-            due = await self.store.next_due(name)
+            try:
+                due = await self.store.next_due(name)
+            except sqlite3.Error as exc:
+                log.warning("outbox.next_due_failed", extra={"fields": {
+                    "sink": name, "error": str(exc)}})
+                return delay
             if due is not None:
                 delay = min(delay, max(0.0, due - time.time()))
         return delay
@@ -176,9 +208,13 @@ class SyncEngine:
     async def run_pass(self, *, forced: bool = False) -> PassReport:
         """Apply due operations of each sink until none is due or the sink fails."""
         report = PassReport()
-        for name, sink in self.sinks.items():
-            if forced or self.healthy[name]:
-                await self._drain_sink(name, sink, report)
+        try:
+            for name, sink in self.sinks.items():
+                if forced or self.healthy[name]:
+                    await self._drain_sink(name, sink, report)
+        except (OutboxError, sqlite3.Error) as exc:
+            return self._store_failed(report, exc)
+        self._store_failures = 0
         if report.applied or report.dead:
             log.info("outbox.synced", extra={"fields": report.to_json()})
         return report
@@ -191,11 +227,16 @@ class SyncEngine:
         the previous one is applied, so SQLite's commits overlap the sink's work.
         The outcomes of a round are stored in the transaction of the next claim, and
         those left when the loop ends are stored on their own before this returns.
+
+        A store error stops the claims, lets the running rounds finish and is raised
+        after them. Their outcomes stay in `self._unrecorded` for the next pass, and
+        the operations stay in flight meanwhile, so nothing is claimed twice.
         """
         ramp = self.ramps[name]
         rounds = anyio.CapacityLimiter(1)
         failing = False
-        unrecorded: list[Outcome] = []
+        unrecorded = self._unrecorded[name]
+        store_error: OutboxError | sqlite3.Error | None = None
 
         async def apply_round(operations: list[Operation], token: object) -> None:
             nonlocal failing
@@ -225,6 +266,10 @@ class SyncEngine:
                     try:
                         operations = await self.store.claim(name, ramp.size, time.time(),
                                                             record=unrecorded)
+                    except (OutboxError, sqlite3.Error) as exc:
+                        store_error = exc
+                        rounds.release_on_behalf_of(token)
+                        break
                     except BaseException:
                         rounds.release_on_behalf_of(token)
                         raise
@@ -236,7 +281,15 @@ class SyncEngine:
             # Shielded, so a cancelled pass still stores what its sink applied instead
             # of leaving it in flight until a restart; bounded by the write deadline.
             with anyio.move_on_after(self.config.write_timeout, shield=True):
-                await self.store.record(unrecorded)
+                stored = list(unrecorded)
+                try:
+                    await self.store.record(stored)
+                except (OutboxError, sqlite3.Error) as exc:
+                    store_error = store_error or exc
+                else:
+                    del unrecorded[:len(stored)]
+        if store_error is not None:
+            raise store_error
 
     def _count(self, report: PassReport, name: str, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
