@@ -20,7 +20,8 @@ import anyio
 import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from walacord.errors import ControlError, WalacordError
+from walacord.control.client import connect_failure
+from walacord.errors import ControlClientError, ControlError, WalacordError
 
 PROTOCOL_VERSION = 1
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -46,7 +47,25 @@ def postgres_operation(statement: str, *, key: str, params: dict[str, Any],
     return operation
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """Raise WalacordError naming the field when `value` contains NaN or an infinity.
+
+    orjson would send them as null, so the stored payload would differ from the one given.
+    """
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise WalacordError(f"{where} is {value!r}, which JSON cannot carry; send a "
+                                "number, a string or null instead")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{where}[{index}]")
+
+
 def _encode(request_id: int, method: str, params: dict[str, Any]) -> bytes:
+    _check_finite(params, "params")
     return orjson.dumps({"id": request_id, "method": method, "params": params,
                          "version": PROTOCOL_VERSION}) + b"\n"
 
@@ -101,8 +120,11 @@ class AsyncOutboxClient:
         self._next_id = 0
 
     async def __aenter__(self) -> Self:
-        with anyio.fail_after(self.timeout):
-            self._stream = await anyio.connect_unix(self.path)
+        try:
+            with anyio.fail_after(self.timeout):
+                self._stream = await anyio.connect_unix(self.path)
+        except OSError as exc:
+            raise ControlClientError(connect_failure(self.path, exc, self.timeout)) from None
         self._reader = BufferedByteReceiveStream(self._stream)
         self._read_turn = anyio.Event()
         self._read_turn.set()
@@ -128,11 +150,13 @@ class AsyncOutboxClient:
             self._check_usable()
             # Queue the request and take the next place in the reading order with no
             # await in between, so that the reading order is the sending order.
-            self._next_id += 1
-            request_id = self._next_id
+            # Encoding can reject the input, so it comes before the turn is taken.
+            request_id = self._next_id + 1
+            encoded = _encode(request_id, method, params or {})
+            self._next_id = request_id
             previous, own_turn = self._read_turn, anyio.Event()
             self._read_turn = own_turn
-            self._outgoing.append(_encode(request_id, method, params or {}))
+            self._outgoing.append(encoded)
             try:
                 if not self._sending:
                     await self._send_outgoing(self._stream)
@@ -205,9 +229,14 @@ class OutboxClient:
         self._next_id = 0
 
     def __enter__(self) -> Self:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(self.timeout)
-        self._sock.connect(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise ControlClientError(connect_failure(self.path, exc, self.timeout)) from None
+        self._sock = sock
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -60,36 +60,9 @@ class ControlClient:
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.path)
-        except FileNotFoundError:
-            sock.close()
-            raise ControlClientError(
-                f"control socket {self.path} not found: is walacord running? Check with "
-                "`systemctl status walacord`; if it listens elsewhere, pass --socket PATH or "
-                "set WALACORD_CONTROL_SOCKET") from None
-        except ConnectionRefusedError:
-            sock.close()
-            kind = _file_kind(self.path)
-            if kind != "socket":
-                raise ControlClientError(
-                    f"{self.path} is a {kind}, not a socket: pass the daemon's control "
-                    "socket with --socket PATH or WALACORD_CONTROL_SOCKET (the default is "
-                    "[control] socket in walacord.toml)") from None
-            raise ControlClientError(
-                f"nothing is listening on {self.path}: walacord is not running (the socket "
-                "file is left from an earlier run); start it with `systemctl start walacord`"
-            ) from None
-        except PermissionError:
-            sock.close()
-            raise ControlClientError(
-                f"permission denied on {self.path}: {_group_hint(self.path)}") from None
-        except TimeoutError:
-            sock.close()
-            raise ControlClientError(
-                f"connecting to {self.path} timed out after {self.timeout:g}s: the daemon is "
-                "overloaded or stuck; check its log, or raise --timeout") from None
         except OSError as exc:
             sock.close()
-            raise ControlClientError(f"cannot connect to {self.path}: {exc.strerror}") from None
+            raise ControlClientError(connect_failure(self.path, exc, self.timeout)) from None
         self._sock = sock
 
     def call(self, method: str, params: dict[str, Any] | None = None, *,
@@ -224,3 +197,25 @@ def _file_kind(path: str) -> str:
     if stat.S_ISDIR(mode):
         return "directory"
     return "regular file" if stat.S_ISREG(mode) else "special file"
+
+
+def connect_failure(path: str, exc: OSError, timeout: float) -> str:
+    """Return the message for a failed connect to the control socket at `path`."""
+    if isinstance(exc, FileNotFoundError):
+        return (f"control socket {path} not found: is walacord running? Check with "
+                "`systemctl status walacord`; if it listens elsewhere, pass --socket PATH or "
+                "set WALACORD_CONTROL_SOCKET")
+    if isinstance(exc, ConnectionRefusedError):
+        kind = _file_kind(path)
+        if kind != "socket":
+            return (f"{path} is a {kind}, not a socket: pass the daemon's control "
+                    "socket with --socket PATH or WALACORD_CONTROL_SOCKET (the default is "
+                    "[control] socket in walacord.toml)")
+        return (f"nothing is listening on {path}: walacord is not running (the socket "
+                "file is left from an earlier run); start it with `systemctl start walacord`")
+    if isinstance(exc, PermissionError):
+        return f"permission denied on {path}: {_group_hint(path)}"
+    if isinstance(exc, TimeoutError):
+        return (f"connecting to {path} timed out after {timeout:g}s: the daemon is "
+                "overloaded or stuck; check its log, or raise --timeout")
+    return f"cannot connect to {path}: {exc.strerror or exc}"
