@@ -161,7 +161,10 @@ def render(figures: dict[str, Any], notes: list[str], args: argparse.Namespace,
         con = benchdoc.summary(data["concurrent"])
         verdict = ""
         if name == "walacord":
-            verdict = "yes" if max(seq["p99"], con["p99"]) <= TARGET_P99_S else "no"
+            # The two loads are judged apart: with N clients on one event loop a scrape
+            # waits for up to N-1 others, so the concurrent p99 grows with N.
+            verdict = (f"sequential {'yes' if seq['p99'] <= TARGET_P99_S else 'no'}, "
+                       f"concurrent {'yes' if con['p99'] <= TARGET_P99_S else 'no'}")
         lines.append(
             f"| {name} | {data['body_bytes'] / 1024:.1f} KiB | {benchdoc.ms(seq['median'])} | "
             f"{benchdoc.ms(seq['p99'])} | {benchdoc.ms(con['median'])} | "
