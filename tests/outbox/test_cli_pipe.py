@@ -1,4 +1,4 @@
-"""walacorctl output into a pipe whose reader has gone, as in `outbox export | head`."""
+"""walacorctl edge cases: a reader that closed the pipe, and a bad line in --from-file."""
 
 from __future__ import annotations
 
@@ -51,3 +51,29 @@ async def test_export_into_closed_pipe_exits_quietly(
     assert exported == 141
     assert err.getvalue() == ""
     assert len(out.getvalue()) <= 200
+
+
+async def test_from_file_error_names_file_and_line(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    jsonl = tmp_path / "ops.jsonl"
+    jsonl.write_text(
+        '{"sink": "postgres", "statement": "insert_row", "key": "l1", '
+        '"params": {"amount": 1}}\n'
+        "\n"
+        '{"sink": "postgres", "statement": "insert_row", "key": "l3", '
+        '"params": {"amount": 3}}\n'
+        '{"sink": "nowhere", "key": "l4", "data": {}}\n')
+    err = io.StringIO()
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        code = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "enqueue", "--from-file", str(jsonl)],
+            stdout=io.StringIO(), stderr=err))
+        stats = await outbox.store.stats()
+
+    assert code == 1
+    assert f"{jsonl}:4: sink: " in err.getvalue()
+    assert "nothing from line 1 on was enqueued (0 operations before it were)" in err.getvalue()
+    assert stats.accepted == 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from walacord.control.render import format_table
+from walacord.errors import ControlError
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -101,8 +103,10 @@ def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     return operation
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Return the file's operations and the line number of each."""
     operations = []
+    numbers = []
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -111,19 +115,20 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
                 operations.append(orjson.loads(line))
             except orjson.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{number}: invalid JSON: {exc}") from None
-    return operations
+            numbers.append(number)
+    return operations, numbers
 
 
 def enqueue_command(context: Context, args: argparse.Namespace) -> int:
     try:
         if args.from_file is None:
             return _enqueue_one(context, _operation_from_flags(args))
-        operations = _read_lines(args.from_file)
+        operations, numbers = _read_lines(args.from_file)
     except UsageError as exc:
         return _usage(context, exc)
     except OSError as exc:
         return _usage(context, UsageError(f"cannot read {args.from_file}: {exc.strerror}"))
-    return _enqueue_many(context, operations)
+    return _enqueue_many(context, operations, args.from_file, numbers)
 
 
 def _enqueue_one(context: Context, operation: dict[str, Any]) -> int:
@@ -136,11 +141,15 @@ def _enqueue_one(context: Context, operation: dict[str, Any]) -> int:
     return 0
 
 
-def _enqueue_many(context: Context, operations: list[dict[str, Any]]) -> int:
+def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path,
+                  numbers: list[int]) -> int:
     created = known = 0
     for start in range(0, len(operations), FILE_BATCH):
-        results = context.call("outbox.enqueue",
-                               {"operations": operations[start:start + FILE_BATCH]})["results"]
+        try:
+            results = context.call("outbox.enqueue", {
+                "operations": operations[start:start + FILE_BATCH]})["results"]
+        except ControlError as exc:
+            raise _at_line(exc, path, numbers, start, created + known) from None
         created += sum(1 for r in results if r["created"])
         known += sum(1 for r in results if not r["created"])
     stats = context.call("outbox.stats")
@@ -151,6 +160,28 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]]) -> int:
         context.print(f"enqueued {created}, already known {known}; {stats['pending']} "
                       "pending in the outbox")
     return 0
+
+
+def _at_line(error: ControlError, path: Path, numbers: list[int], start: int,
+             sent: int) -> ControlError:
+    """Return `error` with "operations[K]" of one request turned into FILE:LINE.
+
+    A rejected request adds none of its operations, so the message says from which line
+    on nothing was enqueued; rerunning the file after the fix is safe, because keys
+    already stored are reported as already known.
+    """
+    data: dict[str, Any] = error.data if isinstance(error.data, dict) else {}
+    field = str(data.get("field", ""))
+    match = re.fullmatch(r"operations\[(\d+)\]\.?(.*)", field)
+    if match is None:
+        return error
+    index = start + int(match.group(1))
+    detail = error.message.split(": ", 1)[1] if ": " in error.message else error.message
+    where = f"{path}:{numbers[index]}"
+    field_name = match.group(2) or "operation"
+    message = (f"{where}: {field_name}: {detail}; nothing from line {numbers[start]} on was "
+               f"enqueued ({sent} operations before it were)")
+    return ControlError(error.code, message, {**data, "line": numbers[index]})
 
 
 def stats_command(context: Context, args: argparse.Namespace) -> int:
