@@ -12,7 +12,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from tests.outbox.test_control import serving_outbox
-from walacord.config import Config, OutboxConfig
+from walacord.config import Config, OutboxConfig, OutboxStatement
 from walacord.control.cli import main as walacorctl
 from walacord.outbox.service import build_sinks
 
@@ -77,3 +77,29 @@ async def test_from_file_error_names_file_and_line(
     assert f"{jsonl}:4: sink: " in err.getvalue()
     assert "nothing from line 1 on was enqueued (0 operations before it were)" in err.getvalue()
     assert stats.accepted == 0
+
+
+async def test_sync_explains_operations_in_backoff(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    broken = OutboxStatement(sql="INSERT INTO no_such_table (key) VALUES (%(key)s) "
+                                 "ON CONFLICT (key) DO NOTHING")
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0, retry_initial=600.0,
+                                 retry_max=600.0, statements={"broken": broken})
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    async with serving_outbox(tmp_path, config, sinks) as (path, _):
+        def run(*args: str) -> tuple[int, str]:
+            out = io.StringIO()
+            code = walacorctl(["--socket", path, *args], stdout=out, stderr=io.StringIO())
+            return code, out.getvalue()
+
+        await anyio.to_thread.run_sync(lambda: run(
+            "enqueue", "--sink", "postgres", "--statement", "broken", "--key", "b1",
+            "--data", "{}"))
+        first = await anyio.to_thread.run_sync(lambda: run("sync"))
+        second = await anyio.to_thread.run_sync(lambda: run("sync"))
+
+    assert "none was due" not in first[1]
+    assert second[0] == 0
+    assert "applied 0, retrying 0, dead 0; 1 pending" in second[1]
+    assert "none was due" in second[1]

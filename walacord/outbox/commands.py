@@ -261,5 +261,11 @@ def sync_command(context: Context, args: argparse.Namespace) -> int:
         stats = result["stats"]
         context.print(f"applied {result['applied']}, retrying {result['retried']}, dead "
                       f"{result['dead']}; {stats['pending']} pending")
+        handled = result["applied"] + result["retried"] + result["dead"]
+        if handled == 0 and stats["pending"]:
+            # Nothing was due: every pending operation waits out its retry backoff.
+            context.print("none was due: the pending operations wait for their next attempt "
+                          "after earlier failures; `walacorctl outbox list` shows their last "
+                          "error and `walacorctl outbox show ID` when one is due")
     return 0
 
