@@ -103,3 +103,41 @@ async def test_sync_explains_operations_in_backoff(
     assert second[0] == 0
     assert "applied 0, retrying 0, dead 0; 1 pending" in second[1]
     assert "none was due" in second[1]
+
+
+async def test_from_file_splits_by_size_and_names_huge_line(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    padding = "x" * 1500
+    many = tmp_path / "many.jsonl"
+    # 1,200 operations of about 1.6 kB: 1,000 of them would exceed the 1 MiB request limit.
+    many.write_text("".join(
+        f'{{"sink": "postgres", "statement": "insert_row", "key": "m{i}", '
+        f'"params": {{"amount": {i}, "note": "{padding}"}}}}\n' for i in range(1200)))
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(
+        '{"sink": "postgres", "statement": "insert_row", "key": "h1", '
+        '"params": {"amount": 1}}\n'
+        f'{{"sink": "postgres", "statement": "insert_row", "key": "h2", '
+        f'"params": {{"amount": 2, "note": "{"y" * (2 * 1024 * 1024)}"}}}}\n')
+
+    def run(path: str, file: Path) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = walacorctl(["--socket", path, "enqueue", "--from-file", str(file)],
+                          stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        split = await anyio.to_thread.run_sync(lambda: run(path, many))
+        refused = await anyio.to_thread.run_sync(lambda: run(path, huge))
+        stats = await outbox.store.stats()
+
+    assert split[0] == 0, split[2]
+    assert "enqueued 1200" in split[1]
+    assert refused[0] == 1
+    assert f"{huge}:2: the operation with key 'h2' is " in refused[2]
+    assert "nothing from line 2 on was enqueued (1 operations before it were)" in \
+        refused[2].lower()
+    assert stats.accepted == 1201

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from walacord.control.protocol import ErrorCode
 from walacord.control.render import format_table
 from walacord.errors import ControlError
 
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
 # Operations per outbox.enqueue request when reading --from-file; each request is one
 # durable transaction on the daemon.
 FILE_BATCH = 1000
+# Bytes per request when reading --from-file, below the daemon's default 1 MiB limit
+# ([control] max_request_bytes); a daemon with a lower limit makes walacorctl halve it.
+REQUEST_BUDGET = 512 * 1024
 EXPORT_PAGE = 1000
 STATES = ("pending", "in_flight", "done", "dead")
 
@@ -143,15 +147,41 @@ def _enqueue_one(context: Context, operation: dict[str, Any]) -> int:
 
 def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path,
                   numbers: list[int]) -> int:
+    sizes = [len(orjson.dumps(operation)) + 1 for operation in operations]
+    budget = REQUEST_BUDGET
     created = known = 0
-    for start in range(0, len(operations), FILE_BATCH):
+    start = 0
+    while start < len(operations):
+        # Step 1: take up to FILE_BATCH operations that fit the request budget.
+        end, size = start + 1, sizes[start]
+        while end < len(operations) and end - start < FILE_BATCH and \
+                size + sizes[end] <= budget:
+            size += sizes[end]
+            end += 1
+
+        # Step 2: send them; a request over the daemon's limit is discarded unread, so the
+        # same operations go again in smaller requests.
         try:
-            results = context.call("outbox.enqueue", {
-                "operations": operations[start:start + FILE_BATCH]})["results"]
+            results = context.call("outbox.enqueue",
+                                   {"operations": operations[start:end]})["results"]
         except ControlError as exc:
-            raise _at_line(exc, path, numbers, start, created + known) from None
+            if exc.code != ErrorCode.REQUEST_TOO_LARGE:
+                raise _at_line(exc, path, numbers, start, created + known) from None
+            limit = _request_limit(exc)
+            if end - start == 1 or limit is None:
+                raise ControlError(exc.code, (
+                    f"{path}:{numbers[start]}: the operation with key "
+                    f"{operations[start].get('key')!r} is {sizes[start]} bytes, more than "
+                    f"the daemon takes in one request ({limit} bytes, [control] "
+                    "max_request_bytes); shrink its payload or raise that limit. Nothing "
+                    f"from line {numbers[start]} on was enqueued ({created + known} "
+                    "operations before it were)"), exc.data) from None
+            budget = min(budget // 2, limit // 2)
+            continue
         created += sum(1 for r in results if r["created"])
         known += sum(1 for r in results if not r["created"])
+        start = end
+
     stats = context.call("outbox.stats")
     summary = {"enqueued": created, "already_known": known, "pending": stats["pending"]}
     if context.json:
@@ -160,6 +190,13 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path
         context.print(f"enqueued {created}, already known {known}; {stats['pending']} "
                       "pending in the outbox")
     return 0
+
+
+def _request_limit(error: ControlError) -> int | None:
+    """Return the daemon's request limit from a REQUEST_TOO_LARGE error, if it gave one."""
+    data = error.data if isinstance(error.data, dict) else {}
+    limit = data.get("max_request_bytes")
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def _at_line(error: ControlError, path: Path, numbers: list[int], start: int,
