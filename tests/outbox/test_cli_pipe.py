@@ -105,7 +105,7 @@ async def test_sync_explains_operations_in_backoff(
     assert "none was due" in second[1]
 
 
-async def test_from_file_splits_by_size_and_names_huge_line(
+async def test_from_file_splits_large_files(
         tmp_path: Path, outbox_config: OutboxConfig,
         ledger_pool: AsyncConnectionPool[Any]) -> None:
     config = dataclasses.replace(outbox_config, sync_interval=3600.0)
@@ -131,13 +131,13 @@ async def test_from_file_splits_by_size_and_names_huge_line(
 
     async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
         split = await anyio.to_thread.run_sync(lambda: run(path, many))
-        refused = await anyio.to_thread.run_sync(lambda: run(path, huge))
+        rejected = await anyio.to_thread.run_sync(lambda: run(path, huge))
         stats = await outbox.store.stats()
 
     assert split[0] == 0, split[2]
     assert "enqueued 1200" in split[1]
-    assert refused[0] == 1
-    assert f"{huge}:2: the operation with key 'h2' is " in refused[2]
+    assert rejected[0] == 1
+    assert f"{huge}:2: the operation with key 'h2' is " in rejected[2]
     assert "nothing from line 2 on was enqueued (1 operations before it were)" in \
-        refused[2].lower()
+        rejected[2].lower()
     assert stats.accepted == 1201
