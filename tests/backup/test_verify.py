@@ -9,7 +9,7 @@ import pytest
 
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
-from walacord.backup.manifest import write_manifest
+from walacord.backup.manifest import safe_name_part, write_manifest
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -18,9 +18,13 @@ pytestmark = pytest.mark.anyio
 ManagerFactory = Callable[..., BackupManager]
 
 
-def drill_databases(cluster: PgCluster) -> list[str]:
+def drill_databases(cluster: PgCluster, database: str) -> list[str]:
+    """Return the scratch databases left by drills of `database` (other tests share the
+    cluster, so their leftovers are not this test's)."""
+    # scratch_name keeps 54 characters of the prefix, then "_" and 8 hex digits.
+    prefix = f"walacord_drill_{safe_name_part(database)}"[:54]
     output = cluster.psql("SELECT datname FROM pg_database WHERE datname LIKE 'walacord_drill%'")
-    return [line for line in output.splitlines() if line]
+    return [line for line in output.splitlines() if line.startswith(prefix)]
 
 
 async def test_verify_accepts_intact_backup(make_manager: ManagerFactory) -> None:
@@ -108,7 +112,7 @@ async def test_drill_restores_and_counts_match(make_manager: ManagerFactory,
     assert drilled.drill.detail["table_count"] == 4
     assert drilled.verified
     assert (await manager.read(backup.id)).drill == drilled.drill
-    assert drill_databases(pg_cluster) == []
+    assert drill_databases(pg_cluster, manager.database) == []
     assert manager.metrics.backup_last_drill._value.get() > 0
 
 
@@ -129,7 +133,7 @@ async def test_drill_reports_count_mismatch(make_manager: ManagerFactory,
     assert not drilled.verified
     assert manager.metrics.backup_failures.labels(operation="drill")._value.get() == 1
     assert alerts == [], "a failed drill must not raise the backup-failed alert"
-    assert drill_databases(pg_cluster) == []
+    assert drill_databases(pg_cluster, manager.database) == []
 
 
 async def test_drill_uses_dump_time_snapshot(make_manager: ManagerFactory, seeded_db: str,

@@ -7,6 +7,7 @@ compare, and drop the scratch database whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
                             "walacord's database role needs CREATEDB")
         await manager.record_failure("drill", manifest.id, error)
         raise error from exc
+    except BaseException:
+        # Cancelled (a shutdown) while CREATE DATABASE ran: the server may have created
+        # it anyway, and nothing else would ever drop it.
+        with anyio.CancelScope(shield=True), contextlib.suppress(psycopg.Error,
+                                                                    TimeoutError):
+            await admin.drop(scratch)
+        raise
 
     problems: list[str] = []
     figures = DrillFigures(table_count=0, row_counts={})
