@@ -118,8 +118,11 @@ def parse_operation(
                                      f"{', '.join(SINKS)}")
 
     key = raw.get("key")
-    if not isinstance(key, str) or not key:
+    if key is None or key == "":
         raise OutboxInvalidOperation("key", "missing idempotency key; pass a non-empty string")
+    if not isinstance(key, str):
+        raise OutboxInvalidOperation("key", f"key is {type(key).__name__} {key!r}; pass it as "
+                                     f"a string, e.g. \"{key}\"")
     if len(key) > MAX_KEY_LENGTH:
         raise OutboxInvalidOperation("key", f"key is {len(key)} characters long; the "
                                      f"maximum is {MAX_KEY_LENGTH}")
@@ -142,6 +145,10 @@ def parse_operation(
 
 def _walacor_target(raw: dict[str, Any]) -> str:
     etid = raw.get("etid")
+    if etid is None:
+        raise OutboxInvalidOperation("etid", "missing ETId: a walacor operation needs the "
+                                     "envelope type's positive integer id (--etid N, or "
+                                     "\"etid\" in JSON)")
     if isinstance(etid, bool) or not isinstance(etid, int) or etid <= 0:
         raise OutboxInvalidOperation("etid", f"expected a positive integer ETId, got {etid!r}")
     return str(etid)
@@ -181,7 +188,11 @@ def _check_parameters(name: str, statement: object, params: dict[str, Any], key:
 
 def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     if field not in raw:
-        raise OutboxInvalidOperation(field, "missing payload object")
+        other, sink = ("params", "walacor") if field == "data" else ("data", "postgres")
+        hint = ""
+        if other in raw:
+            hint = f"; this operation has {other!r}, but a {sink} operation carries it in {field!r}"
+        raise OutboxInvalidOperation(field, f"missing payload object{hint}")
 
     value = raw[field]
     if isinstance(value, str | bytes):
