@@ -67,6 +67,15 @@ def command_line() -> str:
     return shlex.join(["python", shown, *sys.argv[1:]])
 
 
+def publish(name: str, section: str, print_only: bool) -> None:
+    """Print `section`, or write it into its place in docs/benchmarks.md."""
+    if print_only:
+        print(section)
+        return
+    replace_section(name, section)
+    print(f"wrote the {name} section of {DOC}")
+
+
 def machine_facts() -> dict[str, str]:
     """Return uname, core count, memory and the date, for the record of a run."""
     memory_kib = 0

@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     section = render(load(Path(args.results)), args.command)
-    if args.no_doc:
-        print(section)
-    else:
-        benchdoc.replace_section(SECTION, section)
-        print(f"wrote the {SECTION} section of {benchdoc.DOC}")
+    benchdoc.publish(SECTION, section, args.no_doc)
     return 0
 
 

@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     (benchdoc.RESULTS_DIR / "crashloop.json").write_bytes(
         orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2))
     section = render(result, command)
-    if args.no_doc:
-        print(section)
-    else:
-        benchdoc.replace_section(SECTION, section)
-        print(f"wrote the {SECTION} section of {benchdoc.DOC}")
+    benchdoc.publish(SECTION, section, args.no_doc)
     return 0 if not result.problems else 1
 
 

@@ -382,11 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = None if args.no_doc else draw(results, benchdoc.DOC.parent / PLOT)
     command = shlex.split(args.walacord) if args.walacord else [sys.executable, "-m", "walacord"]
     section = render(results, notes, plot, command)
-    if args.no_doc:
-        print(section)
-    else:
-        benchdoc.replace_section(SECTION, section)
-        print(f"wrote the {SECTION} section of {benchdoc.DOC}")
+    benchdoc.publish(SECTION, section, args.no_doc)
     return 0
 
 

@@ -91,24 +91,24 @@ def test_bind_ipv6_loopback() -> None:
         sock.close()
 
 
-async def test_web_held_connections_do_not_block_scrapes(pg_db: str, tmp_path: Path,
+async def test_web_idle_connections_evicted(pg_db: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     monkeypatch.setattr("walacord.web.MAX_CONNECTIONS", 20)
     config = daemon_config(tmp_path, pg_db)
     host, port = config.http.listen.rsplit(":", 1)
     async with running_daemon(config), httpx.AsyncClient() as http:
-        held = []
+        open_streams = []
         for index in range(40):
             stream = await anyio.connect_tcp(host, int(port))
             if index % 2:
                 await stream.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line
-            held.append(stream)
+            open_streams.append(stream)
         await anyio.sleep(0.2)
         statuses = [(await http.get(f"http://{config.http.listen}/metrics")).status_code
                     for _ in range(5)]
         closed = 0
-        for stream in held:
+        for stream in open_streams:
             with anyio.move_on_after(0.05):
                 try:
                     await stream.receive()
@@ -117,7 +117,7 @@ async def test_web_held_connections_do_not_block_scrapes(pg_db: str, tmp_path: P
             await stream.aclose()
 
     assert statuses == [200] * 5
-    # 40 held plus the scraper's against a limit of 20: the longest-idle ones were closed.
+    # 40 open connections plus the scraper's against a limit of 20: the longest-idle ones were closed.
     assert closed >= 20
 
 

@@ -229,8 +229,8 @@ class Supervisor:
             await anyio.sleep(interval)
 
     async def _trim_loop(self) -> None:
-        # Start-up frees much of what imports and config parsing allocated; hand those
-        # pages back now, then now and then, so RSS tracks what the daemon really holds.
+        # Start-up frees much of what imports and config parsing allocated. Return those
+        # pages now and then every TRIM_INTERVAL, so RSS follows what the daemon uses.
         while True:
             await anyio.to_thread.run_sync(memory.trim)
             await anyio.sleep(TRIM_INTERVAL)

@@ -189,7 +189,7 @@ def test_metrics_source_absent_metrics_raise_nothing() -> None:
     assert source() == []
 
 
-def test_metrics_source_samples_cover_every_name_the_rules_read() -> None:
+def test_metrics_source_samples_complete() -> None:
     # MetricsSource collects only SAMPLES; a rule that reads another name would see
     # nothing and never fire.
     import inspect

@@ -96,7 +96,7 @@ def test_status_without_daemon_exits_3(socket_dir: Path) -> None:
     assert f"nothing is listening on {stale}" in refused.stderr
 
 
-def test_status_names_a_path_that_is_not_a_socket(socket_dir: Path) -> None:
+def test_status_non_socket_path(socket_dir: Path) -> None:
     regular = socket_dir / "walacord.toml"
     regular.write_text("")
     for path, kind in ((regular, "regular file"), (socket_dir, "directory")):

@@ -184,7 +184,7 @@ async def test_database_probe_terminated_backends(pg_db: str) -> None:
         drop = await watched_drop(probe, terminate_walacord_backends)
         probe.note_server_drop(drop)
         result = await probe.check()
-    # The server is up and a new connection works, so the probe asks for a pool recycle.
+    # The server is up and a new connection works, so the probe requests a pool recycle.
     assert drop.sqlstate == "57P01"
     assert drop.severity == "FATAL"
     assert not drop.server_stopping

@@ -203,9 +203,9 @@ def _at_line(error: ControlError, path: Path, numbers: list[int], start: int,
              sent: int) -> ControlError:
     """Return `error` with "operations[K]" of one request turned into FILE:LINE.
 
-    A rejected request adds none of its operations, so the message names the line from
-    which on nothing was enqueued; rerunning the file after the fix is safe, because keys
-    already stored are reported as already known.
+    A rejected request adds none of its operations, so the message names the first line
+    that was not enqueued. Rerunning the file after the fix is safe, because keys already
+    stored are reported as already known.
     """
     data: dict[str, Any] = error.data if isinstance(error.data, dict) else {}
     field = str(data.get("field", ""))
