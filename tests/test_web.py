@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from tests.conftest import daemon_config, running_daemon
 from walacord.config import HttpConfig
@@ -144,3 +150,58 @@ async def test_web_closes_incomplete_headers(pg_db: str, tmp_path: Path,
         await trickle.aclose()
 
     assert closed == [b"", b""]
+
+
+class SlowCollector(Collector):
+    """A collector that blocks the event loop for a while and counts its renders."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.renders = 0
+        self.value = 0.0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        self.renders += 1
+        time.sleep(self.seconds)
+        yield GaugeMetricFamily("walacord_test_value", "Value the test sets.", self.value)
+
+
+async def test_web_concurrent_scrapes_share_a_render(pg_db: str, tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, pg_db)
+    host, port = config.http.listen.rsplit(":", 1)
+    slow = SlowCollector(0.05)
+    clients = 8
+    barrier = threading.Barrier(clients)
+
+    def scrape() -> bytes:
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            barrier.wait()
+            connection.request("GET", "/metrics")
+            return connection.getresponse().read()
+        finally:
+            connection.close()
+
+    async with running_daemon(config) as supervisor, httpx.AsyncClient() as web:
+        supervisor.runtime.registry.register(slow)
+        async with anyio.create_task_group() as tg:
+            results: list[bytes] = []
+
+            async def one() -> None:
+                results.append(await anyio.to_thread.run_sync(scrape))
+
+            for _ in range(clients):
+                tg.start_soon(one)
+        shared_renders = slow.renders
+        # One request at a time: each must see the value set just before it.
+        seen = []
+        for value in (1.0, 2.0, 3.0):
+            slow.value = value
+            seen.append((await web.get(f"http://{config.http.listen}/metrics")).text)
+
+    assert len(results) == clients
+    assert all(b"walacord_test_value" in body for body in results)
+    # The first request renders; those that arrived during that render share the next.
+    assert shared_renders <= 3, shared_renders
+    for value, text in zip((1.0, 2.0, 3.0), seen, strict=True):
+        assert f"walacord_test_value {value}" in text

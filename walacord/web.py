@@ -43,6 +43,8 @@ HEADER_TIMEOUT = 10.0
 # a new one, so idle or stalled clients cannot lock a scraper out.
 MAX_CONNECTIONS = 256
 JSON = "application/json"
+# Scope key under which Protocol records when a request's bytes arrived.
+RECEIVED_KEY = "walacord.received"
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Request:
     path: str
     match_info: dict[str, str] = field(default_factory=dict)
     query: bytes = b""
+    # Monotonic time at which the request's bytes were read from the socket.
+    received: float = 0.0
 
 
 @dataclass
@@ -126,7 +130,9 @@ class Application:
                                            f"{path}; use GET"}, 405)
         handler, match_info = found
         try:
-            return await handler(Request(path, match_info, scope.get("query_string", b"")))
+            received = scope.get(RECEIVED_KEY) or time.monotonic()
+            return await handler(Request(path, match_info, scope.get("query_string", b""),
+                                         received))
         except Exception:
             log.exception("http.handler_failed", extra={"fields": {"path": path}})
             return json_response({"error": "internal error; see the walacord log"}, 500)
@@ -157,6 +163,10 @@ class Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_active = time.monotonic()
         super().data_received(data)
+        # A request parsed later, after a pipelined one, keeps no stamp and is treated
+        # as received when its handler starts.
+        if self.cycle is not None:
+            self.cycle.scope.setdefault(RECEIVED_KEY, self._last_active)  # type: ignore[misc]
         if self._in_request():
             self._cancel_header_deadline()
         else:
@@ -218,9 +228,19 @@ class WebServer:
         self.app.router.add_get("/livez", self.livez)
         self.app.router.add_get("/readyz", self.readyz)
         self.bound: tuple[str, int] | None = None
+        # The last /metrics body and the monotonic time its rendering began.
+        self._rendered: tuple[float, bytes] = (-1.0, b"")
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.runtime.registry), content_type=CONTENT_TYPE_LATEST)
+        # Rendering blocks the event loop, so scrapes that arrive together queue behind
+        # each other. A body whose rendering began after a request arrived is as fresh as
+        # one rendered for it, so such requests share it instead of rendering again.
+        began, body = self._rendered
+        if began < request.received:
+            began = time.monotonic()
+            body = generate_latest(self.runtime.registry)
+            self._rendered = (began, body)
+        return Response(body, content_type=CONTENT_TYPE_LATEST)
 
     async def livez(self, request: Request) -> Response:
         # Reaching this handler proves the event loop is turning; measure how promptly.
