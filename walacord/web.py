@@ -163,8 +163,8 @@ class Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_active = time.monotonic()
         super().data_received(data)
-        # A request parsed later, after a pipelined one, keeps no stamp and is treated
-        # as received when its handler starts.
+        # A pipelined request parsed after the previous response gets a later stamp or
+        # none (then its handler's start counts), so its body is never older than it.
         if self.cycle is not None:
             self.cycle.scope.setdefault(RECEIVED_KEY, self._last_active)  # type: ignore[misc]
         if self._in_request():
