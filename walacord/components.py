@@ -62,7 +62,7 @@ def default_components(runtime: Runtime) -> list[Component]:
                     extend_start_timeout=runtime.notifier.extend_timeout)
     components.extend([backends, outbox])
     register_outbox_methods(methods, outbox)
-    monitor.outbox_full = lambda: outbox.store.full
+    monitor.outbox_full = lambda: outbox.store.full_reason
     monitor.state_listeners.append(partial(_tell_outbox, outbox))
 
     components.append(monitor)

@@ -83,8 +83,10 @@ class Decision:
 
 def decide(current: Current, observations: Mapping[str, ProbeState], now: float, *,
            policy: ModesConfig | None = None, override: Override | None = None,
-           outbox_full: bool = False) -> Decision:
+           outbox_full: str | None = None) -> Decision:
     """Return the next mode and a one-sentence reason.
+
+    `outbox_full` is the outbox's sentence saying why it rejects new operations, if it does.
 
     The rules, first match wins:
 
@@ -113,8 +115,7 @@ def decide(current: Current, observations: Mapping[str, ProbeState], now: float,
     proposed, reason = _rules(probes, policy)
     if outbox_full and proposed.rank < Mode.EMERGENCY.rank:
         proposed = Mode.EMERGENCY
-        reason = ("The outbox is full and rejects new operations until sync drains it or "
-                  "its capacity is raised.")
+        reason = outbox_full
         evidence["outbox"] = "full"
 
     if proposed.rank < current.mode.rank and now - current.since < policy.min_dwell:
@@ -209,7 +210,7 @@ class ModeMachine:
         return self.current.mode
 
     def evaluate(self, observations: Mapping[str, ProbeState],
-                 now: float | None = None, *, outbox_full: bool = False) -> Decision:
+                 now: float | None = None, *, outbox_full: str | None = None) -> Decision:
         """Decide the mode from `observations` and apply it; return the decision."""
         now = time.monotonic() if now is None else now
         if self.override is not None and now >= self.override.until:

@@ -62,9 +62,9 @@ class Monitor:
 
         # What acts on the probe states: the mode, the repairs and the crash watcher.
         self.modes = ModeMachine(cfg.modes, self.metrics)
-        # Set by the outbox when it is wired in: whether it rejects new operations, and
+        # Set by the outbox when it is wired in: why it rejects new operations, if it does, and
         # who wants to hear about a probe going up or down.
-        self.outbox_full: Callable[[], bool] = lambda: False
+        self.outbox_full: Callable[[], str | None] = lambda: None
         self.state_listeners: list[Callable[[ProbeState], None]] = []
         self.recycler = Recycler(lambda: self.config.repair, self.pool, self._prove_fresh,
                                  self.metrics)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import errno
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
+import orjson
 import pytest
 
+from tests.conftest import daemon_config, running_daemon
 from tests.outbox.conftest import Alerts, StoreOpener, walacor_op, walacor_rows_per_key
+from walacord.config import BackupConfig, StateConfig
 from walacord.errors import OutboxDiskFull
 from walacord.metrics import Metrics
 from walacord.outbox.model import Operation
@@ -19,6 +24,7 @@ from walacord.outbox.sync import SyncEngine
 from walacord.walacor import WalacorClient
 
 pytestmark = pytest.mark.anyio
+WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
 
 
 @pytest.fixture
@@ -136,3 +142,46 @@ async def test_sync_disk_full_keeps_running(open_store: StoreOpener, small_tmpfs
     assert metrics.outbox_store_errors._value.get() >= 1
     counts = await walacor_rows_per_key(walacor_client)
     assert {key: counts[key] for key in keys} == dict.fromkeys(keys, 1)
+
+
+async def walacorctl(socket: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    """Run `walacorctl --json ARGS`; return its exit code, JSON output and stderr."""
+    result = await anyio.run_process([WALACORCTL, "--socket", str(socket), "--json", *args],
+                                     check=False)
+    document = orjson.loads(result.stdout) if result.stdout.strip() else {}
+    return result.returncode, document, result.stderr.decode()
+
+
+@pytest.mark.slow
+async def test_daemon_starts_on_full_disk(small_tmpfs: Path, tmp_path: Path,
+                                          pg_db: str) -> None:
+    config = daemon_config(tmp_path, pg_db, state=StateConfig(dir=str(small_tmpfs)),
+                           backup=BackupConfig(enabled=False))
+    socket = Path(config.control.socket)
+    operation = orjson.dumps({"amount": 1}).decode()
+    enqueue = ("enqueue", "--sink", "walacor", "--etid", "10001", "--key", "k-1",
+               "--data", operation)
+    filler = fill_disk(small_tmpfs)
+    async with running_daemon(config):
+        rejected = await walacorctl(socket, *enqueue)
+        # Polling: the mode and the store's reopening have no event a client can wait on.
+        with anyio.fail_after(20):
+            while (status := await walacorctl(socket, "status"))[1].get("mode") != "emergency":  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+        filler.unlink()
+        # The disk-full state clears only with 1 MiB free, the size of this tmpfs.
+        await anyio.run_process(["mount", "-o", "remount,size=8m", str(small_tmpfs)])
+        with anyio.fail_after(20):
+            while (accepted := await walacorctl(socket, *enqueue))[0] != 0:  # noqa: ASYNC110
+                await anyio.sleep(0.5)
+        _, stats, _ = await walacorctl(socket, "outbox", "stats")
+
+    error = rejected[1]["error"]
+    assert rejected[0] != 0
+    assert error["data"]["reason"] == "disk_full"
+    assert "No space left on device" in error["message"]
+    assert str(small_tmpfs) in error["message"]
+    assert "file system" in status[1]["reason"]
+    assert accepted[1]["key"] == "k-1"
+    assert stats["accepted"] == 1
+    assert stats["disk_full"] is False

@@ -34,6 +34,7 @@ from walacord.alerts.store import AlertStore, Delivery
 from walacord.config import AlertsConfig, Config
 from walacord.errors import AlertDeliveryError
 from walacord.logs import ALERT_LOGGER
+from walacord.outbox.startup import is_disk_full
 from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class AlertService:
         path = Path(runtime.config.state.dir) / DB_FILE
 
         # Step 1: open alerts.db, load the silences and build the sinks.
-        self.store = await AlertStore.open(path, config.store_timeout)
+        self.store = await self._open_store(path, config)
         root = logging.getLogger()
         try:
             self.engine.silences = await self.store.silences(time.time())
@@ -123,6 +124,18 @@ class AlertService:
             with anyio.CancelScope(shield=True):
                 await self._close_sinks()
                 await self.store.close()
+
+    async def _open_store(self, path: Path, config: AlertsConfig) -> AlertStore:
+        try:
+            return await AlertStore.open(path, config.store_timeout)
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc, path.parent):
+                raise
+        # Alerts matter most when the disk is full, so they still run, without a
+        # durable queue, until walacord restarts with space free.
+        log.error("alerts.store_in_memory", extra={"fields": {
+            "path": str(path), "error": "file system is full"}})
+        return await AlertStore.open(path, config.store_timeout, in_memory=True)
 
     async def _on_reload(self, new: Config) -> None:
         await self._build_sinks(new)

@@ -68,11 +68,17 @@ class AlertStore:
         self.timeout = call_timeout
 
     @classmethod
-    async def open(cls, path: Path, call_timeout: float) -> AlertStore:
-        """Open or create the file in WAL mode with synchronous=FULL."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+    async def open(cls, path: Path, call_timeout: float, *, in_memory: bool = False
+                   ) -> AlertStore:
+        """Open or create the file in WAL mode with synchronous=FULL.
+
+        With `in_memory`, the database lives in memory and `path` only names it: nothing
+        survives a restart.
+        """
+        if not in_memory:
+            path.parent.mkdir(parents=True, exist_ok=True)
         with anyio.fail_after(call_timeout):
-            db = await aiosqlite.connect(path)
+            db = await aiosqlite.connect(":memory:" if in_memory else path)
             try:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute("PRAGMA synchronous=FULL")

@@ -241,6 +241,7 @@ async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> Pass
 async def sync_run(outbox: Outbox, params: dict[str, Any], *,
                    progress: Progress | None = None) -> dict[str, Any]:
     """Run a sync pass over every sink now; with `wait` (default) return its report."""
+    _require_open(outbox)
     if params.get("wait", True) is False:
         outbox.engine.wake()
         return {"started": True}
@@ -271,13 +272,25 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+def _require_open(outbox: Outbox) -> None:
+    try:
+        outbox.store.require_open()
+    except OutboxError as exc:
+        raise _control_error(exc) from None
+
+
 async def _enqueue_each_handler(outbox: Outbox, params: list[Any], calls: list[Call]
                                ) -> list[dict[str, Any] | ControlError]:
+    try:
+        _require_open(outbox)
+    except ControlError as exc:
+        return [exc] * len(params)
     return await outbox_enqueue_each(outbox, [dict(each or {}) for each in params])
 
 
 def _bound(handler: Handler, outbox: Outbox) -> Callable[[Any, Call], Awaitable[Any]]:
     async def call_handler(params: Any, call: Call) -> Any:
+        _require_open(outbox)
         return await handler(outbox, dict(params or {}))
 
     return call_handler

@@ -51,5 +51,14 @@ class Outbox:
                   ) -> None:
         async with anyio.create_task_group() as tasks:
             await tasks.start(self.store.run)
-            await tasks.start(self.engine.run)
+            # The store reports started unopened when its file system is full; the
+            # engine then waits for it, while the rest of the daemon runs.
+            if self.store.opened.is_set():
+                await tasks.start(self.engine.run)
+            else:
+                tasks.start_soon(self._run_engine_once_open)
             task_status.started()
+
+    async def _run_engine_once_open(self) -> None:
+        await self.store.opened.wait()
+        await self.engine.run()

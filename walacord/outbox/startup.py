@@ -6,6 +6,7 @@ writes durable, or a damaged database, is found before an enqueue is acknowledge
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from walacord.errors import OutboxError
+from walacord.errors import OutboxDiskFull, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def fsync_self_test(directory: Path) -> float:
         finally:
             os.close(dir_fd)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutboxDiskFull(f"fsync self-test in {directory} failed: {exc.strerror}; "
+                                 "free space in the state directory") from exc
         raise OutboxError(f"fsync self-test in {directory} failed: {exc.strerror}; the state "
                           "directory must be writable, have free space and support "
                           "fsync") from exc

@@ -10,6 +10,7 @@ second, read-only connection, which sees committed data only.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import sqlite3
@@ -54,6 +55,8 @@ INSERT_CHUNK = 1000
 # A small enqueue can still fit in the last free pages of a full file system. So the
 # disk-full state, and its alert, ends only once this much space is free again.
 DISK_FREE_TO_CLEAR = 1024 * 1024
+# Seconds between attempts to open the database while its file system is full at start-up.
+OPEN_RETRY_INTERVAL = 5.0
 
 
 @dataclass
@@ -107,6 +110,9 @@ class OutboxStore(OutboxQueries):
         self.extend_start_timeout = extend_start_timeout
         self.moved_aside: Path | None = None
         self.disk_full = False
+        # Why the store cannot take requests yet (its file system was full at start-up).
+        self.unavailable: str | None = None
+        self.opened = anyio.Event()
         self.commits = 0  # group-commit transactions, for tests and the benchmark
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -121,23 +127,71 @@ class OutboxStore(OutboxQueries):
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Open the store, then run the group-commit writer and compaction until cancelled."""
-        await self.open()
+        """Open the store, then run the group-commit writer and compaction until cancelled.
+
+        If the file system is full at start-up, it reports started with the store
+        unavailable, so the rest of the daemon runs in emergency mode, and opens the store
+        once space returns.
+        """
+        started = False
+        while True:
+            try:
+                await self.open()
+                break
+            except OutboxDiskFull as exc:
+                self._open_failed(exc)
+                if not started:
+                    task_status.started()
+                    started = True
+                await anyio.sleep(OPEN_RETRY_INTERVAL)
+        if self.unavailable is not None:
+            self.unavailable = None
+            log.info("outbox.available", extra={"fields": {"path": str(self.path)}})
+            self._check_space_returned()
         try:
             self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._write_loop)
                 tasks.start_soon(self._maintenance_loop)
-                task_status.started()
+                self.opened.set()
+                if not started:
+                    task_status.started()
         finally:
             self._send = None
             with anyio.CancelScope(shield=True):
                 await self.close()
 
+    def _open_failed(self, exc: OutboxDiskFull) -> None:
+        first = self.unavailable is None
+        self.unavailable = (f"the outbox cannot open {self.path}: {exc}. walacord retries every "
+                            f"{OPEN_RETRY_INTERVAL:g} s and accepts operations once it opens")
+        if first:
+            log.error("outbox.open_failed", extra={"fields": {
+                "path": str(self.path), "error": str(exc)}})
+        if not self.disk_full:
+            self.disk_full = True
+            self.on_alert("outbox_disk_full", f"file system of {self.path.parent} is full; "
+                                              "the outbox database cannot open")
+
+    def require_open(self) -> None:
+        """Raise OutboxDiskFull while the store could not open for lack of space."""
+        if self.unavailable is not None:
+            raise OutboxDiskFull(self.unavailable)
+
+    def _check_space_returned(self) -> None:
+        if self.disk_full and startup.free_bytes(self.path.parent) >= DISK_FREE_TO_CLEAR:
+            self.disk_full = False
+            log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
+
     async def open(self) -> None:
         """Check the directory and database, migrate, and recover in-flight operations."""
         # 1. The directory must make writes durable before anything is accepted.
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutboxDiskFull(f"cannot create {self.path.parent}: {exc.strerror}") from exc
+            raise
         with anyio.fail_after(self.config.open_timeout):
             seconds = await anyio.to_thread.run_sync(startup.fsync_self_test, self.path.parent)
         log.info("outbox.fsync_checked", extra={"fields": {"seconds": round(seconds, 4)}})
@@ -162,9 +216,12 @@ class OutboxStore(OutboxQueries):
             self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
                                                    isolation_level=None)
             await self._reader.execute("PRAGMA query_only = ON")
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.close()
+            if isinstance(exc, sqlite3.Error) and startup.is_disk_full(exc, self.path.parent):
+                raise OutboxDiskFull(f"file system of {self.path.parent} is full ({exc})"
+                                     ) from exc
             raise
         log.info("outbox.opened", extra={"fields": {
             "path": str(self.path), "undelivered": self._undelivered,
@@ -243,9 +300,19 @@ class OutboxStore(OutboxQueries):
 
     @property
     def full(self) -> bool:
-        """True while new operations are rejected for capacity or a full disk; the mode
-        machine reads it to go to emergency."""
+        """True while new operations are rejected for capacity or a full disk."""
         return self.disk_full or self._over_capacity(1, 1)
+
+    @property
+    def full_reason(self) -> str | None:
+        """Return why new operations are rejected, as the mode's reason, or None."""
+        if self.disk_full:
+            return (f"The outbox rejects new operations because the file system of "
+                    f"{self.path.parent} is full.")
+        if self._over_capacity(1, 1):
+            return ("The outbox is full and rejects new operations until sync drains it or "
+                    "its capacity is raised.")
+        return None
 
     def _over_capacity(self, count: int, size: int) -> bool:
         return (self._undelivered + count > self.config.max_operations
@@ -384,9 +451,7 @@ class OutboxStore(OutboxQueries):
                 if r.operation.key in existing else r for r in request.results]
         added = [planned[key] for key in inserted]
         self.commits += 1
-        if self.disk_full and startup.free_bytes(self.path.parent) >= DISK_FREE_TO_CLEAR:
-            self.disk_full = False
-            log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
+        self._check_space_returned()
         self._undelivered += len(added)
         self._undelivered_bytes += (plan.size if len(added) == len(planned)
                                     else sum(len(op.payload) for op in added))
