@@ -141,3 +141,23 @@ async def test_from_file_splits_large_files(
     assert "nothing from line 2 on was enqueued (1 operations before it were)" in \
         rejected[2].lower()
     assert stats.accepted == 1201
+
+
+async def test_data_over_request_limit(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    data = f'{{"amount": 1, "note": "{"z" * (2 * 1024 * 1024)}"}}'
+    err = io.StringIO()
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        code = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "enqueue", "--sink", "postgres", "--statement", "insert_row",
+             "--key", "big", "--data", data], stdout=io.StringIO(), stderr=err))
+        stats = await outbox.store.stats()
+
+    assert code == 1
+    assert "the operation with key 'big' is " in err.getvalue()
+    assert "[control] max_request_bytes" in err.getvalue()
+    assert "Nothing was enqueued" in err.getvalue()
+    assert stats.accepted == 0

@@ -135,8 +135,22 @@ def enqueue_command(context: Context, args: argparse.Namespace) -> int:
     return _enqueue_many(context, operations, args.from_file, numbers)
 
 
+def _too_large(operation: dict[str, Any], size: int, limit: int | None) -> str:
+    """Describe an operation that does not fit in one request of `limit` bytes."""
+    return (f"the operation with key {operation.get('key')!r} is {size} bytes, more than the "
+            f"daemon takes in one request ({limit} bytes, [control] max_request_bytes); "
+            "shrink its payload or raise that limit")
+
+
 def _enqueue_one(context: Context, operation: dict[str, Any]) -> int:
-    result = context.call("outbox.enqueue", operation)
+    try:
+        result = context.call("outbox.enqueue", operation)
+    except ControlError as exc:
+        if exc.code != ErrorCode.REQUEST_TOO_LARGE:
+            raise
+        size = len(orjson.dumps(operation)) + 1
+        raise ControlError(exc.code, f"{_too_large(operation, size, _request_limit(exc))}. "
+                           "Nothing was enqueued", exc.data) from None
     if context.json:
         context.print_json(result)
     else:
@@ -170,10 +184,8 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path
             limit = _request_limit(exc)
             if end - start == 1 or limit is None:
                 raise ControlError(exc.code, (
-                    f"{path}:{numbers[start]}: the operation with key "
-                    f"{operations[start].get('key')!r} is {sizes[start]} bytes, more than "
-                    f"the daemon takes in one request ({limit} bytes, [control] "
-                    "max_request_bytes); shrink its payload or raise that limit. Nothing "
+                    f"{path}:{numbers[start]}: "
+                    f"{_too_large(operations[start], sizes[start], limit)}. Nothing "
                     f"from line {numbers[start]} on was enqueued ({created + known} "
                     "operations before it were)"), exc.data) from None
             budget = min(budget // 2, limit // 2)
