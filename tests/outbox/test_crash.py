@@ -68,36 +68,38 @@ async def start_worker(*args: str) -> Worker:
     return Worker(process)
 
 
-async def test_enqueue_acked_survives_sigkill(db_path: Path) -> None:
-    worker = await start_worker("--db", str(db_path), "--clients", "8")
+async def kill_after_acks(db_path: Path, count: int, *args: str
+                          ) -> tuple[set[str], set[str], int]:
+    """Run a worker until a client's `count`th ack, SIGKILL it; return acked keys, stored
+    keys and the stored `accepted` counter."""
+    worker = await start_worker("--db", str(db_path), *args)
     with anyio.fail_after(30):
-        await worker.read_until(lambda line: line.startswith("ack ") and line.endswith("-30"))
+        await worker.read_until(
+            lambda line: line.startswith("ack ") and line.endswith(f"-{count}"))
     await worker.kill()
-    acked = worker.acked()
 
     with sqlite3.connect(db_path) as conn:
         stored = {row[0] for row in conn.execute("SELECT key FROM operations")}
         accepted = conn.execute("SELECT value FROM counters WHERE name = 'accepted'").fetchone()
+    return worker.acked(), stored, accepted[0]
+
+
+async def test_enqueue_acked_survives_sigkill(db_path: Path) -> None:
+    acked, stored, accepted = await kill_after_acks(db_path, 30, "--clients", "8")
+
     assert len(acked) >= 30
     assert acked <= stored
-    assert accepted[0] == len(stored)
+    assert accepted == len(stored)
 
 
 async def test_pipelined_socket_acks_survive_sigkill(db_path: Path) -> None:
     socket_path = db_path.parent.parent / "control.sock"
-    worker = await start_worker("--db", str(db_path), "--socket", str(socket_path),
-                                "--clients", "4", "--depth", "8")
-    with anyio.fail_after(30):
-        await worker.read_until(lambda line: line.startswith("ack ") and line.endswith("-200"))
-    await worker.kill()
-    acked = worker.acked()
+    acked, stored, accepted = await kill_after_acks(
+        db_path, 200, "--socket", str(socket_path), "--clients", "4", "--depth", "8")
 
-    with sqlite3.connect(db_path) as conn:
-        stored = {row[0] for row in conn.execute("SELECT key FROM operations")}
-        accepted = conn.execute("SELECT value FROM counters WHERE name = 'accepted'").fetchone()
     assert len(acked) >= 200
     assert acked <= stored
-    assert accepted[0] == len(stored)
+    assert accepted == len(stored)
 
 
 @pytest.mark.chaos
