@@ -19,6 +19,51 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.chaos.daemon import ModeWatcher, WalacordDaemon
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The maximum seconds a scenario may take to detect its fault and to recover."""
+
+    detection: float
+    recovery: float
+
+
+@dataclass
+class Fault:
+    """One fault's timeline, from `Scenario.fault()` on: detection, then recovery.
+
+    `began` is taken before the fault is injected and `removed` when `wait_recovered`
+    is called, just after the test removed the fault, so both figures err long.
+    """
+
+    scenario: Scenario
+    began: float
+    detection: float | None = None
+    removed: float | None = None
+    recovery: float | None = None
+
+    def wait_detected(self, timeout: float = 15.0,
+                      accept: str | Callable[[str], bool] = lambda mode: mode != "normal"
+                      ) -> float | None:
+        """Wait for a mode matching `accept` (default: not normal); return the seconds."""
+        self.detection = self.scenario.detect(self.began, timeout, accept)
+        return self.detection
+
+    def wait_recovered(self, timeout: float = 20.0) -> float | None:
+        """Mark the fault removed, wait for mode normal and return the seconds."""
+        self.removed = self.scenario.mark()
+        self.recovery = self.scenario.recover(self.removed, timeout)
+        return self.recovery
+
+    def path(self) -> list[str]:
+        return self.scenario.path(self.began)
+
+    def measured(self, bounds: Bounds) -> dict[str, Any]:
+        """Return the figures and bounds as keyword arguments of `ResultsFile.record`."""
+        return {"detection_s": self.detection, "detection_bound_s": bounds.detection,
+                "recovery_s": self.recovery, "recovery_bound_s": bounds.recovery,
+                "mode_path": self.path()}
+
+
 @dataclass
 class Scenario:
     """The daemon, its mode watcher and the measurements of one fault."""
@@ -30,6 +75,10 @@ class Scenario:
     @staticmethod
     def mark() -> float:
         return time.monotonic()
+
+    def fault(self) -> Fault:
+        """Start a fault's timeline now; inject the fault right after."""
+        return Fault(self, self.mark())
 
     def wait_normal(self, timeout: float = 30.0) -> None:
         """Wait until the daemon is in mode normal, for a clean start of the fault."""

@@ -16,7 +16,7 @@ import pytest
 from tests.chaos.conftest import cluster_base
 from tests.chaos.faults import SmallFilesystem
 from tests.chaos.results import ResultsFile
-from tests.chaos.scenario import Scenario
+from tests.chaos.scenario import Bounds, Scenario
 
 pytestmark = pytest.mark.chaos
 
@@ -51,22 +51,20 @@ def test_host_disk_full(section: str, pg_db: str, small_disk: SmallFilesystem,
     })
     scenario.wait_normal()
 
+    fault = scenario.fault()
     small_disk.fill()
-    began = scenario.mark()
-    detection = scenario.detect(began, timeout=15)
+    fault.wait_detected()
     # The daemon keeps serving while it cannot write to the full directory.
     scenario.hold(2.0)
     host = scenario.probe("host")
     small_disk.free_space()
-    freed = scenario.mark()
-    recovery = scenario.recover(freed, timeout=20)
+    fault.wait_recovered()
 
     chaos_results.record(
         f"host_{section}_dir_disk_full",
         description=f"the [{section}] dir's filesystem filled to the last byte",
-        detection_s=detection, detection_bound_s=DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RECOVERY_S,
-        mode_path=scenario.path(began), expected_path=["normal", "degraded", "normal"],
+        expected_path=["normal", "degraded", "normal"],
+        **fault.measured(Bounds(DETECTION_S, RECOVERY_S)),
         notes=f"host probe while full: {host.get('state')} ({host.get('message')})")
     assert scenario.daemon.process is not None
     assert scenario.daemon.process.poll() is None

@@ -25,7 +25,7 @@ from tests.chaos import faults
 from tests.chaos.conftest import cluster_base
 from tests.chaos.faultproxy import FaultProxy
 from tests.chaos.results import ResultsFile
-from tests.chaos.scenario import Scenario
+from tests.chaos.scenario import Bounds, Scenario
 from tests.conftest import NotifyRecorder
 from walacord.pgcluster import ClusterError, PgCluster
 
@@ -44,6 +44,12 @@ TIMEOUT_DETECTION_S = 5.0
 # After the fault is removed: up to one interval until the next run, two good runs
 # (successes_to_up), the probe's and the mode's minimum dwell of 1 s, with margin.
 FAULT_RECOVERY_S = 6.0
+# A crash or stop of the server, then a start.
+CRASH = Bounds(CRASH_DETECTION_S, RESTART_RECOVERY_S)
+# A fault that only a timed-out or failed probe run detects, then its removal.
+TIMEOUT = Bounds(TIMEOUT_DETECTION_S, FAULT_RECOVERY_S)
+EMERGENCY_PATH = ["normal", "emergency", "normal"]
+DEGRADED_PATH = ["normal", "degraded", "normal"]
 
 
 @pytest.fixture
@@ -69,21 +75,16 @@ def test_postgres_immediate_stop(cluster: PgCluster, start_walacord: StartWalaco
     scenario = start_walacord(cluster.url())
     scenario.wait_normal()
 
-    stopped = scenario.mark()
+    fault = scenario.fault()
     cluster.stop("immediate")
-    detection = scenario.detect(stopped, timeout=10)
+    fault.wait_detected(timeout=10)
     status, _ = scenario.daemon.health()
-
     cluster.start()
-    started = scenario.mark()
-    recovery = scenario.recover(started, timeout=15)
+    fault.wait_recovered(timeout=15)
 
     chaos_results.record(
-        "postgres_immediate_stop",
-        description="pg_ctl stop -m immediate, then pg_ctl start",
-        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
-        mode_path=scenario.path(stopped), expected_path=["normal", "emergency", "normal"])
+        "postgres_immediate_stop", description="pg_ctl stop -m immediate, then pg_ctl start",
+        expected_path=EMERGENCY_PATH, **fault.measured(CRASH))
     assert status == 503
 
 
@@ -92,19 +93,16 @@ def test_postgres_fast_restart(cluster: PgCluster, start_walacord: StartWalacord
     scenario = start_walacord(cluster.url())
     scenario.wait_normal()
 
-    stopped = scenario.mark()
+    fault = scenario.fault()
     cluster.stop("fast")
-    detection = scenario.detect(stopped, timeout=10)
+    fault.wait_detected(timeout=10)
     cluster.start()
-    started = scenario.mark()
-    recovery = scenario.recover(started, timeout=15)
+    fault.wait_recovered(timeout=15)
 
     chaos_results.record(
         "postgres_fast_restart",
         description="pg_ctl stop -m fast then start, as `pg_ctl restart` does",
-        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
-        mode_path=scenario.path(stopped), expected_path=["normal", "emergency", "normal"])
+        expected_path=EMERGENCY_PATH, **fault.measured(CRASH))
 
 
 def test_postgres_postmaster_killed(cluster: PgCluster, start_walacord: StartWalacord,
@@ -112,20 +110,17 @@ def test_postgres_postmaster_killed(cluster: PgCluster, start_walacord: StartWal
     scenario = start_walacord(cluster.url())
     scenario.wait_normal()
 
-    killed = scenario.mark()
+    fault = scenario.fault()
     pid = faults.kill_postmaster(cluster)
-    detection = scenario.detect(killed, timeout=10)
+    fault.wait_detected(timeout=10)
     faults.wait_until_gone(pid)
     restart_after_kill(cluster)
-    started = scenario.mark()
-    recovery = scenario.recover(started, timeout=15)
+    fault.wait_recovered(timeout=15)
 
     chaos_results.record(
         "postgres_postmaster_killed",
         description="kill -9 of the postmaster; the orphaned backends exit on their own",
-        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
-        mode_path=scenario.path(killed), expected_path=["normal", "emergency", "normal"])
+        expected_path=EMERGENCY_PATH, **fault.measured(CRASH))
 
 
 # The scenario daemons run with WATCHDOG_USEC=2000000, so systemd would kill one that
@@ -170,26 +165,25 @@ def test_postgres_postmaster_frozen(cluster: PgCluster, start_walacord: StartWal
 
     # The database probe must report down within its deadline plus its interval: the
     # application cannot open a connection, even though walacord's pool still works.
-    with WatchdogListener(notify_socket) as watchdog, faults.postmaster_frozen(cluster):
-        frozen = scenario.mark()
-        detection = scenario.detect(frozen, timeout=15)
-        # Meanwhile /metrics keeps responding and the host probe keeps running.
-        scenario.hold(3.0)
-        host_during = scenario.probe("host").get("last_run")
-        thawed = scenario.mark()
-        pings = watchdog.pings(frozen)
-    recovery = scenario.recover(thawed, timeout=20)
+    with WatchdogListener(notify_socket) as watchdog:
+        fault = scenario.fault()
+        with faults.postmaster_frozen(cluster):
+            fault.wait_detected()
+            # Meanwhile /metrics keeps responding and the host probe keeps running.
+            scenario.hold(3.0)
+            host_during = scenario.probe("host").get("last_run")
+            thawed = scenario.mark()
+        pings = watchdog.pings(fault.began)
+    fault.wait_recovered()
 
     chaos_results.record(
         "postgres_postmaster_frozen",
         description="SIGSTOP on the postmaster: open sessions work, new connections hang",
-        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=scenario.path(frozen), expected_path=["normal", "emergency", "normal"],
+        expected_path=EMERGENCY_PATH, **fault.measured(TIMEOUT),
         notes=f"/metrics max {max(scenario.metrics_latencies) * 1000:.1f} ms while frozen")
     assert host_during != host_before
     assert max(scenario.metrics_latencies) < 0.1
-    assert_watchdog_kept_pinging(pings, frozen, thawed)
+    assert_watchdog_kept_pinging(pings, fault.began, thawed)
 
 
 def assert_watchdog_kept_pinging(pings: list[float], began: float, ended: float) -> None:
@@ -214,30 +208,30 @@ def test_postgres_walacord_backends_frozen(cluster: PgCluster, start_walacord: S
     # Only walacord's sessions hang: the probe must report down within its deadline
     # plus its interval, then recycle the pool onto fresh backends, which new
     # connections reach, so the daemon may be normal again before the thaw.
-    with WatchdogListener(notify_socket) as watchdog, faults.frozen(pids):
-        frozen = scenario.mark()
-        detection = scenario.detect(frozen, timeout=15)
-        recycled = scenario.wait_for_counter("walacord_db_pool_recycles_total",
-                                             recycles_before, since=frozen, timeout=10)
-        scenario.hold(2.0)
-        host_during = scenario.probe("host").get("last_run")
-        thawed = scenario.mark()
-        pings = watchdog.pings(frozen)
-    recovery = scenario.recover(thawed, timeout=20)
+    with WatchdogListener(notify_socket) as watchdog:
+        fault = scenario.fault()
+        with faults.frozen(pids):
+            fault.wait_detected()
+            recycled = scenario.wait_for_counter("walacord_db_pool_recycles_total",
+                                                 recycles_before, since=fault.began,
+                                                 timeout=10)
+            scenario.hold(2.0)
+            host_during = scenario.probe("host").get("last_run")
+            thawed = scenario.mark()
+        pings = watchdog.pings(fault.began)
+    fault.wait_recovered()
 
     chaos_results.record(
         "postgres_walacord_backends_frozen",
         description=f"SIGSTOP on walacord's {len(pids)} backends; new connections work",
-        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=scenario.path(frozen), expected_path=["normal", "emergency", "normal"],
+        expected_path=EMERGENCY_PATH, **fault.measured(TIMEOUT),
         notes=f"pool recycled {recycled if recycled is None else round(recycled, 3)} s "
               f"after the freeze; /metrics max "
               f"{max(scenario.metrics_latencies) * 1000:.1f} ms while frozen")
     assert recycled is not None
     assert host_during != host_before
     assert max(scenario.metrics_latencies) < 0.1
-    assert_watchdog_kept_pinging(pings, frozen, thawed)
+    assert_watchdog_kept_pinging(pings, fault.began, thawed)
 
 
 @pytest.fixture
@@ -254,24 +248,21 @@ def test_postgres_port_blackholed(moment: str, cluster: PgCluster, proxy: FaultP
     scenario = start_walacord(url)
     scenario.wait_normal()
 
+    fault = scenario.fault()
     if moment == "idle":
         proxy.blackhole()
     else:
         proxy.arm_blackhole()
-    began = scenario.mark()
-    detection = scenario.detect(began, timeout=15)
+    fault.wait_detected()
     scenario.hold(2.0)
     proxy.passthrough()
-    healed = scenario.mark()
-    recovery = scenario.recover(healed, timeout=20)
+    fault.wait_recovered()
 
     chaos_results.record(
         f"postgres_port_blackholed_{moment}",
         description=f"the proxy stops forwarding ({moment.replace('_', '-')}) and keeps "
                     "every socket open",
-        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=scenario.path(began), expected_path=["normal", "emergency", "normal"])
+        expected_path=EMERGENCY_PATH, **fault.measured(TIMEOUT))
     assert max(scenario.metrics_latencies) < 0.1
 
 
@@ -287,20 +278,17 @@ def test_postgres_port_slow(cluster: PgCluster, proxy: FaultProxy,
     scenario = start_walacord(url, settings={"probes.database": {"slow_after": 0.08}})
     scenario.wait_normal()
 
+    fault = scenario.fault()
     proxy.latency(50)
-    began = scenario.mark()
-    detection = scenario.detect(began, timeout=15)
+    fault.wait_detected()
     scenario.hold(2.0)
     proxy.passthrough()
-    healed = scenario.mark()
-    recovery = scenario.recover(healed, timeout=20)
+    fault.wait_recovered()
 
     chaos_results.record(
         "postgres_port_slow",
         description="the proxy delays every chunk by 50 ms; slow_after is 0.08 s",
-        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=scenario.path(began), expected_path=["normal", "degraded", "normal"])
+        expected_path=DEGRADED_PATH, **fault.measured(TIMEOUT))
 
 
 def test_postgres_read_only_toggled(cluster: PgCluster, start_walacord: StartWalacord,
@@ -309,25 +297,21 @@ def test_postgres_read_only_toggled(cluster: PgCluster, start_walacord: StartWal
     scenario.wait_normal()
     recycles_before = scenario.metrics_value("walacord_db_pool_recycles_total")
 
+    fault = scenario.fault()
     cluster.psql("ALTER SYSTEM SET default_transaction_read_only = on")
     cluster.reload()
-    began = scenario.mark()
-    detection = scenario.detect(began, timeout=15)
+    fault.wait_detected()
     database = scenario.probe("database")
     recycled = scenario.wait_for_counter("walacord_db_pool_recycles_total", recycles_before,
-                                         since=began, timeout=10)
-
+                                         since=fault.began, timeout=10)
     cluster.psql("ALTER SYSTEM RESET default_transaction_read_only")
     cluster.reload()
-    restored = scenario.mark()
-    recovery = scenario.recover(restored, timeout=20)
+    fault.wait_recovered()
 
     chaos_results.record(
         "postgres_read_only_toggled",
         description="default_transaction_read_only = on with a reload, then reset",
-        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=scenario.path(began), expected_path=["normal", "emergency", "normal"],
+        expected_path=EMERGENCY_PATH, **fault.measured(TIMEOUT),
         notes=f"pool recycled {recycled if recycled is None else round(recycled, 3)} s "
               "after the reload")
     # SELECT 1 still passes: the probe reaches the server and only the write fails.
@@ -365,21 +349,20 @@ def test_postgres_max_connections_exhausted(start_walacord: StartWalacord,
         # postmaster, that is emergency even though walacord's own pool still works.
         # The other client keeps retrying, as a connection storm does, so a slot that
         # walacord's fresh-connection check frees is taken again at once.
-        began = scenario.mark()
+        fault = scenario.fault()
         storm = threading.Thread(target=hold_every_slot, args=(small, hogs, releasing))
         storm.start()
         # The connection count crosses its warning threshold first, so the mode may
         # pass through degraded; detection is the time to emergency.
-        detection = scenario.detect(began, timeout=15, accept="emergency")
+        fault.wait_detected(accept="emergency")
         scenario.hold(1.0)
 
         releasing.set()
         storm.join(10)
         for conn in hogs:
             conn.close()
-        released = scenario.mark()
-        recovery = scenario.recover(released, timeout=20)
-        path = scenario.path(began)
+        fault.wait_recovered()
+        measured = fault.measured(TIMEOUT)
     finally:
         releasing.set()
         for conn in hogs:
@@ -389,9 +372,7 @@ def test_postgres_max_connections_exhausted(start_walacord: StartWalacord,
     chaos_results.record(
         "postgres_max_connections_exhausted",
         description=f"another client holds every free slot ({len(hogs)} connections)",
-        detection_s=detection, detection_bound_s=TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=path, expected_path=["normal", "emergency", "normal"],
+        expected_path=EMERGENCY_PATH, **measured,
         # The connection count is above its warning threshold for a probe run or two
         # while the other client's sessions open and again while they close.
         also_accepted=[["normal", "degraded", "emergency", "normal"],
@@ -411,14 +392,13 @@ def test_postgres_table_lock_held(cluster: PgCluster, start_walacord: StartWalac
         scenario = start_walacord(cluster.url(), settings={"probes.database": {
             "lock_wait_warning": 1.0, "lock_wait_critical": 2.0}})
         scenario.wait_normal()
-        began = scenario.mark()
+        fault = scenario.fault()
         holder.execute("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
         blocked.start()
-        detection = scenario.detect(began, timeout=20)
+        fault.wait_detected(timeout=20)
         holder.rollback()
-        released = scenario.mark()
+        fault.wait_recovered()
         blocked.join(10)
-        recovery = scenario.recover(released, timeout=20)
     finally:
         holder.close()
         if blocked.ident is not None:
@@ -429,9 +409,8 @@ def test_postgres_table_lock_held(cluster: PgCluster, start_walacord: StartWalac
     chaos_results.record(
         "postgres_table_lock_held",
         description="one session holds ACCESS EXCLUSIVE on a table another session reads",
-        detection_s=detection, detection_bound_s=2.0 + TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=FAULT_RECOVERY_S,
-        mode_path=scenario.path(began), expected_path=["normal", "degraded", "normal"])
+        expected_path=DEGRADED_PATH,
+        **fault.measured(Bounds(2.0 + TIMEOUT_DETECTION_S, FAULT_RECOVERY_S)))
 
 
 def test_postgres_smart_shutdown(cluster: PgCluster, start_walacord: StartWalacord,
@@ -441,23 +420,21 @@ def test_postgres_smart_shutdown(cluster: PgCluster, start_walacord: StartWalaco
 
     # A smart shutdown waits for every session to end, so it completes only once
     # walacord has seen "shutting down" (SQLSTATE 57P03) and closed its pool.
-    began = scenario.mark()
+    fault = scenario.fault()
     cluster.stop("smart", timeout=30)
-    shutdown_s = scenario.mark() - began
-    detection = scenario.detect(began, timeout=5)
+    shutdown_s = scenario.mark() - fault.began
+    detection = fault.wait_detected(timeout=5)
     cluster.start()
-    started = scenario.mark()
-    recovery = scenario.recover(started, timeout=15)
+    fault.wait_recovered(timeout=15)
 
     # Detection is when the server is down and walacord has left normal, whichever is
     # later: a walacord that kept its pool open would hold the shutdown until timeout.
-    done = None if detection is None else max(shutdown_s, detection)
+    fault.detection = None if detection is None else max(shutdown_s, detection)
     chaos_results.record(
         "postgres_smart_shutdown",
         description="pg_ctl stop -m smart, which waits for walacord to close its pool",
-        detection_s=done, detection_bound_s=TIMEOUT_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
-        mode_path=scenario.path(began), expected_path=["normal", "emergency", "normal"],
+        expected_path=EMERGENCY_PATH,
+        **fault.measured(Bounds(TIMEOUT_DETECTION_S, RESTART_RECOVERY_S)),
         notes=f"the smart shutdown took {shutdown_s:.2f} s")
 
 
@@ -468,13 +445,12 @@ def test_postgres_replica_promoted(cluster: PgCluster, start_walacord: StartWala
         scenario = start_walacord(faults.multi_host_url([cluster, replica]))
         scenario.wait_normal()
 
-        stopped = scenario.mark()
+        fault = scenario.fault()
         cluster.stop("immediate")
-        detection = scenario.detect(stopped, timeout=10)
+        fault.wait_detected(timeout=10)
         faults.promote(replica)
-        promoted = scenario.mark()
-        recovery = scenario.recover(promoted, timeout=20)
-        path = scenario.path(stopped)
+        fault.wait_recovered()
+        measured = fault.measured(CRASH)
         assert replica.psql("SELECT count(*) FROM walacord.heartbeat") != "0"
     finally:
         replica.destroy()
@@ -483,11 +459,9 @@ def test_postgres_replica_promoted(cluster: PgCluster, start_walacord: StartWala
         "postgres_replica_promoted",
         description="primary stopped, standby promoted; the URL lists both with "
                     "target_session_attrs=read-write",
-        detection_s=detection, detection_bound_s=CRASH_DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RESTART_RECOVERY_S,
-        mode_path=path, expected_path=["normal", "emergency", "normal"],
-        # The connection count is above its warning threshold for a probe run or two
-        # while the other client's sessions open and again while they close.
+        expected_path=EMERGENCY_PATH, **measured,
+        # NOTE: degraded may appear on the way down or back, as in the max_connections
+        # scenario; the cause here was not traced.
         also_accepted=[["normal", "degraded", "emergency", "normal"],
                        ["normal", "emergency", "degraded", "normal"],
                        ["normal", "degraded", "emergency", "degraded", "normal"]])

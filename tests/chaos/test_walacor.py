@@ -15,7 +15,7 @@ import pytest
 from tests.chaos.emulator import USER, EmulatorProcess
 from tests.chaos.faultproxy import FaultProxy
 from tests.chaos.results import ResultsFile
-from tests.chaos.scenario import Scenario
+from tests.chaos.scenario import Bounds, Fault, Scenario
 from walacord.pgcluster import PgCluster
 
 pytestmark = pytest.mark.chaos
@@ -28,6 +28,7 @@ DETECTION_S = 4.0
 # Up after two good runs at the fast interval plus the probe's and the mode's minimum
 # dwell of 1 s each, with margin.
 RECOVERY_S = 5.0
+BOUNDS = Bounds(DETECTION_S, RECOVERY_S)
 DEGRADED_PATH = ["normal", "degraded", "normal"]
 
 
@@ -48,16 +49,15 @@ def watched(pg_db: str, emulator: EmulatorProcess,
 
 
 def run_fault(scenario: Scenario, emulator: EmulatorProcess, rules: list[dict[str, Any]],
-              hold: float = 2.0) -> tuple[float, float | None, float | None, list[str]]:
+              hold: float = 2.0) -> Fault:
     """Set the rules, wait for detection, hold, clear them and wait for recovery."""
+    fault = scenario.fault()
     emulator.set_faults(*rules)
-    began = scenario.mark()
-    detection = scenario.detect(began, timeout=15)
+    fault.wait_detected()
     scenario.hold(hold)
     emulator.clear_faults()
-    cleared = scenario.mark()
-    recovery = scenario.recover(cleared, timeout=20)
-    return began, detection, recovery, scenario.path(began)
+    fault.wait_recovered()
+    return fault
 
 
 @pytest.mark.parametrize(("name", "rule"), [
@@ -70,28 +70,23 @@ def run_fault(scenario: Scenario, emulator: EmulatorProcess, rules: list[dict[st
 def test_walacor_fault_degrades(name: str, rule: dict[str, Any], watched: Scenario,
                                 emulator: EmulatorProcess,
                                 chaos_results: ResultsFile) -> None:
-    _, detection, recovery, path = run_fault(watched, emulator, [rule])
+    fault = run_fault(watched, emulator, [rule])
     walacor = watched.probe("walacor")
 
     chaos_results.record(
         name, description=f"emulator fault {rule}",
-        detection_s=detection, detection_bound_s=DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RECOVERY_S,
-        mode_path=path, expected_path=DEGRADED_PATH,
+        expected_path=DEGRADED_PATH, **fault.measured(BOUNDS),
         notes=f"probe after recovery: {walacor.get('state')} ({walacor.get('reason')})")
 
 
 def test_walacor_429_with_retry_after(watched: Scenario, emulator: EmulatorProcess,
                                       chaos_results: ResultsFile) -> None:
-    _, detection, recovery, path = run_fault(
-        watched, emulator, [{"retry_after": 1, "path": "/api/"}])
+    fault = run_fault(watched, emulator, [{"retry_after": 1, "path": "/api/"}])
 
     chaos_results.record(
         "walacor_429_retry_after",
         description="every request answered 429 with Retry-After: 1",
-        detection_s=detection, detection_bound_s=DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RECOVERY_S,
-        mode_path=path, expected_path=DEGRADED_PATH)
+        expected_path=DEGRADED_PATH, **fault.measured(BOUNDS))
 
 
 def test_walacor_single_error_is_absorbed(watched: Scenario, emulator: EmulatorProcess,
@@ -142,20 +137,17 @@ def test_walacor_port_blackholed(pg_db: str, emulator: EmulatorProcess,
         pg_db, settings=walacor_settings(f"http://127.0.0.1:{proxied_emulator.port}"))
     scenario.wait_normal()
 
+    fault = scenario.fault()
     proxied_emulator.blackhole()
-    began = scenario.mark()
-    detection = scenario.detect(began, timeout=15)
+    fault.wait_detected()
     scenario.hold(2.0)
     proxied_emulator.passthrough()
-    healed = scenario.mark()
-    recovery = scenario.recover(healed, timeout=20)
+    fault.wait_recovered()
 
     chaos_results.record(
         "walacor_port_blackholed",
         description="the proxy in front of the emulator stops forwarding",
-        detection_s=detection, detection_bound_s=DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RECOVERY_S,
-        mode_path=scenario.path(began), expected_path=DEGRADED_PATH)
+        expected_path=DEGRADED_PATH, **fault.measured(BOUNDS))
 
 
 def test_postgres_and_walacor_down_is_offline(own_pg_cluster: PgCluster,
@@ -169,22 +161,18 @@ def test_postgres_and_walacor_down_is_offline(own_pg_cluster: PgCluster,
     scenario.wait_normal()
 
     # Unreachable means no connection at all: the proxy resets every one to Walacor.
-    began = scenario.mark()
+    fault = scenario.fault()
     proxied_emulator.reset()
     own_pg_cluster.stop("immediate")
-    detection = scenario.detect(began, timeout=15, accept="offline")
+    fault.wait_detected(accept="offline")
     own_pg_cluster.start()
     proxied_emulator.passthrough()
-    restored = scenario.mark()
-    recovery = scenario.recover(restored, timeout=20)
-    path = scenario.path(began)
+    fault.wait_recovered()
 
     # PostgreSQL alone is emergency, so the path may pass through it on the way; the
     # detection bound fails when offline is never reached.
     chaos_results.record(
         "postgres_and_walacor_unreachable",
         description="PostgreSQL stopped and every connection to Walacor reset at once",
-        detection_s=detection, detection_bound_s=DETECTION_S,
-        recovery_s=recovery, recovery_bound_s=RECOVERY_S,
-        mode_path=path)
-    assert path[-1] == "normal"
+        **fault.measured(BOUNDS))
+    assert fault.path()[-1] == "normal"
