@@ -200,8 +200,10 @@ class AlertService:
                 self._unsaved.extend(
                     (sink, notification.fingerprint, notification.kind, notification.alert)
                     for sink in self.sinks)
-        await self._save_unsaved(config)
+        # The firing set is saved before delivery can start, so an alert a receiver has
+        # seen is always known to a restarted walacord, which can then resolve it.
         await self._save_firing()
+        await self._save_unsaved(config)
         return notifications
 
     async def _save_firing(self) -> None:
