@@ -7,6 +7,7 @@ Each script owns one section of docs/benchmarks.md between ``<!-- NAME:start -->
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -21,6 +22,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -74,6 +78,27 @@ def publish(name: str, section: str, print_only: bool) -> None:
         return
     replace_section(name, section)
     print(f"wrote the {name} section of {DOC}")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --walacord and --no-doc, which every script that starts walacord takes."""
+    parser.add_argument("--walacord", default=os.environ.get(COMMAND_ENV, ""),
+                        help=f"command that runs walacord (env {COMMAND_ENV}; "
+                             "default: this Python -m walacord)")
+    parser.add_argument("--no-doc", action="store_true",
+                        help="print the section instead of writing docs/benchmarks.md")
+
+
+def walacord_command(setting: str) -> list[str]:
+    """Return the argv that runs walacord: `setting` split, or this Python -m walacord."""
+    return shlex.split(setting) if setting else [sys.executable, "-m", "walacord"]
+
+
+def save_results(name: str, document: Any) -> None:
+    """Write a run's raw figures to bench/results/NAME.json."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_bytes(orjson.dumps(document,
+                                                            option=orjson.OPT_INDENT_2))
 
 
 def machine_facts() -> dict[str, str]:

@@ -11,14 +11,11 @@ The checks: every acknowledged operation at its sink exactly once, SQLite
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import benchdoc
-import orjson
 
 from tests.chaos.crashloop import CrashLoopResult, run_crash_loop
 from tests.chaos.emulator import EmulatorProcess
@@ -63,14 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="kill-and-restart cycles (default 1000)")
     parser.add_argument("--clients", type=int, default=3, help="enqueueing clients (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="random seed for the kill times")
-    parser.add_argument("--walacord", default=os.environ.get(benchdoc.COMMAND_ENV, ""),
-                        help="command that runs walacord (env WALACORD_BENCH_COMMAND; "
-                             "default: this Python -m walacord)")
-    parser.add_argument("--no-doc", action="store_true",
-                        help="print the section instead of writing docs/benchmarks.md")
+    benchdoc.add_common_arguments(parser)
     args = parser.parse_args(argv)
 
-    command = shlex.split(args.walacord) if args.walacord else [sys.executable, "-m", "walacord"]
+    command = benchdoc.walacord_command(args.walacord)
     with benchdoc.scratch_dir("walacord-bench-crashloop-") as workdir, \
             benchdoc.started_cluster(workdir) as cluster:
         emulator = EmulatorProcess(command, workdir / "emulator").start()
@@ -81,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             emulator.stop()
 
-    benchdoc.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (benchdoc.RESULTS_DIR / "crashloop.json").write_bytes(
-        orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2))
+    benchdoc.save_results("crashloop", asdict(result))
     section = render(result, command)
     benchdoc.publish(SECTION, section, args.no_doc)
     return 0 if not result.problems else 1

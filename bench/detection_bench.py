@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import benchdoc
-import orjson
 
 from tests.chaos.faults import backend_pids
 
@@ -363,24 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="stop/start cycles (default 10)")
     parser.add_argument("--wait", type=float, default=10.0,
                         help="seconds to wait for each detection or recovery (default 10)")
-    parser.add_argument("--walacord", default=os.environ.get(benchdoc.COMMAND_ENV, ""),
-                        help="command that runs walacord (env WALACORD_BENCH_COMMAND; "
-                             "default: this Python -m walacord)")
+    benchdoc.add_common_arguments(parser)
     parser.add_argument("--no-walacord", action="store_true", help="measure Monit only")
     parser.add_argument("--no-monit", action="store_true", help="measure walacord only")
-    parser.add_argument("--no-doc", action="store_true",
-                        help="print the section instead of writing docs/benchmarks.md")
     args = parser.parse_args(argv)
 
     with benchdoc.scratch_dir("walacord-bench-detection-") as workdir:
         results, notes = measure(args, workdir)
 
-    benchdoc.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (benchdoc.RESULTS_DIR / "detection.json").write_bytes(orjson.dumps(
-        {"runs": [asdict(run) for run in results], "notes": notes},
-        option=orjson.OPT_INDENT_2))
+    benchdoc.save_results("detection",
+                          {"runs": [asdict(run) for run in results], "notes": notes})
     plot = None if args.no_doc else draw(results, benchdoc.DOC.parent / PLOT)
-    command = shlex.split(args.walacord) if args.walacord else [sys.executable, "-m", "walacord"]
+    command = benchdoc.walacord_command(args.walacord)
     section = render(results, notes, plot, command)
     benchdoc.publish(SECTION, section, args.no_doc)
     return 0

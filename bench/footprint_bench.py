@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -31,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import benchdoc
-import orjson
 import psutil
 
 SECTION = "footprint"
@@ -174,8 +171,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], li
     from tests.chaos.daemon import WalacordDaemon
 
     notes: list[str] = []
-    command = shlex.split(args.walacord) if args.walacord else [sys.executable, "-m",
-                                                                "walacord"]
+    command = benchdoc.walacord_command(args.walacord)
     emulator_port = benchdoc.free_port()
     emulator_url = f"http://127.0.0.1:{emulator_port}"
     window = args.minutes * 60
@@ -322,21 +318,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between RSS samples (default 5)")
     parser.add_argument("--settle", type=float, default=10.0,
                         help="seconds after start-up before measuring (default 10)")
-    parser.add_argument("--walacord", default=os.environ.get(benchdoc.COMMAND_ENV, ""),
-                        help="command that runs walacord (env WALACORD_BENCH_COMMAND; "
-                             "default: this Python -m walacord)")
-    parser.add_argument("--no-doc", action="store_true",
-                        help="print the section instead of writing docs/benchmarks.md")
+    benchdoc.add_common_arguments(parser)
     args = parser.parse_args(argv)
 
     with benchdoc.scratch_dir("walacord-bench-footprint-") as workdir:
         figures, notes = measure(args, workdir)
 
-    benchdoc.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (benchdoc.RESULTS_DIR / "footprint.json").write_bytes(orjson.dumps(
-        {"figures": figures, "notes": notes}, option=orjson.OPT_INDENT_2))
+    benchdoc.save_results("footprint", {"figures": figures, "notes": notes})
     plot = None if args.no_doc else draw(figures, benchdoc.DOC.parent / PLOT)
-    command = shlex.split(args.walacord) if args.walacord else [sys.executable, "-m", "walacord"]
+    command = benchdoc.walacord_command(args.walacord)
     section = render(figures, notes, plot, command)
     benchdoc.publish(SECTION, section, args.no_doc)
     return 0

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import benchdoc
-import orjson
 
 SECTION = "scrape"
 PLOT = "scrape_latency.png"
@@ -227,21 +226,15 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 800)")
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds to let the probes run before measuring (default 5)")
-    parser.add_argument("--walacord", default=os.environ.get(benchdoc.COMMAND_ENV, ""),
-                        help="command that runs walacord (env WALACORD_BENCH_COMMAND; "
-                             "default: this Python -m walacord)")
-    parser.add_argument("--no-doc", action="store_true",
-                        help="print the section instead of writing docs/benchmarks.md")
+    benchdoc.add_common_arguments(parser)
     args = parser.parse_args(argv)
 
     with benchdoc.scratch_dir("walacord-bench-scrape-") as workdir:
         figures, notes = measure(args, workdir)
 
-    benchdoc.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (benchdoc.RESULTS_DIR / "scrape.json").write_bytes(orjson.dumps(
-        {"figures": figures, "notes": notes}, option=orjson.OPT_INDENT_2))
+    benchdoc.save_results("scrape", {"figures": figures, "notes": notes})
     plot = None if args.no_doc else draw(figures, benchdoc.DOC.parent / PLOT)
-    command = shlex.split(args.walacord) if args.walacord else [sys.executable, "-m", "walacord"]
+    command = benchdoc.walacord_command(args.walacord)
     section = render(figures, notes, args, plot, command)
     benchdoc.publish(SECTION, section, args.no_doc)
     return 0
