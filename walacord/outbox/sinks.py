@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from walacord.config import OutboxStatement
 from walacord.errors import WalacorError
 from walacord.outbox.model import KEY_PARAMETER, Operation
+from walacord.outbox.pgpipeline import compile_statement, execute_batch
 from walacord.walacor.results import StoredRecord
 
 # Walacor error reasons that repeat however often the same record is sent.
@@ -174,7 +175,7 @@ class PostgresSink:
                 return {"rowcount": cursor.rowcount}
 
     async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
-        """Apply operations in one transaction, one executemany per statement, all or none.
+        """Apply operations in one pipelined transaction (see `pgpipeline`), all or none.
 
         When the transaction fails for a permanent reason, every operation gets None
         so the caller applies them one by one and only the bad one fails. A transient
@@ -185,13 +186,11 @@ class PostgresSink:
             groups.setdefault(operation.target, []).append(operation)
 
         try:
+            statements = [(compile_statement(self._sql(group[0])),
+                           [_parameters(op) for op in group]) for group in groups.values()]
             with anyio.fail_after(self.timeout):
-                async with (self.pool.connection(timeout=self.timeout) as conn,
-                            conn.transaction()):
-                    for group in groups.values():
-                        async with conn.cursor() as cursor:
-                            await cursor.executemany(self._sql(group[0]),
-                                                     [_parameters(op) for op in group])
+                async with self.pool.connection(timeout=self.timeout) as conn:
+                    await execute_batch(conn, statements)
         except (psycopg.Error, LookupError, TimeoutError, PoolTimeout) as exc:
             if self.classify(exc).permanent:
                 return [None for _ in operations]
