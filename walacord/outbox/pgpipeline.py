@@ -15,6 +15,7 @@ below psycopg's public API.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -72,11 +73,8 @@ def compile_statement(sql: str) -> CompiledStatement:
     return CompiledStatement(rewritten, tuple(names), tuple(formats))
 
 
-@dataclass
-class _Row:
-    types: tuple[int, ...]
-    values: Sequence[Any]
-    formats: Sequence[int]
+# One row's parameter types, adapted values and formats.
+_Row = tuple[tuple[int, ...], Sequence[Any], Sequence[int]]
 
 
 def _adapt(transformer: abc.Transformer, statement: CompiledStatement,
@@ -84,15 +82,19 @@ def _adapt(transformer: abc.Transformer, statement: CompiledStatement,
     """Adapt every row's parameters; raise ProgrammingError for a missing one, or
     psycopg's error for a value that it cannot adapt."""
     adapted: list[_Row] = []
-    names = statement.names
     formats = statement.formats
+    names = statement.names
+    values_of = operator.itemgetter(*names) if names else None
+    dump = transformer.dump_sequence
     for row in rows:
         try:
-            values = [row[name] for name in names]
+            values = () if values_of is None else values_of(row)
         except KeyError as exc:
             raise psycopg.ProgrammingError(f"query parameter missing: {exc.args[0]}") from None
-        dumped = transformer.dump_sequence(values, formats)
-        adapted.append(_Row(transformer.types or (), dumped, transformer.formats or ()))
+        if len(names) == 1:
+            values = (values,)  # itemgetter of one name returns the bare value
+        dumped = dump(values, formats)
+        adapted.append((transformer.types or (), dumped, transformer.formats or ()))
     return adapted
 
 
@@ -118,13 +120,13 @@ async def execute_batch(conn: psycopg.AsyncConnection[Any],
         pgconn.send_query_params(b"BEGIN", None)
         for sql, rows in adapted:
             types: tuple[int, ...] | None = None
-            for row in rows:
-                if row.types != types:
+            for row_types, values, formats in rows:
+                if row_types != types:
                     # The unnamed statement is parsed again when the types change, as
                     # psycopg prepares one statement per type signature.
-                    types = row.types
+                    types = row_types
                     pgconn.send_prepare(b"", sql, param_types=types)
-                pgconn.send_query_prepared(b"", row.values, param_formats=row.formats)
+                pgconn.send_query_prepared(b"", values, param_formats=formats)
         pgconn.send_query_params(b"COMMIT", None)
         pgconn.pipeline_sync()
         await _flush(pgconn)

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("id, key, sink, target, payload, ordering_key, created_at, attempts, "
            "next_attempt_at, last_error, state, receipt, updated_at")
+# The columns a claim reads back. The others are known: the claim's sink, state
+# in_flight, updated_at of the claim, and no receipt, because only done operations
+# have one and a done operation never becomes pending again.
+CLAIM_COLUMNS = ("id, key, target, payload, ordering_key, created_at, attempts, "
+                 "next_attempt_at, last_error")
 COMPACT_CHUNK = 5000
 
 
@@ -133,8 +138,16 @@ def _record_updates(outcomes: Sequence[Outcome], now: float
              (*values, now, orjson.dumps(ids).decode())) for values, ids in groups.items()]
 
 
-def _operation_id(operation: Operation) -> int:
-    return operation.id
+def _claimed_operations(rows: list[Any], sink: str, now: float) -> list[Operation]:
+    """Build the operations of a claim from its CLAIM_COLUMNS rows, in id order."""
+    # Ids are unique, so sorting the row tuples sorts by id. SQLite returns RETURNING
+    # rows in no defined order.
+    rows.sort()
+    in_flight = State.IN_FLIGHT
+    return [Operation(op_id, key, sink, target, payload, ordering_key, created_at,
+                      attempts, next_attempt_at, last_error, in_flight, None, now)
+            for (op_id, key, target, payload, ordering_key, created_at, attempts,
+                 next_attempt_at, last_error) in rows]
 
 
 class OutboxQueries:
@@ -202,7 +215,8 @@ class OutboxQueries:
                     *updates,
                     ("UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
                      "(SELECT id FROM operations WHERE state = 'pending' AND sink = ? "
-                     f"AND next_attempt_at <= ? ORDER BY id LIMIT ?) RETURNING {COLUMNS}",
+                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?) "
+                     f"RETURNING {CLAIM_COLUMNS}",
                      (now, sink, now, limit)),
                     ("COMMIT", ())])
             except BaseException:
@@ -212,8 +226,7 @@ class OutboxQueries:
                 del record[:len(recording)]
             self._recorded(recording)
 
-            # SQLite returns RETURNING rows in no defined order.
-            candidates = sorted(map(row_to_operation, rows), key=_operation_id)
+            candidates = _claimed_operations(rows, sink, now)
             claimed = await self._in_order(db, candidates)
             if len(claimed) < len(candidates):
                 await self._unclaim(db, candidates, claimed)
