@@ -189,7 +189,8 @@ class OutboxQueries:
     # --- sync ---------------------------------------------------------------------
 
     async def claim(self, sink: str, limit: int, now: float,
-                    record: list[Outcome] | None = None) -> list[Operation]:
+                    record: list[Outcome] | None = None, *, durable: bool = True
+                    ) -> list[Operation]:
         """Mark up to `limit` due operations of `sink` in flight and return them in id order.
 
         `record` contains outcomes of earlier rounds. They are stored first, in the
@@ -200,17 +201,26 @@ class OutboxQueries:
         An operation with an ordering key is claimed only when every earlier operation
         with that key is done, or is claimed in this same call before it. So a dead
         operation holds back later ones with its key until it is retried or dropped.
+
+        With `durable=False` the commit skips the fsync, as `record()` does. A power
+        loss can then undo the claim, so its operations come back pending and not
+        counted as attempted. Only a sink whose replay is harmless without that count
+        may ask for it (see `Sink.durable_claims`).
         """
         recording = list(record or ())
         updates = _record_updates(recording, now)
+        # The last statement restores FULL even when an earlier one fails.
+        relaxed = [] if durable else [("PRAGMA synchronous = NORMAL", ())]
+        restore = [] if durable else [("PRAGMA synchronous = FULL", ())]
         async with self.writing() as db:
-            # One UPDATE ... RETURNING marks and reads the due rows, and the COMMIT
-            # (synchronous=FULL) is queued with it, so the common case costs one wait
-            # for SQLite's thread. The claim must be durable: a restart turns in-flight
+            # One UPDATE ... RETURNING marks and reads the due rows, and the COMMIT is
+            # queued with it, so the common case costs one wait for SQLite's thread.
+            # A durable claim survives a power loss: the restart turns its in-flight
             # operations into attempted ones, which makes the walacor sink look their
             # key up before it submits again.
             try:
-                *_, rows, _ = await execute_in_order(db, [
+                results = await execute_in_order(db, [
+                    *relaxed,
                     ("BEGIN IMMEDIATE", ()),
                     *updates,
                     ("UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
@@ -218,9 +228,15 @@ class OutboxQueries:
                      "AND next_attempt_at <= ? ORDER BY id LIMIT ?) "
                      f"RETURNING {CLAIM_COLUMNS}",
                      (now, sink, now, limit)),
-                    ("COMMIT", ())])
+                    ("COMMIT", ()),
+                    *restore])
+                rows = results[len(relaxed) + 1 + len(updates)]
             except BaseException:
+                # As in record(): the PRAGMA has no effect inside a transaction that a
+                # failed COMMIT left open, so restore FULL after the rollback.
                 await self._rollback_quietly(db)
+                if not durable:
+                    await db.execute("PRAGMA synchronous = FULL")
                 raise
             if record:
                 del record[:len(recording)]

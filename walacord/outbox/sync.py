@@ -262,8 +262,9 @@ class SyncEngine:
                         rounds.release_on_behalf_of(token)
                         break
                     try:
-                        operations = await self.store.claim(name, ramp.size, time.time(),
-                                                            record=unrecorded)
+                        operations = await self.store.claim(
+                            name, ramp.size, time.time(), record=unrecorded,
+                            durable=sink.durable_claims)
                     except (OutboxError, sqlite3.Error) as exc:
                         store_error = exc
                         rounds.release_on_behalf_of(token)
