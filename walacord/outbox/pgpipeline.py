@@ -1,7 +1,7 @@
 """Run many rows of named statements in one PostgreSQL transaction through libpq's pipeline.
 
-psycopg's `executemany` spends about 10 µs of Python per row (measured with psycopg
-3.3 on the 2-core benchmark machine): it adapts the parameters, consults its
+psycopg's `executemany` spends about 10 µs of CPU per row (psycopg 3.3, 500 rows per
+transaction, on the 2-core benchmark machine): it adapts the parameters, consults its
 prepared-statement cache and flushes the socket for every row. Here the parameters of
 all rows are adapted first, then BEGIN, one Parse per parameter-type signature, one
 Bind/Execute per row and COMMIT go into libpq's output buffer, followed by a single
@@ -103,10 +103,10 @@ async def execute_batch(conn: psycopg.AsyncConnection[Any],
                         ) -> None:
     """Run each statement once per parameter row, all in one transaction.
 
-    The caller must hold the connection alone, and it must be idle. Raise the first statement
-    error as the psycopg exception of its SQLSTATE, after which nothing of the batch
-    is committed. Any other failure, cancellation included, closes the connection,
-    because its pipeline state is unknown, so a pool replaces it.
+    The caller must hold the connection alone, and it must be idle. Raise the first
+    statement error as the psycopg exception of its SQLSTATE, after which nothing of
+    the batch is committed. Any other failure, cancellation included, closes the
+    connection, because its pipeline state is unknown, so a pool replaces it.
     """
     transformer = Transformer(conn)
     encoding = conn.info.encoding
