@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("id, key, sink, target, payload, ordering_key, created_at, attempts, "
            "next_attempt_at, last_error, state, receipt, updated_at")
+# The columns a claim reads back. The others are known: the claim's sink, state
+# in_flight, updated_at of the claim, and no receipt, because only done operations
+# have one and a done operation never becomes pending again.
+CLAIM_COLUMNS = ("id, key, target, payload, ordering_key, created_at, attempts, "
+                 "next_attempt_at, last_error")
 COMPACT_CHUNK = 5000
 
 
@@ -133,8 +138,16 @@ def _record_updates(outcomes: Sequence[Outcome], now: float
              (*values, now, orjson.dumps(ids).decode())) for values, ids in groups.items()]
 
 
-def _operation_id(operation: Operation) -> int:
-    return operation.id
+def _claimed_operations(rows: list[Any], sink: str, now: float) -> list[Operation]:
+    """Build the operations of a claim from its CLAIM_COLUMNS rows, in id order."""
+    # Ids are unique, so sorting the row tuples sorts by id. SQLite returns RETURNING
+    # rows in no defined order.
+    rows.sort()
+    in_flight = State.IN_FLIGHT
+    return [Operation(op_id, key, sink, target, payload, ordering_key, created_at,
+                      attempts, next_attempt_at, last_error, in_flight, None, now)
+            for (op_id, key, target, payload, ordering_key, created_at, attempts,
+                 next_attempt_at, last_error) in rows]
 
 
 class OutboxQueries:
@@ -176,7 +189,8 @@ class OutboxQueries:
     # --- sync ---------------------------------------------------------------------
 
     async def claim(self, sink: str, limit: int, now: float,
-                    record: list[Outcome] | None = None) -> list[Operation]:
+                    record: list[Outcome] | None = None, *, durable: bool = True
+                    ) -> list[Operation]:
         """Mark up to `limit` due operations of `sink` in flight and return them in id order.
 
         `record` contains outcomes of earlier rounds. They are stored first, in the
@@ -187,33 +201,48 @@ class OutboxQueries:
         An operation with an ordering key is claimed only when every earlier operation
         with that key is done, or is claimed in this same call before it. So a dead
         operation holds back later ones with its key until it is retried or dropped.
+
+        With `durable=False` the commit skips the fsync, as `record()` does. A power
+        loss can then undo the claim, so its operations come back pending and not
+        counted as attempted. Only a sink whose replay is harmless without that count
+        may ask for it (see `Sink.durable_claims`).
         """
         recording = list(record or ())
         updates = _record_updates(recording, now)
+        # The last statement restores FULL even when an earlier one fails.
+        relaxed = [] if durable else [("PRAGMA synchronous = NORMAL", ())]
+        restore = [] if durable else [("PRAGMA synchronous = FULL", ())]
         async with self.writing() as db:
-            # One UPDATE ... RETURNING marks and reads the due rows, and the COMMIT
-            # (synchronous=FULL) is queued with it, so the common case costs one wait
-            # for SQLite's thread. The claim must be durable: a restart turns in-flight
+            # One UPDATE ... RETURNING marks and reads the due rows, and the COMMIT is
+            # queued with it, so the common case costs one wait for SQLite's thread.
+            # A durable claim survives a power loss: the restart turns its in-flight
             # operations into attempted ones, which makes the walacor sink look their
             # key up before it submits again.
             try:
-                *_, rows, _ = await execute_in_order(db, [
+                results = await execute_in_order(db, [
+                    *relaxed,
                     ("BEGIN IMMEDIATE", ()),
                     *updates,
                     ("UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
                      "(SELECT id FROM operations WHERE state = 'pending' AND sink = ? "
-                     f"AND next_attempt_at <= ? ORDER BY id LIMIT ?) RETURNING {COLUMNS}",
+                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?) "
+                     f"RETURNING {CLAIM_COLUMNS}",
                      (now, sink, now, limit)),
-                    ("COMMIT", ())])
+                    ("COMMIT", ()),
+                    *restore])
+                rows = results[len(relaxed) + 1 + len(updates)]
             except BaseException:
+                # As in record(): the PRAGMA has no effect inside a transaction that a
+                # failed COMMIT left open, so restore FULL after the rollback.
                 await self._rollback_quietly(db)
+                if not durable:
+                    await db.execute("PRAGMA synchronous = FULL")
                 raise
             if record:
                 del record[:len(recording)]
             self._recorded(recording)
 
-            # SQLite returns RETURNING rows in no defined order.
-            candidates = sorted(map(row_to_operation, rows), key=_operation_id)
+            candidates = _claimed_operations(rows, sink, now)
             claimed = await self._in_order(db, candidates)
             if len(claimed) < len(candidates):
                 await self._unclaim(db, candidates, claimed)

@@ -245,9 +245,7 @@ class SyncEngine:
                 unrecorded.extend(outcomes)
             finally:
                 rounds.release_on_behalf_of(token)
-            applied = sum(1 for o in outcomes if o.state is State.DONE)
-            failed = sum(1 for o in outcomes if o.attempted and o.state is not State.DONE)
-            self._count(report, name, outcomes)
+            applied, failed = self._count(report, name, outcomes)
             ramp.update(applied, failed)
             rounds.total_tokens = 2 if ramp.size >= ramp.maximum else 1
             if self.metrics is not None:
@@ -264,8 +262,9 @@ class SyncEngine:
                         rounds.release_on_behalf_of(token)
                         break
                     try:
-                        operations = await self.store.claim(name, ramp.size, time.time(),
-                                                            record=unrecorded)
+                        operations = await self.store.claim(
+                            name, ramp.size, time.time(), record=unrecorded,
+                            durable=sink.durable_claims)
                     except (OutboxError, sqlite3.Error) as exc:
                         store_error = exc
                         rounds.release_on_behalf_of(token)
@@ -291,15 +290,25 @@ class SyncEngine:
         if store_error is not None:
             raise store_error
 
-    def _count(self, report: PassReport, name: str, outcomes: list[Outcome]) -> None:
+    def _count(self, report: PassReport, name: str, outcomes: list[Outcome]
+               ) -> tuple[int, int]:
+        """Add `outcomes` to the report; return how many were applied and how many
+        attempted ones failed (retried or dead)."""
+        applied = dead = retried = 0
         for outcome in outcomes:
-            if outcome.state is State.DONE:
-                report.applied += 1
-                report.by_sink[name] = report.by_sink.get(name, 0) + 1
-            elif outcome.state is State.DEAD:
-                report.dead += 1
+            state = outcome.state
+            if state is State.DONE:
+                applied += 1
+            elif state is State.DEAD:
+                dead += 1
             elif outcome.attempted:
-                report.retried += 1
+                retried += 1
+        report.applied += applied
+        report.dead += dead
+        report.retried += retried
+        if applied:
+            report.by_sink[name] = report.by_sink.get(name, 0) + applied
+        return applied, dead + retried
 
     # --- applying -----------------------------------------------------------------
 
@@ -333,6 +342,14 @@ class SyncEngine:
             # Part of the batch may be stored: every operation counts as attempted,
             # so its retry looks its key up first.
             results = [exc for _ in operations]
+
+        first = results[0] if results else None
+        if (isinstance(first, dict) and len(results) == len(operations)
+                and all(result is first for result in results)):
+            # The whole batch applied and shares one receipt, as the postgres sink's does.
+            done = State.DONE
+            outcomes.extend([Outcome(operation, done, first) for operation in operations])
+            return []
 
         left: list[Operation] = []
         for operation, result in zip(operations, results, strict=True):
