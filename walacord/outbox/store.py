@@ -327,12 +327,14 @@ class OutboxStore(OutboxQueries):
                     request.completion.finish_one()
 
     async def _commit(self, batch: list[_Request]) -> None:
-        """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
+        """Write a batch in one transaction: one INSERT, or BEGIN, one INSERT per chunk
+        and COMMIT.
 
         Keys are assumed new. The INSERT skips keys already stored and RETURNING lists
-        the rows it added; only then are the skipped keys read back. The statements
-        are queued on SQLite's thread together, so the common case waits for that
-        thread once, whatever the batch size.
+        the rows it added; only then are the skipped keys read back. A batch of up to
+        INSERT_CHUNK operations is one INSERT in autocommit mode, which SQLite commits
+        (with synchronous=FULL, durably) before the call returns, so the common case
+        waits for SQLite's thread once, whatever the batch size.
         """
         db = self._writer()
         now = time.time()
@@ -350,15 +352,19 @@ class OutboxStore(OutboxQueries):
                      op.ordering_key, now, now) for op in planned.values()]
             inserts = [self._insert_statement(rows[start:start + INSERT_CHUNK])
                        for start in range(0, len(rows), INSERT_CHUNK)]
-            # With one INSERT, COMMIT can go in the same queue: a failed INSERT is
-            # rolled back by SQLite, so that COMMIT stores nothing. With several, an
-            # earlier chunk could be committed after a later one failed.
-            one_chunk = len(inserts) == 1
-            statements = [("BEGIN IMMEDIATE", ()), *inserts]
+            # One INSERT is its own transaction, which SQLite rolls back when it fails.
+            # Several need BEGIN and COMMIT around them, or an earlier chunk would
+            # stay committed after a later one failed. An open transaction here means
+            # that a writer did not end its own. BEGIN then fails, instead of this
+            # INSERT joining that transaction uncommitted.
+            one_chunk = len(inserts) == 1 and not db.in_transaction
+            results: Sequence[Iterable[Any]]
             if one_chunk:
-                statements.append(("COMMIT", ()))
-            results = await execute_in_order(db, statements)
-            inserted = {row[0] for result in results[1:1 + len(inserts)] for row in result}
+                results = [await db.execute_fetchall(*inserts[0])]
+            else:
+                statements = [("BEGIN IMMEDIATE", ()), *inserts]
+                results = (await execute_in_order(db, statements))[1:]
+            inserted = {row[0] for result in results for row in result}
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
             rejected = self._conflicts(accepted, existing)
