@@ -14,6 +14,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,10 @@ INSERT_CHUNK = 1000
 # A small enqueue can still fit in the last free pages of a full file system. So the
 # disk-full state, and its alert, ends only once this much space is free again.
 DISK_FREE_TO_CLEAR = 1024 * 1024
+# Maximum interval between two checks for enqueues past `write_timeout`, in seconds.
+# A timed-out enqueue raises late by at most this, or by a quarter of write_timeout
+# when that is shorter.
+EXPIRY_CHECK_INTERVAL = 0.25
 
 
 @dataclass
@@ -73,10 +78,14 @@ class _Plan:
 
 
 class _Completion:
-    """Wakes the caller once the writer has finished every request it submitted."""
+    """Wakes the caller once the writer has finished every request it submitted, or
+    once its deadline (`anyio.current_time()` seconds) has passed."""
 
-    def __init__(self, requests: int) -> None:
+    def __init__(self, requests: int, deadline: float) -> None:
         self.remaining = requests
+        self.deadline = deadline
+        self.expired = False
+        self.stopped = False
         self.event = anyio.Event()
 
     def finish_one(self) -> None:
@@ -116,6 +125,9 @@ class OutboxStore(OutboxQueries):
         self._full_alerted = False
         self._send: MemoryObjectSendStream[_Request] | None = None
         self._receive: MemoryObjectReceiveStream[_Request] | None = None
+        # Completions of enqueue calls in the order of their deadlines. One task expires
+        # them, because a timer per call was a large share of an enqueue's CPU time.
+        self._waiting: deque[_Completion] = deque()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -127,10 +139,12 @@ class OutboxStore(OutboxQueries):
             self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._write_loop)
+                tasks.start_soon(self._expire_loop)
                 tasks.start_soon(self._maintenance_loop)
                 task_status.started()
         finally:
             self._send = None
+            self._stop_waiting()
             with anyio.CancelScope(shield=True):
                 await self.close()
 
@@ -279,20 +293,30 @@ class OutboxStore(OutboxQueries):
         Return per batch its results, or the OutboxError that rejected it. The
         batches reach the writer together, so they usually share one commit, but each
         is accepted or rejected on its own. Raise OutboxError when the store is not
-        running and TimeoutError as `enqueue()` does.
+        running or stops before the writer took the batches, and TimeoutError as
+        `enqueue()` does.
         """
         send = self._send
         if send is None:
             raise OutboxError("the outbox store is not running")
-        completion = _Completion(sum(1 for operations in batches if operations))
+        completion = _Completion(sum(1 for operations in batches if operations),
+                                 anyio.current_time() + self.config.write_timeout)
         requests = [_Request(operations, completion) if operations else None
                     for operations in batches]
         for request in requests:
             if request is not None:
                 send.send_nowait(request)
         if completion.remaining:
-            with anyio.fail_after(self.config.write_timeout):
-                await completion.event.wait()
+            self._waiting.append(completion)
+            await completion.event.wait()
+            if completion.stopped:
+                raise OutboxError("the outbox store stopped before it stored the "
+                                  "operations; enqueue the same keys again once walacord "
+                                  "runs, to learn their state")
+            if completion.expired:
+                raise TimeoutError(f"enqueue not committed within "
+                                   f"{self.config.write_timeout:g}s; enqueue the same keys "
+                                   "again to learn their state")
 
         outcomes: list[list[EnqueueResult] | OutboxError] = []
         for request in requests:
@@ -306,6 +330,27 @@ class OutboxStore(OutboxQueries):
                         reason=type(request.error).__name__).inc()
                 outcomes.append(request.error)
         return outcomes
+
+    async def _expire_loop(self) -> None:
+        """Wake the callers of enqueues that are still waiting after `write_timeout`."""
+        interval = min(EXPIRY_CHECK_INTERVAL, self.config.write_timeout / 4)
+        waiting = self._waiting
+        while True:
+            await anyio.sleep(interval)
+            now = anyio.current_time()
+            while waiting and (waiting[0].remaining == 0 or waiting[0].deadline <= now):
+                completion = waiting.popleft()
+                if completion.remaining:
+                    completion.expired = True
+                    completion.event.set()
+
+    def _stop_waiting(self) -> None:
+        """Wake every caller still waiting, because no writer will finish its enqueue."""
+        while self._waiting:
+            completion = self._waiting.popleft()
+            if completion.remaining:
+                completion.stopped = True
+                completion.event.set()
 
     async def _write_loop(self) -> None:
         assert self._receive is not None
