@@ -171,7 +171,9 @@ class AsyncOutboxClient:
         stream = self._stream
         if stream is None:
             raise WalacordError("client is not connected; use it as `async with`")
-        with anyio.fail_after(self.timeout):
+        # A bare CancelScope, because fail_after's context manager costs a few
+        # microseconds per call.
+        with anyio.CancelScope(deadline=anyio.current_time() + self.timeout) as scope:
             self._check_usable()
             # Queue the request and take the next place in the reading order with no
             # await in between, so that the reading order is the sending order.
@@ -203,6 +205,9 @@ class AsyncOutboxClient:
                     own_turn.event.set()
                 if self._last_turn is own_turn:
                     self._last_turn = None
+        if scope.cancelled_caught:
+            raise TimeoutError(f"{method} got no response from {self.path} within "
+                               f"{self.timeout:g}s")
         return _result(response, request_id)
 
     async def _send_outgoing(self, stream: SocketByteStream) -> None:
