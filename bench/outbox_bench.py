@@ -12,6 +12,7 @@
     python bench/outbox_bench.py               # full sizes, writes docs/benchmarks.md
     python bench/outbox_bench.py --quick --no-write
     python bench/outbox_bench.py --only postgres --backlog 20000   # one part, printed only
+    python bench/outbox_bench.py --only enqueue --socket-load single_sixteen
 
 NOTE: the client process and the daemon share the machine's cores, so on a small
 machine the client's CPU time still lowers the socket figures.
@@ -234,11 +235,13 @@ def run_client_load(path: str, spec: str) -> None:
     print(json.dumps(anyio.run(client_load, path, SocketLoad(**fields), run)))
 
 
-def bench_enqueue(base: Path, quick: bool) -> dict[str, Any]:
+def bench_enqueue(base: Path, quick: bool, labels: Sequence[str] | None = None
+                  ) -> dict[str, Any]:
+    """Run the enqueue anchors and the socket loads named in `labels` (None: all)."""
     count = 500 if quick else 3000
     scale = 8 if quick else 1
     loads = [dataclasses.replace(load, operations=load.operations // scale)
-             for load in SOCKET_LOADS]
+             for load in SOCKET_LOADS if labels is None or load.label in labels]
     results: dict[str, Any] = {}
     # Interleave the runs so that a change in disk load hits all of them alike.
     for label, run in (("raw", lambda d: raw_sqlite_inserts(d, count)),
@@ -538,6 +541,10 @@ def main() -> int:
     parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only this part (repeatable); implies --no-write, "
                              "because the page needs every part")
+    parser.add_argument("--socket-load", choices=[load.label for load in SOCKET_LOADS],
+                        action="append",
+                        help="run only this control-socket load in the enqueue part "
+                             "(repeatable); implies --no-write")
     parser.add_argument("--client-load", nargs=2, metavar=("SOCKET", "LOAD"),
                         help=argparse.SUPPRESS)  # internal: one socket client process
     args = parser.parse_args()
@@ -554,13 +561,13 @@ def main() -> int:
     parts = args.only or PARTS
     results: dict[str, Any] = {"filesystem": filesystem}
     if "enqueue" in parts:
-        results["enqueue"] = bench_enqueue(base, args.quick)
+        results["enqueue"] = bench_enqueue(base, args.quick, args.socket_load)
     if "postgres" in parts:
         results["postgres"] = bench_postgres(base, backlog)
     if "emulator" in parts:
         results["emulator"] = bench_emulator(base, emulator_backlog)
     print(json.dumps(results, indent=2))
-    if args.only:
+    if args.only or args.socket_load:
         return 0
 
     command = "python bench/outbox_bench.py" + (" --quick" if args.quick else "")

@@ -18,9 +18,9 @@ from typing import Any, Self
 
 import anyio
 import orjson
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from walacord.control.client import connect_failure
+from walacord.control.stream import SocketByteStream
 from walacord.errors import ControlClientError, ControlError, WalacordError
 
 PROTOCOL_VERSION = 1
@@ -65,9 +65,13 @@ def _check_finite(value: Any, where: str) -> None:
 
 
 def _encode(request_id: int, method: str, params: dict[str, Any]) -> bytes:
-    _check_finite(params, "params")
-    return orjson.dumps({"id": request_id, "method": method, "params": params,
-                         "version": PROTOCOL_VERSION}) + b"\n"
+    encoded = orjson.dumps({"id": request_id, "method": method, "params": params,
+                            "version": PROTOCOL_VERSION}) + b"\n"
+    # orjson writes NaN and the infinities as null, so only a request that contains
+    # null needs the walk over every value.
+    if b"null" in encoded:
+        _check_finite(params, "params")
+    return encoded
 
 
 def _parse(line: bytes) -> dict[str, Any]:
@@ -96,6 +100,17 @@ def _result(response: dict[str, Any], request_id: int) -> Any:
     return response.get("result")
 
 
+class _Turn:
+    """One call's place in the reading order of a connection."""
+
+    __slots__ = ("done", "event")
+
+    def __init__(self) -> None:
+        self.done = False
+        # Created only when a later call has to wait for this one.
+        self.event: anyio.Event | None = None
+
+
 class AsyncOutboxClient:
     """One connection to the control socket.
 
@@ -109,32 +124,42 @@ class AsyncOutboxClient:
     def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
         self.path = path
         self.timeout = timeout
-        self._stream: anyio.abc.SocketStream | None = None
-        self._reader: BufferedByteReceiveStream | None = None
+        self._stream: SocketByteStream | None = None
+        self._buffer = bytearray()  # received bytes not yet returned as a response line
         # Encoded requests not yet written, and whether a task is writing them.
         self._outgoing: list[bytes] = []
         self._sending = False
-        # Set once the previous request's response has been read: the next reader's turn.
-        self._read_turn: anyio.Event | None = None
+        # The turn of the call queued last, until its response has been read.
+        self._last_turn: _Turn | None = None
         self._broken: str | None = None
         self._next_id = 0
 
     async def __aenter__(self) -> Self:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
             with anyio.fail_after(self.timeout):
-                self._stream = await anyio.connect_unix(self.path)
+                while True:
+                    try:
+                        sock.connect(self.path)
+                        break
+                    except BlockingIOError:
+                        # The listen backlog is full, so wait until the socket accepts one.
+                        await anyio.wait_writable(sock)
         except OSError as exc:
+            sock.close()
             raise ControlClientError(connect_failure(self.path, exc, self.timeout)) from None
-        self._reader = BufferedByteReceiveStream(self._stream)
-        self._read_turn = anyio.Event()
-        self._read_turn.set()
+        except BaseException:
+            sock.close()
+            raise
+        self._stream = SocketByteStream(sock)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._stream is not None:
             await self._stream.aclose()
-        self._stream = self._reader = None
+        self._stream = None
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Send one request and return its result; raise ControlError on an error reply.
@@ -143,10 +168,12 @@ class AsyncOutboxClient:
         counted from when the call starts, including the wait for pipelined calls
         sent before it.
         """
-        if self._stream is None or self._reader is None or self._read_turn is None:
+        stream = self._stream
+        if stream is None:
             raise WalacordError("client is not connected; use it as `async with`")
-        reader = self._reader
-        with anyio.fail_after(self.timeout):
+        # A bare CancelScope, because fail_after's context manager costs a few
+        # microseconds per call.
+        with anyio.CancelScope(deadline=anyio.current_time() + self.timeout) as scope:
             self._check_usable()
             # Queue the request and take the next place in the reading order with no
             # await in between, so that the reading order is the sending order.
@@ -154,39 +181,73 @@ class AsyncOutboxClient:
             request_id = self._next_id + 1
             encoded = _encode(request_id, method, params or {})
             self._next_id = request_id
-            previous, own_turn = self._read_turn, anyio.Event()
-            self._read_turn = own_turn
+            previous, own_turn = self._last_turn, _Turn()
+            self._last_turn = own_turn
             self._outgoing.append(encoded)
             try:
                 if not self._sending:
-                    await self._send_outgoing(self._stream)
-                await previous.wait()
+                    await self._send_outgoing(stream)
+                if previous is not None and not previous.done:
+                    if previous.event is None:
+                        previous.event = anyio.Event()
+                    await previous.event.wait()
                 self._check_usable()
-                response = _parse(await reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
+                response = _parse(await self._receive_line(stream))
                 while _is_progress(response):
-                    response = _parse(await reader.receive_until(b"\n", MAX_RESPONSE_BYTES))
+                    response = _parse(await self._receive_line(stream))
             except BaseException as exc:
                 if self._broken is None:
                     self._broken = f"{method} failed: {exc!r}"
                 raise
             finally:
-                own_turn.set()
+                own_turn.done = True
+                if own_turn.event is not None:
+                    own_turn.event.set()
+                if self._last_turn is own_turn:
+                    self._last_turn = None
+        if scope.cancelled_caught:
+            raise TimeoutError(f"{method} got no response from {self.path} within "
+                               f"{self.timeout:g}s")
         return _result(response, request_id)
 
-    async def _send_outgoing(self, stream: anyio.abc.SocketStream) -> None:
+    async def _send_outgoing(self, stream: SocketByteStream) -> None:
         """Write queued requests until none is left.
 
         Requests that other tasks queue while a write is in progress go out together
-        in the next write, so pipelined calls cost few system calls.
+        in the next write, so pipelined calls cost few system calls. A request that
+        fits in the socket buffer is written without a wait.
         """
         self._sending = True
         try:
             while self._outgoing:
-                data = b"".join(self._outgoing)
+                data = b"".join(self._outgoing) if len(self._outgoing) > 1 \
+                    else self._outgoing[0]
                 self._outgoing.clear()
-                await stream.send(data)
+                sent = stream.send_nowait(data)
+                if sent < len(data):
+                    await stream.send(data[sent:])
         finally:
             self._sending = False
+
+    async def _receive_line(self, stream: SocketByteStream) -> bytes:
+        """Return the next response line without its newline."""
+        buffer = self._buffer
+        scanned = 0
+        while True:
+            newline = buffer.find(b"\n", scanned)
+            if newline >= 0:
+                line = bytes(buffer[:newline])
+                del buffer[:newline + 1]
+                return line
+            if len(buffer) > MAX_RESPONSE_BYTES:
+                raise WalacordError("response from walacord is larger than "
+                                    f"{MAX_RESPONSE_BYTES} bytes")
+            scanned = len(buffer)
+            try:
+                buffer += await stream.receive(65536)
+            except anyio.EndOfStream:
+                raise WalacordError("walacord closed the connection before responding"
+                                    ) from None
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -257,7 +318,7 @@ class OutboxClient:
         while b"\n" not in self._buffer:
             chunk = self._sock.recv(65536)
             if not chunk:
-                raise WalacordError("walacord closed the connection before answering")
+                raise WalacordError("walacord closed the connection before responding")
             self._buffer += chunk
             if len(self._buffer) > MAX_RESPONSE_BYTES:
                 raise WalacordError("response from walacord is larger than "

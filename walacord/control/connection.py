@@ -34,6 +34,7 @@ from walacord.control.protocol import (
     encode_progress,
 )
 from walacord.control.registry import Method, Peer
+from walacord.control.stream import SocketByteStream
 
 if TYPE_CHECKING:
     from walacord.control.server import ControlServer
@@ -70,9 +71,16 @@ class LineReader:
         self._discarding = False  # inside an oversized line that already got its error
         self._request_began: float | None = None
         self._closed = False
+        self._cancelled = False
+        self._receive_scope: anyio.CancelScope | None = None
 
-    async def read_line(self, idle_timeout: float, request_timeout: float) -> bytes | ReadEvent:
-        """Return the next line without its newline, or the ReadEvent that ended the read."""
+    async def read_line(self, idle_timeout: float, request_timeout: float
+                        ) -> bytes | ReadEvent | None:
+        """Return the next line without its newline, or the ReadEvent that ended the read.
+
+        Return None when `cancel()` stopped the read.
+        """
+        self._cancelled = False
         while True:
             # Step 1: return a complete line already in the buffer.
             newline = self._buffer.find(b"\n", self._start + self._scanned)
@@ -103,8 +111,16 @@ class LineReader:
                 self._drop_pending()
                 return ReadEvent.TRUNCATED if partial else ReadEvent.END_OF_STREAM
             event = await self._receive(idle_timeout, request_timeout)
+            if self._cancelled:
+                return None
             if event is not None:
                 return event
+
+    def cancel(self) -> None:
+        """Stop a `read_line()` that is waiting for bytes; it returns None."""
+        self._cancelled = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
 
     def waiting_for_request(self) -> bool:
         """Return whether no byte of a next request has arrived yet."""
@@ -147,14 +163,19 @@ class LineReader:
         else:
             assert self._request_began is not None
             deadline = self._request_began + request_timeout
+        # One scope serves both the deadline and cancel(), because each CancelScope
+        # costs microseconds and this runs once per request.
         try:
-            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+            with anyio.CancelScope(deadline=deadline) as scope:
+                self._receive_scope = scope
                 chunk = await self._stream.receive(READ_CHUNK_BYTES)
-        except TimeoutError:
-            return ReadEvent.IDLE_TIMEOUT if waiting_for_request else ReadEvent.REQUEST_TIMEOUT
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._closed = True
             return None
+        finally:
+            self._receive_scope = None
+        if scope.cancelled_caught:
+            return ReadEvent.IDLE_TIMEOUT if waiting_for_request else ReadEvent.REQUEST_TIMEOUT
 
         if self._start and self._start == len(self._buffer):
             self._drop_pending()
@@ -185,7 +206,6 @@ class Connection:
         self._output: list[bytes] = []
         self._output_bytes = 0
         self._reader: LineReader | None = None
-        self._read_scope: anyio.CancelScope | None = None
         self._idle_since: float | None = None  # anyio.current_time() the last read began
         self.evicted = False
 
@@ -202,8 +222,8 @@ class Connection:
     def evict(self) -> None:
         """Close this idle connection to admit another; it gets an EVICTED error first."""
         self.evicted = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def serve(self) -> None:
         try:
@@ -263,15 +283,11 @@ class Connection:
     async def _read_request(self, reader: LineReader) -> bytes | ReadEvent | None:
         """Read the next line as read_line does; return None when evict() cancelled the read."""
         config = self.server.runtime.config.control
-        with anyio.CancelScope() as scope:
-            self._read_scope = scope
-            self._idle_since = anyio.current_time()
-            try:
-                return await reader.read_line(config.idle_timeout, config.request_timeout)
-            finally:
-                self._read_scope = None
-                self._idle_since = None
-        return None
+        self._idle_since = anyio.current_time()
+        try:
+            return await reader.read_line(config.idle_timeout, config.request_timeout)
+        finally:
+            self._idle_since = None
 
     async def _serve_line(self, line: bytes, reader: LineReader) -> None:
         request = decode_request(line)
@@ -355,11 +371,17 @@ class Connection:
     async def _flush(self) -> None:
         if not self._output:
             return
-        data = b"".join(self._output)
+        data = b"".join(self._output) if len(self._output) > 1 else self._output[0]
         self._output.clear()
         self._output_bytes = 0
         timeout = self.server.runtime.config.control.write_timeout
         try:
+            # Most responses fit in the socket buffer at once, which needs no deadline.
+            if isinstance(self.stream, SocketByteStream):
+                sent = self.stream.send_nowait(data)
+                if sent == len(data):
+                    return
+                data = data[sent:]
             with anyio.fail_after(timeout):
                 await self.stream.send(data)
         except TimeoutError:

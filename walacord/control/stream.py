@@ -24,6 +24,7 @@ class SocketByteStream(ByteStream):
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
+        waited = False
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
@@ -31,12 +32,34 @@ class SocketByteStream(ByteStream):
                 data = self._sock.recv(max_bytes)
             except BlockingIOError:
                 await anyio.wait_readable(self._sock)
+                waited = True
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError from exc
+            if not waited:
+                # Yield once per receive, because `send_nowait()` does not yield and a
+                # peer that keeps the socket full must not hold the event loop. The
+                # yield is shielded, since a cancellation here would lose the bytes read.
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             if not data:
                 raise anyio.EndOfStream
             return data
+
+    def send_nowait(self, item: bytes) -> int:
+        """Write what the socket buffer takes of `item` now; return the bytes written.
+
+        Raise BrokenResourceError or ClosedResourceError as `send()` does. A short
+        response usually fits whole, so the caller skips `send()`'s deadline and
+        checkpoint.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        try:
+            return self._sock.send(item)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise anyio.BrokenResourceError from exc
 
     async def send(self, item: bytes) -> None:
         view = memoryview(item)

@@ -15,6 +15,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ INSERT_CHUNK = 1000
 DISK_FREE_TO_CLEAR = 1024 * 1024
 # Seconds between attempts to open the database while its file system is full at start-up.
 OPEN_RETRY_INTERVAL = 5.0
+# Maximum interval between two checks for enqueues past `write_timeout`, in seconds.
+# A timed-out enqueue raises late by at most this, or by a quarter of write_timeout
+# when that is shorter.
+EXPIRY_CHECK_INTERVAL = 0.25
 
 
 @dataclass
@@ -76,10 +81,14 @@ class _Plan:
 
 
 class _Completion:
-    """Wakes the caller once the writer has finished every request it submitted."""
+    """Wakes the caller once the writer has finished every request it submitted, or
+    once its deadline (`anyio.current_time()` seconds) has passed."""
 
-    def __init__(self, requests: int) -> None:
+    def __init__(self, requests: int, deadline: float) -> None:
         self.remaining = requests
+        self.deadline = deadline
+        self.expired = False
+        self.stopped = False
         self.event = anyio.Event()
 
     def finish_one(self) -> None:
@@ -122,6 +131,9 @@ class OutboxStore(OutboxQueries):
         self._full_alerted = False
         self._send: MemoryObjectSendStream[_Request] | None = None
         self._receive: MemoryObjectReceiveStream[_Request] | None = None
+        # Completions of enqueue calls in the order of their deadlines. One task expires
+        # them, because a timer per call was a large share of an enqueue's CPU time.
+        self._waiting: deque[_Completion] = deque()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -152,12 +164,14 @@ class OutboxStore(OutboxQueries):
             self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._write_loop)
+                tasks.start_soon(self._expire_loop)
                 tasks.start_soon(self._maintenance_loop)
                 self.opened.set()
                 if not started:
                     task_status.started()
         finally:
             self._send = None
+            self._stop_waiting()
             with anyio.CancelScope(shield=True):
                 await self.close()
 
@@ -346,20 +360,30 @@ class OutboxStore(OutboxQueries):
         Return per batch its results, or the OutboxError that rejected it. The
         batches reach the writer together, so they usually share one commit, but each
         is accepted or rejected on its own. Raise OutboxError when the store is not
-        running and TimeoutError as `enqueue()` does.
+        running or stops before the writer took the batches, and TimeoutError as
+        `enqueue()` does.
         """
         send = self._send
         if send is None:
             raise OutboxError("the outbox store is not running")
-        completion = _Completion(sum(1 for operations in batches if operations))
+        completion = _Completion(sum(1 for operations in batches if operations),
+                                 anyio.current_time() + self.config.write_timeout)
         requests = [_Request(operations, completion) if operations else None
                     for operations in batches]
         for request in requests:
             if request is not None:
                 send.send_nowait(request)
         if completion.remaining:
-            with anyio.fail_after(self.config.write_timeout):
-                await completion.event.wait()
+            self._waiting.append(completion)
+            await completion.event.wait()
+            if completion.stopped:
+                raise OutboxError("the outbox store stopped before it stored the "
+                                  "operations; enqueue the same keys again once walacord "
+                                  "runs, to learn their state")
+            if completion.expired:
+                raise TimeoutError(f"enqueue not committed within "
+                                   f"{self.config.write_timeout:g}s; enqueue the same keys "
+                                   "again to learn their state")
 
         outcomes: list[list[EnqueueResult] | OutboxError] = []
         for request in requests:
@@ -373,6 +397,27 @@ class OutboxStore(OutboxQueries):
                         reason=type(request.error).__name__).inc()
                 outcomes.append(request.error)
         return outcomes
+
+    async def _expire_loop(self) -> None:
+        """Wake the callers of enqueues that are still waiting after `write_timeout`."""
+        interval = min(EXPIRY_CHECK_INTERVAL, self.config.write_timeout / 4)
+        waiting = self._waiting
+        while True:
+            await anyio.sleep(interval)
+            now = anyio.current_time()
+            while waiting and (waiting[0].remaining == 0 or waiting[0].deadline <= now):
+                completion = waiting.popleft()
+                if completion.remaining:
+                    completion.expired = True
+                    completion.event.set()
+
+    def _stop_waiting(self) -> None:
+        """Wake every caller still waiting, because no writer will finish its enqueue."""
+        while self._waiting:
+            completion = self._waiting.popleft()
+            if completion.remaining:
+                completion.stopped = True
+                completion.event.set()
 
     async def _write_loop(self) -> None:
         assert self._receive is not None
@@ -394,12 +439,14 @@ class OutboxStore(OutboxQueries):
                     request.completion.finish_one()
 
     async def _commit(self, batch: list[_Request]) -> None:
-        """Write a batch in one transaction: BEGIN, one INSERT per chunk, COMMIT.
+        """Write a batch in one transaction: one INSERT, or BEGIN, one INSERT per chunk
+        and COMMIT.
 
         Keys are assumed new. The INSERT skips keys already stored and RETURNING lists
-        the rows it added; only then are the skipped keys read back. The statements
-        are queued on SQLite's thread together, so the common case waits for that
-        thread once, whatever the batch size.
+        the rows it added; only then are the skipped keys read back. A batch of up to
+        INSERT_CHUNK operations is one INSERT in autocommit mode, which SQLite commits
+        (with synchronous=FULL, durably) before the call returns, so the common case
+        waits for SQLite's thread once, whatever the batch size.
         """
         db = self._writer()
         now = time.time()
@@ -417,15 +464,19 @@ class OutboxStore(OutboxQueries):
                      op.ordering_key, now, now) for op in planned.values()]
             inserts = [self._insert_statement(rows[start:start + INSERT_CHUNK])
                        for start in range(0, len(rows), INSERT_CHUNK)]
-            # With one INSERT, COMMIT can go in the same queue: a failed INSERT is
-            # rolled back by SQLite, so that COMMIT stores nothing. With several, an
-            # earlier chunk could be committed after a later one failed.
-            one_chunk = len(inserts) == 1
-            statements = [("BEGIN IMMEDIATE", ()), *inserts]
+            # One INSERT is its own transaction, which SQLite rolls back when it fails.
+            # Several need BEGIN and COMMIT around them, or an earlier chunk would
+            # stay committed after a later one failed. An open transaction here means
+            # that a writer did not end its own. BEGIN then fails, instead of this
+            # INSERT joining that transaction uncommitted.
+            one_chunk = len(inserts) == 1 and not db.in_transaction
+            results: Sequence[Iterable[Any]]
             if one_chunk:
-                statements.append(("COMMIT", ()))
-            results = await execute_in_order(db, statements)
-            inserted = {row[0] for result in results[1:1 + len(inserts)] for row in result}
+                results = [await db.execute_fetchall(*inserts[0])]
+            else:
+                statements = [("BEGIN IMMEDIATE", ()), *inserts]
+                results = (await execute_in_order(db, statements))[1:]
+            inserted = {row[0] for result in results for row in result}
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
             rejected = self._conflicts(accepted, existing)
