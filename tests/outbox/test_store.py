@@ -85,6 +85,26 @@ async def test_enqueue_conflicting_key_rejects(open_store: StoreOpener) -> None:
     assert stats.conserved
 
 
+async def test_conflict_never_commits_rejected_rows(open_store: StoreOpener, db_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    async def crash(*args: object, **kwargs: object) -> set[str]:
+        raise sqlite3.OperationalError("stand-in for a crash before the rows are withdrawn")
+
+    async with open_store() as store:
+        await store.enqueue([walacor_op("stored")])
+        monkeypatch.setattr(store, "_withdraw", crash)
+        with pytest.raises(OutboxError):
+            await store.enqueue([walacor_op("fresh"), walacor_op("stored", size=10)])
+        with sqlite3.connect(db_path) as conn:
+            keys = [row[0] for row in conn.execute("SELECT key FROM operations ORDER BY id")]
+        stats = await store.check_conservation()
+
+    # The conflicting request's new key was never committed, not even for a moment.
+    assert keys == ["stored"]
+    assert stats.accepted == 1
+    assert stats.conserved
+
+
 async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> None:
     async with open_store() as store:
         commits_before = store.commits

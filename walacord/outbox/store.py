@@ -442,11 +442,13 @@ class OutboxStore(OutboxQueries):
         """Write a batch in one transaction: one INSERT, or BEGIN, one INSERT per chunk
         and COMMIT.
 
-        Keys are assumed new. The INSERT skips keys already stored and RETURNING lists
-        the rows it added; only then are the skipped keys read back. A batch of up to
-        INSERT_CHUNK operations is one INSERT in autocommit mode, which SQLite commits
-        (with synchronous=FULL, durably) before the call returns, so the common case
-        waits for SQLite's thread once, whatever the batch size.
+        Keys are assumed new. A batch of up to INSERT_CHUNK operations is first tried as
+        one INSERT in autocommit mode, which SQLite commits (with synchronous=FULL,
+        durably) before the call returns, so the common case waits for SQLite's thread
+        once, whatever the batch size. That INSERT fails as a whole when a key is
+        already stored. The batch then goes through a transaction whose INSERTs skip
+        stored keys, and the skipped keys are read back and checked for conflicts
+        before COMMIT, so a rejected request's rows are never committed.
         """
         db = self._writer()
         now = time.time()
@@ -462,31 +464,35 @@ class OutboxStore(OutboxQueries):
 
             rows = [(op.id, op.key, op.sink, op.target, op.payload, len(op.payload),
                      op.ordering_key, now, now) for op in planned.values()]
-            inserts = [self._insert_statement(rows[start:start + INSERT_CHUNK])
-                       for start in range(0, len(rows), INSERT_CHUNK)]
+            chunks = [rows[start:start + INSERT_CHUNK]
+                      for start in range(0, len(rows), INSERT_CHUNK)]
+            results: Sequence[Iterable[Any]] | None = None
             # One INSERT is its own transaction, which SQLite rolls back when it fails.
-            # Several need BEGIN and COMMIT around them, or an earlier chunk would
-            # stay committed after a later one failed. An open transaction here means
-            # that a writer did not end its own. BEGIN then fails, instead of this
-            # INSERT joining that transaction uncommitted.
-            one_chunk = len(inserts) == 1 and not db.in_transaction
-            results: Sequence[Iterable[Any]]
-            if one_chunk:
-                results = [await db.execute_fetchall(*inserts[0])]
-            else:
-                statements = [("BEGIN IMMEDIATE", ()), *inserts]
+            # An open transaction here means that a writer did not end its own. BEGIN
+            # then fails, instead of this INSERT joining that transaction uncommitted.
+            if len(chunks) == 1 and not db.in_transaction:
+                try:
+                    results = [await db.execute_fetchall(
+                        *self._insert_statement(chunks[0], skip_stored=False))]
+                except sqlite3.IntegrityError:
+                    results = None  # a key is already stored; nothing was committed
+            in_transaction = results is None
+            if results is None:
+                # Several chunks need BEGIN and COMMIT around them, or an earlier chunk
+                # would stay committed after a later one failed.
+                statements = [("BEGIN IMMEDIATE", ()),
+                              *(self._insert_statement(chunk) for chunk in chunks)]
                 results = (await execute_in_order(db, statements))[1:]
             inserted = {row[0] for result in results for row in result}
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
             rejected = self._conflicts(accepted, existing)
             if rejected:
-                # Only the duplicate path gets here. A rejected request stores nothing,
-                # so its new rows from this commit are deleted again.
-                inserted -= await self._withdraw(db, rejected, inserted,
-                                                 committed=one_chunk)
+                # A rejected request stores nothing, so its new rows are deleted again
+                # before COMMIT.
+                inserted -= await self._withdraw(db, rejected, inserted)
                 accepted = [request for request in accepted if request not in rejected]
-            if not one_chunk:
+            if in_transaction:
                 await db.execute("COMMIT")
         except sqlite3.Error as exc:
             await self._rollback_quietly(db)
@@ -587,28 +593,28 @@ class OutboxStore(OutboxQueries):
         return rejected
 
     async def _withdraw(self, db: aiosqlite.Connection, rejected: list[_Request],
-                        inserted: set[str], *, committed: bool) -> set[str]:
-        """Delete the rows that rejected requests added in this commit; return their keys."""
+                        inserted: set[str]) -> set[str]:
+        """Delete the rows that rejected requests added in the open transaction; return
+        their keys."""
         keys = {new.key for request in rejected for new in request.operations} & inserted
         if not keys:
             return keys
         params = (orjson.dumps(sorted(keys)).decode(),)
-        # NOTE: when the INSERT was already committed, a crash before this transaction
-        # keeps the rejected request's new keys as accepted operations.
-        statements: list[tuple[str, Sequence[Any]]] = [
+        await execute_in_order(db, [
             ("DELETE FROM operations WHERE key IN (SELECT value FROM json_each(?))", params),
-            ("UPDATE counters SET value = value - ? WHERE name = 'accepted'", (len(keys),))]
-        if committed:
-            statements = [("BEGIN IMMEDIATE", ()), *statements, ("COMMIT", ())]
-        await execute_in_order(db, statements)
+            ("UPDATE counters SET value = value - ? WHERE name = 'accepted'", (len(keys),))])
         return keys
 
     @staticmethod
-    def _insert_statement(rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+    def _insert_statement(rows: list[tuple[Any, ...]], *, skip_stored: bool = True
+                          ) -> tuple[str, list[Any]]:
+        """Return an INSERT of `rows` that lists the keys it added. With `skip_stored`
+        it skips keys already stored, else a stored key fails the whole statement."""
         values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+        conflict = " ON CONFLICT (key) DO NOTHING" if skip_stored else ""
         return ("INSERT INTO operations (id, key, sink, target, payload, size, ordering_key, "
-                f"created_at, updated_at) VALUES {values} ON CONFLICT (key) DO NOTHING "
-                "RETURNING key", [value for row in rows for value in row])
+                f"created_at, updated_at) VALUES {values}{conflict} RETURNING key",
+                [value for row in rows for value in row])
 
     def _alert_full(self, error: OutboxError) -> None:
         if not self._full_alerted:
