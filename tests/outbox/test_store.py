@@ -105,6 +105,29 @@ async def test_conflict_never_commits_rejected_rows(open_store: StoreOpener, db_
     assert stats.conserved
 
 
+async def test_stop_before_commit_reports_error(open_store: StoreOpener) -> None:
+    outcomes: list[object] = []
+
+    async def enqueue(store: OutboxStore) -> None:
+        try:
+            outcomes.append(await store.enqueue([walacor_op("late")]))
+        except OutboxError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as callers:
+        async with open_store() as store:
+            # A sync round holds the write lock, so the writer waits for it when the
+            # store stops.
+            await store.write_lock.acquire()
+            callers.start_soon(enqueue, store)
+            await anyio.sleep(0.2)
+        store.write_lock.release()
+
+    assert len(outcomes) == 1
+    assert isinstance(outcomes[0], OutboxError)
+    assert "stopped before it stored" in str(outcomes[0])
+
+
 async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> None:
     async with open_store() as store:
         commits_before = store.commits

@@ -431,11 +431,17 @@ class OutboxStore(OutboxQueries):
                 batch.append(request)
                 count += len(request.operations)
 
+            finished = False
             try:
                 async with self.writing():
                     await self._commit(batch)
+                finished = True
             finally:
                 for request in batch:
+                    if not finished:
+                        # Cancelled while waiting for the write lock (the commit
+                        # itself is shielded): nothing was stored for these callers.
+                        request.completion.stopped = True
                     request.completion.finish_one()
 
     async def _commit(self, batch: list[_Request]) -> None:
