@@ -228,9 +228,9 @@ class DatabaseProbeConfig(ProbeSettings):
     timeout: Duration = setting(1.5, min=0.01, max=600)
     slow_after: Duration = setting(0.5, min=0.001, max=600)
     fresh_connection_every: Duration = setting(
-        0.0, min=0, max=86400,
-        help="how often a run also opens a brand-new connection; 0 means every run, "
-             "which is what detects a frozen postmaster within one interval")
+        2.0, min=0, max=86400,
+        help="how often a run also opens a brand-new connection, which is what detects "
+             "a frozen postmaster; 0 means every run. Runs that see trouble always do")
     crash_watch: bool = setting(True, help="hold a LISTEN connection that sees a server "
                                            "close at once")
     heartbeat_host: str = setting("", help="row key of the write check; empty uses the "

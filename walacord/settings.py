@@ -10,12 +10,11 @@ so an operator sees all mistakes in one run.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NewType, TypeVar
 
@@ -113,7 +112,7 @@ class Decoder:
 
     def _unknown_key(self, key: str, known: set[str], prefix: str) -> None:
         full = f"{prefix}.{key}" if prefix else key
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        close = _close_matches(key, sorted(known), cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         valid = ", ".join(sorted(known))
         self.problem(full, f"unknown key{hint} (valid keys here: {valid})")
@@ -193,7 +192,7 @@ class Decoder:
                 return _INVALID
             choices = meta.get("choices")
             if choices and value not in choices:
-                close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+                close = _close_matches(value, choices, cutoff=0.5)
                 hint_text = f"; did you mean {close[0]!r}?" if close else ""
                 self.problem(key, f"invalid value {value!r}{hint_text} "
                                   f"(one of: {', '.join(choices)})")
@@ -229,3 +228,10 @@ def _describe(value: object) -> str:
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return f"{kind} {shown}"
+
+
+def _close_matches(word: str, candidates: Sequence[str], cutoff: float) -> list[str]:
+    # Imported here: only an invalid file needs difflib, and the daemon saves 0.2 MiB.
+    import difflib
+
+    return difflib.get_close_matches(word, candidates, n=1, cutoff=cutoff)

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from tests.chaos import faults
 from tests.conftest import wait_until
 from walacord.config import DatabaseConfig, DatabaseProbeConfig
 from walacord.dbpool import DatabasePool
@@ -49,6 +50,62 @@ async def test_database_probe_healthy(pg_db: str) -> None:
         row = conn.execute("SELECT counter FROM walacord.heartbeat WHERE host = 'test-host'"
                            ).fetchone()
     assert row == (2,)
+
+
+async def test_fresh_connection_every_run_at_interval(pg_db: str) -> None:
+    # Equal to the interval: every run opens one, even when jitter makes a run early.
+    settings = DatabaseProbeConfig(heartbeat_host="test-host", interval=2.0,
+                                   fresh_connection_every=2.0)
+    async with running_probe(pg_db, settings) as probe:
+        first = await probe.check()
+        probe._last_fresh = time.monotonic() - 1.8
+        second = await probe.check()
+    assert first.details["fresh_connection"] == "ok"
+    assert second.details["fresh_connection"] == "ok"
+
+
+async def test_fresh_connection_every_other_run(pg_db: str) -> None:
+    settings = DatabaseProbeConfig(heartbeat_host="test-host", interval=1.0,
+                                   fresh_connection_every=2.0)
+    async with running_probe(pg_db, settings) as probe:
+        first = await probe.check()
+        probe._last_fresh = time.monotonic() - 1.0
+        second = await probe.check()
+        probe._last_fresh = time.monotonic() - 2.0
+        third = await probe.check()
+    assert first.details["fresh_connection"] == "ok"
+    assert "fresh_connection" not in second.details
+    assert third.details["fresh_connection"] == "ok"
+
+
+async def test_fresh_connection_when_connections_high(pg_db: str) -> None:
+    # A count at connections_warning may be max_connections running out, which only a
+    # new connection shows, so every run opens one.
+    settings = DatabaseProbeConfig(heartbeat_host="test-host", fresh_connection_every=60,
+                                   connections_warning=0.0, connections_critical=1.0)
+    async with running_probe(pg_db, settings) as probe:
+        first = await probe.check()
+        second = await probe.check()
+    assert first.details["fresh_connection"] == "ok"
+    assert second.details["fresh_connection"] == "ok"
+
+
+async def test_fresh_connection_after_failure(own_pg_cluster: PgCluster) -> None:
+    settings = DatabaseProbeConfig(heartbeat_host="test-host", fresh_connection_every=60,
+                                   timeout=1.0)
+    async with running_probe(own_pg_cluster.url(), settings) as probe:
+        await probe.check()
+        probe._last_fresh = -float("inf")
+        # A frozen postmaster accepts no new session while the pooled one works.
+        with faults.postmaster_frozen(own_pg_cluster):
+            frozen = await probe.check()
+        thawed = await probe.check()
+        later = await probe.check()
+    assert frozen.status is Status.CRITICAL
+    assert frozen.reason == "timeout"
+    assert thawed.status is Status.OK, thawed.message
+    assert thawed.details["fresh_connection"] == "ok"
+    assert "fresh_connection" not in later.details
 
 
 async def test_database_probe_refused() -> None:

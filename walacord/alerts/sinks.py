@@ -23,6 +23,7 @@ from walacord.alerts.model import rfc3339
 from walacord.alerts.store import Delivery
 from walacord.errors import AlertDeliveryError
 from walacord.logs import ALERT_LOGGER
+from walacord.tls import client_context
 
 alert_log = logging.getLogger(ALERT_LOGGER)
 
@@ -83,7 +84,8 @@ class AlertmanagerSink:
         self.repeat_interval = repeat_interval
         # Proxy variables in walacord's environment are meant for other clients, and
         # Alertmanager is normally reached directly.
-        self.client = httpx.AsyncClient(timeout=timeout, trust_env=False)
+        self.client = httpx.AsyncClient(timeout=timeout, verify=client_context(),
+                                        trust_env=False)
 
     def body(self, batch: Sequence[Delivery], now: float) -> list[dict[str, Any]]:
         alerts = []

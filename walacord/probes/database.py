@@ -155,6 +155,7 @@ class DatabaseProbe:
         self._settings = settings
         self.abandoner = Abandoner()
         self._last_fresh = -float("inf")
+        self._fresh_failed = False
         self._schema_ready_generation = 0
         self._checkout_timeout = 1.0
         self._server_drop: ServerDrop | None = None
@@ -191,14 +192,37 @@ class DatabaseProbe:
                 and time.monotonic() - drop.at <= settings.timeout):
             return self._server_stopping_verdict(pooled, drop)
 
-        # Step 2: a brand-new connection, when due or when the pooled step failed.
+        # Step 2: a brand-new connection, when due or when this run or the last showed
+        # trouble.
         fresh: StepOutcome | None = None
         now = time.monotonic()
-        if pooled.failure is not None or now - self._last_fresh >= settings.fresh_connection_every:
+        if self._fresh_due(pooled, settings, now):
             self._last_fresh = now
             fresh = await self._step(self._fresh_step, step_deadline)
+            self._fresh_failed = fresh.failure is not None
 
         return self._verdict(pooled, fresh, settings)
+
+    def _fresh_due(self, pooled: StepOutcome, settings: DatabaseProbeConfig,
+                   now: float) -> bool:
+        """Return whether this run opens a new connection besides the pooled one.
+
+        The SCRAM handshake of a new connection is most of the probe's CPU, so it runs
+        every `fresh_connection_every`. It runs on the run nearest to that time, so
+        jittered runs at an interval equal to it each open one. Trouble brings it
+        forward: a failed pooled step or write check, or a failed new connection on the
+        last try. So does a connection count at its warning threshold, because that is
+        how max_connections exhaustion begins.
+        """
+        if pooled.failure is not None or pooled.write_failure is not None:
+            return True
+        if self._fresh_failed:
+            return True
+        figures = pooled.figures
+        if figures and (figures["connections"] / max(1, figures["max_connections"])
+                        >= settings.connections_warning):
+            return True
+        return now - self._last_fresh >= settings.fresh_connection_every - settings.interval / 2
 
     async def _step(self, function: Callable[[], Any], deadline: float) -> StepOutcome:
         limit = self.settings().max_abandoned

@@ -15,6 +15,7 @@ import httpx
 
 from walacord.config import ApiProbeConfig, HttpCheckConfig
 from walacord.probes.base import ProbeResult, Status
+from walacord.tls import client_context
 
 
 class ApiProbe:
@@ -41,7 +42,8 @@ class ApiProbe:
     async def check(self) -> ProbeResult:
         settings = self.settings()
         if self._client is None:
-            self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+            self._client = httpx.AsyncClient(verify=client_context(), trust_env=False,
+                                             follow_redirects=False)
         results: list[ProbeResult] = [ProbeResult.failed("error", "not run")] * len(settings.checks)
 
         async def one(index: int, item: HttpCheckConfig) -> None:

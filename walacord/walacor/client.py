@@ -24,6 +24,7 @@ from walacord.errors import (
     WalacorBadResponseError,
     WalacorTimeoutError,
 )
+from walacord.tls import client_context
 from walacord.walacor import exactly_once
 from walacord.walacor.classify import classify_transport_error, parse_response
 from walacord.walacor.results import QueryResult, StoredRecord, SubmitReceipt
@@ -73,9 +74,11 @@ class WalacorClient:
         self._password = password
         self._token: str | None = None
         self._token_lock = anyio.Lock()
+        # With trust_env and no CA bundle, httpx builds its own context, because only
+        # that one reads SSL_CERT_FILE and SSL_CERT_DIR. Otherwise the shared one is used.
         verify: ssl.SSLContext | bool = True
-        if ca_bundle is not None:
-            verify = ssl.create_default_context(cafile=ca_bundle)
+        if ca_bundle is not None or not trust_env:
+            verify = client_context(ca_bundle)
         self._http = httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(
