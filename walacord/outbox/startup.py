@@ -37,7 +37,8 @@ def fsync_self_test(directory: Path) -> float:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.unlink(path)
+            # Removed even when the write failed, so a full disk leaves no empty file.
+            path.unlink(missing_ok=True)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -92,6 +93,17 @@ def free_bytes(directory: Path) -> int:
     except OSError:
         return -1
     return stats.f_bavail * stats.f_frsize
+
+
+def has_free_space(directory: Path, wanted: int) -> bool:
+    """Tell whether `directory`'s file system has `wanted` bytes free, or a tenth of its
+    size when that is less, so that a small volume can leave the disk-full state."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    size = stats.f_blocks * stats.f_frsize
+    return stats.f_bavail * stats.f_frsize >= min(wanted, size // 10)
 
 
 def move_aside(path: Path) -> Path:

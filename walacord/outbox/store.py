@@ -54,10 +54,13 @@ SQL_KEYS_PER_QUERY = 500
 # 32766 host parameters (SQLite 3.32 and later).
 INSERT_CHUNK = 1000
 # A small enqueue can still fit in the last free pages of a full file system. So the
-# disk-full state, and its alert, ends only once this much space is free again.
+# disk-full state, and its alert, ends only once this much space is free again, or a
+# tenth of the file system on a smaller one.
 DISK_FREE_TO_CLEAR = 1024 * 1024
 # Seconds between attempts to open the database while its file system is full at start-up.
 OPEN_RETRY_INTERVAL = 5.0
+# Seconds between checks for free space while the disk-full state lasts.
+SPACE_CHECK_INTERVAL = 2.0
 # Maximum interval between two checks for enqueues past `write_timeout`, in seconds.
 # A timed-out enqueue raises late by at most this, or by a quarter of write_timeout
 # when that is shorter.
@@ -165,6 +168,7 @@ class OutboxStore(OutboxQueries):
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._write_loop)
                 tasks.start_soon(self._expire_loop)
+                tasks.start_soon(self._space_loop)
                 tasks.start_soon(self._maintenance_loop)
                 self.opened.set()
                 if not started:
@@ -193,9 +197,15 @@ class OutboxStore(OutboxQueries):
             raise OutboxDiskFull(self.unavailable)
 
     def _check_space_returned(self) -> None:
-        if self.disk_full and startup.free_bytes(self.path.parent) >= DISK_FREE_TO_CLEAR:
+        if self.disk_full and startup.has_free_space(self.path.parent, DISK_FREE_TO_CLEAR):
             self.disk_full = False
             log.info("outbox.disk_space_returned", extra={"fields": {"path": str(self.path)}})
+
+    async def _space_loop(self) -> None:
+        """Clear the disk-full state once space returns, without waiting for an enqueue."""
+        while True:
+            await anyio.sleep(SPACE_CHECK_INTERVAL)
+            self._check_space_returned()
 
     async def open(self) -> None:
         """Check the directory and database, migrate, and recover in-flight operations."""
