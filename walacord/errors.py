@@ -196,6 +196,11 @@ class OutboxDiskFull(OutboxError):
     """The state directory's file system is full, so no enqueue can be made durable."""
 
 
+class OutboxStateDirUnusable(OutboxError):
+    """The state directory cannot hold the outbox: it is read-only, not writable by
+    walacord, not a directory, or fails fsync."""
+
+
 class OutboxCorrupt(OutboxError):
     """The outbox database failed its integrity check and was moved aside."""
 

@@ -191,3 +191,39 @@ async def test_daemon_starts_on_full_disk(small_tmpfs: Path, tmp_path: Path,
     assert accepted[1]["key"] == "k-1"
     assert stats["accepted"] == 1
     assert stats["disk_full"] is False
+
+
+@pytest.fixture
+def read_only_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A read-only tmpfs as the state directory; skipped where mounting is not allowed."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                             str(directory)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.mark.slow
+async def test_daemon_starts_on_read_only_state_dir(read_only_tmpfs: Path, tmp_path: Path,
+                                                   pg_db: str) -> None:
+    config = daemon_config(tmp_path, pg_db, state=StateConfig(dir=str(read_only_tmpfs)),
+                           backup=BackupConfig(enabled=False))
+    socket = Path(config.control.socket)
+    async with running_daemon(config):
+        rejected = await walacorctl(socket, "enqueue", "--sink", "walacor", "--etid", "10001",
+                                    "--key", "k-1", "--data", "{}")
+        with anyio.fail_after(20):
+            while (status := await walacorctl(socket, "status"))[1].get("mode") != "emergency":  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+
+    error = rejected[1]["error"]
+    assert rejected[0] != 0
+    assert error["data"]["reason"] == "state_dir_unusable"
+    assert "Read-only file system" in error["message"]
+    assert "[state] dir" in error["message"]
+    assert "[state] dir" in status[1]["reason"]

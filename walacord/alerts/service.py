@@ -128,13 +128,14 @@ class AlertService:
     async def _open_store(self, path: Path, config: AlertsConfig) -> AlertStore:
         try:
             return await AlertStore.open(path, config.store_timeout)
-        except sqlite3.OperationalError as exc:
-            if not is_disk_full(exc, path.parent):
-                raise
-        # Alerts matter most when the disk is full, so they still run, without a
-        # durable queue, until walacord restarts with space free.
+        except (sqlite3.OperationalError, OSError) as exc:
+            error = "file system is full" if (
+                isinstance(exc, sqlite3.Error) and is_disk_full(exc, path.parent)) else str(exc)
+        # Alerts matter most when the state directory is full or unusable, so they still
+        # run, without a durable queue, until walacord restarts with a usable directory.
         log.error("alerts.store_in_memory", extra={"fields": {
-            "path": str(path), "error": "file system is full"}})
+            "path": str(path), "error": error,
+            "hint": "fix [state] dir and restart walacord to keep alerts across restarts"}})
         return await AlertStore.open(path, config.store_timeout, in_memory=True)
 
     async def _on_reload(self, new: Config) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from walacord.errors import OutboxDiskFull, OutboxError
+from walacord.errors import OutboxDiskFull, OutboxStateDirUnusable
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,10 @@ def fsync_self_test(directory: Path) -> float:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutboxDiskFull(f"fsync self-test in {directory} failed: {exc.strerror}; "
                                  "free space in the state directory") from exc
-        raise OutboxError(f"fsync self-test in {directory} failed: {exc.strerror}; the state "
-                          "directory must be writable, have free space and support "
-                          "fsync") from exc
+        raise OutboxStateDirUnusable(
+            f"fsync self-test in {directory} failed: {exc.strerror}; the state directory "
+            "([state] dir) must be a writable directory on a file system that supports "
+            "fsync") from exc
     return time.monotonic() - start
 
 

@@ -33,6 +33,7 @@ from walacord.errors import (
     OutboxDiskFull,
     OutboxError,
     OutboxFull,
+    OutboxStateDirUnusable,
 )
 from walacord.metrics import Metrics
 from walacord.outbox import startup
@@ -122,8 +123,10 @@ class OutboxStore(OutboxQueries):
         self.extend_start_timeout = extend_start_timeout
         self.moved_aside: Path | None = None
         self.disk_full = False
-        # Why the store cannot take requests yet (its file system was full at start-up).
+        # Why the store cannot take requests yet: at start-up its file system was full,
+        # or its directory was unusable (read-only, say).
         self.unavailable: str | None = None
+        self._unavailable_type: type[OutboxError] = OutboxDiskFull
         self.opened = anyio.Event()
         self.commits = 0  # group-commit transactions, for tests and the benchmark
         self._db: aiosqlite.Connection | None = None
@@ -153,7 +156,7 @@ class OutboxStore(OutboxQueries):
             try:
                 await self.open()
                 break
-            except OutboxDiskFull as exc:
+            except (OutboxDiskFull, OutboxStateDirUnusable) as exc:
                 self._open_failed(exc)
                 if not started:
                     task_status.started()
@@ -179,22 +182,26 @@ class OutboxStore(OutboxQueries):
             with anyio.CancelScope(shield=True):
                 await self.close()
 
-    def _open_failed(self, exc: OutboxDiskFull) -> None:
+    def _open_failed(self, exc: OutboxDiskFull | OutboxStateDirUnusable) -> None:
         first = self.unavailable is None
         self.unavailable = (f"the outbox cannot open {self.path}: {exc}. walacord retries every "
                             f"{OPEN_RETRY_INTERVAL:g} s and accepts operations once it opens")
+        self._unavailable_type = type(exc)
         if first:
             log.error("outbox.open_failed", extra={"fields": {
                 "path": str(self.path), "error": str(exc)}})
-        if not self.disk_full:
-            self.disk_full = True
-            self.on_alert("outbox_disk_full", f"file system of {self.path.parent} is full; "
-                                              "the outbox database cannot open")
+        if isinstance(exc, OutboxDiskFull):
+            if not self.disk_full:
+                self.disk_full = True
+                self.on_alert("outbox_disk_full", f"file system of {self.path.parent} is "
+                                                  "full; the outbox database cannot open")
+        elif first:
+            self.on_alert("outbox_state_dir", self.unavailable)
 
     def require_open(self) -> None:
-        """Raise OutboxDiskFull while the store could not open for lack of space."""
+        """Raise the start-up error while the store could not open its database."""
         if self.unavailable is not None:
-            raise OutboxDiskFull(self.unavailable)
+            raise self._unavailable_type(self.unavailable)
 
     def _check_space_returned(self) -> None:
         if self.disk_full and startup.has_free_space(self.path.parent, DISK_FREE_TO_CLEAR):
@@ -215,7 +222,8 @@ class OutboxStore(OutboxQueries):
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutboxDiskFull(f"cannot create {self.path.parent}: {exc.strerror}") from exc
-            raise
+            raise OutboxStateDirUnusable(
+                f"cannot create {self.path.parent} ([state] dir): {exc.strerror}") from exc
         with anyio.fail_after(self.config.open_timeout):
             seconds = await anyio.to_thread.run_sync(startup.fsync_self_test, self.path.parent)
         log.info("outbox.fsync_checked", extra={"fields": {"seconds": round(seconds, 4)}})
@@ -324,8 +332,9 @@ class OutboxStore(OutboxQueries):
 
     @property
     def full(self) -> bool:
-        """True while new operations are rejected for capacity or a full disk."""
-        return self.disk_full or self._over_capacity(1, 1)
+        """True while new operations are rejected for capacity, a full disk or an
+        unusable state directory."""
+        return self.disk_full or self.unavailable is not None or self._over_capacity(1, 1)
 
     @property
     def full_reason(self) -> str | None:
@@ -333,6 +342,8 @@ class OutboxStore(OutboxQueries):
         if self.disk_full:
             return (f"The outbox rejects new operations because the file system of "
                     f"{self.path.parent} is full.")
+        if self.unavailable is not None:
+            return f"The outbox rejects new operations because {self.unavailable}."
         if self._over_capacity(1, 1):
             return ("The outbox is full and rejects new operations until sync drains it or "
                     "its capacity is raised.")
