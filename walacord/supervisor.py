@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskGroup
@@ -29,6 +30,7 @@ from walacord.config import Config
 from walacord.errors import ConfigError, WalacordError
 from walacord.metrics import Metrics
 from walacord.runtime import Component, Runtime
+from walacord.statelock import StateDirLock
 from walacord.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,17 @@ class Supervisor:
             "database": cfg.database.url, "walacor": cfg.walacor.url,
             "http": cfg.http.listen, "control": cfg.control.socket}})
 
+        lock = StateDirLock(Path(cfg.state.dir))
+        lock.acquire()
+        try:
+            await self._run()
+        finally:
+            lock.release()
+        log.info("daemon.stopped")
+
+    async def _run(self) -> None:
+        runtime = self.runtime
+        cfg = runtime.config
         async with anyio.create_task_group() as tg:
             await tg.start(self._handle_signals)
 
@@ -114,8 +127,6 @@ class Supervisor:
             # Step 3: wait for SIGTERM/SIGINT, then drain and cancel.
             await runtime.stop_requested.wait()
             await self._shutdown(tg)
-
-        log.info("daemon.stopped")
 
     async def _run_component(self, component: Component, *,
                              task_status: anyio.abc.TaskStatus[None]) -> None:
