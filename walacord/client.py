@@ -90,10 +90,13 @@ def _is_progress(response: dict[str, Any]) -> bool:
 
 
 def _result(response: dict[str, Any], request_id: int) -> Any:
-    if response.get("id") != request_id:
+    error = response.get("error")
+    # A request the server could not read (too long, say) gets an error without an id.
+    # Responses come in request order, so it belongs to the request waiting first.
+    unread = response.get("id") is None and isinstance(error, dict)
+    if response.get("id") != request_id and not unread:
         raise WalacordError(f"response does not match request {request_id}: "
                             f"{str(response)[:200]}")
-    error = response.get("error")
     if error is not None:
         raise ControlError(int(error.get("code", 0)), str(error.get("message", "")),
                            error.get("data"))

@@ -12,7 +12,8 @@ from psycopg_pool import AsyncConnectionPool
 from tests.outbox.test_control import serving_outbox
 from walacord.client import AsyncOutboxClient, OutboxClient
 from walacord.config import Config, OutboxConfig
-from walacord.errors import ControlClientError, WalacordError
+from walacord.control.protocol import ErrorCode
+from walacord.errors import ControlClientError, ControlError, WalacordError
 from walacord.outbox.service import build_sinks
 
 pytestmark = pytest.mark.anyio
@@ -45,3 +46,21 @@ async def test_client_names_missing_socket(tmp_path: Path) -> None:
 
     for caught in (asynchronous, blocking):
         assert f"control socket {missing} not found" in str(caught.value)
+
+
+async def test_client_oversized_request_error(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    huge = {"note": "x" * (2 * 1024 * 1024)}
+    async with (serving_outbox(tmp_path, config, sinks) as (path, _),
+                AsyncOutboxClient(path, timeout=10) as client):
+        with pytest.raises(ControlError) as caught:
+            await client.enqueue_walacor(10001, key="huge-1", data=huge)
+        # The connection stays usable after the rejected request.
+        after = await client.enqueue_walacor(10001, key="small-1", data={"note": "x"})
+
+    assert caught.value.code == ErrorCode.REQUEST_TOO_LARGE
+    assert "request longer than" in str(caught.value)
+    assert after["key"] == "small-1"
