@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
@@ -64,3 +65,23 @@ async def test_client_oversized_request_error(
     assert caught.value.code == ErrorCode.REQUEST_TOO_LARGE
     assert "request longer than" in str(caught.value)
     assert after["key"] == "small-1"
+
+
+async def test_enqueue_with_healthy_sink_syncs_at_once(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    # The timer would wait an hour: only the enqueue itself can start the pass.
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    async with (serving_outbox(tmp_path, config, sinks) as (path, outbox),
+                AsyncOutboxClient(path, timeout=10) as client):
+        await anyio.sleep(0.2)  # let the start-up pass finish
+        await client.enqueue_postgres("insert_row", key="now-1",
+                                      params={"key": "now-1", "amount": 1})
+        with anyio.fail_after(5):
+            while (await outbox.store.stats()).done < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        stats = await outbox.store.stats()
+
+    assert stats.done == 1
+    assert stats.pending == 0

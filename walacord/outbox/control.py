@@ -122,6 +122,7 @@ async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, An
         results = await outbox.store.enqueue(parsed)
     except OutboxError as exc:
         raise _control_error(exc) from None
+    outbox.engine.operations_added(r.operation.sink for r in results if r.created)
     return _enqueue_reply(params, results)
 
 
@@ -143,11 +144,14 @@ async def outbox_enqueue_each(outbox: Outbox, params_list: list[dict[str, Any]]
         outcomes.append({})
 
     stored = await outbox.store.enqueue_each([parsed for _, parsed in valid])
+    added: set[str] = set()
     for (index, _), result in zip(valid, stored, strict=True):
         if isinstance(result, OutboxError):
             outcomes[index] = _control_error(result)
         else:
             outcomes[index] = _enqueue_reply(params_list[index], result)
+            added.update(r.operation.sink for r in result if r.created)
+    outbox.engine.operations_added(added)
     return outcomes
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,12 @@ class SyncEngine:
     def wake(self) -> None:
         """Start a pass soon without waiting for it."""
         self._wake.set()
+
+    def operations_added(self, sinks: Iterable[str]) -> None:
+        """Start a pass soon when a new operation's sink is healthy, so that it is
+        applied at once instead of on the next timer pass."""
+        if any(self.healthy.get(name, False) for name in sinks):
+            self._wake.set()
 
     async def sync_now(self) -> PassReport:
         """Start a pass over every sink, healthy or not, and return its report.
