@@ -87,7 +87,10 @@ async def test_sync_explains_operations_in_backoff(
     config = dataclasses.replace(outbox_config, sync_interval=3600.0, retry_initial=600.0,
                                  retry_max=600.0, statements={"broken": broken})
     sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
-    async with serving_outbox(tmp_path, config, sinks) as (path, _):
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        # A healthy sink would start a pass at the enqueue; here only `sync` applies.
+        outbox.engine.sink_unhealthy("postgres")
+
         def run(*args: str) -> tuple[int, str]:
             out = io.StringIO()
             code = walacorctl(["--socket", path, *args], stdout=out, stderr=io.StringIO())
@@ -161,3 +164,20 @@ async def test_data_over_request_limit(
     assert "[control] max_request_bytes" in err.getvalue()
     assert "Nothing was enqueued" in err.getvalue()
     assert stats.accepted == 0
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--sink", "walacor", "--etid", "1", "--key", "k", "--data", '"text"'],
+     "--data must be a JSON object"),
+    (["--sink", "walacor", "--etid", "1", "--key", "", "--data", "{}"], "--key is empty"),
+    (["--sink", "walacor", "--etid", "1", "--data", "{}"], "enqueue needs --key"),
+    (["--from-file", "ops.jsonl", "--key", "k"], "--from-file takes every field from the "
+                                                 "file; drop --key"),
+])
+def test_enqueue_flag_errors(args: list[str], expected: str, tmp_path: Path) -> None:
+    err = io.StringIO()
+    code = walacorctl(["--socket", str(tmp_path / "none.sock"), "enqueue", *args],
+                      stdout=io.StringIO(), stderr=err)
+
+    assert code == 2
+    assert expected in err.getvalue()

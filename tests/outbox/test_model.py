@@ -29,7 +29,7 @@ def parse(raw: object, max_bytes: int = 1024) -> object:
      "params", "this operation has 'data', but a postgres operation carries it in 'params'"),
     ({"sink": "walacor", "key": "k", "etid": 10001}, "data", "missing payload"),
     ({"sink": "walacor", "key": "k", "etid": 10001, "data": "{not json"}, "data",
-     "not valid JSON"),
+     "got a string that is not JSON"),
     ({"sink": "walacor", "key": "k", "etid": 10001, "data": [1, 2]}, "data", "JSON object"),
     ({"sink": "walacor", "key": "k", "etid": 10001, "data": {"x": "y" * 2000}}, "data",
      "maximum is 1024"),

@@ -91,12 +91,21 @@ def _usage(context: Context, error: UsageError) -> int:
 
 
 def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.sink or not args.key or args.data is None:
-        raise UsageError("enqueue needs --sink, --key and --data, or --from-file")
+    missing = [flag for flag, value in (("--sink", args.sink), ("--key", args.key),
+                                        ("--data", args.data)) if value is None]
+    if missing:
+        raise UsageError(f"enqueue needs {', '.join(missing)} (with --sink, --key and "
+                         "--data), or --from-file")
+    if not args.key.strip():
+        raise UsageError("--key is empty; give the operation's idempotency key, such as "
+                         "its payment id")
     try:
         payload = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
         raise UsageError(f"--data is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise UsageError(f"--data must be a JSON object, such as '{{\"amount\": 1}}'; got "
+                         f"{args.data[:60]}")
     operation: dict[str, Any] = {"sink": args.sink, "key": args.key}
     if args.sink == "walacor":
         operation.update(etid=args.etid, data=payload)
@@ -127,6 +136,13 @@ def enqueue_command(context: Context, args: argparse.Namespace) -> int:
     try:
         if args.from_file is None:
             return _enqueue_one(context, _operation_from_flags(args))
+        extra = [flag for flag, value in (
+            ("--sink", args.sink), ("--etid", args.etid), ("--statement", args.statement),
+            ("--key", args.key), ("--data", args.data), ("--ordering-key", args.ordering_key))
+            if value is not None]
+        if extra:
+            raise UsageError(f"--from-file takes every field from the file; drop "
+                             f"{', '.join(extra)}")
         operations, numbers = _read_lines(args.from_file)
     except UsageError as exc:
         return _usage(context, exc)

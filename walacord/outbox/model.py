@@ -186,6 +186,19 @@ def _check_parameters(name: str, statement: object, params: dict[str, Any], key:
             "needs; add them to params")
 
 
+def _json_type(value: Any) -> str:
+    """Name the JSON type of a decoded value, as a message shows it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else type(value).__name__
+
+
 def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     if field not in raw:
         other, sink = ("params", "walacor") if field == "data" else ("data", "postgres")
@@ -199,10 +212,13 @@ def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> tuple[dict[str,
         try:
             value = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
-            raise OutboxInvalidOperation(field, f"payload is not valid JSON: {exc}") from None
+            raise OutboxInvalidOperation(field, f"payload must be a JSON object, or a string "
+                                         f"that holds one; got a string that is not JSON "
+                                         f"({exc})") from None
 
     if not isinstance(value, dict):
-        raise OutboxInvalidOperation(field, "payload must be a JSON object")
+        raise OutboxInvalidOperation(field, f"payload must be a JSON object, got "
+                                     f"{_json_type(value)}")
 
     try:
         encoded = orjson.dumps(value)
