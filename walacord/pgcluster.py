@@ -153,6 +153,10 @@ class PgCluster:
             "max_connections": "100",
             "shared_buffers": "32MB",
             "log_min_messages": "warning",
+            # A client that stops during its login (a probe cancelled at shutdown)
+            # holds a backend that blocks DROP DATABASE until this timeout; 60 s is
+            # PostgreSQL's default.
+            "authentication_timeout": "'10s'",
             **self.settings,
         }
         with open(self.datadir / "postgresql.conf", "a") as handle:
