@@ -121,8 +121,12 @@ def test_dev_outage_scenario_timeline() -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert [m.group(1) for m in reached if m] == ["normal", "emergency", "offline", "normal"]
-    assert any(f"outbox accepted {operations} operations" in line and
-               f"pending {operations}," in line for line in timeline), timeline
+    accepted = [re.search(r"pending (\d+), in flight (\d+)", line) for line in timeline
+                if f"outbox accepted {operations} operations" in line]
+    # PostgreSQL is down, so its half stays undelivered; Walacor is still up then, and
+    # the enqueue may already have sent its half.
+    assert accepted and accepted[0], timeline
+    assert int(accepted[0].group(1)) + int(accepted[0].group(2)) >= OPERATIONS_PER_SINK
     assert any(f"applied {operations} of {operations}, pending 0" in line
                for line in timeline), timeline
     assert "done: every step passed" in timeline[-1]

@@ -43,7 +43,10 @@ async def test_walacorctl_enqueue_sync_and_inspect(
     await anyio.Path(jsonl).write_bytes(b"\n".join(lines) + b"\n")
 
     sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
-    async with serving_outbox(tmp_path, config, sinks) as (path, _):
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        # Operations stay pending until `sync`: a healthy sink would start a pass at
+        # each enqueue.
+        outbox.engine.sink_unhealthy("postgres")
         one = await run_walacorctl(path, "--json", "enqueue", "--sink", "postgres",
                                    "--statement", "insert_row", "--key", "single",
                                    "--data", '{"key": "single", "amount": 1}')

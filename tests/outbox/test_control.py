@@ -63,6 +63,9 @@ async def control_socket(tmp_path: Path, outbox_config: OutboxConfig,
     config = dataclasses.replace(outbox_config, max_operations=50, sync_interval=3600.0)
     sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
     async with serving_outbox(tmp_path, config, sinks) as served:
+        # Operations stay pending until a test syncs: a healthy sink would start a
+        # pass at each enqueue.
+        served[1].engine.sink_unhealthy("postgres")
         yield served
 
 
