@@ -18,6 +18,7 @@ from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manager import BACKUP_LOCK_KEY
 from walacord.backup.pgclient import find_client_bindir
+from walacord.backup.take import _full_disk_hint
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -286,3 +287,43 @@ async def test_take_unreachable_server_fails_cleanly(make_manager: ManagerFactor
     assert failures(manager.metrics, "dump") == 1
     assert [a.name for a in alerts] == [BACKUP_FAILED]
     assert backup_files(manager.directory) == []
+
+
+@pytest.fixture
+def full_backup_dir(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, filled but for 4 KiB, as the backup directory."""
+    import subprocess
+
+    directory = tmp_path / "full"
+    directory.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        with (directory / "filler").open("wb") as out:
+            out.write(b"\0" * (1024 * 1024 - 8192))
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+async def test_take_on_full_disk_says_so(make_manager: ManagerFactory,
+                                         full_backup_dir: Path) -> None:
+    manager = make_manager(directory=full_backup_dir, format="custom")
+
+    with pytest.raises(BackupError) as raised:
+        await manager.take()
+
+    # pg_dump reports the full disk itself here. When it exits 0 with a cut-short file
+    # instead, the archive check adds the hint tested below.
+    assert "No space left on device" in str(raised.value)
+    assert backup_files(manager.directory) == ["filler"]
+
+
+def test_full_disk_hint_names_free_bytes(full_backup_dir: Path, tmp_path: Path) -> None:
+    hint = _full_disk_hint(full_backup_dir)
+
+    assert f"the file system of {full_backup_dir} has only" in hint
+    assert "[backup] dir" in hint
+    assert _full_disk_hint(tmp_path) == ""

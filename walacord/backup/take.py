@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,7 +135,7 @@ async def take_backup(manager: BackupManager, *, progress: ProgressCallback | No
         sha256, list_result = await _hash_and_list(manager, partial, bindir)
     if not list_result.ok:
         raise BackupError(f"pg_dump exited 0 but its output is not a valid archive: "
-                          f"{list_result.error}")
+                          f"{list_result.error}{_full_disk_hint(partial.parent)}")
     size = partial.stat().st_size
 
     # 5. Manifest first, then the rename.
@@ -196,3 +197,19 @@ def _publish(directory: Path, manifest: Manifest, partial: Path, final: Path) ->
     write_manifest(directory, manifest)
     os.replace(partial, final)
     fsync_directory(directory)
+
+
+# Free bytes below which a cut-short dump is blamed on the file system.
+NEARLY_FULL = 1024 * 1024
+
+
+def _full_disk_hint(directory: Path) -> str:
+    """Return a hint when `directory`'s file system is nearly full, else ""."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    if free >= NEARLY_FULL:
+        return ""
+    return (f"; the file system of {directory} has only {free} bytes free, so the dump was "
+            "probably cut short there: free space, or set [backup] dir to a larger volume")
