@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import shutil
 import socket
 import threading
 import time
@@ -205,3 +206,18 @@ async def test_web_concurrent_scrapes_share_a_render(pg_db: str, tmp_path: Path)
     assert shared_renders <= 3, shared_renders
     for value, text in zip((1.0, 2.0, 3.0), seen, strict=True):
         assert f"walacord_test_value {value}" in text
+
+
+async def test_metrics_pass_promtool_lint(pg_db: str, tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: install the Debian package prometheus")
+    config = daemon_config(tmp_path, pg_db)
+    async with running_daemon(config), httpx.AsyncClient() as web:
+        body = (await web.get(f"http://{config.http.listen}/metrics")).content
+
+    result = await anyio.run_process([promtool, "check", "metrics"], input=body, check=False)
+
+    problems = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, problems
+    assert problems.strip() == ""

@@ -86,9 +86,9 @@ class Metrics:
         self.host_memory_used_ratio = Gauge(
             "walacord_host_memory_used_ratio", "Used fraction of the host's memory.",
             registry=registry)
-        self.walacor_tls_expiry_days = Gauge(
-            "walacord_walacor_tls_cert_expiry_days",
-            "Days until the Walacor server's TLS certificate expires.", registry=registry)
+        self.walacor_tls_expiry_seconds = Gauge(
+            "walacord_walacor_tls_cert_expiry_remaining_seconds",
+            "Seconds until the Walacor server's TLS certificate expires.", registry=registry)
         # --- outbox ---------------------------------------------------------------
         self.outbox_pending = Gauge(
             "walacord_outbox_pending_operations",
@@ -169,7 +169,7 @@ class Metrics:
             "walacord_backup_deleted_total", "Backups deleted by the retention policy.",
             registry=registry)
         self.backup_count = Gauge(
-            "walacord_backup_count", "Backups in the backup directory.", registry=registry)
+            "walacord_backups", "Backups in the backup directory.", registry=registry)
 
         # --- alerts -------------------------------------------------------------
         self.alerts = Gauge(

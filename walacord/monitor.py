@@ -203,7 +203,7 @@ class Monitor:
         elif name == "host":
             self._on_host_result(result)
         elif name == "walacor" and result.details.get("tls_days_left") is not None:
-            metrics.walacor_tls_expiry_days.set(result.details["tls_days_left"])
+            metrics.walacor_tls_expiry_seconds.set(result.details["tls_days_left"] * 86400)
 
     def _on_host_result(self, result: ProbeResult) -> None:
         details = result.details
