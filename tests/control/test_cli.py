@@ -134,6 +134,15 @@ def test_mode_set_rejects_bad_ttl(daemon: DaemonProcess) -> None:
     assert "invalid duration 'soon'" in result.stderr
 
 
+def test_mode_set_ttl_over_limit(daemon: DaemonProcess) -> None:
+    result = walacorctl("mode", "set", "emergency", "--ttl", "99999d", "--reason", "x",
+                        socket=daemon.socket)
+
+    assert result.returncode != 0
+    assert "got 8639913600 (99999.0 days)" in result.stderr
+    assert "e+" not in result.stderr
+
+
 def test_log_level_changes_daemon_level(daemon: DaemonProcess) -> None:
     result = walacorctl("log-level", "debug", socket=daemon.socket)
     assert result.returncode == 0, result.stderr

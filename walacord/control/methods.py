@@ -54,7 +54,8 @@ class ModeSetParams:
     def __post_init__(self) -> None:
         if not 0 < self.ttl_seconds <= MAX_OVERRIDE_SECONDS:
             raise ValueError(f"ttl_seconds must be above 0 and at most {MAX_OVERRIDE_SECONDS} "
-                             f"(7 days), got {self.ttl_seconds:g}")
+                             f"(7 days), got {self.ttl_seconds:.0f} "
+                             f"({self.ttl_seconds / 86400:.1f} days)")
         if not self.reason.strip():
             raise ValueError("reason must not be empty: say why the mode is forced")
         if len(self.reason) > MAX_REASON_CHARS:
