@@ -77,7 +77,7 @@ async def test_enqueue_conflicting_key_rejects(open_store: StoreOpener) -> None:
     assert "key 'stored' is already stored" in str(payload.value)
     assert "different payload" in str(payload.value)
     assert "different sink, target, payload" in str(sink.value)
-    assert "key 'twice'" in str(within.value)
+    assert "key 'twice' appears more than once in this request" in str(within.value)
     assert isinstance(shared[0], list)
     assert isinstance(shared[1], OutboxConflict)
     assert keys == ["stored", "other-1"]

@@ -557,7 +557,8 @@ class OutboxStore(OutboxQueries):
         for new in request.operations:
             earlier = planned.get(new.key) or own.get(new.key)
             if earlier is not None:
-                if self._conflicts([request], {new.key: earlier}):
+                if self._conflicts([request], {new.key: earlier},
+                                   same_request=new.key in own):
                     return False
                 results.append(EnqueueResult(earlier, created=False))
                 continue
@@ -597,9 +598,10 @@ class OutboxStore(OutboxQueries):
         request.results = results
         return True
 
-    def _conflicts(self, accepted: list[_Request], existing: dict[str, Operation]
-                   ) -> list[_Request]:
-        """Set OutboxConflict on requests that reuse a stored key with other content."""
+    def _conflicts(self, accepted: list[_Request], existing: dict[str, Operation], *,
+                   same_request: bool = False) -> list[_Request]:
+        """Set OutboxConflict on requests that reuse a stored key with other content, or,
+        with `same_request`, a key of an earlier operation in the same request."""
         rejected: list[_Request] = []
         for request in accepted:
             for new in request.operations:
@@ -609,14 +611,21 @@ class OutboxStore(OutboxQueries):
                 differs = [name for name, ours, theirs in (
                     ("sink", new.sink, stored.sink), ("target", new.target, stored.target),
                     ("payload", new.payload, stored.payload)) if ours != theirs]
-                if differs:
+                if not differs:
+                    continue
+                if same_request:
+                    request.error = OutboxConflict(
+                        f"key {new.key!r} appears more than once in this request, with a "
+                        f"different {', '.join(differs)}; nothing of this request was "
+                        "accepted. Give each operation its own key")
+                else:
                     request.error = OutboxConflict(
                         f"key {new.key!r} is already stored (operation {stored.id}) with a "
                         f"different {', '.join(differs)}; nothing of this request was "
                         "accepted. Use a new key for a different operation")
-                    request.results = []
-                    rejected.append(request)
-                    break
+                request.results = []
+                rejected.append(request)
+                break
         return rejected
 
     async def _withdraw(self, db: aiosqlite.Connection, rejected: list[_Request],
