@@ -103,6 +103,29 @@ async def test_reload_keeps_old_config_when_invalid(tmp_path: Path,
     assert sum(1 for line in lines if line.startswith("MONOTONIC_USEC=")) == 2
 
 
+@pytest.mark.anyio
+async def test_reload_back_to_start_config_needs_no_restart(tmp_path: Path) -> None:
+    path = tmp_path / "walacord.toml"
+    base = (f"[logging]\ndir = ''\n[http]\nlisten = ''\n[backup]\nenabled = false\n"
+            f"[control]\nsocket = '{tmp_path / 'control.sock'}'\n")
+    path.write_text(base + f"[state]\ndir = '{tmp_path / 'state'}'\n")
+    supervisor = Supervisor(config.load(path, {}), str(path), notifier=Notifier())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await supervisor.runtime.ready.wait()
+
+        path.write_text(base + f"[state]\ndir = '{tmp_path / 'elsewhere'}'\n")
+        assert await supervisor.reload() is True
+        changed = list(supervisor.runtime.restart_required)
+        path.write_text(base + f"[state]\ndir = '{tmp_path / 'state'}'\n")
+        assert await supervisor.reload() is True
+        restored = list(supervisor.runtime.restart_required)
+        supervisor.runtime.request_stop()
+
+    assert changed == ["state"]
+    assert restored == []
+
+
 def start_daemon(tmp_path: Path, notify: NotifyRecorder | None,
                  port: int) -> subprocess.Popen[str]:
     path = tmp_path / "walacord.toml"

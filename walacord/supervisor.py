@@ -73,6 +73,9 @@ class Supervisor:
             logs=logs._current,
         )
         self.runtime.reload_config = self.reload
+        # The config the daemon started with: restart-only settings keep these values
+        # until a restart, whatever later reloads load.
+        self._started_config = config
         self._component_factory = components
         self._reload_requested = anyio.Event()
 
@@ -200,7 +203,7 @@ class Supervisor:
             runtime.notifier.reloaded(runtime.status_line())
             return False
 
-        pending = restart_required(runtime.config, new)
+        pending = restart_required(self._started_config, new)
         for hook in runtime.reload_hooks:
             await hook(new)
         runtime.config = new
