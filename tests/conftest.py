@@ -219,3 +219,20 @@ def walacord_run(tmp_path: Path, extra_toml: str = "") -> Iterator[Path]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def mounted_tmpfs(directory: Path, options: str = "size=1m") -> Iterator[Path]:
+    """Mount a tmpfs with `options` on `directory`, created here, until the block ends;
+    skip the test where mounting is not allowed."""
+    import subprocess
+
+    directory.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)

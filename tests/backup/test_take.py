@@ -14,6 +14,7 @@ import anyio
 import psycopg
 import pytest
 
+from tests.conftest import mounted_tmpfs
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manager import BACKUP_LOCK_KEY
@@ -291,21 +292,11 @@ async def test_take_unreachable_server_fails_cleanly(make_manager: ManagerFactor
 
 @pytest.fixture
 def full_backup_dir(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, filled but for 4 KiB, as the backup directory."""
-    import subprocess
-
-    directory = tmp_path / "full"
-    directory.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    """A 1 MiB tmpfs, filled but for 8 KiB, as the backup directory."""
+    with mounted_tmpfs(tmp_path / "full") as directory:
         with (directory / "filler").open("wb") as out:
             out.write(b"\0" * (1024 * 1024 - 8192))
         yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 async def test_take_on_full_disk_says_so(make_manager: ManagerFactory,

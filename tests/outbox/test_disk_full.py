@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ import anyio
 import orjson
 import pytest
 
-from tests.conftest import daemon_config, running_daemon
+from tests.conftest import daemon_config, mounted_tmpfs, running_daemon
 from tests.outbox.conftest import Alerts, StoreOpener, walacor_op, walacor_rows_per_key
 from walacord.config import BackupConfig, StateConfig
 from walacord.errors import OutboxDiskFull
@@ -29,17 +28,9 @@ WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs as the state directory; skipped where mounting is not allowed."""
-    directory = tmp_path / "state"
-    directory.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    """A 1 MiB tmpfs as the state directory."""
+    with mounted_tmpfs(tmp_path / "state") as directory:
         yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 async def test_enqueue_disk_full_then_resumes(open_store: StoreOpener, small_tmpfs: Path,
@@ -195,17 +186,9 @@ async def test_daemon_starts_on_full_disk(small_tmpfs: Path, tmp_path: Path,
 
 @pytest.fixture
 def read_only_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A read-only tmpfs as the state directory; skipped where mounting is not allowed."""
-    directory = tmp_path / "read-only"
-    directory.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
-                             str(directory)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    """A read-only tmpfs as the state directory."""
+    with mounted_tmpfs(tmp_path / "read-only", "ro,size=1m") as directory:
         yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 @pytest.mark.slow
