@@ -96,15 +96,15 @@ def free_bytes(directory: Path) -> int:
     return stats.f_bavail * stats.f_frsize
 
 
-def has_free_space(directory: Path, wanted: int) -> bool:
-    """Tell whether `directory`'s file system has `wanted` bytes free, or a tenth of its
+def has_free_space(directory: Path, required: int) -> bool:
+    """Tell whether `directory`'s file system has `required` bytes free, or a tenth of its
     size when that is less, so that a small volume can leave the disk-full state."""
     try:
         stats = os.statvfs(directory)
     except OSError:
         return False
     size = stats.f_blocks * stats.f_frsize
-    return stats.f_bavail * stats.f_frsize >= min(wanted, size // 10)
+    return stats.f_bavail * stats.f_frsize >= min(required, size // 10)
 
 
 def move_aside(path: Path) -> Path:
