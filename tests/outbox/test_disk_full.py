@@ -194,8 +194,8 @@ def read_only_tmpfs(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.slow
 async def test_daemon_starts_on_read_only_state_dir(read_only_tmpfs: Path, tmp_path: Path,
                                                    pg_db: str) -> None:
-    config = daemon_config(tmp_path, pg_db, state=StateConfig(dir=str(read_only_tmpfs)),
-                           backup=BackupConfig(enabled=False))
+    # Backups stay on: their default directory, <state dir>/backups, cannot be created.
+    config = daemon_config(tmp_path, pg_db, state=StateConfig(dir=str(read_only_tmpfs)))
     socket = Path(config.control.socket)
     async with running_daemon(config):
         rejected = await walacorctl(socket, "enqueue", "--sink", "walacor", "--etid", "10001",

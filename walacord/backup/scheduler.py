@@ -102,8 +102,8 @@ class BackupScheduler:
             log.info("backup.disabled", extra={"fields": {"database": manager.database}})
             task_status.started()
             await anyio.sleep_forever()
-        with anyio.fail_after(self.config.query_timeout):
-            await anyio.to_thread.run_sync(_prepare_directory, manager)
+        if not await self._prepare(task_status):
+            task_status = anyio.TASK_STATUS_IGNORED  # already reported started
         manifests = await manager.list()
         drills = [m.drill.at for m in manifests if m.drill is not None and m.drill.ok]
         if drills:
@@ -125,6 +125,28 @@ class BackupScheduler:
             succeeded = await self.run_cycle("missed run at start-up") if missed else True
             while True:
                 succeeded = await self._sleep_until_next_run(retry=not succeeded)
+
+    async def _prepare(self, task_status: TaskStatus[None]) -> bool:
+        """Create the backup directory; return False when it reported started meanwhile.
+
+        A directory that cannot be created (read-only or full file system) must not stop
+        the daemon: it reports started, records a failure, which alerts, and retries
+        every `check_interval` until the directory works.
+        """
+        first = True
+        while True:
+            try:
+                with anyio.fail_after(self.config.query_timeout):
+                    await anyio.to_thread.run_sync(_prepare_directory, self.manager)
+                return first
+            except OSError as exc:
+                if first:
+                    await self.manager.record_failure("dump", None, OSError(
+                        exc.errno, f"cannot prepare the backup directory "
+                                   f"{self.manager.directory} ([backup] dir): {exc.strerror}"))
+                    task_status.started()
+                    first = False
+            await anyio.sleep(self.config.check_interval)
 
     async def _sleep_until_next_run(self, *, retry: bool) -> bool:
         """Sleep until the next daily start, or a retry when that comes first; run it."""
