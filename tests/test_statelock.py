@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.conftest import daemon_config, running_daemon
-from walacord.config import ControlConfig, HttpConfig
+from tests.conftest import daemon_config, mounted_tmpfs, running_daemon
+from walacord.config import BackupConfig, ControlConfig, HttpConfig, StateConfig
 from walacord.pgcluster import free_port
 from walacord.statelock import StateDirLock, StateDirLocked
 from walacord.supervisor import Supervisor
@@ -66,3 +66,25 @@ def test_unwritable_state_dir_is_not_locked(tmp_path: Path,
 
     # The daemon goes on and starts in emergency mode; the lock is only skipped.
     assert "state.lock_unavailable" in caplog.messages
+
+
+async def test_lock_taken_once_directory_is_writable(pg_db: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("walacord.supervisor.LOCK_RETRY_INTERVAL", 0.2)
+    with mounted_tmpfs(tmp_path / "state", "ro,size=4m") as state:
+        config = daemon_config(tmp_path, pg_db, state=StateConfig(dir=str(state)),
+                               backup=BackupConfig(enabled=False))
+        other = dataclasses.replace(
+            config, control=ControlConfig(socket=str(tmp_path / "other.sock")),
+            http=HttpConfig(listen=f"127.0.0.1:{free_port()}"))
+        async with running_daemon(config):
+            await anyio.run_process(["mount", "-o", "remount,rw", str(state)])
+            lock_file = state / "walacord.lock"
+            with anyio.fail_after(10):
+                while not (lock_file.exists() and lock_file.read_text().strip()):  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+            with pytest.raises(StateDirLocked), anyio.fail_after(10):
+                await Supervisor(other, None).run()
+            holder = lock_file.read_text().strip()
+
+    assert holder == str(os.getpid())

@@ -30,13 +30,27 @@ class StateDirLock:
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / LOCK_FILE
         self._fd: int | None = None
+        self._pid_written = False
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def complete(self) -> bool:
+        """True once the lock is held and the file names this process's PID."""
+        return self._fd is not None and self._pid_written
 
     def acquire(self) -> None:
         """Take the lock; raise StateDirLocked when another process holds it.
 
         A directory where the lock file cannot be created (read-only, full) is logged and
-        left unlocked, because the daemon must still start there in emergency mode.
+        left unlocked, because the daemon must still start there in emergency mode;
+        `held` then stays False, and the caller tries again later.
         """
+        if self._fd is not None:
+            self._write_pid()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -54,11 +68,17 @@ class StateDirLock:
                 f"directory {self.path.parent} ([state] dir); stop it, or give this daemon a "
                 "state directory of its own") from None
         self._fd = fd
+        self._write_pid()
+
+    def _write_pid(self) -> None:
+        if self._fd is None or self._pid_written:
+            return
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:
-            pass  # the PID is only a hint for the message above; a full disk may refuse it
+            return  # the PID is only a hint for the message above; a full disk may refuse it
+        self._pid_written = True
 
     def release(self) -> None:
         if self._fd is not None:

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 ComponentFactory = Callable[[Runtime], Sequence[Component]]
 
 
+# Seconds between attempts to take the state directory's lock after it could not be
+# created at start-up (a read-only or full state directory).
+LOCK_RETRY_INTERVAL = 5.0
 # Seconds between malloc_trim calls that return freed heap pages to the kernel.
 TRIM_INTERVAL = 60.0
 
@@ -90,16 +93,18 @@ class Supervisor:
         lock = StateDirLock(Path(cfg.state.dir))
         lock.acquire()
         try:
-            await self._run()
+            await self._run(lock)
         finally:
             lock.release()
         log.info("daemon.stopped")
 
-    async def _run(self) -> None:
+    async def _run(self, lock: StateDirLock) -> None:
         runtime = self.runtime
         cfg = runtime.config
         async with anyio.create_task_group() as tg:
             await tg.start(self._handle_signals)
+            if not lock.complete:
+                tg.start_soon(self._take_lock_later, lock)
 
             # Step 1: start components in order, each bounded by the start timeout.
             components = list(self._component_factory(runtime))
@@ -130,6 +135,20 @@ class Supervisor:
             # Step 3: wait for SIGTERM/SIGINT, then drain and cancel.
             await runtime.stop_requested.wait()
             await self._shutdown(tg)
+
+    async def _take_lock_later(self, lock: StateDirLock) -> None:
+        """Take the state directory's lock, and write the PID into it, once the directory
+        allows it.
+
+        Raise StateDirLocked, which stops this daemon, when another daemon took the lock
+        while this one ran without it: one daemon per directory, and the other holds it.
+        """
+        while not lock.complete:
+            await anyio.sleep(LOCK_RETRY_INTERVAL)
+            held = lock.held
+            lock.acquire()
+            if lock.held and not held:
+                log.info("state.lock_acquired", extra={"fields": {"path": str(lock.path)}})
 
     async def _run_component(self, component: Component, *,
                              task_status: anyio.abc.TaskStatus[None]) -> None:
