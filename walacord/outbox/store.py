@@ -60,6 +60,8 @@ INSERT_CHUNK = 1000
 DISK_FREE_TO_CLEAR = 1024 * 1024
 # Seconds between attempts to open the database while its file system is full at start-up.
 OPEN_RETRY_INTERVAL = 5.0
+# Seconds that closing the store waits for reads and writes in progress.
+CLOSE_WAIT = 10.0
 # Seconds between checks for free space while the disk-full state lasts.
 SPACE_CHECK_INTERVAL = 2.0
 # Maximum interval between two checks for enqueues past `write_timeout`, in seconds.
@@ -260,6 +262,18 @@ class OutboxStore(OutboxQueries):
             "recovered_in_flight": recovered}})
 
     async def close(self) -> None:
+        """Close both connections once the shielded reads and writes in progress end.
+
+        Those keep running after their caller was cancelled, so closing under them
+        would fail them with "no active connection". After CLOSE_WAIT it closes anyway.
+        """
+        with anyio.move_on_after(CLOSE_WAIT) as waiting:
+            async with self.write_lock, self.read_lock:
+                await self._close_connections()
+        if waiting.cancelled_caught:
+            await self._close_connections()
+
+    async def _close_connections(self) -> None:
         for connection in (self._reader, self._db):
             if connection is not None:
                 await connection.close()
