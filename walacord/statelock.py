@@ -45,8 +45,8 @@ class StateDirLock:
         """Take the lock; raise StateDirLocked when another process holds it.
 
         A directory where the lock file cannot be created (read-only, full) is logged and
-        left unlocked, because the daemon must still start there in emergency mode;
-        `held` then stays False, and the caller tries again later.
+        left unlocked, because the daemon must still start there in emergency mode.
+        `held` then stays False, so the caller tries again later.
         """
         if self._fd is not None:
             self._write_pid()
