@@ -96,6 +96,21 @@ def test_durations_accept_units(tmp_path: Path) -> None:
     assert loaded.database.checkout_timeout == 0.25
 
 
+def test_paths_are_normalised(tmp_path: Path) -> None:
+    """A trailing slash or a "./" does not make a different path, so a reload that only
+    adds one does not ask for a restart."""
+    file = tmp_path / "walacord.toml"
+    file.write_text('[state]\ndir = "/var/lib/walacord/"\n[logging]\ndir = "/var/log/./walacord"\n'
+                    '[backup]\ndir = ""\n')
+    cfg = config.load(file, {})
+    assert cfg.state.dir == "/var/lib/walacord"
+    assert cfg.logging.dir == "/var/log/walacord"
+    assert cfg.backup.dir == ""
+
+    from walacord.supervisor import restart_required
+    assert restart_required(config.load(None, {}), cfg) == []
+
+
 def test_invalid_toml_names_file(tmp_path: Path) -> None:
     found = problems(write(tmp_path, "[database\n"))
     assert str(tmp_path / "walacord.toml") in found[0]

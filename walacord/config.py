@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from walacord.errors import ConfigError, ConfigProblem
 from walacord.logs import redact
-from walacord.settings import Decoder, Duration, setting
+from walacord.settings import Decoder, Duration, PathSetting, setting
 
 # NOTE: 9877 was chosen from the 9100-9999 exporter range; check it against the
 # Prometheus wiki's default port allocations page before registering it there.
@@ -126,7 +126,8 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = setting("/run/walacord/control.sock", help="Unix socket path; empty disables")
+    socket: PathSetting = setting("/run/walacord/control.sock",
+                                  help="Unix socket path; empty disables")
     group: str = setting("walacord", help="group allowed to use the socket besides root")
     max_request_bytes: int = setting(1024 * 1024, min=1024, max=64 * 1024 * 1024)
     idle_timeout: Duration = setting(60.0, min=0.1, max=86400,
@@ -147,7 +148,8 @@ class ControlConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    dir: str = "/var/lib/walacord"
+    dir: PathSetting = setting("/var/lib/walacord", help="directory for the outbox, the "
+                               "alert state and the lock")
 
     def check(self) -> list[tuple[str, str]]:
         path = Path(self.dir)
@@ -159,7 +161,8 @@ class StateConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    dir: str = setting("/var/log/walacord", help="directory for the log files; empty disables")
+    dir: PathSetting = setting("/var/log/walacord",
+                               help="directory for the log files; empty disables")
     level: str = setting("info", choices=LOG_LEVELS)
     queue_size: int = setting(10000, min=100, max=10_000_000)
     repeat_window: Duration = setting(60.0, min=1, max=86400,
@@ -472,7 +475,7 @@ BACKUP_FORMATS = ("custom", "plain-gzip")
 @dataclass(frozen=True)
 class BackupConfig:
     enabled: bool = setting(True, help="take scheduled backups and drills")
-    dir: str = setting("", help="directory for dumps and manifests; empty means "
+    dir: PathSetting = setting("", help="directory for dumps and manifests; empty means "
                             "<[state] dir>/backups")
     url: str = setting("", secret=True,
                        help="libpq URL of the database to back up; empty uses [database] url")
@@ -504,7 +507,8 @@ class BackupConfig:
     query_timeout: Duration = setting(30.0, min=0.1, max=3600)
     check_interval: Duration = setting(300.0, min=1, max=86400,
                                        help="how often the backup age is checked for alerts")
-    pg_bindir: str = setting("", help="directory with pg_dump and pg_restore; empty finds one")
+    pg_bindir: PathSetting = setting("", help="directory with pg_dump and pg_restore; "
+                                                "empty finds one")
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

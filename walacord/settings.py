@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -22,6 +23,9 @@ from walacord.errors import ConfigProblem
 
 # Seconds, written in TOML as a number or a string with a unit: "500ms", "30s", "5m", "1h", "7d".
 Duration = NewType("Duration", float)
+# A filesystem path, written as a string. It is normalised ("/var/lib/walacord/" and
+# "/var/lib/walacord" are the same setting); an empty string stays empty.
+PathSetting = NewType("PathSetting", str)
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -144,6 +148,10 @@ class Decoder:
                 self.problem(key, f"invalid value {value!r}: {exc}")
                 return _INVALID
             return self._check_range(key, seconds, meta, unit="s")
+
+        if hint is PathSetting:
+            path = self._convert_scalar(key, str, value, meta)
+            return os.path.normpath(path) if isinstance(path, str) and path else path
 
         if dataclasses.is_dataclass(hint):
             return self.decode(hint, value, key)  # type: ignore[arg-type]

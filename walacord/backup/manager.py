@@ -49,6 +49,7 @@ from walacord.backup.verify import verify_backup
 from walacord.config import BackupConfig, Config
 from walacord.errors import BackupError
 from walacord.metrics import Metrics
+from walacord.settings import PathSetting
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class BackupManager:
             conninfo = config.database.conninfo()
         section = config.backup
         if not section.dir:
-            section = dataclasses.replace(section, dir=str(Path(config.state.dir) / "backups"))
+            section = dataclasses.replace(
+                section, dir=PathSetting(str(Path(config.state.dir) / "backups")))
         return cls(section, conninfo=conninfo, metrics=metrics, alert=alert)
 
     # --- shared pieces ---------------------------------------------------------------
