@@ -47,12 +47,15 @@ def test_dev_sandbox_starts_and_stops() -> None:
     parent.chmod(0o755)
     directory = parent / "sandbox"
     process = subprocess.Popen(
-        [sys.executable, "-m", "walacord", "dev", "--dir", str(directory)],
+        [sys.executable, "-m", "walacord", "dev", "--dir", str(directory),
+         "--http", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         banner = read_until(process, r"Ctrl-C", 90)
         health_url = next(line.split()[-1] for line in banner if "/api/health" in line)
+        # Port 0 asked for a free port; the banner shows the one the daemon listens on.
+        assert not health_url.startswith("http://127.0.0.1:0/"), health_url
         socket_line = next(line for line in banner if line.strip().startswith("control"))
         status = read_until(process, r"mode \w+ \| database up", 30)[-1]
         response = httpx.get(health_url, timeout=5)
@@ -145,7 +148,7 @@ def test_dev_invalid_config_exits() -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-m", "walacord", "dev", "--dir", str(directory),
-             "--http", "127.0.0.1:0"],
+             "--http", "127.0.0.1:99999"],
             capture_output=True, text=True, timeout=90)
         cluster = PgCluster(directory / "pg", port=int((directory / "pg.port").read_text()))
         still_running = cluster.is_running()
@@ -154,5 +157,5 @@ def test_dev_invalid_config_exits() -> None:
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "generated config is invalid" in result.stderr
-    assert "http.listen: invalid address '127.0.0.1:0'" in result.stderr
+    assert "http.listen: invalid address '127.0.0.1:99999'" in result.stderr
     assert not still_running

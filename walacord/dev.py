@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sandbox directory, reused across runs (default %(default)s)")
     parser.add_argument("--http", default="", metavar="HOST:PORT",
                         help=f"HTTP listen address (default: 127.0.0.1:{DEFAULT_HTTP_PORT}, "
-                             "or a free port when that one is taken)")
+                             "or a free port when that one is taken); port 0 picks a free "
+                             "port")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), metavar="NAME",
                         help="run a scripted story, print its timeline, then stop "
                              f"(one of: {', '.join(sorted(SCENARIOS))})")
@@ -93,6 +94,23 @@ def _default_listen() -> str:
         except OSError:
             return f"127.0.0.1:{free_port()}"
     return f"127.0.0.1:{DEFAULT_HTTP_PORT}"
+
+
+def _listen_address(requested: str) -> str:
+    """Return the sandbox's HTTP address: the default when none was given, and a free
+    port in place of port 0, because the banner and the config need the real port."""
+    if not requested:
+        return _default_listen()
+    host, _, port = requested.rpartition(":")
+    if port != "0" or not host:
+        return requested  # the config check names anything else that is wrong
+    bare = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET) as probe:
+        try:
+            probe.bind((bare, 0))
+        except OSError:
+            return requested
+        return f"{host}:{probe.getsockname()[1]}"
 
 
 def write_config(directory: Path, cluster: PgCluster, emulator_url: str, listen: str) -> Path:
@@ -205,7 +223,7 @@ async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
                 return 1
 
             # Step 3: the config, validated as the daemon would.
-            listen = args.http or _default_listen()
+            listen = _listen_address(args.http)
             config_path = write_config(directory, cluster, emulator_url, listen)
             try:
                 cfg = config_module.load(config_path)
