@@ -173,6 +173,11 @@ async def test_data_over_request_limit(
     (["--sink", "walacor", "--etid", "1", "--data", "{}"], "enqueue needs --key"),
     (["--from-file", "ops.jsonl", "--key", "k"], "--from-file takes every field from the "
                                                  "file; drop --key"),
+    (["--sink", "postgres", "--etid", "10001", "--key", "k", "--data", "{}"],
+     "--etid does not apply to --sink postgres: a PostgreSQL operation names its configured "
+     "statement with --statement NAME"),
+    (["--sink", "walacor", "--statement", "s", "--key", "k", "--data", "{}"],
+     "--statement does not apply to --sink walacor"),
 ])
 def test_enqueue_flag_errors(args: list[str], expected: str, tmp_path: Path) -> None:
     err = io.StringIO()
@@ -181,3 +186,45 @@ def test_enqueue_flag_errors(args: list[str], expected: str, tmp_path: Path) -> 
 
     assert code == 2
     assert expected in err.getvalue()
+
+
+def test_outbox_show_needs_id_or_key(tmp_path: Path) -> None:
+    for args in ([], ["7", "--key", "k"]):
+        err = io.StringIO()
+        code = walacorctl(["--socket", str(tmp_path / "none.sock"), "outbox", "show", *args],
+                          stdout=io.StringIO(), stderr=err)
+        assert code == 2
+        assert "pass an operation id or --key KEY, not both" in err.getvalue()
+
+
+async def test_from_file_stdin_and_line_limit(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    lines = b"".join(b'{"sink": "postgres", "statement": "insert_row", "key": "s%d", '
+                     b'"params": {"key": "s%d", "amount": 1}}\n' % (i, i) for i in range(3))
+    # One line bigger than any request, with no newline in sight: rejected after the
+    # limit is read, not after the whole line.
+    monkeypatch.setattr("walacord.outbox.commands.MAX_LINE_BYTES", 1000)
+    huge = b'{"sink": "walacor", "data": "' + b"x" * 5000 + b'"}\n'
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        out, err = io.StringIO(), io.StringIO()
+        code = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "--json", "enqueue", "--from-file", "-"],
+            stdout=out, stderr=err, stdin=io.BytesIO(lines)))
+        show_out = io.StringIO()
+        await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "--json", "outbox", "show", "--key", "s1"],
+            stdout=show_out, stderr=io.StringIO()))
+        huge_err = io.StringIO()
+        huge_code = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "enqueue", "--from-file", "-"],
+            stdout=io.StringIO(), stderr=huge_err, stdin=io.BytesIO(lines + huge)))
+        stats = await outbox.store.stats()
+
+    assert code == 0, err.getvalue()
+    assert '"key":"s1"' in show_out.getvalue().replace(" ", "")
+    assert huge_code == 2
+    assert "-:4: line longer than 1000 bytes" in huge_err.getvalue()
+    assert stats.accepted == 3

@@ -130,6 +130,9 @@ async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
         rest = await client.call("outbox.list", {"limit": 10,
                                                  "after_id": page["next_after_id"]})
         first_operation = await client.call("outbox.show", {"id": ids[0]})
+        by_key = await client.call("outbox.show", {"key": "op-2"})
+        with pytest.raises(ControlError) as unknown_key:
+            await client.call("outbox.show", {"key": "no-such-key"})
         exported = await client.call("outbox.export", {"state": "pending"})
         with pytest.raises(ControlError) as unconfirmed:
             await client.call("outbox.drop", {"id": ids[1]})
@@ -143,6 +146,9 @@ async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
     assert [op["key"] for op in rest["operations"]] == ["op-2", "op-3", "op-4"]
     assert rest["next_after_id"] is None
     assert first_operation["payload"] == {"i": 0}
+    assert (by_key["id"], by_key["payload"]) == (ids[2], {"i": 2})
+    assert unknown_key.value.data == {"reason": "not_found"}
+    assert "no outbox operation has key 'no-such-key'" in unknown_key.value.message
     assert len(exported["operations"]) == 5
     assert unconfirmed.value.data == {"field": "confirm"}
     assert dropped["dropped"]["key"] == "op-1"

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 
@@ -54,6 +54,8 @@ class Context:
     json: bool
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
+    # None reads sys.stdin, looked up only when a command reads it.
+    stdin: BinaryIO | None = None
 
     def call(self, method: str, params: dict[str, Any] | None = None, *,
              progress: bool = False) -> Any:
@@ -110,13 +112,13 @@ def _positive_seconds(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
-         stderr: TextIO | None = None) -> int:
+         stderr: TextIO | None = None, stdin: BinaryIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     handler: Handler = args.handler
     with ControlClient(args.socket, args.timeout) as client:
-        context = Context(client, args.json, out, err)
+        context = Context(client, args.json, out, err, stdin)
         try:
             return handler(context, args)
         except ControlClientError as exc:

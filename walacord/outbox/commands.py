@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
@@ -23,6 +25,9 @@ FILE_BATCH = 1000
 # ([control] max_request_bytes); a daemon with a lower limit makes walacorctl halve it.
 REQUEST_BUDGET = 512 * 1024
 EXPORT_PAGE = 1000
+# Longest --from-file line read: the largest request any daemon takes ([control]
+# max_request_bytes at its maximum). A longer line is rejected before it is read whole.
+MAX_LINE_BYTES = 64 * 1024 * 1024
 STATES = ("pending", "in_flight", "done", "dead")
 
 
@@ -38,7 +43,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     enqueue.add_argument("--ordering-key", help="operations sharing it are applied in order")
     enqueue.add_argument("--from-file", type=Path, metavar="FILE",
                          help="JSON lines, one operation each, e.g. {\"sink\": \"walacor\", "
-                              "\"etid\": 10001, \"key\": \"k1\", \"data\": {...}}")
+                              "\"etid\": 10001, \"key\": \"k1\", \"data\": {...}}; - reads "
+                              "standard input")
     enqueue.set_defaults(handler=enqueue_command)
 
     outbox = commands.add_parser("outbox", help="inspect and act on outbox operations")
@@ -55,8 +61,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          help="start after this operation id")
     listing.set_defaults(handler=list_command)
 
-    show = actions.add_parser("show", help="one operation with its payload and receipt")
-    show.add_argument("id", type=int)
+    show = actions.add_parser("show", help="one operation with its payload and receipt, by "
+                                           "id or by --key")
+    show.add_argument("id", type=int, nargs="?", help="operation id, as `outbox list` shows")
+    show.add_argument("--key", help="the idempotency key the operation was enqueued with")
     show.set_defaults(handler=show_command)
 
     retry = actions.add_parser("retry", help="return a dead operation to pending")
@@ -96,6 +104,16 @@ def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise UsageError(f"enqueue needs {', '.join(missing)} (with --sink, --key and "
                          "--data), or --from-file")
+    misplaced = {
+        "walacor": ("--statement", args.statement,
+                    "a Walacor record names its envelope type with --etid N"),
+        "postgres": ("--etid", args.etid,
+                     "a PostgreSQL operation names its configured statement with "
+                     "--statement NAME"),
+    }
+    flag, value, fix = misplaced[args.sink]
+    if value is not None:
+        raise UsageError(f"{flag} does not apply to --sink {args.sink}: {fix}")
     if not args.key.strip():
         raise UsageError("--key is empty; give the operation's idempotency key, such as "
                          "its payment id")
@@ -116,12 +134,26 @@ def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     return operation
 
 
-def _read_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """Return the file's operations and the line number of each."""
+def _read_lines(path: Path, stdin: BinaryIO | None) -> tuple[list[dict[str, Any]], list[int]]:
+    """Return the file's operations and the line number of each.
+
+    Path "-" reads `stdin`, or standard input when `stdin` is None.
+    """
     operations = []
     numbers = []
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
+    if str(path) == "-":
+        source: contextlib.AbstractContextManager[BinaryIO] = contextlib.nullcontext(
+            stdin or sys.stdin.buffer)
+    else:
+        source = path.open("rb")
+    with source as handle:
+        number = 0
+        while line := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                raise UsageError(f"{path}:{number}: line longer than {MAX_LINE_BYTES} bytes, "
+                                 "more than any daemon takes in one request; put one "
+                                 "operation on each line and shrink this one")
             if not line.strip():
                 continue
             try:
@@ -143,7 +175,7 @@ def enqueue_command(context: Context, args: argparse.Namespace) -> int:
         if extra:
             raise UsageError(f"--from-file takes every field from the file; drop "
                              f"{', '.join(extra)}")
-        operations, numbers = _read_lines(args.from_file)
+        operations, numbers = _read_lines(args.from_file, context.stdin)
     except UsageError as exc:
         return _usage(context, exc)
     except OSError as exc:
@@ -276,7 +308,10 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def show_command(context: Context, args: argparse.Namespace) -> int:
-    context.print_json(context.call("outbox.show", {"id": args.id}))
+    if (args.id is None) == (args.key is None):
+        return _usage(context, UsageError("pass an operation id or --key KEY, not both"))
+    params = {"id": args.id} if args.key is None else {"key": args.key}
+    context.print_json(context.call("outbox.show", params))
     return 0
 
 

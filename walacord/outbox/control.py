@@ -174,8 +174,16 @@ async def outbox_list(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def outbox_show(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
+    """Return one operation with its payload, by `id` or by idempotency `key`."""
+    key = params.get("key")
+    if key is not None and "id" in params:
+        raise ControlError(INVALID_PARAMS, "pass id or key, not both", {"field": "key"})
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ControlError(INVALID_PARAMS, f"key: expected a non-empty string, got {key!r}",
+                           {"field": "key"})
     try:
-        operation = await outbox.store.get(_int_param(params, "id"))
+        operation = await (outbox.store.get_by_key(key) if key is not None
+                           else outbox.store.get(_int_param(params, "id")))
     except OutboxError as exc:
         raise _control_error(exc) from None
     return operation.to_json()

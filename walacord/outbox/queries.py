@@ -400,6 +400,15 @@ class OutboxQueries:
             raise OutboxNotFound(f"no outbox operation has id {op_id}")
         return row_to_operation(row)
 
+    async def get_by_key(self, key: str) -> Operation:
+        rows = await self._read().execute_fetchall(
+            f"SELECT {COLUMNS} FROM operations WHERE key = ?", (key,))
+        row = next(iter(rows), None)
+        if row is None:
+            raise OutboxNotFound(f"no outbox operation has key {key!r}; done operations "
+                                 "are compacted after the retention period")
+        return row_to_operation(row)
+
     async def list(self, *, states: Sequence[State] = (), after_id: int = 0,
                    limit: int = 100) -> list[Operation]:
         """Return operations with id > `after_id` in id order, optionally by state."""
