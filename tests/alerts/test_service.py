@@ -101,6 +101,44 @@ async def test_service_queue_survives_restart(tmp_path: Path, receiver: Receiver
     assert receiver.alerts()[0]["labels"]["probe"] == "walacor"
 
 
+async def test_service_moves_to_alerts_db_when_state_dir_returns(
+        tmp_path: Path, receiver: Receiver, alert_log_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("walacord.alerts.service.DURABLE_RETRY_INTERVAL", 0.1)
+    state = tmp_path / "state"
+    state.write_text("a file where the state directory should be")
+    runtime = make_runtime(state, alertmanager_url=receiver.url, **FAST)
+    service = AlertService(runtime)
+    down = rules.probe_down("walacor", False, runtime.config.alerts)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        assert service.store is not None
+        started_in_memory = service.store.in_memory
+        service.observe(down)
+        await wait_for(lambda: sample(runtime, "walacord_alert_delivery_queue_length") == 1)
+        silence = await service.silence("probe=database", 3600, "maintenance")
+
+        state.unlink()
+        await wait_for(lambda: service.store is not None and not service.store.in_memory)
+        stored = await AlertStore.open(state / "alerts.db", 5.0)
+        queued = await stored.pending("alertmanager", 10)
+        silences = await stored.silences(time.time())
+        firing = await stored.firing()
+        await stored.close()
+
+        await receiver.start()
+        await wait_for(lambda: len(receiver.alerts()) == 1)
+        await anyio.sleep(0.3)  # the moved row is delivered once, not once per store
+        tg.cancel_scope.cancel()
+
+    assert started_in_memory
+    assert [(d.fingerprint, d.kind) for d in queued] == [(down.fingerprint, "firing")]
+    assert [s.id for s in silences] == [silence.id]
+    assert [d["fingerprint"] for d in firing] == [down.fingerprint]
+    assert len(receiver.alerts()) == 1
+
+
 async def test_service_critical_log_raises_alert(tmp_path: Path, alert_log_dir: Path) -> None:
     runtime = make_runtime(tmp_path, **FAST, critical_error_resolve_after=0.5)
     service = AlertService(runtime)

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 DB_FILE = "alerts.db"
 STORE_ERRORS = (TimeoutError, OSError, sqlite3.Error)
 IDLE_WAKE = 5.0
+# Seconds between attempts to move from the in-memory store back to alerts.db, after
+# the state directory could not hold it.
+DURABLE_RETRY_INTERVAL = 30.0
 
 
 class CriticalLogHandler(logging.Handler):
@@ -82,6 +85,10 @@ class AlertService:
         self._failures: dict[str, int] = {}
         self._wake = anyio.Event()
         self._firing_changed = False
+        # Held by every store call that could interleave with a switch of the store.
+        # Deliveries need no lock, because the switch runs between delivery rounds.
+        self._store_lock = anyio.Lock()
+        self._durable_retry_at = 0.0
 
     def _config(self) -> AlertsConfig:
         return self.runtime.config.alerts
@@ -135,8 +142,38 @@ class AlertService:
         # run, without a durable queue, until walacord restarts with a usable directory.
         log.error("alerts.store_in_memory", extra={"fields": {
             "path": str(path), "error": error,
-            "hint": "fix [state] dir and restart walacord to keep alerts across restarts"}})
+            "hint": f"free space in or fix [state] dir; walacord retries alerts.db every "
+                    f"{DURABLE_RETRY_INTERVAL:g}s"}})
+        self._durable_retry_at = time.monotonic() + DURABLE_RETRY_INTERVAL
         return await AlertStore.open(path, config.store_timeout, in_memory=True)
+
+    async def _return_to_durable_store(self) -> None:
+        """Move the in-memory store's rows into alerts.db once the state directory
+        takes it again, so alerts survive restarts from then on."""
+        store = self.store
+        if store is None or not store.in_memory or time.monotonic() < self._durable_retry_at:
+            return
+        self._durable_retry_at = time.monotonic() + DURABLE_RETRY_INTERVAL
+        config = self._config()
+        try:
+            durable = await AlertStore.open(store.path, config.store_timeout)
+        except (sqlite3.OperationalError, OSError):
+            return  # still unusable; the next attempt comes after the interval
+        async with self._store_lock:
+            try:
+                moved = await durable.adopt(store)
+                await durable.replace_firing(self.engine.firing_documents())
+            except STORE_ERRORS as exc:
+                log.warning("alerts.store_switch_failed", extra={"fields": {
+                    "path": str(store.path), "error": repr(exc)}})
+                with anyio.CancelScope(shield=True):
+                    await durable.close()
+                return
+            self.store = durable
+        log.info("alerts.store_durable", extra={"fields": {
+            "path": str(durable.path), "deliveries_moved": moved}})
+        with anyio.CancelScope(shield=True):
+            await store.close()
 
     async def _on_reload(self, new: Config) -> None:
         await self._build_sinks(new)
@@ -153,7 +190,8 @@ class AlertService:
         await self._close_sinks()
         self.sinks = configured
         assert self.store is not None
-        dropped = await self.store.drop_other_sinks(configured)
+        async with self._store_lock:
+            dropped = await self.store.drop_other_sinks(configured)
         if dropped:
             self.runtime.metrics.alert_deliveries_dropped.labels(reason="sink_removed").inc(dropped)
             log.warning("alerts.queue_dropped", extra={"fields": {
@@ -211,7 +249,8 @@ class AlertService:
         if not self._firing_changed or self.store is None:
             return
         try:
-            await self.store.replace_firing(self.engine.firing_documents())
+            async with self._store_lock:
+                await self.store.replace_firing(self.engine.firing_documents())
         except STORE_ERRORS as exc:
             log.error("alerts.state_write_failed", extra={"fields": {"error": repr(exc)}})
             return
@@ -221,7 +260,8 @@ class AlertService:
         if not self._unsaved or self.store is None:
             return
         try:
-            cut = await self.store.enqueue(self._unsaved, config.queue_max_rows)
+            async with self._store_lock:
+                cut = await self.store.enqueue(self._unsaved, config.queue_max_rows)
         except STORE_ERRORS as exc:
             # Keep the rows in memory and try again on the next evaluation.
             log.error("alerts.queue_write_failed", extra={"fields": {
@@ -241,6 +281,7 @@ class AlertService:
             async with anyio.create_task_group() as tg:
                 for sink in list(self.sinks.values()):
                     tg.start_soon(self._drain_sink, sink)
+            await self._return_to_durable_store()
             await self._update_queue_gauge()
 
             now = time.monotonic()
@@ -322,7 +363,8 @@ class AlertService:
         assert self.store is not None
         silence = Silence.create(parse_matchers(matcher), duration, reason, time.time(),
                                  created_by)
-        await self.store.add_silence(silence)
+        async with self._store_lock:
+            await self.store.add_silence(silence)
         self.engine.silences.append(silence)
         log.info("alerts.silenced", extra={"fields": {
             "silence": silence.id, "matchers": [str(m) for m in silence.matchers],
@@ -332,7 +374,8 @@ class AlertService:
     async def unsilence(self, silence_id: str) -> bool:
         assert self.store is not None
         now = time.time()
-        found = await self.store.expire_silence(silence_id, now)
+        async with self._store_lock:
+            found = await self.store.expire_silence(silence_id, now)
         self.engine.silences = [s for s in self.engine.silences if s.id != silence_id]
         if found:
             log.info("alerts.unsilenced", extra={"fields": {"silence": silence_id}})

@@ -62,10 +62,12 @@ class Delivery:
 class AlertStore:
     """The open alerts.db; create with `await AlertStore.open(path, timeout)`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, call_timeout: float) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, call_timeout: float, *,
+                 in_memory: bool = False) -> None:
         self.db = db
         self.path = path
         self.timeout = call_timeout
+        self.in_memory = in_memory
 
     @classmethod
     async def open(cls, path: Path, call_timeout: float, *, in_memory: bool = False
@@ -87,7 +89,30 @@ class AlertStore:
             except BaseException:
                 await db.close()
                 raise
-        return cls(db, path, call_timeout)
+        return cls(db, path, call_timeout, in_memory=in_memory)
+
+    async def adopt(self, other: AlertStore) -> int:
+        """Copy the queued deliveries and the silences of `other` into this store, in
+        one transaction; return how many deliveries were copied.
+
+        The deliveries keep their order and follow the rows already queued here.
+        The firing alerts are not copied, because the caller stores its current set.
+        """
+        with anyio.fail_after(other.timeout):
+            deliveries = list(await other.db.execute_fetchall(
+                "SELECT sink, fingerprint, kind, payload, created_at, attempts, last_error "
+                "FROM deliveries ORDER BY id"))
+            silences = await other.db.execute_fetchall(
+                "SELECT id, matchers, starts_at, ends_at, reason, created_by FROM silences")
+        with anyio.fail_after(self.timeout):
+            await self.db.executemany(
+                "INSERT INTO deliveries (sink, fingerprint, kind, payload, created_at, "
+                "attempts, last_error) VALUES (?, ?, ?, ?, ?, ?, ?)", deliveries)
+            await self.db.executemany(
+                "INSERT OR REPLACE INTO silences (id, matchers, starts_at, ends_at, reason, "
+                "created_by) VALUES (?, ?, ?, ?, ?, ?)", silences)
+            await self.db.commit()
+        return len(deliveries)
 
     async def close(self) -> None:
         with anyio.fail_after(self.timeout):
