@@ -274,6 +274,29 @@ def test_engine_restored_alert_resolves_after_grace() -> None:
     assert resolved[0].alert["startsAt"] == "2027-01-15T08:00:00.000Z"
 
 
+def test_engine_restored_alert_resolves_on_probe_success() -> None:
+    engine, feed, config, down = restored_engine(grace=60.0)
+    feed.active = [rules.probe_down("database", True, config)]
+
+    resolved = engine.evaluate(101.0, WALL + 101)
+
+    assert kinds(resolved) == [("resolved", rules.PROBE_DOWN, True)]
+    assert down.fingerprint not in engine.alerts
+
+
+def test_engine_restored_alert_waits_for_unchecked_verdict() -> None:
+    engine, feed, config, down = restored_engine(grace=60.0)
+    # An inactive verdict that no check produced, such as "no dead operations" before
+    # the outbox was read, does not end the grace.
+    feed.active = [dataclasses.replace(rules.probe_down("database", True, config),
+                                       checked=False)]
+
+    quiet = run(engine, 101, 159)
+
+    assert quiet == []
+    assert down.fingerprint in engine.alerts
+
+
 def test_engine_restored_alert_not_fired_again() -> None:
     engine, feed, _config, down = restored_engine(grace=10.0)
     feed.active = [down]

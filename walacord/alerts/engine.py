@@ -91,6 +91,8 @@ class AlertEngine:
         self.rate_limited = 0
         self.source_errors = 0
         self._pushed: dict[str, _Pushed] = {}
+        # Fingerprints with a `checked` inactive verdict since the last evaluation.
+        self._checked_clear: set[str] = set()
         self._source_results: dict[int, list[Condition]] = {}
         self._bucket = TokenBucket(config().rate_limit, config().rate_limit_window, now)
 
@@ -105,6 +107,8 @@ class AlertEngine:
         """
         if not condition.active:
             self._pushed.pop(condition.fingerprint, None)
+            if condition.checked:
+                self._checked_clear.add(condition.fingerprint)
             return
         expires_at = None if hold is None else now + hold
         self._pushed[condition.fingerprint] = _Pushed(condition, expires_at)
@@ -114,7 +118,8 @@ class AlertEngine:
 
         A restored alert does not fire again when its condition returns. If the condition
         is still absent `grace` seconds from now, the alert resolves, so Alertmanager
-        closes it instead of waiting for its endsAt.
+        closes it instead of waiting for its endsAt. A `checked` inactive verdict, such as
+        a probe that succeeded, resolves it before the grace ends.
         """
         for document in documents:
             fp = str(document["fingerprint"])
@@ -158,7 +163,8 @@ class AlertEngine:
         resolved: list[Alert] = []
         for fp in [fp for fp in self.alerts if fp not in active]:
             alert = self.alerts[fp]
-            if alert.restored_until is not None and now < alert.restored_until:
+            if alert.restored_until is not None and now < alert.restored_until \
+                    and fp not in self._checked_clear:
                 continue
             del self.alerts[fp]
             if alert.state == "firing":
@@ -166,6 +172,8 @@ class AlertEngine:
                 alert.ends_at = wall
                 resolved.append(alert)
                 self.recent.appendleft(alert)
+
+        self._checked_clear.clear()
 
         # Step 4: decide paging for firing alerts, most severe and oldest first.
         paged_late: list[Alert] = []
@@ -229,6 +237,8 @@ class AlertEngine:
             for condition in self._source_results.get(index, []):
                 if condition.active:
                     active[condition.fingerprint] = condition
+                elif condition.checked:
+                    self._checked_clear.add(condition.fingerprint)
         return active
 
     def _hold_reason(self, alert: Alert, wall: float) -> str | None:

@@ -57,6 +57,10 @@ class Condition:
     description: str = ""
     value: float | None = None
     for_seconds: float = 0.0
+    # True when an inactive verdict comes from a check that just ran, such as a probe
+    # that succeeded. It then resolves an alert restored after a restart at once,
+    # without waiting for the restore grace.
+    checked: bool = False
 
     def full_labels(self) -> dict[str, str]:
         return {**self.labels, "alertname": self.alertname, "severity": self.severity}

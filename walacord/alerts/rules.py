@@ -41,7 +41,8 @@ def probe_down(probe: str, success: bool, config: AlertsConfig, reason: str = ""
         summary=f"walacord's {probe} probe is failing",
         description=f"The {probe} probe has failed for at least "
                     f"{config.probe_down_for:g}s{detail}.",
-        value=0.0 if not success else 1.0, for_seconds=config.probe_down_for)
+        value=0.0 if not success else 1.0, for_seconds=config.probe_down_for,
+        checked=True)
 
 
 def mode_not_normal(mode: str, config: AlertsConfig) -> Condition:
