@@ -140,7 +140,11 @@ class DaemonProcess:
 
     def write_config(self, **control: Any) -> None:
         control.setdefault("group", "")
-        lines = ["[http]", 'listen = ""', "[logging]", 'dir = ""', "[control]",
+        # A state directory of its own, or daemons of parallel runs contend for the
+        # default /var/lib/walacord lock.
+        state = self.directory / "state"
+        lines = ["[http]", 'listen = ""', "[logging]", 'dir = ""', "[state]",
+                 f"dir = {orjson.dumps(str(state)).decode()}", "[control]",
                  f"socket = {str(self.socket)!r}".replace("'", '"')]
         for key, value in control.items():
             lines.append(f"{key} = {orjson.dumps(value).decode()}")
