@@ -209,6 +209,14 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     assert "database.pool_min_size" in bad.stderr
     assert "database.bogus" in bad.stderr
 
+    empty_path = write(tmp_path, "# emptied by a failed copy\n")
+    empty = subprocess.run(
+        [sys.executable, "-m", "walacord", "check-config", "--config", str(empty_path)],
+        capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 0
+    assert "valid, but it sets nothing" in empty.stdout
+    assert "sets nothing" not in good.stdout
+
 
 @pytest.mark.parametrize("text", [
     "[probes.host]\ninterval = nan\n",

@@ -16,6 +16,7 @@ from anyio.abc import TaskStatus
 
 from tests.conftest import NotifyRecorder
 from walacord import config
+from walacord.errors import ConfigError
 from walacord.pgcluster import free_port
 from walacord.runtime import Runtime
 from walacord.supervisor import Supervisor
@@ -117,13 +118,42 @@ async def test_reload_back_to_start_config_needs_no_restart(tmp_path: Path) -> N
         path.write_text(base + f"[state]\ndir = '{tmp_path / 'elsewhere'}'\n")
         assert await supervisor.reload() is True
         changed = list(supervisor.runtime.restart_required)
+        # Until the restart, the components go on with the start-up value.
+        applied_dir = supervisor.runtime.config.state.dir
         path.write_text(base + f"[state]\ndir = '{tmp_path / 'state'}'\n")
         assert await supervisor.reload() is True
         restored = list(supervisor.runtime.restart_required)
         supervisor.runtime.request_stop()
 
     assert changed == ["state"]
+    assert applied_dir == str(tmp_path / "state")
     assert restored == []
+
+
+@pytest.mark.anyio
+async def test_reload_of_empty_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text(f"[logging]\ndir = ''\nlevel = 'debug'\n[http]\nlisten = ''\n"
+                    f"[backup]\nenabled = false\n[state]\ndir = '{tmp_path / 'state'}'\n"
+                    f"[control]\nsocket = '{tmp_path / 'control.sock'}'\n")
+    supervisor = Supervisor(config.load(path, {}), str(path), notifier=Notifier())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await supervisor.runtime.ready.wait()
+
+        path.write_text("# truncated by a failed config push\n")
+        emptied = await supervisor.reload()
+        path.unlink()
+        removed = await supervisor.reload()
+        level = supervisor.runtime.config.logging.level
+        supervisor.runtime.request_stop()
+
+    assert emptied is False
+    assert removed is False
+    assert level == "debug"
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {}, reload=True)
+    assert "restore it; the running daemon keeps its current configuration" in str(caught.value)
 
 
 def start_daemon(tmp_path: Path, notify: NotifyRecorder | None,

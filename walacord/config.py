@@ -659,8 +659,13 @@ CREDENTIALS = {
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 
-def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
-    """Read, merge and validate the configuration; raise ConfigError with every problem."""
+def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None, *,
+         reload: bool = False) -> Config:
+    """Read, merge and validate the configuration; raise ConfigError with every problem.
+
+    With `reload`, for a daemon that is running, a file with no settings is an error too,
+    because it would put every setting back to its default.
+    """
     environ = dict(os.environ if environ is None else environ)
     source = str(path) if path else "(defaults)"
     document: dict[str, Any] = {}
@@ -669,8 +674,10 @@ def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = N
             with open(path, "rb") as handle:
                 document = tomllib.load(handle)
         except FileNotFoundError:
+            fix = ("restore it; the running daemon keeps its current configuration" if reload
+                   else "pass --config PATH or set WALACORD_CONFIG")
             raise ConfigError([ConfigProblem(source, "(file)",
-                "file not found; pass --config PATH or set WALACORD_CONFIG")]) from None
+                f"file not found; {fix}")]) from None
         except PermissionError:
             raise ConfigError([ConfigProblem(source, "(file)",
                 "permission denied; make it readable by walacord's user")]) from None
@@ -682,6 +689,11 @@ def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = N
         except OSError as exc:
             raise ConfigError([ConfigProblem(source, "(file)",
                 f"cannot read it: {exc.strerror}; pass --config with a TOML file")]) from None
+        if reload and not document:
+            raise ConfigError([ConfigProblem(source, "(file)",
+                "the file contains no settings, so a reload would reset every setting to "
+                "its default; an empty file is most often a truncated write. Restore the "
+                "file and reload again, or restart walacord to run on the defaults")])
 
     decoder = Decoder(source)
     _apply_credentials(document, environ, decoder)
@@ -794,5 +806,14 @@ def command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    empty = False
+    if path:
+        with open(path, "rb") as handle:
+            empty = not tomllib.load(handle)
+    if empty:
+        # A reload of such a file is rejected, so say what it means here too.
+        print(f"{config.source}: valid, but it sets nothing: every setting is its default, "
+              "and a running walacord rejects a reload of a file with no settings")
+        return 0
     print(f"{config.source}: valid")
     return 0

@@ -12,11 +12,13 @@ ordinary tasks. Shutdown on SIGTERM or SIGINT:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -60,6 +62,17 @@ def restart_required(old: Config, new: Config) -> list[str]:
         if before != after:
             changed.append(name)
     return changed
+
+
+def with_start_up_settings(started: Config, new: Config) -> Config:
+    """Return `new` with every RESTART_ONLY setting taken from `started`."""
+    for name in RESTART_ONLY:
+        section, _, key = name.partition(".")
+        value = getattr(started, section)
+        if key:
+            value = dataclasses.replace(getattr(new, section), **{key: getattr(value, key)})
+        new = dataclasses.replace(new, **{section: value})
+    return new
 
 
 class Supervisor:
@@ -213,7 +226,8 @@ class Supervisor:
         runtime = self.runtime
         runtime.notifier.reloading()
         try:
-            new = await anyio.to_thread.run_sync(config_module.load, runtime.config_path)
+            new = await anyio.to_thread.run_sync(
+                partial(config_module.load, runtime.config_path, reload=True))
         except ConfigError as exc:
             runtime.metrics.config_reloads.labels(result="rejected").inc()
             log.error("config.reload_rejected", extra={"fields": {
@@ -223,6 +237,9 @@ class Supervisor:
             return False
 
         pending = restart_required(self._started_config, new)
+        # Components read their settings from runtime.config, so the settings that
+        # apply only after a restart keep their start-up values until then.
+        new = with_start_up_settings(self._started_config, new)
         for hook in runtime.reload_hooks:
             await hook(new)
         runtime.config = new
