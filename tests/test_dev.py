@@ -58,6 +58,9 @@ def test_dev_sandbox_starts_and_stops() -> None:
         assert not health_url.startswith("http://127.0.0.1:0/"), health_url
         socket_line = next(line for line in banner if line.strip().startswith("control"))
         status = read_until(process, r"mode \w+ \| database up", 30)[-1]
+        second = subprocess.run(
+            [sys.executable, "-m", "walacord", "dev", "--dir", f"{directory}/",
+             "--http", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
         response = httpx.get(health_url, timeout=5)
 
         process.send_signal(signal.SIGINT)
@@ -68,9 +71,14 @@ def test_dev_sandbox_starts_and_stops() -> None:
             process.wait()
 
     assert socket_line.endswith(str(directory / "control.sock"))
-    assert status.startswith("mode normal")
+    # A loaded machine makes the host probe warn, which is degraded, not a failure.
+    assert re.match(r"mode (normal|degraded) \| database up \| walacor up", status), status
     assert response.status_code == 200
-    assert response.json()["mode"] == "normal"
+    # A second sandbox on the same directory stops at once and leaves the first running.
+    assert second.returncode == 1, second.stderr
+    assert f"another walacord dev (pid {process.pid}) is using {directory}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert response.json()["mode"] in ("normal", "degraded")
     assert process.returncode == 0, errors
     assert "sandbox stopped" in output
     cluster = PgCluster(directory / "pg", port=int((directory / "pg.port").read_text()))

@@ -23,6 +23,7 @@ import orjson
 
 from walacord.config import DEFAULT_HTTP_PORT
 from walacord.pgcluster import ClusterError, PgCluster, find_pg_bindir, free_port
+from walacord.statelock import StateDirLock, StateDirLocked
 
 if TYPE_CHECKING:
     from walacord.emulator import Emulator
@@ -168,6 +169,16 @@ def command(args: argparse.Namespace) -> int:
         print(f"walacord dev: cannot create {directory}: {exc.strerror}; choose another "
               "--dir", file=sys.stderr)
         return 1
+    # A second sandbox on the same directory would stop the first one's PostgreSQL and
+    # rewrite its config before the daemon's own lock stopped it, so check first.
+    sandbox_lock = StateDirLock(directory)
+    try:
+        sandbox_lock.acquire()
+    except StateDirLocked as exc:
+        holder = f" (pid {exc.holder})" if exc.holder else ""
+        print(f"walacord dev: another walacord dev{holder} is using {directory}; stop it "
+              "with Ctrl-C in its terminal, or pass another --dir", file=sys.stderr)
+        return 1
     if os.geteuid() == 0:
         # initdb refuses root, so PostgreSQL runs as an unprivileged user, which must be
         # able to enter every directory above its data directory.
@@ -184,6 +195,8 @@ def command(args: argparse.Namespace) -> int:
             return anyio.run(_run_sandbox, directory, bindir, args, devnull, backend="asyncio")
     except KeyboardInterrupt:
         return 130
+    finally:
+        sandbox_lock.release()
 
 
 async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,

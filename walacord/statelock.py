@@ -23,6 +23,10 @@ LOCK_FILE = "walacord.lock"
 class StateDirLocked(WalacordError):
     """Another walacord process holds the state directory's lock."""
 
+    def __init__(self, message: str, holder: int | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder  # the PID the lock file names, when it names one
+
 
 class StateDirLock:
     """An exclusive lock on a state directory, held from `acquire()` to `release()`."""
@@ -66,7 +70,7 @@ class StateDirLock:
             raise StateDirLocked(
                 f"another walacord{f' (pid {holder})' if holder else ''} is using the state "
                 f"directory {self.path.parent} ([state] dir); stop it, or give this daemon a "
-                "state directory of its own") from None
+                "state directory of its own", holder) from None
         self._fd = fd
         self._write_pid()
 
