@@ -129,7 +129,7 @@ async def test_sync_disk_full_keeps_running(open_store: StoreOpener, small_tmpfs
             tasks.cancel_scope.cancel()
 
     assert failed.error is not None
-    assert "full" in failed.error
+    assert "the state directory's file system is full" in failed.error
     assert during.in_flight == len(keys)
     assert after.error is None
     assert (stats.done, stats.pending, stats.in_flight, stats.dead) == (40, 0, 0, 0)

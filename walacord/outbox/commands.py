@@ -362,6 +362,9 @@ def sync_command(context: Context, args: argparse.Namespace) -> int:
         context.print(f"applied {result['applied']}, retrying {result['retried']}, dead "
                       f"{result['dead']}; {stats['pending']} pending")
         handled = result["applied"] + result["retried"] + result["dead"]
+        if result.get("error"):
+            context.print(f"sync stopped early: {result['error']}")
+            return 1
         if handled == 0 and stats["pending"]:
             # Nothing was due: every pending operation waits out its retry backoff.
             context.print("none was due: the pending operations wait for their next attempt "

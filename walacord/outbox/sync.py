@@ -30,6 +30,7 @@ from walacord.metrics import Metrics
 from walacord.outbox.model import Operation, State
 from walacord.outbox.queries import Outcome
 from walacord.outbox.sinks import Sink
+from walacord.outbox.startup import is_disk_full
 from walacord.outbox.store import OutboxStore
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,9 @@ class SyncEngine:
         """Log and count a store error that ended a pass, so the next pass waits a backoff."""
         self._store_failures += 1
         report.error = f"outbox store write failed: {exc}"
+        if isinstance(exc, sqlite3.Error) and is_disk_full(exc, self.store.path.parent):
+            report.error += ("; the state directory's file system is full. Free space there "
+                             "and replay resumes by itself")
         if self.metrics is not None:
             self.metrics.outbox_store_errors.inc()
         log.error("outbox.sync_store_failed", extra={"fields": {
