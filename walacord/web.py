@@ -24,11 +24,12 @@ import anyio.lowlevel
 import orjson
 import uvicorn
 from anyio.abc import TaskStatus
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from walacord import __version__
 from walacord.config import split_listen
+from walacord.exposition import TextExposition
 from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class WebServer:
         self.bound: tuple[str, int] | None = None
         # The last /metrics body and the monotonic time its rendering began.
         self._rendered: tuple[float, bytes] = (-1.0, b"")
+        self._exposition = TextExposition(runtime.registry)
 
     async def metrics(self, request: Request) -> Response:
         # Rendering blocks the event loop, so scrapes that arrive together queue behind
@@ -240,7 +242,7 @@ class WebServer:
         began, body = self._rendered
         if began < request.received:
             began = time.monotonic()
-            body = generate_latest(self.runtime.registry)
+            body = self._exposition.render()
             self._rendered = (began, body)
         return Response(body, content_type=CONTENT_TYPE_LATEST)
 
