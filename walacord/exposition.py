@@ -54,8 +54,16 @@ class _Family:
     """Formatted header lines of one metric family and of the families split from it."""
 
     header: str
-    # "_created" -> the HELP and TYPE lines of the gauge family "<name>_created".
+    # "_created" -> the HELP and TYPE lines of the gauge family "<name>_created", formatted
+    # when the family first has such a sample.
     split_headers: dict[str, str] = field(default_factory=dict)
+
+    def split_header(self, metric: Metric, suffix: str) -> str:
+        header = self.split_headers.get(suffix)
+        if header is None:
+            header = _render_alone(metric, [], name=metric.name + suffix, kind="gauge")
+            self.split_headers[suffix] = header
+        return header
 
 
 @dataclass
@@ -104,7 +112,7 @@ class TextExposition:
             family_key = (metric.name, metric.type, metric.documentation, metric.unit)
             family = self._families.get(family_key) or families.get(family_key)
             if family is None:
-                family = self._format_family(metric)
+                family = _Family(_render_alone(metric, []))
             families[family_key] = family
             output.append(family.header)
 
@@ -121,20 +129,12 @@ class TextExposition:
                     split.setdefault(line.split_suffix, []).append(line.format(sample))
 
             for suffix, texts in sorted(split.items()):
-                output.append(family.split_headers[suffix])
+                output.append(family.split_header(metric, suffix))
                 output.extend(texts)
 
         self._families = families
         self._lines = lines
         return "".join(output).encode("utf-8")
-
-    @staticmethod
-    def _format_family(metric: Metric) -> _Family:
-        family = _Family(_render_alone(metric, []))
-        for suffix in SPLIT_SUFFIXES:
-            family.split_headers[suffix] = _render_alone(
-                metric, [], name=metric.name + suffix, kind="gauge")
-        return family
 
     @staticmethod
     def _format_line(metric: Metric, sample: Sample) -> _Line:
