@@ -153,6 +153,51 @@ async def test_web_closes_incomplete_headers(pg_db: str, tmp_path: Path,
     assert closed == [b"", b""]
 
 
+async def test_web_pipelined_requests_in_order(pg_db: str, tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, pg_db)
+    host, port = config.http.listen.rsplit(":", 1)
+    requests = (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"HEAD /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /nosuch HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with running_daemon(config):
+        stream = await anyio.connect_tcp(host, int(port))
+        received = b""
+        responses: list[tuple[bytes, bytes]] = []
+        with anyio.fail_after(10):
+            await stream.send(requests)
+            while len(responses) < 4:
+                received += await stream.receive()
+                responses = split_responses(received, head_at=1)
+        await stream.aclose()
+
+    statuses = [head.split(b"\r\n", 1)[0] for head, _ in responses]
+    assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found",
+                        b"HTTP/1.1 200 OK"]
+    assert b"walacord_up 1.0" in responses[0][1]
+    assert responses[1][1] == b""
+    assert b'"status":"ok"' in responses[3][1]
+
+
+def split_responses(data: bytes, head_at: int) -> list[tuple[bytes, bytes]]:
+    """Return the complete (head, body) responses in `data`; number `head_at` is a HEAD's."""
+    responses = []
+    while b"\r\n\r\n" in data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(responses) == head_at:
+            length = 0
+        if len(rest) < length:
+            break
+        responses.append((head, rest[:length]))
+        data = rest[length:]
+    return responses
+
+
 class SlowCollector(Collector):
     """A collector that blocks the event loop for a while and counts its renders."""
 

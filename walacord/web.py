@@ -3,10 +3,10 @@
 Every handler reads state the components already keep in memory, and a request never runs a
 probe or waits on PostgreSQL or Walacor, so a frozen dependency cannot slow a scrape.
 
-The server is uvicorn's HTTP/1.1 protocol (h11) on a socket walacord binds itself, driving a
-small ASGI application with exact and one-parameter routes. uvicorn is used as a library:
-walacord owns the socket, the signals and the shutdown, so no uvicorn code calls sys.exit or
-installs a signal handler.
+The server is uvicorn's HTTP/1.1 protocol for the httptools parser (llhttp, in C) on a socket
+walacord binds itself, driving a small ASGI application with exact and one-parameter routes.
+uvicorn is used as a library: walacord owns the socket, the signals and the shutdown, so no
+uvicorn code calls sys.exit or installs a signal handler.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import anyio.lowlevel
 import orjson
 import uvicorn
 from anyio.abc import TaskStatus
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from prometheus_client import CONTENT_TYPE_LATEST
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from walacord import __version__
 from walacord.config import split_listen
+from walacord.exposition import TextExposition
 from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class Application:
             return json_response({"error": "internal error; see the walacord log"}, 500)
 
 
-class Protocol(H11Protocol):
+class Protocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with a header deadline and idle-first eviction.
 
     uvicorn closes a connection that stays idle after a response, but not one that never
@@ -163,14 +164,16 @@ class Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_active = time.monotonic()
         super().data_received(data)
-        # A pipelined request parsed after the previous response gets a later stamp or
-        # none (then its handler's start counts), so its body is never older than it.
-        if self.cycle is not None:
-            self.cycle.scope.setdefault(RECEIVED_KEY, self._last_active)  # type: ignore[misc]
         if self._in_request():
             self._cancel_header_deadline()
         else:
             self._arm_header_deadline()
+
+    def on_headers_complete(self) -> None:
+        # The parser calls this from data_received, so the request's headers, pipelined
+        # ones included, arrived in the bytes read at _last_active.
+        self.scope[RECEIVED_KEY] = self._last_active  # type: ignore[literal-required]
+        super().on_headers_complete()
 
     def _in_request(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -230,6 +233,7 @@ class WebServer:
         self.bound: tuple[str, int] | None = None
         # The last /metrics body and the monotonic time its rendering began.
         self._rendered: tuple[float, bytes] = (-1.0, b"")
+        self._exposition = TextExposition(runtime.registry)
 
     async def metrics(self, request: Request) -> Response:
         # Rendering blocks the event loop, so scrapes that arrive together queue behind
@@ -238,7 +242,7 @@ class WebServer:
         began, body = self._rendered
         if began < request.received:
             began = time.monotonic()
-            body = generate_latest(self.runtime.registry)
+            body = self._exposition.render()
             self._rendered = (began, body)
         return Response(body, content_type=CONTENT_TYPE_LATEST)
 
