@@ -75,7 +75,7 @@ async def test_from_file_error_names_file_and_line(
 
     assert code == 1
     assert f"{jsonl}:4: sink: " in err.getvalue()
-    assert "nothing from line 1 on was enqueued (0 operations before it were)" in err.getvalue()
+    assert "Nothing was enqueued" in err.getvalue()
     assert stats.accepted == 0
 
 
@@ -141,7 +141,7 @@ async def test_from_file_splits_large_files(
     assert "enqueued 1200" in split[1]
     assert rejected[0] == 1
     assert f"{huge}:2: the operation with key 'h2' is " in rejected[2]
-    assert "nothing from line 2 on was enqueued (1 operations before it were)" in \
+    assert "the 1 operation was enqueued before line 2, and nothing from that line on" in \
         rejected[2].lower()
     assert stats.accepted == 1201
 
@@ -178,6 +178,10 @@ async def test_data_over_request_limit(
      "statement with --statement NAME"),
     (["--sink", "walacor", "--statement", "s", "--key", "k", "--data", "{}"],
      "--statement does not apply to --sink walacor"),
+    (["--sink", "walacor", "--etid", "1", "--key", "k",
+      "--data", "[" * 300 + "]" * 300], "--data must be a JSON object"),
+    (["--sink", "walacor", "--etid", "1", "--key", "k",
+      "--data", '{"a":' + "[" * 300 + "]" * 300 + "}"], "--data cannot be sent as JSON"),
 ])
 def test_enqueue_flag_errors(args: list[str], expected: str, tmp_path: Path) -> None:
     err = io.StringIO()
@@ -188,13 +192,16 @@ def test_enqueue_flag_errors(args: list[str], expected: str, tmp_path: Path) -> 
     assert expected in err.getvalue()
 
 
-def test_outbox_show_needs_id_or_key(tmp_path: Path) -> None:
-    for args in ([], ["7", "--key", "k"]):
-        err = io.StringIO()
-        code = walacorctl(["--socket", str(tmp_path / "none.sock"), "outbox", "show", *args],
-                          stdout=io.StringIO(), stderr=err)
-        assert code == 2
-        assert "pass an operation id or --key KEY, not both" in err.getvalue()
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], "missing operation: pass an operation id or --key KEY"),
+    (["7", "--key", "k"], "pass an operation id or --key KEY, not both"),
+])
+def test_outbox_show_needs_id_or_key(args: list[str], expected: str, tmp_path: Path) -> None:
+    err = io.StringIO()
+    code = walacorctl(["--socket", str(tmp_path / "none.sock"), "outbox", "show", *args],
+                      stdout=io.StringIO(), stderr=err)
+    assert code == 2
+    assert expected in err.getvalue()
 
 
 async def test_from_file_stdin_and_line_limit(
@@ -228,3 +235,12 @@ async def test_from_file_stdin_and_line_limit(
     assert huge_code == 2
     assert "-:4: line longer than 1000 bytes" in huge_err.getvalue()
     assert stats.accepted == 3
+
+
+def test_huge_etid_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        walacorctl(["--socket", str(tmp_path / "none.sock"), "enqueue", "--sink", "walacor",
+                    "--etid", "99999999999999999999999", "--key", "k", "--data", "{}"],
+                   stdout=io.StringIO(), stderr=io.StringIO())
+    assert caught.value.code == 2
+    assert "99999999999999999999999 is out of range" in capsys.readouterr().err

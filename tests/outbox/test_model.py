@@ -43,6 +43,14 @@ def parse(raw: object, max_bytes: int = 1024) -> object:
     ({"sink": "postgres", "key": "k", "statement": "insert_row",
       "params": {"key": "other", "amount": 1}}, "params.key",
      "params.key is 'other' but the operation's key is 'k'"),
+    ({"sink": "walacor", "key": "k", "etid": 10001, "data": {}, "ordering_kye": "a"},
+     "ordering_kye", "unknown field 'ordering_kye'; a walacor operation has data, etid, "
+                     "key, ordering_key, sink"),
+    ({"sink": "walacor", "key": "k", "etid": 10001,
+      "data": '{"lines": [{"amount": 123456789012345678901234567890}]}'},
+     "data.lines[0].amount", "too large to store exactly"),
+    ({"sink": "walacor", "key": "k", "etid": 10001, "data": "{\"amount\": -1e19}"},
+     "data.amount", "Send it as a string"),
 ])
 def test_parse_operation_names_field(raw: object, field: str, words: str) -> None:
     with pytest.raises(OutboxInvalidOperation) as caught:
@@ -50,6 +58,13 @@ def test_parse_operation_names_field(raw: object, field: str, words: str) -> Non
     assert caught.value.field == field
     assert words in str(caught.value)
     assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_parse_operation_keeps_64_bit_numbers() -> None:
+    operation = parse({"sink": "walacor", "key": "k", "etid": 10001,
+                       "data": {"max": 2**64 - 1, "min": -(2**63), "rate": 1.5e18}})
+    assert operation.payload == b'{"max":18446744073709551615,"min":-9223372036854775808,' \
+                                b'"rate":1.5e+18}'
 
 
 def test_parse_operation_accepts_both_forms() -> None:

@@ -31,11 +31,33 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 STATES = ("pending", "in_flight", "done", "dead")
 
 
+def _int64(text: str) -> int:
+    """Parse a whole number that fits the control protocol's 64-bit integers."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid whole number: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a whole number from 0 "
+                                         f"to {2**63 - 1}")
+    return value
+
+
+def _check_encodable(operation: dict[str, Any], where: str) -> None:
+    """Raise UsageError when the operation cannot become a JSON request line."""
+    try:
+        orjson.dumps(operation)
+    except TypeError as exc:
+        raise UsageError(f"{where} cannot be sent as JSON: {exc}; keep integers within 64 "
+                         "bits (send larger amounts as strings) and nesting below 255 "
+                         "levels") from None
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     enqueue = commands.add_parser(
         "enqueue", help="hand one operation, or a JSON-lines file of them, to the outbox")
     enqueue.add_argument("--sink", choices=("walacor", "postgres"), help="target backend")
-    enqueue.add_argument("--etid", type=int, help="Walacor envelope type id (sink walacor)")
+    enqueue.add_argument("--etid", type=_int64, help="Walacor envelope type id (sink walacor)")
     enqueue.add_argument("--statement", help="configured statement name (sink postgres)")
     enqueue.add_argument("--key", help="idempotency key; enqueueing it again changes nothing")
     enqueue.add_argument("--data", help="the record (walacor) or parameters (postgres), as a "
@@ -56,24 +78,24 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing = actions.add_parser("list", help="operations without payloads, oldest first")
     listing.add_argument("--state", choices=STATES, action="append",
                          help="only this state; repeat for several")
-    listing.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
-    listing.add_argument("--after", type=int, default=0, metavar="ID",
+    listing.add_argument("--limit", type=_int64, default=50, help="rows to show (default 50)")
+    listing.add_argument("--after", type=_int64, default=0, metavar="ID",
                          help="start after this operation id")
     listing.set_defaults(handler=list_command)
 
     show = actions.add_parser("show", help="one operation with its payload and receipt, by "
                                            "id or by --key")
-    show.add_argument("id", type=int, nargs="?", help="operation id, as `outbox list` shows")
+    show.add_argument("id", type=_int64, nargs="?", help="operation id, as `outbox list` shows")
     show.add_argument("--key", help="the idempotency key the operation was enqueued with")
     show.set_defaults(handler=show_command)
 
     retry = actions.add_parser("retry", help="return a dead operation to pending")
-    retry.add_argument("id", type=int, nargs="?")
+    retry.add_argument("id", type=_int64, nargs="?")
     retry.add_argument("--all-dead", action="store_true", help="retry every dead operation")
     retry.set_defaults(handler=retry_command)
 
     drop = actions.add_parser("drop", help="delete a pending or dead operation for good")
-    drop.add_argument("id", type=int)
+    drop.add_argument("id", type=_int64)
     drop.add_argument("--yes", action="store_true", help="confirm; required")
     drop.add_argument("--reason", default="", help="logged with the drop")
     drop.set_defaults(handler=drop_command)
@@ -131,6 +153,7 @@ def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         operation.update(statement=args.statement, params=payload)
     if args.ordering_key:
         operation["ordering_key"] = args.ordering_key
+    _check_encodable(operation, "--data")
     return operation
 
 
@@ -157,9 +180,11 @@ def _read_lines(path: Path, stdin: BinaryIO | None) -> tuple[list[dict[str, Any]
             if not line.strip():
                 continue
             try:
-                operations.append(orjson.loads(line))
+                operation = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{number}: invalid JSON: {exc}") from None
+            _check_encodable(operation, f"{path}:{number}")
+            operations.append(operation)
             numbers.append(number)
     return operations, numbers
 
@@ -233,9 +258,9 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path
             if end - start == 1 or limit is None:
                 raise ControlError(exc.code, (
                     f"{path}:{numbers[start]}: "
-                    f"{_too_large(operations[start], sizes[start], limit)}. Nothing "
-                    f"from line {numbers[start]} on was enqueued ({created + known} "
-                    "operations before it were)"), exc.data) from None
+                    f"{_too_large(operations[start], sizes[start], limit)}. "
+                    f"{_what_was_enqueued(numbers[start], created + known)}"),
+                    exc.data) from None
             budget = min(budget // 2, limit // 2)
             continue
         created += sum(1 for r in results if r["created"])
@@ -250,6 +275,14 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path
         context.print(f"enqueued {created}, already known {known}; {stats['pending']} "
                       "pending in the outbox")
     return 0
+
+
+def _what_was_enqueued(first_line: int, sent: int) -> str:
+    """Say which part of a --from-file run reached the outbox before a rejection."""
+    if sent == 0:
+        return "Nothing was enqueued"
+    counted = "1 operation was" if sent == 1 else f"{sent} operations were"
+    return f"The {counted} enqueued before line {first_line}, and nothing from that line on"
 
 
 def _request_limit(error: ControlError) -> int | None:
@@ -276,8 +309,8 @@ def _at_line(error: ControlError, path: Path, numbers: list[int], start: int,
     detail = error.message.split(": ", 1)[1] if ": " in error.message else error.message
     where = f"{path}:{numbers[index]}"
     field_name = match.group(2) or "operation"
-    message = (f"{where}: {field_name}: {detail}; nothing from line {numbers[start]} on was "
-               f"enqueued ({sent} operations before it were)")
+    message = (f"{where}: {field_name}: {detail}. "
+               f"{_what_was_enqueued(numbers[start], sent)}")
     return ControlError(error.code, message, {**data, "line": numbers[index]})
 
 
@@ -308,7 +341,10 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def show_command(context: Context, args: argparse.Namespace) -> int:
-    if (args.id is None) == (args.key is None):
+    if args.id is None and args.key is None:
+        return _usage(context, UsageError("missing operation: pass an operation id or --key "
+                                          "KEY"))
+    if args.id is not None and args.key is not None:
         return _usage(context, UsageError("pass an operation id or --key KEY, not both"))
     params = {"id": args.id} if args.key is None else {"key": args.key}
     context.print_json(context.call("outbox.show", params))

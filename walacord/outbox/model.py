@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,9 @@ import orjson
 from walacord.errors import OutboxInvalidOperation
 
 SINKS = ("walacor", "postgres")
+# The fields an operation of each sink may have; any other is rejected.
+WALACOR_FIELDS = frozenset({"sink", "key", "etid", "data", "ordering_key"})
+POSTGRES_FIELDS = frozenset({"sink", "key", "statement", "params", "ordering_key"})
 MAX_KEY_LENGTH = 256
 # psycopg's named placeholders %(name)s, %(name)b and %(name)t; "%%" is a literal percent.
 _PLACEHOLDER = re.compile(r"%%|%\((?P<name>[^)]+)\)[sbt]")
@@ -139,6 +142,12 @@ def parse_operation(
     value, payload = _payload(raw, payload_field, max_bytes)
     if sink == "postgres":
         _check_parameters(target, statements[target], value, key)
+    fields = WALACOR_FIELDS if sink == "walacor" else POSTGRES_FIELDS
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        # A misspelt optional field, such as "ordering_kye", would otherwise be dropped.
+        raise OutboxInvalidOperation(unknown[0], f"unknown field {unknown[0]!r}; a {sink} "
+                                     f"operation has {', '.join(sorted(fields))}")
     return NewOperation(key=key, sink=str(sink), target=target, payload=payload,
                         ordering_key=ordering_key)
 
@@ -186,6 +195,23 @@ def _check_parameters(name: str, statement: object, params: dict[str, Any], key:
             "needs; add them to params")
 
 
+def _rounded_number(value: Any, path: str) -> str | None:
+    """Return the path of the first whole number at or beyond 2**63 in `value`, or None."""
+    if isinstance(value, float):
+        return path if value.is_integer() and abs(value) >= 2**63 else None
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, Any]] = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for child_path, child in items:
+        found = _rounded_number(child, child_path)
+        if found is not None:
+            return found
+    return None
+
+
 def _json_type(value: Any) -> str:
     """Name the JSON type of a decoded value, as a message shows it."""
     if value is None:
@@ -224,6 +250,15 @@ def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> tuple[dict[str,
         encoded = orjson.dumps(value)
     except TypeError as exc:
         raise OutboxInvalidOperation(field, f"payload cannot be encoded as JSON: {exc}") from None
+
+    if b"e+" in encoded:
+        # orjson reads an integer beyond 64 bits as a float, which rounds it: an amount
+        # must never change on its way through the outbox.
+        path = _rounded_number(value, field)
+        if path is not None:
+            raise OutboxInvalidOperation(path, "a number too large to store "
+                                         "exactly: beyond the 64-bit integer range, JSON "
+                                         "numbers lose digits. Send it as a string")
 
     if len(encoded) > max_bytes:
         raise OutboxInvalidOperation(field, f"payload is {len(encoded)} bytes; the maximum is "
