@@ -262,6 +262,12 @@ def test_format_table_aligns_columns() -> None:
     assert table.splitlines() == ["NAME    VALUE", "a       1", "longer  -"]
 
 
+def test_format_table_keeps_rows_on_one_line() -> None:
+    table = format_table(["id", "last error"], [[1, 'relation "t" does not exist\nCONTEXT:\tx']])
+    assert table.splitlines()[1] == '1   relation "t" does not exist CONTEXT: x'
+
+
+
 def test_health_lists_components(daemon: DaemonProcess) -> None:
     result = walacorctl("--json", "health", socket=daemon.socket)
     assert result.returncode == 0, result.stderr

@@ -10,10 +10,18 @@ from typing import Any, TextIO
 MISSING = "-"
 
 
+_ONE_LINE = str.maketrans({"\n": " ", "\r": " ", "\t": " "})
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Return rows as left-aligned columns under upper-case headers."""
+    """Return rows as left-aligned columns under upper-case headers.
+
+    Line breaks and tabs inside a value, such as PostgreSQL's CONTEXT line in an error,
+    become spaces, so each row stays on one line.
+    """
     cells = [[str(h).upper() for h in headers]]
-    cells += [[MISSING if value is None else str(value) for value in row] for row in rows]
+    cells += [[MISSING if value is None else str(value).translate(_ONE_LINE) for value in row]
+              for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
              .rstrip() for row in cells]
