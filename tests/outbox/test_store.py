@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import time
@@ -66,6 +67,8 @@ async def test_enqueue_conflicting_key_rejects(open_store: StoreOpener) -> None:
             await store.enqueue([walacor_op("fresh"), walacor_op("stored", size=10)])
         with pytest.raises(OutboxConflict) as sink:
             await store.enqueue([ledger_op("stored")])
+        with pytest.raises(OutboxConflict) as ordering:
+            await store.enqueue([dataclasses.replace(walacor_op("stored"), ordering_key="a")])
         with pytest.raises(OutboxConflict) as within:
             await store.enqueue([walacor_op("twice"), walacor_op("twice", size=5)])
         shared = await store.enqueue_each([[walacor_op("other-1")],
@@ -77,6 +80,7 @@ async def test_enqueue_conflicting_key_rejects(open_store: StoreOpener) -> None:
     assert "key 'stored' is already stored" in str(payload.value)
     assert "different payload" in str(payload.value)
     assert "different sink, target, payload" in str(sink.value)
+    assert "different ordering key" in str(ordering.value)
     assert "key 'twice' appears more than once in this request" in str(within.value)
     assert isinstance(shared[0], list)
     assert isinstance(shared[1], OutboxConflict)

@@ -624,7 +624,8 @@ class OutboxStore(OutboxQueries):
                     continue
                 differs = [name for name, ours, theirs in (
                     ("sink", new.sink, stored.sink), ("target", new.target, stored.target),
-                    ("payload", new.payload, stored.payload)) if ours != theirs]
+                    ("payload", new.payload, stored.payload),
+                    ("ordering key", new.ordering_key, stored.ordering_key)) if ours != theirs]
                 if not differs:
                     continue
                 if same_request:
