@@ -124,14 +124,26 @@ def _record_updates(outcomes: Sequence[Outcome], now: float
     groups: dict[tuple[Any, ...], list[int]] = {}
     # A batch shares one receipt object among its operations; encode it once.
     encoded: dict[int, str] = {}
+    previous: Outcome | None = None
+    ids: list[int] = []
     for o in outcomes:
+        if (previous is not None and o.state is previous.state
+                and o.receipt is previous.receipt and o.error is previous.error
+                and o.attempted is previous.attempted
+                and o.next_attempt_at == previous.next_attempt_at):
+            # The outcomes of one batch come in a run with the same values, so most
+            # rows skip building and hashing the values.
+            ids.append(o.operation.id)
+            continue
         receipt = None
         if o.receipt:
             receipt = encoded.get(id(o.receipt))
             if receipt is None:
                 receipt = encoded[id(o.receipt)] = orjson.dumps(o.receipt).decode()
         values = (o.state.value, receipt, o.error, int(o.attempted), o.next_attempt_at)
-        groups.setdefault(values, []).append(o.operation.id)
+        ids = groups.setdefault(values, [])
+        ids.append(o.operation.id)
+        previous = o
     return [("UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
              "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
              "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
