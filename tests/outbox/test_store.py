@@ -7,6 +7,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import aiosqlite
 import anyio
 import pytest
 
@@ -15,7 +16,7 @@ from walacord.config import OutboxConfig
 from walacord.errors import OutboxConflict, OutboxError, OutboxFull, OutboxNotFound
 from walacord.metrics import Metrics
 from walacord.outbox.model import State
-from walacord.outbox.queries import Outcome
+from walacord.outbox.queries import Outcome, execute_in_order
 from walacord.outbox.store import OutboxStore
 
 pytestmark = pytest.mark.anyio
@@ -374,6 +375,25 @@ async def test_record_mixed_outcomes(open_store: StoreOpener) -> None:
     assert [op.last_error for op in stored[5:]] == ["down", "down", "bad"]
     assert (stats.done, stats.pending, stats.dead, stats.in_flight) == (3, 3, 2, 0)
     assert stats.conserved
+
+
+async def test_execute_in_order_runs_all(tmp_path: Path) -> None:
+    """A failed statement raises its error after the later statements ran."""
+    async with aiosqlite.connect(tmp_path / "order.db", isolation_level=None) as db:
+        await db.execute("CREATE TABLE t (v INTEGER NOT NULL)")
+        with pytest.raises(sqlite3.IntegrityError):
+            await execute_in_order(db, [
+                ("BEGIN IMMEDIATE", ()),
+                ("INSERT INTO t (v) VALUES (1)", ()),
+                ("INSERT INTO t (v) VALUES (NULL)", ()),
+                ("SELECT no_such_column FROM t", ()),
+                ("INSERT INTO t (v) VALUES (2)", ()),
+                ("COMMIT", ())])
+        in_transaction = db.in_transaction
+        rows = await execute_in_order(db, [("SELECT v FROM t ORDER BY v", ()),
+                                           ("SELECT count(*) FROM t", ())])
+    assert not in_transaction
+    assert rows == [[(1,), (2,)], [(2,)]]
 
 
 async def test_compact_truncates_wal(open_store: StoreOpener, db_path: Path) -> None:
