@@ -8,6 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import aiosqlite
 import anyio
 import pytest
 
@@ -16,7 +17,7 @@ from walacord.config import OutboxConfig
 from walacord.errors import OutboxConflict, OutboxError, OutboxFull, OutboxNotFound
 from walacord.metrics import Metrics
 from walacord.outbox.model import State
-from walacord.outbox.queries import Outcome
+from walacord.outbox.queries import Outcome, execute_in_order
 from walacord.outbox.store import OutboxStore
 
 pytestmark = pytest.mark.anyio
@@ -344,6 +345,59 @@ async def test_claim_records_outcomes_first(open_store: StoreOpener) -> None:
     assert stored.receipt == {"eid": "e1"}
     assert (stats.done, stats.in_flight, stats.pending) == (1, 1, 0)
     assert stats.conserved
+
+
+async def test_record_mixed_outcomes(open_store: StoreOpener) -> None:
+    """Each outcome differs from the one before it in one field, and each row still
+    gets its own values."""
+    async with open_store() as store:
+        await store.enqueue([walacor_op(f"k{i}") for i in range(8)])
+        ops = await store.claim("walacor", 10, time.time())
+        batch = {"batch": 3}
+        later = time.time() + 3600
+        await store.record([
+            Outcome(ops[0], State.DONE, receipt=batch),
+            Outcome(ops[1], State.DONE, receipt=batch),
+            Outcome(ops[2], State.DONE, receipt={"batch": 4}),
+            Outcome(ops[3], State.PENDING, error="down", next_attempt_at=later),
+            Outcome(ops[4], State.PENDING, error="down", next_attempt_at=later,
+                    attempted=False),
+            Outcome(ops[5], State.PENDING, error="down", next_attempt_at=later + 1,
+                    attempted=False),
+            Outcome(ops[6], State.DEAD, error="down", next_attempt_at=later + 1,
+                    attempted=False),
+            Outcome(ops[7], State.DEAD, error="bad", next_attempt_at=later + 1,
+                    attempted=False),
+        ])
+        stored = [await store.get(op.id) for op in ops]
+        stats = await store.check_conservation()
+    assert [op.state for op in stored] == [State.DONE] * 3 + [State.PENDING] * 3 + [
+        State.DEAD] * 2
+    assert [op.attempts for op in stored] == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert [op.receipt for op in stored[:3]] == [batch, batch, {"batch": 4}]
+    assert [op.next_attempt_at for op in stored[3:6]] == [later, later, later + 1]
+    assert [op.last_error for op in stored[5:]] == ["down", "down", "bad"]
+    assert (stats.done, stats.pending, stats.dead, stats.in_flight) == (3, 3, 2, 0)
+    assert stats.conserved
+
+
+async def test_execute_in_order_runs_all(tmp_path: Path) -> None:
+    """A failed statement raises its error after the later statements ran."""
+    async with aiosqlite.connect(tmp_path / "order.db", isolation_level=None) as db:
+        await db.execute("CREATE TABLE t (v INTEGER NOT NULL)")
+        with pytest.raises(sqlite3.IntegrityError):
+            await execute_in_order(db, [
+                ("BEGIN IMMEDIATE", ()),
+                ("INSERT INTO t (v) VALUES (1)", ()),
+                ("INSERT INTO t (v) VALUES (NULL)", ()),
+                ("SELECT no_such_column FROM t", ()),
+                ("INSERT INTO t (v) VALUES (2)", ()),
+                ("COMMIT", ())])
+        in_transaction = db.in_transaction
+        rows = await execute_in_order(db, [("SELECT v FROM t ORDER BY v", ()),
+                                           ("SELECT count(*) FROM t", ())])
+    assert not in_transaction
+    assert rows == [[(1,), (2,)], [(2,)]]
 
 
 async def test_compact_truncates_wal(open_store: StoreOpener, db_path: Path) -> None:

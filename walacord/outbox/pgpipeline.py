@@ -82,8 +82,10 @@ def _adapt(transformer: abc.Transformer, statement: CompiledStatement,
     """Adapt every row's parameters; raise ProgrammingError for a missing one, or
     psycopg's error for a value that it cannot adapt."""
     adapted: list[_Row] = []
+    append = adapted.append
     formats = statement.formats
     names = statement.names
+    single = len(names) == 1  # itemgetter of one name returns the bare value
     values_of = operator.itemgetter(*names) if names else None
     dump = transformer.dump_sequence
     for row in rows:
@@ -91,10 +93,10 @@ def _adapt(transformer: abc.Transformer, statement: CompiledStatement,
             values = () if values_of is None else values_of(row)
         except KeyError as exc:
             raise psycopg.ProgrammingError(f"query parameter missing: {exc.args[0]}") from None
-        if len(names) == 1:
-            values = (values,)  # itemgetter of one name returns the bare value
+        if single:
+            values = (values,)
         dumped = dump(values, formats)
-        adapted.append((transformer.types or (), dumped, transformer.formats or ()))
+        append((transformer.types or (), dumped, transformer.formats or ()))
     return adapted
 
 
@@ -160,6 +162,7 @@ async def _flush(pgconn: pq.abc.PGconn) -> None:
 async def _read_until_sync(pgconn: pq.abc.PGconn, encoding: str) -> psycopg.Error | None:
     """Consume results up to the pipeline's Sync; return the first statement error."""
     error: psycopg.Error | None = None
+    sync_status, aborted_status = pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.PIPELINE_ABORTED
     while True:
         pgconn.consume_input()
         while not pgconn.is_busy():
@@ -167,9 +170,9 @@ async def _read_until_sync(pgconn: pq.abc.PGconn, encoding: str) -> psycopg.Erro
             if result is None:
                 continue  # the end of one statement's results
             status = result.status
-            if status == pq.ExecStatus.PIPELINE_SYNC:
+            if status == sync_status:
                 return error
-            if status in _OK or status == pq.ExecStatus.PIPELINE_ABORTED:
+            if status in _OK or status == aborted_status:
                 continue
             if error is None:
                 error = _result_error(result, encoding)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
+import orjson
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -154,6 +155,20 @@ def _parameters(operation: Operation) -> dict[str, Any]:
     return params
 
 
+def _parameter_rows(operations: Sequence[Operation]) -> list[dict[str, Any]]:
+    """Return `_parameters` of each operation, without a call per operation."""
+    loads = orjson.loads
+    rows: list[dict[str, Any]] = []
+    for operation in operations:
+        params = loads(operation.payload)
+        if not isinstance(params, dict):
+            raise TypeError(f"operation {operation.id} has a payload that is not a JSON "
+                            "object")
+        params.setdefault(KEY_PARAMETER, operation.key)
+        rows.append(params)
+    return rows
+
+
 class PostgresSink:
     """Runs the operation's named statement with its payload as parameters."""
 
@@ -194,7 +209,7 @@ class PostgresSink:
 
         try:
             statements = [(compile_statement(self._sql(group[0])),
-                           [_parameters(op) for op in group]) for group in groups.values()]
+                           _parameter_rows(group)) for group in groups.values()]
             with anyio.fail_after(self.timeout):
                 async with self.pool.connection(timeout=self.timeout) as conn:
                     await execute_batch(conn, statements)
