@@ -22,7 +22,6 @@ import logging
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import ByteStream
 
 from walacord.control.calls import run_batch, run_call
 from walacord.control.protocol import (
@@ -62,7 +61,7 @@ class ReadEvent(enum.Enum):
 class LineReader:
     """Split a byte stream into lines without ever holding more than `max_line` bytes of one."""
 
-    def __init__(self, stream: ByteStream, max_line: int) -> None:
+    def __init__(self, stream: SocketByteStream, max_line: int) -> None:
         self._stream = stream
         self._max_line = max_line
         self._buffer = bytearray()
@@ -72,7 +71,6 @@ class LineReader:
         self._request_began: float | None = None
         self._closed = False
         self._cancelled = False
-        self._receive_scope: anyio.CancelScope | None = None
 
     async def read_line(self, idle_timeout: float, request_timeout: float
                         ) -> bytes | ReadEvent | None:
@@ -119,8 +117,7 @@ class LineReader:
     def cancel(self) -> None:
         """Stop a `read_line()` that is waiting for bytes; it returns None."""
         self._cancelled = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
+        self._stream.interrupt()
 
     def waiting_for_request(self) -> bool:
         """Return whether no byte of a next request has arrived yet."""
@@ -163,18 +160,16 @@ class LineReader:
         else:
             assert self._request_began is not None
             deadline = self._request_began + request_timeout
-        # One scope serves both the deadline and cancel(), because each CancelScope
-        # costs microseconds and this runs once per request.
+        # The stream's own deadline serves both the timeouts and cancel(), because a
+        # CancelScope costs microseconds and this runs once per request.
         try:
-            with anyio.CancelScope(deadline=deadline) as scope:
-                self._receive_scope = scope
-                chunk = await self._stream.receive(READ_CHUNK_BYTES)
+            chunk = await self._stream.receive_before(READ_CHUNK_BYTES, deadline)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._closed = True
             return None
-        finally:
-            self._receive_scope = None
-        if scope.cancelled_caught:
+        if chunk is None:
+            if self._cancelled:
+                return None
             return ReadEvent.IDLE_TIMEOUT if waiting_for_request else ReadEvent.REQUEST_TIMEOUT
 
         if self._start and self._start == len(self._buffer):
@@ -197,7 +192,7 @@ class ConnectionClosedError(Exception):
 class Connection:
     """Serve requests on one accepted, authorised connection until it closes."""
 
-    def __init__(self, server: ControlServer, stream: ByteStream, peer: Peer) -> None:
+    def __init__(self, server: ControlServer, stream: SocketByteStream, peer: Peer) -> None:
         self.server = server
         self.stream = stream
         self.peer = peer
@@ -377,11 +372,10 @@ class Connection:
         timeout = self.server.runtime.config.control.write_timeout
         try:
             # Most responses fit in the socket buffer at once, which needs no deadline.
-            if isinstance(self.stream, SocketByteStream):
-                sent = self.stream.send_nowait(data)
-                if sent == len(data):
-                    return
-                data = data[sent:]
+            sent = self.stream.send_nowait(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
             with anyio.fail_after(timeout):
                 await self.stream.send(data)
         except TimeoutError:
