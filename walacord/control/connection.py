@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from walacord.control.calls import run_batch, run_call
+from walacord.control.calls import run_batch, run_call, submit_call
 from walacord.control.protocol import (
     ErrorCode,
     Request,
@@ -71,6 +71,10 @@ class LineReader:
         self._request_began: float | None = None
         self._closed = False
         self._cancelled = False
+        # Set by the connection while it serves a request without reading: the idle
+        # timeout then does not run, and restarts at `idle_from` afterwards.
+        self.busy = False
+        self.idle_from = 0.0
 
     async def read_line(self, idle_timeout: float, request_timeout: float
                         ) -> bytes | ReadEvent | None:
@@ -123,6 +127,10 @@ class LineReader:
         """Return whether no byte of a next request has arrived yet."""
         return self._request_began is None
 
+    def is_empty(self) -> bool:
+        """Return whether the reader holds no bytes and no unfinished line to discard."""
+        return self._start == len(self._buffer) and not self._discarding and not self._closed
+
     def has_line(self) -> bool:
         """Return whether a complete line is already buffered, so reading will not wait."""
         return self._buffer.find(b"\n", self._start + self._scanned) >= 0
@@ -156,21 +164,30 @@ class LineReader:
     async def _receive(self, idle_timeout: float, request_timeout: float) -> ReadEvent | None:
         waiting_for_request = self._request_began is None
         if waiting_for_request:
-            deadline = anyio.current_time() + idle_timeout
-        else:
-            assert self._request_began is not None
-            deadline = self._request_began + request_timeout
-        # The stream's own deadline serves both the timeouts and cancel(), because a
-        # CancelScope costs microseconds and this runs once per request.
-        try:
-            chunk = await self._stream.receive_before(READ_CHUNK_BYTES, deadline)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._closed = True
-            return None
-        if chunk is None:
+            self.idle_from = anyio.current_time()
+        while True:
+            if not waiting_for_request:
+                assert self._request_began is not None
+                deadline = self._request_began + request_timeout
+            elif self.busy:
+                deadline = anyio.current_time() + idle_timeout
+            else:
+                deadline = self.idle_from + idle_timeout
+            # The stream's own deadline serves both the timeouts and cancel(), because a
+            # CancelScope costs microseconds and this runs once per request.
+            try:
+                chunk = await self._stream.receive_before(READ_CHUNK_BYTES, deadline)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._closed = True
+                return None
+            if chunk is not None:
+                break
             if self._cancelled:
                 return None
-            return ReadEvent.IDLE_TIMEOUT if waiting_for_request else ReadEvent.REQUEST_TIMEOUT
+            if not waiting_for_request:
+                return ReadEvent.REQUEST_TIMEOUT
+            if not self.busy and anyio.current_time() >= self.idle_from + idle_timeout:
+                return ReadEvent.IDLE_TIMEOUT
 
         if self._start and self._start == len(self._buffer):
             self._drop_pending()
@@ -203,6 +220,10 @@ class Connection:
         self._reader: LineReader | None = None
         self._idle_since: float | None = None  # anyio.current_time() the last read began
         self.evicted = False
+        # A request served from the stream's reader callback is in progress, or its
+        # response could not be written.
+        self._submitted = False
+        self._submit_failed = False
 
     def idle_since(self) -> float | None:
         """Return when the connection began waiting for its next request, or None.
@@ -210,7 +231,8 @@ class Connection:
         None means it is serving a request, or has received part of the next one.
         """
         reader = self._reader
-        if self._idle_since is None or reader is None or not reader.waiting_for_request():
+        if (self._idle_since is None or reader is None or not reader.waiting_for_request()
+                or self._submitted):
             return None
         return self._idle_since
 
@@ -230,9 +252,11 @@ class Connection:
     async def _serve_requests(self) -> None:
         config = self.server.runtime.config.control
         reader = self._reader = LineReader(self.stream, config.max_request_bytes)
+        self.stream.set_data_hook(self._serve_at_once)
         while True:
             if self._output and not reader.has_line():
                 await self._flush()
+            self.stream.resume_reading()
             outcome = await self._read_request(reader)
             if self.evicted:
                 await self._send_protocol_error(
@@ -242,7 +266,11 @@ class Connection:
                     "was idle the longest. Reconnect to send more requests",
                     {"max_connections": config.max_connections})
                 return
-            assert outcome is not None
+            if outcome is None:
+                # _submitted_response() handed over a response it could not write.
+                if self._submit_failed:
+                    raise ConnectionClosedError
+                continue
             if isinstance(outcome, bytes):
                 await self._serve_line(outcome, reader)
                 continue
@@ -283,6 +311,52 @@ class Connection:
             return await reader.read_line(config.idle_timeout, config.request_timeout)
         finally:
             self._idle_since = None
+
+    def _serve_at_once(self, data: bytes) -> bool:
+        """Start the request in `data` from the stream's reader callback, when `data` is
+        one whole line and its method has a submit handler; return whether it did.
+
+        This runs only while the task waits for a next request. Reading pauses until
+        the response is written, so responses keep request order. Anything else goes
+        to the task, which serves it as usual.
+        """
+        reader = self._reader
+        newline = data.find(b"\n")
+        if (newline != len(data) - 1 or reader is None or not reader.is_empty()
+                or self._output or self.evicted or self._submitted
+                or newline > self.server.runtime.config.control.max_request_bytes):
+            return False
+        request = decode_request(data)
+        if request.error is not None:
+            return False
+        method = self.server.runtime.methods.get(request.method)
+        if method is None or method.submit is None:
+            return False
+
+        self._submitted = reader.busy = True
+        self.stream.pause_reading()
+        submit_call(self.server, self.peer, method, request, self._submitted_response)
+        return True
+
+    def _submitted_response(self, response: bytes) -> None:
+        self._submitted = False
+        reader = self._reader
+        assert reader is not None
+        reader.busy = False
+        reader.idle_from = self._idle_since = anyio.current_time()
+        try:
+            sent = self.stream.send_nowait(response)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._submit_failed = True
+            reader.cancel()
+            return
+        if sent < len(response):
+            # The socket buffer is full, so the task writes the rest under write_timeout.
+            self._output.append(response[sent:])
+            self._output_bytes += len(response) - sent
+            reader.cancel()
+            return
+        self.stream.resume_reading()
 
     async def _serve_line(self, line: bytes, reader: LineReader) -> None:
         request = decode_request(line)

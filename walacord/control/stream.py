@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import ByteStream
@@ -23,6 +24,8 @@ from anyio.abc import ByteStream
 # What wakes a waiting receive: data or end of stream, the stream's closing, or the
 # deadline or `interrupt()`.
 _READABLE, _CLOSED, _STOPPED = 1, 2, 3
+# Takes bytes that arrived while a receive waited; returns True when it consumed them.
+DataHook = Callable[[bytes], bool]
 
 
 class SocketByteStream(ByteStream):
@@ -35,7 +38,9 @@ class SocketByteStream(ByteStream):
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watching = False  # the socket is registered with the loop for reading
-        self._waiter: asyncio.Future[int] | None = None
+        self._paused = False
+        self._waiter: asyncio.Future[int | bytes] | None = None
+        self._data_hook: DataHook | None = None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         data = await self.receive_before(max_bytes, None)
@@ -56,6 +61,8 @@ class SocketByteStream(ByteStream):
                 data = self._sock.recv(max_bytes)
             except BlockingIOError:
                 woken = await self._wait_readable(deadline)
+                if isinstance(woken, bytes):
+                    return woken
                 if woken == _STOPPED:
                     return None
                 if woken == _CLOSED:
@@ -77,16 +84,46 @@ class SocketByteStream(ByteStream):
         """Make a waiting `receive_before()` return None; bytes stay unread."""
         _wake(self._waiter, _STOPPED)
 
-    async def _wait_readable(self, deadline: float | None) -> int:
+    def set_data_hook(self, hook: DataHook | None) -> None:
+        """Offer bytes that arrive while a receive waits to `hook` first.
+
+        The hook runs in the event loop's reader callback, so it saves the waiting
+        task a wake-up. Bytes it does not consume go to the receive as usual.
+        """
+        self._data_hook = hook
+
+    def pause_reading(self) -> None:
+        """Leave bytes that arrive from now on unread, so a waiting receive stays waiting.
+
+        The socket stays registered until such bytes arrive, because a client that
+        waits for each response sends nothing meanwhile, and registering again costs
+        a system call.
+        """
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        """Undo `pause_reading()`."""
+        if self._paused:
+            self._paused = False
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and not self._closed:
+                self._watch()
+
+    def _watch(self) -> None:
+        if not self._watching:
+            assert self._loop is not None
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._watching = True
+
+    async def _wait_readable(self, deadline: float | None) -> int | bytes:
         if self._waiter is not None:
             raise anyio.BusyResourceError("reading from")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        if not self._watching:
-            loop.add_reader(self._fd, self._on_readable)
-            self._watching = True
+        if not self._paused:
+            self._watch()
         timer = None if deadline is None else loop.call_at(deadline, _wake, waiter, _STOPPED)
         try:
             return await waiter
@@ -97,12 +134,26 @@ class SocketByteStream(ByteStream):
 
     def _on_readable(self) -> None:
         waiter = self._waiter
-        if waiter is None:
+        if waiter is None or self._paused:
             # No receive is waiting, so stop watching until the next one; the loop
             # would otherwise call this on every iteration while the data stays unread.
             self._unwatch()
         elif not waiter.done():
-            waiter.set_result(_READABLE)
+            if self._data_hook is None:
+                waiter.set_result(_READABLE)
+                return
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                # The receive itself raises it, or reports the end of the stream.
+                waiter.set_result(_READABLE)
+                return
+            if not data:
+                waiter.set_result(_READABLE)  # end of stream; recv() returns b"" again
+            elif not self._data_hook(data) and not waiter.done():
+                waiter.set_result(data)
         # A done waiter's task runs in this loop iteration and receives the data.
 
     def _unwatch(self) -> None:
@@ -158,6 +209,6 @@ class SocketByteStream(ByteStream):
         await anyio.lowlevel.checkpoint()
 
 
-def _wake(waiter: asyncio.Future[int] | None, reason: int) -> None:
+def _wake(waiter: asyncio.Future[int | bytes] | None, reason: int) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(reason)

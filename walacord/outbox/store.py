@@ -120,7 +120,11 @@ class _Completion:
     def end(self) -> None:
         if not self.done:
             self.done = True
-            self.on_done(self)
+            try:
+                self.on_done(self)
+            except Exception:
+                # The writer and the expiry task call this, and neither may stop.
+                log.error("outbox.callback_failed", exc_info=True)
 
 
 class _Request:
