@@ -132,7 +132,8 @@ def submit_enqueue(outbox: Outbox, params: Any, timeout: float,
     the reply, or the ControlError or TimeoutError that ended the call."""
     try:
         _require_open(outbox)
-        params = dict(params or {})
+        if not isinstance(params, dict):
+            params = dict(params or {})
         parsed = _parse_enqueue(outbox, params)
     except ControlError as exc:
         on_done(exc)
