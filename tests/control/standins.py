@@ -178,8 +178,8 @@ async def submitted_sleep(params: SubmitParams, call: Call) -> Any:
 
 
 def submit_sleep(params: SubmitParams, timeout: float, on_done: Callable[[Any], None]) -> None:
-    """Answer after `seconds` from a timer, as a submit handler must: once, on the event
-    loop, and with TimeoutError once `timeout` passes first."""
+    """Call `on_done` from a timer after `seconds`, as a submit handler must: once, on
+    the event loop, and with TimeoutError when `timeout` passes first."""
     loop = asyncio.get_running_loop()
     if params.seconds > timeout:
         loop.call_later(timeout, on_done, TimeoutError())

@@ -40,7 +40,7 @@ async def test_submitted_call_keeps_response_order(socket_dir: Path) -> None:
             connect(socket_dir / "c.sock") as client:
         await park(client)
         await client.request("test.submit_sleep", {"seconds": 0.3})
-        # The next request arrives while the first one runs, and must be answered after it.
+        # The next request arrives while the first one runs, and its response must follow.
         await anyio.sleep(0.05)
         await client.request("test.echo", {"value": "second"})
         first = await client.receive()

@@ -8,6 +8,11 @@ among them. Responses always follow request order. Responses to pipelined reques
 are written together once no complete request line is buffered or 64 KiB of responses
 are queued, so a quick response can wait behind a slow call pipelined after it.
 
+A request that arrives alone while the connection waits for its next request, for a
+method with a submit handler (such as `outbox.enqueue`), starts from the socket's
+reader callback, and the callback that ends it writes the response. It costs no task
+switch. Reading pauses until that response is written, which keeps request order.
+
 Every read has a deadline: the first byte of a request must come within `idle_timeout`
 of the previous response, and the rest of the line within `request_timeout` of its
 first byte. Every write has `write_timeout`. A line longer than `max_request_bytes` gets
@@ -128,7 +133,7 @@ class LineReader:
         return self._request_began is None
 
     def is_empty(self) -> bool:
-        """Return whether the reader holds no bytes and no unfinished line to discard."""
+        """Return whether the reader contains no bytes and no unfinished line to discard."""
         return self._start == len(self._buffer) and not self._discarding and not self._closed
 
     def has_line(self) -> bool:
@@ -313,12 +318,12 @@ class Connection:
             self._idle_since = None
 
     def _serve_at_once(self, data: bytes) -> bool:
-        """Start the request in `data` from the stream's reader callback, when `data` is
-        one whole line and its method has a submit handler; return whether it did.
+        """Start the request in `data` when `data` is one whole line and its method has a
+        submit handler. Return whether it did.
 
-        This runs only while the task waits for a next request. Reading pauses until
-        the response is written, so responses keep request order. Anything else goes
-        to the task, which serves it as usual.
+        The stream's reader callback calls this while the task waits for a next
+        request. Reading pauses until the response is written, so responses keep
+        request order. The task serves all other data as usual.
         """
         reader = self._reader
         newline = data.find(b"\n")

@@ -9,12 +9,14 @@ queue until its first `receive()` pauses the transport.
 The socket stays registered with the event loop between receives, because adding and
 removing it for every receive (as `anyio.wait_readable()` does) was a large share of a
 short request's CPU time. It is removed only when it becomes readable while no receive
-waits, so unread data never makes the loop spin. The stream needs the asyncio backend.
+waits, so unread data never makes the loop spin. On anyio backends other than asyncio
+the stream waits through `anyio.wait_readable()` instead, and has no data hook.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from collections.abc import Callable
 
@@ -41,6 +43,7 @@ class SocketByteStream(ByteStream):
         self._paused = False
         self._waiter: asyncio.Future[int | bytes] | None = None
         self._data_hook: DataHook | None = None
+        self._portable_scope: anyio.CancelScope | None = None  # without asyncio
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         data = await self.receive_before(max_bytes, None)
@@ -83,6 +86,8 @@ class SocketByteStream(ByteStream):
     def interrupt(self) -> None:
         """Make a waiting `receive_before()` return None; bytes stay unread."""
         _wake(self._waiter, _STOPPED)
+        if self._portable_scope is not None:
+            self._portable_scope.cancel()
 
     def set_data_hook(self, hook: DataHook | None) -> None:
         """Offer bytes that arrive while a receive waits to `hook` first.
@@ -120,7 +125,10 @@ class SocketByteStream(ByteStream):
             raise anyio.BusyResourceError("reading from")
         loop = self._loop
         if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return await self._wait_portable(deadline)
         waiter = self._waiter = loop.create_future()
         if not self._paused:
             self._watch()
@@ -131,6 +139,18 @@ class SocketByteStream(ByteStream):
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+
+    async def _wait_portable(self, deadline: float | None) -> int:
+        # NOTE: no test runs this path, because the test suite runs on asyncio only.
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+            self._portable_scope = scope
+            try:
+                await anyio.wait_readable(self._sock)
+            except anyio.ClosedResourceError:
+                return _CLOSED
+            finally:
+                self._portable_scope = None
+        return _STOPPED if scope.cancelled_caught else _READABLE
 
     def _on_readable(self) -> None:
         waiter = self._waiter
