@@ -23,7 +23,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ByteStream
 
-# What wakes a waiting receive: data or end of stream, the stream's closing, or the
+# Reasons a waiting receive wakes: data or end of stream, the stream's closing, or the
 # deadline or `interrupt()`.
 _READABLE, _CLOSED, _STOPPED = 1, 2, 3
 # Takes bytes that arrived while a receive waited; returns True when it consumed them.
@@ -117,6 +117,10 @@ class SocketByteStream(ByteStream):
     def _watch(self) -> None:
         if not self._watching:
             assert self._loop is not None
+            # A socket closed without aclose() leaves its number registered in the
+            # loop, and add_reader() would then only swap the callback, so a stale
+            # registration is removed first.
+            self._loop.remove_reader(self._fd)
             self._loop.add_reader(self._fd, self._on_readable)
             self._watching = True
 
