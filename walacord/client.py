@@ -198,7 +198,10 @@ class AsyncOutboxClient:
                 if not previous.done:
                     raise self._timed_out(method)
             self._check_usable()
-            response = _parse(await self._receive_line(stream, deadline, method))
+            # A response to the request just sent cannot have arrived yet, unless
+            # earlier calls are still being read.
+            response = _parse(await self._receive_line(stream, deadline, method,
+                                                       wait_first=previous is None))
             while _is_progress(response):
                 response = _parse(await self._receive_line(stream, deadline, method))
         except BaseException as exc:
@@ -241,8 +244,9 @@ class AsyncOutboxClient:
             self._sending = False
 
     async def _receive_line(self, stream: SocketByteStream, deadline: float,
-                            method: str) -> bytes:
-        """Return the next response line without its newline."""
+                            method: str, *, wait_first: bool = False) -> bytes:
+        """Return the next response line without its newline; `wait_first` is passed to
+        the first receive."""
         buffer = self._buffer
         scanned = 0
         while True:
@@ -256,7 +260,8 @@ class AsyncOutboxClient:
                                     f"{MAX_RESPONSE_BYTES} bytes")
             scanned = len(buffer)
             try:
-                chunk = await stream.receive_before(65536, deadline)
+                chunk = await stream.receive_before(65536, deadline, wait_first=wait_first)
+                wait_first = False
             except anyio.EndOfStream:
                 raise WalacordError("walacord closed the connection before responding"
                                     ) from None

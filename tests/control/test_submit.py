@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 async def park(client: LineClient) -> None:
     """Make the connection's task wait for a next request, as it does between the
     requests of a client that waits for each response. Only then does a request reach
-    the reader callback; the first request of a connection is often read by the task."""
+    the reader callback."""
     assert "result" in await client.call("test.echo")
     await anyio.sleep(0.05)
 

@@ -179,9 +179,12 @@ class LineReader:
             else:
                 deadline = self.idle_from + idle_timeout
             # The stream's own deadline serves both the timeouts and cancel(), because a
-            # CancelScope costs microseconds and this runs once per request.
+            # CancelScope costs microseconds and this runs once per request. Waiting
+            # before the first recv() of a request lets a request that arrives whole
+            # reach the stream's data hook, and saves a failed recv() when none is there.
             try:
-                chunk = await self._stream.receive_before(READ_CHUNK_BYTES, deadline)
+                chunk = await self._stream.receive_before(
+                    READ_CHUNK_BYTES, deadline, wait_first=waiting_for_request)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._closed = True
                 return None

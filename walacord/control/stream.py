@@ -50,30 +50,39 @@ class SocketByteStream(ByteStream):
         assert data is not None, "interrupt() called during receive()"
         return data
 
-    async def receive_before(self, max_bytes: int, deadline: float | None) -> bytes | None:
+    async def receive_before(self, max_bytes: int, deadline: float | None, *,
+                             wait_first: bool = False) -> bytes | None:
         """Receive as `receive()` does; return None once `deadline` passes or
         `interrupt()` is called first.
 
         `deadline` is in `anyio.current_time()` seconds; None waits without a limit.
+        `wait_first` skips the first recv(), which saves a failed system call when
+        the caller has just sent a request and its response cannot be there yet.
         """
         waited = False
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
-            try:
-                data = self._sock.recv(max_bytes)
-            except BlockingIOError:
+            data: bytes | None = None
+            if wait_first:
+                wait_first = False
+            else:
+                try:
+                    data = self._sock.recv(max_bytes)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise anyio.BrokenResourceError from exc
+            if data is None:
                 woken = await self._wait_readable(deadline)
                 if isinstance(woken, bytes):
                     return woken
                 if woken == _STOPPED:
                     return None
                 if woken == _CLOSED:
-                    raise anyio.ClosedResourceError from None
+                    raise anyio.ClosedResourceError
                 waited = True
                 continue
-            except OSError as exc:
-                raise anyio.BrokenResourceError from exc
             if not waited:
                 # Yield once per receive, because `send_nowait()` does not yield and a
                 # peer that keeps the socket full must not hold the event loop. The
