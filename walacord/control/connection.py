@@ -182,9 +182,11 @@ class LineReader:
             # CancelScope costs microseconds and this runs once per request. Waiting
             # before the first recv() of a request lets a request that arrives whole
             # reach the stream's data hook, and saves a failed recv() when none is there.
+            # A client that pipelines often has the next request there already.
+            wait_first = waiting_for_request and not self._stream.arrived_while_paused
             try:
                 chunk = await self._stream.receive_before(
-                    READ_CHUNK_BYTES, deadline, wait_first=waiting_for_request)
+                    READ_CHUNK_BYTES, deadline, wait_first=wait_first)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._closed = True
                 return None
@@ -330,8 +332,12 @@ class Connection:
         """
         reader = self._reader
         newline = data.find(b"\n")
+        # A client that pipelines is served by the task, which runs its buffered
+        # requests together; serving them here one at a time would pause reading for
+        # every request and split the group commits.
         if (newline != len(data) - 1 or reader is None or not reader.is_empty()
                 or self._output or self.evicted or self._submitted
+                or self.stream.arrived_while_paused
                 or newline > self.server.runtime.config.control.max_request_bytes):
             return False
         request = decode_request(data)

@@ -41,6 +41,9 @@ class SocketByteStream(ByteStream):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watching = False  # the socket is registered with the loop for reading
         self._paused = False
+        # Bytes arrived while reading was paused: the peer sends requests without
+        # waiting for each response.
+        self.arrived_while_paused = False
         self._waiter: asyncio.Future[int | bytes] | None = None
         self._data_hook: DataHook | None = None
         self._portable_scope: anyio.CancelScope | None = None  # without asyncio
@@ -167,6 +170,8 @@ class SocketByteStream(ByteStream):
 
     def _on_readable(self) -> None:
         waiter = self._waiter
+        if self._paused:
+            self.arrived_while_paused = True
         if waiter is None or self._paused:
             # No receive is waiting, so stop watching until the next one; the loop
             # would otherwise call this on every iteration while the data stays unread.
