@@ -332,9 +332,9 @@ class Connection:
         """
         reader = self._reader
         newline = data.find(b"\n")
-        # A client that pipelines is served by the task, which runs its buffered
-        # requests together; serving them here one at a time would pause reading for
-        # every request and split the group commits.
+        # The task serves a client that pipelines, because it runs buffered requests
+        # together. Served here one at a time, each would pause reading and split the
+        # group commit.
         if (newline != len(data) - 1 or reader is None or not reader.is_empty()
                 or self._output or self.evicted or self._submitted
                 or self.stream.arrived_while_paused
