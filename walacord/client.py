@@ -174,46 +174,54 @@ class AsyncOutboxClient:
         stream = self._stream
         if stream is None:
             raise WalacordError("client is not connected; use it as `async with`")
-        # A bare CancelScope, because fail_after's context manager costs a few
-        # microseconds per call.
-        with anyio.CancelScope(deadline=anyio.current_time() + self.timeout) as scope:
-            self._check_usable()
-            # Queue the request and take the next place in the reading order with no
-            # await in between, so that the reading order is the sending order.
-            # Encoding can reject the input, so it comes before the turn is taken.
-            request_id = self._next_id + 1
-            encoded = _encode(request_id, method, params or {})
-            self._next_id = request_id
-            previous, own_turn = self._last_turn, _Turn()
-            self._last_turn = own_turn
-            self._outgoing.append(encoded)
-            try:
-                if not self._sending:
-                    await self._send_outgoing(stream)
-                if previous is not None and not previous.done:
-                    if previous.event is None:
-                        previous.event = anyio.Event()
+        # The deadline goes to each wait instead of into a CancelScope around the call,
+        # because a CancelScope costs several microseconds per call.
+        deadline = anyio.current_time() + self.timeout
+        self._check_usable()
+        # Queue the request and take the next place in the reading order with no
+        # await in between, so that the reading order is the sending order.
+        # Encoding can reject the input, so it comes before the turn is taken.
+        request_id = self._next_id + 1
+        encoded = _encode(request_id, method, params or {})
+        self._next_id = request_id
+        previous, own_turn = self._last_turn, _Turn()
+        self._last_turn = own_turn
+        self._outgoing.append(encoded)
+        try:
+            if not self._sending:
+                await self._send_outgoing(stream, deadline, method)
+            if previous is not None and not previous.done:
+                if previous.event is None:
+                    previous.event = anyio.Event()
+                with anyio.CancelScope(deadline=deadline):
                     await previous.event.wait()
-                self._check_usable()
-                response = _parse(await self._receive_line(stream))
-                while _is_progress(response):
-                    response = _parse(await self._receive_line(stream))
-            except BaseException as exc:
-                if self._broken is None:
-                    self._broken = f"{method} failed: {exc!r}"
-                raise
-            finally:
-                own_turn.done = True
-                if own_turn.event is not None:
-                    own_turn.event.set()
-                if self._last_turn is own_turn:
-                    self._last_turn = None
-        if scope.cancelled_caught:
-            raise TimeoutError(f"{method} got no response from {self.path} within "
-                               f"{self.timeout:g}s")
+                if not previous.done:
+                    raise self._timed_out(method)
+            self._check_usable()
+            # A response to the request just sent cannot have arrived yet, unless
+            # earlier calls are still being read.
+            response = _parse(await self._receive_line(stream, deadline, method,
+                                                       wait_first=previous is None))
+            while _is_progress(response):
+                response = _parse(await self._receive_line(stream, deadline, method))
+        except BaseException as exc:
+            if self._broken is None:
+                self._broken = f"{method} failed: {exc!r}"
+            raise
+        finally:
+            own_turn.done = True
+            if own_turn.event is not None:
+                own_turn.event.set()
+            if self._last_turn is own_turn:
+                self._last_turn = None
         return _result(response, request_id)
 
-    async def _send_outgoing(self, stream: SocketByteStream) -> None:
+    def _timed_out(self, method: str) -> TimeoutError:
+        return TimeoutError(f"{method} got no response from {self.path} within "
+                            f"{self.timeout:g}s")
+
+    async def _send_outgoing(self, stream: SocketByteStream, deadline: float,
+                             method: str) -> None:
         """Write queued requests until none is left.
 
         Requests that other tasks queue while a write is in progress go out together
@@ -228,12 +236,17 @@ class AsyncOutboxClient:
                 self._outgoing.clear()
                 sent = stream.send_nowait(data)
                 if sent < len(data):
-                    await stream.send(data[sent:])
+                    with anyio.CancelScope(deadline=deadline) as scope:
+                        await stream.send(data[sent:])
+                    if scope.cancelled_caught:
+                        raise self._timed_out(method)
         finally:
             self._sending = False
 
-    async def _receive_line(self, stream: SocketByteStream) -> bytes:
-        """Return the next response line without its newline."""
+    async def _receive_line(self, stream: SocketByteStream, deadline: float,
+                            method: str, *, wait_first: bool = False) -> bytes:
+        """Return the next response line without its newline; `wait_first` is passed to
+        the first receive."""
         buffer = self._buffer
         scanned = 0
         while True:
@@ -247,10 +260,14 @@ class AsyncOutboxClient:
                                     f"{MAX_RESPONSE_BYTES} bytes")
             scanned = len(buffer)
             try:
-                buffer += await stream.receive(65536)
+                chunk = await stream.receive_before(65536, deadline, wait_first=wait_first)
+                wait_first = False
             except anyio.EndOfStream:
                 raise WalacordError("walacord closed the connection before responding"
                                     ) from None
+            if chunk is None:
+                raise self._timed_out(method)
+            buffer += chunk
 
     def _check_usable(self) -> None:
         if self._broken is not None:

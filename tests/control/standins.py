@@ -7,9 +7,10 @@ states are whatever a test sets. The test methods exercise the server's limits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -165,6 +166,28 @@ async def crash(params: None, call: Call) -> Any:
     raise RuntimeError("handler bug")
 
 
+@dataclass(frozen=True)
+class SubmitParams:
+    seconds: float = 0.0
+    size: int = 0  # characters of filler in the result
+
+
+async def submitted_sleep(params: SubmitParams, call: Call) -> Any:
+    await anyio.sleep(params.seconds)
+    return {"slept": params.seconds, "filler": "f" * params.size}
+
+
+def submit_sleep(params: SubmitParams, timeout: float, on_done: Callable[[Any], None]) -> None:
+    """Call `on_done` from a timer after `seconds`, as a submit handler must: once, on
+    the event loop, and with TimeoutError when `timeout` passes first."""
+    loop = asyncio.get_running_loop()
+    if params.seconds > timeout:
+        loop.call_later(timeout, on_done, TimeoutError())
+        return
+    result = {"slept": params.seconds, "filler": "f" * params.size}
+    loop.call_later(params.seconds, on_done, result)
+
+
 async def echo_batch(params: list[EchoParams], calls: list[Call]) -> list[Any]:
     """Echo each value; "bad" fails its own call and "crash" fails the whole batch."""
     values = [each.value for each in params]
@@ -183,3 +206,5 @@ def register_test_methods(methods: MethodRegistry) -> None:
                      batch_handler=echo_batch)
     methods.register("test.progress", progress, ProgressParams, mutating=False)
     methods.register("test.crash", crash, mutating=False)
+    methods.register("test.submit_sleep", submitted_sleep, SubmitParams, mutating=False,
+                     timeout=1.0, submit=submit_sleep)

@@ -1,15 +1,17 @@
 """Method calls of a control connection: admission, deadline and the response line.
 
-`run_call` serves one request. `run_batch` serves several pipelined requests of one
-method through its batch handler in a single call, under one deadline, and returns
-one response line per request, in request order.
+`run_call` serves one request. `submit_call` starts one through the method's submit
+handler and passes the response line to a callback, with no task involved.
+`run_batch` serves several pipelined requests of one method through its batch handler
+in a single call, under one deadline, and returns one response line per request, in
+request order.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -95,6 +97,36 @@ async def run_call(server: ControlServer, peer: Peer, method: Method, request: R
     response = respond(server, peer, method, request, outcome)
     server.request_metrics(method.name).duration.observe(time.monotonic() - began)
     return response
+
+
+def submit_call(server: ControlServer, peer: Peer, method: Method, request: Request,
+                on_response: Callable[[bytes], None]) -> None:
+    """Start the request through `method.submit`; pass its response line to `on_response`.
+
+    `on_response` runs once, possibly before this returns. The submit handler keeps
+    the deadline, and its TimeoutError becomes CALL_TIMEOUT as in `run_call`.
+    """
+    assert method.submit is not None
+    began = time.monotonic()
+    timeout = call_timeout(server, method)
+    answered = False
+
+    def finish(outcome: Any) -> None:
+        nonlocal answered
+        if answered:
+            return
+        answered = True
+        if isinstance(outcome, TimeoutError):
+            outcome = timed_out(method, timeout)
+        response = respond(server, peer, method, request, outcome)
+        server.request_metrics(method.name).duration.observe(time.monotonic() - began)
+        on_response(response)
+
+    try:
+        params = admit(server, peer, method, request)
+        method.submit(params, timeout, finish)
+    except Exception as exc:
+        finish(exc)
 
 
 async def run_batch(server: ControlServer, peer: Peer, method: Method,

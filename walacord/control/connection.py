@@ -8,6 +8,11 @@ among them. Responses always follow request order. Responses to pipelined reques
 are written together once no complete request line is buffered or 64 KiB of responses
 are queued, so a quick response can wait behind a slow call pipelined after it.
 
+A request that arrives alone while the connection waits for its next request, for a
+method with a submit handler (such as `outbox.enqueue`), starts from the socket's
+reader callback, and the callback that ends it writes the response. It costs no task
+switch. Reading pauses until that response is written, which keeps request order.
+
 Every read has a deadline: the first byte of a request must come within `idle_timeout`
 of the previous response, and the rest of the line within `request_timeout` of its
 first byte. Every write has `write_timeout`. A line longer than `max_request_bytes` gets
@@ -22,9 +27,8 @@ import logging
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import ByteStream
 
-from walacord.control.calls import run_batch, run_call
+from walacord.control.calls import run_batch, run_call, submit_call
 from walacord.control.protocol import (
     ErrorCode,
     Request,
@@ -62,7 +66,7 @@ class ReadEvent(enum.Enum):
 class LineReader:
     """Split a byte stream into lines without ever holding more than `max_line` bytes of one."""
 
-    def __init__(self, stream: ByteStream, max_line: int) -> None:
+    def __init__(self, stream: SocketByteStream, max_line: int) -> None:
         self._stream = stream
         self._max_line = max_line
         self._buffer = bytearray()
@@ -72,7 +76,10 @@ class LineReader:
         self._request_began: float | None = None
         self._closed = False
         self._cancelled = False
-        self._receive_scope: anyio.CancelScope | None = None
+        # Set by the connection while it serves a request without reading: the idle
+        # timeout then does not run, and restarts at `idle_from` afterwards.
+        self.busy = False
+        self.idle_from = 0.0
 
     async def read_line(self, idle_timeout: float, request_timeout: float
                         ) -> bytes | ReadEvent | None:
@@ -119,12 +126,15 @@ class LineReader:
     def cancel(self) -> None:
         """Stop a `read_line()` that is waiting for bytes; it returns None."""
         self._cancelled = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
+        self._stream.interrupt()
 
     def waiting_for_request(self) -> bool:
         """Return whether no byte of a next request has arrived yet."""
         return self._request_began is None
+
+    def is_empty(self) -> bool:
+        """Return whether the reader contains no bytes and no unfinished line to discard."""
+        return self._start == len(self._buffer) and not self._discarding and not self._closed
 
     def has_line(self) -> bool:
         """Return whether a complete line is already buffered, so reading will not wait."""
@@ -159,23 +169,35 @@ class LineReader:
     async def _receive(self, idle_timeout: float, request_timeout: float) -> ReadEvent | None:
         waiting_for_request = self._request_began is None
         if waiting_for_request:
-            deadline = anyio.current_time() + idle_timeout
-        else:
-            assert self._request_began is not None
-            deadline = self._request_began + request_timeout
-        # One scope serves both the deadline and cancel(), because each CancelScope
-        # costs microseconds and this runs once per request.
-        try:
-            with anyio.CancelScope(deadline=deadline) as scope:
-                self._receive_scope = scope
-                chunk = await self._stream.receive(READ_CHUNK_BYTES)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._closed = True
-            return None
-        finally:
-            self._receive_scope = None
-        if scope.cancelled_caught:
-            return ReadEvent.IDLE_TIMEOUT if waiting_for_request else ReadEvent.REQUEST_TIMEOUT
+            self.idle_from = anyio.current_time()
+        while True:
+            if not waiting_for_request:
+                assert self._request_began is not None
+                deadline = self._request_began + request_timeout
+            elif self.busy:
+                deadline = anyio.current_time() + idle_timeout
+            else:
+                deadline = self.idle_from + idle_timeout
+            # The stream's own deadline serves both the timeouts and cancel(), because a
+            # CancelScope costs microseconds and this runs once per request. Waiting
+            # before the first recv() of a request lets a request that arrives whole
+            # reach the stream's data hook, and saves a failed recv() when none is there.
+            # A client that pipelines often has the next request there already.
+            wait_first = waiting_for_request and not self._stream.arrived_while_paused
+            try:
+                chunk = await self._stream.receive_before(
+                    READ_CHUNK_BYTES, deadline, wait_first=wait_first)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._closed = True
+                return None
+            if chunk is not None:
+                break
+            if self._cancelled:
+                return None
+            if not waiting_for_request:
+                return ReadEvent.REQUEST_TIMEOUT
+            if not self.busy and anyio.current_time() >= self.idle_from + idle_timeout:
+                return ReadEvent.IDLE_TIMEOUT
 
         if self._start and self._start == len(self._buffer):
             self._drop_pending()
@@ -197,7 +219,7 @@ class ConnectionClosedError(Exception):
 class Connection:
     """Serve requests on one accepted, authorised connection until it closes."""
 
-    def __init__(self, server: ControlServer, stream: ByteStream, peer: Peer) -> None:
+    def __init__(self, server: ControlServer, stream: SocketByteStream, peer: Peer) -> None:
         self.server = server
         self.stream = stream
         self.peer = peer
@@ -208,6 +230,10 @@ class Connection:
         self._reader: LineReader | None = None
         self._idle_since: float | None = None  # anyio.current_time() the last read began
         self.evicted = False
+        # A request served from the stream's reader callback is in progress, or its
+        # response could not be written.
+        self._submitted = False
+        self._submit_failed = False
 
     def idle_since(self) -> float | None:
         """Return when the connection began waiting for its next request, or None.
@@ -215,7 +241,8 @@ class Connection:
         None means it is serving a request, or has received part of the next one.
         """
         reader = self._reader
-        if self._idle_since is None or reader is None or not reader.waiting_for_request():
+        if (self._idle_since is None or reader is None or not reader.waiting_for_request()
+                or self._submitted):
             return None
         return self._idle_since
 
@@ -235,9 +262,11 @@ class Connection:
     async def _serve_requests(self) -> None:
         config = self.server.runtime.config.control
         reader = self._reader = LineReader(self.stream, config.max_request_bytes)
+        self.stream.set_data_hook(self._serve_at_once)
         while True:
             if self._output and not reader.has_line():
                 await self._flush()
+            self.stream.resume_reading()
             outcome = await self._read_request(reader)
             if self.evicted:
                 await self._send_protocol_error(
@@ -247,7 +276,11 @@ class Connection:
                     "was idle the longest. Reconnect to send more requests",
                     {"max_connections": config.max_connections})
                 return
-            assert outcome is not None
+            if outcome is None:
+                # _submitted_response() handed over a response it could not write.
+                if self._submit_failed:
+                    raise ConnectionClosedError
+                continue
             if isinstance(outcome, bytes):
                 await self._serve_line(outcome, reader)
                 continue
@@ -288,6 +321,56 @@ class Connection:
             return await reader.read_line(config.idle_timeout, config.request_timeout)
         finally:
             self._idle_since = None
+
+    def _serve_at_once(self, data: bytes) -> bool:
+        """Start the request in `data` when `data` is one whole line and its method has a
+        submit handler. Return whether it did.
+
+        The stream's reader callback calls this while the task waits for a next
+        request. Reading pauses until the response is written, so responses keep
+        request order. The task serves all other data as usual.
+        """
+        reader = self._reader
+        newline = data.find(b"\n")
+        # The task serves a client that pipelines, because it runs buffered requests
+        # together. Served here one at a time, each would pause reading and split the
+        # group commit.
+        if (newline != len(data) - 1 or reader is None or not reader.is_empty()
+                or self._output or self.evicted or self._submitted
+                or self.stream.arrived_while_paused
+                or newline > self.server.runtime.config.control.max_request_bytes):
+            return False
+        request = decode_request(data)
+        if request.error is not None:
+            return False
+        method = self.server.runtime.methods.get(request.method)
+        if method is None or method.submit is None:
+            return False
+
+        self._submitted = reader.busy = True
+        self.stream.pause_reading()
+        submit_call(self.server, self.peer, method, request, self._submitted_response)
+        return True
+
+    def _submitted_response(self, response: bytes) -> None:
+        self._submitted = False
+        reader = self._reader
+        assert reader is not None
+        reader.busy = False
+        reader.idle_from = self._idle_since = anyio.current_time()
+        try:
+            sent = self.stream.send_nowait(response)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._submit_failed = True
+            reader.cancel()
+            return
+        if sent < len(response):
+            # The socket buffer is full, so the task writes the rest under write_timeout.
+            self._output.append(response[sent:])
+            self._output_bytes += len(response) - sent
+            reader.cancel()
+            return
+        self.stream.resume_reading()
 
     async def _serve_line(self, line: bytes, reader: LineReader) -> None:
         request = decode_request(line)
@@ -377,11 +460,10 @@ class Connection:
         timeout = self.server.runtime.config.control.write_timeout
         try:
             # Most responses fit in the socket buffer at once, which needs no deadline.
-            if isinstance(self.stream, SocketByteStream):
-                sent = self.stream.send_nowait(data)
-                if sent == len(data):
-                    return
-                data = data[sent:]
+            sent = self.stream.send_nowait(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
             with anyio.fail_after(timeout):
                 await self.stream.send(data)
         except TimeoutError:

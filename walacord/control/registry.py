@@ -59,6 +59,11 @@ Handler = Callable[[Any, Call], Awaitable[Any]]
 # A batch handler serves several pipelined calls of one method at once. It takes their
 # validated params and calls and returns one result or exception per call, in order.
 BatchHandler = Callable[[list[Any], list[Call]], Awaitable[Sequence[Any]]]
+# Starts a call without a task: (params, timeout seconds, on_done). It must call
+# on_done on the event loop with the result or the exception the call ended with, at
+# the latest shortly after the timeout; later calls are ignored. The connection
+# reports a TimeoutError as the call's CALL_TIMEOUT error.
+SubmitHandler = Callable[[Any, float, Callable[[Any], None]], None]
 PlainHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
@@ -120,6 +125,7 @@ class Method:
     timeout: float | None
     concurrent: bool = False
     batch_handler: BatchHandler | None = None
+    submit: SubmitHandler | None = None
 
 
 class MethodRegistry:
@@ -131,7 +137,8 @@ class MethodRegistry:
     def register(self, name: str, handler: Handler, params: type[Any] | None = None, *,
                  mutating: bool, audit: bool | None = None,
                  timeout: float | None = None, concurrent: bool = False,
-                 batch_handler: BatchHandler | None = None) -> None:
+                 batch_handler: BatchHandler | None = None,
+                 submit: SubmitHandler | None = None) -> None:
         """Add a method; raise ValueError when the name is taken.
 
         `params` is a dataclass whose fields are the accepted parameters. `mutating`
@@ -141,7 +148,9 @@ class MethodRegistry:
         A `concurrent` method runs at the same time as the concurrent requests that a
         client pipelined behind it, so its handler must allow that and must not send
         progress. A `batch_handler` makes the method concurrent and serves such a run of
-        its own requests in one call.
+        its own requests in one call. With `submit`, a connection serves a request
+        that arrives alone through that callback instead of `handler`, which spares
+        the task switches of a call.
         """
         if name in self._methods:
             raise ValueError(f"control method {name!r} is already registered")
@@ -151,7 +160,8 @@ class MethodRegistry:
             _type_hints(params)  # resolve the annotations now, so a typo fails at start-up
         self._methods[name] = Method(name, handler, params, mutating,
                                      mutating if audit is None else audit, timeout,
-                                     concurrent or batch_handler is not None, batch_handler)
+                                     concurrent or batch_handler is not None, batch_handler,
+                                     submit)
 
     def register_plain(self, handlers: Mapping[str, PlainHandler], *, mutating: Set[str],
                        timeouts: Mapping[str, float] | None = None) -> None:

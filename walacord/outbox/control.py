@@ -28,7 +28,7 @@ from walacord.errors import (
 )
 from walacord.outbox.model import NewOperation, State, parse_operation
 from walacord.outbox.service import Outbox
-from walacord.outbox.store import EnqueueResult
+from walacord.outbox.store import EnqueueResult, Outcomes
 from walacord.outbox.sync import PassReport
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,39 @@ async def outbox_enqueue(outbox: Outbox, params: dict[str, Any]) -> dict[str, An
         raise _control_error(exc) from None
     outbox.engine.operations_added(r.operation.sink for r in results if r.created)
     return _enqueue_reply(params, results)
+
+
+def submit_enqueue(outbox: Outbox, params: Any, timeout: float,
+                   on_done: Callable[[Any], None]) -> None:
+    """Start one outbox.enqueue request as `outbox_enqueue` serves it; `on_done` gets
+    the reply, or the ControlError or TimeoutError that ended the call."""
+    try:
+        _require_open(outbox)
+        if not isinstance(params, dict):
+            params = dict(params or {})
+        parsed = _parse_enqueue(outbox, params)
+    except ControlError as exc:
+        on_done(exc)
+        return
+
+    def stored(outcome: Outcomes | OutboxError | TimeoutError) -> None:
+        # This runs in the store's writer, which must not see an exception.
+        try:
+            if isinstance(outcome, TimeoutError):
+                on_done(outcome)
+                return
+            result = outcome if isinstance(outcome, OutboxError) else outcome[0]
+            if isinstance(result, OutboxError):
+                on_done(_control_error(result))
+                return
+            outbox.engine.operations_added(r.operation.sink for r in result if r.created)
+            reply = _enqueue_reply(params, result)
+        except Exception as exc:
+            on_done(exc)
+            return
+        on_done(reply)
+
+    outbox.store.submit_each([parsed], stored, timeout=timeout)
 
 
 async def outbox_enqueue_each(outbox: Outbox, params_list: list[dict[str, Any]]
@@ -321,6 +354,7 @@ def register_methods(methods: MethodRegistry, outbox: Outbox) -> None:
             methods.register(name, _bound(handler, outbox), dict, mutating=name in MUTATING,
                              audit=False if enqueue else None,
                              batch_handler=partial(_enqueue_each_handler, outbox) if enqueue
-                             else None)
+                             else None,
+                             submit=partial(submit_enqueue, outbox) if enqueue else None)
     methods.register_with_progress("sync.run", partial(sync_run, outbox), mutating=True,
                                    timeout=SYNC_RUN_TIMEOUT)

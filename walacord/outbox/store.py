@@ -10,21 +10,22 @@ second, read-only connection, which sees committed data only.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import heapq
 import logging
-import math
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import anyio
 import orjson
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from walacord.config import OutboxConfig
 from walacord.errors import (
@@ -86,29 +87,54 @@ class _Plan:
     size: int = 0
 
 
-class _Completion:
-    """Wakes the caller once the writer has finished every request it submitted, or
-    once its deadline (`anyio.current_time()` seconds) has passed."""
+# Per batch of one submission, its results or the OutboxError that rejected it.
+Outcomes = list[list[EnqueueResult] | OutboxError]
+# Called once per submission with its outcomes, or with the OutboxError or TimeoutError
+# that ended the wait for all of them.
+SubmitCallback = Callable[[Outcomes | OutboxError | TimeoutError], None]
 
-    def __init__(self, requests: int, deadline: float) -> None:
-        self.remaining = requests
+
+class _Completion:
+    """One submission's wait for the writer: it ends when the writer has finished every
+    request of it, when its deadline (`anyio.current_time()` seconds) passes, or when
+    the store stops."""
+
+    __slots__ = ("deadline", "done", "expired", "on_done", "remaining", "requests",
+                 "stopped")
+
+    def __init__(self, requests: list[_Request | None], deadline: float,
+                 on_done: Callable[[_Completion], None]) -> None:
+        self.requests = requests
+        self.remaining = 0
         self.deadline = deadline
         self.expired = False
         self.stopped = False
-        self.event = anyio.Event()
+        self.done = False
+        self.on_done = on_done
 
     def finish_one(self) -> None:
         self.remaining -= 1
         if self.remaining == 0:
-            self.event.set()
+            self.end()
+
+    def end(self) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self.on_done(self)
+            except Exception:
+                # The writer and the expiry task call this, and neither may stop.
+                log.error("outbox.callback_failed", exc_info=True)
 
 
-@dataclass
 class _Request:
-    operations: Sequence[NewOperation]
-    completion: _Completion
-    results: list[EnqueueResult] = field(default_factory=list)
-    error: OutboxError | None = None
+    __slots__ = ("completion", "error", "operations", "results")
+
+    def __init__(self, operations: Sequence[NewOperation], completion: _Completion) -> None:
+        self.operations = operations
+        self.completion = completion
+        self.results: list[EnqueueResult] = []
+        self.error: OutboxError | None = None
 
 
 class OutboxStore(OutboxQueries):
@@ -137,11 +163,17 @@ class OutboxStore(OutboxQueries):
         self._undelivered = 0
         self._undelivered_bytes = 0
         self._full_alerted = False
-        self._send: MemoryObjectSendStream[_Request] | None = None
-        self._receive: MemoryObjectReceiveStream[_Request] | None = None
-        # Completions of enqueue calls in the order of their deadlines. One task expires
-        # them, because a timer per call was a large share of an enqueue's CPU time.
-        self._waiting: deque[_Completion] = deque()
+        # Requests for the writer, and the future it waits on while there are none.
+        # Both are plain asyncio objects, because anyio's memory stream and Event cost
+        # a large share of an enqueue's CPU time.
+        self._queue: deque[_Request] = deque()
+        self._running = False
+        self._writer_wakeup: asyncio.Future[None] | None = None
+        # Completions of submissions in the order of their deadlines, as a heap of
+        # (deadline, sequence number, completion). One task expires them, because a
+        # timer per call was a large share of an enqueue's CPU time.
+        self._waiting: list[tuple[float, int, _Completion]] = []
+        self._submitted = 0
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -169,7 +201,7 @@ class OutboxStore(OutboxQueries):
             log.info("outbox.available", extra={"fields": {"path": str(self.path)}})
             self._check_space_returned()
         try:
-            self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
+            self._running = True
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._write_loop)
                 tasks.start_soon(self._expire_loop)
@@ -179,7 +211,7 @@ class OutboxStore(OutboxQueries):
                 if not started:
                     task_status.started()
         finally:
-            self._send = None
+            self._running = False
             self._stop_waiting()
             with anyio.CancelScope(shield=True):
                 await self.close()
@@ -398,30 +430,69 @@ class OutboxStore(OutboxQueries):
         running or stops before the writer took the batches, and TimeoutError as
         `enqueue()` does.
         """
-        send = self._send
-        if send is None:
-            raise OutboxError("the outbox store is not running")
-        completion = _Completion(sum(1 for operations in batches if operations),
-                                 anyio.current_time() + self.config.write_timeout)
-        requests = [_Request(operations, completion) if operations else None
-                    for operations in batches]
-        for request in requests:
-            if request is not None:
-                send.send_nowait(request)
-        if completion.remaining:
-            self._waiting.append(completion)
-            await completion.event.wait()
-            if completion.stopped:
-                raise OutboxError("the outbox store stopped before it stored the "
-                                  "operations; enqueue the same keys again once walacord "
-                                  "runs, to learn their state")
-            if completion.expired:
-                raise TimeoutError(f"enqueue not committed within "
-                                   f"{self.config.write_timeout:g}s; enqueue the same keys "
-                                   "again to learn their state")
+        future: asyncio.Future[Outcomes | OutboxError | TimeoutError] = \
+            asyncio.get_running_loop().create_future()
 
-        outcomes: list[list[EnqueueResult] | OutboxError] = []
-        for request in requests:
+        def wake(outcome: Outcomes | OutboxError | TimeoutError) -> None:
+            if not future.done():  # done when the caller was cancelled
+                future.set_result(outcome)
+
+        self.submit_each(batches, wake)
+        outcome = await future
+        if isinstance(outcome, OutboxError | TimeoutError):
+            raise outcome
+        return outcome
+
+    def submit_each(self, batches: Sequence[Sequence[NewOperation]],
+                    on_done: SubmitCallback, *, timeout: float | None = None) -> None:
+        """Queue each batch as `enqueue_each()` does, and call `on_done` with the outcome
+        instead of waiting for it.
+
+        `on_done` gets the outcomes, or the OutboxError or TimeoutError that
+        `enqueue_each()` would raise. It runs on the event loop, from this call when
+        no batch has operations or the store is not running, else from the writer or
+        the expiry task. `timeout` in seconds replaces `write_timeout` when shorter.
+        """
+        if not self._running:
+            on_done(OutboxError("the outbox store is not running"))
+            return
+        write_timeout = self.config.write_timeout
+        seconds = write_timeout if timeout is None else min(timeout, write_timeout)
+        completion = _Completion([], anyio.current_time() + seconds,
+                                 partial(self._finish_submission, on_done, seconds))
+        requests = completion.requests
+        queue = self._queue
+        for operations in batches:
+            if operations:
+                request = _Request(operations, completion)
+                requests.append(request)
+                queue.append(request)
+                completion.remaining += 1
+            else:
+                requests.append(None)
+        if not completion.remaining:
+            completion.end()
+            return
+        self._submitted += 1
+        heapq.heappush(self._waiting, (completion.deadline, self._submitted, completion))
+        wakeup = self._writer_wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _finish_submission(self, on_done: SubmitCallback, seconds: float,
+                           completion: _Completion) -> None:
+        if completion.stopped:
+            on_done(OutboxError("the outbox store stopped before it stored the operations; "
+                                "enqueue the same keys again once walacord runs, to learn "
+                                "their state"))
+            return
+        if completion.expired:
+            on_done(TimeoutError(f"enqueue not committed within {seconds:g}s; enqueue "
+                                 "the same keys again to learn their state"))
+            return
+
+        outcomes: Outcomes = []
+        for request in completion.requests:
             if request is None:
                 outcomes.append([])
             elif request.error is None:
@@ -431,7 +502,7 @@ class OutboxStore(OutboxQueries):
                     self.metrics.outbox_rejected.labels(
                         reason=type(request.error).__name__).inc()
                 outcomes.append(request.error)
-        return outcomes
+        on_done(outcomes)
 
     async def _expire_loop(self) -> None:
         """Wake the callers of enqueues that are still waiting after `write_timeout`."""
@@ -440,36 +511,52 @@ class OutboxStore(OutboxQueries):
         while True:
             await anyio.sleep(interval)
             now = anyio.current_time()
-            while waiting and (waiting[0].remaining == 0 or waiting[0].deadline <= now):
-                completion = waiting.popleft()
-                if completion.remaining:
+            while waiting and (waiting[0][2].done or waiting[0][0] <= now):
+                completion = heapq.heappop(waiting)[2]
+                if not completion.done:
                     completion.expired = True
-                    completion.event.set()
+                    completion.end()
 
     def _stop_waiting(self) -> None:
         """Wake every caller still waiting, because no writer will finish its enqueue."""
         while self._waiting:
-            completion = self._waiting.popleft()
-            if completion.remaining:
+            completion = heapq.heappop(self._waiting)[2]
+            if not completion.done:
                 completion.stopped = True
-                completion.event.set()
+                completion.end()
+        self._queue.clear()
 
     async def _write_loop(self) -> None:
-        assert self._receive is not None
-        async for first in self._receive:
-            batch, count = [first], len(first.operations)
-            while count < self.config.max_batch:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            if not queue:
+                self._writer_wakeup = loop.create_future()
                 try:
-                    request = self._receive.receive_nowait()
-                except anyio.WouldBlock:
-                    break
+                    await self._writer_wakeup
+                finally:
+                    self._writer_wakeup = None
+                continue
+            first = queue.popleft()
+            batch, count = [first], len(first.operations)
+            while queue and count < self.config.max_batch:
+                request = queue.popleft()
                 batch.append(request)
                 count += len(request.operations)
 
             finished = False
             try:
-                async with self.writing():
-                    await self._commit(batch)
+                # The lock is usually free. Taking it at once skips the yield to the
+                # event loop that `writing()` makes on every acquire.
+                try:
+                    self.write_lock.acquire_nowait()
+                except anyio.WouldBlock:
+                    await self.write_lock.acquire()
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self._commit(batch)
+                finally:
+                    self.write_lock.release()
                 finished = True
             finally:
                 for request in batch:
@@ -527,7 +614,7 @@ class OutboxStore(OutboxQueries):
             inserted = {row[0] for result in results for row in result}
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
-            rejected = self._conflicts(accepted, existing)
+            rejected = self._conflicts(accepted, existing) if existing else []
             if rejected:
                 # A rejected request stores nothing, so its new rows are deleted again
                 # before COMMIT.
@@ -543,7 +630,7 @@ class OutboxStore(OutboxQueries):
             return
 
         # Keys that were stored before this batch resolve to the stored operation.
-        for request in accepted:
+        for request in accepted if existing else ():
             request.results = [
                 EnqueueResult(existing[r.operation.key], created=False)
                 if r.operation.key in existing else r for r in request.results]
