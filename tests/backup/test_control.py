@@ -9,10 +9,12 @@ import anyio
 import psycopg
 import pytest
 
+from tests.backup.conftest import overwrite_two_bytes
 from tests.conftest import wait_until
 from walacord.backup import BackupManager
 from walacord.backup.control import (
     BACKUP_FAILED,
+    CHECKSUM_MISMATCH,
     INVALID_PARAMS,
     TARGET_EXISTS,
     backup_list,
@@ -162,6 +164,28 @@ async def test_restore_names_database_to_replace(make_manager: ManagerFactory,
     assert refused.value.data == {"database": target_db}
     assert replaced["replaced"] is True
     assert pg_cluster.psql("SELECT count(*) FROM accounts", dbname=target_db) == "200"
+
+
+async def test_restore_rejects_changed_file(make_manager: ManagerFactory,
+                                            pg_cluster: PgCluster, target_db: str) -> None:
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = Path(backup["path"])
+    actual = overwrite_two_bytes(path, file_size(backup["path"]) // 2)
+
+    with pytest.raises(ControlError) as rejected:
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
+    with pytest.raises(ControlError) as wrong_type:
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db,
+                                       "ignore_checksum": "yes"})
+
+    assert wrong_type.value.code == INVALID_PARAMS
+    assert rejected.value.code == CHECKSUM_MISMATCH
+    assert rejected.value.message.startswith("restore rejected: backup file ")
+    assert rejected.value.data == {"path": str(path), "sha256": actual,
+                                   "manifest_sha256": backup["sha256"]}
+    exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target_db}'")
+    assert exists == "0"
 
 
 async def test_restore_requires_id_and_target(make_manager: ManagerFactory) -> None:

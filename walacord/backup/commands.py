@@ -33,6 +33,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          help="database to create; it must not exist unless --force")
     restore.add_argument("--force", action="store_true",
                          help="replace the target database if it exists")
+    restore.add_argument("--ignore-checksum", action="store_true",
+                         help="restore even when the file's sha256 differs from its "
+                              "manifest's (the file changed after it was written)")
     restore.set_defaults(handler=restore_command)
 
 
@@ -105,11 +108,15 @@ def verify_command(context: Context, args: argparse.Namespace) -> int:
 
 def restore_command(context: Context, args: argparse.Namespace) -> int:
     result = context.call("backup.restore", {
-        "id": args.id, "target_db": args.target_db, "force": args.force}, progress=True)
+        "id": args.id, "target_db": args.target_db, "force": args.force,
+        "ignore_checksum": args.ignore_checksum}, progress=True)
     if context.json:
         context.print_json(result)
         return 0
     verb = "replaced" if result["replaced"] else "created"
     context.print(f"restored backup {result['id']} into {result['target_db']} ({verb}, "
                   f"{format_seconds(result['duration_seconds'])})")
+    if not result.get("checksum_ok", True):
+        context.print("warning: the file's sha256 did not match its manifest; check the "
+                      "restored data before using it")
     return 0

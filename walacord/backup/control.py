@@ -17,12 +17,14 @@ from walacord.backup.dump import ProgressCallback
 from walacord.backup.manager import BackupManager
 from walacord.backup.manifest import CheckResult, Manifest, utc_now
 from walacord.backup.restore import DatabaseExists
+from walacord.backup.verify import ChecksumMismatch
 from walacord.control.protocol import ErrorCode
 from walacord.errors import BackupError, ControlError
 
 INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 BACKUP_FAILED = ErrorCode.OPERATION_FAILED
 TARGET_EXISTS = ErrorCode.TARGET_EXISTS
+CHECKSUM_MISMATCH = ErrorCode.CHECKSUM_MISMATCH
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -115,22 +117,31 @@ async def backup_verify(manager: BackupManager, params: Mapping[str, Any] | None
 
 async def backup_restore(manager: BackupManager, params: Mapping[str, Any] | None, *,
                          progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Restore a backup into `target_db`; replacing an existing one needs `force`."""
+    """Restore a backup into `target_db`; replacing an existing one needs `force`.
+
+    A file whose sha256 differs from its manifest's is rejected unless
+    `ignore_checksum` is set.
+    """
     checked = _check_params(params, {"id": str, "target_db": str, "force": bool,
-                                     "no_owner": bool})
+                                     "no_owner": bool, "ignore_checksum": bool})
     for required in ("id", "target_db"):
         if not checked.get(required):
             raise ControlError(INVALID_PARAMS, f"missing parameter {required!r}")
     try:
         result = await manager.restore(
             checked["id"], checked["target_db"], force=bool(checked.get("force")),
-            no_owner=bool(checked.get("no_owner")), progress=progress)
+            no_owner=bool(checked.get("no_owner")),
+            ignore_checksum=bool(checked.get("ignore_checksum")), progress=progress)
     except DatabaseExists as exc:
         raise ControlError(TARGET_EXISTS, str(exc), {"database": exc.database}) from exc
+    except ChecksumMismatch as exc:
+        raise ControlError(CHECKSUM_MISMATCH, f"restore rejected: {exc}", {
+            "path": str(exc.path), "sha256": exc.actual,
+            "manifest_sha256": exc.expected}) from exc
     except BackupError as exc:
         raise ControlError(BACKUP_FAILED, f"restore failed: {exc}") from exc
     return {"id": result.id, "target_db": result.target_db, "replaced": result.replaced,
-            "duration_seconds": result.duration_seconds}
+            "duration_seconds": result.duration_seconds, "checksum_ok": result.checksum_ok}
 
 
 def handlers(manager: BackupManager) -> dict[str, Handler]:
