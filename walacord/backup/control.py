@@ -10,12 +10,14 @@ registry. Long operations accept an optional `progress(done, total, message)` ca
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from walacord.backup.dump import ProgressCallback
 from walacord.backup.manager import BackupManager
-from walacord.backup.manifest import CheckResult, Manifest, utc_now
+from walacord.backup.manifest import CheckResult, Manifest, format_time, parse_time, utc_now
 from walacord.backup.restore import DatabaseExists
 from walacord.backup.verify import ChecksumMismatch
 from walacord.control.protocol import ErrorCode
@@ -25,6 +27,9 @@ INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 BACKUP_FAILED = ErrorCode.OPERATION_FAILED
 TARGET_EXISTS = ErrorCode.TARGET_EXISTS
 CHECKSUM_MISMATCH = ErrorCode.CHECKSUM_MISMATCH
+# Check times are stored truncated to milliseconds, so an mtime up to 1 ms after one
+# does not count as later.
+MTIME_TOLERANCE_SECONDS = 0.001
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -50,15 +55,57 @@ def _check_dict(check: CheckResult | None) -> dict[str, Any] | None:
     return {"ok": check.ok, "at": check.at, "error": check.error, **check.detail}
 
 
+def modified_after_check(manifest: Manifest, path: Path) -> str | None:
+    """Return the file's mtime when it is later than the last checksum check, else None.
+
+    A later mtime means the recorded verification may not describe the file's current
+    bytes. Copying the file without keeping its mtime (`cp` without `-p`) also counts.
+    """
+    if manifest.checksum_check is None:
+        return None
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if mtime <= parse_time(manifest.checksum_check.at).timestamp() + MTIME_TOLERANCE_SECONDS:
+        return None
+    return format_time(datetime.fromtimestamp(mtime, UTC))
+
+
+def entry_problems(manifest: Manifest, path: Path, modified_at: str | None) -> list[str]:
+    """Return one sentence per reason the backup does not count as verified."""
+    problems = []
+    if not path.exists():
+        problems.append(f"backup file {path} is missing")
+    if modified_at is not None and manifest.checksum_check is not None:
+        problems.append(f"the file was modified at {modified_at}, after its last "
+                        f"verification at {manifest.checksum_check.at}; run "
+                        f"`walacorctl backup verify {manifest.id}`")
+    checks = (("checksum", manifest.checksum_check), ("readability", manifest.list_check),
+              ("drill", manifest.drill))
+    for name, check in checks:
+        if check is not None and not check.ok:
+            problems.append(f"{name} check failed at {check.at}: {check.error or 'no details'}")
+    if manifest.checksum_check is None or manifest.list_check is None:
+        problems.append("the backup was never verified")
+    return problems
+
+
 def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
     """Return the JSON shape of one backup, as `backup.list` shows it."""
     path = manager.path_of(manifest)
+    modified_at = modified_after_check(manifest, path)
+    problems = entry_problems(manifest, path, modified_at)
     return {
         "id": manifest.id,
         "path": str(path),
         "size_bytes": manifest.size_bytes,
         "sha256": manifest.sha256,
-        "verified": manifest.verified and path.exists(),
+        "verified": manifest.verified and not problems,
+        # When the last checksum check ran, passed or not.
+        "checked_at": manifest.checksum_check.at if manifest.checksum_check else None,
+        "modified_after_check": modified_at,
+        "problems": problems,
         "file_present": path.exists(),
         "created_at": manifest.finished_at,
         "age_seconds": round((utc_now() - manifest.created).total_seconds(), 1),
