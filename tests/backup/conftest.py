@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,17 @@ INSERT INTO audit.events SELECT g, md5(g::text) FROM generate_series(1, 50) g;
 """
 SEED_ROWS = {"public.accounts": 200, "public.ledger": 3000, "public.empty_table": 0,
              "audit.events": 50}
+
+
+def overwrite_two_bytes(path: Path, offset: int) -> str:
+    """Invert two bytes of `path` at `offset` in place, as disk corruption would, and
+    return the file's new sha256."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        original = handle.read(2)
+        handle.seek(offset)
+        handle.write(bytes(b ^ 0xFF for b in original))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture

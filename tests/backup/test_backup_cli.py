@@ -13,6 +13,7 @@ import orjson
 import psycopg
 import pytest
 
+from tests.backup.conftest import overwrite_two_bytes
 from tests.conftest import walacord_run
 from walacord.pgcluster import PgCluster
 
@@ -64,3 +65,60 @@ def test_backup_now_list_verify_restore(daemon: Path, pg_cluster: PgCluster) -> 
     assert again.returncode == 1
     assert "restored_copy" in again.stderr
     pg_cluster.psql('DROP DATABASE "restored_copy" WITH (FORCE)')
+
+
+def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster,
+                                             pg_db: str) -> None:
+    """Two overwritten bytes: restore rejects the file, verify and list show why."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    backup, recorded = taken["id"], taken["sha256"]
+    path = Path(taken["path"])
+    actual = overwrite_two_bytes(path, path.stat().st_size // 2)
+    target = pg_db.rsplit("/", 1)[1][:40] + "_corrupt"
+
+    listed_before = ctl(daemon, "backup", "list")
+    restored = ctl(daemon, "backup", "restore", backup, "--target-db", target)
+    verified = ctl(daemon, "backup", "verify", backup)
+    verified_json = ctl(daemon, "--json", "backup", "verify", backup)
+    listed_after = ctl(daemon, "backup", "list")
+
+    assert listed_before.returncode == 0, listed_before.stderr
+    [header, row] = listed_before.stdout.splitlines()[:2]
+    assert "CHECKED" in header
+    assert row.split()[4:7] == ["no", "0m", "ago"]  # after the two words of SIZE
+    assert f"{backup}: " in listed_before.stdout
+    assert restored.returncode == 1
+    assert f"backup file {path} does not match its manifest" in restored.stderr
+    assert f"its sha256 is {actual}, the manifest records {recorded}" in restored.stderr
+    assert "`walacorctl backup list`" in restored.stderr
+    assert "--ignore-checksum" in restored.stderr
+    assert "pg_restore" not in restored.stderr
+    exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target}'")
+    assert exists == "0"
+    assert verified.returncode == 1
+    assert f"backup {backup}: verified NO" in verified.stdout
+    assert f"sha256 is {actual}, the manifest records {recorded}" in verified.stdout
+    assert "Do not restore this backup" in verified.stdout
+    assert verified_json.returncode == 1
+    result = orjson.loads(verified_json.stdout)
+    assert result["verified"] is False
+    assert any(f"sha256 is {actual}" in problem for problem in result["problems"])
+    [after_row] = [line for line in listed_after.stdout.splitlines() if line.startswith(backup)
+                   and ":" not in line]
+    assert after_row.split()[4] == "no"
+    assert f"{backup}: checksum check failed" in listed_after.stdout
+
+    # Where the two bytes above land depends on the dump's layout, and a changed byte
+    # in a TOC entry's tag restores without error. Changing the CREATE TABLE text,
+    # which the custom format stores uncompressed, makes pg_restore fail with an SQL
+    # error.
+    overwrite_two_bytes(path, path.read_bytes().index(b"CREATE TABLE public.ledger"))
+    forced = ctl(daemon, "backup", "restore", backup, "--target-db", target,
+                 "--ignore-checksum")
+
+    assert forced.returncode == 1
+    assert "restore failed" in forced.stderr
+    assert "pg_restore" in forced.stderr
+    assert "does not match its manifest" not in forced.stderr
+    assert pg_cluster.psql(
+        f"SELECT count(*) FROM pg_database WHERE datname = '{target}'") == "0"

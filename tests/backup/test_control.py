@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,10 +11,12 @@ import anyio
 import psycopg
 import pytest
 
+from tests.backup.conftest import overwrite_two_bytes
 from tests.conftest import wait_until
 from walacord.backup import BackupManager
 from walacord.backup.control import (
     BACKUP_FAILED,
+    CHECKSUM_MISMATCH,
     INVALID_PARAMS,
     TARGET_EXISTS,
     backup_list,
@@ -22,7 +26,7 @@ from walacord.backup.control import (
     handlers,
 )
 from walacord.backup.manager import BACKUP_LOCK_KEY
-from walacord.backup.manifest import sha256_file
+from walacord.backup.manifest import parse_time, sha256_file
 from walacord.errors import ControlError
 from walacord.pgcluster import PgCluster
 
@@ -113,6 +117,44 @@ async def test_list_entries_have_stable_keys(make_manager: ManagerFactory) -> No
             assert key in entry
         assert entry["size_bytes"] == file_size(entry["path"])
         assert entry["age_seconds"] >= 0
+        assert entry["verified"] is True
+        assert entry["problems"] == []
+        assert entry["checked_at"] == entry["checksum"]["at"]
+        assert entry["modified_after_check"] is None
+
+
+async def test_list_shows_changed_file(make_manager: ManagerFactory) -> None:
+    """A file modified after its last check is unverified before and after `verify`."""
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = Path(backup["path"])
+    actual = overwrite_two_bytes(path, file_size(backup["path"]) // 2)
+    # Linux stamps writes with a coarse clock, up to one timer tick behind the time
+    # the checksum check recorded, so set an mtime that is surely later but not ahead.
+    checked_at = parse_time(backup["checksum"]["at"]).timestamp()
+    await anyio.sleep(max(0.0, checked_at + 0.01 - time.time()))
+    modified = time.time()
+    os.utime(path, (modified, modified))
+
+    [before] = (await backup_list(manager, {}))["backups"]
+    verified = await backup_verify(manager, {"id": backup["id"]})
+    [after] = (await backup_list(manager, {}))["backups"]
+
+    assert before["verified"] is False
+    assert before["modified_after_check"] is not None
+    assert len(before["problems"]) == 1
+    assert before["problems"][0].startswith("the file was modified at ")
+    assert f"run `walacorctl backup verify {backup['id']}`" in before["problems"][0]
+    checksum_problem = (f"checksum check failed at {verified['checked_at']}: sha256 is "
+                        f"{actual}, the manifest records {backup['sha256']}; the file "
+                        "changed after it was written")
+    assert verified["verified"] is False
+    assert verified["problems"] == [checksum_problem]
+    assert after["verified"] is False
+    assert after["checked_at"] == verified["checked_at"]
+    assert after["checked_at"] > before["checked_at"]
+    assert after["modified_after_check"] is None
+    assert after["problems"] == [checksum_problem]
 
 
 async def test_verify_with_drill(make_manager: ManagerFactory) -> None:
@@ -162,6 +204,28 @@ async def test_restore_names_database_to_replace(make_manager: ManagerFactory,
     assert refused.value.data == {"database": target_db}
     assert replaced["replaced"] is True
     assert pg_cluster.psql("SELECT count(*) FROM accounts", dbname=target_db) == "200"
+
+
+async def test_restore_rejects_changed_file(make_manager: ManagerFactory,
+                                            pg_cluster: PgCluster, target_db: str) -> None:
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = Path(backup["path"])
+    actual = overwrite_two_bytes(path, file_size(backup["path"]) // 2)
+
+    with pytest.raises(ControlError) as rejected:
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
+    with pytest.raises(ControlError) as wrong_type:
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db,
+                                       "ignore_checksum": "yes"})
+
+    assert wrong_type.value.code == INVALID_PARAMS
+    assert rejected.value.code == CHECKSUM_MISMATCH
+    assert rejected.value.message.startswith("restore rejected: backup file ")
+    assert rejected.value.data == {"path": str(path), "sha256": actual,
+                                   "manifest_sha256": backup["sha256"]}
+    exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target_db}'")
+    assert exists == "0"
 
 
 async def test_restore_requires_id_and_target(make_manager: ManagerFactory) -> None:

@@ -7,8 +7,11 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
+from tests.backup.conftest import overwrite_two_bytes
 from walacord.backup import BackupManager
+from walacord.backup.manifest import write_manifest
 from walacord.backup.restore import DatabaseExists
+from walacord.backup.verify import ChecksumMismatch
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -26,6 +29,10 @@ def target_db(pg_cluster: PgCluster, seeded_db: str) -> Iterator[str]:
 
 def ledger_rows(cluster: PgCluster, dbname: str) -> int:
     return int(cluster.psql("SELECT count(*) FROM ledger", dbname=dbname))
+
+
+def database_exists(cluster: PgCluster, name: str) -> bool:
+    return cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{name}'") == "1"
 
 
 def restoring_databases(cluster: PgCluster) -> list[str]:
@@ -98,12 +105,96 @@ async def test_restore_failure_keeps_existing_database(make_manager: ManagerFact
     pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
     pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
 
-    with pytest.raises(BackupError, match="restore"):
+    with pytest.raises(BackupError, match="restore") as raised:
+        await manager.restore(backup.id, target_db, force=True, ignore_checksum=True)
+
+    assert not isinstance(raised.value, ChecksumMismatch)
+    assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "0"
+    assert restoring_databases(pg_cluster) == []
+    assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_restore_rejects_changed_file(make_manager: ManagerFactory,
+                                            pg_cluster: PgCluster, target_db: str,
+                                            fmt: str) -> None:
+    manager = make_manager(format=fmt)
+    backup = await manager.take()
+    assert backup is not None
+    actual = overwrite_two_bytes(manager.path_of(backup), backup.size_bytes // 2)
+
+    with pytest.raises(ChecksumMismatch) as raised:
+        await manager.restore(backup.id, target_db)
+
+    message = str(raised.value)
+    assert str(manager.path_of(backup)) in message
+    assert f"its sha256 is {actual}" in message
+    assert f"the manifest records {backup.sha256}" in message
+    assert "Nothing was restored" in message
+    assert "`walacorctl backup list`" in message
+    assert "--ignore-checksum" in message
+    assert (raised.value.expected, raised.value.actual) == (backup.sha256, actual)
+    assert not database_exists(pg_cluster, target_db)
+    assert restoring_databases(pg_cluster) == []
+    assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1
+    stored = await manager.read(backup.id)
+    assert stored.checksum_check is not None
+    assert not stored.checksum_check.ok
+    assert stored.checksum_check.detail["sha256"] == actual
+    assert not stored.verified
+
+
+async def test_restore_checks_checksum_before_target(make_manager: ManagerFactory,
+                                                     pg_cluster: PgCluster,
+                                                     target_db: str) -> None:
+    """With --force, a changed file leaves the existing target database untouched."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    overwrite_two_bytes(manager.path_of(backup), backup.size_bytes // 2)
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
+    pg_cluster.psql("CREATE TABLE keep_me (x int)", dbname=target_db)
+
+    with pytest.raises(ChecksumMismatch):
         await manager.restore(backup.id, target_db, force=True)
 
     assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "0"
     assert restoring_databases(pg_cluster) == []
-    assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1
+
+
+async def test_restore_ignore_checksum_restores(make_manager: ManagerFactory,
+                                                pg_cluster: PgCluster,
+                                                target_db: str) -> None:
+    """ignore_checksum restores an intact file whose manifest records another sha256."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    recorded = backup.sha256
+    backup.sha256 = "0" * 64
+    write_manifest(manager.directory, backup)
+
+    with pytest.raises(ChecksumMismatch):
+        await manager.restore(backup.id, target_db)
+    result = await manager.restore(backup.id, target_db, ignore_checksum=True)
+
+    assert not result.checksum_ok
+    assert ledger_rows(pg_cluster, target_db) == 3000
+    stored = await manager.read(backup.id)
+    assert stored.checksum_check is not None
+    assert stored.checksum_check.detail["sha256"] == recorded
+    assert not stored.checksum_check.ok
+
+
+async def test_restore_intact_file_checksum_ok(make_manager: ManagerFactory,
+                                               target_db: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+
+    result = await manager.restore(backup.id, target_db)
+
+    assert result.checksum_ok
+    assert (await manager.read(backup.id)).checksum_check == backup.checksum_check
 
 
 async def test_restore_over_source_database(make_manager: ManagerFactory,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
+from tests.backup.conftest import overwrite_two_bytes
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manifest import safe_name_part, write_manifest
@@ -133,6 +134,29 @@ async def test_drill_reports_count_mismatch(make_manager: ManagerFactory,
     assert not drilled.verified
     assert manager.metrics.backup_failures.labels(operation="drill")._value.get() == 1
     assert alerts == [], "a failed drill must not raise the backup-failed alert"
+    assert drill_databases(pg_cluster, manager.database) == []
+
+
+async def test_drill_rejects_changed_file(make_manager: ManagerFactory,
+                                          pg_cluster: PgCluster) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    actual = overwrite_two_bytes(manager.path_of(backup), backup.size_bytes // 2)
+
+    drilled = await manager.drill(backup.id)
+
+    assert drilled.drill is not None
+    assert not drilled.drill.ok
+    assert drilled.drill.error == (
+        f"sha256 is {actual}, the manifest records {backup.sha256}; the file changed "
+        "after it was written; the drill did not restore it")
+    assert drilled.drill.detail["scratch"] is None
+    assert drilled.checksum_check is not None
+    assert not drilled.checksum_check.ok
+    assert (await manager.read(backup.id)).drill == drilled.drill
+    assert not drilled.verified
+    assert manager.metrics.backup_failures.labels(operation="drill")._value.get() == 1
     assert drill_databases(pg_cluster, manager.database) == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from walacord.backup.manifest import parse_time, utc_now
 from walacord.control.render import format_seconds, format_table
 
 if TYPE_CHECKING:
@@ -18,7 +19,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     now = actions.add_parser("now", help="take a backup now and wait for it")
     now.set_defaults(handler=now_command)
 
-    listing = actions.add_parser("list", help="show backups, newest first")
+    listing = actions.add_parser(
+        "list", help="show backups, newest first, with the result of their last recorded checks")
     listing.set_defaults(handler=list_command)
 
     verify = actions.add_parser("verify", help="check a backup's checksum and pg_restore --list")
@@ -33,6 +35,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          help="database to create; it must not exist unless --force")
     restore.add_argument("--force", action="store_true",
                          help="replace the target database if it exists")
+    restore.add_argument("--ignore-checksum", action="store_true",
+                         help="restore even when the file's sha256 differs from its "
+                              "manifest's (the file changed after it was written)")
     restore.set_defaults(handler=restore_command)
 
 
@@ -79,11 +84,27 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         context.print("no backups yet; take one with `walacorctl backup now`")
         return 0
     rows = [[b["id"], _age(b.get("age_seconds")), _size(b.get("size_bytes")),
-             "yes" if b["verified"] else "no",
+             "yes" if b["verified"] else "no", _checked_ago(b.get("checked_at")),
              "yes" if (b.get("drill") or {}).get("ok") else "no",
              (b.get("sha256") or "")[:16]] for b in backups]
-    context.print(format_table(["id", "age", "size", "verified", "drilled", "sha256"], rows))
+    context.print(format_table(
+        ["id", "age", "size", "verified", "checked", "drilled", "sha256"], rows))
+    # "verified" is the result of the checks recorded at "checked", not of a check run now.
+    unverified = [b for b in backups if b.get("problems")]
+    if unverified:
+        context.print("")
+    for entry in unverified:
+        for problem in entry["problems"]:
+            context.print(f"{entry['id']}: {problem}")
     return 0
+
+
+def _checked_ago(moment: str | None) -> str:
+    """Return how long ago an ISO 8601 time was, as "3h05m ago", or "never"."""
+    if moment is None:
+        return "never"
+    seconds = (utc_now() - parse_time(moment)).total_seconds()
+    return f"{_age(max(0.0, seconds))} ago"
 
 
 def verify_command(context: Context, args: argparse.Namespace) -> int:
@@ -94,22 +115,33 @@ def verify_command(context: Context, args: argparse.Namespace) -> int:
     if context.json:
         context.print_json(result)
         return 0 if result["verified"] else 1
-    # The entry carries the last drill's result; show it only when this call ran one.
+    # The entry carries the last drill's result; name it only when this call ran one.
+    # Its error, like every other reason, is among the entry's problems.
     drill = result.get("drill") if args.drill else None
     line = f"backup {result['id']}: verified {'yes' if result['verified'] else 'NO'}"
     if drill is not None:
-        line += f", drill {'passed' if drill.get('ok') else 'FAILED: ' + str(drill.get('error'))}"
+        line += f", drill {'passed' if drill.get('ok') else 'FAILED'}"
     context.print(line)
+    for problem in result.get("problems") or []:
+        context.print(f"  {problem}")
+    if not result["verified"]:
+        context.print("  Do not restore this backup: take a new one with `walacorctl backup "
+                      "now`, check the storage, and see `walacorctl backup list` for older "
+                      "backups")
     return 0 if result["verified"] and (drill is None or drill.get("ok")) else 1
 
 
 def restore_command(context: Context, args: argparse.Namespace) -> int:
     result = context.call("backup.restore", {
-        "id": args.id, "target_db": args.target_db, "force": args.force}, progress=True)
+        "id": args.id, "target_db": args.target_db, "force": args.force,
+        "ignore_checksum": args.ignore_checksum}, progress=True)
     if context.json:
         context.print_json(result)
         return 0
     verb = "replaced" if result["replaced"] else "created"
     context.print(f"restored backup {result['id']} into {result['target_db']} ({verb}, "
                   f"{format_seconds(result['duration_seconds'])})")
+    if not result.get("checksum_ok", True):
+        context.print("warning: the file's sha256 did not match its manifest; check the "
+                      "restored data before using it")
     return 0

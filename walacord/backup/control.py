@@ -10,19 +10,26 @@ registry. Long operations accept an optional `progress(done, total, message)` ca
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from walacord.backup.dump import ProgressCallback
 from walacord.backup.manager import BackupManager
-from walacord.backup.manifest import CheckResult, Manifest, utc_now
+from walacord.backup.manifest import CheckResult, Manifest, format_time, parse_time, utc_now
 from walacord.backup.restore import DatabaseExists
+from walacord.backup.verify import ChecksumMismatch
 from walacord.control.protocol import ErrorCode
 from walacord.errors import BackupError, ControlError
 
 INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 BACKUP_FAILED = ErrorCode.OPERATION_FAILED
 TARGET_EXISTS = ErrorCode.TARGET_EXISTS
+CHECKSUM_MISMATCH = ErrorCode.CHECKSUM_MISMATCH
+# Check times are stored truncated to milliseconds, so an mtime up to 1 ms after one
+# does not count as later.
+MTIME_TOLERANCE_SECONDS = 0.001
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -48,15 +55,57 @@ def _check_dict(check: CheckResult | None) -> dict[str, Any] | None:
     return {"ok": check.ok, "at": check.at, "error": check.error, **check.detail}
 
 
+def modified_after_check(manifest: Manifest, path: Path) -> str | None:
+    """Return the file's mtime when it is later than the last checksum check, else None.
+
+    A later mtime means the recorded verification may not describe the file's current
+    bytes. Copying the file without keeping its mtime (`cp` without `-p`) also counts.
+    """
+    if manifest.checksum_check is None:
+        return None
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if mtime <= parse_time(manifest.checksum_check.at).timestamp() + MTIME_TOLERANCE_SECONDS:
+        return None
+    return format_time(datetime.fromtimestamp(mtime, UTC))
+
+
+def entry_problems(manifest: Manifest, path: Path, modified_at: str | None) -> list[str]:
+    """Return one sentence per reason the backup does not count as verified."""
+    problems = []
+    if not path.exists():
+        problems.append(f"backup file {path} is missing")
+    if modified_at is not None and manifest.checksum_check is not None:
+        problems.append(f"the file was modified at {modified_at}, after its last "
+                        f"verification at {manifest.checksum_check.at}; run "
+                        f"`walacorctl backup verify {manifest.id}`")
+    checks = (("checksum", manifest.checksum_check), ("readability", manifest.list_check),
+              ("drill", manifest.drill))
+    for name, check in checks:
+        if check is not None and not check.ok:
+            problems.append(f"{name} check failed at {check.at}: {check.error or 'no details'}")
+    if manifest.checksum_check is None or manifest.list_check is None:
+        problems.append("the backup was never verified")
+    return problems
+
+
 def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
     """Return the JSON shape of one backup, as `backup.list` shows it."""
     path = manager.path_of(manifest)
+    modified_at = modified_after_check(manifest, path)
+    problems = entry_problems(manifest, path, modified_at)
     return {
         "id": manifest.id,
         "path": str(path),
         "size_bytes": manifest.size_bytes,
         "sha256": manifest.sha256,
-        "verified": manifest.verified and path.exists(),
+        "verified": manifest.verified and not problems,
+        # When the last checksum check ran, passed or not.
+        "checked_at": manifest.checksum_check.at if manifest.checksum_check else None,
+        "modified_after_check": modified_at,
+        "problems": problems,
         "file_present": path.exists(),
         "created_at": manifest.finished_at,
         "age_seconds": round((utc_now() - manifest.created).total_seconds(), 1),
@@ -115,22 +164,31 @@ async def backup_verify(manager: BackupManager, params: Mapping[str, Any] | None
 
 async def backup_restore(manager: BackupManager, params: Mapping[str, Any] | None, *,
                          progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Restore a backup into `target_db`; replacing an existing one needs `force`."""
+    """Restore a backup into `target_db`; replacing an existing one needs `force`.
+
+    A file whose sha256 differs from its manifest's is rejected unless
+    `ignore_checksum` is set.
+    """
     checked = _check_params(params, {"id": str, "target_db": str, "force": bool,
-                                     "no_owner": bool})
+                                     "no_owner": bool, "ignore_checksum": bool})
     for required in ("id", "target_db"):
         if not checked.get(required):
             raise ControlError(INVALID_PARAMS, f"missing parameter {required!r}")
     try:
         result = await manager.restore(
             checked["id"], checked["target_db"], force=bool(checked.get("force")),
-            no_owner=bool(checked.get("no_owner")), progress=progress)
+            no_owner=bool(checked.get("no_owner")),
+            ignore_checksum=bool(checked.get("ignore_checksum")), progress=progress)
     except DatabaseExists as exc:
         raise ControlError(TARGET_EXISTS, str(exc), {"database": exc.database}) from exc
+    except ChecksumMismatch as exc:
+        raise ControlError(CHECKSUM_MISMATCH, f"restore rejected: {exc}", {
+            "path": str(exc.path), "sha256": exc.actual,
+            "manifest_sha256": exc.expected}) from exc
     except BackupError as exc:
         raise ControlError(BACKUP_FAILED, f"restore failed: {exc}") from exc
     return {"id": result.id, "target_db": result.target_db, "replaced": result.replaced,
-            "duration_seconds": result.duration_seconds}
+            "duration_seconds": result.duration_seconds, "checksum_ok": result.checksum_ok}
 
 
 def handlers(manager: BackupManager) -> dict[str, Handler]:

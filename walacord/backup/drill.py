@@ -1,8 +1,9 @@
 """Restore drills: prove a backup restores by loading it into a scratch database.
 
-Steps: create the scratch database, restore into it without owners or privileges,
-count its tables and the rows of the tables the manifest recorded at dump time,
-compare, and drop the scratch database whatever happened.
+Steps: compare the file's sha256 with the manifest's, create the scratch database,
+restore into it without owners or privileges, count its tables and the rows of the
+tables the manifest recorded at dump time, compare, and drop the scratch database
+whatever happened.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from walacord.backup.dump import count_rows, list_user_tables
 from walacord.backup.manifest import Manifest, safe_name_part, utc_now
 from walacord.backup.pgclient import client_environment, with_dbname
 from walacord.backup.restore import Admin, RestoreRequest, load_archive, scratch_name
-from walacord.backup.verify import check_result
+from walacord.backup.verify import check_result, hash_backup_file
 from walacord.errors import BackupError
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
     """Run a restore drill of `manifest`'s backup and store the result in its manifest.
 
     A failed drill is counted, alerted on and recorded; it raises only when the file
-    is missing or the scratch database cannot be created.
+    is missing or the scratch database cannot be created. A file whose sha256 differs
+    from the manifest's fails the drill without being restored.
     """
     config = manager.config
     path = manager.path_of(manifest)
@@ -80,9 +82,18 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
         await manager.record_failure("drill", manifest.id, error)
         raise error
 
+    started = time.monotonic()
+    try:
+        checksum = await hash_backup_file(manager, manifest)
+    except BackupError as exc:
+        return await _record_drill(manager, manifest, [str(exc)], started)
+    if not checksum.ok:
+        manifest.checksum_check = checksum
+        return await _record_drill(
+            manager, manifest, [f"{checksum.error}; the drill did not restore it"], started)
+
     scratch = scratch_name(f"walacord_drill_{safe_name_part(manager.database)}")
     admin = Admin(manager.maintenance_conninfo(avoid=scratch), config.query_timeout)
-    started = time.monotonic()
     log.info("backup.drill_started", extra={"fields": {"id": manifest.id, "scratch": scratch}})
     try:
         await admin.create(scratch)
@@ -121,6 +132,15 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
                     "scratch": scratch, "error": str(exc),
                     "action": f"drop database {scratch} by hand"}})
 
+    return await _record_drill(manager, manifest, problems, started, scratch=scratch,
+                               figures=figures)
+
+
+async def _record_drill(manager: BackupManager, manifest: Manifest, problems: list[str],
+                        started: float, *, scratch: str | None = None,
+                        figures: DrillFigures | None = None) -> Manifest:
+    """Store the drill's result in the manifest; count, log and alert on a failure."""
+    figures = figures or DrillFigures(table_count=0, row_counts={})
     duration = round(time.monotonic() - started, 3)
     manifest.drill = check_result(
         not problems, "; ".join(problems) or None, scratch=scratch,

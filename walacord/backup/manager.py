@@ -33,6 +33,7 @@ from walacord.backup.alerts import (
 from walacord.backup.drill import drill_backup
 from walacord.backup.dump import DumpFailed, ProgressCallback, summarize_stderr
 from walacord.backup.manifest import (
+    CheckResult,
     Manifest,
     dump_path,
     manifest_path,
@@ -341,11 +342,30 @@ class BackupManager:
             return await drill_backup(self, await self.read(backup))
 
     async def restore(self, backup: str, target_db: str, *, force: bool = False,
-                      no_owner: bool = False,
+                      no_owner: bool = False, ignore_checksum: bool = False,
                       progress: ProgressCallback | None = None) -> RestoreResult:
-        """Restore `backup` into database `target_db`; replace it only with `force`."""
+        """Restore `backup` into database `target_db`; replace it only with `force`.
+
+        A file whose sha256 differs from its manifest's raises ChecksumMismatch unless
+        `ignore_checksum` is set.
+        """
         return await restore_backup(self, await self.read(backup), target_db, force=force,
-                                    no_owner=no_owner, progress=progress)
+                                    no_owner=no_owner, ignore_checksum=ignore_checksum,
+                                    progress=progress)
+
+    async def record_checksum(self, manifest: Manifest, check: CheckResult) -> None:
+        """Store a checksum result found outside `verify` (by a restore) in the manifest.
+
+        The manifest is read again under the files lock, so a verify or drill that
+        finished meanwhile keeps its results. A backup deleted meanwhile stays deleted.
+        """
+        manifest.checksum_check = check
+        async with self._files_lock:
+            if not manifest_path(self.directory, manifest.id).exists():
+                return
+            stored = await self.read(manifest.id)
+            stored.checksum_check = check
+            await self.save(stored)
 
     # --- retention ---------------------------------------------------------------------
 

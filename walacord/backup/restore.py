@@ -25,7 +25,12 @@ from psycopg import sql
 from walacord.backup.dump import ProgressCallback, describe_exit, summarize_stderr
 from walacord.backup.manifest import Manifest
 from walacord.backup.pgclient import Command, client_environment, run_pipeline, with_dbname
-from walacord.backup.verify import count_archive_entries, list_archive
+from walacord.backup.verify import (
+    ChecksumMismatch,
+    count_archive_entries,
+    hash_backup_file,
+    list_archive,
+)
 from walacord.errors import BackupError
 
 if TYPE_CHECKING:
@@ -103,6 +108,9 @@ class RestoreResult:
     target_db: str
     replaced: bool
     duration_seconds: float
+    # False when the file's sha256 differed from the manifest's and the caller
+    # passed ignore_checksum.
+    checksum_ok: bool = True
 
 
 @dataclass
@@ -174,12 +182,14 @@ def check_target_name(target_db: str) -> None:
 
 
 async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: str, *,
-                         force: bool, no_owner: bool,
+                         force: bool, no_owner: bool, ignore_checksum: bool = False,
                          progress: ProgressCallback | None) -> RestoreResult:
     """Restore into a temporary database, then rename it to `target_db`.
 
     With `force`, an existing `target_db` is dropped just before the rename, after the
-    restore has succeeded.
+    restore has succeeded. The file's sha256 must match the manifest's, or this raises
+    ChecksumMismatch before creating any database; `ignore_checksum` restores it anyway.
+    A mismatch is stored in the manifest either way, so `backup list` shows it.
     """
     check_target_name(target_db)
     config = manager.config
@@ -196,6 +206,7 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
                           f"{describe_error(exc)}") from exc
     if replacing and not force:
         raise DatabaseExists(target_db)
+    checksum_ok = await check_checksum(manager, manifest, ignore_checksum=ignore_checksum)
 
     entry_total = 0
     if manifest.format == "custom":
@@ -246,4 +257,34 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
         "id": manifest.id, "target_db": target_db, "replaced": replacing,
         "duration_seconds": duration}})
     return RestoreResult(id=manifest.id, target_db=target_db, replaced=replacing,
-                         duration_seconds=duration)
+                         duration_seconds=duration, checksum_ok=checksum_ok)
+
+
+async def check_checksum(manager: BackupManager, manifest: Manifest, *,
+                         ignore_checksum: bool) -> bool:
+    """Compare the file's sha256 with the manifest's; return whether they match.
+
+    A mismatch is stored in the manifest. Then ChecksumMismatch is raised and counted
+    as a failed restore, unless `ignore_checksum` is set, which logs a warning instead.
+    """
+    try:
+        check = await hash_backup_file(manager, manifest)
+    except BackupError as exc:
+        await manager.record_failure("restore", manifest.id, exc)
+        raise
+    if check.ok:
+        return True
+
+    path = manager.path_of(manifest)
+    actual = str(check.detail["sha256"])
+    await manager.record_checksum(manifest, check)
+    if not ignore_checksum:
+        error = ChecksumMismatch(path, manifest.sha256, actual)
+        await manager.record_failure("restore", manifest.id, error)
+        raise error
+    log.warning("backup.restore_checksum_ignored", extra={"fields": {
+        "id": manifest.id, "path": str(path), "sha256": actual,
+        "manifest_sha256": manifest.sha256,
+        "reason": "the caller passed ignore_checksum; the restore may fail or load "
+                  "changed data"}})
+    return False

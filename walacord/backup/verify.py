@@ -43,6 +43,21 @@ def count_archive_entries(listing: str) -> int:
     return sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
 
 
+class ChecksumMismatch(BackupError):
+    """A backup file's sha256 differs from the one its manifest recorded at dump time."""
+
+    def __init__(self, path: Path, expected: str, actual: str) -> None:
+        super().__init__(
+            f"backup file {path} does not match its manifest: its sha256 is {actual}, the "
+            f"manifest records {expected}, so the file changed after it was written. "
+            "Nothing was restored. Restore an older backup instead (`walacorctl backup "
+            "list` shows them with their last verification), or pass --ignore-checksum "
+            "to restore this file anyway")
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
 def check_result(ok: bool, error: str | None = None, **detail: Any) -> CheckResult:
     return CheckResult(ok=ok, at=format_time(utc_now()), detail=detail, error=error)
 
@@ -52,6 +67,24 @@ def checksum_check(expected: str, actual: str) -> CheckResult:
         return check_result(True, sha256=actual)
     return check_result(False, f"sha256 is {actual}, the manifest records {expected}; the "
                                "file changed after it was written", sha256=actual)
+
+
+async def hash_backup_file(manager: BackupManager, manifest: Manifest) -> CheckResult:
+    """Hash the backup file within `verify_timeout` and compare it with the manifest.
+
+    Raises BackupError when the file cannot be read or hashing times out.
+    """
+    path = manager.path_of(manifest)
+    try:
+        with anyio.fail_after(manager.config.verify_timeout):
+            digest = await anyio.to_thread.run_sync(sha256_file, path, abandon_on_cancel=True)
+    except OSError as exc:
+        raise BackupError(f"cannot read backup file {path}: {exc}") from exc
+    except TimeoutError as exc:
+        raise BackupError(f"hashing backup file {path} timed out after "
+                          f"{manager.config.verify_timeout:g} s; raise [backup] "
+                          "verify_timeout if the file is large") from exc
+    return checksum_check(manifest.sha256, digest)
 
 
 async def list_archive(bindir: Path, path: Path, env: dict[str, str],

@@ -52,6 +52,7 @@ class ErrorCode(IntEnum):
     STOPPING = -32010
     TARGET_EXISTS = -32011
     EVICTED = -32012
+    CHECKSUM_MISMATCH = -32013
 
 
 @dataclass(frozen=True)
