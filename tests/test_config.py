@@ -195,27 +195,24 @@ def test_conninfo_merges_password_and_timeouts() -> None:
     assert "statement_timeout=30000" in info
 
 
-def test_check_config_command_exit_codes(tmp_path: Path) -> None:
-    good = subprocess.run(
-        [sys.executable, "-m", "walacord", "check-config", str(ROOT / "etc" / "walacord.toml")],
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "walacord", "check-config", "--config", str(path)],
         capture_output=True, text=True, timeout=60)
-    assert good.returncode == 0, good.stderr
 
-    bad_path = write(tmp_path, "[database]\npool_min_size = 'x'\nbogus = 1\n")
-    bad = subprocess.run(
-        [sys.executable, "-m", "walacord", "check-config", "--config", str(bad_path)],
-        capture_output=True, text=True, timeout=60)
+
+def test_check_config_command_exit_codes(tmp_path: Path) -> None:
+    good = check_config(ROOT / "etc" / "walacord.toml")
+    bad = check_config(write(tmp_path, "[database]\npool_min_size = 'x'\nbogus = 1\n"))
+    empty = check_config(write(tmp_path, "# emptied by a failed copy\n"))
+
+    assert good.returncode == 0, good.stderr
+    assert "sets nothing" not in good.stdout
     assert bad.returncode == 2
     assert "database.pool_min_size" in bad.stderr
     assert "database.bogus" in bad.stderr
-
-    empty_path = write(tmp_path, "# emptied by a failed copy\n")
-    empty = subprocess.run(
-        [sys.executable, "-m", "walacord", "check-config", "--config", str(empty_path)],
-        capture_output=True, text=True, timeout=60)
     assert empty.returncode == 0
     assert "valid, but it sets nothing" in empty.stdout
-    assert "sets nothing" not in good.stdout
 
 
 @pytest.mark.parametrize("text", [
