@@ -46,6 +46,7 @@ async def test_control_silence_moves_alert_to_silenced(service: AlertService,
     listing = await methods["alerts.list"]({})
 
     silence = created["silence"]
+    assert created["warnings"] == []
     assert silence["matchers"] == ['probe="walacor"']
     assert silence["reason"] == "vendor maintenance"
     assert [a["labels"]["probe"] for a in listing["silenced"]] == ["walacor"]
@@ -87,6 +88,20 @@ async def test_control_silence_rejects_invalid_params(
         await handlers(service)["alerts.silence"](params)
 
     assert caught.value.code == -32602
+
+
+@pytest.mark.parametrize(("matcher", "warning"), [
+    ('prob="walacor"', "walacord's alerts have no label 'prob'; they have alertname, "
+                       "severity, probe, resource, event"),
+    ("alertname=WalacordProbDown", "walacord has no alert named 'WalacordProbDown'"),
+])
+async def test_control_silence_warns_of_unknown_names(service: AlertService, matcher: str,
+                                                      warning: str) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": matcher, "duration": "1h", "reason": "maintenance"})
+
+    assert len(created["warnings"]) == 1
+    assert created["warnings"][0].startswith(warning)
 
 
 async def test_control_unsilence_unknown_id(service: AlertService) -> None:

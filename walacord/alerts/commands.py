@@ -73,6 +73,8 @@ def silence_command(context: Context, args: argparse.Namespace) -> int:
     else:
         silence = result["silence"]
         context.print(f"silence {silence['id']} until {silence['endsAt']}")
+        for warning in result.get("warnings", []):
+            context.stderr.write(f"walacorctl: warning: {warning}\n")
     return 0
 
 

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
+from walacord.alerts import rules
+from walacord.alerts.model import Silence
 from walacord.alerts.service import AlertService
 from walacord.control.protocol import ErrorCode
 from walacord.errors import ControlError
@@ -44,7 +46,21 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> di
         silence = await service.silence(matcher, duration, reason, created_by)
     except ValueError as exc:
         raise ControlError(INVALID_PARAMS, str(exc)) from None
-    return {"silence": silence.document()}
+    return {"silence": silence.document(), "warnings": _matcher_warnings(silence)}
+
+
+def _matcher_warnings(silence: Silence) -> list[str]:
+    """Name matchers that no walacord alert can satisfy, such as a misspelt label."""
+    warnings = []
+    for matcher in silence.matchers:
+        if matcher.name not in rules.LABEL_NAMES:
+            warnings.append(f"walacord's alerts have no label {matcher.name!r}; they have "
+                            f"{', '.join(rules.LABEL_NAMES)}")
+        elif (matcher.name, matcher.op) == ("alertname", "=") \
+                and matcher.value not in rules.ALERT_NAMES:
+            warnings.append(f"walacord has no alert named {matcher.value!r}; it has "
+                            f"{', '.join(rules.ALERT_NAMES)}")
+    return warnings
 
 
 async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,11 @@ BACKUP_TOO_OLD = "WalacordBackupTooOld"
 BACKUP_FAILED = "WalacordBackupFailed"
 RECYCLE_BUDGET_EXHAUSTED = "WalacordRecycleBudgetExhausted"
 CRITICAL_ERROR = "WalacordCriticalError"
+ALERT_NAMES = (PROBE_DOWN, MODE_NOT_NORMAL, SLOW_PROBE, HOST_RESOURCE, OUTBOX_PENDING_TOO_OLD,
+               DEAD_OPERATIONS, CONSERVATION_FAILED, BACKUP_TOO_OLD, BACKUP_FAILED,
+               RECYCLE_BUDGET_EXHAUSTED, CRITICAL_ERROR)
+# Every label name the rules below give an alert.
+LABEL_NAMES = ("alertname", "severity", "probe", "resource", "event")
 
 
 def probe_down(probe: str, success: bool, config: AlertsConfig, reason: str = "") -> Condition:
