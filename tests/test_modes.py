@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.conftest import wait_until
 from walacord.config import ModesConfig
+from walacord.control.render import format_mode, override_hides_worse
 from walacord.metrics import Metrics
 from walacord.modes import Current, Mode, ModeMachine, Override, decide, run_command
 from walacord.probes.base import Health, ProbeResult, ProbeState, Status
@@ -197,6 +198,20 @@ def test_machine_override_ttl_capped() -> None:
     assert machine.evaluate(world(), now=NOW + 1).mode is Mode.DEGRADED
     assert machine.evaluate(world(), now=NOW + 61).mode is Mode.NORMAL
     assert machine.override is None
+
+
+def test_machine_override_keeps_probes_verdict() -> None:
+    machine = ModeMachine(ModesConfig(), None)
+    machine.set_override(Mode.NORMAL, "failover drill", 600, now=NOW)
+    decision = machine.evaluate(world(database=probe("database", "down", "refused")),
+                                now=NOW + 1)
+    override = machine.snapshot(now=NOW + 1)["override"]
+
+    assert decision.mode is Mode.NORMAL
+    assert override["probes_mode"] == "emergency"
+    assert "database" in override["probes_reason"].lower()
+    assert override_hides_worse({"override": override})
+    assert "probes say" in format_mode({"override": override})
 
 
 def test_machine_override_rejects_empty_reason() -> None:

@@ -195,6 +195,8 @@ class ModeMachine:
         self.current = Current(Mode.NORMAL, now)
         self.reason = "Starting: no probe has reported yet."
         self.evidence: dict[str, str] = {}
+        # The mode and reason the probes alone give, which an override hides.
+        self.automatic: tuple[Mode, str] = (self.current.mode, self.reason)
         self.override: Override | None = None
         self._override_ended = False
         self.transitions = 0
@@ -227,6 +229,11 @@ class ModeMachine:
                           override=self.override, outbox_full=outbox_full)
         self.reason = decision.reason
         self.evidence = decision.evidence
+        automatic = decision
+        if self.override is not None:
+            automatic = decide(current, observations, now, policy=self.config,
+                               outbox_full=outbox_full)
+        self.automatic = (automatic.mode, automatic.reason)
         if decision.mode is not self.current.mode:
             self._transition(decision, now)
         return decision
@@ -299,6 +306,8 @@ class ModeMachine:
         if self.override is not None:
             override = {"mode": self.override.mode.value, "reason": self.override.reason,
                         "set_by": self.override.set_by,
+                        "probes_mode": self.automatic[0].value,
+                        "probes_reason": self.automatic[1],
                         "remaining_seconds": round(max(0.0, self.override.until - now), 1),
                         "expires_at": wall_time(self.override.until, now)}
         return {"mode": self.current.mode.value, "reason": self.reason,

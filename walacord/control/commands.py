@@ -18,6 +18,7 @@ from walacord.control.render import (
     format_recycle,
     format_seconds,
     format_status,
+    override_hides_worse,
 )
 from walacord.errors import ControlClientError, ControlError
 from walacord.settings import parse_duration
@@ -205,6 +206,11 @@ def mode_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(state)
     else:
         context.print(format_mode(state))
+        if args.action == "set" and override_hides_worse(state):
+            context.stderr.write(
+                f"walacorctl: warning: the probes say {state['override']['probes_mode']}, "
+                f"but /api/health and the metrics report {args.mode} until the override "
+                "ends; `walacorctl mode clear` ends it now\n")
     return 0
 
 

@@ -78,12 +78,25 @@ def format_override(override: dict[str, Any] | None) -> str:
 
 
 def format_mode(state: dict[str, Any]) -> str:
-    return format_pairs([
+    pairs = [
         ("mode", state.get("mode")),
         ("since", state.get("since")),
         ("reason", state.get("reason")),
         ("override", format_override(state.get("override"))),
-    ])
+    ]
+    override = state.get("override") or {}
+    if override.get("probes_mode") not in (None, override.get("mode")):
+        pairs.append(("probes say", f"{override['probes_mode']}: "
+                                    f"{override.get('probes_reason')}"))
+    return format_pairs(pairs)
+
+
+def override_hides_worse(state: dict[str, Any]) -> bool:
+    """Tell whether the override reports a better mode than the probes give."""
+    override = state.get("override") or {}
+    order = ("normal", "degraded", "emergency", "offline")
+    forced, probes = override.get("mode"), override.get("probes_mode")
+    return forced in order and probes in order and order.index(probes) > order.index(forced)
 
 
 def format_probes(probes: dict[str, Any]) -> str:
