@@ -39,7 +39,8 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> di
         raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}: "
                            f"{exc}") from None
     if not 0 < duration <= MAX_SILENCE_SECONDS:
-        raise ControlError(INVALID_PARAMS, f"invalid duration {duration:g}s: it must be "
+        raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r} "
+                           f"({duration:.0f}s): it must be "
                            f"above 0 and at most {MAX_SILENCE_SECONDS // 86400} days")
     created_by = str(params.get("created_by") or "")
     try:
