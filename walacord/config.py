@@ -811,7 +811,7 @@ def command(args: argparse.Namespace) -> int:
         with open(path, "rb") as handle:
             empty = not tomllib.load(handle)
     if empty:
-        # A reload of such a file is rejected, so say what it means here too.
+        # A running walacord rejects a reload of such a file, so check-config explains it.
         print(f"{config.source}: valid, but it sets nothing: every setting is its default, "
               "and a running walacord rejects a reload of a file with no settings")
         return 0
