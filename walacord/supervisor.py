@@ -230,7 +230,8 @@ class Supervisor:
                 partial(config_module.load, runtime.config_path, reload=True))
         except ConfigError as exc:
             runtime.metrics.config_reloads.labels(result="rejected").inc()
-            log.error("config.reload_rejected", extra={"fields": {
+            # Every reload an operator asks for gets its own line, even repeated ones.
+            log.error("config.reload_rejected", extra={"no_collapse": True, "fields": {
                 "config": runtime.config_path,
                 "problems": [str(p) for p in exc.problems]}})
             runtime.notifier.reloaded(runtime.status_line())

@@ -160,6 +160,13 @@ def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
     assert "is invalid, so the daemon keeps the old one" in rejected.stderr
     assert "control.max_connections" in rejected.stderr
 
+    # An emptied file: the reply gives the reason, every time it is tried.
+    daemon.config_path.write_text("# truncated\n")
+    emptied = [walacorctl("reload", socket=daemon.socket) for _ in range(2)]
+    assert [result.returncode for result in emptied] == [1, 1]
+    assert "the file contains no settings" in emptied[1].stderr
+    assert daemon.log_text().count('"config.reload_rejected"') == 3
+
     daemon.write_config(idle_timeout=30)
     applied = walacorctl("--json", "reload", socket=daemon.socket)
     assert applied.returncode == 0, applied.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, TypeVar, get_args
 
 import anyio
@@ -237,7 +238,8 @@ class CoreMethods:
         problems: list[str] = []
         try:
             with anyio.fail_after(CONFIG_READ_TIMEOUT):
-                await anyio.to_thread.run_sync(config_module.load, runtime.config_path)
+                await anyio.to_thread.run_sync(
+                    partial(config_module.load, runtime.config_path, reload=True))
         except ConfigError as exc:
             problems = [str(problem) for problem in exc.problems]
         except TimeoutError:
