@@ -182,6 +182,11 @@ async def test_data_over_request_limit(
       "--data", "[" * 300 + "]" * 300], "--data must be a JSON object"),
     (["--sink", "walacor", "--etid", "1", "--key", "k",
       "--data", '{"a":' + "[" * 300 + "]" * 300 + "}"], "--data cannot be sent as JSON"),
+    (["--sink", "walacor", "--etid", "1", "--key", "k",
+      "--data", '{"a":' + "[" * 251 + "]" * 251 + "}"], "--data cannot be sent as JSON"),
+    (["--sink", "walacor", "--etid", "1", "--key", "k",
+      "--data", '{"amount": 1234567890123456.78}'],
+     "--data: the number 1234567890123456.78 has more significant digits"),
 ])
 def test_enqueue_flag_errors(args: list[str], expected: str, tmp_path: Path) -> None:
     err = io.StringIO()

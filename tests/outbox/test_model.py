@@ -47,10 +47,13 @@ def parse(raw: object, max_bytes: int = 1024) -> object:
      "ordering_kye", "unknown field 'ordering_kye'; a walacor operation has data, etid, "
                      "key, ordering_key, sink"),
     ({"sink": "walacor", "key": "k", "etid": 10001,
-      "data": '{"lines": [{"amount": 123456789012345678901234567890}]}'},
+      "data": {"lines": [{"amount": 1.2345678901234568e+29}]}},
      "data.lines[0].amount", "too large to store exactly"),
     ({"sink": "walacor", "key": "k", "etid": 10001, "data": "{\"amount\": -1e19}"},
      "data.amount", "Send it as a string"),
+    ({"sink": "walacor", "key": "k", "etid": 10001,
+      "data": '{"amount": 1234567890123456.78}'}, "data",
+     "the number 1234567890123456.78 has more significant digits"),
 ])
 def test_parse_operation_names_field(raw: object, field: str, words: str) -> None:
     with pytest.raises(OutboxInvalidOperation) as caught:

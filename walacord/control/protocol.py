@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from walacord.errors import ControlError
+from walacord.numbers import inexact_number
 
 PROTOCOL_VERSION = 1
 DEFAULT_SOCKET = "/run/walacord/control.sock"
@@ -106,6 +107,9 @@ def decode_request(line: bytes) -> Request:
     if not isinstance(params, dict):
         return _invalid(request_id, ErrorCode.INVALID_PARAMS,
                         f"invalid params for {_short_repr(method)}: expected an object")
+    problem = inexact_number(line)
+    if problem is not None:
+        return _invalid(request_id, ErrorCode.INVALID_PARAMS, problem, {"field": "params"})
     return Request(request_id, method, params)
 
 

@@ -14,6 +14,7 @@ import orjson
 from walacord.control.protocol import ErrorCode
 from walacord.control.render import format_table
 from walacord.errors import ControlError
+from walacord.numbers import inexact_number
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -46,7 +47,9 @@ def _int64(text: str) -> int:
 def _check_encodable(operation: dict[str, Any], where: str) -> None:
     """Raise UsageError when the operation cannot become a JSON request line."""
     try:
-        orjson.dumps(operation)
+        # Wrapped as in a batch request, whose extra levels count toward orjson's
+        # nesting limit.
+        orjson.dumps({"params": {"operations": [operation]}})
     except TypeError as exc:
         raise UsageError(f"{where} cannot be sent as JSON: {exc}; keep integers within 64 "
                          "bits (send larger amounts as strings) and nesting below 255 "
@@ -143,6 +146,9 @@ def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         payload = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
         raise UsageError(f"--data is not valid JSON: {exc}") from None
+    problem = inexact_number(args.data)
+    if problem is not None:
+        raise UsageError(f"--data: {problem}")
     if not isinstance(payload, dict):
         raise UsageError(f"--data must be a JSON object, such as '{{\"amount\": 1}}'; got "
                          f"{args.data[:60]}")
@@ -183,6 +189,9 @@ def _read_lines(path: Path, stdin: BinaryIO | None) -> tuple[list[dict[str, Any]
                 operation = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{number}: invalid JSON: {exc}") from None
+            problem = inexact_number(line)
+            if problem is not None:
+                raise UsageError(f"{path}:{number}: {problem}")
             _check_encodable(operation, f"{path}:{number}")
             operations.append(operation)
             numbers.append(number)

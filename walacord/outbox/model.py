@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from walacord.errors import OutboxInvalidOperation
+from walacord.numbers import inexact_number
 
 SINKS = ("walacor", "postgres")
 # The fields an operation of each sink may have; any other is rejected.
@@ -235,6 +236,9 @@ def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> tuple[dict[str,
 
     value = raw[field]
     if isinstance(value, str | bytes):
+        problem = inexact_number(value)
+        if problem is not None:
+            raise OutboxInvalidOperation(field, problem)
         try:
             value = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
