@@ -26,6 +26,9 @@ async def test_mode_override_expires_by_itself(pg_db: str, tmp_path: Path,
         before = await anyio.run_process([WALACORCTL, "--socket", socket, "check"], check=False)
         assert before.returncode == 0, before.stdout.decode()
 
+        capped = await anyio.run_process(
+            [WALACORCTL, "--socket", socket, "mode", "set", "degraded", "--ttl", "2d",
+             "--reason", "too long"], check=False)
         forced = await anyio.run_process(
             [WALACORCTL, "--socket", socket, "mode", "set", "emergency", "--ttl", "5",
              "--reason", "planned failover drill"], check=False)
@@ -44,6 +47,9 @@ async def test_mode_override_expires_by_itself(pg_db: str, tmp_path: Path,
         elapsed = time.monotonic() - set_at
 
     assert 4.5 <= elapsed <= 7.0
+    assert capped.returncode == 0
+    assert "override_max_ttl caps it" in capped.stderr.decode()
+    assert "caps it" not in forced.stderr.decode()
     changes = [r for r in caplog.records if r.getMessage() == "mode.changed"]
     fields = [getattr(r, "fields", {}) for r in changes]
     to_emergency = [f for f in fields if f.get("to") == "emergency"]

@@ -206,6 +206,12 @@ def mode_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(state)
     else:
         context.print(format_mode(state))
+        remaining = (state.get("override") or {}).get("remaining_seconds")
+        if args.action == "set" and isinstance(remaining, int | float) \
+                and remaining < args.ttl - 1:
+            context.stderr.write(
+                f"walacorctl: warning: the override lasts {remaining:.0f}s, not the "
+                f"{args.ttl:.0f}s asked for: [modes] override_max_ttl caps it\n")
         if args.action == "set" and override_hides_worse(state):
             context.stderr.write(
                 f"walacorctl: warning: the probes say {state['override']['probes_mode']}, "
