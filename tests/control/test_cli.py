@@ -172,6 +172,13 @@ def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
     assert applied.returncode == 0, applied.stderr
     assert orjson.loads(applied.stdout) == {"applied": True, "config": str(daemon.config_path),
                                             "restart_required": []}
+
+    # A restart-only setting: applied later, and status says so until then.
+    daemon.write_config(idle_timeout=30, group="root")
+    pending = walacorctl("--json", "reload", socket=daemon.socket)
+    status = walacorctl("status", socket=daemon.socket)
+    assert orjson.loads(pending.stdout)["restart_required"] == ["control.group"]
+    assert "restart:   needed for control.group: changed in the config file" in status.stdout
     assert daemon.alive()
 
 

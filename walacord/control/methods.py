@@ -182,6 +182,8 @@ class CoreMethods:
             "version": __version__,
             "environment": runtime.config.environment,
             "uptime_seconds": round(time.monotonic() - runtime.started_at, 3),
+            # Settings changed in the file that take effect only after a restart.
+            "restart_required": list(runtime.restart_required),
         }
 
     # --- probes ----------------------------------------------------------------

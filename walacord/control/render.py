@@ -116,7 +116,7 @@ def format_probes(probes: dict[str, Any]) -> str:
 
 def format_status(status: dict[str, Any]) -> str:
     daemon = status.get("daemon") or {}
-    header = format_pairs([
+    pairs: list[tuple[str, object]] = [
         ("mode", status.get("mode")),
         ("since", status.get("since")),
         ("reason", status.get("reason")),
@@ -124,8 +124,12 @@ def format_status(status: dict[str, Any]) -> str:
         ("daemon", f"{daemon.get('state')}, version {daemon.get('version')}, "
                    f"environment {daemon.get('environment')}, up "
                    f"{format_seconds(daemon.get('uptime_seconds'))}"),
-    ])
-    return header + "\n\n" + format_probes(status.get("probes") or {})
+    ]
+    pending = daemon.get("restart_required")
+    if pending:
+        pairs.append(("restart", f"needed for {', '.join(pending)}: changed in the config "
+                                 "file, applied at the next restart"))
+    return format_pairs(pairs) + "\n\n" + format_probes(status.get("probes") or {})
 
 
 class ProgressBar:
