@@ -28,7 +28,8 @@ Duration = NewType("Duration", float)
 PathSetting = NewType("PathSetting", str)
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+# A number with a unit; a plain number, as from a command line, counts as seconds.
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 T = TypeVar("T")
 
@@ -61,7 +62,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
     raise ValueError("a duration is a number of seconds or a string like \"500ms\", \"30s\", "
                      "\"5m\", \"1h\"")
 
