@@ -80,7 +80,7 @@ async def test_enqueue_conflicting_key_rejects(open_store: StoreOpener) -> None:
 
     assert "key 'stored' is already stored" in str(payload.value)
     assert "different payload" in str(payload.value)
-    assert "different sink, target, payload" in str(sink.value)
+    assert "different sink, target and payload" in str(sink.value)
     assert "different ordering key" in str(ordering.value)
     assert "key 'twice' appears more than once in this request" in str(within.value)
     assert isinstance(shared[0], list)

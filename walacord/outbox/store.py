@@ -718,12 +718,12 @@ class OutboxStore(OutboxQueries):
                 if same_request:
                     request.error = OutboxConflict(
                         f"key {new.key!r} appears more than once in this request, with a "
-                        f"different {', '.join(differs)}; nothing of this request was "
+                        f"different {_join_names(differs)}; nothing of this request was "
                         "accepted. Give each operation its own key")
                 else:
                     request.error = OutboxConflict(
                         f"key {new.key!r} is already stored (operation {stored.id}) with a "
-                        f"different {', '.join(differs)}; nothing of this request was "
+                        f"different {_join_names(differs)}; nothing of this request was "
                         "accepted. Use a new key for a different operation")
                 request.results = []
                 rejected.append(request)
@@ -812,3 +812,8 @@ class OutboxStore(OutboxQueries):
 
     def _retention(self) -> float:
         return self.config.retention
+
+
+def _join_names(names: list[str]) -> str:
+    """Join names as a sentence lists them: "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
