@@ -76,7 +76,12 @@ def now_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def list_command(context: Context, args: argparse.Namespace) -> int:
-    backups: list[dict[str, Any]] = context.call("backup.list")["backups"]
+    listing = context.call("backup.list")
+    backups: list[dict[str, Any]] = listing["backups"]
+    for damaged in listing.get("unreadable", []):
+        context.stderr.write(f"walacorctl: warning: manifest {damaged['path']} cannot be "
+                             f"read ({damaged['error']}), so its backup is not listed; "
+                             "restore the manifest from a copy, or take a new backup\n")
     if context.json:
         context.print_json(backups)
         return 0

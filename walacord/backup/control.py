@@ -15,9 +15,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from walacord.backup.dump import ProgressCallback
 from walacord.backup.manager import BackupManager
-from walacord.backup.manifest import CheckResult, Manifest, format_time, parse_time, utc_now
+from walacord.backup.manifest import (
+    CheckResult,
+    Manifest,
+    format_time,
+    parse_time,
+    unreadable_manifests,
+    utc_now,
+)
 from walacord.backup.restore import DatabaseExists
 from walacord.backup.verify import ChecksumMismatch
 from walacord.control.protocol import ErrorCode
@@ -144,7 +153,10 @@ async def backup_list(manager: BackupManager,
     """Return every backup, newest first."""
     _check_params(params, {})
     manifests = await manager.list()
-    return {"backups": [backup_entry(manager, m) for m in reversed(manifests)]}
+    # A backup whose manifest is damaged is not listed, so it is named here instead.
+    unreadable = await anyio.to_thread.run_sync(unreadable_manifests, manager.directory)
+    return {"backups": [backup_entry(manager, m) for m in reversed(manifests)],
+            "unreadable": unreadable}
 
 
 async def backup_verify(manager: BackupManager, params: Mapping[str, Any] | None, *,

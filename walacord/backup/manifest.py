@@ -179,6 +179,17 @@ def read_manifest(directory: Path, backup: str) -> Manifest:
         raise BackupError(f"manifest {path} is invalid: {exc}") from None
 
 
+def unreadable_manifests(directory: Path) -> list[dict[str, str]]:
+    """Return the path and error of each manifest in `directory` that cannot be parsed."""
+    unreadable = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            Manifest.from_json(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError, TypeError) as exc:
+            unreadable.append({"path": str(path), "error": str(exc)})
+    return unreadable
+
+
 def scan_manifests(directory: Path) -> list[Manifest]:
     """Return every readable manifest in `directory`, oldest first.
 
