@@ -50,7 +50,7 @@ async def test_handlers_bind_manager(make_manager: ManagerFactory) -> None:
     bound = handlers(make_manager())
 
     assert sorted(bound) == ["backup.list", "backup.now", "backup.restore", "backup.verify"]
-    assert await bound["backup.list"]({}) == {"backups": []}
+    assert await bound["backup.list"]({}) == {"backups": [], "unreadable": []}
 
 
 async def test_now_returns_id_and_path(make_manager: ManagerFactory) -> None:
