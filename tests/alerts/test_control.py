@@ -98,6 +98,9 @@ async def test_control_silence_rejects_invalid_params(
     ('prob="walacor"', "walacord's alerts have no label 'prob'; they have alertname, "
                        "severity, probe, resource, event"),
     ("alertname=WalacordProbDown", "walacord has no alert named 'WalacordProbDown'"),
+    ('alertname="WalacordProbeDown",probe="databse"',
+     "walacord has no probe 'databse'; it has database, walacor, api, host"),
+    ('resource="cpu"', "walacord has no resource 'cpu'; it has disk, memory, swap"),
 ])
 async def test_control_silence_warns_of_unknown_names(service: AlertService, matcher: str,
                                                       warning: str) -> None:

@@ -14,12 +14,16 @@ from typing import Any
 from walacord.alerts import rules
 from walacord.alerts.model import Silence
 from walacord.alerts.service import AlertService
+from walacord.config import PROBE_NAMES
 from walacord.control.protocol import ErrorCode
 from walacord.errors import ControlError
+from walacord.probes.host import RESOURCES
 from walacord.settings import parse_duration
 
 INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 MAX_SILENCE_SECONDS = 366 * 86400
+# Label values that walacord's alerts can carry, for labels with a fixed set.
+KNOWN_VALUES: dict[str, tuple[str, ...]] = {"probe": PROBE_NAMES, "resource": RESOURCES}
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -61,6 +65,10 @@ def _matcher_warnings(silence: Silence) -> list[str]:
                 and matcher.value not in rules.ALERT_NAMES:
             warnings.append(f"walacord has no alert named {matcher.value!r}; it has "
                             f"{', '.join(rules.ALERT_NAMES)}")
+        elif matcher.op == "=" and matcher.name in KNOWN_VALUES \
+                and matcher.value not in KNOWN_VALUES[matcher.name]:
+            warnings.append(f"walacord has no {matcher.name} {matcher.value!r}; it has "
+                            f"{', '.join(KNOWN_VALUES[matcher.name])}")
     return warnings
 
 
