@@ -11,11 +11,11 @@ When wrk (Debian package wrk) is installed, the same two loads are measured agai
 it, each for `--wrk-seconds`: one connection, then `--clients` connections. wrk is
 written in C and runs its connections on two threads, so its own CPU use adds less to the
 figures than Python threads that share one interpreter lock. Every target is measured
-both ways in the same run. wrk 4 corrects its latencies for coordinated omission, with no
-option to turn that off: for a response that took at least twice the run's mean interval
-between requests on a connection, it adds the samples that requests sent at that steady
-interval would have had while waiting. Its p99 is therefore stricter than the raw p99 of
-the Python client.
+both ways in the same run. wrk 4 corrects its latencies for coordinated omission, and
+no option turns that off. For a response that took at least twice the run's mean
+interval between requests on a connection, it adds the samples that requests sent at
+that steady interval would have had while waiting. Its p99 is therefore stricter than
+the raw p99 of the Python client.
 """
 
 from __future__ import annotations

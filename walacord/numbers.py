@@ -2,8 +2,8 @@
 
 orjson, like most JSON readers, turns a number into a 64-bit float or integer. A decimal
 with more significant digits than a float carries, such as 1234567890123456.78, is
-rounded, and an integer beyond 64 bits becomes a rounded float. For financial records
-walacord rejects such numbers instead, and asks for them as strings.
+rounded, and an integer beyond 64 bits becomes a rounded float. Because these are
+financial records, walacord rejects such numbers and requests them as strings.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from decimal import Decimal
 
 # A number token of 16 or more characters, or one with an exponent, after the JSON
 # punctuation or space that can precede a value. Only such tokens can lose digits, so
-# text without them skips the slow exact check. Digits inside strings, such as an IBAN,
-# follow a letter or a quote and do not match.
+# text without them skips the slow exact check. Digits inside a string, such as an
+# IBAN, follow a letter or a quote, so they do not match.
 _SUSPECT = re.compile(rb"[:,\[\s]-?\d[\d.eE+-]{15,}|[:,\[\s]-?\d[\d.]*[eE]")
 INT_RANGE = (-(2**63), 2**63)
 
@@ -43,8 +43,10 @@ def _check_int(text: str) -> int:
 
 
 def inexact_number(document: bytes | str) -> str | None:
-    """Return a message naming the first number in the JSON `document` that would not
-    survive exactly, or None when every number would (or the text is not JSON)."""
+    """Return a message naming the first number in the JSON `document` that would change.
+
+    Return None when every number comes back exactly, or when the text is not JSON.
+    """
     data = document.encode() if isinstance(document, str) else document
     if not _SUSPECT.search(data):
         return None

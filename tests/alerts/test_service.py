@@ -101,7 +101,7 @@ async def test_service_queue_survives_restart(tmp_path: Path, receiver: Receiver
     assert receiver.alerts()[0]["labels"]["probe"] == "walacor"
 
 
-async def test_service_moves_to_alerts_db_when_state_dir_returns(
+async def test_service_returns_to_alerts_db(
         tmp_path: Path, receiver: Receiver, alert_log_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("walacord.alerts.service.DURABLE_RETRY_INTERVAL", 0.1)

@@ -125,14 +125,14 @@ def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster
 
 
 def test_damaged_manifest_is_named_in_list(daemon: Path) -> None:
-    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
-    manifest = Path(taken["path"]).with_suffix(".json")
+    new_backup = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    manifest = Path(new_backup["path"]).with_suffix(".json")
     assert manifest.exists()
     manifest.write_text('{"trunc')
 
     listed = ctl(daemon, "backup", "list")
 
     assert listed.returncode == 0, listed.stderr
-    assert taken["id"] not in listed.stdout
+    assert new_backup["id"] not in listed.stdout
     assert f"manifest {manifest} cannot be read" in listed.stderr
     assert "its backup is not listed" in listed.stderr

@@ -173,7 +173,7 @@ def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
     assert orjson.loads(applied.stdout) == {"applied": True, "config": str(daemon.config_path),
                                             "restart_required": []}
 
-    # A restart-only setting: applied later, and status says so until then.
+    # A restart-only setting applies after a restart, and status shows it until then.
     daemon.write_config(idle_timeout=30, group="root")
     pending = walacorctl("--json", "reload", socket=daemon.socket)
     status = walacorctl("status", socket=daemon.socket)

@@ -59,10 +59,10 @@ Handler = Callable[[Any, Call], Awaitable[Any]]
 # A batch handler serves several pipelined calls of one method at once. It takes their
 # validated params and calls and returns one result or exception per call, in order.
 BatchHandler = Callable[[list[Any], list[Call]], Awaitable[Sequence[Any]]]
-# Starts a call without a task: (params, timeout seconds, on_done). It must call
-# on_done on the event loop with the result or the exception the call ended with, at
-# the latest shortly after the timeout; later calls are ignored. The connection
-# reports a TimeoutError as the call's CALL_TIMEOUT error.
+# A submit handler starts a call without a task: (params, timeout seconds, on_done).
+# It calls on_done on the event loop with the result or the call's exception, at the
+# latest shortly after the timeout. Later calls of on_done are ignored, and the
+# connection reports a TimeoutError as the call's CALL_TIMEOUT error.
 SubmitHandler = Callable[[Any, float, Callable[[Any], None]], None]
 PlainHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
