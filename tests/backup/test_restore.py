@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 
+import anyio
 import psycopg
 import pytest
 
 from tests.backup.conftest import overwrite_two_bytes
 from walacord.backup import BackupManager
-from walacord.backup.manifest import write_manifest
+from walacord.backup.manifest import format_time, write_manifest
 from walacord.backup.restore import DatabaseExists
 from walacord.backup.verify import ChecksumMismatch
 from walacord.errors import BackupError
@@ -230,3 +232,34 @@ async def test_restore_over_postgres_database(make_manager: ManagerFactory,
     assert ledger_rows(cluster, "postgres") == 5
     assert restoring_databases(cluster) == []
     assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 0
+
+
+async def test_retention_keeps_backup_a_restore_reads(make_manager: ManagerFactory,
+                                                      pg_cluster: PgCluster,
+                                                      target_db: str) -> None:
+    manager = make_manager(keep_days=1)
+    old = await manager.take()
+    newer = await manager.take()
+    assert old is not None and newer is not None
+    # Age the first backup past the window, so retention wants it gone.
+    aged = await manager.read(old.id)
+    aged.finished_at = format_time(datetime.now(UTC) - timedelta(days=3))
+    write_manifest(manager.directory, aged)
+    restoring = anyio.Event()
+    plans = []
+
+    async def prune_during_restore() -> None:
+        await restoring.wait()
+        plans.append(await manager.apply_retention())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(prune_during_restore)
+        await manager.restore(old.id, target_db,
+                              progress=lambda done, total, text: restoring.set())
+
+    assert plans[0].delete == []
+    assert plans[0].keep[old.id] == "a restore is reading it"
+    assert ledger_rows(pg_cluster, target_db) == 3000
+    after = await manager.apply_retention()
+    assert after.delete == [old.id]
+    assert not manager.path_of(old).exists()

@@ -9,6 +9,7 @@ skip their run and log that a peer is busy.
 from __future__ import annotations
 
 import builtins
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -79,6 +80,9 @@ class BackupManager:
         self.server_host = "local" if host.startswith("/") else host
         self._bindir: Path | None = None
         self._files_lock = anyio.Lock()
+        # Backups a restore is reading, with how many restores read each. Retention
+        # keeps them until the restores end.
+        self._in_use: collections.Counter[str] = collections.Counter()
         self._created_at = time.monotonic()
         self._peer_seen_at: float | None = None
         # Set while this manager takes a backup; set() and cleared when it ends.
@@ -347,11 +351,19 @@ class BackupManager:
         """Restore `backup` into database `target_db`; replace it only with `force`.
 
         A file whose sha256 differs from its manifest's raises ChecksumMismatch unless
-        `ignore_checksum` is set.
+        `ignore_checksum` is set. Retention keeps the backup while the restore runs.
         """
-        return await restore_backup(self, await self.read(backup), target_db, force=force,
-                                    no_owner=no_owner, ignore_checksum=ignore_checksum,
-                                    progress=progress)
+        async with self._files_lock:
+            manifest = await self.read(backup)
+            self._in_use[manifest.id] += 1
+        try:
+            return await restore_backup(self, manifest, target_db, force=force,
+                                        no_owner=no_owner, ignore_checksum=ignore_checksum,
+                                        progress=progress)
+        finally:
+            self._in_use[manifest.id] -= 1
+            if self._in_use[manifest.id] <= 0:
+                del self._in_use[manifest.id]
 
     async def record_checksum(self, manifest: Manifest, check: CheckResult) -> None:
         """Store a checksum result found outside `verify` (by a restore) in the manifest.
@@ -379,6 +391,12 @@ class BackupManager:
                 [BackupRecord(m.id, m.created, m.verified) for m in manifests],
                 policy, now or utc_now())
             by_id = {m.id: m for m in manifests}
+            for backup in [b for b in plan.delete if b in self._in_use]:
+                plan.delete.remove(backup)
+                plan.keep[backup] = "a restore is reading it"
+                log.info("backup.deletion_deferred", extra={"fields": {
+                    "id": backup, "reason": "a restore is reading it; the next "
+                                            "retention run deletes it"}})
             for backup in plan.delete:
                 manifest = by_id[backup]
                 with anyio.fail_after(self.config.query_timeout):
