@@ -248,7 +248,8 @@ class Supervisor:
         if pending:
             log.warning("config.restart_required", extra={"fields": {
                 "settings": pending,
-                "hint": "these changes take effect after systemctl restart walacord"}})
+                "hint": "these changes take effect after a restart: systemctl restart "
+                        "walacord, or Ctrl-C and walacord dev again for the sandbox"}})
         logs.redact.set_secrets(new.secrets())
         if runtime.logs is not None:
             runtime.logs.set_level(new.logging.level)

@@ -179,6 +179,8 @@ def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
     status = walacorctl("status", socket=daemon.socket)
     assert orjson.loads(pending.stdout)["restart_required"] == ["control.group"]
     assert "restart:   needed for control.group: changed in the config file" in status.stdout
+    human = walacorctl("reload", socket=daemon.socket)
+    assert "restart walacord to apply them (systemctl restart walacord" in human.stdout
     assert daemon.alive()
 
 

@@ -241,7 +241,9 @@ def reload_command(context: Context, args: argparse.Namespace) -> int:
         pending = result.get("restart_required") or []
         if pending:
             context.print(f"changed settings that apply only after a restart: "
-                          f"{', '.join(pending)}; run systemctl restart walacord")
+                          f"{', '.join(pending)}; restart walacord to apply them "
+                          f"(systemctl restart walacord, or Ctrl-C and walacord dev "
+                          f"again for the sandbox)")
     return 0
 
 
