@@ -487,6 +487,10 @@ class BackupConfig:
                                help="maximum delay after daily_at; every host picks the same one")
     drill_interval: Duration = setting(7 * 86400.0, min=3600, max=365 * 86400,
                                        help="how often a restore drill runs")
+    recheck_interval: Duration = setting(
+        7 * 86400.0, min=0, max=365 * 86400,
+        help="re-check each stored backup's checksum and readability once it was last "
+             "checked this long ago; 0 turns the re-check off")
     retry_interval: Duration = setting(3600.0, min=1, max=86400,
                                        help="wait before retrying a failed scheduled backup")
     max_age: Duration = setting(26 * 3600.0, min=3600, max=365 * 86400,

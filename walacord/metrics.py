@@ -170,6 +170,10 @@ class Metrics:
             registry=registry)
         self.backup_count = Gauge(
             "walacord_backups", "Backups in the backup directory.", registry=registry)
+        self.backup_unverified = Gauge(
+            "walacord_backups_unverified",
+            "Backups in the backup directory whose latest checksum, readability or drill "
+            "check failed.", registry=registry)
 
         # --- alerts -------------------------------------------------------------
         self.alerts = Gauge(

@@ -1,7 +1,8 @@
-"""The backup schedule: daily start times, missed runs, drills and age alerts."""
+"""The backup schedule: daily start times, missed runs, drills, re-checks and age alerts."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.backup.conftest import overwrite_two_bytes
 from walacord.backup import BackupAlert, BackupManager
-from walacord.backup.alerts import BACKUP_STALE
+from walacord.backup.alerts import BACKUP_FAILED, BACKUP_STALE
+from walacord.backup.manifest import Manifest, format_time, write_manifest
 from walacord.backup.scheduler import (
     BackupScheduler,
     backup_missed,
@@ -255,3 +258,50 @@ async def test_drain_hook_waits_for_backup(tmp_path: Path, seeded_db: str,
     events = [r.getMessage() for r in caplog.records]
     assert events.count("backup.drain_waiting") == 1
     assert "backup.drain_finished" in events
+
+
+def age_last_check(manager: BackupManager, manifest: Manifest, days: int) -> None:
+    assert manifest.checksum_check is not None
+    manifest.checksum_check.at = format_time(datetime.now(UTC) - timedelta(days=days))
+    write_manifest(manager.directory, manifest)
+
+
+@pytest.mark.anyio
+async def test_cycle_rechecks_backups_checked_long_ago(make_manager: ManagerFactory,
+                                                       alerts: list[BackupAlert],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    manager = make_manager(recheck_interval=7 * 86400.0)
+    damaged, intact, recent = [await manager.take() for _ in range(3)]
+    assert damaged is not None and intact is not None and recent is not None
+    age_last_check(manager, damaged, days=8)
+    age_last_check(manager, intact, days=8)
+    overwrite_two_bytes(manager.path_of(damaged), damaged.size_bytes // 2)
+    recent_check = (await manager.read(recent.id)).checksum_check
+    caplog.set_level(logging.INFO)
+
+    assert await BackupScheduler(manager).run_cycle("test")
+
+    after = {m.id: m for m in await manager.list()}
+    assert not after[damaged.id].verified
+    assert after[damaged.id].checksum_check.error.startswith("sha256 is ")  # type: ignore[union-attr]
+    assert after[intact.id].verified
+    assert after[intact.id].checksum_check.at > format_time(  # type: ignore[union-attr]
+        datetime.now(UTC) - timedelta(minutes=5))
+    assert after[recent.id].checksum_check == recent_check
+    assert manager.metrics.backup_unverified._value.get() == 1
+    assert [a.name for a in alerts if a.firing] == [BACKUP_FAILED]
+    finished = [r for r in caplog.records if r.getMessage() == "backup.recheck_finished"]
+    assert finished[-1].fields == {  # type: ignore[attr-defined]
+        "checked": 2, "failed": [damaged.id], "recheck_interval_seconds": 7 * 86400.0}
+
+
+@pytest.mark.anyio
+async def test_recheck_off_at_zero(make_manager: ManagerFactory) -> None:
+    manager = make_manager(recheck_interval=0.0)
+    backup = await manager.take()
+    assert backup is not None
+    age_last_check(manager, backup, days=400)
+    aged = (await manager.read(backup.id)).checksum_check
+
+    assert await BackupScheduler(manager).recheck_stored() == []
+    assert (await manager.read(backup.id)).checksum_check == aged

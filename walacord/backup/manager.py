@@ -167,6 +167,7 @@ class BackupManager:
 
     def _refresh_gauges(self, manifests: builtins.list[Manifest]) -> None:
         self.metrics.backup_count.set(len(manifests))
+        self.metrics.backup_unverified.set(sum(1 for m in manifests if not m.verified))
         good = [m for m in manifests if m.list_check and m.list_check.ok]
         if good:
             newest = good[-1]
@@ -338,12 +339,16 @@ class BackupManager:
     async def verify(self, backup: str | None = None) -> Manifest:
         """Check a backup's checksum and readability; store and return the result."""
         async with self._files_lock:
-            return await verify_backup(self, await self.read(backup))
+            manifest = await verify_backup(self, await self.read(backup))
+            await self.list()  # the unverified gauge counts this result
+            return manifest
 
     async def drill(self, backup: str | None = None) -> Manifest:
         """Restore a backup into a scratch database, compare figures, drop it."""
         async with self._files_lock:
-            return await drill_backup(self, await self.read(backup))
+            manifest = await drill_backup(self, await self.read(backup))
+            await self.list()
+            return manifest
 
     async def restore(self, backup: str, target_db: str, *, force: bool = False,
                       no_owner: bool = False, ignore_checksum: bool = False,

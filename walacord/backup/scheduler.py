@@ -1,4 +1,4 @@
-"""BackupScheduler: the daily backup, the periodic drill and the backup-age alert.
+"""BackupScheduler: the daily backup, the periodic drill and re-check, and the age alert.
 
 Wall-clock time chooses the next daily start (UTC `daily_at`) and, at start-up, turns
 the manifests' timestamps into the age of the last backup and drill. The wait until
@@ -25,6 +25,7 @@ import psycopg
 from anyio.abc import TaskStatus
 
 from walacord.backup.manager import BackupManager
+from walacord.backup.manifest import parse_time
 from walacord.config import BackupConfig, parse_daily_at
 from walacord.errors import BackupError
 
@@ -187,7 +188,46 @@ class BackupScheduler:
             except (BackupError, OSError, TimeoutError, psycopg.Error) as exc:
                 log.error("backup.drill_not_run", extra={"fields": {"error": str(exc)}})
             self._drill_due_at = time.monotonic() + self.config.drill_interval
+        await self.recheck_stored(skip=manifest.id)
         return True
+
+    async def recheck_stored(self, *, skip: str | None = None) -> list[str]:
+        """Verify again the stored backups last checked `recheck_interval` ago or more.
+
+        Storage can damage a file long after its backup was verified, and retention
+        keeps the newest verified backup however old it is. The longest-unchecked
+        backups go first. Each result is stored in its manifest, and a failed check is
+        counted, logged and alerted on by `verify`. Returns the ids that failed.
+        """
+        interval = self.config.recheck_interval
+        if interval <= 0:
+            return []
+        # Manifest times are wall-clock times, because they outlive the process.
+        now = datetime.now(UTC)
+        due: list[tuple[datetime, str]] = []
+        for manifest in await self.manager.list():
+            check = manifest.checksum_check
+            checked = parse_time(check.at) if check is not None else None
+            if manifest.id != skip and (checked is None
+                                        or (now - checked).total_seconds() >= interval):
+                due.append((checked or datetime.min.replace(tzinfo=UTC), manifest.id))
+        failed: list[str] = []
+        for _, backup in sorted(due):
+            try:
+                result = await self.manager.verify(backup)
+            except (BackupError, OSError, TimeoutError) as exc:
+                log.error("backup.recheck_not_run", extra={"fields": {
+                    "id": backup, "error": str(exc) or type(exc).__name__}})
+                failed.append(backup)
+                continue
+            if not (result.checksum_check and result.checksum_check.ok
+                    and result.list_check and result.list_check.ok):
+                failed.append(backup)
+        if due:
+            log.log(logging.ERROR if failed else logging.INFO, "backup.recheck_finished",
+                    extra={"fields": {"checked": len(due), "failed": failed,
+                                      "recheck_interval_seconds": interval}})
+        return failed
 
     async def drain(self, drain_timeout: float) -> None:
         """Wait for the backup this daemon is taking to finish; return at once when none is.
