@@ -187,6 +187,9 @@ async def test_data_over_request_limit(
     (["--sink", "walacor", "--etid", "1", "--key", "k",
       "--data", '{"amount": 1234567890123456.78}'],
      "--data: the number 1234567890123456.78 has more significant digits"),
+    (["--sink", "walacor", "--etid", "1", "--key", "k",
+      "--data", '{"amount": 1, "note": "a:b", "amount": 1000}'],
+     "--data: the key 'amount' appears twice in one object"),
 ])
 def test_enqueue_flag_errors(args: list[str], expected: str, tmp_path: Path) -> None:
     err = io.StringIO()
@@ -249,3 +252,17 @@ def test_huge_etid_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixtur
                    stdout=io.StringIO(), stderr=io.StringIO())
     assert caught.value.code == 2
     assert "99999999999999999999999 is out of range" in capsys.readouterr().err
+
+
+def test_from_file_repeated_key_names_line(tmp_path: Path) -> None:
+    operations = tmp_path / "ops.jsonl"
+    operations.write_text(
+        '{"sink": "walacor", "etid": 1, "key": "a", "data": {"amount": 1}}\n'
+        '{"sink": "walacor", "etid": 1, "key": "b", "data": {"amount": 1, "amount": 9}}\n')
+    err = io.StringIO()
+
+    code = walacorctl(["--socket", str(tmp_path / "none.sock"), "enqueue", "--from-file",
+                       str(operations)], stdout=io.StringIO(), stderr=err)
+
+    assert code == 2
+    assert f"{operations}:2: the key 'amount' appears twice in one object" in err.getvalue()

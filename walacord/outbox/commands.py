@@ -14,6 +14,7 @@ import orjson
 from walacord.control.protocol import ErrorCode
 from walacord.control.render import format_table
 from walacord.errors import ControlError
+from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         payload = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
         raise UsageError(f"--data is not valid JSON: {exc}") from None
-    problem = inexact_number(args.data)
+    problem = inexact_number(args.data) or duplicate_key(args.data, payload)
     if problem is not None:
         raise UsageError(f"--data: {problem}")
     if not isinstance(payload, dict):
@@ -189,7 +190,7 @@ def _read_lines(path: Path, stdin: BinaryIO | None) -> tuple[list[dict[str, Any]
                 operation = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{number}: invalid JSON: {exc}") from None
-            problem = inexact_number(line)
+            problem = inexact_number(line) or duplicate_key(line, operation)
             if problem is not None:
                 raise UsageError(f"{path}:{number}: {problem}")
             _check_encodable(operation, f"{path}:{number}")
