@@ -170,10 +170,11 @@ class Metrics:
             registry=registry)
         self.backup_count = Gauge(
             "walacord_backups", "Backups in the backup directory.", registry=registry)
-        self.backup_unverified = Gauge(
-            "walacord_backups_unverified",
-            "Backups in the backup directory whose latest checksum, readability or drill "
-            "check failed.", registry=registry)
+        self.backup_damaged = Gauge(
+            "walacord_backups_damaged",
+            "Damaged backups in the backup directory: the latest checksum, readability or "
+            "drill check failed, the dump is missing, or the manifest is unreadable.",
+            registry=registry)
 
         # --- alerts -------------------------------------------------------------
         self.alerts = Gauge(

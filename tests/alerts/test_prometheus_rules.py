@@ -51,7 +51,7 @@ def test_prometheus_rules_share_engine_alert_names() -> None:
                for rule in group["rules"]}
     shared = {rules.PROBE_DOWN, rules.SLOW_PROBE, rules.MODE_NOT_NORMAL,
               rules.OUTBOX_PENDING_TOO_OLD, rules.DEAD_OPERATIONS, rules.BACKUP_TOO_OLD,
-              rules.BACKUP_FAILED}
+              rules.BACKUP_FAILED, rules.BACKUP_DAMAGED}
 
     assert shared <= defined
 

@@ -183,6 +183,32 @@ def test_metrics_source_restore_failure_no_alert() -> None:
     assert active_names(after_verify) == [("WalacordBackupFailed", "")]
 
 
+def test_metrics_source_recheck_failure_with_success() -> None:
+    registry = CollectorRegistry()
+    last = Gauge("walacord_backup_last_success_timestamp_seconds", "", registry=registry)
+    failures = Counter("walacord_backup_failures", "", ["operation"], registry=registry)
+    damaged = Gauge("walacord_backups_damaged", "", registry=registry)
+    failures.labels(operation="verify")
+    clock = Clock(1_000_000.0)
+    source = rules.MetricsSource(registry, lambda: CONFIG, clock=clock)
+    last.set(clock.now - 3600)
+    source()
+
+    # A backup succeeds, and a re-check of an older one fails, before the next evaluation.
+    last.set(clock.now)
+    failures.labels(operation="verify").inc()
+    damaged.set(1)
+    both = source()
+    last.set(clock.now + 86400)
+    next_backup = source()
+    damaged.set(0)
+    deleted = source()
+
+    assert active_names(both) == [("WalacordBackupDamaged", ""), ("WalacordBackupFailed", "")]
+    assert active_names(next_backup) == [("WalacordBackupDamaged", "")]
+    assert active_names(deleted) == []
+
+
 def test_metrics_source_absent_metrics_raise_nothing() -> None:
     source = rules.MetricsSource(CollectorRegistry(), lambda: CONFIG)
 

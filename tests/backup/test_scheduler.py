@@ -288,7 +288,7 @@ async def test_cycle_rechecks_backups_checked_long_ago(make_manager: ManagerFact
     assert after[intact.id].checksum_check.at > format_time(  # type: ignore[union-attr]
         datetime.now(UTC) - timedelta(minutes=5))
     assert after[recent.id].checksum_check == recent_check
-    assert manager.metrics.backup_unverified._value.get() == 1
+    assert manager.metrics.backup_damaged._value.get() == 1
     assert [a.name for a in alerts if a.firing] == [BACKUP_FAILED]
     finished = [r for r in caplog.records if r.getMessage() == "backup.recheck_finished"]
     assert finished[-1].fields == {  # type: ignore[attr-defined]
@@ -305,3 +305,21 @@ async def test_recheck_off_at_zero(make_manager: ManagerFactory) -> None:
 
     assert await BackupScheduler(manager).recheck_stored() == []
     assert (await manager.read(backup.id)).checksum_check == aged
+
+
+@pytest.mark.anyio
+async def test_damaged_gauge_counts_lost_files(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    first = await manager.take()
+    assert first is not None
+    assert manager.metrics.backup_damaged._value.get() == 0
+
+    manager.path_of(first).unlink()
+    await manager.list()
+    lost_dump = manager.metrics.backup_damaged._value.get()
+    (manager.directory / "db__host__20260101T000000Z.json").write_text("{broken")
+    await manager.list()
+    broken_manifest = manager.metrics.backup_damaged._value.get()
+
+    assert lost_dump == 1
+    assert broken_manifest == 2

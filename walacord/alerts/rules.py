@@ -30,11 +30,12 @@ DEAD_OPERATIONS = "WalacordOutboxDeadOperations"
 CONSERVATION_FAILED = "WalacordConservationCheckFailed"
 BACKUP_TOO_OLD = "WalacordBackupTooOld"
 BACKUP_FAILED = "WalacordBackupFailed"
+BACKUP_DAMAGED = "WalacordBackupDamaged"
 RECYCLE_BUDGET_EXHAUSTED = "WalacordRecycleBudgetExhausted"
 CRITICAL_ERROR = "WalacordCriticalError"
 ALERT_NAMES = (PROBE_DOWN, MODE_NOT_NORMAL, SLOW_PROBE, HOST_RESOURCE, OUTBOX_PENDING_TOO_OLD,
                DEAD_OPERATIONS, CONSERVATION_FAILED, BACKUP_TOO_OLD, BACKUP_FAILED,
-               RECYCLE_BUDGET_EXHAUSTED, CRITICAL_ERROR)
+               BACKUP_DAMAGED, RECYCLE_BUDGET_EXHAUSTED, CRITICAL_ERROR)
 # Every label name the rules below give an alert.
 LABEL_NAMES = ("alertname", "severity", "probe", "resource", "event")
 
@@ -130,6 +131,16 @@ def backup_failed(failed: bool, config: AlertsConfig, detail: str = "") -> Condi
         for_seconds=config.backup_for)
 
 
+def backup_damaged(count: float, config: AlertsConfig) -> Condition:
+    return Condition(
+        BACKUP_DAMAGED, active=count > 0, severity="warning",
+        summary="a stored backup failed its latest check",
+        description=f"{count:.0f} stored backups failed their latest checksum, readability "
+                    "or drill check, or lost their file or manifest; run walacorctl backup "
+                    "list. The alert resolves when they pass a check again or are deleted.",
+        value=count, for_seconds=config.backup_for)
+
+
 def recycle_budget_exhausted(exhausted: bool, config: AlertsConfig,
                              detail: str = "") -> Condition:
     return Condition(
@@ -221,7 +232,7 @@ class MetricsSource:
                "walacord_probe_duration_seconds_sum", "walacord_probe_duration_seconds_count",
                "walacord_mode", "walacord_outbox_oldest_pending_age_seconds",
                "walacord_outbox_dead_operations", "walacord_backup_failures_total",
-               "walacord_backup_last_success_timestamp_seconds")
+               "walacord_backup_last_success_timestamp_seconds", "walacord_backups_damaged")
 
     def __init__(self, registry: CollectorRegistry, config: Callable[[], AlertsConfig],
                  clock: Callable[[], float] = time.time) -> None:
@@ -299,12 +310,16 @@ class MetricsSource:
         failures = sum(v for labels, v in samples.get("walacord_backup_failures_total", [])
                        if labels.get("operation") in FAILED_ALERT_OPERATIONS)
         if "walacord_backup_failures_total" in samples:
-            if self._failures_seen is not None and failures > self._failures_seen:
-                self._backup_failed = True
+            # A success clears the alert before a failure sets it, so a re-check that
+            # fails in the same evaluation as the backup before it still fires.
             if last_success is not None and self._last_success_seen is not None \
                     and last_success > self._last_success_seen:
                 self._backup_failed = False
+            if self._failures_seen is not None and failures > self._failures_seen:
+                self._backup_failed = True
             self._failures_seen = failures
             self._last_success_seen = last_success
             conditions.append(backup_failed(self._backup_failed, config))
+        for _, damaged in samples.get("walacord_backups_damaged", []):
+            conditions.append(backup_damaged(damaged, config))
         return conditions

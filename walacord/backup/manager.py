@@ -40,6 +40,7 @@ from walacord.backup.manifest import (
     manifest_path,
     read_manifest,
     scan_manifests,
+    unreadable_manifests,
     utc_now,
     write_manifest,
 )
@@ -160,14 +161,26 @@ class BackupManager:
         if not self.directory.exists():
             return []
         with anyio.fail_after(self.config.query_timeout):
-            manifests = await anyio.to_thread.run_sync(scan_manifests, self.directory,
-                                                       abandon_on_cancel=True)
-        self._refresh_gauges(manifests)
+            manifests, damaged = await anyio.to_thread.run_sync(
+                self._scan, abandon_on_cancel=True)
+        self._refresh_gauges(manifests, damaged)
         return manifests
 
-    def _refresh_gauges(self, manifests: builtins.list[Manifest]) -> None:
+    def _scan(self) -> tuple[builtins.list[Manifest], int]:
+        """Return the readable manifests and how many backups are damaged.
+
+        A backup is damaged when its latest checks failed, its dump is missing or its
+        manifest cannot be read.
+        """
+        manifests = scan_manifests(self.directory)
+        damaged = len(unreadable_manifests(self.directory))
+        damaged += sum(1 for m in manifests
+                       if not m.verified or not self.path_of(m).exists())
+        return manifests, damaged
+
+    def _refresh_gauges(self, manifests: builtins.list[Manifest], damaged: int) -> None:
         self.metrics.backup_count.set(len(manifests))
-        self.metrics.backup_unverified.set(sum(1 for m in manifests if not m.verified))
+        self.metrics.backup_damaged.set(damaged)
         good = [m for m in manifests if m.list_check and m.list_check.ok]
         if good:
             newest = good[-1]
@@ -340,7 +353,7 @@ class BackupManager:
         """Check a backup's checksum and readability; store and return the result."""
         async with self._files_lock:
             manifest = await verify_backup(self, await self.read(backup))
-            await self.list()  # the unverified gauge counts this result
+            await self.list()  # the damaged-backups gauge counts this result
             return manifest
 
     async def drill(self, backup: str | None = None) -> Manifest:
