@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,7 +248,26 @@ def test_problem_names_environment_variable() -> None:
 
 def test_directory_as_config_file(tmp_path: Path) -> None:
     found = problems(tmp_path)
-    assert "cannot read it" in found[0]
+    assert "a directory; point --config at a TOML file" in found[0]
+
+
+def test_fifo_as_config_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "walacord.toml"
+    os.mkfifo(fifo)
+    found = problems(fifo)  # would block forever if it opened the FIFO
+    assert "not a regular file, and a FIFO, device or socket can block" in found[0]
+
+
+def test_device_as_config_file() -> None:
+    found = problems(Path("/dev/zero"))
+    assert "not a regular file" in found[0]
+
+
+def test_oversized_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text("# padding\n" * (config.MAX_CONFIG_BYTES // 10 + 1))
+    found = problems(path)
+    assert "larger than 1024 KiB" in found[0]
 
 
 def test_non_utf8_config_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +155,37 @@ async def test_reload_of_empty_file_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(path, {}, reload=True)
     assert "restore it; the running daemon keeps its current configuration" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_stuck_config_read_times_out(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text(f"[logging]\ndir = ''\nlevel = 'debug'\n[http]\nlisten = ''\n"
+                    f"[backup]\nenabled = false\n[state]\ndir = '{tmp_path / 'state'}'\n"
+                    f"[control]\nsocket = '{tmp_path / 'control.sock'}'\n")
+    supervisor = Supervisor(config.load(path, {}), str(path), notifier=Notifier())
+    release = threading.Event()
+
+    def stuck_load(*args: object, **kwargs: object) -> config.Config:
+        release.wait(30)  # a read on a hung mount
+        raise AssertionError("the reload should have given up by now")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await supervisor.runtime.ready.wait()
+        monkeypatch.setattr("walacord.supervisor.CONFIG_READ_TIMEOUT", 0.3)
+        monkeypatch.setattr("walacord.config.load", stuck_load)
+        began = time.monotonic()
+        applied = await supervisor.reload()
+        waited = time.monotonic() - began
+        supervisor.runtime.request_stop()
+    release.set()
+
+    assert applied is False
+    assert waited < 5
+    assert supervisor.runtime.reload_problems == [
+        f"{path}: (file): reading it took more than 0.3 s; check the file system it is on"]
 
 
 def start_daemon(tmp_path: Path, notify: NotifyRecorder | None,

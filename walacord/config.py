@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import re
+import stat
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from walacord.settings import Decoder, Duration, PathSetting, setting
 # NOTE: 9877 was chosen from the 9100-9999 exporter range; check it against the
 # Prometheus wiki's default port allocations page before registering it there.
 DEFAULT_HTTP_PORT = 9877
+# Far above any real configuration. The limit keeps a path to /dev/zero or a runaway
+# generator from filling the daemon's memory.
+MAX_CONFIG_BYTES = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -663,6 +667,23 @@ CREDENTIALS = {
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 
+def _read_config_file(path: str | os.PathLike[str], source: str) -> bytes:
+    """Return the bytes of the regular file at `path`, at most MAX_CONFIG_BYTES of them."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else
+                "not a regular file, and a FIFO, device or socket can block or never end")
+        raise ConfigError([ConfigProblem(source, "(file)",
+            f"{kind}; point --config at a TOML file")])
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigProblem(source, "(file)",
+            f"larger than {MAX_CONFIG_BYTES // 1024} KiB, far more than any walacord "
+            "configuration; check that --config names the right file")])
+    return data
+
+
 def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None, *,
          reload: bool = False) -> Config:
     """Read, merge and validate the configuration; raise ConfigError with every problem.
@@ -675,8 +696,7 @@ def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = N
     document: dict[str, Any] = {}
     if path:
         try:
-            with open(path, "rb") as handle:
-                document = tomllib.load(handle)
+            document = tomllib.loads(_read_config_file(path, source).decode("utf-8"))
         except FileNotFoundError:
             fix = ("restore it; the running daemon keeps its current configuration" if reload
                    else "pass --config PATH or set WALACORD_CONFIG")

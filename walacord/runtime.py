@@ -90,6 +90,8 @@ class Runtime:
     reload_config: Callable[[], Coroutine[Any, Any, bool]] | None = None
     # Settings changed by the last reload that apply only after a restart.
     restart_required: list[str] = field(default_factory=list)
+    # Why the last rejected reload was rejected, one sentence per problem.
+    reload_problems: list[str] = field(default_factory=list)
     stopping: bool = False
 
     def status_line(self) -> str:

@@ -29,7 +29,7 @@ from walacord import __version__, logs, memory
 from walacord import config as config_module
 from walacord.components import default_components
 from walacord.config import Config
-from walacord.errors import ConfigError, WalacordError
+from walacord.errors import ConfigError, ConfigProblem, WalacordError
 from walacord.metrics import Metrics
 from walacord.runtime import Component, Runtime
 from walacord.statelock import StateDirLock
@@ -45,6 +45,7 @@ ComponentFactory = Callable[[Runtime], Sequence[Component]]
 LOCK_RETRY_INTERVAL = 5.0
 # Seconds between malloc_trim calls that return freed heap pages to the kernel.
 TRIM_INTERVAL = 60.0
+CONFIG_READ_TIMEOUT = 10.0
 
 # Settings read once at start-up; a reload stores them but they apply after a restart.
 RESTART_ONLY = ("http", "control.socket", "control.group", "state", "walacor", "outbox",
@@ -221,19 +222,34 @@ class Supervisor:
             self._reload_requested = anyio.Event()
             await self.reload()
 
+    async def _read_config(self) -> Config:
+        """Load the config file in a worker thread, within CONFIG_READ_TIMEOUT.
+
+        A file on a hung mount could block the read forever. The thread is abandoned on
+        timeout, so a stuck read blocks neither the next reload nor shutdown.
+        """
+        try:
+            with anyio.fail_after(CONFIG_READ_TIMEOUT):
+                return await anyio.to_thread.run_sync(
+                    partial(config_module.load, self.runtime.config_path, reload=True),
+                    abandon_on_cancel=True)
+        except TimeoutError:
+            raise ConfigError([ConfigProblem(str(self.runtime.config_path), "(file)",
+                f"reading it took more than {CONFIG_READ_TIMEOUT:g} s; check the file "
+                "system it is on")]) from None
+
     async def reload(self) -> bool:
         """Load and apply the config file again; keep the old one when the new is invalid."""
         runtime = self.runtime
         runtime.notifier.reloading()
         try:
-            new = await anyio.to_thread.run_sync(
-                partial(config_module.load, runtime.config_path, reload=True))
+            new = await self._read_config()
         except ConfigError as exc:
             runtime.metrics.config_reloads.labels(result="rejected").inc()
+            runtime.reload_problems = [str(p) for p in exc.problems]
             # Every reload an operator asks for gets its own line, even repeated ones.
             log.error("config.reload_rejected", extra={"no_collapse": True, "fields": {
-                "config": runtime.config_path,
-                "problems": [str(p) for p in exc.problems]}})
+                "config": runtime.config_path, "problems": runtime.reload_problems}})
             runtime.notifier.reloaded(runtime.status_line())
             return False
 

@@ -10,25 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal, TypeVar, get_args
 
-import anyio
-
 from walacord import __version__
-from walacord import config as config_module
 from walacord.config import LOG_LEVELS
 from walacord.control.interfaces import MODES, ModeControl, PoolControl, ProbeControl
 from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call
-from walacord.errors import ConfigError, ControlError
+from walacord.errors import ControlError
 from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 MAX_OVERRIDE_SECONDS = 7 * 86400
 MAX_REASON_CHARS = 500
-CONFIG_READ_TIMEOUT = 10.0
 
 ModeName = Literal["normal", "degraded", "emergency", "offline"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -235,22 +230,11 @@ class CoreMethods:
         if await runtime.reload_config():
             return {"applied": True, "config": runtime.config.source,
                     "restart_required": list(runtime.restart_required)}
-
-        # The supervisor logged the problems; read the file again to show them here too.
-        problems: list[str] = []
-        try:
-            with anyio.fail_after(CONFIG_READ_TIMEOUT):
-                await anyio.to_thread.run_sync(
-                    partial(config_module.load, runtime.config_path, reload=True))
-        except ConfigError as exc:
-            problems = [str(problem) for problem in exc.problems]
-        except TimeoutError:
-            problems = [f"reading {runtime.config_path} again timed out"]
         raise ControlError(
             ErrorCode.OPERATION_FAILED,
             f"configuration {runtime.config_path} is invalid, so the daemon keeps the old "
             f"one; fix it (walacord check-config {runtime.config_path}) and reload again",
-            {"applied": False, "problems": problems})
+            {"applied": False, "problems": list(runtime.reload_problems)})
 
     async def log_set_level(self, params: LogLevelParams, call: Call) -> dict[str, Any]:
         setup = self.runtime.logs
