@@ -111,6 +111,23 @@ async def test_control_silence_warns_of_unknown_names(service: AlertService, mat
     assert created["warnings"][0].startswith(warning)
 
 
+@pytest.mark.parametrize(("matcher", "warned"), [
+    ('probe=""', True),
+    ('probe!="walacor"', True),
+    ('probe=~".*"', True),
+    ('probe="walacor"', False),
+    ('alertname="WalacordProbeDown",probe!="walacor"', False),
+])
+async def test_control_silence_warns_of_wide_matchers(service: AlertService, matcher: str,
+                                                      warned: bool) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": matcher, "duration": "1h", "reason": "maintenance"})
+    wide = [w for w in created["warnings"] if "also matches every alert without a 'probe' "
+                                              "label" in w]
+
+    assert bool(wide) is warned
+
+
 async def test_control_unsilence_unknown_id(service: AlertService) -> None:
     with pytest.raises(ControlError, match="not found"):
         await handlers(service)["alerts.unsilence"]({"id": "nope"})

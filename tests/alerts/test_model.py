@@ -25,15 +25,24 @@ def test_fingerprint_separates_values() -> None:
      [Matcher("probe", "=", "database"), Matcher("severity", "!=", "info")]),
     ('probe=~"data.*"', [Matcher("probe", "=~", "data.*")]),
     ('event="a,b"', [Matcher("event", "=", "a,b")]),
+    ('event="a\\"b"', [Matcher("event", "=", 'a"b')]),
 ])
 def test_parse_matchers_valid(text: str, expected: list[Matcher]) -> None:
     assert parse_matchers(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "{}", "probe", "=x", 'probe=~"("'])
+@pytest.mark.parametrize("text", ["", "{}", "probe", "=x", 'probe=~"("', 'probe="',
+                                  'probe="database', 'probe=data"base'])
 def test_parse_matchers_invalid(text: str) -> None:
     with pytest.raises(ValueError, match=r"invalid|empty"):
         parse_matchers(text)
+
+
+@pytest.mark.parametrize("text", ['event="a\\"b"', 'probe=~"data\\\\.base"', "probe=db"])
+def test_matcher_text_parses_back(text: str) -> None:
+    matcher = parse_matchers(text)[0]
+
+    assert parse_matchers(str(matcher)) == [matcher]
 
 
 @pytest.mark.parametrize(("matcher", "labels", "expected"), [

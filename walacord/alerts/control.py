@@ -69,6 +69,12 @@ def _matcher_warnings(silence: Silence) -> list[str]:
                 and matcher.value not in KNOWN_VALUES[matcher.name]:
             warnings.append(f"walacord has no {matcher.name} {matcher.value!r}; it has "
                             f"{', '.join(KNOWN_VALUES[matcher.name])}")
+        if matcher.name != "alertname" and matcher.matches({}) and not any(
+                other.name == "alertname" for other in silence.matchers):
+            # A missing label reads as "", as in Alertmanager.
+            warnings.append(f"{matcher} also matches every alert without a {matcher.name!r} "
+                            f"label, such as {rules.MODE_NOT_NORMAL} and "
+                            f"{rules.DEAD_OPERATIONS}; add alertname=NAME to narrow it")
     return warnings
 
 

@@ -122,7 +122,7 @@ class Alert:
 # --- matchers and silences --------------------------------------------------------
 
 _MATCHER = re.compile(
-    r'^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>=~|!~|!=|=)\s*(?P<value>"(?:[^"\\]|\\.)*"|[^,]*?)\s*$')
+    r'^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>=~|!~|!=|=)\s*(?P<value>"(?:[^"\\]|\\.)*"|[^,"]*?)\s*$')
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,8 @@ class Matcher:
         return found if self.op == "=~" else not found
 
     def __str__(self) -> str:
-        return f'{self.name}{self.op}"{self.value}"'
+        value = self.value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'{self.name}{self.op}"{value}"'
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "op": self.op, "value": self.value}
