@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 import pytest
 
 from walacord.control.protocol import ErrorCode
@@ -92,3 +93,28 @@ def test_register_audits_mutating_by_default() -> None:
     assert registry.get("quiet").audit is False  # type: ignore[union-attr]
     assert registry.get("r").audit is False  # type: ignore[union-attr]
     assert registry.names() == ["quiet", "r", "w"]
+
+
+@pytest.mark.anyio
+async def test_silent_progress_handler_sends_heartbeats(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("walacord.control.registry.PROGRESS_HEARTBEAT", 0.5)
+    registry = MethodRegistry()
+
+    async def quiet_step(params: dict[str, object], *, progress: object) -> str:
+        await anyio.sleep(1.8)  # like pg_dump waiting for a lock: no progress to report
+        return "done"
+
+    registry.register_with_progress("test.quiet", quiet_step, mutating=False)
+    method = registry.get("test.quiet")
+    assert method is not None
+    sent: list[tuple[float, float | None, str]] = []
+
+    async def collect(done: float, total: float | None, message: str) -> None:
+        sent.append((done, total, message))
+
+    result = await method.handler({}, Call("test.quiet", 1, None, collect))
+
+    assert result == "done"
+    assert len(sent) >= 3
+    assert set(sent) == {(0, None, "in progress")}

@@ -69,10 +69,17 @@ PlainHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 ProgressHandler = Callable[..., Awaitable[Any]]
 PROGRESS_INTERVAL = 0.25
+# A long step, such as pg_dump waiting for a table lock, reports no progress for a
+# while. The latest line is sent again this often, so walacorctl, whose every read
+# has a deadline, can tell a busy daemon from a stuck one.
+PROGRESS_HEARTBEAT = 2.0
 
 
 def _adapt_progress(handler: ProgressHandler) -> Handler:
-    """Wrap `handler(params, progress=callback)`; send the latest progress every 0.25 s."""
+    """Wrap `handler(params, progress=callback)`; send the latest progress every 0.25 s.
+
+    Unchanged progress is sent again every PROGRESS_HEARTBEAT seconds.
+    """
 
     async def call_with_progress(params: Any, call: Call) -> Any:
         latest: list[tuple[float, float | None, str]] = []
@@ -82,10 +89,12 @@ def _adapt_progress(handler: ProgressHandler) -> Handler:
 
         async def pump() -> None:
             sent = None
+            sent_at = anyio.current_time()
             while True:
                 await anyio.sleep(PROGRESS_INTERVAL)
-                if latest and latest[0] != sent:
-                    sent = latest[0]
+                current = latest[0] if latest else (0, None, "in progress")
+                if current != sent or anyio.current_time() - sent_at >= PROGRESS_HEARTBEAT:
+                    sent, sent_at = current, anyio.current_time()
                     await call.progress(*sent)
 
         outcome: list[Any] = []

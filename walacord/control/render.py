@@ -151,7 +151,7 @@ class ProgressBar:
             text = (f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% "
                     f"{done:g}/{total:g} {message}")
         else:
-            text = f"{done if done is not None else ''} {message}".strip()
+            text = f"{done or ''} {message}".strip()
         self.stream.write("\r" + text[: columns - 1].ljust(columns - 1))
         self.stream.flush()
         self.drawn = True
