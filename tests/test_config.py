@@ -283,3 +283,24 @@ def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
     found = problems(write(tmp_path, f"[state]\ndir = '{blocker}'\n"))
     assert "state.dir" in found[0]
     assert "not a directory" in found[0]
+
+
+@pytest.mark.parametrize(("sql", "accepted"), [
+    ("INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING", True),
+    ("insert into p values (%(key)s)\n  on  conflict (key) do nothing", True),
+    ("INSERT INTO p (note) VALUES ('it''s') ON CONFLICT (key) DO NOTHING", True),
+    ("/* upsert */ MERGE INTO p USING s ON p.k = s.k WHEN NOT MATCHED THEN INSERT "
+     "VALUES (s.k)", True),
+    ("INSERT INTO p (key) VALUES (%(key)s) -- ON CONFLICT", False),
+    ("INSERT INTO p (key) VALUES (%(key)s || 'ON CONFLICT')", False),
+    ('INSERT INTO "on conflict" VALUES (%(key)s)', False),
+    ("INSERT INTO p VALUES ($tag$ ON CONFLICT $tag$)", False),
+])
+def test_statement_idempotency_check(tmp_path: Path, sql: str, accepted: bool) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text(f"[outbox.statements.insert_payment]\nsql = '''{sql}'''\n")
+
+    if accepted:
+        assert config.load(path, {}).outbox.statements["insert_payment"].sql == sql
+    else:
+        assert "statement does not look idempotent" in problems(path)[0]

@@ -409,6 +409,16 @@ class RepairConfig:
 # commit in PostgreSQL and the "done" mark in SQLite replays it), so it must be
 # idempotent. These patterns accept the usual idempotent forms.
 IDEMPOTENT_SQL = re.compile(r"\bON\s+CONFLICT\b|^\s*MERGE\b", re.IGNORECASE)
+# Comments, string literals, quoted identifiers and dollar-quoted strings. They are
+# blanked before the check, so "-- ON CONFLICT" or 'ON CONFLICT' does not pass.
+_SQL_NOT_CODE = re.compile(
+    r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)?\$",
+    re.DOTALL)
+
+
+def looks_idempotent(sql: str) -> bool:
+    """Return True when `sql`, outside comments and literals, has ON CONFLICT or is a MERGE."""
+    return IDEMPOTENT_SQL.search(_SQL_NOT_CODE.sub(" ", sql)) is not None
 
 
 @dataclass(frozen=True)
@@ -463,7 +473,7 @@ class OutboxConfig:
             if not statement.sql.strip():
                 problems.append((key, "missing SQL; write sql = \"INSERT ... ON CONFLICT "
                                  "DO NOTHING\""))
-            elif not statement.idempotent and not IDEMPOTENT_SQL.search(statement.sql):
+            elif not statement.idempotent and not looks_idempotent(statement.sql):
                 problems.append((key, "statement does not look idempotent: it has no ON "
                                  "CONFLICT clause and is not a MERGE, so a replay after a "
                                  "crash could apply it twice; add ON CONFLICT, or set "
