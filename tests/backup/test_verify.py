@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from tests.backup.conftest import overwrite_two_bytes
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
-from walacord.backup.manifest import safe_name_part, write_manifest
+from walacord.backup.manifest import MAX_ID_BYTES, backup_id, safe_name_part, write_manifest
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -95,6 +96,18 @@ async def test_verify_unknown_id_raises(make_manager: ManagerFactory) -> None:
         await manager.verify("nope__host__20260101T000000Z")
     with pytest.raises(BackupError, match="invalid backup id"):
         await manager.verify("../etc/passwd")
+    with pytest.raises(BackupError, match="invalid backup id") as too_long:
+        await manager.verify("a" * 300)
+    assert len(str(too_long.value)) < 200
+
+
+def test_backup_id_fits_a_file_name() -> None:
+    started = datetime(2026, 12, 5, 2, 30, tzinfo=UTC)
+    backup = backup_id("d" * 63, "h" * 253, started)
+
+    assert len(backup.encode()) + len("-99.sql.gz") <= 255
+    assert len(backup.encode()) <= MAX_ID_BYTES
+    assert backup.endswith("__20261205T023000Z")
 
 
 @pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])

@@ -301,3 +301,14 @@ def test_log_level_change_to_quieter_is_logged(daemon: DaemonProcess) -> None:
     result = walacorctl("log-level", "error", socket=daemon.socket)
     assert result.returncode == 0, result.stderr
     assert daemon.log_events("log.level_changed")[0]["to"] == "error"
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "1e300", "0", "-1"])
+def test_timeout_out_of_range_is_usage_error(timeout: str, tmp_path: Path) -> None:
+    result = subprocess.run([str(WALACORCTL), "--socket", str(tmp_path / "none.sock"),
+                             f"--timeout={timeout}", "status"],
+                            capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 2
+    assert "must be above 0 and at most 86400 seconds" in result.stderr
+    assert "Traceback" not in result.stderr

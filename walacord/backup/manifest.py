@@ -28,6 +28,8 @@ FORMAT_EXTENSIONS = {"custom": "dump", "plain-gzip": "sql.gz"}
 PARTIAL_SUFFIX = ".partial"
 MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 1024 * 1024
+# Ids become file names with a suffix, and Linux file names end at 255 bytes.
+MAX_ID_BYTES = 200
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -51,7 +53,10 @@ def safe_name_part(text: str) -> str:
 def backup_id(database: str, host: str, started: datetime) -> str:
     """Return the id `<database>__<host>__<UTC timestamp>` that names the files."""
     stamp = started.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{safe_name_part(database)}__{safe_name_part(host)}__{stamp}"
+    # A database name has at most 63 bytes, but a host name may have 253. The host part
+    # is cut so that the id, with a "-N" suffix, stays within MAX_ID_BYTES.
+    host_part = safe_name_part(host)[:100].rstrip("-") or "unknown"
+    return f"{safe_name_part(database)}__{host_part}__{stamp}"
 
 
 @dataclass
@@ -167,14 +172,18 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
 
 def read_manifest(directory: Path, backup: str) -> Manifest:
     """Return the manifest of backup `backup`; raise BackupError when it is missing."""
-    if backup != safe_name_part(backup) or backup.startswith("."):
-        raise BackupError(f"invalid backup id {backup!r}: run `walacorctl backup list` for ids")
+    shown = repr(backup) if len(backup) <= 80 else repr(backup[:77] + "...")
+    if (backup != safe_name_part(backup) or backup.startswith(".")
+            or len(backup.encode()) > MAX_ID_BYTES):
+        raise BackupError(f"invalid backup id {shown}: run `walacorctl backup list` for ids")
     path = manifest_path(directory, backup)
     try:
         return Manifest.from_json(path.read_bytes())
     except FileNotFoundError:
-        raise BackupError(f"backup {backup!r} not found in {directory}; "
+        raise BackupError(f"backup {shown} not found in {directory}; "
                           "run `walacorctl backup list` for ids") from None
+    except OSError as exc:
+        raise BackupError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
     except (orjson.JSONDecodeError, TypeError) as exc:
         raise BackupError(f"manifest {path} is invalid: {exc}") from None
 

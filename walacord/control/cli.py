@@ -30,6 +30,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 DEFAULT_TIMEOUT = 10.0
+# A socket timeout must be finite. Each read waits at most this long, and every
+# progress line restarts the wait, so one day is plenty.
+MAX_TIMEOUT = 86400.0
 # Errors that mean walacorctl may not or cannot talk to this daemon at all.
 CONNECTION_ERRORS = (ErrorCode.PERMISSION_DENIED, ErrorCode.VERSION_MISMATCH, ErrorCode.BUSY)
 
@@ -106,8 +109,9 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0 seconds, got {text}")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"must be above 0 and at most {MAX_TIMEOUT:.0f} seconds (one day), got {text}")
     return value
 
 
