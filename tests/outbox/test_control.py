@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -176,6 +178,39 @@ async def test_blocking_client_sync_run(control_socket: tuple[str, Outbox],
     assert report["applied"] == 20
     assert report["stats"]["done"] == 20
     assert len(await ledger_rows(ledger_pool)) == 20
+
+
+async def test_sync_all_retries_waiting_operations(control_socket: tuple[str, Outbox],
+                                                  tmp_path: Path) -> None:
+    path, _ = control_socket
+
+    def enqueue() -> None:
+        with OutboxClient(path, timeout=10) as client:
+            client.enqueue_many([
+                postgres_operation("insert_row", key=f"w{i}", params={"key": f"w{i}",
+                                                                       "amount": i})
+                for i in range(3)])
+
+    def call(params: dict[str, Any]) -> dict[str, Any]:
+        with OutboxClient(path, timeout=10) as client:
+            return client.call("sync.run", params)  # type: ignore[no-any-return]
+
+    await anyio.to_thread.run_sync(enqueue)
+    # As after failed attempts: each waits out an hour of backoff.
+    with sqlite3.connect(tmp_path / "state" / "outbox.db") as db:
+        db.execute("UPDATE operations SET attempts = 2, next_attempt_at = ?",
+                   (time.time() + 3600,))
+    waiting = await anyio.to_thread.run_sync(call, {})
+    forced = await anyio.to_thread.run_sync(call, {"all": True})
+    with sqlite3.connect(tmp_path / "state" / "outbox.db") as db:
+        attempts = db.execute("SELECT attempts FROM operations").fetchall()
+
+    assert waiting["applied"] == 0
+    assert waiting["stats"]["pending"] == 3
+    assert forced["made_due"] == 3
+    assert forced["applied"] == 3
+    assert forced["stats"]["done"] == 3
+    assert attempts == [(3,), (3,), (3,)]
 
 
 async def test_client_pipelined_enqueues_share_commits(tmp_path: Path,

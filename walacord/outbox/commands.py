@@ -108,7 +108,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument("--state", choices=STATES, action="append")
     export.set_defaults(handler=export_command)
 
-    sync = commands.add_parser("sync", help="replay pending operations now and wait")
+    sync = commands.add_parser("sync", help="replay due pending operations now and wait")
+    sync.add_argument("--all", action="store_true",
+                      help="also retry at once the operations waiting out a retry backoff "
+                           "after earlier failures, for example once a backend is fixed")
     sync.set_defaults(handler=sync_command)
 
 
@@ -400,11 +403,13 @@ def export_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def sync_command(context: Context, args: argparse.Namespace) -> int:
-    result = context.call("sync.run", {}, progress=True)
+    result = context.call("sync.run", {"all": True} if args.all else {}, progress=True)
     if context.json:
         context.print_json(result)
     else:
         stats = result["stats"]
+        if args.all:
+            context.print(f"made {result.get('made_due', 0)} waiting operations due")
         context.print(f"applied {result['applied']}, retrying {result['retried']}, dead "
                       f"{result['dead']}; {stats['pending']} pending")
         handled = result["applied"] + result["retried"] + result["dead"]
@@ -415,6 +420,6 @@ def sync_command(context: Context, args: argparse.Namespace) -> int:
             # Nothing was due: every pending operation waits out its retry backoff.
             context.print("none was due: the pending operations wait for their next attempt "
                           "after earlier failures; `walacorctl outbox list` shows their last "
-                          "error and `walacorctl outbox show ID` when one is due")
+                          "error, and `walacorctl sync --all` retries them now")
     return 0
 

@@ -287,11 +287,19 @@ async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> Pass
 
 async def sync_run(outbox: Outbox, params: dict[str, Any], *,
                    progress: Progress | None = None) -> dict[str, Any]:
-    """Run a sync pass over every sink now; with `wait` (default) return its report."""
+    """Run a sync pass over every sink now; with `wait` (default) return its report.
+
+    With `all`, pending operations waiting out a retry backoff are made due first.
+    """
     _require_open(outbox)
+    make_all_due = params.get("all", False)
+    if not isinstance(make_all_due, bool):
+        raise ControlError(INVALID_PARAMS, "all: expected true or false", {"field": "all"})
+    made_due = await outbox.store.make_due() if make_all_due else None
     if params.get("wait", True) is False:
         outbox.engine.wake()
-        return {"started": True}
+        return {"started": True} if made_due is None else {"started": True,
+                                                           "made_due": made_due}
     timeout = params.get("timeout", 3600)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ControlError(INVALID_PARAMS, "timeout: expected a positive number of seconds",
@@ -303,6 +311,8 @@ async def sync_run(outbox: Outbox, params: dict[str, Any], *,
         raise ControlError(OPERATION_FAILED, f"sync pass still running after {timeout}s; it "
                            "goes on in the background", {"reason": "timeout"}) from None
     result = report.to_json()
+    if made_due is not None:
+        result["made_due"] = made_due
     result["stats"] = await outbox_stats(outbox, {})
     return result
 

@@ -468,6 +468,17 @@ class OutboxQueries:
                 raise
             return count
 
+    async def make_due(self) -> int:
+        """Make pending operations that wait out a retry backoff due now; return how many.
+
+        Unlike `retry`, their attempt counts stay, so a permanent error still ends dead.
+        """
+        async with self.writing() as db:
+            cursor = await db.execute(
+                "UPDATE operations SET next_attempt_at = 0, updated_at = ? "
+                "WHERE state = 'pending' AND next_attempt_at > ?", (time.time(), time.time()))
+            return cursor.rowcount
+
     async def drop(self, op_id: int, *, reason: str) -> Operation:
         """Delete an operation that is not done or in flight; count it as dropped."""
         async with self.writing() as db:
