@@ -31,6 +31,7 @@ async def test_web_methods_and_unknown_paths(pg_db: str, tmp_path: Path) -> None
         head = await http.head(base + "/metrics")
         get = await http.get(base + "/metrics")
         missing = await http.get(base + "/nosuch")
+        long_path = await http.get(base + "/" + "x" * 10_000)
 
     assert post.status_code == 405
     assert post.headers["allow"] == "GET, HEAD"
@@ -42,6 +43,8 @@ async def test_web_methods_and_unknown_paths(pg_db: str, tmp_path: Path) -> None
     assert "walacord_up 1.0" in get.text
     assert missing.status_code == 404
     assert "/nosuch" in missing.json()["error"]
+    assert long_path.status_code == 404
+    assert len(long_path.content) < 300
 
 
 async def test_web_port_in_use_names_setting(pg_db: str, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ BACKUP_MUTATING = {"backup.now", "backup.verify", "backup.restore"}
 def default_components(runtime: Runtime) -> list[Component]:
     from walacord import health
     from walacord.alerts.control import handlers as alert_methods
+    from walacord.alerts.control import silence_as_caller
     from walacord.alerts.service import AlertService
     from walacord.backup import control as backup_control
     from walacord.backup.scheduler import BackupScheduler
@@ -66,8 +67,10 @@ def default_components(runtime: Runtime) -> list[Component]:
     monitor.state_listeners.append(partial(_tell_outbox, outbox))
 
     components.append(monitor)
-    methods.register_plain(alert_methods(alerts),
-                           mutating={"alerts.silence", "alerts.unsilence"})
+    alert_handlers = alert_methods(alerts)
+    del alert_handlers["alerts.silence"]
+    methods.register_plain(alert_handlers, mutating={"alerts.unsilence"})
+    methods.register("alerts.silence", silence_as_caller(alerts), dict, mutating=True)
 
     backups = BackupScheduler.for_runtime(runtime)
     components.append(backups)

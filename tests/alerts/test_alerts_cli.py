@@ -38,6 +38,7 @@ def test_alerts_silence_list_unsilence(daemon: Path) -> None:
     silences = orjson.loads(listing.stdout)["silences"]
     assert [s["id"] for s in silences] == [silence_id]
     assert silences[0]["reason"] == "planned maintenance"
+    assert silences[0]["createdBy"].startswith(f"uid={os.getuid()} pid=")
 
     table = ctl(daemon, "alerts")
     assert "planned maintenance" in table.stdout
@@ -46,6 +47,16 @@ def test_alerts_silence_list_unsilence(daemon: Path) -> None:
     assert ended.returncode == 0, ended.stderr
     after = orjson.loads(ctl(daemon, "--json", "alerts").stdout)
     assert after["silences"] == []
+
+
+def test_alerts_table_cuts_long_matchers(daemon: Path) -> None:
+    created = ctl(daemon, "alerts", "silence", 'alertname="WalacordProbeDown",event="'
+                  + "x" * 5000 + '"', "--for", "1h", "--reason", "r")
+    assert created.returncode == 0, created.stderr
+
+    table = ctl(daemon, "alerts")
+
+    assert max(len(line) for line in table.stdout.splitlines()) < 200
 
 
 def test_alerts_silence_rejects_bad_duration(daemon: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +268,13 @@ def test_from_file_repeated_key_names_line(tmp_path: Path) -> None:
 
     assert code == 2
     assert f"{operations}:2: the key 'amount' appears twice in one object" in err.getvalue()
+
+
+def test_etid_zero_is_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "walacorctl"), "--socket",
+         str(tmp_path / "none.sock"), "enqueue", "--sink", "walacor", "--etid", "0", "--key",
+         "k", "--data", "{}"], capture_output=True, text=True, timeout=30, check=False)
+
+    assert result.returncode == 2
+    assert "0 is not an envelope type id" in result.stderr

@@ -35,10 +35,17 @@ def _alert_rows(alerts: list[dict[str, Any]], state: str) -> list[list[object]]:
     for alert in alerts:
         labels = alert.get("labels", {})
         rows.append([
-            state, labels.get("alertname"), labels.get("severity"), labels.get("probe", ""),
+            # An active alert is pending or firing; the list says which.
+            alert.get("status") if state == "active" and alert.get("status") else state,
+            labels.get("alertname"), labels.get("severity"), labels.get("probe", ""),
             alert.get("startsAt"), alert.get("annotations", {}).get("summary", ""),
         ])
     return rows
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """Shorten `text` for a table cell; `--json` shows it whole."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def list_command(context: Context, args: argparse.Namespace) -> int:
@@ -61,7 +68,8 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         context.print("")
         context.print(format_table(
             ["silence", "matchers", "until", "reason"],
-            [[s["id"], ",".join(s["matchers"]), s["endsAt"], s["reason"]] for s in silences]))
+            [[s["id"], _cut(",".join(s["matchers"])), s["endsAt"], _cut(s["reason"])]
+             for s in silences]))
     return 0
 
 

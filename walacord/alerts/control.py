@@ -16,6 +16,7 @@ from walacord.alerts.model import Silence
 from walacord.alerts.service import AlertService
 from walacord.config import PROBE_NAMES
 from walacord.control.protocol import ErrorCode
+from walacord.control.registry import Call
 from walacord.errors import ControlError
 from walacord.probes.host import RESOURCES
 from walacord.settings import parse_duration
@@ -85,6 +86,19 @@ async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> 
         raise ControlError(INVALID_PARAMS, f"silence {silence_id!r} not found or already "
                            "ended; list silences with `walacorctl alerts`")
     return {"expired": silence_id}
+
+
+def silence_as_caller(service: AlertService) -> Callable[[Any, Call], Awaitable[Any]]:
+    """Return the `alerts.silence` control handler that records the caller's identity.
+
+    The identity comes from the socket's peer credentials, so a client cannot set it.
+    """
+
+    async def silence(params: Any, call: Call) -> dict[str, Any]:
+        creator = call.peer.describe() if call.peer is not None else "unknown"
+        return await alerts_silence(service, {**(params or {}), "created_by": creator})
+
+    return silence
 
 
 def handlers(service: AlertService) -> dict[str, Handler]:

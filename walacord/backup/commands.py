@@ -70,8 +70,9 @@ def now_command(context: Context, args: argparse.Namespace) -> int:
     if result.get("status") == "skipped":
         context.print(f"skipped: {result['reason']}")
         return 0
+    verified = "yes" if result["verified"] else "NO"
     context.print(f"backup {result['id']} written to {result['path']} "
-                  f"({_size(result.get('size_bytes'))}, verified: {result['verified']})")
+                  f"({_size(result.get('size_bytes'))}, verified: {verified})")
     return 0
 
 

@@ -45,6 +45,15 @@ def _int64(text: str) -> int:
     return value
 
 
+def _etid(text: str) -> int:
+    """Parse an envelope type id: a whole number from 1."""
+    value = _int64(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not an envelope type id; use the ETId of a "
+                                         "Walacor schema, a whole number from 1")
+    return value
+
+
 def _check_encodable(operation: dict[str, Any], where: str) -> None:
     """Raise UsageError when the operation cannot become a JSON request line."""
     try:
@@ -61,7 +70,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     enqueue = commands.add_parser(
         "enqueue", help="hand one operation, or a JSON-lines file of them, to the outbox")
     enqueue.add_argument("--sink", choices=("walacor", "postgres"), help="target backend")
-    enqueue.add_argument("--etid", type=_int64, help="Walacor envelope type id (sink walacor)")
+    enqueue.add_argument("--etid", type=_etid,
+                         help="Walacor envelope type id, from 1 (sink walacor)")
     enqueue.add_argument("--statement", help="configured statement name (sink postgres)")
     enqueue.add_argument("--key", help="idempotency key; enqueueing it again changes nothing")
     enqueue.add_argument("--data", help="the record (walacor) or parameters (postgres), as a "
