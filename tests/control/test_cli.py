@@ -312,3 +312,11 @@ def test_timeout_out_of_range_is_usage_error(timeout: str, tmp_path: Path) -> No
     assert result.returncode == 2
     assert "must be above 0 and at most 86400 seconds" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_usage_error_is_nagios_unknown(tmp_path: Path) -> None:
+    result = subprocess.run([str(WALACORCTL), "check", "--socket", str(tmp_path / "x.sock")],
+                            capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 3
+    assert result.stdout.startswith("WALACORD UNKNOWN - invalid arguments")

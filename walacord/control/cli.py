@@ -29,6 +29,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_NAGIOS_UNKNOWN = 3
 DEFAULT_TIMEOUT = 10.0
 # A socket timeout must be finite. Each read waits at most this long, and every
 # progress line restarts the wait, so one day is plenty.
@@ -115,9 +116,34 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _command_word(words: Sequence[str]) -> str | None:
+    """Return the command in `words`, skipping the global options before it."""
+    position = 0
+    while position < len(words):
+        word = words[position]
+        if word in ("--socket", "--timeout"):
+            position += 2
+        elif word.startswith("-"):
+            position += 1
+        else:
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None, stdin: BinaryIO | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(words)
+    except SystemExit as exc:
+        if exc.code == EXIT_USAGE and _command_word(words) == "check":
+            # Monitoring reads 2 from a Nagios plugin as CRITICAL. Bad arguments are
+            # UNKNOWN (3) there, because they say nothing about the daemon, and the
+            # monitoring system shows the first line of standard output.
+            (stdout or sys.stdout).write("WALACORD UNKNOWN - invalid arguments for "
+                                         "walacorctl check; see walacorctl check --help\n")
+            raise SystemExit(EXIT_NAGIOS_UNKNOWN) from None
+        raise
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     handler: Handler = args.handler
