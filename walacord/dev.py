@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import anyio
 import orjson
 
-from walacord.config import DEFAULT_HTTP_PORT
+from walacord.config import DEFAULT_HTTP_PORT, split_listen
 from walacord.pgcluster import ClusterError, PgCluster, find_pg_bindir, free_port
 from walacord.statelock import StateDirLock, StateDirLocked
 
@@ -157,6 +157,14 @@ def _toml(value: str) -> str:
 
 def command(args: argparse.Namespace) -> int:
     directory = Path(args.dir).resolve()
+    if args.http:
+        # Checked before PostgreSQL starts; port 0 asks for a free port.
+        host, _, port = args.http.rpartition(":")
+        try:
+            split_listen(f"{host}:1" if port == "0" else args.http)
+        except ValueError as exc:
+            print(f"walacord dev: --http: {exc}", file=sys.stderr)
+            return 2
     try:
         bindir = find_pg_bindir()
     except ClusterError as exc:
