@@ -216,13 +216,14 @@ class Decoder:
             self.problem(key, f"invalid value {value!r}: it must be a finite number")
             return _INVALID
         low, high = meta.get("min"), meta.get("max")
+        shown = _quantity(value, unit)
         if low is not None and value < low:
-            self.problem(key, f"value {value:g}{unit} is below the minimum {low:g}{unit}; "
-                              f"set it to {low:g}{unit} or more")
+            self.problem(key, f"value {shown} is below the minimum {_quantity(low, unit)}; "
+                              f"set it to {_quantity(low, unit)} or more")
             return _INVALID
         if high is not None and value > high:
-            self.problem(key, f"value {value:g}{unit} is above the maximum {high:g}{unit}; "
-                              f"set it to {high:g}{unit} or less")
+            self.problem(key, f"value {shown} is above the maximum {_quantity(high, unit)}; "
+                              f"set it to {_quantity(high, unit)} or less")
             return _INVALID
         return value
 
@@ -244,3 +245,18 @@ def _close_matches(word: str, candidates: Sequence[str], cutoff: float) -> list[
     import difflib
 
     return difflib.get_close_matches(word, candidates, n=1, cutoff=cutoff)
+
+
+def _quantity(value: float, unit: str) -> str:
+    """Return `value` with its unit, whole numbers without an exponent.
+
+    Seconds of an hour or more also get a day or hour form: 31536000s (365d).
+    """
+    if float(value).is_integer() and abs(value) < 1e18:
+        text = f"{int(value)}{unit}"
+    else:
+        text = f"{value:.6g}{unit}"
+    if unit == "s" and abs(value) >= 3600 and abs(value) < 1e18:
+        days, hours = value / 86400, value / 3600
+        text += f" ({days:g}d)" if days.is_integer() else f" ({hours:g}h)"
+    return text

@@ -46,6 +46,8 @@ def test_alerts_config_reads_hooks_and_durations(tmp_path: Path) -> None:
     ("hooks = [[]]", "alerts.hooks[0]: empty command"),
     ('retry_initial = "10s"\nretry_max = "1s"', "alerts.retry_max: 1s is shorter"),
     ("rate_limit = 0", "alerts.rate_limit: value 0 is below the minimum 1"),
+    ('repeat_interval = "400d"', "alerts.repeat_interval: value 34560000s (400d) is above "
+                                 "the maximum"),
     ('hooks = "page"', "alerts.hooks: expected a list"),
 ])
 def test_alerts_config_rejects_invalid(tmp_path: Path, text: str, expected: str) -> None:

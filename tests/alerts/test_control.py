@@ -84,6 +84,8 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
      r"invalid duration '0' \(0s\): it must be above 0"),
     ({"matcher": "probe=x", "duration": "99999999h", "reason": "r"},
      r"invalid duration '99999999h' \(359999996400s\): it must be above 0 and at most 366"),
+    ({"matcher": "probe=x", "duration": 1e308, "reason": "r"},
+     r"invalid duration 1e\+308: it must be above 0 and at most 366"),
     ({"matcher": "probe", "duration": "1h", "reason": "r"}, "invalid matcher"),
 ])
 async def test_control_silence_rejects_invalid_params(

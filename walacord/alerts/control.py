@@ -44,9 +44,10 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> di
         raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}: "
                            f"{exc}") from None
     if not 0 < duration <= MAX_SILENCE_SECONDS:
-        raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r} "
-                           f"({duration:.0f}s): it must be "
-                           f"above 0 and at most {MAX_SILENCE_SECONDS // 86400} days")
+        seconds = f" ({duration:.0f}s)" if abs(duration) < 1e12 else ""
+        raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}"
+                           f"{seconds}: it must be above 0 and at most "
+                           f"{MAX_SILENCE_SECONDS // 86400} days")
     created_by = str(params.get("created_by") or "")
     try:
         silence = await service.silence(matcher, duration, reason, created_by)

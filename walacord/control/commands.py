@@ -83,13 +83,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     watch.set_defaults(handler=watch_command)
 
 
+# Longer than any override or watch interval walacord accepts.
+MAX_DURATION = 365 * 86400.0
+
+
 def _duration(text: str) -> float:
     try:
         value = parse_duration(float(text) if _is_number(text) else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {exc}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"duration must be above 0, got {text!r}")
+    if not 0 < value <= MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"duration must be above 0 and at most 365d, got "
+                                         f"{text!r}")
     return value
 
 
