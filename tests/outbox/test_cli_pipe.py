@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,6 +235,10 @@ async def test_from_file_stdin_and_line_limit(
         await anyio.to_thread.run_sync(lambda: walacorctl(
             ["--socket", path, "--json", "outbox", "show", "--key", "s1"],
             stdout=show_out, stderr=io.StringIO()))
+        human_out = io.StringIO()
+        await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "outbox", "show", "--key", "s1"],
+            stdout=human_out, stderr=io.StringIO()))
         huge_err = io.StringIO()
         huge_code = await anyio.to_thread.run_sync(lambda: walacorctl(
             ["--socket", path, "enqueue", "--from-file", "-"],
@@ -242,6 +247,11 @@ async def test_from_file_stdin_and_line_limit(
 
     assert code == 0, err.getvalue()
     assert '"key":"s1"' in show_out.getvalue().replace(" ", "")
+    human = human_out.getvalue().splitlines()
+    assert "key:             s1" in human
+    assert any(re.fullmatch(r"created_at:      \d{4}-\d\d-\d\dT[\d:.]+Z", line)
+               for line in human)
+    assert "payload:" in human
     assert huge_code == 2
     assert "-:4: line longer than 1000 bytes" in huge_err.getvalue()
     assert stats.accepted == 3

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import re
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -370,8 +371,29 @@ def show_command(context: Context, args: argparse.Namespace) -> int:
     if args.id is not None and args.key is not None:
         return _usage(context, UsageError("pass an operation id or --key KEY, not both"))
     params = {"id": args.id} if args.key is None else {"key": args.key}
-    context.print_json(context.call("outbox.show", params))
+    operation = context.call("outbox.show", params)
+    if context.json:
+        context.print_json(operation)
+        return 0
+    for field, value in operation.items():
+        if field in ("payload", "receipt"):
+            continue
+        if field in TIME_FIELDS:
+            value = _utc(value) if value else "-"
+        context.print(f"{field + ':':17}{'' if value is None else value}")
+    if operation.get("receipt") is not None:
+        context.print(f"{'receipt:':17}{orjson.dumps(operation['receipt']).decode()}")
+    context.print("payload:")
+    context.print(orjson.dumps(operation.get("payload"), option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+# Fields of an operation that hold Unix times; `--json` keeps them as numbers.
+TIME_FIELDS = ("created_at", "next_attempt_at", "updated_at")
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def retry_command(context: Context, args: argparse.Namespace) -> int:
