@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import sqlite3
 import time
+import weakref
 from pathlib import Path
 
 import aiosqlite
@@ -152,6 +154,31 @@ async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> Non
     assert len(set(results)) == 320
     assert stats.accepted == 320
     assert commits < 320 / 4, f"{commits} commits for 320 concurrent enqueues"
+
+
+async def test_submit_frees_callback_at_once(open_store: StoreOpener) -> None:
+    class Callback:
+        def __init__(self) -> None:
+            self.called = anyio.Event()
+
+        def __call__(self, outcome: object) -> None:
+            self.called.set()
+
+    # With the cyclic collector off, only reference counting can free the callback.
+    # A reference cycle through the submission would keep it alive.
+    gc.disable()
+    try:
+        async with open_store() as store:
+            callback = Callback()
+            called = callback.called
+            freed = weakref.ref(callback)
+            store.submit_each([[walacor_op("a")]], callback)
+            del callback
+            with anyio.fail_after(10):
+                await called.wait()
+            assert freed() is None
+    finally:
+        gc.enable()
 
 
 async def test_enqueue_full_by_count_rejects(open_store: StoreOpener, alerts: Alerts,

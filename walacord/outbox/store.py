@@ -125,6 +125,18 @@ class _Completion:
             except Exception:
                 # The writer and the expiry task call this, and neither may stop.
                 log.error("outbox.callback_failed", exc_info=True)
+            finally:
+                # The requests refer back to this completion. Breaking that cycle lets
+                # reference counting free the submission and its callbacks now. Left to
+                # the cyclic collector, they cost a quarter of the daemon's CPU time in
+                # the socket benchmark with 16 single-op clients, and each full
+                # collection stopped the event loop for about 70 ms.
+                self.requests = []
+                self.on_done = _ended
+
+
+def _ended(completion: _Completion) -> None:
+    """Stand in for the callback of a completion that has ended."""
 
 
 class _Request:
