@@ -606,24 +606,25 @@ class OutboxStore(OutboxQueries):
                      op.ordering_key, now, now) for op in planned.values()]
             chunks = [rows[start:start + INSERT_CHUNK]
                       for start in range(0, len(rows), INSERT_CHUNK)]
-            results: Sequence[Iterable[Any]] | None = None
+            inserted: set[str] | None = None
             # One INSERT is its own transaction, which SQLite rolls back when it fails.
             # An open transaction here means that a writer did not end its own. BEGIN
             # then fails, instead of this INSERT joining that transaction uncommitted.
             if len(chunks) == 1 and not db.in_transaction:
                 try:
-                    results = [await db.execute_fetchall(
-                        *self._insert_statement(chunks[0], skip_stored=False))]
+                    await db.execute_fetchall(*self._insert_statement(chunks[0],
+                                                                      skip_stored=False))
+                    inserted = set(planned)
                 except sqlite3.IntegrityError:
-                    results = None  # a key is already stored; nothing was committed
-            in_transaction = results is None
-            if results is None:
+                    pass  # a key is already stored; nothing was committed
+            in_transaction = inserted is None
+            if inserted is None:
                 # Several chunks need BEGIN and COMMIT around them, or an earlier chunk
                 # would stay committed after a later one failed.
                 statements = [("BEGIN IMMEDIATE", ()),
                               *(self._insert_statement(chunk) for chunk in chunks)]
                 results = (await execute_in_order(db, statements))[1:]
-            inserted = {row[0] for result in results for row in result}
+                inserted = {row[0] for result in results for row in result}
             skipped = [key for key in planned if key not in inserted]
             existing = await self._existing(db, skipped) if skipped else {}
             rejected = self._conflicts(accepted, existing) if existing else []
@@ -758,12 +759,17 @@ class OutboxStore(OutboxQueries):
     @staticmethod
     def _insert_statement(rows: list[tuple[Any, ...]], *, skip_stored: bool = True
                           ) -> tuple[str, list[Any]]:
-        """Return an INSERT of `rows` that lists the keys it added. With `skip_stored`
-        it skips keys already stored, else a stored key fails the whole statement."""
+        """Return an INSERT of `rows`. With `skip_stored` it skips keys already stored
+        and lists the keys it added. Without it, a stored key fails the whole statement,
+        so it lists nothing.
+
+        RETURNING costs the SQLite thread one step per row, and each step takes the
+        GIL back from the event loop, which delays the commit behind it.
+        """
         values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
-        conflict = " ON CONFLICT (key) DO NOTHING" if skip_stored else ""
+        clause = " ON CONFLICT (key) DO NOTHING RETURNING key" if skip_stored else ""
         return ("INSERT INTO operations (id, key, sink, target, payload, size, ordering_key, "
-                f"created_at, updated_at) VALUES {values}{conflict} RETURNING key",
+                f"created_at, updated_at) VALUES {values}{clause}",
                 [value for row in rows for value in row])
 
     def _alert_full(self, error: OutboxError) -> None:
