@@ -181,6 +181,43 @@ async def test_submit_frees_callback_at_once(open_store: StoreOpener) -> None:
         gc.enable()
 
 
+async def test_commit_delay_joins_returning_callers(open_store: StoreOpener) -> None:
+    async with open_store(commit_delay=5.0) as store:
+        # One commit of four requests makes the next commit expect four callers.
+        await store.enqueue_each([[walacor_op(f"first-{i}")] for i in range(4)])
+        commits_before = store.commits
+        started = anyio.current_time()
+
+        async def caller(index: int) -> None:
+            await anyio.sleep(0.01 * index)
+            await store.enqueue([walacor_op(f"again-{index}")])
+
+        async with anyio.create_task_group() as callers:
+            for index in range(4):
+                callers.start_soon(caller, index)
+        elapsed = anyio.current_time() - started
+        commits = store.commits - commits_before
+
+    assert commits == 1
+    # The fourth caller ended the wait, long before commit_delay passed.
+    assert elapsed < 2.5
+
+
+async def test_commit_delay_ends_at_deadline(open_store: StoreOpener) -> None:
+    async with open_store(commit_delay=1.0) as store:
+        await store.enqueue_each([[walacor_op(f"first-{i}")] for i in range(4)])
+        started = anyio.current_time()
+        await store.enqueue([walacor_op("alone-1")])
+        waited = anyio.current_time() - started
+        # The last commit carried only this caller, so the next one does not wait.
+        started = anyio.current_time()
+        await store.enqueue([walacor_op("alone-2")])
+        alone = anyio.current_time() - started
+
+    assert 0.9 <= waited < 5.0
+    assert alone < 0.5
+
+
 async def test_enqueue_full_by_count_rejects(open_store: StoreOpener, alerts: Alerts,
                                              metrics: Metrics) -> None:
     async with open_store(max_operations=3) as store:
