@@ -476,7 +476,8 @@ class OutboxStore(OutboxQueries):
             return
         write_timeout = self.config.write_timeout
         seconds = write_timeout if timeout is None else min(timeout, write_timeout)
-        completion = _Completion([], anyio.current_time() + seconds,
+        # The asyncio loop's clock is anyio.current_time(), without its backend lookup.
+        completion = _Completion([], asyncio.get_running_loop().time() + seconds,
                                  partial(self._finish_submission, on_done, seconds))
         requests = completion.requests
         queue = self._queue
