@@ -438,6 +438,10 @@ class OutboxConfig:
     max_operation_bytes: int = setting(1024 * 1024, min=64, max=64 * 1024 * 1024)
     max_batch: int = setting(2000, min=1, max=100_000,
                              help="operations committed together in one transaction")
+    commit_delay: Duration = setting(
+        0.0003, min=0, max=0.1,
+        help="maximum wait of a group commit for the callers that the previous commit "
+             "acknowledged, counted from those acknowledgements; 0 turns the wait off")
     open_timeout: Duration = setting(600.0, min=1, max=86400,
                                      help="deadline for the start-up integrity check")
     write_timeout: Duration = setting(30.0, min=0.1, max=3600,

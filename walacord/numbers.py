@@ -16,7 +16,9 @@ from decimal import Decimal
 # punctuation or space that can precede a value. Only such tokens can lose digits, so
 # text without them skips the slow exact check. Digits inside a string, such as an
 # IBAN, follow a letter or a quote, so they do not match.
-_SUSPECT = re.compile(rb"[:,\[\s]-?\d[\d.eE+-]{15,}|[:,\[\s]-?\d[\d.]*[eE]")
+# Both branches share their start, so the regular expression engine tests each byte
+# against that start once instead of once per branch.
+_SUSPECT = re.compile(rb"[:,\[\s]-?\d(?:[\d.eE+-]{15,}|[\d.]*[eE])")
 INT_RANGE = (-(2**63), 2**63)
 
 

@@ -89,3 +89,26 @@ async def test_stale_registration_removed() -> None:
         await fresh.aclose()
     assert reused
     assert data == b"x"
+
+
+async def test_stale_event_keeps_receive_waiting() -> None:
+    # The loop can report a socket as readable after a task has read it in the same
+    # iteration. A receive that began meanwhile must go on waiting without a wake-up.
+    ours, theirs = socket.socketpair()
+    stream = SocketByteStream(ours)
+    received: list[bytes] = []
+
+    async def receive() -> None:
+        received.append(await stream.receive())
+
+    with theirs:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(receive)
+            await anyio.sleep(0.05)
+            waiter = stream._waiter
+            assert waiter is not None
+            stream._on_readable()
+            assert not waiter.done()
+            theirs.send(b"late")
+        await stream.aclose()
+    assert received == [b"late"]

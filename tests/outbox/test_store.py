@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import sqlite3
 import time
+import weakref
 from pathlib import Path
 
 import aiosqlite
@@ -152,6 +154,68 @@ async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> Non
     assert len(set(results)) == 320
     assert stats.accepted == 320
     assert commits < 320 / 4, f"{commits} commits for 320 concurrent enqueues"
+
+
+async def test_submit_frees_callback_at_once(open_store: StoreOpener) -> None:
+    class Callback:
+        def __init__(self) -> None:
+            self.called = anyio.Event()
+
+        def __call__(self, outcome: object) -> None:
+            self.called.set()
+
+    # With the cyclic collector off, only reference counting can free the callback.
+    # A reference cycle through the submission would keep it alive.
+    gc.disable()
+    try:
+        async with open_store() as store:
+            callback = Callback()
+            called = callback.called
+            freed = weakref.ref(callback)
+            store.submit_each([[walacor_op("a")]], callback)
+            del callback
+            with anyio.fail_after(10):
+                await called.wait()
+            assert freed() is None
+    finally:
+        gc.enable()
+
+
+async def test_commit_delay_joins_returning_callers(open_store: StoreOpener) -> None:
+    async with open_store(commit_delay=5.0) as store:
+        # One commit of four requests makes the next commit expect four callers.
+        await store.enqueue_each([[walacor_op(f"first-{i}")] for i in range(4)])
+        commits_before = store.commits
+        started = anyio.current_time()
+
+        async def caller(index: int) -> None:
+            await anyio.sleep(0.01 * index)
+            await store.enqueue([walacor_op(f"again-{index}")])
+
+        async with anyio.create_task_group() as callers:
+            for index in range(4):
+                callers.start_soon(caller, index)
+        elapsed = anyio.current_time() - started
+        commits = store.commits - commits_before
+
+    assert commits == 1
+    # The fourth caller ended the wait, long before commit_delay passed.
+    assert elapsed < 2.5
+
+
+async def test_commit_delay_ends_at_deadline(open_store: StoreOpener) -> None:
+    async with open_store(commit_delay=1.0) as store:
+        await store.enqueue_each([[walacor_op(f"first-{i}")] for i in range(4)])
+        started = anyio.current_time()
+        await store.enqueue([walacor_op("alone-1")])
+        waited = anyio.current_time() - started
+        # The last commit carried only this caller, so the next one does not wait.
+        started = anyio.current_time()
+        await store.enqueue([walacor_op("alone-2")])
+        alone = anyio.current_time() - started
+
+    assert 0.9 <= waited < 5.0
+    assert alone < 0.5
 
 
 async def test_enqueue_full_by_count_rejects(open_store: StoreOpener, alerts: Alerts,

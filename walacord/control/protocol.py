@@ -31,6 +31,7 @@ DEFAULT_SOCKET = "/run/walacord/control.sock"
 SOCKET_ENVIRONMENT_VARIABLE = "WALACORD_CONTROL_SOCKET"
 
 RequestId = str | int | None
+REQUEST_FIELDS = frozenset({"id", "method", "params", "version"})
 
 
 class ErrorCode(IntEnum):
@@ -95,8 +96,8 @@ def decode_request(line: bytes) -> Request:
         return _invalid(request_id, ErrorCode.INVALID_REQUEST,
                         "missing method: give the method name as a string")
 
-    unknown = document.keys() - {"id", "method", "params", "version"}
-    if unknown:
+    if not REQUEST_FIELDS.issuperset(document):
+        unknown = document.keys() - REQUEST_FIELDS
         return _invalid(request_id, ErrorCode.INVALID_REQUEST,
                         f"unknown request field(s) {_short_repr(sorted(unknown))}; a request "
                         "has only id, method, params and version")

@@ -45,6 +45,7 @@ class SocketByteStream(ByteStream):
         # waiting for each response.
         self.arrived_while_paused = False
         self._waiter: asyncio.Future[int | bytes] | None = None
+        self._receive_size = 65536  # max_bytes of the receive that waits
         self._data_hook: DataHook | None = None
         self._portable_scope: anyio.CancelScope | None = None  # without asyncio
 
@@ -77,6 +78,7 @@ class SocketByteStream(ByteStream):
                 except OSError as exc:
                     raise anyio.BrokenResourceError from exc
             if data is None:
+                self._receive_size = max_bytes
                 woken = await self._wait_readable(deadline)
                 if isinstance(woken, bytes):
                     return woken
@@ -177,11 +179,12 @@ class SocketByteStream(ByteStream):
             # would otherwise call this on every iteration while the data stays unread.
             self._unwatch()
         elif not waiter.done():
-            if self._data_hook is None:
-                waiter.set_result(_READABLE)
-                return
+            # Reading here, not in the woken task, means a stale event costs no
+            # wake-up. The loop can report a socket as readable after a task read it
+            # in the same iteration, when a client's next receive already waits for
+            # the next response.
             try:
-                data = self._sock.recv(65536)
+                data = self._sock.recv(self._receive_size)
             except BlockingIOError:
                 return
             except OSError:
@@ -190,7 +193,8 @@ class SocketByteStream(ByteStream):
                 return
             if not data:
                 waiter.set_result(_READABLE)  # end of stream; recv() returns b"" again
-            elif not self._data_hook(data) and not waiter.done():
+            elif self._data_hook is None or (not self._data_hook(data)
+                                             and not waiter.done()):
                 waiter.set_result(data)
         # A done waiter's task runs in this loop iteration and receives the data.
 

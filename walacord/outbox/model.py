@@ -144,8 +144,8 @@ def parse_operation(
     if sink == "postgres":
         _check_parameters(target, statements[target], value, key)
     fields = WALACOR_FIELDS if sink == "walacor" else POSTGRES_FIELDS
-    unknown = sorted(set(raw) - fields)
-    if unknown:
+    if not fields.issuperset(raw):
+        unknown = sorted(set(raw) - fields)
         # A misspelt optional field, such as "ordering_kye", would otherwise be dropped.
         raise OutboxInvalidOperation(unknown[0], f"unknown field {unknown[0]!r}; a {sink} "
                                      f"operation has {', '.join(sorted(fields))}")

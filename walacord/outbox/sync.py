@@ -138,8 +138,11 @@ class SyncEngine:
     def operations_added(self, sinks: Iterable[str]) -> None:
         """Start a pass soon when a new operation's sink is healthy, so that it is
         applied at once instead of on the next timer pass."""
-        if any(self.healthy.get(name, False) for name in sinks):
-            self._wake.set()
+        healthy = self.healthy
+        for name in sinks:
+            if healthy.get(name, False):
+                self._wake.set()
+                return
 
     async def sync_now(self) -> PassReport:
         """Start a pass over every sink, healthy or not, and return its report.
