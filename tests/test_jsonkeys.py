@@ -5,7 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from walacord.control.protocol import decode_request
+from walacord.errors import OutboxInvalidOperation
 from walacord.jsonkeys import duplicate_key
+from walacord.outbox.model import parse_operation
 
 
 @pytest.mark.parametrize(("document", "key"), [
@@ -49,3 +52,23 @@ def test_long_key_is_cut() -> None:
 
 def test_str_document_accepted() -> None:
     assert duplicate_key('{"a": 1, "a": 2}', {"a": 2}) is not None
+
+
+def test_request_with_repeated_key_is_rejected() -> None:
+    line = (b'{"id": 7, "method": "outbox.enqueue", "version": 1, "params": {"sink": '
+            b'"walacor", "etid": 1, "key": "k", "key": "k2", "data": {"amount": 1}}}')
+    request = decode_request(line)
+
+    assert request.error is not None
+    assert request.id == 7
+    assert "the key 'key' appears twice in one object" in request.error.message
+
+
+def test_string_payload_with_repeated_key_is_rejected() -> None:
+    with pytest.raises(OutboxInvalidOperation) as caught:
+        parse_operation({"sink": "walacor", "etid": 1, "key": "k",
+                         "data": '{"amount": 1, "amount": 2}'},
+                        statements={}, max_bytes=1024)
+
+    assert caught.value.field == "data"
+    assert "the key 'amount' appears twice" in str(caught.value)

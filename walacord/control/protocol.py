@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from walacord.errors import ControlError
+from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
 
 PROTOCOL_VERSION = 1
@@ -111,6 +112,9 @@ def decode_request(line: bytes) -> Request:
     problem = inexact_number(line)
     if problem is not None:
         return _invalid(request_id, ErrorCode.INVALID_PARAMS, problem, {"field": "params"})
+    problem = duplicate_key(line, document)
+    if problem is not None:
+        return _invalid(request_id, ErrorCode.INVALID_PARAMS, problem)
     return Request(request_id, method, params)
 
 

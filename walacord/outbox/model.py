@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from walacord.errors import OutboxInvalidOperation
+from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
 
 SINKS = ("walacor", "postgres")
@@ -240,11 +241,14 @@ def _payload(raw: dict[str, Any], field: str, max_bytes: int) -> tuple[dict[str,
         if problem is not None:
             raise OutboxInvalidOperation(field, problem)
         try:
-            value = orjson.loads(value)
+            text, value = value, orjson.loads(value)
         except orjson.JSONDecodeError as exc:
             raise OutboxInvalidOperation(field, f"payload must be a JSON object, or a string "
                                          f"that holds one; got a string that is not JSON "
                                          f"({exc})") from None
+        problem = duplicate_key(text, value)
+        if problem is not None:
+            raise OutboxInvalidOperation(field, problem)
 
     if not isinstance(value, dict):
         raise OutboxInvalidOperation(field, f"payload must be a JSON object, got "
