@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import select
 import signal
 import socket
 import subprocess
@@ -226,9 +227,18 @@ def test_probes_list_and_run(daemon: DaemonProcess) -> None:
 def test_watch_redraws_until_interrupted(daemon: DaemonProcess) -> None:
     process = subprocess.Popen([WALACORCTL, "--socket", str(daemon.socket), "watch",
                                 "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    assert process.stdout is not None
+    # Wait for three redraws rather than a fixed time: on a loaded machine walacorctl
+    # may need more than a second just to start.
+    seen = ""
+    deadline = time.monotonic() + 30
+    while seen.count("mode:      normal") < 3 and time.monotonic() < deadline:
+        readable, _, _ = select.select([process.stdout], [], [], 1.0)
+        if readable:
+            seen += process.stdout.readline()
     process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=10)
+    rest, _ = process.communicate(timeout=10)
+    output = seen + rest
     assert process.returncode == 0
     assert output.count("walacorctl watch: every 0.2s") >= 3
     assert output.count("mode:      normal") >= 3
