@@ -30,7 +30,7 @@ from walacord.probes.host import HostProbe
 from walacord.probes.http import ApiProbe
 from walacord.probes.walacor import WalacorProbe
 from walacord.repair import Recycler, Restarter
-from walacord.runtime import Runtime
+from walacord.runtime import Runtime, next_tick
 
 log = logging.getLogger(__name__)
 # Written to performance.log: probe latency percentiles and counts.
@@ -166,12 +166,17 @@ class Monitor:
                 await self.walacor.aclose()
 
     def _evaluate_delay(self) -> float:
-        """Return the seconds until the next evaluation unless something wakes the loop."""
+        """Return the seconds until the next evaluation unless something wakes the loop.
+
+        Idle evaluations fall on the whole-second ticks that the other once-a-second
+        loops also wake on (`sleep_until_tick`).
+        """
         now = time.monotonic()
+        wake_at = next_tick(now, EVALUATE_EVERY)
         due = self.modes.time_change_at(now)
-        if due is None:
-            return EVALUATE_EVERY
-        return min(EVALUATE_EVERY, max(0.0, due - now))
+        if due is not None:
+            wake_at = min(wake_at, due)
+        return max(0.0, wake_at - now)
 
     async def _reload(self, new: Config) -> None:
         self.modes.config = new.modes
