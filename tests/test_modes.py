@@ -214,6 +214,18 @@ def test_machine_override_keeps_probes_verdict() -> None:
     assert "probes say" in format_mode({"override": override})
 
 
+def test_machine_time_change_at() -> None:
+    machine = ModeMachine(ModesConfig(min_dwell=2.0), None)
+    machine.evaluate(world(database=probe("database", "down", "refused")), now=NOW)
+    assert machine.mode is Mode.EMERGENCY
+    # Inside the dwell, time alone can change the decision when the dwell ends.
+    assert machine.time_change_at(NOW + 0.5) == NOW + 2.0
+    # After the dwell, only new observations can.
+    assert machine.time_change_at(NOW + 2.5) is None
+    machine.set_override(Mode.DEGRADED, "maintenance", 30, now=NOW + 3)
+    assert machine.time_change_at(NOW + 3) == NOW + 33
+
+
 def test_machine_override_rejects_empty_reason() -> None:
     machine = ModeMachine(ModesConfig(), None)
     with pytest.raises(ValueError, match="needs a reason"):

@@ -210,6 +210,17 @@ async def test_monitor_override_and_clear(pg_db: str, tmp_path: Path) -> None:
     assert cleared["mode"] == "normal"
 
 
+async def test_monitor_short_override_expires(pg_db: str, tmp_path: Path) -> None:
+    # The loop wakes when the override ends, not at its next idle evaluation.
+    async with running_daemon(daemon_config(tmp_path, pg_db)) as supervisor:
+        monitor = monitor_of(supervisor)
+        await wait_for_mode(monitor, "normal", 10)
+        monitor.set_mode("degraded", "short drill", 0.3)
+        took = await wait_for_mode(monitor, "normal", 3)
+    # Without a wake at the end, an idle loop would notice it up to 1 s (EVALUATE_EVERY) late.
+    assert took < 0.3 + 0.2
+
+
 async def test_monitor_control_protocols(pg_db: str, tmp_path: Path) -> None:
     async with running_daemon(daemon_config(tmp_path, pg_db)) as supervisor:
         monitor = monitor_of(supervisor)

@@ -238,6 +238,12 @@ class DatabaseProbeConfig(ProbeSettings):
         2.0, min=0, max=86400,
         help="how often a run also opens a brand-new connection, which is what detects "
              "a frozen postmaster; 0 means every run. Runs that see trouble always do")
+    fresh_login_every: Duration = setting(
+        30.0, min=0, max=86400,
+        help="how often that new connection also logs in and runs SELECT 1; the others "
+             "stop at the server's authentication request, which shows that the server "
+             "admits a session without the SCRAM handshake's CPU. 0 means every time. "
+             "Runs that see trouble always log in, and so does a libpq before 16")
     crash_watch: bool = setting(True, help="hold a LISTEN connection that sees a server "
                                            "close at once")
     heartbeat_host: str = setting("", help="row key of the write check; empty uses the "

@@ -116,6 +116,9 @@ class DatabasePool:
         if self.pool.closed:
             await self.pool.open(wait=False)
 
-    async def connect(self) -> AsyncConnection[Any]:
-        """Open a brand-new connection outside the pool, with the same settings."""
-        return await AsyncConnection.connect(self.config.conninfo(), autocommit=True)
+    async def connect(self, **params: Any) -> AsyncConnection[Any]:
+        """Open a brand-new connection outside the pool, with the same settings.
+
+        `params` are libpq connection parameters that replace the configured ones.
+        """
+        return await AsyncConnection.connect(self.config.conninfo(), autocommit=True, **params)

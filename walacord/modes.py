@@ -238,6 +238,18 @@ class ModeMachine:
             self._transition(decision, now)
         return decision
 
+    def time_change_at(self, now: float) -> float | None:
+        """Return the monotonic time at which time alone can change the decision.
+
+        That is the end of the override, or else the end of the current mode's
+        `min_dwell`, while one of them lies ahead of `now`. Otherwise the decision
+        changes only when its inputs do, so this returns None.
+        """
+        if self.override is not None:
+            return self.override.until
+        dwell_end = self.current.since + self.config.min_dwell
+        return dwell_end if dwell_end > now else None
+
     def set_override(self, mode: Mode, reason: str, ttl: float,
                      now: float | None = None, set_by: str = "") -> Override:
         """Force `mode` for `ttl` seconds (capped at `override_max_ttl`)."""

@@ -30,14 +30,16 @@ from walacord.probes.host import HostProbe
 from walacord.probes.http import ApiProbe
 from walacord.probes.walacor import WalacorProbe
 from walacord.repair import Recycler, Restarter
-from walacord.runtime import Runtime
+from walacord.runtime import Runtime, next_tick
 
 log = logging.getLogger(__name__)
 # Written to performance.log: probe latency percentiles and counts.
 perf_log = logging.getLogger(PERFORMANCE_LOGGER)
 
-# The mode is re-evaluated at least this often, so overrides expire and dwell ends.
-EVALUATE_EVERY = 0.25
+# The mode is re-evaluated at least this often. Probe state changes wake the monitor at
+# once, and it also wakes when an override or a dwell ends, so this bounds how late it
+# detects what nothing announces: the outbox filling up and a due application restart.
+EVALUATE_EVERY = 1.0
 REMOTE_PROBES = ("database", "walacor", "api")
 
 
@@ -154,7 +156,7 @@ class Monitor:
                         perf_log.info("performance.summary", extra={
                             "fields": self.performance()})
                     await self._check_restart()
-                    with anyio.move_on_after(EVALUATE_EVERY):
+                    with anyio.move_on_after(self._evaluate_delay()):
                         await self._changed.wait()
                     self._changed = anyio.Event()
         finally:
@@ -162,6 +164,19 @@ class Monitor:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.api.aclose()
                 await self.walacor.aclose()
+
+    def _evaluate_delay(self) -> float:
+        """Return the seconds until the next evaluation unless something wakes the loop.
+
+        Idle evaluations fall on the whole-second ticks that the other once-a-second
+        loops also wake on (`sleep_until_tick`).
+        """
+        now = time.monotonic()
+        wake_at = next_tick(now, EVALUATE_EVERY)
+        due = self.modes.time_change_at(now)
+        if due is not None:
+            wake_at = min(wake_at, due)
+        return max(0.0, wake_at - now)
 
     async def _reload(self, new: Config) -> None:
         self.modes.config = new.modes
@@ -447,11 +462,14 @@ class Monitor:
                              f"{', '.join(m.value for m in Mode)}") from None
         self.modes.set_override(chosen, reason, ttl, set_by=actor)
         self._evaluate()
+        # The loop then waits for the override's end rather than a full EVALUATE_EVERY.
+        self._changed.set()
         return self.modes.snapshot()
 
     def clear_mode(self) -> dict[str, Any]:
         cleared = self.modes.clear_override()
         self._evaluate()
+        self._changed.set()
         return {"cleared": cleared, **self.modes.snapshot()}
 
     async def recycle_pool(self, reason: str = "manual") -> dict[str, Any]:

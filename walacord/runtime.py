@@ -6,6 +6,7 @@ a value, so a reload takes effect without restarting them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -20,6 +21,20 @@ from walacord.control.registry import MethodRegistry
 from walacord.logs import LogSetup
 from walacord.metrics import Metrics
 from walacord.systemd import Notifier
+
+
+async def sleep_until_tick(period: float) -> None:
+    """Sleep until the next multiple of `period` seconds on the event loop's clock.
+
+    Loops that repeat on the same period then wake together, in one pass of the event
+    loop, instead of waking it once each.
+    """
+    await anyio.sleep_until(next_tick(anyio.current_time(), period))
+
+
+def next_tick(now: float, period: float) -> float:
+    """Return the first multiple of `period` after `now`."""
+    return (math.floor(now / period) + 1) * period
 
 
 class Component(Protocol):

@@ -31,7 +31,7 @@ from walacord.components import default_components
 from walacord.config import Config
 from walacord.errors import ConfigError, ConfigProblem, WalacordError
 from walacord.metrics import Metrics
-from walacord.runtime import Component, Runtime
+from walacord.runtime import Component, Runtime, sleep_until_tick
 from walacord.statelock import StateDirLock
 from walacord.systemd import Notifier
 
@@ -306,7 +306,7 @@ class Supervisor:
     async def _status_loop(self) -> None:
         while True:
             self.runtime.update_status()
-            await anyio.sleep(1)
+            await sleep_until_tick(1.0)
 
 
 # --- `walacord run` -----------------------------------------------------------------

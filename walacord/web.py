@@ -30,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from walacord import __version__
 from walacord.config import split_listen
 from walacord.exposition import TextExposition
-from walacord.runtime import Runtime
+from walacord.runtime import Runtime, sleep_until_tick
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class WebServer:
             while True:
                 # The Date header is refreshed here, as uvicorn's own loop would.
                 await server.on_tick(0)
-                await anyio.sleep(1.0)
+                await sleep_until_tick(1.0)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_TIMEOUT):
                 server.force_exit = True

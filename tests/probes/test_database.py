@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
 import psycopg
@@ -76,6 +79,64 @@ async def test_fresh_connection_every_other_run(pg_db: str) -> None:
     assert first.details["fresh_connection"] == "ok"
     assert "fresh_connection" not in second.details
     assert third.details["fresh_connection"] == "ok"
+
+
+async def test_fresh_login_every_period(pg_db: str) -> None:
+    settings = DatabaseProbeConfig(heartbeat_host="test-host", fresh_connection_every=0,
+                                   fresh_login_every=60)
+    async with running_probe(pg_db, settings) as probe:
+        first = await probe.check()
+        second = await probe.check()
+        probe._last_login = time.monotonic() - 60
+        third = await probe.check()
+    assert first.details["fresh_login"] is True
+    # Between logins, the new connection stops at the authentication request.
+    assert second.status is Status.OK, second.message
+    assert second.details["fresh_connection"] == "ok"
+    assert second.details["fresh_login"] is False
+    assert third.details["fresh_login"] is True
+
+
+async def test_admission_step_passes_on_healthy_server(pg_db: str) -> None:
+    async with running_probe(pg_db) as probe:
+        outcome = await probe._step(probe._admission_step, 2.0)
+    assert outcome.failure is None, outcome.error
+
+
+async def test_admission_step_over_trust_session(pg_cluster: PgCluster) -> None:
+    # Over the socket the cluster trusts its clients, so no authentication request
+    # comes and the new connection becomes a full session.
+    url = f"host={pg_cluster.socketdir} port={pg_cluster.port} user=postgres dbname=postgres"
+    async with running_probe(url) as probe:
+        outcome = await probe._step(probe._admission_step, 2.0)
+    assert outcome.failure is None, outcome.error
+
+
+async def test_admission_step_fails_on_exhausted_connections() -> None:
+    # The server checks for a free connection slot before authentication, so a new
+    # connection that stops at the authentication request still reports it.
+    base = Path(tempfile.mkdtemp(prefix="walacord-pg-small-"))
+    small = PgCluster(base, settings={"max_connections": "6",
+                                      "superuser_reserved_connections": "0"})
+    small.init()
+    small.start()
+    hogs: list[psycopg.Connection[Any]] = []
+    try:
+        async with running_probe(small.url()) as probe:
+            before = await probe._step(probe._admission_step, 2.0)
+            while True:
+                try:
+                    hogs.append(psycopg.connect(small.url(), connect_timeout=5))
+                except psycopg.OperationalError:
+                    break
+            exhausted = await probe._step(probe._admission_step, 2.0)
+    finally:
+        for conn in hogs:
+            conn.close()
+        small.destroy()
+    assert before.failure is None, before.error
+    assert exhausted.failure is not None
+    assert "too many clients" in exhausted.error
 
 
 async def test_fresh_connection_when_connections_high(pg_db: str) -> None:

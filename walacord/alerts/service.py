@@ -35,7 +35,7 @@ from walacord.config import AlertsConfig, Config
 from walacord.errors import AlertDeliveryError
 from walacord.logs import ALERT_LOGGER
 from walacord.outbox.startup import is_disk_full
-from walacord.runtime import Runtime
+from walacord.runtime import Runtime, sleep_until_tick
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class AlertService:
         while True:
             await self.evaluate_once()
             beat()
-            await anyio.sleep(self._config().evaluation_interval)
+            await sleep_until_tick(self._config().evaluation_interval)
 
     async def evaluate_once(self) -> list[Notification]:
         """Run one evaluation: log every notification and queue the paged ones."""

@@ -294,13 +294,17 @@ class ProbeRunner:
         self._on_state = on_state
         self._on_result = on_result
         self._beat = beat or (lambda: None)
-        self._wake = anyio.Event()
+        # Set by trigger(): run again without waiting. `_sleep` is the wait it cuts short.
+        self._triggered = False
+        self._sleep: anyio.CancelScope | None = None
         self._in_flight = False
         self._first = anyio.Event()
 
     def trigger(self) -> None:
         """Run the probe now instead of waiting for the rest of the interval."""
-        self._wake.set()
+        self._triggered = True
+        if self._sleep is not None:
+            self._sleep.cancel()
 
     async def first_result(self) -> None:
         await self._first.wait()
@@ -313,9 +317,14 @@ class ProbeRunner:
                 self._beat()
                 await self.run_once()
                 delay = next_delay(self.state, time.monotonic(), self.probe.settings())
-                with anyio.move_on_after(delay):
-                    await self._wake.wait()
-                self._wake = anyio.Event()
+                # A plain sleep that trigger() cancels: waiting for an event under
+                # move_on_after would deliver a cancellation at every normal timeout,
+                # which nearly doubles the CPU of each wait.
+                if not self._triggered:
+                    with anyio.CancelScope() as self._sleep:
+                        await anyio.sleep(delay)
+                    self._sleep = None
+                self._triggered = False
 
     async def run_once(self) -> ProbeState:
         """Run the probe once and fold the result into the state."""

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, pq
 from psycopg_pool import PoolClosed, PoolTimeout
 
 from walacord.config import DatabaseProbeConfig
@@ -74,6 +74,11 @@ SQLSTATE_REASONS = {
 }
 # New-connection failures that prove the server cannot serve right now.
 DEFINITIVE_FAILURES = frozenset({"refused", "shutting_down"})
+# libpq's require_auth (libpq 16 and later) lets a new connection stop at the server's
+# authentication request. With "none", libpq fails with this text when the server
+# requests any authentication (libpq's English message, checked with libpq 18).
+ADMISSION_STOP = 'authentication method requirement "none" failed'
+REQUIRE_AUTH_LIBPQ = 160000
 # Failure reasons that a new pool can fix, mapped to the recycle trigger they name.
 RECYCLE_TRIGGERS = {
     "checkout_timeout": "checkout_timeout",
@@ -143,6 +148,9 @@ class StepOutcome:
     write_failure: str | None = None
     write_error: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
+    # For a new connection: whether it logged in, rather than stopping at the
+    # server's authentication request.
+    login: bool = False
 
 
 class DatabaseProbe:
@@ -155,6 +163,7 @@ class DatabaseProbe:
         self._settings = settings
         self.abandoner = Abandoner()
         self._last_fresh = -float("inf")
+        self._last_login = -float("inf")
         self._fresh_failed = False
         self._schema_ready_generation = 0
         self._checkout_timeout = 1.0
@@ -193,25 +202,22 @@ class DatabaseProbe:
             return self._server_stopping_verdict(pooled, drop)
 
         # Step 2: a brand-new connection, when due or when this run or the last showed
-        # trouble.
+        # trouble. Most routine ones stop at the server's authentication request.
         fresh: StepOutcome | None = None
         now = time.monotonic()
-        if self._fresh_due(pooled, settings, now):
+        login_needed = self._login_needed(pooled, settings)
+        if login_needed or self._due(self._last_fresh, settings.fresh_connection_every, now):
             self._last_fresh = now
-            fresh = await self._step(self._fresh_step, step_deadline)
+            fresh = await self._fresh(login_needed, settings, now, step_deadline)
             self._fresh_failed = fresh.failure is not None
 
         return self._verdict(pooled, fresh, settings)
 
-    def _fresh_due(self, pooled: StepOutcome, settings: DatabaseProbeConfig,
-                   now: float) -> bool:
-        """Return whether this run opens a new connection besides the pooled one.
+    def _login_needed(self, pooled: StepOutcome, settings: DatabaseProbeConfig) -> bool:
+        """Return whether this run sees trouble, so it must open a new connection and log in.
 
-        The SCRAM handshake of a new connection is most of the probe's CPU, so it runs
-        every `fresh_connection_every`. It runs on the run nearest to that time, so
-        jittered runs at an interval equal to it each open one. Trouble brings it
-        forward: a failed pooled step or write check, or a failed new connection on the
-        last try. So does a connection count at its warning threshold, because that is
+        Trouble is a failed pooled step or write check, or a failed new connection on
+        the last try. So is a connection count at its warning threshold, because that is
         how max_connections exhaustion begins.
         """
         if pooled.failure is not None or pooled.write_failure is not None:
@@ -219,10 +225,38 @@ class DatabaseProbe:
         if self._fresh_failed:
             return True
         figures = pooled.figures
-        if figures and (figures["connections"] / max(1, figures["max_connections"])
-                        >= settings.connections_warning):
-            return True
-        return now - self._last_fresh >= settings.fresh_connection_every - settings.interval / 2
+        return bool(figures) and (figures["connections"] / max(1, figures["max_connections"])
+                                  >= settings.connections_warning)
+
+    def _due(self, last: float, every: float, now: float) -> bool:
+        # Due on the run nearest to `every` after `last`, so jittered runs at an interval
+        # equal to `every` each do it.
+        return now - last >= every - self.settings().interval / 2
+
+    async def _fresh(self, login_needed: bool, settings: DatabaseProbeConfig, now: float,
+                     deadline: float) -> StepOutcome:
+        """Open a new connection: a full login, or up to the authentication request.
+
+        The SCRAM handshake of a login is most of the probe's CPU, so a routine run logs
+        in every `fresh_login_every` only. The other runs stop once the server requests
+        authentication. By then the postmaster has forked a backend, which found a free
+        slot below max_connections and saw no shutdown. A frozen postmaster, exhausted
+        connections and a server going down all fail before that point, as they do for
+        a login. A rejected password or a dropped database do not, so those wait for the
+        next login.
+        """
+        login = (login_needed or pq.version() < REQUIRE_AUTH_LIBPQ
+                 or self._due(self._last_login, settings.fresh_login_every, now))
+        if not login:
+            admitted = await self._step(self._admission_step, deadline)
+            # A failure other than a timeout may be libpq's stop message in another
+            # language, so a login settles it.
+            if admitted.failure is None or admitted.failure == "timeout":
+                return admitted
+        self._last_login = now
+        outcome = await self._step(self._fresh_step, deadline)
+        outcome.login = True
+        return outcome
 
     async def _step(self, function: Callable[[], Any], deadline: float) -> StepOutcome:
         limit = self.settings().max_abandoned
@@ -304,6 +338,21 @@ class DatabaseProbe:
                 await conn.close()
         return StepOutcome()
 
+    async def _admission_step(self) -> StepOutcome:
+        try:
+            conn = await self.pool.connect(require_auth="none")
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate is None and ADMISSION_STOP in str(exc):
+                return StepOutcome()
+            raise
+        # The server asked for no authentication (trust), so this is a full session.
+        try:
+            await conn.execute("SELECT 1")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+        return StepOutcome()
+
     # --- verdict ----------------------------------------------------------------
 
     def _verdict(self, pooled: StepOutcome, fresh: StepOutcome | None,
@@ -319,6 +368,7 @@ class DatabaseProbe:
             details["fresh_connection"] = (
                 "ok" if fresh.failure is None else f"{fresh.failure}: {fresh.error}")
             details["fresh_latency_seconds"] = round(fresh.latency, 6)
+            details["fresh_login"] = fresh.login
 
         # Failures, most telling first.
         if pooled.failure is not None:
@@ -493,8 +543,7 @@ class CrashWatcher:
             conn.add_notice_handler(partial(_keep_notice, notices))
             try:
                 with anyio.CancelScope() as self._held:
-                    async for _ in conn.notifies():
-                        pass
+                    await _wait_until_closed(conn)
                 if self._held.cancel_called:
                     self.connected = False
                     self.drops += 1
@@ -511,6 +560,21 @@ class CrashWatcher:
                 self._held = None
                 with anyio.CancelScope(shield=True):
                     await conn.close()
+
+
+async def _wait_until_closed(conn: AsyncConnection[Any]) -> None:
+    """Read what the server sends on an idle connection until psycopg raises for the close.
+
+    `conn.notifies()` without a timeout wakes every 0.1 s (psycopg 3.3 waits in slices
+    of its 0.1 s interval), which costs ten event-loop rounds a second. This waits for
+    the socket to become readable, so it wakes only when the server sends something.
+    `notifies(timeout=0)` then reads what arrived: notices go to the notice handlers,
+    and a closed socket raises `psycopg.OperationalError`.
+    """
+    while True:
+        await anyio.wait_readable(conn.pgconn.socket)
+        async for _ in conn.notifies(timeout=0):
+            pass
 
 
 def _server_drop(diag: psycopg.errors.Diagnostic) -> ServerDrop:

@@ -49,9 +49,14 @@ class ApiProbe:
         async def one(index: int, item: HttpCheckConfig) -> None:
             results[index] = await self._one(item, settings.timeout)
 
-        async with anyio.create_task_group() as tg:
-            for index, item in enumerate(settings.checks):
-                tg.start_soon(one, index, item)
+        if len(settings.checks) == 1:
+            # A single check runs in this task: a task group would only add a task to
+            # create and tear down on every run.
+            await one(0, settings.checks[0])
+        else:
+            async with anyio.create_task_group() as tg:
+                for index, item in enumerate(settings.checks):
+                    tg.start_soon(one, index, item)
         details = {"checks": [{"url": item.url, "status": r.status.value, "reason": r.reason,
                                "message": r.message, "latency_seconds": round(r.latency, 6)}
                               for item, r in zip(settings.checks, results, strict=True)]}
