@@ -218,6 +218,19 @@ async def test_commit_delay_ends_at_deadline(open_store: StoreOpener) -> None:
     assert alone < 0.5
 
 
+async def test_enqueue_expires_after_idle_time(open_store: StoreOpener) -> None:
+    # The commit delay holds the next commit for 5 s, past the 0.5 s write timeout.
+    async with open_store(commit_delay=5.0, write_timeout=0.5) as store:
+        await store.enqueue_each([[walacor_op(f"first-{i}")] for i in range(4)])
+        await anyio.sleep(1.0)  # nothing waits now, so the expiry task sleeps
+        started = anyio.current_time()
+        with pytest.raises(TimeoutError, match=r"enqueue not committed within 0\.5s"):
+            await store.enqueue([walacor_op("held")])
+        waited = anyio.current_time() - started
+
+    assert 0.4 <= waited < 2.0
+
+
 async def test_enqueue_full_by_count_rejects(open_store: StoreOpener, alerts: Alerts,
                                              metrics: Metrics) -> None:
     async with open_store(max_operations=3) as store:

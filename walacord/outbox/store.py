@@ -192,6 +192,8 @@ class OutboxStore(OutboxQueries):
         # timer per call was a large share of an enqueue's CPU time.
         self._waiting: list[tuple[float, int, _Completion]] = []
         self._submitted = 0
+        # Set while the expiry task sleeps with nothing waiting; a submission wakes it.
+        self._expiry_idle: anyio.Event | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -494,6 +496,9 @@ class OutboxStore(OutboxQueries):
             return
         self._submitted += 1
         heapq.heappush(self._waiting, (completion.deadline, self._submitted, completion))
+        if self._expiry_idle is not None:
+            self._expiry_idle.set()
+            self._expiry_idle = None
         wakeup = self._writer_wakeup
         if wakeup is not None and not wakeup.done() and len(queue) >= self._wake_at:
             wakeup.set_result(None)
@@ -528,6 +533,11 @@ class OutboxStore(OutboxQueries):
         interval = min(EXPIRY_CHECK_INTERVAL, self.config.write_timeout / 4)
         waiting = self._waiting
         while True:
+            if not waiting:
+                # Nothing to expire: sleep until a submission arrives, so an idle
+                # daemon does not wake four times a second for nothing.
+                self._expiry_idle = idle = anyio.Event()
+                await idle.wait()
             await anyio.sleep(interval)
             now = anyio.current_time()
             while waiting and (waiting[0][2].done or waiting[0][0] <= now):
