@@ -304,3 +304,24 @@ def test_statement_idempotency_check(tmp_path: Path, sql: str, accepted: bool) -
         assert config.load(path, {}).outbox.statements["insert_payment"].sql == sql
     else:
         assert "statement does not look idempotent" in problems(path)[0]
+
+
+def test_deeply_nested_value_is_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text("x = " + "[" * 500 + "]" * 500 + "\n")
+
+    found = problems(path)
+
+    assert "nested too deeply for the TOML parser" in found[0]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "[backup]\n",
+                                  "[probes.database]\n[outbox]\n"])
+def test_reload_of_file_without_settings_rejected(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {}, reload=True)
+
+    assert "the file contains no settings" in str(caught.value)

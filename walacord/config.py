@@ -687,6 +687,12 @@ CREDENTIALS = {
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 
+def _has_settings(document: dict[str, Any]) -> bool:
+    """Return True when `document` sets at least one value, not only empty tables."""
+    return any(not isinstance(value, dict) or _has_settings(value)
+               for value in document.values())
+
+
 def _read_config_file(path: str | os.PathLike[str], source: str) -> bytes:
     """Return the bytes of the regular file at `path`, at most MAX_CONFIG_BYTES of them."""
     info = os.stat(path)
@@ -727,17 +733,22 @@ def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = N
                 "permission denied; make it readable by walacord's user")]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([ConfigProblem(source, "(syntax)", f"invalid TOML: {exc}")]) from None
+        except RecursionError:
+            # tomllib parses nested arrays and tables recursively.
+            raise ConfigError([ConfigProblem(source, "(syntax)",
+                "values nested too deeply for the TOML parser; no walacord setting nests "
+                "more than a few levels")]) from None
         except UnicodeDecodeError as exc:
             raise ConfigError([ConfigProblem(source, "(file)",
                 f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8")]) from None
         except OSError as exc:
             raise ConfigError([ConfigProblem(source, "(file)",
                 f"cannot read it: {exc.strerror}; pass --config with a TOML file")]) from None
-        if reload and not document:
+        if reload and not _has_settings(document):
             raise ConfigError([ConfigProblem(source, "(file)",
                 "the file contains no settings, so a reload would reset every setting to "
-                "its default; an empty file is most often a truncated write. Restore the "
-                "file and reload again, or restart walacord to run on the defaults")])
+                "its default; an empty file or bare table headers are most often a "
+                "truncated write. Restore the file and reload again")])
 
     decoder = Decoder(source)
     _apply_credentials(document, environ, decoder)
@@ -852,8 +863,9 @@ def command(args: argparse.Namespace) -> int:
         return 2
     empty = False
     if path:
+        # load() has read and parsed this regular file already, so this read is safe.
         with open(path, "rb") as handle:
-            empty = not tomllib.load(handle)
+            empty = not _has_settings(tomllib.load(handle))
     if empty:
         # A running walacord rejects a reload of such a file, so check-config explains it.
         print(f"{config.source}: valid, but it sets nothing: every setting is its default, "

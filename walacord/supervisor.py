@@ -237,6 +237,15 @@ class Supervisor:
             raise ConfigError([ConfigProblem(str(self.runtime.config_path), "(file)",
                 f"reading it took more than {CONFIG_READ_TIMEOUT:g} s; check the file "
                 "system it is on")]) from None
+        except (ConfigError, anyio.get_cancelled_exc_class()):
+            raise
+        except Exception as exc:
+            # A loader bug must not take the running daemon down with it: the reload is
+            # rejected and the old config stays.
+            log.exception("config.load_crashed")
+            raise ConfigError([ConfigProblem(str(self.runtime.config_path), "(file)",
+                f"loading it failed unexpectedly ({type(exc).__name__}); the log has the "
+                "traceback (event config.load_crashed)")]) from None
 
     async def reload(self) -> bool:
         """Load and apply the config file again; keep the old one when the new is invalid."""
