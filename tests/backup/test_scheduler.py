@@ -323,3 +323,37 @@ async def test_damaged_gauge_counts_lost_files(make_manager: ManagerFactory) -> 
 
     assert lost_dump == 1
     assert broken_manifest == 2
+
+
+@pytest.mark.anyio
+async def test_failed_backup_still_rechecks(make_manager: ManagerFactory,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    manager = make_manager(recheck_interval=7 * 86400.0)
+    stored = await manager.take()
+    assert stored is not None
+    age_last_check(manager, stored, days=8)
+    overwrite_two_bytes(manager.path_of(stored), stored.size_bytes // 2)
+    # Same backup directory, but a server that refuses connections, so the backup fails.
+    broken = make_manager(url="postgresql://walacord@127.0.0.1:1/gone",
+                          recheck_interval=7 * 86400.0)
+    caplog.set_level(logging.INFO)
+
+    assert not await BackupScheduler(broken).run_cycle("test")
+
+    assert not (await manager.read(stored.id)).verified
+    assert broken.metrics.backup_damaged._value.get() == 1
+
+
+@pytest.mark.anyio
+async def test_age_watch_rescans_directory(make_manager: ManagerFactory) -> None:
+    manager = make_manager(check_interval=0.1)
+    backup = await manager.take()
+    assert backup is not None
+    scheduler = BackupScheduler(manager)
+    manager.path_of(backup).unlink()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(scheduler._watch_age)
+            await poll_until(lambda: manager.metrics.backup_damaged._value.get() == 1)
+            group.cancel_scope.cancel()

@@ -173,8 +173,12 @@ class BackupScheduler:
         try:
             manifest = await manager.take()
         except BackupError:
-            return False  # the manager has logged, counted and alerted on it
+            # The manager has logged, counted and alerted on it. Stored backups matter
+            # most while new ones fail, so they are still re-checked.
+            await self._recheck_quietly()
+            return False
         if manifest is None:
+            await self._recheck_quietly()
             return True
 
         try:
@@ -190,6 +194,13 @@ class BackupScheduler:
             self._drill_due_at = time.monotonic() + self.config.drill_interval
         await self.recheck_stored(skip=manifest.id)
         return True
+
+    async def _recheck_quietly(self) -> None:
+        try:
+            await self.recheck_stored()
+        except (BackupError, OSError, TimeoutError) as exc:
+            log.error("backup.recheck_not_run", extra={"fields": {
+                "error": str(exc) or type(exc).__name__}})
 
     async def recheck_stored(self, *, skip: str | None = None) -> list[str]:
         """Verify again the stored backups last checked `recheck_interval` ago or more.
@@ -247,6 +258,13 @@ class BackupScheduler:
 
     async def _watch_age(self) -> None:
         while True:
+            try:
+                # Rescanning the directory keeps walacord_backups_damaged current when
+                # someone deletes a dump or a manifest by hand.
+                await self.manager.list()
+            except (OSError, TimeoutError) as exc:
+                log.warning("backup.scan_failed", extra={"fields": {
+                    "directory": str(self.manager.directory), "error": str(exc)}})
             await self.manager.check_staleness()
             await anyio.sleep(self.config.check_interval)
 
