@@ -124,10 +124,25 @@ async def test_control_silence_warns_of_wide_matchers(service: AlertService, mat
                                                       warned: bool) -> None:
     created = await handlers(service)["alerts.silence"]({
         "matcher": matcher, "duration": "1h", "reason": "maintenance"})
-    wide = [w for w in created["warnings"] if "also matches every alert without a 'probe' "
+    wide = [w for w in created["warnings"] if "matches every alert without a 'probe' "
                                               "label" in w]
 
     assert bool(wide) is warned
+
+
+@pytest.mark.parametrize(("matcher", "everything"), [
+    ('alertname=~".*"', True),
+    ('alertname!~"x"', True),
+    ('alertname=~"Walacord.*"', True),
+    ('alertname="WalacordProbeDown"', False),
+])
+async def test_control_silence_warns_when_all_match(service: AlertService, matcher: str,
+                                                     everything: bool) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": matcher, "duration": "1h", "reason": "maintenance"})
+    warned = any("matches every alert walacord raises" in w for w in created["warnings"])
+
+    assert warned is everything
 
 
 async def test_control_unsilence_unknown_id(service: AlertService) -> None:

@@ -56,3 +56,8 @@ def test_matcher_text_parses_back(text: str) -> None:
 ])
 def test_matcher_matches(matcher: str, labels: dict[str, str], expected: bool) -> None:
     assert parse_matchers(matcher)[0].matches(labels) is expected
+
+
+def test_unclosed_quote_named() -> None:
+    with pytest.raises(ValueError, match="a quote is not closed"):
+        parse_matchers('probe="walacor')

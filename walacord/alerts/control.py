@@ -74,9 +74,14 @@ def _matcher_warnings(silence: Silence) -> list[str]:
         if matcher.name != "alertname" and matcher.matches({}) and not any(
                 other.name == "alertname" for other in silence.matchers):
             # A missing label reads as "", as in Alertmanager.
-            warnings.append(f"{matcher} also matches every alert without a {matcher.name!r} "
-                            f"label, such as {rules.MODE_NOT_NORMAL} and "
+            scope = "only" if matcher.op == "=" else "also"
+            warnings.append(f"{matcher} {scope} matches every alert without a "
+                            f"{matcher.name!r} label, such as {rules.MODE_NOT_NORMAL} and "
                             f"{rules.DEAD_OPERATIONS}; add alertname=NAME to narrow it")
+    if all(silence.matches({"alertname": name}) for name in rules.ALERT_NAMES):
+        warnings.append("this silence matches every alert walacord raises, critical ones "
+                        "included; end it with `walacorctl alerts unsilence ID` unless "
+                        "that is what you want")
     return warnings
 
 

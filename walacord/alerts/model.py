@@ -165,8 +165,9 @@ def parse_matchers(text: str) -> list[Matcher]:
             continue
         match = _MATCHER.match(part)
         if match is None:
-            raise ValueError(f"invalid matcher {part.strip()!r}: write NAME=VALUE, NAME!=VALUE, "
-                             "NAME=~REGEX or NAME!~REGEX")
+            unclosed = " (a quote is not closed)" if part.count('"') % 2 else ""
+            raise ValueError(f"invalid matcher {part.strip()!r}{unclosed}: write NAME=VALUE, "
+                             "NAME!=VALUE, NAME=~REGEX or NAME!~REGEX")
         value = match.group("value")
         if value.startswith('"'):
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
