@@ -288,3 +288,16 @@ def test_etid_zero_is_usage_error(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "0 is not an envelope type id" in result.stderr
+
+
+@pytest.mark.parametrize("repeated", [["--data", '{"amount": 2}'], ["--key", "k2"],
+                                      ["--etid", "10002"]])
+def test_repeated_enqueue_option_rejected(tmp_path: Path, repeated: list[str]) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "walacorctl"), "--socket",
+         str(tmp_path / "none.sock"), "enqueue", "--sink", "walacor", "--etid", "10001",
+         "--key", "k", "--data", '{"amount": 1}', *repeated],
+        capture_output=True, text=True, timeout=30, check=False)
+
+    assert result.returncode == 2
+    assert f"{repeated[0]} is given twice; give it once" in result.stderr

@@ -67,18 +67,36 @@ def _check_encodable(operation: dict[str, Any], where: str) -> None:
                          "levels") from None
 
 
+class _Once(argparse.Action):
+    """Store an option's value, and reject the option when it is given twice.
+
+    argparse keeps the last of repeated options, so `--data A --data B` would enqueue B
+    without a word, like a repeated JSON key.
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} is given twice; give it once")
+        setattr(namespace, self.dest, values)
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     enqueue = commands.add_parser(
         "enqueue", help="hand one operation, or a JSON-lines file of them, to the outbox")
-    enqueue.add_argument("--sink", choices=("walacor", "postgres"), help="target backend")
-    enqueue.add_argument("--etid", type=_etid,
+    enqueue.add_argument("--sink", action=_Once, choices=("walacor", "postgres"),
+                         help="target backend")
+    enqueue.add_argument("--etid", action=_Once, type=_etid,
                          help="Walacor envelope type id, from 1 (sink walacor)")
-    enqueue.add_argument("--statement", help="configured statement name (sink postgres)")
-    enqueue.add_argument("--key", help="idempotency key; enqueueing it again changes nothing")
-    enqueue.add_argument("--data", help="the record (walacor) or parameters (postgres), as a "
-                                        "JSON object")
-    enqueue.add_argument("--ordering-key", help="operations sharing it are applied in order")
-    enqueue.add_argument("--from-file", type=Path, metavar="FILE",
+    enqueue.add_argument("--statement", action=_Once,
+                         help="configured statement name (sink postgres)")
+    enqueue.add_argument("--key", action=_Once,
+                         help="idempotency key; enqueueing it again changes nothing")
+    enqueue.add_argument("--data", action=_Once, help="the record (walacor) or parameters "
+                                                      "(postgres), as a JSON object")
+    enqueue.add_argument("--ordering-key", action=_Once,
+                         help="operations sharing it are applied in order")
+    enqueue.add_argument("--from-file", action=_Once, type=Path, metavar="FILE",
                          help="JSON lines, one operation each, e.g. {\"sink\": \"walacor\", "
                               "\"etid\": 10001, \"key\": \"k1\", \"data\": {...}}; - reads "
                               "standard input")
