@@ -234,6 +234,22 @@ async def test_database_probe_read_only(own_pg_cluster: PgCluster) -> None:
     assert after.details["recycle"] == "read_only"
 
 
+async def test_database_probe_privilege_lost(own_pg_cluster: PgCluster) -> None:
+    async with running_probe(own_pg_cluster.url()) as probe:
+        assert (await probe.check()).status is Status.OK  # creates walacord.heartbeat
+    own_pg_cluster.psql("CREATE ROLE prober LOGIN PASSWORD 'prober-pw'; "
+                        "GRANT USAGE ON SCHEMA walacord TO prober; "
+                        "GRANT SELECT, INSERT, UPDATE ON walacord.heartbeat TO prober")
+    async with running_probe(own_pg_cluster.url(user="prober", password="prober-pw")) as probe:
+        before = await probe.check()
+        own_pg_cluster.psql("REVOKE INSERT, UPDATE ON walacord.heartbeat FROM prober")
+        after = await probe.check()
+    assert before.status is Status.OK
+    assert after.status is Status.CRITICAL
+    assert after.reason == "privilege"
+    assert after.details["recycle"] == "privilege"
+
+
 async def test_crash_watcher_sees_immediate_stop(own_pg_cluster: PgCluster) -> None:
     pool = DatabasePool(DatabaseConfig(url=own_pg_cluster.url()))
     events: list[tuple[str, float]] = []

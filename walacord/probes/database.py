@@ -86,6 +86,9 @@ RECYCLE_TRIGGERS = {
     "read_only": "read_only",
     "lock_timeout": "lockup",
     "lockup": "lockup",
+    # Sessions keep the role they logged in as. After the role is dropped and created
+    # again, only new sessions get the new role's grants.
+    "privilege": "privilege",
     "timeout": "checkout_timeout",
 }
 
