@@ -168,12 +168,13 @@ async def test_take_gives_up_behind_ddl_lock(make_manager: ManagerFactory, seede
 
     with psycopg.connect(seeded_db) as holder:
         holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-        with anyio.fail_after(20), pytest.raises(BackupError):
+        with anyio.fail_after(20), pytest.raises(BackupError) as raised:
             await manager.take()
 
     assert backup_files(manager.directory) == []
     messages = [r.getMessage() for r in caplog.records]
     assert "backup.lock_wait_timed_out" in messages
+    assert "gave up after waiting 0.5 s ([backup] lock_wait_timeout)" in str(raised.value)
     started = next(r for r in caplog.records if r.getMessage() == "backup.started")
     assert started.fields["lock_wait_timeout_seconds"] == 0.5  # type: ignore[attr-defined]
     assert alerts and alerts[0].name == BACKUP_FAILED

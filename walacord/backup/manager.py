@@ -262,7 +262,15 @@ class BackupManager:
                     "lock_wait_timeout_seconds": self.config.lock_wait_timeout,
                     "reason": "a table lock (DDL in progress?) was not granted in time; "
                               "the backup gave up instead of queueing behind it"}})
+            lock_timed_out = ((isinstance(exc, DumpFailed) and exc.lock_timed_out)
+                              or isinstance(exc, psycopg.errors.LockNotAvailable))
             await self.record_failure("dump", None, exc, stderr)
+            if lock_timed_out:
+                raise BackupError(
+                    f"backup of database {self.database} gave up after waiting "
+                    f"{self.config.lock_wait_timeout:g} s ([backup] lock_wait_timeout) for a "
+                    "table lock, which DDL or an explicit LOCK TABLE holds; retry once it "
+                    f"ends. pg_dump: {describe_error(exc)}") from exc
             if isinstance(exc, BackupError):
                 raise
             raise BackupError(f"backup of database {self.database} failed: "
