@@ -329,8 +329,16 @@ def test_timeout_out_of_range_is_usage_error(timeout: str, tmp_path: Path) -> No
 
 
 def test_check_usage_error_is_nagios_unknown(tmp_path: Path) -> None:
-    result = subprocess.run([str(WALACORCTL), "check", "--socket", str(tmp_path / "x.sock")],
+    result = subprocess.run([str(WALACORCTL), "check", "--warning", "5"],
                             capture_output=True, text=True, timeout=30)
 
     assert result.returncode == 3
     assert result.stdout.startswith("WALACORD UNKNOWN - invalid arguments")
+
+
+def test_check_takes_options_after_command(daemon: DaemonProcess) -> None:
+    result = subprocess.run([str(WALACORCTL), "check", "--socket", str(daemon.socket),
+                             "--timeout", "5"], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("WALACORD OK")

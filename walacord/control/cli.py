@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"control socket (env {SOCKET_ENVIRONMENT_VARIABLE}; default %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="print machine-readable JSON with a stable shape")
-    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT,
                         metavar="SECONDS",
                         help="seconds to wait for each read from the daemon (default %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:

@@ -44,6 +44,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     check = commands.add_parser(
         "check", help="Nagios plugin: one line with perfdata; exit 0 normal, 1 degraded, "
                       "2 emergency or offline, 3 unreachable")
+    # Check definitions usually put options after the command, so the global options
+    # are accepted here too. SUPPRESS keeps the global values when these are absent.
+    from walacord.control.cli import positive_seconds
+    check.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                       help="control socket, as before the command")
+    check.add_argument("--timeout", type=positive_seconds, metavar="SECONDS",
+                       default=argparse.SUPPRESS,
+                       help="seconds to wait for each read, as before the command")
     check.set_defaults(handler=check_command)
 
     probes = commands.add_parser("probes", help="list the probes; `probes run` runs them now")
