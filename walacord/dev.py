@@ -158,7 +158,7 @@ def _toml(value: str) -> str:
 def command(args: argparse.Namespace) -> int:
     directory = Path(args.dir).resolve()
     if args.http:
-        # Checked before PostgreSQL starts; port 0 asks for a free port.
+        # Checked before PostgreSQL starts. Port 0 requests a free port.
         host, _, port = args.http.rpartition(":")
         try:
             split_listen(f"{host}:1" if port == "0" else args.http)

@@ -216,13 +216,13 @@ class Decoder:
             self.problem(key, f"invalid value {value!r}: it must be a finite number")
             return _INVALID
         low, high = meta.get("min"), meta.get("max")
-        shown = _quantity(value, unit)
+        value_text = _quantity(value, unit)
         if low is not None and value < low:
-            self.problem(key, f"value {shown} is below the minimum {_quantity(low, unit)}; "
+            self.problem(key, f"value {value_text} is below the minimum {_quantity(low, unit)}; "
                               f"set it to {_quantity(low, unit)} or more")
             return _INVALID
         if high is not None and value > high:
-            self.problem(key, f"value {shown} is above the maximum {_quantity(high, unit)}; "
+            self.problem(key, f"value {value_text} is above the maximum {_quantity(high, unit)}; "
                               f"set it to {_quantity(high, unit)} or less")
             return _INVALID
         return value

@@ -124,13 +124,13 @@ class Application:
         path = scope["path"]
         found = self.router.resolve(path)
         # A client may send a path of many kilobytes, so errors echo only its start.
-        shown = path if len(path) <= 100 else path[:97] + "..."
+        short_path = path if len(path) <= 100 else path[:97] + "..."
         if found is None:
-            return json_response({"error": f"no such path {shown!r}; try /metrics or "
+            return json_response({"error": f"no such path {short_path!r}; try /metrics or "
                                            "/api/health"}, 404)
         if scope["method"] not in ("GET", "HEAD"):
             return json_response({"error": f"method {scope['method']} is not allowed on "
-                                           f"{shown}; use GET"}, 405)
+                                           f"{short_path}; use GET"}, 405)
         handler, match_info = found
         try:
             received = scope.get(RECEIVED_KEY) or time.monotonic()

@@ -35,7 +35,7 @@ def _alert_rows(alerts: list[dict[str, Any]], state: str) -> list[list[object]]:
     for alert in alerts:
         labels = alert.get("labels", {})
         rows.append([
-            # An active alert is pending or firing; the list says which.
+            # An active alert is pending or firing, as its status field shows.
             alert.get("status") if state == "active" and alert.get("status") else state,
             labels.get("alertname"), labels.get("severity"), labels.get("probe", ""),
             alert.get("startsAt"), alert.get("annotations", {}).get("summary", ""),

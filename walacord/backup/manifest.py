@@ -172,15 +172,15 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
 
 def read_manifest(directory: Path, backup: str) -> Manifest:
     """Return the manifest of backup `backup`; raise BackupError when it is missing."""
-    shown = repr(backup) if len(backup) <= 80 else repr(backup[:77] + "...")
+    backup_text = repr(backup) if len(backup) <= 80 else repr(backup[:77] + "...")
     if (backup != safe_name_part(backup) or backup.startswith(".")
             or len(backup.encode()) > MAX_ID_BYTES):
-        raise BackupError(f"invalid backup id {shown}: run `walacorctl backup list` for ids")
+        raise BackupError(f"invalid backup id {backup_text}: run `walacorctl backup list` for ids")
     path = manifest_path(directory, backup)
     try:
         return Manifest.from_json(path.read_bytes())
     except FileNotFoundError:
-        raise BackupError(f"backup {shown} not found in {directory}; "
+        raise BackupError(f"backup {backup_text} not found in {directory}; "
                           "run `walacorctl backup list` for ids") from None
     except OSError as exc:
         raise BackupError(f"cannot read manifest {path}: {exc.strerror or exc}") from None

@@ -138,8 +138,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     except SystemExit as exc:
         if exc.code == EXIT_USAGE and _command_word(words) == "check":
             # Monitoring reads 2 from a Nagios plugin as CRITICAL. Bad arguments are
-            # UNKNOWN (3) there, because they say nothing about the daemon, and the
-            # monitoring system shows the first line of standard output.
+            # UNKNOWN (3) there, because the check never ran. The monitoring system
+            # shows the first line of standard output.
             (stdout or sys.stdout).write("WALACORD UNKNOWN - invalid arguments for "
                                          "walacorctl check; see walacorctl check --help\n")
             raise SystemExit(EXIT_NAGIOS_UNKNOWN) from None
