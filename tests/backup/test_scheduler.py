@@ -272,7 +272,9 @@ async def test_cycle_rechecks_backups_checked_long_ago(make_manager: ManagerFact
                                                        caplog: pytest.LogCaptureFixture) -> None:
     manager = make_manager(recheck_interval=7 * 86400.0)
     damaged, intact, recent = [await manager.take() for _ in range(3)]
-    assert damaged is not None and intact is not None and recent is not None
+    assert damaged is not None
+    assert intact is not None
+    assert recent is not None
     age_last_check(manager, damaged, days=8)
     age_last_check(manager, intact, days=8)
     overwrite_two_bytes(manager.path_of(damaged), damaged.size_bytes // 2)

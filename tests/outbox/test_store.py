@@ -219,7 +219,7 @@ async def test_commit_delay_ends_at_deadline(open_store: StoreOpener) -> None:
 
 
 async def test_enqueue_expires_after_idle_time(open_store: StoreOpener) -> None:
-    # The commit delay holds the next commit for 5 s, past the 0.5 s write timeout.
+    # The commit delay keeps the next commit waiting 5 s, past the 0.5 s write timeout.
     async with open_store(commit_delay=5.0, write_timeout=0.5) as store:
         await store.enqueue_each([[walacor_op(f"first-{i}")] for i in range(4)])
         await anyio.sleep(1.0)  # nothing waits now, so the expiry task sleeps

@@ -93,6 +93,15 @@ RECYCLE_TRIGGERS = {
 }
 
 
+async def _select_one_and_close(conn: AsyncConnection[Any]) -> None:
+    """Run SELECT 1 on a new connection, then close it, even when cancelled."""
+    try:
+        await conn.execute("SELECT 1")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await conn.close()
+
+
 def classify(exc: BaseException) -> str:
     """Return the reason class of a psycopg or pool error."""
     if isinstance(exc, PoolTimeout):
@@ -217,7 +226,7 @@ class DatabaseProbe:
         return self._verdict(pooled, fresh, settings)
 
     def _login_needed(self, pooled: StepOutcome, settings: DatabaseProbeConfig) -> bool:
-        """Return whether this run sees trouble, so it must open a new connection and log in.
+        """Return whether this run found trouble, so it must open a new connection and log in.
 
         Trouble is a failed pooled step or write check, or a failed new connection on
         the last try. So is a connection count at its warning threshold, because that is
@@ -333,12 +342,7 @@ class DatabaseProbe:
                 "lock_wait_seconds": float(row[4]), "blocking_pids": list(row[5])}
 
     async def _fresh_step(self) -> StepOutcome:
-        conn = await self.pool.connect()
-        try:
-            await conn.execute("SELECT 1")
-        finally:
-            with anyio.CancelScope(shield=True):
-                await conn.close()
+        await _select_one_and_close(await self.pool.connect())
         return StepOutcome()
 
     async def _admission_step(self) -> StepOutcome:
@@ -348,12 +352,8 @@ class DatabaseProbe:
             if exc.sqlstate is None and ADMISSION_STOP in str(exc):
                 return StepOutcome()
             raise
-        # The server asked for no authentication (trust), so this is a full session.
-        try:
-            await conn.execute("SELECT 1")
-        finally:
-            with anyio.CancelScope(shield=True):
-                await conn.close()
+        # The server requested no authentication (trust), so this is a full session.
+        await _select_one_and_close(conn)
         return StepOutcome()
 
     # --- verdict ----------------------------------------------------------------
