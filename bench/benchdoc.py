@@ -89,6 +89,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the section instead of writing docs/benchmarks.md")
 
 
+def compile_sources() -> str:
+    """Compile walacord's modules to bytecode, as the Debian package's postinst does.
+
+    A source checkout run with PYTHONDONTWRITEBYTECODE compiles every module at each
+    start, and the compiler's scratch memory leaves the process holding more RSS than
+    an installed daemon does. Return a note for the section.
+    """
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "walacord")],
+                   check=True, stdout=subprocess.DEVNULL)
+    return ("walacord's modules were compiled to bytecode first (`python -m compileall "
+            "walacord`), as the Debian package's postinst does at install.")
+
+
 def walacord_command(setting: str) -> list[str]:
     """Return the argv that runs walacord: `setting` split, or this Python -m walacord."""
     return shlex.split(setting) if setting else [sys.executable, "-m", "walacord"]

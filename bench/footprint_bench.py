@@ -177,6 +177,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], li
     window = args.minutes * 60
     total = max(window, args.long_minutes * 60)
 
+    notes.append(benchdoc.compile_sources())
     with ExitStack() as stack:
         cluster = stack.enter_context(benchdoc.started_cluster(workdir))
         stack.enter_context(benchdoc.process(
