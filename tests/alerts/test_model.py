@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 
 from walacord.alerts.model import Matcher, fingerprint, parse_matchers
@@ -61,3 +65,56 @@ def test_matcher_matches(matcher: str, labels: dict[str, str], expected: bool) -
 def test_unclosed_quote_named() -> None:
     with pytest.raises(ValueError, match="a quote is not closed"):
         parse_matchers('probe="walacor')
+
+
+def test_regex_matcher_linear_time() -> None:
+    # Python's backtracking re needs several seconds of CPU for this value, and each
+    # further "a" doubles that. RE2 takes microseconds.
+    matcher = parse_matchers('event=~"(a+)+$"')[0]
+    started = time.process_time()
+
+    matched = matcher.matches({"event": "a" * 27 + "b"})
+
+    assert matched is False
+    assert time.process_time() - started < 0.5
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", "(?=data)base", "(?<!data)base", "a++"])
+def test_parse_matchers_rejects_non_re2(pattern: str) -> None:
+    quoted = pattern.replace("\\", "\\\\")
+    with pytest.raises(ValueError, match="RE2 syntax") as caught:
+        parse_matchers(f'probe=~"{quoted}"')
+
+    assert repr(pattern) in str(caught.value)
+
+
+def test_matcher_accepts_re2_syntax() -> None:
+    # \pL (any letter) is RE2 and Go syntax that Python's re rejects.
+    matcher = parse_matchers(r'probe=~"\\pL+"')[0]
+
+    assert matcher.matches({"probe": "database"}) is True
+    assert matcher.matches({"probe": "db1"}) is False
+
+
+def test_regex_matcher_keeps_full_match() -> None:
+    matcher = parse_matchers('probe=~"data|walacor"')[0]
+
+    assert matcher.matches({"probe": "data"}) is True
+    assert matcher.matches({"probe": "walacor"}) is True
+    assert matcher.matches({"probe": "database"}) is False
+    assert matcher.matches({"probe": "xwalacor"}) is False
+
+
+def test_matcher_imports_re2_lazily() -> None:
+    script = (
+        "import sys\n"
+        "from walacord.alerts.model import parse_matchers\n"
+        "parse_matchers('probe=database,alertname!=X')\n"
+        "print('re2' in sys.modules)\n"
+        "parse_matchers('probe=~\"data.*\"')\n"
+        "print('re2' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
