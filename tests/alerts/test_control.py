@@ -87,6 +87,10 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
     ({"matcher": "probe=x", "duration": 1e308, "reason": "r"},
      r"invalid duration 1e\+308: it must be above 0 and at most 366"),
     ({"matcher": "probe", "duration": "1h", "reason": "r"}, "invalid matcher"),
+    ({"matcher": "probe=x", "duration": "1h", "reason": "x" * 100_000},
+     "invalid reason: 100000 characters, over the limit of 1000"),
+    ({"matcher": "probe=x", "duration": "1h", "reason": "planned \x1b[2J\x1b[H"},
+     r"invalid reason: control character '\\x1b' \(U\+001B\) at position 8"),
 ])
 async def test_control_silence_rejects_invalid_params(
         service: AlertService, params: dict[str, object], message: str) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from walacord.alerts.model import Matcher, fingerprint, parse_matchers
+from walacord.alerts.model import Matcher, Silence, fingerprint, parse_matchers
 
 
 def test_fingerprint_ignores_label_order() -> None:
@@ -118,3 +119,35 @@ def test_matcher_imports_re2_lazily() -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize(("reason", "named"), [
+    ("disk swap \x1b[2J\x1b]0;owned\x07", "'\\x1b' (U+001B) at position 10"),
+    ("line one\nline two", "'\\n' (U+000A) at position 8"),
+    ("tab\there", "'\\t' (U+0009) at position 3"),
+    ("c1 \x9b31m", "'\\x9b' (U+009B) at position 3"),
+    ("bidi \u202egnp.exe", "'\\u202e' (U+202E) at position 5"),
+])
+def test_silence_rejects_control_characters(reason: str, named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"invalid reason: control character {named}")):
+        Silence.create(parse_matchers("probe=walacor"), 60, reason, 0.0)
+
+
+def test_silence_reason_length_limit() -> None:
+    matchers = parse_matchers("probe=walacor")
+    Silence.create(matchers, 60, "x" * 1000, 0.0)
+
+    with pytest.raises(ValueError, match="invalid reason: 1001 characters, over the limit "
+                                         "of 1000"):
+        Silence.create(matchers, 60, "x" * 1001, 0.0)
+    with pytest.raises(ValueError, match="invalid reason: 100000 characters"):
+        Silence.create(matchers, 60, "x" * 100_000, 0.0)
+
+
+def test_silence_creator_checked_like_reason() -> None:
+    matchers = parse_matchers("probe=walacor")
+
+    with pytest.raises(ValueError, match="invalid created_by: 1001 characters"):
+        Silence.create(matchers, 60, "maintenance", 0.0, "u" * 1001)
+    with pytest.raises(ValueError, match="invalid created_by: control character"):
+        Silence.create(matchers, 60, "maintenance", 0.0, "uid=0\x1b[2J")

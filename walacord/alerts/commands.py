@@ -22,7 +22,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                          'probe="database"\'')
     silence.add_argument("--for", dest="duration", required=True, metavar="DURATION",
                          help="how long: seconds, or 30m, 2h, 1d")
-    silence.add_argument("--reason", required=True, help="why; stored with the silence")
+    silence.add_argument("--reason", required=True,
+                         help="why; stored with the silence, at most 1000 characters on one "
+                              "line, without control characters")
     silence.set_defaults(handler=silence_command)
 
     unsilence = actions.add_parser("unsilence", help="end a silence now")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from walacord.terminal import find_control_character
+
 SEVERITIES = ("critical", "warning", "info")
 AlertState = Literal["pending", "firing", "resolved"]
 
@@ -240,6 +242,28 @@ def _split_outside_quotes(text: str) -> list[str]:
     return parts
 
 
+# A reason is a sentence or two. The cap keeps a mistaken paste, such as a whole log
+# file, out of alerts.db, alerts.log and walacorctl's table.
+MAX_SILENCE_TEXT = 1000
+
+
+def check_silence_text(field_name: str, text: str) -> None:
+    """Raise ValueError when `text` is over MAX_SILENCE_TEXT or has a control character.
+
+    Tabs and line breaks are rejected too, so the text prints on one line as written.
+    """
+    if len(text) > MAX_SILENCE_TEXT:
+        raise ValueError(f"invalid {field_name}: {len(text)} characters, over the limit of "
+                         f"{MAX_SILENCE_TEXT}. Shorten it")
+    found = find_control_character(text)
+    if found is not None:
+        position, character = found
+        raise ValueError(f"invalid {field_name}: control character {character!r} "
+                         f"(U+{ord(character):04X}) at position {position}. Write it as "
+                         "printable text on one line, without escape sequences, tabs or "
+                         "line breaks")
+
+
 @dataclass(frozen=True)
 class Silence:
     """Stops paging for alerts whose labels match every matcher, until `ends_at`.
@@ -258,6 +282,13 @@ class Silence:
     @classmethod
     def create(cls, matchers: list[Matcher], duration: float, reason: str, now: float,
                created_by: str = "") -> Silence:
+        """Build a new silence; raise ValueError when `reason` or `created_by` is invalid.
+
+        Silences loaded from alerts.db skip these checks, so text stored by older
+        versions may still contain control characters.
+        """
+        check_silence_text("reason", reason)
+        check_silence_text("created_by", created_by)
         return cls(uuid.uuid4().hex[:12], tuple(matchers), now, now + duration, reason,
                    created_by)
 
