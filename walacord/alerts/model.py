@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from walacord.terminal import find_control_character
+from walacord.terminal import escape_control_characters, find_control_character
 
 SEVERITIES = ("critical", "warning", "info")
 AlertState = Literal["pending", "firing", "resolved"]
@@ -193,6 +193,8 @@ def _compile_re2(pattern: str) -> Any:
         detail = exc.args[0] if exc.args else exc
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
+        # RE2 quotes the offending part of the pattern as is, unlike the repr above.
+        detail = escape_control_characters(str(detail))
         raise ValueError(f"invalid regular expression {pattern!r}: {detail}. Matchers use "
                          "RE2 syntax, as Alertmanager does, so backreferences, lookarounds "
                          "and possessive quantifiers are not available") from None
