@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import walacord_run
 from walacord.alerts.store import SCHEMA
+from walacord.control.client import ControlClient
+from walacord.errors import ControlError
 from walacord.terminal import CONTROL_CHARACTERS
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
@@ -107,3 +109,15 @@ def test_alerts_silence_output_escapes_matcher(daemon: Path) -> None:
     assert 'probe!="\\x1b[31mred" also matches every alert' in created.stderr
     assert control_characters(table.stdout) == []
     assert 'probe!="\\x1b[31mred"' in table.stdout
+
+
+def test_alerts_silence_rejects_unknown_param(daemon: Path) -> None:
+    with ControlClient(str(daemon), timeout=10) as client:
+        with pytest.raises(ControlError) as caught:
+            client.call("alerts.silence", {"matcher": 'probe="database"', "duration": "1h",
+                                           "reason": "r", "comment": "ignored before"})
+        listing = client.call("alerts.list")
+
+    assert caught.value.code == -32602
+    assert "unknown param(s) comment for alerts.silence" in caught.value.message
+    assert listing["silences"] == []

@@ -9,9 +9,10 @@ import anyio
 import pytest
 
 from walacord.alerts import rules
-from walacord.alerts.control import handlers
+from walacord.alerts.control import handlers, silence_as_caller
 from walacord.alerts.service import AlertService
 from walacord.alerts.store import AlertStore
+from walacord.control.registry import Call, Peer
 from walacord.errors import ControlError
 
 from .conftest import make_runtime
@@ -98,6 +99,50 @@ async def test_control_silence_rejects_invalid_params(
         await handlers(service)["alerts.silence"](params)
 
     assert caught.value.code == -32602
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"comment": "x"}, "comment"),
+    ({"createdBy": "x", "endsAt": "2030-01-01T00:00:00Z"}, "createdBy, endsAt"),
+    ({"created_by": "someone else"}, "created_by"),
+])
+async def test_control_silence_rejects_unknown_params(
+        service: AlertService, extra: dict[str, object], named: str) -> None:
+    params = {"matcher": "probe=walacor", "duration": "1h", "reason": "r", **extra}
+    silence = silence_as_caller(service)
+
+    with pytest.raises(ControlError) as caught:
+        await silence(params, Call("alerts.silence", 1, Peer(pid=1, uid=0, gid=0)))
+
+    assert caught.value.code == -32602
+    assert caught.value.message == (f"unknown param(s) {named} for alerts.silence; "
+                                    "accepted: duration, matcher, reason")
+    assert caught.value.data == {"method": "alerts.silence"}
+    assert service.listing()["silences"] == []
+
+
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("alerts.list", {"state": "firing"}, "unknown param(s) state for alerts.list; "
+                                         "accepted: (none)"),
+    ("alerts.unsilence", {"id": "abc", "force": True},
+     "unknown param(s) force for alerts.unsilence; accepted: id"),
+])
+async def test_control_alerts_rejects_unknown_params(
+        service: AlertService, method: str, params: dict[str, object], message: str) -> None:
+    with pytest.raises(ControlError) as caught:
+        await handlers(service)[method](params)
+
+    assert caught.value.code == -32602
+    assert caught.value.message == message
+
+
+async def test_control_silence_records_peer(service: AlertService) -> None:
+    params = {"matcher": "probe=walacor", "duration": "1h", "reason": "r"}
+
+    created = await silence_as_caller(service)(
+        params, Call("alerts.silence", 1, Peer(pid=42, uid=1000, gid=1000)))
+
+    assert created["silence"]["createdBy"] == "uid=1000 pid=42"
 
 
 @pytest.mark.parametrize(("matcher", "warning"), [

@@ -16,13 +16,14 @@ from walacord.alerts.model import Silence
 from walacord.alerts.service import AlertService
 from walacord.config import PROBE_NAMES
 from walacord.control.protocol import ErrorCode
-from walacord.control.registry import Call
+from walacord.control.registry import Call, reject_unknown_params
 from walacord.errors import ControlError
 from walacord.probes.host import RESOURCES
 from walacord.settings import parse_duration
 
 INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 MAX_SILENCE_SECONDS = 366 * 86400
+SILENCE_PARAMS = frozenset({"matcher", "duration", "reason"})
 # Label values that walacord's alerts can carry, for labels with a fixed set.
 KNOWN_VALUES: dict[str, tuple[str, ...]] = {"probe": PROBE_NAMES, "resource": RESOURCES}
 
@@ -31,11 +32,17 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 async def alerts_list(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
     """Return active, silenced and recently resolved alerts, and the active silences."""
+    reject_unknown_params("alerts.list", params, frozenset())
     return service.listing()
 
 
-async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Create a silence from `matcher`, `duration` ("2h" or seconds) and `reason`."""
+async def alerts_silence(service: AlertService, params: Mapping[str, Any], *,
+                         created_by: str = "") -> dict[str, Any]:
+    """Create a silence from `matcher`, `duration` ("2h" or seconds) and `reason`.
+
+    `created_by` is the caller's identity from the socket, which a client cannot set.
+    """
+    reject_unknown_params("alerts.silence", params, SILENCE_PARAMS)
     matcher = _required_text(params, "matcher")
     reason = _required_text(params, "reason")
     try:
@@ -48,7 +55,6 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> di
         raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}"
                            f"{seconds}: it must be above 0 and at most "
                            f"{MAX_SILENCE_SECONDS // 86400} days")
-    created_by = str(params.get("created_by") or "")
     try:
         silence = await service.silence(matcher, duration, reason, created_by)
     except ValueError as exc:
@@ -87,6 +93,7 @@ def _matcher_warnings(silence: Silence) -> list[str]:
 
 async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
     """End the silence with `id` now."""
+    reject_unknown_params("alerts.unsilence", params, frozenset({"id"}))
     silence_id = _required_text(params, "id")
     if not await service.unsilence(silence_id):
         raise ControlError(INVALID_PARAMS, f"silence {silence_id!r} not found or already "
@@ -102,7 +109,7 @@ def silence_as_caller(service: AlertService) -> Callable[[Any, Call], Awaitable[
 
     async def silence(params: Any, call: Call) -> dict[str, Any]:
         creator = call.peer.describe() if call.peer is not None else "unknown"
-        return await alerts_silence(service, {**(params or {}), "created_by": creator})
+        return await alerts_silence(service, params or {}, created_by=creator)
 
     return silence
 
