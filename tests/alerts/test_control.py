@@ -194,6 +194,46 @@ async def test_control_silence_warns_when_all_match(service: AlertService, match
     assert warned is everything
 
 
+@pytest.mark.parametrize(("matcher", "pair"), [
+    ('alertname="WalacordProbeDown",alertname="WalacordProbeSlow"',
+     'alertname="WalacordProbeDown" and alertname="WalacordProbeSlow"'),
+    ('alertname="WalacordProbeDown",probe="walacor",probe!="walacor"',
+     'probe="walacor" and probe!="walacor"'),
+    ('alertname="WalacordProbeDown",probe="walacor",probe=~"data.*"',
+     'probe="walacor" and probe=~"data.*"'),
+    ('alertname="WalacordProbeDown",probe!~"wal.*",probe="walacor"',
+     'probe!~"wal.*" and probe="walacor"'),
+    ('alertname="WalacordProbeDown",probe=~"wal.*",probe!~"wal.*"',
+     'probe=~"wal.*" and probe!~"wal.*"'),
+    ('alertname="WalacordProbeDown",probe=~"walacor",probe!="walacor"',
+     'probe=~"walacor" and probe!="walacor"'),
+    ('alertname="WalacordProbeDown",event="",event!=""', 'event="" and event!=""'),
+    # Without alertname, probe!="walacor" alone would be warned of as too wide.
+    ('probe="walacor",probe!="walacor"', 'probe="walacor" and probe!="walacor"'),
+])
+async def test_control_silence_warns_of_contradiction(service: AlertService, matcher: str,
+                                                      pair: str) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": matcher, "duration": "1h", "reason": "maintenance"})
+
+    assert created["warnings"] == [f"{pair} contradict each other, so this silence matches "
+                                   "no alert. Remove one of them"]
+
+
+@pytest.mark.parametrize("matcher", [
+    'alertname="WalacordProbeDown",probe="walacor",probe=~"wal.*"',
+    'alertname="WalacordProbeDown",probe!="walacor",probe!="database"',
+    'alertname="WalacordProbeDown",probe="walacor",probe="walacor"',
+    'alertname="WalacordProbeDown",probe=~"wal.*",probe!~"data.*"',
+])
+async def test_control_silence_consistent_not_warned(service: AlertService,
+                                                     matcher: str) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": matcher, "duration": "1h", "reason": "maintenance"})
+
+    assert created["warnings"] == []
+
+
 async def test_control_unsilence_unknown_id(service: AlertService) -> None:
     with pytest.raises(ControlError, match="not found"):
         await handlers(service)["alerts.unsilence"]({"id": "nope"})

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from walacord.alerts.model import Matcher, Silence, fingerprint, parse_matchers
+from walacord.alerts.model import (
+    Matcher,
+    Silence,
+    contradicting_pairs,
+    fingerprint,
+    parse_matchers,
+)
 
 
 def test_fingerprint_ignores_label_order() -> None:
@@ -151,3 +157,11 @@ def test_silence_creator_checked_like_reason() -> None:
         Silence.create(matchers, 60, "maintenance", 0.0, "u" * 1001)
     with pytest.raises(ValueError, match="invalid created_by: control character"):
         Silence.create(matchers, 60, "maintenance", 0.0, "uid=0\x1b[2J")
+
+
+def test_contradicting_pairs_each_pair_once() -> None:
+    matchers = parse_matchers('x="a",y="b",x="c",x!~"[ac]",y=~"b"')
+
+    pairs = [(str(first), str(second)) for first, second in contradicting_pairs(matchers)]
+
+    assert pairs == [('x="a"', 'x="c"'), ('x="a"', 'x!~"[ac]"'), ('x="c"', 'x!~"[ac]"')]

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from walacord.alerts import rules
-from walacord.alerts.model import Silence
+from walacord.alerts.model import Silence, contradicting_pairs
 from walacord.alerts.service import AlertService
 from walacord.config import PROBE_NAMES
 from walacord.control.protocol import ErrorCode
@@ -65,6 +65,10 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any], *,
 def _matcher_warnings(silence: Silence) -> list[str]:
     """Name matchers that no walacord alert can satisfy, such as a misspelt label."""
     warnings = []
+    contradictions = contradicting_pairs(silence.matchers)
+    for first, second in contradictions:
+        warnings.append(f"{first} and {second} contradict each other, so this silence "
+                        "matches no alert. Remove one of them")
     for matcher in silence.matchers:
         if matcher.name not in rules.LABEL_NAMES:
             warnings.append(f"walacord's alerts have no label {matcher.name!r}; they have "
@@ -77,8 +81,9 @@ def _matcher_warnings(silence: Silence) -> list[str]:
                 and matcher.value not in KNOWN_VALUES[matcher.name]:
             warnings.append(f"walacord has no {matcher.name} {matcher.value!r}; it has "
                             f"{', '.join(KNOWN_VALUES[matcher.name])}")
-        if matcher.name != "alertname" and matcher.matches({}) and not any(
-                other.name == "alertname" for other in silence.matchers):
+        # A silence with contradicting matchers matches nothing, so it is not too wide.
+        if not contradictions and matcher.name != "alertname" and matcher.matches({}) \
+                and not any(other.name == "alertname" for other in silence.matchers):
             # A missing label reads as "", as in Alertmanager.
             scope = "only" if matcher.op == "=" else "also"
             warnings.append(f"{matcher} {scope} matches every alert without a "

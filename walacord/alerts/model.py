@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -222,6 +222,42 @@ def parse_matchers(text: str) -> list[Matcher]:
         raise ValueError("empty matcher: write at least one NAME=VALUE, e.g. "
                          "alertname=WalacordProbeDown")
     return matchers
+
+
+def contradicting_pairs(matchers: Sequence[Matcher]) -> list[tuple[Matcher, Matcher]]:
+    """Return the pairs of matchers on one label that no label value satisfies together.
+
+    A missing label reads as "", as in Alertmanager, so `x=""` and `x!=""` contradict.
+    """
+    pairs = []
+    for index, first in enumerate(matchers):
+        for second in matchers[index + 1:]:
+            if first.name == second.name and _contradict(first, second):
+                pairs.append((first, second))
+    return pairs
+
+
+def _contradict(first: Matcher, second: Matcher) -> bool:
+    for fixed, other in ((first, second), (second, first)):
+        value = _only_value(fixed)
+        if value is not None and not other.matches({fixed.name: value}):
+            return True
+    # NOTE: two different regular expressions are not compared, so x=~"a.*" with
+    # x=~"b.*" is not reported although no value matches both.
+    return {first.op, second.op} == {"=~", "!~"} and first.value == second.value
+
+
+# Characters with a meaning in RE2 syntax. A pattern without them matches itself only.
+_REGEX_SYNTAX = frozenset("\\.+*?()|[]{}^$")
+
+
+def _only_value(matcher: Matcher) -> str | None:
+    """Return the one value that `matcher` accepts, or None when it accepts several."""
+    if matcher.op == "=":
+        return matcher.value
+    if matcher.op == "=~" and not any(char in _REGEX_SYNTAX for char in matcher.value):
+        return matcher.value
+    return None
 
 
 def _split_outside_quotes(text: str) -> list[str]:
