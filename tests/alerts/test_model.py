@@ -112,6 +112,15 @@ def test_regex_matcher_keeps_full_match() -> None:
     assert matcher.matches({"probe": "xwalacor"}) is False
 
 
+def test_regex_matcher_counts_characters() -> None:
+    # "." is one character, so it matches the two UTF-8 bytes of "é".
+    matcher = parse_matchers('event=~"d.sque"')[0]
+
+    assert matcher.matches({"event": "dísque"}) is True
+    assert matcher.matches({"event": "dsque"}) is False
+    assert parse_matchers('event!~"caf."')[0].matches({"event": "café"}) is False
+
+
 def test_matcher_imports_re2_lazily() -> None:
     script = (
         "import sys\n"

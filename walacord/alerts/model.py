@@ -157,7 +157,9 @@ class Matcher:
             return actual == self.value
         if self.op == "!=":
             return actual != self.value
-        found = self._regex.fullmatch(actual) is not None
+        # Bytes skip google-re2's conversion of match offsets back to str positions,
+        # which a boolean result does not need. The pattern still reads UTF-8.
+        found = self._regex.fullmatch(actual.encode()) is not None
         return found if self.op == "=~" else not found
 
     def __str__(self) -> str:
