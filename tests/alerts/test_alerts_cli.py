@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,10 @@ import orjson
 import pytest
 
 from tests.conftest import walacord_run
+from walacord.alerts.store import SCHEMA
+from walacord.control.client import ControlClient
+from walacord.errors import ControlError
+from walacord.terminal import CONTROL_CHARACTERS
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
 
@@ -25,6 +31,11 @@ def daemon(tmp_path: Path) -> Iterator[Path]:
 def ctl(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([WALACORCTL, "--socket", str(socket), *args], capture_output=True,
                           text=True, timeout=30, env=dict(os.environ), check=False)
+
+
+def control_characters(output: str) -> list[str]:
+    """Return the control characters in `output` other than its line feeds."""
+    return CONTROL_CHARACTERS.findall(output.replace("\n", ""))
 
 
 def test_alerts_silence_list_unsilence(daemon: Path) -> None:
@@ -64,3 +75,49 @@ def test_alerts_silence_rejects_bad_duration(daemon: Path) -> None:
                  "--reason", "x")
     assert result.returncode == 1
     assert "invalid duration 'soon'" in result.stderr
+
+
+def test_alerts_table_escapes_stored_text(tmp_path: Path) -> None:
+    # Versions before the reason checks stored whatever a client sent.
+    state = tmp_path / "state"
+    state.mkdir()
+    now = time.time()
+    with sqlite3.connect(state / "alerts.db") as db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO silences (id, matchers, starts_at, ends_at, reason, created_by) "
+                   "VALUES ('old', ?, ?, ?, ?, '')",
+                   (orjson.dumps([{"name": "event", "op": "=", "value": "x\x1b]0;title\x07"}]),
+                    now, now + 3600, "planned \x1b[2J\x1b[H\x9b31m\u202eok"))
+
+    with walacord_run(tmp_path) as socket:
+        table = ctl(socket, "alerts")
+
+    assert table.returncode == 0, table.stderr
+    assert control_characters(table.stdout) == []
+    assert "planned \\x1b[2J\\x1b[H\\x9b31m\\u202eok" in table.stdout
+    assert 'event="x\\x1b]0;title\\x07"' in table.stdout
+
+
+def test_alerts_silence_output_escapes_matcher(daemon: Path) -> None:
+    created = ctl(daemon, "alerts", "silence", 'probe!="\x1b[31mred"', "--for", "1h",
+                  "--reason", "maintenance")
+    table = ctl(daemon, "alerts")
+
+    assert created.returncode == 0, created.stderr
+    assert control_characters(created.stdout) == []
+    assert control_characters(created.stderr) == []
+    assert 'probe!="\\x1b[31mred" also matches every alert' in created.stderr
+    assert control_characters(table.stdout) == []
+    assert 'probe!="\\x1b[31mred"' in table.stdout
+
+
+def test_alerts_silence_rejects_unknown_param(daemon: Path) -> None:
+    with ControlClient(str(daemon), timeout=10) as client:
+        with pytest.raises(ControlError) as caught:
+            client.call("alerts.silence", {"matcher": 'probe="database"', "duration": "1h",
+                                           "reason": "r", "comment": "ignored before"})
+        listing = client.call("alerts.list")
+
+    assert caught.value.code == -32602
+    assert "unknown param(s) comment for alerts.silence" in caught.value.message
+    assert listing["silences"] == []

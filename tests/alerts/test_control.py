@@ -9,9 +9,10 @@ import anyio
 import pytest
 
 from walacord.alerts import rules
-from walacord.alerts.control import handlers
+from walacord.alerts.control import handlers, silence_as_caller
 from walacord.alerts.service import AlertService
 from walacord.alerts.store import AlertStore
+from walacord.control.registry import Call, Peer
 from walacord.errors import ControlError
 
 from .conftest import make_runtime
@@ -87,6 +88,10 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
     ({"matcher": "probe=x", "duration": 1e308, "reason": "r"},
      r"invalid duration 1e\+308: it must be above 0 and at most 366"),
     ({"matcher": "probe", "duration": "1h", "reason": "r"}, "invalid matcher"),
+    ({"matcher": "probe=x", "duration": "1h", "reason": "x" * 100_000},
+     "invalid reason: 100000 characters, over the limit of 1000"),
+    ({"matcher": "probe=x", "duration": "1h", "reason": "planned \x1b[2J\x1b[H"},
+     r"invalid reason: control character '\\x1b' \(U\+001B\) at position 8"),
 ])
 async def test_control_silence_rejects_invalid_params(
         service: AlertService, params: dict[str, object], message: str) -> None:
@@ -94,6 +99,50 @@ async def test_control_silence_rejects_invalid_params(
         await handlers(service)["alerts.silence"](params)
 
     assert caught.value.code == -32602
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"comment": "x"}, "comment"),
+    ({"createdBy": "x", "endsAt": "2030-01-01T00:00:00Z"}, "createdBy, endsAt"),
+    ({"created_by": "someone else"}, "created_by"),
+])
+async def test_control_silence_rejects_unknown_params(
+        service: AlertService, extra: dict[str, object], named: str) -> None:
+    params = {"matcher": "probe=walacor", "duration": "1h", "reason": "r", **extra}
+    silence = silence_as_caller(service)
+
+    with pytest.raises(ControlError) as caught:
+        await silence(params, Call("alerts.silence", 1, Peer(pid=1, uid=0, gid=0)))
+
+    assert caught.value.code == -32602
+    assert caught.value.message == (f"unknown param(s) {named} for alerts.silence; "
+                                    "accepted: duration, matcher, reason")
+    assert caught.value.data == {"method": "alerts.silence"}
+    assert service.listing()["silences"] == []
+
+
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("alerts.list", {"state": "firing"}, "unknown param(s) state for alerts.list; "
+                                         "accepted: (none)"),
+    ("alerts.unsilence", {"id": "abc", "force": True},
+     "unknown param(s) force for alerts.unsilence; accepted: id"),
+])
+async def test_control_alerts_rejects_unknown_params(
+        service: AlertService, method: str, params: dict[str, object], message: str) -> None:
+    with pytest.raises(ControlError) as caught:
+        await handlers(service)[method](params)
+
+    assert caught.value.code == -32602
+    assert caught.value.message == message
+
+
+async def test_control_silence_records_peer(service: AlertService) -> None:
+    params = {"matcher": "probe=walacor", "duration": "1h", "reason": "r"}
+
+    created = await silence_as_caller(service)(
+        params, Call("alerts.silence", 1, Peer(pid=42, uid=1000, gid=1000)))
+
+    assert created["silence"]["createdBy"] == "uid=1000 pid=42"
 
 
 @pytest.mark.parametrize(("matcher", "warning"), [
@@ -143,6 +192,46 @@ async def test_control_silence_warns_when_all_match(service: AlertService, match
     warned = any("matches every alert walacord raises" in w for w in created["warnings"])
 
     assert warned is everything
+
+
+@pytest.mark.parametrize(("matcher", "pair"), [
+    ('alertname="WalacordProbeDown",alertname="WalacordProbeSlow"',
+     'alertname="WalacordProbeDown" and alertname="WalacordProbeSlow"'),
+    ('alertname="WalacordProbeDown",probe="walacor",probe!="walacor"',
+     'probe="walacor" and probe!="walacor"'),
+    ('alertname="WalacordProbeDown",probe="walacor",probe=~"data.*"',
+     'probe="walacor" and probe=~"data.*"'),
+    ('alertname="WalacordProbeDown",probe!~"wal.*",probe="walacor"',
+     'probe!~"wal.*" and probe="walacor"'),
+    ('alertname="WalacordProbeDown",probe=~"wal.*",probe!~"wal.*"',
+     'probe=~"wal.*" and probe!~"wal.*"'),
+    ('alertname="WalacordProbeDown",probe=~"walacor",probe!="walacor"',
+     'probe=~"walacor" and probe!="walacor"'),
+    ('alertname="WalacordProbeDown",event="",event!=""', 'event="" and event!=""'),
+    # Without alertname, probe!="walacor" alone would be warned of as too wide.
+    ('probe="walacor",probe!="walacor"', 'probe="walacor" and probe!="walacor"'),
+])
+async def test_control_silence_warns_of_contradiction(service: AlertService, matcher: str,
+                                                      pair: str) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": matcher, "duration": "1h", "reason": "maintenance"})
+
+    assert created["warnings"] == [f"{pair} contradict each other, so this silence matches "
+                                   "no alert. Remove one of them"]
+
+
+@pytest.mark.parametrize("matcher", [
+    'alertname="WalacordProbeDown",probe="walacor",probe=~"wal.*"',
+    'alertname="WalacordProbeDown",probe!="walacor",probe!="database"',
+    'alertname="WalacordProbeDown",probe="walacor",probe="walacor"',
+    'alertname="WalacordProbeDown",probe=~"wal.*",probe!~"data.*"',
+])
+async def test_control_silence_consistent_not_warned(service: AlertService,
+                                                     matcher: str) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": matcher, "duration": "1h", "reason": "maintenance"})
+
+    assert created["warnings"] == []
 
 
 async def test_control_unsilence_unknown_id(service: AlertService) -> None:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import time
+
 import pytest
 
-from walacord.alerts.model import Matcher, fingerprint, parse_matchers
+from walacord.alerts.model import (
+    Matcher,
+    Silence,
+    contradicting_pairs,
+    fingerprint,
+    parse_matchers,
+)
 
 
 def test_fingerprint_ignores_label_order() -> None:
@@ -61,3 +72,105 @@ def test_matcher_matches(matcher: str, labels: dict[str, str], expected: bool) -
 def test_unclosed_quote_named() -> None:
     with pytest.raises(ValueError, match="a quote is not closed"):
         parse_matchers('probe="walacor')
+
+
+def test_regex_matcher_linear_time() -> None:
+    # Python's backtracking re needs several seconds of CPU for this value, and each
+    # further "a" doubles that. RE2 takes microseconds.
+    matcher = parse_matchers('event=~"(a+)+$"')[0]
+    started = time.process_time()
+
+    matched = matcher.matches({"event": "a" * 27 + "b"})
+
+    assert matched is False
+    assert time.process_time() - started < 0.5
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", "(?=data)base", "(?<!data)base", "a++"])
+def test_parse_matchers_rejects_non_re2(pattern: str) -> None:
+    quoted = pattern.replace("\\", "\\\\")
+    with pytest.raises(ValueError, match="RE2 syntax") as caught:
+        parse_matchers(f'probe=~"{quoted}"')
+
+    assert repr(pattern) in str(caught.value)
+
+
+def test_matcher_accepts_re2_syntax() -> None:
+    # \pL (any letter) is RE2 and Go syntax that Python's re rejects.
+    matcher = parse_matchers(r'probe=~"\\pL+"')[0]
+
+    assert matcher.matches({"probe": "database"}) is True
+    assert matcher.matches({"probe": "db1"}) is False
+
+
+def test_regex_matcher_keeps_full_match() -> None:
+    matcher = parse_matchers('probe=~"data|walacor"')[0]
+
+    assert matcher.matches({"probe": "data"}) is True
+    assert matcher.matches({"probe": "walacor"}) is True
+    assert matcher.matches({"probe": "database"}) is False
+    assert matcher.matches({"probe": "xwalacor"}) is False
+
+
+def test_regex_matcher_counts_characters() -> None:
+    # "." is one character, so it matches the two UTF-8 bytes of "é".
+    matcher = parse_matchers('event=~"d.sque"')[0]
+
+    assert matcher.matches({"event": "dísque"}) is True
+    assert matcher.matches({"event": "dsque"}) is False
+    assert parse_matchers('event!~"caf."')[0].matches({"event": "café"}) is False
+
+
+def test_matcher_imports_re2_lazily() -> None:
+    script = (
+        "import sys\n"
+        "from walacord.alerts.model import parse_matchers\n"
+        "parse_matchers('probe=database,alertname!=X')\n"
+        "print('re2' in sys.modules)\n"
+        "parse_matchers('probe=~\"data.*\"')\n"
+        "print('re2' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize(("reason", "named"), [
+    ("disk swap \x1b[2J\x1b]0;owned\x07", "'\\x1b' (U+001B) at position 10"),
+    ("line one\nline two", "'\\n' (U+000A) at position 8"),
+    ("tab\there", "'\\t' (U+0009) at position 3"),
+    ("c1 \x9b31m", "'\\x9b' (U+009B) at position 3"),
+    ("bidi \u202egnp.exe", "'\\u202e' (U+202E) at position 5"),
+])
+def test_silence_rejects_control_characters(reason: str, named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"invalid reason: control character {named}")):
+        Silence.create(parse_matchers("probe=walacor"), 60, reason, 0.0)
+
+
+def test_silence_reason_length_limit() -> None:
+    matchers = parse_matchers("probe=walacor")
+    Silence.create(matchers, 60, "x" * 1000, 0.0)
+
+    with pytest.raises(ValueError, match="invalid reason: 1001 characters, over the limit "
+                                         "of 1000"):
+        Silence.create(matchers, 60, "x" * 1001, 0.0)
+    with pytest.raises(ValueError, match="invalid reason: 100000 characters"):
+        Silence.create(matchers, 60, "x" * 100_000, 0.0)
+
+
+def test_silence_creator_checked_like_reason() -> None:
+    matchers = parse_matchers("probe=walacor")
+
+    with pytest.raises(ValueError, match="invalid created_by: 1001 characters"):
+        Silence.create(matchers, 60, "maintenance", 0.0, "u" * 1001)
+    with pytest.raises(ValueError, match="invalid created_by: control character"):
+        Silence.create(matchers, 60, "maintenance", 0.0, "uid=0\x1b[2J")
+
+
+def test_contradicting_pairs_each_pair_once() -> None:
+    matchers = parse_matchers('x="a",y="b",x="c",x!~"[ac]",y=~"b"')
+
+    pairs = [(str(first), str(second)) for first, second in contradicting_pairs(matchers)]
+
+    assert pairs == [('x="a"', 'x="c"'), ('x="a"', 'x!~"[ac]"'), ('x="c"', 'x!~"[ac]"')]

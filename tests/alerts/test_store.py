@@ -101,6 +101,34 @@ async def test_store_silences_durable_and_expirable(tmp_path: Path) -> None:
     assert after == []
 
 
+async def test_store_skips_silence_re2_rejects(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Versions that matched with Python's re stored patterns that RE2 rejects.
+    path = tmp_path / "alerts.db"
+    now = 1_800_000_000.0
+    valid = Silence.create(parse_matchers('probe="walacor"'), 3600, "vendor", now)
+    store = await AlertStore.open(path, 5.0)
+    await store.add_silence(valid)
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO silences (id, matchers, starts_at, ends_at, reason, created_by) "
+                   "VALUES ('old', ?, ?, ?, 'lookahead', '')",
+                   ('[{"name": "probe", "op": "=~", "value": "(?!walacor).*"}]', now, now + 3600))
+
+    store = await AlertStore.open(path, 5.0)
+    try:
+        with caplog.at_level("WARNING", logger="walacord.alerts.store"):
+            loaded = await store.silences(now + 10)
+    finally:
+        await store.close()
+
+    assert loaded == [valid]
+    skipped = [r for r in caplog.records if r.getMessage() == "alerts.silence_skipped"]
+    assert len(skipped) == 1
+    assert skipped[0].fields["silence"] == "old"  # type: ignore[attr-defined]
+    assert "RE2 syntax" in skipped[0].fields["error"]  # type: ignore[attr-defined]
+
+
 async def test_store_file_passes_integrity_check(tmp_path: Path) -> None:
     path = tmp_path / "alerts.db"
     store = await AlertStore.open(path, 5.0)

@@ -297,6 +297,11 @@ def test_format_table_keeps_rows_on_one_line() -> None:
     assert table.splitlines()[1] == '1   relation "t" does not exist CONTEXT: x'
 
 
+def test_format_table_escapes_control_characters() -> None:
+    table = format_table(["reason"], [["a\x1b[2Jb\x07c\x9bd\u202ee\x7f"]])
+    assert table.splitlines()[1] == "a\\x1b[2Jb\\x07c\\x9bd\\u202ee\\x7f"
+
+
 
 def test_health_lists_components(daemon: DaemonProcess) -> None:
     result = walacorctl("--json", "health", socket=daemon.socket)

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from walacord.control.render import format_table
+from walacord.terminal import escape_control_characters
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -22,7 +23,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                          'probe="database"\'')
     silence.add_argument("--for", dest="duration", required=True, metavar="DURATION",
                          help="how long: seconds, or 30m, 2h, 1d")
-    silence.add_argument("--reason", required=True, help="why; stored with the silence")
+    silence.add_argument("--reason", required=True,
+                         help="why; stored with the silence, at most 1000 characters on one "
+                              "line, without control characters")
     silence.set_defaults(handler=silence_command)
 
     unsilence = actions.add_parser("unsilence", help="end a silence now")
@@ -44,12 +47,18 @@ def _alert_rows(alerts: list[dict[str, Any]], state: str) -> list[list[object]]:
 
 
 def _cut(text: str, limit: int = 60) -> str:
-    """Shorten `text` for a table cell; `--json` shows it whole."""
+    """Escape control characters in `text` and shorten it for a table cell.
+
+    `--json` shows the text whole, with JSON's own escapes.
+    """
+    text = escape_control_characters(text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def list_command(context: Context, args: argparse.Namespace) -> int:
     listing = context.call("alerts.list")
+    # NOTE: JSON escapes only U+0000 to U+001F, so --json output keeps DEL, the C1
+    # controls and the bidirectional controls of stored text as they are.
     if context.json:
         context.print_json(listing)
         return 0
@@ -80,9 +89,10 @@ def silence_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(result)
     else:
         silence = result["silence"]
-        context.print(f"silence {silence['id']} until {silence['endsAt']}")
+        context.print(escape_control_characters(
+            f"silence {silence['id']} until {silence['endsAt']}"))
         for warning in result.get("warnings", []):
-            context.stderr.write(f"walacorctl: warning: {warning}\n")
+            context.stderr.write(f"walacorctl: warning: {escape_control_characters(warning)}\n")
     return 0
 
 
@@ -91,5 +101,5 @@ def unsilence_command(context: Context, args: argparse.Namespace) -> int:
     if context.json:
         context.print_json(result)
     else:
-        context.print(f"silence {result['expired']} ended")
+        context.print(escape_control_characters(f"silence {result['expired']} ended"))
     return 0

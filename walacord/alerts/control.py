@@ -12,17 +12,18 @@ from functools import partial
 from typing import Any
 
 from walacord.alerts import rules
-from walacord.alerts.model import Silence
+from walacord.alerts.model import Silence, contradicting_pairs
 from walacord.alerts.service import AlertService
 from walacord.config import PROBE_NAMES
 from walacord.control.protocol import ErrorCode
-from walacord.control.registry import Call
+from walacord.control.registry import Call, reject_unknown_params
 from walacord.errors import ControlError
 from walacord.probes.host import RESOURCES
 from walacord.settings import parse_duration
 
 INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 MAX_SILENCE_SECONDS = 366 * 86400
+SILENCE_PARAMS = frozenset({"matcher", "duration", "reason"})
 # Label values that walacord's alerts can carry, for labels with a fixed set.
 KNOWN_VALUES: dict[str, tuple[str, ...]] = {"probe": PROBE_NAMES, "resource": RESOURCES}
 
@@ -31,11 +32,17 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 async def alerts_list(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
     """Return active, silenced and recently resolved alerts, and the active silences."""
+    reject_unknown_params("alerts.list", params, frozenset())
     return service.listing()
 
 
-async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Create a silence from `matcher`, `duration` ("2h" or seconds) and `reason`."""
+async def alerts_silence(service: AlertService, params: Mapping[str, Any], *,
+                         created_by: str = "") -> dict[str, Any]:
+    """Create a silence from `matcher`, `duration` ("2h" or seconds) and `reason`.
+
+    `created_by` is the caller's identity from the socket, which a client cannot set.
+    """
+    reject_unknown_params("alerts.silence", params, SILENCE_PARAMS)
     matcher = _required_text(params, "matcher")
     reason = _required_text(params, "reason")
     try:
@@ -48,7 +55,6 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> di
         raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}"
                            f"{seconds}: it must be above 0 and at most "
                            f"{MAX_SILENCE_SECONDS // 86400} days")
-    created_by = str(params.get("created_by") or "")
     try:
         silence = await service.silence(matcher, duration, reason, created_by)
     except ValueError as exc:
@@ -59,6 +65,10 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any]) -> di
 def _matcher_warnings(silence: Silence) -> list[str]:
     """Name matchers that no walacord alert can satisfy, such as a misspelt label."""
     warnings = []
+    contradictions = contradicting_pairs(silence.matchers)
+    for first, second in contradictions:
+        warnings.append(f"{first} and {second} contradict each other, so this silence "
+                        "matches no alert. Remove one of them")
     for matcher in silence.matchers:
         if matcher.name not in rules.LABEL_NAMES:
             warnings.append(f"walacord's alerts have no label {matcher.name!r}; they have "
@@ -71,8 +81,9 @@ def _matcher_warnings(silence: Silence) -> list[str]:
                 and matcher.value not in KNOWN_VALUES[matcher.name]:
             warnings.append(f"walacord has no {matcher.name} {matcher.value!r}; it has "
                             f"{', '.join(KNOWN_VALUES[matcher.name])}")
-        if matcher.name != "alertname" and matcher.matches({}) and not any(
-                other.name == "alertname" for other in silence.matchers):
+        # A silence with contradicting matchers matches nothing, so it is not too wide.
+        if not contradictions and matcher.name != "alertname" and matcher.matches({}) \
+                and not any(other.name == "alertname" for other in silence.matchers):
             # A missing label reads as "", as in Alertmanager.
             scope = "only" if matcher.op == "=" else "also"
             warnings.append(f"{matcher} {scope} matches every alert without a "
@@ -87,6 +98,7 @@ def _matcher_warnings(silence: Silence) -> list[str]:
 
 async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:
     """End the silence with `id` now."""
+    reject_unknown_params("alerts.unsilence", params, frozenset({"id"}))
     silence_id = _required_text(params, "id")
     if not await service.unsilence(silence_id):
         raise ControlError(INVALID_PARAMS, f"silence {silence_id!r} not found or already "
@@ -102,7 +114,7 @@ def silence_as_caller(service: AlertService) -> Callable[[Any, Call], Awaitable[
 
     async def silence(params: Any, call: Call) -> dict[str, Any]:
         creator = call.peer.describe() if call.peer is not None else "unknown"
-        return await alerts_silence(service, {**(params or {}), "created_by": creator})
+        return await alerts_silence(service, params or {}, created_by=creator)
 
     return silence
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+from walacord.terminal import escape_control_characters, find_control_character
 
 SEVERITIES = ("critical", "warning", "info")
 AlertState = Literal["pending", "firing", "resolved"]
@@ -125,13 +127,29 @@ _MATCHER = re.compile(
     r'^\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>=~|!~|!=|=)\s*(?P<value>"(?:[^"\\]|\\.)*"|[^,"]*?)\s*$')
 
 
+OPERATORS = ("=", "!=", "=~", "!~")
+
+
 @dataclass(frozen=True)
 class Matcher:
-    """One label test, written as in Alertmanager: name=value, !=, =~ or !~ (anchored)."""
+    """One label test, written as in Alertmanager: name=value, !=, =~ or !~ (anchored).
+
+    A regular expression must match the whole label value. It is compiled when the
+    matcher is built, so an invalid pattern raises ValueError there and never during
+    alert evaluation.
+    """
 
     name: str
     op: str
     value: str
+    _regex: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.op not in OPERATORS:
+            raise ValueError(f"invalid matcher operator {self.op!r} in {self.name}"
+                             f"{self.op}{self.value!r}: use one of {', '.join(OPERATORS)}")
+        if self.op in ("=~", "!~"):
+            object.__setattr__(self, "_regex", _compile_re2(self.value))
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         actual = labels.get(self.name, "")
@@ -139,7 +157,9 @@ class Matcher:
             return actual == self.value
         if self.op == "!=":
             return actual != self.value
-        found = re.fullmatch(self.value, actual) is not None
+        # Bytes skip google-re2's conversion of match offsets back to str positions,
+        # which a boolean result does not need. The pattern still reads UTF-8.
+        found = self._regex.fullmatch(actual.encode()) is not None
         return found if self.op == "=~" else not found
 
     def __str__(self) -> str:
@@ -152,6 +172,34 @@ class Matcher:
     @classmethod
     def from_json(cls, data: Mapping[str, str]) -> Matcher:
         return cls(data["name"], data["op"], data["value"])
+
+
+def _compile_re2(pattern: str) -> Any:
+    """Compile `pattern` with RE2, which matches in time linear in the value's length.
+
+    RE2 is the syntax of Go's regexp package and so of Alertmanager's matchers. Python's
+    re backtracks, and a pattern such as `(a+)+$` could stall the event loop for
+    minutes. The module is imported here, on first use, because it adds about 3 MiB
+    to the daemon's resident memory and most silences have no regular expression.
+    """
+    import re2
+
+    options = re2.Options()
+    # RE2 logs each rejected pattern to stderr unless log_errors is off. The
+    # ValueError below carries the same message to the caller instead.
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        # google-re2 raises re2.error with RE2's message as bytes.
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        # RE2 quotes the offending part of the pattern as is, unlike the repr above.
+        detail = escape_control_characters(str(detail))
+        raise ValueError(f"invalid regular expression {pattern!r}: {detail}. Matchers use "
+                         "RE2 syntax, as Alertmanager does, so backreferences, lookarounds "
+                         "and possessive quantifiers are not available") from None
 
 
 def parse_matchers(text: str) -> list[Matcher]:
@@ -171,16 +219,47 @@ def parse_matchers(text: str) -> list[Matcher]:
         value = match.group("value")
         if value.startswith('"'):
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        if match.group("op") in ("=~", "!~"):
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
         matchers.append(Matcher(match.group("name"), match.group("op"), value))
     if not matchers:
         raise ValueError("empty matcher: write at least one NAME=VALUE, e.g. "
                          "alertname=WalacordProbeDown")
     return matchers
+
+
+def contradicting_pairs(matchers: Sequence[Matcher]) -> list[tuple[Matcher, Matcher]]:
+    """Return the pairs of matchers on one label that no label value satisfies together.
+
+    A missing label reads as "", as in Alertmanager, so `x=""` and `x!=""` contradict.
+    """
+    pairs = []
+    for index, first in enumerate(matchers):
+        for second in matchers[index + 1:]:
+            if first.name == second.name and _contradict(first, second):
+                pairs.append((first, second))
+    return pairs
+
+
+def _contradict(first: Matcher, second: Matcher) -> bool:
+    for fixed, other in ((first, second), (second, first)):
+        value = _only_value(fixed)
+        if value is not None and not other.matches({fixed.name: value}):
+            return True
+    # NOTE: two different regular expressions are not compared, so x=~"a.*" with
+    # x=~"b.*" is not reported although no value matches both.
+    return {first.op, second.op} == {"=~", "!~"} and first.value == second.value
+
+
+# Characters with a meaning in RE2 syntax. A pattern without them matches itself only.
+_REGEX_SYNTAX = frozenset("\\.+*?()|[]{}^$")
+
+
+def _only_value(matcher: Matcher) -> str | None:
+    """Return the one value that `matcher` accepts, or None when it accepts several."""
+    if matcher.op == "=":
+        return matcher.value
+    if matcher.op == "=~" and not any(char in _REGEX_SYNTAX for char in matcher.value):
+        return matcher.value
+    return None
 
 
 def _split_outside_quotes(text: str) -> list[str]:
@@ -203,6 +282,28 @@ def _split_outside_quotes(text: str) -> list[str]:
     return parts
 
 
+# A reason is a sentence or two. The cap keeps a mistaken paste, such as a whole log
+# file, out of alerts.db, alerts.log and walacorctl's table.
+MAX_SILENCE_TEXT = 1000
+
+
+def check_silence_text(field_name: str, text: str) -> None:
+    """Raise ValueError when `text` is over MAX_SILENCE_TEXT or has a control character.
+
+    Tabs and line breaks are rejected too, so the text prints on one line as written.
+    """
+    if len(text) > MAX_SILENCE_TEXT:
+        raise ValueError(f"invalid {field_name}: {len(text)} characters, over the limit of "
+                         f"{MAX_SILENCE_TEXT}. Shorten it")
+    found = find_control_character(text)
+    if found is not None:
+        position, character = found
+        raise ValueError(f"invalid {field_name}: control character {character!r} "
+                         f"(U+{ord(character):04X}) at position {position}. Write it as "
+                         "printable text on one line, without escape sequences, tabs or "
+                         "line breaks")
+
+
 @dataclass(frozen=True)
 class Silence:
     """Stops paging for alerts whose labels match every matcher, until `ends_at`.
@@ -221,6 +322,13 @@ class Silence:
     @classmethod
     def create(cls, matchers: list[Matcher], duration: float, reason: str, now: float,
                created_by: str = "") -> Silence:
+        """Build a new silence; raise ValueError when `reason` or `created_by` is invalid.
+
+        Silences loaded from alerts.db skip these checks, so text stored by older
+        versions may still contain control characters.
+        """
+        check_silence_text("reason", reason)
+        check_silence_text("created_by", created_by)
         return cls(uuid.uuid4().hex[:12], tuple(matchers), now, now + duration, reason,
                    created_by)
 

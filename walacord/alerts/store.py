@@ -9,6 +9,7 @@ deadline.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import anyio
 import orjson
 
 from walacord.alerts.model import Matcher, Silence
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -223,8 +226,15 @@ class AlertStore:
                 "SELECT id, matchers, starts_at, ends_at, reason, created_by FROM silences "
                 "WHERE ends_at > ? ORDER BY starts_at", (now,))
             rows = await cursor.fetchall()
-        return [
-            Silence(r[0], tuple(Matcher.from_json(m) for m in orjson.loads(r[1])),
-                    r[2], r[3], r[4], r[5])
-            for r in rows
-        ]
+        silences = []
+        for row in rows:
+            try:
+                matchers = tuple(Matcher.from_json(m) for m in orjson.loads(row[1]))
+            except ValueError as exc:
+                # Versions that matched with Python's re stored patterns that RE2
+                # rejects. Such a silence is left out, so its alerts page again.
+                log.warning("alerts.silence_skipped", extra={"fields": {
+                    "silence": row[0], "error": str(exc)}})
+                continue
+            silences.append(Silence(row[0], matchers, row[2], row[3], row[4], row[5]))
+        return silences

@@ -211,10 +211,7 @@ def parse_params(method: str, model: type[Any] | None, params: dict[str, Any]) -
         return None
 
     fields = {f.name: f for f in dataclasses.fields(model) if f.init}
-    unknown = params.keys() - fields.keys()
-    if unknown:
-        raise _invalid(method, f"unknown param(s) {_names(unknown)} for {method}; "
-                       f"accepted: {_names(fields)}")
+    reject_unknown_params(method, params, fields.keys())
 
     hints = _type_hints(model)
     values: dict[str, Any] = {}
@@ -232,6 +229,18 @@ def parse_params(method: str, model: type[Any] | None, params: dict[str, Any]) -
         # A model's __post_init__ raises ValueError with the rule it checks.
         raise _invalid(method, f"invalid params for {method}: {exc}") from None
     return instance
+
+
+def reject_unknown_params(method: str, params: Mapping[str, Any], accepted: Set[str]) -> None:
+    """Raise ControlError INVALID_PARAMS naming the params of `method` not in `accepted`.
+
+    Handlers that take the params dict and validate it themselves call this too, so
+    their message is the one that methods with a params dataclass send.
+    """
+    unknown = params.keys() - accepted
+    if unknown:
+        raise _invalid(method, f"unknown param(s) {_names(unknown)} for {method}; "
+                       f"accepted: {_names(accepted)}")
 
 
 _HINTS: dict[type[Any], dict[str, Any]] = {}

@@ -7,6 +7,8 @@ import shutil
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from walacord.terminal import escape_control_characters
+
 MISSING = "-"
 
 
@@ -17,15 +19,20 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     """Return rows as left-aligned columns under upper-case headers.
 
     Line breaks and tabs inside a value, such as PostgreSQL's CONTEXT line in an error,
-    become spaces, so each row stays on one line.
+    become spaces, so each row stays on one line. Other control characters are printed
+    as escapes such as `\\x1b`, so a stored value cannot drive the terminal.
     """
     cells = [[str(h).upper() for h in headers]]
-    cells += [[MISSING if value is None else str(value).translate(_ONE_LINE) for value in row]
+    cells += [[MISSING if value is None else _table_cell(str(value)) for value in row]
               for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
              .rstrip() for row in cells]
     return "\n".join(lines)
+
+
+def _table_cell(text: str) -> str:
+    return escape_control_characters(text.translate(_ONE_LINE))
 
 
 def format_pairs(pairs: Sequence[tuple[str, object]]) -> str:

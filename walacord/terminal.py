@@ -1,0 +1,30 @@
+"""Characters that a terminal acts on instead of printing: find them in text, escape them.
+
+Stored text such as a silence's reason reaches an operator's terminal through
+walacorctl. C0 and C1 control characters can move the cursor, clear the screen or set
+the window title (ESC starts an ANSI escape sequence, and U+009B is the one-byte CSI).
+The Unicode bidirectional controls reorder how the rest of a line is displayed.
+"""
+
+from __future__ import annotations
+
+import re
+
+# C0 controls with tab and line feed, DEL, C1 controls, and the bidirectional marks,
+# embeddings, overrides and isolates.
+CONTROL_CHARACTERS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def find_control_character(text: str) -> tuple[int, str] | None:
+    """Return the position and the first control character in `text`, or None."""
+    found = CONTROL_CHARACTERS.search(text)
+    if found is None:
+        return None
+    return found.start(), found.group()
+
+
+def escape_control_characters(text: str) -> str:
+    """Return `text` with each control character written as an escape such as `\\x1b`."""
+    return CONTROL_CHARACTERS.sub(
+        lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
