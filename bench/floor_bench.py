@@ -6,8 +6,9 @@ its own. Each layer is a fresh child process that imports its modules, reports t
 is ready and then waits on its standard input, while this script reads its RSS:
 
 1. the interpreter alone;
-2. the libraries the daemon imports from `dependencies` in pyproject.toml (aiohttp,
-   which only the Walacor emulator imports, is left out);
+2. the libraries the daemon imports from `dependencies` in pyproject.toml, except
+   aiohttp, which only the Walacor emulator imports, and google-re2, which the daemon
+   imports only once a silence has a regular expression;
 3. walacord's daemon modules, with the components of a default configuration built
    inside an event loop and nothing started: no connection, thread or socket.
 
