@@ -17,7 +17,7 @@ from tests.control.harness import WALACORCTL, DaemonProcess, walacorctl
 from walacord.control.cli import Context
 from walacord.control.client import ControlClient, _control_error
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, encode_request
-from walacord.control.render import ProgressBar, format_table
+from walacord.control.render import ProgressBar, first_line, format_table
 from walacord.errors import ControlClientError
 
 
@@ -298,6 +298,16 @@ def test_format_table_aligns_columns() -> None:
 def test_format_table_keeps_rows_on_one_line() -> None:
     table = format_table(["id", "last error"], [[1, 'relation "t" does not exist\nCONTEXT:\tx']])
     assert table.splitlines()[1] == '1   relation "t" does not exist CONTEXT: x'
+
+
+def test_first_line_cuts_to_limit() -> None:
+    error = ('sqlstate 42601: syntax error at or near "VALUS"\n'
+             "LINE 1: INSERT INTO ledger VALUS ($1)\n"
+             "                           ^")
+    assert first_line(error) == 'sqlstate 42601: syntax error at or near "VALUS"'
+    assert first_line("x" * 100, limit=20) == "x" * 17 + "..."
+    assert first_line("\n  \n") == ""
+    assert first_line("") == ""
 
 
 
