@@ -191,13 +191,26 @@ async def test_run_command_missing_program() -> None:
     assert code is None
 
 
-def test_machine_override_ttl_capped() -> None:
+def test_machine_override_ttl_at_limit() -> None:
     machine = ModeMachine(ModesConfig(override_max_ttl=60), None)
-    override = machine.set_override(Mode.DEGRADED, "maintenance", 3600, now=NOW)
+    override = machine.set_override(Mode.DEGRADED, "maintenance", 60, now=NOW)
     assert override.until == NOW + 60
     assert machine.evaluate(world(), now=NOW + 1).mode is Mode.DEGRADED
     assert machine.evaluate(world(), now=NOW + 61).mode is Mode.NORMAL
     assert machine.override is None
+
+
+def test_machine_override_ttl_over_limit() -> None:
+    machine = ModeMachine(ModesConfig(override_max_ttl=86400), None)
+    with pytest.raises(ValueError) as raised:
+        machine.set_override(Mode.DEGRADED, "maintenance", 2 * 86400, now=NOW)
+    message = str(raised.value)
+
+    assert "172800s (2.0 days)" in message
+    assert "86400s (1.0 days)" in message
+    assert "[modes] override_max_ttl" in message
+    assert machine.override is None
+    assert machine.evaluate(world(), now=NOW + 1).mode is Mode.NORMAL
 
 
 def test_machine_override_keeps_probes_verdict() -> None:

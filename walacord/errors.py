@@ -164,6 +164,14 @@ class ControlError(WalacordError):
         self.data = data
 
 
+class ModeOverrideError(WalacordError, ValueError):
+    """A manual mode override was rejected; `data` contains the values that caused it."""
+
+    def __init__(self, message: str, data: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.data = data or {}
+
+
 class ControlSocketError(WalacordError):
     """The control socket could not be created, or another daemon is listening on it."""
 

@@ -173,7 +173,8 @@ class Metrics:
         self.backup_damaged = Gauge(
             "walacord_backups_damaged",
             "Damaged backups in the backup directory: the latest checksum, readability or "
-            "drill check failed, the dump is missing, or the manifest is unreadable.",
+            "drill check failed, the dump is missing or not a regular file, or the manifest "
+            "is unreadable.",
             registry=registry)
 
         # --- alerts -------------------------------------------------------------

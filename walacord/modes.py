@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 
 from walacord.config import ModesConfig
+from walacord.errors import ModeOverrideError
 from walacord.probes.base import Health, ProbeState
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,18 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
+def _seconds_text(seconds: float) -> str:
+    """Return e.g. "172800s (2.0 days)" for an error message."""
+    if seconds >= 1e12:
+        return f"{seconds:.3g}s"
+    text = f"{seconds:.0f}s"
+    if seconds >= 86400:
+        return f"{text} ({seconds / 86400:.1f} days)"
+    if seconds >= 3600:
+        return f"{text} ({seconds / 3600:.1f} hours)"
+    return text
+
+
 def wall_time(monotonic_at: float, now: float | None = None) -> str:
     """Return an ISO 8601 UTC time for a monotonic timestamp, for output only."""
     now = time.monotonic() if now is None else now
@@ -252,13 +265,25 @@ class ModeMachine:
 
     def set_override(self, mode: Mode, reason: str, ttl: float,
                      now: float | None = None, set_by: str = "") -> Override:
-        """Force `mode` for `ttl` seconds (capped at `override_max_ttl`)."""
+        """Force `mode` for `ttl` seconds.
+
+        Raises ModeOverrideError when the reason is empty or `ttl` is not positive or
+        is above `override_max_ttl`. The override in force, if any, stays unchanged.
+        """
         if not reason.strip():
-            raise ValueError("an override needs a reason, e.g. \"database maintenance\"")
-        if ttl <= 0:
-            raise ValueError(f"invalid TTL {ttl:g}s: it must be positive")
+            raise ModeOverrideError("an override needs a reason, e.g. "
+                                    "\"database maintenance\"")
+        if not 0 < ttl < math.inf:
+            raise ModeOverrideError(f"invalid TTL {ttl:g}s: it must be positive and finite")
+        limit = self.config.override_max_ttl
+        if ttl > limit:
+            raise ModeOverrideError(
+                f"override TTL {_seconds_text(ttl)} is above the limit of "
+                f"{_seconds_text(limit)} that [modes] override_max_ttl sets. Use a shorter "
+                "TTL, or raise override_max_ttl in the configuration file and run "
+                "`walacorctl reload`",
+                {"ttl_seconds": ttl, "override_max_ttl_seconds": limit})
         now = time.monotonic() if now is None else now
-        ttl = min(ttl, self.config.override_max_ttl)
         self.override = Override(mode, reason.strip(), now + ttl, now, set_by)
         log.info("mode.override_set", extra={"fields": {
             "mode": mode.value, "reason": reason, "ttl_seconds": ttl, "set_by": set_by}})

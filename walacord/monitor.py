@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from walacord.config import PROBE_NAMES, Config
 from walacord.dbpool import DatabasePool
-from walacord.errors import PoolRecycleError
+from walacord.errors import ModeOverrideError, PoolRecycleError
 from walacord.logs import PERFORMANCE_LOGGER
 from walacord.modes import Mode, ModeMachine, wall_time
 from walacord.probes.base import Health, Probe, ProbeResult, ProbeRunner, ProbeState
@@ -454,11 +454,11 @@ class Monitor:
         return self.modes.snapshot()
 
     def set_mode(self, mode: str, reason: str, ttl: float, actor: str = "") -> dict[str, Any]:
-        """Force `mode` for `ttl` seconds; raise ValueError on an invalid mode or TTL."""
+        """Force `mode` for `ttl` seconds; raise ModeOverrideError on an invalid mode or TTL."""
         try:
             chosen = Mode(mode)
         except ValueError:
-            raise ValueError(f"invalid mode {mode!r}; use one of "
+            raise ModeOverrideError(f"invalid mode {mode!r}; use one of "
                              f"{', '.join(m.value for m in Mode)}") from None
         self.modes.set_override(chosen, reason, ttl, set_by=actor)
         self._evaluate()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,22 @@ def overwrite_two_bytes(path: Path, offset: int) -> str:
         handle.seek(offset)
         handle.write(bytes(b ^ 0xFF for b in original))
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def fifo_in_place_of(path: Path) -> Iterator[None]:
+    """Replace the file at `path` with a FIFO that nothing writes to.
+
+    At the end, a writer opens and closes the FIFO once, so a reader that blocked in
+    open() gets end-of-file and its thread ends.
+    """
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # ENXIO: no reader is waiting
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
 @pytest.fixture

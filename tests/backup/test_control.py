@@ -11,7 +11,7 @@ import anyio
 import psycopg
 import pytest
 
-from tests.backup.conftest import overwrite_two_bytes
+from tests.backup.conftest import fifo_in_place_of, overwrite_two_bytes
 from tests.conftest import wait_until
 from walacord.backup import BackupManager
 from walacord.backup.control import (
@@ -167,6 +167,23 @@ async def test_verify_with_drill(make_manager: ManagerFactory) -> None:
     assert result["checksum"]["ok"] is True
     assert result["drill"]["ok"] is True
     assert result["drill"]["row_counts"]["public.ledger"] == 3000
+
+
+async def test_verify_fifo_named_in_error(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = backup["path"]
+
+    with fifo_in_place_of(Path(path)), anyio.fail_after(5):
+        with pytest.raises(ControlError) as rejected:
+            await backup_verify(manager, {"id": backup["id"]})
+        [entry] = (await backup_list(manager, {}))["backups"]
+
+    assert rejected.value.code == BACKUP_FAILED
+    assert rejected.value.message == (f"verification failed: backup file {path} is a FIFO, "
+                                      "not a regular file; its manifest remains")
+    assert entry["verified"] is False
+    assert entry["problems"][0] == f"backup file {path} is a FIFO, not a regular file"
 
 
 async def test_verify_rejects_bad_params(make_manager: ManagerFactory) -> None:

@@ -9,7 +9,7 @@ import anyio
 import psycopg
 import pytest
 
-from tests.backup.conftest import overwrite_two_bytes
+from tests.backup.conftest import fifo_in_place_of, overwrite_two_bytes
 from walacord.backup import BackupManager
 from walacord.backup.manifest import format_time, write_manifest
 from walacord.backup.restore import DatabaseExists
@@ -161,6 +161,22 @@ async def test_restore_checks_checksum_before_target(make_manager: ManagerFactor
         await manager.restore(backup.id, target_db, force=True)
 
     assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "0"
+    assert restoring_databases(pg_cluster) == []
+
+
+async def test_restore_fifo_fails_at_once(make_manager: ManagerFactory,
+                                          pg_cluster: PgCluster, target_db: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+
+    with fifo_in_place_of(path), anyio.fail_after(5), pytest.raises(BackupError) as raised:
+        await manager.restore(backup.id, target_db)
+
+    assert str(raised.value) == (f"backup file {path} is a FIFO, not a regular file; "
+                                 "choose another id from `walacorctl backup list`")
+    assert not database_exists(pg_cluster, target_db)
     assert restoring_databases(pg_cluster) == []
 
 

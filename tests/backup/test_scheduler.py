@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.backup.conftest import overwrite_two_bytes
+from tests.backup.conftest import fifo_in_place_of, overwrite_two_bytes
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED, BACKUP_STALE
 from walacord.backup.manifest import Manifest, format_time, write_manifest
@@ -325,6 +325,25 @@ async def test_damaged_gauge_counts_lost_files(make_manager: ManagerFactory) -> 
 
     assert lost_dump == 1
     assert broken_manifest == 2
+
+
+@pytest.mark.anyio
+async def test_recheck_fifo_fails_at_once(make_manager: ManagerFactory,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    manager = make_manager(recheck_interval=7 * 86400.0)
+    backup = await manager.take()
+    assert backup is not None
+    age_last_check(manager, backup, days=8)
+    caplog.set_level(logging.INFO)
+
+    with fifo_in_place_of(manager.path_of(backup)), anyio.fail_after(5):
+        failed = await BackupScheduler(manager).recheck_stored()
+        listed_damaged = manager.metrics.backup_damaged._value.get()
+
+    assert failed == [backup.id]
+    assert listed_damaged == 1
+    not_run = [r for r in caplog.records if r.getMessage() == "backup.recheck_not_run"]
+    assert "is a FIFO, not a regular file" in not_run[0].fields["error"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.anyio

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 
-from tests.backup.conftest import overwrite_two_bytes
+from tests.backup.conftest import fifo_in_place_of, overwrite_two_bytes
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
-from walacord.backup.manifest import MAX_ID_BYTES, backup_id, safe_name_part, write_manifest
+from walacord.backup.manifest import (
+    MAX_ID_BYTES,
+    backup_id,
+    safe_name_part,
+    sha256_file,
+    write_manifest,
+)
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -87,6 +95,48 @@ async def test_verify_missing_file_raises(make_manager: ManagerFactory) -> None:
 
     with pytest.raises(BackupError, match="missing"):
         await manager.verify(backup.id)
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_verify_fifo_fails_at_once(make_manager: ManagerFactory,
+                                         alerts: list[BackupAlert], fmt: str) -> None:
+    manager = make_manager(format=fmt)
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+
+    with fifo_in_place_of(path), anyio.fail_after(5), pytest.raises(BackupError) as raised:
+        await manager.verify(backup.id)
+
+    assert str(raised.value) == (f"backup file {path} is a FIFO, not a regular file; "
+                                 "its manifest remains")
+    assert manager.metrics.backup_failures.labels(operation="verify")._value.get() == 1
+    assert manager.metrics.backup_damaged._value.get() == 1
+    assert [a.name for a in alerts] == [BACKUP_FAILED]
+
+
+async def test_sha256_file_rejects_fifo(tmp_path: Path) -> None:
+    # A FIFO swapped in after the caller's check must not block the reading thread.
+    path = tmp_path / "backup.dump"
+    path.write_bytes(b"x")
+
+    with fifo_in_place_of(path), anyio.fail_after(5), pytest.raises(BackupError) as raised:
+        await anyio.to_thread.run_sync(sha256_file, path, abandon_on_cancel=True)
+
+    assert str(raised.value) == f"backup file {path} is a FIFO, not a regular file"
+
+
+async def test_drill_fifo_fails_at_once(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+
+    with fifo_in_place_of(path), anyio.fail_after(5), pytest.raises(BackupError) as raised:
+        await manager.drill(backup.id)
+
+    assert f"backup file {path} is a FIFO, not a regular file" in str(raised.value)
+    assert manager.metrics.backup_failures.labels(operation="drill")._value.get() == 1
 
 
 async def test_verify_unknown_id_raises(make_manager: ManagerFactory) -> None:

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 
 from tests.conftest import daemon_config, running_daemon
-from walacord.config import BackupConfig
+from walacord.config import BackupConfig, ModesConfig
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
 
@@ -26,9 +27,6 @@ async def test_mode_override_expires_by_itself(pg_db: str, tmp_path: Path,
         before = await anyio.run_process([WALACORCTL, "--socket", socket, "check"], check=False)
         assert before.returncode == 0, before.stdout.decode()
 
-        capped = await anyio.run_process(
-            [WALACORCTL, "--socket", socket, "mode", "set", "degraded", "--ttl", "2d",
-             "--reason", "too long"], check=False)
         forced = await anyio.run_process(
             [WALACORCTL, "--socket", socket, "mode", "set", "emergency", "--ttl", "5",
              "--reason", "planned failover drill"], check=False)
@@ -47,12 +45,52 @@ async def test_mode_override_expires_by_itself(pg_db: str, tmp_path: Path,
         elapsed = time.monotonic() - set_at
 
     assert 4.5 <= elapsed <= 7.0
-    assert capped.returncode == 0
-    assert "override_max_ttl caps it" in capped.stderr.decode()
-    assert "caps it" not in forced.stderr.decode()
+    assert forced.stderr.decode() == ""
     changes = [r for r in caplog.records if r.getMessage() == "mode.changed"]
     fields = [getattr(r, "fields", {}) for r in changes]
     to_emergency = [f for f in fields if f.get("to") == "emergency"]
     assert to_emergency, fields
     assert "planned failover drill" in str(to_emergency[0].get("reason"))
     assert any(f.get("from") == "emergency" and f.get("to") == "normal" for f in fields)
+
+
+@pytest.mark.anyio
+async def test_mode_override_ttl_over_limit(pg_db: str, tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, pg_db, backup=BackupConfig(enabled=False))
+    socket = config.control.socket
+    async with running_daemon(config):
+        rejected = await anyio.run_process(
+            [WALACORCTL, "--socket", socket, "mode", "set", "degraded", "--ttl", "2d",
+             "--reason", "too long"], check=False)
+        as_json = await anyio.run_process(
+            [WALACORCTL, "--socket", socket, "--json", "mode", "set", "degraded",
+             "--ttl", "400d", "--reason", "too long"], check=False)
+        after = await anyio.run_process([WALACORCTL, "--socket", socket, "--json", "mode"],
+                                        check=False)
+
+    message = rejected.stderr.decode()
+    assert rejected.returncode == 1, message
+    assert "172800s (2.0 days)" in message
+    assert "86400s (1.0 days)" in message
+    assert "[modes] override_max_ttl" in message
+    error = orjson.loads(as_json.stdout)["error"]
+    assert as_json.returncode == 1
+    assert "34560000s (400.0 days)" in error["message"]
+    assert error["data"] == {"ttl_seconds": 34560000.0, "override_max_ttl_seconds": 86400.0}
+    assert orjson.loads(after.stdout)["override"] is None
+
+
+@pytest.mark.anyio
+async def test_mode_override_ttl_raised_limit(pg_db: str, tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, pg_db, backup=BackupConfig(enabled=False),
+                           modes=ModesConfig(override_max_ttl=10 * 86400))
+    socket = config.control.socket
+    async with running_daemon(config):
+        forced = await anyio.run_process(
+            [WALACORCTL, "--socket", socket, "--json", "mode", "set", "degraded",
+             "--ttl", "8d", "--reason", "long migration"], check=False)
+
+    assert forced.returncode == 0, forced.stdout.decode() + forced.stderr.decode()
+    override = orjson.loads(forced.stdout)["override"]
+    assert override["mode"] == "degraded"
+    assert 8 * 86400 - 60 < override["remaining_seconds"] <= 8 * 86400

@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tests.outbox.conftest import ledger_rows
 from tests.outbox.test_control import serving_outbox
-from walacord.config import Config, OutboxConfig
+from walacord.config import Config, OutboxConfig, OutboxStatement
 from walacord.control.cli import main as walacorctl
 from walacord.outbox.service import build_sinks
 
@@ -76,3 +76,37 @@ async def test_walacorctl_enqueue_sync_and_inspect(
     assert "add --yes" in no_yes[2]
     assert len(exported[1].splitlines()) == 26
     assert len(await ledger_rows(ledger_pool)) == 26
+
+
+async def test_outbox_list_error_first_line(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    # PostgreSQL's message for a syntax error adds a LINE 1 line and a caret line.
+    misspelled = OutboxStatement(
+        sql="INSERT INTO ledger (key, amount) VALUS (%(key)s, %(amount)s)", idempotent=True)
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0, dead_after_attempts=1,
+                                 statements={"misspelled": misspelled})
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        outbox.engine.sink_unhealthy("postgres")
+        enqueued = await run_walacorctl(path, "--json", "enqueue", "--sink", "postgres",
+                                        "--statement", "misspelled", "--key", "typo-1",
+                                        "--data", '{"key": "typo-1", "amount": 1}')
+        synced = await run_walacorctl(path, "--json", "sync")
+        table = await run_walacorctl(path, "outbox", "list")
+        as_json = await run_walacorctl(path, "--json", "outbox", "list")
+        detail = await run_walacorctl(path, "outbox", "show", "--key", "typo-1")
+
+    assert enqueued[0] == 0, enqueued[2]
+    assert orjson.loads(synced[1])["dead"] == 1
+    full_error = orjson.loads(as_json[1])["operations"][0]["last_error"]
+    assert full_error.startswith('sqlstate 42601: syntax error at or near "VALUS"\n')
+    assert "LINE 1: " in full_error
+    assert "^" in full_error
+    lines = table[1].splitlines()
+    assert len(lines) == 2, table[1]
+    assert "LAST ERROR" in lines[0]
+    cell = lines[1][lines[0].index("LAST ERROR"):]
+    assert cell == 'sqlstate 42601: syntax error at or near "VALUS"'
+    assert "LINE 1" in detail[1]
+    assert "^" in detail[1]

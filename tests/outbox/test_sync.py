@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from tests.outbox.conftest import (
     walacor_op,
     walacor_rows_per_key,
 )
-from walacord.config import OutboxConfig
+from walacord.config import OutboxConfig, OutboxStatement
 from walacord.emulator import Emulator
 from walacord.metrics import Metrics
 from walacord.outbox.model import NewOperation, Operation, State
@@ -269,3 +270,73 @@ async def test_sync_now_runs_pass(open_store: StoreOpener, metrics: Metrics,
     assert metrics.outbox_pending._value.get() == 0
     assert metrics.outbox_accepted._value.get() == 7
     assert metrics.outbox_conservation_ok._value.get() == 1
+
+
+# Statements that a migration has not caught up with yet: a missing table, a missing
+# column and a missing schema.
+AWAITING_MIGRATION = {
+    "insert_audit": OutboxStatement(
+        sql="INSERT INTO audit_log (key, note) VALUES (%(key)s, %(note)s) "
+            "ON CONFLICT (key) DO NOTHING"),
+    "insert_region": OutboxStatement(
+        sql="INSERT INTO ledger (key, amount, region) VALUES (%(key)s, 1, %(region)s) "
+            "ON CONFLICT (key) DO NOTHING"),
+    "insert_invoice": OutboxStatement(
+        sql="INSERT INTO billing.invoices (key) VALUES (%(key)s) ON CONFLICT (key) DO NOTHING"),
+}
+MIGRATION_SQL = """
+CREATE TABLE audit_log (key text PRIMARY KEY, note text);
+ALTER TABLE ledger ADD COLUMN region text;
+CREATE SCHEMA billing;
+CREATE TABLE billing.invoices (key text PRIMARY KEY);
+"""
+
+
+async def test_missing_table_waits_for_migration(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any], metrics: Metrics,
+        caplog: pytest.LogCaptureFixture) -> None:
+    statements = {"insert_row": INSERT_ROW, **AWAITING_MIGRATION}
+    sink = PostgresSink(ledger_pool, statements, timeout=10)
+    waiting = [
+        NewOperation(key="audit-1", sink="postgres", target="insert_audit",
+                     payload=b'{"note": "deploy"}'),
+        NewOperation(key="region-1", sink="postgres", target="insert_region",
+                     payload=b'{"region": "eu"}'),
+        NewOperation(key="invoice-1", sink="postgres", target="insert_invoice",
+                     payload=b"{}"),
+    ]
+    good = [ledger_op(f"good-{i}") for i in range(4)]
+    caplog.set_level(logging.WARNING, logger="walacord.outbox")
+    async with open_store(dead_after_attempts=2) as store:
+        await store.enqueue([good[0], *waiting, *good[1:]])
+        engine = SyncEngine(store, {"postgres": sink}, store.config, metrics=metrics)
+        # More passes than dead_after_attempts, each after the retry backoff.
+        for _ in range(5):
+            await engine.run_pass(forced=True)
+            await anyio.sleep(store.config.retry_max + store.config.retry_initial)
+        before = {op.key: op for op in await store.list(states=[State.PENDING])}
+        dead_before = (await store.stats()).dead
+
+        async with ledger_pool.connection() as conn:
+            await conn.execute(MIGRATION_SQL)
+        await drain(engine, store)
+        stats = await store.check_conservation()
+
+    assert dead_before == 0
+    assert sorted(before) == ["audit-1", "invoice-1", "region-1"]
+    assert all(op.attempts >= 3 for op in before.values()), before
+    assert (before["audit-1"].last_error or "").startswith(
+        'sqlstate 42P01: relation "audit_log" does not exist')
+    assert (before["region-1"].last_error or "").startswith(
+        'sqlstate 42703: column "region" of relation "ledger" does not exist')
+    assert (before["invoice-1"].last_error or "").startswith(
+        'sqlstate 42P01: relation "billing.invoices" does not exist')
+    errors = metrics.outbox_sync_errors
+    assert errors.labels(sink="postgres", reason="sqlstate 42P01")._value.get() >= 6
+    assert errors.labels(sink="postgres", reason="sqlstate 42703")._value.get() >= 3
+    waits = [r for r in caplog.records if r.getMessage() == "outbox.waiting_for_schema"]
+    assert waits, [r.getMessage() for r in caplog.records]
+    assert waits[0].levelno == logging.WARNING
+    assert (stats.done, stats.dead, stats.pending) == (7, 0, 0)
+    assert sorted(key for key, _ in await ledger_rows(ledger_pool)) == [
+        "good-0", "good-1", "good-2", "good-3", "region-1"]

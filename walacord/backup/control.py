@@ -22,6 +22,7 @@ from walacord.backup.manager import BackupManager
 from walacord.backup.manifest import (
     CheckResult,
     Manifest,
+    dump_file_problem,
     format_time,
     parse_time,
     unreadable_manifests,
@@ -84,8 +85,9 @@ def modified_after_check(manifest: Manifest, path: Path) -> str | None:
 def entry_problems(manifest: Manifest, path: Path, modified_at: str | None) -> list[str]:
     """Return one sentence per reason the backup does not count as verified."""
     problems = []
-    if not path.exists():
-        problems.append(f"backup file {path} is missing")
+    file_problem = dump_file_problem(path)
+    if file_problem is not None:
+        problems.append(file_problem)
     if modified_at is not None and manifest.checksum_check is not None:
         problems.append(f"the file was modified at {modified_at}, after its last "
                         f"verification at {manifest.checksum_check.at}; run "

@@ -18,7 +18,7 @@ import anyio
 import psycopg
 
 from walacord.backup.dump import count_rows, list_user_tables
-from walacord.backup.manifest import Manifest, safe_name_part, utc_now
+from walacord.backup.manifest import Manifest, dump_file_problem, safe_name_part, utc_now
 from walacord.backup.pgclient import client_environment, with_dbname
 from walacord.backup.restore import Admin, RestoreRequest, load_archive, scratch_name
 from walacord.backup.verify import check_result, hash_backup_file
@@ -77,8 +77,9 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
     """
     config = manager.config
     path = manager.path_of(manifest)
-    if not path.exists():
-        error = BackupError(f"backup file {path} is missing; its manifest remains")
+    problem = dump_file_problem(path)
+    if problem is not None:
+        error = BackupError(f"{problem}; its manifest remains")
         await manager.record_failure("drill", manifest.id, error)
         raise error
 

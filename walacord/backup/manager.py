@@ -36,6 +36,7 @@ from walacord.backup.dump import DumpFailed, ProgressCallback, summarize_stderr
 from walacord.backup.manifest import (
     CheckResult,
     Manifest,
+    dump_file_problem,
     dump_path,
     manifest_path,
     read_manifest,
@@ -169,13 +170,13 @@ class BackupManager:
     def _scan(self) -> tuple[builtins.list[Manifest], int]:
         """Return the readable manifests and how many backups are damaged.
 
-        A backup is damaged when its latest checks failed, its dump is missing or its
-        manifest cannot be read.
+        A backup is damaged when its latest checks failed, its dump is missing or is
+        not a regular file, or its manifest cannot be read.
         """
         manifests = scan_manifests(self.directory)
         damaged = len(unreadable_manifests(self.directory))
         damaged += sum(1 for m in manifests
-                       if not m.verified or not self.path_of(m).exists())
+                       if not m.verified or dump_file_problem(self.path_of(m)) is not None)
         return manifests, damaged
 
     def _refresh_gauges(self, manifests: builtins.list[Manifest], damaged: int) -> None:
@@ -360,8 +361,15 @@ class BackupManager:
     async def verify(self, backup: str | None = None) -> Manifest:
         """Check a backup's checksum and readability; store and return the result."""
         async with self._files_lock:
-            manifest = await verify_backup(self, await self.read(backup))
-            await self.list()  # the damaged-backups gauge counts this result
+            manifest = await self.read(backup)
+            # The damaged-backups gauge counts the result, and a dump that is missing or
+            # is not a regular file too.
+            try:
+                manifest = await verify_backup(self, manifest)
+            except BackupError:
+                await self.list()
+                raise
+            await self.list()
             return manifest
 
     async def drill(self, backup: str | None = None) -> Manifest:

@@ -13,10 +13,11 @@ import hashlib
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -215,9 +216,55 @@ def scan_manifests(directory: Path) -> list[Manifest]:
     return manifests
 
 
+# File types other than a regular file, named for error messages.
+_SPECIAL_FILE_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"))
+
+
+def _not_regular(path: Path, mode: int) -> str:
+    kind = next((name for test, name in _SPECIAL_FILE_KINDS if test(mode)), "special file")
+    return f"backup file {path} is a {kind}, not a regular file"
+
+
+def dump_file_problem(path: Path) -> str | None:
+    """Return why the dump at `path` cannot be read, or None when it is a regular file.
+
+    Only stat() runs, which follows symbolic links and opens nothing, so a FIFO in
+    place of the dump cannot block the caller.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"backup file {path} is missing"
+    except OSError as exc:
+        return f"cannot read backup file {path}: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return _not_regular(path, mode)
+    return None
+
+
+def open_dump(path: Path) -> BinaryIO:
+    """Open the dump at `path` for reading; raise BackupError unless it is a regular file.
+
+    O_NONBLOCK makes open() return at once for a FIFO, which then fails the fstat()
+    check. So a FIFO put in place after `dump_file_problem` cannot block the thread.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BackupError(_not_regular(path, mode))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_dump(path) as handle:
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()

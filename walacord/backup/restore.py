@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from walacord.backup.dump import ProgressCallback, describe_exit, summarize_stderr
-from walacord.backup.manifest import Manifest
+from walacord.backup.manifest import Manifest, dump_file_problem
 from walacord.backup.pgclient import Command, client_environment, run_pipeline, with_dbname
 from walacord.backup.verify import (
     ChecksumMismatch,
@@ -194,9 +194,9 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
     check_target_name(target_db)
     config = manager.config
     path = manager.path_of(manifest)
-    if not path.exists():
-        raise BackupError(f"backup file {path} is missing; choose another id from "
-                          "`walacorctl backup list`")
+    problem = dump_file_problem(path)
+    if problem is not None:
+        raise BackupError(f"{problem}; choose another id from `walacorctl backup list`")
 
     admin = Admin(manager.maintenance_conninfo(avoid=target_db), config.query_timeout)
     try:

@@ -22,7 +22,9 @@ from walacord.backup.manifest import (
     HASH_CHUNK_BYTES,
     CheckResult,
     Manifest,
+    dump_file_problem,
     format_time,
+    open_dump,
     sha256_file,
     utc_now,
 )
@@ -72,7 +74,8 @@ def checksum_check(expected: str, actual: str) -> CheckResult:
 async def hash_backup_file(manager: BackupManager, manifest: Manifest) -> CheckResult:
     """Hash the backup file within `verify_timeout` and compare it with the manifest.
 
-    Raises BackupError when the file cannot be read or hashing times out.
+    Raises BackupError when the file cannot be read, is not a regular file or hashing
+    times out.
     """
     path = manager.path_of(manifest)
     try:
@@ -112,7 +115,7 @@ def hash_and_check_plain(path: Path) -> tuple[str, CheckResult]:
     tail = b""
     total = 0
     try:
-        with open(path, "rb") as handle:
+        with open_dump(path) as handle:
             while chunk := handle.read(HASH_CHUNK_BYTES):
                 digest.update(chunk)
                 data = decompressor.decompress(chunk)
@@ -139,24 +142,38 @@ def hash_and_check_plain(path: Path) -> tuple[str, CheckResult]:
 async def verify_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
     """Recompute the checksum and re-run the archive check; store both in the manifest.
 
-    A failed check is counted and alerted on, and the manifest records it; only a
-    missing file raises.
+    A failed check is counted and alerted on, and the manifest records it. A file
+    that is missing, is not a regular file (a FIFO, say) or cannot be opened is
+    counted and alerted on too, and raises BackupError.
     """
     path = manager.path_of(manifest)
-    if not path.exists():
-        error = BackupError(f"backup file {path} is missing; its manifest remains")
+    problem = dump_file_problem(path)
+    if problem is not None:
+        error = BackupError(f"{problem}; its manifest remains")
         await manager.record_failure("verify", manifest.id, error)
         raise error
 
-    with anyio.fail_after(manager.config.verify_timeout):
-        if manifest.format == "plain-gzip":
-            digest, list_result = await anyio.to_thread.run_sync(
-                hash_and_check_plain, path, abandon_on_cancel=True)
-        else:
-            digest = await anyio.to_thread.run_sync(sha256_file, path, abandon_on_cancel=True)
-            with client_environment("") as env:
-                list_result, _ = await list_archive(manager.bindir, path, env,
-                                                    manager.config.verify_timeout)
+    try:
+        with anyio.fail_after(manager.config.verify_timeout):
+            if manifest.format == "plain-gzip":
+                digest, list_result = await anyio.to_thread.run_sync(
+                    hash_and_check_plain, path, abandon_on_cancel=True)
+            else:
+                digest = await anyio.to_thread.run_sync(sha256_file, path,
+                                                        abandon_on_cancel=True)
+                # NOTE: pg_restore opens the path itself, so a FIFO put there after the
+                # hash waits out verify_timeout in pg_restore, which is then killed.
+                with client_environment("") as env:
+                    list_result, _ = await list_archive(manager.bindir, path, env,
+                                                        manager.config.verify_timeout)
+    except BackupError as exc:
+        # The file was replaced by a special file after the check above.
+        await manager.record_failure("verify", manifest.id, exc)
+        raise
+    except OSError as exc:
+        error = BackupError(f"cannot read backup file {path}: {exc.strerror or exc}")
+        await manager.record_failure("verify", manifest.id, error)
+        raise error from exc
     manifest.checksum_check = checksum_check(manifest.sha256, digest)
     manifest.list_check = list_result
     await manager.save(manifest)

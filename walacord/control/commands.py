@@ -66,8 +66,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     mode_actions = mode.add_subparsers(dest="action", metavar="ACTION")
     mode_set = mode_actions.add_parser("set", help="force a mode for a limited time")
     mode_set.add_argument("mode", choices=MODES)
-    mode_set.add_argument("--ttl", required=True, type=_duration, metavar="SECONDS",
-                          help="how long the override lasts: seconds, or 30s, 15m, 2h")
+    mode_set.add_argument("--ttl", required=True, type=_ttl, metavar="SECONDS",
+                          help="how long the override lasts: seconds, or 30s, 15m, 2h; "
+                               "at most [modes] override_max_ttl")
     mode_set.add_argument("--reason", required=True, help="why; goes into the transition log")
     mode_actions.add_parser("clear", help="end the override now")
 
@@ -91,18 +92,30 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     watch.set_defaults(handler=watch_command)
 
 
-# Longer than any override or watch interval walacord accepts.
+# The maximum `watch --interval`.
 MAX_DURATION = 365 * 86400.0
 
 
 def _duration(text: str) -> float:
+    value = _ttl(text)
+    if value > MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"duration must be above 0 and at most 365d, got "
+                                         f"{text!r}")
+    return value
+
+
+def _ttl(text: str) -> float:
+    """Parse a positive duration with no upper limit.
+
+    The daemon checks a TTL against its configured maximum, which the client does not
+    know, and returns an error that names the limit.
+    """
     try:
         value = parse_duration(float(text) if _is_number(text) else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {exc}") from None
-    if not 0 < value <= MAX_DURATION:
-        raise argparse.ArgumentTypeError(f"duration must be above 0 and at most 365d, got "
-                                         f"{text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"duration must be above 0, got {text!r}")
     return value
 
 
@@ -219,12 +232,6 @@ def mode_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(state)
     else:
         context.print(format_mode(state))
-        remaining = (state.get("override") or {}).get("remaining_seconds")
-        if args.action == "set" and isinstance(remaining, int | float) \
-                and remaining < args.ttl - 1:
-            context.stderr.write(
-                f"walacorctl: warning: the override lasts {remaining:.0f}s, not the "
-                f"{args.ttl:.0f}s asked for: [modes] override_max_ttl caps it\n")
         if args.action == "set" and override_hides_worse(state):
             context.stderr.write(
                 f"walacorctl: warning: the probes say {state['override']['probes_mode']}, "

@@ -60,7 +60,8 @@ class ModeControl(Protocol):
 
         The transition is logged as `mode.changed` with `reason`, and `actor` names who
         made the request (for example "uid=1000 pid=4242"). Returns the state after the
-        change.
+        change. Raises ModeOverrideError, with a message for the operator, when
+        `ttl_seconds` is above the implementation's limit.
         """
 
     async def clear_override(self, actor: str) -> ModeState:

@@ -8,6 +8,7 @@ UNAVAILABLE error that names what is missing.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
@@ -17,12 +18,11 @@ from walacord.config import LOG_LEVELS
 from walacord.control.interfaces import MODES, ModeControl, PoolControl, ProbeControl
 from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call
-from walacord.errors import ControlError
+from walacord.errors import ControlError, ModeOverrideError
 from walacord.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-MAX_OVERRIDE_SECONDS = 7 * 86400
 MAX_REASON_CHARS = 500
 
 ModeName = Literal["normal", "degraded", "emergency", "offline"]
@@ -48,10 +48,10 @@ class ModeSetParams:
     reason: str
 
     def __post_init__(self) -> None:
-        if not 0 < self.ttl_seconds <= MAX_OVERRIDE_SECONDS:
-            raise ValueError(f"ttl_seconds must be above 0 and at most {MAX_OVERRIDE_SECONDS} "
-                             f"(7 days), got {self.ttl_seconds:.0f} "
-                             f"({self.ttl_seconds / 86400:.1f} days)")
+        # The mode machine checks the upper limit, which is [modes] override_max_ttl.
+        if not 0 < self.ttl_seconds < math.inf:
+            raise ValueError(f"ttl_seconds must be above 0 and finite, got "
+                             f"{self.ttl_seconds:g}")
         if not self.reason.strip():
             raise ValueError("reason must not be empty: say why the mode is forced")
         if len(self.reason) > MAX_REASON_CHARS:
@@ -206,8 +206,11 @@ class CoreMethods:
 
     async def mode_set(self, params: ModeSetParams, call: Call) -> dict[str, Any]:
         machine = self._mode()
-        state = await machine.set_override(params.mode, params.ttl_seconds, params.reason,
-                                           _actor(call))
+        try:
+            state = await machine.set_override(params.mode, params.ttl_seconds,
+                                               params.reason, _actor(call))
+        except ModeOverrideError as exc:
+            raise ControlError(ErrorCode.INVALID_PARAMS, str(exc), exc.data) from None
         return dict(state)
 
     async def mode_clear(self, params: None, call: Call) -> dict[str, Any]:

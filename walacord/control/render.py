@@ -35,6 +35,17 @@ def _table_cell(text: str) -> str:
     return escape_control_characters(text.translate(_ONE_LINE))
 
 
+def first_line(text: str, limit: int = 60) -> str:
+    """Return the first line of `text` for a table cell, cut to `limit` characters.
+
+    PostgreSQL's error messages go on with LINE, caret, DETAIL and CONTEXT lines, which
+    only `--json` and the detail views should show.
+    """
+    lines = text.strip().splitlines()
+    line = lines[0].rstrip() if lines else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def format_pairs(pairs: Sequence[tuple[str, object]]) -> str:
     """Return `key: value` lines with the values aligned."""
     width = max((len(key) for key, _ in pairs), default=0) + 1

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import orjson
 
 from walacord.control.protocol import ErrorCode
-from walacord.control.render import format_table
+from walacord.control.render import first_line, format_table
 from walacord.errors import ControlError
 from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
@@ -376,7 +376,7 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(result)
         return 0
     rows = [[op["id"], op["state"], op["sink"], op["target"], op["key"], op["attempts"],
-             op["last_error"] or ""] for op in result["operations"]]
+             first_line(op["last_error"] or "")] for op in result["operations"]]
     context.print(format_table(["id", "state", "sink", "target", "key", "attempts",
                                 "last error"], rows) if rows else "no operations")
     return 0

@@ -8,6 +8,13 @@
 `classify()` turns an exception into a `Failure`. Permanent failures, such as a 4xx
 validation error or an SQL error in the statement or its data, go dead after the
 configured number of attempts. Transient ones are retried with backoff.
+
+A statement whose table or column does not exist yet (SQLSTATE 42P01 or 42703) counts
+as transient. During a deploy the application may enqueue operations before the
+migration that creates the table has run, and those operations should wait for it.
+They are retried with backoff for as long as it takes. `outbox list` shows the error,
+`walacord_outbox_sync_errors_total` counts it by SQLSTATE, and the pending-age alert
+fires when the wait exceeds its threshold.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ PERMANENT_WALACOR_REASONS = frozenset({"validation"})
 # (shutdown, cancel), system error, and lock timeouts ("55P03" in class 55).
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58", "XX"})
 TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})
+# undefined_table and undefined_column: the statement runs ahead of the migration that
+# creates its table or column. A table in a schema that does not exist is 42P01 too
+# (checked with PostgreSQL 15).
+SCHEMA_PENDING_SQLSTATES = frozenset({"42P01", "42703"})
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Failure:
     message: str
     permanent: bool
     retry_after: float | None = None
+    # True when the statement's table or column does not exist yet (transient).
+    schema_pending: bool = False
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"
@@ -199,9 +212,10 @@ class PostgresSink:
     async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
         """Apply operations in one pipelined transaction (see `pgpipeline`), all or none.
 
-        When the transaction fails for a permanent reason, every operation gets None
-        so the caller applies them one by one and only the bad one fails. A transient
-        failure is returned for every operation.
+        When the transaction fails for a permanent reason, or because a table or
+        column does not exist yet, every operation gets None. The caller then applies
+        them one by one, so only the operations of that statement fail and the others
+        are applied. Any other transient failure is returned for every operation.
         """
         groups: dict[str, list[Operation]] = {}
         for operation in operations:
@@ -214,7 +228,8 @@ class PostgresSink:
                 async with self.pool.connection(timeout=self.timeout) as conn:
                     await execute_batch(conn, statements)
         except (psycopg.Error, LookupError, TimeoutError, PoolTimeout) as exc:
-            if self.classify(exc).permanent:
+            failure = self.classify(exc)
+            if failure.permanent or failure.schema_pending:
                 return [None for _ in operations]
             return [exc for _ in operations]
         receipt = {"batch": len(operations)}
@@ -233,7 +248,9 @@ class PostgresSink:
                 permanent = isinstance(exc, psycopg.ProgrammingError)
                 return Failure("statement" if permanent else "connection", str(exc).strip(),
                                permanent=permanent)
+            schema_pending = sqlstate in SCHEMA_PENDING_SQLSTATES
             transient = (sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
-                         or sqlstate in TRANSIENT_SQLSTATES)
-            return Failure(f"sqlstate {sqlstate}", str(exc).strip(), permanent=not transient)
+                         or sqlstate in TRANSIENT_SQLSTATES or schema_pending)
+            return Failure(f"sqlstate {sqlstate}", str(exc).strip(), permanent=not transient,
+                           schema_pending=schema_pending)
         return Failure(type(exc).__name__, str(exc), permanent=False)

@@ -411,6 +411,12 @@ class SyncEngine:
             return Outcome(operation, State.DEAD, error=str(failure))
 
         delay = retry_delay(attempts, self.config, failure.retry_after)
+        if failure.schema_pending:
+            # The operation id is left out, so the log's repeat filter collapses the
+            # warnings of every operation that waits for the same table or column.
+            log.warning("outbox.waiting_for_schema", extra={"fields": {
+                "sink": sink.name, "statement": operation.target, "error": str(failure),
+                "action": "run the migration that creates it, or fix the statement"}})
         log.debug("outbox.retry_scheduled", extra={"fields": {
             "id": operation.id, "sink": sink.name, "attempt": attempts,
             "wait": round(delay, 3), "error": str(failure)}})
