@@ -17,7 +17,7 @@ from tests.control.harness import WALACORCTL, DaemonProcess, walacorctl
 from walacord.control.cli import Context
 from walacord.control.client import ControlClient, _control_error
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, encode_request
-from walacord.control.render import ProgressBar, first_line, format_table
+from walacord.control.render import ProgressBar, first_line, format_pairs, format_table
 from walacord.errors import ControlClientError
 
 
@@ -303,6 +303,11 @@ def test_format_table_keeps_rows_on_one_line() -> None:
 def test_format_table_escapes_control_characters() -> None:
     table = format_table(["reason"], [["a\x1b[2Jb\x07c\x9bd\u202ee\x7f"]])
     assert table.splitlines()[1] == "a\\x1b[2Jb\\x07c\\x9bd\\u202ee\\x7f"
+
+
+def test_format_pairs_escapes_control_characters() -> None:
+    text = format_pairs([("reason", "a\x1b[2Jb"), ("ttl", None)])
+    assert text.splitlines() == ["reason:  a\\x1b[2Jb", "ttl:     -"]
 
 
 def test_first_line_cuts_to_limit() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
 import pytest
 
+from walacord.control.methods import ModeSetParams, PoolRecycleParams
 from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call, MethodRegistry, parse_params
 from walacord.errors import ControlError
@@ -118,3 +120,13 @@ async def test_silent_progress_handler_sends_heartbeats(
     assert result == "done"
     assert len(sent) >= 3
     assert set(sent) == {(0, None, "in progress")}
+
+
+@pytest.mark.parametrize("params", [
+    lambda reason: ModeSetParams(mode="degraded", ttl_seconds=60.0, reason=reason),
+    lambda reason: PoolRecycleParams(reason=reason),
+])
+def test_reason_rejects_control_characters(params: Callable[[str], object]) -> None:
+    with pytest.raises(ValueError, match=r"control character '\\x1b' \(U\+001B\) at "
+                                         r"position 4"):
+        params("main\x1b]0;owned\x07")

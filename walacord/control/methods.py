@@ -20,6 +20,7 @@ from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call
 from walacord.errors import ControlError, ModeOverrideError
 from walacord.runtime import Runtime
+from walacord.terminal import find_control_character
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ModeSetParams:
             raise ValueError("reason must not be empty: say why the mode is forced")
         if len(self.reason) > MAX_REASON_CHARS:
             raise ValueError(f"reason is longer than {MAX_REASON_CHARS} characters")
+        _check_printable(self.reason)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,21 @@ class PoolRecycleParams:
     def __post_init__(self) -> None:
         if not self.reason.strip() or len(self.reason) > MAX_REASON_CHARS:
             raise ValueError(f"reason must be 1 to {MAX_REASON_CHARS} characters")
+        _check_printable(self.reason)
+
+
+def _check_printable(reason: str) -> None:
+    """Raise ValueError when `reason` has a character a terminal would act on.
+
+    The reason is shown by `walacorctl status` and written to the logs, so an escape
+    sequence in it could rewrite an operator's terminal.
+    """
+    found = find_control_character(reason)
+    if found is not None:
+        position, character = found
+        raise ValueError(f"reason has the control character {character!r} "
+                         f"(U+{ord(character):04X}) at position {position}; write it as "
+                         "printable text on one line")
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def first_line(text: str, limit: int = 60) -> str:
 def format_pairs(pairs: Sequence[tuple[str, object]]) -> str:
     """Return `key: value` lines with the values aligned."""
     width = max((len(key) for key, _ in pairs), default=0) + 1
-    return "\n".join(f"{(key + ':').ljust(width)}  {MISSING if value is None else value}"
+    return "\n".join(f"{(key + ':').ljust(width)}  "
+                     f"{MISSING if value is None else escape_control_characters(str(value))}"
                      for key, value in pairs)
 
 
