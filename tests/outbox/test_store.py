@@ -491,3 +491,18 @@ async def test_compact_truncates_wal(open_store: StoreOpener, db_path: Path) -> 
     assert grown > 1_000_000
     assert after == 0
     assert (stats.accepted, stats.done) == (1000, 1000)
+
+
+async def test_writes_after_compact_commit(open_store: StoreOpener) -> None:
+    async with open_store(retention=0) as store:
+        await store.enqueue([walacor_op(f"c{i}") for i in range(4)])
+        claimed = await store.claim("walacor", 2, time.time())
+        await store.record([Outcome(op, State.DONE, receipt={"eid": "e"}) for op in claimed])
+        await store.compact(now=time.time() + 1)
+        # The checkpoint's result row must not keep a statement open on the shared
+        # writer connection: COMMIT then fails with "SQL statements in progress".
+        claimed = await store.claim("walacor", 2, time.time())
+        await store.record([Outcome(op, State.DONE, receipt={"eid": "e"}) for op in claimed])
+        stats = await store.check_conservation()
+    assert [op.key for op in claimed] == ["c2", "c3"]
+    assert (stats.done, stats.pending) == (4, 0)

@@ -85,7 +85,7 @@ class AlertStore:
         with anyio.fail_after(call_timeout):
             db = await aiosqlite.connect(":memory:" if in_memory else path)
             try:
-                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute_fetchall("PRAGMA journal_mode=WAL")  # returns a row
                 await db.execute("PRAGMA synchronous=FULL")
                 await db.executescript(SCHEMA)
                 await db.commit()

@@ -531,7 +531,10 @@ class OutboxQueries:
                 break
 
         async with self.writing() as db:
-            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # The checkpoint returns a row. Left unread, its statement stays active on
+            # the shared writer connection, and the next COMMIT there fails with
+            # "cannot commit transaction - SQL statements in progress".
+            await db.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
         if total:
             log.info("outbox.compacted", extra={"fields": {"deleted": total}})
         return total

@@ -360,8 +360,11 @@ class OutboxStore(OutboxQueries):
             raise OutboxError(f"cannot switch {self.path} to WAL mode (got {row!r}); the "
                               "state directory must be on a local file system")
         await db.execute("PRAGMA synchronous = FULL")
-        await db.execute(f"PRAGMA journal_size_limit = {int(self.config.wal_max_bytes)}")
-        await db.execute(f"PRAGMA busy_timeout = {int(self.config.write_timeout * 1000)}")
+        # Both return a row, which is read so that no statement stays active.
+        await db.execute_fetchall(
+            f"PRAGMA journal_size_limit = {int(self.config.wal_max_bytes)}")
+        await db.execute_fetchall(
+            f"PRAGMA busy_timeout = {int(self.config.write_timeout * 1000)}")
 
     async def _reset_in_flight(self) -> int:
         """Return operations left in flight by a crash to pending.
