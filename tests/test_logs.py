@@ -177,3 +177,39 @@ def test_request_chatter_hidden_at_info(tmp_path: Path) -> None:
     assert "HTTP/1.1 200 OK" not in text
     assert "connection pool is full" in text
     assert "127.0.0.1/debug" in text
+
+
+def test_full_queue_counts_drops(tmp_path: Path) -> None:
+    setup = logs.LogSetup("info", None, queue_size=10, repeat_window=60, stream=io.StringIO())
+    drops: list[int] = []
+    setup.count_into(lambda: drops.append(1), lambda name: None)
+    logging.getLogger().addHandler(setup.queue_handler)
+    try:
+        for index in range(25):
+            logging.getLogger("walacord.test").info("x.y", extra={"fields": {"i": index}})
+    finally:
+        logging.getLogger().removeHandler(setup.queue_handler)
+    assert len(drops) == 15
+
+
+def test_full_log_disk_reported_once(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    directory.mkdir()
+    # Writes to /dev/full fail with ENOSPC, as on a full log file system.
+    (directory / logs.MAIN_FILE).symlink_to("/dev/full")
+    stderr = io.StringIO()
+    setup = logs.setup("info", str(directory), repeat_window=60, stream=stderr)
+    failed: list[str] = []
+    setup.count_into(lambda: None, failed.append)
+    for index in range(50):
+        logging.getLogger("walacord.test").info("disk.test", extra={"fields": {"i": index}})
+    logs.shutdown()
+
+    lines = [orjson.loads(line) for line in stderr.getvalue().splitlines()]
+    reports = [line for line in lines if line["event"] == "log.write_failed"]
+    assert failed == [logs.MAIN_FILE] * 50
+    assert len(reports) == 1
+    assert reports[0]["file"] == str(directory / logs.MAIN_FILE)
+    assert "No space left on device" in str(reports[0]["error"])
+    assert sum(line["event"] == "disk.test" for line in lines) == 50
+    assert "Logging error" not in stderr.getvalue()

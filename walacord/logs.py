@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,45 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
                 self.on_drop()
 
 
+class _FileHandler(logging.handlers.WatchedFileHandler):
+    """One log file whose failed writes are counted and reported, at most once a minute.
+
+    logging's own handleError prints a 15-line traceback to stderr for every line that
+    cannot be written. With a full log disk that floods the journal with one block per
+    log line, while the line itself still reaches stderr through the stderr handler.
+    """
+
+    REPORT_EVERY = 60.0  # seconds between two reports of one file's failures
+
+    def __init__(self, path: Path, report: Callable[[logging.LogRecord], object]) -> None:
+        super().__init__(path, encoding="utf-8")
+        self.failures = 0
+        self.on_failure: Callable[[str], None] | None = None
+        self._report = report
+        self._reported_at: float | None = None  # monotonic
+        self._unreported = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failures += 1
+        self._unreported += 1
+        name = Path(self.baseFilename).name
+        if self.on_failure is not None:
+            self.on_failure(name)
+        now = time.monotonic()
+        if self._reported_at is not None and now - self._reported_at < self.REPORT_EVERY:
+            return
+        self._reported_at = now
+        error = sys.exc_info()[1]
+        report = logging.LogRecord(__name__, logging.ERROR, __file__, 0, "log.write_failed",
+                                   None, None)
+        report.fields = {"file": self.baseFilename, "error": str(error),
+                         "lines_lost": self._unreported,
+                         "action": "free space in the log directory or fix its "
+                                   "permissions; lines still go to stderr"}
+        self._unreported = 0
+        self._report(report)
+
+
 class LogSetup:
     """The installed logging pipeline: queue, writer thread and its file handlers."""
 
@@ -223,13 +262,13 @@ class LogSetup:
         self.queue_handler = _DroppingQueueHandler(self._queue)
         self.repeat_filter = RepeatFilter(repeat_window)
         self.queue_handler.addFilter(self.repeat_filter)
-        self.file_handlers: list[logging.FileHandler] = []
+        self.file_handlers: list[_FileHandler] = []
 
         formatter = JsonFormatter()
         handlers: list[logging.Handler] = []
-        stderr = logging.StreamHandler(stream or sys.stderr)
-        stderr.setFormatter(formatter)
-        handlers.append(stderr)
+        self.stderr_handler = logging.StreamHandler(stream or sys.stderr)
+        self.stderr_handler.setFormatter(formatter)
+        handlers.append(self.stderr_handler)
         if self.directory is not None:
             handlers.extend(self._file_handlers(formatter))
 
@@ -250,7 +289,7 @@ class LogSetup:
         for name, level, only in specs:
             # WatchedFileHandler reopens the file when logrotate has moved it; with
             # copytruncate the O_APPEND descriptor simply continues at the new end.
-            handler = logging.handlers.WatchedFileHandler(self.directory / name, encoding="utf-8")
+            handler = _FileHandler(self.directory / name, self.stderr_handler.handle)
             handler.setLevel(level)
             handler.setFormatter(formatter)
             if only is not None:
@@ -258,6 +297,14 @@ class LogSetup:
             handlers.append(handler)
             self.file_handlers.append(handler)
         return handlers
+
+    def count_into(self, dropped: Callable[[], None],
+                   write_failed: Callable[[str], None]) -> None:
+        """Call `dropped` for each line the full queue drops, and `write_failed` with the
+        file name for each line a log file could not take."""
+        self.queue_handler.on_drop = dropped
+        for handler in self.file_handlers:
+            handler.on_failure = write_failed
 
     def set_level(self, level: str) -> None:
         logging.getLogger().setLevel(level.upper())
@@ -313,8 +360,12 @@ class LogSetup:
             return
         self.listener.stop()
         for handler in self.listener.handlers:
-            handler.flush()
-            handler.close()
+            try:
+                handler.flush()
+                handler.close()
+            except OSError:
+                # A full log disk must not fail the shutdown; the lines went to stderr.
+                pass
 
 
 _current: LogSetup | None = None

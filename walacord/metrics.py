@@ -29,6 +29,10 @@ class Metrics:
         self.log_lines_dropped = Counter(
             "walacord_log_lines_dropped_total",
             "Log lines dropped because the writer queue was full.", registry=registry)
+        self.log_write_errors = Counter(
+            "walacord_log_write_errors_total",
+            "Log lines a log file could not take (disk full, permissions), by file; the "
+            "lines still go to stderr.", ["file"], registry=registry)
         self.config_reloads = Counter(
             "walacord_config_reloads_total", "Configuration reloads by result.",
             ["result"], registry=registry)

@@ -90,6 +90,11 @@ class Supervisor:
             logs=logs._current,
         )
         self.runtime.reload_config = self.reload
+        if logs._current is not None:
+            metrics = self.runtime.metrics
+            logs._current.count_into(
+                metrics.log_lines_dropped.inc,
+                lambda name: metrics.log_write_errors.labels(file=name).inc())
         # The config the daemon started with: restart-only settings keep these values
         # until a restart, whatever later reloads load.
         self._started_config = config
