@@ -231,6 +231,33 @@ async def test_restore_over_source_database(make_manager: ManagerFactory,
     assert ledger_rows(pg_cluster, source) == 3000
 
 
+async def test_restore_names_supervised_database(make_manager: ManagerFactory,
+                                                 seeded_db: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    source = seeded_db.rsplit("/", 1)[1]
+
+    with pytest.raises(DatabaseExists) as raised:
+        await manager.restore(backup.id, source)
+
+    assert "the database walacord supervises" in str(raised.value)
+    assert "every write since the backup would be lost" in str(raised.value)
+
+
+@pytest.mark.parametrize("template", ["template0", "template1"])
+async def test_restore_rejects_template_database(make_manager: ManagerFactory,
+                                                 pg_cluster: PgCluster, template: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+
+    with pytest.raises(BackupError, match="template databases cannot be replaced"):
+        await manager.restore(backup.id, template, force=True)
+
+    assert restoring_databases(pg_cluster) == []
+
+
 @pytest.mark.slow
 async def test_restore_over_postgres_database(make_manager: ManagerFactory,
                                               own_pg_cluster: PgCluster) -> None:

@@ -44,10 +44,14 @@ MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
 class DatabaseExists(BackupError):
     """The restore target exists and the caller did not pass force."""
 
-    def __init__(self, database: str) -> None:
+    def __init__(self, database: str, *, supervised: bool = False) -> None:
+        live = (" It is the database walacord supervises ([database] url): the "
+                "application would see the backup's data, and every write since the "
+                "backup would be lost. Stop the application first, or restore into a "
+                "new --target-db and compare." if supervised else "")
         super().__init__(
             f"database {database!r} already exists; restoring would drop and replace "
-            f"{database!r}. Pass --force to replace {database!r}, or choose a new "
+            f"{database!r}.{live} Pass --force to replace {database!r}, or choose a new "
             "--target-db name")
         self.database = database
 
@@ -175,10 +179,17 @@ async def load_archive(request: RestoreRequest) -> None:
 # --- restoring a stored backup ---------------------------------------------------------
 
 
+# PostgreSQL creates every database from these; neither can be dropped or replaced.
+TEMPLATE_DATABASES = frozenset({"template0", "template1"})
+
+
 def check_target_name(target_db: str) -> None:
     if not target_db or len(target_db.encode()) > MAX_IDENTIFIER_BYTES:
         raise BackupError(f"invalid target database name {target_db!r}: give 1 to "
                           f"{MAX_IDENTIFIER_BYTES} bytes")
+    if target_db in TEMPLATE_DATABASES:
+        raise BackupError(f"invalid target database {target_db!r}: PostgreSQL's template "
+                          "databases cannot be replaced; choose a new --target-db name")
 
 
 async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: str, *,
@@ -204,8 +215,13 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
     except (psycopg.Error, TimeoutError) as exc:
         raise BackupError(f"cannot check whether database {target_db!r} exists: "
                           f"{describe_error(exc)}") from exc
+    supervised = target_db == manager.database
     if replacing and not force:
-        raise DatabaseExists(target_db)
+        raise DatabaseExists(target_db, supervised=supervised)
+    if replacing and supervised:
+        log.warning("backup.restore_replaces_supervised", extra={"fields": {
+            "id": manifest.id, "target_db": target_db,
+            "action": "the application sees the backup's data once the restore ends"}})
     checksum_ok = await check_checksum(manager, manifest, ignore_checksum=ignore_checksum)
 
     entry_total = 0
