@@ -364,3 +364,16 @@ def test_check_takes_options_after_command(daemon: DaemonProcess) -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("WALACORD OK")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["enqueue", "--sink", "walacor", "--etid", "-5", "--key", "k", "--data", "{}"],
+     "use a whole number from 1 to"),
+    (["outbox", "list", "--limit", "0"], "use a whole number from 1 to 10000"),
+    (["outbox", "list", "--limit", "20000"], "use a whole number from 1 to 10000"),
+    (["watch", "--interval", "0.0001"], "interval must be from 0.1s to 365d"),
+])
+def test_cli_ranges_match_daemon(argv: list[str], message: str) -> None:
+    result = walacorctl(*argv, socket=Path("/nonexistent/walacord.sock"))
+    assert result.returncode == 2
+    assert message in result.stderr

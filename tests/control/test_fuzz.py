@@ -275,3 +275,15 @@ def test_decode_request_never_raises(line: bytes) -> None:
     else:
         assert request.error.code in set(ErrorCode)
         assert len(request.error.message) < 400
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    (b'{"id": 1, "method": "ping"}', "missing version"),
+    (b'{"id": 1, "method": 7, "version": 1}', "invalid method 7"),
+    (b'{"id": 1, "method": "", "version": 1}', "missing method"),
+    (b'{"id": 1, "method": "p\xffing", "version": 1}', "byte 22 is not valid UTF-8"),
+])
+def test_decode_request_names_problem(line: bytes, message: str) -> None:
+    request = decode_request(line)
+    assert request.error is not None
+    assert message in request.error.message

@@ -92,15 +92,17 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     watch.set_defaults(handler=watch_command)
 
 
-# The maximum `watch --interval`.
+# The range of `watch --interval`. Below the minimum, watch would send requests faster
+# than the daemon's probes produce new results, and only load it.
+MIN_WATCH_INTERVAL = 0.1
 MAX_DURATION = 365 * 86400.0
 
 
 def _duration(text: str) -> float:
     value = _ttl(text)
-    if value > MAX_DURATION:
-        raise argparse.ArgumentTypeError(f"duration must be above 0 and at most 365d, got "
-                                         f"{text!r}")
+    if not MIN_WATCH_INTERVAL <= value <= MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"interval must be from {MIN_WATCH_INTERVAL:g}s to "
+                                         f"365d, got {text!r}")
     return value
 
 

@@ -73,6 +73,12 @@ def decode_request(line: bytes) -> Request:
     try:
         document = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return _invalid(None, ErrorCode.PARSE_ERROR,
+                            f"invalid request: byte {bad.start} is not valid UTF-8; encode "
+                            "requests as UTF-8 text")
         return _invalid(None, ErrorCode.PARSE_ERROR,
                         f"invalid JSON: {exc}; send one JSON object per line")
     if not isinstance(document, dict):
@@ -85,6 +91,10 @@ def decode_request(line: bytes) -> Request:
                         "invalid id: use a string of at most 200 characters, an integer or null")
 
     version = document.get("version")
+    if version is None:
+        return _invalid(request_id, ErrorCode.INVALID_REQUEST,
+                        f"missing version: send \"version\": {PROTOCOL_VERSION} with each "
+                        "request", {"supported_versions": [PROTOCOL_VERSION]})
     if version != PROTOCOL_VERSION:
         return _invalid(
             request_id, ErrorCode.VERSION_MISMATCH,
@@ -93,9 +103,13 @@ def decode_request(line: bytes) -> Request:
             {"supported_versions": [PROTOCOL_VERSION]})
 
     method = document.get("method")
-    if not isinstance(method, str) or not method:
+    if method is None or method == "":
         return _invalid(request_id, ErrorCode.INVALID_REQUEST,
                         "missing method: give the method name as a string")
+    if not isinstance(method, str):
+        return _invalid(request_id, ErrorCode.INVALID_REQUEST,
+                        f"invalid method {_short_repr(method)}: give the method name as a "
+                        "string")
 
     if not REQUEST_FIELDS.issuperset(document):
         unknown = document.keys() - REQUEST_FIELDS

@@ -17,6 +17,7 @@ from walacord.control.render import first_line, format_table
 from walacord.errors import ControlError
 from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
+from walacord.outbox.model import MAX_PAGE
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -34,25 +35,30 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 STATES = ("pending", "in_flight", "done", "dead")
 
 
-def _int64(text: str) -> int:
-    """Parse a whole number that fits the control protocol's 64-bit integers."""
+def _int64(text: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    """Parse a whole number from `minimum` to `maximum`, by default any that fits the
+    control protocol's 64-bit integers."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid whole number: {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{text} is out of range; use a whole number from 0 "
-                                         f"to {2**63 - 1}")
+    if not minimum <= value <= maximum:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a whole number from "
+                                         f"{minimum} to {maximum}")
     return value
 
 
 def _etid(text: str) -> int:
     """Parse an envelope type id: a whole number from 1."""
-    value = _int64(text)
-    if value == 0:
+    if text.strip() == "0":
         raise argparse.ArgumentTypeError("0 is not an envelope type id; use the ETId of a "
                                          "Walacor schema, a whole number from 1")
-    return value
+    return _int64(text, minimum=1)
+
+
+def _limit(text: str) -> int:
+    """Parse `outbox list --limit`: the rows of one page the daemon returns."""
+    return _int64(text, minimum=1, maximum=MAX_PAGE)
 
 
 def _check_encodable(operation: dict[str, Any], where: str) -> None:
@@ -111,7 +117,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing = actions.add_parser("list", help="operations without payloads, oldest first")
     listing.add_argument("--state", choices=STATES, action="append",
                          help="only this state; repeat for several")
-    listing.add_argument("--limit", type=_int64, default=50, help="rows to show (default 50)")
+    listing.add_argument("--limit", type=_limit, default=50,
+                         help=f"rows to show, 1 to {MAX_PAGE} (default 50)")
     listing.add_argument("--after", type=_int64, default=0, metavar="ID",
                          help="start after this operation id")
     listing.set_defaults(handler=list_command)

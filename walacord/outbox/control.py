@@ -26,7 +26,7 @@ from walacord.errors import (
     OutboxNotFound,
     OutboxStateDirUnusable,
 )
-from walacord.outbox.model import NewOperation, State, parse_operation
+from walacord.outbox.model import MAX_PAGE, NewOperation, State, parse_operation
 from walacord.outbox.service import Outbox
 from walacord.outbox.store import EnqueueResult, Outcomes
 from walacord.outbox.sync import PassReport
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 INVALID_PARAMS = -32602
 OPERATION_FAILED = -32009
 MAX_BATCH = 10_000
-MAX_PAGE = 10_000
 
 PROGRESS_INTERVAL = 0.5
 # Deadline of a sync.run call; its own `timeout` parameter, default 3600 s, is checked

@@ -20,6 +20,9 @@ from walacord.errors import OutboxInvalidOperation
 from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
 
+# Most operations one list or export request returns; callers page for more.
+MAX_PAGE = 10_000
+
 SINKS = ("walacor", "postgres")
 # The fields an operation of each sink may have; any other is rejected.
 WALACOR_FIELDS = frozenset({"sink", "key", "etid", "data", "ordering_key"})
