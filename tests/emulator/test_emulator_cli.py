@@ -138,3 +138,23 @@ def test_cli_rejects_bad_listen_address() -> None:
     )
     assert result.returncode == 2
     assert "HOST:PORT" in result.stderr
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--listen", "127.0.0.1:99999"], "the port must be from 0 to 65535"),
+    (["--token-ttl", "-1"], "invalid --token-ttl -1"),
+    (["--fault-ratio", "5"], "invalid --fault-ratio 5"),
+    (["--fault-latency-ms", "nan"], "invalid --fault-latency-ms nan"),
+    (["--state", "/tmp"], "it is a directory"),
+    (["--state", "/nonexistent-dir/emulator.db"], "does not exist"),
+])
+def test_cli_rejects_out_of_range_option(options: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "walacord", "emulator", *options],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -92,7 +94,35 @@ def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"invalid --listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    if int(port) > 65535:
+        raise ValueError(f"invalid --listen {value!r}: the port must be from 0 to 65535")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Raise ValueError for a setting out of its range, naming the option."""
+    if not 0 <= args.token_ttl < math.inf:
+        raise ValueError(f"invalid --token-ttl {args.token_ttl:g}: give seconds above 0, or 0 "
+                         "for tokens that never expire")
+    if not 0 <= args.fault_ratio <= 1:
+        raise ValueError(f"invalid --fault-ratio {args.fault_ratio:g}: give a share from 0 to 1")
+    for option, value in (("--fault-latency-ms", args.fault_latency_ms),
+                          ("--fault-trickle-interval-ms", args.fault_trickle_interval_ms)):
+        if not 0 <= value < math.inf:
+            raise ValueError(f"invalid {option} {value:g}: give milliseconds from 0")
+
+
+def check_state_path(path: str | None) -> None:
+    """Raise ValueError when --state names a directory or a file in a missing directory."""
+    if path is None:
+        return
+    state = Path(path)
+    if state.is_dir():
+        raise ValueError(f"invalid --state {path!r}: it is a directory; name a file in it, "
+                         f"such as {str(state / 'emulator.db')!r}")
+    if not state.parent.is_dir():
+        raise ValueError(f"invalid --state {path!r}: directory {str(state.parent)!r} does "
+                         "not exist; create it first")
 
 
 def parse_users(values: list[str]) -> dict[str, str]:
@@ -157,6 +187,8 @@ async def serve(emulator: Emulator, host: str, port: int) -> None:
 def command(args: argparse.Namespace) -> int:
     try:
         host, port = parse_listen(args.listen)
+        check_numbers(args)
+        check_state_path(args.state)
         users = parse_users(args.user)
         faults = fault_from_args(args)
         ssl_context = tls_context(args.tls_cert, args.tls_key)
