@@ -45,9 +45,11 @@ class RecordingEngine(SyncEngine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rounds: list[int] = []
+        self.round_started = anyio.Event()
 
     async def _apply_round(self, sink: Sink, operations: list[Operation]) -> list[Outcome]:
         self.rounds.append(len(operations))
+        self.round_started.set()
         return await super()._apply_round(sink, operations)
 
 
@@ -270,6 +272,36 @@ async def test_sync_now_runs_pass(open_store: StoreOpener, metrics: Metrics,
     assert metrics.outbox_pending._value.get() == 0
     assert metrics.outbox_accepted._value.get() == 7
     assert metrics.outbox_conservation_ok._value.get() == 1
+
+
+async def test_drain_finishes_running_round(
+        open_store: StoreOpener, emulator: Emulator, walacor_client: WalacorClient) -> None:
+    emulator.set_faults(latency_ms=1000, path=SUBMIT)
+    async with open_store(sync_batch_min=5, sync_batch_max=5, sync_interval=3600.0) as store:
+        engine = RecordingEngine(store, {"walacor": WalacorSink(walacor_client, timeout=10)},
+                                 store.config)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(engine.run)
+            await store.enqueue([walacor_op(f"drain-{i}") for i in range(30)])
+            engine.wake()
+            with anyio.fail_after(10):
+                await engine.round_started.wait()
+                await engine.drain()
+            drained = await store.stats()
+            rounds = len(engine.rounds)
+            engine.wake()
+            await anyio.sleep(0.3)
+            tasks.cancel_scope.cancel()
+        after = await store.stats()
+
+    # The round in progress was applied and stored; no round started after drain().
+    assert drained.in_flight == 0
+    assert drained.done == 5 * rounds
+    assert drained.pending == 30 - 5 * rounds
+    assert len(engine.rounds) == rounds
+    assert after.pending == drained.pending
+    counts = await walacor_rows_per_key(walacor_client)
+    assert sum(counts.get(f"drain-{i}", 0) for i in range(30)) == drained.done
 
 
 # Statements that a migration has not caught up with yet: a missing table, a missing

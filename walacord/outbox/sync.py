@@ -110,10 +110,13 @@ class SyncEngine:
         self._forced = False
         self._pass_done = anyio.Event()
         self._in_pass = False
+        # Set by drain() at shutdown: no new pass starts and a running one claims no more.
+        self.stopping = False
         # Outcomes applied at a sink whose state the store could not write yet (full
         # disk, I/O error). The next pass stores them before it claims anything new.
         self._unrecorded: dict[str, list[Outcome]] = {name: [] for name in self.sinks}
         self._store_failures = 0  # consecutive passes that ended on a store error
+        self._current: PassReport | None = None  # the report of the running pass
 
     # --- triggers -----------------------------------------------------------------
 
@@ -148,7 +151,10 @@ class SyncEngine:
         """Start a pass over every sink, healthy or not, and return its report.
 
         The caller puts the deadline around it; the pass goes on when it gives up.
+        Raise OutboxError once shutdown has begun, because no pass starts after that.
         """
+        if self.stopping:
+            raise OutboxError("walacord is stopping; run the sync again once it has started")
         if self._in_pass:
             # The running pass may have claimed its batches already; wait for it to
             # end so that the forced pass starts after this call.
@@ -158,6 +164,15 @@ class SyncEngine:
         self._wake.set()
         await waiting_for.wait()
         return self.last_report
+
+    async def drain(self) -> None:
+        """Let a running pass finish its rounds and store their outcomes, and start no
+        new pass or round. The supervisor bounds the wait with `drain_timeout`."""
+        self.stopping = True
+        if self._in_pass:
+            log.info("outbox.drain_waiting", extra={"fields": {
+                "applied_so_far": self._current.applied if self._current else 0}})
+            await self._pass_done.wait()
 
     # --- loop ---------------------------------------------------------------------
 
@@ -169,6 +184,8 @@ class SyncEngine:
             with anyio.move_on_after(await self._sleep_for()):
                 await self._wake.wait()
             self._wake = anyio.Event()
+            if self.stopping:
+                await anyio.sleep_forever()
             forced, self._forced = self._forced, False
 
             self._in_pass = True
@@ -220,7 +237,7 @@ class SyncEngine:
 
     async def run_pass(self, *, forced: bool = False) -> PassReport:
         """Apply due operations of each sink until none is due or the sink fails."""
-        report = PassReport()
+        report = self._current = PassReport()
         try:
             for name, sink in self.sinks.items():
                 if forced or self.healthy[name]:
@@ -268,7 +285,7 @@ class SyncEngine:
 
         try:
             async with anyio.create_task_group() as tasks:
-                while not failing:
+                while not failing and not self.stopping:
                     token = object()
                     await rounds.acquire_on_behalf_of(token)
                     if failing:
