@@ -63,7 +63,7 @@ RULES = [
     ("host warning", LONG_AGO, world(host=probe("host", reason="disk_low", warning=True)),
      Mode.DEGRADED, "host warns"),
     ("host critical alone", LONG_AGO, world(host=probe("host", "down", "memory")),
-     Mode.DEGRADED, "host warns"),
+     Mode.DEGRADED, "host is failing"),
     ("both unreachable", LONG_AGO,
      world(database=probe("database", "down", "refused"),
            walacor=probe("walacor", "down", "connect_timeout")),

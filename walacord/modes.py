@@ -97,7 +97,7 @@ def decide(current: Current, observations: Mapping[str, ProbeState], now: float,
     3. emergency: PostgreSQL cannot take writes, or the outbox is full and rejects new
        operations;
     4. degraded: Walacor or the API is down or slow, the database is slow or
-       saturated, or the host warns;
+       saturated, or the host warns or fails;
     5. normal otherwise.
 
     A worse mode applies at once. A better mode replaces a worse one only after the
@@ -155,7 +155,9 @@ def _rules(probes: Mapping[str, ProbeState], policy: ModesConfig) -> tuple[Mode,
             problems.append(f"{label} is slow ({state.message})")
     if database is not None and database.warning:
         problems.append(f"the database warns ({database.message})")
-    if host is not None and (host.down or host.warning):
+    if host is not None and host.down:
+        problems.append(f"the host is failing ({host.message})")
+    elif host is not None and host.warning:
         problems.append(f"the host warns ({host.message})")
     if problems:
         return Mode.DEGRADED, _sentence("Degraded because " + "; ".join(problems))
