@@ -125,7 +125,7 @@ def backup_too_old(age: float, config: AlertsConfig) -> Condition:
 def backup_failed(failed: bool, config: AlertsConfig, detail: str = "") -> Condition:
     return Condition(
         BACKUP_FAILED, active=failed, severity="warning",
-        summary="the last backup failed",
+        summary="a backup or its verification failed",
         description=f"The last backup or its verification failed{': ' + detail if detail else ''}; "
                     "the alert resolves after the next successful backup.",
         for_seconds=config.backup_for)

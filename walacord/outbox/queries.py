@@ -429,8 +429,9 @@ class OutboxQueries:
             f"SELECT {COLUMNS} FROM operations WHERE key = ?", (key,))
         row = next(iter(rows), None)
         if row is None:
-            raise OutboxNotFound(f"no outbox operation has key {key!r}; done operations "
-                                 "are compacted after the retention period")
+            raise OutboxNotFound(f"no outbox operation has key {key!r}: it was never "
+                                 "enqueued here, or it was done and compacted after the "
+                                 "retention period")
         return row_to_operation(row)
 
     async def list(self, *, states: Sequence[State] = (), after_id: int = 0,
