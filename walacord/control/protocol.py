@@ -92,7 +92,7 @@ def decode_request(line: bytes) -> Request:
 
     version = document.get("version")
     if version is None:
-        return _invalid(request_id, ErrorCode.INVALID_REQUEST,
+        return _invalid(request_id, ErrorCode.VERSION_MISMATCH,
                         f"missing version: send \"version\": {PROTOCOL_VERSION} with each "
                         "request", {"supported_versions": [PROTOCOL_VERSION]})
     if version != PROTOCOL_VERSION:
