@@ -279,8 +279,10 @@ async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> Pass
     if progress is None:
         return await outbox.engine.sync_now()
 
+    # Operations blocked behind a dead one cannot be applied by this pass, so they are
+    # left out of the total.
     start = await outbox.store.stats()
-    total = start.pending + start.in_flight
+    total = start.pending + start.in_flight - start.blocked
     result: list[PassReport] = []
 
     async def run_pass() -> None:
@@ -291,7 +293,7 @@ async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> Pass
         tasks.start_soon(run_pass)
         while True:
             now = await outbox.store.stats()
-            left = now.pending + now.in_flight
+            left = now.pending + now.in_flight - now.blocked
             progress(max(0, total - left), total, f"{left} operations left")
             await anyio.sleep(PROGRESS_INTERVAL)
     return result[0]
