@@ -306,6 +306,48 @@ def test_statement_idempotency_check(tmp_path: Path, sql: str, accepted: bool) -
         assert "statement does not look idempotent" in problems(path)[0]
 
 
+@pytest.mark.parametrize(("sql", "accepted"), [
+    ("INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING;", True),
+    ("INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING ;  -- done\n", True),
+    ("INSERT INTO p (note) VALUES ('a;b') ON CONFLICT DO NOTHING", True),
+    ('INSERT INTO "a;b" (key) VALUES (%(key)s) ON CONFLICT DO NOTHING', True),
+    ("INSERT INTO p (note) VALUES ($$a;b$$) ON CONFLICT DO NOTHING", True),
+    ("INSERT INTO p (note) VALUES ($x$a;b$x$) ON CONFLICT DO NOTHING", True),
+    ("INSERT INTO p (key) VALUES (%(key)s) /* a; b */ ON CONFLICT DO NOTHING", True),
+    ("INSERT INTO p (note) VALUES (E'it\\'s; ok') ON CONFLICT DO NOTHING", True),
+    ("UPDATE payments SET amount = amount + 1 WHERE key = %(key)s; SELECT 1 ON CONFLICT",
+     False),
+    ("INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING;;", False),
+    ("DELETE FROM p; INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING", False),
+    # E'\'' is one quote in PostgreSQL, so the DELETE is code, not part of a literal.
+    ("INSERT INTO p (note) VALUES (E'\\''); DELETE FROM p; SELECT ' ON CONFLICT'", False),
+])
+def test_statement_count_check(tmp_path: Path, sql: str, accepted: bool) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text(f"[outbox.statements.insert_payment]\nsql = '''{sql}'''\n")
+
+    if accepted:
+        assert config.load(path, {}).outbox.statements["insert_payment"].sql == sql
+    else:
+        found = problems(path)
+        assert len(found) == 1
+        assert "statements.insert_payment.sql" in found[0]
+        assert "more than one SQL statement" in found[0]
+        assert "one INSERT ... ON CONFLICT statement" in found[0]
+
+
+def test_statement_vouched_multiple_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "walacord.toml"
+    path.write_text("[outbox.statements.set_total]\n"
+                    "sql = 'UPDATE t SET total = 1 WHERE key = %(key)s; DELETE FROM t'\n"
+                    "idempotent = true\n")
+
+    found = problems(path)
+
+    assert "statements.set_total.sql" in found[0]
+    assert "more than one SQL statement" in found[0]
+
+
 def test_deeply_nested_value_is_invalid(tmp_path: Path) -> None:
     path = tmp_path / "walacord.toml"
     path.write_text("x = " + "[" * 500 + "]" * 500 + "\n")

@@ -415,16 +415,33 @@ class RepairConfig:
 # commit in PostgreSQL and the "done" mark in SQLite replays it), so it must be
 # idempotent. These patterns accept the usual idempotent forms.
 IDEMPOTENT_SQL = re.compile(r"\bON\s+CONFLICT\b|^\s*MERGE\b", re.IGNORECASE)
-# Comments, string literals, quoted identifiers and dollar-quoted strings. They are
-# blanked before the check, so "-- ON CONFLICT" or 'ON CONFLICT' does not pass.
+# Comments, escape string literals (E'...', where a backslash escapes a quote),
+# string literals, quoted identifiers and dollar-quoted strings. They are blanked
+# before the checks, so "-- ON CONFLICT", 'ON CONFLICT' or 'a;b' does not count.
 _SQL_NOT_CODE = re.compile(
-    r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)?\$",
+    r"--[^\n]*|/\*.*?\*/|(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'"
+    r"|\"(?:[^\"]|\"\")*\"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)?\$",
     re.DOTALL)
+
+
+def sql_code(sql: str) -> str:
+    """Return `sql` with its comments, literals and quoted identifiers blanked."""
+    return _SQL_NOT_CODE.sub(" ", sql)
 
 
 def looks_idempotent(sql: str) -> bool:
     """Return True when `sql`, outside comments and literals, has ON CONFLICT or is a MERGE."""
-    return IDEMPOTENT_SQL.search(_SQL_NOT_CODE.sub(" ", sql)) is not None
+    return IDEMPOTENT_SQL.search(sql_code(sql)) is not None
+
+
+def has_several_statements(sql: str) -> bool:
+    """Return True when `sql` has a `;` in its code other than one at the end.
+
+    An ON CONFLICT in a second statement would pass `looks_idempotent` while the
+    first one, such as `UPDATE ... SET amount = amount + 1`, applies twice on a replay.
+    """
+    code = sql_code(sql).rstrip()
+    return ";" in code.removesuffix(";")
 
 
 @dataclass(frozen=True)
@@ -483,6 +500,10 @@ class OutboxConfig:
             if not statement.sql.strip():
                 problems.append((key, "missing SQL; write sql = \"INSERT ... ON CONFLICT "
                                  "DO NOTHING\""))
+            elif has_several_statements(statement.sql):
+                problems.append((key, "contains more than one SQL statement, so ON CONFLICT "
+                                 "in one cannot make the others idempotent. Use one "
+                                 "INSERT ... ON CONFLICT statement per name"))
             elif not statement.idempotent and not looks_idempotent(statement.sql):
                 problems.append((key, "statement does not look idempotent: it has no ON "
                                  "CONFLICT clause and is not a MERGE, so a replay after a "

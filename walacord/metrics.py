@@ -106,6 +106,10 @@ class Metrics:
         self.outbox_dead = Gauge(
             "walacord_outbox_dead_operations",
             "Operations that failed permanently and wait for an operator.", registry=registry)
+        self.outbox_blocked = Gauge(
+            "walacord_outbox_blocked_operations",
+            "Pending operations held back by a dead operation with the same ordering key.",
+            registry=registry)
         self.outbox_enqueued = Counter(
             "walacord_outbox_enqueued_total",
             "Operations accepted into the outbox (duplicates of a known key not counted).",

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
-from tests.outbox.conftest import ledger_rows
+from tests.outbox.conftest import ledger_op, ledger_rows
 from walacord.client import (
     AsyncOutboxClient,
     OutboxClient,
@@ -27,7 +27,12 @@ from walacord.config import Config, ControlConfig, OutboxConfig, StateConfig
 from walacord.control.server import ControlServer
 from walacord.errors import ControlError
 from walacord.metrics import Metrics
-from walacord.outbox.control import INVALID_PARAMS, OPERATION_FAILED, register_methods
+from walacord.outbox.control import (
+    INVALID_PARAMS,
+    OPERATION_FAILED,
+    register_methods,
+    sync_run,
+)
 from walacord.outbox.service import Outbox, build_sinks
 from walacord.outbox.sinks import Sink
 from walacord.runtime import Runtime
@@ -211,6 +216,42 @@ async def test_sync_all_retries_waiting_operations(control_socket: tuple[str, Ou
     assert forced["applied"] == 3
     assert forced["stats"]["done"] == 3
     assert attempts == [(3,), (3,), (3,)]
+
+
+async def test_sync_progress_leaves_out_blocked(control_socket: tuple[str, Outbox],
+                                               tmp_path: Path) -> None:
+    _, outbox = control_socket
+    await outbox.store.enqueue([ledger_op("bad", ordering_key="acct-9"),
+                                ledger_op("later-1", ordering_key="acct-9"),
+                                ledger_op("later-2", ordering_key="acct-9"),
+                                ledger_op("free")])
+    with sqlite3.connect(tmp_path / "state" / "outbox.db") as db:
+        db.execute("UPDATE operations SET state = 'dead' WHERE key = 'bad'")
+    progress: list[tuple[float, float | None, str]] = []
+    reported = anyio.Event()
+    reports: list[dict[str, Any]] = []
+
+    def record(done: float, total: float | None, message: str) -> None:
+        progress.append((done, total, message))
+        reported.set()
+
+    async def run() -> None:
+        reports.append(await sync_run(outbox, {}, progress=record))
+
+    # The pass waits for the write lock, so the first progress line comes before it
+    # claims anything.
+    async with anyio.create_task_group() as tasks:
+        await outbox.store.write_lock.acquire()
+        try:
+            tasks.start_soon(run)
+            with anyio.fail_after(10):
+                await reported.wait()
+        finally:
+            outbox.store.write_lock.release()
+
+    assert progress[0] == (0, 1, "1 operations left")
+    assert reports[0]["applied"] == 1
+    assert reports[0]["stats"]["blocked"] == 2
 
 
 async def test_client_pipelined_enqueues_share_commits(tmp_path: Path,

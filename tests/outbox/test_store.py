@@ -393,6 +393,37 @@ async def test_claim_keeps_ordering_key_order(open_store: StoreOpener) -> None:
     assert [op.key for op in both] == ["x1", "x2"]
 
 
+async def test_blocked_behind_dead_operations(open_store: StoreOpener, db_path: Path,
+                                             metrics: Metrics) -> None:
+    # (key, ordering key, state). Neither a1, which comes before the first dead
+    # operation of its key, nor b1, which has nothing after it, counts. The postgres
+    # operation a3 is blocked by walacor operations.
+    layout = [("a1", "a", "pending"), ("a2", "a", "dead"), ("a3", "a", "pending"),
+              ("a4", "a", "dead"), ("a5", "a", "pending"), ("b1", "b", "dead"),
+              ("c1", None, "pending"), ("d1", "d", "dead"), ("d2", "d", "pending"),
+              ("e1", "e", "pending")]
+    async with open_store() as store:
+        results = await store.enqueue([
+            ledger_op(key, ordering_key=ordering) if key == "a3"
+            else walacor_op(key, ordering_key=ordering) for key, ordering, _ in layout])
+        ids = {r.operation.key: r.operation.id for r in results}
+        with sqlite3.connect(db_path) as db:
+            db.executemany("UPDATE operations SET state = ? WHERE key = ?",
+                           [(state, key) for key, _, state in layout])
+        stats = await store.check_conservation()
+        blockers = await store.blockers(limit=2)
+        waiting = await store.waits_behind(await store.list())
+        for_a5 = await store.waits_behind([await store.get(ids["a5"])])
+    assert stats.blocked == 3
+    assert stats.conserved
+    assert stats.to_json(time.time())["blocked"] == 3
+    assert metrics.registry.get_sample_value("walacord_outbox_blocked_operations") == 3
+    assert (blockers.count, blockers.blocked) == (3, 3)
+    assert blockers.ids == [ids["a2"], ids["a4"]]
+    assert waiting == {ids["a3"]: ids["a2"], ids["a5"]: ids["a2"], ids["d2"]: ids["d1"]}
+    assert for_a5 == {ids["a5"]: ids["a2"]}
+
+
 async def test_claim_puts_waiting_operations_back(open_store: StoreOpener) -> None:
     async with open_store() as store:
         await store.enqueue([walacor_op("x1", ordering_key="x"),

@@ -373,6 +373,9 @@ def stats_command(context: Context, args: argparse.Namespace) -> int:
     context.print(f"oldest pending: {stats['oldest_pending_age_seconds']:.0f}s; conserved: "
                   f"{'yes' if stats['conserved'] else 'NO'}; full: "
                   f"{'yes' if stats['full'] else 'no'}")
+    if stats.get("blocked"):
+        context.print(f"blocked: {_pending_wait(stats['blocked'])} behind dead operations "
+                      "with the same ordering key; `walacorctl sync` names them")
     return 0
 
 
@@ -382,11 +385,26 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
     if context.json:
         context.print_json(result)
         return 0
-    rows = [[op["id"], op["state"], op["sink"], op["target"], op["key"], op["attempts"],
+    rows = [[op["id"], _state_cell(op), op["sink"], op["target"], op["key"], op["attempts"],
              first_line(op["last_error"] or "")] for op in result["operations"]]
     context.print(format_table(["id", "state", "sink", "target", "key", "attempts",
                                 "last error"], rows) if rows else "no operations")
     return 0
+
+
+def _state_cell(operation: dict[str, Any]) -> str:
+    """Return the state, with the dead operation that a blocked pending one waits behind."""
+    blocked_by = operation.get("blocked_by")
+    if blocked_by is None:
+        return str(operation["state"])
+    return f"{operation['state']} (blocked by {blocked_by})"
+
+
+def _unblock_hint(op_id: str) -> str:
+    """Tell the operator how to release the operations held back by dead operation `op_id`."""
+    return (f"`walacorctl outbox show {op_id}` shows its last error. Fix the cause, then run "
+            f"`walacorctl outbox retry {op_id}`, or drop it for good with `walacorctl outbox "
+            f"drop {op_id} --yes`")
 
 
 def show_command(context: Context, args: argparse.Namespace) -> int:
@@ -408,6 +426,10 @@ def show_command(context: Context, args: argparse.Namespace) -> int:
         context.print(f"{field + ':':17}{'' if value is None else value}")
     if operation.get("receipt") is not None:
         context.print(f"{'receipt:':17}{orjson.dumps(operation['receipt']).decode()}")
+    blocked_by = operation.get("blocked_by")
+    if blocked_by is not None:
+        context.print(f"blocked: waits behind dead operation {blocked_by}, which has the "
+                      f"same ordering key. {_unblock_hint(str(blocked_by))}")
     context.print("payload:")
     context.print(orjson.dumps(operation.get("payload"), option=orjson.OPT_INDENT_2).decode())
     return 0
@@ -473,10 +495,34 @@ def sync_command(context: Context, args: argparse.Namespace) -> int:
         if result.get("error"):
             context.print(f"sync stopped early: {result['error']}")
             return 1
-        if handled == 0 and stats["pending"]:
-            # Nothing was due: every pending operation waits out its retry backoff.
+        blockers = result.get("blockers") or {}
+        blocked = int(blockers.get("blocked", 0))
+        if blocked:
+            context.print(_blocked_message(blockers))
+        if handled == 0 and stats["pending"] > blocked:
+            # Nothing was due: the other pending operations wait out a retry backoff.
             context.print("none was due: the pending operations wait for their next attempt "
                           "after earlier failures; `walacorctl outbox list` shows their last "
                           "error, and `walacorctl sync --all` retries them now")
     return 0
+
+
+def _pending_wait(count: int) -> str:
+    """Return "1 pending operation waits" or "N pending operations wait"."""
+    return "1 pending operation waits" if count == 1 else f"{count} pending operations wait"
+
+
+def _blocked_message(blockers: dict[str, Any]) -> str:
+    """Describe the pending operations held back by dead ones, as `sync.run` counts them."""
+    ids = [str(op_id) for op_id in blockers["ids"]]
+    more = blockers["count"] - len(ids)
+    if more > 0:
+        ids.append(f"{more} more that `walacorctl outbox list --state dead` shows")
+    if blockers["count"] == 1:
+        behind, hint_id = f"dead operation {ids[0]}, which has", ids[0]
+    else:
+        behind, hint_id = f"dead operations {', '.join(ids)}, which have", "ID"
+    return (f"blocked: {_pending_wait(blockers['blocked'])} behind {behind} the "
+            "same ordering key. They stay pending, even with `sync --all`, until the dead "
+            f"operations before them are retried or dropped. {_unblock_hint(hint_id)}")
 

@@ -41,6 +41,8 @@ OPERATION_FAILED = -32009
 MAX_BATCH = 10_000
 
 PROGRESS_INTERVAL = 0.5
+# Dead operations that a sync.run reply names when they hold back pending ones.
+BLOCKER_IDS = 5
 # Deadline of a sync.run call; its own `timeout` parameter, default 3600 s, is checked
 # inside it.
 SYNC_RUN_TIMEOUT = 3700.0
@@ -201,7 +203,13 @@ async def outbox_list(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
     after_id = _int_param(params, "after_id", 0)
     operations = await outbox.store.list(states=_states(params), after_id=after_id,
                                          limit=limit)
-    return {"operations": [op.to_json(with_payload=False) for op in operations],
+    waiting = await outbox.store.waits_behind(operations)
+    rows = []
+    for operation in operations:
+        row = operation.to_json(with_payload=False)
+        row["blocked_by"] = waiting.get(operation.id)
+        rows.append(row)
+    return {"operations": rows,
             "next_after_id": operations[-1].id if len(operations) == limit else None}
 
 
@@ -218,7 +226,11 @@ async def outbox_show(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
                            else outbox.store.get(_int_param(params, "id")))
     except OutboxError as exc:
         raise _control_error(exc) from None
-    return operation.to_json()
+    reply = operation.to_json()
+    # The id of the dead operation with the same ordering key that this pending one
+    # waits behind, or None.
+    reply["blocked_by"] = (await outbox.store.waits_behind([operation])).get(operation.id)
+    return reply
 
 
 async def outbox_retry(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
@@ -266,8 +278,10 @@ async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> Pass
     if progress is None:
         return await outbox.engine.sync_now()
 
+    # Operations blocked behind a dead one cannot be applied by this pass, so they are
+    # left out of the total.
     start = await outbox.store.stats()
-    total = start.pending + start.in_flight
+    total = start.pending + start.in_flight - start.blocked
     result: list[PassReport] = []
 
     async def run_pass() -> None:
@@ -278,7 +292,7 @@ async def _sync_with_progress(outbox: Outbox, progress: Progress | None) -> Pass
         tasks.start_soon(run_pass)
         while True:
             now = await outbox.store.stats()
-            left = now.pending + now.in_flight
+            left = now.pending + now.in_flight - now.blocked
             progress(max(0, total - left), total, f"{left} operations left")
             await anyio.sleep(PROGRESS_INTERVAL)
     return result[0]
@@ -313,6 +327,9 @@ async def sync_run(outbox: Outbox, params: dict[str, Any], *,
     if made_due is not None:
         result["made_due"] = made_due
     result["stats"] = await outbox_stats(outbox, {})
+    # Pending operations behind a dead one with their ordering key are never due, and
+    # `all` does not change that, so the reply names the dead operations to act on.
+    result["blockers"] = (await outbox.store.blockers(BLOCKER_IDS)).to_json()
     return result
 
 

@@ -59,6 +59,9 @@ class Stats:
     dead: int
     dropped: int
     oldest_pending_created_at: float | None
+    # Pending operations that wait behind a dead operation with their ordering key.
+    # They stay pending until an operator retries or drops the dead one.
+    blocked: int = 0
 
     @property
     def accounted(self) -> int:
@@ -75,10 +78,40 @@ class Stats:
             "done": self.done, "dead": self.dead, "dropped": self.dropped,
             "oldest_pending_age_seconds": max(0.0, now - oldest) if oldest else 0.0,
             "conserved": self.conserved,
+            "blocked": self.blocked,
         }
 
 
+@dataclass(frozen=True)
+class Blockers:
+    """Dead operations that hold back later pending operations with their ordering key."""
+
+    count: int  # dead operations with a later pending operation of their ordering key
+    ids: list[int]  # the first of them, in id order
+    blocked: int  # pending operations behind them
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "ids": self.ids, "blocked": self.blocked}
+
+
 _STATES = {state.value: state for state in State}
+
+# Pending operations behind the first dead operation of their ordering key. Both ends
+# use an index: dead rows through operations_state, and each dead key's later rows
+# through operations_ordering. Those later rows are pending or dead, because none of
+# them can be claimed while the dead one exists, so the cost follows dead + blocked rows, not
+# the size of the outbox.
+BLOCKED_COUNT = (
+    "SELECT count(*) FROM (SELECT ordering_key, min(id) AS first_dead FROM operations "
+    "WHERE state = 'dead' AND ordering_key IS NOT NULL GROUP BY ordering_key) AS dead "
+    "JOIN operations AS later ON later.ordering_key = dead.ordering_key "
+    "AND later.id > dead.first_dead WHERE later.state = 'pending'")
+# Dead operations with a later pending operation of their ordering key, with their count.
+BLOCKING_DEAD = (
+    "SELECT dead.id, count(*) OVER () FROM operations AS dead WHERE dead.state = 'dead' "
+    "AND dead.ordering_key IS NOT NULL AND EXISTS (SELECT 1 FROM operations AS later "
+    "WHERE later.ordering_key = dead.ordering_key AND later.id > dead.id "
+    "AND later.state = 'pending') ORDER BY dead.id LIMIT ?")
 
 
 def row_to_operation(row: Sequence[Any]) -> Operation:
@@ -381,6 +414,7 @@ class OutboxQueries:
             oldest = await db.execute_fetchall(
                 "SELECT created_at FROM operations WHERE state IN ('pending', 'in_flight') "
                 "ORDER BY id LIMIT 1")
+            blocked = next(iter(await db.execute_fetchall(BLOCKED_COUNT)))[0]
         finally:
             await db.execute("COMMIT")
         oldest_row = next(iter(oldest), None)
@@ -389,7 +423,8 @@ class OutboxQueries:
             in_flight=int(by_state.get("in_flight", 0)),
             done=int(by_state.get("done", 0)) + int(counters["compacted"]),
             dead=int(by_state.get("dead", 0)), dropped=int(counters["dropped"]),
-            oldest_pending_created_at=oldest_row[0] if oldest_row else None)
+            oldest_pending_created_at=oldest_row[0] if oldest_row else None,
+            blocked=int(blocked))
 
     async def check_conservation(self) -> Stats:
         """Compute the stats, export them, and alert when accepted != the sum of states."""
@@ -399,6 +434,7 @@ class OutboxQueries:
             m = self.metrics
             m.outbox_pending.set(stats.pending + stats.in_flight)
             m.outbox_dead.set(stats.dead)
+            m.outbox_blocked.set(stats.blocked)
             m.outbox_accepted.set(stats.accepted)
             m.outbox_accounted.set(stats.accounted)
             m.outbox_oldest_pending_age.set(stats.to_json(now)["oldest_pending_age_seconds"])
@@ -433,6 +469,41 @@ class OutboxQueries:
                                  "enqueued here, or it was done and compacted after the "
                                  "retention period")
         return row_to_operation(row)
+
+    async def blockers(self, limit: int = 5) -> Blockers:
+        """Return the dead operations that hold back pending ones, the first `limit` by id."""
+        db = self._read()
+        # One read transaction, so the ids and the blocked count agree.
+        async with self.read_lock:
+            with anyio.CancelScope(shield=True):
+                await db.execute("BEGIN")
+                try:
+                    rows = await db.execute_fetchall(BLOCKING_DEAD, (limit,))
+                    blocked = next(iter(await db.execute_fetchall(BLOCKED_COUNT)))[0]
+                finally:
+                    await db.execute("COMMIT")
+        ids = [int(row[0]) for row in rows]
+        count = int(next(iter(rows))[1]) if ids else 0
+        return Blockers(count=count, ids=ids, blocked=int(blocked))
+
+    async def waits_behind(self, operations: Sequence[Operation]) -> dict[int, int]:
+        """Map each pending operation of `operations` that waits behind a dead one with
+        its ordering key to the id of the first such dead operation."""
+        pending = [op for op in operations if op.state is State.PENDING and op.ordering_key]
+        if not pending:
+            return {}
+        keys = sorted({str(op.ordering_key) for op in pending})
+        rows = await self._read().execute_fetchall(
+            "SELECT ordering_key, min(id) FROM operations WHERE state = 'dead' AND "
+            "ordering_key IN (SELECT value FROM json_each(?)) GROUP BY ordering_key",
+            (orjson.dumps(keys).decode(),))
+        first_dead = {str(key): int(op_id) for key, op_id in rows}
+        waiting: dict[int, int] = {}
+        for op in pending:
+            dead_id = first_dead.get(str(op.ordering_key))
+            if dead_id is not None and dead_id < op.id:
+                waiting[op.id] = dead_id
+        return waiting
 
     async def list(self, *, states: Sequence[State] = (), after_id: int = 0,
                    limit: int = 100) -> list[Operation]:
