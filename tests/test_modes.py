@@ -280,7 +280,7 @@ async def test_run_command_timeout_kills_grandchild(tmp_path: Path) -> None:
     pids: list[int] = []
     try:
         with anyio.fail_after(10):
-            code = await run_command(group_hook(pid_file, "sleep 100"), 0.5, {},
+            code = await run_command(group_hook(pid_file, "exec sleep 100"), 0.5, {},
                                      event="mode.hook")
         pids = read_pids(pid_file)
         shell, grandchild = pids
@@ -297,7 +297,7 @@ async def test_run_command_timeout_kills_grandchild(tmp_path: Path) -> None:
 async def test_run_command_timeout_kills_term_ignorers(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
     # A signal ignored before exec stays ignored, so both sleeps survive SIGTERM.
-    argv = ["/bin/sh", "-c", f"trap '' TERM; {group_hook(pid_file, 'sleep 100')[2]}"]
+    argv = ["/bin/sh", "-c", f"trap '' TERM; {group_hook(pid_file, 'exec sleep 100')[2]}"]
     pids: list[int] = []
     try:
         began = time.monotonic()
@@ -320,7 +320,7 @@ async def test_run_command_cancel_kills_group(tmp_path: Path) -> None:
     pids: list[int] = []
     try:
         with anyio.move_on_after(0.5) as scope:
-            await run_command(group_hook(pid_file, "sleep 100"), 30, {}, event="mode.hook")
+            await run_command(group_hook(pid_file, "exec sleep 100"), 30, {}, event="mode.hook")
         pids = read_pids(pid_file)
 
         assert scope.cancelled_caught
@@ -333,7 +333,7 @@ async def test_run_command_cancel_kills_group(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_machine_hung_hook_delays_no_other(tmp_path: Path) -> None:
     out = tmp_path / "second.txt"
-    hung = ["/bin/sh", "-c", "sleep 100"]
+    hung = ["/bin/sh", "-c", "exec sleep 100"]
     second = ["/bin/sh", "-c", f'echo "$WALACORD_MODE_TO" > {out}']
     machine = ModeMachine(ModesConfig(hooks=[hung, second], hook_timeout=30, min_dwell=0),
                           None)

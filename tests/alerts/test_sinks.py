@@ -126,7 +126,7 @@ async def test_hook_sink_timeout_fails() -> None:
 
 async def test_hook_sink_timeout_kills_grandchild(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
-    script = f"echo $$ > {pid_file}; sleep 100 & echo $! >> {pid_file}; sleep 100"
+    script = f"echo $$ > {pid_file}; sleep 100 & echo $! >> {pid_file}; exec sleep 100"
     sink = HookSink(0, ["/bin/sh", "-c", script], timeout=0.5)
     pids: list[int] = []
     try:
