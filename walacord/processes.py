@@ -31,7 +31,7 @@ POLL_INTERVAL = 0.02
 
 async def run_in_group(argv: Sequence[str], time_limit: float, env: Mapping[str, str], *,
                        input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run `argv` in a new session, capture its output and return its exit code.
+    """Run `argv` in a new session and return its exit code, stdout and stderr.
 
     Raises TimeoutError after `time_limit` seconds and OSError when the command cannot
     start. On a timeout, on cancellation and on any other error, the process group is
