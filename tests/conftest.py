@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -188,6 +190,25 @@ async def wait_until(predicate: Callable[[], object], limit: float, step: float 
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(step)
     return time.monotonic() - began
+
+
+def live_pids(pids: list[int]) -> list[int]:
+    """Return the pids in `pids` whose process still runs (exists and is no zombie)."""
+    running = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        if stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+            running.append(pid)
+    return running
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """Send SIGKILL to every process in `pids` that still runs, so a failed test leaks none."""
+    for pid in live_pids(pids):
+        os.kill(pid, signal.SIGKILL)
 
 
 @contextmanager

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.conftest import wait_until
+from tests.conftest import kill_leftovers, live_pids, wait_until
 from walacord.config import ModesConfig
 from walacord.control.render import format_mode, override_hides_worse
 from walacord.metrics import Metrics
 from walacord.modes import Current, Mode, ModeMachine, Override, decide, run_command
 from walacord.probes.base import Health, ProbeResult, ProbeState, Status
+from walacord.processes import KILL_GRACE, group_members
 
 NOW = 1000.0
 
@@ -257,3 +259,108 @@ async def test_run_command_passes_no_credentials(tmp_path: Path,
     assert code == 0
     assert "WALACOR_PASSWORD" not in names
     assert "WALACORD_MODE_TO" in names
+
+
+def group_hook(pid_file: Path, body: str) -> list[str]:
+    """Return a shell hook that writes its pid and its background child's pid, then runs `body`."""
+    script = f'echo $$ > {pid_file}; sleep 100 & echo $! >> {pid_file}; {body}'
+    return ["/bin/sh", "-c", script]
+
+
+def read_pids(pid_file: Path) -> list[int]:
+    """Return the shell's pid and its background child's pid that `group_hook` wrote."""
+    pids = [int(word) for word in pid_file.read_text().split()]
+    assert len(pids) == 2, f"{pid_file} holds {pids}, expected two pids"
+    return pids
+
+
+@pytest.mark.anyio
+async def test_run_command_timeout_kills_grandchild(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    pids: list[int] = []
+    try:
+        with anyio.fail_after(10):
+            code = await run_command(group_hook(pid_file, "exec sleep 100"), 0.5, {},
+                                     event="mode.hook")
+        pids = read_pids(pid_file)
+        shell, grandchild = pids
+
+        assert code is None
+        assert live_pids([shell]) == []
+        assert live_pids([grandchild]) == []
+        assert group_members(shell) == []
+    finally:
+        kill_leftovers(pids)
+
+
+@pytest.mark.anyio
+async def test_run_command_timeout_kills_term_ignorers(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    # A signal ignored before exec stays ignored, so both sleeps survive SIGTERM.
+    argv = ["/bin/sh", "-c", f"trap '' TERM; {group_hook(pid_file, 'exec sleep 100')[2]}"]
+    pids: list[int] = []
+    try:
+        began = time.monotonic()
+        with anyio.fail_after(10):
+            code = await run_command(argv, 0.5, {}, event="mode.hook")
+        took = time.monotonic() - began
+        pids = read_pids(pid_file)
+
+        assert code is None
+        assert took >= 0.5 + KILL_GRACE
+        assert live_pids(pids) == []
+        assert group_members(pids[0]) == []
+    finally:
+        kill_leftovers(pids)
+
+
+@pytest.mark.anyio
+async def test_run_command_cancel_kills_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    pids: list[int] = []
+    try:
+        with anyio.move_on_after(0.5) as scope:
+            await run_command(group_hook(pid_file, "exec sleep 100"), 30, {}, event="mode.hook")
+        pids = read_pids(pid_file)
+
+        assert scope.cancelled_caught
+        assert live_pids(pids) == []
+        assert group_members(pids[0]) == []
+    finally:
+        kill_leftovers(pids)
+
+
+@pytest.mark.anyio
+async def test_machine_hung_hook_delays_no_other(tmp_path: Path) -> None:
+    out = tmp_path / "second.txt"
+    hung = ["/bin/sh", "-c", "exec sleep 100"]
+    second = ["/bin/sh", "-c", f'echo "$WALACORD_MODE_TO" > {out}']
+    machine = ModeMachine(ModesConfig(hooks=[hung, second], hook_timeout=30, min_dwell=0),
+                          None)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(machine.run_hooks)
+        machine.evaluate(world(database=probe("database", "down", "refused")))
+        took = await wait_until(lambda: out.exists() and out.read_text(), 10)
+        tg.cancel_scope.cancel()
+
+    assert took < 5
+    assert out.read_text() == "emergency\n"
+
+
+@pytest.mark.anyio
+async def test_machine_hook_sees_changes_in_order(tmp_path: Path) -> None:
+    out = tmp_path / "modes.txt"
+    # The sleep makes a later run overtake this one if runs of one hook overlapped.
+    slow = ["/bin/sh", "-c", f'[ "$WALACORD_MODE_TO" = emergency ] && sleep 0.5; '
+                             f'echo "$WALACORD_MODE_TO" >> {out}']
+    machine = ModeMachine(ModesConfig(hooks=[slow], hook_timeout=10, min_dwell=0), None)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(machine.run_hooks)
+        machine.evaluate(world(database=probe("database", "down", "refused")))
+        machine.evaluate(world())
+        await wait_until(lambda: out.exists() and len(out.read_text().split()) == 2, 10)
+        tg.cancel_scope.cancel()
+
+    assert out.read_text().split() == ["emergency", "normal"]

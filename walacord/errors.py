@@ -196,6 +196,11 @@ class OutboxInvalidOperation(OutboxError):
         self.detail = message
 
 
+class OutboxStarting(OutboxError):
+    """A request arrived before the outbox store opened at start-up, so the caller
+    should retry in a moment."""
+
+
 class OutboxFull(OutboxError):
     """The outbox reached its operation or byte limit and rejects new operations."""
 

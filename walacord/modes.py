@@ -11,7 +11,6 @@ import enum
 import logging
 import math
 import os
-import subprocess
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ import anyio
 from walacord.config import ModesConfig
 from walacord.errors import ModeOverrideError
 from walacord.probes.base import Health, ProbeState
+from walacord.processes import run_in_group
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,9 @@ class ModeMachine:
         self.override: Override | None = None
         self._override_ended = False
         self.transitions = 0
-        self._hooks: list[tuple[list[str], dict[str, str]]] = []
+        # Per hook command, the environments of the runs still to start, oldest first.
+        self._hook_queues: dict[tuple[str, ...], deque[dict[str, str]]] = {}
+        self._hook_lanes: set[tuple[str, ...]] = set()
         self._hook_wake = anyio.Event()
         self._changed = anyio.Event()
         # The latest transitions, oldest first, for status output.
@@ -324,7 +326,7 @@ class ModeMachine:
         env = {"WALACORD_MODE_FROM": old.value, "WALACORD_MODE_TO": decision.mode.value,
                "WALACORD_MODE_REASON": decision.reason}
         for argv in self.config.hooks:
-            self._hooks.append((list(argv), env))
+            self._hook_queues.setdefault(tuple(argv), deque()).append(env)
         self._hook_wake.set()
 
     def _publish(self) -> None:
@@ -356,29 +358,43 @@ class ModeMachine:
                 "evidence": self.evidence}
 
     async def run_hooks(self) -> None:
-        """Run queued hook commands one at a time, each bounded by `hook_timeout`."""
-        while True:
-            await self._hook_wake.wait()
-            self._hook_wake = anyio.Event()
-            while self._hooks:
-                argv, env = self._hooks.pop(0)
-                await run_command(argv, self.config.hook_timeout, env, event="mode.hook")
+        """Run queued hook commands, each bounded by `hook_timeout`.
+
+        Different commands run concurrently, so a hung one delays no other. Runs of one
+        command follow each other in the order of the mode changes.
+        """
+        async with anyio.create_task_group() as tg:
+            while True:
+                await self._hook_wake.wait()
+                self._hook_wake = anyio.Event()
+                for argv, pending in self._hook_queues.items():
+                    if pending and argv not in self._hook_lanes:
+                        self._hook_lanes.add(argv)
+                        tg.start_soon(self._run_hook_lane, argv, pending)
+
+    async def _run_hook_lane(self, argv: tuple[str, ...], pending: deque[dict[str, str]]) -> None:
+        try:
+            while pending:
+                env = pending.popleft()
+                await run_command(list(argv), self.config.hook_timeout, env, event="mode.hook")
+        finally:
+            self._hook_lanes.discard(argv)
 
 
 async def run_command(argv: list[str], time_limit: float, extra_env: Mapping[str, str],
                       *, event: str) -> int | None:
-    """Run `argv` without a shell, killed after `time_limit` seconds; return its exit code.
+    """Run `argv` without a shell in its own process group; return its exit code.
 
-    Returns None when the command could not start or ran out of time. The command gets
-    only INHERITED_ENV from walacord's environment, never its credentials.
+    Returns None when the command could not start or ran out of time. After
+    `time_limit` seconds, or when the caller is cancelled, the command and every process
+    it started in its group are killed. The command gets only INHERITED_ENV from
+    walacord's environment, never its credentials.
     """
     env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
     env.update(extra_env)
     began = time.monotonic()
     try:
-        with anyio.fail_after(time_limit):
-            result = await anyio.run_process(argv, env=env, check=False,
-                                             stdin=subprocess.DEVNULL)
+        result = await run_in_group(argv, time_limit, env)
     except TimeoutError:
         log.error(f"{event}_timed_out", extra={"fields": {
             "argv": argv, "timeout_seconds": time_limit}})

@@ -10,10 +10,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.conftest import kill_leftovers, live_pids
 from walacord.alerts.sinks import AlertmanagerSink, HookSink
 from walacord.alerts.store import Delivery
 from walacord.errors import AlertDeliveryError
 from walacord.pgcluster import free_port
+from walacord.processes import group_members
 
 from .conftest import Receiver
 
@@ -120,6 +122,23 @@ async def test_hook_sink_timeout_fails() -> None:
 
     with pytest.raises(AlertDeliveryError, match="timed out"):
         await sink.deliver([delivery(FIRING)])
+
+
+async def test_hook_sink_timeout_kills_grandchild(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    script = f"echo $$ > {pid_file}; sleep 100 & echo $! >> {pid_file}; exec sleep 100"
+    sink = HookSink(0, ["/bin/sh", "-c", script], timeout=0.5)
+    pids: list[int] = []
+    try:
+        with pytest.raises(AlertDeliveryError, match="timed out"):
+            await sink.deliver([delivery(FIRING)])
+        pids = [int(word) for word in pid_file.read_text().split()]
+
+        assert len(pids) == 2
+        assert live_pids(pids) == []
+        assert group_members(pids[0]) == []
+    finally:
+        kill_leftovers(pids)
 
 
 async def test_hook_sink_missing_command_fails(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import anyio
 import orjson
 import pytest
 
-from tests.conftest import daemon_config, running_daemon
+from tests.conftest import daemon_config, kill_leftovers, live_pids, running_daemon, wait_until
 from walacord.config import BackupConfig, ModesConfig
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
@@ -94,3 +94,34 @@ async def test_mode_override_ttl_raised_limit(pg_db: str, tmp_path: Path) -> Non
     override = orjson.loads(forced.stdout)["override"]
     assert override["mode"] == "degraded"
     assert 8 * 86400 - 60 < override["remaining_seconds"] <= 8 * 86400
+
+
+@pytest.mark.anyio
+async def test_mode_hook_timeout_leaves_no_process(pg_db: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "hook-pids"
+    # Each run appends the shell's pid and its background child's pid, then hangs.
+    hook = ["/bin/sh", "-c", f"echo $$ >> {pid_file}; sleep 100 & echo $! >> {pid_file}; "
+                             "exec sleep 100"]
+    config = daemon_config(tmp_path, pg_db, backup=BackupConfig(enabled=False),
+                           modes=ModesConfig(hooks=[hook], hook_timeout=1.0))
+    socket = config.control.socket
+    pids: list[int] = []
+    try:
+        async with running_daemon(config):
+            forced = await anyio.run_process(
+                [WALACORCTL, "--socket", socket, "mode", "set", "offline", "--ttl", "30s",
+                 "--reason", "hook test"], check=False)
+            assert forced.returncode == 0, forced.stderr.decode()
+            await wait_until(lambda: pid_file.exists(), 10)
+            cleared = await anyio.run_process([WALACORCTL, "--socket", socket, "mode", "clear"],
+                                              check=False)
+            assert cleared.returncode == 0, cleared.stderr.decode()
+            # The second run starts once the first is killed at its 1 s timeout.
+            await wait_until(lambda: len(pid_file.read_text().split()) >= 4, 10)
+            pids = [int(word) for word in pid_file.read_text().split()]
+            await wait_until(lambda: not live_pids(pids), 10)
+
+        assert len(pids) == 4
+        assert live_pids(pids) == []
+    finally:
+        kill_leftovers(pids)

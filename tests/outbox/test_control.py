@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
@@ -317,3 +318,75 @@ async def test_pipelined_enqueue_errors_stay_per_request(tmp_path: Path,
     assert [r["key"] for r in batch["result"]["results"]] == ["b", "c"]
     assert commits == 1
     assert stats.pending == 3
+
+
+@asynccontextmanager
+async def control_before_outbox(tmp_path: Path, outbox_config: OutboxConfig
+                                ) -> AsyncIterator[tuple[str, Outbox, anyio.abc.TaskGroup]]:
+    """Run a ControlServer with the outbox methods but leave the Outbox unstarted, as
+    the supervisor does between starting the control socket and the outbox.
+
+    Yields the socket path, the outbox and a task group the test may start it in.
+    """
+    path = str(tmp_path / "control.sock")
+    config = Config(state=StateConfig(dir=str(tmp_path / "state")),
+                    control=ControlConfig(socket=path, group=""), outbox=outbox_config)
+    registry = CollectorRegistry()
+    runtime = Runtime(config=config, config_path=None, registry=registry,
+                      metrics=Metrics(registry), notifier=Notifier({}))
+    outbox = Outbox(config, {}, metrics=runtime.metrics)
+    register_methods(runtime.methods, outbox)
+    server = ControlServer(runtime)
+    runtime.components[server.name] = server
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(server.run)
+        yield path, outbox, tasks
+        tasks.cancel_scope.cancel()
+
+
+def enqueue_blocking(path: str, operation: dict[str, Any]) -> pytest.ExceptionInfo[ControlError]:
+    with OutboxClient(path, timeout=10) as client, pytest.raises(ControlError) as caught:
+        client.enqueue(operation)
+    return caught
+
+
+async def test_enqueue_while_starting_says_retry(tmp_path: Path,
+                                                 outbox_config: OutboxConfig) -> None:
+    operation = walacor_operation(10001, key="early-1", data={"amount": 1})
+    async with control_before_outbox(tmp_path, outbox_config) as (path, outbox, tasks):
+        async with AsyncOutboxClient(path, timeout=10) as client:
+            with pytest.raises(ControlError) as pipelined:
+                await client.enqueue(operation)
+            with pytest.raises(ControlError) as batch:
+                await client.enqueue_many([operation])
+            with pytest.raises(ControlError) as stats:
+                await client.stats()
+        # The blocking client runs in a thread, so the server keeps serving.
+        blocking_caught = await anyio.to_thread.run_sync(enqueue_blocking, path, operation)
+
+        await tasks.start(outbox.run)
+        async with AsyncOutboxClient(path, timeout=10) as client:
+            stored = await client.enqueue(operation)
+
+    for caught in (pipelined, batch, stats, blocking_caught):
+        assert caught.value.code == OPERATION_FAILED
+        assert caught.value.data == {"reason": "starting"}
+        assert "walacord is starting" in caught.value.message
+        assert "retry in a moment" in caught.value.message
+    assert stored["created"] is True
+
+
+async def test_enqueue_after_store_stopped(tmp_path: Path,
+                                           outbox_config: OutboxConfig) -> None:
+    operation = walacor_operation(10001, key="late-1", data={"amount": 1})
+    async with control_before_outbox(tmp_path, outbox_config) as (path, outbox, _):
+        async with anyio.create_task_group() as outbox_tasks:
+            await outbox_tasks.start(outbox.run)
+            outbox_tasks.cancel_scope.cancel()
+        async with AsyncOutboxClient(path, timeout=10) as client:
+            with pytest.raises(ControlError) as caught:
+                await client.enqueue(operation)
+
+    assert caught.value.code == OPERATION_FAILED
+    assert caught.value.data == {"reason": "outbox_error"}
+    assert caught.value.message == "the outbox store is not running"

@@ -16,7 +16,13 @@ import pytest
 
 from tests.outbox.conftest import Alerts, StoreOpener, ledger_op, walacor_op
 from walacord.config import OutboxConfig
-from walacord.errors import OutboxConflict, OutboxError, OutboxFull, OutboxNotFound
+from walacord.errors import (
+    OutboxConflict,
+    OutboxError,
+    OutboxFull,
+    OutboxNotFound,
+    OutboxStarting,
+)
 from walacord.metrics import Metrics
 from walacord.outbox.model import State
 from walacord.outbox.queries import Outcome, execute_in_order
@@ -133,6 +139,30 @@ async def test_stop_before_commit_reports_error(open_store: StoreOpener) -> None
     assert len(outcomes) == 1
     assert isinstance(outcomes[0], OutboxError)
     assert "stopped before it stored" in str(outcomes[0])
+
+
+async def test_enqueue_before_open_raises_starting(db_path: Path,
+                                                   outbox_config: OutboxConfig) -> None:
+    store = OutboxStore(db_path, outbox_config)
+
+    with pytest.raises(OutboxStarting, match="walacord is starting") as enqueued:
+        await store.enqueue([walacor_op("early")])
+    with pytest.raises(OutboxStarting):
+        await store.check_conservation()
+
+    assert "retry in a moment" in str(enqueued.value)
+    assert store.starting
+
+
+async def test_enqueue_after_stop_raises_not_running(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        pass
+
+    with pytest.raises(OutboxError, match="the outbox store is not running") as caught:
+        await store.enqueue([walacor_op("late")])
+
+    assert not isinstance(caught.value, OutboxStarting)
+    assert not store.starting
 
 
 async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> None:

@@ -23,6 +23,7 @@ from walacord.alerts.model import rfc3339
 from walacord.alerts.store import Delivery
 from walacord.errors import AlertDeliveryError
 from walacord.logs import ALERT_LOGGER
+from walacord.processes import run_in_group
 from walacord.tls import client_context
 
 alert_log = logging.getLogger(ALERT_LOGGER)
@@ -127,7 +128,8 @@ class AlertmanagerSink:
 class HookSink:
     """Run a command per notification: argv without a shell, JSON on stdin and in env.
 
-    The command gets only `HOOK_INHERITED_ENV` from walacord's environment.
+    The command gets only `HOOK_INHERITED_ENV` from walacord's environment. It runs in
+    its own process group, which is killed when the command times out.
     """
 
     kind = "hook"
@@ -146,9 +148,7 @@ class HookSink:
             env["WALACORD_ALERT"] = document.decode()
             env["WALACORD_ALERT_KIND"] = delivery.kind
             try:
-                with anyio.fail_after(self.timeout):
-                    result = await anyio.run_process(self.argv, input=document, env=env,
-                                                     check=False)
+                result = await run_in_group(self.argv, self.timeout, env, input=document)
             except TimeoutError:
                 raise AlertDeliveryError(f"hook {self.argv[0]} timed out after "
                                          f"{self.timeout:g}s") from None

@@ -24,6 +24,7 @@ from walacord.errors import (
     OutboxFull,
     OutboxInvalidOperation,
     OutboxNotFound,
+    OutboxStarting,
     OutboxStateDirUnusable,
 )
 from walacord.outbox.model import MAX_PAGE, NewOperation, State, parse_operation
@@ -59,7 +60,7 @@ def _control_error(exc: OutboxError) -> ControlError:
         return ControlError(INVALID_PARAMS, str(exc), {"field": exc.field})
     reason = {OutboxFull: "outbox_full", OutboxDiskFull: "disk_full",
               OutboxNotFound: "not_found", OutboxConflict: "conflict",
-              OutboxStateDirUnusable: "state_dir_unusable",
+              OutboxStateDirUnusable: "state_dir_unusable", OutboxStarting: "starting",
               }.get(type(exc), "outbox_error")
     return ControlError(OPERATION_FAILED, str(exc), {"reason": reason})
 

@@ -34,6 +34,7 @@ from walacord.errors import (
     OutboxDiskFull,
     OutboxError,
     OutboxFull,
+    OutboxStarting,
     OutboxStateDirUnusable,
 )
 from walacord.metrics import Metrics
@@ -180,6 +181,9 @@ class OutboxStore(OutboxQueries):
         # a large share of an enqueue's CPU time.
         self._queue: deque[_Request] = deque()
         self._running = False
+        # Set when `run()` ends, so a store that never opened reads as stopped, not
+        # as starting.
+        self._stopped = False
         self._writer_wakeup: asyncio.Future[None] | None = None
         # The writer is woken once the queue contains this many requests.
         self._wake_at = 1
@@ -205,6 +209,12 @@ class OutboxStore(OutboxQueries):
         unavailable, so the rest of the daemon runs in emergency mode, and opens the store
         once space returns.
         """
+        try:
+            await self._run(task_status)
+        finally:
+            self._stopped = True
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         started = False
         while True:
             try:
@@ -253,9 +263,29 @@ class OutboxStore(OutboxQueries):
             self.on_alert("outbox_state_dir", self.unavailable)
 
     def require_open(self) -> None:
-        """Raise the start-up error while the store could not open its database."""
+        """Raise OutboxStarting before the store opened its database, or the start-up
+        error while it could not open it."""
         if self.unavailable is not None:
             raise self._unavailable_type(self.unavailable)
+        if self.starting:
+            raise self._starting_error()
+
+    @property
+    def starting(self) -> bool:
+        """True until the store opened its database or gave up."""
+        return not self.opened.is_set() and not self._stopped
+
+    def _starting_error(self) -> OutboxStarting:
+        return OutboxStarting("walacord is starting and has not opened the outbox store "
+                              "yet; retry in a moment")
+
+    def _not_running_error(self) -> OutboxError:
+        """Return why the store cannot take a request now: starting, unavailable or stopped."""
+        if self.unavailable is not None:
+            return self._unavailable_type(self.unavailable)
+        if self.starting:
+            return self._starting_error()
+        return OutboxError("the outbox store is not running")
 
     def _check_space_returned(self) -> None:
         if self.disk_full and startup.has_free_space(self.path.parent, DISK_FREE_TO_CLEAR):
@@ -389,13 +419,18 @@ class OutboxStore(OutboxQueries):
 
     def _writer(self) -> aiosqlite.Connection:
         if self._db is None:
-            raise OutboxError("the outbox store is not open")
+            raise self._not_open_error()
         return self._db
 
     def _read(self) -> aiosqlite.Connection:
         if self._reader is None:
-            raise OutboxError("the outbox store is not open")
+            raise self._not_open_error()
         return self._reader
+
+    def _not_open_error(self) -> OutboxError:
+        if self.starting or self.unavailable is not None:
+            return self._not_running_error()
+        return OutboxError("the outbox store is not open")
 
     # --- capacity -----------------------------------------------------------------
 
@@ -477,7 +512,7 @@ class OutboxStore(OutboxQueries):
         the expiry task. `timeout` in seconds replaces `write_timeout` when shorter.
         """
         if not self._running:
-            on_done(OutboxError("the outbox store is not running"))
+            on_done(self._not_running_error())
             return
         write_timeout = self.config.write_timeout
         seconds = write_timeout if timeout is None else min(timeout, write_timeout)

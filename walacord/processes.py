@@ -1,0 +1,129 @@
+"""Run external commands so that none of their descendants outlive them.
+
+Each command starts in a new session, so it leads its own process group. When the
+time limit passes or the caller is cancelled, the whole group gets SIGTERM, then
+SIGKILL after `KILL_GRACE`, so a hook that started children of its own (`sh -c 'a & b'`)
+leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterable, Mapping, Sequence
+from io import BytesIO
+
+import anyio
+from anyio.abc import Process
+
+log = logging.getLogger(__name__)
+
+# Seconds between SIGTERM and SIGKILL to a command's process group.
+KILL_GRACE = 1.0
+# Seconds to wait for the group to disappear after SIGKILL.
+KILL_WAIT = 2.0
+# Seconds between checks whether a signalled group is empty.
+POLL_INTERVAL = 0.02
+
+
+async def run_in_group(argv: Sequence[str], time_limit: float, env: Mapping[str, str], *,
+                       input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` in a new session and return its exit code, stdout and stderr.
+
+    Raises TimeoutError after `time_limit` seconds and OSError when the command cannot
+    start. On a timeout, on cancellation and on any other error, the process group is
+    killed and the command reaped before the exception propagates.
+    """
+    # NOTE: after a normal exit the group is left alone, so a background process that
+    # closed its stdout and stderr keeps running. One that keeps them open makes the
+    # command run until the time limit, and is killed then.
+    process = await anyio.open_process(
+        list(argv), env=dict(env), start_new_session=True,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+    output: list[bytes] = [b"", b""]
+    try:
+        with anyio.fail_after(time_limit):
+            async with anyio.create_task_group() as tg:
+                if process.stdout is not None:
+                    tg.start_soon(_drain, process.stdout, output, 0)
+                if process.stderr is not None:
+                    tg.start_soon(_drain, process.stderr, output, 1)
+                if process.stdin is not None and input is not None:
+                    await process.stdin.send(input)
+                    await process.stdin.aclose()
+                returncode = await process.wait()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await kill_group(process)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    return subprocess.CompletedProcess(list(argv), returncode, output[0], output[1])
+
+
+async def kill_group(process: Process) -> None:
+    """Kill the process group that `process` leads, and reap `process`.
+
+    Sends SIGTERM to the group, waits up to `KILL_GRACE` seconds for it to empty, then
+    sends SIGKILL. Descendants that left the group with setsid() or setpgid() escape.
+    """
+    # The leader's pid is the group id, and the kernel does not reuse it while any
+    # member of the group, the unreaped leader included, still exists.
+    group = process.pid
+    if _signal_group(group, signal.SIGTERM) and not await _wait_empty(group, KILL_GRACE):
+        log.warning("process.sigterm_ignored", extra={"fields": {
+            "pgid": group, "grace_seconds": KILL_GRACE}})
+        _signal_group(group, signal.SIGKILL)
+        await _wait_empty(group, KILL_WAIT)
+    with anyio.move_on_after(KILL_WAIT):
+        await process.wait()
+
+
+def group_members(group: int) -> list[int]:
+    """Return the pids of the live (not zombie) processes in process group `group`.
+
+    Reads /proc, so it works only on Linux.
+    """
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state, ppid, pgrp.
+        if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return members
+
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Send `signum` to process group `group`; return False when the group is gone."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _wait_empty(group: int, seconds: float) -> bool:
+    """Wait up to `seconds` for group `group` to have no live member; return whether it has none."""
+    deadline = time.monotonic() + seconds
+    while group_members(group):
+        if time.monotonic() >= deadline:
+            return False
+        await anyio.sleep(POLL_INTERVAL)
+    return True
+
+
+async def _drain(stream: AsyncIterable[bytes], output: list[bytes], index: int) -> None:
+    buffer = BytesIO()
+    async for chunk in stream:
+        buffer.write(chunk)
+    output[index] = buffer.getvalue()
