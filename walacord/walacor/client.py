@@ -74,6 +74,9 @@ class WalacorClient:
         self._password = password
         self._token: str | None = None
         self._token_lock = anyio.Lock()
+        # The last request without a body and what it was built from; see _bodiless_request.
+        self._last_bodiless: tuple[tuple[str, str, tuple[tuple[str, str], ...]],
+                                   httpx.Request] | None = None
         # With trust_env and no CA bundle, httpx builds its own context, because only
         # that one reads SSL_CERT_FILE and SSL_CERT_DIR. Otherwise the shared one is used.
         verify: ssl.SSLContext | bool = True
@@ -211,13 +214,16 @@ class WalacorClient:
             headers["Content-Type"] = "application/json"
         try:
             with anyio.fail_after(self.request_timeout):
-                request = self._http.build_request(
-                    method,
-                    f"{self.api}/{path}",
-                    content=content,
-                    params=params,
-                    headers=headers,
-                )
+                if content is None and params is None:
+                    request = self._bodiless_request(method, path, headers)
+                else:
+                    request = self._http.build_request(
+                        method,
+                        f"{self.api}/{path}",
+                        content=content,
+                        params=params,
+                        headers=headers,
+                    )
                 response = await self._send_request(request)
         except TimeoutError:
             raise WalacorTimeoutError(
@@ -227,6 +233,21 @@ class WalacorClient:
         except httpx.TransportError as exc:
             raise classify_transport_error(exc, operation, self.scheme) from exc
         return parse_response(response, operation)
+
+    def _bodiless_request(self, method: str, path: str, headers: dict[str, str]) -> httpx.Request:
+        """Return a request without a body, reusing the last one when it is the same.
+
+        The Walacor probe sends the same GET every second, and building it costs about
+        0.06 ms of CPU (httpx 0.29). A request without a body can be sent again as it is.
+        It is built again while the client has cookies, which may have changed.
+        """
+        key = (method, path, tuple(headers.items()))
+        if self._last_bodiless is not None and self._last_bodiless[0] == key \
+                and not self._http.cookies:
+            return self._last_bodiless[1]
+        request = self._http.build_request(method, f"{self.api}/{path}", headers=headers)
+        self._last_bodiless = (key, request)
+        return request
 
     async def _send_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` and read the whole response, as `AsyncClient.send` does.
