@@ -184,7 +184,7 @@ async def test_monitor_read_only_recycles(own_pg_cluster: PgCluster, tmp_path: P
         own_pg_cluster.reload()
         await wait_for_mode(monitor, "normal", 10)
     assert report["reason"] == "read_only"
-    assert "SELECT 1 passes" in report["message"]
+    assert "queries pass" in report["message"]
     assert recycles == 1
     assert monitor.recycler.last is not None
     assert monitor.recycler.last["healthy_after"] is True
