@@ -15,8 +15,9 @@ import psycopg
 import pytest
 
 from tests.conftest import daemon_config, running_daemon, wait_until
-from walacord.alerts.rules import RECYCLE_BUDGET_EXHAUSTED
-from walacord.config import HttpCheckConfig, RepairConfig
+from walacord.alerts.rules import HOST_RESOURCE, RECYCLE_BUDGET_EXHAUSTED
+from walacord.alerts.service import AlertService
+from walacord.config import HostProbeConfig, HttpCheckConfig, ProbesConfig, RepairConfig
 from walacord.emulator import Emulator
 from walacord.errors import PoolRecycleError
 from walacord.monitor import Monitor
@@ -59,6 +60,35 @@ async def test_monitor_normal_with_emulator(pg_db: str, walacor_emulator: Emulat
     assert document["probes"]["walacor"]["healthy"] is True
     assert document["probes"]["api"]["state"] == "not_configured"
     assert document["probes"]["host"]["state"] == "up"
+
+
+async def test_monitor_host_levels_reach_alerts(pg_db: str, tmp_path: Path) -> None:
+    # Memory above 0% used is a warning, so the host probe reports it on every run.
+    host = HostProbeConfig(load_warning_per_cpu=1000, memory_warning_percent=0,
+                           memory_critical_percent=100, interval=0.05, fast_interval=0.05)
+    config = daemon_config(tmp_path, pg_db, probes=ProbesConfig(host=host))
+    async with running_daemon(config) as supervisor:
+        monitor = monitor_of(supervisor)
+        alerts = supervisor.runtime.components["alerts"]
+        assert isinstance(alerts, AlertService)
+
+        def memory_alerts() -> set[str]:
+            return {alert.labels["severity"] for alert in alerts.engine.alerts.values()
+                    if alert.alertname == HOST_RESOURCE
+                    and alert.labels.get("resource") == "memory"}
+
+        await wait_until(lambda: memory_alerts() == {"warning"}, 10)
+        # Later runs report the same level again, and the alert stays.
+        runs = monitor.runners["host"].stats.runs
+        await wait_until(lambda: monitor.runners["host"].stats.runs >= runs + 5, 10)
+        await alerts.evaluate_once()
+        assert memory_alerts() == {"warning"}
+
+        # A reloaded threshold ends the warning, and the alert goes with it.
+        lifted = dataclasses.replace(host, memory_warning_percent=100)
+        supervisor.runtime.config = dataclasses.replace(
+            config, probes=dataclasses.replace(config.probes, host=lifted))
+        await wait_until(lambda: memory_alerts() == set(), 10)
 
 
 async def test_monitor_writes_performance_log(pg_db: str, tmp_path: Path) -> None:
@@ -154,7 +184,7 @@ async def test_monitor_read_only_recycles(own_pg_cluster: PgCluster, tmp_path: P
         own_pg_cluster.reload()
         await wait_for_mode(monitor, "normal", 10)
     assert report["reason"] == "read_only"
-    assert "SELECT 1 passes" in report["message"]
+    assert "queries pass" in report["message"]
     assert recycles == 1
     assert monitor.recycler.last is not None
     assert monitor.recycler.last["healthy_after"] is True

@@ -4,7 +4,9 @@ prometheus_client's `generate_latest` escapes and validates every metric name, l
 and label value on every scrape, although they only change when a series is new.
 `TextExposition` produces the same bytes but keeps the formatted text of each family header
 and each sample line between renders. A render then formats only the number of a sample
-whose value moved and the whole line of a series it has not seen before.
+whose value moved and the whole line of a series it has not seen before. A family usually
+returns its series in the same order on each collect, so a sample is first compared (name
+and labels) with the line at its own position, and looked up by key only when they differ.
 
 The text it keeps is produced by `generate_latest` itself, applied to one family or one
 sample, so names and labels are escaped exactly as the installed prometheus_client does.
@@ -13,6 +15,7 @@ sample, so names and labels are escaped exactly as the installed prometheus_clie
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -57,6 +60,8 @@ class _Family:
     # "_created" -> the HELP and TYPE lines of the gauge family "<name>_created", formatted
     # when the family first has such a sample.
     split_headers: dict[str, str] = field(default_factory=dict)
+    # The sample lines of the last render, in the order of the family's samples.
+    lines: list[_Line] = field(default_factory=list)
 
     def split_header(self, metric: Metric, suffix: str) -> str:
         header = self.split_headers.get(suffix)
@@ -70,6 +75,8 @@ class _Family:
 class _Line:
     """Formatted sample line of one series, with the value and timestamp it shows."""
 
+    name: str  # The sample's name and labels, unescaped, to match later samples.
+    labels: dict[str, str]
     prefix: str  # Metric name and labels, escaped, without the separating space.
     split_suffix: str | None
     value: float = float("nan")
@@ -78,9 +85,10 @@ class _Line:
 
     def format(self, sample: Sample) -> str:
         value = sample.value
-        # The cached text is kept only for the same nonzero value: 0.0 and -0.0 compare
-        # equal but print differently, and NaN never compares equal.
-        if value == self.value and value != 0 and sample.timestamp == self.timestamp:
+        # 0.0 and -0.0 compare equal but print differently, so a zero also needs the same
+        # sign. NaN never compares equal, so it is formatted every time.
+        if value == self.value and sample.timestamp == self.timestamp and (
+                value != 0 or math.copysign(1, value) == math.copysign(1, self.value)):
             return self.text
         timestamp = ""
         if sample.timestamp is not None:
@@ -102,12 +110,10 @@ class TextExposition:
     def __init__(self, registry: Collector) -> None:
         self.registry = registry
         self._families: dict[tuple[str, str, str, str], _Family] = {}
-        self._lines: dict[tuple[str, str, tuple[tuple[str, str], ...]], _Line] = {}
 
     def render(self) -> bytes:
         output: list[str] = []
         families: dict[tuple[str, str, str, str], _Family] = {}
-        lines: dict[tuple[str, str, tuple[tuple[str, str], ...]], _Line] = {}
         for metric in self.registry.collect():
             family_key = (metric.name, metric.type, metric.documentation, metric.unit)
             family = self._families.get(family_key) or families.get(family_key)
@@ -117,23 +123,30 @@ class TextExposition:
             output.append(family.header)
 
             split: dict[str, list[str]] = {}
-            for sample in metric.samples:
-                line_key = (metric.name, sample.name, tuple(sample.labels.items()))
-                line = self._lines.get(line_key) or lines.get(line_key)
-                if line is None:
-                    line = self._format_line(metric, sample)
-                lines[line_key] = line
+            previous = family.lines
+            by_key: dict[tuple[str, tuple[tuple[str, str], ...]], _Line] | None = None
+            lines: list[_Line] = []
+            for index, sample in enumerate(metric.samples):
+                line = previous[index] if index < len(previous) else None
+                if line is None or line.name != sample.name or line.labels != sample.labels:
+                    # A series was added or removed before this one, so look it up by key.
+                    if by_key is None:
+                        by_key = {(old.name, tuple(old.labels.items())): old for old in previous}
+                    line = by_key.get((sample.name, tuple(sample.labels.items())))
+                    if line is None:
+                        line = self._format_line(metric, sample)
+                lines.append(line)
                 if line.split_suffix is None:
                     output.append(line.format(sample))
                 else:
                     split.setdefault(line.split_suffix, []).append(line.format(sample))
+            family.lines = lines
 
             for suffix, texts in sorted(split.items()):
                 output.append(family.split_header(metric, suffix))
                 output.extend(texts)
 
         self._families = families
-        self._lines = lines
         return "".join(output).encode("utf-8")
 
     @staticmethod
@@ -147,4 +160,4 @@ class TextExposition:
         # the output and ends in " 0.0".
         text = _render_alone(metric, [sample._replace(value=0.0, timestamp=None)])
         last = text.rstrip("\n").rpartition("\n")[2]
-        return _Line(last.removesuffix(" 0.0"), split_suffix)
+        return _Line(sample.name, sample.labels, last.removesuffix(" 0.0"), split_suffix)

@@ -91,6 +91,10 @@ class Monitor:
         self._recycled_for: str | None = None
         self._last_restart_at = -float("inf")
         self._pool_wake = anyio.Event()
+        # Per host resource: the alerts component, level and `for` duration last reported
+        # to it. The engine keeps a pushed condition until it is reported inactive, so an
+        # unchanged level is not reported again.
+        self._host_levels_sent: dict[str, tuple[object, str, float]] = {}
         runtime.status_parts.append(self.modes.status_part)
         runtime.reload_hooks.append(self._reload)
 
@@ -232,6 +236,10 @@ class Monitor:
         from walacord.alerts import rules
 
         for resource, level in details["levels"].items():
+            sent = (alerts, level, self.config.alerts.host_resources_for)
+            if self._host_levels_sent.get(resource) == sent:
+                continue
+            self._host_levels_sent[resource] = sent
             for condition in rules.host_resource(resource, level, None, self.config.alerts):
                 alerts.observe(condition)
 

@@ -269,11 +269,11 @@ def test_postgres_port_blackholed(moment: str, cluster: PgCluster, proxy: FaultP
 def test_postgres_port_slow(cluster: PgCluster, proxy: FaultProxy,
                             start_walacord: StartWalacord,
                             chaos_results: ResultsFile) -> None:
-    # A run makes about ten round trips within its 1.5 s deadline: the pooled query,
-    # the write check, the server figures and a fresh connection's handshake. So a delay
-    # that makes one query slower than the default slow_after of 0.5 s makes the whole
-    # run time out. Here slow_after is 0.08 s and each chunk waits 50 ms, so SELECT 1
-    # takes about 0.1 s: slow, while the run still ends within its deadline.
+    # A run makes about ten round trips within its 1.5 s deadline: the server figures,
+    # the write check and a fresh connection's handshake. So a delay that makes one
+    # query slower than the default slow_after of 0.5 s makes the whole run time out.
+    # Here slow_after is 0.08 s and each chunk waits 50 ms, so the figures query takes
+    # about 0.1 s: slow, while the run still ends within its deadline.
     url = make_conninfo(cluster.url(), port=str(proxy.port))
     scenario = start_walacord(url, settings={"probes.database": {"slow_after": 0.08}})
     scenario.wait_normal()
@@ -314,7 +314,7 @@ def test_postgres_read_only_toggled(cluster: PgCluster, start_walacord: StartWal
         expected_path=EMERGENCY_PATH, **fault.measured(TIMEOUT),
         notes=f"pool recycled {recycled if recycled is None else round(recycled, 3)} s "
               "after the reload")
-    # SELECT 1 still passes: the probe reaches the server and only the write fails.
+    # Queries still pass: the probe reaches the server and only the write fails.
     assert database.get("details", {}).get("reachable") is True
     assert database.get("details", {}).get("writable") is False
     assert recycled is not None

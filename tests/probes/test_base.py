@@ -7,12 +7,14 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from tests.conftest import wait_until
 from walacord.config import ProbeSettings
 from walacord.probes.base import (
     Abandoner,
+    CallAbandoned,
     Health,
     ProbeResult,
     ProbeRunner,
@@ -230,6 +232,59 @@ async def test_abandoner_passes_exceptions() -> None:
         await tg.start(abandoner.run)
         with pytest.raises(ValueError, match="boom"):
             await abandoner.call(fail, 1.0)
+        tg.cancel_scope.cancel()
+    assert abandoner.abandoned_total == 0
+
+
+@pytest.mark.anyio
+async def test_abandoner_calls_after_abandoned_call() -> None:
+    abandoner = Abandoner()
+    release = anyio.Event()
+
+    async def stubborn() -> str:
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+        return "late"
+
+    async def quick() -> str:
+        await anyio.lowlevel.checkpoint()
+        return "quick"
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(abandoner.run)
+        assert await abandoner.call(quick, 1.0) == "quick"
+        with pytest.raises(CallAbandoned):
+            await abandoner.call(stubborn, 0.05)
+        # The abandoned call still runs, and later calls get a result of their own.
+        assert await abandoner.call(quick, 1.0) == "quick"
+        assert await abandoner.call(quick, 1.0) == "quick"
+        assert abandoner.outstanding == 1
+
+        release.set()
+        await wait_until(lambda: abandoner.outstanding == 0, 1)
+        assert await abandoner.call(quick, 1.0) == "quick"
+        tg.cancel_scope.cancel()
+    assert abandoner.abandoned_total == 1
+
+
+@pytest.mark.anyio
+async def test_abandoner_cancelled_caller_cancels_call() -> None:
+    abandoner = Abandoner()
+    cancelled = anyio.Event()
+
+    async def slow() -> None:
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(abandoner.run)
+        with anyio.move_on_after(0.05):
+            await abandoner.call(slow, 5.0)
+        await wait_until(cancelled.is_set, 1)
+        await wait_until(lambda: abandoner.outstanding == 0, 1)
         tg.cancel_scope.cancel()
     assert abandoner.abandoned_total == 0
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from aiohttp import web
 
 from walacord.emulator import Emulator, running_emulator
 from walacord.errors import WalacorAuthError, WalacorValidationError
+from walacord.pgcluster import free_port
 from walacord.walacor import WalacorClient, api_root
 
 pytestmark = pytest.mark.anyio
@@ -147,3 +149,33 @@ async def test_rejected_retry_raises_auth_error(emulator: Emulator, client: Wala
     with pytest.raises(WalacorAuthError):
         await client.envelope_types()
     assert emulator.logins == 2
+
+
+async def test_client_sends_back_cookie_server_set() -> None:
+    # A load balancer in front of Walacor may pin a client to a node with a cookie.
+    received: list[str | None] = []
+
+    async def login(request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "api_token": "Bearer token"})
+
+    async def envelope_types(request: web.Request) -> web.Response:
+        received.append(request.cookies.get("affinity"))
+        response = web.json_response({"success": True, "data": []})
+        response.set_cookie("affinity", "node-2")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/auth/login", login)
+    app.router.add_get("/api/schemas/envelopeTypes", envelope_types)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with WalacorClient(f"http://127.0.0.1:{port}", username="ops",
+                                 password="secret") as client:
+            for _ in range(3):
+                await client.envelope_types()
+    finally:
+        await runner.cleanup()
+    assert received == [None, "node-2", "node-2"]

@@ -9,6 +9,7 @@ same alert in alerts.log, alerts.db and Alertmanager.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import uuid
@@ -25,8 +26,14 @@ AlertState = Literal["pending", "firing", "resolved"]
 
 def fingerprint(labels: Mapping[str, str]) -> str:
     """Return a stable 16-hex-digit hash of the label set, independent of label order."""
+    return _fingerprint_of(tuple(sorted(labels.items())))
+
+
+# The rules report the same few label sets on every evaluation, so their hashes are kept.
+@functools.lru_cache(maxsize=256)
+def _fingerprint_of(items: tuple[tuple[str, str], ...]) -> str:
     digest = hashlib.sha256()
-    for name, value in sorted(labels.items()):
+    for name, value in items:
         digest.update(name.encode())
         digest.update(b"\xff")
         digest.update(value.encode())

@@ -200,7 +200,7 @@ class DatabaseProbe:
         settings = self.settings()
         step_deadline = settings.timeout * 0.45
 
-        # Step 1: SELECT 1, the write check and the figures on a pooled connection.
+        # Step 1: the server figures and the write check on a pooled connection.
         self._checkout_timeout = min(self.pool.config.checkout_timeout, step_deadline * 0.8)
         drop, self._server_drop = self._server_drop, None
         pooled = await self._step(self._pooled_step, step_deadline)
@@ -295,8 +295,9 @@ class DatabaseProbe:
         conn = await pool.getconn(timeout=self._checkout_timeout)
         discard = True
         try:
-            await conn.execute("SELECT 1")
-            outcome = StepOutcome()
+            # The figures query is the read check too: it fails as a SELECT 1 would when
+            # the session cannot run queries, and one round trip fewer saves CPU.
+            outcome = StepOutcome(figures=await self._figures(conn, settings))
             try:
                 await self._write_heartbeat(conn, settings)
             except psycopg.Error as exc:
@@ -304,7 +305,6 @@ class DatabaseProbe:
                     raise
                 outcome.write_failure = classify(exc)
                 outcome.write_error = describe(exc)
-            outcome.figures = await self._figures(conn, settings)
             discard = conn.broken
             return outcome
         finally:
@@ -395,7 +395,7 @@ class DatabaseProbe:
             details["recycle"] = RECYCLE_TRIGGERS.get(pooled.write_failure)
             return ProbeResult(Status.CRITICAL, pooled.write_failure,
                                f"the write check failed ({pooled.write_error}) while "
-                               "SELECT 1 passes", details=details)
+                               "queries pass", details=details)
         if fresh is not None and fresh.failure is not None:
             if fresh.failure == "shutting_down":
                 details["release"] = True
@@ -464,7 +464,7 @@ class DatabaseProbe:
         if warning:
             return ProbeResult(Status.WARNING, warning[0][0],
                                "; ".join(text for _, text in warning), details=details)
-        return ProbeResult(Status.OK, "ok", "SELECT 1 and the write check pass",
+        return ProbeResult(Status.OK, "ok", "queries and the write check pass",
                            details=details)
 
 
