@@ -99,8 +99,10 @@ def dead_operations(count: float, config: AlertsConfig) -> Condition:
     return Condition(
         DEAD_OPERATIONS, active=count > 0, severity="critical",
         summary="the outbox holds dead operations",
-        description=f"{count:.0f} outbox operations gave up retrying and need a person: "
-                    "inspect them with walacorctl.",
+        description=f"{count:.0f} outbox operations gave up retrying and need a person. "
+                    "Later operations with the same ordering key wait behind them "
+                    "(walacord_outbox_blocked_operations). Inspect them with walacorctl "
+                    "outbox list --state dead, then retry or drop each.",
         value=count, for_seconds=config.dead_operations_for)
 
 
