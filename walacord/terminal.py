@@ -28,3 +28,17 @@ def escape_control_characters(text: str) -> str:
     """Return `text` with each control character written as an escape such as `\\x1b`."""
     return CONTROL_CHARACTERS.sub(
         lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
+# The control characters that orjson leaves as they are, because it escapes only
+# U+0000 to U+001F. In JSON text they can appear only inside strings.
+_UNESCAPED_BY_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_json_text(text: str) -> str:
+    """Return JSON `text` with DEL, C1 and bidirectional controls written as `\\uXXXX`.
+
+    The document means the same, because a JSON string may write any character as an
+    escape, and it no longer acts on the terminal that prints it.
+    """
+    return _UNESCAPED_BY_JSON.sub(lambda found: f"\\u{ord(found.group()):04x}", text)

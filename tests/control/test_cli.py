@@ -377,3 +377,19 @@ def test_cli_ranges_match_daemon(argv: list[str], message: str) -> None:
     result = walacorctl(*argv, socket=Path("/nonexistent/walacord.sock"))
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_json_output_escapes_terminal_controls() -> None:
+    document = {"reason": "a\x7fb\x9b2Jc\u202ed", "count": 1}
+    stdout = io.StringIO()
+    context = Context(client=ControlClient("/nonexistent/walacord.sock", 1.0), json=True,
+                      stdout=stdout)
+
+    context.print_json(document)
+
+    text = stdout.getvalue()
+    assert "\\u007f" in text
+    assert "\\u009b" in text
+    assert "\\u202e" in text
+    assert not any(character in text for character in "\x7f\x9b\u202e")
+    assert orjson.loads(text) == document

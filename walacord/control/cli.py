@@ -24,6 +24,7 @@ from walacord.control.client import ControlClient, ProgressCallback
 from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE, ErrorCode
 from walacord.control.render import ProgressBar
 from walacord.errors import ControlClientError, ControlError
+from walacord.terminal import escape_json_text
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -76,8 +77,8 @@ class Context:
         return not self.json and self.stderr.isatty()
 
     def print_json(self, document: Any) -> None:
-        self.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2
-                                       | orjson.OPT_SORT_KEYS).decode() + "\n")
+        text = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        self.stdout.write(escape_json_text(text.decode()) + "\n")
 
     def print(self, text: str) -> None:
         self.stdout.write(text + "\n")

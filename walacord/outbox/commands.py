@@ -18,6 +18,7 @@ from walacord.errors import ControlError
 from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
 from walacord.outbox.model import MAX_PAGE
+from walacord.terminal import escape_json_text
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -425,13 +426,15 @@ def show_command(context: Context, args: argparse.Namespace) -> int:
             value = _utc(value) if value else "-"
         context.print(f"{field + ':':17}{'' if value is None else value}")
     if operation.get("receipt") is not None:
-        context.print(f"{'receipt:':17}{orjson.dumps(operation['receipt']).decode()}")
+        receipt = escape_json_text(orjson.dumps(operation["receipt"]).decode())
+        context.print(f"{'receipt:':17}{receipt}")
     blocked_by = operation.get("blocked_by")
     if blocked_by is not None:
         context.print(f"blocked: waits behind dead operation {blocked_by}, which has the "
                       f"same ordering key. {_unblock_hint(str(blocked_by))}")
     context.print("payload:")
-    context.print(orjson.dumps(operation.get("payload"), option=orjson.OPT_INDENT_2).decode())
+    payload = orjson.dumps(operation.get("payload"), option=orjson.OPT_INDENT_2).decode()
+    context.print(escape_json_text(payload))
     return 0
 
 
@@ -475,7 +478,7 @@ def export_command(context: Context, args: argparse.Namespace) -> int:
         page = context.call("outbox.export", {"state": args.state or [], "after_id": after,
                                               "limit": EXPORT_PAGE})
         for operation in page["operations"]:
-            context.stdout.write(orjson.dumps(operation).decode() + "\n")
+            context.stdout.write(escape_json_text(orjson.dumps(operation).decode()) + "\n")
         if page["next_after_id"] is None:
             return 0
         after = page["next_after_id"]
