@@ -42,10 +42,9 @@ from walacord.systemd import Notifier
 pytestmark = pytest.mark.anyio
 
 
-@asynccontextmanager
-async def serving_outbox(tmp_path: Path, outbox_config: OutboxConfig,
-                         sinks: dict[str, Sink]) -> AsyncIterator[tuple[str, Outbox]]:
-    """Run an Outbox and a ControlServer with the outbox methods until the block ends."""
+def outbox_components(tmp_path: Path, outbox_config: OutboxConfig, sinks: dict[str, Sink]
+                      ) -> tuple[str, Runtime, Outbox, ControlServer]:
+    """Build a runtime, an Outbox and a ControlServer with the outbox methods, unstarted."""
     path = str(tmp_path / "control.sock")
     config = Config(state=StateConfig(dir=str(tmp_path / "state")),
                     control=ControlConfig(socket=path, group=""), outbox=outbox_config)
@@ -54,7 +53,14 @@ async def serving_outbox(tmp_path: Path, outbox_config: OutboxConfig,
                       metrics=Metrics(registry), notifier=Notifier({}))
     outbox = Outbox(config, sinks, metrics=runtime.metrics)
     register_methods(runtime.methods, outbox)
-    server = ControlServer(runtime)
+    return path, runtime, outbox, ControlServer(runtime)
+
+
+@asynccontextmanager
+async def serving_outbox(tmp_path: Path, outbox_config: OutboxConfig,
+                         sinks: dict[str, Sink]) -> AsyncIterator[tuple[str, Outbox]]:
+    """Run an Outbox and a ControlServer with the outbox methods until the block ends."""
+    path, runtime, outbox, server = outbox_components(tmp_path, outbox_config, sinks)
     async with anyio.create_task_group() as tasks:
         for component in (outbox, server):
             runtime.components[component.name] = component
@@ -328,15 +334,7 @@ async def control_before_outbox(tmp_path: Path, outbox_config: OutboxConfig
 
     Yields the socket path, the outbox and a task group the test may start it in.
     """
-    path = str(tmp_path / "control.sock")
-    config = Config(state=StateConfig(dir=str(tmp_path / "state")),
-                    control=ControlConfig(socket=path, group=""), outbox=outbox_config)
-    registry = CollectorRegistry()
-    runtime = Runtime(config=config, config_path=None, registry=registry,
-                      metrics=Metrics(registry), notifier=Notifier({}))
-    outbox = Outbox(config, {}, metrics=runtime.metrics)
-    register_methods(runtime.methods, outbox)
-    server = ControlServer(runtime)
+    path, runtime, outbox, server = outbox_components(tmp_path, outbox_config, {})
     runtime.components[server.name] = server
     async with anyio.create_task_group() as tasks:
         await tasks.start(server.run)
