@@ -124,10 +124,10 @@ def render(rows: list[dict[str, float | str]], runs: int, command: str, note: st
         "",
         f"The required libraries alone leave {mib(TARGET_RSS_BYTES - libraries)} of the "
         "target for walacord's code, its threads and connections. Anonymous memory is "
-        "mostly the Python objects that importing creates (code, classes, functions); "
-        "file-backed memory is the pages of shared libraries, where psycopg's binary "
-        "package brings its own copy of libpq and OpenSSL beside the OpenSSL that "
-        "Python's ssl module loads. Libraries: "
+        "mostly the Python objects that importing creates (code, classes, functions). "
+        "File-backed memory is the pages of shared libraries. psycopg's binary package "
+        "brings its own copy of libpq and OpenSSL beside the OpenSSL that Python's ssl "
+        "module loads. Libraries: "
         + ", ".join(f"`{name}`" for name in LIBRARIES) + ".",
         "",
         "httpx imports click and, when it is installed, pygments for its command-line "

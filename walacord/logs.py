@@ -216,9 +216,9 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
 class _FileHandler(logging.handlers.WatchedFileHandler):
     """One log file whose failed writes are counted and reported, at most once a minute.
 
-    logging's own handleError prints a 15-line traceback to stderr for every line that
-    cannot be written. With a full log disk that floods the journal with one block per
-    log line, while the line itself still reaches stderr through the stderr handler.
+    logging's own handleError prints a traceback to stderr for every line that cannot be
+    written, so a full log disk floods the journal with one block per log line. The line
+    itself still reaches stderr through the stderr handler.
     """
 
     REPORT_EVERY = 60.0  # seconds between two reports of one file's failures

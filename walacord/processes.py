@@ -1,4 +1,4 @@
-"""Run external commands so that none of their descendants outlive them.
+"""Run external commands so that a timed-out or cancelled one leaves no descendants behind.
 
 Each command starts in a new session, so it leads its own process group. When the
 time limit passes or the caller is cancelled, the whole group gets SIGTERM, then
@@ -104,7 +104,7 @@ def group_members(group: int) -> list[int]:
 
 
 def _signal_group(group: int, signum: int) -> bool:
-    """Send `signum` to process group `group`; return False when the group is gone."""
+    """Send `signum` to process group `group`, and return False when the group is gone."""
     try:
         os.killpg(group, signum)
     except ProcessLookupError:
