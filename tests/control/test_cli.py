@@ -350,6 +350,17 @@ def test_timeout_out_of_range_is_usage_error(timeout: str, tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
 
 
+def test_dash_value_error_names_equals_form(tmp_path: Path) -> None:
+    result = subprocess.run([str(WALACORCTL), "--socket", str(tmp_path / "none.sock"),
+                             "alerts", "silence", 'alertname="X"', "--for", "-1h",
+                             "--reason", "test"],
+                            capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 2
+    assert "argument --for: expected one argument" in result.stderr
+    assert "as in --for=VALUE" in result.stderr
+
+
 def test_check_usage_error_is_nagios_unknown(tmp_path: Path) -> None:
     result = subprocess.run([str(WALACORCTL), "check", "--warning", "5"],
                             capture_output=True, text=True, timeout=30)

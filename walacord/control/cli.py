@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, NoReturn, TextIO
 
 import orjson
 
@@ -84,8 +85,29 @@ class Context:
         self.stdout.write(text + "\n")
 
 
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors say how to pass a value that starts with '-'.
+
+    argparse reads `--for -1h` as an option without its value, because "-1h" looks
+    like an option, and its message does not say why. Subcommand parsers are of this
+    class too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        option = _OPTION_WITHOUT_VALUE.fullmatch(message)
+        if option:
+            names = option.group(1).split("/")
+            name = next((each for each in names if each.startswith("--")), names[0])
+            message += (f"; a value that starts with '-' is written with '=', as in "
+                        f"{name}=VALUE")
+        super().error(message)
+
+
+_OPTION_WITHOUT_VALUE = re.compile(r"argument ([\w/-]+): expected one argument")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="walacorctl",
         description="Query and steer a running walacord daemon through its control socket.",
         epilog="Exit codes: 0 ok, 1 the daemon returned an error, 2 usage error, "
