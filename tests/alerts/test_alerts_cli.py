@@ -62,7 +62,7 @@ def test_alerts_silence_list_unsilence(daemon: Path) -> None:
 
 def test_alerts_table_cuts_long_matchers(daemon: Path) -> None:
     created = ctl(daemon, "alerts", "silence", 'alertname="WalacordProbeDown",event="'
-                  + "x" * 5000 + '"', "--for", "1h", "--reason", "r")
+                  + "x" * 900 + '"', "--for", "1h", "--reason", "r")
     assert created.returncode == 0, created.stderr
 
     table = ctl(daemon, "alerts")
@@ -98,17 +98,15 @@ def test_alerts_table_escapes_stored_text(tmp_path: Path) -> None:
     assert 'event="x\\x1b]0;title\\x07"' in table.stdout
 
 
-def test_alerts_silence_output_escapes_matcher(daemon: Path) -> None:
+def test_silence_rejects_matcher_control_characters(daemon: Path) -> None:
     created = ctl(daemon, "alerts", "silence", 'probe!="\x1b[31mred"', "--for", "1h",
                   "--reason", "maintenance")
-    table = ctl(daemon, "alerts")
 
-    assert created.returncode == 0, created.stderr
-    assert control_characters(created.stdout) == []
+    assert created.returncode == 1
+    assert "invalid matcher: control character '\\x1b' (U+001B) at position 8" \
+        in created.stderr
     assert control_characters(created.stderr) == []
-    assert 'probe!="\\x1b[31mred" also matches every alert' in created.stderr
-    assert control_characters(table.stdout) == []
-    assert 'probe!="\\x1b[31mred"' in table.stdout
+    assert ctl(daemon, "alerts").stdout.strip() == "no alerts"
 
 
 def test_alerts_silence_rejects_unknown_param(daemon: Path) -> None:

@@ -92,6 +92,10 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
      "invalid reason: 100000 characters, over the limit of 1000"),
     ({"matcher": "probe=x", "duration": "1h", "reason": "planned \x1b[2J\x1b[H"},
      r"invalid reason: control character '\\x1b' \(U\+001B\) at position 8"),
+    ({"matcher": "probe=" + "x" * 100_000, "duration": "1h", "reason": "r"},
+     "invalid matcher: 100006 characters, over the limit of 1000"),
+    ({"matcher": 'alertname="a\nb"', "duration": "1h", "reason": "r"},
+     r"invalid matcher: control character '\\n' \(U\+000A\) at position 12"),
 ])
 async def test_control_silence_rejects_invalid_params(
         service: AlertService, params: dict[str, object], message: str) -> None:

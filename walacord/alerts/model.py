@@ -211,6 +211,7 @@ def _compile_re2(pattern: str) -> Any:
 
 def parse_matchers(text: str) -> list[Matcher]:
     """Parse `alertname=X,probe=~"data.*"` (braces optional); raise ValueError if invalid."""
+    check_silence_text("matcher", text)
     body = text.strip()
     if body.startswith("{") and body.endswith("}"):
         body = body[1:-1]
@@ -289,8 +290,8 @@ def _split_outside_quotes(text: str) -> list[str]:
     return parts
 
 
-# A reason is a sentence or two. The cap keeps a mistaken paste, such as a whole log
-# file, out of alerts.db, alerts.log and walacorctl's table.
+# A reason is a sentence or two, and a matcher a few labels. The cap keeps a mistaken
+# paste, such as a whole log file, out of alerts.db, alerts.log and walacorctl's table.
 MAX_SILENCE_TEXT = 1000
 
 
