@@ -12,8 +12,8 @@ import pytest
 from tests.backup.conftest import fifo_in_place_of, overwrite_two_bytes
 from walacord.backup import BackupManager
 from walacord.backup.manifest import format_time, write_manifest
-from walacord.backup.restore import DatabaseExists
-from walacord.backup.verify import ChecksumMismatch
+from walacord.backup.restore import DatabaseExists, RestoreRequest, load_archive
+from walacord.backup.verify import ChecksumMismatch, list_archive
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -178,6 +178,26 @@ async def test_restore_fifo_fails_at_once(make_manager: ManagerFactory,
                                  "choose another id from `walacorctl backup list`")
     assert not database_exists(pg_cluster, target_db)
     assert restoring_databases(pg_cluster) == []
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_programs_reject_swapped_in_fifo(
+        make_manager: ManagerFactory, fmt: str) -> None:
+    """A FIFO that replaces the dump after the checks never reaches pg_restore or gzip,
+    which would wait on it until their deadline."""
+    manager = make_manager(format=fmt)
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+    expected = f"backup file {path} is a FIFO, not a regular file"
+
+    with fifo_in_place_of(path), anyio.fail_after(5):
+        if fmt == "custom":
+            with pytest.raises(BackupError, match=expected):
+                await list_archive(manager.bindir, path, {}, 60)
+        with pytest.raises(BackupError, match=expected):
+            await load_archive(RestoreRequest(manager.bindir, "dbname=unused", {}, fmt, path,
+                                              timeout=60))
 
 
 async def test_restore_ignore_checksum_restores(make_manager: ManagerFactory,

@@ -262,6 +262,15 @@ def open_dump(path: Path) -> BinaryIO:
         raise
 
 
+def read_dump(path: Path) -> BinaryIO:
+    """Open the dump at `path` as `open_dump()` does, for a client program's standard
+    input. Raise BackupError for a missing or unreadable file too."""
+    try:
+        return open_dump(path)
+    except OSError as exc:
+        raise BackupError(f"cannot read backup file {path}: {exc.strerror or exc}") from None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open_dump(path) as handle:

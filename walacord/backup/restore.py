@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from walacord.backup.dump import ProgressCallback, describe_exit, summarize_stderr
-from walacord.backup.manifest import Manifest, dump_file_problem
+from walacord.backup.manifest import Manifest, dump_file_problem, read_dump
 from walacord.backup.pgclient import Command, client_environment, run_pipeline, with_dbname
 from walacord.backup.verify import (
     ChecksumMismatch,
@@ -133,7 +133,8 @@ class RestoreRequest:
 
 
 def restore_commands(request: RestoreRequest) -> list[Command]:
-    """Return the pipeline that loads the archive; progress comes from verbose stderr."""
+    """Return the pipeline that loads the archive from its standard input. Progress
+    comes from verbose stderr."""
     done = 0
 
     def on_restore_line(line: str) -> None:
@@ -150,23 +151,27 @@ def restore_commands(request: RestoreRequest) -> list[Command]:
                 f"--dbname={request.conninfo}"]
         if request.no_owner:
             argv += ["--no-owner", "--no-privileges"]
-        argv.append(str(request.path))
         return [Command(argv, on_stderr_line=on_restore_line)]
 
     # NOTE: a plain SQL dump carries its ALTER OWNER and GRANT statements, so no_owner
     # has no effect here and a non-superuser restore of another role's objects fails.
     return [
-        Command(["gzip", "-dc", str(request.path)]),
+        Command(["gzip", "-dc"]),
         Command([str(request.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
                  f"--dbname={request.conninfo}"]),
     ]
 
 
 async def load_archive(request: RestoreRequest) -> None:
-    """Load the archive into the database; raise BackupError with the program's stderr."""
+    """Load the archive into the database; raise BackupError with the program's stderr.
+
+    The archive is opened here and given to the first program as its standard input,
+    as `list_archive()` does, so a FIFO in place of the file fails at once.
+    """
     commands = restore_commands(request)
-    await run_pipeline(commands, env=request.env, time_limit=request.timeout,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    with read_dump(request.path) as archive:
+        await run_pipeline(commands, env=request.env, time_limit=request.timeout,
+                           stdin=archive, stdout=subprocess.DEVNULL)
     failed = [c for c in commands if c.returncode != 0]
     if failed:
         details = "; ".join(f"{describe_exit(c)}: "

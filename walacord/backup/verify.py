@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import subprocess
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from walacord.backup.manifest import (
     dump_file_problem,
     format_time,
     open_dump,
+    read_dump,
     sha256_file,
     utc_now,
 )
@@ -92,11 +92,16 @@ async def hash_backup_file(manager: BackupManager, manifest: Manifest) -> CheckR
 
 async def list_archive(bindir: Path, path: Path, env: dict[str, str],
                        time_limit: float) -> tuple[CheckResult, str]:
-    """Run `pg_restore --list` on a custom-format archive; return the check and listing."""
-    command = Command([str(bindir / "pg_restore"), "--list", str(path)])
-    with anyio.fail_after(time_limit):
-        result = await anyio.run_process(command.argv, check=False, env=env,
-                                          stdin=subprocess.DEVNULL)
+    """Run `pg_restore --list` on a custom-format archive; return the check and listing.
+
+    The archive reaches pg_restore as its standard input, opened here with
+    `open_dump()`. So a FIFO put in place of the file fails at once as a special file
+    instead of blocking pg_restore until its deadline. Raise BackupError when the file
+    cannot be opened or is not a regular file.
+    """
+    command = Command([str(bindir / "pg_restore"), "--list"])
+    with read_dump(path) as archive, anyio.fail_after(time_limit):
+        result = await anyio.run_process(command.argv, check=False, env=env, stdin=archive)
     listing = result.stdout.decode(errors="replace")
     entries = count_archive_entries(listing)
     if result.returncode != 0:
@@ -161,8 +166,6 @@ async def verify_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
             else:
                 digest = await anyio.to_thread.run_sync(sha256_file, path,
                                                         abandon_on_cancel=True)
-                # NOTE: pg_restore opens the path itself, so a FIFO put there after the
-                # hash waits out verify_timeout in pg_restore, which is then killed.
                 with client_environment("") as env:
                     list_result, _ = await list_archive(manager.bindir, path, env,
                                                         manager.config.verify_timeout)
