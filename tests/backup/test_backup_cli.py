@@ -124,9 +124,10 @@ def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster
         f"SELECT count(*) FROM pg_database WHERE datname = '{target}'") == "0"
 
 
-def test_damaged_manifest_is_named_in_list(daemon: Path) -> None:
+def test_damaged_manifest_is_named_in_list(daemon: Path, pg_cluster: PgCluster) -> None:
     new_backup = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
-    manifest = Path(new_backup["path"]).with_suffix(".json")
+    dump = Path(new_backup["path"])
+    manifest = dump.with_suffix(".json")
     assert manifest.exists()
     manifest.write_text('{"trunc')
 
@@ -136,3 +137,15 @@ def test_damaged_manifest_is_named_in_list(daemon: Path) -> None:
     assert new_backup["id"] not in listed.stdout
     assert f"manifest {manifest} cannot be read" in listed.stderr
     assert "its backup is not listed" in listed.stderr
+    advice = f"pg_restore --exit-on-error --dbname=NEW_DB {dump}"
+    assert f"its dump {dump} is still there" in listed.stderr
+    assert advice in listed.stderr
+    # The advice works as printed.
+    pg_cluster.psql('CREATE DATABASE "from_damaged"')
+    try:
+        subprocess.run([str(pg_cluster.bindir / "pg_restore"), "--exit-on-error",
+                        f"--dbname={pg_cluster.url('from_damaged')}", str(dump)],
+                       check=True, capture_output=True, timeout=120)
+        assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname="from_damaged") == "500"
+    finally:
+        pg_cluster.psql('DROP DATABASE "from_damaged" WITH (FORCE)')

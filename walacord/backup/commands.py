@@ -83,6 +83,15 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         context.stderr.write(f"walacorctl: warning: manifest {damaged['path']} cannot be "
                              f"read ({damaged['error']}), so its backup is not listed; "
                              "restore the manifest from a copy, or take a new backup\n")
+        dump = damaged.get("dump")
+        if dump:
+            load = (f"gzip -dc {dump} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
+                    if dump.endswith(".sql.gz")
+                    else f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+            context.stderr.write(
+                f"walacorctl: its dump {dump} is still there, but walacord cannot check "
+                "it without the manifest. To use it anyway, create an empty database "
+                f"NEW_DB and run: {load}\n")
     if context.json:
         context.print_json(backups)
         return 0

@@ -189,14 +189,18 @@ def read_manifest(directory: Path, backup: str) -> Manifest:
         raise BackupError(f"manifest {path} is invalid: {exc}") from None
 
 
-def unreadable_manifests(directory: Path) -> list[dict[str, str]]:
-    """Return the path and error of each manifest in `directory` that cannot be parsed."""
-    unreadable = []
+def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
+    """Return the path and error of each manifest in `directory` that cannot be parsed,
+    with the path of its dump when one is there (key "dump", else None)."""
+    unreadable: list[dict[str, str | None]] = []
     for path in sorted(directory.glob("*.json")):
         try:
             Manifest.from_json(path.read_bytes())
         except (OSError, orjson.JSONDecodeError, TypeError) as exc:
-            unreadable.append({"path": str(path), "error": str(exc)})
+            dumps = [path.with_suffix(f".{extension}")
+                     for extension in FORMAT_EXTENSIONS.values()]
+            dump = next((str(each) for each in dumps if each.is_file()), None)
+            unreadable.append({"path": str(path), "error": str(exc), "dump": dump})
     return unreadable
 
 
