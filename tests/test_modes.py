@@ -215,6 +215,38 @@ def test_machine_override_ttl_over_limit() -> None:
     assert machine.evaluate(world(), now=NOW + 1).mode is Mode.NORMAL
 
 
+def test_machine_lower_override_limit_shortens_override() -> None:
+    machine = ModeMachine(ModesConfig(override_max_ttl=86400), None)
+    machine.set_override(Mode.DEGRADED, "maintenance", 7200, now=NOW)
+
+    machine.apply_config(ModesConfig(override_max_ttl=3600), now=NOW + 60)
+
+    assert machine.override is not None
+    assert machine.override.until == NOW + 3600
+    assert machine.evaluate(world(), now=NOW + 3599).mode is Mode.DEGRADED
+    assert machine.evaluate(world(), now=NOW + 3600).mode is Mode.NORMAL
+
+
+def test_machine_override_past_new_limit_ends() -> None:
+    machine = ModeMachine(ModesConfig(override_max_ttl=86400), None)
+    machine.set_override(Mode.OFFLINE, "maintenance", 7200, now=NOW)
+
+    machine.apply_config(ModesConfig(override_max_ttl=60), now=NOW + 600)
+
+    assert machine.evaluate(world(), now=NOW + 600).mode is Mode.NORMAL
+    assert machine.override is None
+
+
+def test_machine_higher_override_limit_keeps_override() -> None:
+    machine = ModeMachine(ModesConfig(override_max_ttl=3600), None)
+    machine.set_override(Mode.DEGRADED, "maintenance", 3600, now=NOW)
+
+    machine.apply_config(ModesConfig(override_max_ttl=86400), now=NOW + 60)
+
+    assert machine.override is not None
+    assert machine.override.until == NOW + 3600
+
+
 def test_machine_override_keeps_probes_verdict() -> None:
     machine = ModeMachine(ModesConfig(), None)
     machine.set_override(Mode.NORMAL, "failover drill", 600, now=NOW)

@@ -7,6 +7,7 @@ next mode and one sentence saying why. `ModeMachine` calls it, and on a change l
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -292,6 +293,25 @@ class ModeMachine:
         log.info("mode.override_set", extra={"fields": {
             "mode": mode.value, "reason": reason, "ttl_seconds": ttl, "set_by": set_by}})
         return self.override
+
+    def apply_config(self, config: ModesConfig, now: float | None = None) -> None:
+        """Use `config` from now on.
+
+        An override in force that now lasts longer than the new `override_max_ttl`
+        from when it was set ends at that limit instead, or at the next evaluation when
+        the limit has already passed.
+        """
+        self.config = config
+        override = self.override
+        if override is None or override.until - override.set_at <= config.override_max_ttl:
+            return
+        now = time.monotonic() if now is None else now
+        until = max(now, override.set_at + config.override_max_ttl)
+        self.override = dataclasses.replace(override, until=until)
+        log.info("mode.override_shortened", extra={"fields": {
+            "mode": override.mode.value, "reason": override.reason,
+            "remaining_seconds": round(until - now, 3),
+            "override_max_ttl_seconds": config.override_max_ttl}})
 
     def clear_override(self) -> bool:
         """Drop the override; return whether there was one."""

@@ -183,7 +183,7 @@ class Monitor:
         return max(0.0, wake_at - now)
 
     async def _reload(self, new: Config) -> None:
-        self.modes.config = new.modes
+        self.modes.apply_config(new.modes)
         if new.database != self.pool.config:
             self.pool.config = new.database
             self._spawn_repair("config_changed")
