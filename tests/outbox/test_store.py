@@ -186,6 +186,22 @@ async def test_enqueue_concurrent_shares_commits(open_store: StoreOpener) -> Non
     assert commits < 320 / 4, f"{commits} commits for 320 concurrent enqueues"
 
 
+async def test_commit_duration_observed_per_commit(open_store: StoreOpener,
+                                                   metrics: Metrics) -> None:
+    async with open_store() as store:
+        commits_before = store.commits
+        await store.enqueue([walacor_op("timed-1"), walacor_op("timed-2")])
+        await store.enqueue([walacor_op("timed-3")])
+        commits = store.commits - commits_before
+
+    name = "walacord_outbox_commit_duration_seconds"
+    count = metrics.registry.get_sample_value(f"{name}_count")
+    total = metrics.registry.get_sample_value(f"{name}_sum")
+    assert commits == 2
+    assert count == commits
+    assert total is not None and 0 < total < 10
+
+
 async def test_submit_frees_callback_at_once(open_store: StoreOpener) -> None:
     class Callback:
         def __init__(self) -> None:

@@ -622,8 +622,11 @@ class OutboxStore(OutboxQueries):
                 except anyio.WouldBlock:
                     await self.write_lock.acquire()
                 try:
+                    began = loop.time()
                     with anyio.CancelScope(shield=True):
                         await self._commit(batch)
+                    if self.metrics is not None:
+                        self.metrics.outbox_commit_duration.observe(loop.time() - began)
                 finally:
                     self.write_lock.release()
                 finished = True
