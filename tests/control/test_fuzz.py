@@ -115,6 +115,7 @@ class Tally:
         self.responses = 0
         self.latencies: list[float] = []
         self.drip_timeouts = 0
+        self.drips_timed_out = anyio.Event()  # set once drip_timeouts reaches the clients
         self.busy = 0
         self.errors: list[str] = []
 
@@ -172,6 +173,8 @@ async def slow_drip_client(path: Path, tally: Tally, stop: anyio.Event) -> None:
         code = response.get("error", {}).get("code")
         if code == ErrorCode.REQUEST_TIMEOUT:
             tally.drip_timeouts += 1
+            if tally.drip_timeouts >= SLOW_DRIP_CLIENTS:
+                tally.drips_timed_out.set()
         elif code != ErrorCode.BUSY:
             tally.errors.append(f"slow-drip client got {response}")
 
@@ -230,6 +233,10 @@ async def test_fuzz_daemon_survives_hostile_clients(socket_dir: Path, lines: int
                     for stream, batch in zip(streams, batches, strict=True):
                         fuzzers.start_soon(fuzz_connection, stream, batch, tally)
                 await anyio.sleep(1.5)  # let the slow-drip clients reach their deadline
+                # While the flood takes every slot, a slow-drip client gets BUSY instead
+                # and tries again, so on a loaded machine this can take longer.
+                with anyio.move_on_after(20):
+                    await tally.drips_timed_out.wait()
                 stop.set()
         duration = time.monotonic() - began
 
