@@ -171,6 +171,17 @@ def facts_block(versions: dict[str, str], command: str, notes: Sequence[str] = (
     return "\n".join(lines)
 
 
+def psycopg_build(python: str = sys.executable) -> str:
+    """Describe the psycopg that `python` imports: version, implementation and libpq."""
+    code = ("import psycopg\n"
+            "v = psycopg.pq.version()\n"
+            "print(f'psycopg {psycopg.__version__}, {psycopg.pq.__impl__} implementation, '"
+            "f'libpq {v // 10000}.{v % 100}')")
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    return result.stdout.strip() if result.returncode == 0 else "psycopg (version unknown)"
+
+
 # --- statistics -----------------------------------------------------------------------
 
 

@@ -99,7 +99,8 @@ def mib(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
-def render(rows: list[dict[str, float | str]], runs: int, command: str, note: str) -> str:
+def render(rows: list[dict[str, float | str]], runs: int, command: str, note: str,
+           build: str) -> str:
     lines = [
         "## Memory floor",
         "",
@@ -125,10 +126,10 @@ def render(rows: list[dict[str, float | str]], runs: int, command: str, note: st
         f"The required libraries alone leave {mib(TARGET_RSS_BYTES - libraries)} of the "
         "target for walacord's code, its threads and connections. Anonymous memory is "
         "mostly the Python objects that importing creates (code, classes, functions). "
-        "File-backed memory is the pages of shared libraries. psycopg's binary package "
-        "brings its own copy of libpq and OpenSSL beside the OpenSSL that Python's ssl "
-        "module loads. Libraries: "
-        + ", ".join(f"`{name}`" for name in LIBRARIES) + ".",
+        "File-backed memory is the pages of shared libraries. Libraries: "
+        + ", ".join(f"`{name}`" for name in LIBRARIES) + f"; {build}"
+        + (". The binary implementation brings its own libpq and OpenSSL beside the "
+           "OpenSSL that Python's ssl module loads" if "binary" in build else "") + ".",
         "",
         "httpx imports click and, when it is installed, pygments for its command-line "
         "tool. pytest needs pygments, so this checkout's virtual environment has it and "
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{layer}: {mib(float(rows[-1]['rss']))}", file=sys.stderr)
 
     benchdoc.save_results("floor", {"rows": rows, "runs": args.runs})
-    section = render(rows, args.runs, benchdoc.command_line(), note)
+    section = render(rows, args.runs, benchdoc.command_line(), note,
+                     benchdoc.psycopg_build())
     benchdoc.publish(SECTION, section, args.no_doc)
     return 0
 

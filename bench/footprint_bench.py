@@ -275,6 +275,8 @@ def render(figures: dict[str, Any], notes: list[str], plot: Path | None,
     if plot is not None:
         lines += ["", f"![RSS over time, walacord beside the exporter stack]({plot.name})"]
     versions = {"walacord": benchdoc.tool_version([*walacord_command, "--version"])}
+    if "python" in Path(walacord_command[0]).name:
+        versions["psycopg"] = benchdoc.psycopg_build(walacord_command[0])
     for name in EXPORTERS:
         versions[name] = benchdoc.tool_version([name, "--version"])
     lines += ["", benchdoc.facts_block(versions, benchdoc.command_line(), notes)]
