@@ -105,9 +105,9 @@ def render(rows: list[dict[str, float | str]], runs: int, command: str, note: st
         "## Memory floor",
         "",
         "RSS of an idle Python process at each layer below the daemon, each layer a "
-        f"fresh process, median of {runs} runs. The footprint target for the running "
-        f"daemon is {mib(TARGET_RSS_BYTES)}; the running daemon's figure is in the "
-        "footprint section.",
+        f"fresh process, median of {runs} run{'s' if runs != 1 else ''}. The footprint "
+        f"target for the running daemon is {mib(TARGET_RSS_BYTES)}; the running daemon's "
+        "figure is in the footprint section.",
         "",
         "| layer | RSS median | added by the layer | anonymous | file-backed "
         "| modules loaded |",
