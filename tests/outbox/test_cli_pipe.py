@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
@@ -213,6 +214,31 @@ def test_outbox_show_needs_id_or_key(args: list[str], expected: str, tmp_path: P
                       stdout=io.StringIO(), stderr=err)
     assert code == 2
     assert expected in err.getvalue()
+
+
+async def test_outbox_show_escapes_key(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    key = "t1-\x1b[2Jx\u202e"
+    line = orjson.dumps({"sink": "postgres", "statement": "insert_row", "key": key,
+                         "params": {"amount": 1}}) + b"\n"
+    async with serving_outbox(tmp_path, config, sinks) as (path, _):
+        enqueue_err = io.StringIO()
+        enqueued = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "enqueue", "--from-file", "-"],
+            stdout=io.StringIO(), stderr=enqueue_err, stdin=io.BytesIO(line)))
+        out = io.StringIO()
+        code = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "outbox", "show", "--key", key],
+            stdout=out, stderr=io.StringIO()))
+
+    assert enqueued == 0, enqueue_err.getvalue()
+    assert code == 0
+    assert "key:             t1-\\x1b[2Jx\\u202e" in out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue()
+    assert "\u202e" not in out.getvalue()
 
 
 async def test_from_file_stdin_and_line_limit(

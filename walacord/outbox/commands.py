@@ -18,7 +18,7 @@ from walacord.errors import ControlError
 from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
 from walacord.outbox.model import MAX_PAGE
-from walacord.terminal import escape_json_text
+from walacord.terminal import escape_control_characters, escape_json_text
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -424,7 +424,7 @@ def show_command(context: Context, args: argparse.Namespace) -> int:
             continue
         if field in TIME_FIELDS:
             value = _utc(value) if value else "-"
-        context.print(f"{field + ':':17}{'' if value is None else value}")
+        context.print(f"{field + ':':17}{_shown(value)}")
     if operation.get("receipt") is not None:
         receipt = escape_json_text(orjson.dumps(operation["receipt"]).decode())
         context.print(f"{'receipt:':17}{receipt}")
@@ -436,6 +436,18 @@ def show_command(context: Context, args: argparse.Namespace) -> int:
     payload = orjson.dumps(operation.get("payload"), option=orjson.OPT_INDENT_2).decode()
     context.print(escape_json_text(payload))
     return 0
+
+
+def _shown(value: Any) -> str:
+    """Return a field's value for `outbox show`, with control characters escaped.
+
+    Keys come from the application and errors from the sinks, so either may contain
+    escape sequences. A multi-line error keeps its lines, indented under the value.
+    """
+    if value is None:
+        return ""
+    lines = str(value).split("\n")
+    return ("\n" + " " * 17).join(escape_control_characters(line) for line in lines)
 
 
 # Fields of an operation that hold Unix times; `--json` keeps them as numbers.
