@@ -361,6 +361,18 @@ def test_dash_value_error_names_equals_form(tmp_path: Path) -> None:
     assert "as in --for=VALUE" in result.stderr
 
 
+def test_non_utf8_argument_is_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run([WALACORCTL.encode(), b"--socket", str(tmp_path / "none.sock")
+                             .encode(), b"mode", b"set", b"degraded", b"--ttl=1h",
+                             b"--reason", b"maint\xff"],
+                            capture_output=True, timeout=30)
+    stderr = result.stderr.decode()
+
+    assert result.returncode == 2
+    assert "argument 'maint\\xff' contains bytes that are not valid UTF-8" in stderr
+    assert "Traceback" not in stderr
+
+
 def test_check_usage_error_is_nagios_unknown(tmp_path: Path) -> None:
     result = subprocess.run([str(WALACORCTL), "check", "--warning", "5"],
                             capture_output=True, text=True, timeout=30)

@@ -25,7 +25,7 @@ from walacord.control.client import ControlClient, ProgressCallback
 from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE, ErrorCode
 from walacord.control.render import ProgressBar
 from walacord.errors import ControlClientError, ControlError
-from walacord.terminal import escape_json_text
+from walacord.terminal import escape_control_characters, escape_json_text
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -139,6 +139,23 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _check_utf8(words: Sequence[str]) -> None:
+    """Exit with a usage error when an argument is not valid UTF-8.
+
+    Python keeps such bytes in `sys.argv` as lone surrogates, which the JSON encoder
+    of the control protocol rejects with a traceback.
+    """
+    for word in words:
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = escape_control_characters(word.encode("utf-8", "surrogateescape")
+                                              .decode("utf-8", "backslashreplace"))
+            sys.stderr.write(f"walacorctl: error: argument '{shown}' contains bytes that are "
+                             "not valid UTF-8 (shown as \\xNN); pass text in UTF-8\n")
+            raise SystemExit(EXIT_USAGE) from None
+
+
 def _command_word(words: Sequence[str]) -> str | None:
     """Return the command in `words`, skipping the global options before it."""
     position = 0
@@ -157,6 +174,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None, stdin: BinaryIO | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
+        _check_utf8(words)
         args = build_parser().parse_args(words)
     except SystemExit as exc:
         if exc.code == EXIT_USAGE and _command_word(words) == "check":
