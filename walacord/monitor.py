@@ -184,6 +184,8 @@ class Monitor:
 
     async def _reload(self, new: Config) -> None:
         self.modes.apply_config(new.modes)
+        # A shortened or ended override shows in the mode and its reason at once.
+        self._evaluate()
         if new.database != self.pool.config:
             self.pool.config = new.database
             self._spawn_repair("config_changed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -125,3 +126,21 @@ async def test_mode_hook_timeout_leaves_no_process(pg_db: str, tmp_path: Path) -
         assert live_pids(pids) == []
     finally:
         kill_leftovers(pids)
+
+
+@pytest.mark.anyio
+async def test_reload_with_lower_limit_ends_override_at_once(pg_db: str,
+                                                              tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, pg_db, backup=BackupConfig(enabled=False))
+    async with running_daemon(config) as supervisor:
+        monitor = supervisor.runtime.components["monitor"]
+        monitor.set_mode("degraded", "maintenance", 7200)
+        await anyio.sleep(1.1)
+        lowered = dataclasses.replace(
+            config, modes=dataclasses.replace(config.modes, override_max_ttl=1))
+        for hook in supervisor.runtime.reload_hooks:
+            await hook(lowered)
+        state = monitor.mode_state()
+
+    assert state["override"] is None
+    assert state["mode"] == "normal"
