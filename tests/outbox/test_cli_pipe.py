@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import re
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +243,84 @@ async def test_outbox_show_escapes_key(
     assert "key:             t1-\\x1b[2Jx\\u202e" in out.getvalue().splitlines()
     assert "\x1b" not in out.getvalue()
     assert "\u202e" not in out.getvalue()
+
+
+@contextlib.contextmanager
+def scripted_daemon(path: Path, answer: Callable[[dict[str, Any]], bytes | None]
+                    ) -> Iterator[None]:
+    """Serve the control socket at `path` from a thread: `answer` turns each request into
+    its response line, or None to close the connection without a response."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection, connection.makefile("rb") as requests:
+            for line in requests:
+                response = answer(orjson.loads(line))
+                if response is None:
+                    return
+                connection.sendall(response)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.close()
+        thread.join(10)
+
+
+def enqueue_answer(request: dict[str, Any]) -> bytes:
+    """Return the response of a daemon that stores every operation of `request`."""
+    results = [{"id": index, "key": op["key"], "state": "pending", "created": True}
+               for index, op in enumerate(request["params"]["operations"])]
+    return orjson.dumps({"id": request["id"], "result": {"results": results}}) + b"\n"
+
+
+FILE_LINES = b"".join(b'{"sink": "walacor", "etid": 1, "key": "k%d", "data": {}}\n' % i
+                      for i in range(3))
+
+
+def test_from_file_lost_connection_says_rerun(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("walacord.outbox.commands.FILE_BATCH", 1)
+    requests = 0
+
+    def answer(request: dict[str, Any]) -> bytes | None:
+        nonlocal requests
+        requests += 1
+        # The daemon dies while the second request is in flight.
+        return enqueue_answer(request) if requests == 1 else None
+
+    socket_path = tmp_path / "control.sock"
+    err = io.StringIO()
+    with scripted_daemon(socket_path, answer):
+        code = walacorctl(["--socket", str(socket_path), "enqueue", "--from-file", "-"],
+                          stdout=io.StringIO(), stderr=err, stdin=io.BytesIO(FILE_LINES))
+
+    assert code == 3
+    assert "-: Enqueued before line 2: 1 operation." in err.getvalue()
+    assert "may or may not be stored" in err.getvalue()
+    assert "Run the same file again" in err.getvalue()
+
+
+def test_from_file_summary_survives_lost_stats(tmp_path: Path) -> None:
+    def answer(request: dict[str, Any]) -> bytes | None:
+        # The daemon dies after it acknowledged every operation.
+        return enqueue_answer(request) if request["method"] == "outbox.enqueue" else None
+
+    socket_path = tmp_path / "control.sock"
+    out, err = io.StringIO(), io.StringIO()
+    with scripted_daemon(socket_path, answer):
+        code = walacorctl(["--socket", str(socket_path), "enqueue", "--from-file", "-"],
+                          stdout=out, stderr=err, stdin=io.BytesIO(FILE_LINES))
+
+    assert code == 0
+    assert out.getvalue() == "enqueued 3, already known 0\n"
+    assert "every operation was enqueued, but reading the outbox's pending count " \
+        "failed" in err.getvalue()
 
 
 async def test_from_file_stdin_and_line_limit(

@@ -14,7 +14,7 @@ import orjson
 
 from walacord.control.protocol import ErrorCode
 from walacord.control.render import first_line, format_table
-from walacord.errors import ControlError
+from walacord.errors import ControlClientError, ControlError
 from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
 from walacord.outbox.model import MAX_PAGE
@@ -301,6 +301,12 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path
         try:
             results = context.call("outbox.enqueue",
                                    {"operations": operations[start:end]})["results"]
+        except ControlClientError as exc:
+            raise ControlClientError(
+                f"{exc}. {path}: "
+                f"{_what_was_enqueued(numbers[start], created + known, in_doubt=True)} "
+                "Run the same file again once walacord answers: operations already stored "
+                "are reported as already known and are not added twice") from None
         except ControlError as exc:
             if exc.code != ErrorCode.REQUEST_TOO_LARGE:
                 raise _at_line(exc, path, numbers, start, created + known) from None
@@ -317,18 +323,34 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path
         known += sum(1 for r in results if not r["created"])
         start = end
 
-    stats = context.call("outbox.stats")
-    summary = {"enqueued": created, "already_known": known, "pending": stats["pending"]}
+    # Every operation is stored by now, so a failure to read the count below does not
+    # make the run fail.
+    pending: int | None = None
+    try:
+        pending = context.call("outbox.stats")["pending"]
+    except (ControlClientError, ControlError) as exc:
+        context.stderr.write(f"walacorctl: warning: every operation was enqueued, but "
+                             f"reading the outbox's pending count failed: {exc}\n")
+    summary = {"enqueued": created, "already_known": known, "pending": pending}
     if context.json:
         context.print_json(summary)
     else:
-        context.print(f"enqueued {created}, already known {known}; {stats['pending']} "
-                      "pending in the outbox")
+        tail = "" if pending is None else f"; {pending} pending in the outbox"
+        context.print(f"enqueued {created}, already known {known}{tail}")
     return 0
 
 
-def _what_was_enqueued(first_line: int, sent: int) -> str:
-    """Say which part of a --from-file run reached the outbox before a rejection."""
+def _what_was_enqueued(first_line: int, sent: int, *, in_doubt: bool = False) -> str:
+    """Say which part of a --from-file run reached the outbox before a rejection.
+
+    With `in_doubt`, the request from `first_line` on got no response, so the daemon
+    may have stored it.
+    """
+    if in_doubt:
+        before = ("nothing" if sent == 0 else
+                  "1 operation" if sent == 1 else f"{sent} operations")
+        return (f"Enqueued before line {first_line}: {before}. The request from that line "
+                "on got no response, so it may or may not be stored.")
     if sent == 0:
         return "Nothing was enqueued"
     counted = "1 operation was" if sent == 1 else f"{sent} operations were"
