@@ -241,3 +241,11 @@ async def test_control_silence_consistent_not_warned(service: AlertService,
 async def test_control_unsilence_unknown_id(service: AlertService) -> None:
     with pytest.raises(ControlError, match="not found"):
         await handlers(service)["alerts.unsilence"]({"id": "nope"})
+
+
+async def test_control_unsilence_shortens_long_id(service: AlertService) -> None:
+    with pytest.raises(ControlError) as caught:
+        await handlers(service)["alerts.unsilence"]({"id": "a" * 5000})
+
+    assert f"silence '{'a' * 57}...' not found" in caught.value.message
+    assert len(caught.value.message) < 200

@@ -130,3 +130,8 @@ def test_reason_rejects_control_characters(params: Callable[[str], object]) -> N
     with pytest.raises(ValueError, match=r"control character '\\x1b' \(U\+001B\) at "
                                          r"position 4"):
         params("main\x1b]0;owned\x07")
+
+
+def test_mode_reason_too_long_names_length() -> None:
+    with pytest.raises(ValueError, match="reason is 501 characters, over the limit of 500"):
+        ModeSetParams(mode="degraded", ttl_seconds=60.0, reason="x" * 501)

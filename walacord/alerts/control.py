@@ -101,7 +101,8 @@ async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> 
     reject_unknown_params("alerts.unsilence", params, frozenset({"id"}))
     silence_id = _required_text(params, "id")
     if not await service.unsilence(silence_id):
-        raise ControlError(INVALID_PARAMS, f"silence {silence_id!r} not found or already "
+        shown = silence_id if len(silence_id) <= 60 else silence_id[:57] + "..."
+        raise ControlError(INVALID_PARAMS, f"silence {shown!r} not found or already "
                            "ended; list silences with `walacorctl alerts`")
     return {"expired": silence_id}
 

@@ -56,7 +56,8 @@ class ModeSetParams:
         if not self.reason.strip():
             raise ValueError("reason must not be empty: say why the mode is forced")
         if len(self.reason) > MAX_REASON_CHARS:
-            raise ValueError(f"reason is longer than {MAX_REASON_CHARS} characters")
+            raise ValueError(f"reason is {len(self.reason)} characters, over the limit of "
+                             f"{MAX_REASON_CHARS}; shorten it")
         _check_printable(self.reason)
 
 
