@@ -28,8 +28,9 @@ Duration = NewType("Duration", float)
 PathSetting = NewType("PathSetting", str)
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-# A number with a unit; a plain number, as from a command line, counts as seconds.
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# A number with a unit; a plain number, as from a command line, counts as seconds. A
+# negative value parses, so that range checks can name it.
+_DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 T = TypeVar("T")
 

@@ -49,6 +49,7 @@ def test_alerts_config_reads_hooks_and_durations(tmp_path: Path) -> None:
     ('repeat_interval = "400d"', "alerts.repeat_interval: value 34560000s (400d) is above "
                                  "the maximum"),
     ('hooks = "page"', "alerts.hooks: expected a list"),
+    ('repeat_interval = "-1h"', "alerts.repeat_interval: value -3600s"),
 ])
 def test_alerts_config_rejects_invalid(tmp_path: Path, text: str, expected: str) -> None:
     found = problems(tmp_path, f"[alerts]\n{text}\n")

@@ -83,6 +83,8 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
     ({"matcher": "probe=x", "duration": 0, "reason": "r"}, r"invalid duration 0 \(0s\)"),
     ({"matcher": "probe=x", "duration": "0", "reason": "r"},
      r"invalid duration '0' \(0s\): it must be above 0"),
+    ({"matcher": "probe=x", "duration": "-1h", "reason": "r"},
+     r"invalid duration '-1h' \(-3600s\): it must be above 0"),
     ({"matcher": "probe=x", "duration": "99999999h", "reason": "r"},
      r"invalid duration '99999999h' \(359999996400s\): it must be above 0 and at most 366"),
     ({"matcher": "probe=x", "duration": 1e308, "reason": "r"},
