@@ -129,8 +129,16 @@ def handlers(service: AlertService) -> dict[str, Handler]:
     }
 
 
+# Shown when a required text is missing.
+_EXAMPLES = {"matcher": 'alertname="WalacordProbeDown",probe="database"',
+             "reason": '"database maintenance"'}
+
+
 def _required_text(params: Mapping[str, Any], key: str) -> str:
     value = params.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ControlError(INVALID_PARAMS, f"missing or empty {key!r}: pass it as a string")
+        example = _EXAMPLES.get(key)
+        hint = f", e.g. {example}" if example else ""
+        raise ControlError(INVALID_PARAMS, f"missing or empty {key!r}: give it as non-empty "
+                           f"text{hint}")
     return value.strip()
