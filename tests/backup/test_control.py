@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
+import orjson
 import psycopg
 import pytest
 
@@ -26,7 +27,7 @@ from walacord.backup.control import (
     handlers,
 )
 from walacord.backup.manager import BACKUP_LOCK_KEY
-from walacord.backup.manifest import parse_time, sha256_file
+from walacord.backup.manifest import manifest_path, parse_time, sha256_file
 from walacord.errors import ControlError
 from walacord.pgcluster import PgCluster
 
@@ -253,3 +254,51 @@ async def test_restore_requires_id_and_target(make_manager: ManagerFactory) -> N
 
     assert raised.value.code == INVALID_PARAMS
     assert "target_db" in raised.value.message
+
+
+async def test_list_names_ill_typed_manifests(make_manager: ManagerFactory) -> None:
+    """JSON that is not a manifest is reported per file and hides no other backup."""
+    manager = make_manager()
+    intact = await backup_now(manager, {})
+    written = orjson.loads(manifest_path(manager.directory, intact["id"]).read_bytes())
+
+    def like_intact(backup: str, **changes: object) -> bytes:
+        return orjson.dumps({**written, "id": backup, "file": f"{backup}.dump", **changes})
+
+    damaged = {
+        "array": (b"[]", "the file contains a JSON array, expected an object"),
+        "null": (b"null", "the file contains a JSON null, expected an object"),
+        "string": (b'"x"', "the file contains a JSON string, expected an object"),
+        "number": (b"5", "the file contains a JSON number, expected an object"),
+        "size": (like_intact("size", size_bytes="big"),
+                 "field 'size_bytes' is \"big\", expected an integer"),
+        "drill": (like_intact("drill", drill=[]),
+                  "field 'drill' is [], expected an object or null"),
+        "checked": (like_intact("checked", checksum_check={"ok": "yes", "at": "x"}),
+                    "field 'checksum_check.ok' is \"yes\", expected true or false"),
+        "finished": (like_intact("finished", finished_at="yesterday"),
+                     "field 'finished_at' is \"yesterday\", expected an ISO 8601 time "
+                     "such as \"2026-01-05T02:30:12.345Z\""),
+        "counts": (like_intact("counts", row_counts={"public.ledger": None}),
+                   "field 'row_counts' has null for table 'public.ledger', expected an "
+                   "integer"),
+    }
+    for backup, (text, _) in damaged.items():
+        manifest_path(manager.directory, backup).write_bytes(text)
+
+    listed = await backup_list(manager, {})
+    newest = await backup_verify(manager, {})
+    with pytest.raises(ControlError) as by_id:
+        await backup_verify(manager, {"id": "array"})
+
+    assert [entry["id"] for entry in listed["backups"]] == [intact["id"]]
+    errors = {Path(entry["path"]).name: entry["error"] for entry in listed["unreadable"]}
+    assert errors == {f"{backup}.json": error for backup, (_, error) in damaged.items()}
+    assert newest["id"] == intact["id"]
+    assert newest["verified"] is True
+    assert manager.metrics.backup_damaged._value.get() == len(damaged)
+    assert by_id.value.code == BACKUP_FAILED
+    assert by_id.value.message.startswith(
+        f"verification failed: manifest {manifest_path(manager.directory, 'array')} is "
+        "invalid: the file contains a JSON array, expected an object")
+
