@@ -300,5 +300,38 @@ async def test_list_names_ill_typed_manifests(make_manager: ManagerFactory) -> N
     assert by_id.value.code == BACKUP_FAILED
     assert by_id.value.message.startswith(
         f"verification failed: manifest {manifest_path(manager.directory, 'array')} is "
-        "invalid: the file contains a JSON array, expected an object")
+        "invalid: the file contains a JSON array, expected an object; restore the manifest "
+        "from a copy, or take a new backup")
+
+
+async def test_damaged_manifest_errors_name_dump(make_manager: ManagerFactory,
+                                                 pg_cluster: PgCluster,
+                                                 target_db: str) -> None:
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    dump = anyio.Path(backup["path"])
+    manifest_path(manager.directory, backup["id"]).write_text('{"trunc')
+    advice = (f"its dump {dump} is still there, but walacord cannot check it without the "
+              "manifest. To use it anyway, create an empty database NEW_DB and run: "
+              f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+
+    with pytest.raises(ControlError) as verify_error:
+        await backup_verify(manager, {"id": backup["id"]})
+    with pytest.raises(ControlError) as restore_error:
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
+    await dump.unlink()
+    with pytest.raises(ControlError) as without_dump:
+        await backup_verify(manager, {"id": backup["id"]})
+
+    assert verify_error.value.code == BACKUP_FAILED
+    assert verify_error.value.message.startswith("verification failed: manifest ")
+    assert verify_error.value.message.endswith(f"or take a new backup; {advice}")
+    assert restore_error.value.code == BACKUP_FAILED
+    assert restore_error.value.message.startswith("restore failed: manifest ")
+    assert restore_error.value.message.endswith(f"or take a new backup; {advice}")
+    assert "its dump" not in without_dump.value.message
+    assert without_dump.value.message.endswith(
+        "restore the manifest from a copy, or take a new backup")
+    exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target_db}'")
+    assert exists == "0"
 

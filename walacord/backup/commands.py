@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from walacord.backup.manifest import parse_time, utc_now
+from walacord.backup.manifest import manual_restore_advice, parse_time, utc_now
 from walacord.control.render import format_seconds, format_table
 
 if TYPE_CHECKING:
@@ -85,13 +85,7 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
                              "restore the manifest from a copy, or take a new backup\n")
         dump = damaged.get("dump")
         if dump:
-            load = (f"gzip -dc {dump} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
-                    if dump.endswith(".sql.gz")
-                    else f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
-            context.stderr.write(
-                f"walacorctl: its dump {dump} is still there, but walacord cannot check "
-                "it without the manifest. To use it anyway, create an empty database "
-                f"NEW_DB and run: {load}\n")
+            context.stderr.write(f"walacorctl: {manual_restore_advice(dump)}\n")
     if context.json:
         context.print_json(backups)
         return 0

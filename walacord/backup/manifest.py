@@ -315,6 +315,23 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     return final
 
 
+def find_dump(directory: Path, backup: str) -> Path | None:
+    """Return the dump of backup `backup` found by its name alone, or None when no
+    regular file has that name. It needs no manifest, so it works for a damaged one."""
+    dumps = (dump_path(directory, backup, fmt) for fmt in FORMAT_EXTENSIONS)
+    return next((path for path in dumps if path.is_file()), None)
+
+
+def manual_restore_advice(dump: Path | str) -> str:
+    """Return how to restore `dump` by hand when its manifest cannot be read."""
+    dump = str(dump)
+    load = (f"gzip -dc {dump} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
+            if dump.endswith(f".{FORMAT_EXTENSIONS['plain-gzip']}")
+            else f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+    return (f"its dump {dump} is still there, but walacord cannot check it without the "
+            f"manifest. To use it anyway, create an empty database NEW_DB and run: {load}")
+
+
 def load_manifest(path: Path) -> Manifest:
     """Read and parse the manifest at `path`, named `<id>.json`.
 
@@ -325,7 +342,7 @@ def load_manifest(path: Path) -> Manifest:
 
 def read_manifest(directory: Path, backup: str) -> Manifest:
     """Return the manifest of backup `backup`; raise BackupError when it is missing or
-    damaged."""
+    damaged. The error for a damaged one names the dump when it is there."""
     backup_text = repr(backup) if len(backup) <= 80 else repr(backup[:77] + "...")
     if not is_valid_id(backup):
         raise BackupError(f"invalid backup id {backup_text}: run `walacorctl backup list` for ids")
@@ -336,9 +353,14 @@ def read_manifest(directory: Path, backup: str) -> Manifest:
         raise BackupError(f"backup {backup_text} not found in {directory}; "
                           "run `walacorctl backup list` for ids") from None
     except OSError as exc:
-        raise BackupError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+        problem = f"cannot read manifest {path}: {exc.strerror or exc}"
     except InvalidManifest as exc:
-        raise BackupError(f"manifest {path} is invalid: {exc}") from None
+        problem = f"manifest {path} is invalid: {exc}"
+    advice = "restore the manifest from a copy, or take a new backup"
+    dump = find_dump(directory, backup)
+    if dump is not None:
+        advice += f"; {manual_restore_advice(dump)}"
+    raise BackupError(f"{problem}; {advice}")
 
 
 def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
@@ -349,10 +371,9 @@ def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
         try:
             load_manifest(path)
         except (OSError, InvalidManifest) as exc:
-            dumps = [path.with_suffix(f".{extension}")
-                     for extension in FORMAT_EXTENSIONS.values()]
-            dump = next((str(each) for each in dumps if each.is_file()), None)
-            unreadable.append({"path": str(path), "error": str(exc), "dump": dump})
+            dump = find_dump(directory, path.name.removesuffix(".json"))
+            unreadable.append({"path": str(path), "error": str(exc),
+                               "dump": None if dump is None else str(dump)})
     return unreadable
 
 
