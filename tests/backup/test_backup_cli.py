@@ -187,3 +187,32 @@ def test_damaged_manifest_named_in_verify_and_restore(daemon: Path,
     assert pg_cluster.psql(
         "SELECT count(*) FROM pg_database WHERE datname = 'from_array'") == "0"
 
+
+def test_verify_after_original_file_put_back(daemon: Path) -> None:
+    """A failed drill of a damaged copy does not make the intact original unverified."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    backup, path = taken["id"], Path(taken["path"])
+    original = path.read_bytes()
+    overwrite_two_bytes(path, len(original) // 2)
+    drilled = ctl(daemon, "backup", "verify", "--drill", backup)
+    path.write_bytes(original)
+
+    verified = ctl(daemon, "backup", "verify", backup)
+    listed = ctl(daemon, "backup", "list")
+
+    assert drilled.returncode == 1
+    assert "drill FAILED" in drilled.stdout
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    lines = verified.stdout.splitlines()
+    assert lines[0] == f"backup {backup}: verified yes"
+    assert lines[1].startswith("  checksum check passed at ")
+    assert lines[1].endswith(f": sha256 is {taken['sha256']}, as the manifest records")
+    assert lines[2].startswith("  readability check passed at ")
+    assert "pg_restore --list read " in lines[2]
+    assert lines[3].startswith("  the drill that failed at ")
+    assert "is stale and does not count" in lines[3]
+    assert len(lines) == 4
+    assert listed.returncode == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith(backup)
+             and ":" not in line]
+    assert row.split()[4:8] == ["yes", "0m", "ago", "stale"]

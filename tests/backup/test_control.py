@@ -27,7 +27,7 @@ from walacord.backup.control import (
     handlers,
 )
 from walacord.backup.manager import BACKUP_LOCK_KEY
-from walacord.backup.manifest import manifest_path, parse_time, sha256_file
+from walacord.backup.manifest import manifest_path, parse_time, sha256_file, write_manifest
 from walacord.errors import ControlError
 from walacord.pgcluster import PgCluster
 
@@ -335,3 +335,80 @@ async def test_damaged_manifest_errors_name_dump(make_manager: ManagerFactory,
     exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target_db}'")
     assert exists == "0"
 
+
+async def test_verify_marks_drill_of_other_bytes_stale(make_manager: ManagerFactory) -> None:
+    """A drill that failed on a damaged copy does not count once the original is back."""
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = anyio.Path(backup["path"])
+    original = await path.read_bytes()
+    damaged_sha256 = overwrite_two_bytes(Path(path), len(original) // 2)
+    drilled = await backup_verify(manager, {"id": backup["id"], "drill": True})
+    await path.write_bytes(original)
+
+    verified = await backup_verify(manager, {"id": backup["id"]})
+    [listed] = (await backup_list(manager, {}))["backups"]
+
+    assert drilled["drill"]["ok"] is False
+    assert drilled["drill"]["sha256"] == damaged_sha256
+    assert drilled["drill"]["stale"] is False
+    assert verified["verified"] is True
+    assert verified["problems"] == []
+    assert verified["checksum"]["ok"] is True
+    assert verified["checksum"]["sha256"] == backup["sha256"]
+    assert verified["list"]["ok"] is True
+    assert verified["drill"]["ok"] is False
+    assert verified["drill"]["stale"] is True
+    assert verified["notes"] == [
+        f"the drill that failed at {drilled['drill']['at']} is stale and does not count: "
+        f"it tested the file with sha256 {damaged_sha256}, but the checksum check at "
+        f"{verified['checked_at']} found sha256 {backup['sha256']}. Run `walacorctl "
+        f"backup verify --drill {backup['id']}` to drill the file as it is now"]
+    assert listed["verified"] is True
+    assert listed["notes"] == verified["notes"]
+    assert manager.metrics.backup_damaged._value.get() == 0
+
+
+async def test_verify_keeps_drill_failure_of_same_bytes(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    backup.row_counts["public.ledger"] += 1
+    write_manifest(manager.directory, backup)
+    drilled = await manager.drill(backup.id)
+    assert drilled.drill is not None
+
+    verified = await backup_verify(manager, {"id": backup.id})
+
+    assert verified["verified"] is False
+    assert verified["drill"]["stale"] is False
+    assert verified["problems"] == [
+        f"drill check failed at {drilled.drill.at}: table public.ledger has 3000 rows, "
+        "the dump had 3001"]
+    assert verified["notes"] == []
+    assert manager.metrics.backup_damaged._value.get() == 1
+
+
+async def test_verify_stale_drill_without_sha256(make_manager: ManagerFactory) -> None:
+    """A failed drill stored before drills recorded a sha256 is stale after a good check."""
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = anyio.Path(backup["path"])
+    original = await path.read_bytes()
+    overwrite_two_bytes(Path(path), len(original) // 2)
+    await manager.drill(backup["id"])
+    stored = manifest_path(manager.directory, backup["id"])
+    raw = orjson.loads(stored.read_bytes())
+    del raw["drill"]["detail"]["sha256"]
+    stored.write_bytes(orjson.dumps(raw))
+    await path.write_bytes(original)
+
+    verified = await backup_verify(manager, {"id": backup["id"]})
+
+    assert verified["verified"] is True
+    assert verified["drill"]["stale"] is True
+    assert verified["notes"] == [
+        f"the drill that failed at {raw['drill']['at']} is stale and does not count: its "
+        "record has no sha256 of the file it tested, and the checksum check at "
+        f"{verified['checked_at']} passed. Run `walacorctl backup verify --drill "
+        f"{backup['id']}` to drill the file as it is now"]

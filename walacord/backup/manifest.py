@@ -105,10 +105,11 @@ class Manifest:
 
     @property
     def verified(self) -> bool:
-        """True when the latest list and checksum checks, and any drill, passed."""
+        """True when the latest list and checksum checks passed, and so did the drill
+        unless there is none or it is stale (see `drill_stale`)."""
         checks_ok = bool(self.list_check and self.list_check.ok
                          and self.checksum_check and self.checksum_check.ok)
-        return checks_ok and (self.drill is None or self.drill.ok)
+        return checks_ok and (self.drill is None or self.drill.ok or self.drill_stale)
 
     @property
     def created(self) -> datetime:
@@ -148,6 +149,41 @@ class Manifest:
             _check_time(name, values[name])
         _check_names(values, backup)
         return cls(**values)
+
+    def drill_sha256(self) -> str | None:
+        """Return the sha256 of the file the drill tested, or None when it is unknown.
+
+        Drills store it in their detail. An older drill that created its scratch
+        database had found the manifest's sha256, since a drill restores nothing
+        after a mismatch.
+        """
+        if self.drill is None:
+            return None
+        recorded = self.drill.detail.get("sha256")
+        if isinstance(recorded, str):
+            return recorded
+        if self.drill.detail.get("scratch") is not None:
+            return self.sha256
+        return None
+
+    @property
+    def drill_stale(self) -> bool:
+        """True when a checksum check after the drill found other file content.
+
+        A stale drill describes bytes the file no longer has, so it does not decide
+        whether the backup is verified. When the drill's sha256 is unknown (it could not
+        read the file, or it ran before drills stored one and stopped at a checksum
+        mismatch), a later checksum check that passed makes it stale.
+        """
+        drill, checksum = self.drill, self.checksum_check
+        if drill is None or checksum is None or parse_time(checksum.at) < parse_time(drill.at):
+            return False
+        tested = self.drill_sha256()
+        if tested is None:
+            return checksum.ok
+        current = checksum.detail.get("sha256")
+        return isinstance(current, str) and current != tested
+
 
 class InvalidManifest(ValueError):
     """A manifest that is not valid JSON or does not have the shape walacord writes."""
