@@ -149,3 +149,70 @@ def test_damaged_manifest_is_named_in_list(daemon: Path, pg_cluster: PgCluster) 
         assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname="from_damaged") == "500"
     finally:
         pg_cluster.psql('DROP DATABASE "from_damaged" WITH (FORCE)')
+
+
+def test_damaged_manifest_named_in_verify_and_restore(daemon: Path,
+                                                      pg_cluster: PgCluster) -> None:
+    """A manifest containing a JSON array: list and verify still work for the other backup,
+    and verify and restore of its own id name the dump and the by-hand restore."""
+    damaged = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    intact = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    dump = Path(damaged["path"])
+    manifest = dump.with_suffix(".json")
+    manifest.write_text("[]")
+    advice = (f"its dump {dump} is still there, but walacord cannot check it without the "
+              "manifest. To use it anyway, create an empty database NEW_DB and run: "
+              f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+
+    listed = ctl(daemon, "backup", "list")
+    newest = ctl(daemon, "backup", "verify")
+    verified = ctl(daemon, "backup", "verify", damaged["id"])
+    restored = ctl(daemon, "backup", "restore", damaged["id"], "--target-db", "from_array")
+
+    assert listed.returncode == 0, listed.stderr
+    # Both backups may start in the same second, so the second id can be the first
+    # one with "-2" appended.
+    assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == [intact["id"]]
+    assert (f"manifest {manifest} cannot be read (the file contains a JSON array, expected "
+            "an object)") in listed.stderr
+    assert advice in listed.stderr
+    assert newest.returncode == 0, newest.stderr
+    assert f"backup {intact['id']}: verified yes" in newest.stdout
+    assert verified.returncode == 1
+    assert (f"manifest {manifest} is invalid: the file contains a JSON array, expected an "
+            "object") in verified.stderr
+    assert advice in verified.stderr
+    assert restored.returncode == 1
+    assert advice in restored.stderr
+    assert pg_cluster.psql(
+        "SELECT count(*) FROM pg_database WHERE datname = 'from_array'") == "0"
+
+
+def test_verify_after_original_file_put_back(daemon: Path) -> None:
+    """A failed drill of a damaged copy does not make the intact original unverified."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    backup, path = taken["id"], Path(taken["path"])
+    original = path.read_bytes()
+    overwrite_two_bytes(path, len(original) // 2)
+    drilled = ctl(daemon, "backup", "verify", "--drill", backup)
+    path.write_bytes(original)
+
+    verified = ctl(daemon, "backup", "verify", backup)
+    listed = ctl(daemon, "backup", "list")
+
+    assert drilled.returncode == 1
+    assert "drill FAILED" in drilled.stdout
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    lines = verified.stdout.splitlines()
+    assert lines[0] == f"backup {backup}: verified yes"
+    assert lines[1].startswith("  checksum check passed at ")
+    assert lines[1].endswith(f": sha256 is {taken['sha256']}, as the manifest records")
+    assert lines[2].startswith("  readability check passed at ")
+    assert "pg_restore --list read " in lines[2]
+    assert lines[3].startswith("  the drill that failed at ")
+    assert "is stale and does not count" in lines[3]
+    assert len(lines) == 4
+    assert listed.returncode == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith(backup)
+             and ":" not in line]
+    assert row.split()[4:8] == ["yes", "0m", "ago", "stale"]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
+import orjson
 import psycopg
 import pytest
 
@@ -26,7 +27,7 @@ from walacord.backup.control import (
     handlers,
 )
 from walacord.backup.manager import BACKUP_LOCK_KEY
-from walacord.backup.manifest import parse_time, sha256_file
+from walacord.backup.manifest import manifest_path, parse_time, sha256_file, write_manifest
 from walacord.errors import ControlError
 from walacord.pgcluster import PgCluster
 
@@ -253,3 +254,161 @@ async def test_restore_requires_id_and_target(make_manager: ManagerFactory) -> N
 
     assert raised.value.code == INVALID_PARAMS
     assert "target_db" in raised.value.message
+
+
+async def test_list_names_ill_typed_manifests(make_manager: ManagerFactory) -> None:
+    """JSON that is not a manifest is reported per file and hides no other backup."""
+    manager = make_manager()
+    intact = await backup_now(manager, {})
+    written = orjson.loads(manifest_path(manager.directory, intact["id"]).read_bytes())
+
+    def like_intact(backup: str, **changes: object) -> bytes:
+        return orjson.dumps({**written, "id": backup, "file": f"{backup}.dump", **changes})
+
+    damaged = {
+        "array": (b"[]", "the file contains a JSON array, expected an object"),
+        "null": (b"null", "the file contains a JSON null, expected an object"),
+        "string": (b'"x"', "the file contains a JSON string, expected an object"),
+        "number": (b"5", "the file contains a JSON number, expected an object"),
+        "size": (like_intact("size", size_bytes="big"),
+                 "field 'size_bytes' is \"big\", expected an integer"),
+        "drill": (like_intact("drill", drill=[]),
+                  "field 'drill' is [], expected an object or null"),
+        "checked": (like_intact("checked", checksum_check={"ok": "yes", "at": "x"}),
+                    "field 'checksum_check.ok' is \"yes\", expected true or false"),
+        "finished": (like_intact("finished", finished_at="yesterday"),
+                     "field 'finished_at' is \"yesterday\", expected an ISO 8601 time "
+                     "such as \"2026-01-05T02:30:12.345Z\""),
+        "counts": (like_intact("counts", row_counts={"public.ledger": None}),
+                   "field 'row_counts' has null for table 'public.ledger', expected an "
+                   "integer"),
+    }
+    for backup, (text, _) in damaged.items():
+        manifest_path(manager.directory, backup).write_bytes(text)
+
+    listed = await backup_list(manager, {})
+    newest = await backup_verify(manager, {})
+    with pytest.raises(ControlError) as by_id:
+        await backup_verify(manager, {"id": "array"})
+
+    assert [entry["id"] for entry in listed["backups"]] == [intact["id"]]
+    errors = {Path(entry["path"]).name: entry["error"] for entry in listed["unreadable"]}
+    assert errors == {f"{backup}.json": error for backup, (_, error) in damaged.items()}
+    assert newest["id"] == intact["id"]
+    assert newest["verified"] is True
+    assert manager.metrics.backup_damaged._value.get() == len(damaged)
+    assert by_id.value.code == BACKUP_FAILED
+    assert by_id.value.message.startswith(
+        f"verification failed: manifest {manifest_path(manager.directory, 'array')} is "
+        "invalid: the file contains a JSON array, expected an object; restore the manifest "
+        "from a copy, or take a new backup")
+
+
+async def test_damaged_manifest_errors_name_dump(make_manager: ManagerFactory,
+                                                 pg_cluster: PgCluster,
+                                                 target_db: str) -> None:
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    dump = anyio.Path(backup["path"])
+    manifest_path(manager.directory, backup["id"]).write_text('{"trunc')
+    advice = (f"its dump {dump} is still there, but walacord cannot check it without the "
+              "manifest. To use it anyway, create an empty database NEW_DB and run: "
+              f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+
+    with pytest.raises(ControlError) as verify_error:
+        await backup_verify(manager, {"id": backup["id"]})
+    with pytest.raises(ControlError) as restore_error:
+        await backup_restore(manager, {"id": backup["id"], "target_db": target_db})
+    await dump.unlink()
+    with pytest.raises(ControlError) as without_dump:
+        await backup_verify(manager, {"id": backup["id"]})
+
+    assert verify_error.value.code == BACKUP_FAILED
+    assert verify_error.value.message.startswith("verification failed: manifest ")
+    assert verify_error.value.message.endswith(f"or take a new backup; {advice}")
+    assert restore_error.value.code == BACKUP_FAILED
+    assert restore_error.value.message.startswith("restore failed: manifest ")
+    assert restore_error.value.message.endswith(f"or take a new backup; {advice}")
+    assert "its dump" not in without_dump.value.message
+    assert without_dump.value.message.endswith(
+        "restore the manifest from a copy, or take a new backup")
+    exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target_db}'")
+    assert exists == "0"
+
+
+async def test_verify_marks_drill_of_other_bytes_stale(make_manager: ManagerFactory) -> None:
+    """A drill that failed on a damaged copy does not count once the original is back."""
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = anyio.Path(backup["path"])
+    original = await path.read_bytes()
+    damaged_sha256 = overwrite_two_bytes(Path(path), len(original) // 2)
+    drilled = await backup_verify(manager, {"id": backup["id"], "drill": True})
+    await path.write_bytes(original)
+
+    verified = await backup_verify(manager, {"id": backup["id"]})
+    [listed] = (await backup_list(manager, {}))["backups"]
+
+    assert drilled["drill"]["ok"] is False
+    assert drilled["drill"]["sha256"] == damaged_sha256
+    assert drilled["drill"]["stale"] is False
+    assert verified["verified"] is True
+    assert verified["problems"] == []
+    assert verified["checksum"]["ok"] is True
+    assert verified["checksum"]["sha256"] == backup["sha256"]
+    assert verified["list"]["ok"] is True
+    assert verified["drill"]["ok"] is False
+    assert verified["drill"]["stale"] is True
+    assert verified["notes"] == [
+        f"the drill that failed at {drilled['drill']['at']} is stale and does not count: "
+        f"it tested the file with sha256 {damaged_sha256}, but the checksum check at "
+        f"{verified['checked_at']} found sha256 {backup['sha256']}. Run `walacorctl "
+        f"backup verify --drill {backup['id']}` to drill the file as it is now"]
+    assert listed["verified"] is True
+    assert listed["notes"] == verified["notes"]
+    assert manager.metrics.backup_damaged._value.get() == 0
+
+
+async def test_verify_keeps_drill_failure_of_same_bytes(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    backup.row_counts["public.ledger"] += 1
+    write_manifest(manager.directory, backup)
+    drilled = await manager.drill(backup.id)
+    assert drilled.drill is not None
+
+    verified = await backup_verify(manager, {"id": backup.id})
+
+    assert verified["verified"] is False
+    assert verified["drill"]["stale"] is False
+    assert verified["problems"] == [
+        f"drill check failed at {drilled.drill.at}: table public.ledger has 3000 rows, "
+        "the dump had 3001"]
+    assert verified["notes"] == []
+    assert manager.metrics.backup_damaged._value.get() == 1
+
+
+async def test_verify_stale_drill_without_sha256(make_manager: ManagerFactory) -> None:
+    """A failed drill stored before drills recorded a sha256 is stale after a good check."""
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = anyio.Path(backup["path"])
+    original = await path.read_bytes()
+    overwrite_two_bytes(Path(path), len(original) // 2)
+    await manager.drill(backup["id"])
+    stored = manifest_path(manager.directory, backup["id"])
+    raw = orjson.loads(stored.read_bytes())
+    del raw["drill"]["detail"]["sha256"]
+    stored.write_bytes(orjson.dumps(raw))
+    await path.write_bytes(original)
+
+    verified = await backup_verify(manager, {"id": backup["id"]})
+
+    assert verified["verified"] is True
+    assert verified["drill"]["stale"] is True
+    assert verified["notes"] == [
+        f"the drill that failed at {raw['drill']['at']} is stale and does not count: its "
+        "record has no sha256 of the file it tested, and the checksum check at "
+        f"{verified['checked_at']} passed. Run `walacorctl backup verify --drill "
+        f"{backup['id']}` to drill the file as it is now"]

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import orjson
 import psycopg
 import pytest
 
@@ -16,8 +17,10 @@ from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manifest import (
     MAX_ID_BYTES,
     backup_id,
+    manifest_path,
     safe_name_part,
     sha256_file,
+    unreadable_manifests,
     write_manifest,
 )
 from walacord.errors import BackupError
@@ -236,3 +239,35 @@ async def test_drill_uses_dump_time_snapshot(make_manager: ManagerFactory, seede
 
     assert drilled.drill is not None and drilled.drill.ok
     assert drilled.row_counts == seed_rows
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("file", "../../../../../etc/hostname"),
+    ("file", "/etc/hostname"),
+    ("file", "other__host__20260101T000000Z.dump"),
+    ("file", "{id}.sql.gz"),
+    ("format", "zip"),
+    ("id", "other__host__20260101T000000Z"),
+])
+async def test_manifest_names_are_checked(make_manager: ManagerFactory,
+                                          field: str, value: str) -> None:
+    """A manifest can name only its own dump in the backups directory."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    value = value.format(id=backup.id)
+    stored = manifest_path(manager.directory, backup.id)
+    stored.write_bytes(orjson.dumps({**orjson.loads(stored.read_bytes()), field: value}))
+
+    with pytest.raises(BackupError) as rejected:
+        await manager.verify(backup.id)
+    listed = await manager.list()
+    [unreadable] = unreadable_manifests(manager.directory)
+
+    assert f"manifest {stored} is invalid: field {field!r} is \"{value}\", expected " in (
+        str(rejected.value))
+    assert listed == []
+    assert unreadable["error"].startswith(f"field {field!r} is \"{value}\", expected ")
+    assert unreadable["dump"] == str(manager.path_of(backup))
+    assert manager.metrics.backup_failures.labels(operation="verify")._value.get() == 0
+    assert manager.metrics.backup_damaged._value.get() == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from walacord.backup.manifest import parse_time, utc_now
+from walacord.backup.manifest import manual_restore_advice, parse_time, utc_now
 from walacord.control.render import format_seconds, format_table
 
 if TYPE_CHECKING:
@@ -85,13 +85,7 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
                              "restore the manifest from a copy, or take a new backup\n")
         dump = damaged.get("dump")
         if dump:
-            load = (f"gzip -dc {dump} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
-                    if dump.endswith(".sql.gz")
-                    else f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
-            context.stderr.write(
-                f"walacorctl: its dump {dump} is still there, but walacord cannot check "
-                "it without the manifest. To use it anyway, create an empty database "
-                f"NEW_DB and run: {load}\n")
+            context.stderr.write(f"walacorctl: {manual_restore_advice(dump)}\n")
     if context.json:
         context.print_json(backups)
         return 0
@@ -100,18 +94,26 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         return 0
     rows = [[b["id"], _age(b.get("age_seconds")), _size(b.get("size_bytes")),
              "yes" if b["verified"] else "no", _checked_ago(b.get("checked_at")),
-             "yes" if (b.get("drill") or {}).get("ok") else "no",
-             (b.get("sha256") or "")[:16]] for b in backups]
+             _drilled(b.get("drill")), (b.get("sha256") or "")[:16]] for b in backups]
     context.print(format_table(
         ["id", "age", "size", "verified", "checked", "drilled", "sha256"], rows))
     # "verified" is the result of the checks recorded at "checked", not of a check run now.
-    unverified = [b for b in backups if b.get("problems")]
-    if unverified:
+    explained = [b for b in backups if b.get("problems") or b.get("notes")]
+    if explained:
         context.print("")
-    for entry in unverified:
-        for problem in entry["problems"]:
-            context.print(f"{entry['id']}: {problem}")
+    for entry in explained:
+        for sentence in [*entry.get("problems", []), *entry.get("notes", [])]:
+            context.print(f"{entry['id']}: {sentence}")
     return 0
+
+
+def _drilled(drill: dict[str, Any] | None) -> str:
+    """Return the DRILLED column: "stale" for a drill of other file content."""
+    if drill is None:
+        return "no"
+    if drill.get("stale"):
+        return "stale"
+    return "yes" if drill.get("ok") else "no"
 
 
 def _checked_ago(moment: str | None) -> str:
@@ -137,13 +139,34 @@ def verify_command(context: Context, args: argparse.Namespace) -> int:
     if drill is not None:
         line += f", drill {'passed' if drill.get('ok') else 'FAILED'}"
     context.print(line)
-    for problem in result.get("problems") or []:
-        context.print(f"  {problem}")
+    # Failed checks are among the problems, so only passed ones are printed here.
+    for passed in _passed_checks(result):
+        context.print(f"  {passed}")
+    for sentence in [*(result.get("problems") or []), *(result.get("notes") or [])]:
+        context.print(f"  {sentence}")
     if not result["verified"]:
         context.print("  Do not restore this backup: take a new one with `walacorctl backup "
                       "now`, check the storage, and see `walacorctl backup list` for older "
                       "backups")
     return 0 if result["verified"] and (drill is None or drill.get("ok")) else 1
+
+
+def _passed_checks(entry: dict[str, Any]) -> list[str]:
+    """Return a sentence for the entry's checksum and readability checks that passed."""
+    passed = []
+    checksum = entry.get("checksum")
+    if checksum and checksum.get("ok"):
+        passed.append(f"checksum check passed at {checksum['at']}: sha256 is "
+                      f"{checksum.get('sha256')}, as the manifest records")
+    listing = entry.get("list")
+    if listing and listing.get("ok"):
+        if entry.get("format") == "plain-gzip":
+            found = (f"the SQL decompresses to {_size(listing.get('uncompressed_bytes'))} "
+                     "and ends with pg_dump's completion line")
+        else:
+            found = f"pg_restore --list read {listing.get('entries')} entries"
+        passed.append(f"readability check passed at {listing['at']}: {found}")
+    return passed
 
 
 def restore_command(context: Context, args: argparse.Namespace) -> int:

@@ -65,6 +65,13 @@ def _check_dict(check: CheckResult | None) -> dict[str, Any] | None:
     return {"ok": check.ok, "at": check.at, "error": check.error, **check.detail}
 
 
+def _drill_dict(manifest: Manifest) -> dict[str, Any] | None:
+    drill = _check_dict(manifest.drill)
+    if drill is None:
+        return None
+    return {**drill, "stale": manifest.drill_stale}
+
+
 def modified_after_check(manifest: Manifest, path: Path) -> str | None:
     """Return the file's mtime when it is later than the last checksum check, else None.
 
@@ -92,14 +99,33 @@ def entry_problems(manifest: Manifest, path: Path, modified_at: str | None) -> l
         problems.append(f"the file was modified at {modified_at}, after its last "
                         f"verification at {manifest.checksum_check.at}; run "
                         f"`walacorctl backup verify {manifest.id}`")
-    checks = (("checksum", manifest.checksum_check), ("readability", manifest.list_check),
-              ("drill", manifest.drill))
+    checks = [("checksum", manifest.checksum_check), ("readability", manifest.list_check)]
+    if not manifest.drill_stale:
+        checks.append(("drill", manifest.drill))
     for name, check in checks:
         if check is not None and not check.ok:
             problems.append(f"{name} check failed at {check.at}: {check.error or 'no details'}")
     if manifest.checksum_check is None or manifest.list_check is None:
         problems.append("the backup was never verified")
     return problems
+
+
+def entry_notes(manifest: Manifest) -> list[str]:
+    """Return one sentence per recorded result that no longer describes the file."""
+    drill, checksum = manifest.drill, manifest.checksum_check
+    if drill is None or checksum is None or not manifest.drill_stale:
+        return []
+    outcome = "passed" if drill.ok else "failed"
+    tested = manifest.drill_sha256()
+    if tested is None:
+        reason = (f"its record has no sha256 of the file it tested, and the checksum check "
+               f"at {checksum.at} passed")
+    else:
+        reason = (f"it tested the file with sha256 {tested}, but the checksum check at "
+               f"{checksum.at} found sha256 {checksum.detail.get('sha256')}")
+    return [f"the drill that {outcome} at {drill.at} is stale and does not count: {reason}. "
+            f"Run `walacorctl backup verify --drill {manifest.id}` to drill the file "
+            "as it is now"]
 
 
 def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
@@ -117,6 +143,8 @@ def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
         "checked_at": manifest.checksum_check.at if manifest.checksum_check else None,
         "modified_after_check": modified_at,
         "problems": problems,
+        # Results that no longer describe the file and so do not decide "verified".
+        "notes": entry_notes(manifest),
         "file_present": path.exists(),
         "created_at": manifest.finished_at,
         "age_seconds": round((utc_now() - manifest.created).total_seconds(), 1),
@@ -127,7 +155,7 @@ def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
         "duration_seconds": manifest.duration_seconds,
         "checksum": _check_dict(manifest.checksum_check),
         "list": _check_dict(manifest.list_check),
-        "drill": _check_dict(manifest.drill),
+        "drill": _drill_dict(manifest),
     }
 
 

@@ -88,10 +88,14 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
         checksum = await hash_backup_file(manager, manifest)
     except BackupError as exc:
         return await _record_drill(manager, manifest, [str(exc)], started)
+    # The sha256 lets a later checksum check tell whether this result still describes
+    # the file (see Manifest.drill_stale).
+    tested = str(checksum.detail["sha256"])
     if not checksum.ok:
         manifest.checksum_check = checksum
         return await _record_drill(
-            manager, manifest, [f"{checksum.error}; the drill did not restore it"], started)
+            manager, manifest, [f"{checksum.error}; the drill did not restore it"], started,
+            sha256=tested)
 
     scratch = scratch_name(f"walacord_drill_{safe_name_part(manager.database)}")
     admin = Admin(manager.maintenance_conninfo(avoid=scratch), config.query_timeout)
@@ -133,18 +137,22 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
                     "scratch": scratch, "error": str(exc),
                     "action": f"drop database {scratch} by hand"}})
 
-    return await _record_drill(manager, manifest, problems, started, scratch=scratch,
-                               figures=figures)
+    return await _record_drill(manager, manifest, problems, started, sha256=tested,
+                               scratch=scratch, figures=figures)
 
 
 async def _record_drill(manager: BackupManager, manifest: Manifest, problems: list[str],
-                        started: float, *, scratch: str | None = None,
+                        started: float, *, sha256: str | None = None,
+                        scratch: str | None = None,
                         figures: DrillFigures | None = None) -> Manifest:
-    """Store the drill's result in the manifest; count, log and alert on a failure."""
+    """Store the drill's result in the manifest; count, log and alert on a failure.
+
+    `sha256` is the file's sha256 as the drill hashed it, None when it could not.
+    """
     figures = figures or DrillFigures(table_count=0, row_counts={})
     duration = round(time.monotonic() - started, 3)
     manifest.drill = check_result(
-        not problems, "; ".join(problems) or None, scratch=scratch,
+        not problems, "; ".join(problems) or None, sha256=sha256, scratch=scratch,
         table_count=figures.table_count, row_counts=figures.row_counts,
         duration_seconds=duration)
     await manager.save(manifest)

@@ -32,6 +32,8 @@ HASH_CHUNK_BYTES = 1024 * 1024
 # Ids become file names with a suffix, and Linux file names end at 255 bytes.
 MAX_ID_BYTES = 200
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+ID_RULE = (f"an id has only the characters A-Z, a-z, 0-9, '.', '_' and '-', does not start "
+           f"with '.' and has at most {MAX_ID_BYTES} bytes")
 
 
 def utc_now() -> datetime:
@@ -49,6 +51,12 @@ def parse_time(text: str) -> datetime:
 def safe_name_part(text: str) -> str:
     """Return `text` with every character outside [A-Za-z0-9._-] replaced by "-"."""
     return _UNSAFE_NAME_CHARS.sub("-", text).strip("-") or "unknown"
+
+
+def is_valid_id(backup: str) -> bool:
+    """Return whether `backup` can be a backup id; see ID_RULE."""
+    return (backup == safe_name_part(backup) and not backup.startswith(".")
+            and len(backup.encode()) <= MAX_ID_BYTES)
 
 
 def backup_id(database: str, host: str, started: datetime) -> str:
@@ -97,10 +105,11 @@ class Manifest:
 
     @property
     def verified(self) -> bool:
-        """True when the latest list and checksum checks, and any drill, passed."""
+        """True when the latest list and checksum checks passed, and so did the drill
+        unless there is none or it is stale (see `drill_stale`)."""
         checks_ok = bool(self.list_check and self.list_check.ok
                          and self.checksum_check and self.checksum_check.ok)
-        return checks_ok and (self.drill is None or self.drill.ok)
+        return checks_ok and (self.drill is None or self.drill.ok or self.drill_stale)
 
     @property
     def created(self) -> datetime:
@@ -117,13 +126,184 @@ class Manifest:
                             option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        raw = orjson.loads(data)
-        for key in ("list_check", "checksum_check", "drill"):
-            if raw.get(key) is not None:
-                raw[key] = CheckResult(**raw[key])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in raw.items() if key in known})
+    def from_json(cls, data: bytes, backup: str) -> Manifest:
+        """Parse the manifest of backup `backup`, the name of its file without ".json".
+
+        Raise InvalidManifest when `data` is not JSON, a field is missing or has the
+        wrong type, or the id, format and dump name are not the ones walacord writes.
+        """
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidManifest(f"not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise InvalidManifest(f"the file contains a JSON {_json_type(raw)}, expected an "
+                                  "object")
+        values = {name: _checked_field(raw, name, kind) for name, kind in _FIELD_TYPES.items()}
+        values["row_counts"] = _checked_row_counts(raw)
+        for name in ("list_check", "checksum_check", "drill"):
+            values[name] = _checked_result(raw, name)
+        if "manifest_version" in raw:
+            values["manifest_version"] = _checked_field(raw, "manifest_version", int)
+        for name in ("started_at", "finished_at"):
+            _check_time(name, values[name])
+        _check_names(values, backup)
+        return cls(**values)
+
+    def drill_sha256(self) -> str | None:
+        """Return the sha256 of the file the drill tested, or None when it is unknown.
+
+        Drills store it in their detail. An older drill that created its scratch
+        database had found the manifest's sha256, since a drill restores nothing
+        after a mismatch.
+        """
+        if self.drill is None:
+            return None
+        recorded = self.drill.detail.get("sha256")
+        if isinstance(recorded, str):
+            return recorded
+        if self.drill.detail.get("scratch") is not None:
+            return self.sha256
+        return None
+
+    @property
+    def drill_stale(self) -> bool:
+        """True when a checksum check after the drill found other file content.
+
+        A stale drill describes bytes the file no longer has, so it does not decide
+        whether the backup is verified. When the drill's sha256 is unknown (it could not
+        read the file, or it ran before drills stored one and stopped at a checksum
+        mismatch), a later checksum check that passed makes it stale.
+        """
+        drill, checksum = self.drill, self.checksum_check
+        if drill is None or checksum is None or parse_time(checksum.at) < parse_time(drill.at):
+            return False
+        tested = self.drill_sha256()
+        if tested is None:
+            return checksum.ok
+        current = checksum.detail.get("sha256")
+        return isinstance(current, str) and current != tested
+
+
+class InvalidManifest(ValueError):
+    """A manifest that is not valid JSON or does not have the shape walacord writes."""
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "id": str, "file": str, "format": str, "database": str, "server_host": str,
+    "server_version": str, "pg_dump_version": str, "started_at": str, "finished_at": str,
+    "duration_seconds": float, "size_bytes": int, "sha256": str, "table_count": int,
+    "lock_wait_timeout_seconds": float,
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "an object"}
+
+
+def _json_type(value: Any) -> str:
+    """Return the JSON name of the type of a value that orjson parsed."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _json_text(value: Any) -> str:
+    """Return `value` as JSON for an error message, cut to 300 characters, which leaves
+    file names built from ids of MAX_ID_BYTES whole."""
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    # bool is a subclass of int in Python, but true and false are not numbers in JSON.
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def _checked_field(raw: dict[str, Any], name: str, kind: type, *,
+                   label: str | None = None) -> Any:
+    """Return `raw[name]`; raise InvalidManifest, naming the field as `label` (default
+    `name`), when it is missing or not of `kind`."""
+    label = label or name
+    if name not in raw:
+        raise InvalidManifest(f"field {label!r} is missing")
+    value = raw[name]
+    if not _has_type(value, kind):
+        raise InvalidManifest(f"field {label!r} is {_json_text(value)}, expected "
+                              f"{_TYPE_NAMES[kind]}")
+    return float(value) if kind is float else value
+
+
+def _checked_row_counts(raw: dict[str, Any]) -> dict[str, int]:
+    counts = _checked_field(raw, "row_counts", dict)
+    for table, count in counts.items():
+        if not _has_type(count, int):
+            raise InvalidManifest(f"field 'row_counts' has {_json_text(count)} for table "
+                                  f"{table!r}, expected an integer")
+    return dict(counts)
+
+
+def _checked_result(raw: dict[str, Any], name: str) -> CheckResult | None:
+    """Return the check result stored under `name`, or None when there is none."""
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidManifest(f"field {name!r} is {_json_text(value)}, expected an object "
+                              "or null")
+    ok = _checked_field(value, "ok", bool, label=f"{name}.ok")
+    at = _checked_field(value, "at", str, label=f"{name}.at")
+    _check_time(f"{name}.at", at)
+    detail = value.get("detail", {})
+    if not isinstance(detail, dict):
+        raise InvalidManifest(f"field '{name}.detail' is {_json_text(detail)}, expected "
+                              "an object")
+    error = value.get("error")
+    if error is not None and not isinstance(error, str):
+        raise InvalidManifest(f"field '{name}.error' is {_json_text(error)}, expected a "
+                              "string or null")
+    return CheckResult(ok=ok, at=at, detail=detail, error=error)
+
+
+def _check_time(name: str, text: str) -> None:
+    try:
+        parse_time(text)
+    except (ValueError, OverflowError):
+        raise InvalidManifest(f"field {name!r} is {_json_text(text)}, expected an ISO 8601 "
+                              "time such as \"2026-01-05T02:30:12.345Z\"") from None
+
+
+def _check_names(values: dict[str, Any], backup: str) -> None:
+    """Raise InvalidManifest unless the format is known and the id and dump name are the
+    ones walacord derives from the manifest's file name `<backup>.json`.
+
+    The dump is opened as `<backups dir>/<file>`, so a `file` with "/" or ".." would
+    make verify and restore read a file outside the backups directory.
+    """
+    fmt = values["format"]
+    if fmt not in FORMAT_EXTENSIONS:
+        known = ", ".join(_json_text(name) for name in FORMAT_EXTENSIONS)
+        raise InvalidManifest(f"field 'format' is {_json_text(fmt)}, expected one of {known}")
+    if values["id"] != backup:
+        raise InvalidManifest(f"field 'id' is {_json_text(values['id'])}, expected "
+                              f"{_json_text(backup)}, the manifest's file name without "
+                              "\".json\"")
+    if not is_valid_id(backup):
+        raise InvalidManifest(f"field 'id' is {_json_text(backup)}, which is not a backup "
+                              f"id: {ID_RULE}")
+    expected = f"{backup}.{FORMAT_EXTENSIONS[fmt]}"
+    if values["file"] != expected:
+        raise InvalidManifest(f"field 'file' is {_json_text(values['file'])}, expected "
+                              f"{_json_text(expected)}: the dump of a {fmt} backup is "
+                              "named after its id, inside the backups directory")
 
 
 # --- files ---------------------------------------------------------------------------
@@ -171,49 +351,79 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     return final
 
 
+def find_dump(directory: Path, backup: str) -> Path | None:
+    """Return the dump of backup `backup` found by its name alone, or None when no
+    regular file has that name. It needs no manifest, so it works for a damaged one."""
+    dumps = (dump_path(directory, backup, fmt) for fmt in FORMAT_EXTENSIONS)
+    return next((path for path in dumps if path.is_file()), None)
+
+
+def manual_restore_advice(dump: Path | str) -> str:
+    """Return how to restore `dump` by hand when its manifest cannot be read."""
+    dump = str(dump)
+    load = (f"gzip -dc {dump} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
+            if dump.endswith(f".{FORMAT_EXTENSIONS['plain-gzip']}")
+            else f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+    return (f"its dump {dump} is still there, but walacord cannot check it without the "
+            f"manifest. To use it anyway, create an empty database NEW_DB and run: {load}")
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and parse the manifest at `path`, named `<id>.json`.
+
+    Raise OSError when it cannot be read and InvalidManifest when it is damaged.
+    """
+    return Manifest.from_json(path.read_bytes(), path.name.removesuffix(".json"))
+
+
 def read_manifest(directory: Path, backup: str) -> Manifest:
-    """Return the manifest of backup `backup`; raise BackupError when it is missing."""
+    """Return the manifest of backup `backup`; raise BackupError when it is missing or
+    damaged. The error for a damaged one names the dump when it is there."""
     backup_text = repr(backup) if len(backup) <= 80 else repr(backup[:77] + "...")
-    if (backup != safe_name_part(backup) or backup.startswith(".")
-            or len(backup.encode()) > MAX_ID_BYTES):
+    if not is_valid_id(backup):
         raise BackupError(f"invalid backup id {backup_text}: run `walacorctl backup list` for ids")
     path = manifest_path(directory, backup)
     try:
-        return Manifest.from_json(path.read_bytes())
+        return load_manifest(path)
     except FileNotFoundError:
         raise BackupError(f"backup {backup_text} not found in {directory}; "
                           "run `walacorctl backup list` for ids") from None
     except OSError as exc:
-        raise BackupError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
-    except (orjson.JSONDecodeError, TypeError) as exc:
-        raise BackupError(f"manifest {path} is invalid: {exc}") from None
+        problem = f"cannot read manifest {path}: {exc.strerror or exc}"
+    except InvalidManifest as exc:
+        problem = f"manifest {path} is invalid: {exc}"
+    advice = "restore the manifest from a copy, or take a new backup"
+    dump = find_dump(directory, backup)
+    if dump is not None:
+        advice += f"; {manual_restore_advice(dump)}"
+    raise BackupError(f"{problem}; {advice}")
 
 
 def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
-    """Return the path and error of each manifest in `directory` that cannot be parsed,
-    with the path of its dump when one is there (key "dump", else None)."""
+    """Return the path and error of each manifest in `directory` that cannot be read or
+    is invalid, with the path of its dump when one is there (key "dump", else None)."""
     unreadable: list[dict[str, str | None]] = []
     for path in sorted(directory.glob("*.json")):
         try:
-            Manifest.from_json(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError, TypeError) as exc:
-            dumps = [path.with_suffix(f".{extension}")
-                     for extension in FORMAT_EXTENSIONS.values()]
-            dump = next((str(each) for each in dumps if each.is_file()), None)
-            unreadable.append({"path": str(path), "error": str(exc), "dump": dump})
+            load_manifest(path)
+        except (OSError, InvalidManifest) as exc:
+            dump = find_dump(directory, path.name.removesuffix(".json"))
+            unreadable.append({"path": str(path), "error": str(exc),
+                               "dump": None if dump is None else str(dump)})
     return unreadable
 
 
 def scan_manifests(directory: Path) -> list[Manifest]:
     """Return every readable manifest in `directory`, oldest first.
 
-    A manifest that cannot be parsed is logged and skipped rather than hiding the rest.
+    A manifest that cannot be read or is invalid is logged and skipped rather than
+    hiding the rest.
     """
     manifests = []
     for path in sorted(directory.glob("*.json")):
         try:
-            manifests.append(Manifest.from_json(path.read_bytes()))
-        except (OSError, orjson.JSONDecodeError, TypeError) as exc:
+            manifests.append(load_manifest(path))
+        except (OSError, InvalidManifest) as exc:
             log.warning("backup.manifest_invalid", extra={"fields": {
                 "path": str(path), "error": str(exc)}})
     manifests.sort(key=lambda m: (m.finished_at, m.id))
