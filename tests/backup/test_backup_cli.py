@@ -151,6 +151,22 @@ def test_damaged_manifest_is_named_in_list(daemon: Path, pg_cluster: PgCluster) 
         pg_cluster.psql('DROP DATABASE "from_damaged" WITH (FORCE)')
 
 
+def test_dump_without_manifest_is_named(daemon: Path) -> None:
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    dump = Path(taken["path"])
+    dump.with_suffix(".json").unlink()
+
+    listed = ctl(daemon, "backup", "list")
+    restored = ctl(daemon, "backup", "restore", taken["id"], "--target-db", "from_orphan")
+
+    assert listed.returncode == 0, listed.stderr
+    assert f"dump {dump} has no manifest, so its backup is not listed" in listed.stderr
+    assert f"pg_restore --exit-on-error --dbname=NEW_DB {dump}" in listed.stderr
+    assert restored.returncode == 1
+    assert f"backup '{taken['id']}' has no manifest" in restored.stderr
+    assert f"its dump {dump} is still there" in restored.stderr
+
+
 def test_damaged_manifest_named_in_verify_and_restore(daemon: Path,
                                                       pg_cluster: PgCluster) -> None:
     """A manifest containing a JSON array: list and verify still work for the other backup,

@@ -86,6 +86,10 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         dump = damaged.get("dump")
         if dump:
             context.stderr.write(f"walacorctl: {manual_restore_advice(dump)}\n")
+    for dump in listing.get("without_manifest", []):
+        context.stderr.write(f"walacorctl: warning: dump {dump} has no manifest, so its "
+                             "backup is not listed; restore the manifest from a copy\n")
+        context.stderr.write(f"walacorctl: {manual_restore_advice(dump)}\n")
     if context.json:
         context.print_json(backups)
         return 0

@@ -23,6 +23,7 @@ from walacord.backup.manifest import (
     CheckResult,
     Manifest,
     dump_file_problem,
+    dumps_without_manifest,
     format_time,
     parse_time,
     unreadable_manifests,
@@ -185,8 +186,9 @@ async def backup_list(manager: BackupManager,
     manifests = await manager.list()
     # A backup whose manifest is damaged is not listed, so it is named here instead.
     unreadable = await anyio.to_thread.run_sync(unreadable_manifests, manager.directory)
+    orphans = await anyio.to_thread.run_sync(dumps_without_manifest, manager.directory)
     return {"backups": [backup_entry(manager, m) for m in reversed(manifests)],
-            "unreadable": unreadable}
+            "unreadable": unreadable, "without_manifest": orphans}
 
 
 async def backup_verify(manager: BackupManager, params: Mapping[str, Any] | None, *,

@@ -386,8 +386,12 @@ def read_manifest(directory: Path, backup: str) -> Manifest:
     try:
         return load_manifest(path)
     except FileNotFoundError:
-        raise BackupError(f"backup {backup_text} not found in {directory}; "
-                          "run `walacorctl backup list` for ids") from None
+        dump = find_dump(directory, backup)
+        if dump is None:
+            raise BackupError(f"backup {backup_text} not found in {directory}; "
+                              "run `walacorctl backup list` for ids") from None
+        raise BackupError(f"backup {backup_text} has no manifest {path}; "
+                          f"{manual_restore_advice(dump)}") from None
     except OSError as exc:
         problem = f"cannot read manifest {path}: {exc.strerror or exc}"
     except InvalidManifest as exc:
@@ -397,6 +401,21 @@ def read_manifest(directory: Path, backup: str) -> Manifest:
     if dump is not None:
         advice += f"; {manual_restore_advice(dump)}"
     raise BackupError(f"{problem}; {advice}")
+
+
+def dumps_without_manifest(directory: Path) -> list[str]:
+    """Return the paths of dumps in `directory` that have no manifest file.
+
+    walacord writes the manifest before it renames the dump into place, so such a dump
+    comes from outside: a manifest deleted by hand, or files copied in.
+    """
+    found = []
+    for extension in FORMAT_EXTENSIONS.values():
+        for dump in sorted(directory.glob(f"*.{extension}")):
+            backup = dump.name[:-len(extension) - 1]
+            if dump.is_file() and not manifest_path(directory, backup).exists():
+                found.append(str(dump))
+    return found
 
 
 def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
