@@ -106,7 +106,9 @@ class BackupScheduler:
         if not await self._prepare(task_status):
             task_status = anyio.TASK_STATUS_IGNORED  # already reported started
         manifests = await manager.list()
-        drills = [m.drill.at for m in manifests if m.drill is not None and m.drill.ok]
+        # A stale drill tested other file bytes than the backup now has.
+        drills = [m.drill.at for m in manifests
+                  if m.drill is not None and m.drill.ok and not m.drill_stale]
         if drills:
             last_drill = datetime.fromisoformat(max(drills))
             since = (datetime.now(UTC) - last_drill).total_seconds()
