@@ -18,6 +18,7 @@ from walacord.backup.scheduler import (
     BackupScheduler,
     backup_missed,
     jitter_seconds,
+    last_good_drill,
     next_daily_run,
 )
 
@@ -378,3 +379,20 @@ async def test_age_watch_rescans_directory(make_manager: ManagerFactory) -> None
             group.start_soon(scheduler._watch_age)
             await poll_until(lambda: manager.metrics.backup_damaged._value.get() == 1)
             group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_last_good_drill_skips_stale_drill(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    drilled = await manager.drill(backup.id)
+    assert drilled.drill is not None and drilled.drill.ok
+    assert last_good_drill(await manager.list()) == datetime.fromisoformat(drilled.drill.at)
+
+    path = manager.path_of(backup)
+    overwrite_two_bytes(path, path.stat().st_size // 2)
+    checked = await manager.verify(backup.id)
+
+    assert checked.checksum_check is not None and not checked.checksum_check.ok
+    assert last_good_drill(await manager.list()) is None

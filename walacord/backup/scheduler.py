@@ -25,7 +25,7 @@ import psycopg
 from anyio.abc import TaskStatus
 
 from walacord.backup.manager import BackupManager
-from walacord.backup.manifest import parse_time
+from walacord.backup.manifest import Manifest, parse_time
 from walacord.config import BackupConfig, parse_daily_at
 from walacord.errors import BackupError
 
@@ -61,6 +61,16 @@ def next_daily_run(now: datetime, daily_at: str, jitter: float, key: str) -> dat
 def backup_missed(last_success: datetime | None, now: datetime, period: float) -> bool:
     """True when no backup succeeded within the last `period` seconds."""
     return last_success is None or (now - last_success).total_seconds() > period
+
+
+def last_good_drill(manifests: list[Manifest]) -> datetime | None:
+    """Return when the newest passed drill ran, or None when there is none.
+
+    A stale drill tested other file bytes than its backup has now, so it does not count.
+    """
+    drills = [m.drill.at for m in manifests
+              if m.drill is not None and m.drill.ok and not m.drill_stale]
+    return datetime.fromisoformat(max(drills)) if drills else None
 
 
 class BackupScheduler:
@@ -106,11 +116,8 @@ class BackupScheduler:
         if not await self._prepare(task_status):
             task_status = anyio.TASK_STATUS_IGNORED  # already reported started
         manifests = await manager.list()
-        # A stale drill tested other file bytes than the backup now has.
-        drills = [m.drill.at for m in manifests
-                  if m.drill is not None and m.drill.ok and not m.drill_stale]
-        if drills:
-            last_drill = datetime.fromisoformat(max(drills))
+        last_drill = last_good_drill(manifests)
+        if last_drill is not None:
             since = (datetime.now(UTC) - last_drill).total_seconds()
             self._drill_due_at = time.monotonic() + max(0.0, self.config.drill_interval - since)
         else:
