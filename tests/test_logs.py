@@ -42,6 +42,15 @@ def test_line_has_required_fields(log_dir: Path) -> None:
     assert str(line["ts"]).endswith("Z")
 
 
+def test_non_utf8_file_name_is_escaped(log_dir: Path) -> None:
+    name = os.fsdecode(b"zz\xff.json")
+    logging.getLogger("walacord.test").warning(
+        "backup.manifest_invalid", extra={"fields": {"path": name, "paths": [Path(name)]}})
+    [line] = read_lines(log_dir / logs.MAIN_FILE)
+    assert line["path"] == "zz\\xff.json"
+    assert line["paths"] == ["zz\\xff.json"]
+
+
 def test_library_prose_keeps_message(log_dir: Path) -> None:
     logging.getLogger("psycopg.pool").warning("connection lost: %s", "boom")
     [line] = read_lines(log_dir / logs.MAIN_FILE)

@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from walacord.terminal import utf8_document, utf8_text
+
 ALERT_LOGGER = "walacord.alerts"
 PERFORMANCE_LOGGER = "walacord.performance"
 MAIN_FILE = "walacor_integrity.log"
@@ -90,10 +92,10 @@ redact = Redactor()
 
 def _default(value: object) -> object:
     if isinstance(value, Path | BaseException):
-        return str(value)
+        return utf8_text(str(value))
     if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return repr(value)
+        return utf8_document(list(value))
+    return utf8_text(repr(value))
 
 
 def _event_name(record: logging.LogRecord) -> tuple[str, str | None]:
@@ -130,8 +132,13 @@ class JsonFormatter(logging.Formatter):
             document["error_type"] = type(exc).__name__
             document["error"] = str(exc)
             document["traceback"] = self.formatException(record.exc_info)
-        line = orjson.dumps(document, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
-        return redact(line)
+        try:
+            line = orjson.dumps(document, default=_default, option=orjson.OPT_NON_STR_KEYS)
+        except orjson.JSONEncodeError:
+            # A string with lone surrogates, such as a file name that is not UTF-8.
+            line = orjson.dumps(utf8_document(document), default=_default,
+                                option=orjson.OPT_NON_STR_KEYS)
+        return redact(line.decode())
 
 
 # --- repeat suppression ---------------------------------------------------------

@@ -9,6 +9,7 @@ The Unicode bidirectional controls reorder how the rest of a line is displayed.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # C0 controls with tab and line feed, DEL, C1 controls, and the bidirectional marks,
 # embeddings, overrides and isolates.
@@ -42,3 +43,27 @@ def escape_json_text(text: str) -> str:
     escape, and it no longer acts on the terminal that prints it.
     """
     return _UNESCAPED_BY_JSON.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+def utf8_text(text: str) -> str:
+    """Return `text` with lone surrogates written as escapes, so it encodes as UTF-8.
+
+    Python keeps bytes of file names and arguments that are not UTF-8 as lone
+    surrogates (U+DC80 to U+DCFF), which UTF-8 encoders such as orjson reject. Those
+    come back as `\\xNN`, other lone surrogates as `\\udNNN`.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def utf8_document(value: Any) -> Any:
+    """Return a copy of a JSON-like `value` whose strings, keys included, are `utf8_text`."""
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, dict):
+        return {utf8_document(key): utf8_document(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [utf8_document(item) for item in value]
+    return value

@@ -26,6 +26,7 @@ import orjson
 from walacord.errors import ControlError
 from walacord.jsonkeys import duplicate_key
 from walacord.numbers import inexact_number
+from walacord.terminal import utf8_document, utf8_text
 
 PROTOCOL_VERSION = 1
 DEFAULT_SOCKET = "/run/walacord/control.sock"
@@ -158,23 +159,35 @@ def encode_request(request_id: RequestId, method: str, params: dict[str, Any] | 
 
 
 def encode_result(request_id: RequestId, result: Any) -> bytes:
-    return orjson.dumps({"id": request_id, "result": result},
-                        option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+    return _encode_line({"id": request_id, "result": result})
 
 
 def encode_error(request_id: RequestId, code: int, message: str, data: Any = None) -> bytes:
     error = {"code": int(code), "message": message, "data": data}
-    return orjson.dumps({"id": request_id, "error": error},
-                        option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+    return _encode_line({"id": request_id, "error": error})
 
 
 def encode_progress(request_id: RequestId, done: float, total: float | None,
                     message: str) -> bytes:
     progress = {"done": done, "total": total, "message": message}
-    return orjson.dumps({"id": request_id, "progress": progress}) + b"\n"
+    return _encode_line({"id": request_id, "progress": progress})
+
+
+def _encode_line(document: dict[str, Any]) -> bytes:
+    """Encode one response line.
+
+    A string with lone surrogates, such as a file name that is not UTF-8, makes orjson
+    fail. Such a document is encoded again with those strings escaped, so the caller
+    gets its response instead of a dropped connection.
+    """
+    try:
+        return orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+    except orjson.JSONEncodeError:
+        return orjson.dumps(utf8_document(document), option=orjson.OPT_NON_STR_KEYS,
+                            default=_default) + b"\n"
 
 
 def _default(value: object) -> object:
     if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
+        return utf8_document(list(value))
+    return utf8_text(str(value))
