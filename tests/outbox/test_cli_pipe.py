@@ -323,6 +323,30 @@ def test_from_file_summary_survives_lost_stats(tmp_path: Path) -> None:
         "failed" in err.getvalue()
 
 
+async def test_from_file_conflict_names_lines_and_stored(
+        tmp_path: Path, outbox_config: OutboxConfig, ledger_pool: AsyncConnectionPool[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("walacord.outbox.commands.FILE_BATCH", 2)
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    lines = b"".join(
+        b'{"sink": "postgres", "statement": "insert_row", "key": "%s", '
+        b'"params": {"amount": %d}}\n' % (key, amount)
+        for key, amount in ((b"c1", 1), (b"c2", 2), (b"c3", 3), (b"c1", 9)))
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        err = io.StringIO()
+        code = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "enqueue", "--from-file", "-"],
+            stdout=io.StringIO(), stderr=err, stdin=io.BytesIO(lines)))
+        stats = await outbox.store.stats()
+
+    assert code == 1
+    assert "-:3-4: key 'c1' is already stored" in err.getvalue()
+    assert "The 2 operations were enqueued before line 3, and nothing from that line on" \
+        in err.getvalue()
+    assert stats.accepted == 2
+
+
 async def test_from_file_stdin_and_line_limit(
         tmp_path: Path, outbox_config: OutboxConfig,
         ledger_pool: AsyncConnectionPool[Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -309,7 +309,16 @@ def _enqueue_many(context: Context, operations: list[dict[str, Any]], path: Path
                 "are reported as already known and are not added twice") from None
         except ControlError as exc:
             if exc.code != ErrorCode.REQUEST_TOO_LARGE:
-                raise _at_line(exc, path, numbers, start, created + known) from None
+                located = _at_line(exc, path, numbers, start, created + known)
+                if located is exc:
+                    # The error names no single operation, such as a key conflict
+                    # between two lines, so it covers the lines of the whole request.
+                    lines = (f"{numbers[start]}" if end - start == 1
+                             else f"{numbers[start]}-{numbers[end - 1]}")
+                    located = ControlError(exc.code, (
+                        f"{path}:{lines}: {exc.message}. "
+                        f"{_what_was_enqueued(numbers[start], created + known)}"), exc.data)
+                raise located from None
             limit = _request_limit(exc)
             if end - start == 1 or limit is None:
                 raise ControlError(exc.code, (
