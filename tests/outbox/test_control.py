@@ -147,6 +147,8 @@ async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
         by_key = await client.call("outbox.show", {"key": "op-2"})
         with pytest.raises(ControlError) as unknown_key:
             await client.call("outbox.show", {"key": "no-such-key"})
+        with pytest.raises(ControlError) as long_key:
+            await client.call("outbox.show", {"key": "k" * 100_000})
         exported = await client.call("outbox.export", {"state": "pending"})
         with pytest.raises(ControlError) as unconfirmed:
             await client.call("outbox.drop", {"id": ids[1]})
@@ -163,6 +165,8 @@ async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
     assert (by_key["id"], by_key["payload"]) == (ids[2], {"i": 2})
     assert unknown_key.value.data == {"reason": "not_found"}
     assert "no outbox operation has key 'no-such-key'" in unknown_key.value.message
+    assert f"no outbox operation has key '{'k' * 77}...'" in long_key.value.message
+    assert len(long_key.value.message) < 300
     assert len(exported["operations"]) == 5
     assert unconfirmed.value.data == {"field": "confirm"}
     assert dropped["dropped"]["key"] == "op-1"

@@ -465,7 +465,8 @@ class OutboxQueries:
             f"SELECT {COLUMNS} FROM operations WHERE key = ?", (key,))
         row = next(iter(rows), None)
         if row is None:
-            raise OutboxNotFound(f"no outbox operation has key {key!r}: it was never "
+            shown = key if len(key) <= 80 else key[:77] + "..."
+            raise OutboxNotFound(f"no outbox operation has key {shown!r}: it was never "
                                  "enqueued here, or it was done and compacted after the "
                                  "retention period")
         return row_to_operation(row)
