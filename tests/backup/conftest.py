@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,40 @@ def fifo_in_place_of(path: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):  # ENXIO: no reader is waiting
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+class FifoReleaser:
+    """A thread that opens a FIFO for writing, and closes it, every `interval` seconds.
+
+    Each time a reader is blocked in open() or read() on the FIFO, that reader gets
+    end-of-file, so code that wrongly reads a FIFO fails the test instead of hanging
+    it. `released` counts those times: it stays 0 while nothing reads the FIFO.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.2) -> None:
+        self.path = path
+        self.interval = interval
+        self.released = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader is waiting
+                continue
+            self.released += 1
+            os.close(fd)
+
+    def __enter__(self) -> FifoReleaser:
+        os.mkfifo(self.path)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @pytest.fixture

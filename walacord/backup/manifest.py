@@ -68,6 +68,16 @@ def backup_id(database: str, host: str, started: datetime) -> str:
     return f"{safe_name_part(database)}__{host_part}__{stamp}"
 
 
+def display_path(path: Path | str) -> str:
+    """Return `path` as valid UTF-8 text for messages, responses and log fields.
+
+    Python decodes file-name bytes that are not UTF-8 to lone surrogates, which JSON
+    encoders reject. Here such bytes appear as `\\xNN` instead, so the text may name no
+    existing file.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class CheckResult:
     """The outcome of one verification step."""
@@ -371,9 +381,29 @@ def manual_restore_advice(dump: Path | str) -> str:
 def load_manifest(path: Path) -> Manifest:
     """Read and parse the manifest at `path`, named `<id>.json`.
 
-    Raise OSError when it cannot be read and InvalidManifest when it is damaged.
+    Raise OSError when it cannot be read, and InvalidManifest when it is damaged, is
+    not a regular file or has a file name that is not UTF-8.
     """
-    return Manifest.from_json(path.read_bytes(), path.name.removesuffix(".json"))
+    try:
+        path.name.encode()
+    except UnicodeEncodeError:
+        raise InvalidManifest("the file name is not valid UTF-8, but backup ids are ASCII; "
+                              "rename or remove the file") from None
+    return Manifest.from_json(read_manifest_bytes(path), path.name.removesuffix(".json"))
+
+
+def read_manifest_bytes(path: Path) -> bytes:
+    """Return the content of the manifest at `path`.
+
+    Raise InvalidManifest when it is not a regular file, and OSError when it cannot be
+    read. Like `open_dump()`, this never blocks on a FIFO.
+    """
+    try:
+        handle = _open_regular(path)
+    except NotRegularFile as exc:
+        raise InvalidManifest(f"the file is a {exc.kind}, not a regular file") from None
+    with handle:
+        return handle.read()
 
 
 def read_manifest(directory: Path, backup: str) -> Manifest:
@@ -388,14 +418,14 @@ def read_manifest(directory: Path, backup: str) -> Manifest:
     except FileNotFoundError:
         dump = find_dump(directory, backup)
         if dump is None:
-            raise BackupError(f"backup {backup_text} not found in {directory}; "
+            raise BackupError(f"backup {backup_text} not found in {display_path(directory)}; "
                               "run `walacorctl backup list` for ids") from None
-        raise BackupError(f"backup {backup_text} has no manifest {path}; "
+        raise BackupError(f"backup {backup_text} has no manifest {display_path(path)}; "
                           f"{manual_restore_advice(dump)}") from None
     except OSError as exc:
-        problem = f"cannot read manifest {path}: {exc.strerror or exc}"
+        problem = f"cannot read manifest {display_path(path)}: {exc.strerror or exc}"
     except InvalidManifest as exc:
-        problem = f"manifest {path} is invalid: {exc}"
+        problem = f"manifest {display_path(path)} is invalid: {exc}"
     advice = "restore the manifest from a copy, or take a new backup"
     dump = find_dump(directory, backup)
     if dump is not None:
@@ -414,7 +444,7 @@ def dumps_without_manifest(directory: Path) -> list[str]:
         for dump in sorted(directory.glob(f"*.{extension}")):
             backup = dump.name[:-len(extension) - 1]
             if dump.is_file() and not manifest_path(directory, backup).exists():
-                found.append(str(dump))
+                found.append(display_path(dump))
     return found
 
 
@@ -427,8 +457,8 @@ def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
             load_manifest(path)
         except (OSError, InvalidManifest) as exc:
             dump = find_dump(directory, path.name.removesuffix(".json"))
-            unreadable.append({"path": str(path), "error": str(exc),
-                               "dump": None if dump is None else str(dump)})
+            unreadable.append({"path": display_path(path), "error": str(exc),
+                               "dump": None if dump is None else display_path(dump)})
     return unreadable
 
 
@@ -444,7 +474,7 @@ def scan_manifests(directory: Path) -> list[Manifest]:
             manifests.append(load_manifest(path))
         except (OSError, InvalidManifest) as exc:
             log.warning("backup.manifest_invalid", extra={"fields": {
-                "path": str(path), "error": str(exc)}})
+                "path": display_path(path), "error": str(exc)}})
     manifests.sort(key=lambda m: (m.finished_at, m.id))
     return manifests
 
@@ -455,9 +485,43 @@ _SPECIAL_FILE_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "directory"),
                        (stat.S_ISSOCK, "socket"))
 
 
+def _file_kind(mode: int) -> str:
+    return next((name for test, name in _SPECIAL_FILE_KINDS if test(mode)), "special file")
+
+
 def _not_regular(path: Path, mode: int) -> str:
-    kind = next((name for test, name in _SPECIAL_FILE_KINDS if test(mode)), "special file")
-    return f"backup file {path} is a {kind}, not a regular file"
+    return f"backup file {display_path(path)} is a {_file_kind(mode)}, not a regular file"
+
+
+class NotRegularFile(Exception):
+    """A file that walacord reads is a FIFO, directory, device or socket."""
+
+    def __init__(self, mode: int) -> None:
+        super().__init__(_file_kind(mode))
+        self.mode = mode
+        self.kind = _file_kind(mode)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open `path` for reading; raise NotRegularFile unless it is a regular file.
+
+    stat() runs first, so a device is never opened. O_NONBLOCK makes open() return at
+    once for a FIFO put in place after the stat(), which then fails the fstat() check.
+    So a FIFO cannot block the thread.
+    """
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def dump_file_problem(path: Path) -> str | None:
@@ -469,9 +533,9 @@ def dump_file_problem(path: Path) -> str | None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        return f"backup file {path} is missing"
+        return f"backup file {display_path(path)} is missing"
     except OSError as exc:
-        return f"cannot read backup file {path}: {exc.strerror or exc}"
+        return f"cannot read backup file {display_path(path)}: {exc.strerror or exc}"
     if not stat.S_ISREG(mode):
         return _not_regular(path, mode)
     return None
@@ -480,19 +544,13 @@ def dump_file_problem(path: Path) -> str | None:
 def open_dump(path: Path) -> BinaryIO:
     """Open the dump at `path` for reading; raise BackupError unless it is a regular file.
 
-    O_NONBLOCK makes open() return at once for a FIFO, which then fails the fstat()
-    check. So a FIFO put in place after `dump_file_problem` cannot block the thread.
+    A FIFO put in place after `dump_file_problem` cannot block the thread, as
+    `_open_regular` explains.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise BackupError(_not_regular(path, mode))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return _open_regular(path)
+    except NotRegularFile as exc:
+        raise BackupError(_not_regular(path, exc.mode)) from None
 
 
 def read_dump(path: Path) -> BinaryIO:
@@ -501,7 +559,8 @@ def read_dump(path: Path) -> BinaryIO:
     try:
         return open_dump(path)
     except OSError as exc:
-        raise BackupError(f"cannot read backup file {path}: {exc.strerror or exc}") from None
+        raise BackupError(f"cannot read backup file {display_path(path)}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,109 @@
+"""Manifest files as walacord finds them on disk: special files, file names that are
+not UTF-8, out-of-range fields, ids and the by-hand restore advice."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.backup.conftest import FifoReleaser
+from walacord.backup import BackupManager
+from walacord.backup.control import backup_list, backup_verify
+from walacord.backup.manifest import (
+    manifest_path,
+    read_manifest,
+    scan_manifests,
+)
+from walacord.errors import BackupError, ControlError
+
+pytestmark = pytest.mark.anyio
+
+ManagerFactory = Callable[..., BackupManager]
+STAMP = "20261205T150000Z"
+
+
+async def test_fifo_manifest_reported_as_damaged(make_manager: ManagerFactory) -> None:
+    """A FIFO named like a manifest blocks no reader, and every reader names it."""
+    manager = make_manager()
+    intact = await manager.take()
+    assert intact is not None
+    fifo_id = f"fifo__host__{STAMP}"
+    fifo = manifest_path(manager.directory, fifo_id)
+    damage = "the file is a FIFO, not a regular file"
+
+    with FifoReleaser(fifo) as releaser:
+        listed = await backup_list(manager, {})
+        scanned = scan_manifests(manager.directory)
+        with pytest.raises(ControlError) as verify_error:
+            await backup_verify(manager, {"id": fifo_id})
+        plan = await manager.apply_retention()
+
+    assert releaser.released == 0, "a reader blocked on the FIFO"
+    assert [entry["id"] for entry in listed["backups"]] == [intact.id]
+    assert listed["unreadable"] == [{"path": str(fifo), "error": damage, "dump": None}]
+    assert [manifest.id for manifest in scanned] == [intact.id]
+    assert verify_error.value.message == (
+        f"verification failed: manifest {fifo} is invalid: {damage}; restore the "
+        "manifest from a copy, or take a new backup")
+    assert list(plan.keep) == [intact.id]
+    assert plan.delete == []
+    assert manager.metrics.backup_damaged._value.get() == 1
+
+
+async def test_directory_manifest_names_its_kind(tmp_path: Path) -> None:
+    manifest_path(tmp_path, f"dir__host__{STAMP}").mkdir()
+
+    with pytest.raises(BackupError) as read_error:
+        read_manifest(tmp_path, f"dir__host__{STAMP}")
+
+    assert "is invalid: the file is a directory, not a regular file" in str(read_error.value)
+
+
+def write_bytes(path: bytes, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+async def test_undecodable_names_escaped(make_manager: ManagerFactory,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    """File names that are not UTF-8 reach responses and logs with \\xNN escapes."""
+    manager = make_manager()
+    intact = await manager.take()
+    assert intact is not None
+    directory = os.fsencode(manager.directory)
+    # A copy of an intact manifest under a name that is not UTF-8, beside its dump.
+    stem = b"zz\xff__h__" + STAMP.encode()
+    write_bytes(os.path.join(directory, stem + b".json"),
+                manifest_path(manager.directory, intact.id).read_bytes())
+    write_bytes(os.path.join(directory, stem + b".dump"), b"PGDMP")
+    # A dump without a manifest, and a partial file left by a crash.
+    write_bytes(os.path.join(directory, b"yy\xfe__h__" + STAMP.encode() + b".dump"), b"")
+    write_bytes(os.path.join(directory, b".xx\xfd.dump.partial"), b"")
+    escaped = f"{manager.directory}/zz\\xff__h__{STAMP}"
+
+    with caplog.at_level(logging.WARNING):
+        listed = await backup_list(manager, {})
+        removed = manager.remove_partials()
+
+    # The control server encodes every response with orjson, which rejects the lone
+    # surrogates that Python uses for undecodable bytes in file names.
+    orjson.dumps(listed)
+    assert [entry["id"] for entry in listed["backups"]] == [intact.id]
+    assert listed["unreadable"] == [{
+        "path": f"{escaped}.json",
+        "error": "the file name is not valid UTF-8, but backup ids are ASCII; rename or "
+                 "remove the file",
+        "dump": f"{escaped}.dump"}]
+    assert listed["without_manifest"] == [f"{manager.directory}/yy\\xfe__h__{STAMP}.dump"]
+    assert len(removed) == 1
+    fields = [record.fields for record in caplog.records  # type: ignore[attr-defined]
+              if hasattr(record, "fields")]
+    assert {"path": f"{escaped}.json", "error": listed["unreadable"][0]["error"]} in fields
+    assert {"path": f"{manager.directory}/.xx\\xfd.dump.partial"} in fields
+    for logged in fields:
+        orjson.dumps(logged)
