@@ -16,6 +16,7 @@ import pytest
 
 from walacord.backup import BackupAlert, BackupManager
 from walacord.config import BackupConfig
+from walacord.pgcluster import PgCluster
 
 SEED_SQL = """
 CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL);
@@ -98,6 +99,26 @@ def seeded_db(pg_db: str) -> str:
     with psycopg.connect(pg_db, autocommit=True) as conn:
         conn.execute(SEED_SQL)
     return pg_db
+
+
+@pytest.fixture
+def make_database(pg_cluster: PgCluster) -> Iterator[Callable[[str], str]]:
+    """Create empty databases with the names given; yield each one's superuser URL.
+
+    The databases are dropped at the end of the test.
+    """
+    created: list[str] = []
+
+    def create(name: str) -> str:
+        quoted = '"' + name.replace('"', '""') + '"'
+        pg_cluster.psql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+        pg_cluster.psql(f"CREATE DATABASE {quoted}")
+        created.append(quoted)
+        return pg_cluster.url(name)
+
+    yield create
+    for quoted in created:
+        pg_cluster.psql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -15,6 +16,8 @@ from tests.backup.conftest import FifoReleaser
 from walacord.backup import BackupManager
 from walacord.backup.control import backup_list, backup_verify
 from walacord.backup.manifest import (
+    backup_id,
+    is_valid_id,
     manifest_path,
     read_manifest,
     scan_manifests,
@@ -107,3 +110,24 @@ async def test_undecodable_names_escaped(make_manager: ManagerFactory,
     assert {"path": f"{manager.directory}/.xx\\xfd.dump.partial"} in fields
     for logged in fields:
         orjson.dumps(logged)
+
+
+@pytest.mark.parametrize("database", [".dot", "..", ".", "-.x", "a b", "", "ü", "._"])
+@pytest.mark.parametrize("host", ["127.0.0.1", ".h", "-", ""])
+def test_backup_id_is_valid_id(database: str, host: str) -> None:
+    backup = backup_id(database, host, datetime(2026, 12, 5, 15, tzinfo=UTC))
+
+    assert is_valid_id(backup), backup
+    assert not backup.startswith(".")
+
+
+@pytest.mark.parametrize("backup", [
+    f"db__host__{STAMP}", f"a.b__127.0.0.1__{STAMP}-2", f"_x__h__{STAMP}", "A-b_c.d",
+])
+def test_existing_ids_stay_valid(backup: str) -> None:
+    assert is_valid_id(backup)
+
+
+@pytest.mark.parametrize("backup", [".hidden", "..", "-x", "x-", "a/b", "a b", ""])
+def test_invalid_ids_rejected(backup: str) -> None:
+    assert not is_valid_id(backup)

@@ -60,12 +60,20 @@ def is_valid_id(backup: str) -> bool:
 
 
 def backup_id(database: str, host: str, started: datetime) -> str:
-    """Return the id `<database>__<host>__<UTC timestamp>` that names the files."""
+    """Return the id `<database>__<host>__<UTC timestamp>` that names the files.
+
+    A database part that would start with "." gets a "_" in front. A file whose name
+    starts with "." is hidden from `ls` and from shell patterns such as `*.dump`, so
+    a copy made with them would silently leave the backup behind.
+    """
     stamp = started.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    database_part = safe_name_part(database)
+    if database_part.startswith("."):
+        database_part = f"_{database_part}"
     # A database name has at most 63 bytes, but a host name may have 253. The host part
     # is cut so that the id, with a "-N" suffix, stays within MAX_ID_BYTES.
     host_part = safe_name_part(host)[:100].rstrip("-") or "unknown"
-    return f"{safe_name_part(database)}__{host_part}__{stamp}"
+    return f"{database_part}__{host_part}__{stamp}"
 
 
 def display_path(path: Path | str) -> str:
