@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,11 +17,15 @@ from tests.backup.conftest import FifoReleaser
 from walacord.backup import BackupManager
 from walacord.backup.control import backup_list, backup_verify
 from walacord.backup.manifest import (
+    MANIFEST_VERSION,
+    CheckResult,
+    Manifest,
     backup_id,
     is_valid_id,
     manifest_path,
     read_manifest,
     scan_manifests,
+    write_manifest,
 )
 from walacord.errors import BackupError, ControlError
 
@@ -28,6 +33,18 @@ pytestmark = pytest.mark.anyio
 
 ManagerFactory = Callable[..., BackupManager]
 STAMP = "20261205T150000Z"
+
+
+def sample_manifest(backup: str = f"db__host__{STAMP}") -> Manifest:
+    """Return a manifest as walacord writes it, for a dump that need not exist."""
+    checked = CheckResult(ok=True, at="2026-12-05T15:00:01.000Z", detail={"entries": 9})
+    return Manifest(
+        id=backup, file=f"{backup}.dump", format="custom", database="db",
+        server_host="host", server_version="15.18", pg_dump_version="15.18",
+        started_at="2026-12-05T15:00:00.000Z", finished_at="2026-12-05T15:00:01.000Z",
+        duration_seconds=1.0, size_bytes=100, sha256="0" * 64, table_count=1,
+        row_counts={"public.a": 3}, lock_wait_timeout_seconds=10.0, list_check=checked,
+        checksum_check=checked)
 
 
 async def test_fifo_manifest_reported_as_damaged(make_manager: ManagerFactory) -> None:
@@ -110,6 +127,58 @@ async def test_undecodable_names_escaped(make_manager: ManagerFactory,
     assert {"path": f"{manager.directory}/.xx\\xfd.dump.partial"} in fields
     for logged in fields:
         orjson.dumps(logged)
+
+
+def manifest_with(tmp_path: Path, **changes: Any) -> Path:
+    """Write the sample manifest with `changes` applied to its JSON; return its path."""
+    path = write_manifest(tmp_path, sample_manifest())
+    path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), **changes}))
+    return path
+
+
+@pytest.mark.parametrize(("field", "value", "error"), [
+    ("size_bytes", -5, "field 'size_bytes' is -5, expected an integer from 0 to "
+                       "9223372036854775807"),
+    ("size_bytes", 2**64 - 1, "field 'size_bytes' is 18446744073709551615, expected an "
+                              "integer from 0 to 9223372036854775807"),
+    ("table_count", -1, "field 'table_count' is -1, expected an integer from 0 to "
+                        "9223372036854775807"),
+    ("duration_seconds", -0.5, "field 'duration_seconds' is -0.5, expected a number of "
+                               "at least 0"),
+    ("lock_wait_timeout_seconds", -1, "field 'lock_wait_timeout_seconds' is -1, expected a "
+                                      "number of at least 0"),
+    ("row_counts", {"public.a": -3}, "field 'row_counts' has -3 for table 'public.a', "
+                                     "expected an integer from 0 to 9223372036854775807"),
+    ("manifest_version", 0, f"field 'manifest_version' is 0, expected an integer from 1 to "
+                            f"{MANIFEST_VERSION}"),
+    ("manifest_version", 999, f"field 'manifest_version' is 999: a newer walacord wrote "
+                              f"this manifest, and this one reads versions up to "
+                              f"{MANIFEST_VERSION}; upgrade walacord to use the backup"),
+])
+def test_manifest_fields_out_of_range(tmp_path: Path, field: str, value: object,
+                                      error: str) -> None:
+    path = manifest_with(tmp_path, **{field: value})
+
+    with pytest.raises(BackupError) as read_error:
+        read_manifest(tmp_path, sample_manifest().id)
+
+    assert str(read_error.value) == (
+        f"manifest {path} is invalid: {error}; restore the manifest from a copy, or take "
+        "a new backup")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("size_bytes", 0), ("size_bytes", 2**63 - 1), ("table_count", 0),
+    ("duration_seconds", 0), ("row_counts", {}), ("manifest_version", MANIFEST_VERSION),
+    # A clock that was ahead when the backup ran leaves times in the future.
+    ("finished_at", "2099-01-01T00:00:00.000Z"),
+])
+def test_manifest_fields_at_limits(tmp_path: Path, field: str, value: object) -> None:
+    manifest_with(tmp_path, **{field: value})
+
+    read = read_manifest(tmp_path, sample_manifest().id)
+
+    assert getattr(read, field) == value
 
 
 @pytest.mark.parametrize("database", [".dot", "..", ".", "-.x", "a b", "", "ü", "._"])

@@ -31,6 +31,9 @@ MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 1024 * 1024
 # Ids become file names with a suffix, and Linux file names end at 255 bytes.
 MAX_ID_BYTES = 200
+# The largest value of a signed 64-bit integer: a file size (off_t) or a row count
+# (bigint) cannot be larger.
+MAX_INT64 = 2**63 - 1
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 ID_RULE = (f"an id has only the characters A-Z, a-z, 0-9, '.', '_' and '-', does not start "
            f"with '.' and has at most {MAX_ID_BYTES} bytes")
@@ -157,12 +160,21 @@ class Manifest:
         if not isinstance(raw, dict):
             raise InvalidManifest(f"the file contains a JSON {_json_type(raw)}, expected an "
                                   "object")
-        values = {name: _checked_field(raw, name, kind) for name, kind in _FIELD_TYPES.items()}
+        # A newer version may change any other field, so the version is checked first.
+        values: dict[str, Any] = {}
+        if "manifest_version" in raw:
+            values["manifest_version"] = _checked_version(raw)
+        for name, kind in _FIELD_TYPES.items():
+            values[name] = _checked_field(raw, name, kind)
+        for name in _COUNT_FIELDS:
+            _check_count(name, values[name])
+        for name in _DURATION_FIELDS:
+            if values[name] < 0:
+                raise InvalidManifest(f"field {name!r} is {_json_text(raw[name])}, expected "
+                                      "a number of at least 0")
         values["row_counts"] = _checked_row_counts(raw)
         for name in ("list_check", "checksum_check", "drill"):
             values[name] = _checked_result(raw, name)
-        if "manifest_version" in raw:
-            values["manifest_version"] = _checked_field(raw, "manifest_version", int)
         for name in ("started_at", "finished_at"):
             _check_time(name, values[name])
         _check_names(values, backup)
@@ -213,6 +225,8 @@ _FIELD_TYPES: dict[str, type] = {
     "duration_seconds": float, "size_bytes": int, "sha256": str, "table_count": int,
     "lock_wait_timeout_seconds": float,
 }
+_COUNT_FIELDS = ("size_bytes", "table_count")
+_DURATION_FIELDS = ("duration_seconds", "lock_wait_timeout_seconds")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                dict: "an object"}
 
@@ -260,12 +274,33 @@ def _checked_field(raw: dict[str, Any], name: str, kind: type, *,
     return float(value) if kind is float else value
 
 
+def _checked_version(raw: dict[str, Any]) -> int:
+    version: int = _checked_field(raw, "manifest_version", int)
+    if version > MANIFEST_VERSION:
+        raise InvalidManifest(f"field 'manifest_version' is {version}: a newer walacord "
+                              "wrote this manifest, and this one reads versions up to "
+                              f"{MANIFEST_VERSION}; upgrade walacord to use the backup")
+    if version < 1:
+        raise InvalidManifest(f"field 'manifest_version' is {version}, expected an integer "
+                              f"from 1 to {MANIFEST_VERSION}")
+    return version
+
+
+def _check_count(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_INT64:
+        raise InvalidManifest(f"field {name!r} is {value}, expected an integer from 0 to "
+                              f"{MAX_INT64}")
+
+
 def _checked_row_counts(raw: dict[str, Any]) -> dict[str, int]:
     counts = _checked_field(raw, "row_counts", dict)
     for table, count in counts.items():
         if not _has_type(count, int):
             raise InvalidManifest(f"field 'row_counts' has {_json_text(count)} for table "
                                   f"{table!r}, expected an integer")
+        if not 0 <= count <= MAX_INT64:
+            raise InvalidManifest(f"field 'row_counts' has {count} for table {table!r}, "
+                                  f"expected an integer from 0 to {MAX_INT64}")
     return dict(counts)
 
 
