@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
@@ -28,6 +30,7 @@ from walacord.backup.manifest import (
     write_manifest,
 )
 from walacord.errors import BackupError, ControlError
+from walacord.pgcluster import PgCluster
 
 pytestmark = pytest.mark.anyio
 
@@ -200,3 +203,31 @@ def test_existing_ids_stay_valid(backup: str) -> None:
 @pytest.mark.parametrize("backup", [".hidden", "..", "-x", "x-", "a/b", "a b", ""])
 def test_invalid_ids_rejected(backup: str) -> None:
     assert not is_valid_id(backup)
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_restore_advice_runs_in_shell(make_manager: ManagerFactory, tmp_path: Path,
+                                            pg_cluster: PgCluster,
+                                            make_database: Callable[[str], str],
+                                            fmt: str) -> None:
+    """The by-hand restore command works as printed for a directory with shell syntax."""
+    directory = tmp_path / "back ups; $(touch pwned) 'q' \"x\" `y`"
+    manager = make_manager(directory=directory, format=fmt)
+    taken = await manager.take()
+    assert taken is not None
+    manifest_path(directory, taken.id).write_text("[]")
+    target_name = f"advice_{fmt.replace('-', '_')}"
+    target = make_database(target_name)
+
+    with pytest.raises(BackupError) as read_error:
+        read_manifest(directory, taken.id)
+    command = str(read_error.value).split("create an empty database NEW_DB and run: ")[1]
+    environment = {**os.environ, "PATH": f"{pg_cluster.bindir}:{os.environ['PATH']}"}
+    with anyio.fail_after(120):
+        ran = await anyio.run_process(
+            ["bash", "-c", command.replace("NEW_DB", shlex.quote(target))], cwd=tmp_path,
+            env=environment, check=False)
+
+    assert ran.returncode == 0, ran.stderr.decode(errors="replace")
+    assert not (tmp_path / "pwned").exists()
+    assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=target_name) == "3000"

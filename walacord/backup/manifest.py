@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -412,11 +413,16 @@ def find_dump(directory: Path, backup: str) -> Path | None:
 
 
 def manual_restore_advice(dump: Path | str) -> str:
-    """Return how to restore `dump` by hand when its manifest cannot be read."""
-    dump = str(dump)
-    load = (f"gzip -dc {dump} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
+    """Return how to restore `dump` by hand when its manifest cannot be read.
+
+    The command quotes the path for a POSIX shell, so it runs as printed for any path
+    that is valid UTF-8. Other bytes appear as `\\xNN` (see `display_path`).
+    """
+    dump = display_path(dump)
+    quoted = shlex.quote(dump)
+    load = (f"gzip -dc {quoted} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
             if dump.endswith(f".{FORMAT_EXTENSIONS['plain-gzip']}")
-            else f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+            else f"pg_restore --exit-on-error --dbname=NEW_DB {quoted}")
     return (f"its dump {dump} is still there, but walacord cannot check it without the "
             f"manifest. To use it anyway, create an empty database NEW_DB and run: {load}")
 
