@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from walacord.backup import BackupAlert, BackupManager
 from walacord.config import BackupConfig
+from walacord.pgcluster import PgCluster
 
 SEED_SQL = """
 CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL);
@@ -57,12 +59,66 @@ def fifo_in_place_of(path: Path) -> Iterator[None]:
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
+class FifoReleaser:
+    """A thread that opens a FIFO for writing, and closes it, every `interval` seconds.
+
+    Each time a reader is blocked in open() or read() on the FIFO, that reader gets
+    end-of-file, so code that wrongly reads a FIFO fails the test instead of hanging
+    it. `released` counts those times: it stays 0 while nothing reads the FIFO.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.2) -> None:
+        self.path = path
+        self.interval = interval
+        self.released = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader is waiting
+                continue
+            self.released += 1
+            os.close(fd)
+
+    def __enter__(self) -> FifoReleaser:
+        os.mkfifo(self.path)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.fixture
 def seeded_db(pg_db: str) -> str:
     """A fresh database with four tables in two schemas; yields its superuser URL."""
     with psycopg.connect(pg_db, autocommit=True) as conn:
         conn.execute(SEED_SQL)
     return pg_db
+
+
+@pytest.fixture
+def make_database(pg_cluster: PgCluster) -> Iterator[Callable[[str], str]]:
+    """Create empty databases with the names given; yield each one's superuser URL.
+
+    The databases are dropped at the end of the test.
+    """
+    created: list[str] = []
+
+    def create(name: str) -> str:
+        quoted = '"' + name.replace('"', '""') + '"'
+        pg_cluster.psql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+        pg_cluster.psql(f"CREATE DATABASE {quoted}")
+        created.append(quoted)
+        return pg_cluster.url(name)
+
+    yield create
+    for quoted in created:
+        pg_cluster.psql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
 
 
 @pytest.fixture

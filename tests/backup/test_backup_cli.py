@@ -13,7 +13,7 @@ import orjson
 import psycopg
 import pytest
 
-from tests.backup.conftest import overwrite_two_bytes
+from tests.backup.conftest import FifoReleaser, overwrite_two_bytes
 from tests.conftest import walacord_run
 from walacord.pgcluster import PgCluster
 
@@ -232,3 +232,30 @@ def test_verify_after_original_file_put_back(daemon: Path) -> None:
     [row] = [line for line in listed.stdout.splitlines() if line.startswith(backup)
              and ":" not in line]
     assert row.split()[4:8] == ["yes", "0m", "ago", "stale"]
+
+
+def test_list_names_fifo_and_undecodable(daemon: Path) -> None:
+    """A FIFO manifest and a manifest name that is not UTF-8 are named by list and
+    verify, which return at once and still list the intact backup."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    directory = Path(taken["path"]).parent
+    fifo_id = "fifo__h__20261205T150000Z"
+    fifo = directory / f"{fifo_id}.json"
+    undecodable = os.path.join(os.fsencode(directory), b"zz\xff__h__20261205T150000Z.json")
+    with open(undecodable, "wb") as handle:
+        handle.write(b"{}")
+
+    with FifoReleaser(fifo) as releaser:
+        listed = ctl(daemon, "backup", "list")
+        verified = ctl(daemon, "backup", "verify", fifo_id)
+
+    assert releaser.released == 0, "a reader blocked on the FIFO"
+    assert listed.returncode == 0, listed.stderr
+    assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == [taken["id"]]
+    assert (f"manifest {fifo} cannot be read (the file is a FIFO, not a regular file)"
+            in listed.stderr)
+    assert (f"manifest {directory}/zz\\xff__h__20261205T150000Z.json cannot be read (the "
+            "file name is not valid UTF-8") in listed.stderr
+    assert verified.returncode == 1
+    assert (f"manifest {fifo} is invalid: the file is a FIFO, not a regular file"
+            in verified.stderr)

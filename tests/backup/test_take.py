@@ -18,6 +18,7 @@ from tests.conftest import mounted_tmpfs
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manager import BACKUP_LOCK_KEY
+from walacord.backup.manifest import unreadable_manifests
 from walacord.backup.pgclient import find_client_bindir
 from walacord.backup.take import _full_disk_hint
 from walacord.errors import BackupError
@@ -319,3 +320,67 @@ def test_full_disk_hint_names_free_bytes(full_backup_dir: Path, tmp_path: Path) 
     assert f"the file system of {full_backup_dir} has only" in hint
     assert "[backup] dir" in hint
     assert _full_disk_hint(tmp_path) == ""
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_take_empty_database(make_manager: ManagerFactory,
+                                   make_database: Callable[[str], str], fmt: str) -> None:
+    """A database with no objects, as before walacord's migrations, can be backed up,
+    verified and drilled."""
+    manager = make_manager(url=make_database(f"empty_{fmt.replace('-', '_')}"), format=fmt)
+
+    taken = await manager.take()
+    assert taken is not None
+    verified = await manager.verify(taken.id)
+    drilled = await manager.drill(taken.id)
+
+    assert taken.table_count == 0
+    assert taken.row_counts == {}
+    assert verified.verified
+    assert verified.list_check is not None
+    if fmt == "custom":
+        assert verified.list_check.detail["entries"] == 0
+    assert drilled.drill is not None
+    assert drilled.drill.ok, drilled.drill.error
+    assert drilled.drill.detail["table_count"] == 0
+
+
+async def test_truncated_empty_archive_fails(make_manager: ManagerFactory,
+                                             make_database: Callable[[str], str]) -> None:
+    manager = make_manager(url=make_database("empty_truncated"))
+    taken = await manager.take()
+    assert taken is not None
+    path = manager.path_of(taken)
+    path.write_bytes(path.read_bytes()[:taken.size_bytes // 2])
+
+    checked = await manager.verify(taken.id)
+
+    assert checked.list_check is not None
+    assert not checked.list_check.ok
+    assert (checked.list_check.error or "").startswith("pg_restore --list exited with 1: ")
+    assert not checked.verified
+
+
+async def test_take_database_with_leading_dot(make_manager: ManagerFactory,
+                                              make_database: Callable[[str], str],
+                                              pg_cluster: PgCluster) -> None:
+    """A database name that starts with "." gives an id that list and verify accept."""
+    url = make_database(".dot")
+    pg_cluster.psql("CREATE TABLE ledger AS SELECT g AS id FROM generate_series(1, 7) g",
+                    dbname=".dot")
+    manager = make_manager(url=url)
+
+    taken = await manager.take()
+    assert taken is not None
+    listed = await manager.list()
+    verified = await manager.verify(taken.id)
+    drilled = await manager.drill(taken.id)
+
+    assert taken.id.startswith("_.dot__127.0.0.1__")
+    assert taken.database == ".dot"
+    assert [manifest.id for manifest in listed] == [taken.id]
+    assert unreadable_manifests(manager.directory) == []
+    assert verified.verified
+    assert drilled.drill is not None
+    assert drilled.drill.ok, drilled.drill.error
+    assert drilled.row_counts == {"public.ledger": 7}

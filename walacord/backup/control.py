@@ -22,6 +22,7 @@ from walacord.backup.manager import BackupManager
 from walacord.backup.manifest import (
     CheckResult,
     Manifest,
+    display_path,
     dump_file_problem,
     dumps_without_manifest,
     format_time,
@@ -136,7 +137,7 @@ def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
     problems = entry_problems(manifest, path, modified_at)
     return {
         "id": manifest.id,
-        "path": str(path),
+        "path": display_path(path),
         "size_bytes": manifest.size_bytes,
         "sha256": manifest.sha256,
         "verified": manifest.verified and not problems,

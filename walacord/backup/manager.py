@@ -36,6 +36,7 @@ from walacord.backup.dump import DumpFailed, ProgressCallback, summarize_stderr
 from walacord.backup.manifest import (
     CheckResult,
     Manifest,
+    display_path,
     dump_file_problem,
     dump_path,
     manifest_path,
@@ -455,7 +456,8 @@ class BackupManager:
         for path in self.directory.glob(".*.partial"):
             path.unlink(missing_ok=True)
             removed.append(path)
-            log.warning("backup.partial_removed", extra={"fields": {"path": str(path)}})
+            log.warning("backup.partial_removed", extra={"fields": {
+                "path": display_path(path)}})
         return removed
 
     def unique_id(self, base: str) -> str:
@@ -475,5 +477,5 @@ def _remove_quietly(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
         except OSError as exc:
             log.error("backup.cleanup_failed", extra={"fields": {
-                "path": str(path), "error": str(exc)}})
+                "path": display_path(path), "error": str(exc)}})
 

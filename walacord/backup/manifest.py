@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,9 @@ MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 1024 * 1024
 # Ids become file names with a suffix, and Linux file names end at 255 bytes.
 MAX_ID_BYTES = 200
+# The largest value of a signed 64-bit integer: a file size (off_t) or a row count
+# (bigint) cannot be larger.
+MAX_INT64 = 2**63 - 1
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 ID_RULE = (f"an id has only the characters A-Z, a-z, 0-9, '.', '_' and '-', does not start "
            f"with '.' and has at most {MAX_ID_BYTES} bytes")
@@ -60,12 +64,30 @@ def is_valid_id(backup: str) -> bool:
 
 
 def backup_id(database: str, host: str, started: datetime) -> str:
-    """Return the id `<database>__<host>__<UTC timestamp>` that names the files."""
+    """Return the id `<database>__<host>__<UTC timestamp>` that names the files.
+
+    A database part that would start with "." gets a "_" in front. A file whose name
+    starts with "." is hidden from `ls` and from shell patterns such as `*.dump`, so
+    a copy made with them would silently leave the backup behind.
+    """
     stamp = started.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    database_part = safe_name_part(database)
+    if database_part.startswith("."):
+        database_part = f"_{database_part}"
     # A database name has at most 63 bytes, but a host name may have 253. The host part
     # is cut so that the id, with a "-N" suffix, stays within MAX_ID_BYTES.
     host_part = safe_name_part(host)[:100].rstrip("-") or "unknown"
-    return f"{safe_name_part(database)}__{host_part}__{stamp}"
+    return f"{database_part}__{host_part}__{stamp}"
+
+
+def display_path(path: Path | str) -> str:
+    """Return `path` as valid UTF-8 text for messages, responses and log fields.
+
+    Python decodes file-name bytes that are not UTF-8 to lone surrogates, which JSON
+    encoders reject. Here such bytes appear as `\\xNN` instead, so the text may name no
+    existing file.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -139,12 +161,21 @@ class Manifest:
         if not isinstance(raw, dict):
             raise InvalidManifest(f"the file contains a JSON {_json_type(raw)}, expected an "
                                   "object")
-        values = {name: _checked_field(raw, name, kind) for name, kind in _FIELD_TYPES.items()}
+        # A newer version may change any other field, so the version is checked first.
+        values: dict[str, Any] = {}
+        if "manifest_version" in raw:
+            values["manifest_version"] = _checked_version(raw)
+        for name, kind in _FIELD_TYPES.items():
+            values[name] = _checked_field(raw, name, kind)
+        for name in _COUNT_FIELDS:
+            _check_count(name, values[name])
+        for name in _DURATION_FIELDS:
+            if values[name] < 0:
+                raise InvalidManifest(f"field {name!r} is {_json_text(raw[name])}, expected "
+                                      "a number of at least 0")
         values["row_counts"] = _checked_row_counts(raw)
         for name in ("list_check", "checksum_check", "drill"):
             values[name] = _checked_result(raw, name)
-        if "manifest_version" in raw:
-            values["manifest_version"] = _checked_field(raw, "manifest_version", int)
         for name in ("started_at", "finished_at"):
             _check_time(name, values[name])
         _check_names(values, backup)
@@ -195,6 +226,8 @@ _FIELD_TYPES: dict[str, type] = {
     "duration_seconds": float, "size_bytes": int, "sha256": str, "table_count": int,
     "lock_wait_timeout_seconds": float,
 }
+_COUNT_FIELDS = ("size_bytes", "table_count")
+_DURATION_FIELDS = ("duration_seconds", "lock_wait_timeout_seconds")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                dict: "an object"}
 
@@ -242,12 +275,33 @@ def _checked_field(raw: dict[str, Any], name: str, kind: type, *,
     return float(value) if kind is float else value
 
 
+def _checked_version(raw: dict[str, Any]) -> int:
+    version: int = _checked_field(raw, "manifest_version", int)
+    if version > MANIFEST_VERSION:
+        raise InvalidManifest(f"field 'manifest_version' is {version}: a newer walacord "
+                              "wrote this manifest, and this one reads versions up to "
+                              f"{MANIFEST_VERSION}; upgrade walacord to use the backup")
+    if version < 1:
+        raise InvalidManifest(f"field 'manifest_version' is {version}, expected an integer "
+                              f"from 1 to {MANIFEST_VERSION}")
+    return version
+
+
+def _check_count(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_INT64:
+        raise InvalidManifest(f"field {name!r} is {value}, expected an integer from 0 to "
+                              f"{MAX_INT64}")
+
+
 def _checked_row_counts(raw: dict[str, Any]) -> dict[str, int]:
     counts = _checked_field(raw, "row_counts", dict)
     for table, count in counts.items():
         if not _has_type(count, int):
             raise InvalidManifest(f"field 'row_counts' has {_json_text(count)} for table "
                                   f"{table!r}, expected an integer")
+        if not 0 <= count <= MAX_INT64:
+            raise InvalidManifest(f"field 'row_counts' has {count} for table {table!r}, "
+                                  f"expected an integer from 0 to {MAX_INT64}")
     return dict(counts)
 
 
@@ -359,11 +413,16 @@ def find_dump(directory: Path, backup: str) -> Path | None:
 
 
 def manual_restore_advice(dump: Path | str) -> str:
-    """Return how to restore `dump` by hand when its manifest cannot be read."""
-    dump = str(dump)
-    load = (f"gzip -dc {dump} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
+    """Return how to restore `dump` by hand when its manifest cannot be read.
+
+    The command quotes the path for a POSIX shell, so it runs as printed for any path
+    that is valid UTF-8. Other bytes appear as `\\xNN` (see `display_path`).
+    """
+    dump = display_path(dump)
+    quoted = shlex.quote(dump)
+    load = (f"gzip -dc {quoted} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
             if dump.endswith(f".{FORMAT_EXTENSIONS['plain-gzip']}")
-            else f"pg_restore --exit-on-error --dbname=NEW_DB {dump}")
+            else f"pg_restore --exit-on-error --dbname=NEW_DB {quoted}")
     return (f"its dump {dump} is still there, but walacord cannot check it without the "
             f"manifest. To use it anyway, create an empty database NEW_DB and run: {load}")
 
@@ -371,9 +430,29 @@ def manual_restore_advice(dump: Path | str) -> str:
 def load_manifest(path: Path) -> Manifest:
     """Read and parse the manifest at `path`, named `<id>.json`.
 
-    Raise OSError when it cannot be read and InvalidManifest when it is damaged.
+    Raise OSError when it cannot be read, and InvalidManifest when it is damaged, is
+    not a regular file or has a file name that is not UTF-8.
     """
-    return Manifest.from_json(path.read_bytes(), path.name.removesuffix(".json"))
+    try:
+        path.name.encode()
+    except UnicodeEncodeError:
+        raise InvalidManifest("the file name is not valid UTF-8, but backup ids are ASCII; "
+                              "rename or remove the file") from None
+    return Manifest.from_json(read_manifest_bytes(path), path.name.removesuffix(".json"))
+
+
+def read_manifest_bytes(path: Path) -> bytes:
+    """Return the content of the manifest at `path`.
+
+    Raise InvalidManifest when it is not a regular file, and OSError when it cannot be
+    read. Like `open_dump()`, this never blocks on a FIFO.
+    """
+    try:
+        handle = _open_regular(path)
+    except NotRegularFile as exc:
+        raise InvalidManifest(f"the file is a {exc.kind}, not a regular file") from None
+    with handle:
+        return handle.read()
 
 
 def read_manifest(directory: Path, backup: str) -> Manifest:
@@ -388,14 +467,14 @@ def read_manifest(directory: Path, backup: str) -> Manifest:
     except FileNotFoundError:
         dump = find_dump(directory, backup)
         if dump is None:
-            raise BackupError(f"backup {backup_text} not found in {directory}; "
+            raise BackupError(f"backup {backup_text} not found in {display_path(directory)}; "
                               "run `walacorctl backup list` for ids") from None
-        raise BackupError(f"backup {backup_text} has no manifest {path}; "
+        raise BackupError(f"backup {backup_text} has no manifest {display_path(path)}; "
                           f"{manual_restore_advice(dump)}") from None
     except OSError as exc:
-        problem = f"cannot read manifest {path}: {exc.strerror or exc}"
+        problem = f"cannot read manifest {display_path(path)}: {exc.strerror or exc}"
     except InvalidManifest as exc:
-        problem = f"manifest {path} is invalid: {exc}"
+        problem = f"manifest {display_path(path)} is invalid: {exc}"
     advice = "restore the manifest from a copy, or take a new backup"
     dump = find_dump(directory, backup)
     if dump is not None:
@@ -414,7 +493,7 @@ def dumps_without_manifest(directory: Path) -> list[str]:
         for dump in sorted(directory.glob(f"*.{extension}")):
             backup = dump.name[:-len(extension) - 1]
             if dump.is_file() and not manifest_path(directory, backup).exists():
-                found.append(str(dump))
+                found.append(display_path(dump))
     return found
 
 
@@ -427,8 +506,8 @@ def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
             load_manifest(path)
         except (OSError, InvalidManifest) as exc:
             dump = find_dump(directory, path.name.removesuffix(".json"))
-            unreadable.append({"path": str(path), "error": str(exc),
-                               "dump": None if dump is None else str(dump)})
+            unreadable.append({"path": display_path(path), "error": str(exc),
+                               "dump": None if dump is None else display_path(dump)})
     return unreadable
 
 
@@ -444,7 +523,7 @@ def scan_manifests(directory: Path) -> list[Manifest]:
             manifests.append(load_manifest(path))
         except (OSError, InvalidManifest) as exc:
             log.warning("backup.manifest_invalid", extra={"fields": {
-                "path": str(path), "error": str(exc)}})
+                "path": display_path(path), "error": str(exc)}})
     manifests.sort(key=lambda m: (m.finished_at, m.id))
     return manifests
 
@@ -455,9 +534,43 @@ _SPECIAL_FILE_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "directory"),
                        (stat.S_ISSOCK, "socket"))
 
 
+def _file_kind(mode: int) -> str:
+    return next((name for test, name in _SPECIAL_FILE_KINDS if test(mode)), "special file")
+
+
 def _not_regular(path: Path, mode: int) -> str:
-    kind = next((name for test, name in _SPECIAL_FILE_KINDS if test(mode)), "special file")
-    return f"backup file {path} is a {kind}, not a regular file"
+    return f"backup file {display_path(path)} is a {_file_kind(mode)}, not a regular file"
+
+
+class NotRegularFile(Exception):
+    """A file that walacord reads is a FIFO, directory, device or socket."""
+
+    def __init__(self, mode: int) -> None:
+        super().__init__(_file_kind(mode))
+        self.mode = mode
+        self.kind = _file_kind(mode)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open `path` for reading; raise NotRegularFile unless it is a regular file.
+
+    stat() runs first, so a device is never opened. O_NONBLOCK makes open() return at
+    once for a FIFO put in place after the stat(), which then fails the fstat() check.
+    So a FIFO cannot block the thread.
+    """
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def dump_file_problem(path: Path) -> str | None:
@@ -469,9 +582,9 @@ def dump_file_problem(path: Path) -> str | None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        return f"backup file {path} is missing"
+        return f"backup file {display_path(path)} is missing"
     except OSError as exc:
-        return f"cannot read backup file {path}: {exc.strerror or exc}"
+        return f"cannot read backup file {display_path(path)}: {exc.strerror or exc}"
     if not stat.S_ISREG(mode):
         return _not_regular(path, mode)
     return None
@@ -480,19 +593,13 @@ def dump_file_problem(path: Path) -> str | None:
 def open_dump(path: Path) -> BinaryIO:
     """Open the dump at `path` for reading; raise BackupError unless it is a regular file.
 
-    O_NONBLOCK makes open() return at once for a FIFO, which then fails the fstat()
-    check. So a FIFO put in place after `dump_file_problem` cannot block the thread.
+    A FIFO put in place after `dump_file_problem` cannot block the thread, as
+    `_open_regular` explains.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise BackupError(_not_regular(path, mode))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return _open_regular(path)
+    except NotRegularFile as exc:
+        raise BackupError(_not_regular(path, exc.mode)) from None
 
 
 def read_dump(path: Path) -> BinaryIO:
@@ -501,7 +608,8 @@ def read_dump(path: Path) -> BinaryIO:
     try:
         return open_dump(path)
     except OSError as exc:
-        raise BackupError(f"cannot read backup file {path}: {exc.strerror or exc}") from None
+        raise BackupError(f"cannot read backup file {display_path(path)}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -36,6 +36,7 @@ from walacord.backup.manifest import (
     CheckResult,
     Manifest,
     backup_id,
+    display_path,
     dump_path,
     format_time,
     fsync_directory,
@@ -157,7 +158,7 @@ async def take_backup(manager: BackupManager, *, progress: ProgressCallback | No
     cleanup.clear()
 
     log.info("backup.finished", extra={"fields": {
-        "id": backup, "path": str(final), "size_bytes": size, "sha256": sha256,
+        "id": backup, "path": display_path(final), "size_bytes": size, "sha256": sha256,
         "duration_seconds": manifest.duration_seconds, "tables": stats.table_count}})
     return manifest
 

@@ -1,9 +1,11 @@
 """Checking a backup file: its checksum, and that pg_restore or gzip can read it.
 
 For custom-format dumps the readability check is `pg_restore --list`, which parses the
-archive's table of contents. Plain SQL dumps have no table of contents, so the check
-decompresses the whole file and requires pg_dump's closing line, which it writes only
-after the last object.
+archive's table of contents. A dump of a database with no objects has no listed
+entries, so the check requires the header that pg_restore prints after it has read the
+whole table of contents, not a nonzero entry count. Plain SQL dumps have no table of
+contents, so the check decompresses the whole file and requires pg_dump's closing line,
+which it writes only after the last object.
 """
 
 from __future__ import annotations
@@ -38,11 +40,20 @@ log = logging.getLogger(__name__)
 
 PLAIN_DUMP_TRAILER = b"-- PostgreSQL database dump complete"
 TRAILER_WINDOW_BYTES = 4096
+# Lines of the header that `pg_restore --list` (PostgreSQL 15) prints for a custom-format
+# archive whose table of contents it has read to the end, even with no entries.
+ARCHIVE_HEADER_LINES = (";     Format: CUSTOM", "; Selected TOC Entries:")
 
 
 def count_archive_entries(listing: str) -> int:
     """Return the number of TOC entries in `pg_restore --list` output."""
     return sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
+
+
+def missing_header_lines(listing: str) -> list[str]:
+    """Return the lines of ARCHIVE_HEADER_LINES that `pg_restore --list` output lacks."""
+    lines = listing.splitlines()
+    return [header for header in ARCHIVE_HEADER_LINES if header not in lines]
 
 
 class ChecksumMismatch(BackupError):
@@ -108,8 +119,10 @@ async def list_archive(bindir: Path, path: Path, env: dict[str, str],
         command.stderr_tail.extend(result.stderr.decode(errors="replace").splitlines())
         return check_result(False, f"pg_restore --list exited with {result.returncode}: "
                                    f"{summarize_stderr(command)}"), listing
-    if entries == 0:
-        return check_result(False, "pg_restore --list found no entries"), listing
+    missing = missing_header_lines(listing)
+    if missing:
+        return check_result(False, "pg_restore --list exited with 0 but its output lacks "
+                                   f"the archive header line {missing[0]!r}"), listing
     return check_result(True, entries=entries), listing
 
 
