@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 import anyio
 import psycopg
 
+from walacord.backup.databases import Admin, scratch_name
 from walacord.backup.dump import count_rows, list_user_tables
 from walacord.backup.manifest import Manifest, dump_file_problem, safe_name_part, utc_now
 from walacord.backup.pgclient import client_environment, with_dbname
-from walacord.backup.restore import Admin, RestoreRequest, load_archive, scratch_name
+from walacord.backup.restore import RestoreRequest, load_archive
 from walacord.backup.verify import check_result, hash_backup_file
 from walacord.errors import BackupError
 
