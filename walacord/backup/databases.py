@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
@@ -162,3 +163,129 @@ class Admin:
             finally:
                 await conn.close()
 
+
+# --- leftovers -----------------------------------------------------------------------
+
+
+@dataclass
+class LeftoverDatabase:
+    """A scratch database or replaced copy that no running restore or drill holds."""
+
+    name: str
+    kind: str  # "scratch", "previous" or "unmarked"; see describe()
+    size_bytes: int | None  # None when walacord's role may not connect to it
+    comment: str | None
+    sessions: int
+    dropped: bool = False
+
+    @property
+    def removable(self) -> bool:
+        """Whether walacord may drop it: its own scratch database, with no sessions."""
+        return self.kind == "scratch" and self.sessions == 0
+
+    def describe(self) -> str:
+        """Return a sentence on what the database is and what to do with it."""
+        if self.dropped:
+            return "a scratch database of a killed drill or restore; walacord dropped it"
+        if self.kind == "previous":
+            return ("probably the data a restore with --force replaced, left because "
+                    "walacord stopped before dropping it; check it, then drop it by hand, "
+                    "or rename it back to the original name")
+        if self.kind == "scratch":
+            return (f"{self.comment}; a killed drill or restore left it, and walacord "
+                    "drops it at start-up once no session uses it, or drop it by hand")
+        return ("its name looks like a walacord scratch database, but it has no walacord "
+                "comment, so walacord does not drop it; drop it by hand if it is one")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "description": self.describe()}
+
+
+LEFTOVER_QUERY = """
+SELECT d.datname, shobj_description(d.oid, 'pg_database'),
+       CASE WHEN has_database_privilege(d.oid, 'CONNECT')
+            THEN pg_database_size(d.oid) END,
+       (SELECT count(*) FROM pg_stat_activity a
+         WHERE a.datname = d.datname AND a.pid <> pg_backend_pid())
+  FROM pg_database d
+ WHERE starts_with(coalesce(shobj_description(d.oid, 'pg_database'), ''), %(marker)s)
+    OR d.datname ~ %(drill)s OR d.datname ~ %(restoring)s OR d.datname ~ %(previous)s
+ ORDER BY d.datname
+"""
+
+# pg_locks splits a bigint advisory key into classid (high 32 bits) and objid (low 32
+# bits) and marks it with objsubid 1. pg_locks lists the locks of every database.
+HELD_LOCKS_QUERY = """
+SELECT classid::bigint, objid::bigint FROM pg_locks
+ WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+"""
+
+
+def _lock_parts(key: int) -> tuple[int, int]:
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
+async def find_leftover_databases(conninfo: str, time_limit: float) -> list[LeftoverDatabase]:
+    """Return the scratch databases and replaced copies whose creator has gone.
+
+    A database whose scratch lock some session holds belongs to a restore or drill
+    that is running now, on this host or another, so it is not returned.
+    """
+    with anyio.fail_after(time_limit):
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        try:
+            cursor = await conn.execute(LEFTOVER_QUERY, {
+                "marker": SCRATCH_COMMENT, "drill": DRILL_NAME,
+                "restoring": RESTORING_NAME, "previous": PREVIOUS_NAME})
+            rows = await cursor.fetchall()
+            # Read after the database list: a creator locks before it creates, so a
+            # listed database whose lock is free here has lost its creator.
+            cursor = await conn.execute(HELD_LOCKS_QUERY)
+            held = {(int(a), int(b)) for a, b in await cursor.fetchall()}
+        finally:
+            await conn.close()
+
+    leftovers = []
+    for name, comment, size, sessions in rows:
+        if _lock_parts(scratch_lock_key(name)) in held:
+            continue
+        if comment is not None and comment.startswith(SCRATCH_COMMENT):
+            kind = "scratch"
+        elif re.search(PREVIOUS_NAME, name):
+            kind = "previous"
+        else:
+            kind = "unmarked"
+        leftovers.append(LeftoverDatabase(name, kind, size, comment, int(sessions)))
+    return leftovers
+
+
+async def drop_leftover_databases(admin: Admin) -> list[LeftoverDatabase]:
+    """Drop the leftovers walacord can prove are its own and unused; log every leftover.
+
+    A database is dropped only when all three hold:
+
+    - it carries SCRATCH_COMMENT, which walacord sets only on its scratch databases;
+    - no session holds its scratch lock, so its creator has ended (see the module
+      docstring). This is what keeps a drill or restore running on another walacord
+      host safe;
+    - no session is connected to it. The DROP runs without FORCE, so a session that
+      connects meanwhile makes it fail instead of being cut off.
+
+    A replaced copy (`<target>_previous_<hex>`) contains a user's data, so it is only
+    logged, never dropped here.
+    """
+    leftovers = await find_leftover_databases(admin.conninfo, admin.timeout)
+    for leftover in leftovers:
+        if leftover.removable:
+            try:
+                await admin.drop_unused(leftover.name)
+                leftover.dropped = True
+            except psycopg.Error as exc:
+                log.warning("backup.leftover_drop_failed", extra={"fields": {
+                    "database": leftover.name, "error": str(exc).strip()}})
+        log.warning("backup.leftover_database", extra={"fields": {
+            "database": leftover.name, "size_bytes": leftover.size_bytes,
+            "kind": leftover.kind, "dropped": leftover.dropped,
+            "action": leftover.describe()}})
+    return leftovers
