@@ -167,6 +167,23 @@ def test_dump_without_manifest_is_named(daemon: Path) -> None:
     assert f"its dump {dump} is still there" in restored.stderr
 
 
+def test_list_names_leftover_database(daemon: Path, pg_cluster: PgCluster) -> None:
+    """A replaced database's copy left by a killed restore is named, never dropped."""
+    name = "app_previous_0badc0de"
+    pg_cluster.psql(f'CREATE DATABASE "{name}"')
+    try:
+        listed = ctl(daemon, "backup", "list")
+        still_there = pg_cluster.psql(
+            f"SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+    finally:
+        pg_cluster.psql(f'DROP DATABASE IF EXISTS "{name}"')
+
+    assert listed.returncode == 0, listed.stderr
+    assert f"walacorctl: warning: database {name} (" in listed.stderr
+    assert "drop it by hand, or rename it back" in listed.stderr
+    assert still_there == "1"
+
+
 def test_damaged_manifest_named_in_verify_and_restore(daemon: Path,
                                                       pg_cluster: PgCluster) -> None:
     """A manifest containing a JSON array: list and verify still work for the other backup,

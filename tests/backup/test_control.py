@@ -52,7 +52,8 @@ async def test_handlers_bind_manager(make_manager: ManagerFactory) -> None:
 
     assert sorted(bound) == ["backup.list", "backup.now", "backup.restore", "backup.verify"]
     assert await bound["backup.list"]({}) == {"backups": [], "unreadable": [],
-                                              "without_manifest": []}
+                                              "without_manifest": [],
+                                              "leftover_databases": []}
 
 
 async def test_now_returns_id_and_path(make_manager: ManagerFactory) -> None:

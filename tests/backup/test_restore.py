@@ -326,3 +326,106 @@ async def test_retention_keeps_backup_a_restore_reads(make_manager: ManagerFacto
     after = await manager.apply_retention()
     assert after.delete == [old.id]
     assert not manager.path_of(old).exists()
+
+
+# --- replacing a database whose temporary copy has other sessions ------------------
+
+
+def previous_databases(cluster: PgCluster) -> list[str]:
+    output = cluster.psql("SELECT datname FROM pg_database WHERE datname LIKE '%_previous_%'")
+    return [line for line in output.splitlines() if line]
+
+
+def hold_session_on_restoring(cluster: PgCluster, target: str,
+                              sessions: list[psycopg.Connection]) -> None:
+    """Open one superuser session on the restore's temporary database, once it exists.
+
+    The temporary database is the one whose name starts like `target`'s: a long
+    target name can lose the "_restoring" label to PostgreSQL's 63-byte limit.
+    """
+    if sessions:
+        return
+    [temporary] = cluster.psql(
+        f"SELECT datname FROM pg_database WHERE datname LIKE '{target[:44]}%' "
+        f"AND datname <> '{target}'").split()
+    sessions.append(psycopg.connect(cluster.url(temporary), autocommit=True))
+
+
+@pytest.fixture
+def restorer(pg_cluster: PgCluster) -> str:
+    """A login role with CREATEDB but without SUPERUSER; yields its name."""
+    pg_cluster.psql("DO $$ BEGIN CREATE ROLE walacord_restorer LOGIN CREATEDB "
+                    "PASSWORD 'restorer-pw'; EXCEPTION WHEN duplicate_object THEN NULL; "
+                    "END $$")
+    return "walacord_restorer"
+
+
+async def test_restore_force_ends_session_on_temporary(
+        make_manager: ManagerFactory, pg_cluster: PgCluster, target_db: str) -> None:
+    """A session on the temporary database is terminated, and the rename then works."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
+    pg_cluster.psql("CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1), (2)",
+                    dbname=target_db)
+    sessions: list[psycopg.Connection] = []
+
+    try:
+        result = await manager.restore(
+            backup.id, target_db, force=True,
+            progress=lambda *_: hold_session_on_restoring(pg_cluster, target_db,
+                                                               sessions))
+    finally:
+        for session in sessions:
+            session.close()
+
+    assert sessions
+    assert result.replaced
+    assert ledger_rows(pg_cluster, target_db) == 3000
+    assert pg_cluster.psql("SELECT to_regclass('keep_me') IS NULL", dbname=target_db) == "t"
+    assert restoring_databases(pg_cluster) == []
+    assert previous_databases(pg_cluster) == []
+    assert pg_cluster.psql("SELECT shobj_description(oid, 'pg_database') IS NULL "
+                           f"FROM pg_database WHERE datname = '{target_db}'") == "t"
+
+
+async def test_restore_failed_rename_keeps_target(
+        make_manager: ManagerFactory, pg_cluster: PgCluster, seeded_db: str,
+        target_db: str, restorer: str) -> None:
+    """When the rename fails, the target keeps its rows and the error states it.
+
+    walacord runs as a role that may not terminate the superuser's session held on the
+    temporary database, so the rename into place fails.
+    """
+    taken = await make_manager().take()
+    assert taken is not None
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}" OWNER {restorer}')
+    pg_cluster.psql("CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1), (2)",
+                    dbname=target_db)
+    manager = make_manager(url=pg_cluster.url(seeded_db.rsplit("/", 1)[1], user=restorer,
+                                              password="restorer-pw"))
+    sessions: list[psycopg.Connection] = []
+
+    try:
+        with pytest.raises(BackupError) as raised:
+            await manager.restore(
+                taken.id, target_db, force=True, no_owner=True,
+                progress=lambda *_: hold_session_on_restoring(pg_cluster, target_db,
+                                                               sessions))
+    finally:
+        for session in sessions:
+            session.close()
+        for leftover in pg_cluster.psql(
+                f"SELECT datname FROM pg_database WHERE datname LIKE '{target_db[:44]}%' "
+                f"AND datname <> '{target_db}'").split():
+            pg_cluster.psql(f'DROP DATABASE "{leftover}" WITH (FORCE)')
+
+    message = str(raised.value)
+    assert sessions
+    assert database_exists(pg_cluster, target_db)
+    assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "2"
+    assert "is being accessed by other users" in message
+    assert f"Database {target_db} is unchanged" in message
+    assert previous_databases(pg_cluster) == []
+    assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1

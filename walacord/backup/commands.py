@@ -90,6 +90,13 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         context.stderr.write(f"walacorctl: warning: dump {dump} has no manifest, so its "
                              "backup is not listed; restore the manifest from a copy\n")
         context.stderr.write(f"walacorctl: {manual_restore_advice(dump)}\n")
+    for leftover in listing.get("leftover_databases", []):
+        size = leftover.get("size_bytes")
+        context.stderr.write(f"walacorctl: warning: database {leftover['name']} "
+                             f"({'size unknown' if size is None else _size(size)}): "
+                             f"{leftover['description']}\n")
+    if listing.get("leftover_databases_error"):
+        context.stderr.write(f"walacorctl: warning: {listing['leftover_databases_error']}\n")
     if context.json:
         context.print_json(backups)
         return 0

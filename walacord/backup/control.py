@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psycopg
 
 from walacord.backup.dump import ProgressCallback
 from walacord.backup.manager import BackupManager
@@ -30,7 +31,7 @@ from walacord.backup.manifest import (
     unreadable_manifests,
     utc_now,
 )
-from walacord.backup.restore import DatabaseExists
+from walacord.backup.restore import DatabaseExists, describe_error
 from walacord.backup.verify import ChecksumMismatch
 from walacord.control.protocol import ErrorCode
 from walacord.errors import BackupError, ControlError
@@ -188,8 +189,18 @@ async def backup_list(manager: BackupManager,
     # A backup whose manifest is damaged is not listed, so it is named here instead.
     unreadable = await anyio.to_thread.run_sync(unreadable_manifests, manager.directory)
     orphans = await anyio.to_thread.run_sync(dumps_without_manifest, manager.directory)
-    return {"backups": [backup_entry(manager, m) for m in reversed(manifests)],
-            "unreadable": unreadable, "without_manifest": orphans}
+    listing = {"backups": [backup_entry(manager, m) for m in reversed(manifests)],
+               "unreadable": unreadable, "without_manifest": orphans,
+               "leftover_databases": []}
+    # Scratch databases and replaced copies that killed restores and drills left on
+    # the server; each is a full copy of a database.
+    try:
+        listing["leftover_databases"] = [
+            leftover.as_dict() for leftover in await manager.leftover_databases()]
+    except (psycopg.Error, TimeoutError) as exc:
+        listing["leftover_databases_error"] = (
+            f"cannot look for leftover scratch databases: {describe_error(exc)}")
+    return listing
 
 
 async def backup_verify(manager: BackupManager, params: Mapping[str, Any] | None, *,

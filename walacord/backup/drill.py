@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 import anyio
 import psycopg
 
+from walacord.backup.databases import SCRATCH_COMMENT, Admin, scratch_locks, scratch_name
 from walacord.backup.dump import count_rows, list_user_tables
 from walacord.backup.manifest import Manifest, dump_file_problem, safe_name_part, utc_now
 from walacord.backup.pgclient import client_environment, with_dbname
-from walacord.backup.restore import Admin, RestoreRequest, load_archive, scratch_name
+from walacord.backup.restore import RestoreRequest, load_archive
 from walacord.backup.verify import check_result, hash_backup_file
 from walacord.errors import BackupError
 
@@ -101,7 +102,32 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
     admin = Admin(manager.maintenance_conninfo(avoid=scratch), config.query_timeout)
     log.info("backup.drill_started", extra={"fields": {"id": manifest.id, "scratch": scratch}})
     try:
-        await admin.create(scratch)
+        # The lock marks the scratch database as in use for start-up cleanup, on this
+        # host and on others; see walacord.backup.databases.
+        async with scratch_locks(admin.conninfo, [scratch], config.query_timeout):
+            problems, figures = await _drill_in_scratch(manager, manifest, admin, scratch)
+    except (psycopg.Error, TimeoutError) as exc:
+        # _drill_in_scratch raises only BackupError, so this came from the lock session.
+        error = BackupError(f"cannot take the scratch database lock for {scratch}: {exc}")
+        await manager.record_failure("drill", manifest.id, error)
+        raise error from exc
+
+    return await _record_drill(manager, manifest, problems, started, sha256=tested,
+                               scratch=scratch, figures=figures)
+
+
+async def _drill_in_scratch(manager: BackupManager, manifest: Manifest, admin: Admin,
+                            scratch: str) -> tuple[list[str], DrillFigures]:
+    """Create `scratch`, restore the backup into it, compare figures and drop it.
+
+    Returns the problems found and the figures. Raises BackupError only when the
+    scratch database cannot be created.
+    """
+    config = manager.config
+    path = manager.path_of(manifest)
+    try:
+        await admin.create(scratch, f"{SCRATCH_COMMENT}: restore drill of backup "
+                                    f"{manifest.id} of database {manager.database}")
     except (psycopg.Error, TimeoutError) as exc:
         error = BackupError(f"cannot create the drill's scratch database {scratch}: {exc}; "
                             "walacord's database role needs CREATEDB")
@@ -137,8 +163,7 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
                     "scratch": scratch, "error": str(exc),
                     "action": f"drop database {scratch} by hand"}})
 
-    return await _record_drill(manager, manifest, problems, started, sha256=tested,
-                               scratch=scratch, figures=figures)
+    return problems, figures
 
 
 async def _record_drill(manager: BackupManager, manifest: Manifest, problems: list[str],

@@ -31,6 +31,12 @@ from walacord.backup.alerts import (
     BackupAlert,
     send_alert,
 )
+from walacord.backup.databases import (
+    Admin,
+    LeftoverDatabase,
+    drop_leftover_databases,
+    find_leftover_databases,
+)
 from walacord.backup.drill import drill_backup
 from walacord.backup.dump import DumpFailed, ProgressCallback, summarize_stderr
 from walacord.backup.manifest import (
@@ -399,6 +405,27 @@ class BackupManager:
             self._in_use[manifest.id] -= 1
             if self._in_use[manifest.id] <= 0:
                 del self._in_use[manifest.id]
+
+    async def leftover_databases(self) -> builtins.list[LeftoverDatabase]:
+        """Return the scratch databases and replaced copies that killed restores and
+        drills left on the server, without dropping any."""
+        return await find_leftover_databases(self.conninfo,
+                                             self.config.query_timeout)
+
+    async def drop_leftover_databases(self) -> builtins.list[LeftoverDatabase]:
+        """Drop the leftover scratch databases that are provably walacord's and unused.
+
+        Every leftover is logged with its size; see `drop_leftover_databases` in
+        walacord.backup.databases for the rule. Errors are logged, not raised, because
+        a server that cannot be reached must not stop the scheduler.
+        """
+        admin = Admin(self.conninfo, self.config.query_timeout)
+        try:
+            return await drop_leftover_databases(admin)
+        except (psycopg.Error, TimeoutError) as exc:
+            log.warning("backup.leftover_check_failed", extra={"fields": {
+                "database": self.database, "error": describe_error(exc)}})
+            return []
 
     async def record_checksum(self, manifest: Manifest, check: CheckResult) -> None:
         """Store a checksum result found outside `verify` (by a restore) in the manifest.

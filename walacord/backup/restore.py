@@ -4,24 +4,32 @@ around it.
 A restore always goes into a fresh database under a temporary name first. That
 database is renamed to the target only after pg_restore (or psql, for plain SQL) has
 finished without error. A failed restore therefore never leaves a half-filled
-database under the name an application uses. With `force`, the old database
-survives until the rename.
+database under the name an application uses. With `force`, one transaction renames
+the old database to `<target>_previous_<hex>` and the new one to the target, and the
+old one is dropped only after that transaction has committed. Whichever step fails,
+and wherever walacord is killed, the old data stays under the target's name or under
+the previous name until that drop.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import psycopg
-from psycopg import sql
 
+from walacord.backup.databases import (
+    MAX_IDENTIFIER_BYTES,
+    SCRATCH_COMMENT,
+    Admin,
+    scratch_locks,
+    scratch_name,
+)
 from walacord.backup.dump import ProgressCallback, describe_exit, summarize_stderr
 from walacord.backup.manifest import Manifest, dump_file_problem, read_dump
 from walacord.backup.pgclient import Command, client_environment, run_pipeline, with_dbname
@@ -38,9 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
-
-
 class DatabaseExists(BackupError):
     """The restore target exists and the caller did not pass force."""
 
@@ -56,52 +61,11 @@ class DatabaseExists(BackupError):
         self.database = database
 
 
-@dataclass
-class Admin:
-    """Runs CREATE, DROP and ALTER DATABASE over short autocommit connections."""
-
-    conninfo: str  # a database other than the ones created or dropped
-    timeout: float
-
-    async def _execute(self, query: sql.Composed | str,
-                       params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with anyio.fail_after(self.timeout):
-            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-            try:
-                cursor = await conn.execute(query, params or None)
-                return await cursor.fetchall() if cursor.description else []
-            finally:
-                await conn.close()
-
-    async def exists(self, name: str) -> bool:
-        rows = await self._execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-        return bool(rows)
-
-    async def create(self, name: str) -> None:
-        await self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
-            sql.Identifier(name)))
-
-    async def drop(self, name: str) -> None:
-        # WITH (FORCE) ends other sessions on the database (PostgreSQL 13 and newer).
-        await self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
-
-    async def rename(self, old: str, new: str) -> None:
-        await self._execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-            sql.Identifier(old), sql.Identifier(new)))
-
-
 def describe_error(exc: BaseException) -> str:
     """Return the exception's message, or its kind when the message is empty."""
     if isinstance(exc, TimeoutError):
         return "timed out; raise the matching *_timeout in [backup] if the database is large"
     return str(exc) or type(exc).__name__
-
-
-def scratch_name(prefix: str) -> str:
-    """Return a fresh database name `<prefix>_<random hex>` within PostgreSQL's limit."""
-    suffix = secrets.token_hex(4)
-    return f"{prefix[:MAX_IDENTIFIER_BYTES - len(suffix) - 1]}_{suffix}"
 
 
 @dataclass
@@ -202,9 +166,10 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
                          progress: ProgressCallback | None) -> RestoreResult:
     """Restore into a temporary database, then rename it to `target_db`.
 
-    With `force`, an existing `target_db` is dropped just before the rename, after the
-    restore has succeeded. The file's sha256 must match the manifest's, or this raises
-    ChecksumMismatch before creating any database; `ignore_checksum` restores it anyway.
+    With `force`, an existing `target_db` is renamed aside in the transaction that
+    renames the new copy into place, and dropped after that transaction commits. The
+    file's sha256 must match the manifest's, or this raises ChecksumMismatch before
+    creating any database; `ignore_checksum` restores it anyway.
     A mismatch is stored in the manifest either way, so `backup list` shows it.
     """
     check_target_name(target_db)
@@ -235,29 +200,74 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
             _, listing = await list_archive(manager.bindir, path, env, config.verify_timeout)
         entry_total = count_archive_entries(listing)
 
-    temporary = scratch_name(f"{target_db}_restoring")
+    temporary = scratch_name(target_db, "restoring")
+    previous = scratch_name(target_db, "previous") if replacing else None
     started = time.monotonic()
     log.info("backup.restore_started", extra={"fields": {
         "id": manifest.id, "target_db": target_db, "temporary_db": temporary,
-        "replacing": replacing}})
+        "previous_db": previous, "replacing": replacing}})
+    names = [temporary] if previous is None else [temporary, previous]
     try:
-        await admin.create(temporary)
+        async with scratch_locks(admin.conninfo, names, config.query_timeout):
+            with client_environment(manager.password) as env:
+                request = RestoreRequest(
+                    bindir=manager.bindir,
+                    conninfo=with_dbname(manager.client_conninfo, temporary), env=env,
+                    fmt=manifest.format, path=path, timeout=config.restore_timeout,
+                    no_owner=no_owner, entry_total=entry_total, progress=progress)
+                await restore_in_place(manager, manifest, admin, request,
+                                       Placement(temporary, target_db, previous))
     except (psycopg.Error, TimeoutError) as exc:
-        error = BackupError(f"cannot create database {temporary}: {describe_error(exc)}; "
-                            "the restoring role needs CREATEDB")
+        # restore_in_place raises only BackupError, so this came from the lock session.
+        error = BackupError(f"cannot take the scratch database lock for {temporary}: "
+                            f"{describe_error(exc)}; nothing was restored")
         await manager.record_failure("restore", manifest.id, error)
         raise error from exc
+
+    duration = round(time.monotonic() - started, 3)
+    log.info("backup.restore_finished", extra={"fields": {
+        "id": manifest.id, "target_db": target_db, "replaced": replacing,
+        "duration_seconds": duration}})
+    return RestoreResult(id=manifest.id, target_db=target_db, replaced=replacing,
+                         duration_seconds=duration, checksum_ok=checksum_ok)
+
+
+# Renames of the new copy into place before giving up when sessions keep connecting.
+RENAME_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The databases of one restore: where it loads, where it goes, where the old one goes."""
+
+    temporary: str
+    target: str
+    previous: str | None  # None when `target` does not exist yet
+
+
+async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Admin,
+                           request: RestoreRequest, placement: Placement) -> None:
+    """Create `placement.temporary`, load the archive, and rename it to the target.
+
+    The caller holds the scratch locks of the temporary and previous names. On any
+    failure, the temporary database is dropped, the old target keeps its data under
+    its own name or under `placement.previous`, and the BackupError raised names it.
+    """
+    temporary, target, previous = placement.temporary, placement.target, placement.previous
     try:
-        with client_environment(manager.password) as env:
-            await load_archive(RestoreRequest(
-                bindir=manager.bindir, conninfo=with_dbname(manager.client_conninfo, temporary),
-                env=env, fmt=manifest.format, path=path, timeout=config.restore_timeout,
-                no_owner=no_owner, entry_total=entry_total, progress=progress))
-        if replacing:
+        try:
+            await admin.create(temporary, f"{SCRATCH_COMMENT}: restore of backup "
+                                          f"{manifest.id} into {target}")
+        except (psycopg.Error, TimeoutError) as exc:
+            raise BackupError(f"cannot create database {temporary}: {describe_error(exc)}; "
+                              "the restoring role needs CREATEDB") from exc
+        await load_archive(request)
+        if previous is not None:
             log.warning("backup.restore_replacing", extra={"fields": {
-                "target_db": target_db, "id": manifest.id}})
-            await admin.drop(target_db)
-        await admin.rename(temporary, target_db)
+                "target_db": target, "id": manifest.id, "previous_db": previous,
+                "action": f"if walacord stops before the restore ends, the data of "
+                          f"{target} is in {previous} or still in {target}"}})
+        await put_in_place(admin, placement)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             try:
@@ -266,19 +276,78 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
                 log.error("backup.restore_cleanup_failed", extra={"fields": {
                     "temporary_db": temporary, "error": str(drop_error),
                     "action": f"drop database {temporary} by hand"}})
-        if isinstance(exc, Exception):
-            await manager.record_failure("restore", manifest.id, exc)
-            if not isinstance(exc, BackupError):
-                raise BackupError(f"restore of {manifest.id} into {target_db} failed: "
-                                  f"{describe_error(exc)}") from exc
-        raise
+            outcome = await describe_outcome(admin, placement)
+        if not isinstance(exc, Exception):
+            log.warning("backup.restore_cancelled", extra={"fields": {
+                "id": manifest.id, "target_db": target, "outcome": outcome}})
+            raise
+        if isinstance(exc, BackupError):
+            error = BackupError(f"{exc}. {outcome}")
+        else:
+            hint = ("; end the other sessions on it (pg_stat_activity lists them) and run "
+                    "the restore again" if isinstance(exc, psycopg.errors.ObjectInUse)
+                    else "")
+            error = BackupError(f"restore of {manifest.id} into {target} failed: "
+                                f"{describe_error(exc).strip()}{hint}. {outcome}")
+        await manager.record_failure("restore", manifest.id, error)
+        raise error from exc
 
-    duration = round(time.monotonic() - started, 3)
-    log.info("backup.restore_finished", extra={"fields": {
-        "id": manifest.id, "target_db": target_db, "replaced": replacing,
-        "duration_seconds": duration}})
-    return RestoreResult(id=manifest.id, target_db=target_db, replaced=replacing,
-                         duration_seconds=duration, checksum_ok=checksum_ok)
+    if previous is not None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await admin.drop(previous)
+            except (psycopg.Error, TimeoutError) as exc:
+                log.error("backup.restore_cleanup_failed", extra={"fields": {
+                    "previous_db": previous, "target_db": target, "error": str(exc),
+                    "action": f"{target} holds the restored data; drop database "
+                              f"{previous}, the data it replaced, by hand"}})
+
+
+async def put_in_place(admin: Admin, placement: Placement) -> None:
+    """Terminate the sessions that block the renames, then run them in one transaction.
+
+    Sessions on the temporary database are terminated, and with a previous name the
+    sessions on the target too, as DROP DATABASE ... WITH (FORCE) would. A session
+    that connects between the termination and the rename makes PostgreSQL raise
+    ObjectInUse, so the rename is retried. It is not retried when a session could not
+    be terminated.
+    """
+    for attempt in range(1, RENAME_ATTEMPTS + 1):
+        remaining = await admin.terminate_sessions(placement.temporary)
+        if placement.previous is not None:
+            remaining += await admin.terminate_sessions(placement.target)
+        try:
+            await admin.rename_into_place(placement.temporary, placement.target,
+                                          placement.previous)
+            return
+        except psycopg.errors.ObjectInUse as exc:
+            if remaining or attempt == RENAME_ATTEMPTS:
+                raise
+            log.warning("backup.restore_rename_retried", extra={"fields": {
+                "temporary_db": placement.temporary, "target_db": placement.target,
+                "attempt": attempt, "error": str(exc).strip()}})
+            await anyio.sleep(0.2 * attempt)
+
+
+async def describe_outcome(admin: Admin, placement: Placement) -> str:
+    """Return a sentence on where the target's data is after a failed restore."""
+    target, previous = placement.target, placement.previous
+    try:
+        target_exists = await admin.exists(target)
+        previous_exists = previous is not None and await admin.exists(previous)
+    except (psycopg.Error, TimeoutError) as exc:
+        where = f" or in database {previous}" if previous else ""
+        return (f"Checking the databases afterwards failed ({describe_error(exc)}): the "
+                f"data of {target} is still in {target}{where}")
+    if previous_exists:
+        return (f"The data {target} had before is in database {previous}, and {target} "
+                f"holds the restored data; check {target}, then drop {previous} or "
+                f"rename it back to {target}")
+    if previous is not None:
+        return f"Database {target} is unchanged"
+    if target_exists:
+        return f"Database {target} exists and may hold the restored data; check it"
+    return f"No database {target} was created"
 
 
 async def check_checksum(manager: BackupManager, manifest: Manifest, *,

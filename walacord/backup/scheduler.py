@@ -129,6 +129,9 @@ class BackupScheduler:
             "last_success": manager.last_success.isoformat() if manager.last_success else None,
             "missed_run": missed}})
         task_status.started()
+        # No drill or restore of this daemon runs yet, and those of other hosts hold
+        # their scratch locks, so only leftovers of killed runs are dropped.
+        await manager.drop_leftover_databases()
 
         async with anyio.create_task_group() as group:
             group.start_soon(self._watch_age)

@@ -1,0 +1,291 @@
+"""CREATE, DROP and RENAME DATABASE for restores and drills, and the scratch databases
+a killed walacord leaves behind.
+
+Restores and drills work in scratch databases: `walacord_drill_<db>_<hex>` for a
+drill and `<target>_restoring_<hex>` for a restore. A restore with force also renames
+the database it replaces to `<target>_previous_<hex>`, in the same transaction that
+renames the new copy into place, and drops it afterwards. When walacord is killed in
+between, these databases stay, each a full copy of a database.
+
+To tell a leftover from a database in use, the creator of a scratch database:
+
+- takes the session-level advisory lock `scratch_lock_key(name)` before CREATE
+  DATABASE or the rename, and holds it until the DROP or the rename that ends the
+  scratch database. PostgreSQL releases a session's advisory locks when the session
+  ends, so a killed walacord releases them too;
+- sets a COMMENT that starts with SCRATCH_COMMENT right after CREATE DATABASE, and
+  clears it in the transaction that renames the database into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
+SCRATCH_COMMENT = "walacord scratch database"
+# Scratch names as scratch_name() builds them, for finding copies made before the
+# comment was set (a kill right after CREATE DATABASE) and copies of replaced targets.
+DRILL_NAME = r"^walacord_drill_.*_[0-9a-f]{8}$"
+RESTORING_NAME = r"_restoring_[0-9a-f]{8}$"
+PREVIOUS_NAME = r"_previous_[0-9a-f]{8}$"
+
+
+def scratch_name(base: str, label: str = "") -> str:
+    """Return a fresh name `<base>_<label>_<8 hex digits>` of at most 63 bytes.
+
+    Without a label it is `<base>_<8 hex digits>`. Only `base` is shortened, at a
+    character boundary, so the label and the random part stay whole.
+    """
+    tail = f"_{label}_{secrets.token_hex(4)}" if label else f"_{secrets.token_hex(4)}"
+    room = MAX_IDENTIFIER_BYTES - len(tail.encode())
+    return base.encode()[:room].decode(errors="ignore") + tail
+
+
+def scratch_lock_key(name: str) -> int:
+    """Return the advisory lock key (a signed bigint) the creator of `name` holds."""
+    digest = hashlib.sha256(f"walacord.scratch/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@asynccontextmanager
+async def scratch_locks(conninfo: str, names: Iterable[str],
+                        time_limit: float) -> AsyncIterator[None]:
+    """Hold the scratch locks of `names` in one session for the length of the block.
+
+    The session must not be connected to a database that the block drops or renames,
+    because PostgreSQL rejects both while other sessions use the database.
+    """
+    with anyio.fail_after(time_limit):
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+    try:
+        with anyio.fail_after(time_limit):
+            for name in names:
+                await conn.execute("SELECT pg_advisory_lock(%s)", (scratch_lock_key(name),))
+        yield
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(time_limit):
+            await conn.close()
+
+
+@dataclass
+class Admin:
+    """Runs CREATE, DROP and ALTER DATABASE over short autocommit connections."""
+
+    conninfo: str  # a database other than the ones created or dropped
+    timeout: float
+
+    async def _execute(self, query: sql.Composed | str,
+                       params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with anyio.fail_after(self.timeout):
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            try:
+                cursor = await conn.execute(query, params or None)
+                return await cursor.fetchall() if cursor.description else []
+            finally:
+                await conn.close()
+
+    async def exists(self, name: str) -> bool:
+        rows = await self._execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        return bool(rows)
+
+    async def create(self, name: str, comment: str | None = None) -> None:
+        """Create `name` from template0 and, when given, set its comment.
+
+        CREATE DATABASE cannot run in a transaction, so a kill between the two
+        statements leaves the database without its comment.
+        """
+        await self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
+            sql.Identifier(name)))
+        if comment is not None:
+            await self._execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(name), sql.Literal(comment)))
+
+    async def drop(self, name: str) -> None:
+        # WITH (FORCE) ends other sessions on the database (PostgreSQL 13 and newer).
+        await self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+    async def drop_unused(self, name: str) -> None:
+        """Drop `name`; unlike drop(), fail when any session uses it."""
+        await self._execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+    async def terminate_sessions(self, name: str) -> list[int]:
+        """Terminate the other sessions on database `name`; return the pids left.
+
+        A session this role may not signal (a superuser's, when walacord's role is not
+        one) is logged and left running, and the rename that follows then fails.
+        """
+        rows = await self._execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,))
+        remaining = []
+        for (pid,) in rows:
+            try:
+                await self._execute("SELECT pg_terminate_backend(%s)", (pid,))
+            except psycopg.errors.InsufficientPrivilege as exc:
+                remaining.append(pid)
+                log.warning("backup.session_not_terminated", extra={"fields": {
+                    "database": name, "pid": pid, "error": str(exc).strip()}})
+        return remaining
+
+    async def rename_into_place(self, temporary: str, target: str,
+                                previous: str | None) -> None:
+        """Rename `temporary` to `target` and clear its scratch comment in one transaction.
+
+        With `previous`, the existing `target` is renamed to `previous` first, in the
+        same transaction. PostgreSQL rolls back both renames when any statement
+        fails, so `target` then keeps its old data under its own name.
+        """
+        with anyio.fail_after(self.timeout):
+            conn = await psycopg.AsyncConnection.connect(self.conninfo)
+            try:
+                async with conn.transaction():
+                    if previous is not None:
+                        await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                            sql.Identifier(target), sql.Identifier(previous)))
+                    await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(temporary), sql.Identifier(target)))
+                    await conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(
+                        sql.Identifier(target)))
+            finally:
+                await conn.close()
+
+
+# --- leftovers -----------------------------------------------------------------------
+
+
+@dataclass
+class LeftoverDatabase:
+    """A scratch database or replaced copy that no running restore or drill holds."""
+
+    name: str
+    kind: str  # "scratch", "previous" or "unmarked"; see describe()
+    size_bytes: int | None  # None when walacord's role may not connect to it
+    comment: str | None
+    sessions: int
+    dropped: bool = False
+
+    @property
+    def removable(self) -> bool:
+        """Whether walacord may drop it: its own scratch database, with no sessions."""
+        return self.kind == "scratch" and self.sessions == 0
+
+    def describe(self) -> str:
+        """Return a sentence on what the database is and what to do with it."""
+        if self.dropped:
+            return "a scratch database of a killed drill or restore; walacord dropped it"
+        if self.kind == "previous":
+            return ("probably the data a restore with --force replaced, left because "
+                    "walacord stopped before dropping it; check it, then drop it by hand, "
+                    "or rename it back to the original name")
+        if self.kind == "scratch":
+            return (f"{self.comment}; a killed drill or restore left it, and walacord "
+                    "drops it at start-up once no session uses it, or drop it by hand")
+        return ("its name looks like a walacord scratch database, but it has no walacord "
+                "comment, so walacord does not drop it; drop it by hand if it is one")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "description": self.describe()}
+
+
+LEFTOVER_QUERY = """
+SELECT d.datname, shobj_description(d.oid, 'pg_database'),
+       CASE WHEN has_database_privilege(d.oid, 'CONNECT')
+            THEN pg_database_size(d.oid) END,
+       (SELECT count(*) FROM pg_stat_activity a
+         WHERE a.datname = d.datname AND a.pid <> pg_backend_pid())
+  FROM pg_database d
+ WHERE starts_with(coalesce(shobj_description(d.oid, 'pg_database'), ''), %(marker)s)
+    OR d.datname ~ %(drill)s OR d.datname ~ %(restoring)s OR d.datname ~ %(previous)s
+ ORDER BY d.datname
+"""
+
+# pg_locks splits a bigint advisory key into classid (high 32 bits) and objid (low 32
+# bits) and marks it with objsubid 1. pg_locks lists the locks of every database.
+HELD_LOCKS_QUERY = """
+SELECT classid::bigint, objid::bigint FROM pg_locks
+ WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+"""
+
+
+def _lock_parts(key: int) -> tuple[int, int]:
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
+async def find_leftover_databases(conninfo: str, time_limit: float) -> list[LeftoverDatabase]:
+    """Return the scratch databases and replaced copies whose creator has gone.
+
+    A database whose scratch lock some session holds belongs to a restore or drill
+    that is running now, on this host or another, so it is not returned.
+    """
+    with anyio.fail_after(time_limit):
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        try:
+            cursor = await conn.execute(LEFTOVER_QUERY, {
+                "marker": SCRATCH_COMMENT, "drill": DRILL_NAME,
+                "restoring": RESTORING_NAME, "previous": PREVIOUS_NAME})
+            rows = await cursor.fetchall()
+            # Read after the database list: a creator locks before it creates, so a
+            # listed database whose lock is free here has lost its creator.
+            cursor = await conn.execute(HELD_LOCKS_QUERY)
+            held = {(int(a), int(b)) for a, b in await cursor.fetchall()}
+        finally:
+            await conn.close()
+
+    leftovers = []
+    for name, comment, size, sessions in rows:
+        if _lock_parts(scratch_lock_key(name)) in held:
+            continue
+        if comment is not None and comment.startswith(SCRATCH_COMMENT):
+            kind = "scratch"
+        elif re.search(PREVIOUS_NAME, name):
+            kind = "previous"
+        else:
+            kind = "unmarked"
+        leftovers.append(LeftoverDatabase(name, kind, size, comment, int(sessions)))
+    return leftovers
+
+
+async def drop_leftover_databases(admin: Admin) -> list[LeftoverDatabase]:
+    """Drop the leftovers walacord can prove are its own and unused; log every leftover.
+
+    A database is dropped only when all three hold:
+
+    - it carries SCRATCH_COMMENT, which walacord sets only on its scratch databases;
+    - no session holds its scratch lock, so its creator has ended (see the module
+      docstring). This is what keeps a drill or restore running on another walacord
+      host safe;
+    - no session is connected to it. The DROP runs without FORCE, so a session that
+      connects meanwhile makes it fail instead of being cut off.
+
+    A replaced copy (`<target>_previous_<hex>`) contains a user's data, so it is only
+    logged, never dropped here.
+    """
+    leftovers = await find_leftover_databases(admin.conninfo, admin.timeout)
+    for leftover in leftovers:
+        if leftover.removable:
+            try:
+                await admin.drop_unused(leftover.name)
+                leftover.dropped = True
+            except psycopg.Error as exc:
+                log.warning("backup.leftover_drop_failed", extra={"fields": {
+                    "database": leftover.name, "error": str(exc).strip()}})
+        log.warning("backup.leftover_database", extra={"fields": {
+            "database": leftover.name, "size_bytes": leftover.size_bytes,
+            "kind": leftover.kind, "dropped": leftover.dropped,
+            "action": leftover.describe()}})
+    return leftovers
