@@ -35,7 +35,12 @@ def scratch_names(pg_cluster: PgCluster) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        pg_cluster.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        # Copies made from a name, such as `<name>_restoring_<hex>`, go too, even when
+        # the test failed before it learned their names.
+        copies = pg_cluster.psql("SELECT datname FROM pg_database WHERE datname LIKE "
+                                 f"'{name}\\_%'").split()
+        for each in [name, *copies]:
+            pg_cluster.psql(f'DROP DATABASE IF EXISTS "{each}" WITH (FORCE)')
 
 
 async def create_scratch(manager: BackupManager, name: str, *, comment: bool = True) -> None:
@@ -164,8 +169,12 @@ async def test_killed_restore_leaves_target_and_scratch(
          target], stdout=subprocess.PIPE, env=env, start_new_session=True)
     try:
         assert process.stdout is not None
+        output = b""
         with anyio.fail_after(60):
-            assert await process.stdout.receive() == b"loading\n"
+            # print() may reach the pipe in more than one write.
+            while not output.endswith(b"\n"):
+                output += await process.stdout.receive()
+        assert output == b"loading\n"
     finally:
         # The whole process group, pg_restore included, as systemd stops a service.
         os.killpg(process.pid, signal.SIGKILL)
