@@ -67,6 +67,30 @@ def test_backup_now_list_verify_restore(daemon: Path, pg_cluster: PgCluster) -> 
     pg_cluster.psql('DROP DATABASE "restored_copy" WITH (FORCE)')
 
 
+def test_restore_over_supervised_database_is_safe(daemon: Path, pg_cluster: PgCluster,
+                                                  pg_db: str) -> None:
+    """The daemon's own connections keep the database it supervises in use. A forced
+    restore over it either replaces it or fails with the database unchanged and says
+    what to do; which one depends on timing."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    database = pg_db.rsplit("/", 1)[1]
+    pg_cluster.psql("INSERT INTO ledger VALUES (100000, 1)", dbname=database)
+
+    restored = ctl(daemon, "backup", "restore", taken["id"], "--target-db", database,
+                   "--force")
+    rows = pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database)
+
+    if restored.returncode == 0:
+        assert rows == "500"
+    else:
+        assert restored.returncode == 1
+        assert rows == "501"
+        assert f"Database {database} is unchanged" in restored.stderr
+        assert "Restore into a new --target-db instead" in restored.stderr
+    assert pg_cluster.psql("SELECT count(*) FROM pg_database WHERE datname LIKE "
+                           f"'{database[:40]}%' AND datname <> '{database}'") == "0"
+
+
 def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster,
                                              pg_db: str) -> None:
     """Two overwritten bytes: restore rejects the file, verify and list show why."""

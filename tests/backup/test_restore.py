@@ -427,5 +427,7 @@ async def test_restore_failed_rename_keeps_target(
     assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "2"
     assert "is being accessed by other users" in message
     assert f"Database {target_db} is unchanged" in message
+    assert "The temporary copy" in message
+    assert "could not be dropped" in message
     assert previous_databases(pg_cluster) == []
     assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1

@@ -143,7 +143,8 @@ class Admin:
 
     async def rename_into_place(self, temporary: str, target: str,
                                 previous: str | None) -> None:
-        """Rename `temporary` to `target` and clear its scratch comment in one transaction.
+        """End the sessions on both databases, rename `temporary` to `target` and clear
+        its scratch comment, in one transaction.
 
         With `previous`, the existing `target` is renamed to `previous` first, in the
         same transaction. PostgreSQL rolls back both renames when any statement
@@ -153,6 +154,11 @@ class Admin:
             conn = await psycopg.AsyncConnection.connect(self.conninfo)
             try:
                 async with conn.transaction():
+                    # Sessions are ended again here, right before the renames, because
+                    # a pool, walacord's own among them, reconnects within milliseconds
+                    # of its sessions being ended from another connection.
+                    for name in (temporary, target) if previous is not None else (temporary,):
+                        await _end_sessions_now(conn, name)
                     if previous is not None:
                         await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
                             sql.Identifier(target), sql.Identifier(previous)))
@@ -162,6 +168,33 @@ class Admin:
                         sql.Identifier(target)))
             finally:
                 await conn.close()
+
+
+# Milliseconds that pg_terminate_backend waits for an ended session to exit.
+TERMINATE_WAIT_MS = 2000
+
+
+async def _end_sessions_now(conn: psycopg.AsyncConnection[Any], name: str) -> None:
+    """Terminate the other sessions on database `name` and wait until they have exited.
+
+    A session this role may not signal is left alone; the rename that follows then
+    fails and rolls back. Each attempt runs in a savepoint, so that failure does not
+    end the caller's transaction.
+    """
+    cursor = await conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,))
+    wait = conn.info.server_version >= 140000  # pg_terminate_backend(pid, timeout)
+    for (pid,) in await cursor.fetchall():
+        try:
+            async with conn.transaction():
+                if wait:
+                    await conn.execute("SELECT pg_terminate_backend(%s, %s)",
+                                       (pid, TERMINATE_WAIT_MS))
+                else:
+                    await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        except psycopg.errors.InsufficientPrivilege:
+            pass
 
 
 # --- leftovers -----------------------------------------------------------------------

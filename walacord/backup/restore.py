@@ -270,13 +270,17 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
         await put_in_place(admin, placement)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
+            left_behind = ""
             try:
                 await admin.drop(temporary)
             except (psycopg.Error, TimeoutError) as drop_error:
                 log.error("backup.restore_cleanup_failed", extra={"fields": {
                     "temporary_db": temporary, "error": str(drop_error),
                     "action": f"drop database {temporary} by hand"}})
-            outcome = await describe_outcome(admin, placement)
+                left_behind = (f". The temporary copy {temporary} could not be dropped "
+                               f"({describe_error(drop_error).strip()}); walacord drops it "
+                               "at its next start once nothing uses it, or drop it by hand")
+            outcome = await describe_outcome(admin, placement) + left_behind
         if not isinstance(exc, Exception):
             log.warning("backup.restore_cancelled", extra={"fields": {
                 "id": manifest.id, "target_db": target, "outcome": outcome}})
@@ -284,9 +288,16 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
         if isinstance(exc, BackupError):
             error = BackupError(f"{exc}. {outcome}")
         else:
-            hint = ("; end the other sessions on it (pg_stat_activity lists them) and run "
-                    "the restore again" if isinstance(exc, psycopg.errors.ObjectInUse)
-                    else "")
+            hint = ""
+            if isinstance(exc, psycopg.errors.ObjectInUse):
+                hint = ("; end the other sessions on it (pg_stat_activity lists them) and "
+                        "run the restore again")
+                if target == manager.database:
+                    # NOTE: walacord does not pause its own connections for the swap.
+                    hint = ("; walacord's own pool, database probe and crash watch "
+                            "reconnect to the database it supervises at once, so they can "
+                            "keep it in use. Restore into a new --target-db instead, check "
+                            "it, then point the application and [database] url at it")
             error = BackupError(f"restore of {manifest.id} into {target} failed: "
                                 f"{describe_error(exc).strip()}{hint}. {outcome}")
         await manager.record_failure("restore", manifest.id, error)
