@@ -122,25 +122,6 @@ class Admin:
         """Drop `name`; unlike drop(), fail when any session uses it."""
         await self._execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
-    async def terminate_sessions(self, name: str) -> list[int]:
-        """Terminate the other sessions on database `name`; return the pids left.
-
-        A session this role may not signal (a superuser's, when walacord's role is not
-        one) is logged and left running, and the rename that follows then fails.
-        """
-        rows = await self._execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,))
-        remaining = []
-        for (pid,) in rows:
-            try:
-                await self._execute("SELECT pg_terminate_backend(%s)", (pid,))
-            except psycopg.errors.InsufficientPrivilege as exc:
-                remaining.append(pid)
-                log.warning("backup.session_not_terminated", extra={"fields": {
-                    "database": name, "pid": pid, "error": str(exc).strip()}})
-        return remaining
-
     async def rename_into_place(self, temporary: str, target: str,
                                 previous: str | None) -> None:
         """End the sessions on both databases, rename `temporary` to `target` and clear
@@ -148,39 +129,54 @@ class Admin:
 
         With `previous`, the existing `target` is renamed to `previous` first, in the
         same transaction. PostgreSQL rolls back both renames when any statement
-        fails, so `target` then keeps its old data under its own name.
+        fails, so `target` then keeps its old data under its own name. Sessions are
+        ended right before the renames because a pool, walacord's own among them,
+        reconnects within milliseconds. Raise SessionsInUse when sessions still use
+        either database.
         """
         with anyio.fail_after(self.timeout):
             conn = await psycopg.AsyncConnection.connect(self.conninfo)
             try:
                 async with conn.transaction():
-                    # Sessions are ended again here, right before the renames, because
-                    # a pool, walacord's own among them, reconnects within milliseconds
-                    # of its sessions being ended from another connection.
+                    remaining: list[int] = []
                     for name in (temporary, target) if previous is not None else (temporary,):
-                        await _end_sessions_now(conn, name)
-                    if previous is not None:
+                        remaining += await _end_sessions_now(conn, name)
+                    try:
+                        if previous is not None:
+                            await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                                sql.Identifier(target), sql.Identifier(previous)))
                         await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                            sql.Identifier(target), sql.Identifier(previous)))
-                    await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                        sql.Identifier(temporary), sql.Identifier(target)))
+                            sql.Identifier(temporary), sql.Identifier(target)))
+                    except psycopg.errors.ObjectInUse as exc:
+                        raise SessionsInUse(exc, remaining) from exc
                     await conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(
                         sql.Identifier(target)))
             finally:
                 await conn.close()
 
 
+class SessionsInUse(Exception):
+    """Other sessions kept a database in use, so a rename failed and rolled back."""
+
+    def __init__(self, error: psycopg.errors.ObjectInUse, remaining: list[int]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.remaining = remaining  # pids of sessions walacord's role may not end
+
+
 # Milliseconds that pg_terminate_backend waits for an ended session to exit.
 TERMINATE_WAIT_MS = 2000
 
 
-async def _end_sessions_now(conn: psycopg.AsyncConnection[Any], name: str) -> None:
-    """Terminate the other sessions on database `name` and wait until they have exited.
+async def _end_sessions_now(conn: psycopg.AsyncConnection[Any], name: str) -> list[int]:
+    """Terminate the other sessions on database `name`, wait until they have exited, and
+    return the pids of those this role may not signal.
 
-    A session this role may not signal is left alone; the rename that follows then
-    fails and rolls back. Each attempt runs in a savepoint, so that failure does not
-    end the caller's transaction.
+    Such a session (a superuser's, when walacord's role is not one) is logged and left
+    running, and the rename that follows then fails and rolls back. Each attempt runs
+    in a savepoint, so that failure does not end the caller's transaction.
     """
+    remaining = []
     cursor = await conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
         (name,))
@@ -193,8 +189,11 @@ async def _end_sessions_now(conn: psycopg.AsyncConnection[Any], name: str) -> No
                                        (pid, TERMINATE_WAIT_MS))
                 else:
                     await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        except psycopg.errors.InsufficientPrivilege:
-            pass
+        except psycopg.errors.InsufficientPrivilege as exc:
+            remaining.append(pid)
+            log.warning("backup.session_not_terminated", extra={"fields": {
+                "database": name, "pid": pid, "error": str(exc).strip()}})
+    return remaining
 
 
 # --- leftovers -----------------------------------------------------------------------

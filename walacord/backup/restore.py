@@ -27,6 +27,7 @@ from walacord.backup.databases import (
     MAX_IDENTIFIER_BYTES,
     SCRATCH_COMMENT,
     Admin,
+    SessionsInUse,
     scratch_locks,
     scratch_name,
 )
@@ -315,28 +316,25 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
 
 
 async def put_in_place(admin: Admin, placement: Placement) -> None:
-    """Terminate the sessions that block the renames, then run them in one transaction.
+    """End the sessions that block the renames, then run them, in one transaction.
 
-    Sessions on the temporary database are terminated, and with a previous name the
+    Sessions on the temporary database are ended, and with a previous name the
     sessions on the target too, as DROP DATABASE ... WITH (FORCE) would. A session
-    that connects between the termination and the rename makes PostgreSQL raise
+    that connects between the ending and the rename makes PostgreSQL raise
     ObjectInUse, so the rename is retried. It is not retried when a session could not
-    be terminated.
+    be ended.
     """
     for attempt in range(1, RENAME_ATTEMPTS + 1):
-        remaining = await admin.terminate_sessions(placement.temporary)
-        if placement.previous is not None:
-            remaining += await admin.terminate_sessions(placement.target)
         try:
             await admin.rename_into_place(placement.temporary, placement.target,
                                           placement.previous)
             return
-        except psycopg.errors.ObjectInUse as exc:
-            if remaining or attempt == RENAME_ATTEMPTS:
-                raise
+        except SessionsInUse as exc:
+            if exc.remaining or attempt == RENAME_ATTEMPTS:
+                raise exc.error from None
             log.warning("backup.restore_rename_retried", extra={"fields": {
                 "temporary_db": placement.temporary, "target_db": placement.target,
-                "attempt": attempt, "error": str(exc).strip()}})
+                "attempt": attempt, "error": str(exc.error).strip()}})
             await anyio.sleep(0.2 * attempt)
 
 
