@@ -45,6 +45,11 @@ def escape_json_text(text: str) -> str:
     return _UNESCAPED_BY_JSON.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
 
 
+def shorten(text: str, limit: int) -> str:
+    """Return `text`, or its first `limit - 3` characters and "..." when it is longer."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def utf8_text(text: str) -> str:
     """Return `text` with lone surrogates written as escapes, so it encodes as UTF-8.
 

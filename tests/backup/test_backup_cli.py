@@ -70,8 +70,8 @@ def test_backup_now_list_verify_restore(daemon: Path, pg_cluster: PgCluster) -> 
 def test_restore_over_supervised_database_is_safe(daemon: Path, pg_cluster: PgCluster,
                                                   pg_db: str) -> None:
     """The daemon's own connections keep the database it supervises in use. A forced
-    restore over it either replaces it or fails with the database unchanged and says
-    what to do; which one depends on timing."""
+    restore over it either replaces it, or fails with the database unchanged and an
+    error that names the next step. Which one happens depends on timing."""
     taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
     database = pg_db.rsplit("/", 1)[1]
     pg_cluster.psql("INSERT INTO ledger VALUES (100000, 1)", dbname=database)

@@ -23,7 +23,7 @@ def test_result_with_non_utf8_name_is_escaped() -> None:
         "paths": ["zz\\xff__h.json"], "zz\\xff__h.json": 1}}
 
 
-def test_error_and_progress_with_non_utf8_text_are_escaped() -> None:
+def test_error_and_progress_escape_non_utf8() -> None:
     error = orjson.loads(encode_error(3, -32000, f"cannot read {NAME}", {"path": NAME}))
     progress = orjson.loads(encode_progress(3, 1, 2, f"hashing {NAME}"))
 

@@ -20,6 +20,7 @@ from walacord.control.registry import Call, reject_unknown_params
 from walacord.errors import ControlError
 from walacord.probes.host import RESOURCES
 from walacord.settings import parse_duration
+from walacord.terminal import shorten
 
 INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 MAX_SILENCE_SECONDS = 366 * 86400
@@ -101,9 +102,8 @@ async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> 
     reject_unknown_params("alerts.unsilence", params, frozenset({"id"}))
     silence_id = _required_text(params, "id")
     if not await service.unsilence(silence_id):
-        shown = silence_id if len(silence_id) <= 60 else silence_id[:57] + "..."
-        raise ControlError(INVALID_PARAMS, f"silence {shown!r} not found or already "
-                           "ended; list silences with `walacorctl alerts`")
+        raise ControlError(INVALID_PARAMS, f"silence {shorten(silence_id, 60)!r} not found "
+                           "or already ended; list silences with `walacorctl alerts`")
     return {"expired": silence_id}
 
 

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from walacord.errors import BackupError
+from walacord.terminal import shorten
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,7 @@ def _json_type(value: Any) -> str:
 def _json_text(value: Any) -> str:
     """Return `value` as JSON for an error message, cut to 300 characters, which leaves
     file names built from ids of MAX_ID_BYTES whole."""
-    text = orjson.dumps(value).decode()
-    return text if len(text) <= 300 else text[:297] + "..."
+    return shorten(orjson.dumps(value).decode(), 300)
 
 
 def _has_type(value: Any, kind: type) -> bool:
@@ -458,7 +458,7 @@ def read_manifest_bytes(path: Path) -> bytes:
 def read_manifest(directory: Path, backup: str) -> Manifest:
     """Return the manifest of backup `backup`; raise BackupError when it is missing or
     damaged. The error for a damaged one names the dump when it is there."""
-    backup_text = repr(backup) if len(backup) <= 80 else repr(backup[:77] + "...")
+    backup_text = repr(shorten(backup, 80))
     if not is_valid_id(backup):
         raise BackupError(f"invalid backup id {backup_text}: run `walacorctl backup list` for ids")
     path = manifest_path(directory, backup)

@@ -86,11 +86,11 @@ class Context:
 
 
 class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors say how to pass a value that starts with '-'.
+    """ArgumentParser whose errors explain how to pass a value that starts with '-'.
 
     argparse reads `--for -1h` as an option without its value, because "-1h" looks
-    like an option, and its message does not say why. Subcommand parsers are of this
-    class too.
+    like an option, and its message does not explain why. Subcommand parsers are of
+    this class too.
     """
 
     def error(self, message: str) -> NoReturn:

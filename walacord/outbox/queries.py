@@ -23,6 +23,7 @@ import orjson
 from walacord.errors import OutboxError, OutboxNotFound
 from walacord.metrics import Metrics
 from walacord.outbox.model import Operation, State
+from walacord.terminal import shorten
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +466,7 @@ class OutboxQueries:
             f"SELECT {COLUMNS} FROM operations WHERE key = ?", (key,))
         row = next(iter(rows), None)
         if row is None:
-            shown = key if len(key) <= 80 else key[:77] + "..."
-            raise OutboxNotFound(f"no outbox operation has key {shown!r}: it was never "
+            raise OutboxNotFound(f"no outbox operation has key {shorten(key, 80)!r}: it was never "
                                  "enqueued here, or it was done and compacted after the "
                                  "retention period")
         return row_to_operation(row)
