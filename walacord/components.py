@@ -32,6 +32,7 @@ def default_components(runtime: Runtime) -> list[Component]:
     from walacord.backup import control as backup_control
     from walacord.backup.scheduler import BackupScheduler
     from walacord.control.server import ControlServer
+    from walacord.dbpool import database_paused
     from walacord.monitor import Monitor
     from walacord.outbox.backends import OutboxBackends
     from walacord.outbox.control import register_methods as register_outbox_methods
@@ -77,6 +78,8 @@ def default_components(runtime: Runtime) -> list[Component]:
     backups = BackupScheduler.for_runtime(runtime)
     components.append(backups)
     manager = backups.manager
+    # A forced restore over the supervised database pauses these while it swaps it.
+    manager.database_paused = partial(database_paused, [monitor, backends])
     methods.register_plain({"backup.list": backup_control.handlers(manager)["backup.list"]},
                            mutating=set())
     backup = config.backup

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 import anyio
+import psycopg
 from anyio.abc import TaskGroup
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -25,6 +28,12 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 # The pool retries a failed connection attempt, with backoff, for this long.
 RECONNECT_TIMEOUT = 3600.0
+# How long pausing every user of the database may take; the caller goes ahead after it.
+PAUSE_TIMEOUT = 15.0
+
+
+class DatabasePaused(psycopg.OperationalError):
+    """walacord keeps its own connections off the database for a while (see pause())."""
 
 
 class DatabasePool:
@@ -39,6 +48,8 @@ class DatabasePool:
         self.pool = self._new_pool()
         self._tg: TaskGroup | None = None
         self.closing: set[AsyncConnectionPool[Any]] = set()
+        # Why the pool is closed on purpose, until resume(); see pause().
+        self.paused: str | None = None
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         self.generation += 1
@@ -84,7 +95,9 @@ class DatabasePool:
         old = self.pool
         before = dict(old.get_stats())
         self.pool = self._new_pool()
-        await self.pool.open(wait=False)
+        if self.paused is None:
+            # While paused, the new pool stays closed until resume() opens it.
+            await self.pool.open(wait=False)
         self.closing.add(old)
         if self._tg is not None:
             self._tg.start_soon(self._close_old, old)
@@ -116,14 +129,34 @@ class DatabasePool:
         return before
 
     async def reopen(self) -> None:
-        if self.pool.closed:
+        if self.pool.closed and self.paused is None:
             await self.pool.open(wait=False)
+
+    async def pause(self, reason: str) -> dict[str, int]:
+        """Close every connection and open none until resume(); return the pool's stats.
+
+        Connections checked out are closed when they come back, within CLOSE_TIMEOUT.
+        Meanwhile `connect()` raises DatabasePaused and checkouts fail with PoolClosed.
+        PostgreSQL renames or drops a database only while no session uses it, so a
+        restore over the supervised database needs this.
+        """
+        self.paused = reason
+        return await self.release()
+
+    async def resume(self) -> None:
+        """Open the pool again after pause()."""
+        self.paused = None
+        await self.reopen()
 
     async def connect(self, **params: Any) -> AsyncConnection[Any]:
         """Open a brand-new connection outside the pool, with the same settings.
 
         `params` are libpq connection parameters that replace the configured ones.
+        Raise DatabasePaused while the pool is paused.
         """
+        if self.paused is not None:
+            raise DatabasePaused(f"walacord keeps its connections off the database: "
+                                 f"{self.paused}")
         return await AsyncConnection.connect(self.conninfo(), autocommit=True, **params)
 
     def conninfo(self) -> str:
@@ -133,3 +166,41 @@ class DatabasePool:
             config, conninfo = self.config, self.config.conninfo()
             self._conninfo = (config, conninfo)
         return conninfo
+
+
+class PausesDatabase(Protocol):
+    """A part of the daemon that keeps connections to the supervised database."""
+
+    async def pause_database(self, reason: str) -> None: ...
+
+    async def resume_database(self) -> None: ...
+
+
+@asynccontextmanager
+async def database_paused(users: Sequence[PausesDatabase], reason: str
+                          ) -> AsyncIterator[None]:
+    """Keep walacord's own connections off the supervised database while the body runs.
+
+    Each user closes its connections and opens none until the body ends; then all
+    resume, also when the body fails or is cancelled. When pausing takes longer than
+    PAUSE_TIMEOUT, the body runs anyway and a warning is logged. What the body needs (a
+    database without sessions) may then fail, so it must fail safely.
+    """
+    paused: list[PausesDatabase] = []
+    try:
+        with anyio.move_on_after(PAUSE_TIMEOUT) as scope:
+            for user in users:
+                paused.append(user)
+                await user.pause_database(reason)
+        if scope.cancelled_caught:
+            log.warning("database.pause_timed_out", extra={"fields": {
+                "reason": reason, "timeout_seconds": PAUSE_TIMEOUT}})
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            for user in reversed(paused):
+                try:
+                    await user.resume_database()
+                except Exception:
+                    log.exception("database.resume_failed", extra={"fields": {
+                        "reason": reason, "user": type(user).__name__}})

@@ -329,10 +329,35 @@ class Monitor:
                 log.warning("pool.released", extra={"fields": {
                     "reason": "the server is shutting down (SQLSTATE 57P03)",
                     "pool_before": before}})
-            elif not self._want_released and self.pool.pool.closed:
+            elif (not self._want_released and self.pool.pool.closed
+                  and self.pool.paused is None):
                 await self.pool.reopen()
                 log.info("pool.reopened")
                 self.runners["database"].trigger()
+
+    async def pause_database(self, reason: str) -> None:
+        """Keep every connection of the monitor off the database until resume_database().
+
+        The database probe finishes a run in progress, then starts none; its state keeps
+        the last result, and reports show `paused`. The crash watch closes its
+        connection, and the pool closes its connections.
+        """
+        began = time.monotonic()
+        runner = self.runners["database"]
+        await runner.pause(reason)
+        await self.watcher.pause()
+        before = await self.pool.pause(reason)
+        log.warning("database.paused", extra={"fields": {
+            "reason": reason, "pool_before": before,
+            "duration_seconds": round(time.monotonic() - began, 3)}})
+
+    async def resume_database(self) -> None:
+        """Undo pause_database(): open the pool, reconnect the crash watch, probe at once."""
+        reason = self.pool.paused
+        await self.pool.resume()
+        self.watcher.resume()
+        self.runners["database"].resume()
+        log.info("database.resumed", extra={"fields": {"reason": reason}})
 
     async def _prove_fresh(self) -> tuple[bool, str]:
         """Open a new connection and run SELECT 1, within the database probe's deadline."""
@@ -401,6 +426,7 @@ class Monitor:
                 "reason": failure.reason, "message": failure.message,
                 "at": wall_time(failure.at, now) if failure.at else None},
             "flapping": state.flapping,
+            "paused": runner.paused,
             "configured": state.health is not Health.NOT_CONFIGURED,
             "details": last.details if last else {},
         }
@@ -539,12 +565,13 @@ class Monitor:
             if report["state"] == Health.NOT_CONFIGURED.value:
                 states[name] = {"healthy": None, "reason": report["message"],
                                 "latency_seconds": None, "since": report["since"] or "",
-                                "details": {}}
+                                "paused": None, "details": {}}
                 continue
             states[name] = {
                 "healthy": bool(report["healthy"]),
                 "reason": report["reason"], "latency_seconds": report["latency_seconds"],
-                "since": report["since"] or "", "details": report["details"]}
+                "since": report["since"] or "", "paused": report["paused"],
+                "details": report["details"]}
         return states
 
     async def run_probes(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:

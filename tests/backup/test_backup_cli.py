@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
@@ -67,28 +70,107 @@ def test_backup_now_list_verify_restore(daemon: Path, pg_cluster: PgCluster) -> 
     pg_cluster.psql('DROP DATABASE "restored_copy" WITH (FORCE)')
 
 
-def test_restore_over_supervised_database_is_safe(daemon: Path, pg_cluster: PgCluster,
-                                                  pg_db: str) -> None:
-    """The daemon's own connections keep the database it supervises in use. A forced
-    restore over it either replaces it, or fails with the database unchanged and an
-    error that names the next step. Which one happens depends on timing."""
-    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+@pytest.fixture
+def daemon_with_sink(tmp_path: Path, pg_db: str) -> Iterator[Path]:
+    """A daemon whose database probe, crash watch and outbox postgres sink all keep
+    connections to the supervised database."""
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)")
+        conn.execute("INSERT INTO ledger SELECT g, g * 1.5 FROM generate_series(1, 500) g")
+    toml = (f'[database]\nurl = "{pg_db}"\n[backup]\nenabled = false\n'
+            '[probes.database]\ninterval = 0.5\ntimeout = 0.4\ncrash_watch = true\n'
+            '[outbox.statements.add_entry]\n'
+            'sql = "INSERT INTO ledger (id, amount) VALUES (%(id)s, %(amount)s) '
+            'ON CONFLICT DO NOTHING"\n')
+    with walacord_run(tmp_path, toml) as socket:
+        yield socket
+
+
+def _database_report(socket: Path) -> dict[str, Any]:
+    status = ctl(socket, "--json", "status")
+    assert status.returncode == 0, status.stderr
+    report: dict[str, Any] = orjson.loads(status.stdout)["probes"]["database"]
+    return report
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} within {limit:g} s"
+        time.sleep(0.1)
+
+
+def _sessions(pg_cluster: PgCluster, database: str) -> int:
+    return int(pg_cluster.psql("SELECT count(*) FROM pg_stat_activity "
+                               f"WHERE datname = '{database}'"))
+
+
+def test_restore_over_supervised_database(daemon_with_sink: Path, pg_cluster: PgCluster,
+                                          pg_db: str) -> None:
+    """walacord pauses its own connections for the swap, so a forced restore over the
+    database it supervises succeeds while walacord holds sessions on it, and
+    walacord's probe and outbox work against the restored database afterwards."""
+    socket = daemon_with_sink
     database = pg_db.rsplit("/", 1)[1]
+    taken = orjson.loads(ctl(socket, "--json", "backup", "now").stdout)
     pg_cluster.psql("INSERT INTO ledger VALUES (100000, 1)", dbname=database)
+    # The pool, the crash watch and the sink's pool each hold a session.
+    _wait_for(lambda: _sessions(pg_cluster, database) >= 3,
+              "walacord's pool, crash watch and outbox sessions")
+    assert _database_report(socket)["healthy"] is True
 
-    restored = ctl(daemon, "backup", "restore", taken["id"], "--target-db", database,
-                   "--force")
-    rows = pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database)
+    for round_number in range(3):
+        restored = ctl(socket, "backup", "restore", taken["id"], "--target-db", database,
+                       "--force")
+        assert restored.returncode == 0, restored.stderr
+        assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) == "500"
+        pg_cluster.psql(f"INSERT INTO ledger VALUES ({100000 + round_number}, 1)",
+                        dbname=database)
 
-    if restored.returncode == 0:
-        assert rows == "500"
-    else:
-        assert restored.returncode == 1
-        assert rows == "501"
-        assert f"Database {database} is unchanged" in restored.stderr
-        assert "Restore into a new --target-db instead" in restored.stderr
+    # No scratch or replaced copy is left.
     assert pg_cluster.psql("SELECT count(*) FROM pg_database WHERE datname LIKE "
                            f"'{database[:40]}%' AND datname <> '{database}'") == "0"
+    # walacord reconnected: its sessions are back, and the probe runs and is up.
+    _wait_for(lambda: _sessions(pg_cluster, database) >= 3, "walacord's sessions back")
+    report = _database_report(socket)
+    assert report["healthy"] is True and report["paused"] is None, report
+    # The outbox's postgres sink writes into the restored database.
+    enqueued = ctl(socket, "enqueue", "--sink", "postgres", "--statement", "add_entry",
+                   "--key", "after-restore", "--data", '{"id": 300000, "amount": 3}')
+    assert enqueued.returncode == 0, enqueued.stderr
+    _wait_for(lambda: pg_cluster.psql("SELECT count(*) FROM ledger WHERE id = 300000",
+                                      dbname=database) == "1", "the operation applied")
+
+
+def test_restore_over_supervised_database_in_use(daemon_with_sink: Path,
+                                                 pg_cluster: PgCluster, pg_db: str) -> None:
+    """A client that is not walacord and keeps reconnecting can still block the rename.
+    The database is then unchanged, the error says what to stop, and walacord resumes."""
+    socket = daemon_with_sink
+    database = pg_db.rsplit("/", 1)[1]
+    taken = orjson.loads(ctl(socket, "--json", "backup", "now").stdout)
+    pg_cluster.psql("INSERT INTO ledger VALUES (100000, 1)", dbname=database)
+    # A "connect, sleep, reconnect at once" loop in a shell, like an application pool.
+    loop = subprocess.Popen(
+        ["sh", "-c", f"while true; do {pg_cluster.bindir / 'psql'} -X -q "
+                     f"'{pg_db}' -c 'SELECT pg_sleep(30)' >/dev/null 2>&1; done"],
+        start_new_session=True)
+    try:
+        _wait_for(lambda: int(pg_cluster.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
+            f"AND datname = '{database}'")) == 1, "the other client's session")
+        restored = ctl(socket, "backup", "restore", taken["id"], "--target-db", database,
+                       "--force")
+    finally:
+        os.killpg(loop.pid, signal.SIGKILL)
+        loop.wait()
+    assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) in ("500", "501")
+    if restored.returncode != 0:
+        assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) == "501"
+        assert f"Database {database} is unchanged" in restored.stderr
+        assert "Stop the application and anything else that connects" in restored.stderr
+    _wait_for(lambda: _database_report(socket)["paused"] is None
+              and _database_report(socket)["healthy"] is True, "the probe resumed and up")
 
 
 def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster,

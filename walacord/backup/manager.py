@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,11 @@ class BackupManager:
         self._failure_firing = False
         self._stale_firing = False
         self.last_success: datetime | None = None
+        # The database walacord supervises ([database] url), and how to keep walacord's
+        # own connections off it while a restore replaces it. The daemon sets both;
+        # by default the backed-up database counts as supervised and nothing pauses.
+        self.supervised_database = self.database
+        self.database_paused: Callable[[str], AbstractAsyncContextManager[None]] = _no_pause
 
     @classmethod
     def from_config(cls, config: Config, *, metrics: Metrics | None = None,
@@ -115,7 +123,11 @@ class BackupManager:
         if not section.dir:
             section = dataclasses.replace(
                 section, dir=PathSetting(str(Path(config.state.dir) / "backups")))
-        return cls(section, conninfo=conninfo, metrics=metrics, alert=alert)
+        manager = cls(section, conninfo=conninfo, metrics=metrics, alert=alert)
+        supervised = conninfo_to_dict(config.database.conninfo())
+        manager.supervised_database = str(supervised.get("dbname") or supervised.get("user")
+                                          or manager.database)
+        return manager
 
     # --- shared pieces ---------------------------------------------------------------
 
@@ -506,3 +518,7 @@ def _remove_quietly(paths: list[Path]) -> None:
             log.error("backup.cleanup_failed", extra={"fields": {
                 "path": display_path(path), "error": str(exc)}})
 
+
+@contextlib.asynccontextmanager
+async def _no_pause(reason: str) -> AsyncIterator[None]:
+    yield

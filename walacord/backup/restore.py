@@ -186,7 +186,7 @@ async def restore_backup(manager: BackupManager, manifest: Manifest, target_db: 
     except (psycopg.Error, TimeoutError) as exc:
         raise BackupError(f"cannot check whether database {target_db!r} exists: "
                           f"{describe_error(exc)}") from exc
-    supervised = target_db == manager.database
+    supervised = target_db == manager.supervised_database
     if replacing and not force:
         raise DatabaseExists(target_db, supervised=supervised)
     if replacing and supervised:
@@ -268,7 +268,14 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
                 "target_db": target, "id": manifest.id, "previous_db": previous,
                 "action": f"if walacord stops before the restore ends, the data of "
                           f"{target} is in {previous} or still in {target}"}})
-        await put_in_place(admin, placement)
+        if previous is not None and target == manager.supervised_database:
+            # walacord's own pool, database probe, crash watch and outbox sink would
+            # reconnect at once and keep the database in use, so they pause for the swap.
+            async with manager.database_paused(
+                    f"restore of backup {manifest.id} replaces database {target}"):
+                await put_in_place(admin, placement)
+        else:
+            await put_in_place(admin, placement)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             left_behind = ""
@@ -293,12 +300,11 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
             if isinstance(exc, psycopg.errors.ObjectInUse):
                 hint = ("; end the other sessions on it (pg_stat_activity lists them) and "
                         "run the restore again")
-                if target == manager.database:
-                    # NOTE: walacord does not pause its own connections for the swap.
-                    hint = ("; walacord's own pool, database probe and crash watch "
-                            "reconnect to the database it supervises at once, so they can "
-                            "keep it in use. Restore into a new --target-db instead, check "
-                            "it, then point the application and [database] url at it")
+                if target == manager.supervised_database:
+                    hint = ("; walacord closed its own connections for the swap, so "
+                            "another client keeps reconnecting to it. Stop the "
+                            "application and anything else that connects (pg_stat_activity "
+                            "lists them), then run the restore again")
             error = BackupError(f"restore of {manifest.id} into {target} failed: "
                                 f"{describe_error(exc).strip()}{hint}. {outcome}")
         await manager.record_failure("restore", manifest.id, error)

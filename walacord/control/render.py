@@ -128,8 +128,13 @@ def format_probes(probes: dict[str, Any]) -> str:
         state = "up" if healthy else "down"
         if healthy is None:
             state = "not configured"
+        reason = probe.get("reason")
+        if probe.get("paused"):
+            # The state is the last result before the pause.
+            state += " (paused)"
+            reason = f"paused: {probe['paused']}; last result: {reason}"
         rows.append([name, state, format_seconds(probe.get(
-            "latency_seconds")), probe.get("since"), probe.get("reason")])
+            "latency_seconds")), probe.get("since"), reason])
     return format_table(["probe", "state", "latency", "since", "reason"], rows)
 
 

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
-from psycopg_pool import AsyncConnectionPool
 
 from walacord.config import Config
 from walacord.metrics import Metrics
-from walacord.outbox.sinks import PostgresSink, Sink, WalacorClientLike, WalacorSink
+from walacord.outbox.sinks import (
+    ConnectionSource,
+    PostgresSink,
+    Sink,
+    WalacorClientLike,
+    WalacorSink,
+)
 from walacord.outbox.store import AlertCallback, OutboxStore
 from walacord.outbox.sync import SyncEngine
 
 
 def build_sinks(config: Config, *, walacor: WalacorClientLike | None = None,
-                pool: AsyncConnectionPool[Any] | None = None) -> dict[str, Sink]:
+                pool: ConnectionSource | None = None) -> dict[str, Sink]:
     """Return the sinks for the backends that are configured, keyed by sink name."""
     sinks: dict[str, Sink] = {}
     if walacor is not None:

@@ -20,13 +20,14 @@ fires when the wait exceeds its threshold.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
 import orjson
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from walacord.config import OutboxStatement
 from walacord.errors import WalacorError
@@ -182,6 +183,14 @@ def _parameter_rows(operations: Sequence[Operation]) -> list[dict[str, Any]]:
     return rows
 
 
+class ConnectionSource(Protocol):
+    """Where the postgres sink checks out connections: a psycopg_pool pool, or the
+    daemon's `SinkPool`, which can be paused."""
+
+    def connection(self, timeout: float | None = None
+                   ) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]: ...
+
+
 class PostgresSink:
     """Runs the operation's named statement with its payload as parameters."""
 
@@ -189,7 +198,7 @@ class PostgresSink:
     # Statements are idempotent, so a replay is harmless whatever the attempt count.
     durable_claims = False
 
-    def __init__(self, pool: AsyncConnectionPool[Any],
+    def __init__(self, pool: ConnectionSource,
                  statements: Mapping[str, OutboxStatement], *, timeout: float) -> None:
         self.pool = pool
         self.statements = statements

@@ -25,6 +25,8 @@ from walacord.config import ProbeSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# How often a paused runner tells the watchdog that it is alive.
+PAUSED_BEAT = 1.0
 
 
 class Status(enum.Enum):
@@ -332,6 +334,10 @@ class ProbeRunner:
         self._sleep: anyio.CancelScope | None = None
         self._in_flight = False
         self._first = anyio.Event()
+        # Set by pause(): why no run starts, and the event that resume() sets.
+        self.paused: str | None = None
+        self._resumed: anyio.Event | None = None
+        self._run_ended: anyio.Event | None = None
 
     def trigger(self) -> None:
         """Run the probe now instead of waiting for the rest of the interval."""
@@ -342,12 +348,38 @@ class ProbeRunner:
     async def first_result(self) -> None:
         await self._first.wait()
 
+    async def pause(self, reason: str) -> None:
+        """Start no run until resume(); return once a run in progress has ended.
+
+        The state keeps its last result meanwhile. A run ends within its deadline,
+        because the Abandoner gives up a check stuck past it.
+        """
+        self.paused = reason
+        if self._resumed is None:
+            self._resumed = anyio.Event()
+        while self._in_flight:
+            self._run_ended = self._run_ended or anyio.Event()
+            await self._run_ended.wait()
+
+    def resume(self) -> None:
+        """Allow runs again and run at once."""
+        self.paused = None
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.set()
+        self.trigger()
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self.abandoner.run)
             task_status.started()
             while True:
                 self._beat()
+                while self._resumed is not None:
+                    # Paused: keep beating, so the watchdog does not see a stall.
+                    with anyio.move_on_after(PAUSED_BEAT):
+                        await self._resumed.wait()
+                    self._beat()
                 await self.run_once()
                 delay = next_delay(self.state, time.monotonic(), self.probe.settings())
                 # A plain sleep that trigger() cancels: waiting for an event under
@@ -361,6 +393,8 @@ class ProbeRunner:
 
     async def run_once(self) -> ProbeState:
         """Run the probe once and fold the result into the state."""
+        if self.paused is not None:
+            return self.state
         if self._in_flight:
             # A second caller (run-now from the control socket) while a run is going.
             self.stats.skipped += 1
@@ -378,6 +412,9 @@ class ProbeRunner:
             result = await self._timed_check()
         finally:
             self._in_flight = False
+            ended, self._run_ended = self._run_ended, None
+            if ended is not None:
+                ended.set()
         self._apply(result)
         return self.state
 

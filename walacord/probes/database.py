@@ -516,21 +516,45 @@ class CrashWatcher:
         self.drops = 0
         self.last_drop: ServerDrop | None = None
         self._held: anyio.CancelScope | None = None
+        # Set by pause(): the event that resume() sets, and the one set once the held
+        # connection is closed.
+        self._resumed: anyio.Event | None = None
+        self._closed = anyio.Event()
+        self._closed.set()
 
     def release(self) -> None:
         """Close the held connection now; the watcher then reconnects with backoff."""
         if self._held is not None:
             self._held.cancel()
 
+    async def pause(self) -> None:
+        """Close the held connection and open none until resume(); return once closed."""
+        if self._resumed is None:
+            self._resumed = anyio.Event()
+        self.release()
+        await self._closed.wait()
+
+    def resume(self) -> None:
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.set()
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         backoff = self.BACKOFF_MIN
         while True:
+            while self._resumed is not None:
+                await self._resumed.wait()
+            self._closed = anyio.Event()
             try:
                 with anyio.fail_after(self.connect_timeout()):
                     conn = await self.pool.connect()
                     await conn.execute("LISTEN walacord_watch")
             except (psycopg.Error, TimeoutError, OSError) as exc:
+                self._closed.set()
+                if self._resumed is not None:
+                    continue  # paused meanwhile: wait for resume(), then connect
+
                 # A server that is down comes back soon, so retry fast; a rejected login
                 # or a missing database needs a person, so do not flood the server log.
                 rejected = classify(exc) in ("auth", "config", "privilege")
@@ -546,6 +570,9 @@ class CrashWatcher:
             conn.add_notice_handler(partial(_keep_notice, notices))
             try:
                 with anyio.CancelScope() as self._held:
+                    if self._resumed is not None:
+                        # Paused while connecting: close this connection at once.
+                        self._held.cancel()
                     await _wait_until_closed(conn)
                 if self._held.cancel_called:
                     self.connected = False
@@ -563,6 +590,7 @@ class CrashWatcher:
                 self._held = None
                 with anyio.CancelScope(shield=True):
                     await conn.close()
+                self._closed.set()
 
 
 async def _wait_until_closed(conn: AsyncConnection[Any]) -> None:
