@@ -272,7 +272,7 @@ async def test_journaled_scratch_with_session_is_kept(journaled_manager: BackupM
     assert journal_names(manager) == [name]
 
 
-async def test_journaled_scratch_with_other_comment_is_kept(
+async def test_journaled_commented_database_is_kept(
         journaled_manager: BackupManager, pg_cluster: PgCluster,
         scratch_names: list[str]) -> None:
     """A comment walacord did not set means someone else has claimed the database."""
@@ -307,10 +307,10 @@ async def test_journaled_leftover_is_listed_as_scratch(journaled_manager: Backup
     assert journal_names(manager) == [name]
 
 
-async def test_journal_naming_previous_copy_is_ignored(
+async def test_journaled_previous_copy_is_kept(
         journaled_manager: BackupManager, pg_cluster: PgCluster, scratch_names: list[str],
         caplog: pytest.LogCaptureFixture) -> None:
-    """A replaced copy holds a user's data, even when the journal file names it."""
+    """A replaced copy contains a user's data, even when the journal file names it."""
     manager = journaled_manager
     name = scratch_name("app", "previous")
     scratch_names.append(name)
@@ -350,7 +350,7 @@ async def test_damaged_journal_keeps_cleanup_working(
     assert "not valid JSON" in damaged.fields["error"]  # type: ignore[attr-defined]
 
 
-async def test_journal_prunes_names_of_missing_databases(
+async def test_journal_prunes_missing_databases(
         journaled_manager: BackupManager, pg_cluster: PgCluster) -> None:
     """A missing name is pruned unless its lock is held: its creator may create it next."""
     manager = journaled_manager

@@ -23,7 +23,7 @@ To tell a leftover from a database in use, the creator of a scratch database:
 At start-up, walacord drops a leftover whose lock is free and that has no sessions
 when it carries the comment, or when it has no comment and the journal names it. A
 replaced copy (`<target>_previous_<hex>`) is never journaled and never dropped here,
-because it holds a user's data. Journal names whose database no longer exists are
+because it contains a user's data. Journal names whose database no longer exists are
 removed from the journal.
 """
 
@@ -302,7 +302,7 @@ def _lock_parts(key: int) -> tuple[int, int]:
     return unsigned >> 32, unsigned & 0xFFFF_FFFF
 
 
-# Which journaled names still exist, read after HELD_LOCKS_QUERY.
+# The journaled names that exist as databases, read after HELD_LOCKS_QUERY.
 EXISTING_QUERY = "SELECT datname FROM pg_database WHERE datname = ANY(%s)"
 
 

@@ -9,10 +9,11 @@ removed after the database is dropped or renamed into place. Start-up cleanup dr
 uncommented leftover only when this journal names it (see walacord.backup.databases).
 
 The journal is a JSON file in the backups directory:
-`{"version": 1, "databases": [NAME, ...]}`. Failures to read or write it are logged
-and never raised, because a journal problem must not stop backups or start-up. A
-damaged journal is read as empty. Before the next write replaces it, it is renamed to
-`<journal>.damaged-<UTC time>`, so its content stays for an operator to inspect.
+`{"version": 1, "databases": [NAME, ...]}`. File errors (OSError) and timeouts when
+reading or writing it are logged, not raised, because a journal problem must not stop
+backups or start-up. A damaged journal is read as empty. Before the next add()
+replaces it, it is renamed to `<journal>.damaged-<UTC time>`, so its content stays
+for an operator to inspect.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ log = logging.getLogger(__name__)
 
 SCRATCH_JOURNAL_NAME = ".scratch-databases"
 JOURNAL_VERSION = 1
-# Each running drill or restore adds one name, and a name stays after its database is
-# gone only when walacord was killed or a journal write failed; start-up removes those.
-# A full journal records no more names, and those databases rely on their comment.
+# Each running drill or restore adds one name. A name outlives its database only when
+# walacord was killed or a journal write failed, and start-up removes such names. A
+# full journal records no more names, so those databases rely on their comment alone.
 MAX_JOURNAL_NAMES = 64
 # Room for MAX_JOURNAL_NAMES names of 63 bytes even when JSON escapes every byte.
 MAX_JOURNAL_BYTES = 64 * 1024
@@ -89,7 +90,8 @@ def parse_journal(data: bytes) -> list[str]:
 
 
 class ScratchJournal:
-    """The journal file at `path`; every method logs its errors instead of raising.
+    """The journal file at `path`. Its methods log file errors and timeouts instead of
+    raising them.
 
     A lock serialises the read-modify-write of concurrent drills and restores in this
     process. The file belongs to one walacord instance, as its backups directory does.
