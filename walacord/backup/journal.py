@@ -95,6 +95,8 @@ class ScratchJournal:
 
     A lock serialises the read-modify-write of concurrent drills and restores in this
     process. The file belongs to one walacord instance, as its backups directory does.
+    NOTE: nothing locks the file between processes, so two daemons configured with the
+    same `[backup] dir` can lose each other's updates.
     """
 
     def __init__(self, path: Path, time_limit: float) -> None:
