@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -41,6 +42,12 @@ def overwrite_two_bytes(path: Path, offset: int) -> str:
         handle.seek(offset)
         handle.write(bytes(b ^ 0xFF for b in original))
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def journal_names(manager: BackupManager) -> list[str]:
+    """Return the names in the manager's scratch journal file, read without walacord's
+    parser; raise FileNotFoundError when nothing has written the file."""
+    return list(json.loads(manager.scratch_journal.path.read_bytes())["databases"])
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import anyio
 import psycopg
 import pytest
 
+from tests.backup.conftest import journal_names
 from tests.conftest import wait_until
 from walacord.backup import BackupManager
 from walacord.backup.control import backup_list
@@ -43,9 +45,14 @@ def scratch_names(pg_cluster: PgCluster) -> Iterator[list[str]]:
             pg_cluster.psql(f'DROP DATABASE IF EXISTS "{each}" WITH (FORCE)')
 
 
-async def create_scratch(manager: BackupManager, name: str, *, comment: bool = True) -> None:
-    """Create `name` as a drill or restore does, then release its lock as a kill would."""
-    admin = Admin(manager.conninfo, 15)
+async def create_scratch(manager: BackupManager, name: str, *, comment: bool = True,
+                         journal: bool = False) -> None:
+    """Create `name` as a drill or restore does, then release its lock as a kill would.
+
+    Without a comment, this leaves what a kill between CREATE DATABASE and COMMENT
+    leaves. With `journal`, the name goes to the manager's scratch journal first.
+    """
+    admin = Admin(manager.conninfo, 15, manager.scratch_journal if journal else None)
     async with scratch_locks(manager.conninfo, [name], 15):
         await admin.create(name, f"{SCRATCH_COMMENT}: test" if comment else None)
 
@@ -188,9 +195,172 @@ async def test_killed_restore_leaves_target_and_scratch(
         f"SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = '{temporary}') "
         "+ (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')") == "0", 10)
 
+    assert journal_names(manager) == [temporary]
+
     leftovers = await manager.drop_leftover_databases()
 
     assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target) == "2"
     assert [(lf.name, lf.kind, lf.dropped) for lf in leftovers] == [
         (temporary, "scratch", True)]
     assert not database_exists(pg_cluster, temporary)
+    assert journal_names(manager) == []
+
+
+# --- the scratch journal: scratch databases killed before their COMMENT ---------------
+
+
+@pytest.fixture
+def journaled_manager(make_manager: ManagerFactory) -> BackupManager:
+    manager = make_manager()
+    manager.directory.mkdir(parents=True)
+    return manager
+
+
+@pytest.mark.parametrize("base, label", [("walacord_drill_app", ""), ("app", "restoring")])
+async def test_journaled_unmarked_scratch_is_dropped(
+        journaled_manager: BackupManager, pg_cluster: PgCluster, scratch_names: list[str],
+        caplog: pytest.LogCaptureFixture, base: str, label: str) -> None:
+    manager = journaled_manager
+    name = scratch_name(base, label)
+    scratch_names.append(name)
+    await create_scratch(manager, name, comment=False, journal=True)
+    caplog.set_level(logging.WARNING)
+
+    leftovers = await manager.drop_leftover_databases()
+
+    assert [(lf.name, lf.kind, lf.journaled, lf.dropped) for lf in leftovers] == [
+        (name, "scratch", True, True)]
+    assert not database_exists(pg_cluster, name)
+    assert journal_names(manager) == []
+    [logged] = [r for r in caplog.records if r.getMessage() == "backup.leftover_database"]
+    assert logged.fields["dropped"] is True  # type: ignore[attr-defined]
+
+
+async def test_unjournaled_unmarked_scratch_is_kept(journaled_manager: BackupManager,
+                                                    pg_cluster: PgCluster,
+                                                    scratch_names: list[str]) -> None:
+    """Only the journal's names count: another uncommented scratch name stays."""
+    manager = journaled_manager
+    own = scratch_name("app", "restoring")
+    other = scratch_name("app", "restoring")
+    scratch_names.extend([own, other])
+    await create_scratch(manager, own, comment=False, journal=True)
+    await create_scratch(manager, other, comment=False)
+
+    leftovers = await manager.drop_leftover_databases()
+
+    assert sorted((lf.name, lf.kind, lf.dropped) for lf in leftovers) == sorted([
+        (own, "scratch", True), (other, "unmarked", False)])
+    assert not database_exists(pg_cluster, own)
+    assert database_exists(pg_cluster, other)
+
+
+async def test_journaled_scratch_with_session_is_kept(journaled_manager: BackupManager,
+                                                      pg_cluster: PgCluster,
+                                                      scratch_names: list[str]) -> None:
+    manager = journaled_manager
+    name = scratch_name("app", "restoring")
+    scratch_names.append(name)
+    await create_scratch(manager, name, comment=False, journal=True)
+
+    with psycopg.connect(pg_cluster.url(name)):
+        leftovers = await manager.drop_leftover_databases()
+
+    assert [(lf.name, lf.kind, lf.sessions, lf.dropped) for lf in leftovers] == [
+        (name, "scratch", 1, False)]
+    assert database_exists(pg_cluster, name)
+    assert journal_names(manager) == [name]
+
+
+async def test_journaled_commented_database_is_kept(
+        journaled_manager: BackupManager, pg_cluster: PgCluster,
+        scratch_names: list[str]) -> None:
+    """A comment walacord did not set means someone else has claimed the database."""
+    manager = journaled_manager
+    name = scratch_name("app", "restoring")
+    scratch_names.append(name)
+    await create_scratch(manager, name, comment=False, journal=True)
+    pg_cluster.psql(f"COMMENT ON DATABASE \"{name}\" IS 'keep: audit copy'")
+
+    leftovers = await manager.drop_leftover_databases()
+
+    assert [(lf.name, lf.kind, lf.journaled, lf.dropped) for lf in leftovers] == [
+        (name, "unmarked", True, False)]
+    assert database_exists(pg_cluster, name)
+    assert "comment walacord did not set" in leftovers[0].describe()
+
+
+async def test_journaled_leftover_is_listed_as_scratch(journaled_manager: BackupManager,
+                                                       pg_cluster: PgCluster,
+                                                       scratch_names: list[str]) -> None:
+    manager = journaled_manager
+    name = scratch_name("app", "restoring")
+    scratch_names.append(name)
+    await create_scratch(manager, name, comment=False, journal=True)
+
+    listing = await backup_list(manager, {})
+
+    [listed] = listing["leftover_databases"]
+    assert (listed["name"], listed["kind"], listed["journaled"]) == (name, "scratch", True)
+    assert "scratch journal names it" in listed["description"]
+    assert database_exists(pg_cluster, name)
+    assert journal_names(manager) == [name]
+
+
+async def test_journaled_previous_copy_is_kept(
+        journaled_manager: BackupManager, pg_cluster: PgCluster, scratch_names: list[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A replaced copy contains a user's data, even when the journal file names it."""
+    manager = journaled_manager
+    name = scratch_name("app", "previous")
+    scratch_names.append(name)
+    pg_cluster.psql(f'CREATE DATABASE "{name}"')
+    content = json.dumps({"version": 1, "databases": [name]}).encode()
+    manager.scratch_journal.path.write_bytes(content)
+
+    leftovers = await manager.drop_leftover_databases()
+
+    assert [(lf.name, lf.kind, lf.dropped) for lf in leftovers] == [(name, "previous", False)]
+    assert database_exists(pg_cluster, name)
+    assert manager.scratch_journal.path.read_bytes() == content
+    assert "backup.scratch_journal_damaged" in [r.getMessage() for r in caplog.records]
+
+
+async def test_damaged_journal_keeps_cleanup_working(
+        journaled_manager: BackupManager, pg_cluster: PgCluster, scratch_names: list[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    manager = journaled_manager
+    marked = scratch_name("walacord_drill_app")
+    unmarked = scratch_name("app", "restoring")
+    scratch_names.extend([marked, unmarked])
+    await create_scratch(manager, marked)
+    await create_scratch(manager, unmarked, comment=False)
+    content = b'{"version": 1, "databases": ["' + unmarked.encode() + b'"'  # cut short
+    manager.scratch_journal.path.write_bytes(content)
+
+    leftovers = await manager.drop_leftover_databases()
+
+    assert sorted((lf.name, lf.kind, lf.dropped) for lf in leftovers) == sorted([
+        (marked, "scratch", True), (unmarked, "unmarked", False)])
+    assert not database_exists(pg_cluster, marked)
+    assert database_exists(pg_cluster, unmarked)
+    assert manager.scratch_journal.path.read_bytes() == content
+    [damaged] = [r for r in caplog.records
+                 if r.getMessage() == "backup.scratch_journal_damaged"]
+    assert "not valid JSON" in damaged.fields["error"]  # type: ignore[attr-defined]
+
+
+async def test_journal_prunes_missing_databases(
+        journaled_manager: BackupManager, pg_cluster: PgCluster) -> None:
+    """A missing name is pruned unless its lock is held: its creator may create it next."""
+    manager = journaled_manager
+    gone = scratch_name("app", "restoring")
+    pending = scratch_name("walacord_drill_app")
+    assert await manager.scratch_journal.add(gone)
+    assert await manager.scratch_journal.add(pending)
+
+    async with scratch_locks(manager.conninfo, [pending], 15):
+        leftovers = await manager.drop_leftover_databases()
+
+    assert leftovers == []
+    assert journal_names(manager) == [pending]

@@ -9,7 +9,7 @@ import anyio
 import psycopg
 import pytest
 
-from tests.backup.conftest import fifo_in_place_of, overwrite_two_bytes
+from tests.backup.conftest import fifo_in_place_of, journal_names, overwrite_two_bytes
 from walacord.backup import BackupManager
 from walacord.backup.manifest import format_time, write_manifest
 from walacord.backup.restore import DatabaseExists, RestoreRequest, load_archive
@@ -94,6 +94,43 @@ async def test_restore_force_replaces_existing(make_manager: ManagerFactory,
     assert result.replaced
     assert ledger_rows(pg_cluster, target_db) == 3000
     assert pg_cluster.psql("SELECT to_regclass('keep_me') IS NULL", dbname=target_db) == "t"
+
+
+async def test_restore_journals_temporary_database(make_manager: ManagerFactory,
+                                                   pg_cluster: PgCluster,
+                                                   target_db: str) -> None:
+    """The journal names the temporary copy while it loads, and no database after."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}"')
+    while_loading: list[list[str]] = []
+
+    await manager.restore(backup.id, target_db, force=True,
+                          progress=lambda done, total, text: while_loading.append(
+                              journal_names(manager)))
+
+    [temporary] = {name for names in while_loading for name in names}
+    # The only name is the temporary copy's: the replaced copy is never journaled.
+    assert "_restoring_" in temporary
+    assert all(names == [temporary] for names in while_loading)
+    assert journal_names(manager) == []
+    assert ledger_rows(pg_cluster, target_db) == 3000
+
+
+async def test_restore_failure_clears_journal(make_manager: ManagerFactory,
+                                              pg_cluster: PgCluster, target_db: str) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+    path.write_bytes(path.read_bytes()[:600])
+
+    with pytest.raises(BackupError, match="restore"):
+        await manager.restore(backup.id, target_db, ignore_checksum=True)
+
+    assert restoring_databases(pg_cluster) == []
+    assert journal_names(manager) == []
 
 
 async def test_restore_failure_keeps_existing_database(make_manager: ManagerFactory,

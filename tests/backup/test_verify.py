@@ -11,7 +11,7 @@ import orjson
 import psycopg
 import pytest
 
-from tests.backup.conftest import fifo_in_place_of, overwrite_two_bytes
+from tests.backup.conftest import fifo_in_place_of, journal_names, overwrite_two_bytes
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manifest import (
@@ -181,6 +181,37 @@ async def test_drill_restores_and_counts_match(make_manager: ManagerFactory,
     assert (await manager.read(backup.id)).drill == drilled.drill
     assert drill_databases(pg_cluster, manager.database) == []
     assert manager.metrics.backup_last_drill._value.get() > 0
+
+
+async def test_drill_clears_its_journal_entry(make_manager: ManagerFactory,
+                                             pg_cluster: PgCluster) -> None:
+    """The journal file exists once the drill journaled its scratch name, and is empty
+    again after the drop."""
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+
+    drilled = await manager.drill(backup.id)
+
+    assert drilled.drill is not None
+    assert drilled.drill.ok, drilled.drill.error
+    assert journal_names(manager) == []
+    assert drill_databases(pg_cluster, manager.database) == []
+
+
+async def test_drill_runs_when_journal_fails(make_manager: ManagerFactory,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    manager.scratch_journal.path = manager.directory / "missing" / "journal"
+
+    drilled = await manager.drill(backup.id)
+
+    assert drilled.drill is not None
+    assert drilled.drill.ok, drilled.drill.error
+    failures = [r for r in caplog.records if r.getMessage() == "backup.scratch_journal_failed"]
+    assert [r.fields["operation"] for r in failures] == ["add"]  # type: ignore[attr-defined]
 
 
 async def test_drill_reports_count_mismatch(make_manager: ManagerFactory,

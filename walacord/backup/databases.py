@@ -14,7 +14,17 @@ To tell a leftover from a database in use, the creator of a scratch database:
   scratch database. PostgreSQL releases a session's advisory locks when the session
   ends, so a killed walacord releases them too;
 - sets a COMMENT that starts with SCRATCH_COMMENT right after CREATE DATABASE, and
-  clears it in the transaction that renames the database into place.
+  clears it in the transaction that renames the database into place;
+- writes the name to its scratch journal (walacord.backup.journal), a file in its
+  backups directory, before CREATE DATABASE, and removes it after the DROP or the
+  rename. A kill between CREATE DATABASE and COMMENT leaves a database without the
+  comment, and the journal is what proves that walacord created it.
+
+At start-up, walacord drops a leftover whose lock is free and that has no sessions
+when it carries the comment, or when it has no comment and the journal names it. A
+replaced copy (`<target>_previous_<hex>`) is never journaled and never dropped here,
+because it contains a user's data. Journal names whose database no longer exists are
+removed from the journal.
 """
 
 from __future__ import annotations
@@ -25,12 +35,15 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 from psycopg import sql
+
+if TYPE_CHECKING:
+    from walacord.backup.journal import ScratchJournal
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +95,15 @@ async def scratch_locks(conninfo: str, names: Iterable[str],
 
 @dataclass
 class Admin:
-    """Runs CREATE, DROP and ALTER DATABASE over short autocommit connections."""
+    """Runs CREATE, DROP and ALTER DATABASE over short autocommit connections.
+
+    With a journal, create() journals each name before CREATE DATABASE, and drop(),
+    drop_unused() and rename_into_place() remove it once the database is gone.
+    """
 
     conninfo: str  # a database other than the ones created or dropped
     timeout: float
+    journal: ScratchJournal | None = None
 
     async def _execute(self, query: sql.Composed | str,
                        params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -97,6 +115,10 @@ class Admin:
             finally:
                 await conn.close()
 
+    def with_journal(self, journal: ScratchJournal) -> Admin:
+        """Return a copy of this Admin that journals the databases it creates."""
+        return replace(self, journal=journal)
+
     async def exists(self, name: str) -> bool:
         rows = await self._execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         return bool(rows)
@@ -105,8 +127,12 @@ class Admin:
         """Create `name` from template0 and, when given, set its comment.
 
         CREATE DATABASE cannot run in a transaction, so a kill between the two
-        statements leaves the database without its comment.
+        statements leaves the database without its comment. With a journal, the name
+        is journaled before the CREATE, so start-up cleanup can still tell that walacord
+        created it. A journal that cannot be written does not stop the CREATE.
         """
+        if self.journal is not None:
+            await self.journal.add(name)
         await self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
             sql.Identifier(name)))
         if comment is not None:
@@ -117,10 +143,16 @@ class Admin:
         # WITH (FORCE) ends other sessions on the database (PostgreSQL 13 and newer).
         await self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(name)))
+        await self._forget(name)
 
     async def drop_unused(self, name: str) -> None:
         """Drop `name`; unlike drop(), fail when any session uses it."""
         await self._execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        await self._forget(name)
+
+    async def _forget(self, name: str) -> None:
+        if self.journal is not None:
+            await self.journal.discard(name)
 
     async def rename_into_place(self, temporary: str, target: str,
                                 previous: str | None) -> None:
@@ -153,6 +185,8 @@ class Admin:
                         sql.Identifier(target)))
             finally:
                 await conn.close()
+        # Only after the commit: a rolled-back rename leaves `temporary` in place.
+        await self._forget(temporary)
 
 
 class SessionsInUse(Exception):
@@ -209,6 +243,7 @@ class LeftoverDatabase:
     comment: str | None
     sessions: int
     dropped: bool = False
+    journaled: bool = False  # this walacord's scratch journal names it
 
     @property
     def removable(self) -> bool:
@@ -223,11 +258,20 @@ class LeftoverDatabase:
             return ("probably the data a restore with --force replaced, left because "
                     "walacord stopped before dropping it; check it, then drop it by hand, "
                     "or rename it back to the original name")
+        if self.kind == "scratch" and self.comment is None:
+            return ("a scratch database of a drill or restore killed before it set the "
+                    "database's comment; walacord's scratch journal names it, so walacord "
+                    "drops it at start-up once no session uses it, or drop it by hand")
         if self.kind == "scratch":
             return (f"{self.comment}; a killed drill or restore left it, and walacord "
                     "drops it at start-up once no session uses it, or drop it by hand")
+        if self.journaled:
+            return ("walacord's scratch journal names it, but it has a comment walacord "
+                    "did not set, so walacord does not drop it; check it, then drop it by "
+                    "hand")
         return ("its name looks like a walacord scratch database, but it has no walacord "
-                "comment, so walacord does not drop it; drop it by hand if it is one")
+                "comment and this walacord's scratch journal does not name it, so walacord "
+                "does not drop it; drop it by hand if it is one")
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "description": self.describe()}
@@ -258,12 +302,22 @@ def _lock_parts(key: int) -> tuple[int, int]:
     return unsigned >> 32, unsigned & 0xFFFF_FFFF
 
 
-async def find_leftover_databases(conninfo: str, time_limit: float) -> list[LeftoverDatabase]:
+# The journaled names that exist as databases, read after HELD_LOCKS_QUERY.
+EXISTING_QUERY = "SELECT datname FROM pg_database WHERE datname = ANY(%s)"
+
+
+async def find_leftover_databases(conninfo: str, time_limit: float,
+                                  journal: ScratchJournal | None = None,
+                                  ) -> list[LeftoverDatabase]:
     """Return the scratch databases and replaced copies whose creator has gone.
 
     A database whose scratch lock some session holds belongs to a restore or drill
-    that is running now, on this host or another, so it is not returned.
+    that is running now, on this host or another, so it is not returned. A database
+    without a comment counts as a scratch database when `journal` names it. Names in
+    `journal` whose database does not exist and whose lock is free are removed from it.
     """
+    journaled = await journal.read() if journal is not None else frozenset()
+    existing: set[str] = set()
     with anyio.fail_after(time_limit):
         conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
         try:
@@ -275,8 +329,20 @@ async def find_leftover_databases(conninfo: str, time_limit: float) -> list[Left
             # listed database whose lock is free here has lost its creator.
             cursor = await conn.execute(HELD_LOCKS_QUERY)
             held = {(int(a), int(b)) for a, b in await cursor.fetchall()}
+            # Read after the locks: the creator of a name whose lock is free here has
+            # ended, so a database missing now is never created under that name.
+            if journaled:
+                cursor = await conn.execute(EXISTING_QUERY, (sorted(journaled),))
+                existing = {name for (name,) in await cursor.fetchall()}
         finally:
             await conn.close()
+
+    gone = [name for name in sorted(journaled)
+            if name not in existing and _lock_parts(scratch_lock_key(name)) not in held]
+    if journal is not None and gone:
+        await journal.discard(*gone)
+        log.info("backup.scratch_journal_pruned", extra={"fields": {
+            "databases": gone, "reason": "these databases no longer exist"}})
 
     leftovers = []
     for name, comment, size, sessions in rows:
@@ -286,9 +352,13 @@ async def find_leftover_databases(conninfo: str, time_limit: float) -> list[Left
             kind = "scratch"
         elif re.search(PREVIOUS_NAME, name):
             kind = "previous"
+        elif comment is None and name in journaled:
+            # Created by this walacord, which was killed before COMMENT ON DATABASE.
+            kind = "scratch"
         else:
             kind = "unmarked"
-        leftovers.append(LeftoverDatabase(name, kind, size, comment, int(sessions)))
+        leftovers.append(LeftoverDatabase(name, kind, size, comment, int(sessions),
+                                          journaled=name in journaled))
     return leftovers
 
 
@@ -297,7 +367,9 @@ async def drop_leftover_databases(admin: Admin) -> list[LeftoverDatabase]:
 
     A database is dropped only when all three hold:
 
-    - it carries SCRATCH_COMMENT, which walacord sets only on its scratch databases;
+    - it carries SCRATCH_COMMENT, which walacord sets only on its scratch databases,
+      or it has no comment and `admin.journal` names it, which this walacord does
+      only for the scratch databases it creates;
     - no session holds its scratch lock, so its creator has ended (see the module
       docstring). This is what keeps a drill or restore running on another walacord
       host safe;
@@ -305,9 +377,10 @@ async def drop_leftover_databases(admin: Admin) -> list[LeftoverDatabase]:
       connects meanwhile makes it fail instead of being cut off.
 
     A replaced copy (`<target>_previous_<hex>`) contains a user's data, so it is only
-    logged, never dropped here.
+    logged, never dropped here. Dropping a journaled database removes its name from
+    the journal.
     """
-    leftovers = await find_leftover_databases(admin.conninfo, admin.timeout)
+    leftovers = await find_leftover_databases(admin.conninfo, admin.timeout, admin.journal)
     for leftover in leftovers:
         if leftover.removable:
             try:

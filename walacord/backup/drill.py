@@ -99,7 +99,8 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
             sha256=tested)
 
     scratch = scratch_name(f"walacord_drill_{safe_name_part(manager.database)}")
-    admin = Admin(manager.maintenance_conninfo(avoid=scratch), config.query_timeout)
+    admin = Admin(manager.maintenance_conninfo(avoid=scratch), config.query_timeout,
+                  manager.scratch_journal)
     log.info("backup.drill_started", extra={"fields": {"id": manifest.id, "scratch": scratch}})
     try:
         # The lock marks the scratch database as in use for start-up cleanup, on this

@@ -42,6 +42,7 @@ from walacord.backup.databases import (
 )
 from walacord.backup.drill import drill_backup
 from walacord.backup.dump import DumpFailed, ProgressCallback, summarize_stderr
+from walacord.backup.journal import SCRATCH_JOURNAL_NAME, ScratchJournal
 from walacord.backup.manifest import (
     CheckResult,
     Manifest,
@@ -81,6 +82,9 @@ class BackupManager:
         self.config = config
         self.directory = Path(config.dir)
         self.metrics = metrics or Metrics(CollectorRegistry())
+        # Names of the scratch databases this manager's drills and restores create.
+        self.scratch_journal = ScratchJournal(self.directory / SCRATCH_JOURNAL_NAME,
+                                              config.query_timeout)
         self.alert = alert
         self._conninfo = conninfo
         params, self._password = split_conninfo(conninfo)
@@ -420,9 +424,12 @@ class BackupManager:
 
     async def leftover_databases(self) -> builtins.list[LeftoverDatabase]:
         """Return the scratch databases and replaced copies that killed restores and
-        drills left on the server, without dropping any."""
-        return await find_leftover_databases(self.conninfo,
-                                             self.config.query_timeout)
+        drills left on the server, without dropping any.
+
+        Scratch journal names whose database no longer exists are removed meanwhile.
+        """
+        return await find_leftover_databases(self.conninfo, self.config.query_timeout,
+                                             self.scratch_journal)
 
     async def drop_leftover_databases(self) -> builtins.list[LeftoverDatabase]:
         """Drop the leftover scratch databases that are provably walacord's and unused.
@@ -431,7 +438,7 @@ class BackupManager:
         walacord.backup.databases for the rule. Errors are logged, not raised, because
         a server that cannot be reached must not stop the scheduler.
         """
-        admin = Admin(self.conninfo, self.config.query_timeout)
+        admin = Admin(self.conninfo, self.config.query_timeout, self.scratch_journal)
         try:
             return await drop_leftover_databases(admin)
         except (psycopg.Error, TimeoutError) as exc:

@@ -255,6 +255,9 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
     its own name or under `placement.previous`, and the BackupError raised names it.
     """
     temporary, target, previous = placement.temporary, placement.target, placement.previous
+    # The journal names the temporary database from before CREATE DATABASE until its
+    # drop or rename, so start-up cleanup can drop it after a kill before its COMMENT.
+    admin = admin.with_journal(manager.scratch_journal)
     try:
         try:
             await admin.create(temporary, f"{SCRATCH_COMMENT}: restore of backup "
