@@ -293,6 +293,8 @@ def _split_outside_quotes(text: str) -> list[str]:
 # A reason is a sentence or two, and a matcher a few labels. The cap keeps a mistaken
 # paste, such as a whole log file, out of alerts.db, alerts.log and walacorctl's table.
 MAX_SILENCE_TEXT = 1000
+# The maximum duration of a silence: a year, with a day to spare for a leap year.
+MAX_SILENCE_SECONDS = 366 * 86400
 
 
 def check_silence_text(field_name: str, text: str) -> None:
