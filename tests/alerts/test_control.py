@@ -102,6 +102,10 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
      "invalid matcher: 100006 characters, over the limit of 1000"),
     ({"matcher": 'alertname="a\nb"', "duration": "1h", "reason": "r"},
      r"invalid matcher: control character '\\n' \(U\+000A\) at position 12"),
+    ({"matcher": 'probe="database\u200b"', "duration": "1h", "reason": "r"},
+     r"invalid matcher: invisible character U\+200B \(ZERO WIDTH SPACE\) at position 15"),
+    ({"matcher": "probe=x", "duration": "1h", "reason": "db \u202eniam"},
+     r"invalid reason: control character '\\u202e' \(U\+202E\) at position 3"),
 ])
 async def test_control_silence_rejects_invalid_params(
         service: AlertService, params: dict[str, object], message: str) -> None:

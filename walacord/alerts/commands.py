@@ -28,7 +28,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          help=f"how long, at most 366d: {DURATION_HELP}")
     silence.add_argument("--reason", required=True,
                          help="why; stored with the silence, at most 1000 characters on one "
-                              "line, without control characters")
+                              "line, without control or invisible characters")
     silence.set_defaults(handler=silence_command)
 
     unsilence = actions.add_parser("unsilence", help="end a silence now")
