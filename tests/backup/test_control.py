@@ -259,7 +259,9 @@ async def test_restore_rejects_changed_file(make_manager: ManagerFactory,
     assert rejected.value.code == CHECKSUM_MISMATCH
     assert rejected.value.message.startswith("restore rejected: backup file ")
     assert rejected.value.data == {"path": str(path), "sha256": actual,
-                                   "manifest_sha256": backup["sha256"]}
+                                   "manifest_sha256": backup["sha256"],
+                                   "size_bytes": backup["size_bytes"],
+                                   "manifest_size_bytes": backup["size_bytes"]}
     exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target_db}'")
     assert exists == "0"
 

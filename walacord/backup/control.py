@@ -244,7 +244,8 @@ async def backup_restore(manager: BackupManager, params: Mapping[str, Any] | Non
     except ChecksumMismatch as exc:
         raise ControlError(CHECKSUM_MISMATCH, f"restore rejected: {exc}", {
             "path": str(exc.path), "sha256": exc.actual,
-            "manifest_sha256": exc.expected}) from exc
+            "manifest_sha256": exc.expected, "size_bytes": exc.size_bytes,
+            "manifest_size_bytes": exc.manifest_size_bytes}) from exc
     except BackupError as exc:
         raise ControlError(BACKUP_FAILED, f"restore failed: {exc}") from exc
     return {"id": result.id, "target_db": result.target_db, "replaced": result.replaced,
