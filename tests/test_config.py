@@ -11,6 +11,7 @@ import pytest
 
 from walacord import config
 from walacord.errors import ConfigError
+from walacord.settings import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,6 +95,35 @@ def test_durations_accept_units(tmp_path: Path) -> None:
     text = "[database]\nconnect_timeout = '1m'\ncheckout_timeout = '250ms'\n"
     loaded = config.load(write(tmp_path, text), {})
     assert loaded.database.connect_timeout == 60.0
+    assert loaded.database.checkout_timeout == 0.25
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("1e3", 1000.0), ("1.5e3ms", 1.5), (".5m", 30.0), ("5.s", 5.0), ("+2h", 7200.0),
+    (" 7d ", 604800.0), ("-1s", -1.0),
+])
+def test_duration_forms(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("1_000", "a duration is a number of seconds"),
+    ("\u0665s", "a duration is a number of seconds"),  # ARABIC-INDIC DIGIT FIVE
+    ("inf", "a duration is a number of seconds"),
+    ("nan", "a duration is a number of seconds"),
+    ("1e3x", "a duration is a number of seconds"),
+    ("1e400", "a duration must be a finite number of seconds"),
+    ("1e306d", "a duration must be a finite number of seconds"),
+])
+def test_duration_invalid_forms(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_duration(text)
+
+
+def test_config_duration_with_exponent(tmp_path: Path) -> None:
+    text = "[database]\nconnect_timeout = '1.2e1'\ncheckout_timeout = '2.5e2ms'\n"
+    loaded = config.load(write(tmp_path, text), {})
+    assert loaded.database.connect_timeout == 12.0
     assert loaded.database.checkout_timeout == 0.25
 
 

@@ -28,9 +28,14 @@ Duration = NewType("Duration", float)
 PathSetting = NewType("PathSetting", str)
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-# A number with a unit; a plain number, as from a command line, counts as seconds. A
-# negative value parses, so that range checks can name it.
-_DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# A decimal number, with an optional exponent as in 1.5e3, and an optional unit. A
+# plain number, as from a command line, counts as seconds. A negative value parses,
+# so that range checks can name it. Digits are ASCII only, unlike \d, and "inf",
+# "nan" and "1_000", which float() accepts, do not match.
+_DURATION_RE = re.compile(
+    r"^\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
+DURATION_FORMS = ("a duration is a number of seconds, such as 90 or 1.5e3, or a number with "
+                  'a unit ms, s, m, h or d, such as "500ms", "30s", "5m", "1h" or "7d"')
 
 T = TypeVar("T")
 
@@ -53,19 +58,55 @@ def setting(
 
 
 def parse_duration(value: object) -> float:
-    """Return seconds for a number or a string such as "30s"; raise ValueError otherwise."""
+    """Return seconds for a number or a string such as "30s" or "1e3"; raise ValueError
+    when the value has another form or is not finite.
+
+    The configuration file, every duration option of walacorctl and the control methods
+    that take a duration all parse with this function, so they accept the same forms.
+    """
     if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like \"30s\"")
+        raise ValueError(DURATION_FORMS)
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError("a duration must be a finite number of seconds")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
-    raise ValueError("a duration is a number of seconds or a string like \"500ms\", \"30s\", "
-                     "\"5m\", \"1h\"")
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    else:
+        raise ValueError(DURATION_FORMS)
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number of seconds")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Format `seconds` in the largest unit that divides them, such as "366d" or "0.1s"."""
+    for unit in ("d", "h", "m"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def duration_range_error(value: object, seconds: float, *, minimum: float | None = None,
+                         maximum: float | None = None) -> str | None:
+    """Return the message for a duration outside its range, or None when it is inside.
+
+    `value` is the duration as the caller wrote it, and `seconds` is `value` parsed. A
+    duration must be above 0 unless `minimum` sets another lower limit. Both limits are
+    inclusive.
+    """
+    too_low = seconds < minimum if minimum is not None else seconds <= 0
+    if not too_low and (maximum is None or seconds <= maximum):
+        return None
+    limits = "above 0" if minimum is None else f"at least {format_duration(minimum)}"
+    if maximum is not None:
+        limits += f" and at most {format_duration(maximum)}"
+    # The seconds are shown when they are short enough to read.
+    shown = f" ({_seconds_text(seconds)})" if abs(seconds) < 1e12 else ""
+    return f"invalid duration {value!r}{shown}: it must be {limits}"
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds == int(seconds) else f"{seconds:g}s"
 
 
 class Decoder:

@@ -9,6 +9,7 @@ The Unicode bidirectional controls reorder how the rest of a line is displayed.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 # C0 controls with tab and line feed, DEL, C1 controls, and the bidirectional marks,
@@ -17,12 +18,49 @@ CONTROL_CHARACTERS = re.compile(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def find_control_character(text: str) -> tuple[int, str] | None:
-    """Return the position and the first control character in `text`, or None."""
+# Unicode categories of characters that print nothing: format characters such as
+# U+200B ZERO WIDTH SPACE, the line and paragraph separators, and lone surrogates.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp", "Cs"})
+# The other characters of Unicode's Default_Ignorable_Code_Point property, which show
+# as nothing: the combining grapheme joiner, the Hangul and Khmer fillers, the
+# Mongolian free variation selectors, the variation selectors, and code points that
+# Unicode reserves for more of them. Checked against the property as the `regex`
+# package (2026.5.9) defines it: with the categories above, this is the whole property.
+_INVISIBLE_CHARACTERS = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2065\u3164\ufe00-\ufe0f\uffa0"
+    "\ufff0-\ufff8\U000e0000-\U000e0fff]")
+
+
+def find_nonprinting_character(text: str) -> tuple[int, str] | None:
+    """Return the position and the first character in `text` that a terminal acts on or
+    shows as nothing, or None.
+
+    Those are the CONTROL_CHARACTERS and the invisible characters above. Text that
+    must look like what it is, such as a silence matcher, rejects them.
+    """
     found = CONTROL_CHARACTERS.search(text)
+    end = len(text) if found is None else found.start()
+    for position in range(end):
+        character = text[position]
+        if (unicodedata.category(character) in _INVISIBLE_CATEGORIES
+                or _INVISIBLE_CHARACTERS.match(character)):
+            return position, character
     if found is None:
         return None
     return found.start(), found.group()
+
+
+def describe_character(character: str) -> str:
+    """Return a character's kind and code point for an error message.
+
+    Examples: "control character '\\x1b' (U+001B)" and
+    "invisible character U+200B (ZERO WIDTH SPACE)".
+    """
+    code_point = f"U+{ord(character):04X}"
+    if CONTROL_CHARACTERS.fullmatch(character):
+        return f"control character {character!r} ({code_point})"
+    name = unicodedata.name(character, "")
+    return f"invisible character {code_point}" + (f" ({name})" if name else "")
 
 
 def escape_control_characters(text: str) -> str:

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from tests.conftest import walacord_run
+from walacord.alerts.model import parse_rfc3339
 from walacord.alerts.store import SCHEMA
 from walacord.control.client import ControlClient
 from walacord.errors import ControlError
@@ -73,8 +74,17 @@ def test_alerts_table_cuts_long_matchers(daemon: Path) -> None:
 def test_alerts_silence_rejects_bad_duration(daemon: Path) -> None:
     result = ctl(daemon, "alerts", "silence", 'probe="database"', "--for", "soon",
                  "--reason", "x")
-    assert result.returncode == 1
-    assert "invalid duration 'soon'" in result.stderr
+    assert result.returncode == 2
+    assert "argument --for: invalid duration 'soon'" in result.stderr
+
+
+def test_alerts_silence_exponent_duration(daemon: Path) -> None:
+    created = ctl(daemon, "--json", "alerts", "silence", 'probe="database"', "--for", "1e3",
+                  "--reason", "x")
+    assert created.returncode == 0, created.stderr
+    silence = orjson.loads(created.stdout)["silence"]
+    seconds = parse_rfc3339(silence["endsAt"]) - parse_rfc3339(silence["startsAt"])
+    assert seconds == pytest.approx(1000.0, abs=0.01)
 
 
 def test_alerts_table_escapes_stored_text(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from walacord.alerts import rules
 from walacord.alerts.control import handlers, silence_as_caller
+from walacord.alerts.model import parse_rfc3339
 from walacord.alerts.service import AlertService
 from walacord.alerts.store import AlertStore
 from walacord.control.registry import Call, Peer
@@ -79,16 +80,19 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
 @pytest.mark.parametrize(("params", "message"), [
     ({"duration": "1h", "reason": "r"}, "missing or empty 'matcher'"),
     ({"matcher": "probe=x", "duration": "1h"}, "missing or empty 'reason'"),
-    ({"matcher": "probe=x", "duration": "soon", "reason": "r"}, "invalid duration"),
+    ({"matcher": "probe=x", "duration": "soon", "reason": "r"},
+     "invalid duration 'soon': a duration is a number of seconds, such as 90 or 1.5e3"),
+    ({"matcher": "probe=x", "duration": "1e400", "reason": "r"},
+     "invalid duration '1e400': a duration must be a finite number of seconds"),
     ({"matcher": "probe=x", "duration": 0, "reason": "r"}, r"invalid duration 0 \(0s\)"),
     ({"matcher": "probe=x", "duration": "0", "reason": "r"},
      r"invalid duration '0' \(0s\): it must be above 0"),
     ({"matcher": "probe=x", "duration": "-1h", "reason": "r"},
      r"invalid duration '-1h' \(-3600s\): it must be above 0"),
     ({"matcher": "probe=x", "duration": "99999999h", "reason": "r"},
-     r"invalid duration '99999999h' \(359999996400s\): it must be above 0 and at most 366"),
+     r"invalid duration '99999999h' \(359999996400s\): it must be above 0 and at most 366d$"),
     ({"matcher": "probe=x", "duration": 1e308, "reason": "r"},
-     r"invalid duration 1e\+308: it must be above 0 and at most 366"),
+     r"invalid duration 1e\+308: it must be above 0 and at most 366d$"),
     ({"matcher": "probe", "duration": "1h", "reason": "r"}, "invalid matcher"),
     ({"matcher": "probe=x", "duration": "1h", "reason": "x" * 100_000},
      "invalid reason: 100000 characters, over the limit of 1000"),
@@ -98,6 +102,10 @@ async def test_control_unsilence_ends_silence(service: AlertService) -> None:
      "invalid matcher: 100006 characters, over the limit of 1000"),
     ({"matcher": 'alertname="a\nb"', "duration": "1h", "reason": "r"},
      r"invalid matcher: control character '\\n' \(U\+000A\) at position 12"),
+    ({"matcher": 'probe="database\u200b"', "duration": "1h", "reason": "r"},
+     r"invalid matcher: invisible character U\+200B \(ZERO WIDTH SPACE\) at position 15"),
+    ({"matcher": "probe=x", "duration": "1h", "reason": "db \u202eniam"},
+     r"invalid reason: control character '\\u202e' \(U\+202E\) at position 3"),
 ])
 async def test_control_silence_rejects_invalid_params(
         service: AlertService, params: dict[str, object], message: str) -> None:
@@ -105,6 +113,15 @@ async def test_control_silence_rejects_invalid_params(
         await handlers(service)["alerts.silence"](params)
 
     assert caught.value.code == -32602
+
+
+async def test_control_silence_exponent_duration(service: AlertService) -> None:
+    created = await handlers(service)["alerts.silence"]({
+        "matcher": "probe=x", "duration": "1.5e3", "reason": "r"})
+
+    silence = created["silence"]
+    seconds = parse_rfc3339(silence["endsAt"]) - parse_rfc3339(silence["startsAt"])
+    assert seconds == pytest.approx(1500.0, abs=0.01)
 
 
 @pytest.mark.parametrize(("extra", "named"), [

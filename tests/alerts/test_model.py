@@ -148,6 +148,46 @@ def test_silence_rejects_control_characters(reason: str, named: str) -> None:
         Silence.create(parse_matchers("probe=walacor"), 60, reason, 0.0)
 
 
+# Characters that print nothing or change how the rest of the text displays, so a
+# matcher that contains one looks right and never matches.
+INVISIBLE_CHARACTERS = [
+    ("\u200b", "U+200B (ZERO WIDTH SPACE)"),
+    ("\u200d", "U+200D (ZERO WIDTH JOINER)"),
+    ("\u2060", "U+2060 (WORD JOINER)"),
+    ("\ufeff", "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+    ("\u00ad", "U+00AD (SOFT HYPHEN)"),
+    ("\u2028", "U+2028 (LINE SEPARATOR)"),
+    ("\u2029", "U+2029 (PARAGRAPH SEPARATOR)"),
+    ("\u034f", "U+034F (COMBINING GRAPHEME JOINER)"),
+    ("\u3164", "U+3164 (HANGUL FILLER)"),
+    ("\ufe0f", "U+FE0F (VARIATION SELECTOR-16)"),
+    ("\U000e0041", "U+E0041 (TAG LATIN CAPITAL LETTER A)"),
+]
+
+
+@pytest.mark.parametrize(("character", "named"), INVISIBLE_CHARACTERS)
+def test_silence_reason_rejects_invisible(character: str, named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(
+            f"invalid reason: invisible character {named} at position 4")):
+        Silence.create(parse_matchers("probe=walacor"), 60, f"disk{character} swap", 0.0)
+
+
+@pytest.mark.parametrize(("character", "named"), INVISIBLE_CHARACTERS)
+def test_matcher_rejects_invisible(character: str, named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(
+            f"invalid matcher: invisible character {named} at position 15")):
+        parse_matchers(f'probe="database{character}"')
+
+
+@pytest.mark.parametrize("reason", [
+    "planned maintenance", "Wartung der Datenbank", "メンテナンス", "café ✓ 🔧",
+    "نافذة الصيانة", "x" * 1000,
+])
+def test_silence_accepts_visible_text(reason: str) -> None:
+    silence = Silence.create(parse_matchers(f'probe="{reason[:20]}"'), 60, reason, 0.0)
+    assert silence.reason == reason
+
+
 def test_silence_reason_length_limit() -> None:
     matchers = parse_matchers("probe=walacor")
     Silence.create(matchers, 60, "x" * 1000, 0.0)

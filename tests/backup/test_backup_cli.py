@@ -51,7 +51,7 @@ def test_backup_now_list_verify_restore(daemon: Path, pg_cluster: PgCluster) -> 
 
     listing = ctl(daemon, "--json", "backup", "list")
     assert listing.returncode == 0, listing.stderr
-    [entry] = orjson.loads(listing.stdout)
+    [entry] = orjson.loads(listing.stdout)["backups"]
     for key in ("id", "path", "size_bytes", "sha256", "verified"):
         assert key in entry
     assert entry["verified"] is True
@@ -288,6 +288,37 @@ def test_list_names_leftover_database(daemon: Path, pg_cluster: PgCluster) -> No
     assert f"walacorctl: warning: database {name} (" in listed.stderr
     assert "drop it by hand, or rename it back" in listed.stderr
     assert still_there == "1"
+
+
+def test_list_json_carries_warnings(daemon: Path, pg_cluster: PgCluster) -> None:
+    """`--json backup list` returns everything the table warns about, and only JSON."""
+    damaged = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    orphan = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    intact = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    damaged_manifest = Path(damaged["path"]).with_suffix(".json")
+    damaged_manifest.write_text("[]")
+    Path(orphan["path"]).with_suffix(".json").unlink()
+    leftover = "app_previous_0badc0de"
+    pg_cluster.psql(f'CREATE DATABASE "{leftover}"')
+    try:
+        listed = ctl(daemon, "--json", "backup", "list")
+    finally:
+        pg_cluster.psql(f'DROP DATABASE IF EXISTS "{leftover}"')
+
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == ""
+    document = orjson.loads(listed.stdout)
+    assert sorted(document) == ["backups", "leftover_databases", "leftover_databases_error",
+                                "unreadable", "without_manifest"]
+    assert [entry["id"] for entry in document["backups"]] == [intact["id"]]
+    assert document["unreadable"] == [{
+        "path": str(damaged_manifest), "dump": damaged["path"],
+        "error": "the file contains a JSON array, expected an object"}]
+    assert document["without_manifest"] == [orphan["path"]]
+    [database] = document["leftover_databases"]
+    assert database["name"] == leftover
+    assert "drop it by hand" in database["description"]
+    assert document["leftover_databases_error"] is None
 
 
 def test_damaged_manifest_named_in_verify_and_restore(daemon: Path,

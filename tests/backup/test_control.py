@@ -53,7 +53,23 @@ async def test_handlers_bind_manager(make_manager: ManagerFactory) -> None:
     assert sorted(bound) == ["backup.list", "backup.now", "backup.restore", "backup.verify"]
     assert await bound["backup.list"]({}) == {"backups": [], "unreadable": [],
                                               "without_manifest": [],
-                                              "leftover_databases": []}
+                                              "leftover_databases": [],
+                                              "leftover_databases_error": None}
+
+
+async def test_list_names_leftover_lookup_error(make_manager: ManagerFactory) -> None:
+    """Backups are still listed when the server cannot be asked for leftover databases."""
+    manager = make_manager()
+    taken = await backup_now(manager, {})
+    # Nothing listens on port 1 of the loopback interface.
+    unreachable = make_manager(url="postgresql://walacord@127.0.0.1:1/app", query_timeout=2.0)
+
+    result = await backup_list(unreachable, {})
+
+    assert [entry["id"] for entry in result["backups"]] == [taken["id"]]
+    assert result["leftover_databases"] == []
+    assert result["leftover_databases_error"].startswith(
+        "cannot look for leftover scratch databases: ")
 
 
 async def test_now_returns_id_and_path(make_manager: ManagerFactory) -> None:
@@ -243,7 +259,9 @@ async def test_restore_rejects_changed_file(make_manager: ManagerFactory,
     assert rejected.value.code == CHECKSUM_MISMATCH
     assert rejected.value.message.startswith("restore rejected: backup file ")
     assert rejected.value.data == {"path": str(path), "sha256": actual,
-                                   "manifest_sha256": backup["sha256"]}
+                                   "manifest_sha256": backup["sha256"],
+                                   "size_bytes": backup["size_bytes"],
+                                   "manifest_size_bytes": backup["size_bytes"]}
     exists = pg_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target_db}'")
     assert exists == "0"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -150,6 +152,38 @@ async def test_restore_failure_keeps_existing_database(make_manager: ManagerFact
     assert not isinstance(raised.value, ChecksumMismatch)
     assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "0"
     assert restoring_databases(pg_cluster) == []
+    assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1
+
+
+async def test_restore_rejects_resized_file(make_manager: ManagerFactory,
+                                            pg_cluster: PgCluster, target_db: str) -> None:
+    """A file of another size is rejected at once, without hashing it."""
+    manager = make_manager(verify_timeout=10.0)
+    backup = await manager.take()
+    assert backup is not None
+    path = manager.path_of(backup)
+    # A sparse file: hashing its 64 GiB of zeros would outlast the 10 s verify_timeout.
+    size = 64 * 2**30
+    os.truncate(path, size)
+
+    started = time.process_time()
+    with pytest.raises(ChecksumMismatch) as raised:
+        await manager.restore(backup.id, target_db)
+    cpu_seconds = time.process_time() - started
+
+    message = str(raised.value)
+    assert cpu_seconds < 2.0
+    assert (f"backup file {path} does not match its manifest: its size is {size} bytes, "
+            f"the manifest records {backup.size_bytes} bytes, so the file changed after it "
+            "was written. Nothing was restored") in message
+    assert raised.value.actual is None
+    assert raised.value.size_bytes == size
+    assert raised.value.manifest_size_bytes == backup.size_bytes
+    stored = await manager.read(backup.id)
+    assert stored.checksum_check is not None
+    assert stored.checksum_check.error is not None
+    assert stored.checksum_check.error.startswith(f"size is {size} bytes")
+    assert not database_exists(pg_cluster, target_db)
     assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1
 
 

@@ -19,8 +19,9 @@ from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manager import BACKUP_LOCK_KEY
 from walacord.backup.manifest import unreadable_manifests
-from walacord.backup.pgclient import find_client_bindir
+from walacord.backup.pgclient import client_environment, find_client_bindir
 from walacord.backup.take import _full_disk_hint
+from walacord.backup.verify import list_archive
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -351,14 +352,21 @@ async def test_truncated_empty_archive_fails(make_manager: ManagerFactory,
     taken = await manager.take()
     assert taken is not None
     path = manager.path_of(taken)
-    path.write_bytes(path.read_bytes()[:taken.size_bytes // 2])
+    half = taken.size_bytes // 2
+    path.write_bytes(path.read_bytes()[:half])
 
     checked = await manager.verify(taken.id)
+    # The size differs from the manifest's, so verify reads nothing. The readability
+    # check of the truncated archive runs on its own.
+    with client_environment("") as env:
+        listed, _ = await list_archive(manager.bindir, path, env, 30.0)
 
-    assert checked.list_check is not None
-    assert not checked.list_check.ok
-    assert (checked.list_check.error or "").startswith("pg_restore --list exited with 1: ")
+    assert checked.checksum_check is not None
+    assert (checked.checksum_check.error or "").startswith(
+        f"size is {half} bytes, the manifest records {taken.size_bytes} bytes")
     assert not checked.verified
+    assert not listed.ok
+    assert (listed.error or "").startswith("pg_restore --list exited with 1: ")
 
 
 async def test_take_database_with_leading_dot(make_manager: ManagerFactory,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ from walacord.backup.manifest import (
     unreadable_manifests,
     write_manifest,
 )
+from walacord.backup.verify import hash_and_check_plain
 from walacord.errors import BackupError
 from walacord.pgcluster import PgCluster
 
@@ -81,13 +84,82 @@ async def test_verify_detects_truncated_plain_dump(make_manager: ManagerFactory)
     backup = await manager.take()
     assert backup is not None
     path = manager.path_of(backup)
-    path.write_bytes(path.read_bytes()[: backup.size_bytes // 2])
+    half = backup.size_bytes // 2
+    path.write_bytes(path.read_bytes()[:half])
 
     checked = await manager.verify()
+    # The size differs from the manifest's, so verify reads nothing. The readability
+    # check of a truncated file is tested on its own.
+    _, readable = hash_and_check_plain(path)
 
-    assert checked.list_check is not None
-    assert not checked.list_check.ok
-    assert "truncated" in (checked.list_check.error or "")
+    assert checked.checksum_check is not None
+    assert checked.checksum_check.error == (
+        f"size is {half} bytes, the manifest records {backup.size_bytes} bytes; the file "
+        "changed after it was written, so its sha256 was not computed")
+    assert not readable.ok
+    assert readable.error == "gzip stream is truncated"
+
+
+# A sparse file of this size reads as 64 GiB of zeros, far more than a verify can hash
+# within the 10 s verify_timeout of these tests.
+SPARSE_BYTES = 64 * 2**30
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+@pytest.mark.parametrize("grow", [True, False])
+async def test_verify_size_mismatch_skips_hashing(make_manager: ManagerFactory,
+                                                  alerts: list[BackupAlert], fmt: str,
+                                                  grow: bool) -> None:
+    manager = make_manager(format=fmt, verify_timeout=10.0)
+    backup = await manager.take()
+    assert backup is not None
+    taken_list_check = backup.list_check
+    path = manager.path_of(backup)
+    size = SPARSE_BYTES if grow else backup.size_bytes - 1
+    os.truncate(path, size)
+
+    started = time.process_time()
+    checked = await manager.verify(backup.id)
+    cpu_seconds = time.process_time() - started
+
+    assert cpu_seconds < 2.0
+    assert checked.checksum_check is not None
+    assert not checked.checksum_check.ok
+    assert checked.checksum_check.error == (
+        f"size is {size} bytes, the manifest records {backup.size_bytes} bytes; the file "
+        "changed after it was written, so its sha256 was not computed")
+    assert checked.checksum_check.detail == {"size_bytes": size,
+                                             "manifest_size_bytes": backup.size_bytes}
+    # The readability check did not run, so the result of the last one stays.
+    assert checked.list_check == taken_list_check
+    assert not checked.verified
+    assert (await manager.read(backup.id)).checksum_check == checked.checksum_check
+    assert manager.metrics.backup_failures.labels(operation="verify")._value.get() == 1
+    assert [a.name for a in alerts] == [BACKUP_FAILED]
+
+
+async def test_drill_size_mismatch_skips_hashing(make_manager: ManagerFactory,
+                                                 pg_cluster: PgCluster) -> None:
+    manager = make_manager(verify_timeout=10.0)
+    backup = await manager.take()
+    assert backup is not None
+    os.truncate(manager.path_of(backup), SPARSE_BYTES)
+
+    started = time.process_time()
+    drilled = await manager.drill(backup.id)
+    cpu_seconds = time.process_time() - started
+
+    assert cpu_seconds < 2.0
+    assert drilled.drill is not None
+    assert not drilled.drill.ok
+    assert drilled.drill.error == (
+        f"size is {SPARSE_BYTES} bytes, the manifest records {backup.size_bytes} bytes; the "
+        "file changed after it was written, so its sha256 was not computed; the drill did "
+        "not restore it")
+    assert drilled.drill.detail["sha256"] is None
+    assert drilled.checksum_check is not None
+    assert not drilled.checksum_check.ok
+    assert drill_databases(pg_cluster, manager.database) == []
 
 
 async def test_verify_missing_file_raises(make_manager: ManagerFactory) -> None:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from tests.control.harness import WALACORCTL, DaemonProcess, walacorctl
-from walacord.control.cli import Context
+from walacord.control.cli import Context, build_parser
 from walacord.control.client import ControlClient, _control_error
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, encode_request
 from walacord.control.render import ProgressBar, first_line, format_pairs, format_table
@@ -146,7 +146,7 @@ def test_mode_set_ttl_no_client_limit(daemon: DaemonProcess) -> None:
 
     assert long.returncode == 0, long.stderr
     assert zero.returncode == 2
-    assert "duration must be above 0, got '0'" in zero.stderr
+    assert "invalid duration '0' (0s): it must be above 0" in zero.stderr
     assert infinite.returncode == 2
     assert "invalid duration 'inf'" in infinite.stderr
 
@@ -339,15 +339,86 @@ def test_log_level_change_to_quieter_is_logged(daemon: DaemonProcess) -> None:
     assert daemon.log_events("log.level_changed")[0]["to"] == "error"
 
 
-@pytest.mark.parametrize("timeout", ["nan", "inf", "1e300", "0", "-1"])
-def test_timeout_out_of_range_is_usage_error(timeout: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("timeout", "message"), [
+    ("nan", "invalid duration 'nan': a duration is a number of seconds"),
+    ("inf", "invalid duration 'inf': a duration is a number of seconds"),
+    ("1e300", "invalid duration '1e300': it must be above 0 and at most 1d"),
+    ("0", "invalid duration '0' (0s): it must be above 0 and at most 1d"),
+    ("-1", "invalid duration '-1' (-1s): it must be above 0 and at most 1d"),
+])
+def test_timeout_out_of_range_is_usage_error(timeout: str, message: str,
+                                             tmp_path: Path) -> None:
     result = subprocess.run([str(WALACORCTL), "--socket", str(tmp_path / "none.sock"),
                              f"--timeout={timeout}", "status"],
                             capture_output=True, text=True, timeout=30)
 
     assert result.returncode == 2
-    assert "must be above 0 and at most 86400 seconds" in result.stderr
+    assert f"argument --timeout: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Each duration option of walacorctl: a command line in which VALUE marks the value,
+# and the attribute that argparse stores the value in.
+DURATION_OPTIONS = {
+    "--timeout": (["--timeout=VALUE", "status"], "timeout"),
+    "check --timeout": (["check", "--timeout=VALUE"], "timeout"),
+    "mode set --ttl": (["mode", "set", "degraded", "--ttl=VALUE", "--reason", "r"], "ttl"),
+    "watch --interval": (["watch", "--interval=VALUE"], "interval"),
+    "alerts silence --for": (["alerts", "silence", 'alertname="X"', "--for=VALUE",
+                              "--reason", "r"], "duration"),
+}
+
+
+def parse_duration_option(option: str, value: str) -> float:
+    words, attribute = DURATION_OPTIONS[option]
+    args = build_parser().parse_args([word.replace("VALUE", value) for word in words])
+    seconds: float = getattr(args, attribute)
+    return seconds
+
+
+@pytest.mark.parametrize("option", DURATION_OPTIONS)
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("90", 90.0), ("1e3", 1000.0), ("1.5e1m", 900.0), (".5m", 30.0), ("500ms", 0.5),
+    ("2h", 7200.0), ("1d", 86400.0),
+])
+def test_duration_options_accept_same_forms(option: str, value: str, seconds: float) -> None:
+    assert parse_duration_option(option, value) == seconds
+
+
+@pytest.mark.parametrize("option", DURATION_OPTIONS)
+@pytest.mark.parametrize(("value", "message"), [
+    ("soon", "invalid duration 'soon': a duration is a number of seconds, such as 90 or "
+             "1.5e3, or a number with a unit ms, s, m, h or d"),
+    ("inf", "invalid duration 'inf': a duration is a number of seconds"),
+    ("nan", "invalid duration 'nan': a duration is a number of seconds"),
+    ("1_000", "invalid duration '1_000': a duration is a number of seconds"),
+    ("1e400", "invalid duration '1e400': a duration must be a finite number of seconds"),
+    ("0", "invalid duration '0' (0s): it must be "),
+    ("-1h", "invalid duration '-1h' (-3600s): it must be "),
+])
+def test_duration_options_reject_alike(option: str, value: str, message: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_duration_option(option, value)
+
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--timeout", "2d", "invalid duration '2d' (172800s): it must be above 0 and at most 1d"),
+    ("watch --interval", "50ms",
+     "invalid duration '50ms' (0.05s): it must be at least 0.1s and at most 365d"),
+    ("alerts silence --for", "367d",
+     "invalid duration '367d' (31708800s): it must be above 0 and at most 366d"),
+    ("mode set --ttl", "0", "invalid duration '0' (0s): it must be above 0\n"),
+])
+def test_duration_options_name_range(option: str, value: str, message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_duration_option(option, value)
+
+    assert message in capsys.readouterr().err
 
 
 def test_dash_value_error_names_equals_form(tmp_path: Path) -> None:
@@ -394,7 +465,7 @@ def test_check_takes_options_after_command(daemon: DaemonProcess) -> None:
      "use a whole number from 1 to"),
     (["outbox", "list", "--limit", "0"], "use a whole number from 1 to 10000"),
     (["outbox", "list", "--limit", "20000"], "use a whole number from 1 to 10000"),
-    (["watch", "--interval", "0.0001"], "interval must be from 0.1s to 365d"),
+    (["watch", "--interval", "0.0001"], "it must be at least 0.1s and at most 365d"),
 ])
 def test_cli_ranges_match_daemon(argv: list[str], message: str) -> None:
     result = walacorctl(*argv, socket=Path("/nonexistent/walacord.sock"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,6 +131,21 @@ def test_reason_rejects_control_characters(params: Callable[[str], object]) -> N
     with pytest.raises(ValueError, match=r"control character '\\x1b' \(U\+001B\) at "
                                          r"position 4"):
         params("main\x1b]0;owned\x07")
+
+
+@pytest.mark.parametrize("params", [
+    lambda reason: ModeSetParams(mode="degraded", ttl_seconds=60.0, reason=reason),
+    lambda reason: PoolRecycleParams(reason=reason),
+])
+@pytest.mark.parametrize(("character", "named"), [
+    ("\u200b", "U+200B (ZERO WIDTH SPACE)"),
+    ("\u2066", "control character '\\u2066' (U+2066)"),
+    ("\ufeff", "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+])
+def test_reason_rejects_invisible_characters(params: Callable[[str], object], character: str,
+                                             named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"{named} at position 4")):
+        params(f"main{character}tenance")
 
 
 def test_mode_reason_too_long_names_length() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from walacord.alerts.model import MAX_SILENCE_SECONDS
+from walacord.control.arguments import DURATION_HELP, duration_type
 from walacord.control.render import format_table
 from walacord.terminal import escape_control_characters
 
@@ -22,10 +24,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     silence.add_argument("matcher", help='label matchers, e.g. \'alertname="WalacordProbeDown",'
                                          'probe="database"\'')
     silence.add_argument("--for", dest="duration", required=True, metavar="DURATION",
-                         help="how long: seconds, or 30m, 2h, 1d")
+                         type=duration_type(maximum=MAX_SILENCE_SECONDS),
+                         help=f"how long, at most 366d: {DURATION_HELP}")
     silence.add_argument("--reason", required=True,
                          help="why; stored with the silence, at most 1000 characters on one "
-                              "line, without control characters")
+                              "line, without control or invisible characters")
     silence.set_defaults(handler=silence_command)
 
     unsilence = actions.add_parser("unsilence", help="end a silence now")

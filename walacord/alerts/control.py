@@ -12,18 +12,17 @@ from functools import partial
 from typing import Any
 
 from walacord.alerts import rules
-from walacord.alerts.model import Silence, contradicting_pairs
+from walacord.alerts.model import MAX_SILENCE_SECONDS, Silence, contradicting_pairs
 from walacord.alerts.service import AlertService
 from walacord.config import PROBE_NAMES
 from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call, reject_unknown_params
 from walacord.errors import ControlError
 from walacord.probes.host import RESOURCES
-from walacord.settings import parse_duration
+from walacord.settings import duration_range_error, parse_duration
 from walacord.terminal import shorten
 
 INVALID_PARAMS = ErrorCode.INVALID_PARAMS
-MAX_SILENCE_SECONDS = 366 * 86400
 SILENCE_PARAMS = frozenset({"matcher", "duration", "reason"})
 # Label values that walacord's alerts can carry, for labels with a fixed set.
 KNOWN_VALUES: dict[str, tuple[str, ...]] = {"probe": PROBE_NAMES, "resource": RESOURCES}
@@ -46,16 +45,14 @@ async def alerts_silence(service: AlertService, params: Mapping[str, Any], *,
     reject_unknown_params("alerts.silence", params, SILENCE_PARAMS)
     matcher = _required_text(params, "matcher")
     reason = _required_text(params, "reason")
+    requested = params.get("duration")
     try:
-        duration = parse_duration(params.get("duration"))
+        duration = parse_duration(requested)
     except ValueError as exc:
-        raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}: "
-                           f"{exc}") from None
-    if not 0 < duration <= MAX_SILENCE_SECONDS:
-        seconds = f" ({duration:.0f}s)" if abs(duration) < 1e12 else ""
-        raise ControlError(INVALID_PARAMS, f"invalid duration {params.get('duration')!r}"
-                           f"{seconds}: it must be above 0 and at most "
-                           f"{MAX_SILENCE_SECONDS // 86400} days")
+        raise ControlError(INVALID_PARAMS, f"invalid duration {requested!r}: {exc}") from None
+    problem = duration_range_error(requested, duration, maximum=MAX_SILENCE_SECONDS)
+    if problem is not None:
+        raise ControlError(INVALID_PARAMS, problem)
     try:
         silence = await service.silence(matcher, duration, reason, created_by)
     except ValueError as exc:

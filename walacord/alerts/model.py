@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from walacord.terminal import escape_control_characters, find_control_character
+from walacord.terminal import (
+    describe_character,
+    escape_control_characters,
+    find_nonprinting_character,
+)
 
 SEVERITIES = ("critical", "warning", "info")
 AlertState = Literal["pending", "firing", "resolved"]
@@ -293,23 +297,28 @@ def _split_outside_quotes(text: str) -> list[str]:
 # A reason is a sentence or two, and a matcher a few labels. The cap keeps a mistaken
 # paste, such as a whole log file, out of alerts.db, alerts.log and walacorctl's table.
 MAX_SILENCE_TEXT = 1000
+# The maximum duration of a silence: a year, with a day to spare for a leap year.
+MAX_SILENCE_SECONDS = 366 * 86400
 
 
 def check_silence_text(field_name: str, text: str) -> None:
-    """Raise ValueError when `text` is over MAX_SILENCE_TEXT or has a control character.
+    """Raise ValueError when `text` is over MAX_SILENCE_TEXT or has a control character
+    or an invisible one (see `find_nonprinting_character`).
 
     Tabs and line breaks are rejected too, so the text prints on one line as written.
+    An invisible character, such as U+200B ZERO WIDTH SPACE, would make a matcher that
+    looks right never match.
     """
     if len(text) > MAX_SILENCE_TEXT:
         raise ValueError(f"invalid {field_name}: {len(text)} characters, over the limit of "
                          f"{MAX_SILENCE_TEXT}. Shorten it")
-    found = find_control_character(text)
+    found = find_nonprinting_character(text)
     if found is not None:
         position, character = found
-        raise ValueError(f"invalid {field_name}: control character {character!r} "
-                         f"(U+{ord(character):04X}) at position {position}. Write it as "
-                         "printable text on one line, without escape sequences, tabs or "
-                         "line breaks")
+        raise ValueError(f"invalid {field_name}: {describe_character(character)} at "
+                         f"position {position}. Write it as printable text on one line, "
+                         "without escape sequences, tabs, line breaks or invisible "
+                         "characters")
 
 
 @dataclass(frozen=True)

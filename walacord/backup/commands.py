@@ -78,6 +78,10 @@ def now_command(context: Context, args: argparse.Namespace) -> int:
 
 def list_command(context: Context, args: argparse.Namespace) -> int:
     listing = context.call("backup.list")
+    if context.json:
+        # The whole result, warnings included, as the other commands print theirs.
+        context.print_json(listing)
+        return 0
     backups: list[dict[str, Any]] = listing["backups"]
     for damaged in listing.get("unreadable", []):
         context.stderr.write(f"walacorctl: warning: manifest {damaged['path']} cannot be "
@@ -97,9 +101,6 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
                              f"{leftover['description']}\n")
     if listing.get("leftover_databases_error"):
         context.stderr.write(f"walacorctl: warning: {listing['leftover_databases_error']}\n")
-    if context.json:
-        context.print_json(backups)
-        return 0
     if not backups:
         context.print("no backups yet; take one with `walacorctl backup now`")
         return 0

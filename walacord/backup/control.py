@@ -183,15 +183,19 @@ async def backup_now(manager: BackupManager, params: Mapping[str, Any] | None, *
 
 async def backup_list(manager: BackupManager,
                       params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Return every backup, newest first."""
+    """Return every backup, newest first, and what is wrong in the directory and on the
+    server: damaged manifests, dumps without a manifest and leftover scratch databases."""
     _check_params(params, {})
     manifests = await manager.list()
     # A backup whose manifest is damaged is not listed, so it is named here instead.
     unreadable = await anyio.to_thread.run_sync(unreadable_manifests, manager.directory)
     orphans = await anyio.to_thread.run_sync(dumps_without_manifest, manager.directory)
-    listing = {"backups": [backup_entry(manager, m) for m in reversed(manifests)],
-               "unreadable": unreadable, "without_manifest": orphans,
-               "leftover_databases": []}
+    # Every key is always present, so that scripts reading `--json` output can rely on
+    # the shape. The error is None when the lookup worked.
+    listing: dict[str, Any] = {
+        "backups": [backup_entry(manager, m) for m in reversed(manifests)],
+        "unreadable": unreadable, "without_manifest": orphans,
+        "leftover_databases": [], "leftover_databases_error": None}
     # Scratch databases and replaced copies that killed restores and drills left on
     # the server; each is a full copy of a database.
     try:
@@ -240,7 +244,8 @@ async def backup_restore(manager: BackupManager, params: Mapping[str, Any] | Non
     except ChecksumMismatch as exc:
         raise ControlError(CHECKSUM_MISMATCH, f"restore rejected: {exc}", {
             "path": str(exc.path), "sha256": exc.actual,
-            "manifest_sha256": exc.expected}) from exc
+            "manifest_sha256": exc.expected, "size_bytes": exc.size_bytes,
+            "manifest_size_bytes": exc.manifest_size_bytes}) from exc
     except BackupError as exc:
         raise ControlError(BACKUP_FAILED, f"restore failed: {exc}") from exc
     return {"id": result.id, "target_db": result.target_db, "replaced": result.replaced,

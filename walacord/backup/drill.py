@@ -91,7 +91,8 @@ async def drill_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
         return await _record_drill(manager, manifest, [str(exc)], started)
     # The sha256 lets a later checksum check tell whether this result still describes
     # the file (see Manifest.drill_stale).
-    tested = str(checksum.detail["sha256"])
+    # None when the size differed from the manifest's, so the file was not hashed.
+    tested = checksum.detail.get("sha256")
     if not checksum.ok:
         manifest.checksum_check = checksum
         return await _record_drill(

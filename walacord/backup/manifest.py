@@ -612,9 +612,38 @@ def read_dump(path: Path) -> BinaryIO:
                           f"{exc.strerror or exc}") from None
 
 
-def sha256_file(path: Path) -> str:
+class SizeMismatch(Exception):
+    """A dump whose size differs from the size its manifest records."""
+
+    def __init__(self, size_bytes: int, manifest_size_bytes: int) -> None:
+        super().__init__(f"size is {size_bytes} bytes, the manifest records "
+                         f"{manifest_size_bytes} bytes")
+        self.size_bytes = size_bytes
+        self.manifest_size_bytes = manifest_size_bytes
+
+
+def check_open_size(handle: BinaryIO, expected_size: int | None) -> None:
+    """Raise SizeMismatch when the open file's size differs from `expected_size`.
+
+    fstat() reads the size of the file that is open, so a file renamed into place
+    after the open cannot pass the check in place of the one that is read.
+    """
+    if expected_size is None:
+        return
+    size = os.fstat(handle.fileno()).st_size
+    if size != expected_size:
+        raise SizeMismatch(size, expected_size)
+
+
+def sha256_file(path: Path, expected_size: int | None = None) -> str:
+    """Return the sha256 of the dump at `path`.
+
+    With `expected_size`, a file of another size raises SizeMismatch before any byte
+    is read, because hashing a replaced, oversized file can take minutes.
+    """
     digest = hashlib.sha256()
     with open_dump(path) as handle:
+        check_open_size(handle, expected_size)
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()

@@ -370,7 +370,7 @@ async def describe_outcome(admin: Admin, placement: Placement) -> str:
 
 async def check_checksum(manager: BackupManager, manifest: Manifest, *,
                          ignore_checksum: bool) -> bool:
-    """Compare the file's sha256 with the manifest's; return whether they match.
+    """Compare the file's size and sha256 with the manifest's; return whether they match.
 
     A mismatch is stored in the manifest. Then ChecksumMismatch is raised and counted
     as a failed restore, unless `ignore_checksum` is set, which logs a warning instead.
@@ -384,15 +384,14 @@ async def check_checksum(manager: BackupManager, manifest: Manifest, *,
         return True
 
     path = manager.path_of(manifest)
-    actual = str(check.detail["sha256"])
     await manager.record_checksum(manifest, check)
     if not ignore_checksum:
-        error = ChecksumMismatch(path, manifest.sha256, actual)
+        error = ChecksumMismatch.from_check(path, manifest, check)
         await manager.record_failure("restore", manifest.id, error)
         raise error
     log.warning("backup.restore_checksum_ignored", extra={"fields": {
-        "id": manifest.id, "path": str(path), "sha256": actual,
-        "manifest_sha256": manifest.sha256,
+        "id": manifest.id, "path": str(path), "error": check.error,
+        "sha256": check.detail.get("sha256"), "manifest_sha256": manifest.sha256,
         "reason": "the caller passed ignore_checksum; the restore may fail or load "
                   "changed data"}})
     return False

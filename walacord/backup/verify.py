@@ -23,6 +23,8 @@ from walacord.backup.manifest import (
     HASH_CHUNK_BYTES,
     CheckResult,
     Manifest,
+    SizeMismatch,
+    check_open_size,
     dump_file_problem,
     format_time,
     open_dump,
@@ -57,18 +59,39 @@ def missing_header_lines(listing: str) -> list[str]:
 
 
 class ChecksumMismatch(BackupError):
-    """A backup file's sha256 differs from the one its manifest recorded at dump time."""
+    """A backup file whose size or sha256 differs from the one its manifest recorded at
+    dump time. `actual` is None when the sizes differ, because the file was not hashed.
+    """
 
-    def __init__(self, path: Path, expected: str, actual: str) -> None:
+    def __init__(self, path: Path, expected: str, actual: str | None, *,
+                 size_bytes: int | None = None,
+                 manifest_size_bytes: int | None = None) -> None:
+        if actual is None:
+            difference = (f"its size is {size_bytes} bytes, the manifest records "
+                          f"{manifest_size_bytes} bytes")
+        else:
+            difference = f"its sha256 is {actual}, the manifest records {expected}"
         super().__init__(
-            f"backup file {path} does not match its manifest: its sha256 is {actual}, the "
-            f"manifest records {expected}, so the file changed after it was written. "
-            "Nothing was restored. Restore an older backup instead (`walacorctl backup "
-            "list` shows them with their last verification), or pass --ignore-checksum "
-            "to restore this file anyway")
+            f"backup file {path} does not match its manifest: {difference}, so the file "
+            "changed after it was written. Nothing was restored. Restore an older backup "
+            "instead (`walacorctl backup list` shows them with their last verification), "
+            "or pass --ignore-checksum to restore this file anyway")
         self.path = path
         self.expected = expected
         self.actual = actual
+        self.size_bytes = size_bytes
+        self.manifest_size_bytes = manifest_size_bytes
+
+    @classmethod
+    def from_check(cls, path: Path, manifest: Manifest,
+                   check: CheckResult) -> ChecksumMismatch:
+        """Build the error from a failed result of `hash_backup_file`."""
+        sha256 = check.detail.get("sha256")
+        # A file that was hashed has the manifest's size, so only a size check records one.
+        size = check.detail.get("size_bytes", manifest.size_bytes)
+        return cls(path, manifest.sha256, sha256 if isinstance(sha256, str) else None,
+                   size_bytes=size if isinstance(size, int) else None,
+                   manifest_size_bytes=manifest.size_bytes)
 
 
 def check_result(ok: bool, error: str | None = None, **detail: Any) -> CheckResult:
@@ -82,22 +105,34 @@ def checksum_check(expected: str, actual: str) -> CheckResult:
                                "file changed after it was written", sha256=actual)
 
 
+def size_check(mismatch: SizeMismatch) -> CheckResult:
+    """Return the failed checksum check for a file whose size differs from the manifest's."""
+    return check_result(False, f"{mismatch}; the file changed after it was written, so its "
+                               "sha256 was not computed", size_bytes=mismatch.size_bytes,
+                        manifest_size_bytes=mismatch.manifest_size_bytes)
+
+
 async def hash_backup_file(manager: BackupManager, manifest: Manifest) -> CheckResult:
     """Hash the backup file within `verify_timeout` and compare it with the manifest.
 
+    A file whose size differs from the manifest's fails the check at once, unhashed.
     Raises BackupError when the file cannot be read, is not a regular file or hashing
     times out.
     """
     path = manager.path_of(manifest)
     try:
         with anyio.fail_after(manager.config.verify_timeout):
-            digest = await anyio.to_thread.run_sync(sha256_file, path, abandon_on_cancel=True)
-    except OSError as exc:
-        raise BackupError(f"cannot read backup file {path}: {exc}") from exc
+            digest = await anyio.to_thread.run_sync(sha256_file, path, manifest.size_bytes,
+                                                    abandon_on_cancel=True)
+    except SizeMismatch as mismatch:
+        return size_check(mismatch)
+    # TimeoutError is an OSError, so it is caught first.
     except TimeoutError as exc:
         raise BackupError(f"hashing backup file {path} timed out after "
                           f"{manager.config.verify_timeout:g} s; raise [backup] "
                           "verify_timeout if the file is large") from exc
+    except OSError as exc:
+        raise BackupError(f"cannot read backup file {path}: {exc}") from exc
     return checksum_check(manifest.sha256, digest)
 
 
@@ -126,14 +161,20 @@ async def list_archive(bindir: Path, path: Path, env: dict[str, str],
     return check_result(True, entries=entries), listing
 
 
-def hash_and_check_plain(path: Path) -> tuple[str, CheckResult]:
-    """Hash a gzip'd plain dump and check it decompresses to a complete dump, in one pass."""
+def hash_and_check_plain(path: Path,
+                         expected_size: int | None = None) -> tuple[str, CheckResult]:
+    """Hash a gzip'd plain dump and check it decompresses to a complete dump, in one pass.
+
+    With `expected_size`, a file of another size raises SizeMismatch before any byte
+    is read.
+    """
     digest = hashlib.sha256()
     decompressor = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
     tail = b""
     total = 0
     try:
         with open_dump(path) as handle:
+            check_open_size(handle, expected_size)
             while chunk := handle.read(HASH_CHUNK_BYTES):
                 digest.update(chunk)
                 data = decompressor.decompress(chunk)
@@ -160,8 +201,10 @@ def hash_and_check_plain(path: Path) -> tuple[str, CheckResult]:
 async def verify_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
     """Recompute the checksum and re-run the archive check; store both in the manifest.
 
-    A failed check is counted and alerted on, and the manifest records it. A file
-    that is missing, is not a regular file (a FIFO, say) or cannot be opened is
+    A failed check is counted and alerted on, and the manifest records it. A file whose
+    size differs from the manifest's fails the checksum check at once. Neither check
+    reads it then, so the manifest keeps the result of the last readability check. A
+    file that is missing, is not a regular file (a FIFO, say) or cannot be opened is
     counted and alerted on too, and raises BackupError.
     """
     path = manager.path_of(manifest)
@@ -171,34 +214,48 @@ async def verify_backup(manager: BackupManager, manifest: Manifest) -> Manifest:
         await manager.record_failure("verify", manifest.id, error)
         raise error
 
+    list_result: CheckResult | None = None
     try:
         with anyio.fail_after(manager.config.verify_timeout):
             if manifest.format == "plain-gzip":
                 digest, list_result = await anyio.to_thread.run_sync(
-                    hash_and_check_plain, path, abandon_on_cancel=True)
+                    hash_and_check_plain, path, manifest.size_bytes, abandon_on_cancel=True)
             else:
-                digest = await anyio.to_thread.run_sync(sha256_file, path,
+                digest = await anyio.to_thread.run_sync(sha256_file, path, manifest.size_bytes,
                                                         abandon_on_cancel=True)
                 with client_environment("") as env:
                     list_result, _ = await list_archive(manager.bindir, path, env,
                                                         manager.config.verify_timeout)
+    except SizeMismatch as mismatch:
+        manifest.checksum_check = size_check(mismatch)
     except BackupError as exc:
         # The file was replaced by a special file after the check above.
         await manager.record_failure("verify", manifest.id, exc)
         raise
+    # TimeoutError is an OSError, so it is caught first.
+    except TimeoutError as exc:
+        error = BackupError(f"verifying backup file {path} timed out after "
+                            f"{manager.config.verify_timeout:g} s; raise [backup] "
+                            "verify_timeout if the file is large")
+        await manager.record_failure("verify", manifest.id, error)
+        raise error from exc
     except OSError as exc:
         error = BackupError(f"cannot read backup file {path}: {exc.strerror or exc}")
         await manager.record_failure("verify", manifest.id, error)
         raise error from exc
-    manifest.checksum_check = checksum_check(manifest.sha256, digest)
-    manifest.list_check = list_result
+    else:
+        manifest.checksum_check = checksum_check(manifest.sha256, digest)
+        manifest.list_check = list_result
     await manager.save(manifest)
 
-    if manifest.checksum_check.ok and list_result.ok:
+    checksum = manifest.checksum_check
+    if checksum.ok and list_result is not None and list_result.ok:
         manager.metrics.backup_last_verified.set(utc_now().timestamp())
         log.info("backup.verified", extra={"fields": {
             "id": manifest.id, "sha256": digest, "entries": list_result.detail.get("entries")}})
     else:
-        errors = "; ".join(e for e in (manifest.checksum_check.error, list_result.error) if e)
-        await manager.record_failure("verify", manifest.id, BackupError(errors))
+        # Only the errors of checks that ran now: after a size mismatch, that is one.
+        errors = [checksum.error] + ([list_result.error] if list_result is not None else [])
+        await manager.record_failure("verify", manifest.id,
+                                     BackupError("; ".join(e for e in errors if e)))
     return manifest

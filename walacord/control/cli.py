@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, NoReturn, TextIO
 import orjson
 
 from walacord import __version__
+from walacord.control.arguments import DURATION_HELP, duration_type
 from walacord.control.client import ControlClient, ProgressCallback
 from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE, ErrorCode
 from walacord.control.render import ProgressBar
@@ -36,6 +37,7 @@ DEFAULT_TIMEOUT = 10.0
 # A socket timeout must be finite. Each read waits at most this long, and every
 # progress line restarts the wait, so one day is plenty.
 MAX_TIMEOUT = 86400.0
+timeout_type = duration_type(maximum=MAX_TIMEOUT)
 # Errors that mean walacorctl may not or cannot talk to this daemon at all.
 CONNECTION_ERRORS = (ErrorCode.PERMISSION_DENIED, ErrorCode.VERSION_MISMATCH, ErrorCode.BUSY)
 
@@ -119,24 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"control socket (env {SOCKET_ENVIRONMENT_VARIABLE}; default %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="print machine-readable JSON with a stable shape")
-    parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT,
-                        metavar="SECONDS",
-                        help="seconds to wait for each read from the daemon (default %(default)s)")
+    parser.add_argument("--timeout", type=timeout_type, default=DEFAULT_TIMEOUT,
+                        metavar="DURATION",
+                        help="how long to wait for each read from the daemon, at most 1d: "
+                             f"{DURATION_HELP} (default %(default)ss)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in FAMILIES:
         importlib.import_module(module).add_commands(commands)
     return parser
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
-    if not 0 < value <= MAX_TIMEOUT:
-        raise argparse.ArgumentTypeError(
-            f"must be above 0 and at most {MAX_TIMEOUT:.0f} seconds (one day), got {text}")
-    return value
 
 
 def _check_utf8(words: Sequence[str]) -> None:

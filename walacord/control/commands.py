@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from walacord.config import LOG_LEVELS
+from walacord.control.arguments import DURATION_HELP, duration_type
 from walacord.control.interfaces import MODES
 from walacord.control.render import (
     format_mode,
@@ -21,7 +22,6 @@ from walacord.control.render import (
     override_hides_worse,
 )
 from walacord.errors import ControlClientError, ControlError
-from walacord.settings import parse_duration
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -46,12 +46,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                       "2 emergency or offline, 3 unreachable")
     # Check definitions usually put options after the command, so the global options
     # are accepted here too. SUPPRESS keeps the global values when these are absent.
-    from walacord.control.cli import positive_seconds
+    from walacord.control.cli import timeout_type
     check.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
                        help="control socket, as before the command")
-    check.add_argument("--timeout", type=positive_seconds, metavar="SECONDS",
+    check.add_argument("--timeout", type=timeout_type, metavar="DURATION",
                        default=argparse.SUPPRESS,
-                       help="seconds to wait for each read, as before the command")
+                       help="how long to wait for each read, as before the command")
     check.set_defaults(handler=check_command)
 
     probes = commands.add_parser("probes", help="list the probes; `probes run` runs them now")
@@ -66,9 +66,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     mode_actions = mode.add_subparsers(dest="action", metavar="ACTION")
     mode_set = mode_actions.add_parser("set", help="force a mode for a limited time")
     mode_set.add_argument("mode", choices=MODES)
-    mode_set.add_argument("--ttl", required=True, type=_ttl, metavar="SECONDS",
-                          help="how long the override lasts: seconds, or 30s, 15m, 2h; "
-                               "at most [modes] override_max_ttl")
+    # The daemon checks the TTL against [modes] override_max_ttl, which the client does
+    # not know, and returns an error that names the limit.
+    mode_set.add_argument("--ttl", required=True, type=duration_type(), metavar="DURATION",
+                          help="how long the override lasts, at most [modes] "
+                               f"override_max_ttl: {DURATION_HELP}")
     mode_set.add_argument("--reason", required=True, help="why; goes into the transition log")
     mode_actions.add_parser("clear", help="end the override now")
 
@@ -87,8 +89,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     log_level.set_defaults(handler=log_level_command)
 
     watch = commands.add_parser("watch", help="redraw the status live until Ctrl-C")
-    watch.add_argument("--interval", type=_duration, default=2.0, metavar="SECONDS",
-                       help="seconds between refreshes (default %(default)s)")
+    watch.add_argument("--interval", default=2.0, metavar="DURATION",
+                       type=duration_type(minimum=MIN_WATCH_INTERVAL, maximum=MAX_DURATION),
+                       help="time between refreshes, from 0.1s to 365d: "
+                            f"{DURATION_HELP} (default %(default)ss)")
     watch.set_defaults(handler=watch_command)
 
 
@@ -97,36 +101,6 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 MIN_WATCH_INTERVAL = 0.1
 MAX_DURATION = 365 * 86400.0
 
-
-def _duration(text: str) -> float:
-    value = _ttl(text)
-    if not MIN_WATCH_INTERVAL <= value <= MAX_DURATION:
-        raise argparse.ArgumentTypeError(f"interval must be from {MIN_WATCH_INTERVAL:g}s to "
-                                         f"365d, got {text!r}")
-    return value
-
-
-def _ttl(text: str) -> float:
-    """Parse a positive duration with no upper limit.
-
-    The daemon checks a TTL against its configured maximum, which the client does not
-    know, and returns an error that names the limit.
-    """
-    try:
-        value = parse_duration(float(text) if _is_number(text) else text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {exc}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"duration must be above 0, got {text!r}")
-    return value
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --- status and check -------------------------------------------------------------

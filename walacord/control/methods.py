@@ -20,7 +20,7 @@ from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call
 from walacord.errors import ControlError, ModeOverrideError
 from walacord.runtime import Runtime
-from walacord.terminal import find_control_character
+from walacord.terminal import describe_character, find_nonprinting_character
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,19 @@ class PoolRecycleParams:
 
 
 def _check_printable(reason: str) -> None:
-    """Raise ValueError when `reason` has a character a terminal would act on.
+    """Raise ValueError when `reason` has a character a terminal would act on or show
+    as nothing.
 
     The reason is shown by `walacorctl status` and written to the logs, so an escape
-    sequence in it could rewrite an operator's terminal.
+    sequence in it could rewrite an operator's terminal, and an invisible character
+    would make the text differ from what the operator reads.
     """
-    found = find_control_character(reason)
+    found = find_nonprinting_character(reason)
     if found is not None:
         position, character = found
-        raise ValueError(f"reason has the control character {character!r} "
-                         f"(U+{ord(character):04X}) at position {position}; write it as "
-                         "printable text on one line")
+        raise ValueError(f"reason has the {describe_character(character)} at position "
+                         f"{position}; write it as printable text on one line, without "
+                         "invisible characters")
 
 
 @dataclass(frozen=True)
