@@ -31,23 +31,46 @@ _INVISIBLE_CHARACTERS = re.compile(
     "\ufff0-\ufff8\U000e0000-\U000e0fff]")
 
 
-def find_nonprinting_character(text: str) -> tuple[int, str] | None:
+# The zero width joiner and the text and emoji variation selectors, which join or style
+# the character before them in emoji such as U+2764 U+FE0F (a red heart).
+_EMOJI_JOINERS = frozenset("\u200d\ufe0e\ufe0f")
+
+
+def find_nonprinting_character(text: str, *, prose: bool = False) -> tuple[int, str] | None:
     """Return the position and the first character in `text` that a terminal acts on or
     shows as nothing, or None.
 
     Those are the CONTROL_CHARACTERS and the invisible characters above. Text that
-    must look like what it is, such as a silence matcher, rejects them.
+    must look like what it is, such as a silence matcher, rejects them. With `prose`,
+    for free text such as a reason, an emoji joiner or variation selector right after
+    a visible character is allowed, because it is part of an emoji.
     """
     found = CONTROL_CHARACTERS.search(text)
     end = len(text) if found is None else found.start()
     for position in range(end):
         character = text[position]
+        if prose and character in _EMOJI_JOINERS and _joins_emoji(text, position):
+            continue
         if (unicodedata.category(character) in _INVISIBLE_CATEGORIES
                 or _INVISIBLE_CHARACTERS.match(character)):
             return position, character
     if found is None:
         return None
     return found.start(), found.group()
+
+
+def _joins_emoji(text: str, position: int) -> bool:
+    """Return whether the joiner or variation selector at `position` is part of an emoji:
+    a selector right after a symbol, or a joiner between two symbols."""
+    before = text[position - 1] if position > 0 else ""
+    if text[position] != "\u200d":
+        return bool(before) and unicodedata.category(before) == "So"
+    if before == "\ufe0f" and position > 1:
+        before = text[position - 2]
+    after = text[position + 1] if position + 1 < len(text) else ""
+    # "Sk" before a joiner is a skin tone modifier, as in U+1F469 U+1F3FD U+200D U+1F4BB.
+    return (bool(before) and bool(after) and unicodedata.category(before) in ("So", "Sk")
+            and unicodedata.category(after) == "So")
 
 
 def describe_character(character: str) -> str:

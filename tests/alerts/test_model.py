@@ -172,6 +172,21 @@ def test_silence_reason_rejects_invisible(character: str, named: str) -> None:
         Silence.create(parse_matchers("probe=walacor"), 60, f"disk{character} swap", 0.0)
 
 
+@pytest.mark.parametrize("reason", [
+    "done \u2764\ufe0f", "\U0001f469\U0001f3fd\u200d\U0001f4bb on call",
+    "\U0001f3f3\ufe0f\u200d\U0001f308 pride week", "fixed \u2705\ufe0e",
+])
+def test_silence_reason_accepts_emoji(reason: str) -> None:
+    silence = Silence.create(parse_matchers("probe=walacor"), 60, reason, 0.0)
+    assert silence.reason == reason
+
+
+@pytest.mark.parametrize("character", ["\u200d", "\ufe0f"])
+def test_matcher_rejects_emoji_joiner(character: str) -> None:
+    with pytest.raises(ValueError, match="invalid matcher: invisible character"):
+        parse_matchers(f'probe="\u2764{character}"')
+
+
 @pytest.mark.parametrize(("character", "named"), INVISIBLE_CHARACTERS)
 def test_matcher_rejects_invisible(character: str, named: str) -> None:
     with pytest.raises(ValueError, match=re.escape(

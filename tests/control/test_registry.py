@@ -151,3 +151,12 @@ def test_reason_rejects_invisible_characters(params: Callable[[str], object], ch
 def test_mode_reason_too_long_names_length() -> None:
     with pytest.raises(ValueError, match="reason is 501 characters, over the limit of 500"):
         ModeSetParams(mode="degraded", ttl_seconds=60.0, reason="x" * 501)
+
+
+@pytest.mark.parametrize("params", [
+    lambda reason: ModeSetParams(mode="degraded", ttl_seconds=60.0, reason=reason),
+    lambda reason: PoolRecycleParams(reason=reason),
+])
+def test_reason_accepts_emoji(params: Callable[[str], object]) -> None:
+    reason = "on call \U0001f469\U0001f3fd\u200d\U0001f4bb, done \u2764\ufe0f"
+    assert params(reason).reason == reason  # type: ignore[attr-defined]

@@ -301,7 +301,7 @@ MAX_SILENCE_TEXT = 1000
 MAX_SILENCE_SECONDS = 366 * 86400
 
 
-def check_silence_text(field_name: str, text: str) -> None:
+def check_silence_text(field_name: str, text: str, *, prose: bool = False) -> None:
     """Raise ValueError when `text` is over MAX_SILENCE_TEXT or has a control character
     or an invisible one (see `find_nonprinting_character`).
 
@@ -312,7 +312,7 @@ def check_silence_text(field_name: str, text: str) -> None:
     if len(text) > MAX_SILENCE_TEXT:
         raise ValueError(f"invalid {field_name}: {len(text)} characters, over the limit of "
                          f"{MAX_SILENCE_TEXT}. Shorten it")
-    found = find_nonprinting_character(text)
+    found = find_nonprinting_character(text, prose=prose)
     if found is not None:
         position, character = found
         raise ValueError(f"invalid {field_name}: {describe_character(character)} at "
@@ -344,7 +344,7 @@ class Silence:
         Silences loaded from alerts.db skip these checks, so text stored by older
         versions may still contain control characters.
         """
-        check_silence_text("reason", reason)
+        check_silence_text("reason", reason, prose=True)
         check_silence_text("created_by", created_by)
         return cls(uuid.uuid4().hex[:12], tuple(matchers), now, now + duration, reason,
                    created_by)

@@ -79,7 +79,7 @@ def _check_printable(reason: str) -> None:
     sequence in it could rewrite an operator's terminal, and an invisible character
     would make the text differ from what the operator reads.
     """
-    found = find_nonprinting_character(reason)
+    found = find_nonprinting_character(reason, prose=True)
     if found is not None:
         position, character = found
         raise ValueError(f"reason has the {describe_character(character)} at position "
