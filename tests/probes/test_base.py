@@ -194,6 +194,46 @@ async def test_runner_concurrent_run_is_skipped() -> None:
 
 
 @pytest.mark.anyio
+async def test_runner_pause_waits_for_run() -> None:
+    """pause() returns once the run in progress has ended and its result is kept."""
+    probe = ScriptedProbe(delay=0.1)
+    runner = ProbeRunner(probe)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.abandoner.run)
+        tg.start_soon(runner.run_once)
+        await anyio.sleep(0.02)
+        await runner.pause("restore")
+        assert probe.calls == 1
+        assert runner.state.last is not None
+        assert runner.paused == "restore"
+        # A run requested while paused does not start.
+        await runner.run_once()
+        assert probe.calls == 1
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_runner_paused_keeps_beating() -> None:
+    """A paused runner starts no run but still beats, so the watchdog sees no stall;
+    resume() runs at once."""
+    probe = ScriptedProbe(policy=ProbeSettings(interval=0.1, timeout=0.05))
+    beats: list[float] = []
+    runner = ProbeRunner(probe, beat=lambda: beats.append(time.monotonic()))
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        await wait_until(lambda: probe.calls >= 1, 5)
+        await runner.pause("restore")
+        calls, paused_at = probe.calls, time.monotonic()
+        await anyio.sleep(2.3)
+        assert probe.calls == calls
+        assert len([at for at in beats if at > paused_at]) >= 2
+        runner.resume()
+        await wait_until(lambda: probe.calls > calls, 0.5)
+        assert runner.paused is None
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
 async def test_runner_marks_slow_run_warning() -> None:
     probe = ScriptedProbe(delay=0.05, policy=ProbeSettings(interval=1, timeout=0.5,
                                                            slow_after=0.01))
