@@ -230,6 +230,9 @@ async def test_runner_paused_keeps_beating() -> None:
         runner.resume()
         await wait_until(lambda: probe.calls > calls, 0.5)
         assert runner.paused is None
+        # One run after the resume, then the interval.
+        await anyio.sleep(0.05)
+        assert probe.calls == calls + 1
         tg.cancel_scope.cancel()
 
 

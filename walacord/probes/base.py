@@ -375,11 +375,14 @@ class ProbeRunner:
             task_status.started()
             while True:
                 self._beat()
-                while self._resumed is not None:
-                    # Paused: keep beating, so the watchdog does not see a stall.
-                    with anyio.move_on_after(PAUSED_BEAT):
-                        await self._resumed.wait()
-                    self._beat()
+                if self._resumed is not None:
+                    while self._resumed is not None:
+                        # Paused: keep beating, so the watchdog does not see a stall.
+                        with anyio.move_on_after(PAUSED_BEAT):
+                            await self._resumed.wait()
+                        self._beat()
+                    # resume() triggered a run, and this is that run.
+                    self._triggered = False
                 await self.run_once()
                 delay = next_delay(self.state, time.monotonic(), self.probe.settings())
                 # A plain sleep that trigger() cancels: waiting for an event under
