@@ -78,6 +78,7 @@ DAMAGED_CONTENTS = {
     "previous copy": b'{"version": 1, "databases": ["app_previous_0123abcd"]}',
     "other database": b'{"version": 1, "databases": ["app"]}',
     "too large": b'{"version": 1, "databases": []}' + b" " * MAX_JOURNAL_BYTES,
+    "nested too deeply": b"[" * 32000 + b"]" * 32000,
 }
 
 

@@ -231,3 +231,20 @@ async def test_restore_advice_runs_in_shell(make_manager: ManagerFactory, tmp_pa
     assert ran.returncode == 0, ran.stderr.decode(errors="replace")
     assert not (tmp_path / "pwned").exists()
     assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=target_name) == "3000"
+
+
+def test_partial_directory_is_skipped(make_manager: ManagerFactory,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Only regular partial files are removed. A directory with such a name is logged and
+    left, and does not stop the removal of the others."""
+    manager = make_manager()
+    manager.directory.mkdir(parents=True, exist_ok=True)
+    (manager.directory / ".a.partial").mkdir()
+    (manager.directory / ".b.dump.partial").write_bytes(b"PGDMP")
+
+    with caplog.at_level(logging.WARNING):
+        removed = manager.remove_partials()
+
+    assert removed == [manager.directory / ".b.dump.partial"]
+    assert (manager.directory / ".a.partial").is_dir()
+    assert "backup.partial_skipped" in [record.getMessage() for record in caplog.records]

@@ -76,6 +76,10 @@ def parse_journal(data: bytes) -> list[str]:
         raw: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DamagedJournal(f"it is not valid JSON: {exc}") from None
+    except RecursionError:
+        # Deeply nested brackets, which fit well within MAX_JOURNAL_BYTES.
+        raise DamagedJournal("it nests arrays or objects too deeply to be a journal"
+                             ) from None
     if not isinstance(raw, dict) or raw.get("version") != JOURNAL_VERSION:
         raise DamagedJournal(f"it is not an object with \"version\": {JOURNAL_VERSION}")
     names = raw.get("databases")

@@ -497,10 +497,25 @@ class BackupManager:
         manifest_path(self.directory, manifest.id).unlink(missing_ok=True)
 
     def remove_partials(self) -> builtins.list[Path]:
-        """Delete partial files left by a crashed run; call only while no take runs."""
+        """Delete partial files left by a crashed run; call only while no take runs.
+
+        walacord writes only regular files there. Anything else with such a name, such
+        as a directory, is logged and left, so it never stops a backup.
+        """
         removed = []
         for path in self.directory.glob(".*.partial"):
-            path.unlink(missing_ok=True)
+            if path.is_symlink() or not path.is_file():
+                log.warning("backup.partial_skipped", extra={"fields": {
+                    "path": display_path(path),
+                    "reason": "not a regular file, so walacord did not write it",
+                    "action": "move it out of the backups directory"}})
+                continue
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("backup.partial_remove_failed", extra={"fields": {
+                    "path": display_path(path), "error": str(exc)}})
+                continue
             removed.append(path)
             log.warning("backup.partial_removed", extra={"fields": {
                 "path": display_path(path)}})
