@@ -32,7 +32,7 @@ def default_components(runtime: Runtime) -> list[Component]:
     from walacord.backup import control as backup_control
     from walacord.backup.scheduler import BackupScheduler
     from walacord.control.server import ControlServer
-    from walacord.dbpool import database_paused
+    from walacord.dbpool import DatabasePause
     from walacord.monitor import Monitor
     from walacord.outbox.backends import OutboxBackends
     from walacord.outbox.control import register_methods as register_outbox_methods
@@ -79,7 +79,7 @@ def default_components(runtime: Runtime) -> list[Component]:
     components.append(backups)
     manager = backups.manager
     # A forced restore over the supervised database pauses these while it swaps it.
-    manager.database_paused = partial(database_paused, [monitor, backends])
+    manager.database_paused = DatabasePause([monitor, backends]).paused
     methods.register_plain({"backup.list": backup_control.handlers(manager)["backup.list"]},
                            mutating=set())
     backup = config.backup

@@ -50,6 +50,8 @@ class DatabasePool:
         self.closing: set[AsyncConnectionPool[Any]] = set()
         # Why the pool is closed on purpose, until resume(); see pause().
         self.paused: str | None = None
+        # Set when run() ends: the daemon is stopping, so no pool opens again.
+        self.stopped = False
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         self.generation += 1
@@ -71,6 +73,7 @@ class DatabasePool:
                 await anyio.sleep_forever()
             finally:
                 self._tg = None
+                self.stopped = True
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
                     await self.pool.close(timeout=CLOSE_TIMEOUT)
 
@@ -95,7 +98,7 @@ class DatabasePool:
         old = self.pool
         before = dict(old.get_stats())
         self.pool = self._new_pool()
-        if self.paused is None:
+        if self.paused is None and not self.stopped:
             # While paused, the new pool stays closed until resume() opens it.
             await self.pool.open(wait=False)
         self.closing.add(old)
@@ -129,7 +132,7 @@ class DatabasePool:
         return before
 
     async def reopen(self) -> None:
-        if self.pool.closed and self.paused is None:
+        if self.pool.closed and self.paused is None and not self.stopped:
             await self.pool.open(wait=False)
 
     async def pause(self, reason: str) -> dict[str, int]:
@@ -176,31 +179,63 @@ class PausesDatabase(Protocol):
     async def resume_database(self) -> None: ...
 
 
-@asynccontextmanager
-async def database_paused(users: Sequence[PausesDatabase], reason: str
-                          ) -> AsyncIterator[None]:
-    """Keep walacord's own connections off the supervised database while the body runs.
+class DatabasePause:
+    """Keeps walacord's own connections off the supervised database while any caller
+    of `paused()` is inside it.
 
-    Each user closes its connections and opens none until the body ends; then all
-    resume, also when the body fails or is cancelled. When pausing takes longer than
-    PAUSE_TIMEOUT, the body runs anyway and a warning is logged. What the body needs (a
-    database without sessions) may then fail, so it must fail safely.
+    The first caller pauses every user, and the last one to leave resumes them, so two
+    restores that overlap never resume the users while one of them still swaps.
     """
-    paused: list[PausesDatabase] = []
-    try:
+
+    def __init__(self, users: Sequence[PausesDatabase]) -> None:
+        self.users = list(users)
+        self._holders = 0
+        self._lock = anyio.Lock()
+        self._paused: list[PausesDatabase] = []
+
+    @asynccontextmanager
+    async def paused(self, reason: str) -> AsyncIterator[None]:
+        """Pause the users for the body, then resume them, also when the body fails or
+        is cancelled.
+
+        When pausing takes longer than PAUSE_TIMEOUT, the body runs anyway and a warning
+        is logged. What the body needs (a database without sessions) may then fail, so
+        it must fail safely.
+        """
+        async with self._lock:
+            self._holders += 1
+            if self._holders == 1:
+                try:
+                    await self._pause(reason)
+                except BaseException:
+                    # Cancelled while pausing: resume what was paused, then leave.
+                    with anyio.CancelScope(shield=True):
+                        self._holders -= 1
+                        await self._resume(reason)
+                    raise
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._lock:
+                    self._holders -= 1
+                    if self._holders == 0:
+                        await self._resume(reason)
+
+    async def _pause(self, reason: str) -> None:
         with anyio.move_on_after(PAUSE_TIMEOUT) as scope:
-            for user in users:
-                paused.append(user)
+            for user in self.users:
+                self._paused.append(user)
                 await user.pause_database(reason)
         if scope.cancelled_caught:
             log.warning("database.pause_timed_out", extra={"fields": {
                 "reason": reason, "timeout_seconds": PAUSE_TIMEOUT}})
-        yield
-    finally:
-        with anyio.CancelScope(shield=True):
-            for user in reversed(paused):
-                try:
-                    await user.resume_database()
-                except Exception:
-                    log.exception("database.resume_failed", extra={"fields": {
-                        "reason": reason, "user": type(user).__name__}})
+
+    async def _resume(self, reason: str) -> None:
+        paused, self._paused = self._paused, []
+        for user in reversed(paused):
+            try:
+                await user.resume_database()
+            except Exception:
+                log.exception("database.resume_failed", extra={"fields": {
+                    "reason": reason, "user": type(user).__name__}})

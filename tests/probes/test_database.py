@@ -365,3 +365,55 @@ def test_classify_errors(error: BaseException, reason: str) -> None:
 def test_classify_starting_up_is_not_shutdown() -> None:
     error = psycopg.errors.CannotConnectNow("FATAL:  the database system is starting up")
     assert classify(error) == "starting_up"
+
+
+def _sessions(pg_db: str) -> int:
+    database = pg_db.rsplit("/", 1)[1]
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                           "AND pid <> pg_backend_pid()", (database,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_paused_pool_and_watcher_hold_no_session(pg_db: str) -> None:
+    """While paused, the pool and the crash watch keep no session and open none; after
+    resume both connect again."""
+    pool = DatabasePool(DatabaseConfig(url=pg_db, pool_min_size=2, pool_max_size=4))
+    watcher = CrashWatcher(pool, lambda event: None, lambda: 2.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        await tg.start(watcher.run)
+        await wait_until(lambda: watcher.connected and pool.connections()["size"] == 2, 10)
+
+        await watcher.pause()
+        await pool.pause("restore")
+        await anyio.sleep(0.5)  # the watcher's reconnect backoff is at most 0.5 s
+        assert await anyio.to_thread.run_sync(_sessions, pg_db) == 0
+        with pytest.raises(psycopg.OperationalError, match="restore"):
+            await pool.connect()
+
+        await pool.resume()
+        watcher.resume()
+        await wait_until(lambda: watcher.connected and pool.connections()["size"] == 2, 10)
+        assert await anyio.to_thread.run_sync(_sessions, pg_db) == 3
+        tg.cancel_scope.cancel()
+
+
+async def test_stopped_pool_does_not_reopen(pg_db: str) -> None:
+    """A resume that comes after the daemon stopped the pool, as from a restore that
+    shutdown cancels, opens nothing that would keep the process alive."""
+    pool = DatabasePool(DatabaseConfig(url=pg_db, pool_min_size=1, pool_max_size=2))
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        await pool.pause("restore")
+        tg.cancel_scope.cancel()
+    try:
+        await pool.resume()
+        await pool.recycle()
+        assert pool.pool.closed
+    finally:
+        # An open pool's workers would keep the test's event loop from ending.
+        with anyio.move_on_after(5):
+            for left in (pool.pool, *pool.closing):
+                await left.close(timeout=1)

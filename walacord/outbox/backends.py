@@ -41,6 +41,8 @@ class SinkPool:
         self.pool = self._new_pool()
         self.paused: str | None = None
         self._resumed: anyio.Event | None = None
+        # Set by close(): the daemon is stopping, so no pool opens again.
+        self._stopped = False
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         self._generation += 1
@@ -52,10 +54,11 @@ class SinkPool:
             timeout=self._checkout_timeout, name=f"walacord-outbox{suffix}")
 
     async def open(self) -> None:
-        if self.paused is None:
+        if self.paused is None and not self._stopped:
             await self.pool.open(wait=False)
 
     async def close(self) -> None:
+        self._stopped = True
         await self.pool.close(timeout=CLOSE_TIMEOUT)
 
     @asynccontextmanager
@@ -81,7 +84,7 @@ class SinkPool:
 
     async def resume_database(self) -> None:
         self.paused = None
-        await self.pool.open(wait=False)
+        await self.open()
         resumed, self._resumed = self._resumed, None
         if resumed is not None:
             resumed.set()
