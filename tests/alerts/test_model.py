@@ -229,3 +229,31 @@ def test_contradicting_pairs_each_pair_once() -> None:
     pairs = [(str(first), str(second)) for first, second in contradicting_pairs(matchers)]
 
     assert pairs == [('x="a"', 'x="c"'), ('x="a"', 'x!~"[ac]"'), ('x="c"', 'x!~"[ac]"')]
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ('alertname=~"Walacord\\w+"', "Walacord\\w+"),
+    ("alertname=~Walacord\\w+", "Walacord\\w+"),
+    ('probe=~"a\\.b"', "a\\.b"),
+    ('reason="say \\"hi\\""', 'say "hi"'),
+    ('path="C:\\\\temp"', "C:\\temp"),
+    ("path=C:\\\\temp", "C:\\temp"),
+    ('end="a\\\\"', "a\\"),
+])
+def test_matcher_escapes_as_alertmanager(text: str, value: str) -> None:
+    """\\" and \\\\ stand for the character, and any other backslash stays."""
+    [matcher] = parse_matchers(text)
+    assert matcher.value == value
+    # The printed form parses back to the same value.
+    assert parse_matchers(str(matcher))[0].value == value
+
+
+def test_matcher_escaped_line_feed_rejected() -> None:
+    with pytest.raises(ValueError, match="matchers cannot contain line breaks"):
+        parse_matchers('probe="a\\nb"')
+
+
+def test_regex_matcher_keeps_backslash_class() -> None:
+    [matcher] = parse_matchers('alertname=~"Walacord\\w+"')
+    assert matcher.matches({"alertname": "WalacordProbeDown"})
+    assert not matcher.matches({"alertname": "Walacord-1"})

@@ -139,6 +139,9 @@ _MATCHER = re.compile(
 
 
 OPERATORS = ("=", "!=", "=~", "!~")
+# The escapes of a matcher value, as in Alertmanager, and what each one stands for.
+_ESCAPE = re.compile(r'\\(["\\\\n])')
+_UNESCAPED = {'"': '"', "\\": "\\", "n": "\n"}
 
 
 @dataclass(frozen=True)
@@ -230,12 +233,27 @@ def parse_matchers(text: str) -> list[Matcher]:
                              "NAME!=VALUE, NAME=~REGEX or NAME!~REGEX")
         value = match.group("value")
         if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            value = value[1:-1]
+        value = _unescape(value)
+        found = find_nonprinting_character(value)
+        if found is not None:
+            raise ValueError(f"invalid matcher {part.strip()!r}: the value has the "
+                             f"{describe_character(found[1])}; matchers cannot contain "
+                             "line breaks")
         matchers.append(Matcher(match.group("name"), match.group("op"), value))
     if not matchers:
         raise ValueError("empty matcher: write at least one NAME=VALUE, e.g. "
                          "alertname=WalacordProbeDown")
     return matchers
+
+
+def _unescape(value: str) -> str:
+    """Undo a matcher value's escapes as Alertmanager's matcher parser does.
+
+    `\\"` is a double quote, `\\\\` a backslash and `\\n` a line feed. Any other backslash
+    stays as written, so a regular expression such as `\\w+` or `a\\.b` keeps its meaning.
+    """
+    return _ESCAPE.sub(lambda found: _UNESCAPED[found.group(1)], value)
 
 
 def contradicting_pairs(matchers: Sequence[Matcher]) -> list[tuple[Matcher, Matcher]]:
