@@ -34,6 +34,8 @@ _INVISIBLE_CHARACTERS = re.compile(
 # The zero width joiner and the text and emoji variation selectors, which join or style
 # the character before them in emoji such as U+2764 U+FE0F (a red heart).
 _EMOJI_JOINERS = frozenset("\u200d\ufe0e\ufe0f")
+# The characters that U+FE0F U+20E3 turn into a keycap emoji, such as 1️⃣.
+_KEYCAP_BASES = frozenset("0123456789#*")
 
 
 def find_nonprinting_character(text: str, *, prose: bool = False) -> tuple[int, str] | None:
@@ -49,7 +51,7 @@ def find_nonprinting_character(text: str, *, prose: bool = False) -> tuple[int, 
     end = len(text) if found is None else found.start()
     for position in range(end):
         character = text[position]
-        if prose and character in _EMOJI_JOINERS and _joins_emoji(text, position):
+        if prose and _in_emoji(text, position):
             continue
         if (unicodedata.category(character) in _INVISIBLE_CATEGORIES
                 or _INVISIBLE_CHARACTERS.match(character)):
@@ -59,12 +61,26 @@ def find_nonprinting_character(text: str, *, prose: bool = False) -> tuple[int, 
     return found.start(), found.group()
 
 
-def _joins_emoji(text: str, position: int) -> bool:
-    """Return whether the joiner or variation selector at `position` is part of an emoji:
-    a selector right after a symbol, or a joiner between two symbols."""
+def _in_emoji(text: str, position: int) -> bool:
+    """Return whether the invisible character at `position` is part of an emoji.
+
+    Those are a variation selector right after a symbol, or after a keycap's digit,
+    '#' or '*' when U+20E3 follows; a joiner between two symbols; and the tag
+    characters of a subdivision flag, which follow U+1F3F4.
+    """
+    character = text[position]
+    if "\U000e0020" <= character <= "\U000e007f":
+        start = position
+        while start > 0 and "\U000e0020" <= text[start - 1] <= "\U000e007f":
+            start -= 1
+        return start > 0 and text[start - 1] == "\U0001f3f4"
+    if character not in _EMOJI_JOINERS:
+        return False
     before = text[position - 1] if position > 0 else ""
-    if text[position] != "\u200d":
-        return bool(before) and unicodedata.category(before) == "So"
+    if character != "\u200d":
+        keycap = (before in _KEYCAP_BASES and position + 1 < len(text)
+                  and text[position + 1] == "\u20e3")
+        return keycap or (bool(before) and unicodedata.category(before) == "So")
     if before == "\ufe0f" and position > 1:
         before = text[position - 2]
     after = text[position + 1] if position + 1 < len(text) else ""

@@ -175,10 +175,20 @@ def test_silence_reason_rejects_invisible(character: str, named: str) -> None:
 @pytest.mark.parametrize("reason", [
     "done \u2764\ufe0f", "\U0001f469\U0001f3fd\u200d\U0001f4bb on call",
     "\U0001f3f3\ufe0f\u200d\U0001f308 pride week", "fixed \u2705\ufe0e",
+    "step 1\ufe0f\u20e3 and #\ufe0f\u20e3",
+    "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f match",
 ])
 def test_silence_reason_accepts_emoji(reason: str) -> None:
     silence = Silence.create(parse_matchers("probe=walacor"), 60, reason, 0.0)
     assert silence.reason == reason
+
+
+@pytest.mark.parametrize("reason", [
+    "step 1\ufe0f done", "tag \U000e0067 alone", "flag\U000e0067", "digit 1\u200d2",
+])
+def test_silence_reason_rejects_stray_emoji_parts(reason: str) -> None:
+    with pytest.raises(ValueError, match="invalid reason: invisible character"):
+        Silence.create(parse_matchers("probe=walacor"), 60, reason, 0.0)
 
 
 @pytest.mark.parametrize("character", ["\u200d", "\ufe0f"])
