@@ -309,7 +309,8 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
                             "application and anything else that connects (pg_stat_activity "
                             "lists them), then run the restore again")
             error = BackupError(f"restore of {manifest.id} into {target} failed: "
-                                f"{describe_error(exc).strip()}{hint}. {outcome}")
+                                f"{describe_error(exc).strip().rstrip('.')}{hint}. "
+                                f"{outcome}")
         await manager.record_failure("restore", manifest.id, error)
         raise error from exc
 
