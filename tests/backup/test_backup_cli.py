@@ -309,7 +309,7 @@ def test_list_json_carries_warnings(daemon: Path, pg_cluster: PgCluster) -> None
     assert listed.stderr == ""
     document = orjson.loads(listed.stdout)
     assert sorted(document) == ["backups", "leftover_databases", "leftover_databases_error",
-                                "unreadable", "without_manifest"]
+                                "scratch_journal_error", "unreadable", "without_manifest"]
     assert [entry["id"] for entry in document["backups"]] == [intact["id"]]
     assert document["unreadable"] == [{
         "path": str(damaged_manifest), "dump": damaged["path"],
@@ -319,6 +319,22 @@ def test_list_json_carries_warnings(daemon: Path, pg_cluster: PgCluster) -> None
     assert database["name"] == leftover
     assert "drop it by hand" in database["description"]
     assert document["leftover_databases_error"] is None
+    assert document["scratch_journal_error"] is None
+
+
+def test_damaged_journal_is_named_in_list(daemon: Path) -> None:
+    backups = daemon.parent / "state" / "backups"
+    backups.mkdir(parents=True, exist_ok=True)
+    (backups / ".scratch-databases").write_bytes(b"[" * 5000 + b"]" * 5000)
+
+    listed = ctl(daemon, "backup", "list")
+    as_json = ctl(daemon, "--json", "backup", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert "scratch journal" in listed.stderr
+    assert "is damaged" in listed.stderr
+    assert "nests arrays or objects too deeply" in orjson.loads(
+        as_json.stdout)["scratch_journal_error"]
 
 
 def test_damaged_manifest_named_in_verify_and_restore(daemon: Path,

@@ -54,7 +54,8 @@ async def test_handlers_bind_manager(make_manager: ManagerFactory) -> None:
     assert await bound["backup.list"]({}) == {"backups": [], "unreadable": [],
                                               "without_manifest": [],
                                               "leftover_databases": [],
-                                              "leftover_databases_error": None}
+                                              "leftover_databases_error": None,
+                                              "scratch_journal_error": None}
 
 
 async def test_list_names_leftover_lookup_error(make_manager: ManagerFactory) -> None:

@@ -101,6 +101,8 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
                              f"{leftover['description']}\n")
     if listing.get("leftover_databases_error"):
         context.stderr.write(f"walacorctl: warning: {listing['leftover_databases_error']}\n")
+    if listing.get("scratch_journal_error"):
+        context.stderr.write(f"walacorctl: warning: {listing['scratch_journal_error']}\n")
     if not backups:
         context.print("no backups yet; take one with `walacorctl backup now`")
         return 0

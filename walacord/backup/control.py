@@ -195,7 +195,8 @@ async def backup_list(manager: BackupManager,
     listing: dict[str, Any] = {
         "backups": [backup_entry(manager, m) for m in reversed(manifests)],
         "unreadable": unreadable, "without_manifest": orphans,
-        "leftover_databases": [], "leftover_databases_error": None}
+        "leftover_databases": [], "leftover_databases_error": None,
+        "scratch_journal_error": None}
     # Scratch databases and replaced copies that killed restores and drills left on
     # the server; each is a full copy of a database.
     try:
@@ -204,6 +205,9 @@ async def backup_list(manager: BackupManager,
     except (psycopg.Error, TimeoutError) as exc:
         listing["leftover_databases_error"] = (
             f"cannot look for leftover scratch databases: {describe_error(exc)}")
+    else:
+        # The lookup reads the journal, so its problem is current here.
+        listing["scratch_journal_error"] = manager.scratch_journal.problem
     return listing
 
 

@@ -107,6 +107,8 @@ class ScratchJournal:
         self.path = path
         self.time_limit = time_limit  # seconds for each file operation
         self._lock = threading.Lock()
+        # Why the last read found no usable journal, or None when it was read.
+        self.problem: str | None = None
 
     async def read(self) -> frozenset[str]:
         """Return the journaled names; an empty set when the file is missing, damaged or
@@ -115,6 +117,8 @@ class ScratchJournal:
             names = await self._run(self._read_names)
         except (OSError, TimeoutError) as exc:
             self._log_failure("read", exc)
+            self.problem = (f"the scratch journal {display_path(self.path)} cannot be "
+                            f"read: {'timed out' if isinstance(exc, TimeoutError) else exc}")
             return frozenset()
         return frozenset(names)
 
@@ -165,10 +169,16 @@ class ScratchJournal:
     def _read_names(self) -> list[str]:
         with self._lock:
             try:
-                return self._load()
+                names = self._load()
             except DamagedJournal as exc:
                 self._log_damaged(exc, None)
+                self.problem = (f"the scratch journal {display_path(self.path)} is damaged "
+                                f"({exc}), so scratch databases without their comment are "
+                                "only listed, not dropped; walacord moves it aside at the "
+                                "next drill or restore")
                 return []
+            self.problem = None
+            return names
 
     def _add(self, name: str) -> bool:
         with self._lock:
