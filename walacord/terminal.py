@@ -36,6 +36,8 @@ _INVISIBLE_CHARACTERS = re.compile(
 _EMOJI_JOINERS = frozenset("\u200d\ufe0e\ufe0f")
 # The characters that U+FE0F U+20E3 turn into a keycap emoji, such as 1️⃣.
 _KEYCAP_BASES = frozenset("0123456789#*")
+# The tag digits and small letters that name a subdivision in a flag emoji.
+_FLAG_TAG = re.compile("[\U000e0030-\U000e0039\U000e0061-\U000e007a]")
 
 
 def find_nonprinting_character(text: str, *, prose: bool = False) -> tuple[int, str] | None:
@@ -64,29 +66,46 @@ def find_nonprinting_character(text: str, *, prose: bool = False) -> tuple[int, 
 def _in_emoji(text: str, position: int) -> bool:
     """Return whether the invisible character at `position` is part of an emoji.
 
-    Those are a variation selector right after a symbol, or after a keycap's digit,
-    '#' or '*' when U+20E3 follows; a joiner between two symbols; and the tag
-    characters of a subdivision flag, which follow U+1F3F4.
+    Those are a variation selector right after a visible character outside ASCII, or
+    after a keycap's digit, '#' or '*' when U+20E3 follows; a joiner between two
+    symbols; and the tag characters of a well-formed subdivision flag (see `_in_flag`).
     """
     character = text[position]
     if "\U000e0020" <= character <= "\U000e007f":
-        start = position
-        while start > 0 and "\U000e0020" <= text[start - 1] <= "\U000e007f":
-            start -= 1
-        return start > 0 and text[start - 1] == "\U0001f3f4"
+        return _in_flag(text, position)
     if character not in _EMOJI_JOINERS:
         return False
     before = text[position - 1] if position > 0 else ""
     if character != "\u200d":
         keycap = (before in _KEYCAP_BASES and position + 1 < len(text)
                   and text[position + 1] == "\u20e3")
-        return keycap or (bool(before) and unicodedata.category(before) == "So")
+        # Emoji bases are not all symbols: U+203C is punctuation, U+2139 a letter and
+        # U+2194 a math symbol. Every one is outside ASCII.
+        return keycap or (before > "\x7f" and not before.isspace()
+                          and before not in _EMOJI_JOINERS
+                          and unicodedata.category(before)[0] not in "CMZ")
     if before == "\ufe0f" and position > 1:
         before = text[position - 2]
     after = text[position + 1] if position + 1 < len(text) else ""
     # "Sk" before a joiner is a skin tone modifier, as in U+1F469 U+1F3FD U+200D U+1F4BB.
     return (bool(before) and bool(after) and unicodedata.category(before) in ("So", "Sk")
             and unicodedata.category(after) == "So")
+
+
+def _in_flag(text: str, position: int) -> bool:
+    """Return whether the tag character at `position` belongs to a well-formed
+    subdivision flag: U+1F3F4, 2 to 7 tag letters or digits, then U+E007F CANCEL TAG.
+
+    Any other run of tag characters could carry hidden text, so it is rejected.
+    """
+    start = end = position
+    while start > 0 and "\U000e0020" <= text[start - 1] <= "\U000e007f":
+        start -= 1
+    while end + 1 < len(text) and "\U000e0020" <= text[end + 1] <= "\U000e007f":
+        end += 1
+    tags = text[start:end]  # without the last character, which must be CANCEL TAG
+    return (start > 0 and text[start - 1] == "\U0001f3f4" and text[end] == "\U000e007f"
+            and 2 <= len(tags) <= 7 and all(_FLAG_TAG.fullmatch(tag) for tag in tags))
 
 
 def describe_character(character: str) -> str:

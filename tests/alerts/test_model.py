@@ -175,7 +175,8 @@ def test_silence_reason_rejects_invisible(character: str, named: str) -> None:
 @pytest.mark.parametrize("reason", [
     "done \u2764\ufe0f", "\U0001f469\U0001f3fd\u200d\U0001f4bb on call",
     "\U0001f3f3\ufe0f\u200d\U0001f308 pride week", "fixed \u2705\ufe0e",
-    "step 1\ufe0f\u20e3 and #\ufe0f\u20e3",
+    "step 1\ufe0f\u20e3 and #\ufe0f\u20e3", "\u203c\ufe0f urgent", "\u2139\ufe0f note",
+    "\u2194\ufe0f swap", "\u303d\ufe0f", "\u2934\ufe0f up",
     "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f match",
 ])
 def test_silence_reason_accepts_emoji(reason: str) -> None:
@@ -185,6 +186,11 @@ def test_silence_reason_accepts_emoji(reason: str) -> None:
 
 @pytest.mark.parametrize("reason", [
     "step 1\ufe0f done", "tag \U000e0067 alone", "flag\U000e0067", "digit 1\u200d2",
+    "a\ufe0f letter", "double \u2764\ufe0f\ufe0f", "space \ufe0f", "mark e\u0301\ufe0f",
+    # Tag runs that are not a flag could hide text.
+    "\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in "drop the database") + " x",
+    "\U0001f3f4\U000e0067\U000e0062\U000e007f\U000e0041\U000e0042",
+    "\U0001f3f4\U000e007f", "\U0001f3f4\U000e0067\U000e0062 no cancel tag",
 ])
 def test_silence_reason_rejects_stray_emoji_parts(reason: str) -> None:
     with pytest.raises(ValueError, match="invalid reason: invisible character"):
@@ -249,6 +255,9 @@ def test_contradicting_pairs_each_pair_once() -> None:
     ('path="C:\\\\temp"', "C:\\temp"),
     ("path=C:\\\\temp", "C:\\temp"),
     ('end="a\\\\"', "a\\"),
+    ('probe=a\\"b', 'a"b'),
+    ('probe=bar\\"', 'bar"'),
+    ("probe=bar\\", "bar\\"),
 ])
 def test_matcher_escapes_as_alertmanager(text: str, value: str) -> None:
     """\\" and \\\\ stand for the character, and any other backslash stays."""

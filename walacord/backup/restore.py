@@ -69,6 +69,21 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def describe_error_inline(exc: BaseException) -> str:
+    """Return `describe_error(exc)` on one line, without a final full stop.
+
+    A server error's message is its primary line, then "DETAIL:" on a line of its own;
+    here the detail follows in parentheses, so text can be appended to the sentence.
+    """
+    diag = exc.diag if isinstance(exc, psycopg.Error) else None
+    if diag is not None and diag.message_primary:
+        text = diag.message_primary.strip().rstrip(".")
+        if diag.message_detail:
+            text += f" ({diag.message_detail.strip().rstrip('.')})"
+        return text
+    return " ".join(describe_error(exc).split()).rstrip(".")
+
+
 @dataclass
 class RestoreResult:
     """Outcome of a finished restore."""
@@ -309,8 +324,7 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
                             "application and anything else that connects (pg_stat_activity "
                             "lists them), then run the restore again")
             error = BackupError(f"restore of {manifest.id} into {target} failed: "
-                                f"{describe_error(exc).strip().rstrip('.')}{hint}. "
-                                f"{outcome}")
+                                f"{describe_error_inline(exc)}{hint}. {outcome}")
         await manager.record_failure("restore", manifest.id, error)
         raise error from exc
 
