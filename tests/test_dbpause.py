@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from tests.conftest import wait_until
 from walacord.dbpool import DatabasePause
 
 pytestmark = pytest.mark.anyio
@@ -86,3 +87,33 @@ async def test_sink_pool_stays_closed_after_stop() -> None:
         assert pool.pool.closed
     finally:
         await pool.pool.close(timeout=1)
+
+
+async def test_paused_checkout_gives_up_at_shutdown() -> None:
+    """A sink checkout that waits for a restore's pause to end gives up when the daemon
+    drains, so the drain does not wait until drain_timeout."""
+    from psycopg_pool import PoolTimeout
+
+    from walacord.outbox.backends import SinkPool
+
+    pool = SinkPool("host=127.0.0.1 port=1 dbname=none connect_timeout=1",
+                    checkout_timeout=1.0)
+    await pool.pause_database("restore")
+    outcome: list[BaseException] = []
+
+    async def checkout() -> None:
+        try:
+            async with pool.connection(timeout=30):
+                pass
+        except PoolTimeout as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(checkout)
+        await anyio.sleep(0.05)
+        assert outcome == []
+        with anyio.fail_after(1):
+            pool.stop_waiting()
+            await wait_until(lambda: outcome, 1)
+    assert "walacord is stopping" in str(outcome[0])
+    await pool.close()

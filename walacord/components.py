@@ -63,8 +63,10 @@ def default_components(runtime: Runtime) -> list[Component]:
                     metrics=runtime.metrics, on_alert=partial(_outbox_alert, alerts),
                     extend_start_timeout=runtime.notifier.extend_timeout)
     components.extend([backends, outbox])
-    # At shutdown a running sync pass finishes its rounds, up to drain_timeout.
+    # At shutdown a running sync pass finishes its rounds, up to drain_timeout. A round
+    # that waits for a restore's pause to end gives up instead.
     runtime.drain_hooks.append(outbox.engine.drain)
+    runtime.drain_hooks.append(backends.drain)
     register_outbox_methods(methods, outbox)
     monitor.outbox_full = lambda: outbox.store.full_reason
     monitor.state_listeners.append(partial(_tell_outbox, outbox))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import psycopg
 import pytest
 
@@ -171,6 +172,50 @@ def test_restore_over_supervised_database_in_use(daemon_with_sink: Path,
         assert "Stop the application and anything else that connects" in restored.stderr
     _wait_for(lambda: _database_report(socket)["paused"] is None
               and _database_report(socket)["healthy"] is True, "the probe resumed and up")
+
+
+def test_stop_during_blocked_swap_is_prompt(daemon_with_sink: Path, pg_cluster: PgCluster,
+                                            pg_db: str, tmp_path: Path) -> None:
+    """SIGTERM while a swap is blocked by another client, with a postgres-sink operation
+    waiting for the pause to end: the daemon exits well within drain_timeout (10 s), and
+    the database is intact."""
+    socket = daemon_with_sink
+    database = pg_db.rsplit("/", 1)[1]
+    taken = orjson.loads(ctl(socket, "--json", "backup", "now").stdout)
+    config = str(tmp_path / "walacord.toml")
+    [daemon] = [process for process in psutil.process_iter(["cmdline"])
+                if config in (process.info["cmdline"] or [])]
+    loop = subprocess.Popen(
+        ["sh", "-c", f"while true; do {pg_cluster.bindir / 'psql'} -X -q "
+                     f"'{pg_db}' -c 'SELECT pg_sleep(30)' >/dev/null 2>&1; done"],
+        start_new_session=True)
+    restore: subprocess.Popen[str] | None = None
+    try:
+        _wait_for(lambda: int(pg_cluster.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
+            f"AND datname = '{database}'")) == 1, "the other client's session")
+        restore = subprocess.Popen(
+            [WALACORCTL, "--socket", str(socket), "backup", "restore", taken["id"],
+             "--target-db", database, "--force"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        _wait_for(lambda: _database_report(socket)["paused"] is not None, "the pause")
+        enqueued = ctl(socket, "enqueue", "--sink", "postgres", "--statement", "add_entry",
+                       "--key", "during-pause", "--data", '{"id": 400000, "amount": 4}')
+        assert enqueued.returncode == 0, enqueued.stderr
+        time.sleep(1.0)  # the sync round starts and waits for the pause to end
+        assert _database_report(socket)["paused"] is not None
+
+        began = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        stopped_after = time.monotonic() - began
+    finally:
+        os.killpg(loop.pid, signal.SIGKILL)
+        loop.wait()
+        if restore is not None:
+            restore.wait(timeout=30)
+    assert stopped_after < 5.0
+    assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) in ("500", "501")
 
 
 def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster,

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from walacord.config import Config
 from walacord.walacor.client import WalacorClient
@@ -43,6 +43,8 @@ class SinkPool:
         self._resumed: anyio.Event | None = None
         # Set by close(): the daemon is stopping, so no pool opens again.
         self._stopped = False
+        # Set by stop_waiting(): checkouts that wait for a resume give up.
+        self._stopping = False
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         self._generation += 1
@@ -66,6 +68,10 @@ class SinkPool:
                          ) -> AsyncIterator[AsyncConnection[Any]]:
         """Check out a connection as `AsyncConnectionPool.connection()` does."""
         while self._resumed is not None:
+            if self._stopping:
+                raise PoolTimeout("walacord is stopping while its connections to the "
+                                  f"database are paused ({self.paused}); the operation "
+                                  "is applied after the restart")
             await self._resumed.wait()
         async with self.pool.connection(timeout=timeout) as conn:
             yield conn
@@ -81,6 +87,13 @@ class SinkPool:
         if scope.cancelled_caught:
             log.warning("outbox.pool_close_timed_out", extra={"fields": {
                 "pool": old.name, "timeout_seconds": CLOSE_TIMEOUT, "reason": reason}})
+
+    def stop_waiting(self) -> None:
+        """Make checkouts that wait for a resume give up now, because the daemon is
+        stopping and its drain would otherwise wait for them until drain_timeout."""
+        self._stopping = True
+        if self._resumed is not None:
+            self._resumed.set()  # wakes the waiters; the event is replaced on resume
 
     async def resume_database(self) -> None:
         self.paused = None
@@ -121,6 +134,12 @@ class OutboxBackends:
                     await self.pool.close()
                 if self.walacor is not None:
                     await self.walacor.aclose()
+
+    async def drain(self) -> None:
+        """At shutdown, let the sink's checkouts that wait for a resume give up, so the
+        outbox's drain can end."""
+        if self.pool is not None:
+            self.pool.stop_waiting()
 
     async def pause_database(self, reason: str) -> None:
         """Close the postgres sink's connections until resume_database()."""
