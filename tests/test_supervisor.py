@@ -312,3 +312,19 @@ def test_start_failure_logs_the_error_itself(pg_db: str, tmp_path: Path) -> None
     assert len(failed) == 1
     assert f"cannot listen on 127.0.0.1:{port} ([http] listen)" in failed[0]["error"]
     assert "TaskGroup" not in failed[0]["error"]
+
+
+@pytest.mark.anyio
+async def test_startup_objects_frozen_while_running(notify_socket: NotifyRecorder) -> None:
+    """Objects alive at readiness are exempt from collections while the daemon runs, so
+    a full collection walks only newer ones; they are collectable again after it stops."""
+    import gc
+
+    supervisor = Supervisor(config.load(None, {}), None, components=lambda runtime: [],
+                            notifier=Notifier())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await supervisor.runtime.ready.wait()
+        assert gc.get_freeze_count() > 1000
+        supervisor.runtime.request_stop()
+    assert gc.get_freeze_count() == 0

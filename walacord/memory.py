@@ -11,6 +11,7 @@ the saving measured about 1 MiB; most of its RSS is imported code.
 from __future__ import annotations
 
 import ctypes
+import gc
 
 M_ARENA_MAX = -8
 ARENA_MAX = 2
@@ -43,3 +44,22 @@ def trim() -> bool:
     malloc_trim.argtypes = [ctypes.c_size_t]
     malloc_trim.restype = ctypes.c_int
     return bool(malloc_trim(0))
+
+
+def freeze_startup_objects() -> None:
+    """Collect start-up garbage, then exempt every object that survives from later
+    collections (`gc.freeze()`).
+
+    Modules, classes, functions and the configuration live as long as the daemon. A
+    full collection walks every tracked object while the event loop waits, so with
+    those frozen it walks only what the daemon allocated since, and pauses for less.
+    NOTE: a frozen object that later becomes part of a reference cycle, such as a
+    configuration replaced by a reload, is not freed until the daemon stops.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def unfreeze() -> None:
+    """Undo `freeze_startup_objects()`: every frozen object is collectable again."""
+    gc.unfreeze()

@@ -115,6 +115,9 @@ class Supervisor:
             await self._run(lock)
         finally:
             lock.release()
+            # Frozen objects that became garbage are collectable again, which matters
+            # only where the process goes on, as in tests that run the daemon in-process.
+            memory.unfreeze()
         log.info("daemon.stopped")
 
     async def _run(self, lock: StateDirLock) -> None:
@@ -142,6 +145,7 @@ class Supervisor:
                     "duration_seconds": round(time.monotonic() - began, 3)}})
 
             # Step 2: announce readiness and keep the watchdog fed.
+            memory.freeze_startup_objects()
             runtime.ready.set()
             runtime.metrics.up.set(1)
             runtime.notifier.ready(runtime.status_line())
