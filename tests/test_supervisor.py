@@ -317,7 +317,7 @@ def test_start_failure_logs_the_error_itself(pg_db: str, tmp_path: Path) -> None
 @pytest.mark.anyio
 async def test_startup_objects_frozen_while_running(notify_socket: NotifyRecorder) -> None:
     """Objects alive at readiness are exempt from collections while the daemon runs, so
-    a full collection walks only newer ones; they are collectable again after it stops."""
+    a full collection walks only newer ones. After the stop they are collectable again."""
     import gc
 
     supervisor = Supervisor(config.load(None, {}), None, components=lambda runtime: [],

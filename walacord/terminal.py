@@ -66,9 +66,11 @@ def find_nonprinting_character(text: str, *, prose: bool = False) -> tuple[int, 
 def _in_emoji(text: str, position: int) -> bool:
     """Return whether the invisible character at `position` is part of an emoji.
 
-    Those are a variation selector right after a visible character outside ASCII, or
-    after a keycap's digit, '#' or '*' when U+20E3 follows; a joiner between two
-    symbols; and the tag characters of a well-formed subdivision flag (see `_in_flag`).
+    Those are:
+    - a variation selector right after a visible character outside ASCII, or after a
+      keycap's digit, '#' or '*' when U+20E3 follows;
+    - a joiner between two symbols;
+    - the tag characters of a well-formed subdivision flag (see `_in_flag`).
     """
     character = text[position]
     if "\U000e0020" <= character <= "\U000e007f":

@@ -109,7 +109,7 @@ def _sessions(pg_cluster: PgCluster, database: str) -> int:
 def test_restore_over_supervised_database(daemon_with_sink: Path, pg_cluster: PgCluster,
                                           pg_db: str) -> None:
     """walacord pauses its own connections for the swap, so a forced restore over the
-    database it supervises succeeds while walacord holds sessions on it, and
+    database it supervises succeeds while walacord has sessions on it, and
     walacord's probe and outbox work against the restored database afterwards."""
     socket = daemon_with_sink
     database = pg_db.rsplit("/", 1)[1]
@@ -134,7 +134,8 @@ def test_restore_over_supervised_database(daemon_with_sink: Path, pg_cluster: Pg
     # walacord reconnected: its sessions are back, and the probe runs and is up.
     _wait_for(lambda: _sessions(pg_cluster, database) >= 3, "walacord's sessions back")
     report = _database_report(socket)
-    assert report["healthy"] is True and report["paused"] is None, report
+    assert report["healthy"] is True, report
+    assert report["paused"] is None, report
     # The outbox's postgres sink writes into the restored database.
     enqueued = ctl(socket, "enqueue", "--sink", "postgres", "--statement", "add_entry",
                    "--key", "after-restore", "--data", '{"id": 300000, "amount": 3}')
@@ -146,7 +147,7 @@ def test_restore_over_supervised_database(daemon_with_sink: Path, pg_cluster: Pg
 def test_restore_over_supervised_database_in_use(daemon_with_sink: Path,
                                                  pg_cluster: PgCluster, pg_db: str) -> None:
     """A client that is not walacord and keeps reconnecting can still block the rename.
-    The database is then unchanged, the error says what to stop, and walacord resumes."""
+    The database is then unchanged, the error names what to stop, and walacord resumes."""
     socket = daemon_with_sink
     database = pg_db.rsplit("/", 1)[1]
     taken = orjson.loads(ctl(socket, "--json", "backup", "now").stdout)

@@ -214,8 +214,8 @@ async def test_runner_pause_waits_for_run() -> None:
 
 @pytest.mark.anyio
 async def test_runner_paused_keeps_beating() -> None:
-    """A paused runner starts no run but still beats, so the watchdog sees no stall;
-    resume() runs at once."""
+    """A paused runner starts no run but still beats, so the watchdog detects no stall.
+    resume() starts a run at once."""
     probe = ScriptedProbe(policy=ProbeSettings(interval=0.1, timeout=0.05))
     beats: list[float] = []
     runner = ProbeRunner(probe, beat=lambda: beats.append(time.monotonic()))

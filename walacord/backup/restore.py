@@ -72,8 +72,8 @@ def describe_error(exc: BaseException) -> str:
 def describe_error_inline(exc: BaseException) -> str:
     """Return `describe_error(exc)` on one line, without a final full stop.
 
-    A server error's message is its primary line, then "DETAIL:" on a line of its own;
-    here the detail follows in parentheses, so text can be appended to the sentence.
+    A server error's message is its primary line, then "DETAIL:" on a line of its own.
+    Here the detail follows in parentheses, so text can be appended to the sentence.
     """
     diag = exc.diag if isinstance(exc, psycopg.Error) else None
     if diag is not None and diag.message_primary:

@@ -184,7 +184,7 @@ def _parameter_rows(operations: Sequence[Operation]) -> list[dict[str, Any]]:
 
 
 class ConnectionSource(Protocol):
-    """Where the postgres sink checks out connections: a psycopg_pool pool, or the
+    """The source of the postgres sink's connections: a psycopg_pool pool, or the
     daemon's `SinkPool`, which can be paused."""
 
     def connection(self, timeout: float | None = None

@@ -25,7 +25,7 @@ from walacord.config import ProbeSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# How often a paused runner tells the watchdog that it is alive.
+# Seconds between the beats a paused runner sends to the watchdog.
 PAUSED_BEAT = 1.0
 
 
