@@ -355,12 +355,16 @@ def test_list_json_carries_warnings(daemon: Path, pg_cluster: PgCluster) -> None
     assert listed.stderr == ""
     document = orjson.loads(listed.stdout)
     assert sorted(document) == ["backups", "leftover_databases", "leftover_databases_error",
-                                "scratch_journal_error", "unreadable", "without_manifest"]
+                                "restore_commands", "scratch_journal_error", "unreadable",
+                                "without_manifest"]
     assert [entry["id"] for entry in document["backups"]] == [intact["id"]]
     assert document["unreadable"] == [{
         "path": str(damaged_manifest), "dump": damaged["path"],
         "error": "the file contains a JSON array, expected an object"}]
     assert document["without_manifest"] == [orphan["path"]]
+    assert document["restore_commands"] == {
+        path: f"pg_restore --exit-on-error --dbname=NEW_DB {path}"
+        for path in (damaged["path"], orphan["path"])}
     [database] = document["leftover_databases"]
     assert database["name"] == leftover
     assert "drop it by hand" in database["description"]
@@ -460,6 +464,8 @@ def test_list_names_fifo_and_undecodable(daemon: Path) -> None:
     undecodable = os.path.join(os.fsencode(directory), b"zz\xff__h__20261205T150000Z.json")
     with open(undecodable, "wb") as handle:
         handle.write(b"{}")
+    with open(undecodable.removesuffix(b".json") + b".dump", "wb") as handle:
+        handle.write(b"PGDMP")
 
     with FifoReleaser(fifo) as releaser:
         listed = ctl(daemon, "backup", "list")
@@ -472,6 +478,9 @@ def test_list_names_fifo_and_undecodable(daemon: Path) -> None:
             in listed.stderr)
     assert (f"manifest {directory}/zz\\xff__h__20261205T150000Z.json cannot be read (the "
             "file name is not valid UTF-8") in listed.stderr
+    # The by-hand command names the dump in bash quoting that gives back its bytes.
+    assert (f"run: pg_restore --exit-on-error --dbname=NEW_DB $'{directory}/zz\\xff__h__"
+            "20261205T150000Z.dump'") in listed.stderr
     assert verified.returncode == 1
     assert (f"manifest {fifo} is invalid: the file is a FIFO, not a regular file"
             in verified.stderr)

@@ -53,6 +53,7 @@ async def test_handlers_bind_manager(make_manager: ManagerFactory) -> None:
     assert sorted(bound) == ["backup.list", "backup.now", "backup.restore", "backup.verify"]
     assert await bound["backup.list"]({}) == {"backups": [], "unreadable": [],
                                               "without_manifest": [],
+                                              "restore_commands": {},
                                               "leftover_databases": [],
                                               "leftover_databases_error": None,
                                               "scratch_journal_error": None}

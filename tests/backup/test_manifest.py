@@ -123,6 +123,16 @@ async def test_undecodable_names_escaped(make_manager: ManagerFactory,
                  "remove the file",
         "dump": f"{escaped}.dump"}]
     assert listed["without_manifest"] == [f"{manager.directory}/yy\\xfe__h__{STAMP}.dump"]
+    # The printed commands name the real files: bash turns their quoting back into the
+    # bytes of each name.
+    commands = listed["restore_commands"]
+    assert sorted(commands) == sorted([f"{escaped}.dump", *listed["without_manifest"]])
+    for shown, command in commands.items():
+        word = command.rsplit(" ", 1)[1]
+        assert word.startswith("$'"), command
+        named = (await anyio.run_process(["bash", "-c", f"printf %s {word}"])).stdout
+        assert named == os.fsencode(manager.directory) + b"/" + os.fsencode(
+            shown.rsplit("/", 1)[1].encode().decode("unicode_escape").encode("latin-1"))
     assert len(removed) == 1
     fields = [record.fields for record in caplog.records  # type: ignore[attr-defined]
               if hasattr(record, "fields")]
@@ -205,18 +215,23 @@ def test_invalid_ids_rejected(backup: str) -> None:
     assert not is_valid_id(backup)
 
 
-@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+@pytest.mark.parametrize(("fmt", "name"), [
+    ("custom", b"back ups; $(touch pwned) 'q' \"x\" `y`"),
+    ("plain-gzip", b"back ups; $(touch pwned) 'q' \"x\" `y`"),
+    # Not UTF-8: the message shows \xff, and the command quotes the byte for bash.
+    ("custom", b"back\xff ups; $(touch pwned) 'q' \\x41"),
+], ids=["custom", "plain-gzip", "custom-not-utf8"])
 async def test_restore_advice_runs_in_shell(make_manager: ManagerFactory, tmp_path: Path,
                                             pg_cluster: PgCluster,
                                             make_database: Callable[[str], str],
-                                            fmt: str) -> None:
+                                            fmt: str, name: bytes) -> None:
     """The by-hand restore command works as printed for a directory with shell syntax."""
-    directory = tmp_path / "back ups; $(touch pwned) 'q' \"x\" `y`"
+    directory = tmp_path / os.fsdecode(name)
     manager = make_manager(directory=directory, format=fmt)
     taken = await manager.take()
     assert taken is not None
     manifest_path(directory, taken.id).write_text("[]")
-    target_name = f"advice_{fmt.replace('-', '_')}"
+    target_name = f"advice_{fmt.replace('-', '_')}_{len(name)}"
     target = make_database(target_name)
 
     with pytest.raises(BackupError) as read_error:

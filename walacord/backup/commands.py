@@ -83,17 +83,21 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         context.print_json(listing)
         return 0
     backups: list[dict[str, Any]] = listing["backups"]
+    # Built by the daemon from the real file names, which may not be UTF-8.
+    commands: dict[str, str] = listing.get("restore_commands", {})
     for damaged in listing.get("unreadable", []):
         context.stderr.write(f"walacorctl: warning: manifest {damaged['path']} cannot be "
                              f"read ({damaged['error']}), so its backup is not listed; "
                              "restore the manifest from a copy, or take a new backup\n")
         dump = damaged.get("dump")
         if dump:
-            context.stderr.write(f"walacorctl: {manual_restore_advice(dump)}\n")
+            context.stderr.write(
+                f"walacorctl: {manual_restore_advice(dump, commands.get(dump))}\n")
     for dump in listing.get("without_manifest", []):
         context.stderr.write(f"walacorctl: warning: dump {dump} has no manifest, so its "
                              "backup is not listed; restore the manifest from a copy\n")
-        context.stderr.write(f"walacorctl: {manual_restore_advice(dump)}\n")
+        context.stderr.write(
+            f"walacorctl: {manual_restore_advice(dump, commands.get(dump))}\n")
     for leftover in listing.get("leftover_databases", []):
         size = leftover.get("size_bytes")
         context.stderr.write(f"walacorctl: warning: database {leftover['name']} "

@@ -28,6 +28,7 @@ from walacord.backup.manifest import (
     dumps_without_manifest,
     format_time,
     parse_time,
+    restore_commands,
     unreadable_manifests,
     utc_now,
 )
@@ -190,11 +191,15 @@ async def backup_list(manager: BackupManager,
     # A backup whose manifest is damaged is not listed, so it is named here instead.
     unreadable = await anyio.to_thread.run_sync(unreadable_manifests, manager.directory)
     orphans = await anyio.to_thread.run_sync(dumps_without_manifest, manager.directory)
+    named = {*orphans, *(entry["dump"] for entry in unreadable if entry["dump"])}
+    commands = (await anyio.to_thread.run_sync(restore_commands, manager.directory, named)
+                if named else {})
     # Every key is always present, so that scripts reading `--json` output can rely on
     # the shape. The error is None when the lookup worked.
     listing: dict[str, Any] = {
         "backups": [backup_entry(manager, m) for m in reversed(manifests)],
         "unreadable": unreadable, "without_manifest": orphans,
+        "restore_commands": commands,
         "leftover_databases": [], "leftover_databases_error": None,
         "scratch_journal_error": None}
     # Scratch databases and replaced copies that killed restores and drills left on

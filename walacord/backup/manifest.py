@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -412,19 +413,42 @@ def find_dump(directory: Path, backup: str) -> Path | None:
     return next((path for path in dumps if path.is_file()), None)
 
 
-def manual_restore_advice(dump: Path | str) -> str:
+def shell_word(path: Path | str) -> str:
+    """Return `path` quoted as one word for bash, so that a printed command runs as shown.
+
+    A valid UTF-8 path is quoted for any POSIX shell. Other bytes have no text form, so
+    such a path becomes bash's `$'...'` quoting with `\\xNN` escapes, which bash, zsh and
+    ksh turn back into the same bytes.
+    """
+    raw = os.fsencode(path)
+    try:
+        return shlex.quote(raw.decode())
+    except UnicodeDecodeError:
+        pass
+    kept = (chr(byte) if 0x20 <= byte < 0x7f and byte not in b"'\\" else f"\\x{byte:02x}"
+            for byte in raw)
+    return f"$'{''.join(kept)}'"
+
+
+def manual_restore_command(dump: Path | str) -> str:
+    """Return the shell command that loads `dump` into an empty database NEW_DB."""
+    quoted = shell_word(dump)
+    if os.fsencode(dump).endswith(f".{FORMAT_EXTENSIONS['plain-gzip']}".encode()):
+        return f"gzip -dc {quoted} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
+    return f"pg_restore --exit-on-error --dbname=NEW_DB {quoted}"
+
+
+def manual_restore_advice(dump: Path | str, command: str | None = None) -> str:
     """Return how to restore `dump` by hand when its manifest cannot be read.
 
-    The command quotes the path for a POSIX shell, so it runs as printed for any path
-    that is valid UTF-8. Other bytes appear as `\\xNN` (see `display_path`).
+    `command` is the one `manual_restore_command` returned for the real path. Pass it
+    when `dump` is already display text (see `display_path`), whose `\\xNN` escapes
+    may stand for bytes that are not UTF-8.
     """
-    dump = display_path(dump)
-    quoted = shlex.quote(dump)
-    load = (f"gzip -dc {quoted} | psql -X -v ON_ERROR_STOP=1 --dbname=NEW_DB"
-            if dump.endswith(f".{FORMAT_EXTENSIONS['plain-gzip']}")
-            else f"pg_restore --exit-on-error --dbname=NEW_DB {quoted}")
-    return (f"its dump {dump} is still there, but walacord cannot check it without the "
-            f"manifest. To use it anyway, create an empty database NEW_DB and run: {load}")
+    load = command or manual_restore_command(dump)
+    return (f"its dump {display_path(dump)} is still there, but walacord cannot check it "
+            f"without the manifest. To use it anyway, create an empty database NEW_DB and "
+            f"run: {load}")
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -495,6 +519,22 @@ def dumps_without_manifest(directory: Path) -> list[str]:
             if dump.is_file() and not manifest_path(directory, backup).exists():
                 found.append(display_path(dump))
     return found
+
+
+def restore_commands(directory: Path, dumps: Collection[str]) -> dict[str, str]:
+    """Return `manual_restore_command` for each dump in `directory` whose display path
+    (see `display_path`) is in `dumps`, keyed by that display path.
+
+    The command is built from the real file name, so it runs as printed also when the
+    name is not UTF-8 and its display path shows `\\xNN` escapes.
+    """
+    commands = {}
+    for extension in FORMAT_EXTENSIONS.values():
+        for dump in directory.glob(f"*.{extension}"):
+            shown = display_path(dump)
+            if shown in dumps:
+                commands[shown] = manual_restore_command(dump)
+    return commands
 
 
 def unreadable_manifests(directory: Path) -> list[dict[str, str | None]]:
