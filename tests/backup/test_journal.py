@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.backup.conftest import FifoReleaser
 from walacord.backup.databases import scratch_name
 from walacord.backup.journal import (
+    LOCK_SUFFIX,
     MAX_JOURNAL_BYTES,
     MAX_JOURNAL_NAMES,
     SCRATCH_JOURNAL_NAME,
@@ -46,7 +51,8 @@ async def test_journal_adds_and_discards(journal: ScratchJournal) -> None:
     await journal.discard(drill, "never_added_restoring_0123abcd")
 
     assert stored_names(journal) == [restoring]
-    assert [p.name for p in journal.path.parent.iterdir()] == [SCRATCH_JOURNAL_NAME]
+    assert sorted(p.name for p in journal.path.parent.iterdir()) == [
+        SCRATCH_JOURNAL_NAME, f"{SCRATCH_JOURNAL_NAME}{LOCK_SUFFIX}"]
 
 
 async def test_missing_journal_reads_empty(journal: ScratchJournal,
@@ -135,3 +141,60 @@ async def test_unwritable_journal_is_logged(tmp_path: Path,
     [record] = caplog.records
     assert record.getMessage() == "backup.scratch_journal_failed"
     assert record.fields["operation"] == "add"  # type: ignore[attr-defined]
+
+
+# Adds and discards names in the journal at argv[1]; each process its own names.
+HAMMER = """
+import sys, anyio
+from pathlib import Path
+from walacord.backup.databases import scratch_name
+from walacord.backup.journal import ScratchJournal
+journal = ScratchJournal(Path(sys.argv[1]), 30.0)
+async def main():
+    for index in range(40):
+        name = scratch_name(f"app{sys.argv[2]}x{index}", "restoring")
+        assert await journal.add(name), name
+        if index % 2:
+            await journal.discard(name)
+anyio.run(main)
+"""
+
+
+async def test_processes_do_not_lose_names(journal: ScratchJournal) -> None:
+    """Two processes that update one journal at once keep every name the other added.
+    Each update reads, changes and replaces the file, so without the lock file a name
+    written between another process's read and its replace would be lost."""
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as group:
+            for writer in "ab":
+                group.start_soon(lambda w=writer: anyio.run_process(
+                    [sys.executable, "-c", HAMMER, str(journal.path), w],
+                    env=environment, stdout=None, stderr=None))
+
+    names = stored_names(journal)
+    assert sorted(name.split("_restoring")[0] for name in names) == sorted(
+        f"app{writer}x{index}" for writer in "ab" for index in range(0, 40, 2))
+
+
+async def test_held_lock_file_fails_add_with_reason(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture
+                                                    ) -> None:
+    """A lock file that someone else holds fails the add after half the time limit, and
+    the log names the lock file and what to check. The add works once it is released."""
+    journal = ScratchJournal(tmp_path / SCRATCH_JOURNAL_NAME, 0.4)
+    lock_path = tmp_path / f"{SCRATCH_JOURNAL_NAME}{LOCK_SUFFIX}"
+    # flock() locks belong to an open file description, so this one conflicts with the
+    # journal's own open() of the file as another process's would.
+    held = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert not await journal.add(scratch_name("app", "restoring"))
+    finally:
+        os.close(held)
+
+    [record] = caplog.records
+    assert record.fields["error"] == (  # type: ignore[attr-defined]
+        f"another process held the lock file {lock_path} for 0.2 s; check for a second "
+        "walacord that uses the same [backup] dir")
+    assert await journal.add(scratch_name("app", "restoring"))

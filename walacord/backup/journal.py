@@ -18,11 +18,15 @@ for an operator to inspect.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,10 @@ from walacord.backup.manifest import (
 log = logging.getLogger(__name__)
 
 SCRATCH_JOURNAL_NAME = ".scratch-databases"
+# Beside the journal: held with flock() for each read-modify-write of the journal.
+LOCK_SUFFIX = ".lock"
+# Seconds between attempts to take a lock file that another process holds.
+LOCK_RETRY_INTERVAL = 0.01
 JOURNAL_VERSION = 1
 # Each running drill or restore adds one name. A name outlives its database only when
 # walacord was killed or a journal write failed, and start-up removes such names. A
@@ -57,6 +65,10 @@ MAX_JOURNAL_BYTES = 64 * 1024
 
 class DamagedJournal(Exception):
     """The journal file exists but is not a journal walacord wrote."""
+
+
+class JournalLocked(OSError):
+    """Another process held the journal's lock file for too long."""
 
 
 def is_journal_name(name: str) -> bool:
@@ -97,10 +109,11 @@ class ScratchJournal:
     """The journal file at `path`. Its methods log file errors and timeouts instead of
     raising them.
 
-    A lock serialises the read-modify-write of concurrent drills and restores in this
-    process. The file belongs to one walacord instance, as its backups directory does.
-    NOTE: nothing locks the file between processes, so two daemons configured with the
-    same `[backup] dir` can lose each other's updates.
+    Each read-modify-write holds a thread lock, for concurrent drills and restores in
+    this process, and an flock() on `<journal>.lock`, for other processes that use the
+    same backups directory (two daemons configured with the same `[backup] dir`, on one
+    host or on a shared file system). Without them, concurrent updates could lose names.
+    Waiting for the lock file takes at most half of `time_limit`.
     """
 
     def __init__(self, path: Path, time_limit: float) -> None:
@@ -180,8 +193,34 @@ class ScratchJournal:
             self.problem = None
             return names
 
-    def _add(self, name: str) -> bool:
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the thread lock and the lock file. Raise JournalLocked when another
+        process holds the file for half of `time_limit`, which leaves the other half for
+        the file operation."""
+        wait = self.time_limit / 2
+        deadline = time.monotonic() + wait
+        lock_path = self.path.with_name(f"{self.path.name}{LOCK_SUFFIX}")
         with self._lock:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise JournalLocked(
+                                f"another process held the lock file "
+                                f"{display_path(lock_path)} for {wait:g} s; check for a "
+                                "second walacord that uses the same [backup] dir") from None
+                        time.sleep(LOCK_RETRY_INTERVAL)
+                yield
+            finally:
+                os.close(descriptor)  # releases the flock
+
+    def _add(self, name: str) -> bool:
+        with self._locked():
             try:
                 names = self._load()
             except DamagedJournal as exc:
@@ -201,7 +240,7 @@ class ScratchJournal:
             return True
 
     def _discard(self, names: tuple[str, ...]) -> None:
-        with self._lock:
+        with self._locked():
             try:
                 stored = self._load()
             except DamagedJournal:
