@@ -4,12 +4,19 @@ Each command starts in a new session, so it leads its own process group. When th
 time limit passes or the caller is cancelled, the whole group gets SIGTERM, then
 SIGKILL after `KILL_GRACE`, so a hook that started children of its own (`sh -c 'a & b'`)
 leaves nothing running.
+
+None of that runs when walacord itself is killed with SIGKILL. Under systemd the unit's
+cgroup is killed then, but elsewhere (`walacord dev`, a container without systemd) a
+pg_restore or a hook would keep running. So each command also starts through
+util-linux's `setpriv --pdeathsig KILL`, which makes the kernel send it SIGKILL when
+walacord's thread that started it ends (see `with_parent_death_signal`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -27,6 +34,59 @@ KILL_GRACE = 1.0
 KILL_WAIT = 2.0
 # Seconds between checks whether a signalled group is empty.
 POLL_INTERVAL = 0.02
+# Seconds the one-off check that setpriv supports --pdeathsig may take.
+SETPRIV_CHECK_TIMEOUT = 5.0
+
+
+class _ParentDeathPrefix:
+    """The argv prefix that sets the parent-death signal, found once per process."""
+
+    prefix: tuple[str, ...] | None = None  # None until checked; () when unavailable
+
+
+async def with_parent_death_signal(argv: Sequence[str],
+                                   env: Mapping[str, str] | None = None) -> list[str]:
+    """Return `argv` prefixed with `setpriv --pdeathsig KILL --` when setpriv supports it
+    (util-linux 2.33 and later), else `argv` unchanged.
+
+    The child gets SIGKILL when the thread that started it ends, so call this only for
+    commands that the event loop's thread starts. A program that `env`'s PATH (or the
+    daemon's) cannot find is returned unchanged, so that starting it still raises
+    FileNotFoundError instead of setpriv exiting with an error of its own.
+    """
+    if _ParentDeathPrefix.prefix is None:
+        _ParentDeathPrefix.prefix = await _find_parent_death_prefix()
+    prefix = _ParentDeathPrefix.prefix
+    search_path = None if env is None else env.get("PATH", os.defpath)
+    if not prefix or shutil.which(argv[0], path=search_path) is None:
+        return list(argv)
+    return [*prefix, *argv]
+
+
+async def _find_parent_death_prefix() -> tuple[str, ...]:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("process.no_parent_death_signal", extra={"fields": {
+            "reason": "setpriv (util-linux) is not installed",
+            "effect": "commands walacord runs keep running if walacord is killed with "
+                      "SIGKILL outside systemd"}})
+        return ()
+    prefix = (setpriv, "--pdeathsig", "KILL", "--")
+    try:
+        with anyio.fail_after(SETPRIV_CHECK_TIMEOUT):
+            result = await anyio.run_process([*prefix, setpriv, "--version"], check=False)
+    except (OSError, TimeoutError) as exc:
+        reason = f"{setpriv} --pdeathsig did not run: {exc or 'timed out'}"
+    else:
+        if result.returncode == 0:
+            return prefix
+        reason = (f"{setpriv} --pdeathsig exited with {result.returncode}: "
+                  f"{result.stderr.decode(errors='replace').strip()}")
+    log.warning("process.no_parent_death_signal", extra={"fields": {
+        "reason": reason,
+        "effect": "commands walacord runs keep running if walacord is killed with SIGKILL "
+                  "outside systemd"}})
+    return ()
 
 
 async def run_in_group(argv: Sequence[str], time_limit: float, env: Mapping[str, str], *,
@@ -41,7 +101,7 @@ async def run_in_group(argv: Sequence[str], time_limit: float, env: Mapping[str,
     # closed its stdout and stderr keeps running. One that keeps them open makes the
     # command run until the time limit, and is killed then.
     process = await anyio.open_process(
-        list(argv), env=dict(env), start_new_session=True,
+        await with_parent_death_signal(argv, env), env=dict(env), start_new_session=True,
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
     output: list[bytes] = [b"", b""]
     try:

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,3 +158,63 @@ async def test_run_pipeline_missing_program_closes_pipes() -> None:
     assert len(os.listdir("/proc/self/fd")) == open_before
     names = [p.name() for p in psutil.Process().children(recursive=True)]
     assert "sleep" not in names
+
+
+# Stands in for walacord: runs `sleep 300` through run_pipeline, or through run_in_group
+# with argv[1] "group", and prints the sleep's pid once it runs.
+PARENT = """
+import os, subprocess, sys, anyio, psutil
+from walacord.backup.pgclient import Command, run_pipeline
+from walacord.processes import run_in_group
+
+async def report():
+    while not psutil.Process().children():
+        await anyio.sleep(0.01)
+    print(psutil.Process().children()[0].pid, flush=True)
+
+async def main():
+    async with anyio.create_task_group() as group:
+        group.start_soon(report)
+        if sys.argv[1] == "group":
+            await run_in_group(["sleep", "300"], 600, dict(os.environ))
+        else:
+            await run_pipeline([Command(["sleep", "300"])], env=dict(os.environ),
+                               time_limit=600, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL)
+anyio.run(main)
+"""
+
+
+def ended_within(process: psutil.Process, seconds: float) -> bool:
+    """Return whether `process` exits (a zombie counts) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("runner", ["pipeline", "group"])
+async def test_commands_die_with_walacord(runner: str) -> None:
+    """A command walacord started gets SIGKILL when walacord is killed with SIGKILL, where
+    none of walacord's own clean-up can run."""
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    parent = await anyio.open_process([sys.executable, "-c", PARENT, runner],
+                                      env=environment, stderr=None)
+    try:
+        assert parent.stdout is not None
+        with anyio.fail_after(30):
+            child = psutil.Process(int((await parent.stdout.receive()).split()[0]))
+        assert child.name() == "sleep"
+        parent.kill()
+        await parent.wait()
+        assert await anyio.to_thread.run_sync(ended_within, child, 10.0)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+        await parent.aclose()

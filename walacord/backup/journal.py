@@ -240,6 +240,8 @@ class ScratchJournal:
             return True
 
     def _discard(self, names: tuple[str, ...]) -> None:
+        if not os.path.lexists(self.path):
+            return  # no journal names nothing, and its directory may be missing too
         with self._locked():
             try:
                 stored = self._load()

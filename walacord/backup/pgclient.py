@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from walacord.errors import BackupError
 from walacord.pgcluster import ClusterError, find_pg_bindir
+from walacord.processes import with_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ async def run_pipeline(commands: Sequence[Command], *, env: dict[str, str], time
             child_stdin = previous_read if previous_read is not None else stdin
             try:
                 process = await anyio.open_process(
-                    list(command.argv), stdin=child_stdin,
+                    await with_parent_death_signal(command.argv, env), stdin=child_stdin,
                     stdout=stdout if last else write_end,
                     stderr=subprocess.PIPE, env=env, start_new_session=True)
             except BaseException:

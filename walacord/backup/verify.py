@@ -34,6 +34,7 @@ from walacord.backup.manifest import (
 )
 from walacord.backup.pgclient import Command, client_environment
 from walacord.errors import BackupError
+from walacord.processes import with_parent_death_signal
 
 if TYPE_CHECKING:
     from walacord.backup.manager import BackupManager
@@ -147,7 +148,8 @@ async def list_archive(bindir: Path, path: Path, env: dict[str, str],
     """
     command = Command([str(bindir / "pg_restore"), "--list"])
     with read_dump(path) as archive, anyio.fail_after(time_limit):
-        result = await anyio.run_process(command.argv, check=False, env=env, stdin=archive)
+        argv = await with_parent_death_signal(command.argv, env)
+        result = await anyio.run_process(argv, check=False, env=env, stdin=archive)
     listing = result.stdout.decode(errors="replace")
     entries = count_archive_entries(listing)
     if result.returncode != 0:
