@@ -366,6 +366,41 @@ def test_statement_count_check(tmp_path: Path, sql: str, accepted: bool) -> None
         assert "one INSERT ... ON CONFLICT statement" in found[0]
 
 
+@pytest.mark.parametrize(("sql", "problem"), [
+    ("INSERT INTO p (key, pct) VALUES (%(key)s, 100%) ON CONFLICT DO NOTHING",
+     "'%)' at character 46 is not a placeholder; write %(name)s for a parameter, and %% "
+     "for a literal percent sign (also inside quotes)"),
+    ("INSERT INTO p (key, note) VALUES (%(key)s, '5%') ON CONFLICT DO NOTHING",
+     "\"%'\" at character 46 is not a placeholder"),
+    ("INSERT INTO p (key, amount) VALUES (%(key)s, %s) ON CONFLICT DO NOTHING",
+     "'%s' at character 46 is a positional placeholder; outbox statements take named "
+     "ones filled from params, such as %(amount)s"),
+    ("INSERT INTO p (key) VALUES (%(key)d) ON CONFLICT DO NOTHING",
+     "'%(key)d' at character 29 is not a placeholder"),
+    ("INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING -- 100%", "'%' at"),
+])
+def test_statement_placeholders_checked(tmp_path: Path, sql: str, problem: str) -> None:
+    """psycopg refuses these placeholders at run time, so every operation would go dead:
+    they are refused at load instead. psycopg reads percent signs in quotes and comments
+    too."""
+    path = tmp_path / "walacord.toml"
+    path.write_text(f"[outbox.statements.insert_payment]\nsql = '''{sql}'''\n")
+
+    [found] = problems(path)
+
+    assert "statements.insert_payment.sql" in found
+    assert problem in found
+
+
+def test_statement_placeholders_accepted(tmp_path: Path) -> None:
+    sql = ("INSERT INTO p (key, a, b, note) VALUES (%(key)s, %(a)b, %(b)t, '100%%') "
+           "ON CONFLICT DO NOTHING")
+    path = tmp_path / "walacord.toml"
+    path.write_text(f"[outbox.statements.insert_payment]\nsql = '''{sql}'''\n")
+
+    assert config.load(path, {}).outbox.statements["insert_payment"].sql == sql
+
+
 def test_statement_vouched_multiple_rejected(tmp_path: Path) -> None:
     path = tmp_path / "walacord.toml"
     path.write_text("[outbox.statements.set_total]\n"

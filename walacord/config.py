@@ -434,6 +434,29 @@ def looks_idempotent(sql: str) -> bool:
     return IDEMPOTENT_SQL.search(sql_code(sql)) is not None
 
 
+# A percent sign as psycopg reads it, in literals too: "%%", or an optional "(name)"
+# followed by the format character, which must be s, b or t.
+_PERCENT = re.compile(r"%(?:\((?P<name>[^)]*)\))?(?P<format>[\s\S]?)")
+
+
+def placeholder_problem(sql: str) -> str | None:
+    """Return why psycopg would refuse `sql`'s placeholders with a mapping of parameters,
+    or None when they are valid."""
+    for match in _PERCENT.finditer(sql):
+        text, name = match.group(0), match["name"]
+        if text == "%%":
+            continue
+        if match["format"] not in ("s", "b", "t"):
+            return (f"{text!r} at character {match.start() + 1} is not a placeholder; "
+                    "write %(name)s for a parameter, and %% for a literal percent sign "
+                    "(also inside quotes)")
+        if name is None:
+            return (f"{text!r} at character {match.start() + 1} is a positional placeholder; "
+                    "outbox statements take named ones filled from params, such as "
+                    "%(amount)s")
+    return None
+
+
 def has_several_statements(sql: str) -> bool:
     """Return True when `sql` has a `;` in its code other than one at the end.
 
@@ -500,6 +523,8 @@ class OutboxConfig:
             if not statement.sql.strip():
                 problems.append((key, "missing SQL; write sql = \"INSERT ... ON CONFLICT "
                                  "DO NOTHING\""))
+            elif (problem := placeholder_problem(statement.sql)) is not None:
+                problems.append((key, problem))
             elif has_several_statements(statement.sql):
                 problems.append((key, "contains more than one SQL statement, so ON CONFLICT "
                                  "in one cannot make the others idempotent. Use one "
