@@ -54,6 +54,20 @@ def parse(raw: object, max_bytes: int = 1024) -> object:
     ({"sink": "walacor", "key": "k", "etid": 10001,
       "data": '{"amount": 1234567890123456.78}'}, "data",
      "the number 1234567890123456.78 has more significant digits"),
+    # NUL: PostgreSQL text cannot store it, so no retry could ever apply the operation.
+    ({"sink": "postgres", "key": "nul\0key", "statement": "insert_row",
+      "params": {"amount": 1}}, "key", "key 'nul\\x00key' contains the character U+0000"),
+    ({"sink": "postgres", "key": "k", "statement": "insert_row",
+      "params": '{"amount": 1, "notes": ["ok", "a\\u0000b"]}'}, "params.notes[1]",
+     "contains the character U+0000 (NUL), which PostgreSQL text cannot store"),
+    ({"sink": "postgres", "key": "k", "statement": "insert_row",
+      "params": {"amount": 1, "x\0": 2}}, "params", "U+0000"),
+    # The walacor sink writes the key into this field, so another value would be lost.
+    ({"sink": "walacor", "key": "t1", "etid": 10001,
+      "data": {"amount": 2, "walacord_key": "zzz"}}, "data.walacord_key",
+     "data.walacord_key is 'zzz' but the operation's key is 't1'; walacord stores the "
+     "operation's key in the record's 'walacord_key' field ([walacor] key_field), so omit "
+     "it from data or give the same value"),
 ])
 def test_parse_operation_names_field(raw: object, field: str, words: str) -> None:
     with pytest.raises(OutboxInvalidOperation) as caught:
@@ -98,3 +112,18 @@ def test_parse_operation_key_fills_key_parameter() -> None:
 ])
 def test_statement_parameters_finds_placeholders(sql: str, names: set[str]) -> None:
     assert statement_parameters(sql) == names
+
+
+def test_parse_operation_accepts_nul_free_escapes_and_own_key_field() -> None:
+    """A literal backslash-u0000 text is not NUL, a walacor record may repeat its own key,
+    and a NUL is fine in a walacor record, which PostgreSQL never sees."""
+    postgres = parse({"sink": "postgres", "key": "k", "statement": "insert_row",
+                      "params": {"amount": 1, "note": "\\u0000"}})
+    assert postgres.payload == b'{"amount":1,"note":"\\\\u0000"}'
+    walacor = parse({"sink": "walacor", "key": "t1", "etid": 10001,
+                     "data": {"walacord_key": "t1", "note": "a\0b"}})
+    assert walacor.payload == b'{"walacord_key":"t1","note":"a\\u0000b"}'
+    renamed = parse_operation({"sink": "walacor", "key": "t1", "etid": 10001,
+                               "data": {"walacord_key": "other"}},
+                              statements=STATEMENTS, max_bytes=1024, key_field="record_key")
+    assert renamed.payload == b'{"walacord_key":"other"}'

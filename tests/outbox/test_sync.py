@@ -137,6 +137,34 @@ async def test_permanent_error_goes_dead(
     assert (stats.done, stats.dead, stats.pending) == (9, 1, 0)
 
 
+async def test_unsendable_value_goes_dead_alone(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any], metrics: Metrics
+) -> None:
+    """A value that psycopg refuses to send (a NUL in text, which enqueue now rejects but
+    an older walacord stored) fails only its own operation, as a statement error, and
+    the operations batched with it are applied at their first attempt."""
+    unsendable = NewOperation(key="nul\0", sink="postgres", target="insert_row",
+                              payload=b'{"amount":1}')
+    async with open_store(dead_after_attempts=2) as store:
+        good = [ledger_op(f"good-{i}") for i in range(6)]
+        await store.enqueue([*good[:3], unsendable, *good[3:]])
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, store.config,
+                            metrics=metrics)
+        await drain(engine, store)
+        dead = await store.list(states=[State.DEAD])
+        done = await store.list(states=[State.DONE])
+
+    assert [op.key for op in dead] == ["nul\0"]
+    assert dead[0].last_error is not None
+    assert dead[0].last_error.startswith("statement: "), dead[0].last_error
+    assert "NUL" in dead[0].last_error
+    assert {op.attempts for op in done} == {1}
+    assert len(await ledger_rows(ledger_pool)) == 6
+    errors = metrics.registry.get_sample_value(
+        "walacord_outbox_sync_errors_total", {"sink": "postgres", "reason": "connection"})
+    assert not errors
+
+
 async def test_engine_ramps_up_after_outage(
         open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any]) -> None:
     async with open_store(sync_batch_min=5, sync_batch_max=80) as store:

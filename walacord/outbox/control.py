@@ -103,7 +103,8 @@ def _parse_enqueue(outbox: Outbox, params: dict[str, Any]) -> list[NewOperation]
     for index, item in enumerate(raw):
         try:
             parsed.append(parse_operation(item, statements=statements,
-                                          max_bytes=outbox.config.max_operation_bytes))
+                                          max_bytes=outbox.config.max_operation_bytes,
+                                          key_field=outbox.walacor_key_field))
         except OutboxInvalidOperation as exc:
             field = f"operations[{index}].{exc.field}" if batch else exc.field
             raise ControlError(INVALID_PARAMS, f"{field}: {exc.detail}",

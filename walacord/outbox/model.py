@@ -32,6 +32,8 @@ MAX_KEY_LENGTH = 256
 _PLACEHOLDER = re.compile(r"%%|%\((?P<name>[^)]+)\)[sbt]")
 # The parameter every postgres statement receives: the operation's idempotency key.
 KEY_PARAMETER = "key"
+# The record field in which the walacor sink stores the key, unless configured otherwise.
+DEFAULT_KEY_FIELD = "walacord_key"
 
 
 @functools.cache
@@ -109,13 +111,16 @@ class Operation:
 
 
 def parse_operation(
-    raw: object, *, statements: Mapping[str, object], max_bytes: int
+    raw: object, *, statements: Mapping[str, object], max_bytes: int,
+    key_field: str = DEFAULT_KEY_FIELD,
 ) -> NewOperation:
     """Validate one operation as the control channel receives it.
 
     Two forms are accepted: `{"sink": "walacor", "etid": N, "key": K, "data": {...}}` and
     `{"sink": "postgres", "statement": NAME, "key": K, "params": {...}}`, each with an
-    optional `ordering_key`. Raise OutboxInvalidOperation naming the field at fault.
+    optional `ordering_key`. `key_field` is the record field in which the walacor sink
+    stores the key (`[walacor] key_field`). Raise OutboxInvalidOperation naming the
+    field at fault.
     """
     if not isinstance(raw, dict):
         raise OutboxInvalidOperation("operation", "expected a JSON object")
@@ -134,6 +139,10 @@ def parse_operation(
     if len(key) > MAX_KEY_LENGTH:
         raise OutboxInvalidOperation("key", f"key is {len(key)} characters long; the "
                                      f"maximum is {MAX_KEY_LENGTH}")
+    if "\0" in key:
+        # PostgreSQL text cannot store it, neither in a target table nor in a query.
+        raise OutboxInvalidOperation("key", f"key {key!r} contains the character U+0000 "
+                                     "(NUL); remove it")
 
     ordering_key = raw.get("ordering_key")
     if ordering_key is not None and (not isinstance(ordering_key, str) or not ordering_key):
@@ -147,6 +156,14 @@ def parse_operation(
     value, payload = _payload(raw, payload_field, max_bytes)
     if sink == "postgres":
         _check_parameters(target, statements[target], value, key)
+        if b"\\u0000" in payload:
+            _reject_nul(value, "params")
+    elif key_field in value and value[key_field] != key:
+        raise OutboxInvalidOperation(
+            f"data.{key_field}", f"data.{key_field} is {value[key_field]!r} but the "
+            f"operation's key is {key!r}; walacord stores the operation's key in the "
+            f"record's {key_field!r} field ([walacor] key_field), so omit it from data or "
+            "give the same value")
     fields = WALACOR_FIELDS if sink == "walacor" else POSTGRES_FIELDS
     if not fields.issuperset(raw):
         unknown = sorted(set(raw) - fields)
@@ -198,6 +215,23 @@ def _check_parameters(name: str, statement: object, params: dict[str, Any], key:
         raise OutboxInvalidOperation(
             "params", f"missing parameter(s) {', '.join(missing)} that statement {name!r} "
             "needs; add them to params")
+
+
+def _reject_nul(value: Any, path: str) -> None:
+    """Raise OutboxInvalidOperation for the first string in `value` (keys included) that
+    contains U+0000, which PostgreSQL text cannot store, so no retry could apply it."""
+    if isinstance(value, str):
+        if "\0" in value:
+            raise OutboxInvalidOperation(
+                path, "contains the character U+0000 (NUL), which PostgreSQL text cannot "
+                "store; remove it, or send the data base64-encoded for a bytea column")
+    elif isinstance(value, dict):
+        for name, child in value.items():
+            _reject_nul(name, path)
+            _reject_nul(child, f"{path}.{name}")
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            _reject_nul(child, f"{path}[{index}]")
 
 
 def _rounded_number(value: Any, path: str) -> str | None:

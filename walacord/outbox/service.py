@@ -43,6 +43,8 @@ class Outbox:
                  metrics: Metrics | None = None, on_alert: AlertCallback | None = None,
                  extend_start_timeout: Callable[[float], None] | None = None) -> None:
         self.config = config.outbox
+        # The record field where the walacor sink stores each operation's key.
+        self.walacor_key_field = config.walacor.key_field
         self.store = OutboxStore(Path(config.state.dir) / "outbox.db", config.outbox,
                                  metrics=metrics, on_alert=on_alert,
                                  extend_start_timeout=extend_start_timeout)

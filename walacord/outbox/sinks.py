@@ -252,11 +252,13 @@ class PostgresSink:
         if isinstance(exc, psycopg.Error):
             sqlstate = exc.sqlstate or ""
             if not sqlstate:
-                # No SQLSTATE: a connection failure is transient, a parameter that the
-                # payload lacks (ProgrammingError) is not.
-                permanent = isinstance(exc, psycopg.ProgrammingError)
-                return Failure("statement" if permanent else "connection", str(exc).strip(),
-                               permanent=permanent)
+                # No SQLSTATE: a connection failure (OperationalError, InterfaceError) is
+                # transient. Any other error comes from psycopg itself, such as a
+                # parameter that the payload lacks (ProgrammingError) or a value that
+                # cannot be sent (DataError), and repeats on every attempt.
+                transient = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+                return Failure("connection" if transient else "statement", str(exc).strip(),
+                               permanent=not transient)
             schema_pending = sqlstate in SCHEMA_PENDING_SQLSTATES
             transient = (sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
                          or sqlstate in TRANSIENT_SQLSTATES or schema_pending)
