@@ -205,6 +205,11 @@ class OutboxFull(OutboxError):
     """The outbox reached its operation or byte limit and rejects new operations."""
 
 
+class OutboxRequestTooLarge(OutboxError):
+    """One request holds more new operations or payload bytes than the outbox's limits
+    allow in all, so it can never be accepted as it is, however far sync drains."""
+
+
 class OutboxDiskFull(OutboxError):
     """The state directory's file system is full, so no enqueue can be made durable."""
 

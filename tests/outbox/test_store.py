@@ -21,6 +21,7 @@ from walacord.errors import (
     OutboxError,
     OutboxFull,
     OutboxNotFound,
+    OutboxRequestTooLarge,
     OutboxStarting,
 )
 from walacord.metrics import Metrics
@@ -297,6 +298,30 @@ async def test_enqueue_full_by_count_rejects(open_store: StoreOpener, alerts: Al
     assert stats.accepted == 3
     assert alerts.names() == ["outbox_full"]
     assert metrics.outbox_rejected.labels(reason="OutboxFull")._value.get() == 2
+
+
+async def test_request_larger_than_limits_is_not_full(open_store: StoreOpener,
+                                                      alerts: Alerts) -> None:
+    """A request that even an empty outbox cannot hold is rejected as too large, without
+    the full alert or the emergency mode that a real backlog gets."""
+    async with open_store(max_operations=3, max_bytes=4096) as store:
+        with pytest.raises(OutboxRequestTooLarge) as by_count:
+            await store.enqueue([walacor_op(f"k{i}") for i in range(4)])
+        with pytest.raises(OutboxRequestTooLarge) as by_bytes:
+            await store.enqueue([walacor_op("big", size=5000)])
+        full = store.full
+        await store.enqueue([walacor_op(f"k{i}") for i in range(3)])
+        stats = await store.stats()
+
+    assert str(by_count.value).startswith(
+        "this request has 4 new operations with ")
+    assert ("more than the outbox holds in all (limits 3 operations and 4096 bytes: "
+            "outbox.max_operations, outbox.max_bytes); nothing was accepted. Split it "
+            "into smaller requests, or raise those limits") in str(by_count.value)
+    assert str(by_bytes.value).startswith("this request has 1 new operation with 50")
+    assert not full
+    assert alerts.names() == []
+    assert stats.accepted == 3
 
 
 async def test_enqueue_full_by_bytes_rejects(open_store: StoreOpener) -> None:

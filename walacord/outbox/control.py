@@ -24,6 +24,7 @@ from walacord.errors import (
     OutboxFull,
     OutboxInvalidOperation,
     OutboxNotFound,
+    OutboxRequestTooLarge,
     OutboxStarting,
     OutboxStateDirUnusable,
 )
@@ -58,7 +59,8 @@ MUTATING = frozenset({"outbox.enqueue", "outbox.retry", "outbox.drop", "sync.run
 def _control_error(exc: OutboxError) -> ControlError:
     if isinstance(exc, OutboxInvalidOperation):
         return ControlError(INVALID_PARAMS, str(exc), {"field": exc.field})
-    reason = {OutboxFull: "outbox_full", OutboxDiskFull: "disk_full",
+    reason = {OutboxFull: "outbox_full", OutboxRequestTooLarge: "request_too_large",
+              OutboxDiskFull: "disk_full",
               OutboxNotFound: "not_found", OutboxConflict: "conflict",
               OutboxStateDirUnusable: "state_dir_unusable", OutboxStarting: "starting",
               }.get(type(exc), "outbox_error")

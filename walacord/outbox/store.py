@@ -34,6 +34,7 @@ from walacord.errors import (
     OutboxDiskFull,
     OutboxError,
     OutboxFull,
+    OutboxRequestTooLarge,
     OutboxStarting,
     OutboxStateDirUnusable,
 )
@@ -780,6 +781,19 @@ class OutboxStore(OutboxQueries):
                 return False
             fresh = {key: op for key, op in own.items() if key not in stored}
             size -= sum(len(op.payload) for key, op in own.items() if key in stored)
+            fresh_size = size - plan.size
+            if (len(fresh) > self.config.max_operations
+                    or fresh_size > self.config.max_bytes):
+                # Not even an empty outbox holds it, so it says nothing about the
+                # backlog: no alert and no emergency mode.
+                request.error = OutboxRequestTooLarge(
+                    f"this request has {len(fresh)} new "
+                    f"operation{'' if len(fresh) == 1 else 's'} with {fresh_size} "
+                    "payload bytes, more than the outbox holds in all (limits "
+                    f"{self.config.max_operations} operations and {self.config.max_bytes} "
+                    "bytes: outbox.max_operations, outbox.max_bytes); nothing was accepted. "
+                    "Split it into smaller requests, or raise those limits")
+                return False
             if fresh and self._over_capacity(len(planned) + len(fresh), size):
                 request.error = OutboxFull(
                     f"outbox is full ({self._undelivered + len(planned)} undelivered "
