@@ -412,6 +412,51 @@ def test_from_file_repeated_key_names_line(tmp_path: Path) -> None:
     assert f"{operations}:2: the key 'amount' appears twice in one object" in err.getvalue()
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    (b'{"sink": "walacor", "etid": 1, "key": "a", "data": {"note": "\xff\xfe"}}\n',
+     ":1: not valid UTF-8: byte 0xff at byte 62 of the line; save the file as UTF-8"),
+    (b'{"sink": "walacor", "etid": 1, "key": "a", "data": {"a": '
+     + b"[" * 260 + b"]" * 260 + b"}}\n",
+     ":1 cannot be sent as JSON: it nests arrays or objects too deeply; keep the payload "
+     "within 250 levels"),
+    (b'{"sink": "walacor", "etid": 1, "key": "a", "data": {"n": 1}}\n'
+     b'\xef\xbb\xbf{"sink": "walacor", "etid": 1, "key": "b", "data": {"n": 1}}\n',
+     ":2: invalid JSON"),
+])
+def test_from_file_encoding_errors_name_line(tmp_path: Path, content: bytes,
+                                             expected: str) -> None:
+    """A byte order mark is skipped only at the start of the file."""
+    operations = tmp_path / "ops.jsonl"
+    operations.write_bytes(content)
+    err = io.StringIO()
+
+    code = walacorctl(["--socket", str(tmp_path / "none.sock"), "enqueue", "--from-file",
+                       str(operations)], stdout=io.StringIO(), stderr=err)
+
+    assert code == 2
+    assert f"{operations}{expected}" in err.getvalue()
+
+
+async def test_from_file_skips_byte_order_mark(
+        tmp_path: Path, outbox_config: OutboxConfig,
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    """Files that Windows editors save as "UTF-8 with BOM" are read as UTF-8."""
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    sinks = build_sinks(Config(outbox=config), pool=ledger_pool)
+    operations = tmp_path / "ops.jsonl"
+    operations.write_bytes(
+        b'\xef\xbb\xbf{"sink": "postgres", "statement": "insert_row", "key": "bom", '
+        b'"params": {"amount": 1}}\r\n')
+    async with serving_outbox(tmp_path, config, sinks) as (path, outbox):
+        code = await anyio.to_thread.run_sync(lambda: walacorctl(
+            ["--socket", path, "enqueue", "--from-file", str(operations)],
+            stdout=io.StringIO(), stderr=io.StringIO()))
+        stored = await outbox.store.list()
+
+    assert code == 0
+    assert [op.key for op in stored] == ["bom"]
+
+
 def test_etid_zero_is_usage_error(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(Path(sys.executable).parent / "walacorctl"), "--socket",

@@ -33,6 +33,7 @@ EXPORT_PAGE = 1000
 # Longest --from-file line read: the largest request any daemon takes ([control]
 # max_request_bytes at its maximum). A longer line is rejected before it is read whole.
 MAX_LINE_BYTES = 64 * 1024 * 1024
+UTF8_BOM = b"\xef\xbb\xbf"
 STATES = ("pending", "in_flight", "done", "dead")
 
 
@@ -69,9 +70,14 @@ def _check_encodable(operation: dict[str, Any], where: str) -> None:
         # nesting limit.
         orjson.dumps({"params": {"operations": [operation]}})
     except TypeError as exc:
-        raise UsageError(f"{where} cannot be sent as JSON: {exc}; keep integers within 64 "
-                         "bits (send larger amounts as strings) and nesting below 255 "
-                         "levels") from None
+        if "recursion" in str(exc).lower():
+            advice = ("it nests arrays or objects too deeply; keep the payload within 250 "
+                      "levels")
+        elif "64-bit" in str(exc):
+            advice = "send integers beyond 64 bits as strings"
+        else:
+            advice = str(exc)
+        raise UsageError(f"{where} cannot be sent as JSON: {advice}") from None
 
 
 class _Once(argparse.Action):
@@ -220,12 +226,21 @@ def _read_lines(path: Path, stdin: BinaryIO | None) -> tuple[list[dict[str, Any]
         number = 0
         while line := handle.readline(MAX_LINE_BYTES + 1):
             number += 1
+            if number == 1 and line.startswith(UTF8_BOM):
+                # Some Windows editors start UTF-8 files with one; JSON allows ignoring it.
+                line = line[len(UTF8_BOM):]
             if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
                 raise UsageError(f"{path}:{number}: line longer than {MAX_LINE_BYTES} bytes, "
                                  "more than any daemon takes in one request; put one "
                                  "operation on each line and shrink this one")
             if not line.strip():
                 continue
+            try:
+                line.decode()
+            except UnicodeDecodeError as exc:
+                raise UsageError(
+                    f"{path}:{number}: not valid UTF-8: byte 0x{line[exc.start]:02x} at "
+                    f"byte {exc.start + 1} of the line; save the file as UTF-8") from None
             try:
                 operation = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
@@ -262,7 +277,8 @@ def _too_large(operation: dict[str, Any], size: int, limit: int | None) -> str:
     """Describe an operation that does not fit in one request of `limit` bytes."""
     return (f"the operation with key {operation.get('key')!r} is {size} bytes, more than the "
             f"daemon takes in one request ({limit} bytes, [control] max_request_bytes); "
-            "shrink its payload or raise that limit")
+            "shrink its payload, or raise that limit and, for a payload that large, "
+            "[outbox] max_operation_bytes")
 
 
 def _enqueue_one(context: Context, operation: dict[str, Any]) -> int:
