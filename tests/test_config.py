@@ -325,6 +325,17 @@ def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
     ("INSERT INTO p (key) VALUES (%(key)s || 'ON CONFLICT')", False),
     ('INSERT INTO "on conflict" VALUES (%(key)s)', False),
     ("INSERT INTO p VALUES ($tag$ ON CONFLICT $tag$)", False),
+    # ON CONFLICT belongs to INSERT, and each INSERT needs its own.
+    ("SELECT 1 ON CONFLICT", False),
+    ("UPDATE p SET n = n + 1 WHERE key = %(key)s RETURNING 'x' ON CONFLICT", False),
+    ("WITH moved AS (INSERT INTO audit (key) VALUES (%(key)s) RETURNING key) "
+     "INSERT INTO p (key) SELECT key FROM moved ON CONFLICT DO NOTHING", False),
+    ("WITH moved AS (INSERT INTO audit (key) VALUES (%(key)s) ON CONFLICT DO NOTHING "
+     "RETURNING key) INSERT INTO p (key) SELECT key FROM moved ON CONFLICT DO NOTHING",
+     True),
+    ("WITH v (key) AS (VALUES (%(key)s)) INSERT INTO p SELECT key FROM v "
+     "ON CONFLICT DO NOTHING", True),
+    ("  -- note\n  INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING", True),
 ])
 def test_statement_idempotency_check(tmp_path: Path, sql: str, accepted: bool) -> None:
     path = tmp_path / "walacord.toml"

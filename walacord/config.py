@@ -413,8 +413,7 @@ class RepairConfig:
 
 # An outbox statement may run more than once for one operation (a crash between the
 # commit in PostgreSQL and the "done" mark in SQLite replays it), so it must be
-# idempotent. These patterns accept the usual idempotent forms.
-IDEMPOTENT_SQL = re.compile(r"\bON\s+CONFLICT\b|^\s*MERGE\b", re.IGNORECASE)
+# idempotent. `looks_idempotent` accepts the usual idempotent forms.
 # Comments, escape string literals (E'...', where a backslash escapes a quote),
 # string literals, quoted identifiers and dollar-quoted strings. They are blanked
 # before the checks, so "-- ON CONFLICT", 'ON CONFLICT' or 'a;b' does not count.
@@ -429,9 +428,25 @@ def sql_code(sql: str) -> str:
     return _SQL_NOT_CODE.sub(" ", sql)
 
 
+# ON CONFLICT belongs to INSERT, which may follow a WITH clause.
+_INSERT_START = re.compile(r"^\s*(?:INSERT|WITH)\b", re.IGNORECASE)
+_INSERT = re.compile(r"\bINSERT\b", re.IGNORECASE)
+_ON_CONFLICT = re.compile(r"\bON\s+CONFLICT\b", re.IGNORECASE)
+
+
 def looks_idempotent(sql: str) -> bool:
-    """Return True when `sql`, outside comments and literals, has ON CONFLICT or is a MERGE."""
-    return IDEMPOTENT_SQL.search(sql_code(sql)) is not None
+    """Return True when `sql`, outside comments and literals, is a MERGE, or an INSERT
+    (possibly after WITH) whose every INSERT has an ON CONFLICT clause.
+
+    Counting catches a WITH clause that inserts without ON CONFLICT before an outer
+    INSERT that has one: a replay would run the inner INSERT again.
+    """
+    code = sql_code(sql)
+    if re.match(r"^\s*MERGE\b", code, re.IGNORECASE):
+        return True
+    if not _INSERT_START.match(code):
+        return False
+    return 0 < len(_INSERT.findall(code)) <= len(_ON_CONFLICT.findall(code))
 
 
 # A percent sign as psycopg reads it, in literals too: "%%", or an optional "(name)"
@@ -530,8 +545,9 @@ class OutboxConfig:
                                  "in one cannot make the others idempotent. Use one "
                                  "INSERT ... ON CONFLICT statement per name"))
             elif not statement.idempotent and not looks_idempotent(statement.sql):
-                problems.append((key, "statement does not look idempotent: it has no ON "
-                                 "CONFLICT clause and is not a MERGE, so a replay after a "
+                problems.append((key, "statement does not look idempotent: it is not a "
+                                 "MERGE, nor an INSERT with an ON CONFLICT clause for each "
+                                 "INSERT in it (WITH clauses included), so a replay after a "
                                  "crash could apply it twice; add ON CONFLICT, or set "
                                  "idempotent = true if it is idempotent by design"))
         return problems
