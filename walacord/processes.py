@@ -64,24 +64,24 @@ async def with_parent_death_signal(argv: Sequence[str],
 
 
 async def _find_parent_death_prefix() -> tuple[str, ...]:
+    """Return the setpriv prefix when a trial run of it works, else () after a warning."""
     setpriv = shutil.which("setpriv")
+    prefix: tuple[str, ...] = ()
     if setpriv is None:
-        log.warning("process.no_parent_death_signal", extra={"fields": {
-            "reason": "setpriv (util-linux) is not installed",
-            "effect": "commands walacord runs keep running if walacord is killed with "
-                      "SIGKILL outside systemd"}})
-        return ()
-    prefix = (setpriv, "--pdeathsig", "KILL", "--")
-    try:
-        with anyio.fail_after(SETPRIV_CHECK_TIMEOUT):
-            result = await anyio.run_process([*prefix, setpriv, "--version"], check=False)
-    except (OSError, TimeoutError) as exc:
-        reason = f"{setpriv} --pdeathsig did not run: {exc or 'timed out'}"
+        reason = "setpriv (util-linux) is not installed"
     else:
-        if result.returncode == 0:
-            return prefix
-        reason = (f"{setpriv} --pdeathsig exited with {result.returncode}: "
-                  f"{result.stderr.decode(errors='replace').strip()}")
+        prefix = (setpriv, "--pdeathsig", "KILL", "--")
+        try:
+            with anyio.fail_after(SETPRIV_CHECK_TIMEOUT):
+                result = await anyio.run_process([*prefix, setpriv, "--version"],
+                                                 check=False)
+        except (OSError, TimeoutError) as exc:
+            reason = f"{setpriv} --pdeathsig did not run: {str(exc) or 'timed out'}"
+        else:
+            if result.returncode == 0:
+                return prefix
+            reason = (f"{setpriv} --pdeathsig exited with {result.returncode}: "
+                      f"{result.stderr.decode(errors='replace').strip()}")
     log.warning("process.no_parent_death_signal", extra={"fields": {
         "reason": reason,
         "effect": "commands walacord runs keep running if walacord is killed with SIGKILL "

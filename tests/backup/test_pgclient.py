@@ -14,6 +14,7 @@ import anyio
 import psutil
 import pytest
 
+from walacord import processes
 from walacord.backup.dump import DumpRequest, pg_dump_argv
 from walacord.backup.pgclient import (
     Command,
@@ -218,3 +219,18 @@ async def test_commands_die_with_walacord(runner: str) -> None:
         if parent.returncode is None:
             parent.kill()
         await parent.aclose()
+
+
+@pytest.mark.anyio
+async def test_without_setpriv_commands_run_plainly(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Where setpriv is missing, commands start as given and a warning says what is lost."""
+    monkeypatch.setattr(processes._ParentDeathPrefix, "prefix", None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    argv = await processes.with_parent_death_signal(["/bin/true", "x"])
+
+    assert argv == ["/bin/true", "x"]
+    [record] = [r for r in caplog.records if r.getMessage() == "process.no_parent_death_signal"]
+    assert record.fields["reason"] == "setpriv (util-linux) is not installed"  # type: ignore[attr-defined]
