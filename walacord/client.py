@@ -8,6 +8,17 @@ An enqueue returns only after walacord stored the operation durably.
 
     async with AsyncOutboxClient("/run/walacord/control.sock") as client:
         await client.enqueue_walacor(10001, key="invoice-42", data={"amount": 12})
+
+Every error the clients raise for a failed call is a WalacordError:
+
+- ControlError: walacord sent an error response, whose `code` and `data` give the reason.
+- ControlTimeoutError (also a TimeoutError) and ControlConnectionError (also a
+  ConnectionError): the response never came, so the request may or may not have taken
+  effect. walacord stores each key only once, so enqueueing the same operation again
+  is safe. The client closes that connection and the next call opens a new one.
+- RequestEncodeError (also a TypeError and a ValueError): a value in the request
+  cannot be sent as JSON. Nothing was sent, and the connection stays usable.
+- ControlClientError: the client could not connect to the socket.
 """
 
 from __future__ import annotations
@@ -17,13 +28,25 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
-import orjson
 
+# Re-exported, because walacord.client defined it before client_json existed.
+from walacord.client_json import PROTOCOL_VERSION as PROTOCOL_VERSION
+from walacord.client_json import (
+    check_response_id,
+    encode_request,
+    is_progress,
+    parse_response,
+    response_result,
+)
 from walacord.control.client import connect_failure
 from walacord.control.stream import SocketByteStream
-from walacord.errors import ControlClientError, ControlError, WalacordError
+from walacord.errors import (
+    ControlClientError,
+    ControlConnectionError,
+    ControlTimeoutError,
+    WalacordError,
+)
 
-PROTOCOL_VERSION = 1
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_SOCKET = "/run/walacord/control.sock"
 
@@ -47,60 +70,32 @@ def postgres_operation(statement: str, *, key: str, params: dict[str, Any],
     return operation
 
 
-def _check_finite(value: Any, where: str) -> None:
-    """Raise WalacordError naming the field when `value` contains NaN or an infinity.
-
-    orjson would send them as null, so the stored payload would differ from the one given.
-    """
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise WalacordError(f"{where} is {value!r}, which JSON cannot carry; send a "
-                                "number, a string or null instead")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite(item, f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_finite(item, f"{where}[{index}]")
+def _outcome_unknown(method: str) -> str:
+    """Say what a caller may assume about a request whose response never came."""
+    if method == "outbox.enqueue":
+        return ("The operation may or may not have been stored. Retrying it with the same "
+                "key is safe, because walacord stores each key only once.")
+    return f"{method} may or may not have taken effect."
 
 
-def _encode(request_id: int, method: str, params: dict[str, Any]) -> bytes:
-    encoded = orjson.dumps({"id": request_id, "method": method, "params": params,
-                            "version": PROTOCOL_VERSION}) + b"\n"
-    # orjson writes NaN and the infinities as null, so only a request that contains
-    # null needs the walk over every value.
-    if b"null" in encoded:
-        _check_finite(params, "params")
-    return encoded
+def _timed_out(path: str, method: str, timeout: float) -> ControlTimeoutError:
+    return ControlTimeoutError(
+        f"{method} timed out because walacord at {path} sent no response within "
+        f"{timeout:g}s. {_outcome_unknown(method)} The next call opens a new connection.")
 
 
-def _parse(line: bytes) -> dict[str, Any]:
-    try:
-        response = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise WalacordError(f"invalid response from walacord: {exc}") from None
-    if not isinstance(response, dict):
-        raise WalacordError(f"invalid response from walacord: {line[:200]!r}")
-    return response
+def _connection_lost(path: str, method: str, reason: str) -> ControlConnectionError:
+    return ControlConnectionError(
+        f"The connection to walacord at {path} closed before {method} got its response "
+        f"({reason}). The daemon may have restarted. {_outcome_unknown(method)} "
+        "The next call opens a new connection.")
 
 
-def _is_progress(response: dict[str, Any]) -> bool:
-    """Tell a progress line, which a long call sends before its response, from the rest."""
-    return "progress" in response and "result" not in response and "error" not in response
-
-
-def _result(response: dict[str, Any], request_id: int) -> Any:
-    error = response.get("error")
-    # A request the server could not read (too long, say) gets an error without an id.
-    # Responses come in request order, so it belongs to the request waiting first.
-    unread = response.get("id") is None and isinstance(error, dict)
-    if response.get("id") != request_id and not unread:
-        raise WalacordError(f"response does not match request {request_id}: "
-                            f"{str(response)[:200]}")
-    if error is not None:
-        raise ControlError(int(error.get("code", 0)), str(error.get("message", "")),
-                           error.get("data"))
-    return response.get("result")
+def _os_reason(exc: BaseException | None) -> str:
+    """Return the system's description of a socket error, such as "Broken pipe"."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return "end of stream"
 
 
 class _Turn:
@@ -114,34 +109,63 @@ class _Turn:
         self.event: anyio.Event | None = None
 
 
+class _Connection:
+    """One connection of an AsyncOutboxClient and the calls pipelined on it."""
+
+    __slots__ = ("broken", "buffer", "calls", "last_turn", "outgoing", "sending", "stream")
+
+    def __init__(self, stream: SocketByteStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()  # received bytes not yet returned as a response line
+        # Encoded requests not yet written, and whether a task is writing them.
+        self.outgoing: list[bytes] = []
+        self.sending = False
+        # The turn of the call queued last, until its response has been read.
+        self.last_turn: _Turn | None = None
+        self.calls = 0  # calls that took a turn and have not finished
+        # Why the connection is out of step, once a call failed with its response unread.
+        self.broken: str | None = None
+
+
 class AsyncOutboxClient:
-    """One connection to the control socket.
+    """A client of the control socket that opens one connection at a time.
 
     Tasks may share it: their requests are pipelined, written together when they
     queue up during a write, and each task reads its own response in request order.
     walacord serves pipelined enqueues together, so they share one durable commit.
-    After a failed send or read the connection is out of step and every later call
-    raises WalacordError; open a new client then.
+    A call that fails after sending its request (a timeout, a closed connection, a
+    cancellation) leaves its response unread, so the connection is out of step. Calls
+    already queued behind it raise ControlConnectionError, the connection closes once
+    they have finished, and the next call opens a new connection.
     """
 
     def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
         self.path = path
         self.timeout = timeout
-        self._stream: SocketByteStream | None = None
-        self._buffer = bytearray()  # received bytes not yet returned as a response line
-        # Encoded requests not yet written, and whether a task is writing them.
-        self._outgoing: list[bytes] = []
-        self._sending = False
-        # The turn of the call queued last, until its response has been read.
-        self._last_turn: _Turn | None = None
-        self._broken: str | None = None
+        self._connection: _Connection | None = None
+        self._entered = False
+        self._connect_lock: anyio.Lock | None = None
         self._next_id = 0
 
     async def __aenter__(self) -> Self:
+        self._connect_lock = anyio.Lock()
+        self._connection = _Connection(await self._open_stream(
+            anyio.current_time() + self.timeout))
+        self._entered = True
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._entered = False
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.stream.aclose()
+
+    async def _open_stream(self, deadline: float) -> SocketByteStream:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            with anyio.fail_after(self.timeout):
+            with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
                 while True:
                     try:
                         sock.connect(self.path)
@@ -155,72 +179,96 @@ class AsyncOutboxClient:
         except BaseException:
             sock.close()
             raise
-        self._stream = SocketByteStream(sock)
-        return self
+        return SocketByteStream(sock)
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
-        self._stream = None
+    async def _reconnect(self, deadline: float) -> _Connection:
+        """Return the current connection, opening a new one if the last one is out of step."""
+        if not self._entered or self._connect_lock is None:
+            raise WalacordError("client is not connected; use it as `async with`")
+        async with self._connect_lock:
+            connection = self._connection
+            if connection is None or connection.broken is not None:
+                connection = _Connection(await self._open_stream(deadline))
+                self._connection = connection
+        return connection
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Send one request and return its result; raise ControlError on an error reply.
 
-        Raise TimeoutError when the response takes longer than `timeout` seconds,
-        counted from when the call starts, including the wait for pipelined calls
-        sent before it.
+        Raise ControlTimeoutError when the response takes longer than `timeout`
+        seconds, counted from when the call starts, including the wait for pipelined
+        calls sent before it. Raise ControlConnectionError when the connection closes
+        first. After either error the request may or may not have taken effect.
         """
-        stream = self._stream
-        if stream is None:
-            raise WalacordError("client is not connected; use it as `async with`")
         # The deadline goes to each wait instead of into a CancelScope around the call,
         # because a CancelScope costs several microseconds per call.
         deadline = anyio.current_time() + self.timeout
-        self._check_usable()
+        connection = self._connection
+        if connection is None or connection.broken is not None:
+            connection = await self._reconnect(deadline)
         # Queue the request and take the next place in the reading order with no
         # await in between, so that the reading order is the sending order.
         # Encoding can reject the input, so it comes before the turn is taken.
         request_id = self._next_id + 1
-        encoded = _encode(request_id, method, params or {})
+        encoded = encode_request(request_id, method, params or {})
         self._next_id = request_id
-        previous, own_turn = self._last_turn, _Turn()
-        self._last_turn = own_turn
-        self._outgoing.append(encoded)
+        previous, own_turn = connection.last_turn, _Turn()
+        connection.last_turn = own_turn
+        connection.outgoing.append(encoded)
+        connection.calls += 1
         try:
-            if not self._sending:
-                await self._send_outgoing(stream, deadline, method)
+            if not connection.sending:
+                await self._send_outgoing(connection, deadline, method)
             if previous is not None and not previous.done:
                 if previous.event is None:
                     previous.event = anyio.Event()
                 with anyio.CancelScope(deadline=deadline):
                     await previous.event.wait()
                 if not previous.done:
-                    raise self._timed_out(method)
-            self._check_usable()
+                    raise _timed_out(self.path, method, self.timeout)
+            if connection.broken is not None:
+                raise self._out_of_step(method, connection.broken)
             # A response to the request just sent cannot have arrived yet, unless
             # earlier calls are still being read.
-            response = _parse(await self._receive_line(stream, deadline, method,
-                                                       wait_first=previous is None))
-            while _is_progress(response):
-                response = _parse(await self._receive_line(stream, deadline, method))
+            line = await self._receive_line(connection, deadline, method,
+                                            wait_first=previous is None)
+            response = parse_response(line)
+            while is_progress(response):
+                line = await self._receive_line(connection, deadline, method)
+                response = parse_response(line)
+            check_response_id(response, request_id)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError,
+                anyio.EndOfStream) as exc:
+            if connection.broken is None:
+                error = _connection_lost(self.path, method, _os_reason(exc.__cause__))
+                connection.broken = f"{method} failed with {type(error).__name__}"
+            else:
+                # Another call closed the connection after it fell out of step.
+                error = self._out_of_step(method, connection.broken)
+            raise error from None
         except BaseException as exc:
-            if self._broken is None:
-                self._broken = f"{method} failed: {exc!r}"
+            if connection.broken is None:
+                connection.broken = f"{method} failed with {type(exc).__name__}"
             raise
         finally:
             own_turn.done = True
             if own_turn.event is not None:
                 own_turn.event.set()
-            if self._last_turn is own_turn:
-                self._last_turn = None
-        return _result(response, request_id)
+            if connection.last_turn is own_turn:
+                connection.last_turn = None
+            connection.calls -= 1
+            if connection.broken is not None and connection.calls == 0:
+                with anyio.CancelScope(shield=True):
+                    await connection.stream.aclose()
+        return response_result(response)
 
-    def _timed_out(self, method: str) -> TimeoutError:
-        return TimeoutError(f"{method} got no response from {self.path} within "
-                            f"{self.timeout:g}s")
+    def _out_of_step(self, method: str, broken: str) -> ControlConnectionError:
+        return ControlConnectionError(
+            f"{method} was sent on a connection to walacord at {self.path} that an "
+            f"earlier call left out of step ({broken}). {_outcome_unknown(method)} "
+            "The next call opens a new connection.")
 
-    async def _send_outgoing(self, stream: SocketByteStream, deadline: float,
+    async def _send_outgoing(self, connection: _Connection, deadline: float,
                              method: str) -> None:
         """Write queued requests until none is left.
 
@@ -228,26 +276,30 @@ class AsyncOutboxClient:
         in the next write, so pipelined calls cost few system calls. A request that
         fits in the socket buffer is written without a wait.
         """
-        self._sending = True
+        outgoing = connection.outgoing
+        connection.sending = True
         try:
-            while self._outgoing:
-                data = b"".join(self._outgoing) if len(self._outgoing) > 1 \
-                    else self._outgoing[0]
-                self._outgoing.clear()
-                sent = stream.send_nowait(data)
+            while outgoing:
+                data = b"".join(outgoing) if len(outgoing) > 1 else outgoing[0]
+                outgoing.clear()
+                sent = connection.stream.send_nowait(data)
                 if sent < len(data):
                     with anyio.CancelScope(deadline=deadline) as scope:
-                        await stream.send(data[sent:])
+                        await connection.stream.send(data[sent:])
                     if scope.cancelled_caught:
-                        raise self._timed_out(method)
+                        raise _timed_out(self.path, method, self.timeout)
         finally:
-            self._sending = False
+            connection.sending = False
 
-    async def _receive_line(self, stream: SocketByteStream, deadline: float,
-                            method: str, *, wait_first: bool = False) -> bytes:
+    async def _receive_line(self, connection: _Connection, deadline: float, method: str,
+                            *, wait_first: bool = False) -> bytes:
         """Return the next response line without its newline; `wait_first` is passed to
-        the first receive."""
-        buffer = self._buffer
+        the first receive.
+
+        Raise ControlTimeoutError at the deadline, and EndOfStream when walacord has
+        closed the connection.
+        """
+        buffer = connection.buffer
         scanned = 0
         while True:
             newline = buffer.find(b"\n", scanned)
@@ -259,20 +311,12 @@ class AsyncOutboxClient:
                 raise WalacordError("response from walacord is larger than "
                                     f"{MAX_RESPONSE_BYTES} bytes")
             scanned = len(buffer)
-            try:
-                chunk = await stream.receive_before(65536, deadline, wait_first=wait_first)
-                wait_first = False
-            except anyio.EndOfStream:
-                raise WalacordError("walacord closed the connection before responding"
-                                    ) from None
+            chunk = await connection.stream.receive_before(65536, deadline,
+                                                           wait_first=wait_first)
+            wait_first = False
             if chunk is None:
-                raise self._timed_out(method)
+                raise _timed_out(self.path, method, self.timeout)
             buffer += chunk
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise WalacordError(f"the connection to {self.path} is out of step because "
-                                f"{self._broken}; open a new client")
 
     async def enqueue(self, operation: dict[str, Any]) -> dict[str, Any]:
         """Enqueue one operation; return its id, key, state and whether it was new."""
@@ -300,16 +344,33 @@ class AsyncOutboxClient:
 
 
 class OutboxClient:
-    """The blocking twin of AsyncOutboxClient, for code without an event loop."""
+    """The blocking twin of AsyncOutboxClient, for code without an event loop.
+
+    One thread at a time may use it. `timeout` bounds the connect, the send and each
+    read of a response (a progress line starts a new wait), whereas
+    AsyncOutboxClient bounds the whole call. A call that fails after sending its
+    request closes the connection, and the next call opens a new one.
+    """
 
     def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
         self.path = path
         self.timeout = timeout
         self._sock: socket.socket | None = None
+        self._entered = False
         self._buffer = b""
         self._next_id = 0
 
     def __enter__(self) -> Self:
+        self._sock = self._connect()
+        self._entered = True
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._entered = False
+        self._close()
+
+    def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -317,37 +378,66 @@ class OutboxClient:
         except OSError as exc:
             sock.close()
             raise ControlClientError(connect_failure(self.path, exc, self.timeout)) from None
-        self._sock = sock
-        return self
+        return sock
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def _close(self) -> None:
         if self._sock is not None:
             self._sock.close()
         self._sock = None
+        self._buffer = b""
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        if self._sock is None:
-            raise WalacordError("client is not connected; use it as `with`")
-        self._next_id += 1
-        self._sock.sendall(_encode(self._next_id, method, params or {}))
-        return self._receive(self._next_id)
+        """Send one request and return its result; raise ControlError on an error reply.
 
-    def _receive(self, request_id: int) -> Any:
-        assert self._sock is not None
-        while b"\n" not in self._buffer:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise WalacordError("walacord closed the connection before responding")
-            self._buffer += chunk
-            if len(self._buffer) > MAX_RESPONSE_BYTES:
-                raise WalacordError("response from walacord is larger than "
-                                    f"{MAX_RESPONSE_BYTES} bytes")
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        response = _parse(line)
-        if _is_progress(response):
-            return self._receive(request_id)
-        return _result(response, request_id)
+        Raise ControlTimeoutError or ControlConnectionError when the response does
+        not come, in which case the request may or may not have taken effect.
+        """
+        if not self._entered:
+            raise WalacordError("client is not connected; use it as `with`")
+        request_id = self._next_id + 1
+        encoded = encode_request(request_id, method, params or {})
+        self._next_id = request_id
+        sock = self._sock
+        if sock is None:
+            sock = self._sock = self._connect()
+
+        # Any failure from here on can leave the response unread, and a later call
+        # would read it as its own, so the connection is closed.
+        try:
+            if sock.gettimeout() != self.timeout:
+                sock.settimeout(self.timeout)
+            sock.sendall(encoded)
+            response = self._receive(sock, method)
+            check_response_id(response, request_id)
+        except WalacordError:
+            self._close()
+            raise
+        except TimeoutError:
+            self._close()
+            raise _timed_out(self.path, method, self.timeout) from None
+        except OSError as exc:
+            self._close()
+            raise _connection_lost(self.path, method, _os_reason(exc)) from None
+        except BaseException:
+            self._close()
+            raise
+        return response_result(response)
+
+    def _receive(self, sock: socket.socket, method: str) -> dict[str, Any]:
+        """Read the next response, skipping progress lines."""
+        while True:
+            while b"\n" not in self._buffer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise _connection_lost(self.path, method, _os_reason(None))
+                self._buffer += chunk
+                if len(self._buffer) > MAX_RESPONSE_BYTES:
+                    raise WalacordError("response from walacord is larger than "
+                                        f"{MAX_RESPONSE_BYTES} bytes")
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            response = parse_response(line)
+            if not is_progress(response):
+                return response
 
     def enqueue(self, operation: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.call("outbox.enqueue", operation)

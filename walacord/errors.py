@@ -177,7 +177,30 @@ class ControlSocketError(WalacordError):
 
 
 class ControlClientError(WalacordError):
-    """walacorctl could not reach the daemon or could not read its response."""
+    """walacorctl or walacord.client could not reach the daemon or read its response."""
+
+
+class ControlConnectionError(ControlClientError, ConnectionError):
+    """The connection to the daemon closed or was abandoned before a response came, so
+    the request may or may not have taken effect."""
+
+
+class ControlTimeoutError(ControlClientError, TimeoutError):
+    """The daemon sent no response within the client's timeout, so the request may or
+    may not have taken effect."""
+
+
+class RequestEncodeError(WalacordError, TypeError, ValueError):
+    """A request contains a value that JSON cannot carry, and `path` names it, such as
+    `params.data.amount`.
+
+    It subclasses TypeError and ValueError, which orjson and json.dumps raise for such
+    values, so handlers written for those still catch it.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path} {message}")
+        self.path = path
 
 
 # --- outbox ---------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""walacord.client on bad input: numbers JSON cannot carry, and a socket that is not there."""
+"""walacord.client on bad input and broken connections: values JSON cannot carry, a
+missing socket, a timeout and a daemon restart."""
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AsyncExitStack, ExitStack
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +14,17 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from tests.outbox.test_control import serving_outbox
-from walacord.client import AsyncOutboxClient, OutboxClient
+from walacord.client import AsyncOutboxClient, OutboxClient, walacor_operation
 from walacord.config import Config, OutboxConfig
 from walacord.control.protocol import ErrorCode
-from walacord.errors import ControlClientError, ControlError, WalacordError
+from walacord.errors import (
+    ControlClientError,
+    ControlConnectionError,
+    ControlError,
+    ControlTimeoutError,
+    RequestEncodeError,
+    WalacordError,
+)
 from walacord.outbox.service import build_sinks
 
 pytestmark = pytest.mark.anyio
@@ -85,3 +95,166 @@ async def test_enqueue_with_healthy_sink_syncs_at_once(
 
     assert stats.done == 1
     assert stats.pending == 0
+
+
+UNENCODABLE = [
+    pytest.param(Decimal("12.50"), "send the amount as a string", id="decimal"),
+    pytest.param(b"\x00\x01", "send it as text, such as base64", id="bytes"),
+    pytest.param(2**70, "outside the 64-bit range", id="big-int"),
+    pytest.param({1: "one"}, "keys must be strings", id="int-key"),
+]
+
+
+@pytest.mark.parametrize(("value", "hint"), UNENCODABLE)
+async def test_client_rejects_unencodable_values(
+        value: Any, hint: str, tmp_path: Path, outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    operation = walacor_operation(10001, key="bad-1", data={"rows": [{"amount": value}]})
+    async with (serving_outbox(tmp_path, config, {}) as (path, _),
+                AsyncOutboxClient(path, timeout=10) as client):
+        with pytest.raises(RequestEncodeError) as asynchronous:
+            await client.enqueue(operation)
+        with pytest.raises(RequestEncodeError) as batch:
+            await client.enqueue_many([operation])
+
+        def blocking() -> tuple[pytest.ExceptionInfo[RequestEncodeError], dict[str, Any]]:
+            with OutboxClient(path, timeout=10) as sync_client:
+                with pytest.raises(RequestEncodeError) as caught:
+                    sync_client.enqueue(operation)
+                # Nothing was sent, so the connection stays usable.
+                return caught, sync_client.stats()
+
+        blocking_caught, blocking_stats = await anyio.to_thread.run_sync(blocking)
+        stats = await client.stats()
+
+    for caught in (asynchronous, blocking_caught):
+        assert caught.value.path == "params.data.rows[0].amount"
+        assert str(caught.value).startswith("params.data.rows[0].amount ")
+        assert hint in str(caught.value)
+        assert isinstance(caught.value, TypeError)
+    assert batch.value.path == "params.operations[0].data.rows[0].amount"
+    assert stats["accepted"] == 0
+    assert blocking_stats["accepted"] == 0
+
+
+async def test_blocking_client_reconnects_after_timeout(
+        tmp_path: Path, outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    first = walacor_operation(10001, key="slow-1", data={"amount": 1})
+    second = walacor_operation(10001, key="slow-2", data={"amount": 2})
+    async with serving_outbox(tmp_path, config, {}) as (path, outbox):
+        with OutboxClient(path, timeout=0.2) as client:
+            # The writer needs the write lock to store an operation, so the response
+            # to the first enqueue waits until the lock is released.
+            await outbox.store.write_lock.acquire()
+            try:
+                with pytest.raises(ControlTimeoutError) as caught:
+                    await anyio.to_thread.run_sync(client.enqueue, first)
+            finally:
+                outbox.store.write_lock.release()
+            client.timeout = 10
+            after = await anyio.to_thread.run_sync(client.enqueue, second)
+            retried = await anyio.to_thread.run_sync(client.enqueue, first)
+            stats = await anyio.to_thread.run_sync(client.stats)
+
+    message = str(caught.value)
+    assert isinstance(caught.value, TimeoutError)
+    assert f"timed out because walacord at {path} sent no response within 0.2s" in message
+    assert "may or may not have been stored" in message
+    assert "Retrying it with the same key is safe" in message
+    assert after["key"] == "slow-2"
+    assert after["created"] is True
+    # The first enqueue was stored although its response never reached the client.
+    assert retried["created"] is False
+    assert stats["accepted"] == 2
+
+
+async def test_async_client_reconnects_after_timeout(
+        tmp_path: Path, outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    first = walacor_operation(10001, key="slow-1", data={"amount": 1})
+    queued = walacor_operation(10001, key="slow-2", data={"amount": 2})
+    later = walacor_operation(10001, key="slow-3", data={"amount": 3})
+    errors: dict[str, BaseException] = {}
+
+    async def enqueue(client: AsyncOutboxClient, operation: dict[str, Any]) -> None:
+        try:
+            await client.enqueue(operation)
+        except WalacordError as exc:
+            errors[operation["key"]] = exc
+
+    async with (serving_outbox(tmp_path, config, {}) as (path, outbox),
+                AsyncOutboxClient(path, timeout=0.6) as client):
+        await outbox.store.write_lock.acquire()
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(enqueue, client, first)
+                # Pipelined behind the first enqueue, which times out 0.3 s earlier.
+                await anyio.sleep(0.3)
+                tasks.start_soon(enqueue, client, queued)
+        finally:
+            outbox.store.write_lock.release()
+        client.timeout = 10
+        after = await client.enqueue(later)
+        retried = [await client.enqueue(first), await client.enqueue(queued)]
+        stats = await client.stats()
+
+    timed_out, out_of_step = errors["slow-1"], errors["slow-2"]
+    assert isinstance(timed_out, ControlTimeoutError)
+    assert f"walacord at {path} sent no response within 0.6s" in str(timed_out)
+    assert "may or may not have been stored" in str(timed_out)
+    assert isinstance(out_of_step, ControlConnectionError)
+    assert "left out of step (outbox.enqueue failed with ControlTimeoutError)" \
+        in str(out_of_step)
+    assert "Retrying it with the same key is safe" in str(out_of_step)
+    assert after["created"] is True
+    # The first enqueue was stored although its response never reached the client.
+    # The queued one may not have been read before the connection closed.
+    assert retried[0]["created"] is False
+    assert retried[1]["key"] == "slow-2"
+    assert stats["accepted"] == 3
+
+
+def assert_connection_closed(error: BaseException, path: str) -> None:
+    message = str(error)
+    assert isinstance(error, ControlConnectionError)
+    assert isinstance(error, ConnectionError)
+    assert f"The connection to walacord at {path} closed" in message
+    assert "The daemon may have restarted" in message
+    assert "Retrying it with the same key is safe" in message
+
+
+async def test_blocking_client_after_daemon_restart(
+        tmp_path: Path, outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    before = walacor_operation(10001, key="restart-1", data={"amount": 1})
+    after = walacor_operation(10001, key="restart-2", data={"amount": 2})
+    with ExitStack() as stack:
+        async with serving_outbox(tmp_path, config, {}) as (path, _):
+            client = stack.enter_context(OutboxClient(path, timeout=10))
+            await anyio.to_thread.run_sync(client.enqueue, before)
+        async with serving_outbox(tmp_path, config, {}) as (path, _):
+            with pytest.raises(WalacordError) as caught:
+                await anyio.to_thread.run_sync(client.enqueue, after)
+            retried = await anyio.to_thread.run_sync(client.enqueue, after)
+
+    assert_connection_closed(caught.value, path)
+    assert retried["created"] is True
+
+
+async def test_async_client_after_daemon_restart(
+        tmp_path: Path, outbox_config: OutboxConfig) -> None:
+    config = dataclasses.replace(outbox_config, sync_interval=3600.0)
+    before = walacor_operation(10001, key="restart-1", data={"amount": 1})
+    after = walacor_operation(10001, key="restart-2", data={"amount": 2})
+    async with AsyncExitStack() as stack:
+        async with serving_outbox(tmp_path, config, {}) as (path, _):
+            client = await stack.enter_async_context(AsyncOutboxClient(path, timeout=10))
+            await client.enqueue(before)
+        async with serving_outbox(tmp_path, config, {}) as (path, _):
+            with pytest.raises(WalacordError) as caught:
+                await client.enqueue(after)
+            retried = await client.enqueue(after)
+
+    assert_connection_closed(caught.value, path)
+    assert retried["created"] is True
