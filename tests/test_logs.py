@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,3 +224,71 @@ def test_full_log_disk_reported_once(tmp_path: Path) -> None:
     assert "No space left on device" in str(reports[0]["error"])
     assert sum(line["event"] == "disk.test" for line in lines) == 50
     assert "Logging error" not in stderr.getvalue()
+
+
+def wait_written(path: Path, text: str) -> bool:
+    """Return whether `text` appears in the file at `path` within 5 s."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if path.exists() and path.is_file() and text in path.read_text():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("breakage", ["file_is_directory", "directory_is_file"])
+def test_unopenable_log_file_keeps_logging(tmp_path: Path, breakage: str) -> None:
+    """A log file that cannot be reopened after a rotation counts as failed writes: the
+    writer thread keeps going, stderr keeps every line, and the file is written again
+    once it can be opened."""
+    directory = tmp_path / "log"
+    stderr = io.StringIO()
+    setup = logs.setup("info", str(directory), repeat_window=60, stream=stderr)
+    failed: list[str] = []
+    setup.count_into(lambda: None, failed.append)
+    log = logging.getLogger("walacord.test")
+    main = directory / logs.MAIN_FILE
+    try:
+        log.info("before.break")
+        assert wait_written(main, "before.break")
+        if breakage == "file_is_directory":
+            # As a rotation that leaves a file walacord may not open: open() fails.
+            os.rename(main, tmp_path / "rotated.log")
+            main.mkdir()
+        else:
+            shutil.rmtree(directory)
+            directory.write_text("")
+        setup.reopen()
+        for index in range(3):
+            log.info("while.broken", extra={"fields": {"i": index}})
+        log.info("mode.changed")
+        assert wait_written_stderr(stderr, "mode.changed")
+        if breakage == "file_is_directory":
+            main.rmdir()
+        else:
+            directory.unlink()
+            directory.mkdir()
+        log.info("after.fix")
+        assert wait_written(main, "after.fix")
+        thread_alive = setup.listener._thread is not None and setup.listener._thread.is_alive()
+    finally:
+        logs.shutdown()
+
+    lines = [orjson.loads(line) for line in stderr.getvalue().splitlines()]
+    events = [line["event"] for line in lines]
+    assert thread_alive
+    assert events.count("while.broken") == 3
+    assert "after.fix" in events
+    assert [line for line in lines if line["event"] == "log.write_failed"]
+    assert logs.MAIN_FILE in failed
+    assert "Logging error" not in stderr.getvalue()
+
+
+def wait_written_stderr(stream: io.StringIO, text: str) -> bool:
+    """Return whether `text` reaches `stream` within 5 s."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if text in stream.getvalue():
+            return True
+        time.sleep(0.01)
+    return False

@@ -13,6 +13,7 @@ within `repeat_window` are counted, and the next line after the window carries t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import queue
@@ -238,6 +239,32 @@ class _FileHandler(logging.handlers.WatchedFileHandler):
         self._reported_at: float | None = None  # monotonic
         self._unreported = 0
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write `record`, reopening the file first if it was moved or could not be
+        opened before.
+
+        Python's WatchedFileHandler and FileHandler open the file outside the try that
+        routes errors to handleError, so a file that cannot be opened (a rotation that
+        left a file walacord may not write, a log directory replaced by a file) would
+        raise out of emit and end the writer thread, and with it every log line,
+        stderr's included. Here such errors are handled as failed writes, and the next
+        line tries again.
+        """
+        try:
+            if self.stream is None:
+                self.stream = self._open()
+                self._statstream()
+            else:
+                self.reopenIfNeeded()
+        except Exception:
+            stream, self.stream = self.stream, None
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+            self.handleError(record)
+            return
+        logging.StreamHandler.emit(self, record)
+
     def handleError(self, record: logging.LogRecord) -> None:
         self.failures += 1
         self._unreported += 1
@@ -257,6 +284,24 @@ class _FileHandler(logging.handlers.WatchedFileHandler):
                                    "permissions; lines still go to stderr"}
         self._unreported = 0
         self._report(report)
+
+
+class _QueueListener(logging.handlers.QueueListener):
+    """QueueListener whose writer thread survives a handler that raises.
+
+    One bad handler must not end the thread that writes every log line. A handler
+    error goes to that handler's handleError, as logging does for errors inside emit.
+    """
+
+    def handle(self, record: logging.LogRecord) -> None:
+        record = self.prepare(record)
+        for handler in self.handlers:
+            if self.respect_handler_level and record.levelno < handler.level:
+                continue
+            try:
+                handler.handle(record)
+            except Exception:
+                handler.handleError(record)
 
 
 class LogSetup:
@@ -279,8 +324,7 @@ class LogSetup:
         if self.directory is not None:
             handlers.extend(self._file_handlers(formatter))
 
-        self.listener = logging.handlers.QueueListener(
-            self._queue, *handlers, respect_handler_level=True)
+        self.listener = _QueueListener(self._queue, *handlers, respect_handler_level=True)
         self.set_level(level)
 
     def _file_handlers(self, formatter: logging.Formatter) -> list[logging.Handler]:
