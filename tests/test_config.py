@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from walacord import config
@@ -443,3 +444,41 @@ def test_reload_of_file_without_settings_rejected(tmp_path: Path, text: str) -> 
         config.load(path, {}, reload=True)
 
     assert "the file contains no settings" in str(caught.value)
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://[::1:49603", "Invalid IPv6 URL; write an IPv6 address in brackets, as in "
+                          "http://[::1]:8080/PATH"),
+    ("http://local host:8000", "its host part 'local host:8000' contains ' ', which a host "
+                               "name cannot contain"),
+    ("http://walacor:99999/api", "Port out of range 0-65535; give a port from 1 to 65535"),
+    ("http://walacor:http/api", "Port could not be cast to integer value as 'http'; give "
+                                "a port from 1 to 65535"),
+    ("http://walacor:0/api", "port 0 is not a port a server listens on"),
+    ("http:///api", "it has no host name"),
+    ("http://walacor\t/api", "it contains the control character '\\t' at position 15"),
+    ("walacor:8080/api", "it must start with http:// or https://"),
+])
+@pytest.mark.parametrize("key", ["walacor.url", "alerts.alertmanager_url",
+                                 "probes.api.checks"])
+def test_unusable_urls_rejected(tmp_path: Path, url: str, problem: str, key: str) -> None:
+    """A URL that httpx cannot use is rejected at load, where check-config and a reload
+    see it, instead of failing the next start or every probe run."""
+    section, _, name = key.rpartition(".")
+    if name == "checks":
+        text = f"[[probes.api.checks]]\nurl = {orjson.dumps(url).decode()}\n"
+    else:
+        text = f"[{section}]\n{name} = {orjson.dumps(url).decode()}\n"
+
+    [found] = problems(write(tmp_path, text))
+
+    assert f"invalid URL {url!r}: {problem}" in found
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:8080/api", "https://walacor.example.com",
+                                 "https://user:p%40ss@walacor.example.com:443/api/",
+                                 "http://127.0.0.1:9093"])
+def test_usable_urls_accepted(tmp_path: Path, url: str) -> None:
+    text = f"[walacor]\nurl = {orjson.dumps(url).decode()}\n"
+
+    assert config.load(write(tmp_path, text), {}).walacor.url == url

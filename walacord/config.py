@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -32,6 +32,37 @@ DEFAULT_HTTP_PORT = 9877
 # generator from filling the daemon's memory.
 MAX_CONFIG_BYTES = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Characters that no host name or port may contain: spaces and delimiters.
+_BAD_HOST_CHARACTER = re.compile(r"[ <>\"{}|\\^`%]")
+
+
+def http_url_problem(url: str) -> str | None:
+    """Return why `url` is not a usable http:// or https:// URL, or None when it is."""
+    if not url.startswith(("http://", "https://")):
+        return "it must start with http:// or https://"
+    control = re.search(r"[\x00-\x1f\x7f]", url)
+    if control is not None:
+        return (f"it contains the control character {control.group()!r} at position "
+                f"{control.start() + 1}; remove it")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not 0-65535
+    except ValueError as exc:
+        if "IPv6" in str(exc):
+            return f"{exc}; write an IPv6 address in brackets, as in http://[::1]:8080/PATH"
+        return f"{exc}; give a port from 1 to 65535, as in http://HOST:8080/PATH"
+    host = parts.hostname
+    if not host:
+        return "it has no host name; write it as http://HOST:PORT/PATH"
+    host_and_port = parts.netloc.rpartition("@")[2]  # without user:password@
+    bad = _BAD_HOST_CHARACTER.search(host_and_port)
+    if bad is not None:
+        return (f"its host part {host_and_port!r} contains {bad.group()!r}, which a host name "
+                "cannot contain")
+    if port == 0:
+        return "port 0 is not a port a server listens on; give the real port"
+    return None
+
 
 
 @dataclass(frozen=True)
@@ -102,9 +133,9 @@ class WalacorConfig:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
-        if self.url and not self.url.startswith(("http://", "https://")):
-            problems.append(("url", f"invalid URL {self.url!r}: it must start with "
-                             "http:// or https://"))
+        problem = http_url_problem(self.url) if self.url else None
+        if problem is not None:
+            problems.append(("url", f"invalid URL {self.url!r}: {problem}"))
         if self.request_timeout < self.connect_timeout:
             problems.append(("request_timeout", f"{self.request_timeout:g}s is shorter than "
                              f"connect_timeout {self.connect_timeout:g}s; raise it"))
@@ -306,9 +337,9 @@ class ApiProbeConfig(ProbeSettings):
     def check(self) -> list[tuple[str, str]]:
         problems = super().check()
         for index, item in enumerate(self.checks):
-            if not item.url.startswith(("http://", "https://")):
-                problems.append((f"checks[{index}].url", f"invalid URL {item.url!r}: it must "
-                                 "start with http:// or https://"))
+            problem = http_url_problem(item.url)
+            if problem is not None:
+                problems.append((f"checks[{index}].url", f"invalid URL {item.url!r}: {problem}"))
         return problems
 
 
@@ -685,10 +716,10 @@ class AlertsConfig:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
-        if self.alertmanager_url and not self.alertmanager_url.startswith(
-                ("http://", "https://")):
-            problems.append(("alertmanager_url", f"invalid URL {self.alertmanager_url!r}: it "
-                             "must start with http:// or https://"))
+        problem = http_url_problem(self.alertmanager_url) if self.alertmanager_url else None
+        if problem is not None:
+            problems.append(("alertmanager_url",
+                             f"invalid URL {self.alertmanager_url!r}: {problem}"))
         if self.retry_max < self.retry_initial:
             problems.append(("retry_max", f"{self.retry_max:g}s is shorter than retry_initial "
                              f"{self.retry_initial:g}s; raise it"))
