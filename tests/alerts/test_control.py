@@ -207,6 +207,12 @@ async def test_control_silence_warns_of_wide_matchers(service: AlertService, mat
     ('alertname!~"x"', True),
     ('alertname=~"Walacord.*"', True),
     ('alertname="WalacordProbeDown"', False),
+    # An empty value matches only alerts without the label, and some alerts carry it.
+    ('probe=""', False),
+    ('event=""', False),
+    ('severity=~"warning|critical"', True),
+    ('severity="warning"', False),
+    ('probe!="nonexistent"', True),
 ])
 async def test_control_silence_warns_when_all_match(service: AlertService, matcher: str,
                                                      everything: bool) -> None:

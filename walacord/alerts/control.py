@@ -87,11 +87,28 @@ def _matcher_warnings(silence: Silence) -> list[str]:
             warnings.append(f"{matcher} {scope} matches every alert without a "
                             f"{matcher.name!r} label, such as {rules.MODE_NOT_NORMAL} and "
                             f"{rules.DEAD_OPERATIONS}; add alertname=NAME to narrow it")
-    if all(silence.matches({"alertname": name}) for name in rules.ALERT_NAMES):
+    if all(silence.matches(labels) for labels in _sample_label_sets()):
         warnings.append("this silence matches every alert walacord raises, critical ones "
                         "included; end it with `walacorctl alerts unsilence ID` unless "
                         "that is what you want")
     return warnings
+
+
+def _sample_label_sets() -> list[dict[str, str]]:
+    """Return label sets that, together, stand for every alert walacord can raise: each
+    alert name at each severity, with each known value of the label it carries."""
+    samples = []
+    for name in rules.ALERT_NAMES:
+        label = rules.ALERT_LABEL.get(name)
+        # CRITICAL_ERROR's event takes many values; any non-empty one stands for them.
+        values = KNOWN_VALUES.get(label, ("walacord.event",)) if label else ("",)
+        for severity in ("warning", "critical"):
+            for value in values:
+                labels = {"alertname": name, "severity": severity}
+                if label:
+                    labels[label] = value
+                samples.append(labels)
+    return samples
 
 
 async def alerts_unsilence(service: AlertService, params: Mapping[str, Any]) -> dict[str, Any]:

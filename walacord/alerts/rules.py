@@ -38,6 +38,10 @@ ALERT_NAMES = (PROBE_DOWN, MODE_NOT_NORMAL, SLOW_PROBE, HOST_RESOURCE, OUTBOX_PE
                BACKUP_DAMAGED, RECYCLE_BUDGET_EXHAUSTED, CRITICAL_ERROR)
 # Every label name the rules below give an alert.
 LABEL_NAMES = ("alertname", "severity", "probe", "resource", "event")
+# The label, besides alertname and severity, that the rules below give every alert of
+# these names.
+ALERT_LABEL = {PROBE_DOWN: "probe", SLOW_PROBE: "probe", HOST_RESOURCE: "resource",
+               CRITICAL_ERROR: "event"}
 
 
 def probe_down(probe: str, success: bool, config: AlertsConfig, reason: str = "") -> Condition:
