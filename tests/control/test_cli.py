@@ -97,6 +97,21 @@ def test_status_without_daemon_exits_3(socket_dir: Path) -> None:
     assert f"nothing is listening on {stale}" in refused.stderr
 
 
+def test_json_without_daemon_prints_error_document(socket_dir: Path) -> None:
+    """With --json, an unreachable daemon gives the same {"error": ...} document on
+    standard output as an error the daemon returns."""
+    missing = socket_dir / "missing.sock"
+
+    result = walacorctl("--json", "status", socket=missing)
+
+    assert result.returncode == 3
+    assert result.stderr == ""
+    document = orjson.loads(result.stdout)
+    assert document["error"]["code"] is None
+    assert document["error"]["data"] == {"reason": "unreachable"}
+    assert f"control socket {missing} not found" in document["error"]["message"]
+
+
 def test_status_non_socket_path(socket_dir: Path) -> None:
     regular = socket_dir / "walacord.toml"
     regular.write_text("")

@@ -185,7 +185,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         try:
             return handler(context, args)
         except ControlClientError as exc:
-            err.write(f"walacorctl: {exc}\n")
+            if context.json:
+                # Scripts read one JSON document on standard output for every failure;
+                # code is null because no daemon sent one.
+                context.print_json({"error": {"code": None, "message": str(exc),
+                                              "data": {"reason": "unreachable"}}})
+            else:
+                err.write(f"walacorctl: {exc}\n")
             return EXIT_UNREACHABLE
         except ControlError as exc:
             report_error(context, exc)
