@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -328,3 +329,33 @@ async def test_startup_objects_frozen_while_running(notify_socket: NotifyRecorde
         assert gc.get_freeze_count() > 1000
         supervisor.runtime.request_stop()
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.anyio
+async def test_second_stop_signal_cuts_drain(notify_socket: NotifyRecorder,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A second SIGTERM or SIGINT ends a drain that waits on a hung dependency, instead
+    of the daemon waiting out `drain_timeout` (10 s by default)."""
+    supervisor = Supervisor(config.load(None, {}), None, components=lambda runtime: [],
+                            notifier=Notifier())
+    draining = anyio.Event()
+
+    async def hung_drain() -> None:
+        draining.set()
+        await anyio.sleep_forever()
+
+    with caplog.at_level(logging.INFO):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervisor.run)
+            await supervisor.runtime.ready.wait()
+            supervisor.runtime.drain_hooks.append(hung_drain)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await draining.wait()
+            second = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+        stopped_after = time.monotonic() - second
+
+    events = [record.getMessage() for record in caplog.records]
+    assert stopped_after < 2
+    assert "shutdown.drain_cut_short" in events
+    assert "shutdown.drain_timed_out" not in events

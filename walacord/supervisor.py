@@ -5,7 +5,8 @@ started, then send READY=1. Signals only set events; the reload and stop steps r
 ordinary tasks. Shutdown on SIGTERM or SIGINT:
 
 1. send STOPPING=1 and stop accepting work (drain hooks);
-2. wait up to `[lifecycle] drain_timeout` for in-flight work to finish;
+2. wait up to `[lifecycle] drain_timeout` for in-flight work to finish, or until a
+   second SIGTERM or SIGINT;
 3. cancel what is left and exit 0.
 """
 
@@ -100,6 +101,10 @@ class Supervisor:
         self._started_config = config
         self._component_factory = components
         self._reload_requested = anyio.Event()
+        # The drain's scope while it runs, and whether a second SIGTERM or SIGINT asked
+        # to end it, as an operator does when a drain waits on a hung dependency.
+        self._drain_scope: anyio.CancelScope | None = None
+        self._drain_cut = False
 
     async def run(self) -> None:
         runtime = self.runtime
@@ -195,10 +200,18 @@ class Supervisor:
 
         began = time.monotonic()
         with anyio.move_on_after(bound) as scope:
+            self._drain_scope = scope
+            if self._drain_cut:
+                scope.cancel()
             async with anyio.create_task_group() as drains:
                 for hook in reversed(runtime.drain_hooks):
                     drains.start_soon(hook)
-        if scope.cancelled_caught:
+        self._drain_scope = None
+        if self._drain_cut:
+            log.warning("shutdown.drain_cut_short", extra={"fields": {
+                "duration_seconds": round(time.monotonic() - began, 3),
+                "reason": "a second SIGTERM or SIGINT"}})
+        elif scope.cancelled_caught:
             log.warning("shutdown.drain_timed_out", extra={"fields": {
                 "drain_timeout_seconds": bound}})
         else:
@@ -216,6 +229,12 @@ class Supervisor:
                 name = signal.Signals(signum).name
                 log.info("signal.received", extra={"fields": {"signal": name}})
                 if signum in (signal.SIGTERM, signal.SIGINT):
+                    if self.runtime.stop_requested.is_set():
+                        # Work that the drain abandons is safe: enqueues are durable
+                        # before they are acknowledged, and sync resumes at the restart.
+                        self._drain_cut = True
+                        if self._drain_scope is not None:
+                            self._drain_scope.cancel()
                     self.runtime.request_stop()
                 elif signum == signal.SIGHUP:
                     self._reload_requested.set()
