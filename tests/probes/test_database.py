@@ -354,10 +354,17 @@ CLASSES = [
     (psycopg.OperationalError("consuming input failed: server closed the connection "
                               "unexpectedly"), "connection_lost"),
     (TimeoutError(), "timeout"),
+    # libpq's texts for failures at connect, which carry no SQLSTATE in psycopg.
+    (psycopg.OperationalError('connection failed: connection to server at "127.0.0.1", '
+                              "port 5432 failed: fe_sendauth: no password supplied"), "auth"),
+    (psycopg.OperationalError('connection failed: connection to server at "127.0.0.1", '
+                              "port 5432 failed: FATAL:  sorry, too many clients already"),
+     "too_many_connections"),
 ]
 
 
-@pytest.mark.parametrize(("error", "reason"), CLASSES, ids=[r for _, r in CLASSES])
+@pytest.mark.parametrize(("error", "reason"), CLASSES,
+                         ids=[f"{r}-{i}" for i, (_, r) in enumerate(CLASSES)])
 def test_classify_errors(error: BaseException, reason: str) -> None:
     assert classify(error) == reason
 

@@ -126,6 +126,10 @@ def classify(exc: BaseException) -> str:
             ("could not translate host name", "dns"),
             ("name or service not known", "dns"),
             ("password authentication failed", "auth"),
+            # libpq's own message when the server asks for a password and none is set.
+            ("no password supplied", "auth"),
+            ("too many clients already", "too_many_connections"),
+            ("remaining connection slots are reserved", "too_many_connections"),
             ("shutting down", "shutting_down"),
             ("read-only", "read_only"),
             ("hot standby", "read_only"),
