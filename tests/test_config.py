@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -482,3 +483,35 @@ def test_usable_urls_accepted(tmp_path: Path, url: str) -> None:
     text = f"[walacor]\nurl = {orjson.dumps(url).decode()}\n"
 
     assert config.load(write(tmp_path, text), {}).walacor.url == url
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["/nonexistent/notify"], "program '/nonexistent/notify' does not exist; give the path "
+                              "of an executable file"),
+    (["/etc/passwd"], "program '/etc/passwd' is not executable; run chmod +x on it"),
+    (["/etc"], "program '/etc' is not a file"),
+    (["walacord-no-such-program", "x"], "program 'walacord-no-such-program' is not in PATH"),
+])
+@pytest.mark.parametrize("key", ["modes.hooks", "alerts.hooks", "repair.restart_command"])
+def test_commands_that_cannot_run_rejected(tmp_path: Path, argv: list[str], problem: str,
+                                           key: str) -> None:
+    """A hook or restart command that cannot start fails check-config, not the next mode
+    change or outage."""
+    section, name = key.split(".")
+    value = orjson.dumps(argv if name == "restart_command" else [argv]).decode()
+
+    [found] = problems(write(tmp_path, f"[{section}]\n{name} = {value}\n"))
+
+    assert key in found
+    assert problem in found
+
+
+def test_commands_that_can_run_accepted(tmp_path: Path) -> None:
+    text = ('[modes]\nhooks = [["sh", "-c", "true"], ["/bin/true"]]\n'
+            '[repair]\nrestart_command = ["systemctl", "restart", "app"]\n')
+    if shutil.which("systemctl") is None:
+        text = text.replace('"systemctl"', '"true"')
+
+    loaded = config.load(write(tmp_path, text), {})
+
+    assert loaded.modes.hooks[1] == ["/bin/true"]

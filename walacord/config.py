@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shutil
 import stat
 import sys
 import tomllib
@@ -34,6 +35,24 @@ MAX_CONFIG_BYTES = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Characters that no host name or port may contain: spaces and delimiters.
 _BAD_HOST_CHARACTER = re.compile(r"[ <>\"{}|\\^`%]")
+
+
+def program_problem(program: str) -> str | None:
+    """Return why `program`, the first word of a hook or command argv, cannot run, or
+    None when it can. A name without a slash is looked up in walacord's PATH, which the
+    commands inherit."""
+    if "/" not in program:
+        if shutil.which(program) is None:
+            return (f"program {program!r} is not in PATH ({os.environ.get('PATH', '')}); "
+                    "give its absolute path")
+        return None
+    path = Path(program)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        return f"program {program!r} {what}; give the path of an executable file"
+    if not os.access(path, os.X_OK):
+        return f"program {program!r} is not executable; run chmod +x on it"
+    return None
 
 
 def http_url_problem(url: str) -> str | None:
@@ -423,6 +442,8 @@ class ModesConfig:
             if not argv:
                 problems.append((f"hooks[{index}]", "empty command; write an argv list "
                                  "such as [\"/usr/local/bin/notify\", \"mode\"]"))
+            elif (problem := program_problem(argv[0])) is not None:
+                problems.append((f"hooks[{index}]", problem))
         return problems
 
 
@@ -440,6 +461,18 @@ class RepairConfig:
     restart_budget: int = setting(3, min=0, max=1000,
                                   help="restarts allowed within restart_window")
     restart_window: Duration = setting(3600.0, min=1, max=7 * 86400)
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.restart_command:
+            return []
+        program = self.restart_command[0]
+        if not program:
+            return [("restart_command", "empty program name; write an argv list such as "
+                     "[\"systemctl\", \"restart\", \"walacor-integrity\"]")]
+        problem = program_problem(program)
+        return [] if problem is None else [("restart_command", problem)]
+
+
 # --- outbox -------------------------------------------------------------------------
 
 # An outbox statement may run more than once for one operation (a crash between the
@@ -727,6 +760,8 @@ class AlertsConfig:
             if not argv or not argv[0]:
                 problems.append((f"hooks[{index}]", "empty command; write an argv list such "
                                  "as [\"/usr/local/bin/page\", \"--team\", \"db\"]"))
+            elif (problem := program_problem(argv[0])) is not None:
+                problems.append((f"hooks[{index}]", problem))
         return problems
 
 
