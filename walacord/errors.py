@@ -47,6 +47,15 @@ class MigrationError(DatabaseError):
     """A schema migration could not be applied."""
 
 
+class MigrationPrivilegeError(MigrationError):
+    """The migrator connected, but its role lacks a privilege it needs (SQLSTATE 42501)."""
+
+    def __init__(self, message: str, *, role: str, database: str) -> None:
+        super().__init__(message)
+        self.role = role
+        self.database = database
+
+
 class PoolRecycleError(DatabaseError):
     """The pool was not recycled (budget spent), or a new connection failed afterwards."""
 

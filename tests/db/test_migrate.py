@@ -10,10 +10,12 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
+from psycopg import conninfo
 
 from walacord.cli import main
 from walacord.db.migrate import LOCK_KEY, Migration, apply_migrations, load_migrations
 from walacord.errors import MigrationError
+from walacord.pgcluster import free_port
 
 
 def write_migrations(directory: Path, files: dict[str, str]) -> list[Migration]:
@@ -215,3 +217,40 @@ def test_migrate_command_two_processes_at_once(pg_db: str) -> None:
         "migration 0001_heartbeat: applied\n",
         "migrations: unchanged, schema is current\n",
     ]
+
+
+def test_migrate_command_missing_privilege_names_fix(
+    pg_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The superuser owns schema walacord, so a role with only CONNECT lacks USAGE on it.
+    assert main(["migrate", "--database-url", pg_db]) == 0
+    database = conninfo.conninfo_to_dict(pg_db)["dbname"]
+    role = f"{database}_reader"[:63]
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'reader-pw'")
+    capsys.readouterr()
+    role_url = conninfo.make_conninfo(pg_db, user=role, password="reader-pw")
+
+    try:
+        assert main(["migrate", "--database-url", role_url]) == 1
+    finally:
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+    error = capsys.readouterr().err
+    assert "cannot connect" not in error
+    assert f"connected to database '{database}' as role '{role}'" in error
+    assert "permission denied for schema walacord" in error
+    assert "SQLSTATE 42501" in error
+    fix = f"walacord setup-database --admin-url ADMIN_URL --role {role} --database {database}"
+    assert fix in error
+
+
+def test_migrate_command_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"postgresql://walacord@127.0.0.1:{free_port()}/walacor_integrity"
+
+    assert main(["migrate", "--database-url", url, "--timeout", "10"]) == 1
+    error = capsys.readouterr().err
+    assert "walacord migrate: cannot connect to the database:" in error
+    assert "Connection refused" in error

@@ -233,3 +233,216 @@ def test_setup_missing_password_file_fails(
     assert main(run_setup(pg_cluster.url(), names, "--password-file", str(missing))) == 1
     assert f"cannot read password file {missing}" in capsys.readouterr().err
     assert pg_cluster.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{names.role}'") == ""
+
+
+def relation_owners(pg_cluster: PgCluster, database: str) -> set[str]:
+    return set(pg_cluster.psql(
+        "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class "
+        "WHERE relnamespace = 'walacord'::regnamespace",
+        dbname=database,
+    ).splitlines())
+
+
+def schema_owner(pg_cluster: PgCluster, database: str) -> str:
+    return pg_cluster.psql(
+        "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'walacord'",
+        dbname=database,
+    )
+
+
+def write_heartbeat(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO walacord.heartbeat (host, beat_at, counter) VALUES ('h1', now(), 1) "
+            "ON CONFLICT (host) DO UPDATE SET beat_at = now(), counter = heartbeat.counter + 1"
+        )
+
+
+def test_setup_other_role_schema_rejected(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = ["--password-file", str(password_file)]
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 0
+    other = f"{names.role}_other"
+    names.extra_roles.append(other)
+    capsys.readouterr()
+
+    other_names = Names(role=other, database=names.database, extra_roles=[])
+    assert main(run_setup(pg_cluster.url(), other_names, *password)) == 1
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"owned by role '{names.role}', not '{other}'" in captured.err
+    assert "nothing was changed" in captured.err
+    assert f"--role {names.role}" in captured.err
+    assert "--take-over" in captured.err
+    assert pg_cluster.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{other}'") == ""
+    assert schema_owner(pg_cluster, names.database) == names.role
+    assert relation_owners(pg_cluster, names.database) == {names.role}
+    write_heartbeat(pg_cluster.url(names.database, user=names.role, password=ROLE_PASSWORD))
+    assert main(["migrate", "--database-url", pg_cluster.url(
+        names.database, user=names.role, password=ROLE_PASSWORD,
+    )]) == 0
+
+
+def test_setup_take_over_hands_schema_and_tables(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = ["--password-file", str(password_file)]
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 0
+    with psycopg.connect(pg_cluster.url(names.database), autocommit=True) as conn:
+        # One object of each kind the take-over alters besides the migrations' tables.
+        conn.execute(f'SET ROLE "{names.role}"')
+        conn.execute("CREATE SEQUENCE walacord.counter_seq")
+        conn.execute("CREATE TABLE walacord.events (id bigserial PRIMARY KEY)")
+        conn.execute("CREATE VIEW walacord.recent AS SELECT host FROM walacord.heartbeat")
+        conn.execute("CREATE FUNCTION walacord.answer(int) RETURNS int LANGUAGE sql "
+                     "AS 'SELECT $1'")
+        conn.execute("CREATE DOMAIN walacord.positive AS int CHECK (VALUE > 0)")
+        conn.execute("CREATE TYPE walacord.level AS ENUM ('low', 'high')")
+        conn.execute("CREATE TYPE walacord.span AS RANGE (subtype = int)")
+    other = f"{names.role}_other"
+    names.extra_roles.append(other)
+    other_names = Names(role=other, database=names.database, extra_roles=[])
+    capsys.readouterr()
+
+    take_over = run_setup(pg_cluster.url(), other_names, *password, "--take-over")
+    assert main(take_over) == 0
+    assert outcomes(capsys.readouterr().out)[f"schema walacord owned by {other}"] == "updated"
+    assert schema_owner(pg_cluster, names.database) == other
+    assert relation_owners(pg_cluster, names.database) == {other}
+    type_owners = pg_cluster.psql(
+        "SELECT DISTINCT pg_get_userbyid(typowner) FROM pg_type "
+        "WHERE typnamespace = 'walacord'::regnamespace",
+        dbname=names.database,
+    )
+    assert type_owners == other
+    function_owner = pg_cluster.psql(
+        "SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE oid = 'walacord.answer'::regproc",
+        dbname=names.database,
+    )
+    assert function_owner == other
+    write_heartbeat(pg_cluster.url(names.database, user=other, password=ROLE_PASSWORD))
+
+    assert main(take_over) == 0
+    assert "setup-database: nothing changed" in capsys.readouterr().out
+    assert main(run_setup(pg_cluster.url(), other_names, *password)) == 0
+    assert "setup-database: nothing changed" in capsys.readouterr().out
+
+
+def test_setup_superuser_schema_rejected_then_taken(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `walacord migrate` run as the superuser before setup-database leaves the schema
+    # and its tables owned by postgres.
+    pg_cluster.psql(f'CREATE DATABASE "{names.database}"')
+    assert main(["migrate", "--database-url", pg_cluster.url(names.database)]) == 0
+    password = ["--password-file", str(password_file)]
+    capsys.readouterr()
+
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 1
+    error = capsys.readouterr().err
+    assert f"owned by role 'postgres', not '{names.role}'" in error
+    assert "table walacord.schema_migrations (postgres)" in error
+    assert relation_owners(pg_cluster, names.database) == {"postgres"}
+
+    assert main(run_setup(pg_cluster.url(), names, *password, "--take-over")) == 0
+    output = outcomes(capsys.readouterr().out)
+    assert output[f"schema walacord owned by {names.role}"] == "updated"
+    assert output["migrations"] == "unchanged"
+    assert relation_owners(pg_cluster, names.database) == {names.role}
+    write_heartbeat(pg_cluster.url(names.database, user=names.role, password=ROLE_PASSWORD))
+
+
+def test_setup_foreign_table_in_schema_rejected(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = ["--password-file", str(password_file)]
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 0
+    pg_cluster.psql("CREATE TABLE walacord.stray (id int)", dbname=names.database)
+    capsys.readouterr()
+
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 1
+    error = capsys.readouterr().err
+    assert f"role '{names.role}' owns schema walacord" in error
+    assert "table walacord.stray (postgres)" in error
+    assert "--take-over" in error
+
+    assert main(run_setup(pg_cluster.url(), names, *password, "--take-over")) == 0
+    assert relation_owners(pg_cluster, names.database) == {names.role}
+
+
+def test_setup_take_over_needs_admin_in_old_owner(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = ["--password-file", str(password_file)]
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 0
+    admin = f"{names.role}_admin"
+    other = f"{names.role}_other"
+    names.extra_roles.extend([admin, other])
+    pg_cluster.psql(f"CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD 'admin-pw'")
+    admin_url = pg_cluster.url(user=admin, password="admin-pw")
+    other_names = Names(role=other, database=names.database, extra_roles=[])
+    capsys.readouterr()
+
+    assert main(run_setup(admin_url, other_names, *password, "--take-over")) == 1
+
+    error = capsys.readouterr().err
+    assert f"GRANT {names.role} TO {admin}" in error
+    assert f"GRANT CREATE ON DATABASE {names.database} TO {admin}" in error
+    assert pg_cluster.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{other}'") == ""
+    assert schema_owner(pg_cluster, names.database) == names.role
+
+
+def test_setup_take_over_repairs_split_owners(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Earlier walacord versions handed only the schema to a second role and left the
+    # tables with the first, which locked both roles out.
+    password = ["--password-file", str(password_file)]
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 0
+    other = f"{names.role}_other"
+    names.extra_roles.append(other)
+    pg_cluster.psql(f"CREATE ROLE {other} LOGIN")
+    pg_cluster.psql(f"ALTER SCHEMA walacord OWNER TO {other}", dbname=names.database)
+    role_url = pg_cluster.url(names.database, user=names.role, password=ROLE_PASSWORD)
+    capsys.readouterr()
+
+    assert main(["migrate", "--database-url", role_url]) == 1
+    assert "permission denied for schema walacord" in capsys.readouterr().err
+    assert main(run_setup(pg_cluster.url(), names, *password)) == 1
+    assert f"owned by role '{other}', not '{names.role}'" in capsys.readouterr().err
+
+    assert main(run_setup(pg_cluster.url(), names, *password, "--take-over")) == 0
+    assert schema_owner(pg_cluster, names.database) == names.role
+    assert relation_owners(pg_cluster, names.database) == {names.role}
+    write_heartbeat(role_url)
+
+
+def test_setup_take_over_by_createrole_admin(
+    pg_cluster: PgCluster, names: Names, password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    admin = f"{names.role}_admin"
+    other = f"{names.role}_other"
+    names.extra_roles.extend([admin, other])
+    pg_cluster.psql(f"CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD 'admin-pw'")
+    admin_url = pg_cluster.url(user=admin, password="admin-pw")
+    password = ["--password-file", str(password_file)]
+    # The admin creates the database, so it has CREATE on it, and becomes a member of
+    # the first role.
+    assert main(run_setup(admin_url, names, *password)) == 0
+    other_names = Names(role=other, database=names.database, extra_roles=[])
+    capsys.readouterr()
+
+    assert main(run_setup(admin_url, other_names, *password, "--take-over")) == 0
+
+    assert outcomes(capsys.readouterr().out)[f"schema walacord owned by {other}"] == "updated"
+    assert schema_owner(pg_cluster, names.database) == other
+    assert relation_owners(pg_cluster, names.database) == {other}

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from walacord import config
-from walacord.errors import ConfigError, MigrationError
+from walacord.errors import ConfigError, MigrationError, MigrationPrivilegeError
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,16 @@ async def apply_migrations(
     `timeout` bounds the whole call in seconds, waiting for another migrator's lock
     included. A connection passed in must be idle; it is left in its original
     autocommit mode and without the lock. Raises MigrationError when a migration
-    fails, when the database has a newer schema than this walacord supports, or on timeout.
+    fails, when the database has a newer schema than this walacord supports, when a URL
+    does not connect, or on timeout, and MigrationPrivilegeError when the role lacks a
+    privilege.
     """
     if migrations is None:
         migrations = load_migrations()
     try:
         with anyio.fail_after(timeout):
             if isinstance(conn_or_url, str):
-                async with await psycopg.AsyncConnection.connect(
-                    conn_or_url, autocommit=True
-                ) as conn:
+                async with await _connect(conn_or_url) as conn:
                     return await _apply_locked(conn, migrations)
 
             conn = conn_or_url
@@ -126,13 +126,39 @@ async def apply_migrations(
         ) from None
 
 
+async def _connect(url: str) -> psycopg.AsyncConnection:
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise MigrationError(f"cannot connect to the database: {exc}") from None
+
+
+async def _privilege_error(
+    conn: psycopg.AsyncConnection, exc: psycopg.errors.InsufficientPrivilege, prefix: str
+) -> MigrationPrivilegeError:
+    # current_user, not the login user: setup-database migrates after SET ROLE.
+    cursor = await conn.execute("SELECT current_user, current_database()")
+    row = await cursor.fetchone()
+    assert row is not None
+    role, database = str(row[0]), str(row[1])
+    return MigrationPrivilegeError(
+        f"{prefix}connected to database {database!r} as role {role!r}, but the role "
+        f"lacks a privilege: {exc.diag.message_primary} (SQLSTATE {exc.sqlstate})",
+        role=role,
+        database=database,
+    )
+
+
 async def _apply_locked(
     conn: psycopg.AsyncConnection, migrations: list[Migration]
 ) -> list[AppliedMigration]:
     await _acquire_lock(conn)
     try:
-        await _create_version_table(conn)
-        applied = await _applied_versions(conn)
+        try:
+            await _create_version_table(conn)
+            applied = await _applied_versions(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise await _privilege_error(conn, exc, "") from exc
         _check_not_newer(applied, migrations)
 
         done = []
@@ -206,6 +232,8 @@ async def _apply_one(conn: psycopg.AsyncConnection, migration: Migration) -> App
                 (migration.version, migration.name),
             )
             row = await cursor.fetchone()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise await _privilege_error(conn, exc, f"migration {label} failed: ") from exc
     except psycopg.Error as exc:
         raise MigrationError(f"migration {label} failed: {exc}") from exc
 
@@ -263,11 +291,20 @@ def command(args: argparse.Namespace) -> int:
     try:
         url = database_url_from(args)
         applied = anyio.run(lambda: apply_migrations(url, timeout=args.timeout))
+    except MigrationPrivilegeError as exc:
+        print(
+            f"walacord migrate: {exc}. To grant walacord's privileges, run as an "
+            f"administrator: walacord setup-database --admin-url ADMIN_URL "
+            f"--role {exc.role} --database {exc.database}",
+            file=sys.stderr,
+        )
+        return 1
     except MigrationError as exc:
         print(f"walacord migrate: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        print(f"walacord migrate: cannot connect to the database: {exc}", file=sys.stderr)
+        # The connection failed after it was made, e.g. the server restarted.
+        print(f"walacord migrate: database error: {exc}", file=sys.stderr)
         return 1
 
     if not applied:

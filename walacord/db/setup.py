@@ -3,6 +3,10 @@
 Every step checks first and changes only what is missing, so a second run changes
 nothing and reports each step as unchanged. Each step prints one line,
 "<object>: created | updated | granted | applied | unchanged".
+
+Before the first change, the run checks that no other role owns schema walacord or
+an object in it, because handing them over locks that role out. Only --take-over
+hands them over.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import psycopg
 from psycopg import conninfo, sql
 
 from walacord.db.migrate import SCHEMA, apply_migrations
+from walacord.db.ownership import SchemaOwnership, hand_over, read_ownership, rejection
 from walacord.db.passwords import read_password, verifier_matches
 from walacord.errors import DatabaseSetupError, MigrationError
 
@@ -50,6 +55,7 @@ class SetupOptions:
     password: str | None = None
     grant_read_all_data: bool = False
     grant_createdb: bool = False
+    take_over: bool = False
     timeout: float = DEFAULT_TIMEOUT_SECONDS
 
 
@@ -175,6 +181,9 @@ async def _setup(options: SetupOptions, report: Report) -> int:
     admin = await connect(options.admin_url)
     async with admin:
         rights = await read_rights(admin)
+        if await fetch_one(admin, "SELECT 1 FROM pg_database WHERE datname = %s",
+                           options.database):
+            await check_schema_ownership(options, rights)
         role_outcome = await ensure_role(admin, rights, options)
         step(f"role {options.role}", role_outcome)
         if options.password is not None:
@@ -373,25 +382,79 @@ async def ensure_connect(conn: psycopg.AsyncConnection, options: SetupOptions) -
     return "granted"
 
 
+async def check_schema_ownership(options: SetupOptions, rights: AdminRights) -> None:
+    """Raise DatabaseSetupError, before any change, when ensure_schema could not finish.
+
+    It could not finish when another role owns the schema or an object in it and
+    --take-over is absent, or when the admin may not change those owners.
+    """
+    async with await connect(options.admin_url, dbname=options.database) as conn:
+        ownership = await read_ownership(conn, options.role)
+        if ownership is None or ownership.complete:
+            return
+        require_take_over(ownership, options)
+        if not rights.superuser:
+            await check_admin_can_take_over(conn, rights, ownership, options.database)
+
+
+def require_take_over(ownership: SchemaOwnership, options: SetupOptions) -> None:
+    if not options.take_over:
+        raise DatabaseSetupError(rejection(ownership, options.database))
+
+
+async def check_admin_can_take_over(
+    conn: psycopg.AsyncConnection, rights: AdminRights, ownership: SchemaOwnership,
+    database: str,
+) -> None:
+    # A non-superuser may change an owner only with the old owner's privileges, and
+    # PostgreSQL 15 also requires CREATE on the database for ALTER SCHEMA ... OWNER
+    # from the user who runs it. Membership in the new role is granted later, by
+    # ensure_admin_is_member.
+    missing = []
+    for owner in ownership.other_owners:
+        row = await fetch_one(conn, "SELECT pg_has_role(current_user, %s, 'USAGE')", owner)
+        if row is None or not row[0]:
+            missing.append(f"GRANT {owner} TO {rights.name}")
+    if ownership.schema_owner != ownership.role:
+        row = await fetch_one(
+            conn, "SELECT has_database_privilege(current_user, %s, 'CREATE')", database
+        )
+        if row is None or not row[0]:
+            missing.append(f"GRANT CREATE ON DATABASE {database} TO {rights.name}")
+    if missing:
+        raise DatabaseSetupError(
+            f"cannot take over schema {SCHEMA!r} and its objects from "
+            f"{', '.join(ownership.other_owners)}: admin role {rights.name!r} lacks the "
+            f"privileges to change their owner; nothing was changed. "
+            f"Connect as a superuser or run {'; '.join(missing)}"
+        )
+
+
 async def ensure_schema(conn: psycopg.AsyncConnection, options: SetupOptions) -> str:
-    row = await fetch_one(
-        conn, "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = %s", SCHEMA
-    )
-    if row is not None and row[0] == options.role:
+    ownership = await read_ownership(conn, options.role)
+    if ownership is not None and ownership.complete:
         return "unchanged"
 
-    if row is None:
+    if ownership is None:
         action = f"create schema {SCHEMA!r} owned by {options.role!r}"
-        statement = sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}")
-        outcome = "created"
-    else:
-        action = f"hand schema {SCHEMA!r} from {row[0]!r} to {options.role!r}"
-        statement = sql.SQL("ALTER SCHEMA {} OWNER TO {}")
-        outcome = "updated"
-    await execute(
-        conn, statement.format(sql.Identifier(SCHEMA), sql.Identifier(options.role)), action
-    )
-    return outcome
+        statement = sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
+            sql.Identifier(SCHEMA), sql.Identifier(options.role)
+        )
+        await execute(conn, statement, action)
+        return "created"
+
+    # check_schema_ownership ran before the first change, but the owners may have
+    # changed since, so check again before handing anything over.
+    require_take_over(ownership, options)
+    try:
+        await hand_over(conn, ownership)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise DatabaseSetupError(
+            f"cannot take over schema {SCHEMA!r} and its objects from "
+            f"{', '.join(ownership.other_owners)} for {options.role!r}: {exc}; "
+            f"nothing in schema {SCHEMA!r} was changed"
+        ) from None
+    return "updated"
 
 
 async def ensure_admin_is_member(
@@ -447,6 +510,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "`walacorctl backup restore` need",
     )
     parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="make --role the owner of an existing schema walacord and of every object "
+        "in it, even when another role owns them; walacord instances that log in as the "
+        "old owner then lose access to the schema",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT_SECONDS,
@@ -472,6 +542,7 @@ def command(args: argparse.Namespace) -> int:
             password=password[0] if password else None,
             grant_read_all_data=args.grant_read_all_data,
             grant_createdb=args.grant_createdb,
+            take_over=args.take_over,
             timeout=args.timeout,
         )
         changes = anyio.run(setup_database, options, report)
