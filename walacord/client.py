@@ -91,6 +91,23 @@ def _connection_lost(path: str, method: str, reason: str) -> ControlConnectionEr
         "The next call opens a new connection.")
 
 
+def _readable_now(sock: socket.socket) -> bool:
+    """Return whether data or the end of the stream waits on `sock`, without reading."""
+    # With a timeout set, recv() first waits up to that long for data; a non-blocking
+    # socket returns at once.
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+    return True
+
+
 def _os_reason(exc: BaseException | None) -> str:
     """Return the system's description of a socket error, such as "Broken pipe"."""
     if isinstance(exc, OSError):
@@ -204,6 +221,13 @@ class AsyncOutboxClient:
         # because a CancelScope costs several microseconds per call.
         deadline = anyio.current_time() + self.timeout
         connection = self._connection
+        if connection is not None and connection.broken is None and connection.calls == 0 \
+                and connection.stream.readable_now():
+            # With no request in flight, bytes or the end of the stream mean that walacord
+            # closed the connection: it stopped, or the connection was idle for [control]
+            # idle_timeout, whose notice comes before the close.
+            connection.broken = "walacord closed it between calls"
+            await connection.stream.aclose()
         if connection is None or connection.broken is not None:
             connection = await self._reconnect(deadline)
         # Queue the request and take the next place in the reading order with no
@@ -398,6 +422,12 @@ class OutboxClient:
         encoded = encode_request(request_id, method, params or {})
         self._next_id = request_id
         sock = self._sock
+        if sock is not None and (self._buffer or _readable_now(sock)):
+            # With no request in flight, bytes or the end of the stream mean that walacord
+            # closed the connection: it stopped, or the connection was idle for [control]
+            # idle_timeout, whose notice comes before the close.
+            self._close()
+            sock = None
         if sock is None:
             sock = self._sock = self._connect()
 

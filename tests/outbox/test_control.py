@@ -42,12 +42,14 @@ from walacord.systemd import Notifier
 pytestmark = pytest.mark.anyio
 
 
-def outbox_components(tmp_path: Path, outbox_config: OutboxConfig, sinks: dict[str, Sink]
+def outbox_components(tmp_path: Path, outbox_config: OutboxConfig, sinks: dict[str, Sink],
+                      idle_timeout: float = 60.0
                       ) -> tuple[str, Runtime, Outbox, ControlServer]:
     """Build a runtime, an Outbox and a ControlServer with the outbox methods, unstarted."""
     path = str(tmp_path / "control.sock")
     config = Config(state=StateConfig(dir=str(tmp_path / "state")),
-                    control=ControlConfig(socket=path, group=""), outbox=outbox_config)
+                    control=ControlConfig(socket=path, group="", idle_timeout=idle_timeout),
+                    outbox=outbox_config)
     registry = CollectorRegistry()
     runtime = Runtime(config=config, config_path=None, registry=registry,
                       metrics=Metrics(registry), notifier=Notifier({}))
@@ -58,9 +60,11 @@ def outbox_components(tmp_path: Path, outbox_config: OutboxConfig, sinks: dict[s
 
 @asynccontextmanager
 async def serving_outbox(tmp_path: Path, outbox_config: OutboxConfig,
-                         sinks: dict[str, Sink]) -> AsyncIterator[tuple[str, Outbox]]:
+                         sinks: dict[str, Sink], idle_timeout: float = 60.0
+                         ) -> AsyncIterator[tuple[str, Outbox]]:
     """Run an Outbox and a ControlServer with the outbox methods until the block ends."""
-    path, runtime, outbox, server = outbox_components(tmp_path, outbox_config, sinks)
+    path, runtime, outbox, server = outbox_components(tmp_path, outbox_config, sinks,
+                                                      idle_timeout)
     async with anyio.create_task_group() as tasks:
         for component in (outbox, server):
             runtime.components[component.name] = component

@@ -204,6 +204,23 @@ class SocketByteStream(ByteStream):
             assert self._loop is not None
             self._loop.remove_reader(self._fd)
 
+    def readable_now(self) -> bool:
+        """Return whether data or the end of the stream is waiting, without reading it.
+
+        A client that has no request in flight expects nothing. So either means that the
+        server sent a notice and closed the connection (an idle timeout, an eviction),
+        and a request sent now would be lost.
+        """
+        if self._closed:
+            return True
+        try:
+            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
     def send_nowait(self, item: bytes) -> int:
         """Write what the socket buffer takes of `item` now; return the bytes written.
 
