@@ -338,6 +338,34 @@ def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
     ("WITH v (key) AS (VALUES (%(key)s)) INSERT INTO p SELECT key FROM v "
      "ON CONFLICT DO NOTHING", True),
     ("  -- note\n  INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING", True),
+    # An update computed from the row's own value applies twice on a replay.
+    ("INSERT INTO payments (key, amount) VALUES (%(key)s, %(amount)s) ON CONFLICT (key) "
+     "DO UPDATE SET amount = payments.amount + EXCLUDED.amount", False),
+    ("INSERT INTO payments AS p (key, n) VALUES (%(key)s, 1) ON CONFLICT (key) DO\n"
+     "  UPDATE SET n = n + 1", False),
+    ("INSERT INTO payments (key, amount) VALUES (%(key)s, %(amount)s) ON CONFLICT (key) "
+     "DO UPDATE SET amount = EXCLUDED.amount, seen = now() WHERE payments.amount <> "
+     "EXCLUDED.amount", True),
+    ("MERGE INTO payments p USING (SELECT %(key)s AS key) s ON p.key = s.key "
+     "WHEN MATCHED THEN UPDATE SET amount = p.amount + %(amount)s "
+     "WHEN NOT MATCHED THEN INSERT (key, amount) VALUES (s.key, %(amount)s)", False),
+    ("MERGE INTO payments p USING (SELECT %(key)s AS key, %(amount)s AS amount) s "
+     "ON p.key = s.key WHEN MATCHED THEN UPDATE SET amount = s.amount "
+     "WHEN NOT MATCHED THEN INSERT (key, amount) VALUES (s.key, s.amount)", True),
+    # PostgreSQL 15 allows WITH before MERGE; the MERGE's INSERT is its action.
+    ("WITH src AS (SELECT %(key)s AS key) MERGE INTO payments p USING src ON "
+     "p.key = src.key WHEN NOT MATCHED THEN INSERT (key) VALUES (src.key)", True),
+    # Other statements in a WITH clause run again on a replay.
+    ("WITH bump AS (UPDATE payments SET amount = amount + 1 WHERE key = 'total' "
+     "RETURNING 1) INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT (key) DO NOTHING",
+     False),
+    ("WITH gone AS (DELETE FROM queue WHERE key = %(key)s RETURNING key) INSERT INTO p "
+     "SELECT key FROM gone ON CONFLICT DO NOTHING", False),
+    # Block comments nest, so the second ON CONFLICT is inside a comment.
+    ("WITH a AS (INSERT INTO audit (key) VALUES (%(key)s) RETURNING key) INSERT INTO p "
+     "SELECT key FROM a ON CONFLICT DO NOTHING /* x /* y */ ON CONFLICT */", False),
+    ("/* outer /* inner */ still comment */ INSERT INTO p (key) VALUES (%(key)s) "
+     "ON CONFLICT DO NOTHING", True),
 ])
 def test_statement_idempotency_check(tmp_path: Path, sql: str, accepted: bool) -> None:
     path = tmp_path / "walacord.toml"
@@ -382,7 +410,7 @@ def test_statement_count_check(tmp_path: Path, sql: str, accepted: bool) -> None
 @pytest.mark.parametrize(("sql", "problem"), [
     ("INSERT INTO p (key, pct) VALUES (%(key)s, 100%) ON CONFLICT DO NOTHING",
      "'%)' at character 46 is not a placeholder; write %(name)s for a parameter, and %% "
-     "for a literal percent sign (also inside quotes)"),
+     "for a literal percent sign (also inside quotes and comments)"),
     ("INSERT INTO p (key, note) VALUES (%(key)s, '5%') ON CONFLICT DO NOTHING",
      "\"%'\" at character 46 is not a placeholder"),
     ("INSERT INTO p (key, amount) VALUES (%(key)s, %s) ON CONFLICT DO NOTHING",
@@ -391,6 +419,10 @@ def test_statement_count_check(tmp_path: Path, sql: str, accepted: bool) -> None
     ("INSERT INTO p (key) VALUES (%(key)d) ON CONFLICT DO NOTHING",
      "'%(key)d' at character 29 is not a placeholder"),
     ("INSERT INTO p (key) VALUES (%(key)s) ON CONFLICT DO NOTHING -- 100%", "'%' at"),
+    ("INSERT INTO p (key) VALUES (%()s) ON CONFLICT DO NOTHING",
+     "'%()s' at character 29 has no parameter name; write %(name)s"),
+    ("INSERT INTO p (key, a, b) VALUES (%(key)s, %(a)s, %(a)t) ON CONFLICT DO NOTHING",
+     "'%(a)t' at character 51 uses parameter 'a' with format %t, after %s earlier"),
 ])
 def test_statement_placeholders_checked(tmp_path: Path, sql: str, problem: str) -> None:
     """psycopg refuses these placeholders at run time, so every operation would go dead:

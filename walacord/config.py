@@ -25,6 +25,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from walacord.errors import ConfigError, ConfigProblem
 from walacord.logs import redact
 from walacord.settings import Decoder, Duration, PathSetting, setting
+from walacord.sqlcheck import (
+    has_several_statements,
+    idempotency_problem,
+    placeholder_problem,
+)
 
 # NOTE: 9877 was chosen from the 9100-9999 exporter range; check it against the
 # Prometheus wiki's default port allocations page before registering it there.
@@ -475,77 +480,6 @@ class RepairConfig:
 
 # --- outbox -------------------------------------------------------------------------
 
-# An outbox statement may run more than once for one operation (a crash between the
-# commit in PostgreSQL and the "done" mark in SQLite replays it), so it must be
-# idempotent. `looks_idempotent` accepts the usual idempotent forms.
-# Comments, escape string literals (E'...', where a backslash escapes a quote),
-# string literals, quoted identifiers and dollar-quoted strings. They are blanked
-# before the checks, so "-- ON CONFLICT", 'ON CONFLICT' or 'a;b' does not count.
-_SQL_NOT_CODE = re.compile(
-    r"--[^\n]*|/\*.*?\*/|(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'"
-    r"|\"(?:[^\"]|\"\")*\"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)?\$",
-    re.DOTALL)
-
-
-def sql_code(sql: str) -> str:
-    """Return `sql` with its comments, literals and quoted identifiers blanked."""
-    return _SQL_NOT_CODE.sub(" ", sql)
-
-
-# ON CONFLICT belongs to INSERT, which may follow a WITH clause.
-_INSERT_START = re.compile(r"^\s*(?:INSERT|WITH)\b", re.IGNORECASE)
-_INSERT = re.compile(r"\bINSERT\b", re.IGNORECASE)
-_ON_CONFLICT = re.compile(r"\bON\s+CONFLICT\b", re.IGNORECASE)
-
-
-def looks_idempotent(sql: str) -> bool:
-    """Return True when `sql`, outside comments and literals, is a MERGE, or an INSERT
-    (possibly after WITH) whose every INSERT has an ON CONFLICT clause.
-
-    Counting catches a WITH clause that inserts without ON CONFLICT before an outer
-    INSERT that has one: a replay would run the inner INSERT again.
-    """
-    code = sql_code(sql)
-    if re.match(r"^\s*MERGE\b", code, re.IGNORECASE):
-        return True
-    if not _INSERT_START.match(code):
-        return False
-    return 0 < len(_INSERT.findall(code)) <= len(_ON_CONFLICT.findall(code))
-
-
-# A percent sign as psycopg reads it, in literals too: "%%", or an optional "(name)"
-# followed by the format character, which must be s, b or t.
-_PERCENT = re.compile(r"%(?:\((?P<name>[^)]*)\))?(?P<format>[\s\S]?)")
-
-
-def placeholder_problem(sql: str) -> str | None:
-    """Return why psycopg would refuse `sql`'s placeholders with a mapping of parameters,
-    or None when they are valid."""
-    for match in _PERCENT.finditer(sql):
-        text, name = match.group(0), match["name"]
-        if text == "%%":
-            continue
-        if match["format"] not in ("s", "b", "t"):
-            return (f"{text!r} at character {match.start() + 1} is not a placeholder; "
-                    "write %(name)s for a parameter, and %% for a literal percent sign "
-                    "(also inside quotes)")
-        if name is None:
-            return (f"{text!r} at character {match.start() + 1} is a positional placeholder; "
-                    "outbox statements take named ones filled from params, such as "
-                    "%(amount)s")
-    return None
-
-
-def has_several_statements(sql: str) -> bool:
-    """Return True when `sql` has a `;` in its code other than one at the end.
-
-    An ON CONFLICT in a second statement would pass `looks_idempotent` while the
-    first one, such as `UPDATE ... SET amount = amount + 1`, applies twice on a replay.
-    """
-    code = sql_code(sql).rstrip()
-    return ";" in code.removesuffix(";")
-
-
 @dataclass(frozen=True)
 class OutboxStatement:
     sql: str = setting("", help="SQL with %(name)s placeholders filled from the payload")
@@ -608,12 +542,11 @@ class OutboxConfig:
                 problems.append((key, "contains more than one SQL statement, so ON CONFLICT "
                                  "in one cannot make the others idempotent. Use one "
                                  "INSERT ... ON CONFLICT statement per name"))
-            elif not statement.idempotent and not looks_idempotent(statement.sql):
-                problems.append((key, "statement does not look idempotent: it is not a "
-                                 "MERGE, nor an INSERT with an ON CONFLICT clause for each "
-                                 "INSERT in it (WITH clauses included), so a replay after a "
-                                 "crash could apply it twice; add ON CONFLICT, or set "
-                                 "idempotent = true if it is idempotent by design"))
+            elif not statement.idempotent and (
+                    problem := idempotency_problem(statement.sql)) is not None:
+                problems.append((key, f"statement does not look idempotent: {problem}. "
+                                 "Change it, or set idempotent = true if it is idempotent "
+                                 "by design"))
         return problems
 
 
