@@ -10,6 +10,8 @@ cgroup is killed then, but elsewhere (`walacord dev`, a container without system
 pg_restore or a hook would keep running. So each command also starts through
 util-linux's `setpriv --pdeathsig KILL`, which makes the kernel send it SIGKILL when
 walacord's thread that started it ends (see `with_parent_death_signal`).
+NOTE: only the command itself gets that signal. Processes it started (a hook's
+`sh -c 'a & b'`) keep running after a SIGKILL of walacord outside systemd.
 """
 
 from __future__ import annotations
