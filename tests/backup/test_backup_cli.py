@@ -454,6 +454,25 @@ def test_verify_after_original_file_put_back(daemon: Path) -> None:
     assert row.split()[4:8] == ["yes", "0m", "ago", "stale"]
 
 
+def test_list_escapes_control_characters(daemon: Path) -> None:
+    """A dump whose name holds a terminal escape is named with the escape written out,
+    and its by-hand command gives back the real name in bash."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    directory = Path(taken["path"]).parent
+    name = "x\x1b[31mred\nline__h__20261205T150000Z.dump"
+    (directory / name).write_bytes(b"PGDMP")
+
+    listed = ctl(daemon, "backup", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert "\x1b" not in listed.stderr
+    assert "x\\x1b[31mred\\nline__h__" in listed.stderr
+    word = listed.stderr.split("--dbname=NEW_DB ")[1].splitlines()[0]
+    named = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True,
+                           check=True).stdout
+    assert named == os.fsencode(directory / name)
+
+
 def test_list_names_fifo_and_undecodable(daemon: Path) -> None:
     """A FIFO manifest and a manifest name that is not UTF-8 are named by list and
     verify, which return at once and still list the intact backup."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from walacord.backup.manifest import manual_restore_advice, parse_time, utc_now
 from walacord.control.render import format_seconds, format_table
+from walacord.terminal import escape_control_characters
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -86,27 +87,25 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
     # Built by the daemon from the real file names, which may not be UTF-8.
     commands: dict[str, str] = listing.get("restore_commands", {})
     for damaged in listing.get("unreadable", []):
-        context.stderr.write(f"walacorctl: warning: manifest {damaged['path']} cannot be "
-                             f"read ({damaged['error']}), so its backup is not listed; "
-                             "restore the manifest from a copy, or take a new backup\n")
+        _warn(context, f"warning: manifest {damaged['path']} cannot be read "
+                       f"({damaged['error']}), so its backup is not listed; restore the "
+                       "manifest from a copy, or take a new backup")
         dump = damaged.get("dump")
         if dump:
-            context.stderr.write(
-                f"walacorctl: {manual_restore_advice(dump, commands.get(dump))}\n")
+            _warn(context, manual_restore_advice(dump, commands.get(dump)))
     for dump in listing.get("without_manifest", []):
-        context.stderr.write(f"walacorctl: warning: dump {dump} has no manifest, so its "
-                             "backup is not listed; restore the manifest from a copy\n")
-        context.stderr.write(
-            f"walacorctl: {manual_restore_advice(dump, commands.get(dump))}\n")
+        _warn(context, f"warning: dump {dump} has no manifest, so its backup is not "
+                       "listed; restore the manifest from a copy")
+        _warn(context, manual_restore_advice(dump, commands.get(dump)))
     for leftover in listing.get("leftover_databases", []):
         size = leftover.get("size_bytes")
-        context.stderr.write(f"walacorctl: warning: database {leftover['name']} "
-                             f"({'size unknown' if size is None else _size(size)}): "
-                             f"{leftover['description']}\n")
+        _warn(context, f"warning: database {leftover['name']} "
+                       f"({'size unknown' if size is None else _size(size)}): "
+                       f"{leftover['description']}")
     if listing.get("leftover_databases_error"):
-        context.stderr.write(f"walacorctl: warning: {listing['leftover_databases_error']}\n")
+        _warn(context, f"warning: {listing['leftover_databases_error']}")
     if listing.get("scratch_journal_error"):
-        context.stderr.write(f"walacorctl: warning: {listing['scratch_journal_error']}\n")
+        _warn(context, f"warning: {listing['scratch_journal_error']}")
     if not backups:
         context.print("no backups yet; take one with `walacorctl backup now`")
         return 0
@@ -123,6 +122,12 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         for sentence in [*entry.get("problems", []), *entry.get("notes", [])]:
             context.print(f"{entry['id']}: {sentence}")
     return 0
+
+
+def _warn(context: Context, text: str) -> None:
+    """Write `text` as one walacorctl line on standard error, with control characters
+    escaped, because the file and database names in it could hold terminal escapes."""
+    context.stderr.write(f"walacorctl: {escape_control_characters(text)}\n")
 
 
 def _drilled(drill: dict[str, Any] | None) -> str:

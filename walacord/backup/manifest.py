@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from walacord.errors import BackupError
-from walacord.terminal import shorten
+from walacord.terminal import CONTROL_CHARACTERS, shorten
 
 log = logging.getLogger(__name__)
 
@@ -416,15 +416,19 @@ def find_dump(directory: Path, backup: str) -> Path | None:
 def shell_word(path: Path | str) -> str:
     """Return `path` quoted as one word for bash, so that a printed command runs as shown.
 
-    A valid UTF-8 path is quoted for any POSIX shell. Other bytes have no text form, so
-    such a path becomes bash's `$'...'` quoting with `\\xNN` escapes, which bash, zsh and
-    ksh turn back into the same bytes.
+    A valid UTF-8 path is quoted for any POSIX shell. Other bytes have no text form, and
+    control characters must not reach a terminal, so such a path becomes bash's `$'...'`
+    quoting with `\\xNN` escapes, which bash, zsh and ksh turn back into the same bytes.
     """
     raw = os.fsencode(path)
     try:
-        return shlex.quote(raw.decode())
+        text = raw.decode()
     except UnicodeDecodeError:
-        pass
+        text = None
+    if text is not None and CONTROL_CHARACTERS.search(text) is None:
+        return shlex.quote(text)
+    # Control characters are escaped too, so that printing the command cannot send a
+    # terminal escape sequence.
     kept = (chr(byte) if 0x20 <= byte < 0x7f and byte not in b"'\\" else f"\\x{byte:02x}"
             for byte in raw)
     return f"$'{''.join(kept)}'"
