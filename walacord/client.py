@@ -23,6 +23,7 @@ Every error the clients raise for a failed call is a WalacordError:
 
 from __future__ import annotations
 
+import math
 import socket
 from types import TracebackType
 from typing import Any, Self
@@ -89,6 +90,17 @@ def _connection_lost(path: str, method: str, reason: str) -> ControlConnectionEr
         f"The connection to walacord at {path} closed before {method} got its response "
         f"({reason}). The daemon may have restarted. {_outcome_unknown(method)} "
         "The next call opens a new connection.")
+
+
+def _checked_timeout(timeout: float) -> float:
+    """Return `timeout`, or raise WalacordError when it is not a positive, finite number of
+    seconds: socket calls reject NaN and negative values with errors of their own, and
+    treat 0 as non-blocking."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+            or not 0 < timeout < math.inf:
+        raise WalacordError(f"timeout must be a positive, finite number of seconds, got "
+                            f"{timeout!r}")
+    return float(timeout)
 
 
 def _readable_now(sock: socket.socket) -> bool:
@@ -158,7 +170,7 @@ class AsyncOutboxClient:
 
     def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
         self.path = path
-        self.timeout = timeout
+        self.timeout = _checked_timeout(timeout)
         self._connection: _Connection | None = None
         self._entered = False
         self._connect_lock: anyio.Lock | None = None
@@ -378,7 +390,7 @@ class OutboxClient:
 
     def __init__(self, path: str = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
         self.path = path
-        self.timeout = timeout
+        self.timeout = _checked_timeout(timeout)
         self._sock: socket.socket | None = None
         self._entered = False
         self._buffer = b""

@@ -264,3 +264,14 @@ async def test_clients_reconnect_after_idle_close(tmp_path: Path,
 
     assert stored["created"] is True
     assert stored_sync["created"] is True
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "5", True])
+def test_clients_reject_unusable_timeouts(timeout: Any) -> None:
+    """0 would make socket calls non-blocking, and the socket module rejects NaN and
+    negative values with errors that are no WalacordError."""
+    for client_class in (OutboxClient, AsyncOutboxClient):
+        with pytest.raises(WalacordError) as caught:
+            client_class("/nonexistent/control.sock", timeout=timeout)
+        assert str(caught.value) == (f"timeout must be a positive, finite number of "
+                                     f"seconds, got {timeout!r}")

@@ -319,6 +319,7 @@ async def test_request_larger_than_limits_is_not_full(open_store: StoreOpener,
             "outbox.max_operations, outbox.max_bytes); nothing was accepted. Split it "
             "into smaller requests, or raise those limits") in str(by_count.value)
     assert str(by_bytes.value).startswith("this request has 1 new operation with 50")
+    assert str(by_bytes.value).endswith("Raise outbox.max_bytes, or shrink the payload")
     assert not full
     assert alerts.names() == []
     assert stats.accepted == 3

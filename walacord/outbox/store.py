@@ -792,7 +792,8 @@ class OutboxStore(OutboxQueries):
                     "payload bytes, more than the outbox holds in all (limits "
                     f"{self.config.max_operations} operations and {self.config.max_bytes} "
                     "bytes: outbox.max_operations, outbox.max_bytes); nothing was accepted. "
-                    "Split it into smaller requests, or raise those limits")
+                    + ("Raise outbox.max_bytes, or shrink the payload" if len(fresh) == 1
+                       else "Split it into smaller requests, or raise those limits"))
                 return False
             if fresh and self._over_capacity(len(planned) + len(fresh), size):
                 request.error = OutboxFull(
