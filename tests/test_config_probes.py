@@ -33,14 +33,14 @@ timeout = "500ms"
 url = "http://localhost:8000/api/health"
 body_contains = "ok"
 [modes]
-hooks = [["/usr/local/bin/page", "--mode"]]
+hooks = [["/bin/true", "--mode"]]
 [repair]
 restart_command = ["systemctl", "restart", "walacor-integrity"]
 """)
     assert cfg.probes.database.interval == 1.0
     assert cfg.probes.database.timeout == 0.5
     assert cfg.probes.api.checks[0].url == "http://localhost:8000/api/health"
-    assert cfg.modes.hooks == [["/usr/local/bin/page", "--mode"]]
+    assert cfg.modes.hooks == [["/bin/true", "--mode"]]
     assert cfg.repair.restart_command[0] == "systemctl"
 
 
