@@ -82,7 +82,7 @@ class Supervisor:
     def __init__(self, config: Config, config_path: str | None, *,
                  components: ComponentFactory = default_components,
                  registry: CollectorRegistry | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, handle_signals: bool = True) -> None:
         registry = registry or CollectorRegistry()
         self.runtime = Runtime(
             config=config, config_path=config_path, registry=registry,
@@ -100,6 +100,9 @@ class Supervisor:
         self._started_config = config
         self._component_factory = components
         self._reload_requested = anyio.Event()
+        # False where the caller owns the process's signals (`walacord dev`) and passes
+        # each one to handle_signal.
+        self._handle_signals_enabled = handle_signals
 
     async def run(self) -> None:
         runtime = self.runtime
@@ -124,7 +127,8 @@ class Supervisor:
         runtime = self.runtime
         cfg = runtime.config
         async with anyio.create_task_group() as tg:
-            await tg.start(self._handle_signals)
+            if self._handle_signals_enabled:
+                await tg.start(self._handle_signals)
             if not lock.complete:
                 tg.start_soon(self._take_lock_later, lock)
 
@@ -213,17 +217,21 @@ class Supervisor:
         with anyio.open_signal_receiver(*wanted) as signals:
             task_status.started()
             async for signum in signals:
-                name = signal.Signals(signum).name
-                log.info("signal.received", extra={"fields": {"signal": name}})
-                if signum in (signal.SIGTERM, signal.SIGINT):
-                    self.runtime.request_stop()
-                elif signum == signal.SIGHUP:
-                    self._reload_requested.set()
-                elif signum == signal.SIGUSR1 and self.runtime.logs is not None:
-                    failures = self.runtime.logs.reopen()
-                    if failures:
-                        log.error("logs.reopen_failed", extra={"fields": {
-                            "files": failures}})
+                self.handle_signal(signum)
+
+    def handle_signal(self, signum: int) -> None:
+        """Stop on SIGTERM or SIGINT, reload the config on SIGHUP and reopen the log
+        files on SIGUSR1. Other signals are ignored."""
+        name = signal.Signals(signum).name
+        log.info("signal.received", extra={"fields": {"signal": name}})
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.runtime.request_stop()
+        elif signum == signal.SIGHUP:
+            self._reload_requested.set()
+        elif signum == signal.SIGUSR1 and self.runtime.logs is not None:
+            failures = self.runtime.logs.reopen()
+            if failures:
+                log.error("logs.reopen_failed", extra={"fields": {"files": failures}})
 
     async def _reload_loop(self) -> None:
         while True:
