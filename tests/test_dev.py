@@ -20,7 +20,7 @@ import pytest
 from walacord.dev import DEV_ETID, DEV_TABLE, EMULATOR_USER, _stop_cluster
 from walacord.emulator import running_emulator
 from walacord.pgcluster import PgCluster, process_exited
-from walacord.scenarios import OPERATIONS_PER_SINK
+from walacord.scenarios import OPERATIONS_PER_SINK, STEP_LIMIT
 from walacord.walacor.client import WalacorClient
 
 pytestmark = pytest.mark.slow
@@ -282,3 +282,44 @@ def test_stop_cluster_kills_frozen_server(own_pg_cluster: PgCluster,
     assert "PostgreSQL was killed with SIGKILL" in errors
     assert process_exited(postmaster)
 
+
+# Each case signals the outage scenario while it waits for a mode: emergency after
+# PostgreSQL stops, or offline after Walacor fails as well.
+SCENARIO_STAGES = [
+    ("stopping PostgreSQL (pg_ctl stop -m immediate)", signal.SIGINT),
+    ("Walacor emulator now returns 503", signal.SIGTERM),
+]
+
+
+def test_dev_scenario_interrupt_stops_promptly() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="walacord-dev-"))
+    parent.chmod(0o755)
+    directory = parent / "sandbox"
+    process = None
+    try:
+        for step, signum in SCENARIO_STAGES:
+            process = start_sandbox(directory, "--scenario", "outage")
+            before = read_until(process, re.escape(step), 120)
+            send_stop_signal(process, signum)
+            signalled = time.monotonic()
+            rest, errors = process.communicate(timeout=STEP_LIMIT * 4)
+            took = time.monotonic() - signalled
+            output = "\n".join(before) + "\n" + rest
+            name = signal.Signals(signum).name
+            case = f"{name} at {step!r} after {took:.1f}s: {output}{errors}"
+
+            # A step waits up to STEP_LIMIT for its mode, so a faster exit shows that the
+            # signal cut the wait short.
+            assert took < STEP_LIMIT, case
+            assert process.returncode == 128 + signum, case
+            assert f"{name} received: stopping the sandbox" in output, case
+            assert "outage scenario interrupted" in output, case
+            assert "FAILED" not in output, case
+            assert f"sandbox stopped by {name}" in output, case
+            assert "Traceback" not in errors, case
+            assert "failed" not in errors, case
+            assert processes_naming(directory) == [], case
+    finally:
+        if process is not None:
+            remove_sandbox(parent, process)
+        shutil.rmtree(parent, ignore_errors=True)

@@ -311,6 +311,9 @@ class SandboxRun:
         async with anyio.create_task_group() as tg:
             with self.foreground:
                 status = await self._start_and_wait(tg)
+            if self.signum is not None and self.args.scenario and self.supervisor:
+                _say(self.out, f"{self.args.scenario} scenario interrupted, so the steps "
+                               "after the last one printed did not run")
             await self._stop_daemon()
             tg.cancel_scope.cancel()
         return status
