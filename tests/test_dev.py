@@ -17,10 +17,10 @@ import anyio
 import httpx
 import pytest
 
-from walacord.dev import DEV_ETID, DEV_TABLE, EMULATOR_USER
+from walacord.dev import DEV_ETID, DEV_TABLE, EMULATOR_USER, _stop_cluster
 from walacord.emulator import running_emulator
-from walacord.pgcluster import PgCluster
-from walacord.scenarios import OPERATIONS_PER_SINK
+from walacord.pgcluster import PgCluster, process_exited
+from walacord.scenarios import OPERATIONS_PER_SINK, STEP_LIMIT
 from walacord.walacor.client import WalacorClient
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,59 @@ def read_until(process: subprocess.Popen[str], pattern: str, limit: float) -> li
         if re.search(pattern, line):
             return lines
     raise AssertionError(f"no line matching {pattern!r} in {limit}s: {lines}")
+
+
+def processes_naming(directory: Path) -> list[str]:
+    """Return the command lines of running processes that contain `directory`, such as
+    a postmaster started with -D under it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if str(directory) in cmdline:
+            found.append(f"pid {entry.name}: {cmdline}")
+    return found
+
+
+def wait_for_path(path: Path, process: subprocess.Popen[str], limit: float) -> None:
+    """Poll until `path` exists, and fail when `process` exits first or `limit` passes."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert process.poll() is None, f"walacord dev exited before {path} existed"
+        assert time.monotonic() < deadline, f"{path} not created in {limit}s"
+        time.sleep(0.01)
+
+
+def start_sandbox(directory: Path, *options: str) -> subprocess.Popen[str]:
+    """Start walacord dev as the leader of a process group, as a shell starts it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "walacord", "dev", "--dir", str(directory), *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+
+
+def send_stop_signal(process: subprocess.Popen[str], signum: int) -> None:
+    """Send SIGINT to the whole process group, as Ctrl-C in a terminal does, and any
+    other signal to walacord dev alone, as kill or systemd does."""
+    if signum == signal.SIGINT:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+
+
+def remove_sandbox(parent: Path, process: subprocess.Popen[str]) -> None:
+    """Kill what a failed test left running, then remove the sandbox's parent."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    data = parent / "sandbox" / "pg" / "data"
+    if (data / "postmaster.pid").exists():
+        PgCluster(data.parent).destroy()
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 def test_dev_sandbox_starts_and_stops() -> None:
@@ -164,3 +217,109 @@ def test_dev_invalid_http_exits_before_postgres() -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--http: invalid address '127.0.0.1:99999'" in result.stderr
     assert not created
+
+
+# Each case signals walacord dev once it reaches a stage of start-up, seen from outside.
+# The stages: initdb has begun (PG_VERSION), pg_ctl start has begun (postmaster.pid),
+# the emulator is up and the daemon is starting (walacord.toml), or the banner is
+# printed. A signal after the banner is the normal stop and exits 0. The cases run in
+# order on one directory, so the first one creates the cluster.
+START_STAGES = [
+    ("initdb", signal.SIGTERM),
+    ("pg_ctl start", signal.SIGTERM),
+    ("pg_ctl start", signal.SIGINT),
+    ("daemon start", signal.SIGINT),
+    ("running", signal.SIGTERM),
+]
+
+
+def test_dev_signal_during_start_stops_all() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="walacord-dev-"))
+    parent.chmod(0o755)
+    directory = parent / "sandbox"
+    data = directory / "pg" / "data"
+    process = None
+    try:
+        for stage, signum in START_STAGES:
+            (directory / "walacord.toml").unlink(missing_ok=True)
+            process = start_sandbox(directory, "--http", "127.0.0.1:0")
+            if stage == "initdb":
+                wait_for_path(data / "PG_VERSION", process, 60)
+            elif stage == "pg_ctl start":
+                wait_for_path(data / "postmaster.pid", process, 60)
+            elif stage == "daemon start":
+                wait_for_path(directory / "walacord.toml", process, 60)
+            else:
+                read_until(process, r"Ctrl-C", 90)
+            send_stop_signal(process, signum)
+            output, errors = process.communicate(timeout=90)
+            case = f"{signal.Signals(signum).name} at {stage}: {output}{errors}"
+
+            expected = 0 if stage == "running" else 128 + signum
+            assert process.returncode == expected, case
+            assert f"sandbox stopped by {signal.Signals(signum).name}" in output, case
+            assert "Traceback" not in errors, case
+            assert "failed" not in errors, case
+            assert processes_naming(directory) == [], case
+            assert not (data / "postmaster.pid").exists(), case
+    finally:
+        if process is not None:
+            remove_sandbox(parent, process)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_stop_cluster_kills_frozen_server(own_pg_cluster: PgCluster,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    postmaster = own_pg_cluster.postmaster_pid()
+    # A stopped postmaster never acts on pg_ctl's stop request, so pg_ctl times out.
+    os.kill(postmaster, signal.SIGSTOP)
+
+    stopped = _stop_cluster(own_pg_cluster, timeout=1)
+
+    errors = capsys.readouterr().err
+    assert stopped is False
+    assert "walacord dev: stopping PostgreSQL failed: pg_ctl" in errors
+    assert "PostgreSQL was killed with SIGKILL" in errors
+    assert process_exited(postmaster)
+
+
+# Each case signals the outage scenario while it waits for a mode: emergency after
+# PostgreSQL stops, or offline after Walacor fails as well.
+SCENARIO_STAGES = [
+    ("stopping PostgreSQL (pg_ctl stop -m immediate)", signal.SIGINT),
+    ("Walacor emulator now returns 503", signal.SIGTERM),
+]
+
+
+def test_dev_scenario_interrupt_stops_promptly() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="walacord-dev-"))
+    parent.chmod(0o755)
+    directory = parent / "sandbox"
+    process = None
+    try:
+        for step, signum in SCENARIO_STAGES:
+            process = start_sandbox(directory, "--scenario", "outage")
+            before = read_until(process, re.escape(step), 120)
+            send_stop_signal(process, signum)
+            signalled = time.monotonic()
+            rest, errors = process.communicate(timeout=STEP_LIMIT * 4)
+            took = time.monotonic() - signalled
+            output = "\n".join(before) + "\n" + rest
+            name = signal.Signals(signum).name
+            case = f"{name} at {step!r} after {took:.1f}s: {output}{errors}"
+
+            # A step waits up to STEP_LIMIT for its mode, so a faster exit shows that the
+            # signal cut the wait short.
+            assert took < STEP_LIMIT, case
+            assert process.returncode == 128 + signum, case
+            assert f"{name} received: stopping the sandbox" in output, case
+            assert "outage scenario interrupted" in output, case
+            assert "FAILED" not in output, case
+            assert f"sandbox stopped by {name}" in output, case
+            assert "Traceback" not in errors, case
+            assert "failed" not in errors, case
+            assert processes_naming(directory) == [], case
+    finally:
+        if process is not None:
+            remove_sandbox(parent, process)
+        shutil.rmtree(parent, ignore_errors=True)

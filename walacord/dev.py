@@ -12,8 +12,11 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -26,6 +29,8 @@ from walacord.pgcluster import ClusterError, PgCluster, find_pg_bindir, free_por
 from walacord.statelock import StateDirLock, StateDirLocked
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from walacord.emulator import Emulator
     from walacord.supervisor import Supervisor
 
@@ -53,6 +58,15 @@ DEV_STATEMENT_SQL = (f"INSERT INTO {DEV_TABLE} (key, amount) VALUES (%(key)s, %(
                      "ON CONFLICT (key) DO NOTHING")
 # Deadline for creating the sandbox's table and envelope type, in seconds.
 SETUP_TIMEOUT = 30.0
+# Seconds that `pg_ctl stop -m fast` may take before PostgreSQL is killed with SIGKILL.
+PG_STOP_TIMEOUT = 30.0
+# Seconds to wait for the daemon after its drain_timeout before it is cancelled.
+DAEMON_STOP_MARGIN = 10.0
+
+# The sandbox handles these for its whole run and passes SIGHUP and SIGUSR1 on to the
+# daemon. The first SIGTERM or SIGINT stops the sandbox, and later ones are ignored.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SANDBOX_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
 
 
 @dataclass
@@ -177,9 +191,25 @@ def command(args: argparse.Namespace) -> int:
         print(f"walacord dev: cannot create {directory}: {exc.strerror}; choose another "
               "--dir", file=sys.stderr)
         return 1
+    # SIGTERM and SIGINT stay blocked until SandboxRun has its handler in place, so a
+    # signal from here on always runs the stop steps instead of ending the process.
+    # Nothing may start a process while they are blocked, because a child inherits the
+    # blocked set.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    sandbox_lock = StateDirLock(directory)
+    try:
+        return _run_locked(directory, bindir, args, sandbox_lock)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        sandbox_lock.release()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _run_locked(directory: Path, bindir: Path, args: argparse.Namespace,
+                sandbox_lock: StateDirLock) -> int:
     # A second sandbox on the same directory would stop the first one's PostgreSQL and
     # rewrite its config before the daemon's own lock stopped it, so check first.
-    sandbox_lock = StateDirLock(directory)
     try:
         sandbox_lock.acquire()
     except StateDirLocked as exc:
@@ -198,100 +228,185 @@ def command(args: argparse.Namespace) -> int:
                   "as a normal user", file=sys.stderr)
             return 1
 
-    try:
-        with open(os.devnull, "w") as devnull:
-            return anyio.run(_run_sandbox, directory, bindir, args, devnull, backend="asyncio")
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        sandbox_lock.release()
+    with open(os.devnull, "w") as devnull:
+        return anyio.run(_run_sandbox, directory, bindir, args, devnull, backend="asyncio")
 
 
 async def _run_sandbox(directory: Path, bindir: Path, args: argparse.Namespace,
                        devnull: TextIO) -> int:
-    # Imported here so `walacord --help` does not load the daemon and the emulator.
-    from walacord import config as config_module
-    from walacord import logs
-    from walacord.emulator import Emulator
-    from walacord.errors import ConfigError, WalacorError
-    from walacord.supervisor import Supervisor
+    # Made here, because its cancel scope and event belong to the running event loop.
+    return await SandboxRun(directory, bindir, args, devnull).run()
 
-    out = sys.stdout
 
-    # Step 1: PostgreSQL, created on the first run and reused after.
-    cluster, existing = _cluster(directory, bindir)
-    print(f"PostgreSQL  starting in {cluster.base} ...", file=out, flush=True)
-    try:
-        await anyio.to_thread.run_sync(_start_cluster, cluster, existing)
-    except ClusterError as exc:
-        print(f"walacord dev: {exc}", file=sys.stderr)
-        return 1
+class SandboxRun:
+    """One run of `walacord dev`: start PostgreSQL, the emulator and the daemon in that
+    order, then stop whichever of them started.
 
-    sandbox: Sandbox | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-            # Step 2: the emulator, in this process.
-            emulator = Emulator(users={EMULATOR_USER[0]: EMULATOR_USER[1]},
-                                state_path=str(directory / "emulator.sqlite3"))
-            emulator_url = await tg.start(_serve_emulator, emulator)
-            try:
-                await _create_sink_targets(cluster, emulator_url)
-            except (ClusterError, WalacorError, TimeoutError) as exc:
-                print(f"walacord dev: cannot create the outbox's table and envelope type: "
-                      f"{exc}", file=sys.stderr)
-                # Cancelled first, or the task group waits for the emulator forever.
-                tg.cancel_scope.cancel()
-                return 1
+    The first SIGTERM or SIGINT cancels `foreground`, which covers start-up and then the
+    scenario or the wait for the daemon, so a signal at any moment leads to the stop
+    steps. A signal is how a running sandbox is meant to stop, so that exits 0, but a
+    signal during start-up or a scenario exits with 128 plus the signal number.
+    """
 
-            # Step 3: the config, validated as the daemon would.
-            listen = _listen_address(args.http)
-            config_path = write_config(directory, cluster, emulator_url, listen)
-            try:
-                cfg = config_module.load(config_path)
-            except ConfigError as exc:
-                print(f"walacord dev: generated config is invalid:\n{exc}", file=sys.stderr)
-                tg.cancel_scope.cancel()
-                return 1
-            # The terminal shows the status line; the JSON logs go to the files only.
-            logs.setup(cfg.logging.level, cfg.logging.dir, queue_size=cfg.logging.queue_size,
-                       repeat_window=cfg.logging.repeat_window, secrets=cfg.secrets(),
-                       stream=devnull)
+    def __init__(self, directory: Path, bindir: Path, args: argparse.Namespace,
+                 devnull: TextIO) -> None:
+        self.directory = directory
+        self.args = args
+        self.devnull = devnull
+        self.out = sys.stdout
+        self.cluster, self.existing = _cluster(directory, bindir)
+        self.foreground = anyio.CancelScope()
+        self.signum: int | None = None
+        self.supervisor: Supervisor | None = None
+        self.daemon_scope = anyio.CancelScope()
+        self.daemon_done = anyio.Event()
+        # Set once the banner is printed without a scenario. A signal after that is
+        # the normal way to stop.
+        self.serving = False
 
-            # Step 4: the daemon, in the foreground of this process.
-            supervisor = Supervisor(cfg, str(config_path))
-            done = anyio.Event()
+    async def run(self) -> int:
+        from walacord import logs
 
-            async def daemon() -> None:
+        with anyio.open_signal_receiver(*SANDBOX_SIGNALS) as signals:
+            # A signal that arrived while blocked is delivered now, to this receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            async with anyio.create_task_group() as watcher:
+                watcher.start_soon(self._watch_signals, signals)
                 try:
-                    await supervisor.run()
+                    status = await self._run_parts()
                 finally:
-                    done.set()
+                    # Step 5: stop PostgreSQL whatever happened above, so nothing is left
+                    # running.
+                    with anyio.CancelScope(shield=True):
+                        _say(self.out, "\nstopping PostgreSQL ...")
+                        stopped = await anyio.to_thread.run_sync(_stop_cluster, self.cluster)
+                        logs.shutdown()
+                    watcher.cancel_scope.cancel()
 
-            tg.start_soon(daemon)
-            with anyio.move_on_after(cfg.lifecycle.start_timeout + 5):
-                await supervisor.runtime.ready.wait()
-            sandbox = Sandbox(directory, cluster, emulator, supervisor, out)
-            _print_banner(sandbox, listen, emulator_url, config_path)
+        cause = "" if self.signum is None else f" by {signal.Signals(self.signum).name}"
+        _say(self.out, f"sandbox stopped{cause}; run `walacord dev` again to resume where "
+                       "you left off")
+        if not stopped:
+            return 1
+        if self.signum is not None and not self.serving:
+            return 128 + self.signum
+        return status
 
-            if not args.scenario:
-                # A story prints its own timeline with every mode change; the live
-                # status line would interleave with it.
-                tg.start_soon(_status_line, sandbox)
-            else:
-                from walacord.scenarios import SCENARIOS
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum in STOP_SIGNALS and self.signum is not None:
+                continue
+            # The daemon logs each signal and requests its own stop on SIGTERM or SIGINT.
+            if self.supervisor is not None:
+                self.supervisor.handle_signal(signum)
+            if signum in STOP_SIGNALS:
+                self.signum = signum
+                _say(self.out, f"\n{signal.Signals(signum).name} received: stopping the "
+                               "sandbox ...")
+                self.foreground.cancel()
 
-                await SCENARIOS[args.scenario](sandbox)
-                supervisor.runtime.request_stop()
-            await done.wait()
+    async def _run_parts(self) -> int:
+        """Run steps 1 to 4 in `foreground`, then stop the daemon and the emulator."""
+        status = 0
+        async with anyio.create_task_group() as tg:
+            with self.foreground:
+                status = await self._start_and_wait(tg)
+            if self.signum is not None and self.args.scenario and self.supervisor:
+                _say(self.out, f"{self.args.scenario} scenario interrupted, so the steps "
+                               "after the last one printed did not run")
+            await self._stop_daemon()
             tg.cancel_scope.cancel()
-    finally:
-        # Step 5: stop PostgreSQL whatever happened above, so nothing is left running.
-        with anyio.CancelScope(shield=True):
-            _say(out, "\nstopping PostgreSQL ...")
-            await anyio.to_thread.run_sync(_stop_cluster, cluster)
-            logs.shutdown()
-    _say(out, "sandbox stopped; run `walacord dev` again to resume where you left off")
-    return 1 if sandbox is not None and sandbox.failures else 0
+        return status
+
+    async def _start_and_wait(self, tg: TaskGroup) -> int:
+        """Start each part, then wait for the daemon to stop or run the scenario.
+
+        Return 1 when a part failed to start or a scenario step failed, else 0.
+        """
+        # Imported here so `walacord --help` does not load the daemon and the emulator.
+        from walacord import config as config_module
+        from walacord import logs
+        from walacord.emulator import Emulator
+        from walacord.errors import ConfigError, WalacorError
+        from walacord.supervisor import Supervisor
+
+        cluster = self.cluster
+        out = self.out
+
+        # Step 1: PostgreSQL, created on the first run and reused after.
+        print(f"PostgreSQL  starting in {cluster.base} ...", file=out, flush=True)
+        try:
+            await _start_cluster(cluster, self.existing)
+        except ClusterError as exc:
+            print(f"walacord dev: {exc}", file=sys.stderr)
+            return 1
+
+        # Step 2: the emulator, in this process.
+        emulator = Emulator(users={EMULATOR_USER[0]: EMULATOR_USER[1]},
+                            state_path=str(self.directory / "emulator.sqlite3"))
+        emulator_url = await tg.start(_serve_emulator, emulator)
+        try:
+            await _create_sink_targets(cluster, emulator_url)
+        except (ClusterError, WalacorError, TimeoutError) as exc:
+            print(f"walacord dev: cannot create the outbox's table and envelope type: "
+                  f"{exc}", file=sys.stderr)
+            return 1
+
+        # Step 3: the config, validated as the daemon would.
+        listen = _listen_address(self.args.http)
+        config_path = write_config(self.directory, cluster, emulator_url, listen)
+        try:
+            cfg = config_module.load(config_path)
+        except ConfigError as exc:
+            print(f"walacord dev: generated config is invalid:\n{exc}", file=sys.stderr)
+            return 1
+        # The terminal shows the status line; the JSON logs go to the files only.
+        logs.setup(cfg.logging.level, cfg.logging.dir, queue_size=cfg.logging.queue_size,
+                   repeat_window=cfg.logging.repeat_window, secrets=cfg.secrets(),
+                   stream=self.devnull)
+
+        # Step 4: the daemon, in the foreground of this process.
+        supervisor = Supervisor(cfg, str(config_path), handle_signals=False)
+        self.supervisor = supervisor
+        tg.start_soon(self._run_daemon, supervisor)
+        with anyio.move_on_after(cfg.lifecycle.start_timeout + 5):
+            await supervisor.runtime.ready.wait()
+        sandbox = Sandbox(self.directory, cluster, emulator, supervisor, out)
+        _print_banner(sandbox, listen, emulator_url, config_path)
+
+        if not self.args.scenario:
+            # A story prints its own timeline with every mode change; the live
+            # status line would interleave with it.
+            tg.start_soon(_status_line, sandbox)
+            self.serving = True
+            await self.daemon_done.wait()
+            return 0
+
+        from walacord.scenarios import SCENARIOS
+
+        await SCENARIOS[self.args.scenario](sandbox)
+        return 1 if sandbox.failures else 0
+
+    async def _run_daemon(self, supervisor: Supervisor) -> None:
+        try:
+            with self.daemon_scope:
+                await supervisor.run()
+        finally:
+            self.daemon_done.set()
+
+    async def _stop_daemon(self) -> None:
+        """Ask a ready daemon to drain and stop, and cancel one that is still starting
+        or that outlives its drain bound."""
+        if self.supervisor is None:
+            return
+        runtime = self.supervisor.runtime
+        if runtime.ready.is_set():
+            runtime.request_stop()
+            with anyio.move_on_after(runtime.config.lifecycle.drain_timeout
+                                     + DAEMON_STOP_MARGIN):
+                await self.daemon_done.wait()
+        self.daemon_scope.cancel()
+        await self.daemon_done.wait()
 
 
 def _say(out: TextIO, text: str) -> None:
@@ -327,23 +442,51 @@ def _cluster(directory: Path, bindir: Path) -> tuple[PgCluster, bool]:
     return PgCluster(base, bindir=bindir), False
 
 
-def _start_cluster(cluster: PgCluster, existing: bool) -> None:
+async def _start_cluster(cluster: PgCluster, existing: bool) -> None:
+    """Create the cluster on the first run, then start it.
+
+    A cancelled caller still waits for the initdb or pg_ctl step under way, because
+    anyio does not abandon the worker thread. A cancellation takes effect between the
+    steps, so the stop step that follows finds every server that started.
+    """
     if not existing:
-        # A half-made directory from an interrupted first run is started over.
-        shutil.rmtree(cluster.base, ignore_errors=True)
-        cluster.init()
-        (cluster.base.parent / "pg.port").write_text(str(cluster.port))
+        await anyio.to_thread.run_sync(_init_cluster, cluster)
+    await anyio.to_thread.run_sync(_start_if_stopped, cluster)
+
+
+def _init_cluster(cluster: PgCluster) -> None:
+    # A half-made directory from an interrupted first run is started over.
+    shutil.rmtree(cluster.base, ignore_errors=True)
+    cluster.init()
+    (cluster.base.parent / "pg.port").write_text(str(cluster.port))
+
+
+def _start_if_stopped(cluster: PgCluster) -> None:
     if not cluster.is_running():
         cluster.start()
 
 
-def _stop_cluster(cluster: PgCluster) -> None:
+def _stop_cluster(cluster: PgCluster, timeout: float = PG_STOP_TIMEOUT) -> bool:
+    """Stop the cluster with `pg_ctl stop -m fast`, or with SIGKILL when that fails.
+
+    Return False when SIGKILL was needed, and print to stderr what happened.
+    """
     try:
         if cluster.is_running():
-            cluster.stop("fast", timeout=30)
-    except ClusterError as exc:
-        print(f"walacord dev: {exc}; stopping it with SIGKILL", file=sys.stderr)
-        cluster._kill_leftovers()
+            cluster.stop("fast", timeout=timeout)
+        return True
+    except (ClusterError, subprocess.TimeoutExpired) as exc:
+        print(f"walacord dev: stopping PostgreSQL failed: {exc}; killing it with SIGKILL",
+              file=sys.stderr)
+
+    if not cluster.kill():
+        print(f"walacord dev: PostgreSQL still runs after SIGKILL; its PID is the first "
+              f"line of {cluster.datadir / 'postmaster.pid'}", file=sys.stderr)
+    else:
+        print(f"walacord dev: PostgreSQL was killed with SIGKILL; its next start recovers "
+              f"from the write-ahead log, and {cluster.logfile} may say why it did not "
+              "stop", file=sys.stderr)
+    return False
 
 
 async def _serve_emulator(emulator: Emulator, *,

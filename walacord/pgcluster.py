@@ -113,9 +113,11 @@ class PgCluster:
     def _run(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C.UTF-8"
+        # In a session of its own, a command does not get the terminal's Ctrl-C, which
+        # would kill initdb or pg_ctl halfway. The caller decides what to stop.
         result = subprocess.run(
             self._command(name, *args), capture_output=True, text=True,
-            timeout=timeout, env=env, cwd=str(self.base),
+            timeout=timeout, env=env, cwd=str(self.base), start_new_session=True,
         )
         if result.returncode != 0:
             raise ClusterError(
@@ -183,7 +185,7 @@ class PgCluster:
     def is_running(self) -> bool:
         result = subprocess.run(
             self._command("pg_ctl", "-D", str(self.datadir), "status"),
-            capture_output=True, text=True, timeout=30,
+            capture_output=True, text=True, timeout=30, start_new_session=True,
         )
         return result.returncode == 0
 
@@ -217,6 +219,27 @@ class PgCluster:
             self._kill_leftovers()
         shutil.rmtree(self.base, ignore_errors=True)
 
+    def kill(self, timeout: float = 5.0) -> bool:
+        """Kill the server with SIGKILL, wait up to `timeout` seconds for the postmaster
+        to exit, and return whether it did.
+
+        A zombie counts as exited, because it has released its port, memory and files.
+        `pg_ctl status` (PostgreSQL 15) reports a zombie postmaster as running, and
+        where init reaps orphans slowly, a killed postmaster can stay a zombie for over
+        a second.
+        """
+        try:
+            pid = self.postmaster_pid()
+        except (OSError, ValueError, IndexError):
+            return True
+        self._kill_leftovers()
+        deadline = time.monotonic() + timeout
+        while not process_exited(pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def _kill_leftovers(self) -> None:
         try:
             pid = self.postmaster_pid()
@@ -231,3 +254,14 @@ class PgCluster:
         except ProcessLookupError:
             pass
         time.sleep(0.2)
+
+
+def process_exited(pid: int) -> bool:
+    """Return whether process `pid` has exited, counting a zombie as exited (Linux only,
+    because it reads /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    # The state follows the command name, which is in brackets and may contain spaces.
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")

@@ -2,7 +2,9 @@
 
 Each story drives the sandbox's own PostgreSQL and emulator and waits, with a bound,
 for the mode the daemon should reach. A step that runs out of time is printed as a
-failure and the story goes on, so one run shows every step.
+failure and the story goes on, so one run shows every step. SIGTERM or SIGINT cancels
+the story at its current step, because walacord dev runs it in a cancel scope that the
+signal cancels.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class Supervisor:
     def __init__(self, config: Config, config_path: str | None, *,
                  components: ComponentFactory = default_components,
                  registry: CollectorRegistry | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, handle_signals: bool = True) -> None:
         registry = registry or CollectorRegistry()
         self.runtime = Runtime(
             config=config, config_path=config_path, registry=registry,
@@ -105,6 +105,9 @@ class Supervisor:
         # to end it, as an operator does when a drain waits on a hung dependency.
         self._drain_scope: anyio.CancelScope | None = None
         self._drain_cut = False
+        # False where the caller owns the process's signals (`walacord dev`) and passes
+        # each one to handle_signal.
+        self._handle_signals_enabled = handle_signals
 
     async def run(self) -> None:
         runtime = self.runtime
@@ -129,7 +132,8 @@ class Supervisor:
         runtime = self.runtime
         cfg = runtime.config
         async with anyio.create_task_group() as tg:
-            await tg.start(self._handle_signals)
+            if self._handle_signals_enabled:
+                await tg.start(self._handle_signals)
             if not lock.complete:
                 tg.start_soon(self._take_lock_later, lock)
 
@@ -226,23 +230,27 @@ class Supervisor:
         with anyio.open_signal_receiver(*wanted) as signals:
             task_status.started()
             async for signum in signals:
-                name = signal.Signals(signum).name
-                log.info("signal.received", extra={"fields": {"signal": name}})
-                if signum in (signal.SIGTERM, signal.SIGINT):
-                    if self.runtime.stop_requested.is_set():
-                        # Work that the drain abandons is safe: enqueues are durable
-                        # before they are acknowledged, and sync resumes at the restart.
-                        self._drain_cut = True
-                        if self._drain_scope is not None:
-                            self._drain_scope.cancel()
-                    self.runtime.request_stop()
-                elif signum == signal.SIGHUP:
-                    self._reload_requested.set()
-                elif signum == signal.SIGUSR1 and self.runtime.logs is not None:
-                    failures = self.runtime.logs.reopen()
-                    if failures:
-                        log.error("logs.reopen_failed", extra={"fields": {
-                            "files": failures}})
+                self.handle_signal(signum)
+
+    def handle_signal(self, signum: int) -> None:
+        """Stop on SIGTERM or SIGINT (a second one ends the drain), reload the config on
+        SIGHUP and reopen the log files on SIGUSR1. Other signals are ignored."""
+        name = signal.Signals(signum).name
+        log.info("signal.received", extra={"fields": {"signal": name}})
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.runtime.stop_requested.is_set():
+                # Work that the drain abandons is safe: enqueues are durable before
+                # they are acknowledged, and sync resumes at the restart.
+                self._drain_cut = True
+                if self._drain_scope is not None:
+                    self._drain_scope.cancel()
+            self.runtime.request_stop()
+        elif signum == signal.SIGHUP:
+            self._reload_requested.set()
+        elif signum == signal.SIGUSR1 and self.runtime.logs is not None:
+            failures = self.runtime.logs.reopen()
+            if failures:
+                log.error("logs.reopen_failed", extra={"fields": {"files": failures}})
 
     async def _reload_loop(self) -> None:
         while True:
