@@ -36,22 +36,36 @@ def _check_finite(value: Any, where: str) -> None:
             _check_finite(item, f"{where}[{index}]")
 
 
-def _find_unencodable(value: Any, where: str, depth: int = 0) -> RequestEncodeError | None:
+def _find_unencodable(value: Any, where: str, depth: int = 0,
+                      parents: tuple[int, ...] = ()) -> RequestEncodeError | None:
     """Return an error naming the first part of `value` that orjson rejects, or None."""
-    if depth > MAX_JSON_DEPTH:
-        return None
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in parents:
+            return RequestEncodeError(where, "contains itself, which JSON cannot carry; "
+                                      "send a copy without the cycle")
+        if depth >= MAX_JSON_DEPTH - 3:  # the request's own levels count too
+            shown = where if len(where) <= 120 else f"{where[:60]}...{where[-20:]}"
+            return RequestEncodeError(shown, "nests lists or objects more deeply than JSON "
+                                      f"encoding allows (about {MAX_JSON_DEPTH - 5} levels); "
+                                      "flatten the payload")
+        parents = (*parents, id(value))
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 return RequestEncodeError(where, f"has the key {key!r}, but JSON object "
                                           "keys must be strings; convert it with str()")
-            found = _find_unencodable(item, f"{where}.{key}", depth + 1)
+            if not _is_utf8(key):
+                return RequestEncodeError(where, f"has the key {key!r}, which is not valid "
+                                          "UTF-8 text (it holds a lone surrogate, as a file "
+                                          "name decoded with surrogateescape does); decode "
+                                          "its bytes with errors='replace' or send base64")
+            found = _find_unencodable(item, f"{where}.{key}", depth + 1, parents)
             if found is not None:
                 return found
         return None
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            found = _find_unencodable(item, f"{where}[{index}]", depth + 1)
+            found = _find_unencodable(item, f"{where}[{index}]", depth + 1, parents)
             if found is not None:
                 return found
         return None
@@ -70,11 +84,23 @@ def _unencodable_hint(value: Any, exc: orjson.JSONEncodeError) -> str:
     if isinstance(value, int):
         return ("is an integer outside the 64-bit range, which cannot be sent as JSON; "
                 "send it as a string")
+    if isinstance(value, str):
+        return ("is not valid UTF-8 text (it holds a lone surrogate, as a file name decoded "
+                "with surrogateescape does); decode its bytes with errors='replace', or "
+                "send them as base64")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return (f"is {type(value).__name__}, which cannot be sent as JSON; send it as "
                 "text, such as base64")
     return (f"is a {type(value).__name__}, which cannot be sent as JSON ({exc}); send a "
             "string, a number that fits in 64 bits, a boolean, null, a list or an object")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_request(request_id: int, method: str, params: dict[str, Any]) -> bytes:

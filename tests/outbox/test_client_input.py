@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tests.outbox.test_control import serving_outbox
 from walacord.client import AsyncOutboxClient, OutboxClient, walacor_operation
+from walacord.client_json import encode_request
 from walacord.config import Config, OutboxConfig
 from walacord.control.protocol import ErrorCode
 from walacord.errors import (
@@ -275,3 +276,33 @@ def test_clients_reject_unusable_timeouts(timeout: Any) -> None:
             client_class("/nonexistent/control.sock", timeout=timeout)
         assert str(caught.value) == (f"timeout must be a positive, finite number of "
                                      f"seconds, got {timeout!r}")
+
+
+def nested_lists(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def cyclic() -> dict[str, Any]:
+    value: dict[str, Any] = {"amount": 1}
+    value["again"] = value
+    return value
+
+
+@pytest.mark.parametrize(("data", "path", "hint"), [
+    ({"note": "caf\udce9"}, "params.data.note", "is not valid UTF-8 text"),
+    ({"caf\udce9": 1}, "params.data", "has the key 'caf\\udce9', which is not valid UTF-8"),
+    ({"rows": cyclic()}, "params.data.rows.again", "contains itself"),
+    ({"deep": nested_lists(300)}, "params.data.deep[0]",
+     "nests lists or objects more deeply than JSON encoding allows"),
+])
+def test_encode_errors_name_the_field(data: dict[str, Any], path: str, hint: str) -> None:
+    """Values that orjson rejects without naming them are found and named."""
+    with pytest.raises(RequestEncodeError) as caught:
+        encode_request(1, "outbox.enqueue", walacor_operation(10001, key="k", data=data))
+
+    assert caught.value.path.startswith(path)
+    assert hint in str(caught.value)
+    assert len(str(caught.value)) < 400
