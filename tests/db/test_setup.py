@@ -347,6 +347,8 @@ def test_setup_superuser_schema_rejected_then_taken(
     error = capsys.readouterr().err
     assert f"owned by role 'postgres', not '{names.role}'" in error
     assert "table walacord.schema_migrations (postgres)" in error
+    # Rerunning with --role postgres would take SUPERUSER away, so it is not offered.
+    assert "rerun with --role postgres" not in error
     assert relation_owners(pg_cluster, names.database) == {"postgres"}
 
     assert main(run_setup(pg_cluster.url(), names, *password, "--take-over")) == 0
@@ -355,6 +357,34 @@ def test_setup_superuser_schema_rejected_then_taken(
     assert output["migrations"] == "unchanged"
     assert relation_owners(pg_cluster, names.database) == {names.role}
     write_heartbeat(pg_cluster.url(names.database, user=names.role, password=ROLE_PASSWORD))
+
+
+@pytest.mark.parametrize("role", ["postgres", "walacord_test_super"])
+def test_setup_refuses_superuser_or_admin_role(
+    pg_cluster: PgCluster, names: Names, capsys: pytest.CaptureFixture[str], role: str,
+) -> None:
+    """setup-database makes its role unprivileged, so --role naming the admin or another
+    superuser is refused before anything changes, and the role keeps SUPERUSER."""
+    pg_cluster.psql(f'CREATE ROLE "{role}" SUPERUSER' if role != "postgres" else "SELECT 1")
+    try:
+        code = main(["setup-database", "--admin-url", pg_cluster.url(), "--role", role,
+                     "--database", names.database])
+        error = capsys.readouterr().err
+        attributes = pg_cluster.psql(
+            f"SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = "
+            f"'{role}'")
+        created = pg_cluster.psql(
+            f"SELECT count(*) FROM pg_database WHERE datname = '{names.database}'")
+    finally:
+        if role != "postgres":
+            pg_cluster.psql(f'DROP ROLE "{role}"')
+
+    assert code == 1
+    what = "the role this command connects as" if role == "postgres" else "a superuser"
+    assert f"--role {role} is {what}; walacord needs a role of its own" in error
+    assert "Nothing was changed" in error
+    assert attributes.startswith("t|")
+    assert created == "0"
 
 
 def test_setup_foreign_table_in_schema_rejected(

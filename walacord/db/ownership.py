@@ -127,8 +127,12 @@ async def read_ownership(conn: psycopg.AsyncConnection, role: str) -> SchemaOwne
     return SchemaOwnership(role, str(row[0]), objects)
 
 
-def rejection(ownership: SchemaOwnership, database: str) -> str:
-    """Explain why setup-database stopped and how to proceed, naming every role involved."""
+def rejection(ownership: SchemaOwnership, database: str, *, owner_usable: bool = True) -> str:
+    """Explain why setup-database stopped and how to proceed, naming every role involved.
+
+    `owner_usable` is False when the schema's owner may not become walacord's role (a
+    superuser, or the admin), so the message does not offer to rerun with it.
+    """
     role = ownership.role
     listed = ", ".join(obj.describe() for obj in ownership.foreign_objects[:10])
     if len(ownership.foreign_objects) > 10:
@@ -149,7 +153,8 @@ def rejection(ownership: SchemaOwnership, database: str) -> str:
 
     others = ", ".join(ownership.other_owners)
     keep = ""
-    if ownership.schema_owner != role and ownership.other_owners == [ownership.schema_owner]:
+    if owner_usable and ownership.schema_owner != role \
+            and ownership.other_owners == [ownership.schema_owner]:
         owner = ownership.schema_owner
         keep = f"To keep {owner} as the owner, rerun with --role {owner}. "
     return (

@@ -181,6 +181,7 @@ async def _setup(options: SetupOptions, report: Report) -> int:
     admin = await connect(options.admin_url)
     async with admin:
         rights = await read_rights(admin)
+        await check_role_is_unprivileged(admin, rights, options.role)
         if await fetch_one(admin, "SELECT 1 FROM pg_database WHERE datname = %s",
                            options.database):
             await check_schema_ownership(options, rights)
@@ -382,6 +383,20 @@ async def ensure_connect(conn: psycopg.AsyncConnection, options: SetupOptions) -
     return "granted"
 
 
+async def check_role_is_unprivileged(conn: psycopg.AsyncConnection, rights: AdminRights,
+                                     role: str) -> None:
+    """Raise DatabaseSetupError, before any change, when `role` is the admin role or a
+    superuser: ensure_role would take SUPERUSER, CREATEROLE and CREATEDB away from it."""
+    row = await fetch_one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = %s", role)
+    if role == rights.name or (row is not None and row[0]):
+        what = "the role this command connects as" if role == rights.name else "a superuser"
+        raise DatabaseSetupError(
+            f"--role {role} is {what}; walacord needs a role of its own without "
+            "superuser, which setup-database would make of it by taking SUPERUSER, "
+            "CREATEROLE and CREATEDB away. Nothing was changed. Pass another name, such as "
+            "--role walacord, and setup-database creates that role")
+
+
 async def check_schema_ownership(options: SetupOptions, rights: AdminRights) -> None:
     """Raise DatabaseSetupError, before any change, when ensure_schema could not finish.
 
@@ -392,14 +407,19 @@ async def check_schema_ownership(options: SetupOptions, rights: AdminRights) -> 
         ownership = await read_ownership(conn, options.role)
         if ownership is None or ownership.complete:
             return
-        require_take_over(ownership, options)
+        row = await fetch_one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = %s",
+                              ownership.schema_owner)
+        owner_usable = ownership.schema_owner != rights.name and not (row and row[0])
+        require_take_over(ownership, options, owner_usable=owner_usable)
         if not rights.superuser:
             await check_admin_can_take_over(conn, rights, ownership, options.database)
 
 
-def require_take_over(ownership: SchemaOwnership, options: SetupOptions) -> None:
+def require_take_over(ownership: SchemaOwnership, options: SetupOptions, *,
+                      owner_usable: bool = True) -> None:
     if not options.take_over:
-        raise DatabaseSetupError(rejection(ownership, options.database))
+        raise DatabaseSetupError(rejection(ownership, options.database,
+                                           owner_usable=owner_usable))
 
 
 async def check_admin_can_take_over(
