@@ -64,7 +64,8 @@ PG_STOP_TIMEOUT = 30.0
 DAEMON_STOP_MARGIN = 10.0
 
 # The sandbox handles these for its whole run and passes SIGHUP and SIGUSR1 on to the
-# daemon. The first SIGTERM or SIGINT stops the sandbox, and later ones are ignored.
+# daemon. The first SIGTERM or SIGINT stops the sandbox, and a second one ends the
+# daemon's drain.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SANDBOX_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
 
@@ -295,6 +296,12 @@ class SandboxRun:
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum in STOP_SIGNALS and self.signum is not None:
+                # A second stop signal ends the daemon's drain at once, as it does for
+                # `walacord run`.
+                if self.supervisor is not None:
+                    _say(self.out, f"{signal.Signals(signum).name} received again: ending "
+                                   "the daemon's drain")
+                    self.supervisor.handle_signal(signum)
                 continue
             # The daemon logs each signal and requests its own stop on SIGTERM or SIGINT.
             if self.supervisor is not None:
