@@ -491,6 +491,9 @@ def test_reload_of_file_without_settings_rejected(tmp_path: Path, text: str) -> 
     ("http:///api", "it has no host name"),
     ("http://walacor\t/api", "it contains the control character '\\t' at position 15"),
     ("walacor:8080/api", "it must start with http:// or https://"),
+    ("http://\u2603.net/", "httpx rejects it: Invalid IDNA hostname"),
+    ("http://[::1]x/health", "httpx rejects it: Invalid port: 'x'"),
+    ("http://256.1.1.1/", "httpx rejects it: Invalid IPv4 address"),
 ])
 @pytest.mark.parametrize("key", ["walacor.url", "alerts.alertmanager_url",
                                  "probes.api.checks"])
@@ -510,7 +513,8 @@ def test_unusable_urls_rejected(tmp_path: Path, url: str, problem: str, key: str
 
 @pytest.mark.parametrize("url", ["http://[::1]:8080/api", "https://walacor.example.com",
                                  "https://user:p%40ss@walacor.example.com:443/api/",
-                                 "http://127.0.0.1:9093"])
+                                 "http://127.0.0.1:9093", "http://[fe80::1%25eth0]:8080/",
+                                 "HTTPS://walacor.example.com/", "https://m\u00fcnchen.de/"])
 def test_usable_urls_accepted(tmp_path: Path, url: str) -> None:
     text = f"[walacor]\nurl = {orjson.dumps(url).decode()}\n"
 

@@ -61,8 +61,12 @@ def program_problem(program: str) -> str | None:
 
 
 def http_url_problem(url: str) -> str | None:
-    """Return why `url` is not a usable http:// or https:// URL, or None when it is."""
-    if not url.startswith(("http://", "https://")):
+    """Return why `url` is not a usable http:// or https:// URL, or None when it is.
+
+    httpx, which makes the requests, has the last word: a URL it rejects would fail
+    every request, so it is rejected here, where check-config and a reload see it.
+    """
+    if not url.lower().startswith(("http://", "https://")):
         return "it must start with http:// or https://"
     control = re.search(r"[\x00-\x1f\x7f]", url)
     if control is not None:
@@ -75,16 +79,22 @@ def http_url_problem(url: str) -> str | None:
         if "IPv6" in str(exc):
             return f"{exc}; write an IPv6 address in brackets, as in http://[::1]:8080/PATH"
         return f"{exc}; give a port from 1 to 65535, as in http://HOST:8080/PATH"
-    host = parts.hostname
-    if not host:
+    if not parts.hostname:
         return "it has no host name; write it as http://HOST:PORT/PATH"
     host_and_port = parts.netloc.rpartition("@")[2]  # without user:password@
-    bad = _BAD_HOST_CHARACTER.search(host_and_port)
+    # An IPv6 zone such as [fe80::1%25eth0] may contain a percent sign.
+    bad = _BAD_HOST_CHARACTER.search(re.sub(r"\[[^\]]*\]", "", host_and_port))
     if bad is not None:
         return (f"its host part {host_and_port!r} contains {bad.group()!r}, which a host name "
                 "cannot contain")
     if port == 0:
         return "port 0 is not a port a server listens on; give the real port"
+    import httpx  # here, so that walacorctl's start-up does not pay for it
+
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"httpx rejects it: {exc}"
     return None
 
 
