@@ -366,6 +366,22 @@ def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
      "SELECT key FROM a ON CONFLICT DO NOTHING /* x /* y */ ON CONFLICT */", False),
     ("/* outer /* inner */ still comment */ INSERT INTO p (key) VALUES (%(key)s) "
      "ON CONFLICT DO NOTHING", True),
+    # CASE WHEN inside the SET list, quoted names and a row assignment hide nothing.
+    ("INSERT INTO payments (key, amount) VALUES (%(key)s, %(amount)s) ON CONFLICT (key) "
+     "DO UPDATE SET amount = CASE WHEN true THEN payments.amount + EXCLUDED.amount END",
+     False),
+    ('INSERT INTO payments (key, amount) VALUES (%(key)s, %(amount)s) ON CONFLICT (key) '
+     'DO UPDATE SET "amount" = payments."amount" + EXCLUDED.amount', False),
+    ("INSERT INTO payments (key, amount) VALUES (%(key)s, %(amount)s) ON CONFLICT (key) "
+     "DO UPDATE SET (amount) = (payments.amount + EXCLUDED.amount)", False),
+    ('INSERT INTO "payments" AS p (key, amount) VALUES (%(key)s, %(amount)s) ON CONFLICT '
+     '(key) DO UPDATE SET amount = p.amount + EXCLUDED.amount', False),
+    # A dollar quote ends only at its own tag, so this ON CONFLICT is inside the string.
+    ("INSERT INTO notes (key, body) VALUES (%(key)s, $a$ $$) ON CONFLICT DO NOTHING -- "
+     "$a$)", False),
+    ("INSERT INTO payments (key, amount) VALUES (%(key)s, %(amount)s) ON CONFLICT (key) "
+     "DO UPDATE SET amount = CASE WHEN EXCLUDED.amount > 0 THEN EXCLUDED.amount END",
+     True),
 ])
 def test_statement_idempotency_check(tmp_path: Path, sql: str, accepted: bool) -> None:
     path = tmp_path / "walacord.toml"

@@ -19,7 +19,8 @@ import re
 # quoted identifiers and dollar-quoted strings.
 _LITERAL = re.compile(
     r"(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'"
-    r"|\"(?:[^\"]|\"\")*\"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)?\$",
+    r"|(?P<identifier>\"(?:[^\"]|\"\")*\")"
+    r"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?(tag)(?P=tag))\$",
     re.DOTALL)
 _PLACEHOLDER = re.compile(r"%\([^)]*\)[sbt]|%%")
 # A percent sign as psycopg reads it, in literals and comments too: "%%", or an
@@ -32,7 +33,8 @@ _MODIFYING = re.compile(r"(?<!\bDO\s)(?<!\bTHEN\s)\b(INSERT|UPDATE|DELETE|MERGE)
 _MAIN = re.compile(r"\b(INSERT|MERGE|UPDATE|DELETE|SELECT|VALUES|TABLE)\b", re.IGNORECASE)
 _ON_CONFLICT = re.compile(r"\bON\s+CONFLICT\b", re.IGNORECASE)
 _SET = re.compile(r"\b(?:DO|THEN)\s+UPDATE\s+SET\b", re.IGNORECASE)
-_SET_END = re.compile(r"\b(?:WHERE|RETURNING|WHEN)\b", re.IGNORECASE)
+# What ends an UPDATE's SET list. WHEN alone does not, because CASE WHEN may be in it.
+_SET_END = re.compile(r"\b(?:WHERE|RETURNING|WHEN\s+(?:NOT\s+)?MATCHED)\b", re.IGNORECASE)
 _INSERT_TARGET = re.compile(r"\bINSERT\s+INTO\s+([\w.]+)(?:\s+AS\s+(\w+))?", re.IGNORECASE)
 _MERGE_TARGET = re.compile(r"\bMERGE\s+INTO\s+([\w.]+)(?:\s+(?:AS\s+)?(?!USING\b)(\w+))?",
                            re.IGNORECASE)
@@ -61,7 +63,10 @@ def sql_code(sql: str) -> str:
                     index += 1
             parts.append(" ")
         elif (literal := _LITERAL.match(sql, index)) is not None:
-            parts.append(" ")
+            # A quoted identifier of word characters stays as the bare name, so the
+            # checks below can follow a column or table written as "amount".
+            name = (literal["identifier"] or "")[1:-1]
+            parts.append(name if re.fullmatch(r"\w+", name) else " ")
             index = literal.end()
         else:
             parts.append(sql[index])
@@ -145,21 +150,30 @@ def _self_update(code: str, depths: list[int]) -> str | None:
         depth = depths[found.start()]
         stop = _clause_end(code, depths, found.end(), depth)
         for assignment in _split_top_level(code, depths, found.end(), stop, depth):
-            column, equals, value = assignment.partition("=")
-            column = column.strip().rsplit(".", 1)[-1].lower()
-            if not equals or not column:
+            target, equals, value = assignment.partition("=")
+            # SET (a, b) = (...) assigns several columns at once.
+            columns = [name.strip().rsplit(".", 1)[-1].lower()
+                       for name in target.strip().strip("()").split(",")]
+            if not equals:
                 continue
-            for reference in re.finditer(rf"(?:([\w.]+)\s*\.\s*)?\b{re.escape(column)}\b",
-                                         value, re.IGNORECASE):
-                qualifier = (reference.group(1) or "").lower()
-                if qualifier == "excluded":
-                    continue
-                if not qualifier or qualifier in own:
+            for column in filter(None, columns):
+                if _reads_own_value(column, value, own):
                     return (f"its UPDATE computes {column} from the row's own value "
                             f"({' '.join(assignment.split())}), so a replay after a crash "
                             "applies the change twice; set columns from EXCLUDED or the "
                             "parameters only")
     return None
+
+
+def _reads_own_value(column: str, value: str, own: set[str]) -> bool:
+    """Return whether `value` reads `column` of the target row: bare, or qualified by
+    the target table or its alias, but not by EXCLUDED or a MERGE's source."""
+    for reference in re.finditer(rf"(?:([\w.]+)\s*\.\s*)?\b{re.escape(column)}\b",
+                                 value, re.IGNORECASE):
+        qualifier = (reference.group(1) or "").lower()
+        if qualifier != "excluded" and (not qualifier or qualifier in own):
+            return True
+    return False
 
 
 def _depths(code: str) -> list[int]:
