@@ -543,6 +543,7 @@ def test_usable_urls_accepted(tmp_path: Path, url: str) -> None:
     (["/etc/passwd"], "program '/etc/passwd' is not executable; run chmod +x on it"),
     (["/etc"], "program '/etc' is not a file"),
     (["walacord-no-such-program", "x"], "program 'walacord-no-such-program' is not in PATH"),
+    (["bin/notify"], "program 'bin/notify' is a relative path"),
 ])
 @pytest.mark.parametrize("key", ["modes.hooks", "alerts.hooks", "repair.restart_command"])
 def test_commands_that_cannot_run_rejected(tmp_path: Path, argv: list[str], problem: str,

@@ -52,6 +52,9 @@ def program_problem(program: str) -> str | None:
                     "give its absolute path")
         return None
     path = Path(program)
+    if not path.is_absolute():
+        return (f"program {program!r} is a relative path, which depends on the directory "
+                "walacord starts in (/ under systemd); give its absolute path")
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         return f"program {program!r} {what}; give the path of an executable file"
