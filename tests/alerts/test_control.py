@@ -213,6 +213,7 @@ async def test_control_silence_warns_of_wide_matchers(service: AlertService, mat
     ('severity=~"warning|critical"', True),
     ('severity="warning"', False),
     ('probe!="nonexistent"', True),
+    ('event!~"outbox\\..*"', False),
 ])
 async def test_control_silence_warns_when_all_match(service: AlertService, matcher: str,
                                                      everything: bool) -> None:

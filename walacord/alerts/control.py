@@ -26,6 +26,8 @@ INVALID_PARAMS = ErrorCode.INVALID_PARAMS
 SILENCE_PARAMS = frozenset({"matcher", "duration", "reason"})
 # Label values that walacord's alerts can carry, for labels with a fixed set.
 KNOWN_VALUES: dict[str, tuple[str, ...]] = {"probe": PROBE_NAMES, "resource": RESOURCES}
+CRITICAL_EVENT_SAMPLES = ("outbox.full", "outbox.disk_full", "outbox.corrupt",
+                          "outbox.conservation", "outbox.state_dir", "component.crashed")
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -100,8 +102,9 @@ def _sample_label_sets() -> list[dict[str, str]]:
     samples = []
     for name in rules.ALERT_NAMES:
         label = rules.ALERT_LABEL.get(name)
-        # CRITICAL_ERROR's event takes many values; any non-empty one stands for them.
-        values = KNOWN_VALUES.get(label, ("walacord.event",)) if label else ("",)
+        # CRITICAL_ERROR's event is the outbox's alert kind or the event of a critical
+        # log line; these stand for both.
+        values = KNOWN_VALUES.get(label, CRITICAL_EVENT_SAMPLES) if label else ("",)
         for severity in ("warning", "critical"):
             for value in values:
                 labels = {"alertname": name, "severity": severity}
