@@ -17,7 +17,7 @@ import pytest
 from anyio.abc import TaskStatus
 
 from tests.conftest import NotifyRecorder
-from walacord import config
+from walacord import config, logs
 from walacord.errors import ConfigError
 from walacord.pgcluster import free_port
 from walacord.runtime import Runtime
@@ -359,3 +359,21 @@ async def test_second_stop_signal_cuts_drain(notify_socket: NotifyRecorder,
     assert stopped_after < 2
     assert "shutdown.drain_cut_short" in events
     assert "shutdown.drain_timed_out" not in events
+
+
+def test_unopenable_log_file_named_at_start(tmp_path: Path) -> None:
+    """A log file walacord cannot open is named as the file, not as its directory."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / logs.MAIN_FILE).mkdir()  # cannot be opened as a file, even by root
+    path = tmp_path / "walacord.toml"
+    path.write_text(f"[logging]\ndir = '{log_dir}'\n[http]\nlisten = ''\n"
+                    f"[control]\nsocket = '{tmp_path / 'control.sock'}'\n"
+                    f"[state]\ndir = '{tmp_path / 'state'}'\n")
+
+    result = subprocess.run([sys.executable, "-m", "walacord", "run", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+
+    assert result.returncode == 1
+    assert (f"walacord: cannot open log file '{log_dir / logs.MAIN_FILE}': Is a directory; "
+            "fix its owner or permissions, or set [logging] dir") in result.stderr

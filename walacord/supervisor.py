@@ -390,8 +390,12 @@ def command(args: argparse.Namespace) -> int:
                    queue_size=cfg.logging.queue_size, repeat_window=cfg.logging.repeat_window,
                    secrets=cfg.secrets())
     except OSError as exc:
-        print(f"walacord: cannot open log directory {cfg.logging.dir!r}: {exc.strerror}; "
-              "create it or set [logging] dir", file=sys.stderr)
+        # The error may concern a file in the directory, such as one that a rotation
+        # left owned by another user.
+        target = exc.filename or cfg.logging.dir
+        what = "log directory" if str(target) == str(cfg.logging.dir) else "log file"
+        print(f"walacord: cannot open {what} {str(target)!r}: {exc.strerror}; fix its owner "
+              "or permissions, or set [logging] dir", file=sys.stderr)
         return 1
 
     supervisor = Supervisor(cfg, args.config)
