@@ -15,7 +15,7 @@ from walacord.errors import ControlError, RequestEncodeError, WalacordError
 
 PROTOCOL_VERSION = 1
 # orjson (3.13) rejects lists and objects nested 255 deep, so the search for the
-# value it rejected goes no deeper.
+# value it rejected reports a deeper one as nested too deeply.
 MAX_JSON_DEPTH = 255
 
 
