@@ -44,8 +44,8 @@ def _find_unencodable(value: Any, where: str, depth: int = 0,
             return RequestEncodeError(where, "contains itself, which JSON cannot carry; "
                                       "send a copy without the cycle")
         if depth >= MAX_JSON_DEPTH - 3:  # the request's own levels count too
-            shown = where if len(where) <= 120 else f"{where[:60]}...{where[-20:]}"
-            return RequestEncodeError(shown, "nests lists or objects more deeply than JSON "
+            path = where if len(where) <= 120 else f"{where[:60]}...{where[-20:]}"
+            return RequestEncodeError(path, "nests lists or objects more deeply than JSON "
                                       f"encoding allows (about {MAX_JSON_DEPTH - 5} levels); "
                                       "flatten the payload")
         parents = (*parents, id(value))

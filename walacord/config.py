@@ -56,8 +56,8 @@ def program_problem(program: str) -> str | None:
         return (f"program {program!r} is a relative path, which depends on the directory "
                 "walacord starts in (/ under systemd); give its absolute path")
     if not path.is_file():
-        what = "is not a file" if path.exists() else "does not exist"
-        return f"program {program!r} {what}; give the path of an executable file"
+        problem = "is not a file" if path.exists() else "does not exist"
+        return f"program {program!r} {problem}; give the path of an executable file"
     if not os.access(path, os.X_OK):
         return f"program {program!r} is not executable; run chmod +x on it"
     return None

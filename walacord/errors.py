@@ -238,7 +238,7 @@ class OutboxFull(OutboxError):
 
 
 class OutboxRequestTooLarge(OutboxError):
-    """One request holds more new operations or payload bytes than the outbox's limits
+    """One request contains more new operations or payload bytes than the outbox's limits
     allow in all, so it can never be accepted as it is, however far sync drains."""
 
 

@@ -244,11 +244,11 @@ class _FileHandler(logging.handlers.WatchedFileHandler):
         opened before.
 
         Python's WatchedFileHandler and FileHandler open the file outside the try that
-        routes errors to handleError, so a file that cannot be opened (a rotation that
-        left a file walacord may not write, a log directory replaced by a file) would
-        raise out of emit and end the writer thread, and with it every log line,
-        stderr's included. Here such errors are handled as failed writes, and the next
-        line tries again.
+        routes errors to handleError. A file that cannot be opened (a rotation that left
+        a file walacord may not write, a log directory replaced by a file) would then
+        raise out of emit and end the writer thread, which writes every log line,
+        stderr's too. Here such errors count as failed writes, and the next line tries
+        again.
         """
         try:
             if self.stream is None:

@@ -33,7 +33,8 @@ _MODIFYING = re.compile(r"(?<!\bDO\s)(?<!\bTHEN\s)\b(INSERT|UPDATE|DELETE|MERGE)
 _MAIN = re.compile(r"\b(INSERT|MERGE|UPDATE|DELETE|SELECT|VALUES|TABLE)\b", re.IGNORECASE)
 _ON_CONFLICT = re.compile(r"\bON\s+CONFLICT\b", re.IGNORECASE)
 _SET = re.compile(r"\b(?:DO|THEN)\s+UPDATE\s+SET\b", re.IGNORECASE)
-# What ends an UPDATE's SET list. WHEN alone does not, because CASE WHEN may be in it.
+# Keywords that end an UPDATE's SET list. WHEN alone does not, because CASE WHEN may be
+# in the list.
 _SET_END = re.compile(r"\b(?:WHERE|RETURNING|WHEN\s+(?:NOT\s+)?MATCHED)\b", re.IGNORECASE)
 _INSERT_TARGET = re.compile(r"\bINSERT\s+INTO\s+([\w.]+)(?:\s+AS\s+(\w+))?", re.IGNORECASE)
 _MERGE_TARGET = re.compile(r"\bMERGE\s+INTO\s+([\w.]+)(?:\s+(?:AS\s+)?(?!USING\b)(\w+))?",

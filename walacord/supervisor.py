@@ -393,8 +393,8 @@ def command(args: argparse.Namespace) -> int:
         # The error may concern a file in the directory, such as one that a rotation
         # left owned by another user.
         target = exc.filename or cfg.logging.dir
-        what = "log directory" if str(target) == str(cfg.logging.dir) else "log file"
-        print(f"walacord: cannot open {what} {str(target)!r}: {exc.strerror}; fix its owner "
+        kind = "log directory" if str(target) == str(cfg.logging.dir) else "log file"
+        print(f"walacord: cannot open {kind} {str(target)!r}: {exc.strerror}; fix its owner "
               "or permissions, or set [logging] dir", file=sys.stderr)
         return 1
 

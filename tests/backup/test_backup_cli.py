@@ -455,7 +455,7 @@ def test_verify_after_original_file_put_back(daemon: Path) -> None:
 
 
 def test_list_escapes_control_characters(daemon: Path) -> None:
-    """A dump whose name holds a terminal escape is named with the escape written out,
+    """A dump whose name contains a terminal escape is named with the escape written out,
     and its by-hand command gives back the real name in bash."""
     taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
     directory = Path(taken["path"]).parent

@@ -225,7 +225,7 @@ async def test_commands_die_with_walacord(runner: str) -> None:
 async def test_without_setpriv_commands_run_plainly(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    """Where setpriv is missing, commands start as given and a warning says what is lost."""
+    """Where setpriv is missing, commands start as given and a warning names what is lost."""
     monkeypatch.setattr(processes._ParentDeathPrefix, "prefix", None)
     monkeypatch.setenv("PATH", str(tmp_path))
 

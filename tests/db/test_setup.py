@@ -380,8 +380,8 @@ def test_setup_refuses_superuser_or_admin_role(
             pg_cluster.psql(f'DROP ROLE "{role}"')
 
     assert code == 1
-    what = "the role this command connects as" if role == "postgres" else "a superuser"
-    assert f"--role {role} is {what}; walacord needs a role of its own" in error
+    kind = "the role this command connects as" if role == "postgres" else "a superuser"
+    assert f"--role {role} is {kind}; walacord needs a role of its own" in error
     assert "Nothing was changed" in error
     assert attributes.startswith("t|")
     assert created == "0"

@@ -114,9 +114,9 @@ def test_statement_parameters_finds_placeholders(sql: str, names: set[str]) -> N
     assert statement_parameters(sql) == names
 
 
-def test_parse_operation_accepts_nul_free_escapes_and_own_key_field() -> None:
+def test_parse_accepts_escapes_and_own_key() -> None:
     """A literal backslash-u0000 text is not NUL, a walacor record may repeat its own key,
-    and a NUL is fine in a walacor record, which PostgreSQL never sees."""
+    and a NUL is fine in a walacor record, which PostgreSQL never receives."""
     postgres = parse({"sink": "postgres", "key": "k", "statement": "insert_row",
                       "params": {"amount": 1, "note": "\\u0000"}})
     assert postgres.payload == b'{"amount":1,"note":"\\\\u0000"}'

@@ -140,9 +140,9 @@ async def test_permanent_error_goes_dead(
 async def test_unsendable_value_goes_dead_alone(
         open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any], metrics: Metrics
 ) -> None:
-    """A value that psycopg refuses to send (a NUL in text, which enqueue now rejects but
-    an older walacord stored) fails only its own operation, as a statement error, and
-    the operations batched with it are applied at their first attempt."""
+    """A value that psycopg rejects (a NUL in text, which enqueue now rejects but an
+    older walacord stored) fails only its own operation, as a statement error. The
+    operations batched with it are applied at their first attempt."""
     unsendable = NewOperation(key="nul\0", sink="postgres", target="insert_row",
                               payload=b'{"amount":1}')
     async with open_store(dead_after_attempts=2) as store:

@@ -429,9 +429,9 @@ def shell_word(path: Path | str) -> str:
         return shlex.quote(text)
     # Control characters are escaped too, so that printing the command cannot send a
     # terminal escape sequence.
-    kept = (chr(byte) if 0x20 <= byte < 0x7f and byte not in b"'\\" else f"\\x{byte:02x}"
-            for byte in raw)
-    return f"$'{''.join(kept)}'"
+    escaped = (chr(byte) if 0x20 <= byte < 0x7f and byte not in b"'\\" else f"\\x{byte:02x}"
+               for byte in raw)
+    return f"$'{''.join(escaped)}'"
 
 
 def manual_restore_command(dump: Path | str) -> str:

@@ -389,9 +389,9 @@ async def check_role_is_unprivileged(conn: psycopg.AsyncConnection, rights: Admi
     superuser: ensure_role would take SUPERUSER, CREATEROLE and CREATEDB away from it."""
     row = await fetch_one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = %s", role)
     if role == rights.name or (row is not None and row[0]):
-        what = "the role this command connects as" if role == rights.name else "a superuser"
+        kind = "the role this command connects as" if role == rights.name else "a superuser"
         raise DatabaseSetupError(
-            f"--role {role} is {what}; walacord needs a role of its own without "
+            f"--role {role} is {kind}; walacord needs a role of its own without "
             "superuser, which setup-database would make of it by taking SUPERUSER, "
             "CREATEROLE and CREATEDB away. Nothing was changed. Pass another name, such as "
             "--role walacord, and setup-database creates that role")

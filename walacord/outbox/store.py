@@ -784,8 +784,8 @@ class OutboxStore(OutboxQueries):
             fresh_size = size - plan.size
             if (len(fresh) > self.config.max_operations
                     or fresh_size > self.config.max_bytes):
-                # Not even an empty outbox holds it, so it says nothing about the
-                # backlog: no alert and no emergency mode.
+                # Not even an empty outbox has room for it, so it tells nothing about
+                # the backlog. No alert and no emergency mode follow.
                 request.error = OutboxRequestTooLarge(
                     f"this request has {len(fresh)} new "
                     f"operation{'' if len(fresh) == 1 else 's'} with {fresh_size} "

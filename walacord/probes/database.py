@@ -126,7 +126,7 @@ def classify(exc: BaseException) -> str:
             ("could not translate host name", "dns"),
             ("name or service not known", "dns"),
             ("password authentication failed", "auth"),
-            # libpq's own message when the server asks for a password and none is set.
+            # libpq's own message when the server requests a password and none is set.
             ("no password supplied", "auth"),
             ("too many clients already", "too_many_connections"),
             ("remaining connection slots are reserved", "too_many_connections"),
