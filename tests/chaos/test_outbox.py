@@ -123,8 +123,10 @@ def test_outbox_commit_then_drop(pg_db: str, emulator: EmulatorProcess,
 
     # A third of the submits are stored and then the connection drops before the
     # response, so the outbox must find the record by key instead of sending it again.
-    emulator.set_faults({"mode": "drop_after_commit", "ratio": 0.3,
-                         "path": "/api/envelopes/submit"})
+    # The first submit always drops, so a lucky random draw cannot skip the fault.
+    emulator.set_faults(
+        {"mode": "drop_after_commit", "count": 1, "path": "/api/envelopes/submit"},
+        {"mode": "drop_after_commit", "ratio": 0.3, "path": "/api/envelopes/submit"})
     began = scenario.mark()
     acked = enqueue(path, [f"drop-{index}" for index in range(OPERATIONS)])
     drained_s, stats = wait_drained(path, timeout=60)
