@@ -609,3 +609,100 @@ async def test_writes_after_compact_commit(open_store: StoreOpener) -> None:
         stats = await store.check_conservation()
     assert [op.key for op in claimed] == ["c2", "c3"]
     assert (stats.done, stats.pending) == (4, 0)
+
+
+def stored_states(db_path: Path) -> dict[str, str]:
+    """Return each key's state as stored in the database file."""
+    with sqlite3.connect(db_path) as db:
+        return dict(db.execute("SELECT key, state FROM operations"))
+
+
+async def test_memory_claim_reads_in_flight(
+        open_store: StoreOpener, db_path: Path) -> None:
+    async with open_store() as store:
+        results = await store.enqueue([ledger_op("a"), ledger_op("b"), ledger_op("c")])
+        ids = {r.operation.key: r.operation.id for r in results}
+        claimed = await store.claim("postgres", 2, time.time(), durable=False)
+        on_disk = stored_states(db_path)
+        states = {op.key: op.state for op in await store.list()}
+        in_flight = [op.key for op in await store.list(states=[State.IN_FLIGHT])]
+        pending = [op.key for op in await store.list(states=[State.PENDING])]
+        both = [op.key for op in await store.list(states=[State.PENDING, State.IN_FLIGHT])]
+        by_id = await store.get(ids["a"])
+        by_key = await store.get_by_key("b")
+        stats = await store.check_conservation()
+        rest = await store.claim("postgres", 10, time.time(), durable=False)
+        with pytest.raises(OutboxError, match="in_flight"):
+            await store.drop(ids["a"], reason="test")
+        retried = await store.retry([ids["a"]])
+    assert [op.key for op in claimed] == ["a", "b"]
+    assert on_disk == {"a": "pending", "b": "pending", "c": "pending"}
+    assert states == {"a": State.IN_FLIGHT, "b": State.IN_FLIGHT, "c": State.PENDING}
+    assert (in_flight, pending, both) == (["a", "b"], ["c"], ["a", "b", "c"])
+    assert (by_id.state, by_key.state) == (State.IN_FLIGHT, State.IN_FLIGHT)
+    assert (stats.pending, stats.in_flight) == (1, 2)
+    assert stats.conserved
+    assert [op.key for op in rest] == ["c"]
+    assert retried == 0
+
+
+async def test_memory_claim_ends_with_outcome(open_store: StoreOpener,
+                                                 db_path: Path) -> None:
+    async with open_store() as store:
+        await store.enqueue([ledger_op("a"), ledger_op("b"), ledger_op("c")])
+        first = await store.claim("postgres", 2, time.time(), durable=False)
+        later = time.time() + 3600
+        outcomes = [Outcome(first[0], State.DONE),
+                    Outcome(first[1], State.PENDING, error="down", next_attempt_at=later)]
+        second = await store.claim("postgres", 10, time.time(), record=outcomes,
+                                   durable=False)
+        due = await store.next_due("postgres")
+        stats = await store.check_conservation()
+        await store.record([Outcome(second[0], State.DEAD, error="bad")])
+        claims_after = set(store.memory_claims)
+        stored = {op.key: op for op in await store.list()}
+        final = await store.check_conservation()
+    assert [op.key for op in second] == ["c"]
+    assert outcomes == []
+    # The claimed operation c is due now but already claimed, so b's retry comes next.
+    assert due == later
+    assert (stats.done, stats.pending, stats.in_flight) == (1, 1, 1)
+    assert claims_after == set()
+    assert {key: op.state for key, op in stored.items()} == {
+        "a": State.DONE, "b": State.PENDING, "c": State.DEAD}
+    assert [stored[key].attempts for key in "abc"] == [1, 1, 1]
+    assert stored_states(db_path) == {"a": "done", "b": "pending", "c": "dead"}
+    assert (final.done, final.pending, final.in_flight, final.dead) == (1, 1, 0, 1)
+    assert final.conserved
+
+
+async def test_memory_claim_keeps_order(open_store: StoreOpener) -> None:
+    async with open_store() as store:
+        await store.enqueue([ledger_op("x1", ordering_key="x"), ledger_op("free"),
+                             ledger_op("x2", ordering_key="x")])
+        first = await store.claim("postgres", 1, time.time(), durable=False)
+        waiting = await store.claim("postgres", 10, time.time(), durable=False)
+        states = {op.key: op.state for op in await store.list()}
+        then = await store.claim("postgres", 10, time.time(), durable=False,
+                                 record=[Outcome(first[0], State.DONE),
+                                         Outcome(waiting[0], State.DONE)])
+    assert [op.key for op in first] == ["x1"]
+    assert [op.key for op in waiting] == ["free"]
+    assert states == {"x1": State.IN_FLIGHT, "free": State.IN_FLIGHT, "x2": State.PENDING}
+    assert [op.key for op in then] == ["x2"]
+
+
+async def test_memory_claim_lost_at_restart(open_store: StoreOpener) -> None:
+    """A crash loses a claim kept in memory: the operations are pending again and the
+    attempt does not count, which is harmless for an idempotent statement."""
+    async with open_store() as store:
+        await store.enqueue([ledger_op("a")])
+        await store.claim("postgres", 1, time.time(), durable=False)
+
+    async with open_store() as store:
+        operation = await store.get_by_key("a")
+        stats = await store.check_conservation()
+        again = await store.claim("postgres", 1, time.time(), durable=False)
+    assert (operation.state, operation.attempts) == (State.PENDING, 0)
+    assert (stats.pending, stats.in_flight) == (1, 0)
+    assert [op.key for op in again] == ["a"]

@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -115,12 +115,22 @@ BLOCKING_DEAD = (
     "AND later.state = 'pending') ORDER BY dead.id LIMIT ?")
 
 
-def row_to_operation(row: Sequence[Any]) -> Operation:
+def row_to_operation(row: Sequence[Any], memory_claims: Collection[int] = ()) -> Operation:
+    """Build an operation from its COLUMNS row; a pending one in `memory_claims` is in
+    flight."""
+    state = _STATES[row[10]]
+    if state is State.PENDING and row[0] in memory_claims:
+        state = State.IN_FLIGHT
     return Operation(
         id=row[0], key=row[1], sink=row[2], target=row[3], payload=bytes(row[4]),
         ordering_key=row[5], created_at=row[6], attempts=row[7], next_attempt_at=row[8],
-        last_error=row[9], state=_STATES[row[10]],
+        last_error=row[9], state=state,
         receipt=orjson.loads(row[11]) if row[11] else None, updated_at=row[12])
+
+
+def _id_list(ids: Iterable[int]) -> str:
+    """Return `ids` as a JSON array, the parameter of a `json_each(?)` subquery."""
+    return orjson.dumps(list(ids)).decode()
 
 
 async def execute_in_order(db: aiosqlite.Connection,
@@ -160,23 +170,28 @@ def _run_in_order(connection: sqlite3.Connection,
     return results, first_error
 
 
-def _record_updates(outcomes: Sequence[Outcome], now: float
-                    ) -> list[tuple[str, Sequence[Any]]]:
+def _record_updates(outcomes: Sequence[Outcome], now: float,
+                    memory_claims: Collection[int]) -> list[tuple[str, Sequence[Any]]]:
     """Return the UPDATE statements that store `outcomes`.
 
     Outcomes that set the same values share one set-based UPDATE, which costs about
-    half of one UPDATE per row in SQLite.
+    half of one UPDATE per row in SQLite. Each UPDATE changes only rows still in the
+    state their claim left them: in_flight, or pending for the ids in `memory_claims`.
+    A row that left that state meanwhile keeps its new state.
     """
     groups: dict[tuple[Any, ...], list[int]] = {}
     # A batch shares one receipt object among its operations; encode it once.
     encoded: dict[int, str] = {}
     previous: Outcome | None = None
     ids: list[int] = []
+    previous_claimed_state = ""
     for o in outcomes:
+        claimed_state = "pending" if o.operation.id in memory_claims else "in_flight"
         if (previous is not None and o.state is previous.state
                 and o.receipt is previous.receipt and o.error is previous.error
                 and o.attempted is previous.attempted
-                and o.next_attempt_at == previous.next_attempt_at):
+                and o.next_attempt_at == previous.next_attempt_at
+                and claimed_state == previous_claimed_state):
             # The outcomes of one batch come in a run with the same values, so most
             # rows skip building and hashing the values.
             ids.append(o.operation.id)
@@ -186,14 +201,15 @@ def _record_updates(outcomes: Sequence[Outcome], now: float
             receipt = encoded.get(id(o.receipt))
             if receipt is None:
                 receipt = encoded[id(o.receipt)] = orjson.dumps(o.receipt).decode()
-        values = (o.state.value, receipt, o.error, int(o.attempted), o.next_attempt_at)
+        values = (o.state.value, receipt, o.error, int(o.attempted), o.next_attempt_at,
+                  claimed_state)
         ids = groups.setdefault(values, [])
         ids.append(o.operation.id)
-        previous = o
+        previous, previous_claimed_state = o, claimed_state
     return [("UPDATE operations SET state = ?, receipt = ?, last_error = ?, "
              "attempts = attempts + ?, next_attempt_at = ?, updated_at = ? "
-             "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight'",
-             (*values, now, orjson.dumps(ids).decode())) for values, ids in groups.items()]
+             "WHERE id IN (SELECT value FROM json_each(?)) AND state = ?",
+             (*values[:5], now, _id_list(ids), values[5])) for values, ids in groups.items()]
 
 
 def _claimed_operations(rows: list[Any], sink: str, now: float) -> list[Operation]:
@@ -217,6 +233,9 @@ class OutboxQueries:
     def __init__(self) -> None:
         self.write_lock = anyio.Lock()
         self.read_lock = anyio.Lock()
+        # Ids of operations claimed in memory (see `claim(durable=False)`): pending in
+        # the database, in flight for every reader. Changed only under `write_lock`.
+        self.memory_claims: set[int] = set()
 
     def _writer(self) -> aiosqlite.Connection:
         raise NotImplementedError
@@ -260,33 +279,42 @@ class OutboxQueries:
         with that key is done, or is claimed in this same call before it. So a dead
         operation holds back later ones with its key until it is retried or dropped.
 
-        With `durable=False` the commit skips the fsync, as `record()` does. A power
-        loss can then undo the claim, so its operations come back pending and not
-        counted as attempted. Only a sink whose replay is harmless without that count
-        may ask for it (see `Sink.durable_claims`).
+        With `durable=False` the claim is kept in memory (`memory_claims`) instead of
+        in the database: it reads the due rows with a SELECT, which writes nothing, and
+        the rows stay pending in SQLite until their outcome is stored. Readers still see
+        them in flight. A crash or power loss loses such a claim, so its operations
+        replay without counting the attempt. Only a sink whose replay is harmless
+        without that count may ask for it (see `Sink.durable_claims`). The commit of
+        the recorded outcomes skips the fsync, as `record()` does.
         """
         recording = list(record or ())
-        updates = _record_updates(recording, now)
+        updates = _record_updates(recording, now, self.memory_claims)
         # The last statement restores FULL even when an earlier one fails.
         relaxed = [] if durable else [("PRAGMA synchronous = NORMAL", ())]
         restore = [] if durable else [("PRAGMA synchronous = FULL", ())]
         async with self.writing() as db:
-            # One UPDATE ... RETURNING marks and reads the due rows, and the COMMIT is
-            # queued with it, so the common case costs one wait for SQLite's thread.
-            # A durable claim survives a power loss: the restart turns its in-flight
-            # operations into attempted ones, which makes the walacor sink look their
-            # key up before it submits again.
+            # One statement marks (or, in memory, only reads) the due rows, and the
+            # COMMIT is queued with it, so the common case costs one wait for SQLite's
+            # thread. A durable claim survives a power loss: the restart turns its
+            # in-flight operations into attempted ones, which makes the walacor sink
+            # look their key up before it submits again.
+            if durable:
+                select: tuple[str, Sequence[Any]] = (
+                    "UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
+                    "(SELECT id FROM operations WHERE state = 'pending' AND sink = ? "
+                    "AND next_attempt_at <= ? ORDER BY id LIMIT ?) "
+                    f"RETURNING {CLAIM_COLUMNS}", (now, sink, now, limit))
+            else:
+                # The outcomes recorded above leave `memory_claims` only after the
+                # commit, so they are excluded here as well.
+                excluded = [_id_list(self.memory_claims)] if self.memory_claims else []
+                select = (f"SELECT {CLAIM_COLUMNS} FROM operations WHERE state = 'pending' "
+                          "AND sink = ? AND next_attempt_at <= ? "
+                          f"{self._without_memory_claims()} ORDER BY id LIMIT ?",
+                          (sink, now, *excluded, limit))
             try:
                 results = await execute_in_order(db, [
-                    *relaxed,
-                    ("BEGIN IMMEDIATE", ()),
-                    *updates,
-                    ("UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
-                     "(SELECT id FROM operations WHERE state = 'pending' AND sink = ? "
-                     "AND next_attempt_at <= ? ORDER BY id LIMIT ?) "
-                     f"RETURNING {CLAIM_COLUMNS}",
-                     (now, sink, now, limit)),
-                    ("COMMIT", ()),
+                    *relaxed, ("BEGIN IMMEDIATE", ()), *updates, select, ("COMMIT", ()),
                     *restore])
                 rows = results[len(relaxed) + 1 + len(updates)]
             except BaseException:
@@ -302,9 +330,16 @@ class OutboxQueries:
 
             candidates = _claimed_operations(rows, sink, now)
             claimed = await self._in_order(db, candidates)
-            if len(claimed) < len(candidates):
+            if not durable:
+                self.memory_claims.update(op.id for op in claimed)
+            elif len(claimed) < len(candidates):
                 await self._unclaim(db, candidates, claimed)
         return claimed
+
+    def _without_memory_claims(self) -> str:
+        """Return the condition that excludes `memory_claims`, whose JSON array is the
+        next parameter, or an empty string when there are none."""
+        return "AND id NOT IN (SELECT value FROM json_each(?))" if self.memory_claims else ""
 
     async def _unclaim(self, db: aiosqlite.Connection, candidates: list[Operation],
                        claimed: list[Operation]) -> None:
@@ -356,7 +391,7 @@ class OutboxQueries:
         """Store the outcome of applied operations in one transaction."""
         if not outcomes:
             return
-        updates = _record_updates(outcomes, time.time())
+        updates = _record_updates(outcomes, time.time(), self.memory_claims)
         async with self.writing() as db:
             # Without an fsync: if a crash loses this commit, the operations come back
             # as in flight and replay through the sinks' exactly-once paths. In WAL
@@ -372,10 +407,13 @@ class OutboxQueries:
                 await self._rollback_quietly(db)
                 await db.execute("PRAGMA synchronous = FULL")
                 raise
-        self._recorded(outcomes)
+            self._recorded(outcomes)
 
     def _recorded(self, outcomes: Sequence[Outcome]) -> None:
-        """Release the capacity of the operations that `outcomes` marked done."""
+        """Release the claims of `outcomes`, just committed, and the capacity of the
+        operations they marked done. Call it under `write_lock`."""
+        if self.memory_claims:
+            self.memory_claims.difference_update(o.operation.id for o in outcomes)
         done = [o for o in outcomes if o.state is State.DONE]
         if not done:
             return
@@ -387,9 +425,10 @@ class OutboxQueries:
 
     async def next_due(self, sink: str) -> float | None:
         """Return the earliest next attempt time of a pending operation of `sink`."""
+        excluded = [_id_list(self.memory_claims)] if self.memory_claims else []
         rows = await self._read().execute_fetchall(
-            "SELECT min(next_attempt_at) FROM operations WHERE state = 'pending' AND sink = ?",
-            (sink,))
+            "SELECT min(next_attempt_at) FROM operations WHERE state = 'pending' AND sink = ? "
+            f"{self._without_memory_claims()}", (sink, *excluded))
         value = next(iter(rows))[0]
         return None if value is None else float(value)
 
@@ -406,6 +445,7 @@ class OutboxQueries:
         return stats
 
     async def _stats_snapshot(self, db: aiosqlite.Connection) -> Stats:
+        claimed = _id_list(self.memory_claims) if self.memory_claims else None
         await db.execute("BEGIN")
         try:
             counters = {str(row[0]): int(row[1]) for row in
@@ -416,12 +456,17 @@ class OutboxQueries:
                 "SELECT created_at FROM operations WHERE state IN ('pending', 'in_flight') "
                 "ORDER BY id LIMIT 1")
             blocked = next(iter(await db.execute_fetchall(BLOCKED_COUNT)))[0]
+            # Claims kept in memory are pending rows that count as in flight.
+            claimed_pending = 0 if claimed is None else next(iter(await db.execute_fetchall(
+                "SELECT count(*) FROM operations WHERE state = 'pending' AND id IN "
+                "(SELECT value FROM json_each(?))", (claimed,))))[0]
         finally:
             await db.execute("COMMIT")
         oldest_row = next(iter(oldest), None)
         return Stats(
-            accepted=int(counters["accepted"]), pending=int(by_state.get("pending", 0)),
-            in_flight=int(by_state.get("in_flight", 0)),
+            accepted=int(counters["accepted"]),
+            pending=int(by_state.get("pending", 0)) - claimed_pending,
+            in_flight=int(by_state.get("in_flight", 0)) + claimed_pending,
             done=int(by_state.get("done", 0)) + int(counters["compacted"]),
             dead=int(by_state.get("dead", 0)), dropped=int(counters["dropped"]),
             oldest_pending_created_at=oldest_row[0] if oldest_row else None,
@@ -459,7 +504,7 @@ class OutboxQueries:
         row = next(iter(rows), None)
         if row is None:
             raise OutboxNotFound(f"no outbox operation has id {op_id}")
-        return row_to_operation(row)
+        return row_to_operation(row, self.memory_claims)
 
     async def get_by_key(self, key: str) -> Operation:
         rows = await self._read().execute_fetchall(
@@ -469,7 +514,7 @@ class OutboxQueries:
             raise OutboxNotFound(f"no outbox operation has key {shorten(key, 80)!r}: it was never "
                                  "enqueued here, or it was done and compacted after the "
                                  "retention period")
-        return row_to_operation(row)
+        return row_to_operation(row, self.memory_claims)
 
     async def blockers(self, limit: int = 5) -> Blockers:
         """Return the dead operations that hold back pending ones, the first `limit` by id."""
@@ -510,13 +555,23 @@ class OutboxQueries:
                    limit: int = 100) -> list[Operation]:
         """Return operations with id > `after_id` in id order, optionally by state."""
         where, params = "id > ?", list[Any]([after_id])
+        claimed = set(self.memory_claims)
         if states:
-            where += f" AND state IN ({','.join('?' * len(states))})"
-            params += [s.value for s in states]
+            stored = {s.value for s in states}
+            if claimed and (State.PENDING in states) != (State.IN_FLIGHT in states):
+                # Memory claims are pending rows that count as in flight: a filter on
+                # one of the two states but not the other must look at their ids.
+                stored.add(State.PENDING.value)
+                where += (" AND (state != 'pending' OR id "
+                          f"{'' if State.IN_FLIGHT in states else 'NOT '}IN "
+                          "(SELECT value FROM json_each(?)))")
+                params.append(_id_list(claimed))
+            where += f" AND state IN ({','.join('?' * len(stored))})"
+            params += sorted(stored)
         rows = await self._read().execute_fetchall(
             f"SELECT {COLUMNS} FROM operations WHERE {where} ORDER BY id LIMIT ?",
             (*params, limit))
-        return [row_to_operation(row) for row in rows]
+        return [row_to_operation(row, claimed) for row in rows]
 
     async def retry(self, ids: Sequence[int] = (), *, all_dead: bool = False) -> int:
         """Return dead operations to pending with a fresh attempt count; return how many."""
@@ -530,6 +585,8 @@ class OutboxQueries:
             count = 0
             try:
                 for op_id in ids:
+                    if op_id in self.memory_claims:
+                        continue  # in flight; its outcome decides what comes next
                     cursor = await db.execute(
                         "UPDATE operations SET state = 'pending', attempts = 0, "
                         "next_attempt_at = 0, updated_at = ? WHERE id = ? AND state IN "
@@ -562,7 +619,7 @@ class OutboxQueries:
                 row = next(iter(rows), None)
                 if row is None:
                     raise OutboxNotFound(f"no outbox operation has id {op_id}")
-                operation = row_to_operation(row)
+                operation = row_to_operation(row, self.memory_claims)
                 if operation.state not in (State.PENDING, State.DEAD):
                     raise OutboxError(f"operation {op_id} is {operation.state.value}; only "
                                       "pending or dead operations can be dropped")

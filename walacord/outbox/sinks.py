@@ -73,7 +73,8 @@ class Sink(Protocol):
 
     name: str
     # True when a replay after a lost claim needs the claim's attempt count, so the
-    # claim must survive a power loss. Skipping its fsync saves one per round.
+    # claim is written to SQLite and survives a crash. False keeps claims in memory,
+    # which saves SQLite a write of every row (see OutboxQueries.claim).
     durable_claims: bool
 
     async def apply(self, operation: Operation) -> dict[str, Any]:

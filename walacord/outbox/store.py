@@ -329,6 +329,7 @@ class OutboxStore(OutboxQueries):
             if before != after:
                 log.info("outbox.migrated", extra={"fields": {"from": before, "to": after}})
             recovered = await self._reset_in_flight()
+            self.memory_claims.clear()
             await self._load_counters()
             self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
                                                    isolation_level=None)
@@ -908,7 +909,7 @@ class OutboxStore(OutboxQueries):
             rows = await db.execute_fetchall(
                 f"SELECT {COLUMNS} FROM operations WHERE key IN ({marks})", chunk)
             for row in rows:
-                found[row[1]] = row_to_operation(row)
+                found[row[1]] = row_to_operation(row, self.memory_claims)
         return found
 
     # --- maintenance --------------------------------------------------------------
