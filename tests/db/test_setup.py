@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -9,6 +11,7 @@ import pytest
 from db_names import Names
 
 from walacord.cli import main
+from walacord.db.setup import SETUP_LOCK_KEY
 from walacord.pgcluster import PgCluster, free_port
 
 ROLE_PASSWORD = "s3cret-Role-pw"
@@ -47,6 +50,47 @@ def test_setup_database_twice_creates_then_unchanged(
     assert changed == {"setup-database": "nothing changed"}
     assert second[f"password of role {names.role}"] == "unchanged"
     assert ROLE_PASSWORD not in second_output
+
+
+def test_setup_two_processes_at_once(
+    pg_cluster: PgCluster, names: Names, password_file: Path
+) -> None:
+    # Without a lock both runs find the database missing, and the second CREATE
+    # DATABASE fails on pg_database's unique index.
+    argv = [
+        sys.executable, "-m", "walacord",
+        *run_setup(pg_cluster.url(), names, "--password-file", str(password_file)),
+    ]
+    processes = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    for _, stderr in outputs:
+        lines = stderr.splitlines()
+        assert all("holds the setup lock" in line for line in lines), stderr
+    reports = [outcomes(stdout) for stdout, _ in outputs]
+    database = sorted(report[f"database {names.database}"] for report in reports)
+    assert database == ["created", "unchanged"]
+    summaries = sorted(report["setup-database"] for report in reports)
+    assert summaries[0].endswith(" changes")
+    assert summaries[1] == "nothing changed"
+
+
+def test_setup_waits_for_lock_then_times_out(
+    pg_cluster: PgCluster, names: Names, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK_KEY,))
+
+        assert main(run_setup(pg_cluster.url(), names, "--timeout", "0.5")) == 1
+
+    error = capsys.readouterr().err
+    assert "another setup-database run holds the setup lock in postgres@" in error
+    assert "did not finish within 0.5 s" in error
+    assert pg_cluster.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{names.role}'") == ""
 
 
 def test_setup_role_writes_heartbeat_not_createdb(

@@ -7,11 +7,16 @@ nothing and reports each step as unchanged. Each step prints one line,
 Before the first change, the run checks that no other role owns schema walacord or
 an object in it, because handing them over locks that role out. Only --take-over
 hands them over.
+
+Concurrent runs take turns on an advisory lock in the admin URL's database, so the
+second finds the first one's work done instead of failing on a duplicate role or
+database.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from collections.abc import Callable
@@ -21,7 +26,7 @@ import anyio
 import psycopg
 from psycopg import conninfo, sql
 
-from walacord.db.migrate import SCHEMA, apply_migrations
+from walacord.db.migrate import SCHEMA, AppliedMigration, apply_migrations
 from walacord.db.ownership import SchemaOwnership, hand_over, read_ownership, rejection
 from walacord.db.passwords import read_password, verifier_matches
 from walacord.errors import DatabaseSetupError, MigrationError
@@ -31,6 +36,13 @@ DEFAULT_ROLE = "walacord"
 DEFAULT_DATABASE = "walacor_integrity"
 DEFAULT_TIMEOUT_SECONDS = 60.0
 CONNECT_TIMEOUT_SECONDS = 10
+
+# Key of the session-level advisory lock that serialises setup-database runs. It
+# differs from the migrators' key, which the same run takes later, possibly in the
+# same database.
+SETUP_LOCK_KEY = int.from_bytes(hashlib.sha256(b"walacord.setup-database").digest()[:8],
+                                "big", signed=True)
+LOCK_POLL_SECONDS = 0.1
 
 # Attributes the role must have: it logs in and can do nothing cluster-wide.
 ROLE_ATTRIBUTES = {
@@ -43,6 +55,8 @@ ROLE_ATTRIBUTES = {
 }
 
 Report = Callable[[str, str], None]
+# Called once when another run holds the setup lock, with the admin URL's target.
+LockWait = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -150,26 +164,53 @@ def require(granted: bool, rights: AdminRights, privilege: str, action: str) -> 
 # --- the steps ------------------------------------------------------------------
 
 
-async def setup_database(options: SetupOptions, report: Report) -> int:
+async def setup_database(
+    options: SetupOptions, report: Report, on_lock_wait: LockWait | None = None
+) -> int:
     """Bring role, database, schema and migrations to the wanted state.
 
-    Returns how many steps changed something. Raises DatabaseSetupError with the
-    failed step, the missing privilege or the unreachable server.
+    Returns how many steps changed something. Waits, within `options.timeout`, while
+    another run holds the setup lock, and calls `on_lock_wait` once when it has to.
+    Raises DatabaseSetupError with the failed step, the missing privilege or the
+    unreachable server.
     """
     try:
         with anyio.fail_after(options.timeout):
-            return await _setup(options, report)
+            return await _setup(options, report, on_lock_wait)
     except psycopg.Error as exc:
         # A failure the steps do not name themselves, e.g. a dropped connection.
         message = redact(str(exc).strip(), options.admin_url)
         raise DatabaseSetupError(f"database error: {message}") from None
     except TimeoutError:
         raise DatabaseSetupError(
-            f"setup-database did not finish within {options.timeout:g} s"
+            f"setup-database did not finish within {options.timeout:g} s "
+            "(another setup-database run may hold the lock, or the server is slow)"
         ) from None
 
 
-async def _setup(options: SetupOptions, report: Report) -> int:
+async def acquire_setup_lock(
+    conn: psycopg.AsyncConnection, target: str, on_lock_wait: LockWait | None
+) -> None:
+    """Take the session-level setup lock on `conn`. Closing `conn` releases it.
+
+    A transaction-level lock does not fit because CREATE DATABASE cannot run inside a
+    transaction block. Polling pg_try_advisory_lock, as the migrators do, keeps the
+    wait cancellable by the caller's deadline.
+    """
+    # NOTE: advisory locks are scoped to one database, so two runs whose admin URLs
+    # name different databases do not wait for each other.
+    waited = False
+    while True:
+        row = await fetch_one(conn, "SELECT pg_try_advisory_lock(%s)", SETUP_LOCK_KEY)
+        if row is not None and row[0]:
+            return
+        if not waited and on_lock_wait is not None:
+            on_lock_wait(target)
+        waited = True
+        await anyio.sleep(LOCK_POLL_SECONDS)
+
+
+async def _setup(options: SetupOptions, report: Report, on_lock_wait: LockWait | None) -> int:
     changes = 0
 
     def step(subject: str, outcome: str) -> None:
@@ -180,6 +221,9 @@ async def _setup(options: SetupOptions, report: Report) -> int:
 
     admin = await connect(options.admin_url)
     async with admin:
+        # Every check below reads the state this lock protects, so it comes first. The
+        # admin session stays open until the last step to keep the lock.
+        await acquire_setup_lock(admin, describe_target(options.admin_url), on_lock_wait)
         rights = await read_rights(admin)
         await check_role_is_unprivileged(admin, rights, options.role)
         if await fetch_one(admin, "SELECT 1 FROM pg_database WHERE datname = %s",
@@ -205,6 +249,18 @@ async def _setup(options: SetupOptions, report: Report) -> int:
             )
         step(f"database {options.database}", await ensure_database(admin, rights, options))
 
+        applied = await _setup_database_contents(options, rights, step)
+
+    for migration in applied:
+        step(f"migration {migration.version:04d}_{migration.name}", "applied")
+    if not applied:
+        step("migrations", "unchanged")
+    return changes
+
+
+async def _setup_database_contents(
+    options: SetupOptions, rights: AdminRights, step: Report
+) -> list[AppliedMigration]:
     app = await connect(options.admin_url, dbname=options.database)
     async with app:
         step(
@@ -231,12 +287,7 @@ async def _setup(options: SetupOptions, report: Report) -> int:
         except MigrationError as exc:
             raise DatabaseSetupError(str(exc)) from None
         await app.execute("RESET ROLE")
-
-    for migration in applied:
-        step(f"migration {migration.version:04d}_{migration.name}", "applied")
-    if not applied:
-        step("migrations", "unchanged")
-    return changes
+    return applied
 
 
 async def read_rights(conn: psycopg.AsyncConnection) -> AdminRights:
@@ -551,6 +602,13 @@ def command(args: argparse.Namespace) -> int:
     def report(subject: str, outcome: str) -> None:
         print(f"{subject}: {outcome}", flush=True)
 
+    def report_lock_wait(target: str) -> None:
+        print(
+            f"walacord setup-database: another setup-database run holds the setup lock "
+            f"in {target}; waiting up to {args.timeout:g} s for it to finish",
+            file=sys.stderr, flush=True,
+        )
+
     try:
         password = read_password(args.password_file)
         if password is None:
@@ -565,7 +623,7 @@ def command(args: argparse.Namespace) -> int:
             take_over=args.take_over,
             timeout=args.timeout,
         )
-        changes = anyio.run(setup_database, options, report)
+        changes = anyio.run(setup_database, options, report, report_lock_wait)
     except DatabaseSetupError as exc:
         print(f"walacord setup-database: {exc}", file=sys.stderr)
         return 1
