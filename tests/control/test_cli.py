@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import select
 import signal
@@ -9,16 +10,18 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from tests.control.harness import WALACORCTL, DaemonProcess, walacorctl
 from walacord.control.cli import Context, build_parser
-from walacord.control.client import ControlClient, _control_error
+from walacord.control.client import ControlClient, ProgressCallback, _control_error
+from walacord.control.commands import watch_command
 from walacord.control.protocol import PROTOCOL_VERSION, ErrorCode, encode_request
 from walacord.control.render import ProgressBar, first_line, format_pairs, format_table
-from walacord.errors import ControlClientError
+from walacord.errors import ControlClientError, ControlError
 
 
 def test_status_json_shape(daemon: DaemonProcess) -> None:
@@ -260,6 +263,61 @@ def test_watch_redraws_until_interrupted(daemon: DaemonProcess) -> None:
     assert process.returncode == 0
     assert output.count("walacorctl watch: every 0.2s") >= 3
     assert output.count("mode:      normal") >= 3
+
+
+def test_watch_json_unreachable_error_document(socket_dir: Path) -> None:
+    missing = socket_dir / "missing.sock"
+    expected = orjson.loads(walacorctl("--json", "status", socket=missing).stdout)
+    process = subprocess.Popen([WALACORCTL, "--json", "--socket", str(missing), "watch",
+                                "--interval", "0.1"], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 30
+    while len(lines) < 2 and time.monotonic() < deadline:
+        readable, _, _ = select.select([process.stdout], [], [], 1.0)
+        if readable:
+            lines.append(process.stdout.readline())
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=10)
+
+    assert process.returncode == 0
+    assert len(lines) == 2
+    for line in lines:
+        document = orjson.loads(line)
+        assert set(document) == {"at", "error"}
+        assert document["at"].endswith("Z")
+        assert document["error"] == expected["error"]
+    assert expected["error"]["data"] == {"reason": "unreachable"}
+
+
+class FailingClient(ControlClient):
+    """A client whose calls raise the given errors in turn, then KeyboardInterrupt."""
+
+    def __init__(self, failures: list[Exception]) -> None:
+        super().__init__("/nonexistent/walacord.sock", 1.0)
+        self.failures = failures
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *,
+             on_progress: ProgressCallback | None = None) -> Any:
+        if not self.failures:
+            raise KeyboardInterrupt
+        raise self.failures.pop(0)
+
+
+def test_watch_json_daemon_error_document() -> None:
+    busy = ControlError(ErrorCode.BUSY, "the daemon is busy", {"limit": 64})
+    stdout = io.StringIO()
+    context = Context(client=FailingClient([busy, ControlClientError("gone\x9b")]),
+                      json=True, stdout=stdout)
+
+    assert watch_command(context, argparse.Namespace(interval=0.0)) == 0
+
+    documents = [orjson.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [document["error"] for document in documents] == [
+        {"code": ErrorCode.BUSY, "message": "the daemon is busy", "data": {"limit": 64}},
+        {"code": None, "message": "gone\x9b", "data": {"reason": "unreachable"}},
+    ]
+    assert "\x9b" not in stdout.getvalue()
 
 
 def test_daemon_stop_removes_socket(daemon: DaemonProcess) -> None:

@@ -186,10 +186,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             return handler(context, args)
         except ControlClientError as exc:
             if context.json:
-                # Scripts read one JSON document on standard output for every failure;
-                # code is null because no daemon sent one.
-                context.print_json({"error": {"code": None, "message": str(exc),
-                                              "data": {"reason": "unreachable"}}})
+                # Scripts read one JSON document on standard output for every failure.
+                context.print_json({"error": error_document(exc)})
             else:
                 err.write(f"walacorctl: {exc}\n")
             return EXIT_UNREACHABLE
@@ -208,11 +206,21 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             return 128 + signal.SIGPIPE
 
 
+def error_document(error: ControlError | ControlClientError) -> dict[str, Any]:
+    """Return the value of "error" in the documents that --json prints for `error`.
+
+    An error that no daemon sent, because walacorctl could not reach one or read its
+    response, has code null and data {"reason": "unreachable"}.
+    """
+    if isinstance(error, ControlError):
+        return {"code": error.code, "message": error.message, "data": error.data}
+    return {"code": None, "message": str(error), "data": {"reason": "unreachable"}}
+
+
 def report_error(context: Context, error: ControlError) -> None:
     """Print a daemon error: JSON on stdout with --json, a sentence on stderr otherwise."""
     if context.json:
-        context.print_json({"error": {"code": error.code, "message": error.message,
-                                      "data": error.data}})
+        context.print_json({"error": error_document(error)})
         return
     context.stderr.write(f"walacorctl: {error.message}\n")
     problems = error.data.get("problems") if isinstance(error.data, dict) else None

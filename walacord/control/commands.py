@@ -11,6 +11,7 @@ import orjson
 
 from walacord.config import LOG_LEVELS
 from walacord.control.arguments import DURATION_HELP, duration_type
+from walacord.control.cli import error_document
 from walacord.control.interfaces import MODES
 from walacord.control.render import (
     format_mode,
@@ -22,6 +23,7 @@ from walacord.control.render import (
     override_hides_worse,
 )
 from walacord.errors import ControlClientError, ControlError
+from walacord.terminal import escape_json_text
 
 if TYPE_CHECKING:
     from walacord.control.cli import Context
@@ -270,7 +272,7 @@ def watch_command(context: Context, args: argparse.Namespace) -> int:
             except (ControlClientError, ControlError) as exc:
                 context.client.close()  # reconnect on the next round
                 body = f"walacorctl: {exc}"
-                document = {"at": now, "error": str(exc)}
+                document = {"at": now, "error": error_document(exc)}
 
             if context.json:
                 context.stdout.write(_compact_json(document) + "\n")
@@ -285,4 +287,4 @@ def watch_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def _compact_json(document: Any) -> str:
-    return orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode()
+    return escape_json_text(orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode())
