@@ -234,6 +234,44 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.parametrize(("text", "key", "value"), [
+    ("[state]\ndir = 'state'\n", "state.dir", "state"),
+    ("[logging]\ndir = './logs/'\n", "logging.dir", "./logs/"),
+    ("[control]\nsocket = 'run/control.sock'\n", "control.socket", "run/control.sock"),
+    ("[backup]\ndir = 'backups'\n", "backup.dir", "backups"),
+    ("[backup]\npg_bindir = 'pg/bin'\n", "backup.pg_bindir", "pg/bin"),
+    ("[walacor]\nca_bundle = 'ca.pem'\n", "walacor.ca_bundle", "ca.pem"),
+    ("[probes.host]\ndirs = ['/srv', 'data']\n", "probes.host.dirs[1]", "data"),
+    ("[walacor]\npassword_file = 'pw'\n", "walacor.password_file", "pw"),
+    ("[database]\nurl_file = '../url'\n", "database.url_file", "../url"),
+])
+def test_relative_paths_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 text: str, key: str, value: str) -> None:
+    # The relative paths exist here, so only the check for a relative path can fail.
+    work = tmp_path / "work"
+    for directory in ("state", "logs", "run", "backups", "pg/bin", "data"):
+        (work / directory).mkdir(parents=True)
+    for file in ("ca.pem", "pw"):
+        (work / file).write_text("x\n")
+    (tmp_path / "url").write_text("postgresql://u@h/db\n")
+    monkeypatch.chdir(work)
+
+    found = problems(write(tmp_path, text))
+
+    assert len(found) == 1, found
+    assert f"{key}: {value!r} is a relative path" in found[0]
+    assert "give an absolute path" in found[0]
+
+
+def test_check_config_rejects_relative_state_dir(tmp_path: Path) -> None:
+    result = check_config(write(tmp_path, "[state]\ndir = 'var/state'\n"))
+
+    assert result.returncode == 2
+    assert "state.dir: 'var/state' is a relative path" in result.stderr
+    assert "give an absolute path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     good = check_config(ROOT / "etc" / "walacord.toml")
     bad = check_config(write(tmp_path, "[database]\npool_min_size = 'x'\nbogus = 1\n"))

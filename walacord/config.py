@@ -162,7 +162,8 @@ class WalacorConfig:
     url: str = setting("", help="base URL, with or without the trailing /api; empty disables")
     username: str = ""
     password: str = setting("", secret=True)
-    ca_bundle: str = setting("", help="PEM file of CAs to trust instead of the system store")
+    ca_bundle: PathSetting = setting("", help="PEM file of CAs to trust instead of the "
+                                     "system store")
     connect_timeout: Duration = setting(5.0, min=0.05, max=300)
     read_timeout: Duration = setting(10.0, min=0.05, max=3600)
     request_timeout: Duration = setting(30.0, min=0.1, max=3600)
@@ -399,7 +400,7 @@ class HostProbeConfig(ProbeSettings):
     clock_jump: Duration = setting(5.0, min=0.1, max=86400,
                                    help="wall clock moving this much against the monotonic "
                                         "clock is a clock jump")
-    dirs: list[str] = setting(default_factory=list,
+    dirs: list[PathSetting] = setting(default_factory=list,
                               help="more directories to watch besides state and log dirs")
 
     def check(self) -> list[tuple[str, str]]:

@@ -109,7 +109,7 @@ class Monitor:
 
     def _watched_dirs(self) -> list[str]:
         cfg = self.config
-        dirs = [cfg.state.dir, *cfg.probes.host.dirs]
+        dirs: list[str] = [cfg.state.dir, *cfg.probes.host.dirs]
         if cfg.logging.dir:
             dirs.append(cfg.logging.dir)
         return dirs

@@ -23,8 +23,9 @@ from walacord.errors import ConfigProblem
 
 # Seconds, written in TOML as a number or a string with a unit: "500ms", "30s", "5m", "1h", "7d".
 Duration = NewType("Duration", float)
-# A filesystem path, written as a string. It is normalised ("/var/lib/walacord/" and
-# "/var/lib/walacord" are the same setting); an empty string stays empty.
+# A filesystem path, written as a string. It must be absolute, and it is normalised
+# ("/var/lib/walacord/" and "/var/lib/walacord" are the same setting); an empty string
+# stays empty.
 PathSetting = NewType("PathSetting", str)
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -168,6 +169,9 @@ class Decoder:
         if not isinstance(path, str) or not path:
             self.problem(key, f"expected a file path string, got {_describe(path)}")
             return None
+        if not os.path.isabs(path):
+            self.problem(key, relative_path_problem(path))
+            return None
         try:
             return Path(path).read_text().strip()
         except OSError as exc:
@@ -194,7 +198,12 @@ class Decoder:
 
         if hint is PathSetting:
             path = self._convert_scalar(key, str, value, meta)
-            return os.path.normpath(path) if isinstance(path, str) and path else path
+            if not isinstance(path, str) or not path:
+                return path
+            if not os.path.isabs(path):
+                self.problem(key, relative_path_problem(path))
+                return _INVALID
+            return os.path.normpath(path)
 
         if dataclasses.is_dataclass(hint):
             return self.decode(hint, value, key)  # type: ignore[arg-type]
@@ -271,6 +280,16 @@ class Decoder:
 
 
 _INVALID = object()
+
+
+def relative_path_problem(path: str) -> str:
+    """Return the message for a relative path in a path setting.
+
+    walacord would resolve it against its working directory, which is / under systemd,
+    so a file that `check-config` accepts in one directory could fail in the daemon.
+    """
+    return (f"{path!r} is a relative path, which depends on the directory walacord "
+            "starts in (/ under systemd); give an absolute path")
 
 
 def _describe(value: object) -> str:
