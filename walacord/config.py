@@ -400,8 +400,8 @@ class HostProbeConfig(ProbeSettings):
     clock_jump: Duration = setting(5.0, min=0.1, max=86400,
                                    help="wall clock moving this much against the monotonic "
                                         "clock is a clock jump")
-    dirs: list[PathSetting] = setting(default_factory=list,
-                              help="more directories to watch besides state and log dirs")
+    dirs: list[PathSetting] = setting(
+        default_factory=list, help="more directories to watch besides state and log dirs")
 
     def check(self) -> list[tuple[str, str]]:
         problems = super().check()
