@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,6 +90,37 @@ def test_client_environment_uses_private_passfile() -> None:
         del os.environ["PGPASSWORD"]
 
     assert not path.exists()
+
+
+def test_passfile_stays_off_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with client_environment("s3:cret") as env:
+        child = subprocess.run(["cat", env["PGPASSFILE"]], env=env, capture_output=True,
+                               text=True, check=False)
+        written = list(tmp_path.iterdir())
+
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "*:*:*:*:s3\\:cret\n"
+    assert env["PGPASSFILE"].startswith(f"/proc/{os.getpid()}/fd/")
+    assert written == []
+
+
+def test_passfile_falls_back_to_tempdir(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memfd(name: str, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    with client_environment("s3cret") as env:
+        path = Path(env["PGPASSFILE"])
+        content = path.read_text()
+        mode = stat.S_IMODE(path.stat().st_mode)
+
+    assert path.parent.parent == tmp_path
+    assert content == "*:*:*:*:s3cret\n"
+    assert mode == 0o600
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pg_dump_argv_has_no_password(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 version, handing them credentials, and running them under a deadline.
 
 The password never appears on a command line, where `ps` would show it: each run gets
-a passfile of its own (mode 0600, removed afterwards) named by `PGPASSFILE`.
+a passfile of its own (mode 0600) named by `PGPASSFILE`. The passfile is an in-memory
+file (memfd) that the children open through /proc, so it never reaches a disk and ends
+with walacord, even when walacord is killed.
 """
 
 from __future__ import annotations
@@ -153,12 +155,30 @@ def client_environment(password: str) -> Iterator[dict[str, str]]:
         yield env
         return
 
+    line = passfile_line(password).encode()
+    try:
+        fd = os.memfd_create("walacord-pgpass", os.MFD_CLOEXEC)
+    except (AttributeError, OSError) as exc:  # no memfd: not Linux, or a seccomp filter
+        log.debug("backup.passfile_on_disk", extra={"fields": {"reason": str(exc)}})
+    else:
+        # The children run as walacord's user, which may open walacord's descriptors
+        # through /proc/PID/fd; other users may not. libpq ignores a passfile that
+        # group or others can read, so the mode is set before anything is written.
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, line)
+            env["PGPASSFILE"] = f"/proc/{os.getpid()}/fd/{fd}"
+            yield env
+        finally:
+            os.close(fd)
+        return
+
+    # NOTE: a SIGKILL of walacord leaves this directory behind until /tmp is cleaned.
     directory = tempfile.mkdtemp(prefix="walacord-pgpass-")
     path = Path(directory) / "pgpass"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(passfile_line(password))
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(line)
         env["PGPASSFILE"] = str(path)
         yield env
     finally:
