@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import psutil
 import pytest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -272,3 +273,59 @@ async def test_metrics_pass_promtool_lint(pg_db: str, tmp_path: Path) -> None:
     problems = (result.stdout + result.stderr).decode()
     assert result.returncode == 0, problems
     assert problems.strip() == ""
+
+
+async def test_web_connection_flood_stays_capped(pg_db: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that arrive faster than closed ones leave must not pile up."""
+    monkeypatch.setattr("walacord.web.MAX_CONNECTIONS", 20)
+    config = daemon_config(tmp_path, pg_db)
+    host, port = config.http.listen.rsplit(":", 1)
+
+    def open_many() -> list[socket.socket]:
+        return [socket.create_connection((host, int(port))) for _ in range(300)]
+
+    async with running_daemon(config), httpx.AsyncClient() as http:
+        flood = await anyio.to_thread.run_sync(open_many)
+        try:
+            await anyio.sleep(0.5)
+            # The test and the daemon share this process. The daemon's ends of the
+            # connections are those whose local port is the server's.
+            served = [conn for conn in psutil.Process().net_connections("tcp")
+                      if conn.laddr.port == int(port) and conn.status == "ESTABLISHED"]
+            status = (await http.get(f"http://{config.http.listen}/metrics")).status_code
+        finally:
+            for sock in flood:
+                sock.close()
+
+    assert len(served) <= 20
+    assert status == 200
+
+
+async def test_web_rejects_huge_headers(pg_db: str, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("walacord.web.MAX_HEADER_BYTES", 4096)
+    config = daemon_config(tmp_path, pg_db)
+    host, port = config.http.listen.rsplit(":", 1)
+    async with running_daemon(config), httpx.AsyncClient() as http:
+        stream = await anyio.connect_tcp(host, int(port))
+        reply = b""
+        with anyio.fail_after(5):
+            try:
+                await stream.send(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+                for _ in range(100):
+                    await stream.send(b"X-Filler: " + b"y" * 500 + b"\r\n")
+            except (anyio.BrokenResourceError, ConnectionResetError):
+                pass
+            try:
+                while True:
+                    reply += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+                pass
+        await stream.aclose()
+        normal = await http.get(f"http://{config.http.listen}/livez",
+                                headers={"X-Filler": "y" * 2000})
+
+    assert reply.startswith(b"HTTP/1.1 431 ")
+    assert b"exceed 4096 bytes" in reply
+    assert normal.status_code == 200

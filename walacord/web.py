@@ -41,8 +41,17 @@ KEEP_ALIVE_TIMEOUT = 75
 # its first byte after a response. A client that sends nothing or trickles is closed.
 HEADER_TIMEOUT = 10.0
 # Maximum open connections. At the limit the longest-idle connection is closed to admit
-# a new one, so idle or stalled clients cannot lock a scraper out.
+# a new one, so idle or stalled clients cannot lock a scraper out. When every connection
+# is inside a request, the new one is closed instead.
 MAX_CONNECTIONS = 256
+# Maximum bytes of one request's line and headers. Larger requests get 431 and a close,
+# so a client streaming headers cannot grow the daemon's memory. Prometheus and curl
+# send a few hundred bytes.
+MAX_HEADER_BYTES = 64 * 1024
+# Seconds a rejected connection keeps reading and discarding after its 431 response.
+# Closing a socket with unread bytes makes the kernel send a reset, which can destroy
+# the response before the client reads it.
+LINGER_SECONDS = 2.0
 JSON = "application/json"
 # Scope key under which Protocol records when a request's bytes arrived.
 RECEIVED_KEY = "walacord.received"
@@ -142,15 +151,19 @@ class Application:
 
 
 class Protocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with a header deadline and idle-first eviction.
+    """uvicorn's HTTP/1.1 protocol with a header deadline and size limit, and
+    idle-first eviction.
 
     uvicorn closes a connection that stays idle after a response, but not one that never
     completes its request headers, and its concurrency limit counts idle connections,
-    so a few hundred held sockets would turn every scrape into a 503.
+    so a few hundred held sockets would turn every scrape into a 503. Its httptools
+    protocol sets no limit on header size either (uvicorn 0.55, httptools 0.9).
     """
 
     _header_deadline: asyncio.TimerHandle | None = None
     _last_active = 0.0
+    _header_bytes = 0  # bytes received since the current request began
+    _lingering = False  # the 431 response is sent; discard input until the close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -165,6 +178,13 @@ class Protocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_active = time.monotonic()
+        if self._lingering:
+            return
+        if not self._in_request():
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._reject_large_headers()
+                return
         super().data_received(data)
         if self._in_request():
             self._cancel_header_deadline()
@@ -175,6 +195,7 @@ class Protocol(HttpToolsProtocol):
         # The parser calls this from data_received, so the request's headers, pipelined
         # ones included, arrived in the bytes read at _last_active.
         self.scope[RECEIVED_KEY] = self._last_active  # type: ignore[literal-required]
+        self._header_bytes = 0
         super().on_headers_complete()
 
     def _in_request(self) -> bool:
@@ -196,11 +217,41 @@ class Protocol(HttpToolsProtocol):
             self.transport.close()
 
     def _evict_idle(self) -> None:
-        idle = [conn for conn in self.connections
-                if isinstance(conn, Protocol) and conn is not self and not conn._in_request()]
-        if idle:
-            oldest = min(idle, key=lambda conn: conn._last_active)
-            oldest.transport.close()
+        # A closed transport leaves `connections` only when its connection_lost runs,
+        # a loop iteration later, so during a flood of new connections the set also
+        # contains closing ones. They are neither counted nor closed again.
+        open_connections = [conn for conn in self.connections
+                            if isinstance(conn, Protocol) and not conn.transport.is_closing()]
+        if len(open_connections) <= MAX_CONNECTIONS:
+            return
+        idle = [conn for conn in open_connections
+                if conn is not self and not conn._in_request()]
+        victim = min(idle, key=lambda conn: conn._last_active) if idle else self
+        victim.transport.close()
+
+    def _reject_large_headers(self) -> None:
+        self._cancel_header_deadline()
+        if self.transport.is_closing():
+            return
+        body = orjson.dumps({"error": f"request line and headers exceed {MAX_HEADER_BYTES} "
+                                      "bytes"})
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body)
+        self._lingering = True
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        log.warning("http.headers_too_large", extra={"fields": {
+            "client": _client_host(self.transport), "limit_bytes": MAX_HEADER_BYTES}})
+
+
+def _client_host(transport: asyncio.BaseTransport) -> str:
+    """Return the peer's address without its port, so that repeats from one client
+    collapse in the log, or "unknown"."""
+    address = transport.get_extra_info("peername")
+    return str(address[0]) if isinstance(address, tuple) else "unknown"
 
 
 def bind(host: str, port: int) -> socket.socket:
