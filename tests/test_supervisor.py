@@ -15,6 +15,7 @@ import anyio
 import httpx
 import pytest
 from anyio.abc import TaskStatus
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.conftest import NotifyRecorder
 from walacord import config, logs
@@ -377,3 +378,46 @@ def test_unopenable_log_file_named_at_start(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert (f"walacord: cannot open log file '{log_dir / logs.MAIN_FILE}': Is a directory; "
             "fix its owner or permissions, or set [logging] dir") in result.stderr
+
+
+@pytest.mark.anyio
+async def test_reload_tests_new_database_settings(pg_db: str, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A reload with a wrong password keeps the working pool. An unreachable server
+    does not block a reload, because the old settings may be what is broken."""
+    path = tmp_path / "walacord.toml"
+    base = (f"[state]\ndir = '{tmp_path / 'state'}'\n[backup]\nenabled = false\n"
+            f"[control]\nsocket = '{tmp_path / 'control.sock'}'\n"
+            "[logging]\ndir = ''\n[http]\nlisten = ''\n")
+    params = conninfo_to_dict(pg_db)
+    wrong_password = make_conninfo("", **{**params, "password": "not-the-password"})
+    unreachable = make_conninfo("", **{**params, "port": str(free_port())})
+    path.write_text(base + f"[database]\nurl = '{pg_db}'\n")
+    supervisor = Supervisor(config.load(path, {}), str(path), notifier=Notifier())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await supervisor.runtime.ready.wait()
+        pool = supervisor.runtime.components["monitor"].pool
+
+        path.write_text(base + f"[database]\nurl = '{wrong_password}'\n")
+        rejected = await supervisor.reload()
+        problems = list(supervisor.runtime.reload_problems)
+        url_after_rejection = supervisor.runtime.config.database.url
+        pool_url_after_rejection = pool.config.url
+
+        path.write_text(base + f"[database]\nurl = '{unreachable}'\n")
+        with caplog.at_level(logging.WARNING):
+            applied = await supervisor.reload()
+        pool_url_after_apply = pool.config.url
+        supervisor.runtime.request_stop()
+
+    assert rejected is False
+    assert len(problems) == 1
+    assert problems[0].startswith("database: a test connection with the new settings failed "
+                                  "(auth: ")
+    assert "not-the-password" not in problems[0]
+    assert url_after_rejection == pg_db
+    assert pool_url_after_rejection == pg_db
+    assert applied is True
+    assert pool_url_after_apply == unreachable
+    assert "config.database_unverified" in caplog.messages

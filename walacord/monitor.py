@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import Gauge
+from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
 from walacord.config import PROBE_NAMES, Config
@@ -40,6 +41,8 @@ perf_log = logging.getLogger(PERFORMANCE_LOGGER)
 # once, and it also wakes when an override or a dwell ends, so this bounds how late it
 # detects what nothing announces: the outbox filling up and a due application restart.
 EVALUATE_EVERY = 1.0
+# Reasons of a failed test connection that the [database] settings themselves cause.
+SETTINGS_FAILURES = frozenset({"auth", "config", "dns", "privilege"})
 REMOTE_PROBES = ("database", "walacor", "api")
 
 
@@ -96,6 +99,7 @@ class Monitor:
         # unchanged level is not reported again.
         self._host_levels_sent: dict[str, tuple[object, str, float]] = {}
         runtime.status_parts.append(self.modes.status_part)
+        runtime.reload_checks.append(self._check_database_settings)
         runtime.reload_hooks.append(self._reload)
 
     @property
@@ -181,6 +185,37 @@ class Monitor:
         if due is not None:
             wake_at = min(wake_at, due)
         return max(0.0, wake_at - now)
+
+    async def _check_database_settings(self, new: Config) -> list[str]:
+        """Connect once with changed [database] settings; return why they cannot work.
+
+        A reload replaces the pool, so a wrong password or database name would turn a
+        working daemon into one in emergency mode. Only failures that the settings
+        cause reject the reload. When the server cannot be reached at all, the new
+        settings are applied unverified, because the old ones may be what is broken.
+        """
+        settings = new.database
+        if settings == self.pool.config or not settings.url:
+            return []
+        try:
+            with anyio.fail_after(settings.connect_timeout + 1.0):
+                conn = await AsyncConnection.connect(settings.conninfo(), autocommit=True)
+                try:
+                    await conn.execute("SELECT 1")
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+        except Exception as exc:
+            reason = classify(exc)
+            if reason in SETTINGS_FAILURES:
+                return [f"database: a test connection with the new settings failed "
+                        f"({reason}: {describe(exc)}), so the daemon keeps the old ones; fix "
+                        "[database] or the server, then reload again"]
+            log.warning("config.database_unverified", extra={"fields": {
+                "reason": reason, "error": describe(exc),
+                "hint": "the new [database] settings are applied, but no test connection "
+                        "succeeded; check the mode and the database probe"}})
+        return []
 
     async def _reload(self, new: Config) -> None:
         self.modes.apply_config(new.modes)

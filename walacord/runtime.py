@@ -94,6 +94,10 @@ class Runtime:
     started_at: float = field(default_factory=time.monotonic)
     # Functions that contribute a short phrase to the one-line systemd STATUS=.
     status_parts: list[Callable[[], str]] = field(default_factory=list)
+    # Coroutines run on a new config that passed validation, before any reload hook.
+    # Each returns problems, one sentence each, and any problem rejects the reload.
+    reload_checks: list[Callable[[Config], Coroutine[Any, Any, list[str]]]] = field(
+        default_factory=list)
     # Coroutines run after a new config passed validation, before it is announced.
     reload_hooks: list[Callable[[Config], Coroutine[Any, Any, None]]] = field(default_factory=list)
     # Coroutines run on SIGTERM before cancellation: stop accepting work and finish it.

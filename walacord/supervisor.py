@@ -290,13 +290,10 @@ class Supervisor:
         try:
             new = await self._read_config()
         except ConfigError as exc:
-            runtime.metrics.config_reloads.labels(result="rejected").inc()
-            runtime.reload_problems = [str(p) for p in exc.problems]
-            # Every reload an operator asks for gets its own line, even repeated ones.
-            log.error("config.reload_rejected", extra={"no_collapse": True, "fields": {
-                "config": runtime.config_path, "problems": runtime.reload_problems}})
-            runtime.notifier.reloaded(runtime.status_line())
-            return False
+            return self._reject_reload([str(p) for p in exc.problems])
+        problems = [problem for check in runtime.reload_checks for problem in await check(new)]
+        if problems:
+            return self._reject_reload(problems)
 
         pending = restart_required(self._started_config, new)
         # Components read their settings from runtime.config, so the settings that
@@ -318,6 +315,17 @@ class Supervisor:
         log.info("config.reloaded", extra={"fields": {"config": new.source}})
         runtime.notifier.reloaded(runtime.status_line())
         return True
+
+    def _reject_reload(self, problems: list[str]) -> bool:
+        """Keep the running config, record why, and return False."""
+        runtime = self.runtime
+        runtime.metrics.config_reloads.labels(result="rejected").inc()
+        runtime.reload_problems = problems
+        # Every reload an operator asks for gets its own line, even repeated ones.
+        log.error("config.reload_rejected", extra={"no_collapse": True, "fields": {
+            "config": runtime.config_path, "problems": problems}})
+        runtime.notifier.reloaded(runtime.status_line())
+        return False
 
     async def _watchdog(self) -> None:
         """Send WATCHDOG=1 while every component beats within its own deadline."""

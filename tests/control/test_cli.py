@@ -183,7 +183,7 @@ def test_reload_reports_invalid_config(daemon: DaemonProcess) -> None:
                                   "max_connections = 0\n")
     rejected = walacorctl("reload", socket=daemon.socket)
     assert rejected.returncode == 1
-    assert "is invalid, so the daemon keeps the old one" in rejected.stderr
+    assert "was rejected, so the daemon keeps the old one" in rejected.stderr
     assert "control.max_connections" in rejected.stderr
 
     # An emptied file: the reply gives the reason, every time it is tried.

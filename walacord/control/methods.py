@@ -255,8 +255,9 @@ class CoreMethods:
                     "restart_required": list(runtime.restart_required)}
         raise ControlError(
             ErrorCode.OPERATION_FAILED,
-            f"configuration {runtime.config_path} is invalid, so the daemon keeps the old "
-            f"one; fix it (walacord check-config {runtime.config_path}) and reload again",
+            f"configuration {runtime.config_path} was rejected, so the daemon keeps the old "
+            f"one; fix the problems below (walacord check-config {runtime.config_path} checks "
+            "the file) and reload again",
             {"applied": False, "problems": list(runtime.reload_problems)})
 
     async def log_set_level(self, params: LogLevelParams, call: Call) -> dict[str, Any]:
