@@ -91,8 +91,25 @@ def test_advance_flapping_damps_recovery() -> None:
         at += POLICY.fast_interval
         state = advance(state, OK, at, POLICY)
     assert state.health is DOWN
+    assert state.message == ("connection refused; recovering: the latest run passed, and "
+                             "the probe stays down while it is flapping (see flap_hold)")
+    assert state.reason == "refused"
     state = advance(state, OK, at + POLICY.fast_interval, POLICY)
     assert state.health is UP
+    assert state.message == "fine"
+
+
+def test_held_down_message_names_recovery() -> None:
+    state = ProbeState("database")
+    for at, result in [(0, BAD), (0.5, OK)]:
+        state = advance(state, result, at, POLICY)
+    held = state.message
+    state = advance(state, BAD, 0.7, POLICY)
+
+    assert held == ("connection refused; recovering: the latest run passed, and the probe "
+                    "stays down until enough good runs follow (see successes_to_up and "
+                    "min_dwell)")
+    assert state.message == "connection refused"
 
 
 def test_advance_changes_expire_from_window() -> None:

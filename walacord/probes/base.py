@@ -111,6 +111,13 @@ class ProbeState:
     @property
     def message(self) -> str:
         if self.health is Health.DOWN and self.last_failure is not None:
+            if self.last is not None and self.last.healthy:
+                # Without this, a probe held down while it recovers keeps showing a
+                # failure that is over, and operators chase it.
+                hold = ("while it is flapping (see flap_hold)" if self.flapping
+                        else "until enough good runs follow (see successes_to_up and min_dwell)")
+                return (f"{self.last_failure.message}; recovering: the latest run passed, "
+                        f"and the probe stays down {hold}")
             return self.last_failure.message
         if self.last is not None:
             return self.last.message
