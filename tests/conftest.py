@@ -37,6 +37,21 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+# The daemon's default paths. Tests give every daemon, store and socket a temporary
+# directory, so none of these may appear because of a test run.
+SYSTEM_PATHS = (Path("/var/lib/walacord"), Path("/var/log/walacord"), Path("/run/walacord"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_paths_untouched() -> Iterator[None]:
+    """Fail the session when a test created one of the daemon's default directories."""
+    existed = {path for path in SYSTEM_PATHS if path.exists()}
+    yield
+    created = [str(path) for path in SYSTEM_PATHS if path.exists() and path not in existed]
+    assert not created, (f"tests created {created}; give the daemon in the test a "
+                         "temporary [state] dir, [logging] dir and [control] socket")
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     """One PostgreSQL server shared by the whole session; tests make their own databases."""

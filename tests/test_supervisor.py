@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -28,6 +29,17 @@ from walacord.systemd import Notifier
 SECRET = "s3cr3t-pw"
 
 
+def private_config(tmp_path: Path) -> config.Config:
+    """Return the built-in defaults with every path and port of the daemon's own in
+    `tmp_path`, so a test never touches /var/lib/walacord or /run/walacord."""
+    defaults = config.load(None, {})
+    return dataclasses.replace(
+        defaults, state=config.StateConfig(dir=str(tmp_path / "state")),
+        logging=dataclasses.replace(defaults.logging, dir=""),
+        control=dataclasses.replace(defaults.control, socket=str(tmp_path / "control.sock")),
+        http=config.HttpConfig(listen=""))
+
+
 class StallableComponent:
     """A component that reports progress until `stalled` is set, then again once cleared."""
 
@@ -46,8 +58,9 @@ class StallableComponent:
 
 
 @pytest.mark.anyio
-async def test_watchdog_withheld_while_component_stalls(notify_socket: NotifyRecorder) -> None:
-    cfg = config.load(None, {})
+async def test_watchdog_withheld_while_component_stalls(notify_socket: NotifyRecorder,
+                                                       tmp_path: Path) -> None:
+    cfg = private_config(tmp_path)
     holder: list[StallableComponent] = []
 
     def components(runtime: Runtime) -> list[StallableComponent]:
@@ -317,12 +330,13 @@ def test_start_failure_logs_the_error_itself(pg_db: str, tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
-async def test_startup_objects_frozen_while_running(notify_socket: NotifyRecorder) -> None:
+async def test_startup_objects_frozen_while_running(notify_socket: NotifyRecorder,
+                                                   tmp_path: Path) -> None:
     """Objects alive at readiness are exempt from collections while the daemon runs, so
     a full collection walks only newer ones. After the stop they are collectable again."""
     import gc
 
-    supervisor = Supervisor(config.load(None, {}), None, components=lambda runtime: [],
+    supervisor = Supervisor(private_config(tmp_path), None, components=lambda runtime: [],
                             notifier=Notifier())
     async with anyio.create_task_group() as tg:
         tg.start_soon(supervisor.run)
@@ -333,11 +347,11 @@ async def test_startup_objects_frozen_while_running(notify_socket: NotifyRecorde
 
 
 @pytest.mark.anyio
-async def test_second_stop_signal_cuts_drain(notify_socket: NotifyRecorder,
+async def test_second_stop_signal_cuts_drain(notify_socket: NotifyRecorder, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
     """A second SIGTERM or SIGINT ends a drain that waits on a hung dependency, instead
     of the daemon waiting out `drain_timeout` (10 s by default)."""
-    supervisor = Supervisor(config.load(None, {}), None, components=lambda runtime: [],
+    supervisor = Supervisor(private_config(tmp_path), None, components=lambda runtime: [],
                             notifier=Notifier())
     draining = anyio.Event()
 
