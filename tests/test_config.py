@@ -606,3 +606,29 @@ def test_commands_that_can_run_accepted(tmp_path: Path) -> None:
     loaded = config.load(write(tmp_path, text), {})
 
     assert loaded.modes.hooks[1] == ["/bin/true"]
+
+
+@pytest.mark.parametrize(("listen", "problem"), [
+    ("999.1.1.1:80", "'999.1.1.1' is not a valid IPv4 address"),
+    ("127.1:9877", "'127.1' is not a valid IPv4 address"),
+    ("[::g]:9877", "'::g' is not a valid IPv6 address"),
+    ("*:9877", "'*' is not a host; use 0.0.0.0 for every IPv4 address"),
+    ("metrics..example:9877", "'metrics..example' is not a valid host name"),
+    ("metrics host:9877", "'metrics host' is not a valid host name"),
+])
+def test_http_listen_invalid_host_rejected(tmp_path: Path, listen: str, problem: str) -> None:
+    """walacord run fails to bind such a host, so load rejects it and check-config
+    reports it."""
+    [found] = problems(write(tmp_path, f"[http]\nlisten = '{listen}'\n"))
+
+    assert "http.listen" in found
+    assert f"invalid address {listen!r}" in found
+    assert problem in found
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9877", "0.0.0.0:80", "[::1]:9877", "[::]:80",
+                                    "[fe80::1%eth0]:9877", "localhost:9877",
+                                    "metrics.example.internal.:9877", "host-1_a:9877"])
+def test_http_listen_valid_hosts_accepted(tmp_path: Path, listen: str) -> None:
+    # Names are not resolved at load, so a name that does not resolve passes here.
+    assert config.load(write(tmp_path, f"[http]\nlisten = '{listen}'\n"), {}).http.listen == listen

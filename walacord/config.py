@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import shutil
@@ -898,7 +899,46 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"invalid address {listen!r}: write HOST:PORT, e.g. "
                          f"127.0.0.1:{DEFAULT_HTTP_PORT}")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    problem = listen_host_problem(host)
+    if problem is not None:
+        raise ValueError(f"invalid address {listen!r}: {problem}")
+    return host, int(port)
+
+
+# A host name label: 1 to 63 letters, digits, underscores and hyphens, with no hyphen
+# at either end.
+_HOST_LABEL = re.compile(r"(?!-)[\w-]{1,63}(?<!-)")
+
+
+def listen_host_problem(host: str) -> str | None:
+    """Return why `host` cannot be the host of [http] listen, or None when it may be.
+
+    An IP address must be valid. A name is checked only for its form: resolving it at
+    load would be slow with a dead DNS server, and under systemd the network may not be
+    up yet. A name that does not resolve fails `walacord run` with its own message.
+    """
+    if host == "*":
+        return ("'*' is not a host; use 0.0.0.0 for every IPv4 address or [::] for every "
+                "IPv6 address")
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        return f"{host!r} is not a valid IPv6 address; write one in brackets, such as [::1]"
+    labels = host.removesuffix(".").split(".")
+    # A name whose last label is all digits is taken as an IPv4 address, because every
+    # top-level domain contains letters. getaddrinfo would take short forms such as
+    # 127.1 too, which are rejected because few readers know that this means 127.0.0.1.
+    if re.fullmatch(r"[0-9]+", labels[-1]):
+        return (f"{host!r} is not a valid IPv4 address; write four numbers from 0 to 255, "
+                "such as 127.0.0.1")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return (f"{host!r} is not a valid host name; write an IP address such as 127.0.0.1, "
+                "or a name of letters, digits and hyphens such as metrics.example.internal")
+    return None
 
 
 _URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<userinfo>[^/?#]*)@")
