@@ -632,3 +632,16 @@ def test_http_listen_invalid_host_rejected(tmp_path: Path, listen: str, problem:
 def test_http_listen_valid_hosts_accepted(tmp_path: Path, listen: str) -> None:
     # Names are not resolved at load, so a name that does not resolve passes here.
     assert config.load(write(tmp_path, f"[http]\nlisten = '{listen}'\n"), {}).http.listen == listen
+
+
+def test_control_socket_path_too_long_rejected(tmp_path: Path) -> None:
+    """Linux's sun_path takes 107 bytes, and the socket is first bound under a temporary
+    name up to 13 bytes longer, so 94 bytes is the longest path that binds."""
+    longest = "/run/walacord/" + "x" * 80
+    too_long = longest + "y"
+
+    [found] = problems(write(tmp_path, f"[control]\nsocket = '{too_long}'\n"))
+
+    assert config.load(write(tmp_path, f"[control]\nsocket = '{longest}'\n"), {})
+    assert f"control.socket: {too_long!r} is 95 bytes, longer than the 94 bytes" in found
+    assert "choose a shorter path" in found

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from walacord.control.socketfile import socket_path_problem
 from walacord.errors import ConfigError, ConfigProblem
 from walacord.logs import redact
 from walacord.settings import Decoder, Duration, PathSetting, setting
@@ -218,6 +219,13 @@ class ControlConfig:
     call_timeout: Duration = setting(30.0, min=0.1, max=86400,
                                      help="default deadline of one method call; long methods "
                                           "such as backups set their own")
+
+    def check(self) -> list[tuple[str, str]]:
+        problem = socket_path_problem(self.socket) if self.socket else None
+        if problem is not None:
+            return [("socket", f"{problem}; choose a shorter path, such as "
+                               "/run/walacord/control.sock")]
+        return []
 
 
 @dataclass(frozen=True)
