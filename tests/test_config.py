@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 
 from walacord import config
@@ -645,3 +646,81 @@ def test_control_socket_path_too_long_rejected(tmp_path: Path) -> None:
     assert config.load(write(tmp_path, f"[control]\nsocket = '{longest}'\n"), {})
     assert f"control.socket: {too_long!r} is 95 bytes, longer than the 94 bytes" in found
     assert "choose a shorter path" in found
+
+
+@pytest.mark.parametrize(("query", "problem"), [
+    ("sslmode=bogus", "invalid sslmode value 'bogus'; use one of disable, allow, prefer, "
+                      "require, verify-ca, verify-full"),
+    ("sslmode=", "invalid sslmode value ''"),
+    ("target_session_attrs=READ-WRITE", "invalid target_session_attrs value 'READ-WRITE'; use "
+                                        "one of any, read-write, read-only, primary, standby, "
+                                        "prefer-standby"),
+    ("load_balance_hosts=yes", "invalid load_balance_hosts value 'yes'; use one of disable, "
+                               "random"),
+    ("channel_binding=on", "invalid channel_binding value 'on'; use one of disable, prefer, "
+                           "require"),
+    ("gssencmode=allow", "invalid gssencmode value 'allow'"),
+    ("sslcertmode=prefer", "invalid sslcertmode value 'prefer'"),
+    ("sslnegotiation=tls", "invalid sslnegotiation value 'tls'"),
+    ("sslmode=prefer&sslnegotiation=direct", "sslnegotiation=direct needs sslmode require, "
+                                             "verify-ca or verify-full, not 'prefer'"),
+    ("sslrootcert=system&sslmode=require", "sslrootcert=system needs sslmode verify-full, "
+                                           "not 'require'"),
+    ("connect_timeout=5s", "invalid connect_timeout value '5s'; use a whole number"),
+    ("keepalives_idle=often", "invalid keepalives_idle value 'often'; use a whole number"),
+])
+@pytest.mark.parametrize("section", ["database", "backup"])
+def test_libpq_parameter_values_rejected(tmp_path: Path, query: str, problem: str,
+                                         section: str) -> None:
+    """libpq checks these values only when it connects, so the daemon would start and
+    fail every connection. Load rejects them instead."""
+    url = f"postgresql://walacord:s3cr3t-pw@db.example.internal:5432/walacor?{query}"
+
+    [found] = problems(write(tmp_path, f"[{section}]\nurl = '{url}'\n"))
+
+    assert f"{section}.url" in found
+    assert problem in found
+    assert "s3cr3t-pw" not in found
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("postgresql://walacord@db:abc/walacor", "invalid port 'abc'; use a port from 1 to 65535"),
+    ("postgresql://walacord@db:99999/walacor", "invalid port '99999'"),
+    ("host=db1,db2 port=5432,x dbname=walacor", "invalid port 'x'"),
+])
+def test_libpq_port_rejected(tmp_path: Path, url: str, problem: str) -> None:
+    [found] = problems(write(tmp_path, f"[database]\nurl = '{url}'\n"))
+
+    assert "database.url" in found
+    assert problem in found
+
+
+@pytest.mark.parametrize("query", [
+    "sslmode=verify-full&target_session_attrs=read-write&channel_binding=require",
+    "sslmode=require&sslnegotiation=direct&load_balance_hosts=random",
+    "sslrootcert=system&sslmode=verify-full&gssencmode=disable&sslcertmode=allow",
+    "connect_timeout=10&keepalives=1&port=5433",
+])
+def test_libpq_parameter_values_accepted(tmp_path: Path, query: str) -> None:
+    url = f"postgresql://walacord@db1:5432,db2:5432/walacor?{query}"
+
+    assert config.load(write(tmp_path, f"[database]\nurl = '{url}'\n"), {}).database.url == url
+
+
+def test_libpq_choices_match_libpq(tmp_path: Path) -> None:
+    """The bundled libpq accepts every value of LIBPQ_CHOICES and rejects another one.
+
+    The host is a directory without a socket, so libpq checks the options and then fails
+    to connect without reaching any server.
+    """
+    def connect_error(options: str) -> str:
+        with pytest.raises(psycopg.Error) as caught:
+            psycopg.connect(f"host={tmp_path} {options}")
+        return str(caught.value)
+
+    for name, choices in config.LIBPQ_CHOICES.items():
+        # sslnegotiation=direct needs a strong sslmode.
+        strong = " sslmode=require" if name == "sslnegotiation" else ""
+        for value in choices:
+            assert "invalid" not in connect_error(f"{name}={value}{strong}"), (name, value)
+        assert f'invalid {name} value: "bogus"' in connect_error(f"{name}=bogus")

@@ -104,6 +104,65 @@ def http_url_problem(url: str) -> str | None:
 
 
 
+# Connection parameters whose values libpq checks only when it connects, with the
+# values it accepts, case-sensitive (pqConnectOptions2 in PostgreSQL's
+# src/interfaces/libpq/fe-connect.c). conninfo_to_dict rejects a parameter that the
+# installed libpq does not know, such as load_balance_hosts before libpq 16.
+LIBPQ_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby",
+                             "prefer-standby"),
+    "load_balance_hosts": ("disable", "random"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "sslcertmode": ("disable", "allow", "require"),
+    "sslnegotiation": ("postgres", "direct"),
+}
+# Parameters that libpq, or psycopg for connect_timeout, reads as integers on connect.
+LIBPQ_INTEGERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                  "keepalives_count", "tcp_user_timeout")
+_LIBPQ_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def conninfo_problems(url: str) -> list[str]:
+    """Return why libpq would reject the connection string `url`; empty when it would not.
+
+    conninfo_to_dict checks the syntax and the parameter names. The values in
+    LIBPQ_CHOICES, the integers and the ports are checked only when libpq connects, so
+    they are checked here as well. No message contains the password.
+    """
+    try:
+        params = conninfo_to_dict(url)
+    except Exception as exc:  # psycopg raises ProgrammingError with the parse error
+        return [f"invalid libpq connection string: {redact_dsn_error(str(exc), url)}; use "
+                "postgresql://USER@HOST:PORT/DB"]
+
+    problems = []
+    for name, choices in LIBPQ_CHOICES.items():
+        value = params.get(name)
+        if value is not None and value not in choices:
+            problems.append(f"invalid {name} value {value!r}; use one of {', '.join(choices)}")
+    for name in LIBPQ_INTEGERS:
+        value = params.get(name)
+        if value is not None and not _LIBPQ_INTEGER.fullmatch(str(value)):
+            problems.append(f"invalid {name} value {value!r}; use a whole number")
+    # A multi-host string has one port per host. An empty one means libpq's default.
+    for port in str(params.get("port") or "").split(","):
+        if port.strip() and not (_LIBPQ_INTEGER.fullmatch(port) and 1 <= int(port) <= 65535):
+            problems.append(f"invalid port {port!r}; use a port from 1 to 65535")
+
+    # Combinations that libpq rejects. Without sslmode in the string, libpq takes it
+    # from PGSSLMODE, which is not checked here.
+    sslmode = params.get("sslmode")
+    if (params.get("sslnegotiation") == "direct"
+            and sslmode in ("disable", "allow", "prefer")):
+        problems.append(f"sslnegotiation=direct needs sslmode require, verify-ca or "
+                        f"verify-full, not {sslmode!r}")
+    if params.get("sslrootcert") == "system" and sslmode not in (None, "verify-full"):
+        problems.append(f"sslrootcert=system needs sslmode verify-full, not {sslmode!r}")
+    return problems
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: str = setting("postgresql://walacord@localhost:5432/walacor_integrity", secret=True,
@@ -127,11 +186,7 @@ class DatabaseConfig:
         if self.pool_min_size > self.pool_max_size:
             problems.append(("pool_min_size", f"{self.pool_min_size} is larger than "
                              f"pool_max_size {self.pool_max_size}; lower it or raise the max"))
-        try:
-            conninfo_to_dict(self.url)
-        except Exception as exc:  # psycopg raises ProgrammingError with the parse error
-            problems.append(("url", f"invalid libpq connection string: "
-                             f"{redact_dsn_error(str(exc), self.url)}; use postgresql://USER@HOST:PORT/DB"))
+        problems += [("url", problem) for problem in conninfo_problems(self.url)]
         return problems
 
     def conninfo(self) -> str:
@@ -627,11 +682,7 @@ class BackupConfig:
         except ValueError as exc:
             problems.append(("daily_at", str(exc)))
         if self.url:
-            try:
-                conninfo_to_dict(self.url)
-            except Exception as exc:  # psycopg raises ProgrammingError with the parse error
-                problems.append(("url", f"invalid libpq connection string: "
-                                 f"{redact_dsn_error(str(exc), self.url)}"))
+            problems += [("url", problem) for problem in conninfo_problems(self.url)]
         return problems
 
 
