@@ -724,3 +724,25 @@ def test_libpq_choices_match_libpq(tmp_path: Path) -> None:
         for value in choices:
             assert "invalid" not in connect_error(f"{name}={value}{strong}"), (name, value)
         assert f'invalid {name} value: "bogus"' in connect_error(f"{name}=bogus")
+
+
+def test_check_config_warns_of_missing_group(tmp_path: Path) -> None:
+    """The daemon starts without the group, so the file stays valid, but check-config
+    says who can then use the control socket."""
+    result = check_config(write(tmp_path, "[control]\ngroup = 'walacord-no-such-group'\n"))
+
+    assert result.returncode == 0, result.stderr
+    assert "valid; 1 warning on standard error" in result.stdout
+    assert ("warning: control.group: group 'walacord-no-such-group' not found on this host"
+            in result.stderr)
+    assert "only root and walacord's user can use the control socket" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_no_warning_without_socket(tmp_path: Path) -> None:
+    text = "[control]\nsocket = ''\ngroup = 'walacord-no-such-group'\n"
+
+    result = check_config(write(tmp_path, text))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""

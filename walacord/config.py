@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import grp
 import ipaddress
 import os
 import re
@@ -1026,6 +1027,29 @@ def redact_dsn_error(message: str, dsn: str) -> str:
 # --- `walacord check-config` --------------------------------------------------------
 
 
+def host_warnings(config: Config) -> list[tuple[str, str]]:
+    """Return (key, message) for settings that this host does not support fully.
+
+    They are warnings, not load errors, because walacord starts with them: a missing
+    [control] group only narrows who may use the socket, as the daemon logs at start
+    (control.group_missing). The group database may be served over the network (LDAP,
+    sssd), so load() does not read it, and a check on a build host without the group
+    should not fail.
+    """
+    warnings = []
+    control = config.control
+    if control.socket and control.group:
+        try:
+            grp.getgrnam(control.group)
+        except KeyError:
+            warnings.append(("control.group", (
+                f"group {control.group!r} not found on this host; walacord starts, but only "
+                "root and walacord's user can use the control socket. Create the group "
+                f"(groupadd {control.group}), or set [control] group to an existing group, "
+                "or to \"\" to admit only root and walacord's user")))
+    return warnings
+
+
 def command(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
@@ -1035,6 +1059,11 @@ def command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    warnings = host_warnings(config)
+    for key, message in warnings:
+        print(f"walacord: warning: {key}: {message}", file=sys.stderr)
+    plural = "" if len(warnings) == 1 else "s"
+    warned = f"; {len(warnings)} warning{plural} on standard error" if warnings else ""
     empty = False
     if path:
         # load() has read and parsed this regular file already, so this read is safe.
@@ -1043,7 +1072,7 @@ def command(args: argparse.Namespace) -> int:
     if empty:
         # A running walacord rejects a reload of such a file, so check-config explains it.
         print(f"{config.source}: valid, but it sets nothing: every setting is its default, "
-              "and a running walacord rejects a reload of a file with no settings")
+              f"and a running walacord rejects a reload of a file with no settings{warned}")
         return 0
-    print(f"{config.source}: valid")
+    print(f"{config.source}: valid{warned}")
     return 0
