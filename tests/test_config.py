@@ -746,3 +746,24 @@ def test_check_config_no_warning_without_socket(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["run", "check-config", "migrate"])
+def test_empty_walacord_config_means_default(monkeypatch: pytest.MonkeyPatch,
+                                             command: str) -> None:
+    """An empty WALACORD_CONFIG, as from `WALACORD_CONFIG= walacord run`, names no file,
+    like an unset one. It used to select the built-in defaults without a word."""
+    from walacord.cli import DEFAULT_CONFIG, build_parser
+
+    monkeypatch.setenv("WALACORD_CONFIG", "")
+
+    assert build_parser(command).parse_args([command]).config == DEFAULT_CONFIG
+
+
+@pytest.mark.parametrize("command", ["run", "check-config", "migrate"])
+def test_walacord_config_names_file(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    from walacord.cli import build_parser
+
+    monkeypatch.setenv("WALACORD_CONFIG", "/srv/walacord.toml")
+
+    assert build_parser(command).parse_args([command]).config == "/srv/walacord.toml"

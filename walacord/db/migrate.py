@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from walacord import config
+from walacord.cli import default_config_path
 from walacord.errors import ConfigError, MigrationError, MigrationPrivilegeError
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--config",
         metavar="PATH",
-        default=os.environ.get("WALACORD_CONFIG", "/etc/walacord/walacord.toml"),
+        default=default_config_path(),
         help="configuration file to read [database] from (env WALACORD_CONFIG; "
         "default %(default)s)",
     )
