@@ -1,8 +1,8 @@
 """`walacorctl`: steer a running walacord through its control socket.
 
 Exit codes: 0 success; 1 the daemon returned an error; 2 invalid command line;
-3 the daemon could not be reached, refused this user, was busy or speaks another
-protocol version. `check` uses the Nagios plugin codes
+3 the daemon could not be reached, refused this user, was busy, speaks another
+protocol version or sent a response of another shape. `check` uses the Nagios plugin codes
 instead: 0 normal, 1 degraded, 2 emergency or offline, 3 unknown or unreachable.
 """
 
@@ -75,6 +75,21 @@ class Context:
         finally:
             if bar is not None:
                 bar.finish()
+
+    def call_object(self, method: str, params: dict[str, Any] | None = None, *,
+                    progress: bool = False) -> dict[str, Any]:
+        """Call `method`, whose result must be a JSON object; raise ControlClientError
+        when it is not, as from a daemon of another release."""
+        result = self.call(method, params, progress=progress)
+        if not isinstance(result, dict):
+            received = escape_control_characters(orjson.dumps(result).decode())
+            if len(received) > 60:
+                received = received[:57] + "..."
+            raise ControlClientError(
+                f"the daemon sent an unexpected response to {method}: expected a JSON "
+                f"object, got {received}; install walacorctl and walacord from the same "
+                "release")
+        return result
 
     def shows_progress(self) -> bool:
         return not self.json and self.stderr.isatty()
