@@ -12,7 +12,7 @@ import orjson
 from walacord.config import LOG_LEVELS
 from walacord.control.arguments import DURATION_HELP, duration_type
 from walacord.control.cli import error_document
-from walacord.control.interfaces import MODES
+from walacord.control.interfaces import MAX_REASON_CHARS, MODES
 from walacord.control.render import (
     as_object,
     format_mode,
@@ -74,13 +74,17 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     mode_set.add_argument("--ttl", required=True, type=duration_type(), metavar="DURATION",
                           help="how long the override lasts, at most [modes] "
                                f"override_max_ttl: {DURATION_HELP}")
-    mode_set.add_argument("--reason", required=True, help="why; goes into the transition log")
+    mode_set.add_argument("--reason", required=True,
+                          help=f"why; goes into the transition log, at most {MAX_REASON_CHARS} "
+                               "characters on one line")
     mode_actions.add_parser("clear", help="end the override now")
 
     pool = commands.add_parser("pool", help="act on the database connection pool")
     pool_actions = pool.add_subparsers(dest="action", metavar="ACTION", required=True)
     recycle = pool_actions.add_parser("recycle", help="replace every pooled connection")
-    recycle.add_argument("--reason", default="manual", help="recorded with the recycle")
+    recycle.add_argument("--reason", default="manual",
+                         help=f"recorded with the recycle, at most {MAX_REASON_CHARS} characters "
+                              "on one line")
     pool.set_defaults(handler=pool_command)
 
     reload = commands.add_parser("reload", help="reload the configuration file, like SIGHUP")
