@@ -243,9 +243,16 @@ def test_probes_list_and_run(daemon: DaemonProcess) -> None:
     assert listed.stdout.splitlines()[0].split()[0] == "PROBE"
     ran = walacorctl("--json", "probes", "run", "walacor", socket=daemon.socket)
     assert set(orjson.loads(ran.stdout)["probes"]) == {"walacor"}
-    unknown = walacorctl("probes", "run", "nosuch", socket=daemon.socket)
-    assert unknown.returncode == 1
-    assert "unknown probe(s) nosuch; known: database, walacor" in unknown.stderr
+    # A name the daemon does not know is a usage error, as in other commands.
+    unknown = walacorctl("probes", "run", "nosuch", "walacor", "other", socket=daemon.socket)
+    assert unknown.returncode == 2
+    assert ("unknown probes 'nosuch', 'other'; use one of database, walacor"
+            in unknown.stderr)
+    unknown_json = walacorctl("--json", "probes", "run", "nosuch", socket=daemon.socket)
+    assert unknown_json.returncode == 2
+    error = orjson.loads(unknown_json.stdout)["error"]
+    assert error["message"] == "unknown probe 'nosuch'; use one of database, walacor"
+    assert error["data"] == {"known": ["database", "walacor"]}
 
 
 def test_watch_redraws_until_interrupted(daemon: DaemonProcess) -> None:

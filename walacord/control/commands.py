@@ -11,8 +11,9 @@ import orjson
 
 from walacord.config import LOG_LEVELS
 from walacord.control.arguments import DURATION_HELP, duration_type
-from walacord.control.cli import error_document
+from walacord.control.cli import EXIT_USAGE, error_document, report_error
 from walacord.control.interfaces import MAX_REASON_CHARS, MODES
+from walacord.control.protocol import ErrorCode
 from walacord.control.render import (
     as_object,
     format_mode,
@@ -195,7 +196,15 @@ def _perf_label(name: str) -> str:
 def probes_command(context: Context, args: argparse.Namespace) -> int:
     if args.action == "run":
         params = {"probes": args.names} if args.names else {}
-        result = context.call_object("probes.run", params, progress=True)
+        try:
+            result = context.call_object("probes.run", params, progress=True)
+        except ControlError as exc:
+            # The probe names come from the daemon's configuration, so only the daemon
+            # can check them. Its error for an unknown name lists the valid ones.
+            if exc.code != ErrorCode.INVALID_PARAMS:
+                raise
+            report_error(context, exc)
+            return EXIT_USAGE
     else:
         result = context.call_object("probes.list")
     if context.json:

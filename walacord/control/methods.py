@@ -221,7 +221,9 @@ class CoreMethods:
         unknown = [name for name in names if name not in known]
         if unknown:
             raise ControlError(ErrorCode.INVALID_PARAMS,
-                               f"unknown probe(s) {', '.join(unknown)}; known: {', '.join(known)}",
+                               f"unknown probe{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(map(repr, unknown))}; use one of "
+                               f"{', '.join(known)}",
                                {"known": known})
         if not names:
             raise ControlError(ErrorCode.INVALID_PARAMS, "no probes to run: the list is empty")
