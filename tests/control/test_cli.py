@@ -661,3 +661,26 @@ def test_status_unexpected_fields_no_traceback(socket_dir: Path) -> None:
     assert result.stdout.startswith("mode:")
     assert "no probes configured" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--socket", "", "status"], "argument --socket: empty path; give the control socket's "
+                                 "path, such as /run/walacord/control.sock"),
+    (["--socket=", "mode"], "argument --socket: empty path"),
+    (["backup", "restore", "20240101T000000Z", "--target-db", ""],
+     "argument --target-db: empty name; give the name of the database to restore into"),
+])
+def test_empty_option_is_usage_error(tmp_path: Path, argv: list[str], message: str) -> None:
+    result = walacorctl(*argv)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Invalid argument" not in result.stderr
+
+
+def test_check_empty_socket_is_nagios_unknown() -> None:
+    result = walacorctl("check", "--socket", "")
+
+    assert result.returncode == 3
+    assert result.stdout.startswith("WALACORD UNKNOWN - invalid arguments")
+    assert "argument --socket: empty path" in result.stderr

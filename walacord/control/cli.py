@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, NoReturn, TextIO
 import orjson
 
 from walacord import __version__
-from walacord.control.arguments import DURATION_HELP, duration_type
+from walacord.control.arguments import DURATION_HELP, duration_type, non_empty
 from walacord.control.client import ControlClient, ProgressCallback
 from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE, ErrorCode
 from walacord.control.render import ProgressBar
@@ -38,6 +38,8 @@ DEFAULT_TIMEOUT = 10.0
 # progress line restarts the wait, so one day is plenty.
 MAX_TIMEOUT = 86400.0
 timeout_type = duration_type(maximum=MAX_TIMEOUT)
+socket_path_type = non_empty("path", "give the control socket's path, such as "
+                                     f"{DEFAULT_SOCKET}")
 # Errors that mean walacorctl may not or cannot talk to this daemon at all.
 CONNECTION_ERRORS = (ErrorCode.PERMISSION_DENIED, ErrorCode.VERSION_MISMATCH, ErrorCode.BUSY)
 
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                "3 daemon unreachable. `check` follows the Nagios plugin codes.")
     parser.add_argument("--version", action="version", version=f"walacorctl {__version__}")
     parser.add_argument(
-        "--socket", metavar="PATH",
+        "--socket", metavar="PATH", type=socket_path_type,
         default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE) or DEFAULT_SOCKET,
         help=f"control socket (env {SOCKET_ENVIRONMENT_VARIABLE}; default %(default)s)")
     parser.add_argument("--json", action="store_true",

@@ -50,8 +50,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                       "2 emergency or offline, 3 unreachable")
     # Check definitions usually put options after the command, so the global options
     # are accepted here too. SUPPRESS keeps the global values when these are absent.
-    from walacord.control.cli import timeout_type
-    check.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+    from walacord.control.cli import socket_path_type, timeout_type
+    check.add_argument("--socket", metavar="PATH", type=socket_path_type,
+                       default=argparse.SUPPRESS,
                        help="control socket, as before the command")
     check.add_argument("--timeout", type=timeout_type, metavar="DURATION",
                        default=argparse.SUPPRESS,
