@@ -788,3 +788,22 @@ def test_walacord_config_names_file(monkeypatch: pytest.MonkeyPatch, command: st
     monkeypatch.setenv("WALACORD_CONFIG", "/srv/walacord.toml")
 
     assert build_parser(command).parse_args([command]).config == "/srv/walacord.toml"
+
+
+@pytest.mark.parametrize(("text", "key", "example"), [
+    ('[modes]\nhooks = "/usr/local/bin/notify --mode"\n', "modes.hooks",
+     '[["/usr/local/bin/notify", "--mode"]]'),
+    ('[modes]\nhooks = ["/usr/local/bin/notify", "--mode"]\n', "modes.hooks[0]",
+     '["/usr/local/bin/notify", "--mode"]'),
+    ('[alerts]\nhooks = "/usr/local/bin/page --team db"\n', "alerts.hooks",
+     '[["/usr/local/bin/page", "--team", "db"]]'),
+    ('[repair]\nrestart_command = "systemctl restart walacor-integrity"\n',
+     "repair.restart_command", '["systemctl", "restart", "walacor-integrity"]'),
+])
+def test_argv_string_error_gives_example(tmp_path: Path, text: str, key: str,
+                                         example: str) -> None:
+    # Each string in a list of argv lists is a problem of its own; the first one shows.
+    found = problems(write(tmp_path, text))[0]
+
+    assert f"{key}: expected a list, got a string" in found
+    assert f"write a list such as {example}" in found

@@ -512,7 +512,8 @@ class ModesConfig:
     hooks: list[list[str]] = setting(
         default_factory=list,
         help="argv lists run on every mode change, with WALACORD_MODE_FROM, "
-             "WALACORD_MODE_TO and WALACORD_MODE_REASON in the environment")
+             "WALACORD_MODE_TO and WALACORD_MODE_REASON in the environment",
+        example=[["/usr/local/bin/notify", "--mode"]])
     hook_timeout: Duration = setting(10.0, min=0.1, max=3600)
     override_max_ttl: Duration = setting(86400.0, min=1, max=30 * 86400)
 
@@ -538,7 +539,8 @@ class RepairConfig:
     restart_command: list[str] = setting(
         default_factory=list,
         help="argv run when the application API stays down, e.g. "
-             "[\"systemctl\", \"restart\", \"walacor-integrity\"]; empty disables")
+             "[\"systemctl\", \"restart\", \"walacor-integrity\"]; empty disables",
+        example=["systemctl", "restart", "walacor-integrity"])
     restart_after: Duration = setting(30.0, min=0, max=86400,
                                       help="how long the API probe stays down first")
     restart_timeout: Duration = setting(60.0, min=0.1, max=3600)
@@ -729,7 +731,8 @@ class AlertsConfig:
     hooks: list[list[str]] = setting(default_factory=list,
                                      help="commands run per notification, each an argv list; "
                                           "no shell. The alert JSON is on stdin and in "
-                                          "$WALACORD_ALERT")
+                                          "$WALACORD_ALERT",
+                                     example=[["/usr/local/bin/page", "--team", "db"]])
     hook_timeout: Duration = setting(10.0, min=0.1, max=3600)
 
     # Built-in rules: each has a threshold (where it needs one) and a `for` duration the
