@@ -219,6 +219,21 @@ def test_secret_file_missing(tmp_path: Path) -> None:
     assert "/nonexistent/pw" in found[0]
 
 
+@pytest.mark.parametrize("content", ["", "\n", "  \n\n"])
+@pytest.mark.parametrize(("section", "key"), [("walacor", "password"), ("database", "password"),
+                                              ("database", "url")])
+def test_secret_file_empty_rejected(tmp_path: Path, content: str, section: str,
+                                    key: str) -> None:
+    """An empty file would set an empty secret, so walacord would run without it."""
+    secret = tmp_path / "secret"
+    secret.write_text(content)
+
+    [found] = problems(write(tmp_path, f"[{section}]\n{key}_file = '{secret}'\n"))
+
+    assert f"{section}.{key}_file: secret file {str(secret)!r} is empty" in found
+    assert f"write the {key} into it, or remove {key}_file" in found
+
+
 def test_secret_and_file_both_set(tmp_path: Path) -> None:
     found = problems(write(tmp_path, "[walacor]\npassword = 'a'\npassword_file = '/x'\n"))
     assert "not both" in found[0]

@@ -180,11 +180,18 @@ class Decoder:
             self.problem(key, relative_path_problem(path))
             return None
         try:
-            return Path(path).read_text().strip()
+            secret = Path(path).read_text().strip()
         except OSError as exc:
             self.problem(key, f"cannot read secret file {path!r}: {exc.strerror}; "
                               "check the path and that walacord's user can read it")
             return None
+        if not secret:
+            # Most often a file created for the secret and never filled in.
+            name = key.rpartition(".")[2].removesuffix("_file")
+            self.problem(key, f"secret file {path!r} is empty; write the {name} into it, "
+                              f"or remove {name}_file if walacord needs no {name}")
+            return None
+        return secret
 
     def _convert(self, key: str, hint: Any, value: object, meta: typing.Mapping[str, Any]) -> Any:
         origin = typing.get_origin(hint)
