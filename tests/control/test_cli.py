@@ -684,3 +684,15 @@ def test_check_empty_socket_is_nagios_unknown() -> None:
     assert result.returncode == 3
     assert result.stdout.startswith("WALACORD UNKNOWN - invalid arguments")
     assert "argument --socket: empty path" in result.stderr
+
+
+def test_alerts_unsilence_has_help() -> None:
+    own = walacorctl("alerts", "unsilence", "--help")
+    family = walacorctl("alerts", "--help")
+    top = walacorctl("--help")
+
+    assert own.returncode == 0
+    assert "End a silence now" in own.stdout
+    assert "silence id, as `walacorctl alerts` lists it" in own.stdout
+    assert "unsilence" in family.stdout
+    assert "`alerts unsilence` ends a silence" in " ".join(top.stdout.split())
