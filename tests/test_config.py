@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 
 from walacord import config
@@ -178,6 +179,27 @@ def test_debug_sets_level(tmp_path: Path) -> None:
     assert loaded.logging.level == "debug"
 
 
+@pytest.mark.parametrize(("value", "level"), [
+    ("1", "debug"), ("TRUE", "debug"), ("yes", "debug"), ("On", "debug"),
+    ("0", "info"), ("false", "info"), ("No", "info"), ("off", "info"), ("", "info"),
+])
+def test_debug_values(value: str, level: str) -> None:
+    assert config.load(None, {"DEBUG": value}).logging.level == level
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "debug"])
+def test_debug_invalid_value_rejected(value: str) -> None:
+    """An unknown DEBUG value was ignored, so DEBUG=maybe quietly kept the configured
+    level."""
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, {"DEBUG": value})
+
+    [problem] = [str(problem) for problem in caught.value.problems]
+    assert problem == (f"environment DEBUG: logging.level: invalid DEBUG value {value!r}; "
+                       "set it to 1, true, yes or on for debug logging, or to 0, false, no, "
+                       "off or nothing for the configured level")
+
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(None, {"LOG_LEVEL": "chatty"})
@@ -195,6 +217,21 @@ def test_secret_file_missing(tmp_path: Path) -> None:
     found = problems(write(tmp_path, "[walacor]\npassword_file = '/nonexistent/pw'\n"))
     assert "walacor.password_file" in found[0]
     assert "/nonexistent/pw" in found[0]
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \n\n"])
+@pytest.mark.parametrize(("section", "key"), [("walacor", "password"), ("database", "password"),
+                                              ("database", "url")])
+def test_secret_file_empty_rejected(tmp_path: Path, content: str, section: str,
+                                    key: str) -> None:
+    """An empty file would set an empty secret, so walacord would run without it."""
+    secret = tmp_path / "secret"
+    secret.write_text(content)
+
+    [found] = problems(write(tmp_path, f"[{section}]\n{key}_file = '{secret}'\n"))
+
+    assert f"{section}.{key}_file: secret file {str(secret)!r} is empty" in found
+    assert f"write the {key} into it, or remove {key}_file" in found
 
 
 def test_secret_and_file_both_set(tmp_path: Path) -> None:
@@ -606,3 +643,182 @@ def test_commands_that_can_run_accepted(tmp_path: Path) -> None:
     loaded = config.load(write(tmp_path, text), {})
 
     assert loaded.modes.hooks[1] == ["/bin/true"]
+
+
+@pytest.mark.parametrize(("listen", "problem"), [
+    ("999.1.1.1:80", "'999.1.1.1' is not a valid IPv4 address"),
+    ("127.1:9877", "'127.1' is not a valid IPv4 address"),
+    ("[::g]:9877", "'::g' is not a valid IPv6 address"),
+    ("*:9877", "'*' is not a host; use 0.0.0.0 for every IPv4 address"),
+    ("metrics..example:9877", "'metrics..example' is not a valid host name"),
+    ("metrics host:9877", "'metrics host' is not a valid host name"),
+])
+def test_http_listen_invalid_host_rejected(tmp_path: Path, listen: str, problem: str) -> None:
+    """walacord run fails to bind such a host, so load rejects it and check-config
+    reports it."""
+    [found] = problems(write(tmp_path, f"[http]\nlisten = '{listen}'\n"))
+
+    assert "http.listen" in found
+    assert f"invalid address {listen!r}" in found
+    assert problem in found
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9877", "0.0.0.0:80", "[::1]:9877", "[::]:80",
+                                    "[fe80::1%eth0]:9877", "localhost:9877",
+                                    "metrics.example.internal.:9877", "host-1_a:9877"])
+def test_http_listen_valid_hosts_accepted(tmp_path: Path, listen: str) -> None:
+    # Names are not resolved at load, so a name that does not resolve passes here.
+    assert config.load(write(tmp_path, f"[http]\nlisten = '{listen}'\n"), {}).http.listen == listen
+
+
+def test_control_socket_path_too_long_rejected(tmp_path: Path) -> None:
+    """Linux's sun_path takes 107 bytes, and the socket is first bound under a temporary
+    name up to 13 bytes longer, so 94 bytes is the longest path that binds."""
+    longest = "/run/walacord/" + "x" * 80
+    too_long = longest + "y"
+
+    [found] = problems(write(tmp_path, f"[control]\nsocket = '{too_long}'\n"))
+
+    assert config.load(write(tmp_path, f"[control]\nsocket = '{longest}'\n"), {})
+    assert f"control.socket: {too_long!r} is 95 bytes, longer than the 94 bytes" in found
+    assert "choose a shorter path" in found
+
+
+@pytest.mark.parametrize(("query", "problem"), [
+    ("sslmode=bogus", "invalid sslmode value 'bogus'; use one of disable, allow, prefer, "
+                      "require, verify-ca, verify-full"),
+    ("sslmode=", "invalid sslmode value ''"),
+    ("target_session_attrs=READ-WRITE", "invalid target_session_attrs value 'READ-WRITE'; use "
+                                        "one of any, read-write, read-only, primary, standby, "
+                                        "prefer-standby"),
+    ("load_balance_hosts=yes", "invalid load_balance_hosts value 'yes'; use one of disable, "
+                               "random"),
+    ("channel_binding=on", "invalid channel_binding value 'on'; use one of disable, prefer, "
+                           "require"),
+    ("gssencmode=allow", "invalid gssencmode value 'allow'"),
+    ("sslcertmode=prefer", "invalid sslcertmode value 'prefer'"),
+    ("sslnegotiation=tls", "invalid sslnegotiation value 'tls'"),
+    ("sslmode=prefer&sslnegotiation=direct", "sslnegotiation=direct needs sslmode require, "
+                                             "verify-ca or verify-full, not 'prefer'"),
+    ("sslrootcert=system&sslmode=require", "sslrootcert=system needs sslmode verify-full, "
+                                           "not 'require'"),
+    ("connect_timeout=5s", "invalid connect_timeout value '5s'; use a whole number"),
+    ("keepalives_idle=often", "invalid keepalives_idle value 'often'; use a whole number"),
+])
+@pytest.mark.parametrize("section", ["database", "backup"])
+def test_libpq_parameter_values_rejected(tmp_path: Path, query: str, problem: str,
+                                         section: str) -> None:
+    """libpq checks these values only when it connects, so the daemon would start and
+    fail every connection. Load rejects them instead."""
+    url = f"postgresql://walacord:s3cr3t-pw@db.example.internal:5432/walacor?{query}"
+
+    [found] = problems(write(tmp_path, f"[{section}]\nurl = '{url}'\n"))
+
+    assert f"{section}.url" in found
+    assert problem in found
+    assert "s3cr3t-pw" not in found
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("postgresql://walacord@db:abc/walacor", "invalid port 'abc'; use a port from 1 to 65535"),
+    ("postgresql://walacord@db:99999/walacor", "invalid port '99999'"),
+    ("host=db1,db2 port=5432,x dbname=walacor", "invalid port 'x'"),
+])
+def test_libpq_port_rejected(tmp_path: Path, url: str, problem: str) -> None:
+    [found] = problems(write(tmp_path, f"[database]\nurl = '{url}'\n"))
+
+    assert "database.url" in found
+    assert problem in found
+
+
+@pytest.mark.parametrize("query", [
+    "sslmode=verify-full&target_session_attrs=read-write&channel_binding=require",
+    "sslmode=require&sslnegotiation=direct&load_balance_hosts=random",
+    "sslrootcert=system&sslmode=verify-full&gssencmode=disable&sslcertmode=allow",
+    "connect_timeout=10&keepalives=1&port=5433",
+])
+def test_libpq_parameter_values_accepted(tmp_path: Path, query: str) -> None:
+    url = f"postgresql://walacord@db1:5432,db2:5432/walacor?{query}"
+
+    assert config.load(write(tmp_path, f"[database]\nurl = '{url}'\n"), {}).database.url == url
+
+
+def test_libpq_choices_match_libpq(tmp_path: Path) -> None:
+    """The bundled libpq accepts every value of LIBPQ_CHOICES and rejects another one.
+
+    The host is a directory without a socket, so libpq checks the options and then fails
+    to connect without reaching any server.
+    """
+    def connect_error(options: str) -> str:
+        with pytest.raises(psycopg.Error) as caught:
+            psycopg.connect(f"host={tmp_path} {options}")
+        return str(caught.value)
+
+    for name, choices in config.LIBPQ_CHOICES.items():
+        # sslnegotiation=direct needs a strong sslmode.
+        strong = " sslmode=require" if name == "sslnegotiation" else ""
+        for value in choices:
+            assert "invalid" not in connect_error(f"{name}={value}{strong}"), (name, value)
+        assert f'invalid {name} value: "bogus"' in connect_error(f"{name}=bogus")
+
+
+def test_check_config_warns_of_missing_group(tmp_path: Path) -> None:
+    """The daemon starts without the group, so the file stays valid, but check-config
+    says who can then use the control socket."""
+    result = check_config(write(tmp_path, "[control]\ngroup = 'walacord-no-such-group'\n"))
+
+    assert result.returncode == 0, result.stderr
+    assert "valid; 1 warning on standard error" in result.stdout
+    assert ("warning: control.group: group 'walacord-no-such-group' not found on this host"
+            in result.stderr)
+    assert "only root and walacord's user can use the control socket" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_no_warning_without_socket(tmp_path: Path) -> None:
+    text = "[control]\nsocket = ''\ngroup = 'walacord-no-such-group'\n"
+
+    result = check_config(write(tmp_path, text))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["run", "check-config", "migrate"])
+def test_empty_walacord_config_means_default(monkeypatch: pytest.MonkeyPatch,
+                                             command: str) -> None:
+    """An empty WALACORD_CONFIG, as from `WALACORD_CONFIG= walacord run`, names no file,
+    like an unset one. It used to select the built-in defaults without a word."""
+    from walacord.cli import DEFAULT_CONFIG, build_parser
+
+    monkeypatch.setenv("WALACORD_CONFIG", "")
+
+    assert build_parser(command).parse_args([command]).config == DEFAULT_CONFIG
+
+
+@pytest.mark.parametrize("command", ["run", "check-config", "migrate"])
+def test_walacord_config_names_file(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    from walacord.cli import build_parser
+
+    monkeypatch.setenv("WALACORD_CONFIG", "/srv/walacord.toml")
+
+    assert build_parser(command).parse_args([command]).config == "/srv/walacord.toml"
+
+
+@pytest.mark.parametrize(("text", "key", "example"), [
+    ('[modes]\nhooks = "/usr/local/bin/notify --mode"\n', "modes.hooks",
+     '[["/usr/local/bin/notify", "--mode"]]'),
+    ('[modes]\nhooks = ["/usr/local/bin/notify", "--mode"]\n', "modes.hooks[0]",
+     '["/usr/local/bin/notify", "--mode"]'),
+    ('[alerts]\nhooks = "/usr/local/bin/page --team db"\n', "alerts.hooks",
+     '[["/usr/local/bin/page", "--team", "db"]]'),
+    ('[repair]\nrestart_command = "systemctl restart walacor-integrity"\n',
+     "repair.restart_command", '["systemctl", "restart", "walacor-integrity"]'),
+])
+def test_argv_string_error_gives_example(tmp_path: Path, text: str, key: str,
+                                         example: str) -> None:
+    # Each string in a list of argv lists is a problem of its own; the first one shows.
+    found = problems(write(tmp_path, text))[0]
+
+    assert f"{key}: expected a list, got a string" in found
+    assert f"write a list such as {example}" in found

@@ -64,6 +64,31 @@ async def test_web_port_in_use_names_setting(pg_db: str, tmp_path: Path) -> None
     assert any(expected in message for message in messages), messages
 
 
+async def test_web_unresolvable_host_names_setting(pg_db: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name that does not resolve is reported as such, not as a port in use."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        # Fails as glibc does for an unknown name, without asking a DNS server.
+        if host == "metrics.walacord.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    config = daemon_config(tmp_path, pg_db,
+                           http=HttpConfig(listen="metrics.walacord.invalid:9877"))
+    with pytest.raises(Exception) as caught, anyio.fail_after(30):
+        async with running_daemon(config):
+            pass
+
+    messages = [str(error) for error in leaves(caught.value)]
+    expected = ("cannot resolve host 'metrics.walacord.invalid' of [http] listen: Name or "
+                "service not known; give an IP address such as 127.0.0.1")
+    assert any(expected in message for message in messages), messages
+    assert not any("free the port" in message for message in messages), messages
+
+
 def leaves(error: BaseException) -> list[BaseException]:
     """Return the exceptions inside nested exception groups."""
     if isinstance(error, BaseExceptionGroup):

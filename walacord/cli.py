@@ -31,10 +31,18 @@ COMMANDS = {
 # "setup-database" -> walacord.db.setup, "migrate" -> walacord.db.migrate.
 
 
+def default_config_path() -> str:
+    """Return $WALACORD_CONFIG, or DEFAULT_CONFIG when it is unset or empty.
+
+    An empty variable names no file, so it must not select the built-in defaults.
+    """
+    return os.environ.get("WALACORD_CONFIG") or DEFAULT_CONFIG
+
+
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
-        default=os.environ.get("WALACORD_CONFIG", DEFAULT_CONFIG),
+        default=default_config_path(),
         metavar="PATH",
         help="configuration file (env WALACORD_CONFIG; default %(default)s)",
     )

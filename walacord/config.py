@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import grp
+import ipaddress
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from walacord.control.socketfile import socket_path_problem
 from walacord.errors import ConfigError, ConfigProblem
 from walacord.logs import redact
 from walacord.settings import Decoder, Duration, PathSetting, setting
@@ -102,6 +105,65 @@ def http_url_problem(url: str) -> str | None:
 
 
 
+# Connection parameters whose values libpq checks only when it connects, with the
+# values it accepts, case-sensitive (pqConnectOptions2 in PostgreSQL's
+# src/interfaces/libpq/fe-connect.c). conninfo_to_dict rejects a parameter that the
+# installed libpq does not know, such as load_balance_hosts before libpq 16.
+LIBPQ_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby",
+                             "prefer-standby"),
+    "load_balance_hosts": ("disable", "random"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "sslcertmode": ("disable", "allow", "require"),
+    "sslnegotiation": ("postgres", "direct"),
+}
+# Parameters that libpq, or psycopg for connect_timeout, reads as integers on connect.
+LIBPQ_INTEGERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                  "keepalives_count", "tcp_user_timeout")
+_LIBPQ_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def conninfo_problems(url: str) -> list[str]:
+    """Return why libpq would reject the connection string `url`; empty when it would not.
+
+    conninfo_to_dict checks the syntax and the parameter names. The values in
+    LIBPQ_CHOICES, the integers and the ports are checked only when libpq connects, so
+    they are checked here as well. No message contains the password.
+    """
+    try:
+        params = conninfo_to_dict(url)
+    except Exception as exc:  # psycopg raises ProgrammingError with the parse error
+        return [f"invalid libpq connection string: {redact_dsn_error(str(exc), url)}; use "
+                "postgresql://USER@HOST:PORT/DB"]
+
+    problems = []
+    for name, choices in LIBPQ_CHOICES.items():
+        value = params.get(name)
+        if value is not None and value not in choices:
+            problems.append(f"invalid {name} value {value!r}; use one of {', '.join(choices)}")
+    for name in LIBPQ_INTEGERS:
+        value = params.get(name)
+        if value is not None and not _LIBPQ_INTEGER.fullmatch(str(value)):
+            problems.append(f"invalid {name} value {value!r}; use a whole number")
+    # A multi-host string has one port per host. An empty one means libpq's default.
+    for port in str(params.get("port") or "").split(","):
+        if port.strip() and not (_LIBPQ_INTEGER.fullmatch(port) and 1 <= int(port) <= 65535):
+            problems.append(f"invalid port {port!r}; use a port from 1 to 65535")
+
+    # Combinations that libpq rejects. Without sslmode in the string, libpq takes it
+    # from PGSSLMODE, which is not checked here.
+    sslmode = params.get("sslmode")
+    if (params.get("sslnegotiation") == "direct"
+            and sslmode in ("disable", "allow", "prefer")):
+        problems.append(f"sslnegotiation=direct needs sslmode require, verify-ca or "
+                        f"verify-full, not {sslmode!r}")
+    if params.get("sslrootcert") == "system" and sslmode not in (None, "verify-full"):
+        problems.append(f"sslrootcert=system needs sslmode verify-full, not {sslmode!r}")
+    return problems
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: str = setting("postgresql://walacord@localhost:5432/walacor_integrity", secret=True,
@@ -125,11 +187,7 @@ class DatabaseConfig:
         if self.pool_min_size > self.pool_max_size:
             problems.append(("pool_min_size", f"{self.pool_min_size} is larger than "
                              f"pool_max_size {self.pool_max_size}; lower it or raise the max"))
-        try:
-            conninfo_to_dict(self.url)
-        except Exception as exc:  # psycopg raises ProgrammingError with the parse error
-            problems.append(("url", f"invalid libpq connection string: "
-                             f"{redact_dsn_error(str(exc), self.url)}; use postgresql://USER@HOST:PORT/DB"))
+        problems += [("url", problem) for problem in conninfo_problems(self.url)]
         return problems
 
     def conninfo(self) -> str:
@@ -217,6 +275,13 @@ class ControlConfig:
     call_timeout: Duration = setting(30.0, min=0.1, max=86400,
                                      help="default deadline of one method call; long methods "
                                           "such as backups set their own")
+
+    def check(self) -> list[tuple[str, str]]:
+        problem = socket_path_problem(self.socket) if self.socket else None
+        if problem is not None:
+            return [("socket", f"{problem}; choose a shorter path, such as "
+                               "/run/walacord/control.sock")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -447,7 +512,8 @@ class ModesConfig:
     hooks: list[list[str]] = setting(
         default_factory=list,
         help="argv lists run on every mode change, with WALACORD_MODE_FROM, "
-             "WALACORD_MODE_TO and WALACORD_MODE_REASON in the environment")
+             "WALACORD_MODE_TO and WALACORD_MODE_REASON in the environment",
+        example=[["/usr/local/bin/notify", "--mode"]])
     hook_timeout: Duration = setting(10.0, min=0.1, max=3600)
     override_max_ttl: Duration = setting(86400.0, min=1, max=30 * 86400)
 
@@ -473,7 +539,8 @@ class RepairConfig:
     restart_command: list[str] = setting(
         default_factory=list,
         help="argv run when the application API stays down, e.g. "
-             "[\"systemctl\", \"restart\", \"walacor-integrity\"]; empty disables")
+             "[\"systemctl\", \"restart\", \"walacor-integrity\"]; empty disables",
+        example=["systemctl", "restart", "walacor-integrity"])
     restart_after: Duration = setting(30.0, min=0, max=86400,
                                       help="how long the API probe stays down first")
     restart_timeout: Duration = setting(60.0, min=0.1, max=3600)
@@ -618,11 +685,7 @@ class BackupConfig:
         except ValueError as exc:
             problems.append(("daily_at", str(exc)))
         if self.url:
-            try:
-                conninfo_to_dict(self.url)
-            except Exception as exc:  # psycopg raises ProgrammingError with the parse error
-                problems.append(("url", f"invalid libpq connection string: "
-                                 f"{redact_dsn_error(str(exc), self.url)}"))
+            problems += [("url", problem) for problem in conninfo_problems(self.url)]
         return problems
 
 
@@ -668,7 +731,8 @@ class AlertsConfig:
     hooks: list[list[str]] = setting(default_factory=list,
                                      help="commands run per notification, each an argv list; "
                                           "no shell. The alert JSON is on stdin and in "
-                                          "$WALACORD_ALERT")
+                                          "$WALACORD_ALERT",
+                                     example=[["/usr/local/bin/page", "--team", "db"]])
     hook_timeout: Duration = setting(10.0, min=0.1, max=3600)
 
     # Built-in rules: each has a threshold (where it needs one) and a `for` duration the
@@ -759,7 +823,9 @@ CREDENTIALS = {
     "database-url": ("database", "url"),
     "walacor-password": ("walacor", "password"),
 }
+# Values of DEBUG, compared in lower case. An empty DEBUG counts as false.
 TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
 def _has_settings(document: dict[str, Any]) -> bool:
@@ -877,9 +943,17 @@ def _apply_environment(document: dict[str, Any], environ: dict[str, str],
         full_key = f"{section}.{key}" if section else key
         decoder.origins[full_key] = f"environment {variable}"
 
-    if environ.get("DEBUG", "").lower() in TRUE_WORDS:
+    debug = environ.get("DEBUG", "").lower()
+    if debug in TRUE_WORDS:
         _set(document, "logging", "level", "debug")
         decoder.origins["logging.level"] = "environment DEBUG"
+    elif debug not in FALSE_WORDS:
+        decoder.problems.append(ConfigProblem(
+            "environment DEBUG", "logging.level",
+            f"invalid DEBUG value {environ['DEBUG']!r}; set it to "
+            f"{', '.join(TRUE_WORDS[:-1])} or {TRUE_WORDS[-1]} for debug logging, or to "
+            f"{', '.join(word for word in FALSE_WORDS if word)} or nothing for the "
+            "configured level"))
 
 
 def _cross_check(config: Config, decoder: Decoder) -> None:
@@ -898,7 +972,46 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"invalid address {listen!r}: write HOST:PORT, e.g. "
                          f"127.0.0.1:{DEFAULT_HTTP_PORT}")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    problem = listen_host_problem(host)
+    if problem is not None:
+        raise ValueError(f"invalid address {listen!r}: {problem}")
+    return host, int(port)
+
+
+# A host name label: 1 to 63 letters, digits, underscores and hyphens, with no hyphen
+# at either end.
+_HOST_LABEL = re.compile(r"(?!-)[\w-]{1,63}(?<!-)")
+
+
+def listen_host_problem(host: str) -> str | None:
+    """Return why `host` cannot be the host of [http] listen, or None when it may be.
+
+    An IP address must be valid. A name is checked only for its form: resolving it at
+    load would be slow with a dead DNS server, and under systemd the network may not be
+    up yet. A name that does not resolve fails `walacord run` with its own message.
+    """
+    if host == "*":
+        return ("'*' is not a host; use 0.0.0.0 for every IPv4 address or [::] for every "
+                "IPv6 address")
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        return f"{host!r} is not a valid IPv6 address; write one in brackets, such as [::1]"
+    labels = host.removesuffix(".").split(".")
+    # A name whose last label is all digits is taken as an IPv4 address, because every
+    # top-level domain contains letters. getaddrinfo would take short forms such as
+    # 127.1 too, which are rejected because few readers know that this means 127.0.0.1.
+    if re.fullmatch(r"[0-9]+", labels[-1]):
+        return (f"{host!r} is not a valid IPv4 address; write four numbers from 0 to 255, "
+                "such as 127.0.0.1")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return (f"{host!r} is not a valid host name; write an IP address such as 127.0.0.1, "
+                "or a name of letters, digits and hyphens such as metrics.example.internal")
+    return None
 
 
 _URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<userinfo>[^/?#]*)@")
@@ -927,6 +1040,29 @@ def redact_dsn_error(message: str, dsn: str) -> str:
 # --- `walacord check-config` --------------------------------------------------------
 
 
+def host_warnings(config: Config) -> list[tuple[str, str]]:
+    """Return (key, message) for settings that this host does not support fully.
+
+    They are warnings, not load errors, because walacord starts with them: a missing
+    [control] group only narrows who may use the socket, as the daemon logs at start
+    (control.group_missing). The group database may be served over the network (LDAP,
+    sssd), so load() does not read it, and a check on a build host without the group
+    should not fail.
+    """
+    warnings = []
+    control = config.control
+    if control.socket and control.group:
+        try:
+            grp.getgrnam(control.group)
+        except KeyError:
+            warnings.append(("control.group", (
+                f"group {control.group!r} not found on this host; walacord starts, but only "
+                "root and walacord's user can use the control socket. Create the group "
+                f"(groupadd {control.group}), or set [control] group to an existing group, "
+                "or to \"\" to admit only root and walacord's user")))
+    return warnings
+
+
 def command(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
@@ -936,6 +1072,11 @@ def command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    warnings = host_warnings(config)
+    for key, message in warnings:
+        print(f"walacord: warning: {key}: {message}", file=sys.stderr)
+    plural = "" if len(warnings) == 1 else "s"
+    warned = f"; {len(warnings)} warning{plural} on standard error" if warnings else ""
     empty = False
     if path:
         # load() has read and parsed this regular file already, so this read is safe.
@@ -944,7 +1085,7 @@ def command(args: argparse.Namespace) -> int:
     if empty:
         # A running walacord rejects a reload of such a file, so check-config explains it.
         print(f"{config.source}: valid, but it sets nothing: every setting is its default, "
-              "and a running walacord rejects a reload of a file with no settings")
+              f"and a running walacord rejects a reload of a file with no settings{warned}")
         return 0
-    print(f"{config.source}: valid")
+    print(f"{config.source}: valid{warned}")
     return 0

@@ -10,6 +10,7 @@ so an operator sees all mistakes in one run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -50,9 +51,15 @@ def setting(
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
     help: str = "",
+    example: object = None,
 ) -> Any:
-    """Declare a config field with its range, allowed values and help text."""
-    metadata = {"min": min, "max": max, "choices": choices, "secret": secret, "help": help}
+    """Declare a config field with its range, allowed values and help text.
+
+    `example`, a valid value of a list setting, is shown in the error for a value that
+    is not a list. For a list of lists, its first item is the example for each item.
+    """
+    metadata = {"min": min, "max": max, "choices": choices, "secret": secret, "help": help,
+                "example": example}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -173,11 +180,18 @@ class Decoder:
             self.problem(key, relative_path_problem(path))
             return None
         try:
-            return Path(path).read_text().strip()
+            secret = Path(path).read_text().strip()
         except OSError as exc:
             self.problem(key, f"cannot read secret file {path!r}: {exc.strerror}; "
                               "check the path and that walacord's user can read it")
             return None
+        if not secret:
+            # Most often a file created for the secret and never filled in.
+            name = key.rpartition(".")[2].removesuffix("_file")
+            self.problem(key, f"secret file {path!r} is empty; write the {name} into it, "
+                              f"or remove {name}_file if walacord needs no {name}")
+            return None
+        return secret
 
     def _convert(self, key: str, hint: Any, value: object, meta: typing.Mapping[str, Any]) -> Any:
         origin = typing.get_origin(hint)
@@ -209,10 +223,14 @@ class Decoder:
             return self.decode(hint, value, key)  # type: ignore[arg-type]
 
         if origin is list:
+            example = meta.get("example")
             if not isinstance(value, list):
-                self.problem(key, f"expected a list, got {_describe(value)}")
+                shown = f"; write a list such as {json.dumps(example)}" if example else ""
+                self.problem(key, f"expected a list, got {_describe(value)}{shown}")
                 return _INVALID
-            items = [self._convert(f"{key}[{i}]", args[0], item, {})
+            item_meta = ({"example": example[0]} if isinstance(example, list) and example
+                         and typing.get_origin(args[0]) is list else {})
+            items = [self._convert(f"{key}[{i}]", args[0], item, item_meta)
                      for i, item in enumerate(value)]
             return _INVALID if any(i is _INVALID for i in items) else items
 

@@ -12,6 +12,7 @@ uvicorn code calls sys.exit or installs a signal handler.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -326,10 +327,18 @@ class WebServer:
         host, port = split_listen(self.runtime.config.http.listen)
         try:
             sock = bind(host, port)
+        except socket.gaierror as exc:
+            # getaddrinfo failed, so no port was tried.
+            raise OSError(exc.errno, f"cannot resolve host {host!r} of [http] listen: "
+                                     f"{exc.strerror}; give an IP address such as 127.0.0.1, "
+                                     "or a host name that resolves on this host") from exc
         except OSError as exc:
+            # Only a port in use can be freed. Other errors, such as an address of
+            # another host or a port below 1024 without privileges, need another setting.
+            fix = ("free the port or change the setting" if exc.errno == errno.EADDRINUSE
+                   else "change the setting")
             raise OSError(exc.errno, f"cannot listen on {host}:{port} ([http] listen): "
-                                     f"{exc.strerror}; free the port or change the setting"
-                          ) from exc
+                                     f"{exc.strerror}; {fix}") from exc
         config = uvicorn.Config(
             self.app, http=Protocol, lifespan="off", log_config=None, access_log=False,
             server_header=False, proxy_headers=False, interface="asgi3",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import select
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,9 +243,16 @@ def test_probes_list_and_run(daemon: DaemonProcess) -> None:
     assert listed.stdout.splitlines()[0].split()[0] == "PROBE"
     ran = walacorctl("--json", "probes", "run", "walacor", socket=daemon.socket)
     assert set(orjson.loads(ran.stdout)["probes"]) == {"walacor"}
-    unknown = walacorctl("probes", "run", "nosuch", socket=daemon.socket)
-    assert unknown.returncode == 1
-    assert "unknown probe(s) nosuch; known: database, walacor" in unknown.stderr
+    # A name the daemon does not know is a usage error, as in other commands.
+    unknown = walacorctl("probes", "run", "nosuch", "walacor", "other", socket=daemon.socket)
+    assert unknown.returncode == 2
+    assert ("unknown probes 'nosuch', 'other'; use one of database, walacor"
+            in unknown.stderr)
+    unknown_json = walacorctl("--json", "probes", "run", "nosuch", socket=daemon.socket)
+    assert unknown_json.returncode == 2
+    error = orjson.loads(unknown_json.stdout)["error"]
+    assert error["message"] == "unknown probe 'nosuch'; use one of database, walacor"
+    assert error["data"] == {"known": ["database", "walacor"]}
 
 
 def test_watch_redraws_until_interrupted(daemon: DaemonProcess) -> None:
@@ -560,3 +570,129 @@ def test_json_output_escapes_terminal_controls() -> None:
     assert "\\u202e" in text
     assert not any(character in text for character in "\x7f\x9b\u202e")
     assert orjson.loads(text) == document
+
+
+@contextlib.contextmanager
+def replying_server(path: Path, reply: bytes) -> Iterator[None]:
+    """Serve a Unix socket at `path` that responds to every request line with the line
+    `reply`, as a daemon of another release or a broken one might."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.settimeout(0.2)
+    stopping = threading.Event()
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection, connection.makefile("rb") as requests:
+                connection.settimeout(10)
+                for _ in requests:
+                    connection.sendall(reply + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopping.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+UNEXPECTED_STATUS = [
+    b'{"id":1,"result":null}',
+    b'{"id":1,"result":[]}',
+    b'{"id":1,"result":"normal"}',
+]
+
+
+@pytest.mark.parametrize("reply", UNEXPECTED_STATUS)
+def test_check_unexpected_response_is_unknown(socket_dir: Path, reply: bytes) -> None:
+    path = socket_dir / "odd.sock"
+    with replying_server(path, reply):
+        result = walacorctl("check", socket=path)
+
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("WALACORD UNKNOWN - the daemon sent an unexpected "
+                                    "response to status: expected a JSON object, got ")
+    assert result.stdout.count("\n") == 1
+    assert result.stderr == ""
+
+
+def test_check_unexpected_fields_no_traceback(socket_dir: Path) -> None:
+    path = socket_dir / "odd.sock"
+    reply = b'{"id":1,"result":{"mode":["normal"],"probes":[1],"reason":{"a":1}}}'
+    with replying_server(path, reply):
+        result = walacorctl("check", socket=path)
+
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("WALACORD UNKNOWN - mode ['normal']")
+    assert result.stdout.count("\n") == 1
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("reply", UNEXPECTED_STATUS)
+def test_status_unexpected_response_exits_3(socket_dir: Path, reply: bytes) -> None:
+    path = socket_dir / "odd.sock"
+    with replying_server(path, reply):
+        table = walacorctl("status", socket=path)
+        document = walacorctl("--json", "status", socket=path)
+
+    assert table.returncode == 3
+    assert table.stderr.startswith("walacorctl: the daemon sent an unexpected response to "
+                                   "status: expected a JSON object")
+    assert table.stderr.count("\n") == 1
+    assert document.returncode == 3
+    assert "expected a JSON object" in orjson.loads(document.stdout)["error"]["message"]
+
+
+def test_status_unexpected_fields_no_traceback(socket_dir: Path) -> None:
+    path = socket_dir / "odd.sock"
+    reply = (b'{"id":1,"result":{"mode":"normal","daemon":5,"override":"x","probes":[1],'
+             b'"reason":null}}')
+    with replying_server(path, reply):
+        result = walacorctl("status", socket=path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("mode:")
+    assert "no probes configured" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--socket", "", "status"], "argument --socket: empty path; give the control socket's "
+                                 "path, such as /run/walacord/control.sock"),
+    (["--socket=", "mode"], "argument --socket: empty path"),
+    (["backup", "restore", "20240101T000000Z", "--target-db", ""],
+     "argument --target-db: empty name; give the name of the database to restore into"),
+])
+def test_empty_option_is_usage_error(tmp_path: Path, argv: list[str], message: str) -> None:
+    result = walacorctl(*argv)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Invalid argument" not in result.stderr
+
+
+def test_check_empty_socket_is_nagios_unknown() -> None:
+    result = walacorctl("check", "--socket", "")
+
+    assert result.returncode == 3
+    assert result.stdout.startswith("WALACORD UNKNOWN - invalid arguments")
+    assert "argument --socket: empty path" in result.stderr
+
+
+def test_alerts_unsilence_has_help() -> None:
+    own = walacorctl("alerts", "unsilence", "--help")
+    family = walacorctl("alerts", "--help")
+    top = walacorctl("--help")
+
+    assert own.returncode == 0
+    assert "End a silence now" in own.stdout
+    assert "silence id, as `walacorctl alerts` lists it" in own.stdout
+    assert "unsilence" in family.stdout
+    assert "`alerts unsilence` ends a silence" in " ".join(top.stdout.split())

@@ -148,9 +148,32 @@ def test_reason_rejects_invisible_characters(params: Callable[[str], object], ch
         params(f"main{character}tenance")
 
 
-def test_mode_reason_too_long_names_length() -> None:
-    with pytest.raises(ValueError, match="reason is 501 characters, over the limit of 500"):
-        ModeSetParams(mode="degraded", ttl_seconds=60.0, reason="x" * 501)
+@pytest.mark.parametrize("params", [
+    lambda reason: ModeSetParams(mode="degraded", ttl_seconds=60.0, reason=reason),
+    lambda reason: PoolRecycleParams(reason=reason),
+])
+def test_reason_too_long_names_length(params: Callable[[str], object]) -> None:
+    with pytest.raises(ValueError) as caught:
+        params("x" * 501)
+
+    assert str(caught.value) == "reason is 501 characters, over the limit of 500; shorten it"
+
+
+@pytest.mark.parametrize("params", [
+    lambda reason: ModeSetParams(mode="degraded", ttl_seconds=60.0, reason=reason),
+    lambda reason: PoolRecycleParams(reason=reason),
+])
+@pytest.mark.parametrize("reason", ["", "   "])
+def test_reason_empty_rejected(params: Callable[[str], object], reason: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        params(reason)
+
+    assert str(caught.value) == "reason must not be empty; say why, in at most 500 characters"
+
+
+def test_reason_of_500_characters_accepted() -> None:
+    assert len(PoolRecycleParams(reason="x" * 500).reason) == 500
+    assert len(ModeSetParams(mode="degraded", ttl_seconds=60.0, reason="x" * 500).reason) == 500
 
 
 @pytest.mark.parametrize("params", [

@@ -68,10 +68,37 @@ def test_bind_refuses_second_daemon(socket_dir: Path) -> None:
         first.remove()
 
 
+def path_of_length(directory: Path, length: int) -> str:
+    path = f"{directory}/" + "x" * (length - len(str(directory)) - 1)
+    assert len(path) == length
+    return path
+
+
 def test_bind_rejects_long_path(socket_dir: Path) -> None:
     path = socket_dir / ("x" * 120)
-    with pytest.raises(ControlSocketError, match="longer than 107 bytes"):
+    with pytest.raises(ControlSocketError, match="longer than the 94 bytes"):
         bind_control_socket(str(path), None, 8)
+
+
+def test_bind_rejects_path_without_room_for_temporary(socket_dir: Path) -> None:
+    """A 100-byte path fits sun_path, but the temporary name it is bound under does not,
+    so the error names the limit instead of "AF_UNIX path too long"."""
+    with pytest.raises(ControlSocketError) as caught:
+        bind_control_socket(path_of_length(socket_dir, 100), None, 8)
+
+    assert "is 100 bytes, longer than the 94 bytes" in str(caught.value)
+    assert "set [control] socket to a shorter path" in str(caught.value)
+
+
+def test_bind_accepts_longest_path(socket_dir: Path) -> None:
+    path = path_of_length(socket_dir, 94)
+    bound = bind_control_socket(path, None, 8)
+    try:
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)
+        client.close()
+    finally:
+        bound.remove()
 
 
 def test_remove_leaves_replaced_socket(socket_dir: Path) -> None:

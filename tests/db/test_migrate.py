@@ -254,3 +254,36 @@ def test_migrate_command_unreachable_server(capsys: pytest.CaptureFixture[str]) 
     error = capsys.readouterr().err
     assert "walacord migrate: cannot connect to the database:" in error
     assert "Connection refused" in error
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--timeout", "-1"], "argument --timeout: invalid duration '-1' (-1s): it must be above "
+                          "0 and at most 1d"),
+    (["--timeout", "0"], "argument --timeout: invalid duration '0' (0s): it must be above 0"),
+    (["--timeout", "soon"], "argument --timeout: invalid duration 'soon': a duration is a "
+                            "number of seconds"),
+    (["--database-url", "garbage"],
+     "argument --database-url: invalid libpq connection string: missing \"=\" after "
+     "\"garbage\" in connection info string; use postgresql://USER@HOST:PORT/DB"),
+    (["--database-url", ""], "argument --database-url: empty URL; give a libpq URL such as "
+                             "postgresql://USER@HOST:PORT/DB, or leave the option out"),
+    (["--database-url", "postgresql://walacord:s3cr3t-pw@db/walacor?sslmode=bogus"],
+     "argument --database-url: invalid sslmode value 'bogus'"),
+])
+def test_migrate_command_invalid_arguments(argv: list[str], message: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["migrate", *argv])
+
+    error = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert message in error
+    assert "s3cr3t-pw" not in error
+
+
+def test_migrate_command_timeout_accepts_units() -> None:
+    from walacord.cli import build_parser
+
+    args = build_parser("migrate").parse_args(["migrate", "--timeout", "2m"])
+
+    assert args.timeout == 120.0

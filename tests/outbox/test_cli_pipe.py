@@ -178,7 +178,17 @@ async def test_data_over_request_limit(
     (["--sink", "walacor", "--etid", "1", "--key", "k", "--data", '"text"'],
      "--data must be a JSON object"),
     (["--sink", "walacor", "--etid", "1", "--key", "", "--data", "{}"], "--key is empty"),
-    (["--sink", "walacor", "--etid", "1", "--data", "{}"], "enqueue needs --key"),
+    (["--sink", "walacor", "--etid", "1", "--data", "{}"],
+     "enqueue is missing --key; write --sink walacor --etid N --key KEY --data JSON, or "
+     "--from-file FILE for a file of operations"),
+    (["--sink", "walacor"], "enqueue is missing --etid, --key and --data"),
+    (["--sink", "postgres", "--key", "k", "--data", "{}"],
+     "enqueue is missing --statement; write --sink postgres --statement NAME --key KEY "
+     "--data JSON, or --from-file FILE"),
+    (["--key", "k"], "enqueue is missing --sink and --data; write --sink walacor --etid N "
+                     "--key KEY --data JSON or --sink postgres --statement NAME --key KEY "
+                     "--data JSON, or --from-file FILE"),
+    ([], "enqueue is missing --sink, --key and --data"),
     (["--from-file", "ops.jsonl", "--key", "k"], "--from-file takes every field from the "
                                                  "file; drop --key"),
     (["--sink", "postgres", "--etid", "10001", "--key", "k", "--data", "{}"],

@@ -369,6 +369,21 @@ def test_classify_errors(error: BaseException, reason: str) -> None:
     assert classify(error) == reason
 
 
+@pytest.mark.parametrize("options", ["sslmode=bogus", "require_auth=bogus",
+                                     "port=abc", "port=99999",
+                                     "connect_timeout=often",
+                                     "sslmode=prefer sslnegotiation=direct"])
+def test_classify_invalid_option_as_config(options: str) -> None:
+    """libpq rejects such an option only when it connects, with no SQLSTATE. The
+    connection string is wrong, so no pool recycle or reconnect can help."""
+    with tempfile.TemporaryDirectory() as directory, pytest.raises(psycopg.Error) as caught:
+        # A directory without a socket: libpq checks the options and then fails to
+        # connect without reaching any server.
+        psycopg.connect(f"host={directory} {options}")
+
+    assert classify(caught.value) == "config", str(caught.value)
+
+
 def test_classify_starting_up_is_not_shutdown() -> None:
     error = psycopg.errors.CannotConnectNow("FATAL:  the database system is starting up")
     assert classify(error) == "starting_up"

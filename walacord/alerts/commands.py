@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     alerts = commands.add_parser(
-        "alerts", help="list active, silenced and recent alerts; `alerts silence` mutes some")
+        "alerts", help="list active, silenced and recent alerts; `alerts silence` mutes some "
+                       "and `alerts unsilence` ends a silence")
     alerts.set_defaults(handler=list_command, action=None)
     actions = alerts.add_subparsers(dest="action", metavar="ACTION")
 
@@ -31,8 +32,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                               "line, without control or invisible characters")
     silence.set_defaults(handler=silence_command)
 
-    unsilence = actions.add_parser("unsilence", help="end a silence now")
-    unsilence.add_argument("id", help="silence id from `walacorctl alerts`")
+    unsilence = actions.add_parser(
+        "unsilence", help="end a silence now",
+        description="End a silence now. An alert that the silence held and that still "
+                    "fires is paged at the next evaluation.")
+    unsilence.add_argument("id", help="silence id, as `walacorctl alerts` lists it")
     unsilence.set_defaults(handler=unsilence_command)
 
 

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from walacord.backup.manifest import manual_restore_advice, parse_time, utc_now
+from walacord.control.arguments import non_empty
 from walacord.control.render import format_seconds, format_table
 from walacord.terminal import escape_control_characters
 
@@ -33,6 +34,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     restore = actions.add_parser("restore", help="restore a backup into a database")
     restore.add_argument("id", help="backup id from `walacorctl backup list`")
     restore.add_argument("--target-db", required=True, metavar="NAME",
+                         type=non_empty("name", "give the name of the database to restore "
+                                                "into"),
                          help="database to create; it must not exist unless --force")
     restore.add_argument("--force", action="store_true",
                          help="replace the target database if it exists")

@@ -1,8 +1,10 @@
-"""argparse types that walacorctl's duration options share.
+"""argparse types that walacorctl's options share.
 
 `--timeout`, `check --timeout`, `mode set --ttl`, `watch --interval` and `alerts
 silence --for` all accept the forms of `parse_duration` (90, 1.5e3, 500ms, 30s, 5m,
-1h, 7d) and word their errors as the daemon words the same problem.
+1h, 7d) and word their errors as the daemon words the same problem. `non_empty`
+rejects an empty value while parsing. Otherwise connect() or the daemon would reject
+it later with a message that does not name the option.
 """
 
 from __future__ import annotations
@@ -35,3 +37,14 @@ def duration_type(*, minimum: float | None = None,
         return seconds
 
     return duration
+
+
+def non_empty(what: str, fix: str) -> Callable[[str], str]:
+    """Return an argparse type that rejects an empty string as "empty {what}; {fix}"."""
+
+    def text(value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError(f"empty {what}; {fix}")
+        return value
+
+    return text

@@ -1,8 +1,8 @@
 """`walacorctl`: steer a running walacord through its control socket.
 
 Exit codes: 0 success; 1 the daemon returned an error; 2 invalid command line;
-3 the daemon could not be reached, refused this user, was busy or speaks another
-protocol version. `check` uses the Nagios plugin codes
+3 the daemon could not be reached, refused this user, was busy, speaks another
+protocol version or sent a response of another shape. `check` uses the Nagios plugin codes
 instead: 0 normal, 1 degraded, 2 emergency or offline, 3 unknown or unreachable.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, NoReturn, TextIO
 import orjson
 
 from walacord import __version__
-from walacord.control.arguments import DURATION_HELP, duration_type
+from walacord.control.arguments import DURATION_HELP, duration_type, non_empty
 from walacord.control.client import ControlClient, ProgressCallback
 from walacord.control.protocol import DEFAULT_SOCKET, SOCKET_ENVIRONMENT_VARIABLE, ErrorCode
 from walacord.control.render import ProgressBar
@@ -38,6 +38,8 @@ DEFAULT_TIMEOUT = 10.0
 # progress line restarts the wait, so one day is plenty.
 MAX_TIMEOUT = 86400.0
 timeout_type = duration_type(maximum=MAX_TIMEOUT)
+socket_path_type = non_empty("path", "give the control socket's path, such as "
+                                     f"{DEFAULT_SOCKET}")
 # Errors that mean walacorctl may not or cannot talk to this daemon at all.
 CONNECTION_ERRORS = (ErrorCode.PERMISSION_DENIED, ErrorCode.VERSION_MISMATCH, ErrorCode.BUSY)
 
@@ -75,6 +77,21 @@ class Context:
         finally:
             if bar is not None:
                 bar.finish()
+
+    def call_object(self, method: str, params: dict[str, Any] | None = None, *,
+                    progress: bool = False) -> dict[str, Any]:
+        """Call `method`, whose result must be a JSON object; raise ControlClientError
+        when it is not, as from a daemon of another release."""
+        result = self.call(method, params, progress=progress)
+        if not isinstance(result, dict):
+            received = escape_control_characters(orjson.dumps(result).decode())
+            if len(received) > 60:
+                received = received[:57] + "..."
+            raise ControlClientError(
+                f"the daemon sent an unexpected response to {method}: expected a JSON "
+                f"object, got {received}; install walacorctl and walacord from the same "
+                "release")
+        return result
 
     def shows_progress(self) -> bool:
         return not self.json and self.stderr.isatty()
@@ -116,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                "3 daemon unreachable. `check` follows the Nagios plugin codes.")
     parser.add_argument("--version", action="version", version=f"walacorctl {__version__}")
     parser.add_argument(
-        "--socket", metavar="PATH",
+        "--socket", metavar="PATH", type=socket_path_type,
         default=os.environ.get(SOCKET_ENVIRONMENT_VARIABLE) or DEFAULT_SOCKET,
         help=f"control socket (env {SOCKET_ENVIRONMENT_VARIABLE}; default %(default)s)")
     parser.add_argument("--json", action="store_true",

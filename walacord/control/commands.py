@@ -11,9 +11,11 @@ import orjson
 
 from walacord.config import LOG_LEVELS
 from walacord.control.arguments import DURATION_HELP, duration_type
-from walacord.control.cli import error_document
-from walacord.control.interfaces import MODES
+from walacord.control.cli import EXIT_USAGE, error_document, report_error
+from walacord.control.interfaces import MAX_REASON_CHARS, MODES
+from walacord.control.protocol import ErrorCode
 from walacord.control.render import (
+    as_object,
     format_mode,
     format_pairs,
     format_probes,
@@ -48,8 +50,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                       "2 emergency or offline, 3 unreachable")
     # Check definitions usually put options after the command, so the global options
     # are accepted here too. SUPPRESS keeps the global values when these are absent.
-    from walacord.control.cli import timeout_type
-    check.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+    from walacord.control.cli import socket_path_type, timeout_type
+    check.add_argument("--socket", metavar="PATH", type=socket_path_type,
+                       default=argparse.SUPPRESS,
                        help="control socket, as before the command")
     check.add_argument("--timeout", type=timeout_type, metavar="DURATION",
                        default=argparse.SUPPRESS,
@@ -73,13 +76,17 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     mode_set.add_argument("--ttl", required=True, type=duration_type(), metavar="DURATION",
                           help="how long the override lasts, at most [modes] "
                                f"override_max_ttl: {DURATION_HELP}")
-    mode_set.add_argument("--reason", required=True, help="why; goes into the transition log")
+    mode_set.add_argument("--reason", required=True,
+                          help=f"why; goes into the transition log, at most {MAX_REASON_CHARS} "
+                               "characters on one line")
     mode_actions.add_parser("clear", help="end the override now")
 
     pool = commands.add_parser("pool", help="act on the database connection pool")
     pool_actions = pool.add_subparsers(dest="action", metavar="ACTION", required=True)
     recycle = pool_actions.add_parser("recycle", help="replace every pooled connection")
-    recycle.add_argument("--reason", default="manual", help="recorded with the recycle")
+    recycle.add_argument("--reason", default="manual",
+                         help=f"recorded with the recycle, at most {MAX_REASON_CHARS} characters "
+                              "on one line")
     pool.set_defaults(handler=pool_command)
 
     reload = commands.add_parser("reload", help="reload the configuration file, like SIGHUP")
@@ -109,7 +116,7 @@ MAX_DURATION = 365 * 86400.0
 
 
 def status_command(context: Context, args: argparse.Namespace) -> int:
-    status = context.call("status")
+    status = context.call_object("status")
     if context.json:
         context.print_json(status)
     else:
@@ -118,20 +125,22 @@ def status_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def health_command(context: Context, args: argparse.Namespace) -> int:
-    health = context.call("health")
+    health = context.call_object("health")
     if context.json:
         context.print_json(health)
         return 0
-    stalled = health.get("stalled_components") or {}
-    mode = health.get("mode") or {}
+    stalled = as_object(health.get("stalled_components"))
+    mode = as_object(health.get("mode"))
+    components = health.get("components")
     context.print(format_pairs([
         ("state", health.get("state")),
         ("version", health.get("version")),
         ("environment", health.get("environment")),
         ("uptime", format_seconds(health.get("uptime_seconds"))),
-        ("components", ", ".join(health.get("components") or []) or "none"),
-        ("stalled", ", ".join(f"{name} ({seconds:g}s)" for name, seconds in stalled.items())
-         or "none"),
+        ("components", ", ".join(map(str, components)) if isinstance(components, list)
+         and components else "none"),
+        ("stalled", ", ".join(f"{name} ({seconds:g}s)" if isinstance(seconds, int | float)
+                              else str(name) for name, seconds in stalled.items()) or "none"),
         ("mode", mode.get("mode") if mode else "no mode machine configured"),
     ]))
     if health.get("probes") is not None:
@@ -141,15 +150,15 @@ def health_command(context: Context, args: argparse.Namespace) -> int:
 
 def check_command(context: Context, args: argparse.Namespace) -> int:
     try:
-        status = context.call("status")
+        status = context.call_object("status")
     except (ControlClientError, ControlError) as exc:
         code, word = NAGIOS_UNKNOWN
         text = f"WALACORD {word} - {exc}"
         return _print_check(context, code, word, None, text)
 
     mode = status.get("mode")
-    code, word = NAGIOS.get(mode, NAGIOS_UNKNOWN)
-    probes = {name: probe for name, probe in (status.get("probes") or {}).items()
+    code, word = NAGIOS.get(mode, NAGIOS_UNKNOWN) if isinstance(mode, str) else NAGIOS_UNKNOWN
+    probes = {name: probe for name, probe in as_object(status.get("probes")).items()
               if isinstance(probe, dict)}
     # healthy is None for a probe that is not configured: it is left out of the count.
     unconfigured = sorted(name for name, probe in probes.items() if probe.get("healthy") is None)
@@ -188,9 +197,17 @@ def _perf_label(name: str) -> str:
 def probes_command(context: Context, args: argparse.Namespace) -> int:
     if args.action == "run":
         params = {"probes": args.names} if args.names else {}
-        result = context.call("probes.run", params, progress=True)
+        try:
+            result = context.call_object("probes.run", params, progress=True)
+        except ControlError as exc:
+            # The probe names come from the daemon's configuration, so only the daemon
+            # can check them. Its error for an unknown name lists the valid ones.
+            if exc.code != ErrorCode.INVALID_PARAMS:
+                raise
+            report_error(context, exc)
+            return EXIT_USAGE
     else:
-        result = context.call("probes.list")
+        result = context.call_object("probes.list")
     if context.json:
         context.print_json(result)
     else:
@@ -200,12 +217,12 @@ def probes_command(context: Context, args: argparse.Namespace) -> int:
 
 def mode_command(context: Context, args: argparse.Namespace) -> int:
     if args.action == "set":
-        state = context.call("mode.set", {"mode": args.mode, "ttl_seconds": args.ttl,
+        state = context.call_object("mode.set", {"mode": args.mode, "ttl_seconds": args.ttl,
                                           "reason": args.reason})
     elif args.action == "clear":
-        state = context.call("mode.clear")
+        state = context.call_object("mode.clear")
     else:
-        state = context.call("mode.get")
+        state = context.call_object("mode.get")
     if context.json:
         context.print_json(state)
     else:
@@ -222,7 +239,7 @@ def mode_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def pool_command(context: Context, args: argparse.Namespace) -> int:
-    result = context.call("pool.recycle", {"reason": args.reason}, progress=True)
+    result = context.call_object("pool.recycle", {"reason": args.reason}, progress=True)
     if context.json:
         context.print_json(result)
     else:
@@ -231,7 +248,7 @@ def pool_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def reload_command(context: Context, args: argparse.Namespace) -> int:
-    result = context.call("config.reload")
+    result = context.call_object("config.reload")
     if context.json:
         context.print_json(result)
     else:
@@ -246,7 +263,7 @@ def reload_command(context: Context, args: argparse.Namespace) -> int:
 
 
 def log_level_command(context: Context, args: argparse.Namespace) -> int:
-    result = context.call("log.set_level", {"level": args.level})
+    result = context.call_object("log.set_level", {"level": args.level})
     if context.json:
         context.print_json(result)
     else:
@@ -266,7 +283,7 @@ def watch_command(context: Context, args: argparse.Namespace) -> int:
             began = time.monotonic()
             now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             try:
-                status = context.call("status")
+                status = context.call_object("status")
                 body = format_status(status)
                 document: dict[str, Any] = {"at": now, "status": status}
             except (ControlClientError, ControlError) as exc:

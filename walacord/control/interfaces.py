@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from typing import Any, NotRequired, Protocol, TypedDict, runtime_checkable
 
 MODES = ("normal", "degraded", "emergency", "offline")
+# Maximum length in characters of the reason of `mode.set` and `pool.recycle`. The
+# status, the logs and, for a recycle, a metrics label show the reason, so it stays a
+# sentence or two.
+MAX_REASON_CHARS = 500
 
 
 class ProbeState(TypedDict):

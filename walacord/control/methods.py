@@ -15,7 +15,13 @@ from typing import Any, Literal, TypeVar, get_args
 
 from walacord import __version__
 from walacord.config import LOG_LEVELS
-from walacord.control.interfaces import MODES, ModeControl, PoolControl, ProbeControl
+from walacord.control.interfaces import (
+    MAX_REASON_CHARS,
+    MODES,
+    ModeControl,
+    PoolControl,
+    ProbeControl,
+)
 from walacord.control.protocol import ErrorCode
 from walacord.control.registry import Call
 from walacord.errors import ControlError, ModeOverrideError
@@ -23,8 +29,6 @@ from walacord.runtime import Runtime
 from walacord.terminal import describe_character, find_nonprinting_character
 
 log = logging.getLogger(__name__)
-
-MAX_REASON_CHARS = 500
 
 ModeName = Literal["normal", "degraded", "emergency", "offline"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -53,12 +57,7 @@ class ModeSetParams:
         if not 0 < self.ttl_seconds < math.inf:
             raise ValueError(f"ttl_seconds must be above 0 and finite, got "
                              f"{self.ttl_seconds:g}")
-        if not self.reason.strip():
-            raise ValueError("reason must not be empty: say why the mode is forced")
-        if len(self.reason) > MAX_REASON_CHARS:
-            raise ValueError(f"reason is {len(self.reason)} characters, over the limit of "
-                             f"{MAX_REASON_CHARS}; shorten it")
-        _check_printable(self.reason)
+        _check_reason(self.reason)
 
 
 @dataclass(frozen=True)
@@ -66,9 +65,18 @@ class PoolRecycleParams:
     reason: str = "manual"
 
     def __post_init__(self) -> None:
-        if not self.reason.strip() or len(self.reason) > MAX_REASON_CHARS:
-            raise ValueError(f"reason must be 1 to {MAX_REASON_CHARS} characters")
-        _check_printable(self.reason)
+        _check_reason(self.reason)
+
+
+def _check_reason(reason: str) -> None:
+    """Raise ValueError unless `reason` is 1 to MAX_REASON_CHARS printable characters."""
+    if not reason.strip():
+        raise ValueError(f"reason must not be empty; say why, in at most {MAX_REASON_CHARS} "
+                         "characters")
+    if len(reason) > MAX_REASON_CHARS:
+        raise ValueError(f"reason is {len(reason)} characters, over the limit of "
+                         f"{MAX_REASON_CHARS}; shorten it")
+    _check_printable(reason)
 
 
 def _check_printable(reason: str) -> None:
@@ -213,7 +221,9 @@ class CoreMethods:
         unknown = [name for name in names if name not in known]
         if unknown:
             raise ControlError(ErrorCode.INVALID_PARAMS,
-                               f"unknown probe(s) {', '.join(unknown)}; known: {', '.join(known)}",
+                               f"unknown probe{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(map(repr, unknown))}; use one of "
+                               f"{', '.join(known)}",
                                {"known": known})
         if not names:
             raise ControlError(ErrorCode.INVALID_PARAMS, "no probes to run: the list is empty")

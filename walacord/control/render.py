@@ -12,6 +12,15 @@ from walacord.terminal import escape_control_characters
 MISSING = "-"
 
 
+def as_object(value: object) -> dict[str, Any]:
+    """Return `value` when it is a JSON object, else an empty one.
+
+    The views below read the daemon's documents with it, so a field of another shape,
+    as from a daemon of another release, shows as missing instead of failing.
+    """
+    return value if isinstance(value, dict) else {}
+
+
 _ONE_LINE = str.maketrans({"\n": " ", "\r": " ", "\t": " "})
 
 
@@ -87,9 +96,11 @@ def format_recycle(result: dict[str, Any]) -> str:
     return format_pairs(pairs)
 
 
-def format_override(override: dict[str, Any] | None) -> str:
+def format_override(override: object) -> str:
     if not override:
         return "none"
+    if not isinstance(override, dict):
+        return escape_control_characters(str(override))
     remaining = override.get("remaining_seconds")
     left = f", {remaining:.0f}s left" if isinstance(remaining, int | float) else ""
     return (f"{override.get('mode')} until {override.get('expires_at')}{left} "
@@ -103,7 +114,7 @@ def format_mode(state: dict[str, Any]) -> str:
         ("reason", state.get("reason")),
         ("override", format_override(state.get("override"))),
     ]
-    override = state.get("override") or {}
+    override = as_object(state.get("override"))
     if override.get("probes_mode") not in (None, override.get("mode")):
         pairs.append(("probes say", f"{override['probes_mode']}: "
                                     f"{override.get('probes_reason')}"))
@@ -112,14 +123,14 @@ def format_mode(state: dict[str, Any]) -> str:
 
 def override_hides_worse(state: dict[str, Any]) -> bool:
     """Tell whether the override reports a better mode than the probes give."""
-    override = state.get("override") or {}
+    override = as_object(state.get("override"))
     order = ("normal", "degraded", "emergency", "offline")
     forced, probes = override.get("mode"), override.get("probes_mode")
     return forced in order and probes in order and order.index(probes) > order.index(forced)
 
 
-def format_probes(probes: dict[str, Any]) -> str:
-    if not probes:
+def format_probes(probes: object) -> str:
+    if not isinstance(probes, dict) or not probes:
         return "no probes configured"
     rows = []
     for name in sorted(probes):
@@ -139,7 +150,7 @@ def format_probes(probes: dict[str, Any]) -> str:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    daemon = status.get("daemon") or {}
+    daemon = as_object(status.get("daemon"))
     pairs: list[tuple[str, object]] = [
         ("mode", status.get("mode")),
         ("since", status.get("since")),
@@ -150,10 +161,10 @@ def format_status(status: dict[str, Any]) -> str:
                    f"{format_seconds(daemon.get('uptime_seconds'))}"),
     ]
     pending = daemon.get("restart_required")
-    if pending:
-        pairs.append(("restart", f"needed for {', '.join(pending)}: changed in the config "
-                                 "file, applied at the next restart"))
-    return format_pairs(pairs) + "\n\n" + format_probes(status.get("probes") or {})
+    if pending and isinstance(pending, list):
+        pairs.append(("restart", f"needed for {', '.join(map(str, pending))}: changed in the "
+                                 "config file, applied at the next restart"))
+    return format_pairs(pairs) + "\n\n" + format_probes(status.get("probes"))
 
 
 class ProgressBar:

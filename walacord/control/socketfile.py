@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 SOCKET_MODE = 0o660
 # Linux's sun_path has room for 108 bytes including the terminating NUL.
 MAX_PATH_BYTES = 107
+# A process id has at most 7 digits: proc(5) gives 2**22 as the largest pid_max on
+# 64-bit Linux, and pids stay below pid_max.
+MAX_PID_DIGITS = 7
+# The longest [control] socket path: step 3 binds ".NAME.PID.tmp" in the same
+# directory, which is up to 13 bytes longer than the path itself.
+MAX_SOCKET_PATH_BYTES = MAX_PATH_BYTES - len("..") - MAX_PID_DIGITS - len(".tmp")
 STALE_TEST_TIMEOUT = 1.0
 
 
@@ -59,10 +65,10 @@ class BoundSocket:
 def bind_control_socket(path: str, group_gid: int | None, backlog: int) -> BoundSocket:
     """Create and listen on the control socket at `path`; raise ControlSocketError."""
     target = Path(path)
-    if len(os.fsencode(target)) > MAX_PATH_BYTES:
-        raise ControlSocketError(
-            f"control socket path {path!r} is longer than {MAX_PATH_BYTES} bytes; "
-            "set [control] socket to a shorter path")
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise ControlSocketError(f"control socket path {problem}; set [control] socket to a "
+                                 "shorter path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -96,6 +102,17 @@ def bind_control_socket(path: str, group_gid: int | None, backlog: int) -> Bound
     except BaseException:
         os.close(lock_fd)
         raise
+
+
+def socket_path_problem(path: str) -> str | None:
+    """Return why `path` is too long for the control socket, or None when it fits."""
+    size = len(os.fsencode(path))
+    if size <= MAX_SOCKET_PATH_BYTES:
+        return None
+    return (f"{path!r} is {size} bytes, longer than the {MAX_SOCKET_PATH_BYTES} bytes that "
+            f"fit: a Unix socket address takes at most {MAX_PATH_BYTES} bytes on Linux, and "
+            "walacord first binds the socket under a temporary name up to "
+            f"{MAX_PATH_BYTES - MAX_SOCKET_PATH_BYTES} bytes longer")
 
 
 def _take_lock(target: Path) -> int:

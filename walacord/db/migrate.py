@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ import psycopg
 from psycopg import sql
 
 from walacord import config
+from walacord.cli import default_config_path
+from walacord.control.arguments import DURATION_HELP, duration_type
 from walacord.errors import ConfigError, MigrationError, MigrationPrivilegeError
 
 log = logging.getLogger(__name__)
@@ -248,26 +249,45 @@ async def _apply_one(conn: psycopg.AsyncConnection, migration: Migration) -> App
 # --- `walacord migrate` -------------------------------------------------------------
 
 
+# Maximum --timeout in seconds: far beyond any migration, and still a finite deadline.
+MAX_TIMEOUT_SECONDS = 86400.0
+
+
+def database_url_type(text: str) -> str:
+    """Check --database-url as `walacord check-config` checks [database] url."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "empty URL; give a libpq URL such as postgresql://USER@HOST:PORT/DB, or leave "
+            "the option out to use --config")
+    problems = config.conninfo_problems(text)
+    if problems:
+        # conninfo_problems leaves the password out, and argparse shows only this text.
+        raise argparse.ArgumentTypeError("; ".join(problems))
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--database-url",
         metavar="URL",
+        type=database_url_type,
         help="libpq URL of walacord's database (overrides env DATABASE_URL and --config)",
     )
     source.add_argument(
         "--config",
         metavar="PATH",
-        default=os.environ.get("WALACORD_CONFIG", "/etc/walacord/walacord.toml"),
+        default=default_config_path(),
         help="configuration file to read [database] from (env WALACORD_CONFIG; "
         "default %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=duration_type(maximum=MAX_TIMEOUT_SECONDS),
         default=DEFAULT_TIMEOUT_SECONDS,
-        metavar="SECONDS",
-        help="give up after this many seconds, lock wait included (default %(default)s)",
+        metavar="DURATION",
+        help=f"give up after this long, lock wait included, at most 1d: {DURATION_HELP} "
+        "(default %(default)gs)",
     )
 
 

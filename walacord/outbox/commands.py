@@ -170,12 +170,14 @@ def _usage(context: Context, error: UsageError) -> int:
     return EXIT_USAGE
 
 
+# The options of one operation on the command line, by sink.
+ENQUEUE_FORMS = {
+    "walacor": "--sink walacor --etid N --key KEY --data JSON",
+    "postgres": "--sink postgres --statement NAME --key KEY --data JSON",
+}
+
+
 def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
-    missing = [flag for flag, value in (("--sink", args.sink), ("--key", args.key),
-                                        ("--data", args.data)) if value is None]
-    if missing:
-        raise UsageError(f"enqueue needs {', '.join(missing)} (with --sink, --key and "
-                         "--data), or --from-file")
     misplaced = {
         "walacor": ("--statement", args.statement,
                     "a Walacor record names its envelope type with --etid N"),
@@ -183,9 +185,24 @@ def _operation_from_flags(args: argparse.Namespace) -> dict[str, Any]:
                      "a PostgreSQL operation names its configured statement with "
                      "--statement NAME"),
     }
-    flag, value, fix = misplaced[args.sink]
-    if value is not None:
-        raise UsageError(f"{flag} does not apply to --sink {args.sink}: {fix}")
+    if args.sink is not None:
+        flag, value, fix = misplaced[args.sink]
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to --sink {args.sink}: {fix}")
+
+    target = {"walacor": ("--etid", args.etid), "postgres": ("--statement", args.statement)}
+    options = [("--sink", args.sink)]
+    if args.sink is not None:
+        options.append(target[args.sink])
+    options += [("--key", args.key), ("--data", args.data)]
+    missing = [flag for flag, value in options if value is None]
+    if missing:
+        names = missing[0] if len(missing) == 1 else (
+            f"{', '.join(missing[:-1])} and {missing[-1]}")
+        forms = (ENQUEUE_FORMS[args.sink] if args.sink is not None
+                 else " or ".join(ENQUEUE_FORMS.values()))
+        raise UsageError(f"enqueue is missing {names}; write {forms}, or --from-file FILE "
+                         "for a file of operations")
     if not args.key.strip():
         raise UsageError("--key is empty; give the operation's idempotency key, such as "
                          "its payment id")

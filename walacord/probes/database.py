@@ -9,6 +9,7 @@ connection works. A connection whose step was abandoned is closed, never put bac
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -72,6 +73,12 @@ SQLSTATE_REASONS = {
     "3D000": "config",             # invalid_catalog_name: the database does not exist
     "42501": "privilege",
 }
+# libpq's messages for a connection option it rejects before connecting, such as
+# 'invalid sslmode value: "bogus"' or 'invalid port number: "99999"' (libpq 18's
+# English texts), and psycopg's for connect_timeout. They carry no SQLSTATE.
+INVALID_OPTION = re.compile(
+    r'invalid (?:"?\w+"? value|integer value|port number|ssl protocol version range)'
+    r"|weak sslmode|require_auth method|bad value for connect_timeout")
 # New-connection failures that prove the server cannot serve right now.
 DEFINITIVE_FAILURES = frozenset({"refused", "shutting_down"})
 # libpq's require_auth (libpq 16 and later) lets a new connection stop at the server's
@@ -117,6 +124,8 @@ def classify(exc: BaseException) -> str:
         # shutdown is a reason to let go of the pool.
         if sqlstate in SQLSTATE_REASONS and not (sqlstate == "57P03" and "shutting" not in text):
             return SQLSTATE_REASONS[sqlstate]
+        if sqlstate is None and INVALID_OPTION.search(text):
+            return "config"
         for needle, reason in (
             ("starting up", "starting_up"),
             ("not yet accepting connections", "starting_up"),
