@@ -179,27 +179,6 @@ def test_debug_sets_level(tmp_path: Path) -> None:
     assert loaded.logging.level == "debug"
 
 
-@pytest.mark.parametrize(("value", "level"), [
-    ("1", "debug"), ("TRUE", "debug"), ("yes", "debug"), ("On", "debug"),
-    ("0", "info"), ("false", "info"), ("No", "info"), ("off", "info"), ("", "info"),
-])
-def test_debug_values(value: str, level: str) -> None:
-    assert config.load(None, {"DEBUG": value}).logging.level == level
-
-
-@pytest.mark.parametrize("value", ["maybe", "2", "debug"])
-def test_debug_invalid_value_rejected(value: str) -> None:
-    """An unknown DEBUG value was ignored, so DEBUG=maybe quietly kept the configured
-    level."""
-    with pytest.raises(ConfigError) as caught:
-        config.load(None, {"DEBUG": value})
-
-    [problem] = [str(problem) for problem in caught.value.problems]
-    assert problem == (f"environment DEBUG: logging.level: invalid DEBUG value {value!r}; "
-                       "set it to 1, true, yes or on for debug logging, or to 0, false, no, "
-                       "off or nothing for the configured level")
-
-
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(None, {"LOG_LEVEL": "chatty"})

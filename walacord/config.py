@@ -823,9 +823,7 @@ CREDENTIALS = {
     "database-url": ("database", "url"),
     "walacor-password": ("walacor", "password"),
 }
-# Values of DEBUG, compared in lower case. An empty DEBUG counts as false.
 TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
 def _has_settings(document: dict[str, Any]) -> bool:
@@ -943,17 +941,9 @@ def _apply_environment(document: dict[str, Any], environ: dict[str, str],
         full_key = f"{section}.{key}" if section else key
         decoder.origins[full_key] = f"environment {variable}"
 
-    debug = environ.get("DEBUG", "").lower()
-    if debug in TRUE_WORDS:
+    if environ.get("DEBUG", "").lower() in TRUE_WORDS:
         _set(document, "logging", "level", "debug")
         decoder.origins["logging.level"] = "environment DEBUG"
-    elif debug not in FALSE_WORDS:
-        decoder.problems.append(ConfigProblem(
-            "environment DEBUG", "logging.level",
-            f"invalid DEBUG value {environ['DEBUG']!r}; set it to "
-            f"{', '.join(TRUE_WORDS[:-1])} or {TRUE_WORDS[-1]} for debug logging, or to "
-            f"{', '.join(word for word in FALSE_WORDS if word)} or nothing for the "
-            "configured level"))
 
 
 def _cross_check(config: Config, decoder: Decoder) -> None:
