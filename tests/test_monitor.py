@@ -213,15 +213,19 @@ async def test_monitor_recycle_budget(pg_db: str, tmp_path: Path) -> None:
     config = daemon_config(tmp_path, pg_db, repair=RepairConfig(recycle_budget_per_hour=1))
     async with running_daemon(config) as supervisor:
         monitor = monitor_of(supervisor)
-        first = await monitor.recycle_pool("manual")
+        first = await monitor.recycle_pool("stuck after the 02:00 deploy")
         with pytest.raises(PoolRecycleError, match="budget") as refused:
-            await monitor.recycle_pool("manual")
+            await monitor.recycle_pool("still stuck")
         registry = supervisor.runtime.registry
         engine = supervisor.runtime.components["alerts"].engine
         active = engine._active_conditions(time.monotonic()).values()
     assert first["recycled"] is True
     assert "not recycled" in str(refused.value)
     assert monitor.recycler.snapshot()["budget_exhausted"] is True
+    assert first["reason"] == "stuck after the 02:00 deploy"
+    # The operator's text stays out of the label, so each request adds no series.
+    assert registry.get_sample_value("walacord_db_pool_recycles_total",
+                                     {"reason": "manual"}) == 1
     assert registry.get_sample_value("walacord_db_pool_recycles_refused_total",
                                      {"reason": "manual"}) == 1
     assert any(c.alertname == RECYCLE_BUDGET_EXHAUSTED for c in active)

@@ -549,7 +549,7 @@ class Monitor:
         Raises PoolRecycleError when the hourly budget is spent or a new connection
         fails afterwards, with a message for the operator.
         """
-        result = await self.recycler.recycle(reason)
+        result = await self.recycler.recycle(reason, trigger="manual")
         self._report_recycle_budget()
         self.runners["database"].trigger()
         if not result["recycled"]:

@@ -62,11 +62,16 @@ class Recycler:
         self.last: dict[str, Any] | None = None
         self.count = 0
 
-    async def recycle(self, reason: str) -> dict[str, Any]:
-        """Replace every connection because of `reason`; return what was done."""
+    async def recycle(self, reason: str, *, trigger: str | None = None) -> dict[str, Any]:
+        """Replace every connection because of `reason`; return what was done.
+
+        `trigger` is the metric label, `reason` by default. An operator's free-text
+        reason passes a fixed trigger, so it cannot add a label value per request.
+        """
+        trigger = trigger or reason
         # Step 1: check the budget.
         if not self.budget.available():
-            self.metrics.db_pool_recycles_refused.labels(reason=reason).inc()
+            self.metrics.db_pool_recycles_refused.labels(reason=trigger).inc()
             if not self.exhausted:
                 self.exhausted = True
                 alerts.error("pool.recycle_budget_exhausted", extra={"fields": {
@@ -83,7 +88,7 @@ class Recycler:
         # Step 3: prove health on a fresh connection.
         healthy, proof = await self._prove()
         self.count += 1
-        self.metrics.db_pool_recycles.labels(reason=reason).inc()
+        self.metrics.db_pool_recycles.labels(reason=trigger).inc()
         self.last = {"recycled": True, "reason": reason, "at": time.time(),
                      "pool_before": before, "healthy_after": healthy, "proof": proof,
                      "duration_seconds": round(time.monotonic() - began, 3)}
