@@ -19,6 +19,7 @@ import pytest
 
 from tests.backup.conftest import FifoReleaser, overwrite_two_bytes
 from tests.conftest import walacord_run
+from walacord.backup.manager import BACKUP_LOCK_KEY
 from walacord.pgcluster import PgCluster
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
@@ -69,6 +70,21 @@ def test_backup_now_list_verify_restore(daemon: Path, pg_cluster: PgCluster) -> 
     assert again.returncode == 1
     assert "restored_copy" in again.stderr
     pg_cluster.psql('DROP DATABASE "restored_copy" WITH (FORCE)')
+
+
+def test_backup_now_skipped_exits_4(daemon: Path, pg_db: str) -> None:
+    """A `backup now` that starts nothing, because a peer holds the backup lock, exits
+    4, so `walacorctl backup now && ship-offsite` does not ship an old backup."""
+    with psycopg.connect(pg_db, autocommit=True) as peer:
+        peer.execute("SELECT pg_advisory_lock(%s)", (BACKUP_LOCK_KEY,))
+        skipped = ctl(daemon, "backup", "now")
+        skipped_json = ctl(daemon, "--json", "backup", "now")
+
+    assert skipped.returncode == 4, skipped.stderr
+    assert skipped.stdout.startswith("skipped: a backup of database ")
+    assert "no second backup was started" in skipped.stdout
+    assert skipped_json.returncode == 4, skipped_json.stderr
+    assert orjson.loads(skipped_json.stdout)["status"] == "skipped"
 
 
 @pytest.fixture

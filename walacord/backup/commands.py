@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from walacord.backup.manifest import manual_restore_advice, parse_time, utc_now
+from walacord.control.cli import EXIT_SKIPPED
 from walacord.control.render import format_seconds, format_table
 from walacord.terminal import escape_control_characters
 
@@ -65,12 +66,14 @@ def _age(seconds: float | None) -> str:
 
 def now_command(context: Context, args: argparse.Namespace) -> int:
     result = context.call("backup.now", progress=True)
+    # Non-zero, so that `walacorctl backup now && ship-offsite` ships nothing old.
+    skipped = result.get("status") == "skipped"
     if context.json:
         context.print_json(result)
-        return 0
-    if result.get("status") == "skipped":
+        return EXIT_SKIPPED if skipped else 0
+    if skipped:
         context.print(f"skipped: {result['reason']}")
-        return 0
+        return EXIT_SKIPPED
     verified = "yes" if result["verified"] else "NO"
     context.print(f"backup {result['id']} written to {result['path']} "
                   f"({_size(result.get('size_bytes'))}, verified: {verified})")
