@@ -8,6 +8,7 @@ dot prefix and suffix keep a half-written file from ever looking like a backup.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -23,6 +24,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from walacord.backup.space import disk_full_advice, is_disk_full
 from walacord.errors import BackupError
 from walacord.terminal import CONTROL_CHARACTERS, shorten
 
@@ -394,14 +396,26 @@ def fsync_directory(directory: Path) -> None:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write the manifest through a temp file, fsync and rename; return its path."""
+    """Write the manifest through a temp file, fsync and rename; return its path.
+
+    The temp file is removed when writing it fails. A full file system raises
+    BackupError with what to do, and other errors raise OSError.
+    """
     final = manifest_path(directory, manifest.id)
     temporary = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
-    with open(temporary, "wb") as handle:
-        handle.write(manifest.to_json())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(manifest.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise BackupError(f"cannot write the manifest of backup {manifest.id}: "
+                              f"{exc.strerror}. {disk_full_advice(directory)}") from exc
+        raise
     fsync_directory(directory)
     return final
 
