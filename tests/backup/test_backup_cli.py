@@ -312,6 +312,31 @@ def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster
         f"SELECT count(*) FROM pg_database WHERE datname = '{target}'") == "0"
 
 
+def test_truncated_dump_verify_and_list(daemon: Path) -> None:
+    """After a drilled dump is truncated, verify prints no old pass as current, and
+    list shows the drill as stale and the file's real size."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    backup = taken["id"]
+    drilled = ctl(daemon, "backup", "verify", backup, "--drill")
+    os.truncate(taken["path"], 100)
+
+    verified = ctl(daemon, "backup", "verify", backup)
+    listed = ctl(daemon, "backup", "list")
+
+    assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+    assert verified.returncode == 1
+    assert f"backup {backup}: verified NO" in verified.stdout
+    assert "readability check passed" not in verified.stdout
+    assert "the readability check that passed at " in verified.stdout
+    assert "the drill that passed at " in verified.stdout
+    assert "size is 100 bytes, the manifest records" in verified.stdout
+    assert listed.returncode == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith(backup)
+             and ": " not in line]
+    assert "100 B (manifest " in row
+    assert row.split()[-2] == "stale"
+
+
 def test_damaged_manifest_is_named_in_list(daemon: Path, pg_cluster: PgCluster) -> None:
     new_backup = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
     dump = Path(new_backup["path"])

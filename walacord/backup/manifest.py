@@ -216,8 +216,28 @@ class Manifest:
         tested = self.drill_sha256()
         if tested is None:
             return checksum.ok
+        if self.size_changed:
+            # The drill hashed the file, so the file had the manifest's size then.
+            return True
         current = checksum.detail.get("sha256")
         return isinstance(current, str) and current != tested
+
+    @property
+    def size_changed(self) -> bool:
+        """True when the latest checksum check found a size other than the manifest's.
+
+        Such a check hashes nothing, and `verify` then skips the readability check.
+        """
+        checksum = self.checksum_check
+        return checksum is not None and not checksum.ok and "size_bytes" in checksum.detail
+
+    @property
+    def list_stale(self) -> bool:
+        """True when a checksum check after the readability check found another size, so
+        the readability check read bytes the file no longer has."""
+        listing, checksum = self.list_check, self.checksum_check
+        return (listing is not None and checksum is not None and self.size_changed
+                and parse_time(checksum.at) >= parse_time(listing.at))
 
 
 class InvalidManifest(ValueError):
