@@ -19,6 +19,7 @@ import pytest
 
 from tests.backup.conftest import FifoReleaser, overwrite_two_bytes
 from tests.conftest import walacord_run
+from walacord.backup.manager import BACKUP_LOCK_KEY
 from walacord.pgcluster import PgCluster
 
 WALACORCTL = str(Path(sys.executable).parent / "walacorctl")
@@ -69,6 +70,21 @@ def test_backup_now_list_verify_restore(daemon: Path, pg_cluster: PgCluster) -> 
     assert again.returncode == 1
     assert "restored_copy" in again.stderr
     pg_cluster.psql('DROP DATABASE "restored_copy" WITH (FORCE)')
+
+
+def test_backup_now_skipped_exits_4(daemon: Path, pg_db: str) -> None:
+    """A `backup now` that starts nothing, because a peer holds the backup lock, exits
+    4, so `walacorctl backup now && ship-offsite` does not ship an old backup."""
+    with psycopg.connect(pg_db, autocommit=True) as peer:
+        peer.execute("SELECT pg_advisory_lock(%s)", (BACKUP_LOCK_KEY,))
+        skipped = ctl(daemon, "backup", "now")
+        skipped_json = ctl(daemon, "--json", "backup", "now")
+
+    assert skipped.returncode == 4, skipped.stderr
+    assert skipped.stdout.startswith("skipped: a backup of database ")
+    assert "no second backup was started" in skipped.stdout
+    assert skipped_json.returncode == 4, skipped_json.stderr
+    assert orjson.loads(skipped_json.stdout)["status"] == "skipped"
 
 
 @pytest.fixture
@@ -144,57 +160,74 @@ def test_restore_over_supervised_database(daemon_with_sink: Path, pg_cluster: Pg
                                       dbname=database) == "1", "the operation applied")
 
 
-def test_restore_over_supervised_database_in_use(daemon_with_sink: Path,
-                                                 pg_cluster: PgCluster, pg_db: str) -> None:
-    """A client that is not walacord and keeps reconnecting can still block the rename.
-    The database is then unchanged, the error names what to stop, and walacord resumes."""
+def _connection_settings(pg_cluster: PgCluster, database: str) -> str:
+    """Return "datallowconn|datconnlimit" of `database`, as psql prints them."""
+    return pg_cluster.psql("SELECT datallowconn, datconnlimit FROM pg_database "
+                           f"WHERE datname = '{database}'")
+
+
+def test_restore_over_database_reconnecting_clients(daemon_with_sink: Path,
+                                                    pg_cluster: PgCluster, pg_db: str,
+                                                    tmp_path: Path) -> None:
+    """Clients that keep reconnecting, a shell loop and a second walacord daemon on the
+    same database, do not block a forced restore: new connections are rejected during
+    the swap. The database's connection settings are back afterwards, and the second
+    daemon's database probe is up again."""
     socket = daemon_with_sink
     database = pg_db.rsplit("/", 1)[1]
     taken = orjson.loads(ctl(socket, "--json", "backup", "now").stdout)
     pg_cluster.psql("INSERT INTO ledger VALUES (100000, 1)", dbname=database)
+    pg_cluster.psql(f'ALTER DATABASE "{database}" WITH CONNECTION LIMIT 40')
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
     # A "connect, sleep, reconnect at once" loop in a shell, like an application pool.
     loop = subprocess.Popen(
         ["sh", "-c", f"while true; do {pg_cluster.bindir / 'psql'} -X -q "
                      f"'{pg_db}' -c 'SELECT pg_sleep(30)' >/dev/null 2>&1; done"],
         start_new_session=True)
     try:
-        _wait_for(lambda: int(pg_cluster.psql(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
-            f"AND datname = '{database}'")) == 1, "the other client's session")
-        restored = ctl(socket, "backup", "restore", taken["id"], "--target-db", database,
-                       "--force")
+        with walacord_run(second_dir, f'[database]\nurl = "{pg_db}"\n[backup]\n'
+                                      'enabled = false\n[probes.database]\ninterval = 0.5\n'
+                                      'timeout = 0.4\n') as second:
+            _wait_for(lambda: int(pg_cluster.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
+                f"AND datname = '{database}'")) == 1, "the other client's session")
+            _wait_for(lambda: _database_report(second)["healthy"] is True,
+                      "the second daemon's probe up")
+
+            restored = ctl(socket, "backup", "restore", taken["id"], "--target-db", database,
+                           "--force")
+
+            _wait_for(lambda: _database_report(second)["healthy"] is True,
+                      "the second daemon's probe up after the restore")
     finally:
         os.killpg(loop.pid, signal.SIGKILL)
         loop.wait()
-    assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) in ("500", "501")
-    if restored.returncode != 0:
-        assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) == "501"
-        assert f"Database {database} is unchanged" in restored.stderr
-        assert "Stop the application and anything else that connects" in restored.stderr
+    assert restored.returncode == 0, restored.stderr
+    assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) == "500"
+    assert _connection_settings(pg_cluster, database) == "t|40"
     _wait_for(lambda: _database_report(socket)["paused"] is None
               and _database_report(socket)["healthy"] is True, "the probe resumed and up")
 
 
 def test_stop_during_blocked_swap_is_prompt(daemon_with_sink: Path, pg_cluster: PgCluster,
                                             pg_db: str, tmp_path: Path) -> None:
-    """SIGTERM while a swap is blocked by another client, with a postgres-sink operation
-    waiting for the pause to end: the daemon exits well within drain_timeout (10 s), and
-    the database is intact."""
+    """SIGTERM while a swap is blocked, with a postgres-sink operation waiting for the
+    pause to end: the daemon exits well within drain_timeout (10 s), the database is
+    intact and accepts connections again.
+
+    A transaction in another database holds a lock on the database's pg_database
+    entry (COMMENT ON DATABASE), so the rename waits for it."""
     socket = daemon_with_sink
     database = pg_db.rsplit("/", 1)[1]
     taken = orjson.loads(ctl(socket, "--json", "backup", "now").stdout)
     config = str(tmp_path / "walacord.toml")
     [daemon] = [process for process in psutil.process_iter(["cmdline"])
                 if config in (process.info["cmdline"] or [])]
-    loop = subprocess.Popen(
-        ["sh", "-c", f"while true; do {pg_cluster.bindir / 'psql'} -X -q "
-                     f"'{pg_db}' -c 'SELECT pg_sleep(30)' >/dev/null 2>&1; done"],
-        start_new_session=True)
+    holder = psycopg.connect(pg_cluster.url("postgres"))
+    holder.execute(f"COMMENT ON DATABASE \"{database}\" IS 'held by the test'")
     restore: subprocess.Popen[str] | None = None
     try:
-        _wait_for(lambda: int(pg_cluster.psql(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
-            f"AND datname = '{database}'")) == 1, "the other client's session")
         restore = subprocess.Popen(
             [WALACORCTL, "--socket", str(socket), "backup", "restore", taken["id"],
              "--target-db", database, "--force"],
@@ -205,17 +238,20 @@ def test_stop_during_blocked_swap_is_prompt(daemon_with_sink: Path, pg_cluster: 
         assert enqueued.returncode == 0, enqueued.stderr
         time.sleep(1.0)  # the sync round starts and waits for the pause to end
         assert _database_report(socket)["paused"] is not None
+        blocked = _connection_settings(pg_cluster, database)
 
         began = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
         stopped_after = time.monotonic() - began
     finally:
-        os.killpg(loop.pid, signal.SIGKILL)
-        loop.wait()
+        holder.rollback()
+        holder.close()
         if restore is not None:
             restore.wait(timeout=30)
     assert stopped_after < 5.0
+    assert blocked == "f|-1"
+    assert _connection_settings(pg_cluster, database) == "t|-1"
     assert pg_cluster.psql("SELECT count(*) FROM ledger", dbname=database) in ("500", "501")
 
 
@@ -274,6 +310,31 @@ def test_changed_dump_rejected_and_explained(daemon: Path, pg_cluster: PgCluster
     assert "does not match its manifest" not in forced.stderr
     assert pg_cluster.psql(
         f"SELECT count(*) FROM pg_database WHERE datname = '{target}'") == "0"
+
+
+def test_truncated_dump_verify_and_list(daemon: Path) -> None:
+    """After a drilled dump is truncated, verify prints no old pass as current, and
+    list shows the drill as stale and the file's real size."""
+    taken = orjson.loads(ctl(daemon, "--json", "backup", "now").stdout)
+    backup = taken["id"]
+    drilled = ctl(daemon, "backup", "verify", backup, "--drill")
+    os.truncate(taken["path"], 100)
+
+    verified = ctl(daemon, "backup", "verify", backup)
+    listed = ctl(daemon, "backup", "list")
+
+    assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+    assert verified.returncode == 1
+    assert f"backup {backup}: verified NO" in verified.stdout
+    assert "readability check passed" not in verified.stdout
+    assert "the readability check that passed at " in verified.stdout
+    assert "the drill that passed at " in verified.stdout
+    assert "size is 100 bytes, the manifest records" in verified.stdout
+    assert listed.returncode == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith(backup)
+             and ": " not in line]
+    assert "100 B (manifest " in row
+    assert row.split()[-2] == "stale"
 
 
 def test_damaged_manifest_is_named_in_list(daemon: Path, pg_cluster: PgCluster) -> None:

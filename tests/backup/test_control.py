@@ -391,6 +391,67 @@ async def test_verify_marks_drill_of_other_bytes_stale(make_manager: ManagerFact
     assert manager.metrics.backup_damaged._value.get() == 0
 
 
+async def test_verify_truncated_file_marks_results_stale(make_manager: ManagerFactory) -> None:
+    """A verify that finds the file truncated makes the drill and the readability check
+    of the old bytes stale, and list shows the file's real size."""
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    drilled = await backup_verify(manager, {"id": backup["id"], "drill": True})
+    os.truncate(backup["path"], 100)
+
+    verified = await backup_verify(manager, {"id": backup["id"]})
+    [listed] = (await backup_list(manager, {}))["backups"]
+
+    size = backup["size_bytes"]
+    checked_at = verified["checked_at"]
+    assert drilled["drill"]["ok"] is True
+    assert drilled["list"]["ok"] is True
+    assert verified["verified"] is False
+    assert verified["checksum"]["ok"] is False
+    assert verified["list"]["ok"] is True
+    assert verified["list"]["stale"] is True
+    assert verified["drill"]["ok"] is True
+    assert verified["drill"]["stale"] is True
+    assert verified["problems"] == [
+        f"checksum check failed at {checked_at}: size is 100 bytes, the manifest records "
+        f"{size} bytes; the file changed after it was written, so its sha256 was not "
+        "computed"]
+    assert verified["notes"] == [
+        f"the readability check that passed at {drilled['list']['at']} is stale and does "
+        f"not count: the checksum check at {checked_at} found the file's size changed to "
+        "100 bytes, so the readability check read other bytes and was not run again",
+        f"the drill that passed at {drilled['drill']['at']} is stale and does not count: "
+        f"it tested the file with sha256 {backup['sha256']}, but the checksum check at "
+        f"{checked_at} found the file's size changed to 100 bytes. Run `walacorctl "
+        f"backup verify --drill {backup['id']}` to drill the file as it is now"]
+    assert listed["verified"] is False
+    assert listed["drill"]["stale"] is True
+    assert listed["list"]["stale"] is True
+    assert listed["problems"] == verified["problems"]
+    assert listed["size_bytes"] == size
+    assert listed["file_size_bytes"] == 100
+
+
+async def test_list_names_size_change_before_verify(make_manager: ManagerFactory) -> None:
+    """A file whose size differs from the manifest's is not verified, even when its
+    modification time was set back."""
+    manager = make_manager()
+    backup = await backup_now(manager, {})
+    path = backup["path"]
+    times = os.stat(path)
+    os.truncate(path, 100)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+    [listed] = (await backup_list(manager, {}))["backups"]
+
+    assert listed["verified"] is False
+    assert listed["file_size_bytes"] == 100
+    assert listed["problems"] == [
+        f"the file is 100 bytes, the manifest records {backup['size_bytes']} bytes, so it "
+        f"changed after its last verification; run `walacorctl backup verify "
+        f"{backup['id']}`"]
+
+
 async def test_verify_keeps_drill_failure_of_same_bytes(make_manager: ManagerFactory) -> None:
     manager = make_manager()
     backup = await manager.take()

@@ -6,12 +6,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import anyio
 import psycopg
 import pytest
 
 from tests.backup.conftest import fifo_in_place_of, journal_names, overwrite_two_bytes
+from tests.conftest import wait_until
 from walacord.backup import BackupManager
 from walacord.backup.manifest import format_time, write_manifest
 from walacord.backup.restore import DatabaseExists, RestoreRequest, load_archive
@@ -504,3 +506,81 @@ async def test_restore_failed_rename_keeps_target(
     assert "could not be dropped" in message
     assert previous_databases(pg_cluster) == []
     assert manager.metrics.backup_failures.labels(operation="restore")._value.get() == 1
+
+
+def connection_settings(cluster: PgCluster, name: str) -> str:
+    """Return "datallowconn|datconnlimit" of database `name`, as psql prints them."""
+    return cluster.psql("SELECT datallowconn, datconnlimit FROM pg_database "
+                        f"WHERE datname = '{name}'")
+
+
+async def test_restore_force_failure_reopens_target(
+        make_manager: ManagerFactory, pg_cluster: PgCluster, seeded_db: str,
+        target_db: str, restorer: str) -> None:
+    """A swap that fails after ending sessions names them in its error, and the target
+    accepts connections again with its own connection limit.
+
+    walacord's role may end its own session on the target but not the superuser's,
+    so the rename fails.
+    """
+    taken = await make_manager().take()
+    assert taken is not None
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}" OWNER {restorer} CONNECTION LIMIT 7')
+    pg_cluster.psql("CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1), (2)",
+                    dbname=target_db)
+    manager = make_manager(url=pg_cluster.url(seeded_db.rsplit("/", 1)[1], user=restorer,
+                                              password="restorer-pw"))
+    own_session = psycopg.connect(pg_cluster.url(target_db, user=restorer,
+                                                 password="restorer-pw"), autocommit=True)
+    superuser_session = psycopg.connect(pg_cluster.url(target_db), autocommit=True)
+    own_pid = own_session.info.backend_pid
+
+    try:
+        with pytest.raises(BackupError) as raised:
+            await manager.restore(taken.id, target_db, force=True, no_owner=True)
+    finally:
+        own_session.close()
+        superuser_session.close()
+
+    message = str(raised.value)
+    assert f"ended 1 session on {target_db} (pid {own_pid})" in message
+    assert f"Database {target_db} is unchanged" in message
+    assert connection_settings(pg_cluster, target_db) == "t|7"
+    assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "2"
+    assert restoring_databases(pg_cluster) == []
+    assert previous_databases(pg_cluster) == []
+
+
+async def test_restore_force_cancelled_reopens_target(
+        make_manager: ManagerFactory, pg_cluster: PgCluster, target_db: str) -> None:
+    """The target does not allow connections during the swap, and a restore cancelled
+    then leaves the target unchanged and accepting connections.
+
+    A transaction in another database holds a lock on the target's pg_database entry
+    (COMMENT ON DATABASE), so the rename waits until the cancellation.
+    """
+    manager = make_manager()
+    backup = await manager.take()
+    assert backup is not None
+    pg_cluster.psql(f'CREATE DATABASE "{target_db}" CONNECTION LIMIT 9')
+    pg_cluster.psql("CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1), (2)",
+                    dbname=target_db)
+    holder = psycopg.connect(pg_cluster.url("postgres"))
+    holder.execute(f"COMMENT ON DATABASE \"{target_db}\" IS 'held by the test'")
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(partial(manager.restore, backup.id, target_db, force=True))
+            # New connections would queue behind the rename's lock request now, so
+            # only the setting is checked.
+            await wait_until(lambda: connection_settings(pg_cluster, target_db) == "f|9", 30,
+                             step=0.05)
+            group.cancel_scope.cancel()
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert connection_settings(pg_cluster, target_db) == "t|9"
+    assert pg_cluster.psql("SELECT count(*) FROM keep_me", dbname=target_db) == "2"
+    assert restoring_databases(pg_cluster) == []
+    assert previous_databases(pg_cluster) == []

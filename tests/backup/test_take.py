@@ -302,23 +302,29 @@ def full_backup_dir(tmp_path: Path) -> Iterator[Path]:
         yield directory
 
 
-async def test_take_on_full_disk_says_so(make_manager: ManagerFactory,
-                                         full_backup_dir: Path) -> None:
-    manager = make_manager(directory=full_backup_dir, format="custom")
+@pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])
+async def test_take_on_full_disk_names_dir(make_manager: ManagerFactory,
+                                           full_backup_dir: Path, fmt: str) -> None:
+    manager = make_manager(directory=full_backup_dir, format=fmt)
 
     with pytest.raises(BackupError) as raised:
         await manager.take()
 
-    # pg_dump reports the full disk itself here. When it exits 0 with a cut-short file
-    # instead, the archive check adds the hint tested below.
-    assert "No space left on device" in str(raised.value)
+    # pg_dump (or gzip) reports the full disk itself here. When it exits 0 with a
+    # cut-short file instead, the archive check adds the hint tested below.
+    message = str(raised.value)
+    assert "No space left on device" in message
+    assert f"The file system of [backup] dir {full_backup_dir} has no space left" in message
+    assert "bytes of the dump were written" in message
+    assert "delete older backups" in message
+    assert "keep_days" in message
     assert backup_files(manager.directory) == ["filler"]
 
 
 def test_full_disk_hint_names_free_bytes(full_backup_dir: Path, tmp_path: Path) -> None:
     hint = _full_disk_hint(full_backup_dir)
 
-    assert f"the file system of {full_backup_dir} has only" in hint
+    assert f"the file system of [backup] dir {full_backup_dir} has only" in hint
     assert "[backup] dir" in hint
     assert _full_disk_hint(tmp_path) == ""
 

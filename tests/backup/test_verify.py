@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 
 from tests.backup.conftest import fifo_in_place_of, journal_names, overwrite_two_bytes
+from tests.conftest import mounted_tmpfs
 from walacord.backup import BackupAlert, BackupManager
 from walacord.backup.alerts import BACKUP_FAILED
 from walacord.backup.manifest import (
@@ -160,6 +162,34 @@ async def test_drill_size_mismatch_skips_hashing(make_manager: ManagerFactory,
     assert drilled.checksum_check is not None
     assert not drilled.checksum_check.ok
     assert drill_databases(pg_cluster, manager.database) == []
+
+
+async def test_verify_on_full_disk_names_dir(make_manager: ManagerFactory,
+                                             tmp_path: Path) -> None:
+    """A verify whose manifest cannot be written names [backup] dir and what to do."""
+    with mounted_tmpfs(tmp_path / "small") as directory:
+        manager = make_manager(directory=directory)
+        backup = await manager.take()
+        assert backup is not None
+        before = manifest_path(directory, backup.id).read_bytes()
+        with (directory / "filler").open("wb", buffering=0) as filler, \
+                pytest.raises(OSError) as full:
+            while True:
+                filler.write(b"\0" * 4096)
+        assert full.value.errno == errno.ENOSPC
+
+        with pytest.raises(BackupError) as raised:
+            await manager.verify(backup.id)
+        files = sorted(path.name for path in directory.iterdir())
+
+        message = str(raised.value)
+        assert f"cannot write the manifest of backup {backup.id}" in message
+        assert "No space left on device" in message
+        assert f"The file system of [backup] dir {directory} has no space left" in message
+        assert "delete older backups" in message
+        assert manifest_path(directory, backup.id).read_bytes() == before
+        # The manifest's temporary file is removed.
+        assert files == sorted([backup.file, f"{backup.id}.json", "filler"])
 
 
 async def test_verify_missing_file_raises(make_manager: ManagerFactory) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from walacord.backup.manifest import manual_restore_advice, parse_time, utc_now
 from walacord.control.arguments import non_empty
+from walacord.control.cli import EXIT_SKIPPED
 from walacord.control.render import format_seconds, format_table
 from walacord.terminal import escape_control_characters
 
@@ -68,12 +69,14 @@ def _age(seconds: float | None) -> str:
 
 def now_command(context: Context, args: argparse.Namespace) -> int:
     result = context.call("backup.now", progress=True)
+    # Non-zero, so that `walacorctl backup now && ship-offsite` ships nothing old.
+    skipped = result.get("status") == "skipped"
     if context.json:
         context.print_json(result)
-        return 0
-    if result.get("status") == "skipped":
+        return EXIT_SKIPPED if skipped else 0
+    if skipped:
         context.print(f"skipped: {result['reason']}")
-        return 0
+        return EXIT_SKIPPED
     verified = "yes" if result["verified"] else "NO"
     context.print(f"backup {result['id']} written to {result['path']} "
                   f"({_size(result.get('size_bytes'))}, verified: {verified})")
@@ -112,7 +115,7 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
     if not backups:
         context.print("no backups yet; take one with `walacorctl backup now`")
         return 0
-    rows = [[b["id"], _age(b.get("age_seconds")), _size(b.get("size_bytes")),
+    rows = [[b["id"], _age(b.get("age_seconds")), _size_column(b),
              "yes" if b["verified"] else "no", _checked_ago(b.get("checked_at")),
              _drilled(b.get("drill")), (b.get("sha256") or "")[:16]] for b in backups]
     context.print(format_table(
@@ -125,6 +128,15 @@ def list_command(context: Context, args: argparse.Namespace) -> int:
         for sentence in [*entry.get("problems", []), *entry.get("notes", [])]:
             context.print(f"{entry['id']}: {sentence}")
     return 0
+
+
+def _size_column(entry: dict[str, Any]) -> str:
+    """Return the SIZE column: the file's size, and the manifest's when they differ."""
+    recorded = entry.get("size_bytes")
+    actual = entry.get("file_size_bytes")
+    if actual is None or actual == recorded:
+        return _size(recorded)
+    return f"{_size(actual)} (manifest {_size(recorded)})"
 
 
 def _warn(context: Context, text: str) -> None:
@@ -185,7 +197,8 @@ def _passed_checks(entry: dict[str, Any]) -> list[str]:
         passed.append(f"checksum check passed at {checksum['at']}: sha256 is "
                       f"{checksum.get('sha256')}, as the manifest records")
     listing = entry.get("list")
-    if listing and listing.get("ok"):
+    # A stale result read other bytes than the file has now, so it is among the notes.
+    if listing and listing.get("ok") and not listing.get("stale"):
         if entry.get("format") == "plain-gzip":
             found = (f"the SQL decompresses to {_size(listing.get('uncompressed_bytes'))} "
                      "and ends with pg_dump's completion line")

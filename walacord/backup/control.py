@@ -76,6 +76,21 @@ def _drill_dict(manifest: Manifest) -> dict[str, Any] | None:
     return {**drill, "stale": manifest.drill_stale}
 
 
+def _list_dict(manifest: Manifest) -> dict[str, Any] | None:
+    listing = _check_dict(manifest.list_check)
+    if listing is None:
+        return None
+    return {**listing, "stale": manifest.list_stale}
+
+
+def _file_size(path: Path) -> int | None:
+    """Return the size of the file at `path`, or None when it cannot be read."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def modified_after_check(manifest: Manifest, path: Path) -> str | None:
     """Return the file's mtime when it is later than the last checksum check, else None.
 
@@ -93,7 +108,8 @@ def modified_after_check(manifest: Manifest, path: Path) -> str | None:
     return format_time(datetime.fromtimestamp(mtime, UTC))
 
 
-def entry_problems(manifest: Manifest, path: Path, modified_at: str | None) -> list[str]:
+def entry_problems(manifest: Manifest, path: Path, modified_at: str | None,
+                   file_size: int | None) -> list[str]:
     """Return one sentence per reason the backup does not count as verified."""
     problems = []
     file_problem = dump_file_problem(path)
@@ -103,7 +119,16 @@ def entry_problems(manifest: Manifest, path: Path, modified_at: str | None) -> l
         problems.append(f"the file was modified at {modified_at}, after its last "
                         f"verification at {manifest.checksum_check.at}; run "
                         f"`walacorctl backup verify {manifest.id}`")
-    checks = [("checksum", manifest.checksum_check), ("readability", manifest.list_check)]
+    checksum = manifest.checksum_check
+    recorded_size = checksum.detail.get("size_bytes") if checksum is not None else None
+    # A size that the latest checksum check recorded is named by that check below.
+    if file_size is not None and file_size not in (manifest.size_bytes, recorded_size):
+        problems.append(f"the file is {file_size} bytes, the manifest records "
+                        f"{manifest.size_bytes} bytes, so it changed after its last "
+                        f"verification; run `walacorctl backup verify {manifest.id}`")
+    checks = [("checksum", manifest.checksum_check)]
+    if not manifest.list_stale:
+        checks.append(("readability", manifest.list_check))
     if not manifest.drill_stale:
         checks.append(("drill", manifest.drill))
     for name, check in checks:
@@ -116,9 +141,20 @@ def entry_problems(manifest: Manifest, path: Path, modified_at: str | None) -> l
 
 def entry_notes(manifest: Manifest) -> list[str]:
     """Return one sentence per recorded result that no longer describes the file."""
-    drill, checksum = manifest.drill, manifest.checksum_check
-    if drill is None or checksum is None or not manifest.drill_stale:
+    notes = []
+    drill, listing, checksum = manifest.drill, manifest.list_check, manifest.checksum_check
+    if checksum is None:
         return []
+    found = f"found sha256 {checksum.detail.get('sha256')}"
+    if manifest.size_changed:
+        found = f"found the file's size changed to {checksum.detail.get('size_bytes')} bytes"
+    if listing is not None and manifest.list_stale:
+        outcome = "passed" if listing.ok else "failed"
+        notes.append(f"the readability check that {outcome} at {listing.at} is stale and "
+                     f"does not count: the checksum check at {checksum.at} {found}, so the "
+                     "readability check read other bytes and was not run again")
+    if drill is None or not manifest.drill_stale:
+        return notes
     outcome = "passed" if drill.ok else "failed"
     tested = manifest.drill_sha256()
     if tested is None:
@@ -126,21 +162,26 @@ def entry_notes(manifest: Manifest) -> list[str]:
                f"at {checksum.at} passed")
     else:
         reason = (f"it tested the file with sha256 {tested}, but the checksum check at "
-               f"{checksum.at} found sha256 {checksum.detail.get('sha256')}")
-    return [f"the drill that {outcome} at {drill.at} is stale and does not count: {reason}. "
-            f"Run `walacorctl backup verify --drill {manifest.id}` to drill the file "
-            "as it is now"]
+               f"{checksum.at} {found}")
+    notes.append(f"the drill that {outcome} at {drill.at} is stale and does not count: "
+                 f"{reason}. Run `walacorctl backup verify --drill {manifest.id}` to drill "
+                 "the file as it is now")
+    return notes
 
 
 def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
     """Return the JSON shape of one backup, as `backup.list` shows it."""
     path = manager.path_of(manifest)
     modified_at = modified_after_check(manifest, path)
-    problems = entry_problems(manifest, path, modified_at)
+    file_size = _file_size(path)
+    problems = entry_problems(manifest, path, modified_at, file_size)
     return {
         "id": manifest.id,
         "path": display_path(path),
+        # The size the manifest recorded at dump time, and the file's size now (None
+        # when the file is missing or cannot be read).
         "size_bytes": manifest.size_bytes,
+        "file_size_bytes": file_size,
         "sha256": manifest.sha256,
         "verified": manifest.verified and not problems,
         # When the last checksum check ran, passed or not.
@@ -158,7 +199,7 @@ def backup_entry(manager: BackupManager, manifest: Manifest) -> dict[str, Any]:
         "format": manifest.format,
         "duration_seconds": manifest.duration_seconds,
         "checksum": _check_dict(manifest.checksum_check),
-        "list": _check_dict(manifest.list_check),
+        "list": _list_dict(manifest),
         "drill": _drill_dict(manifest),
     }
 

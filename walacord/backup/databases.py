@@ -93,6 +93,27 @@ async def scratch_locks(conninfo: str, names: Iterable[str],
             await conn.close()
 
 
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """A database's ALLOW_CONNECTIONS and CONNECTION LIMIT, with its oid, which a rename
+    keeps."""
+
+    oid: int
+    allow_connections: bool
+    connection_limit: int
+
+    def statement(self, name: str) -> sql.Composed:
+        """Return the ALTER DATABASE that gives database `name` both settings."""
+        return sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {} CONNECTION LIMIT {}").format(
+            sql.Identifier(name), sql.Literal(self.allow_connections),
+            sql.Literal(self.connection_limit))
+
+    def reopen_statement(self, name: str) -> sql.Composed:
+        """Return the ALTER DATABASE that gives database `name` this ALLOW_CONNECTIONS."""
+        return sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(name), sql.Literal(self.allow_connections))
+
+
 @dataclass
 class Admin:
     """Runs CREATE, DROP and ALTER DATABASE over short autocommit connections.
@@ -154,16 +175,61 @@ class Admin:
         if self.journal is not None:
             await self.journal.discard(name)
 
-    async def rename_into_place(self, temporary: str, target: str,
-                                previous: str | None) -> None:
+    async def connection_settings(self, name: str) -> ConnectionSettings:
+        """Return the oid, ALLOW_CONNECTIONS and CONNECTION LIMIT of database `name`."""
+        rows = await self._execute(
+            "SELECT oid, datallowconn, datconnlimit FROM pg_database WHERE datname = %s",
+            (name,))
+        if not rows:
+            raise psycopg.errors.InvalidCatalogName(f'database "{name}" does not exist')
+        oid, allow_connections, connection_limit = rows[0]
+        return ConnectionSettings(int(oid), bool(allow_connections), int(connection_limit))
+
+    async def block_connections(self, name: str) -> None:
+        """Make PostgreSQL reject every new connection to database `name`.
+
+        ALLOW_CONNECTIONS false rejects superusers too, unlike CONNECTION LIMIT 0, so
+        a pool that logs in as a superuser cannot reconnect either. Both need the
+        privilege that renaming the database needs as well: owning it, or being a
+        superuser. Sessions connected already stay connected.
+        """
+        await self._execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+            sql.Identifier(name)))
+
+    async def reopen_connections(self, settings: ConnectionSettings) -> str | None:
+        """Set ALLOW_CONNECTIONS back to `settings` on the database with its oid.
+
+        Return the database's name now, or None when it no longer exists.
+        """
+        with anyio.fail_after(self.timeout):
+            conn = await psycopg.AsyncConnection.connect(self.conninfo)
+            try:
+                async with conn.transaction():
+                    cursor = await conn.execute(
+                        "SELECT datname FROM pg_database WHERE oid = %s", (settings.oid,))
+                    row = await cursor.fetchone()
+                    if row is None:
+                        return None
+                    name = str(row[0])
+                    await conn.execute(settings.reopen_statement(name))
+            finally:
+                await conn.close()
+        return name
+
+    async def rename_into_place(self, temporary: str, target: str, previous: str | None, *,
+                                settings: ConnectionSettings | None = None,
+                                ended: list[int] | None = None) -> None:
         """End the sessions on both databases, rename `temporary` to `target` and clear
         its scratch comment, in one transaction.
 
         With `previous`, the existing `target` is renamed to `previous` first, in the
         same transaction. PostgreSQL rolls back both renames when any statement
-        fails, so `target` then keeps its old data under its own name. Sessions are
-        ended right before the renames because a pool, walacord's own among them,
-        reconnects within milliseconds. Raise SessionsInUse when sessions still use
+        fails, so `target` then keeps its old data under its own name. A pool,
+        walacord's own among them, reconnects within milliseconds, so the caller blocks
+        new connections to `target` first (see block_connections()). With `settings`,
+        the database renamed to `target` gets that ALLOW_CONNECTIONS and CONNECTION
+        LIMIT in the same transaction. The pids of the sessions on `target` that were
+        ended are appended to `ended`. Raise SessionsInUse when sessions still use
         either database.
         """
         with anyio.fail_after(self.timeout):
@@ -172,7 +238,10 @@ class Admin:
                 async with conn.transaction():
                     remaining: list[int] = []
                     for name in (temporary, target) if previous is not None else (temporary,):
-                        remaining += await _end_sessions_now(conn, name)
+                        ended_here, remaining_here = await _end_sessions_now(conn, name)
+                        remaining += remaining_here
+                        if name == target and ended is not None:
+                            ended += ended_here
                     try:
                         if previous is not None:
                             await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
@@ -183,6 +252,8 @@ class Admin:
                         raise SessionsInUse(exc, remaining) from exc
                     await conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(
                         sql.Identifier(target)))
+                    if settings is not None:
+                        await conn.execute(settings.statement(target))
             finally:
                 await conn.close()
         # Only after the commit: a rolled-back rename leaves `temporary` in place.
@@ -202,14 +273,16 @@ class SessionsInUse(Exception):
 TERMINATE_WAIT_MS = 2000
 
 
-async def _end_sessions_now(conn: psycopg.AsyncConnection[Any], name: str) -> list[int]:
-    """Terminate the other sessions on database `name`, wait until they have exited, and
-    return the pids of those this role may not signal.
+async def _end_sessions_now(conn: psycopg.AsyncConnection[Any],
+                            name: str) -> tuple[list[int], list[int]]:
+    """Terminate the other sessions on database `name` and wait until they have exited.
 
-    Such a session (a superuser's, when walacord's role is not one) is logged and left
+    Return the pids of the sessions ended and of those this role may not signal. Such
+    a session (a superuser's, when walacord's role is not one) is logged and left
     running, and the rename that follows then fails and rolls back. Each attempt runs
     in a savepoint, so that failure does not end the caller's transaction.
     """
+    ended = []
     remaining = []
     cursor = await conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
@@ -227,7 +300,9 @@ async def _end_sessions_now(conn: psycopg.AsyncConnection[Any], name: str) -> li
             remaining.append(pid)
             log.warning("backup.session_not_terminated", extra={"fields": {
                 "database": name, "pid": pid, "error": str(exc).strip()}})
-    return remaining
+        else:
+            ended.append(pid)
+    return ended, remaining
 
 
 # --- leftovers -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from walacord.backup.pgclient import Command, run_pipeline
+from walacord.backup.space import disk_full_advice, mentions_disk_full
 from walacord.errors import BackupError
 
 log = logging.getLogger(__name__)
@@ -207,13 +208,23 @@ async def run_pg_dump(request: DumpRequest) -> None:
 
     failed = [c for c in commands if c.returncode != 0]
     if failed:
-        raise DumpFailed(commands)
+        advice = ""
+        if any(mentions_disk_full(c.stderr_text()) for c in failed):
+            advice = disk_full_advice(request.target.parent, _size_or_none(request.target))
+        raise DumpFailed(commands, advice)
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 class DumpFailed(BackupError):
     """pg_dump, or the compressor behind it, exited with an error."""
 
-    def __init__(self, commands: list[Command]) -> None:
+    def __init__(self, commands: list[Command], advice: str = "") -> None:
         self.commands = commands
         parts = []
         for command in commands:
@@ -221,7 +232,10 @@ class DumpFailed(BackupError):
                 continue
             parts.append(f"{describe_exit(command)}: "
                          f"{summarize_stderr(command) or '(no error output)'}")
-        super().__init__("; ".join(parts))
+        message = "; ".join(parts)
+        if advice:
+            message += f". {advice}"
+        super().__init__(message)
 
     @property
     def lock_timed_out(self) -> bool:

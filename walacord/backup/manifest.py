@@ -8,6 +8,7 @@ dot prefix and suffix keep a half-written file from ever looking like a backup.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -23,6 +24,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from walacord.backup.space import disk_full_advice, is_disk_full
 from walacord.errors import BackupError
 from walacord.terminal import CONTROL_CHARACTERS, shorten
 
@@ -214,8 +216,28 @@ class Manifest:
         tested = self.drill_sha256()
         if tested is None:
             return checksum.ok
+        if self.size_changed:
+            # The drill hashed the file, so the file had the manifest's size then.
+            return True
         current = checksum.detail.get("sha256")
         return isinstance(current, str) and current != tested
+
+    @property
+    def size_changed(self) -> bool:
+        """True when the latest checksum check found a size other than the manifest's.
+
+        Such a check hashes nothing, and `verify` then skips the readability check.
+        """
+        checksum = self.checksum_check
+        return checksum is not None and not checksum.ok and "size_bytes" in checksum.detail
+
+    @property
+    def list_stale(self) -> bool:
+        """True when a checksum check after the readability check found another size, so
+        the readability check read bytes the file no longer has."""
+        listing, checksum = self.list_check, self.checksum_check
+        return (listing is not None and checksum is not None and self.size_changed
+                and parse_time(checksum.at) >= parse_time(listing.at))
 
 
 class InvalidManifest(ValueError):
@@ -394,14 +416,26 @@ def fsync_directory(directory: Path) -> None:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write the manifest through a temp file, fsync and rename; return its path."""
+    """Write the manifest through a temp file, fsync and rename; return its path.
+
+    The temp file is removed when writing it fails. A full file system raises
+    BackupError with what to do, and other errors raise OSError.
+    """
     final = manifest_path(directory, manifest.id)
     temporary = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
-    with open(temporary, "wb") as handle:
-        handle.write(manifest.to_json())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(manifest.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise BackupError(f"cannot write the manifest of backup {manifest.id}: "
+                              f"{exc.strerror}. {disk_full_advice(directory)}") from exc
+        raise
     fsync_directory(directory)
     return final
 

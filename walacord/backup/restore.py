@@ -6,9 +6,10 @@ database is renamed to the target only after pg_restore (or psql, for plain SQL)
 finished without error. A failed restore therefore never leaves a half-filled
 database under the name an application uses. With `force`, one transaction renames
 the old database to `<target>_previous_<hex>` and the new one to the target, and the
-old one is dropped only after that transaction has committed. Whichever step fails,
-and wherever walacord is killed, the old data stays under the target's name or under
-the previous name until that drop.
+old one is dropped only after that transaction has committed. New connections to the
+target are blocked from before its sessions are ended until that transaction ends.
+Whichever step fails, and wherever walacord is killed, the old data stays under the
+target's name or under the previous name until that drop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from walacord.backup.databases import (
     MAX_IDENTIFIER_BYTES,
     SCRATCH_COMMENT,
     Admin,
+    ConnectionSettings,
     SessionsInUse,
     scratch_locks,
     scratch_name,
@@ -273,6 +275,7 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
     # The journal names the temporary database from before CREATE DATABASE until its
     # drop or rename, so start-up cleanup can drop it after a kill before its COMMENT.
     admin = admin.with_journal(manager.scratch_journal)
+    swap = SwapEffects()
     try:
         try:
             await admin.create(temporary, f"{SCRATCH_COMMENT}: restore of backup "
@@ -288,12 +291,13 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
                           f"{target} is in {previous} or still in {target}"}})
         if previous is not None and target == manager.supervised_database:
             # walacord's own pool, database probe, crash watch and outbox sink would
-            # reconnect at once and keep the database in use, so they pause for the swap.
+            # reconnect at once, and fail while connections are blocked, so they pause
+            # for the swap.
             async with manager.database_paused(
                     f"restore of backup {manifest.id} replaces database {target}"):
-                await put_in_place(admin, placement)
+                await put_in_place(admin, placement, swap)
         else:
-            await put_in_place(admin, placement)
+            await put_in_place(admin, placement, swap)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             left_behind = ""
@@ -306,7 +310,10 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
                 left_behind = (f". The temporary copy {temporary} could not be dropped "
                                f"({describe_error(drop_error).strip()}); walacord drops it "
                                "at its next start once nothing uses it, or drop it by hand")
-            outcome = await describe_outcome(admin, placement) + left_behind
+            parts = [swap.describe_ended(target),
+                     await describe_outcome(admin, placement) + left_behind,
+                     swap.still_blocked or ""]
+            outcome = ". ".join(part for part in parts if part)
         if not isinstance(exc, Exception):
             log.warning("backup.restore_cancelled", extra={"fields": {
                 "id": manifest.id, "target_db": target, "outcome": outcome}})
@@ -316,13 +323,10 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
         else:
             hint = ""
             if isinstance(exc, psycopg.errors.ObjectInUse):
-                hint = ("; end the other sessions on it (pg_stat_activity lists them) and "
-                        "run the restore again")
-                if target == manager.supervised_database:
-                    hint = ("; walacord closed its own connections for the swap, so "
-                            "another client keeps reconnecting to it. Stop the "
-                            "application and anything else that connects (pg_stat_activity "
-                            "lists them), then run the restore again")
+                hint = ("; a session walacord's role may not end, such as a superuser's, "
+                        "or a prepared transaction keeps it in use. End those "
+                        "(pg_stat_activity and pg_prepared_xacts list them), then run the "
+                        "restore again")
             error = BackupError(f"restore of {manifest.id} into {target} failed: "
                                 f"{describe_error_inline(exc)}{hint}. {outcome}")
         await manager.record_failure("restore", manifest.id, error)
@@ -339,19 +343,97 @@ async def restore_in_place(manager: BackupManager, manifest: Manifest, admin: Ad
                               f"{previous}, the data it replaced, by hand"}})
 
 
-async def put_in_place(admin: Admin, placement: Placement) -> None:
+@dataclass
+class SwapEffects:
+    """Effects on the target's clients of putting a restored copy in place."""
+
+    # Pids of the sessions on the target that walacord terminated.
+    ended: list[int] = field(default_factory=list)
+    # A sentence naming the database that still rejects new connections because
+    # setting ALLOW_CONNECTIONS back failed, or None.
+    still_blocked: str | None = None
+
+    def describe_ended(self, target: str) -> str:
+        """Return a sentence on the sessions ended, without a full stop, or "" when
+        there were none."""
+        if not self.ended:
+            return ""
+        pids = ", ".join(map(str, self.ended))
+        if len(self.ended) == 1:
+            return (f"Before the failure, walacord ended 1 session on {target} (pid "
+                    f"{pids}), so its client lost its connection")
+        return (f"Before the failure, walacord ended {len(self.ended)} sessions on {target} "
+                f"(pids {pids}), so their clients lost their connections")
+
+
+async def put_in_place(admin: Admin, placement: Placement, swap: SwapEffects) -> None:
+    """Rename the temporary copy to the target, and with a previous name the target to it.
+
+    With a previous name, new connections to the target are rejected from before its
+    sessions are ended until the renames have committed or failed. Without that,
+    pools, including those of other walacord hosts, reconnect between the termination
+    and the rename and make it fail. The target's ALLOW_CONNECTIONS is set back in
+    every outcome, and the copy renamed to the target gets its ALLOW_CONNECTIONS and
+    CONNECTION LIMIT.
+    """
+    if placement.previous is None:
+        await rename_with_retries(admin, placement, swap, None)
+        return
+    settings = await admin.connection_settings(placement.target)
+    statement = settings.reopen_statement(placement.target).as_string()
+    # NOTE: a walacord killed (SIGKILL, host crash) before the reopening leaves the
+    # database rejecting connections; this log line names the statement that undoes it.
+    log.warning("backup.restore_connections_blocked", extra={"fields": {
+        "target_db": placement.target,
+        "action": f"if walacord stops before it logs backup.restore_connections_restored, "
+                  f"run {statement}"}})
+    renamed = False
+    try:
+        await admin.block_connections(placement.target)
+        await rename_with_retries(admin, placement, swap, settings)
+        renamed = True
+    finally:
+        with anyio.CancelScope(shield=True):
+            await reopen_connections(admin, placement, swap, settings, renamed=renamed)
+
+
+async def reopen_connections(admin: Admin, placement: Placement, swap: SwapEffects,
+                             settings: ConnectionSettings, *, renamed: bool) -> None:
+    """Set the replaced database's ALLOW_CONNECTIONS back; on failure log it and set
+    `swap.still_blocked`. After the renames that database is the previous one."""
+    try:
+        name = await admin.reopen_connections(settings)
+    except (psycopg.Error, TimeoutError) as exc:
+        name = placement.previous if renamed and placement.previous else placement.target
+        statement = settings.reopen_statement(name).as_string()
+        log.error("backup.restore_connections_not_restored", extra={"fields": {
+            "database": name, "error": describe_error_inline(exc),
+            "action": f"run {statement} as the database's owner or a superuser"}})
+        swap.still_blocked = (f"Database {name} still rejects new connections, because "
+                              f"setting ALLOW_CONNECTIONS back failed "
+                              f"({describe_error_inline(exc)}); run {statement} as its "
+                              "owner or a superuser")
+        return
+    log.info("backup.restore_connections_restored", extra={"fields": {
+        "database": name, "allow_connections": settings.allow_connections}})
+
+
+async def rename_with_retries(admin: Admin, placement: Placement, swap: SwapEffects,
+                              settings: ConnectionSettings | None) -> None:
     """End the sessions that block the renames, then run them, in one transaction.
 
     Sessions on the temporary database are ended, and with a previous name the
     sessions on the target too, as DROP DATABASE ... WITH (FORCE) would. A session
     that connects between the ending and the rename makes PostgreSQL raise
-    ObjectInUse, so the rename is retried. It is not retried when a session could not
-    be ended.
+    ObjectInUse, so the rename is retried. With the target's connections blocked,
+    only a connection that began before the block can do that. It is not retried when
+    a session could not be ended.
     """
     for attempt in range(1, RENAME_ATTEMPTS + 1):
         try:
             await admin.rename_into_place(placement.temporary, placement.target,
-                                          placement.previous)
+                                          placement.previous, settings=settings,
+                                          ended=swap.ended)
             return
         except SessionsInUse as exc:
             if exc.remaining or attempt == RENAME_ATTEMPTS:

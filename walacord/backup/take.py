@@ -53,6 +53,7 @@ from walacord.backup.pgclient import (
     client_version,
     unwrap_single_error,
 )
+from walacord.backup.space import FREE_SPACE_ADVICE
 from walacord.backup.verify import checksum_check, hash_and_check_plain, list_archive
 from walacord.errors import BackupError
 
@@ -212,5 +213,5 @@ def _full_disk_hint(directory: Path) -> str:
         return ""
     if free >= NEARLY_FULL:
         return ""
-    return (f"; the file system of {directory} has only {free} bytes free, so the dump was "
-            "probably cut short there: free space, or set [backup] dir to a larger volume")
+    return (f"; the file system of [backup] dir {directory} has only {free} bytes free, so "
+            f"the dump was probably cut short there. {FREE_SPACE_ADVICE}")

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the daemon returned an error; 2 invalid command line;
 3 the daemon could not be reached, refused this user, was busy, speaks another
-protocol version or sent a response of another shape. `check` uses the Nagios plugin codes
+protocol version or sent a response of another shape; 4 `backup now` started no backup
+because another one is running. `check` uses the Nagios plugin codes
 instead: 0 normal, 1 degraded, 2 emergency or offline, 3 unknown or unreachable.
 """
 
@@ -32,6 +33,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+# `backup now` found another backup of the database running and started none.
+EXIT_SKIPPED = 4
 EXIT_NAGIOS_UNKNOWN = 3
 DEFAULT_TIMEOUT = 10.0
 # A socket timeout must be finite. Each read waits at most this long, and every
