@@ -776,6 +776,18 @@ def test_empty_walacord_config_means_default(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize("command", ["run", "check-config", "migrate"])
+def test_empty_config_option_rejected(command: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from walacord.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser(command).parse_args([command, "--config", ""])
+
+    assert exited.value.code == 2
+    assert "argument --config: empty path; give a configuration file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "check-config", "migrate"])
 def test_walacord_config_names_file(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     from walacord.cli import build_parser
 

@@ -39,9 +39,19 @@ def default_config_path() -> str:
     return os.environ.get("WALACORD_CONFIG") or DEFAULT_CONFIG
 
 
+def config_path_type(text: str) -> str:
+    """Reject an empty --config, which names no file."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            f"empty path; give a configuration file, or leave the option out to use "
+            f"{default_config_path()}")
+    return text
+
+
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
+        type=config_path_type,
         default=default_config_path(),
         metavar="PATH",
         help="configuration file (env WALACORD_CONFIG; default %(default)s)",

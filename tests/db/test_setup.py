@@ -520,3 +520,27 @@ def test_setup_take_over_by_createrole_admin(
     assert outcomes(capsys.readouterr().out)[f"schema walacord owned by {other}"] == "updated"
     assert schema_owner(pg_cluster, names.database) == other
     assert relation_owners(pg_cluster, names.database) == {other}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--timeout", "-1"], "argument --timeout: invalid duration '-1' (-1s): it must be above "
+                          "0 and at most 1d"),
+    (["--admin-url", "garbage"],
+     "argument --admin-url: invalid libpq connection string: missing \"=\" after "
+     "\"garbage\" in connection info string"),
+    (["--admin-url", ""], "argument --admin-url: empty URL; give a libpq URL such as "
+                          "postgresql://postgres@HOST:PORT/postgres"),
+    (["--admin-url", "postgresql://postgres:s3cr3t-pw@db/postgres?sslmode=bogus"],
+     "argument --admin-url: invalid sslmode value 'bogus'"),
+])
+def test_setup_command_invalid_arguments(argv: list[str], message: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    if "--admin-url" not in argv:
+        argv = ["--admin-url", "postgresql://postgres@127.0.0.1/postgres", *argv]
+    with pytest.raises(SystemExit) as exited:
+        main(["setup-database", *argv])
+
+    error = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert message in error
+    assert "s3cr3t-pw" not in error

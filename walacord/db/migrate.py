@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from walacord import config
-from walacord.cli import default_config_path
+from walacord.cli import config_path_type, default_config_path
 from walacord.control.arguments import DURATION_HELP, duration_type
 from walacord.errors import ConfigError, MigrationError, MigrationPrivilegeError
 
@@ -277,6 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--config",
         metavar="PATH",
+        type=config_path_type,
         default=default_config_path(),
         help="configuration file to read [database] from (env WALACORD_CONFIG; "
         "default %(default)s)",

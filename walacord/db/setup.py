@@ -26,7 +26,14 @@ import anyio
 import psycopg
 from psycopg import conninfo, sql
 
-from walacord.db.migrate import SCHEMA, AppliedMigration, apply_migrations
+from walacord import config
+from walacord.control.arguments import DURATION_HELP, duration_type
+from walacord.db.migrate import (
+    MAX_TIMEOUT_SECONDS,
+    SCHEMA,
+    AppliedMigration,
+    apply_migrations,
+)
 from walacord.db.ownership import SchemaOwnership, hand_over, read_ownership, rejection
 from walacord.db.passwords import read_password, verifier_matches
 from walacord.errors import DatabaseSetupError, MigrationError
@@ -546,11 +553,24 @@ async def ensure_admin_is_member(
 # --- `walacord setup-database` ----------------------------------------------------
 
 
+def admin_url_type(text: str) -> str:
+    """Check --admin-url as `walacord check-config` checks [database] url."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "empty URL; give a libpq URL such as postgresql://postgres@HOST:PORT/postgres")
+    problems = config.conninfo_problems(text)
+    if problems:
+        # conninfo_problems leaves the password out, and argparse shows only this text.
+        raise argparse.ArgumentTypeError("; ".join(problems))
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-url",
         required=True,
         metavar="URL",
+        type=admin_url_type,
         help="libpq URL of a superuser, or of a role with CREATEROLE and CREATEDB",
     )
     parser.add_argument(
@@ -589,10 +609,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=duration_type(maximum=MAX_TIMEOUT_SECONDS),
         default=DEFAULT_TIMEOUT_SECONDS,
-        metavar="SECONDS",
-        help="give up after this many seconds (default %(default)s)",
+        metavar="DURATION",
+        help=f"give up after this long, at most 1d: {DURATION_HELP} (default %(default)gs)",
     )
 
 
