@@ -43,7 +43,7 @@ def config_path_type(text: str) -> str:
     """Reject an empty --config, which names no file."""
     if not text:
         raise argparse.ArgumentTypeError(
-            f"empty path; give a configuration file, or leave the option out to use "
+            f"empty path; give a configuration file, or leave the argument out to use "
             f"{default_config_path()}")
     return text
 
@@ -76,7 +76,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     add_config_option(check)
-    check.add_argument("path", nargs="?", help="file to check (overrides --config)")
+    check.add_argument("path", nargs="?", type=config_path_type,
+                       help="file to check (overrides --config)")
 
     for name, module in COMMANDS.items():
         if name in ("run", "check-config"):
