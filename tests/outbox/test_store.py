@@ -706,3 +706,24 @@ async def test_memory_claim_lost_at_restart(open_store: StoreOpener) -> None:
     assert (operation.state, operation.attempts) == (State.PENDING, 0)
     assert (stats.pending, stats.in_flight) == (1, 0)
     assert [op.key for op in again] == ["a"]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_claim_skips_blocked_key(open_store: StoreOpener, durable: bool) -> None:
+    """Operations waiting behind a dead one of their ordering key do not fill the
+    claim's window, so the rest of the sink goes on."""
+    async with open_store() as store:
+        await store.enqueue([ledger_op("k0", ordering_key="k")])
+        first = await store.claim("postgres", 1, time.time(), durable=durable)
+        await store.record([Outcome(first[0], State.DEAD, error="bad")])
+        await store.enqueue([ledger_op(f"k{i}", ordering_key="k") for i in range(1, 6)]
+                            + [ledger_op("free0"), ledger_op("free1")])
+        claimed = await store.claim("postgres", 2, time.time(), durable=durable)
+        states = {op.key: op.state for op in await store.list()}
+        stats = await store.check_conservation()
+
+    assert [op.key for op in claimed] == ["free0", "free1"]
+    assert {key for key, state in states.items() if state is State.IN_FLIGHT} == {
+        "free0", "free1"}
+    assert states["k1"] is State.PENDING
+    assert stats.conserved

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
@@ -23,6 +24,7 @@ from tests.outbox.conftest import (
 )
 from walacord.config import OutboxConfig, OutboxStatement
 from walacord.emulator import Emulator
+from walacord.emulator.faults import FaultSpec
 from walacord.metrics import Metrics
 from walacord.outbox.model import NewOperation, Operation, State
 from walacord.outbox.queries import Outcome
@@ -135,6 +137,41 @@ async def test_permanent_error_goes_dead(
     assert dead[0].last_error is not None and "23514" in dead[0].last_error
     assert len(await ledger_rows(ledger_pool)) == 9
     assert (stats.done, stats.dead, stats.pending) == (9, 1, 0)
+
+
+async def test_blocked_key_does_not_wake_at_once(
+        open_store: StoreOpener, ledger_pool: AsyncConnectionPool[Any]) -> None:
+    """Operations that are due but wait behind a dead one of their ordering key must not
+    make the engine start pass after pass at once."""
+    async with open_store(dead_after_attempts=1, sync_interval=30.0) as store:
+        await store.enqueue([ledger_op("first", amount=-1, ordering_key="k")])
+        engine = SyncEngine(store, {"postgres": postgres_sink(ledger_pool)}, store.config)
+        await engine.run_pass(forced=True)
+        # Enqueued after the failure, so these are due now, not waiting out a backoff.
+        await store.enqueue([ledger_op(f"later-{i}", ordering_key="k") for i in range(3)])
+        await engine.run_pass(forced=True)
+        sleep = await engine._sleep_for()
+        dead = await store.list(states=[State.DEAD])
+
+    assert [op.key for op in dead] == ["first"]
+    assert sleep == pytest.approx(30.0, abs=1.0)
+
+
+async def test_read_only_database_is_transient(
+        ledger_pool: AsyncConnectionPool[Any]) -> None:
+    """A standby or a database set read-only rejects writes until that ends, so the
+    operations must wait instead of going dead."""
+    sink = postgres_sink(ledger_pool)
+    async with ledger_pool.connection() as conn:
+        await conn.execute("SET TRANSACTION READ ONLY")
+        with pytest.raises(psycopg.Error) as caught:
+            await conn.execute("INSERT INTO ledger (key, amount) VALUES ('ro', 1)")
+        await conn.rollback()
+    error = caught.value
+
+    failure = sink.classify(error)
+    assert error.sqlstate == "25006"
+    assert failure.permanent is False
 
 
 async def test_unsendable_value_goes_dead_alone(
@@ -250,6 +287,32 @@ async def test_walacor_sink_no_duplicates_when_answers_drop(
     counts = await walacor_rows_per_key(walacor_client)
     assert Counter({key: counts[key] for key in keys}) == Counter(dict.fromkeys(keys, 1))
     assert stats.done == 60
+
+
+async def test_walacor_retry_after_lost_response(
+        open_store: StoreOpener, emulator: Emulator, walacor_client: WalacorClient) -> None:
+    """`outbox retry` sets attempts back to 0. The next submit must still look the key
+    up, because the failed one was stored before its response was lost."""
+    # The submit is stored and its response lost, and the lookup that follows fails, so
+    # the outcome stays unknown and the operation pending.
+    emulator.set_faults([FaultSpec(mode="drop_after_commit", path=SUBMIT, count=1),
+                         FaultSpec(status=503, path="/api/query")])
+    async with open_store() as store:
+        [result] = await store.enqueue([walacor_op("lost-response")])
+        engine = SyncEngine(store, {"walacor": WalacorSink(walacor_client, timeout=10)},
+                            store.config)
+        await engine.run_pass(forced=True)
+        emulator.clear_faults()
+        failed = await store.get(result.operation.id)
+        retried = await store.retry([result.operation.id])
+        await drain(engine, store)
+        done = await store.get(result.operation.id)
+
+    counts = await walacor_rows_per_key(walacor_client)
+    assert (failed.state, failed.attempts) == (State.PENDING, 1)
+    assert retried == 1
+    assert done.state is State.DONE
+    assert counts["lost-response"] == 1
 
 
 async def test_walacor_sink_honours_retry_after(

@@ -35,6 +35,8 @@ COLUMNS = ("id, key, sink, target, payload, ordering_key, created_at, attempts, 
 CLAIM_COLUMNS = ("id, key, target, payload, ordering_key, created_at, attempts, "
                  "next_attempt_at, last_error")
 COMPACT_CHUNK = 5000
+# Rows a claim reads past operations that wait behind their ordering key, at most.
+CLAIM_SCAN_ROWS = 20_000
 
 
 @dataclass(slots=True)
@@ -278,6 +280,8 @@ class OutboxQueries:
         An operation with an ordering key is claimed only when every earlier operation
         with that key is done, or is claimed in this same call before it. So a dead
         operation holds back later ones with its key until it is retried or dropped.
+        Operations that wait so are skipped, and the claim reads on past them (at most
+        CLAIM_SCAN_ROWS rows), so a blocked key does not stall the rest of the sink.
 
         With `durable=False` the claim is kept in memory (`memory_claims`) instead of
         in the database: it reads the due rows with a SELECT, which writes nothing, and
@@ -334,7 +338,59 @@ class OutboxQueries:
                 self.memory_claims.update(op.id for op in claimed)
             elif len(claimed) < len(candidates):
                 await self._unclaim(db, candidates, claimed)
+            if len(claimed) < len(candidates) and len(candidates) == limit:
+                claimed += await self._claim_after(db, sink, limit, now, claimed,
+                                                   candidates[-1].id, durable=durable)
         return claimed
+
+    async def _claim_after(self, db: aiosqlite.Connection, sink: str, limit: int,
+                           now: float, claimed: list[Operation], after_id: int, *,
+                           durable: bool) -> list[Operation]:
+        """Claim due operations with ids above `after_id` until `claimed` and these
+        make `limit`, skipping those that wait behind their ordering key; return them.
+
+        Reads at most CLAIM_SCAN_ROWS rows, a window of `limit` at a time, and writes
+        only the operations it claims.
+        """
+        more: list[Operation] = []
+        scanned = 0
+        while len(claimed) + len(more) < limit and scanned < CLAIM_SCAN_ROWS:
+            excluded = [_id_list(self.memory_claims)] if self.memory_claims else []
+            rows = await db.execute_fetchall(
+                f"SELECT {CLAIM_COLUMNS} FROM operations WHERE state = 'pending' AND sink = ? "
+                f"AND next_attempt_at <= ? AND id > ? {self._without_memory_claims()} "
+                "ORDER BY id LIMIT ?", (sink, now, after_id, *excluded, limit))
+            window = _claimed_operations(list(rows), sink, now)
+            if not window:
+                break
+            scanned += len(window)
+            after_id = window[-1].id
+            earlier = {op.id for op in claimed} | {op.id for op in more}
+            allowed = await self._in_order(db, [*claimed, *more, *window])
+            fresh = [op for op in allowed if op.id not in earlier]
+            fresh = fresh[:limit - len(claimed) - len(more)]
+            if not fresh:
+                continue
+            if durable:
+                await self._mark_in_flight(db, fresh, now)
+            else:
+                self.memory_claims.update(op.id for op in fresh)
+            more += fresh
+        return more
+
+    async def _mark_in_flight(self, db: aiosqlite.Connection, operations: list[Operation],
+                              now: float) -> None:
+        """Mark `operations`, read as pending under the write lock, in flight durably."""
+        try:
+            await execute_in_order(db, [
+                ("BEGIN IMMEDIATE", ()),
+                ("UPDATE operations SET state = 'in_flight', updated_at = ? WHERE id IN "
+                 "(SELECT value FROM json_each(?)) AND state = 'pending'",
+                 (now, _id_list(op.id for op in operations))),
+                ("COMMIT", ())])
+        except BaseException:
+            await self._rollback_quietly(db)
+            raise
 
     def _without_memory_claims(self) -> str:
         """Return the condition that excludes `memory_claims`, whose JSON array is the
@@ -423,12 +479,15 @@ class OutboxQueries:
             for sink, count in by_sink.items():
                 self.metrics.outbox_synced.labels(sink=sink).inc(count)
 
-    async def next_due(self, sink: str) -> float | None:
-        """Return the earliest next attempt time of a pending operation of `sink`."""
+    async def next_due(self, sink: str, *, after: float | None = None) -> float | None:
+        """Return the earliest next attempt time of a pending operation of `sink`, or
+        with `after`, the earliest one later than `after`."""
         excluded = [_id_list(self.memory_claims)] if self.memory_claims else []
+        later = [] if after is None else [after]
         rows = await self._read().execute_fetchall(
             "SELECT min(next_attempt_at) FROM operations WHERE state = 'pending' AND sink = ? "
-            f"{self._without_memory_claims()}", (sink, *excluded))
+            f"{'AND next_attempt_at > ? ' if later else ''}{self._without_memory_claims()}",
+            (sink, *later, *excluded))
         value = next(iter(rows))[0]
         return None if value is None else float(value)
 

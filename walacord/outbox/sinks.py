@@ -39,9 +39,11 @@ from walacord.walacor.results import StoredRecord
 PERMANENT_WALACOR_REASONS = frozenset({"validation"})
 # SQLSTATE classes that a retry may clear: connection, transaction rollback
 # (serialization failure, deadlock), insufficient resources, operator intervention
-# (shutdown, cancel), system error, and lock timeouts ("55P03" in class 55).
+# (shutdown, cancel), system error, lock timeouts ("55P03" in class 55), and
+# read_only_sql_transaction ("25006"), which a standby or a database set read-only
+# raises until the primary is back or the setting is undone.
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58", "XX"})
-TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})
+TRANSIENT_SQLSTATES = frozenset({"55P03", "55006", "25006"})
 # undefined_table and undefined_column: the statement runs ahead of the migration that
 # creates its table or column. A table in a schema that does not exist is 42P01 too
 # (checked with PostgreSQL 15).
@@ -102,12 +104,22 @@ def _receipt(stored: StoredRecord) -> dict[str, Any]:
     return {"uid": stored.uid, "eid": stored.eid, "adopted": stored.adopted}
 
 
+def _tried_before(operation: Operation) -> bool:
+    """Return whether an earlier submit of `operation` may have reached Walacor.
+
+    attempts counts tries, and a crash restart counts one found in flight. `walacorctl
+    outbox retry` sets attempts back to 0 but keeps last_error, so an error means a try
+    too, and that try may have stored the record before its response was lost.
+    """
+    return operation.attempts > 0 or operation.last_error is not None
+
+
 class WalacorSink:
     """Submits each operation as one record of its ETId through the exactly-once client.
 
     The client puts the key into the record's key field. An operation tried before
-    (attempts > 0, which includes one found in flight after a crash) is looked up by
-    key first, so an earlier submit whose response was lost is adopted, not repeated.
+    is looked up by key first, so an earlier submit whose response was lost is adopted,
+    not repeated (see `_tried_before`).
     """
 
     name = "walacor"
@@ -122,7 +134,7 @@ class WalacorSink:
         with anyio.fail_after(self.timeout):
             stored = await self.client.submit_once(
                 int(operation.target), operation.data(), operation.key,
-                check_first=operation.attempts > 0)
+                check_first=_tried_before(operation))
         return _receipt(stored)
 
     async def apply_batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
@@ -143,7 +155,7 @@ class WalacorSink:
                 try:
                     stored = await self.client.submit_many_once(
                         int(etid), [(op.key, op.data()) for op in group],
-                        check_first=any(op.attempts > 0 for op in group))
+                        check_first=any(_tried_before(op) for op in group))
                 except WalacorError as exc:
                     one_by_one = self.classify(exc).permanent and not exc.maybe_committed
                     results.update((op.id, None if one_by_one else exc) for op in group)

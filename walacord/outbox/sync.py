@@ -116,6 +116,10 @@ class SyncEngine:
         # disk, I/O error). The next pass stores them before it claims anything new.
         self._unrecorded: dict[str, list[Outcome]] = {name: [] for name in self.sinks}
         self._store_failures = 0  # consecutive passes that ended on a store error
+        # Sinks whose last pass could claim nothing. Their due operations, if any, wait
+        # behind an earlier operation of their ordering key, so only a later retry time
+        # is a reason to wake.
+        self._stalled: set[str] = set()
         self._current: PassReport | None = None  # the report of the running pass
 
     # --- triggers -----------------------------------------------------------------
@@ -226,7 +230,8 @@ class SyncEngine:
         delay: float = self.config.sync_interval
         for name in self.sinks:
             try:
-                due = await self.store.next_due(name)
+                due = await self.store.next_due(
+                    name, after=time.time() if name in self._stalled else None)
             except sqlite3.Error as exc:
                 log.warning("outbox.next_due_failed", extra={"fields": {
                     "sink": name, "error": str(exc)}})
@@ -265,6 +270,7 @@ class SyncEngine:
         ramp = self.ramps[name]
         rounds = anyio.CapacityLimiter(1)
         failing = False
+        self._stalled.add(name)
         unrecorded = self._unrecorded[name]
         store_error: OutboxError | sqlite3.Error | None = None
 
@@ -305,6 +311,7 @@ class SyncEngine:
                     if not operations:
                         rounds.release_on_behalf_of(token)
                         break
+                    self._stalled.discard(name)
                     tasks.start_soon(apply_round, operations, token)
         finally:
             # Shielded, so a cancelled pass still stores what its sink applied instead
