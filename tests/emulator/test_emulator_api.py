@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import httpx
 import pytest
 
 from walacord.emulator import Emulator, running_emulator
+from walacord.emulator.store import Store
 
 pytestmark = pytest.mark.anyio
 
@@ -502,3 +505,36 @@ async def test_run_reports_url_and_stops_on_cancel(tmp_path: Path) -> None:
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient(base_url=url) as http:
             await http.post("/api/auth/login", json={"userName": "admin", "password": "admin"})
+
+
+async def test_cancelled_submit_keeps_file_and_memory_equal(tmp_path: Path) -> None:
+    """A client that disconnects cancels its submit at any await. Whatever the file
+    committed, the API must serve too, also before the emulator restarts."""
+    state = str(tmp_path / "state.sqlite")
+    store = Store(state)
+    await store.open()
+    schema = {"ETId": 10001, "TableName": "payments",
+              "Fields": [{"FieldName": "amount", "DataType": "INTEGER"}]}
+    await store.create_schema(1, schema)
+    try:
+        for step in range(40):
+            task = asyncio.ensure_future(store.submit(10001, [{"amount": step}], None))
+            for _ in range(step):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Let shielded writes that outlived their cancelled callers finish.
+        async with store._write_lock:
+            served = store.record_count
+    finally:
+        await store.close()
+
+    reopened = Store(state)
+    await reopened.open()
+    try:
+        stored = reopened.record_count
+    finally:
+        await reopened.close()
+    assert served == stored
+    assert 0 < stored < 40

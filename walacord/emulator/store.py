@@ -156,6 +156,13 @@ class Store:
 
         entry = {**schema, "ETId": etid, "SV": sv}
         eid, uid = str(uuid.uuid4()), str(uuid.uuid4())
+        await asyncio.shield(self._store_schema(etid, sv, entry))
+        return eid, uid
+
+    async def _store_schema(self, etid: int, sv: int, entry: dict[str, Any]) -> None:
+        # Shielded by the caller: a client that disconnects cancels its handler, and a
+        # cancellation between the commit and the in-memory change would leave the file
+        # ahead of what the API serves until the next restart.
         async with self._write_lock:
             if self._db is not None:
                 await self._db.execute(
@@ -164,7 +171,6 @@ class Store:
                 )
                 await self._db.commit()
             self.schemas[etid] = entry
-        return eid, uid
 
     async def submit(
         self, etid: int, records: Sequence[Any], sv: int | None
@@ -175,6 +181,12 @@ class Store:
             raise StoreError(
                 400, "validation", f"no schema for ETId {etid}: create one with POST /api/schemas/"
             )
+        return await asyncio.shield(self._store_envelope(etid, schema, records, sv))
+
+    async def _store_envelope(
+        self, etid: int, schema: Mapping[str, Any], records: Sequence[Any], sv: int | None
+    ) -> tuple[str, list[str]]:
+        # Shielded by submit(), for the reason _store_schema gives.
         async with self._write_lock:
             now = int(time.time() * 1000)
             eid = str(uuid.uuid4())
