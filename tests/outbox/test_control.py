@@ -34,6 +34,8 @@ from walacord.outbox.control import (
     register_methods,
     sync_run,
 )
+from walacord.outbox.model import State
+from walacord.outbox.queries import Outcome
 from walacord.outbox.service import Outbox, build_sinks
 from walacord.outbox.sinks import Sink
 from walacord.runtime import Runtime
@@ -177,6 +179,28 @@ async def test_operator_methods(control_socket: tuple[str, Outbox]) -> None:
     assert missing.value.data == {"reason": "not_found"}
     assert (stats["accepted"], stats["pending"], stats["dropped"]) == (5, 4, 1)
     assert stats["conserved"] is True
+
+
+async def test_retry_names_state_it_cannot_retry(control_socket: tuple[str, Outbox]) -> None:
+    path, outbox = control_socket
+    async with AsyncOutboxClient(path, timeout=10) as client:
+        created = await client.enqueue_many(
+            [walacor_operation(10001, key=f"busy-{i}", data={"i": i}) for i in range(2)])
+        claimed = await outbox.store.claim("walacor", 2, time.time())
+        await outbox.store.record([Outcome(claimed[0], State.DONE, receipt={"eid": "e"})])
+        with pytest.raises(ControlError) as done:
+            await client.call("outbox.retry", {"id": created[0]["id"]})
+        with pytest.raises(ControlError) as in_flight:
+            await client.call("outbox.retry", {"id": created[1]["id"]})
+        with pytest.raises(ControlError) as missing:
+            await client.call("outbox.retry", {"id": 999_999})
+
+    assert done.value.data == {"reason": "done"}
+    assert f"operation {created[0]['id']} is done: it was applied" in done.value.message
+    assert in_flight.value.data == {"reason": "in_flight"}
+    assert "is being applied now" in in_flight.value.message
+    assert missing.value.data == {"reason": "not_found"}
+    assert missing.value.message == "no outbox operation has id 999999"
 
 
 async def test_blocking_client_sync_run(control_socket: tuple[str, Outbox],

@@ -242,15 +242,30 @@ async def outbox_retry(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]
     if params.get("all_dead") is True:
         count = await outbox.store.retry(all_dead=True)
     elif "id" in params:
-        count = await outbox.store.retry([_int_param(params, "id")])
+        op_id = _int_param(params, "id")
+        count = await outbox.store.retry([op_id])
         if count == 0:
-            raise ControlError(OPERATION_FAILED, f"no dead or pending operation has id "
-                               f"{params['id']}", {"reason": "not_found"})
+            raise await _not_retried(outbox, op_id)
     else:
         raise ControlError(INVALID_PARAMS, "pass id or all_dead=true", {"field": "id"})
     log.info("outbox.retried", extra={"fields": {"count": count}})
     outbox.engine.wake()
     return {"retried": count}
+
+
+async def _not_retried(outbox: Outbox, op_id: int) -> ControlError:
+    """Return the error for a retry of `op_id` that changed nothing, naming its state."""
+    try:
+        operation = await outbox.store.get(op_id)
+    except OutboxNotFound:
+        return ControlError(OPERATION_FAILED, f"no outbox operation has id {op_id}",
+                            {"reason": "not_found"})
+    state = operation.state.value
+    advice = {"in_flight": "it is being applied now; its outcome decides what comes next",
+              "done": "it was applied, so there is nothing to retry"}
+    return ControlError(OPERATION_FAILED, f"operation {op_id} is {state}: "
+                        f"{advice.get(state, 'only dead or pending operations can be retried')}",
+                        {"reason": state})
 
 
 async def outbox_drop(outbox: Outbox, params: dict[str, Any]) -> dict[str, Any]:
