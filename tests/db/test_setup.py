@@ -244,9 +244,12 @@ def test_setup_invalid_url_hides_password(
 ) -> None:
     url = "postgresql://admin:Odd-Secret-7@127.0.0.1:notaport/postgres"
 
-    assert main(run_setup(url, names)) == 1
+    # The URL is checked while the arguments are parsed: a usage error, exit 2.
+    with pytest.raises(SystemExit) as exited:
+        main(run_setup(url, names))
     error = capsys.readouterr().err
-    assert "walacord setup-database:" in error
+    assert exited.value.code == 2
+    assert "walacord setup-database: error: argument --admin-url:" in error
     assert "Odd-Secret-7" not in error
 
 
