@@ -13,6 +13,7 @@ import argparse
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -253,17 +254,25 @@ async def _apply_one(conn: psycopg.AsyncConnection, migration: Migration) -> App
 MAX_TIMEOUT_SECONDS = 86400.0
 
 
-def database_url_type(text: str) -> str:
-    """Check --database-url as `walacord check-config` checks [database] url."""
-    if not text:
-        raise argparse.ArgumentTypeError(
-            "empty URL; give a libpq URL such as postgresql://USER@HOST:PORT/DB, or leave "
-            "the option out to use --config")
-    problems = config.conninfo_problems(text)
-    if problems:
-        # conninfo_problems leaves the password out, and argparse shows only this text.
-        raise argparse.ArgumentTypeError("; ".join(problems))
-    return text
+def libpq_url_type(empty_hint: str) -> Callable[[str], str]:
+    """Return an argparse type that checks a URL as `walacord check-config` checks
+    [database] url; an empty URL gets "empty URL; {empty_hint}"."""
+
+    def url(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"empty URL; {empty_hint}")
+        problems = config.conninfo_problems(text)
+        if problems:
+            # conninfo_problems leaves the password out, and argparse shows only this text.
+            raise argparse.ArgumentTypeError("; ".join(problems))
+        return text
+
+    return url
+
+
+database_url_type = libpq_url_type(
+    "give a libpq URL such as postgresql://USER@HOST:PORT/DB, or leave the option out to "
+    "use --config")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,13 +26,13 @@ import anyio
 import psycopg
 from psycopg import conninfo, sql
 
-from walacord import config
 from walacord.control.arguments import DURATION_HELP, duration_type
 from walacord.db.migrate import (
     MAX_TIMEOUT_SECONDS,
     SCHEMA,
     AppliedMigration,
     apply_migrations,
+    libpq_url_type,
 )
 from walacord.db.ownership import SchemaOwnership, hand_over, read_ownership, rejection
 from walacord.db.passwords import read_password, verifier_matches
@@ -553,16 +553,8 @@ async def ensure_admin_is_member(
 # --- `walacord setup-database` ----------------------------------------------------
 
 
-def admin_url_type(text: str) -> str:
-    """Check --admin-url as `walacord check-config` checks [database] url."""
-    if not text:
-        raise argparse.ArgumentTypeError(
-            "empty URL; give a libpq URL such as postgresql://postgres@HOST:PORT/postgres")
-    problems = config.conninfo_problems(text)
-    if problems:
-        # conninfo_problems leaves the password out, and argparse shows only this text.
-        raise argparse.ArgumentTypeError("; ".join(problems))
-    return text
+admin_url_type = libpq_url_type(
+    "give a libpq URL such as postgresql://postgres@HOST:PORT/postgres")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
