@@ -743,7 +743,7 @@ def test_libpq_choices_match_libpq(tmp_path: Path) -> None:
 
 def test_check_config_warns_of_missing_group(tmp_path: Path) -> None:
     """The daemon starts without the group, so the file stays valid, but check-config
-    says who can then use the control socket."""
+    prints who can then use the control socket."""
     result = check_config(write(tmp_path, "[control]\ngroup = 'walacord-no-such-group'\n"))
 
     assert result.returncode == 0, result.stderr

@@ -225,8 +225,8 @@ class Decoder:
         if origin is list:
             example = meta.get("example")
             if not isinstance(value, list):
-                shown = f"; write a list such as {json.dumps(example)}" if example else ""
-                self.problem(key, f"expected a list, got {_describe(value)}{shown}")
+                hint = f"; write a list such as {json.dumps(example)}" if example else ""
+                self.problem(key, f"expected a list, got {_describe(value)}{hint}")
                 return _INVALID
             item_meta = ({"example": example[0]} if isinstance(example, list) and example
                          and typing.get_origin(args[0]) is list else {})

@@ -103,12 +103,12 @@ def test_held_down_message_names_recovery() -> None:
     state = ProbeState("database")
     for at, result in [(0, BAD), (0.5, OK)]:
         state = advance(state, result, at, POLICY)
-    held = state.message
+    recovering = state.message
     state = advance(state, BAD, 0.7, POLICY)
 
-    assert held == ("connection refused; recovering: the latest run passed, and the probe "
-                    "stays down until enough good runs follow (see successes_to_up and "
-                    "min_dwell)")
+    assert recovering == ("connection refused; recovering: the latest run passed, and the "
+                          "probe stays down until enough good runs follow (see "
+                          "successes_to_up and min_dwell)")
     assert state.message == "connection refused"
 
 

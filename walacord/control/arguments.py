@@ -39,12 +39,12 @@ def duration_type(*, minimum: float | None = None,
     return duration
 
 
-def non_empty(what: str, fix: str) -> Callable[[str], str]:
-    """Return an argparse type that rejects an empty string as "empty {what}; {fix}"."""
+def non_empty(value_name: str, fix: str) -> Callable[[str], str]:
+    """Return an argparse type that rejects an empty string as "empty {value_name}; {fix}"."""
 
     def text(value: str) -> str:
         if not value:
-            raise argparse.ArgumentTypeError(f"empty {what}; {fix}")
+            raise argparse.ArgumentTypeError(f"empty {value_name}; {fix}")
         return value
 
     return text
